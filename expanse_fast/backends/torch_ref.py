@@ -1,0 +1,196 @@
+"""The ``torch`` backend: structured PyTorch ops.
+
+It never multiplies a zero block and never forms a frozen gradient: one GEMM per frozen
+output group over the inputs that group reads, one GEMM for the trainable group, and in
+backward only the trainable dW/db and the input gradient that was asked for.  It is the
+CPU path and the reference every other backend is checked against (besides float64).
+
+Every backend module exposes the same functions with the same arguments:
+
+``linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends)``
+    x (N, I) -> y (N, O_f + o_new).
+``linear_backward(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                  need_dx_new, need_dx_old, need_dw, need_db, need_dcouple)``
+    -> (dx or None, dw_new or None, db_new or None, dcouple or None).  dx has the full input
+    width; when only ``need_dx_new`` its first I_f columns are zeros (nobody reads them).
+``conv2d_forward(x, ..., stride, padding, dilation, depthwise)`` and ``conv2d_backward`` the
+    same for NCHW convolutions (channels are the groups).
+``availability(device) -> (bool, reason)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+Maybe = Optional[Tensor]
+
+
+def availability(device: torch.device) -> Tuple[bool, str]:
+    return True, "always available (structured PyTorch ops)"
+
+
+def _frozen_row_blocks(frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int]):
+    """Yield (row_start, row_end, k_end) for each non-empty frozen output group."""
+    start = 0
+    for rows, k_end in zip(frozen_out_groups, frozen_k_ends):
+        if rows:
+            yield start, start + rows, k_end
+        start += rows
+
+
+# ---------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------
+def _affine(x: Tensor, w: Tensor, b: Maybe) -> Tensor:
+    if b is None:
+        return x @ w.t()
+    return torch.addmm(b, x, w.t())
+
+
+def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
+                   w_couple: Maybe, frozen_out_groups: Sequence[int],
+                   frozen_k_ends: Sequence[int]) -> Tensor:
+    i_f = w_frozen.shape[1]
+    parts = []
+    for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
+        y = _affine(x[:, :k], w_frozen[r0:r1, :k], None if b_frozen is None else b_frozen[r0:r1])
+        if w_couple is not None and w_couple.shape[1]:
+            y = y.addmm_(x[:, i_f:], w_couple[r0:r1].t())
+        parts.append(y)
+    parts.append(_affine(x, w_new, b_new))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
+                    frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+                    need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
+                    need_dcouple: bool):
+    o_f, i_f = w_frozen.shape
+    dy_new = dy[:, o_f:]
+    dx = dw = db = dcouple = None
+    if need_dw:
+        dw = dy_new.t() @ x
+    if need_db:
+        db = dy_new.sum(0)
+    if need_dcouple and w_couple is not None:
+        dcouple = dy[:, :o_f].t() @ x[:, i_f:]
+    if need_dx_new or need_dx_old:
+        dx = x.new_zeros(x.shape) if not need_dx_old else None
+        dx_new = dy_new @ w_new[:, i_f:]
+        if w_couple is not None and w_couple.shape[1] and o_f:
+            dx_new = dx_new.addmm_(dy[:, :o_f], w_couple)
+        if need_dx_old:
+            dx_old = dy_new @ w_new[:, :i_f]
+            for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
+                dx_old[:, :k].addmm_(dy[:, r0:r1], w_frozen[r0:r1, :k])
+            dx = torch.cat([dx_old, dx_new], dim=1)
+        else:
+            dx[:, i_f:] = dx_new
+    return dx, dw, db, dcouple
+
+
+# ---------------------------------------------------------------------------------------
+# Conv2d (NCHW; channels are the groups)
+# ---------------------------------------------------------------------------------------
+def _conv(x: Tensor, w: Tensor, b: Maybe, stride, padding, dilation, groups: int = 1) -> Tensor:
+    return torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
+
+
+def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
+                   w_couple: Maybe, frozen_out_groups: Sequence[int],
+                   frozen_k_ends: Sequence[int], stride, padding, dilation,
+                   depthwise: bool) -> Tensor:
+    if depthwise:
+        c_f = _depthwise_frozen_in(frozen_k_ends)
+        y_old = _conv(x[:, :c_f], w_frozen, b_frozen, stride, padding, dilation, groups=c_f) \
+            if c_f else None
+        c_new = x.shape[1] - c_f
+        y_new = _conv(x[:, c_f:], w_new, b_new, stride, padding, dilation, groups=c_new) \
+            if c_new else None
+        parts = [p for p in (y_old, y_new) if p is not None]
+        if not parts:
+            raise ValueError("depthwise conv with no channels")
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    i_f = w_frozen.shape[1]
+    parts = []
+    for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
+        y = _conv(x[:, :k], w_frozen[r0:r1, :k],
+                  None if b_frozen is None else b_frozen[r0:r1], stride, padding, dilation)
+        if w_couple is not None and w_couple.shape[1]:
+            y = y + _conv(x[:, i_f:], w_couple[r0:r1], None, stride, padding, dilation)
+        parts.append(y)
+    if w_new.shape[0] or not parts:
+        parts.append(_conv(x, w_new, b_new, stride, padding, dilation))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _depthwise_frozen_in(frozen_k_ends: Sequence[int]) -> int:
+    """Frozen input channels of a depthwise conv (each channel is its own filter group)."""
+    return frozen_k_ends[-1] if frozen_k_ends else 0
+
+
+def _conv_grads(dy: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, groups: int,
+                need_dx: bool, need_dw: bool, need_db: bool):
+    """Only the asked-for gradients of y = conv(x, w) + b (aten's output mask)."""
+    if not (need_dx or need_dw or need_db):
+        return None, None, None
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        dy, x, w, [w.shape[0]] if need_db else None, list(stride), list(padding),
+        list(dilation), False, [0, 0], groups, [need_dx, need_dw, need_db])
+    return dx, dw, db
+
+
+def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
+                    frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], stride,
+                    padding, dilation, depthwise: bool, need_dx_new: bool, need_dx_old: bool,
+                    need_dw: bool, need_db: bool, need_dcouple: bool):
+    o_f = w_frozen.shape[0]
+    dy_new = dy[:, o_f:]
+    if depthwise:
+        c_f = _depthwise_frozen_in(frozen_k_ends)
+        c_new = x.shape[1] - c_f
+        dx_new = dw = db = None
+        if c_new and (need_dx_new or need_dw or need_db):
+            dx_new, dw, db = _conv_grads(dy_new.contiguous(), x[:, c_f:], w_new, stride, padding,
+                                         dilation, c_new, need_dx_new or need_dx_old, need_dw,
+                                         need_db)
+        dx = None
+        if need_dx_new or need_dx_old:
+            dx = x.new_zeros(x.shape)
+            if need_dx_old and c_f:
+                dx[:, :c_f] = _conv_grads(dy[:, :o_f].contiguous(), x[:, :c_f], w_frozen, stride,
+                                          padding, dilation, c_f, True, False, False)[0]
+            if dx_new is not None:
+                dx[:, c_f:] = dx_new
+        return dx, dw, db, None
+
+    i_f = w_frozen.shape[1]
+    dy_new = dy_new.contiguous()
+    # dW and db of the trainable rows: one weight-gradient conv over the whole input.
+    _, dw, db = _conv_grads(dy_new, x, w_new, stride, padding, dilation, 1, False, need_dw,
+                            need_db)
+    dcouple = None
+    dy_old = dy[:, :o_f].contiguous() if o_f else None
+    if need_dcouple and w_couple is not None and o_f:
+        dcouple = _conv_grads(dy_old, x[:, i_f:], w_couple, stride, padding, dilation, 1, False,
+                              True, False)[1]
+    dx = None
+    if need_dx_new or need_dx_old:
+        if need_dx_old:
+            dx = _conv_grads(dy_new, x, w_new, stride, padding, dilation, 1, True, False,
+                             False)[0]
+            for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
+                dx[:, :k] += _conv_grads(dy[:, r0:r1].contiguous(), x[:, :k],
+                                         w_frozen[r0:r1, :k], stride, padding, dilation, 1, True,
+                                         False, False)[0]
+        else:
+            dx = x.new_zeros(x.shape)
+            if x.shape[1] > i_f and w_new.shape[0]:
+                dx[:, i_f:] = _conv_grads(dy_new, x[:, i_f:], w_new[:, i_f:], stride, padding,
+                                          dilation, 1, True, False, False)[0]
+        if w_couple is not None and w_couple.shape[1] and o_f:
+            dx[:, i_f:] += _conv_grads(dy_old, x[:, i_f:], w_couple, stride, padding, dilation,
+                                       1, True, False, False)[0]
+    return dx, dw, db, dcouple

@@ -1,0 +1,214 @@
+"""Save and load an expansion: only what the pretrained model does not already hold.
+
+The file is safetensors (never pickle).  Its header holds every widened layer's layout,
+a fingerprint of the pretrained (task-0) weights the expansion was trained on, and a digest
+of the payload, so a different base model, a truncated file or a tampered one are refused
+before anything is built.  Loading returns a new model: the base is never modified.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .expand import _freeze_all_but_newest, _swap, expanded_layers, source_model
+from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
+from .nn.norm import _ExpandedBatchNorm
+
+FORMAT = "expanse_fast.expansion"
+VERSION = 1
+
+
+class ExpansionFileError(ValueError):
+    """The expansion file does not fit the base model, or is damaged."""
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) of a plain model."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        _hash_tensor(h, name, t)
+    return h.hexdigest()
+
+
+def _hash_tensor(h, name: str, t: Tensor):
+    shape = tuple(t.shape)
+    t = t.detach().cpu().contiguous().reshape(-1)
+    h.update(f"{name}|{t.dtype}|{shape}|".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _payload_digest(layers_json: str, tensors: Dict[str, Tensor]) -> str:
+    h = hashlib.sha256(layers_json.encode())
+    for name, t in sorted(tensors.items()):
+        _hash_tensor(h, name, t)
+    return h.hexdigest()
+
+
+# ---- what each layer stores beyond the base --------------------------------------------------
+def _layer_record(m: nn.Module) -> dict:
+    if isinstance(m, _ExpandedBatchNorm):
+        kind = "bn2d" if isinstance(m, ExpandedBatchNorm2d) else "bn1d"
+        return {"type": kind, "groups": list(m.groups)}
+    rec = {"type": "conv2d" if isinstance(m, ExpandedConv2d) else "linear",
+           "in_groups": list(m.in_groups), "out_groups": list(m.out_groups), "mode": m.mode,
+           "skip_old_input_grad": bool(m.skip_old_input_grad)}
+    return rec
+
+
+def _layer_tensors(m: nn.Module) -> Dict[str, Tensor]:
+    """The tensors of one widened layer that the base model does not hold."""
+    out: Dict[str, Tensor] = {}
+    if isinstance(m, _ExpandedBatchNorm):
+        n0 = m.groups[0]
+        for name in ("weight_new", "bias_new", "running_mean_new", "running_var_new",
+                     "num_batches_tracked_new"):
+            if getattr(m, name) is not None:
+                out[name] = getattr(m, name)
+        for name in ("weight_frozen", "bias_frozen", "running_mean_frozen", "running_var_frozen"):
+            t = getattr(m, name)
+            if t is not None and t.shape[0] > n0:
+                out[name + ".later"] = t[n0:]
+        return out
+    o0, i0 = m.out_groups[0], m.in_groups[0]
+    for name in ("weight_new", "bias_new", "weight_couple"):
+        if getattr(m, name) is not None:
+            out[name] = getattr(m, name)
+    if m.weight_frozen.shape[0] > o0:  # groups trained by earlier expansions
+        out["weight_frozen.later_rows"] = m.weight_frozen[o0:]
+        if m.bias_frozen is not None:
+            out["bias_frozen.later_rows"] = m.bias_frozen[o0:]
+    if m.mode == "coupled" and m.weight_frozen.shape[1] > i0:
+        out["weight_frozen.later_cols"] = m.weight_frozen[:o0, i0:]
+    return out
+
+
+def save_expansion(big: nn.Module, path: str) -> None:
+    """Write the expansion of ``big`` (trainable and later-task tensors, layouts, base
+    fingerprint) to ``path`` atomically (write, then rename)."""
+    from safetensors.torch import save_file
+
+    layers = expanded_layers(big)
+    if not layers:
+        raise ValueError("save_expansion: the model holds no expanded layer")
+    records = {p: _layer_record(m) for p, m in layers.items()}
+    tensors = {f"{p}.{n}": t.detach().cpu().contiguous()
+               for p, m in layers.items() for n, t in _layer_tensors(m).items()}
+    layers_json = json.dumps(records, sort_keys=True)
+    header = {
+        "format": FORMAT, "version": str(VERSION), "layers": layers_json,
+        "base_fingerprint": fingerprint(source_model(big, task=0)),
+        "payload_digest": _payload_digest(layers_json, tensors),
+    }
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read(path: str) -> Tuple[dict, Dict[str, Tensor]]:
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_expansion: no file at {path!r}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # truncated or not safetensors at all
+        raise ExpansionFileError(f"{path!r} is not a readable expansion file (truncated or "
+                                 f"corrupt?): {type(exc).__name__}: {exc}") from exc
+    if header.get("format") != FORMAT:
+        raise ExpansionFileError(f"{path!r} is not an expanse_fast expansion file")
+    if header.get("version") != str(VERSION):
+        raise ExpansionFileError(f"{path!r} has format version {header.get('version')}, this "
+                                 f"expanse_fast reads version {VERSION}")
+    if _payload_digest(header.get("layers", ""), tensors) != header.get("payload_digest"):
+        raise ExpansionFileError(f"{path!r} was modified after it was written: its contents do "
+                                 "not match its digest")
+    return header, tensors
+
+
+def _build_layer(base_layer: nn.Module, rec: dict, path: str) -> nn.Module:
+    kind = rec["type"]
+    expect = {"linear": nn.Linear, "conv2d": nn.Conv2d, "bn1d": nn.BatchNorm1d,
+              "bn2d": nn.BatchNorm2d}[kind]
+    if type(base_layer) is not expect:
+        raise ExpansionFileError(f"layer {path!r}: the file expects a {expect.__name__}, the base "
+                                 f"model has a {type(base_layer).__name__}")
+    if kind in ("bn1d", "bn2d"):
+        groups = rec["groups"]
+        cls = ExpandedBatchNorm2d if kind == "bn2d" else ExpandedBatchNorm1d
+        if base_layer.num_features != groups[0]:
+            raise ExpansionFileError(f"layer {path!r}: base has {base_layer.num_features} "
+                                     f"channels, the file expects {groups[0]}")
+        layer = cls.from_bn(base_layer, groups[1])
+        for g in groups[2:]:
+            layer.expand(g)
+        return layer
+    ins, outs = rec["in_groups"], rec["out_groups"]
+    base_in = base_layer.in_features if kind == "linear" else base_layer.in_channels
+    base_out = base_layer.out_features if kind == "linear" else base_layer.out_channels
+    if (base_in, base_out) != (ins[0], outs[0]):
+        raise ExpansionFileError(f"layer {path!r}: base is {base_in}->{base_out}, the file "
+                                 f"expects {ins[0]}->{outs[0]}")
+    make = ExpandedLinear.from_linear if kind == "linear" else ExpandedConv2d.from_conv
+    mode = rec["mode"]
+    layer = make(base_layer, ins[1], outs[1], mode=mode)
+    for i, o in zip(ins[2:], outs[2:]):
+        layer.expand(i, o)
+    layer.skip_old_input_grad = rec["skip_old_input_grad"]
+    return layer
+
+
+def _fill(layer: nn.Module, path: str, tensors: Dict[str, Tensor]):
+    wanted = _layer_tensors(layer)
+    with torch.no_grad():
+        for name, dst in wanted.items():
+            key = f"{path}.{name}"
+            if key not in tensors:
+                raise ExpansionFileError(f"the file lacks tensor {key!r}")
+            src = tensors[key]
+            if tuple(src.shape) != tuple(dst.shape) or src.dtype != dst.dtype:
+                raise ExpansionFileError(
+                    f"tensor {key!r}: the file holds {src.dtype} {tuple(src.shape)}, the layer "
+                    f"needs {dst.dtype} {tuple(dst.shape)}")
+            dst.copy_(src)  # dst may be a view into a frozen tensor: writes land in place
+
+
+def load_expansion(base_model: nn.Module, path: str) -> nn.Module:
+    """Rebuild the expanded model saved at ``path`` on top of ``base_model``.
+
+    Refuses a base whose weights differ from the one the expansion was trained on, and any
+    truncated or modified file.  ``base_model`` is never changed.
+    """
+    header, tensors = _read(path)
+    got = fingerprint(base_model)
+    if got != header["base_fingerprint"]:
+        raise ExpansionFileError(
+            f"this expansion was trained on another base model: base fingerprint "
+            f"{got[:16]}... differs from the file's {header['base_fingerprint'][:16]}...")
+    records = json.loads(header["layers"])
+    big = copy.deepcopy(base_model)
+    modules = dict(big.named_modules())
+    used = set()
+    for path_, rec in records.items():
+        if path_ not in modules:
+            raise ExpansionFileError(f"the base model has no module {path_!r}")
+        layer = _build_layer(modules[path_], rec, path_)
+        _fill(layer, path_, tensors)
+        used.update(f"{path_}.{n}" for n in _layer_tensors(layer))
+        _swap(big, path_, layer)
+    extra = set(tensors) - used
+    if extra:
+        raise ExpansionFileError(f"the file holds tensors no layer takes: {sorted(extra)[:5]}")
+    _freeze_all_but_newest(big)
+    return big

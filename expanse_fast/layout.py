@@ -1,0 +1,139 @@
+"""Group arithmetic of an expanded layer: the one place that knows the staircase.
+
+A layer's input features (or channels) and outputs are split into groups: group 0 is the
+pretrained width, group t the units added by the t-th expansion.  Tensors are stored as
+
+* ``w_frozen``  (O_f, I_f): every output group but the newest, over every input group but
+  the newest.  In the isolated layout frozen output group g reads only input groups 0..g
+  (its columns past ``k_end[g]`` are zeros that kernels never read); in the coupled layout
+  every frozen row reads all of I_f.
+* ``w_new``     (o_T, I): the newest output group, reading every input group.  Trainable.
+* ``w_couple``  (O_f, i_T): coupled layout only: old outputs reading the newest inputs,
+  trainable, initialised at zero.
+
+``O_f = sum(out_groups[:-1])``, ``I_f = sum(in_groups[:-1])``, ``I = sum(in_groups)``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import Tuple
+
+MODES = ("isolated", "coupled")
+
+
+def _check_groups(name: str, groups) -> Tuple[int, ...]:
+    groups = tuple(int(g) for g in groups)
+    if not groups:
+        raise ValueError(f"{name} must hold at least one group, got ()")
+    if any(g < 0 for g in groups):
+        raise ValueError(f"{name} widths must be >= 0, got {groups}")
+    return groups
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Widths of every input and output group of one expanded layer, and its mode."""
+
+    in_groups: Tuple[int, ...]
+    out_groups: Tuple[int, ...]
+    mode: str = "isolated"
+
+    def __post_init__(self):
+        object.__setattr__(self, "in_groups", _check_groups("in_groups", self.in_groups))
+        object.__setattr__(self, "out_groups", _check_groups("out_groups", self.out_groups))
+        if len(self.in_groups) != len(self.out_groups):
+            raise ValueError(
+                f"in_groups {self.in_groups} and out_groups {self.out_groups} must have the "
+                "same number of groups (one per task)")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return len(self.in_groups)
+
+    @property
+    def in_features(self) -> int:
+        return sum(self.in_groups)
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.out_groups)
+
+    @property
+    def frozen_in(self) -> int:
+        """I_f: input width read by frozen rows at most (all groups but the newest)."""
+        return sum(self.in_groups[:-1])
+
+    @property
+    def frozen_out(self) -> int:
+        """O_f: number of frozen output units."""
+        return sum(self.out_groups[:-1])
+
+    @property
+    def new_in(self) -> int:
+        return self.in_groups[-1]
+
+    @property
+    def new_out(self) -> int:
+        return self.out_groups[-1]
+
+    @property
+    def frozen_out_groups(self) -> Tuple[int, ...]:
+        return self.out_groups[:-1]
+
+    @property
+    def frozen_k_ends(self) -> Tuple[int, ...]:
+        """For each frozen output group, how many leading input features it reads."""
+        if self.mode == "coupled":
+            return tuple(self.frozen_in for _ in self.out_groups[:-1])
+        return tuple(accumulate(self.in_groups))[: self.num_groups - 1]
+
+    def in_offsets(self) -> Tuple[int, ...]:
+        return (0,) + tuple(accumulate(self.in_groups))
+
+    def out_offsets(self) -> Tuple[int, ...]:
+        return (0,) + tuple(accumulate(self.out_groups))
+
+    # ---- growth ------------------------------------------------------------------------
+    def expanded(self, new_in: int, new_out: int) -> "Layout":
+        """Layout after one more expansion (the current newest group becomes frozen)."""
+        if new_in < 0 or new_out < 0:
+            raise ValueError(f"new_in and new_out must be >= 0, got {new_in}, {new_out}")
+        return Layout(self.in_groups + (int(new_in),), self.out_groups + (int(new_out),),
+                      self.mode)
+
+    def task(self, k: int) -> "Layout":
+        """Layout of the model as it stood after task k (groups 0..k)."""
+        if not 0 <= k < self.num_groups:
+            raise ValueError(f"task must be in 0..{self.num_groups - 1}, got {k}")
+        return Layout(self.in_groups[: k + 1], self.out_groups[: k + 1], self.mode)
+
+    # ---- work counts (DESIGN.md section 2) -----------------------------------------------
+    def forward_macs(self) -> int:
+        """Multiply-adds per row (per output pixel for a conv, times kernel area)."""
+        macs = sum(o * k for o, k in zip(self.frozen_out_groups, self.frozen_k_ends))
+        macs += self.new_out * self.in_features
+        if self.mode == "coupled":
+            macs += self.frozen_out * self.new_in
+        return macs
+
+    def backward_macs(self, need_input_grad: bool = True, need_old_input_grad: bool = False) -> int:
+        """Multiply-adds per row of the backward pass: trainable dW, and dx where asked."""
+        macs = self.new_out * self.in_features  # dW_new
+        if self.mode == "coupled":
+            macs += self.frozen_out * self.new_in  # dW_couple
+        if need_input_grad:
+            macs += self.new_out * self.new_in  # dx_new from the new rows
+            if self.mode == "coupled":
+                macs += self.frozen_out * self.new_in  # dx_new through the coupling block
+            if need_old_input_grad:
+                macs += self.new_out * self.frozen_in
+                macs += sum(o * k for o, k in zip(self.frozen_out_groups, self.frozen_k_ends))
+        return macs
+
+    def dense_macs(self) -> int:
+        """A masked dense layer of the full width: forward, dW and dx."""
+        return 3 * self.out_features * self.in_features

@@ -1,0 +1,112 @@
+"""Storage shared by the expanded Linear and Conv2d: the frozen staircase, the trainable
+newest row group and (coupled layout) the trainable coupling block.
+
+Weights carry trailing dimensions ``tail`` (``()`` for Linear, ``(kh, kw)`` for Conv2d).
+Frozen tensors are ``nn.Parameter(requires_grad=False)``: they move with ``.to()``, appear in
+``state_dict`` and never receive a gradient or optimizer state.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..layout import Layout
+
+
+def _frozen(t: Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
+
+
+def init_new_rows(w: Tensor, fan_in: int) -> Tensor:
+    """PyTorch's default init of a fresh layer with this fan-in (kaiming_uniform, a=sqrt(5))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    with torch.no_grad():
+        return w.uniform_(-bound, bound)
+
+
+class ExpandedBlocks(nn.Module):
+    """Base class: holds the blocks of a staircase layer and grows it."""
+
+    layout: Layout
+    skip_old_input_grad: bool
+
+    def _set_blocks(self, layout: Layout, w_frozen: Tensor, b_frozen: Optional[Tensor],
+                    w_new: Tensor, b_new: Optional[Tensor], w_couple: Optional[Tensor]):
+        self.layout = layout
+        self.weight_frozen = _frozen(w_frozen)
+        self.weight_new = nn.Parameter(w_new)
+        self.weight_couple = nn.Parameter(w_couple) if w_couple is not None else None
+        if b_new is not None:
+            self.bias_frozen = _frozen(b_frozen)
+            self.bias_new = nn.Parameter(b_new)
+        else:
+            self.bias_frozen = None
+            self.bias_new = None
+
+    # ---- what the layer is ------------------------------------------------------------
+    @property
+    def in_groups(self) -> Tuple[int, ...]:
+        return self.layout.in_groups
+
+    @property
+    def out_groups(self) -> Tuple[int, ...]:
+        return self.layout.out_groups
+
+    @property
+    def mode(self) -> str:
+        return self.layout.mode
+
+    def _tail(self) -> Tuple[int, ...]:
+        return tuple(self.weight_new.shape[2:])
+
+    def _fan_in(self, in_features: int) -> int:
+        return in_features * math.prod(self._tail())
+
+    # ---- the whole staircase as dense tensors ------------------------------------------
+    def dense_weight(self, task: Optional[int] = None) -> Tensor:
+        """Weight of the task-``task`` layer (default: the newest) with zeros in the upper
+        blocks: exactly what a plain layer needs to compute the same outputs."""
+        lay = self.layout
+        w_f = self.weight_frozen.detach()
+        full = w_f.new_zeros((lay.out_features, lay.in_features) + self._tail())
+        full[: lay.frozen_out, : lay.frozen_in] = w_f
+        if self.weight_couple is not None:
+            full[: lay.frozen_out, lay.frozen_in:] = self.weight_couple.detach()
+        full[lay.frozen_out:] = self.weight_new.detach()
+        if task is None:
+            return full
+        sub = lay.task(task)
+        return full[: sub.out_features, : sub.in_features].clone()
+
+    def dense_bias(self, task: Optional[int] = None) -> Optional[Tensor]:
+        if self.bias_new is None:
+            return None
+        full = torch.cat([self.bias_frozen.detach(), self.bias_new.detach()])
+        if task is None:
+            return full
+        return full[: self.layout.task(task).out_features].clone()
+
+    # ---- growth -------------------------------------------------------------------------
+    def expand(self, new_in: int, new_out: int) -> "ExpandedBlocks":
+        """Freeze the current newest group and add ``new_in`` inputs and ``new_out`` outputs.
+
+        Re-create the optimizer afterwards: the trainable parameters are new tensors.
+        """
+        old = self.layout
+        lay = old.expanded(new_in, new_out)
+        w_f_new = self.dense_weight()  # every current row becomes frozen
+        tail = self._tail()
+        w_new = init_new_rows(w_f_new.new_empty((new_out, lay.in_features) + tail),
+                              self._fan_in(lay.in_features))
+        w_couple = (w_f_new.new_zeros((lay.frozen_out, new_in) + tail)
+                    if lay.mode == "coupled" else None)
+        b_f = self.dense_bias()
+        b_new = b_f.new_zeros((new_out,)) if b_f is not None else None
+        self._set_blocks(lay, w_f_new, b_f, w_new, b_new, w_couple)
+        return self
+
+    def trainable_state(self) -> Dict[str, Tensor]:
+        return {n: p for n, p in self.named_parameters(recurse=False) if p.requires_grad}

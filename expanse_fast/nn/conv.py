@@ -1,0 +1,165 @@
+"""ExpandedConv2d: a drop-in widened ``nn.Conv2d`` (dense or depthwise)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..layout import Layout
+from .blocks import ExpandedBlocks, init_new_rows
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
+
+
+def _explicit_padding(conv: nn.Conv2d) -> Tuple[int, int]:
+    pad = conv.padding
+    if pad == "valid":
+        return (0, 0)
+    if pad == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(t % 2 for t in total):
+            raise ValueError("ExpandedConv2d: padding='same' with an even effective kernel pads "
+                             "asymmetrically; use an explicit padding")
+        return (total[0] // 2, total[1] // 2)
+    return _pair(pad)
+
+
+class ExpandedConv2d(ExpandedBlocks):
+    """A Conv2d whose channels are split into groups, staircase as ExpandedLinear.
+
+    ``depthwise=True``: every channel has its own filter(s) (``groups == in_channels``);
+    widening adds new filters on new channels, ``depth_multiplier`` outputs per channel.
+    """
+
+    def __init__(self, in_groups: Sequence[int], out_groups: Sequence[int], kernel_size,
+                 stride=1, padding=0, dilation=1, bias: bool = True, mode: str = "isolated",
+                 depthwise: bool = False, device=None, dtype=None):
+        super().__init__()
+        lay = Layout(tuple(in_groups), tuple(out_groups), mode)
+        kh, kw = _pair(kernel_size)
+        self.kernel_size = (kh, kw)
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.depthwise = bool(depthwise)
+        if self.depthwise:
+            self.depth_multiplier = self._check_depthwise(lay)
+        kw_ = {"device": device, "dtype": dtype}
+        per_in = lambda n: 1 if self.depthwise else n  # noqa: E731  (input channels per filter)
+        w_frozen = torch.zeros((lay.frozen_out, per_in(lay.frozen_in), kh, kw), **kw_)
+        w_new = init_new_rows(torch.empty((lay.new_out, per_in(lay.in_features), kh, kw), **kw_),
+                              per_in(lay.in_features) * kh * kw)
+        w_couple = (torch.zeros((lay.frozen_out, lay.new_in, kh, kw), **kw_)
+                    if mode == "coupled" else None)
+        b_frozen = torch.zeros(lay.frozen_out, **kw_) if bias else None
+        b_new = torch.zeros(lay.new_out, **kw_) if bias else None
+        self._set_blocks(lay, w_frozen, b_frozen, w_new, b_new, w_couple)
+        self.skip_old_input_grad = False
+
+    @staticmethod
+    def _check_depthwise(lay: Layout) -> int:
+        if lay.mode != "isolated":
+            raise ValueError("a depthwise ExpandedConv2d only has the isolated layout (its "
+                             "channels never mix)")
+        ratios = {o // i for i, o in zip(lay.in_groups, lay.out_groups) if i}
+        if len(ratios) > 1 or any(o != i * max(ratios | {1}) for i, o in
+                                  zip(lay.in_groups, lay.out_groups)):
+            raise ValueError(f"depthwise conv: every out group must be the depth multiplier "
+                             f"times its in group, got in {lay.in_groups}, out {lay.out_groups}")
+        return max(ratios | {1})
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, new_in: int = 0, new_out: int = 0,
+                  mode: str = "isolated") -> "ExpandedConv2d":
+        """Widen a trained ``nn.Conv2d`` (groups 1, or depthwise); ``conv`` stays untouched.
+
+        For a depthwise conv ``new_out`` must be ``depth_multiplier * new_in``.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"ExpandedConv2d supports padding_mode='zeros' only, got "
+                             f"{conv.padding_mode!r}")
+        depthwise = conv.groups > 1
+        if depthwise and conv.groups != conv.in_channels:
+            raise ValueError(f"ExpandedConv2d supports groups=1 or depthwise (groups == "
+                             f"in_channels); got groups={conv.groups} with {conv.in_channels} "
+                             "input channels")
+        w = conv.weight
+        layer = cls((conv.in_channels, new_in), (conv.out_channels, new_out), conv.kernel_size,
+                    conv.stride, _explicit_padding(conv), conv.dilation,
+                    bias=conv.bias is not None, mode=mode, depthwise=depthwise,
+                    device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.weight_frozen.copy_(w)
+            if conv.bias is not None:
+                layer.bias_frozen.copy_(conv.bias)
+        return layer
+
+    @property
+    def in_channels(self) -> int:
+        return self.layout.in_features
+
+    @property
+    def out_channels(self) -> int:
+        return self.layout.out_features
+
+    def _fan_in(self, in_features: int) -> int:
+        kh, kw = self.kernel_size
+        return (1 if self.depthwise else in_features) * kh * kw
+
+    def dense_weight(self, task: Optional[int] = None) -> Tensor:
+        if not self.depthwise:
+            return super().dense_weight(task)
+        full = torch.cat([self.weight_frozen.detach(), self.weight_new.detach()])
+        if task is None:
+            return full
+        return full[: self.layout.task(task).out_features].clone()
+
+    def expand(self, new_in: int, new_out: int) -> "ExpandedConv2d":
+        if not self.depthwise:
+            return super().expand(new_in, new_out)
+        lay = self.layout.expanded(new_in, new_out)
+        self._check_depthwise(lay)
+        w_f = self.dense_weight()
+        w_new = init_new_rows(w_f.new_empty((new_out,) + tuple(w_f.shape[1:])), self._fan_in(1))
+        b_f = self.dense_bias()
+        b_new = b_f.new_zeros((new_out,)) if b_f is not None else None
+        self._set_blocks(lay, w_f, b_f, w_new, b_new, None)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ExpandedConv2d expected a 4-D (N, C, H, W) input with C = {self.in_channels} "
+                f"(channel groups {self.in_groups}), got shape {tuple(x.shape)}")
+        lay = self.layout
+        return ops.expanded_conv2d(
+            x, self.weight_frozen, self.bias_frozen, self.weight_new, self.bias_new,
+            self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
+            frozen_k_ends=lay.frozen_k_ends, stride=self.stride, padding=self.padding,
+            dilation=self.dilation, depthwise=self.depthwise,
+            need_dx_old=not self.skip_old_input_grad)
+
+    def to_conv(self, task: Optional[int] = None) -> nn.Conv2d:
+        """A plain ``nn.Conv2d`` computing task ``task``'s outputs (default: all groups)."""
+        w, b = self.dense_weight(task), self.dense_bias(task)
+        lay = self.layout if task is None else self.layout.task(task)
+        conv = nn.Conv2d(lay.in_features, lay.out_features, self.kernel_size, self.stride,
+                         self.padding, self.dilation,
+                         groups=lay.in_features if self.depthwise else 1, bias=b is not None,
+                         device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if b is not None:
+                conv.bias.copy_(b)
+        return conv
+
+    def extra_repr(self) -> str:
+        return (f"in_groups={self.in_groups}, out_groups={self.out_groups}, "
+                f"kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, "
+                f"bias={self.bias_new is not None}, mode={self.mode!r}"
+                + (f", depthwise, multiplier={self.depth_multiplier}" if self.depthwise else ""))

@@ -1,0 +1,250 @@
+"""The op registry: ``torch.library`` custom ops for the expanded linear and conv2d, their
+fake (meta) implementations for ``torch.compile``, their autograd, and backend dispatch.
+
+Frozen tensors never take part in autograd: backward returns None for them and never forms
+their gradient.  ``need_dx_old`` says whether the gradient of the old input features is
+wanted: ``expand()`` turns it off for isolated layers whose old inputs come from the frozen
+path (then those columns of dx are zeros that nobody reads).
+
+Public functional forms: :func:`expanded_linear` and :func:`expanded_conv2d` (they check
+their arguments, then call the custom ops ``torch.ops.expanse_fast.*``).
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backend_choice
+
+LIB = "expanse_fast"
+_EMPTY = (0,)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # Custom ops return tensors, never None: an unneeded gradient travels as an empty tensor.
+    return like.new_empty(_EMPTY) if t is None else t
+
+
+def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
+    return t if needed else None
+
+
+# ---------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op(f"{LIB}::linear", mutates_args=())
+def _linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
+            b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
+            frozen_k_ends: List[int], need_dx_old: bool) -> Tensor:
+    backend = backend_choice.resolve(x.device, "linear")
+    return backend.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                  frozen_out_groups, frozen_k_ends)
+
+
+@_linear.register_fake
+def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
+      need_dx_old):
+    return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0]))
+
+
+@torch.library.custom_op(f"{LIB}::linear_backward", mutates_args=())
+def _linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
+                     w_couple: Optional[Tensor], frozen_out_groups: List[int],
+                     frozen_k_ends: List[int], need_dx_new: bool, need_dx_old: bool,
+                     need_dw: bool, need_db: bool, need_dcouple: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = backend_choice.resolve(dy.device, "linear")
+    grads = backend.linear_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
+                                    frozen_out_groups, frozen_k_ends, need_dx_new, need_dx_old,
+                                    need_dw, need_db, need_dcouple)
+    return tuple(_or_empty(g, dy) for g in grads)
+
+
+@_linear_backward.register_fake
+def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, need_dx_new,
+      need_dx_old, need_dw, need_db, need_dcouple):
+    empty = dy.new_empty(_EMPTY)
+    return (x.new_empty(x.shape) if (need_dx_new or need_dx_old) else empty,
+            w_new.new_empty(w_new.shape) if need_dw else empty,
+            w_new.new_empty((w_new.shape[0],)) if need_db else empty,
+            w_couple.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None)
+            else empty)
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, need_dx_old = inputs
+    ctx.save_for_backward(x, w_frozen, w_new, w_couple)
+    ctx.groups = (list(frozen_out_groups), list(frozen_k_ends))
+    ctx.need_dx_old = need_dx_old
+
+
+def _linear_autograd_backward(ctx, dy):
+    x, w_frozen, w_new, w_couple = ctx.saved_tensors
+    need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
+    if not (need_x or need_w or need_b or need_c):
+        return (None,) * 9
+    dx, dw, db, dc = _linear_backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
+                                      need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c)
+    return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
+            _or_none(dc, need_c), None, None, None)
+
+
+_linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Conv2d
+# ---------------------------------------------------------------------------------------
+def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+@torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())
+def _conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
+            b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
+            frozen_k_ends: List[int], stride: List[int], padding: List[int],
+            dilation: List[int], depthwise: bool, need_dx_old: bool) -> Tensor:
+    backend = backend_choice.resolve(x.device, "conv2d")
+    return backend.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                  frozen_out_groups, frozen_k_ends, stride, padding, dilation,
+                                  depthwise)
+
+
+@_conv2d.register_fake
+def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends, stride,
+      padding, dilation, depthwise, need_dx_old):
+    kh, kw = w_new.shape[2], w_new.shape[3]
+    ho = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    wo = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0], ho, wo))
+
+
+@torch.library.custom_op(f"{LIB}::conv2d_backward", mutates_args=())
+def _conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
+                     w_couple: Optional[Tensor], frozen_out_groups: List[int],
+                     frozen_k_ends: List[int], stride: List[int], padding: List[int],
+                     dilation: List[int], depthwise: bool, need_dx_new: bool,
+                     need_dx_old: bool, need_dw: bool, need_db: bool, need_dcouple: bool
+                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = backend_choice.resolve(dy.device, "conv2d")
+    grads = backend.conv2d_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
+                                    frozen_out_groups, frozen_k_ends, stride, padding, dilation,
+                                    depthwise, need_dx_new, need_dx_old, need_dw, need_db,
+                                    need_dcouple)
+    return tuple(_or_empty(g, dy) for g in grads)
+
+
+@_conv2d_backward.register_fake
+def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
+      dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple):
+    empty = dy.new_empty(_EMPTY)
+    return (x.new_empty(x.shape) if (need_dx_new or need_dx_old) else empty,
+            w_new.new_empty(w_new.shape) if need_dw else empty,
+            w_new.new_empty((w_new.shape[0],)) if need_db else empty,
+            w_couple.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None)
+            else empty)
+
+
+def _conv2d_setup_context(ctx, inputs, output):
+    (x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
+     dilation, depthwise, need_dx_old) = inputs
+    ctx.save_for_backward(x, w_frozen, w_new, w_couple)
+    ctx.static = (list(frozen_out_groups), list(frozen_k_ends), list(stride), list(padding),
+                  list(dilation), depthwise)
+    ctx.need_dx_old = need_dx_old
+
+
+def _conv2d_autograd_backward(ctx, dy):
+    x, w_frozen, w_new, w_couple = ctx.saved_tensors
+    need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
+    if not (need_x or need_w or need_b or need_c):
+        return (None,) * 13
+    dx, dw, db, dc = _conv2d_backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
+                                      need_x and ctx.need_dx_old, need_w, need_b, need_c)
+    return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
+            _or_none(dc, need_c)) + (None,) * 7
+
+
+_conv2d.register_autograd(_conv2d_autograd_backward, setup_context=_conv2d_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Checked functional forms
+# ---------------------------------------------------------------------------------------
+def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]):
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise TypeError(f"{what}: input dtype is {x.dtype} but {name} is {t.dtype}; "
+                            f"cast the input (or the layer) so both match")
+        if t.device != x.device:
+            raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
+                             f"move both to one device")
+    for name, t in named:
+        if name.startswith(("w_frozen", "b_frozen")) and t is not None and t.requires_grad:
+            raise ValueError(f"{what}: {name} requires grad, but frozen tensors must not "
+                             "(only the newest group is trainable)")
+
+
+def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional[Tensor],
+                  frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int]):
+    if sum(frozen_out_groups) != w_frozen.shape[0]:
+        raise ValueError(f"{what}: frozen_out_groups {tuple(frozen_out_groups)} sum to "
+                         f"{sum(frozen_out_groups)} but w_frozen has {w_frozen.shape[0]} rows")
+    if len(frozen_k_ends) != len(frozen_out_groups):
+        raise ValueError(f"{what}: one k_end per frozen group expected, got "
+                         f"{tuple(frozen_k_ends)} for groups {tuple(frozen_out_groups)}")
+
+
+def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
+                    b_new: Optional[Tensor], w_couple: Optional[Tensor] = None, *,
+                    frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+                    need_dx_old: bool = True) -> Tensor:
+    """y = [frozen staircase rows | trainable rows] applied to x of shape (..., I)."""
+    what = "expanded_linear"
+    in_features = w_new.shape[1]
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{what}: expected input with {in_features} features in its last "
+                         f"dimension, got shape {tuple(x.shape)}")
+    _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
+                             ("b_new", b_new), ("w_couple", w_couple)])
+    _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    y = _linear(x2, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
+                list(frozen_k_ends), bool(need_dx_old))
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _pair(v) -> List[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
+                    b_new: Optional[Tensor], w_couple: Optional[Tensor] = None, *,
+                    frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+                    stride=1, padding=0, dilation=1, depthwise: bool = False,
+                    need_dx_old: bool = True) -> Tensor:
+    """The expanded convolution of an NCHW (or channels_last) batch."""
+    what = "expanded_conv2d"
+    if depthwise:
+        c_f = frozen_k_ends[-1] if frozen_k_ends else 0
+        multiplier = w_frozen.shape[0] // c_f if c_f else 1
+        in_channels = c_f + w_new.shape[0] // multiplier
+    else:
+        in_channels = w_new.shape[1]
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"{what}: expected a 4-D (N, C, H, W) input with C = {in_channels}, "
+                         f"got shape {tuple(x.shape)}")
+    _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
+                             ("b_new", b_new), ("w_couple", w_couple)])
+    _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
+    return _conv2d(x, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
+                   list(frozen_k_ends), _pair(stride), _pair(padding), _pair(dilation),
+                   bool(depthwise), bool(need_dx_old))
+

@@ -1,0 +1,32 @@
+"""Test set-up shared by every test file.
+
+Triton reads TRITON_INTERPRET when ``@triton.jit`` decorates a kernel, so on a machine
+without a GPU it must be set before any kernel module is imported: here, first.
+"""
+import os
+
+import pytest
+
+try:
+    import torch
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # torch missing: tests will fail loudly on import anyway
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -30,3 +30,8 @@ def pytest_collection_modifyitems(config, items):
 def _seed():
     torch.manual_seed(0)
     yield
+
+# Let every test file, in any sub-folder, import the shared float64 reference.
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))

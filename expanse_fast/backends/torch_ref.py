@@ -16,6 +16,9 @@ Every backend module exposes the same functions with the same arguments:
 ``conv2d_forward(x, ..., stride, padding, dilation, depthwise)`` and ``conv2d_backward`` the
     same for NCHW convolutions (channels are the groups).
 ``availability(device) -> (bool, reason)``.
+
+Accumulations use out-of-place ``addmm`` (not ``addmm_``) so that the torch profiler counts
+every multiply-add this backend does; the tests compare that count with the useful work.
 """
 from __future__ import annotations
 
@@ -43,24 +46,31 @@ def _frozen_row_blocks(frozen_out_groups: Sequence[int], frozen_k_ends: Sequence
 # ---------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------
-def _affine(x: Tensor, w: Tensor, b: Maybe) -> Tensor:
+def _affine_into(out: Tensor, x: Tensor, w: Tensor, b: Maybe) -> Tensor:
+    """out = x @ w.T (+ b), written straight into a column slice of the output (BLAS takes
+    the row stride as its leading dimension, so no temporary and no torch.cat)."""
     if b is None:
-        return x @ w.t()
-    return torch.addmm(b, x, w.t())
+        return torch.mm(x, w.t(), out=out)
+    return torch.addmm(b, x, w.t(), out=out)
 
 
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int]) -> Tensor:
-    i_f = w_frozen.shape[1]
-    parts = []
+    o_f, i_f = w_frozen.shape
+    y = x.new_empty((x.shape[0], o_f + w_new.shape[0]))
+    if x.shape[0] == 0:
+        return y
     for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
-        y = _affine(x[:, :k], w_frozen[r0:r1, :k], None if b_frozen is None else b_frozen[r0:r1])
+        out = y[:, r0:r1]
+        _affine_into(out, x[:, :k], w_frozen[r0:r1, :k],
+                     None if b_frozen is None else b_frozen[r0:r1])
         if w_couple is not None and w_couple.shape[1]:
-            y = y.addmm_(x[:, i_f:], w_couple[r0:r1].t())
-        parts.append(y)
-    parts.append(_affine(x, w_new, b_new))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            # out-of-place addmm: the profiler counts it (tests compare FLOP counts)
+            out.copy_(torch.addmm(out, x[:, i_f:], w_couple[r0:r1].t()))
+    if w_new.shape[0]:
+        _affine_into(y[:, o_f:], x, w_new, b_new)
+    return y
 
 
 def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
@@ -77,17 +87,17 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
     if need_dcouple and w_couple is not None:
         dcouple = dy[:, :o_f].t() @ x[:, i_f:]
     if need_dx_new or need_dx_old:
-        dx = x.new_zeros(x.shape) if not need_dx_old else None
-        dx_new = dy_new @ w_new[:, i_f:]
+        dx = x.new_empty(x.shape)
+        dx_new, dx_old = dx[:, i_f:], dx[:, :i_f]
+        torch.mm(dy_new, w_new[:, i_f:], out=dx_new)
         if w_couple is not None and w_couple.shape[1] and o_f:
-            dx_new = dx_new.addmm_(dy[:, :o_f], w_couple)
+            dx_new.copy_(torch.addmm(dx_new, dy[:, :o_f], w_couple))
         if need_dx_old:
-            dx_old = dy_new @ w_new[:, :i_f]
+            torch.mm(dy_new, w_new[:, :i_f], out=dx_old)
             for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
-                dx_old[:, :k].addmm_(dy[:, r0:r1], w_frozen[r0:r1, :k])
-            dx = torch.cat([dx_old, dx_new], dim=1)
+                dx_old[:, :k].copy_(torch.addmm(dx_old[:, :k], dy[:, r0:r1], w_frozen[r0:r1, :k]))
         else:
-            dx[:, i_f:] = dx_new
+            dx_old.zero_()  # nobody reads the old input's gradient
     return dx, dw, db, dcouple
 
 

@@ -1,0 +1,157 @@
+"""Every usable backend, through the op registry and autograd, against the float64 reference."""
+import pytest
+import torch
+
+import expanse_fast as xf
+from expanse_fast import backend_choice
+from expanse_fast.layout import Layout
+from reference import dense64, random_blocks, rel_err
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [b for b in ("torch", "triton", "cuda") if backend_choice.availability(b, DEVICE)[0]]
+
+LAYOUTS = [
+    Layout((7, 3), (5, 4)),                    # primes, one expansion
+    Layout((1, 1), (1, 1)),                    # the smallest
+    Layout((13, 0), (11, 6)),                  # data input: no new inputs
+    Layout((9, 4, 3), (6, 5, 2)),              # three groups
+    Layout((9, 4, 3), (6, 5, 2), "coupled"),
+    Layout((17, 5), (3, 0)),                   # a head with no new classes
+    Layout((70, 18), (65, 17)),                # not multiples of any tile
+]
+TOL = {torch.float32: 2e-3 if DEVICE.type == "cuda" else 1e-5, torch.float16: 5e-3,
+       torch.bfloat16: 2e-2}
+
+
+def _dtypes(backend):
+    if DEVICE.type == "cuda":
+        return (torch.float32, torch.float16, torch.bfloat16)
+    # the Triton interpreter's bfloat16 dot is wrong: bf16 is checked on the GPU
+    return (torch.float32, torch.float16) if backend == "triton" else (
+        torch.float32, torch.float16, torch.bfloat16)
+
+
+CASES = [(b, d) for b in BACKENDS for d in _dtypes(b)]
+
+
+def _run_linear(lay, dtype, rows, bias, need_dx_old, backend):
+    w_f, b_f, w_n, b_n, w_c = random_blocks(lay, dtype=dtype, bias=bias, device=DEVICE)
+    x = torch.randn(rows, lay.in_features, dtype=dtype, device=DEVICE, requires_grad=True)
+    trainable = [t.requires_grad_() for t in (w_n, b_n, w_c) if t is not None]
+    with xf.use_backend(backend):
+        y = xf.ops.expanded_linear(x, w_f, b_f, w_n, b_n, w_c,
+                                   frozen_out_groups=lay.frozen_out_groups,
+                                   frozen_k_ends=lay.frozen_k_ends, need_dx_old=need_dx_old)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    W = dense64(lay, w_f, w_n, w_c)
+    b = torch.cat([b_f, b_n]).double().cpu() if bias else 0
+    x64, dy64 = x.detach().double().cpu(), dy.double().cpu()
+    ref_y = x64 @ W.t() + b
+    assert y.shape == ref_y.shape and y.dtype == dtype
+    assert rel_err(y, ref_y) < TOL[dtype]
+    dW = dy64.t() @ x64
+    assert rel_err(w_n.grad, dW[lay.frozen_out:]) < TOL[dtype]
+    if bias:
+        assert rel_err(b_n.grad, dy64.sum(0)[lay.frozen_out:]) < TOL[dtype]
+    if w_c is not None:
+        assert rel_err(w_c.grad, dW[: lay.frozen_out, lay.frozen_in:]) < TOL[dtype]
+    ref_dx = dy64 @ W
+    if not need_dx_old:
+        ref_dx[:, : lay.frozen_in] = 0  # nobody reads these: the op leaves zeros
+    assert rel_err(x.grad, ref_dx) < TOL[dtype]
+    assert w_f.grad is None and (b_f is None or b_f.grad is None)
+    assert trainable
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("lay", LAYOUTS, ids=str)
+@pytest.mark.parametrize("need_dx_old", [True, False])
+def test_linear_matches_float64(backend, dtype, lay, need_dx_old):
+    _run_linear(lay, dtype, rows=37, bias=True, need_dx_old=need_dx_old, backend=backend)
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("rows", [0, 1, 129])
+def test_linear_row_counts_no_bias(backend, dtype, rows):
+    _run_linear(Layout((9, 4, 3), (6, 5, 2)), dtype, rows, bias=False, need_dx_old=True,
+                backend=backend)
+
+
+CONV_CASES = [
+    dict(lay=Layout((3, 2), (4, 3)), k=3, stride=1, padding=1, dilation=1),
+    dict(lay=Layout((5, 2, 1), (4, 3, 2)), k=3, stride=2, padding=1, dilation=1),
+    dict(lay=Layout((3, 2), (4, 3), "coupled"), k=1, stride=1, padding=0, dilation=1),
+    dict(lay=Layout((2, 3), (3, 1)), k=3, stride=1, padding=2, dilation=2),
+    dict(lay=Layout((1, 0), (5, 2)), k=3, stride=1, padding=0, dilation=1),
+]
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: f"{c['lay']}-k{c['k']}s{c['stride']}")
+@pytest.mark.parametrize("need_dx_old", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_matches_float64(backend, dtype, case, need_dx_old, channels_last):
+    lay, k = case["lay"], case["k"]
+    geo = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"])
+    w_f, b_f, w_n, b_n, w_c = random_blocks(lay, tail=(k, k), dtype=dtype, device=DEVICE)
+    x = torch.randn(2, lay.in_features, 7, 6, dtype=dtype, device=DEVICE)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    for t in (w_n, b_n, w_c):
+        if t is not None:
+            t.requires_grad_()
+    with xf.use_backend(backend):
+        y = xf.ops.expanded_conv2d(x, w_f, b_f, w_n, b_n, w_c,
+                                   frozen_out_groups=lay.frozen_out_groups,
+                                   frozen_k_ends=lay.frozen_k_ends, need_dx_old=need_dx_old, **geo)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    x64 = x.detach().double().cpu().requires_grad_()
+    W = dense64(lay, w_f, w_n, w_c).requires_grad_()
+    b = torch.cat([b_f, b_n]).detach().double().cpu().requires_grad_()
+    ref = torch.nn.functional.conv2d(x64, W, b, **geo)
+    ref.backward(dy.double().cpu())
+    tol = TOL[dtype] * (4 if dtype != torch.float32 else 1)
+    assert rel_err(y, ref) < tol
+    assert rel_err(w_n.grad, W.grad[lay.frozen_out:]) < tol
+    assert rel_err(b_n.grad, b.grad[lay.frozen_out:]) < tol
+    if w_c is not None:
+        assert rel_err(w_c.grad, W.grad[: lay.frozen_out, lay.frozen_in:]) < tol
+    ref_dx = x64.grad.clone()
+    if not need_dx_old:
+        ref_dx[:, : lay.frozen_in] = 0
+    assert rel_err(x.grad, ref_dx) < tol
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("mult", [1, 2])
+def test_depthwise_conv_matches_float64(backend, dtype, mult):
+    c_old, c_new = 3, 2
+    lay = Layout((c_old, c_new), (c_old * mult, c_new * mult))
+    w_f = torch.randn(c_old * mult, 1, 3, 3, dtype=dtype, device=DEVICE)
+    w_n = torch.randn(c_new * mult, 1, 3, 3, dtype=dtype, device=DEVICE, requires_grad=True)
+    b_f = torch.randn(c_old * mult, dtype=dtype, device=DEVICE)
+    b_n = torch.randn(c_new * mult, dtype=dtype, device=DEVICE, requires_grad=True)
+    x = torch.randn(2, c_old + c_new, 6, 5, dtype=dtype, device=DEVICE, requires_grad=True)
+    with xf.use_backend(backend):
+        y = xf.ops.expanded_conv2d(x, w_f, b_f, w_n, b_n, None,
+                                   frozen_out_groups=lay.frozen_out_groups,
+                                   frozen_k_ends=lay.frozen_k_ends, padding=1, depthwise=True)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    x64 = x.detach().double().cpu().requires_grad_()
+    W = torch.cat([w_f, w_n]).detach().double().cpu().requires_grad_()
+    b = torch.cat([b_f, b_n]).detach().double().cpu().requires_grad_()
+    ref = torch.nn.functional.conv2d(x64, W, b, padding=1, groups=c_old + c_new)
+    ref.backward(dy.double().cpu())
+    tol = TOL[dtype] * (4 if dtype != torch.float32 else 1)
+    assert rel_err(y, ref) < tol
+    assert rel_err(w_n.grad, W.grad[c_old * mult:]) < tol
+    assert rel_err(b_n.grad, b.grad[c_old * mult:]) < tol
+    assert rel_err(x.grad, x64.grad) < tol
+
+
+def test_torch_backend_is_always_listed():
+    assert "torch" in BACKENDS

@@ -1,0 +1,43 @@
+"""Float64 reference for every backend: the dense staircase matrix built from the blocks."""
+from __future__ import annotations
+
+import torch
+
+from expanse_fast.layout import Layout
+
+
+def random_blocks(lay: Layout, tail=(), dtype=torch.float32, bias=True, device="cpu"):
+    """Random frozen / new / coupling blocks of a layout (frozen upper blocks are zeros)."""
+    g = dict(dtype=dtype, device=device)
+    w_frozen = torch.randn((lay.frozen_out, lay.frozen_in) + tuple(tail), **g)
+    # zero what isolated frozen rows must never read (columns past their k_end)
+    start = 0
+    for rows, k in zip(lay.frozen_out_groups, lay.frozen_k_ends):
+        w_frozen[start:start + rows, k:] = 0
+        start += rows
+    w_new = torch.randn((lay.new_out, lay.in_features) + tuple(tail), **g)
+    w_couple = (torch.randn((lay.frozen_out, lay.new_in) + tuple(tail), **g)
+                if lay.mode == "coupled" else None)
+    b_frozen = torch.randn(lay.frozen_out, **g) if bias else None
+    b_new = torch.randn(lay.new_out, **g) if bias else None
+    return w_frozen, b_frozen, w_new, b_new, w_couple
+
+
+def dense64(lay: Layout, w_frozen, w_new, w_couple):
+    """The full weight in float64, zeros in the blocks old units must not read."""
+    tail = tuple(w_new.shape[2:])
+    full = torch.zeros((lay.out_features, lay.in_features) + tail, dtype=torch.float64)
+    full[: lay.frozen_out, : lay.frozen_in] = w_frozen.detach().double().cpu()
+    if w_couple is not None:
+        full[: lay.frozen_out, lay.frozen_in:] = w_couple.detach().double().cpu()
+    full[lay.frozen_out:] = w_new.detach().double().cpu()
+    return full
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    if b.numel() == 0:
+        return 0.0 if a.numel() == 0 else float("inf")
+    denom = b.norm().item()
+    err = (a - b).norm().item()
+    return err / denom if denom else err

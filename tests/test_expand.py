@@ -1,0 +1,170 @@
+"""expand(): earlier tasks stay exact, only the newest group trains, and a step equals a
+float64 dense model whose gradients are masked to the trainable rows."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import expanse_fast as xf
+from models import SmallResNet, authors_mlp, pretrained
+
+MLP_WIDTH = {"0": 106, "2": 48}  # 784-150-80-5 -> 784-256-128-10
+
+
+def _frozen_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _train(big, x, y, steps=50):
+    opt = torch.optim.AdamW([p for p in big.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.1)
+    big.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(big(x), y).backward()
+        opt.step()
+    return opt
+
+
+def _mlp_case():
+    base = pretrained(authors_mlp(), torch.randn(64, 784))
+    x, y = torch.randn(96, 784), torch.randint(0, 10, (96,))
+    return base, dict(width=MLP_WIDTH, new_classes=5), x, y, 5
+
+
+def _cnn_case():
+    base = pretrained(SmallResNet(), torch.randn(16, 1, 12, 12))
+    x, y = torch.randn(24, 1, 12, 12), torch.randint(0, 8, (24,))
+    return base, dict(width=0.25, new_classes=3), x, y, 5
+
+
+@pytest.mark.parametrize("case", [_mlp_case, _cnn_case], ids=["mlp", "resnet"])
+def test_source_task_exact_before_and_after_training(case):
+    base, kw, x, y, n_old = case()
+    reference = copy.deepcopy(base)
+    base_out = base(x)
+    big = xf.expand(base, **kw)
+    frozen = _frozen_state(big)
+    for phase in ("before", "after"):
+        if phase == "after":
+            opt = _train(big, x, y)
+            # optimizer state exists for trainable tensors only
+            assert all(p.requires_grad for p in opt.state)
+            assert all(p.grad is None for n, p in big.named_parameters() if not p.requires_grad)
+        for train_mode in (True, False):
+            big.train(train_mode)
+            with torch.no_grad():
+                out = big(x)
+            torch.testing.assert_close(out[:, :n_old], base_out, rtol=1e-5, atol=1e-5)
+        src = xf.source_model(big, task=0).eval()
+        assert torch.equal(src(x), base_out), f"source_model not bit-exact {phase} training"
+    for n, t in _frozen_state(big).items():
+        assert torch.equal(t, frozen[n]), f"frozen tensor {n} changed"
+    # the user's model is untouched
+    for (n, a), b in zip(base.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert not any(isinstance(m, xf.ExpandedLinear) for m in base.modules())
+
+
+def test_mlp_shape_matches_the_paper():
+    base, kw, x, _, _ = _mlp_case()
+    big = xf.expand(base, **kw)
+    assert big[0].out_groups == (150, 106) and big[0].in_groups == (784, 0)
+    assert big[2].in_groups == (150, 106) and big[2].out_groups == (80, 48)
+    assert big[4].out_features == 10 and big(x).shape == (96, 10)
+
+
+@pytest.mark.parametrize("case", [_mlp_case, _cnn_case], ids=["mlp", "resnet"])
+def test_three_successive_expansions_keep_every_task(case):
+    base, kw, x, y, n_old = case()
+    models, outs = [base], [base(x).detach()]
+    for task in range(1, 4):
+        big = xf.expand(models[-1], **kw)
+        _train(big, x, y % big(x).shape[1], steps=10)
+        big.eval()
+        models.append(big)
+        outs.append(big(x).detach())
+        for k in range(task):  # every earlier task, through the widened model and back
+            n_k = outs[k].shape[1]
+            torch.testing.assert_close(big(x)[:, :n_k], outs[k], rtol=1e-5, atol=1e-5)
+            src = xf.source_model(big, task=k).eval()
+            if k == 0:
+                assert torch.equal(src(x), outs[0])
+            else:
+                torch.testing.assert_close(src(x), outs[k], rtol=1e-5, atol=1e-5)
+    trainable = {n.rpartition(".")[2] for n, p in models[-1].named_parameters() if p.requires_grad}
+    assert trainable <= {"weight_new", "bias_new"}
+
+
+def test_merge_gives_the_same_outputs():
+    base, kw, x, y, _ = _cnn_case()
+    big = xf.expand(base, **kw)
+    _train(big, x, y, steps=5)
+    big.eval()
+    merged = xf.merge(big).eval()
+    assert not any(isinstance(m, (xf.ExpandedConv2d, xf.ExpandedLinear)) for m in merged.modules())
+    torch.testing.assert_close(merged(x), big(x), rtol=1e-5, atol=1e-5)
+    # the upper (old reads new) blocks are zeros
+    w = merged.layer1.conv1.weight
+    assert torch.count_nonzero(w[:8, 8:]) == 0 and torch.count_nonzero(w[8:, 8:]) > 0
+
+
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
+@pytest.mark.parametrize("case", [_mlp_case, _cnn_case], ids=["mlp", "resnet"])
+def test_one_step_equals_masked_dense_float64(case, mode):
+    base, kw, x, y, _ = case()
+    base = base.double()
+    x = x.double()
+    big = xf.expand(base, mode=mode, **kw)
+    # A plain BatchNorm cannot hold frozen (eval) and training channels at once, so the
+    # dense reference and the widened model both normalise with running statistics here.
+    training = not any(isinstance(m, nn.BatchNorm2d) for m in base.modules())
+    big.train(training)
+    dense = xf.merge(big).train(training)
+    # the mask: a dense entry is trainable iff it belongs to a trainable block
+    masks = {}
+    for path, layer in xf.expanded_layers(big).items():
+        if isinstance(layer, (xf.ExpandedLinear, xf.ExpandedConv2d)):
+            m = torch.zeros_like(layer.dense_weight())
+            m[layer.layout.frozen_out:] = 1
+            if layer.weight_couple is not None:
+                m[: layer.layout.frozen_out, layer.layout.frozen_in:] = 1
+            masks[f"{path}.weight"] = m
+            bm = torch.zeros(layer.layout.out_features, dtype=m.dtype)
+            bm[layer.layout.frozen_out:] = 1
+            masks[f"{path}.bias"] = bm
+        else:
+            bm = torch.zeros(layer.num_features, dtype=torch.float64)
+            bm[-layer.groups[-1]:] = 1 if layer.groups[-1] else 0
+            masks[f"{path}.weight"] = masks[f"{path}.bias"] = bm
+    for opt_cls in (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),):
+        big_opt = opt_cls([p for p in big.parameters() if p.requires_grad])
+        dense_opt = opt_cls(list(dense.parameters()))
+        for model, opt in ((big, big_opt), (dense, dense_opt)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+        for name, p in dense.named_parameters():
+            p.grad.mul_(masks[name])
+        big_opt.step()
+        dense_opt.step()
+    after = xf.merge(big)
+    for (name, p), q in zip(dense.named_parameters(), after.parameters()):
+        err = (p - q).norm() / p.norm()
+        assert err < 1e-10, f"{name}: relative error {err:.2e}"
+    # the dense model's BatchNorm running stats of the new channels moved the same way
+    for (name, b), c in zip(dense.named_buffers(), after.buffers()):
+        if b.is_floating_point():
+            assert (b - c).norm() <= 1e-10 * max(1.0, b.norm()), name
+
+
+def test_width_forms():
+    base = authors_mlp()
+    assert xf.expand(base, width=0.5)[0].out_groups == (150, 75)
+    assert xf.expand(base, width=7)[2].out_groups == (80, 7)
+    big = xf.expand(base, width={"2": 9}, new_classes=2)
+    assert big[0].out_groups == (150, 0) and big[2].in_groups == (150, 0)
+    assert big[2].out_groups == (80, 9) and big[4].in_groups == (80, 9)
+    assert big[4].out_groups == (5, 2)
+    assert xf.expand(base, new_classes=0)[4].out_groups == (5, 0)
+    assert xf.expand(base, new_classes=1, head="2")[2].out_groups == (80, 1)

@@ -1,0 +1,55 @@
+"""The backward pass does no frozen-gradient work: the FLOPs the torch profiler sees for one
+forward+backward equal the useful-work count of DESIGN.md section 2."""
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import expanse_fast as xf
+
+
+def _profiled_flops(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        fn()
+    return sum(e.flops for e in prof.key_averages() if e.flops)
+
+
+def _useful_flops(big, rows):
+    total = 0
+    for i, layer in enumerate(l for l in big.modules() if isinstance(l, xf.ExpandedLinear)):
+        lay = layer.layout
+        total += 2 * rows * lay.forward_macs()
+        # the first layer reads data: no input gradient at all
+        total += 2 * rows * lay.backward_macs(need_input_grad=i > 0,
+                                              need_old_input_grad=not layer.skip_old_input_grad)
+    return total
+
+
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
+def test_fwd_bwd_flops_equal_useful_work(mode):
+    base = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU(),
+                         nn.Linear(48, 10))
+    big = xf.expand(base, width=0.25, new_classes=6, mode=mode)
+    rows = 33
+    x = torch.randn(rows, 64)
+
+    def step():
+        big(x).sum().backward()
+
+    with xf.use_backend("torch"):
+        step()  # warm-up outside the profile
+        measured = _profiled_flops(step)
+    useful = _useful_flops(big, rows)
+    dense = sum(2 * rows * l.layout.dense_macs() for l in big.modules()
+                if isinstance(l, xf.ExpandedLinear))
+    assert measured == useful, f"profiler saw {measured} FLOPs, useful work is {useful}"
+    assert measured < dense
+
+
+def test_hidden_layer_ratio_matches_design():
+    # DESIGN.md section 2: square hidden layer widened by 25%: 2.78x under the masked dense
+    # layer and 1.78x under fine-tuning the original layer.
+    lay = xf.Layout((1024, 256), (1024, 256))
+    useful = lay.forward_macs() + lay.backward_macs(need_input_grad=True)
+    assert round(lay.dense_macs() / useful, 2) == 2.78
+    assert round(3 * 1024 * 1024 / useful, 2) == 1.78

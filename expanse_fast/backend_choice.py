@@ -73,9 +73,10 @@ def availability(name: str, device: torch.device) -> Tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}"
 
 
-def resolve(device: torch.device, op: str) -> ModuleType:
-    """The backend module that runs ``op`` ("linear" or "conv2d") on ``device`` now."""
-    name = _current()
+def resolve(device: torch.device, op: str, pinned: str = "") -> ModuleType:
+    """The backend module that runs ``op`` ("linear" or "conv2d") on ``device`` now:
+    ``pinned`` (a layer's own choice) if given, else the global choice."""
+    name = pinned or _current()
     if name == "auto":
         name = _auto_choice(device, op)
     else:

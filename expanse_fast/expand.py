@@ -354,7 +354,8 @@ def _widened_layer(m: nn.Module, grow: Tuple[int, ...], mode: str) -> nn.Module:
 
 
 def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
-           head: Optional[str] = None, mode: str = "isolated") -> nn.Module:
+           head: Optional[str] = None, mode: str = "isolated",
+           backend: str = "auto") -> nn.Module:
     """Return a widened copy of ``model``; ``model`` itself is left untouched.
 
     width: new units per layer: a fraction of each layer's own width (float), an int, or
@@ -362,7 +363,12 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
     new_classes: new outputs of the head (the last Linear, or ``head="name"``).
     mode: "isolated" (old units never read new ones: every earlier task stays exact) or
         "coupled" (old units read new ones through zero-initialised trainable blocks).
+    backend: "auto" follows ``xf.set_backend``; "torch", "triton" or "cuda" pins every
+        widened layer of the copy to that backend.
     """
+    from .backend_choice import BACKENDS
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if mode not in ("isolated", "coupled"):
         raise ValueError(f"mode must be 'isolated' or 'coupled', got {mode!r}")
     if new_classes < 0:
@@ -375,6 +381,7 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         if isinstance(layer, (ExpandedLinear, ExpandedConv2d)):
             # Old inputs come from the frozen path: nobody needs their gradient.
             layer.skip_old_input_grad = layer.mode == "isolated"
+            layer.backend = None if backend == "auto" else backend
         _swap(big, path, layer)
     _freeze_all_but_newest(big)
     return big

@@ -37,15 +37,15 @@ def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
 @torch.library.custom_op(f"{LIB}::linear", mutates_args=())
 def _linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
             b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
-            frozen_k_ends: List[int], need_dx_old: bool) -> Tensor:
-    backend = backend_choice.resolve(x.device, "linear")
+            frozen_k_ends: List[int], need_dx_old: bool, backend: str = "") -> Tensor:
+    backend = backend_choice.resolve(x.device, "linear", backend)
     return backend.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                   frozen_out_groups, frozen_k_ends)
 
 
 @_linear.register_fake
 def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
-      need_dx_old):
+      need_dx_old, backend=""):
     return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0]))
 
 
@@ -53,9 +53,9 @@ def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k
 def _linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
                      w_couple: Optional[Tensor], frozen_out_groups: List[int],
                      frozen_k_ends: List[int], need_dx_new: bool, need_dx_old: bool,
-                     need_dw: bool, need_db: bool, need_dcouple: bool
+                     need_dw: bool, need_db: bool, need_dcouple: bool, backend: str = ""
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = backend_choice.resolve(dy.device, "linear")
+    backend = backend_choice.resolve(dy.device, "linear", backend)
     grads = backend.linear_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
                                     frozen_out_groups, frozen_k_ends, need_dx_new, need_dx_old,
                                     need_dw, need_db, need_dcouple)
@@ -64,7 +64,7 @@ def _linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
 
 @_linear_backward.register_fake
 def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, need_dx_new,
-      need_dx_old, need_dw, need_db, need_dcouple):
+      need_dx_old, need_dw, need_db, need_dcouple, backend=""):
     empty = dy.new_empty(_EMPTY)
     return (x.new_empty(x.shape) if (need_dx_new or need_dx_old) else empty,
             w_new.new_empty(w_new.shape) if need_dw else empty,
@@ -74,21 +74,23 @@ def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, need_d
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, need_dx_old = inputs
+    x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, need_dx_old = inputs[:9]
     ctx.save_for_backward(x, w_frozen, w_new, w_couple)
     ctx.groups = (list(frozen_out_groups), list(frozen_k_ends))
     ctx.need_dx_old = need_dx_old
+    ctx.backend = inputs[9] if len(inputs) > 9 else ""
 
 
 def _linear_autograd_backward(ctx, dy):
     x, w_frozen, w_new, w_couple = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
     if not (need_x or need_w or need_b or need_c):
-        return (None,) * 9
+        return (None,) * 10
     dx, dw, db, dc = _linear_backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
-                                      need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c)
+                                      need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
+                                      ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
-            _or_none(dc, need_c), None, None, None)
+            _or_none(dc, need_c), None, None, None, None)
 
 
 _linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
@@ -105,8 +107,9 @@ def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
 def _conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
             b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
             frozen_k_ends: List[int], stride: List[int], padding: List[int],
-            dilation: List[int], depthwise: bool, need_dx_old: bool) -> Tensor:
-    backend = backend_choice.resolve(x.device, "conv2d")
+            dilation: List[int], depthwise: bool, need_dx_old: bool,
+            backend: str = "") -> Tensor:
+    backend = backend_choice.resolve(x.device, "conv2d", backend)
     return backend.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                   frozen_out_groups, frozen_k_ends, stride, padding, dilation,
                                   depthwise)
@@ -114,7 +117,7 @@ def _conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tens
 
 @_conv2d.register_fake
 def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends, stride,
-      padding, dilation, depthwise, need_dx_old):
+      padding, dilation, depthwise, need_dx_old, backend=""):
     kh, kw = w_new.shape[2], w_new.shape[3]
     ho = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     wo = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
@@ -126,9 +129,9 @@ def _conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
                      w_couple: Optional[Tensor], frozen_out_groups: List[int],
                      frozen_k_ends: List[int], stride: List[int], padding: List[int],
                      dilation: List[int], depthwise: bool, need_dx_new: bool,
-                     need_dx_old: bool, need_dw: bool, need_db: bool, need_dcouple: bool
-                     ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    backend = backend_choice.resolve(dy.device, "conv2d")
+                     need_dx_old: bool, need_dw: bool, need_db: bool, need_dcouple: bool,
+                     backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    backend = backend_choice.resolve(dy.device, "conv2d", backend)
     grads = backend.conv2d_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
                                     frozen_out_groups, frozen_k_ends, stride, padding, dilation,
                                     depthwise, need_dx_new, need_dx_old, need_dw, need_db,
@@ -138,7 +141,7 @@ def _conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
 
 @_conv2d_backward.register_fake
 def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
-      dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple):
+      dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple, backend=""):
     empty = dy.new_empty(_EMPTY)
     return (x.new_empty(x.shape) if (need_dx_new or need_dx_old) else empty,
             w_new.new_empty(w_new.shape) if need_dw else empty,
@@ -149,22 +152,24 @@ def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride
 
 def _conv2d_setup_context(ctx, inputs, output):
     (x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
-     dilation, depthwise, need_dx_old) = inputs
+     dilation, depthwise, need_dx_old) = inputs[:13]
     ctx.save_for_backward(x, w_frozen, w_new, w_couple)
     ctx.static = (list(frozen_out_groups), list(frozen_k_ends), list(stride), list(padding),
                   list(dilation), depthwise)
     ctx.need_dx_old = need_dx_old
+    ctx.backend = inputs[13] if len(inputs) > 13 else ""
 
 
 def _conv2d_autograd_backward(ctx, dy):
     x, w_frozen, w_new, w_couple = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
     if not (need_x or need_w or need_b or need_c):
-        return (None,) * 13
+        return (None,) * 14
     dx, dw, db, dc = _conv2d_backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
-                                      need_x and ctx.need_dx_old, need_w, need_b, need_c)
+                                      need_x and ctx.need_dx_old, need_w, need_b, need_c,
+                                      ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
-            _or_none(dc, need_c)) + (None,) * 7
+            _or_none(dc, need_c)) + (None,) * 8
 
 
 _conv2d.register_autograd(_conv2d_autograd_backward, setup_context=_conv2d_setup_context)
@@ -202,8 +207,10 @@ def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional
 def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
                     b_new: Optional[Tensor], w_couple: Optional[Tensor] = None, *,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
-                    need_dx_old: bool = True) -> Tensor:
-    """y = [frozen staircase rows | trainable rows] applied to x of shape (..., I)."""
+                    need_dx_old: bool = True, backend: Optional[str] = None) -> Tensor:
+    """y = [frozen staircase rows | trainable rows] applied to x of shape (..., I).
+
+    ``backend`` pins this call to one backend; None follows ``xf.set_backend``."""
     what = "expanded_linear"
     in_features = w_new.shape[1]
     if x.dim() < 1 or x.shape[-1] != in_features:
@@ -217,8 +224,16 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y = _linear(x2, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
-                list(frozen_k_ends), bool(need_dx_old))
+                list(frozen_k_ends), bool(need_dx_old), _backend_arg(backend))
     return y.reshape(*lead, y.shape[-1])
+
+
+def _backend_arg(backend: Optional[str]) -> str:
+    if backend in (None, "", "auto"):
+        return "" if backend is None else backend
+    if backend not in backend_choice.BACKENDS:
+        raise ValueError(f"backend must be one of {backend_choice.BACKENDS}, got {backend!r}")
+    return backend
 
 
 def _pair(v) -> List[int]:
@@ -229,7 +244,7 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                     b_new: Optional[Tensor], w_couple: Optional[Tensor] = None, *,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     stride=1, padding=0, dilation=1, depthwise: bool = False,
-                    need_dx_old: bool = True) -> Tensor:
+                    need_dx_old: bool = True, backend: Optional[str] = None) -> Tensor:
     """The expanded convolution of an NCHW (or channels_last) batch."""
     what = "expanded_conv2d"
     if depthwise:
@@ -246,5 +261,5 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
     return _conv2d(x, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
                    list(frozen_k_ends), _pair(stride), _pair(padding), _pair(dilation),
-                   bool(depthwise), bool(need_dx_old))
+                   bool(depthwise), bool(need_dx_old), _backend_arg(backend))
 

@@ -57,6 +57,7 @@ class ExpandedConv2d(ExpandedBlocks):
         b_new = torch.zeros(lay.new_out, **kw_) if bias else None
         self._set_blocks(lay, w_frozen, b_frozen, w_new, b_new, w_couple)
         self.skip_old_input_grad = False
+        self.backend: Optional[str] = None  # None: follow xf.set_backend
 
     @staticmethod
     def _check_depthwise(lay: Layout) -> int:
@@ -141,7 +142,7 @@ class ExpandedConv2d(ExpandedBlocks):
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
             frozen_k_ends=lay.frozen_k_ends, stride=self.stride, padding=self.padding,
             dilation=self.dilation, depthwise=self.depthwise,
-            need_dx_old=not self.skip_old_input_grad)
+            need_dx_old=not self.skip_old_input_grad, backend=self.backend)
 
     def to_conv(self, task: Optional[int] = None) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing task ``task``'s outputs (default: all groups)."""

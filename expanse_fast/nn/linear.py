@@ -31,6 +31,7 @@ class ExpandedLinear(ExpandedBlocks):
         b_new = torch.zeros(lay.new_out, **kw) if bias else None
         self._set_blocks(lay, w_frozen, b_frozen, w_new, b_new, w_couple)
         self.skip_old_input_grad = False
+        self.backend: Optional[str] = None  # None: follow xf.set_backend
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, new_in: int = 0, new_out: int = 0,
@@ -65,7 +66,8 @@ class ExpandedLinear(ExpandedBlocks):
         return ops.expanded_linear(
             x, self.weight_frozen, self.bias_frozen, self.weight_new, self.bias_new,
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
-            frozen_k_ends=lay.frozen_k_ends, need_dx_old=not self.skip_old_input_grad)
+            frozen_k_ends=lay.frozen_k_ends, need_dx_old=not self.skip_old_input_grad,
+            backend=self.backend)
 
     def to_linear(self, task: Optional[int] = None) -> nn.Linear:
         """A plain ``nn.Linear`` computing task ``task``'s outputs (default: all groups)."""

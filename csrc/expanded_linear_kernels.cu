@@ -1,0 +1,711 @@
+// CUDA kernels of the expanded linear layer (see expanded_linear.h for the storage).
+//
+// All three products are one tiled GEMM main loop with different operand views:
+//   forward  y[n, o]  = sum_k x[n, k] w[o, k]       A = x (k-major), B = w rows (k-major)
+//   dW       dw[o, k] = sum_n dy[n, o] x[n, k]      A = dy^T (m-major), B = x (n-major)
+//   dx       dx[n, k] = sum_o dy[n, o] w[o, k]      A = dy (k-major), B = w (n-major)
+// A block owns one BM x BN output tile and walks a short list of "phases": contiguous K ranges
+// that read different weight tensors (the frozen block, the coupling block, the new rows).
+// Blocks never cross an output group, so the zero blocks of the staircase are never read.
+//
+// fp16/bf16: WMMA 16x16x16 tensor-core fragments (portable sm_80/sm_90; no wgmma yet), fp32
+// accumulators.  fp32: shared-memory-tiled SIMT FMA (exact fp32, no tf32).  Tiles are copied
+// with 16-byte cp.async where a chunk is aligned and in range (scalar zero-filling copy
+// otherwise), double-buffered: the next tile is in flight while the current one multiplies.
+#include "expanded_linear.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace expanse_fast {
+namespace {
+
+using namespace nvcuda;
+
+// ---- element conversions: explicit, since torch builds with __CUDA_NO_HALF_CONVERSIONS__ ----
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---- asynchronous 16-byte copies (sm_80+) --------------------------------------------------
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+  *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void cp_async_wait_prev() {  // all groups but the newest are done
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}
+
+// Where one operand tile comes from: its top-left element in global memory, the row stride,
+// and how many rows/columns are valid (the rest is zero-filled, never read).
+template <typename T>
+struct TileSrc {
+  const T* ptr;
+  int64_t ld;
+  int rows, cols;
+};
+
+// Copy a ROWS x COLS tile (columns contiguous in global and shared memory).
+template <typename T, int ROWS, int COLS, int THREADS>
+__device__ __forceinline__ void load_tile(T* s, int sld, const TileSrc<T>& src) {
+  constexpr int VEC = 16 / sizeof(T);
+  constexpr int PER_ROW = COLS / VEC;
+  constexpr int CHUNKS = ROWS * PER_ROW;
+  static_assert(COLS % VEC == 0 && CHUNKS % THREADS == 0, "tile must split evenly in chunks");
+  const T zero = from_f<T>(0.f);
+#pragma unroll
+  for (int i = 0; i < CHUNKS / THREADS; ++i) {
+    const int c = i * THREADS + threadIdx.x;
+    const int r = c / PER_ROW, col = (c % PER_ROW) * VEC;
+    T* sp = s + r * sld + col;
+    const T* gp = src.ptr + r * src.ld + col;
+    if (r < src.rows && col + VEC <= src.cols && (reinterpret_cast<uintptr_t>(gp) & 15) == 0) {
+      cp_async16(sp, gp);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sp[e] = (r < src.rows && col + e < src.cols) ? gp[e] : zero;
+    }
+  }
+}
+
+// Shared-memory layout of one pipeline stage.  AK: A tile stored k-contiguous ([BM][BK]) else
+// m-contiguous ([BK][BM]); BKM: B tile stored k-contiguous ([BN][BK]) else n-contiguous.
+// Rows are padded by one 16-byte chunk: keeps cp.async/WMMA alignment, staggers the banks.
+template <typename T, int BM_, int BN_, int BK_, int THREADS, bool AK_, bool BKM_>
+struct Smem {
+  static constexpr bool AK = AK_, BKM = BKM_;
+  static constexpr int PAD = 16 / sizeof(T);
+  static constexpr int LDA = AK ? BK_ + PAD : BM_ + PAD;
+  static constexpr int LDB = BKM ? BK_ + PAD : BN_ + PAD;
+  static constexpr int A_ELEMS = (AK ? BM_ : BK_) * LDA;
+  static constexpr int B_ELEMS = (BKM ? BN_ : BK_) * LDB;
+  static constexpr int STAGE = A_ELEMS + B_ELEMS;
+  static constexpr size_t BYTES = 2 * STAGE * sizeof(T);
+  static_assert((A_ELEMS * sizeof(T)) % 32 == 0 && (STAGE * sizeof(T)) % 32 == 0,
+                "WMMA needs 32-byte aligned tiles");
+
+  __device__ static T* a(unsigned char* raw, int stage) {
+    return reinterpret_cast<T*>(raw) + stage * STAGE;
+  }
+  __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
+  __device__ static void load_a(T* s, const TileSrc<T>& src) {
+    if (AK) load_tile<T, BM_, BK_, THREADS>(s, LDA, src);
+    else load_tile<T, BK_, BM_, THREADS>(s, LDA, src);
+  }
+  __device__ static void load_b(T* s, const TileSrc<T>& src) {
+    if (BKM) load_tile<T, BN_, BK_, THREADS>(s, LDB, src);
+    else load_tile<T, BK_, BN_, THREADS>(s, LDB, src);
+  }
+  __device__ static T a_at(const T* s, int m, int k) { return AK ? s[m * LDA + k] : s[k * LDA + m]; }
+  __device__ static T b_at(const T* s, int k, int n) { return BKM ? s[n * LDB + k] : s[k * LDB + n]; }
+};
+
+// ---- tensor-core tile math (fp16, bf16): 8 warps as 2 x 4, each 64 x 32 of a 128 x 128 tile --
+template <typename T>
+struct WmmaMath {
+  static constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256;
+  static constexpr int WARPS_N = 4, WM = 64, WN = 32, FM = WM / 16, FN = WN / 16;
+  static constexpr size_t SCRATCH_BYTES = (THREADS / 32) * 16 * 16 * sizeof(float);
+  struct Acc { wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[FM][FN]; };
+
+  __device__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc.f[i][j], 0.f);
+  }
+
+  template <class L>
+  __device__ static void mma(Acc& acc, const T* As, const T* Bs) {
+    using ALay = std::conditional_t<L::AK, wmma::row_major, wmma::col_major>;
+    using BLay = std::conditional_t<L::BKM, wmma::col_major, wmma::row_major>;
+    const int warp = threadIdx.x / 32;
+    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, ALay> a[FM];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLay> b[FN];
+#pragma unroll
+      for (int i = 0; i < FM; ++i) {
+        const int m = wm + 16 * i;
+        wmma::load_matrix_sync(a[i], L::AK ? As + m * L::LDA + kk : As + kk * L::LDA + m, L::LDA);
+      }
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        const int n = wn + 16 * j;
+        wmma::load_matrix_sync(b[j], L::BKM ? Bs + n * L::LDB + kk : Bs + kk * L::LDB + n, L::LDB);
+      }
+#pragma unroll
+      for (int i = 0; i < FM; ++i)
+#pragma unroll
+        for (int j = 0; j < FN; ++j) wmma::mma_sync(acc.f[i][j], a[i], b[j], acc.f[i][j]);
+    }
+  }
+
+  // Hand every accumulator to f(m, n, value), tile-relative, through a per-warp 16x16 scratch
+  // (fragment element order is unspecified, so it has to pass through memory).
+  template <class F>
+  __device__ static void store(Acc& acc, float* scratch, F&& f) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int wm = (warp / WARPS_N) * WM, wn = (warp % WARPS_N) * WN;
+    float* scr = scratch + warp * 256;
+#pragma unroll
+    for (int i = 0; i < FM; ++i)
+#pragma unroll
+      for (int j = 0; j < FN; ++j) {
+        wmma::store_matrix_sync(scr, acc.f[i][j], 16, wmma::mem_row_major);
+        __syncwarp();
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int idx = e * 32 + lane;  // a warp writes two 16-wide rows per step
+          f(wm + 16 * i + idx / 16, wn + 16 * j + idx % 16, scr[idx]);
+        }
+        __syncwarp();
+      }
+  }
+};
+
+// ---- SIMT tile math (fp32): 16 x 16 threads, each a 4 x 4 micro-tile of a 64 x 64 tile --------
+struct SimtMath {
+  static constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256, TM = 4, TN = 4;
+  static constexpr size_t SCRATCH_BYTES = 0;
+  struct Acc { float v[TM][TN]; };
+
+  __device__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) acc.v[i][j] = 0.f;
+  }
+
+  template <class L>
+  __device__ static void mma(Acc& acc, const float* As, const float* Bs) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int k = 0; k < BK; ++k) {
+      float a[TM], b[TN];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = L::a_at(As, ty + 16 * i, k);
+#pragma unroll
+      for (int j = 0; j < TN; ++j) b[j] = L::b_at(Bs, k, tx + 16 * j);
+#pragma unroll
+      for (int i = 0; i < TM; ++i)
+#pragma unroll
+        for (int j = 0; j < TN; ++j) acc.v[i][j] = fmaf(a[i], b[j], acc.v[i][j]);
+    }
+  }
+
+  template <class F>
+  __device__ static void store(Acc& acc, float*, F&& f) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int i = 0; i < TM; ++i)
+#pragma unroll
+      for (int j = 0; j < TN; ++j) f(ty + 16 * i, tx + 16 * j, acc.v[i][j]);
+  }
+};
+
+template <typename T>
+using MathFor = std::conditional_t<std::is_same<T, float>::value, SimtMath, WmmaMath<T>>;
+
+template <typename T, bool AK, bool BKM>
+using SmemFor = Smem<T, MathFor<T>::BM, MathFor<T>::BN, MathFor<T>::BK, MathFor<T>::THREADS, AK, BKM>;
+
+// Tile buffers, reused by the epilogue's scratch after the main loop.
+template <typename T, bool AK, bool BKM>
+struct SmemBytes {
+  static constexpr size_t tiles = SmemFor<T, AK, BKM>::BYTES;
+  static constexpr size_t value =
+      tiles > MathFor<T>::SCRATCH_BYTES ? tiles : MathFor<T>::SCRATCH_BYTES;
+};
+
+__device__ __forceinline__ int clamp_rows(int64_t v) {  // row counts as int, for the masks
+  return v < (int64_t{1} << 30) ? static_cast<int>(v) : (1 << 30);
+}
+
+// The main loop: acc = sum over the problem's phases and BK-wide k-tiles of A_tile * B_tile.
+// P provides num_phases(), phase_len(p), tile_a(p, k0), tile_b(p, k0); all block-uniform.
+// If do_colsum, thread t < BM also adds A's row m = t over k into colsum (the fused bias grad).
+template <typename T, class L, class P>
+__device__ void gemm_mainloop(const P& prob, typename MathFor<T>::Acc& acc, unsigned char* smem,
+                              bool do_colsum, float& colsum) {
+  using M = MathFor<T>;
+  M::zero(acc);
+  const int np = prob.num_phases();
+  int p = 0, k0 = 0;  // cursor: the next tile to fetch
+  auto skip_empty = [&]() {
+    while (p < np && k0 >= prob.phase_len(p)) { ++p; k0 = 0; }
+  };
+  auto fetch = [&](int stage) {
+    L::load_a(L::a(smem, stage), prob.tile_a(p, k0));
+    L::load_b(L::b(smem, stage), prob.tile_b(p, k0));
+    k0 += M::BK;
+    skip_empty();
+  };
+  skip_empty();
+  bool have = p < np;
+  if (have) fetch(0);
+  cp_async_commit();
+  int stage = 0;
+  while (have) {
+    const bool next = p < np;
+    if (next) fetch(stage ^ 1);
+    cp_async_commit();  // possibly empty: keeps "wait for all but the newest" exact
+    cp_async_wait_prev();
+    __syncthreads();
+    const T* As = L::a(smem, stage);
+    if (do_colsum && threadIdx.x < M::BM) {
+#pragma unroll 8
+      for (int k = 0; k < M::BK; ++k) colsum += to_f(L::a_at(As, threadIdx.x, k));
+    }
+    M::template mma<L>(acc, As, L::b(smem, stage));
+    __syncthreads();  // the stage is refilled next iteration
+    stage ^= 1;
+    have = next;
+  }
+}
+
+// ================================ forward ================================================
+// One output segment (an output group): its rows read x[:, 0:k1] through w1 and, in the
+// coupled layout, x[:, k2_col0 : k2_col0 + k2] through w2.  Pointers start at the group's row.
+struct FwdSeg {
+  const void* w1;
+  const void* w2;
+  const void* bias;  // may be null
+  int64_t ld1, ld2;
+  int col0, rows, tile0, k1, k2_col0, k2;
+};
+constexpr int kSegsPerLaunch = 32;
+struct FwdParams {
+  const void* x;
+  void* y;
+  int64_t ld_x, ld_y, rows;
+  int nseg;
+  FwdSeg seg[kSegsPerLaunch];
+};
+
+template <typename T>
+struct FwdProblem {
+  const FwdParams& p;
+  const FwdSeg& s;
+  int64_t m0;
+  int n0;
+  __device__ int num_phases() const { return 2; }
+  __device__ int phase_len(int ph) const { return ph == 0 ? s.k1 : s.k2; }
+  __device__ TileSrc<T> tile_a(int ph, int k0) const {
+    const int col = (ph == 0 ? 0 : s.k2_col0) + k0;
+    return {static_cast<const T*>(p.x) + m0 * p.ld_x + col, p.ld_x,
+            clamp_rows(p.rows - m0), phase_len(ph) - k0};
+  }
+  __device__ TileSrc<T> tile_b(int ph, int k0) const {
+    const int64_t ld = ph == 0 ? s.ld1 : s.ld2;
+    const T* w = static_cast<const T*>(ph == 0 ? s.w1 : s.w2);
+    return {w + n0 * ld + k0, ld, s.rows - n0, phase_len(ph) - k0};
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(MathFor<T>::THREADS)
+linear_fwd_kernel(const __grid_constant__ FwdParams p) {
+  using M = MathFor<T>;
+  using L = SmemFor<T, true, true>;
+  __shared__ __align__(128) unsigned char smem[SmemBytes<T, true, true>::value];
+  const int tile = blockIdx.y;
+  int si = 0;
+  while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= tile) ++si;
+  const FwdSeg& s = p.seg[si];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * M::BM;
+  const int n0 = (tile - s.tile0) * M::BN;
+  FwdProblem<T> prob{p, s, m0, n0};
+  typename M::Acc acc;
+  float unused = 0.f;
+  gemm_mainloop<T, L>(prob, acc, smem, false, unused);
+  __syncthreads();  // the epilogue scratch reuses the tile buffers
+  T* y = static_cast<T*>(p.y);
+  const T* bias = static_cast<const T*>(s.bias);
+  M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
+    const int64_t row = m0 + m;
+    const int col = n0 + n;
+    if (row < p.rows && col < s.rows) {
+      if (bias != nullptr) v += to_f(bias[col]);
+      y[row * p.ld_y + s.col0 + col] = from_f<T>(v);
+    }
+  });
+}
+
+// ================================ input gradient =========================================
+// Column tiles 0..old_tiles cover dx_old = dx[:, :I_f], the rest dx_new = dx[:, I_f:].
+// Phases of an old tile: the new rows (w_new[:, :I_f]), then each frozen group g whose inputs
+// reach the tile (k_end[g] > c0), masked at k_end[g].  Phases of a new tile: the new rows
+// (w_new[:, I_f:]) and, coupled, every frozen row (w_couple).  Old tiles without need_old
+// have no phases: they store zeros.
+struct DxParams {
+  const void* dy;
+  void* dx;
+  const void* w_new;
+  const void* w_frozen;
+  const void* w_couple;
+  int64_t ld_dy, ld_dx, ld_wn, ld_wf, ld_wc, rows;
+  int in_features, frozen_in, frozen_out, new_out, old_tiles, need_old, ngroups;
+  int g_row0[kMaxFrozenGroups], g_rows[kMaxFrozenGroups], g_kend[kMaxFrozenGroups];
+};
+
+template <typename T>
+struct DxProblem {
+  const DxParams& p;
+  int64_t m0;
+  int c0, c_end;  // the tile's first column and its segment's end (I_f or I)
+  bool old;
+  __device__ int num_phases() const {
+    if (old) return p.need_old ? 1 + p.ngroups : 0;
+    return 2;
+  }
+  __device__ int phase_len(int ph) const {
+    if (ph == 0) return p.new_out;
+    if (old) return p.g_kend[ph - 1] > c0 ? p.g_rows[ph - 1] : 0;
+    return p.w_couple != nullptr ? p.frozen_out : 0;
+  }
+  __device__ TileSrc<T> tile_a(int ph, int k0) const {
+    const int col = ph == 0 ? p.frozen_out : (old ? p.g_row0[ph - 1] : 0);
+    return {static_cast<const T*>(p.dy) + m0 * p.ld_dy + col + k0, p.ld_dy,
+            clamp_rows(p.rows - m0), phase_len(ph) - k0};
+  }
+  __device__ TileSrc<T> tile_b(int ph, int k0) const {
+    const int rows = phase_len(ph) - k0;
+    if (ph == 0)
+      return {static_cast<const T*>(p.w_new) + k0 * p.ld_wn + c0, p.ld_wn, rows, c_end - c0};
+    if (old) {
+      const int g = ph - 1;
+      return {static_cast<const T*>(p.w_frozen) + (p.g_row0[g] + k0) * p.ld_wf + c0, p.ld_wf,
+              rows, p.g_kend[g] - c0};
+    }
+    return {static_cast<const T*>(p.w_couple) + k0 * p.ld_wc + (c0 - p.frozen_in), p.ld_wc,
+            rows, c_end - c0};
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(MathFor<T>::THREADS)
+linear_dx_kernel(const __grid_constant__ DxParams p) {
+  using M = MathFor<T>;
+  using L = SmemFor<T, true, false>;
+  __shared__ __align__(128) unsigned char smem[SmemBytes<T, true, false>::value];
+  const int tile = blockIdx.y;
+  const bool old = tile < p.old_tiles;
+  const int c0 = old ? tile * M::BN : p.frozen_in + (tile - p.old_tiles) * M::BN;
+  const int c_end = old ? p.frozen_in : p.in_features;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * M::BM;
+  DxProblem<T> prob{p, m0, c0, c_end, old};
+  typename M::Acc acc;
+  float unused = 0.f;
+  gemm_mainloop<T, L>(prob, acc, smem, false, unused);
+  __syncthreads();
+  T* dx = static_cast<T*>(p.dx);
+  M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
+    const int64_t row = m0 + m;
+    const int col = c0 + n;
+    if (row < p.rows && col < c_end) dx[row * p.ld_dx + col] = from_f<T>(v);
+  });
+}
+
+// ================================ weight gradient ========================================
+struct DwParams {
+  const void* a;  // dy
+  const void* b;  // x
+  void* out;      // dW (null: skip), written directly when splits == 1
+  void* db;       // column sums of A (null: skip)
+  float* ws;      // splits > 1: fp32 partials [splits][m][n], then [splits][m] for db
+  int64_t ld_a, ld_b, ld_out, rows, rows_per_split;
+  int a_col0, b_col0, m, n, splits;
+};
+
+template <typename T>
+struct DwProblem {
+  const DwParams& p;
+  int64_t r0;  // first reduction row of this split
+  int m0, n0, len;
+  __device__ int num_phases() const { return 1; }
+  __device__ int phase_len(int) const { return len; }
+  __device__ TileSrc<T> tile_a(int, int k0) const {
+    return {static_cast<const T*>(p.a) + (r0 + k0) * p.ld_a + p.a_col0 + m0, p.ld_a, len - k0,
+            p.m - m0};
+  }
+  __device__ TileSrc<T> tile_b(int, int k0) const {
+    return {static_cast<const T*>(p.b) + (r0 + k0) * p.ld_b + p.b_col0 + n0, p.ld_b, len - k0,
+            p.n - n0};
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(MathFor<T>::THREADS)
+linear_dw_kernel(const __grid_constant__ DwParams p) {
+  using M = MathFor<T>;
+  using L = SmemFor<T, false, false>;
+  __shared__ __align__(128) unsigned char smem[SmemBytes<T, false, false>::value];
+  const int m0 = blockIdx.x * M::BM, n0 = blockIdx.y * M::BN, split = blockIdx.z;
+  const int64_t r0 = split * p.rows_per_split;
+  const int len = clamp_rows(p.rows - r0 < p.rows_per_split ? p.rows - r0 : p.rows_per_split);
+  DwProblem<T> prob{p, r0, m0, n0, len};
+  const bool do_db = p.db != nullptr && blockIdx.y == 0;  // one column of blocks sums db
+  float colsum = 0.f;
+  typename M::Acc acc;
+  gemm_mainloop<T, L>(prob, acc, smem, do_db, colsum);
+  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+  if (do_db && threadIdx.x < M::BM && m0 + threadIdx.x < p.m) {
+    const int mm = m0 + threadIdx.x;
+    if (p.splits > 1) p.ws[p.splits * mn + static_cast<int64_t>(split) * p.m + mm] = colsum;
+    else static_cast<T*>(p.db)[mm] = from_f<T>(colsum);
+  }
+  if (p.out == nullptr) return;
+  __syncthreads();
+  M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
+    const int mm = m0 + m, nn = n0 + n;
+    if (mm < p.m && nn < p.n) {
+      if (p.splits > 1) p.ws[split * mn + static_cast<int64_t>(mm) * p.n + nn] = v;
+      else static_cast<T*>(p.out)[mm * p.ld_out + nn] = from_f<T>(v);
+    }
+  });
+}
+
+// Sums the split partials in a fixed order (deterministic) and converts.
+template <typename T>
+__global__ void splitk_reduce_kernel(const float* ws, int splits, int m, int n, T* out,
+                                     int64_t ld_out, T* db) {
+  const int64_t mn = static_cast<int64_t>(m) * n;
+  const int64_t total = (out != nullptr ? mn : 0) + (db != nullptr ? m : 0);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (out != nullptr && i < mn) {
+      float s = 0.f;
+      for (int k = 0; k < splits; ++k) s += ws[k * mn + i];
+      out[(i / n) * ld_out + i % n] = from_f<T>(s);
+    } else {
+      const int64_t j = i - (out != nullptr ? mn : 0);
+      float s = 0.f;
+      for (int k = 0; k < splits; ++k) s += ws[splits * mn + k * m + j];
+      db[j] = from_f<T>(s);
+    }
+  }
+}
+
+// db alone (a frozen weight with a trainable bias): one thread per column, rows in order.
+template <typename T>
+__global__ void column_sum_kernel(const T* a, int64_t ld_a, int64_t rows, int m, T* db) {
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= m) return;
+  float s = 0.f;
+  for (int64_t r = 0; r < rows; ++r) s += to_f(a[r * ld_a + j]);
+  db[j] = from_f<T>(s);
+}
+
+// ================================ host side ==============================================
+template <class F>
+cudaError_t dispatch(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+constexpr int64_t kMaxGridY = 65535;
+
+bool shape_ok(const LinearShape& s, const LinearWeights& w) {
+  if (s.rows < 0 || s.in_features < 0 || s.frozen_in < 0 || s.frozen_in > s.in_features ||
+      s.frozen_out < 0 || s.new_out < 0 || s.num_frozen_groups < 0)
+    return false;
+  if (s.in_features > INT32_MAX / 2 || s.frozen_out + s.new_out > INT32_MAX / 2) return false;
+  int64_t total = 0;
+  for (int g = 0; g < s.num_frozen_groups; ++g) {
+    if (s.frozen_out_groups[g] < 0 || s.frozen_k_ends[g] < 0 || s.frozen_k_ends[g] > s.frozen_in)
+      return false;
+    total += s.frozen_out_groups[g];
+  }
+  return total == s.frozen_out;
+}
+
+}  // namespace
+
+cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const void* x,
+                           int64_t ld_x, const void* b_frozen, const void* b_new, void* y,
+                           int64_t ld_y, cudaStream_t stream) {
+  if (!shape_ok(s, w)) return cudaErrorInvalidValue;
+  if (s.rows == 0 || s.frozen_out + s.new_out == 0) return cudaSuccess;
+  return dispatch(s.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using M = MathFor<T>;
+    std::vector<FwdSeg> segs;
+    int64_t r0 = 0;
+    for (int g = 0; g < s.num_frozen_groups; ++g) {
+      const int64_t rows = s.frozen_out_groups[g];
+      if (rows > 0) {
+        FwdSeg seg{};
+        seg.w1 = static_cast<const T*>(w.w_frozen) + r0 * w.ld_w_frozen;
+        seg.ld1 = w.ld_w_frozen;
+        seg.k1 = static_cast<int>(s.frozen_k_ends[g]);
+        if (w.w_couple != nullptr) {
+          seg.w2 = static_cast<const T*>(w.w_couple) + r0 * w.ld_w_couple;
+          seg.ld2 = w.ld_w_couple;
+          seg.k2_col0 = static_cast<int>(s.frozen_in);
+          seg.k2 = static_cast<int>(s.in_features - s.frozen_in);
+        }
+        seg.bias = b_frozen != nullptr ? static_cast<const T*>(b_frozen) + r0 : nullptr;
+        seg.col0 = static_cast<int>(r0);
+        seg.rows = static_cast<int>(rows);
+        segs.push_back(seg);
+      }
+      r0 += rows;
+    }
+    if (s.new_out > 0) {
+      FwdSeg seg{};
+      seg.w1 = w.w_new;
+      seg.ld1 = w.ld_w_new;
+      seg.k1 = static_cast<int>(s.in_features);
+      seg.bias = b_new;
+      seg.col0 = static_cast<int>(s.frozen_out);
+      seg.rows = static_cast<int>(s.new_out);
+      segs.push_back(seg);
+    }
+    for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
+      FwdParams p{};
+      p.x = x; p.y = y; p.ld_x = ld_x; p.ld_y = ld_y; p.rows = s.rows;
+      p.nseg = static_cast<int>(std::min<size_t>(kSegsPerLaunch, segs.size() - first));
+      int tiles = 0;
+      for (int i = 0; i < p.nseg; ++i) {
+        p.seg[i] = segs[first + i];
+        p.seg[i].tile0 = tiles;
+        tiles += static_cast<int>(ceil_div(p.seg[i].rows, M::BN));
+      }
+      if (tiles > kMaxGridY) return cudaErrorInvalidValue;
+      const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, M::BM)), tiles);
+      linear_fwd_kernel<T><<<grid, M::THREADS, 0, stream>>>(p);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  });
+}
+
+cudaError_t linear_backward_input(const LinearShape& s, const LinearWeights& w, const void* dy,
+                                  int64_t ld_dy, bool need_dx_old, void* dx, int64_t ld_dx,
+                                  cudaStream_t stream) {
+  if (!shape_ok(s, w) || s.num_frozen_groups > kMaxFrozenGroups) return cudaErrorInvalidValue;
+  if (s.rows == 0 || s.in_features == 0) return cudaSuccess;
+  return dispatch(s.dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using M = MathFor<T>;
+    DxParams p{};
+    p.dy = dy; p.dx = dx; p.ld_dy = ld_dy; p.ld_dx = ld_dx; p.rows = s.rows;
+    p.w_new = w.w_new; p.ld_wn = w.ld_w_new;
+    p.w_frozen = w.w_frozen; p.ld_wf = w.ld_w_frozen;
+    p.w_couple = (w.w_couple != nullptr && s.frozen_out > 0) ? w.w_couple : nullptr;
+    p.ld_wc = w.ld_w_couple;
+    p.in_features = static_cast<int>(s.in_features);
+    p.frozen_in = static_cast<int>(s.frozen_in);
+    p.frozen_out = static_cast<int>(s.frozen_out);
+    p.new_out = static_cast<int>(s.new_out);
+    p.need_old = need_dx_old ? 1 : 0;
+    int r0 = 0;
+    for (int g = 0; g < s.num_frozen_groups; ++g) {
+      p.g_row0[g] = r0;
+      p.g_rows[g] = static_cast<int>(s.frozen_out_groups[g]);
+      p.g_kend[g] = static_cast<int>(s.frozen_k_ends[g]);
+      r0 += p.g_rows[g];
+    }
+    p.ngroups = s.num_frozen_groups;
+    p.old_tiles = static_cast<int>(ceil_div(s.frozen_in, M::BN));
+    const int64_t tiles = p.old_tiles + ceil_div(s.in_features - s.frozen_in, M::BN);
+    if (tiles > kMaxGridY) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, M::BM)), static_cast<unsigned>(tiles));
+    linear_dx_kernel<T><<<grid, M::THREADS, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+WeightGradPlan plan_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, int num_sms) {
+  const bool f32 = dtype == DType::kFloat32;
+  const int bm = f32 ? SimtMath::BM : WmmaMath<__half>::BM;
+  const int bn = f32 ? SimtMath::BN : WmmaMath<__half>::BN;
+  const int bk = f32 ? SimtMath::BK : WmmaMath<__half>::BK;
+  WeightGradPlan plan{1, std::max<int64_t>(rows, 1), 0};
+  if (m <= 0 || n <= 0 || rows <= 0) return plan;
+  const int64_t tiles = ceil_div(m, bm) * ceil_div(n, bn);
+  const int64_t ktiles = ceil_div(rows, bk);
+  // Split the reduction only while the output tiles leave SMs idle, keeping >= 8 k-tiles each.
+  int64_t want = tiles >= num_sms ? 1 : ceil_div(2 * static_cast<int64_t>(num_sms), tiles);
+  want = std::min<int64_t>({want, ktiles / 8, 64});
+  if (want <= 1) return plan;
+  plan.rows_per_split = ceil_div(ktiles, want) * bk;
+  plan.splits = static_cast<int>(ceil_div(rows, plan.rows_per_split));
+  if (plan.splits <= 1) return WeightGradPlan{1, rows, 0};
+  plan.workspace_bytes = static_cast<size_t>(plan.splits) * (m * n + m) * sizeof(float);
+  return plan;
+}
+
+cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, const void* a,
+                               int64_t ld_a, int64_t a_col0, const void* b, int64_t ld_b,
+                               int64_t b_col0, void* out, int64_t ld_out, void* db,
+                               const WeightGradPlan& plan, void* workspace, cudaStream_t stream) {
+  if (rows < 0 || m < 0 || n < 0 || plan.splits < 1 || plan.rows_per_split < 1 ||
+      m > INT32_MAX / 2 || n > INT32_MAX / 2 || plan.rows_per_split > (int64_t{1} << 30) ||
+      (plan.splits > 1 && workspace == nullptr))
+    return cudaErrorInvalidValue;
+  if (n == 0) out = nullptr;  // an empty dW: nothing to write
+  if (m == 0 || (out == nullptr && db == nullptr)) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using M = MathFor<T>;
+    if (out == nullptr) {  // db alone
+      column_sum_kernel<T><<<static_cast<unsigned>(ceil_div(m, 256)), 256, 0, stream>>>(
+          static_cast<const T*>(a) + a_col0, ld_a, rows, static_cast<int>(m), static_cast<T*>(db));
+      return cudaGetLastError();
+    }
+    DwParams p{};
+    p.a = a; p.b = b; p.out = out; p.db = db;
+    p.ws = plan.splits > 1 ? static_cast<float*>(workspace) : nullptr;
+    p.ld_a = ld_a; p.ld_b = ld_b; p.ld_out = ld_out; p.rows = rows;
+    p.rows_per_split = plan.splits > 1 ? plan.rows_per_split : std::max<int64_t>(rows, 1);
+    p.a_col0 = static_cast<int>(a_col0); p.b_col0 = static_cast<int>(b_col0);
+    p.m = static_cast<int>(m); p.n = static_cast<int>(n); p.splits = plan.splits;
+    const int64_t ny = ceil_div(n, M::BN);
+    if (ny > kMaxGridY || plan.splits > kMaxGridY) return cudaErrorInvalidValue;
+    const dim3 grid(static_cast<unsigned>(ceil_div(m, M::BM)), static_cast<unsigned>(ny),
+                    static_cast<unsigned>(plan.splits));
+    linear_dw_kernel<T><<<grid, M::THREADS, 0, stream>>>(p);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || plan.splits == 1) return err;
+    const int64_t total = m * n + (db != nullptr ? m : 0);
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 4096));
+    splitk_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p.ws, plan.splits, p.m, p.n,
+                                                        static_cast<T*>(out), ld_out,
+                                                        static_cast<T*>(db));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace expanse_fast

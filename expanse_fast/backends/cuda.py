@@ -1,0 +1,218 @@
+"""The ``cuda`` backend: the compiled kernels of ``csrc/`` (expanded linear layer).
+
+The extension is either prebuilt (``expanse_fast._C``, from ``EXPANSE_FAST_BUILD_CUDA=1 pip
+install --no-build-isolation .``) or compiled with ninja at first use by
+``torch.utils.cpp_extension.load`` (cached on disk by torch).  Loading it registers the ops
+``torch.ops.expanse_fast_cuda.linear_forward`` / ``linear_backward`` (C++, CUDA dispatch key);
+their fake implementations, for torch.compile, are registered here.
+
+The functions mirror ``torch_ref`` exactly (see its docstring for the interface).  Importing
+this module never fails, nor builds anything: that happens in ``load()``.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import shutil
+import threading
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import torch_ref
+
+Maybe = Optional[Tensor]
+
+EXT_NAME = "expanse_fast_cuda_ext"
+PREBUILT = "expanse_fast._C"
+_SOURCES = ("bindings.cpp", "expanded_linear_kernels.cu")
+
+_lock = threading.Lock()
+_state = {"loaded": False, "error": None, "how": None}
+
+
+# ---------------------------------------------------------------------------------------
+# Finding, building and loading the extension
+# ---------------------------------------------------------------------------------------
+def source_dir() -> str:
+    """The CUDA sources: ``expanse_fast.csrc`` when installed, else the checkout's ``csrc/``."""
+    try:
+        spec = importlib.util.find_spec("expanse_fast.csrc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__)))), "csrc")
+
+
+def source_files() -> list:
+    return [os.path.join(source_dir(), f) for f in _SOURCES]
+
+
+def _prebuilt_path() -> Optional[str]:
+    """Where ``expanse_fast._C`` lies, if setup.py built it (found without importing it)."""
+    try:
+        spec = importlib.util.find_spec(PREBUILT)
+    except (ImportError, ValueError):
+        return None
+    return spec.origin if spec is not None and spec.origin else None
+
+
+def _arch_flags() -> list:
+    """-gencode for the running GPU (e.g. sm_90 on an H100/H200)."""
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
+def _short_error(exc: BaseException, lines: int = 6) -> str:
+    """The compiler's error lines (or the message's first lines) of a failed build."""
+    text = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    errors = [ln for ln in text if "error" in ln.lower()]
+    return " | ".join((errors or text)[:lines]) or type(exc).__name__
+
+
+def _toolchain_missing() -> Optional[str]:
+    from torch.utils import cpp_extension
+    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
+        return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja not found (pip install ninja)"
+    return None
+
+
+def load(verbose: bool = False) -> str:
+    """Load the extension once per process (prebuilt, else JIT-built); returns how it was loaded.
+
+    Raises RuntimeError with the reason when it cannot be loaded; the failure is remembered,
+    so a broken build is not retried on every call.
+    """
+    with _lock:
+        if _state["loaded"]:
+            return _state["how"]
+        if _state["error"] is not None:
+            raise RuntimeError(_state["error"])
+        try:
+            how = _load_unlocked(verbose)
+        except Exception as exc:  # noqa: BLE001 -- reported through availability()
+            _state["error"] = exc.args[0] if isinstance(exc, _LoadError) else \
+                f"build failed: {_short_error(exc)}"
+            raise RuntimeError(_state["error"]) from exc
+        _register_fakes()
+        _state.update(loaded=True, how=how)
+        return how
+
+
+class _LoadError(Exception):
+    pass
+
+
+def _load_unlocked(verbose: bool) -> str:
+    prebuilt = _prebuilt_path()
+    if prebuilt is not None:
+        try:
+            importlib.import_module(PREBUILT)  # its static initialisers register the ops
+        except Exception as exc:  # noqa: BLE001
+            raise _LoadError(f"loading the prebuilt {PREBUILT} ({prebuilt}) failed: "
+                             f"{_short_error(exc)}") from exc
+        return f"prebuilt {prebuilt}"
+    missing = _toolchain_missing()
+    if missing:
+        raise _LoadError(missing)
+    from torch.utils import cpp_extension
+    srcs = source_files()
+    for path in srcs:
+        if not os.path.exists(path):
+            raise _LoadError(f"CUDA source missing: {path}")
+    cpp_extension.load(
+        name=EXT_NAME, sources=srcs, extra_include_paths=[source_dir()],
+        extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] + _arch_flags(),
+        with_cuda=True, is_python_module=False, verbose=verbose)
+    return f"built {EXT_NAME} with ninja"
+
+
+def availability(device) -> Tuple[bool, str]:
+    """(usable, reason) for this backend on ``device``; may build the extension (once)."""
+    device = torch.device(device)
+    if torch.version.cuda is None:
+        return False, "torch is not built with CUDA (torch.version.cuda is None)"
+    if device.type != "cuda":
+        return False, f"the cuda backend runs on CUDA devices, not {device.type!r}"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU visible (torch.cuda.is_available() is False)"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return False, f"needs compute capability 8.0+ (bf16 tensor cores), got {major}.{minor}"
+    try:
+        with torch.cuda.device(device):
+            how = load()
+    except RuntimeError as exc:
+        return False, str(exc)
+    return True, f"compiled CUDA kernels ({how})"
+
+
+# ---------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes only, for torch.compile / FakeTensor
+# ---------------------------------------------------------------------------------------
+_fakes_registered = False
+
+
+def _register_fakes():
+    global _fakes_registered
+    if _fakes_registered:
+        return
+
+    @torch.library.register_fake("expanse_fast_cuda::linear_forward")
+    def _fwd_fake(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
+                  frozen_k_ends):
+        return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0]))
+
+    @torch.library.register_fake("expanse_fast_cuda::linear_backward")
+    def _bwd_fake(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                  need_dx_new, need_dx_old, need_dw, need_db, need_dcouple):
+        dx = x.new_empty(x.shape) if (need_dx_new or need_dx_old) else None
+        dw = x.new_empty(w_new.shape) if need_dw else None
+        db = x.new_empty((w_new.shape[0],)) if need_db else None
+        dcouple = x.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None) \
+            else None
+        return dx, dw, db, dcouple
+
+    _fakes_registered = True
+
+
+def _ops():
+    load()
+    return torch.ops.expanse_fast_cuda
+
+
+# ---------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------
+def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
+                   w_couple: Maybe, frozen_out_groups: Sequence[int],
+                   frozen_k_ends: Sequence[int]) -> Tensor:
+    return _ops().linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                 [int(g) for g in frozen_out_groups],
+                                 [int(k) for k in frozen_k_ends])
+
+
+def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
+                    frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+                    need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
+                    need_dcouple: bool):
+    dx, dw, db, dcouple = _ops().linear_backward(
+        dy, x, w_frozen, w_new, w_couple, [int(g) for g in frozen_out_groups],
+        [int(k) for k in frozen_k_ends], bool(need_dx_new), bool(need_dx_old), bool(need_dw),
+        bool(need_db), bool(need_dcouple))
+    return dx, dw, db, dcouple
+
+
+# ---------------------------------------------------------------------------------------
+# Conv2d: no CUDA kernels yet (out of scope for now); the structured PyTorch path, which
+# already skips the zero blocks and frozen gradients, runs on the GPU through cuDNN.
+# ---------------------------------------------------------------------------------------
+conv2d_forward = torch_ref.conv2d_forward
+conv2d_backward = torch_ref.conv2d_backward

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import importlib
 import os
-import threading
 from types import ModuleType
 from typing import Dict, Tuple
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
-_state = threading.local()
+# Process-wide, not thread-local: autograd runs CUDA backward on its own device threads.
+# The ops also record the choice in force at forward time for their backward.
+_choice = {"name": "auto"}
 _modules: Dict[str, ModuleType] = {}
 
 
 def _current() -> str:
-    return getattr(_state, "name", "auto")
+    return _choice["name"]
 
 
 class _BackendScope:
@@ -29,7 +30,7 @@ class _BackendScope:
         return self
 
     def __exit__(self, *exc):
-        _state.name = self._previous
+        _choice["name"] = self._previous
         return False
 
 
@@ -41,7 +42,7 @@ def set_backend(name: str) -> _BackendScope:
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     previous = _current()
-    _state.name = name
+    _choice["name"] = name
     return _BackendScope(previous)
 
 

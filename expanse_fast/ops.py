@@ -78,7 +78,8 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w_frozen, w_new, w_couple)
     ctx.groups = (list(frozen_out_groups), list(frozen_k_ends))
     ctx.need_dx_old = need_dx_old
-    ctx.backend = inputs[9] if len(inputs) > 9 else ""
+    # Backward may run on another thread: keep the choice in force now.
+    ctx.backend = (inputs[9] if len(inputs) > 9 else "") or backend_choice.get_backend()
 
 
 def _linear_autograd_backward(ctx, dy):
@@ -157,7 +158,7 @@ def _conv2d_setup_context(ctx, inputs, output):
     ctx.static = (list(frozen_out_groups), list(frozen_k_ends), list(stride), list(padding),
                   list(dilation), depthwise)
     ctx.need_dx_old = need_dx_old
-    ctx.backend = inputs[13] if len(inputs) > 13 else ""
+    ctx.backend = (inputs[13] if len(inputs) > 13 else "") or backend_choice.get_backend()
 
 
 def _conv2d_autograd_backward(ctx, dy):

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# One-call GPU check of expanse_fast: environment, CUDA build, GPU tests, benchmarks, report.
+#
+#   OUT=/some/empty/dir bash benchmarks/gpu/run.sh            # on the GPU machine
+#   OUT=/tmp/gpuout bash benchmarks/gpu/run.sh --dry-run      # CPU: tiny sizes, stages skip
+#
+# Every stage runs under `timeout` with a share of one overall budget (EXPANSE_GPU_BUDGET_S,
+# default 330 s), records its exit status, and never stops the stages after it.  Files left
+# in $OUT: log.txt, results.json, results.md, junit.xml.  The summary table prints last.
+set -u -o pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+OUT="${OUT:-${TMPDIR:-/tmp}/expanse_gpu_out}"
+QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run|--quick) QUICK=1 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "unknown argument: $arg (use --dry-run)"; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+BUDGET="${EXPANSE_GPU_BUDGET_S:-330}"
+T0=$(date +%s)
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/expanse_gpu.XXXXXX")"
+trap 'rm -rf "$WORK"' EXIT   # only symlinks and logs; rm never follows the symlinks
+PY="$(command -v python || command -v python3)"
+# coreutils' timeout signals the whole process group (nvcc, ninja too); without it, no limit.
+if ! command -v timeout >/dev/null 2>&1; then
+  timeout() { while [[ $1 == -* ]]; do shift 2; done; shift; "$@"; }
+fi
+BENCH="$HERE/bench_gpu.py"
+
+export PYTHONUNBUFFERED=1
+export PYTHONDONTWRITEBYTECODE=1
+# Never put the current directory on sys.path (python -m / -c would): the repo root's
+# expanse_fast/ has no kernels/ subpackage and would shadow the shim below.
+export PYTHONSAFEPATH=1
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"   # ninja jobs of the CUDA build
+
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+# Seconds for a stage: at most $1, leaving $2 seconds for the stages after it, at least 10.
+stage_limit() {
+  local t=$(( $(left) - $2 ))
+  (( t > $1 )) && t=$1
+  (( t < 10 )) && t=10
+  echo "$t"
+}
+# run_stage NAME TIMEOUT CMD...: output to the log and WORK/NAME.log, status to stages.tsv.
+run_stage() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo
+  echo "=== stage $name: timeout ${limit}s, $(left)s of the budget left ==="
+  start=$(date +%s)
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log"
+  rc=${PIPESTATUS[0]}
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" \
+    >> "$WORK/stages.tsv"
+  echo "=== stage $name: exit $rc after $(( $(date +%s) - start ))s ==="
+  return "$rc"
+}
+
+# The package is not installed: build a shim package dir whose expanse_fast/ holds links to
+# every entry of the repo's expanse_fast/ plus kernels/ and csrc/ as setup.py's package_dir
+# maps them (expanse_fast.kernels, expanse_fast.csrc).
+make_shim() {
+  local pkg="$WORK/pypath/expanse_fast" e
+  mkdir -p "$pkg"
+  for e in "$REPO"/expanse_fast/* "$REPO"/expanse_fast/.[!.]*; do
+    [ -e "$e" ] || continue
+    [ "$(basename "$e")" = "__pycache__" ] && continue
+    ln -s "$e" "$pkg/$(basename "$e")"
+  done
+  [ -e "$pkg/kernels" ] || ln -s "$REPO/kernels" "$pkg/kernels"
+  [ -e "$pkg/csrc" ] || ln -s "$REPO/csrc" "$pkg/csrc"
+  export PYTHONPATH="$WORK/pypath${PYTHONPATH:+:$PYTHONPATH}"
+}
+
+main() {
+  cd "$REPO" || return 0
+  echo "expanse_fast GPU run: repo $REPO, out $OUT, budget ${BUDGET}s, quick=$QUICK, $(date -u)"
+  make_shim
+
+  # ---- 1. environment ----------------------------------------------------------------
+  echo; echo "=== nvidia-smi ==="
+  HAVE_GPU=0
+  if command -v nvidia-smi >/dev/null 2>&1 && timeout 30 nvidia-smi; then
+    timeout 20 nvidia-smi --format=csv \
+      --query-gpu=name,driver_version,memory.total,compute_cap,clocks.max.sm,power.limit
+    HAVE_GPU=1
+  else
+    echo "nvidia-smi not available: no GPU, CPU dry run"
+  fi
+  if (( HAVE_GPU )); then
+    unset TRITON_INTERPRET   # real kernels on the GPU, never the interpreter
+    if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # build for this GPU only: faster
+      cap="$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null \
+             | head -n1 | tr -d ' ')"
+      [ -n "$cap" ] && export TORCH_CUDA_ARCH_LIST="$cap"
+    fi
+  fi
+  run_stage env 60 "$PY" "$BENCH" env --out "$WORK/env.json"
+  if grep -q '"import_error": "ModuleNotFoundError' "$WORK/env.json" 2>/dev/null; then
+    echo "shim import failed: falling back to an editable install"
+    run_stage install 90 "$PY" -m pip install --no-deps --no-build-isolation -e "$REPO"
+    export PYTHONPATH="${PYTHONPATH#"$WORK/pypath"}"; PYTHONPATH="${PYTHONPATH#:}"
+    run_stage env2 60 "$PY" "$BENCH" env --out "$WORK/env.json"
+  fi
+  DEV=cpu
+  grep -q '"cuda_available": true' "$WORK/env.json" 2>/dev/null && DEV=cuda
+  [ "$DEV" = cuda ] || QUICK=1   # nothing to measure on a CPU but the plumbing
+  [ "$DEV" = cuda ] && unset TRITON_INTERPRET
+
+  # ---- 2. CUDA extension ---------------------------------------------------------------
+  if run_stage build "$(stage_limit 150 215)" "$PY" "$BENCH" build --device "$DEV"; then
+    :
+  else
+    rc=$(tail -n1 "$WORK/stages.tsv" | cut -f2)
+    export EXPANSE_BENCH_SKIP_CUDA="build stage exit $rc"
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+      # A build killed mid-way leaves torch's file lock behind; the next load would wait on
+      # it forever.
+      for d in "${TORCH_EXTENSIONS_DIR:-}" "$HOME/.cache/torch_extensions" "$REPO/build"; do
+        [ -n "$d" ] && [ -d "$d" ] && find "$d" -maxdepth 4 -type f -name lock -print -delete
+      done
+    fi
+  fi
+
+  # ---- 3. GPU tests ----------------------------------------------------------------------
+  # -p bench_gpu: past the deadline the remaining tests skip, so pytest ends by itself and
+  # writes junit.xml.  EXPANSE_FAST_AUTOTUNE=0: one tile per kernel, no tuning compiles.
+  local tlim
+  tlim=$(stage_limit 120 115)
+  PYTEST_ARGS=(-q -m gpu tests --maxfail=5 -rfE -p no:cacheprovider -p bench_gpu
+               --junitxml="$OUT/junit.xml" -o junit_family=xunit1)
+  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout=100)
+  EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + tlim - 20 )) EXPANSE_FAST_AUTOTUNE=0 \
+    PYTHONPATH="$HERE:$PYTHONPATH" run_stage tests "$tlim" "$PY" -m pytest "${PYTEST_ARGS[@]}"
+
+  # ---- 4. benchmarks ---------------------------------------------------------------------
+  local blim
+  blim=$(stage_limit 160 12)
+  BENCH_ARGS=(bench --device "$DEV" --work "$WORK" --budget $(( blim - 8 )))
+  (( QUICK )) && BENCH_ARGS+=(--quick)
+  run_stage bench "$blim" "$PY" "$BENCH" "${BENCH_ARGS[@]}"
+
+  # ---- 5. report: results.json, results.md, the table last ------------------------------
+  echo; echo "=== report ($(left)s of the budget left, $(( $(date +%s) - T0 ))s used) ==="
+  if ! timeout 60 "$PY" "$BENCH" report --work "$WORK" --out "$OUT" > "$WORK/report.txt" 2>&1; then
+    cat "$WORK/report.txt"
+    echo "report failed; stage status:"; cat "$WORK/stages.tsv" 2>/dev/null
+    return 0
+  fi
+  cat "$WORK/report.txt"
+}
+
+main 2>&1 | tee "$OUT/log.txt"
+exit 0

@@ -146,9 +146,10 @@ def _conv_grads(dy: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, gro
     """Only the asked-for gradients of y = conv(x, w) + b (aten's output mask)."""
     if not (need_dx or need_dw or need_db):
         return None, None, None
+    pair = lambda v: [int(v)] * 2 if isinstance(v, int) else [int(a) for a in v]  # noqa: E731
     dx, dw, db = torch.ops.aten.convolution_backward(
-        dy, x, w, [w.shape[0]] if need_db else None, list(stride), list(padding),
-        list(dilation), False, [0, 0], groups, [need_dx, need_dw, need_db])
+        dy, x, w, [w.shape[0]] if need_db else None, pair(stride), pair(padding),
+        pair(dilation), False, [0, 0], groups, [need_dx, need_dw, need_db])
     return dx, dw, db
 
 

@@ -1,0 +1,704 @@
+"""Triton kernels for the expanded (staircase) Conv2d: implicit GEMM, NCHW semantics.
+
+Shapes (the same as ``expanse_fast.backends.torch_ref``): x (N, C, H, W) with
+C = I_f + i_new; w_frozen (O_f, I_f, kh, kw), w_new (o_new, C, kh, kw), w_couple
+(O_f, i_new, kh, kw) or None.  Frozen output group g reads input channels
+[0, frozen_k_ends[g]) only: its weight columns past that are never loaded.
+
+Implicit GEMM: rows are output pixels (M = N*Ho*Wo), columns output channels, and the
+reduction runs over (kernel tap, input channel); an output-channel tile never crosses a
+group, so its channel loop simply stops at its group's k_end.  x, dy and the weights are
+addressed through their strides, so NCHW and channels_last (or any view) work unchanged.
+The output and dx take x's memory format (channels_last if x is channels_last, else NCHW
+contiguous), as torch's own conv does.
+
+Kernels: forward (all groups, bias fused, one launch), weight gradient of the trainable
+rows (+ bias gradient, split over pixels for parallelism), input gradient (implicit GEMM of
+dy with the flipped weights; taps whose output position is not integral are masked), and
+direct depthwise forward / backward kernels.  All accumulate in fp32.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# EXPANSE_FAST_AUTOTUNE=0: first config only (quick GPU test runs, no tuning compiles).
+_AUTOTUNE = os.environ.get("EXPANSE_FAST_AUTOTUNE", "1") != "0"
+
+
+def _configs(tiles, small):
+    """Autotune configs: Hopper-sized tiles on a GPU, one small tile in the interpreter."""
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    if _INTERPRET:
+        return [triton.Config(dict(zip(names, small)), num_warps=1, num_stages=1)]
+    return [triton.Config(dict(zip(names, t[:3])), num_warps=t[3], num_stages=t[4])
+            for t in (tiles if _AUTOTUNE else tiles[:1])]
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+_GEMM_TILES = [
+    (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+]
+_WGRAD_TILES = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
+                (128, 128, 32, 8, 3)]
+_DW_TILES = [(64, 32, 1, 4, 2), (128, 32, 1, 4, 2), (32, 64, 1, 4, 2), (128, 64, 1, 8, 2)]
+
+
+@triton.jit
+def _mma(a, b, acc, PREC: tl.constexpr):
+    # fp32 inputs: "ieee" (exact) or "tf32"; 16-bit inputs ignore the choice.
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _locate_tile(pid_n, groups_ptr, G, BLOCK_N: tl.constexpr):
+    """Output-channel tile index -> (first channel, group end, group k_end, group index).
+
+    groups_ptr holds G widths then G k_ends; the last group is the trainable one.  Tiles
+    are numbered group by group so that no tile crosses a group boundary."""
+    zero = pid_n * 0
+    o_start = zero
+    o_end = zero
+    k_end = zero
+    grp = zero
+    tiles = zero
+    off = zero
+    for g in range(G):
+        width = tl.load(groups_ptr + g)
+        ke = tl.load(groups_ptr + G + g)
+        nt = (width + BLOCK_N - 1) // BLOCK_N
+        here = (pid_n >= tiles) & (pid_n < tiles + nt)
+        o_start = tl.where(here, off + (pid_n - tiles) * BLOCK_N, o_start)
+        o_end = tl.where(here, off + width, o_end)
+        k_end = tl.where(here, ke, k_end)
+        grp = tl.where(here, g, grp)
+        tiles += nt
+        off += width
+    return o_start, o_end, k_end, grp
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
+                 w_ptr, rel_n, n_mask, swo, swc, swr, sws, c_lo, c_hi,
+                 dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr,
+                 BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """acc += x[:, c_lo:c_hi] (im2col) @ w[:, 0:c_hi-c_lo]^T over all kernel taps."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for rs in range(KH * KW):
+        r = rs // KW
+        s = rs % KW
+        hi = hi0 + r * dil_h
+        wi = wi0 + s * dil_w
+        ok = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        a_row = x_base + hi * sxh + wi * sxw
+        b_col = rel_n * swo + r * swr + s * sws
+        for c0 in range(c_lo, c_hi, BLOCK_K):
+            c = c0 + offs_k
+            c_ok = c < c_hi
+            a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc,
+                        mask=ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + b_col[None, :] + (c - c_lo)[:, None] * swc,
+                        mask=c_ok[:, None] & n_mask[None, :], other=0.0)
+            acc = _mma(a, b, acc, PREC)
+    return acc
+
+
+@triton.autotune(configs=_configs(_GEMM_TILES, (32, 16, 16)),
+                 key=["M", "O", "C", "G", "KH", "KW", "HAS_COUPLE"])
+@triton.jit
+def _conv_fwd_kernel(
+        x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, groups_ptr,
+        M, O, C, H, W, Ho, Wo, G, O_f, I_f,
+        sxn, sxc, sxh, sxw, sfo, sfc, sfr, sfs, sno, snc, snr, sns, sco, scc, scr, scs,
+        syn, syc, syh, syw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
+        HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    o_start, o_end, k_end, grp = _locate_tile(pid_n, groups_ptr, G, BLOCK_N)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    n_img = offs_m // (Ho * Wo)
+    pix = offs_m % (Ho * Wo)
+    ho = pix // Wo
+    wo = pix % Wo
+    hi0 = ho * st_h - pad_h
+    wi0 = wo * st_w - pad_w
+    x_base = n_img.to(tl.int64) * sxn
+
+    rel_n = tl.arange(0, BLOCK_N)
+    offs_o = o_start + rel_n
+    n_mask = offs_o < o_end
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if grp == G - 1:  # trainable rows: every input channel
+        acc = _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
+                           wn_ptr + (o_start - O_f) * sno, rel_n, n_mask, sno, snc, snr, sns,
+                           0, k_end, dil_h, dil_w, KH, KW, BLOCK_K, PREC)
+    else:  # frozen rows: channels [0, k_end) only
+        acc = _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
+                           wf_ptr + o_start * sfo, rel_n, n_mask, sfo, sfc, sfr, sfs,
+                           0, k_end, dil_h, dil_w, KH, KW, BLOCK_K, PREC)
+        if HAS_COUPLE:  # coupled layout: old rows also read the newest channels
+            acc = _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
+                               wc_ptr + o_start * sco, rel_n, n_mask, sco, scc, scr, scs,
+                               I_f, C, dil_h, dil_w, KH, KW, BLOCK_K, PREC)
+
+    if HAS_BF:
+        acc += tl.load(bf_ptr + offs_o, mask=n_mask & (offs_o < O_f),
+                       other=0.0).to(tl.float32)[None, :]
+    if HAS_BN:
+        acc += tl.load(bn_ptr + (offs_o - O_f), mask=n_mask & (offs_o >= O_f),
+                       other=0.0).to(tl.float32)[None, :]
+    y_row = n_img.to(tl.int64) * syn + ho * syh + wo * syw
+    tl.store(y_ptr + y_row[:, None] + offs_o[None, :] * syc,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Weight gradient: dW[o, c, r, s] = sum_pixels dy[:, dy_c0 + o] * im2col(x)[:, x_c0 + c]
+# ---------------------------------------------------------------------------------------
+@triton.autotune(configs=_configs(_WGRAD_TILES, (16, 16, 32)),
+                 key=["O", "C", "M", "KH", "KW", "SPLIT"])
+@triton.jit
+def _conv_wgrad_kernel(
+        dy_ptr, x_ptr, dw_ptr, db_ptr,
+        O, C, M, H, W, Ho, Wo, dy_c0, x_c0, chunk,
+        sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+        st_h, st_w, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, SPLIT, HAS_DB: tl.constexpr,
+        PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # BLOCK_M: output channels o, BLOCK_N: input channels c, BLOCK_K: pixels (reduction).
+    pid_o = tl.program_id(0)
+    pid_c = tl.program_id(1) // (KH * KW)
+    rs = tl.program_id(1) % (KH * KW)
+    split = tl.program_id(2)
+    r = rs // KW
+    s = rs % KW
+
+    offs_o = pid_o * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_mask = offs_o < O
+    c_mask = offs_c < C
+    offs_p = tl.arange(0, BLOCK_K)
+    m_lo = split * chunk
+    m_hi = tl.minimum(m_lo + chunk, M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dbacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_K):
+        m = m0 + offs_p
+        m_ok = m < m_hi
+        n_img = (m // (Ho * Wo)).to(tl.int64)
+        pix = m % (Ho * Wo)
+        ho = pix // Wo
+        wo = pix % Wo
+        hi = ho * st_h - pad_h + r * dil_h
+        wi = wo * st_w - pad_w + s * dil_w
+        x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        g = tl.load(dy_ptr + (n_img * sdn + ho * sdh + wo * sdw)[None, :]
+                    + (dy_c0 + offs_o)[:, None] * sdc,
+                    mask=o_mask[:, None] & m_ok[None, :], other=0.0)
+        a = tl.load(x_ptr + (n_img * sxn + hi * sxh + wi * sxw)[:, None]
+                    + (x_c0 + offs_c)[None, :] * sxc,
+                    mask=x_ok[:, None] & c_mask[None, :], other=0.0)
+        acc = _mma(g, a, acc, PREC)
+        if HAS_DB:
+            dbacc += tl.sum(g.to(tl.float32), axis=1)
+
+    # partial sums: dw (SPLIT, O, C, KH, KW) and db (SPLIT, O), reduced by the launcher
+    dw_off = split * O * C * KH * KW + (offs_o[:, None] * C + offs_c[None, :]) * (KH * KW) + rs
+    tl.store(dw_ptr + dw_off, acc, mask=o_mask[:, None] & c_mask[None, :])
+    if HAS_DB:
+        if tl.program_id(1) == 0:  # one program per row tile writes the bias gradient
+            tl.store(db_ptr + split * O + offs_o, dbacc, mask=o_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Input gradient: dx[p, c] = sum_{o, r, s} dy[out(p, r, s), o] * w[o, c, r, s]
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _dx_rows(acc, dy_ptr, dy_row, p_ok, sdc, dy_c0, row_lo, row_hi, w_ptr, swo, swc,
+             w_col, col_mask, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """acc += dy[:, dy_c0 + rows] @ w[rows, w_col] for rows in [row_lo, row_hi)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for o0 in range(row_lo, row_hi, BLOCK_K):
+        o = o0 + offs_k
+        o_ok = o < row_hi
+        g = tl.load(dy_ptr + dy_row[:, None] + (dy_c0 + o)[None, :] * sdc,
+                    mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + o[:, None] * swo + w_col[None, :] * swc,
+                    mask=o_ok[:, None] & col_mask[None, :], other=0.0)
+        acc = _mma(g, w, acc, PREC)
+    return acc
+
+
+@triton.autotune(configs=_configs(_GEMM_TILES, (32, 16, 16)),
+                 key=["P", "C", "O_f", "O_n", "G_f", "KH", "KW", "NEED_OLD", "HAS_COUPLE"])
+@triton.jit
+def _conv_dx_kernel(
+        dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, groups_ptr,
+        P, C, H, W, Ho, Wo, G_f, O_f, O_n, I_f, c_lo,
+        sdn, sdc, sdh, sdw, sfo, sfc, sfr, sfs, sno, snc, snr, sns, sco, scc, scr, scs,
+        sxn, sxc, sxh, sxw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, NEED_OLD: tl.constexpr,
+        HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C).
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_p = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
+    p_mask = offs_p < P
+    n_img = (offs_p // (H * W)).to(tl.int64)
+    pix = offs_p % (H * W)
+    hi = pix // W
+    wi = pix % W
+    c_first = c_lo + pid_c * BLOCK_N
+    offs_c = c_first + tl.arange(0, BLOCK_N)
+    c_mask = offs_c < C
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(KH * KW):
+        r = rs // KW
+        s = rs % KW
+        th = hi + pad_h - r * dil_h
+        tw = wi + pad_w - s * dil_w
+        ho = th // st_h
+        wo = tw // st_w
+        # the tap (r, s) hit this input pixel only if the output position is integral
+        ok = p_mask & (th >= 0) & (tw >= 0) & (th % st_h == 0) & (tw % st_w == 0) \
+            & (ho < Ho) & (wo < Wo)
+        dy_row = n_img * sdn + ho * sdh + wo * sdw
+        # trainable rows read every channel
+        acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, O_f, 0, O_n,
+                       wn_ptr + r * snr + s * sns, sno, snc, offs_c, c_mask, BLOCK_K, PREC)
+        if NEED_OLD:  # frozen group g reaches channels [0, k_end_g) only
+            row0 = pid_c * 0
+            for g in range(G_f):
+                width = tl.load(groups_ptr + g)
+                ke = tl.load(groups_ptr + G_f + g)
+                if ke > c_first:
+                    acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, 0, row0, row0 + width,
+                                   wf_ptr + r * sfr + s * sfs, sfo, sfc, offs_c,
+                                   c_mask & (offs_c < ke), BLOCK_K, PREC)
+                row0 += width
+        if HAS_COUPLE:  # coupling block: all frozen rows read the newest channels
+            if c_first + BLOCK_N > I_f:
+                acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, 0, 0, O_f,
+                               wc_ptr + r * scr + s * scs, sco, scc, offs_c - I_f,
+                               c_mask & (offs_c >= I_f), BLOCK_K, PREC)
+
+    dx_row = n_img * sxn + hi * sxh + wi * sxw
+    tl.store(dx_ptr + dx_row[:, None] + offs_c[None, :] * sxc,
+             acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Depthwise: output channel oc reads input channel oc // MULT; direct kernels, no GEMM.
+# Channels below O_f use w_frozen, the rest w_new (oc - O_f).
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _dw_weight(wf_ptr, wn_ptr, oc, oc_mask, O_f, sfo, sno, off_f, off_n):
+    wf = tl.load(wf_ptr + oc * sfo + off_f, mask=oc_mask & (oc < O_f), other=0.0)
+    wn = tl.load(wn_ptr + (oc - O_f) * sno + off_n, mask=oc_mask & (oc >= O_f), other=0.0)
+    return wf.to(tl.float32) + wn.to(tl.float32)
+
+
+@triton.autotune(configs=_configs(_DW_TILES, (32, 16, 1)), key=["M", "O", "KH", "KW"])
+@triton.jit
+def _dw_fwd_kernel(
+        x_ptr, wf_ptr, wn_ptr, bf_ptr, bn_ptr, y_ptr,
+        M, O, MULT, H, W, Ho, Wo, O_f,
+        sxn, sxc, sxh, sxw, sfo, sfr, sfs, sno, snr, sns, syn, syc, syh, syw,
+        st_h, st_w, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    oc = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    oc_mask = oc < O
+    n_img = (offs_m // (Ho * Wo)).to(tl.int64)
+    pix = offs_m % (Ho * Wo)
+    ho = pix // Wo
+    wo = pix % Wo
+    x_chan = (oc // MULT) * sxc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(KH * KW):
+        r = rs // KW
+        s = rs % KW
+        hi = ho * st_h - pad_h + r * dil_h
+        wi = wo * st_w - pad_w + s * dil_w
+        ok = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        xv = tl.load(x_ptr + (n_img * sxn + hi * sxh + wi * sxw)[:, None] + x_chan[None, :],
+                     mask=ok[:, None] & oc_mask[None, :], other=0.0)
+        wv = _dw_weight(wf_ptr, wn_ptr, oc, oc_mask, O_f, sfo, sno,
+                        r * sfr + s * sfs, r * snr + s * sns)
+        acc += xv.to(tl.float32) * wv[None, :]
+    if HAS_BF:
+        acc += tl.load(bf_ptr + oc, mask=oc_mask & (oc < O_f), other=0.0).to(tl.float32)[None, :]
+    if HAS_BN:
+        acc += tl.load(bn_ptr + (oc - O_f), mask=oc_mask & (oc >= O_f),
+                       other=0.0).to(tl.float32)[None, :]
+    y_row = n_img * syn + ho * syh + wo * syw
+    tl.store(y_ptr + y_row[:, None] + oc[None, :] * syc, acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & oc_mask[None, :])
+
+
+@triton.autotune(configs=_configs(_DW_TILES, (32, 16, 1)), key=["M", "O", "KH", "KW", "SPLIT"])
+@triton.jit
+def _dw_wgrad_kernel(
+        dy_ptr, x_ptr, dw_ptr, db_ptr,
+        M, O, MULT, H, W, Ho, Wo, O_f, chunk,
+        sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
+        st_h, st_w, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, SPLIT, HAS_DB: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one program: BLOCK_N trainable filters, one tap (r, s), one pixel split.
+    rel = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rs = tl.program_id(1)
+    split = tl.program_id(2)
+    r = rs // KW
+    s = rs % KW
+    c_mask = rel < O
+    oc = O_f + rel
+    x_chan = (oc // MULT) * sxc
+    m_lo = split * chunk
+    m_hi = tl.minimum(m_lo + chunk, M)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    dbacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = m < m_hi
+        n_img = (m // (Ho * Wo)).to(tl.int64)
+        pix = m % (Ho * Wo)
+        ho = pix // Wo
+        wo = pix % Wo
+        hi = ho * st_h - pad_h + r * dil_h
+        wi = wo * st_w - pad_w + s * dil_w
+        ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        g = tl.load(dy_ptr + (n_img * sdn + ho * sdh + wo * sdw)[:, None] + (oc * sdc)[None, :],
+                    mask=m_ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + (n_img * sxn + hi * sxh + wi * sxw)[:, None] + x_chan[None, :],
+                     mask=ok[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(g * xv, axis=0)
+        if HAS_DB:
+            dbacc += tl.sum(g, axis=0)
+    tl.store(dw_ptr + (split * O + rel) * (KH * KW) + rs, acc, mask=c_mask)
+    if HAS_DB:
+        if rs == 0:
+            tl.store(db_ptr + split * O + rel, dbacc, mask=c_mask)
+
+
+@triton.autotune(configs=_configs(_DW_TILES, (32, 16, 1)), key=["P", "C", "MULT", "KH", "KW"])
+@triton.jit
+def _dw_dx_kernel(
+        dy_ptr, wf_ptr, wn_ptr, dx_ptr,
+        P, C, c_lo, MULT, H, W, Ho, Wo, O_f,
+        sdn, sdc, sdh, sdw, sfo, sfr, sfs, sno, snr, sns, sxn, sxc, sxh, sxw,
+        st_h, st_w, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = c_lo + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_mask = offs_p < P
+    c_mask = c < C
+    n_img = (offs_p // (H * W)).to(tl.int64)
+    pix = offs_p % (H * W)
+    hi = pix // W
+    wi = pix % W
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for rs in range(KH * KW):
+        r = rs // KW
+        s = rs % KW
+        th = hi + pad_h - r * dil_h
+        tw = wi + pad_w - s * dil_w
+        ho = th // st_h
+        wo = tw // st_w
+        ok = p_mask & (th >= 0) & (tw >= 0) & (th % st_h == 0) & (tw % st_w == 0) \
+            & (ho < Ho) & (wo < Wo)
+        dy_row = n_img * sdn + ho * sdh + wo * sdw
+        for j in range(MULT):
+            oc = c * MULT + j
+            g = tl.load(dy_ptr + dy_row[:, None] + (oc * sdc)[None, :],
+                        mask=ok[:, None] & c_mask[None, :], other=0.0)
+            wv = _dw_weight(wf_ptr, wn_ptr, oc, c_mask, O_f, sfo, sno,
+                            r * sfr + s * sfs, r * snr + s * sns)
+            acc += g.to(tl.float32) * wv[None, :]
+    dx_row = n_img * sxn + hi * sxh + wi * sxw
+    tl.store(dx_ptr + dx_row[:, None] + c[None, :] * sxc, acc.to(dx_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & c_mask[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers (same arguments as torch_ref.conv2d_forward / conv2d_backward)
+# ---------------------------------------------------------------------------------------
+_GROUPS_CACHE: dict = {}
+
+
+def _groups_tensor(widths, k_ends, device):
+    """int32 [widths..., k_ends...] on the device, cached (it is tiny and reused each step)."""
+    key = (tuple(widths), tuple(k_ends), str(device))
+    t = _GROUPS_CACHE.get(key)
+    if t is None:
+        # a trailing 0 keeps it non-empty when there are no groups
+        t = torch.tensor(list(widths) + list(k_ends) + [0], dtype=torch.int32, device=device)
+        _GROUPS_CACHE[key] = t
+    return t
+
+
+def _pair(v):
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _out_size(h, k, st, pad, dil):
+    return (h + 2 * pad - dil * (k - 1) - 1) // st + 1
+
+
+def _memory_format(x):
+    cl = torch.channels_last
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
+        return cl
+    return torch.contiguous_format
+
+
+def _prec(dtype):
+    # fp32 follows torch's cuDNN switch (TF32 on by default, as in torch's own conv);
+    # 16-bit inputs get the default ("tf32"), which they ignore.
+    if dtype == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _or(t, dummy):
+    """Never hand an empty or missing tensor to a kernel: a dummy it will not read."""
+    return t if t is not None and t.numel() else dummy
+
+
+@functools.lru_cache(maxsize=None)
+def _n_sm(device):
+    # the interpreter pretends to 4 SMs, so small tests still split the pixel sum
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _split_for(tiles, m, device):
+    """Pixel splits so the weight-gradient grid fills the GPU (>= 64 pixels a split)."""
+    want = -(-2 * _n_sm(device) // max(tiles, 1))
+    return max(1, min(want, -(-m // 64), 64))
+
+
+def _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depthwise):
+    if x.dim() != 4:
+        raise ValueError(f"x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if len(frozen_out_groups) != len(frozen_k_ends):
+        raise ValueError("frozen_out_groups and frozen_k_ends must have the same length")
+    if sum(frozen_out_groups) != w_frozen.shape[0]:
+        raise ValueError(f"frozen_out_groups {tuple(frozen_out_groups)} do not sum to "
+                         f"w_frozen rows {w_frozen.shape[0]}")
+    if w_frozen.shape[2:] != w_new.shape[2:]:
+        raise ValueError("w_frozen and w_new must have the same kernel size")
+    if depthwise:
+        if w_frozen.shape[1] != 1 or w_new.shape[1] != 1:
+            raise ValueError("depthwise weights must be (channels * multiplier, 1, kh, kw)")
+        if w_couple is not None:
+            raise ValueError("depthwise convolutions have no coupling block")
+        return
+    if w_new.shape[1] != x.shape[1]:
+        raise ValueError(f"w_new reads {w_new.shape[1]} channels, x has {x.shape[1]}")
+    if any(k > w_frozen.shape[1] for k in frozen_k_ends):
+        raise ValueError(f"frozen_k_ends {tuple(frozen_k_ends)} exceed I_f={w_frozen.shape[1]}")
+
+
+def _zero_untouched(dx, c_lo, empty):
+    """Zero what the dx kernel will not write: the old channels (or all, if it won't run)."""
+    if empty:
+        dx.zero_()
+    elif c_lo:
+        dx[:, :c_lo].zero_()
+
+
+def _geometry(x, w, stride, padding, dilation):
+    n, c, h, wd = x.shape
+    kh, kw = w.shape[2], w.shape[3]
+    st, pad, dil = _pair(stride), _pair(padding), _pair(dilation)
+    ho = _out_size(h, kh, st[0], pad[0], dil[0])
+    wo = _out_size(wd, kw, st[1], pad[1], dil[1])
+    if ho <= 0 or wo <= 0:
+        raise ValueError(f"output size {ho}x{wo} is empty for input {h}x{wd}")
+    return n, c, h, wd, kh, kw, ho, wo, st + pad + dil
+
+
+def _depthwise_split(x, w_frozen, w_new, frozen_k_ends):
+    c_f = frozen_k_ends[-1] if len(frozen_k_ends) else 0
+    c = x.shape[1]
+    o_total = w_frozen.shape[0] + w_new.shape[0]
+    if c == 0 or o_total % c or w_frozen.shape[0] != c_f * (o_total // c):
+        raise ValueError(f"depthwise weights ({w_frozen.shape[0]} + {w_new.shape[0]} filters) "
+                         f"do not match {c} channels with {c_f} frozen")
+    return c_f, o_total // c
+
+
+def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
+                            b_frozen: Optional[torch.Tensor], w_new: torch.Tensor,
+                            b_new: Optional[torch.Tensor], w_couple: Optional[torch.Tensor],
+                            frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+                            stride, padding, dilation, depthwise: bool) -> torch.Tensor:
+    """y = [frozen staircase rows | trainable rows](x) + bias, one kernel launch."""
+    _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depthwise)
+    dt = x.dtype
+    w_frozen, w_new = w_frozen.to(dt), w_new.to(dt)
+    w_couple = None if w_couple is None else w_couple.to(dt)
+    n, c, h, wd, kh, kw, ho, wo, geo = _geometry(x, w_new, stride, padding, dilation)
+    o_f, o_n = w_frozen.shape[0], w_new.shape[0]
+    o = o_f + o_n
+    y = torch.empty((n, o, ho, wo), device=x.device, dtype=dt, memory_format=_memory_format(x))
+    m = n * ho * wo
+    if y.numel() == 0:
+        return y
+    wf, wn = _or(w_frozen, y), _or(w_new, y)
+    bf, bn = _or(b_frozen, y), _or(b_new, y)
+    has_bf = b_frozen is not None and b_frozen.numel() > 0
+    has_bn = b_new is not None and b_new.numel() > 0
+
+    if depthwise:
+        _, mult = _depthwise_split(x, w_frozen, w_new, frozen_k_ends)
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_N"]))
+        _dw_fwd_kernel[grid](
+            x, wf, wn, bf, bn, y, m, o, mult, h, wd, ho, wo, o_f,
+            *x.stride(), wf.stride(0), *wf.stride()[2:], wn.stride(0), *wn.stride()[2:],
+            *y.stride(), *geo, KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn)
+        return y
+
+    i_f = w_frozen.shape[1]
+    widths = tuple(int(g) for g in frozen_out_groups) + (o_n,)
+    k_ends = tuple(int(k) for k in frozen_k_ends) + (c,)
+    groups = _groups_tensor(widths, k_ends, x.device)
+    has_couple = w_couple is not None and w_couple.numel() > 0
+    wc = _or(w_couple, y)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),
+                         sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths))
+    _conv_fwd_kernel[grid](
+        x, wf, wn, wc, bf, bn, y, groups, m, o, c, h, wd, ho, wo, len(widths), o_f, i_f,
+        *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,
+        KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, PREC=_prec(dt))
+    return y
+
+
+def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype):
+    """(dW (o, c, kh, kw), db (o,) or None) reduced over every pixel."""
+    n, _, h, wd = x.shape
+    m = n * ho * wo
+    split = _split_for(triton.cdiv(o, 64) * triton.cdiv(c, 64) * kh * kw, m, x.device)
+    chunk = triton.cdiv(m, split)
+    dw = torch.empty((split, o, c, kh, kw), device=x.device, dtype=torch.float32)
+    db = torch.empty((split, o), device=x.device, dtype=torch.float32) if need_db else dw
+    grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
+                         triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
+    _conv_wgrad_kernel[grid](
+        dy, x, dw, db, o, c, m, h, wd, ho, wo, dy_c0, x_c0, chunk,
+        *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db,
+        PREC=_prec(x.dtype))
+    return dw.sum(0).to(out_dtype), (db.sum(0).to(out_dtype) if need_db else None)
+
+
+def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.Tensor,
+                             w_new: torch.Tensor, w_couple: Optional[torch.Tensor],
+                             frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+                             stride, padding, dilation, depthwise: bool, need_dx_new: bool,
+                             need_dx_old: bool, need_dw: bool, need_db: bool,
+                             need_dcouple: bool):
+    """(dx or None, dw_new or None, db_new or None, dcouple or None); no frozen dW is formed.
+
+    dx has x's full channel width; unless ``need_dx_old`` its first I_f channels are zeros."""
+    _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depthwise)
+    dt = x.dtype
+    dy = dy.to(dt)
+    w_frozen, w_new = w_frozen.to(dt), w_new.to(dt)
+    w_couple = None if w_couple is None else w_couple.to(dt)
+    n, c, h, wd, kh, kw, ho, wo, geo = _geometry(x, w_new, stride, padding, dilation)
+    o_f, o_n = w_frozen.shape[0], w_new.shape[0]
+    if tuple(dy.shape) != (n, o_f + o_n, ho, wo):
+        raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(n, o_f + o_n, ho, wo)}")
+    wdt = w_new.dtype
+    want_dx = need_dx_new or need_dx_old
+    dx = dw = db = dcouple = None
+    empty = x.numel() == 0 or dy.numel() == 0
+    if want_dx:
+        dx = torch.empty(x.shape, device=x.device, dtype=dt, memory_format=_memory_format(x))
+    wf, wn = _or(w_frozen, x), _or(w_new, x)
+
+    if depthwise:
+        c_f, mult = _depthwise_split(x, w_frozen, w_new, frozen_k_ends)
+        m = n * ho * wo
+        if (need_dw or need_db) and not empty and o_n:
+            split = _split_for(triton.cdiv(o_n, 32) * kh * kw, m, x.device)
+            chunk = triton.cdiv(m, split)
+            dwp = torch.empty((split, o_n, kh * kw), device=x.device, dtype=torch.float32)
+            dbp = torch.empty((split, o_n), device=x.device, dtype=torch.float32) \
+                if need_db else dwp
+            grid = lambda meta: (triton.cdiv(o_n, meta["BLOCK_N"]), kh * kw, split)
+            _dw_wgrad_kernel[grid](
+                dy, x, dwp, dbp, m, o_n, mult, h, wd, ho, wo, o_f, chunk,
+                *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db)
+            dw = dwp.sum(0).view(o_n, 1, kh, kw).to(wdt) if need_dw else None
+            db = dbp.sum(0).to(wdt) if need_db else None
+        else:
+            dw = torch.zeros_like(w_new) if need_dw else None
+            db = w_new.new_zeros(o_n) if need_db else None
+        c_lo = 0 if need_dx_old else c_f
+        if want_dx:
+            _zero_untouched(dx, c_lo, empty)
+        if want_dx and not empty and c > c_lo:
+            p = n * h * wd
+            grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
+                                 triton.cdiv(c - c_lo, meta["BLOCK_N"]))
+            _dw_dx_kernel[grid](
+                dy, wf, wn, dx, p, c, c_lo, mult, h, wd, ho, wo, o_f,
+                *dy.stride(), wf.stride(0), *wf.stride()[2:], wn.stride(0),
+                *wn.stride()[2:], *dx.stride(), *geo, KH=kh, KW=kw)
+        return dx, dw, db, None
+
+    i_f = w_frozen.shape[1]
+    if need_dw or need_db:
+        if o_n and not empty:
+            dw, db = _wgrad(dy, x, o_f, o_n, 0, c, kh, kw, geo, ho, wo, need_db, wdt)
+        else:
+            dw, db = torch.zeros_like(w_new), w_new.new_zeros(o_n)
+        dw = dw if need_dw else None
+        db = db if need_db else None
+    has_couple = w_couple is not None and w_couple.numel() > 0
+    if need_dcouple and w_couple is not None:
+        if has_couple and not empty:
+            dcouple = _wgrad(dy, x, 0, o_f, i_f, c - i_f, kh, kw, geo, ho, wo, False,
+                             w_couple.dtype)[0]
+        else:
+            dcouple = torch.zeros_like(w_couple)
+    c_lo = 0 if need_dx_old else i_f
+    if want_dx:
+        _zero_untouched(dx, c_lo, empty)
+    if want_dx and not empty and c > c_lo:
+        p = n * h * wd
+        groups = _groups_tensor(tuple(int(g) for g in frozen_out_groups),
+                                tuple(int(k) for k in frozen_k_ends), x.device)
+        wc = _or(w_couple, x)
+        grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
+                             triton.cdiv(c - c_lo, meta["BLOCK_N"]))
+        _conv_dx_kernel[grid](
+            dy, wf, wn, wc, dx, groups, p, c, h, wd, ho, wo, len(frozen_out_groups),
+            o_f, o_n, i_f, c_lo, *dy.stride(), *wf.stride(), *wn.stride(), *wc.stride(),
+            *dx.stride(), *geo, KH=kh, KW=kw, NEED_OLD=need_dx_old,
+            HAS_COUPLE=has_couple and o_f > 0, PREC=_prec(dt))
+    return dx, dw, db, dcouple

@@ -1,0 +1,279 @@
+"""Triton expanded-Conv2d kernels against a float64 dense staircase reference.
+
+The reference is torch's float64 conv2d on the dense weight assembled from the blocks, and
+float64 autograd for every gradient.  The frozen weight's columns past each group's k_end
+hold NaN: a kernel that loads (or multiplies) them poisons its output and the test fails.
+On a CPU the kernels run in the Triton interpreter, so the shapes are tiny.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from expanse_fast.kernels import expanded_conv as ec
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32():
+    # fp32 kernels follow cuDNN's TF32 switch; the float64 comparison wants IEEE fp32.
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def _k_ends(in_groups, coupled):
+    i_f = sum(in_groups[:-1])
+    if coupled:
+        return tuple(i_f for _ in in_groups[:-1])
+    return tuple(sum(in_groups[: g + 1]) for g in range(len(in_groups) - 1))
+
+
+def _make(in_groups, out_groups, k, coupled, bias, dtype, batch=2, hw=(5, 7),
+          channels_last=False, depthwise_mult=0):
+    """Random blocks (rounded to dtype), NaN in the never-read frozen columns."""
+    kh, kw = (k, k) if isinstance(k, int) else k
+    i_f, c = sum(in_groups[:-1]), sum(in_groups)
+    o_f, o_n = sum(out_groups[:-1]), out_groups[-1]
+    k_ends = _k_ends(in_groups, coupled)
+    if depthwise_mult:
+        o_f, o_n = i_f * depthwise_mult, in_groups[-1] * depthwise_mult
+        frozen_out = tuple(g * depthwise_mult for g in in_groups[:-1])
+        k_ends = _k_ends(in_groups, False)
+        w_frozen = torch.randn(o_f, 1, kh, kw, dtype=dtype)
+        w_new = torch.randn(o_n, 1, kh, kw, dtype=dtype)
+        w_couple = None
+    else:
+        frozen_out = tuple(out_groups[:-1])
+        w_frozen = torch.randn(o_f, i_f, kh, kw, dtype=dtype)
+        row = 0
+        for rows, ke in zip(frozen_out, k_ends):
+            w_frozen[row:row + rows, ke:] = float("nan")
+            row += rows
+        w_new = torch.randn(o_n, c, kh, kw, dtype=dtype)
+        w_couple = torch.randn(o_f, c - i_f, kh, kw, dtype=dtype) if coupled else None
+    b_frozen = torch.randn(o_f, dtype=dtype) if bias else None
+    b_new = torch.randn(o_n, dtype=dtype) if bias else None
+    x = torch.randn(batch, c, *hw, dtype=dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return dict(x=x, w_frozen=w_frozen, b_frozen=b_frozen, w_new=w_new, b_new=b_new,
+                w_couple=w_couple, frozen_out_groups=frozen_out, frozen_k_ends=k_ends)
+
+
+def _reference(t, conv, depthwise, dy):
+    """float64 forward and gradients (dx, dw_new, db_new, dcouple) of the dense layer."""
+    d = {k: (v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) else v)
+         for k, v in t.items()}
+    wf = torch.nan_to_num(d["w_frozen"].detach(), nan=0.0)  # NaNs sit where the staircase is 0
+    if depthwise:
+        w = torch.cat([wf, d["w_new"]])
+        groups = d["x"].shape[1]
+    else:
+        i_f = wf.shape[1]
+        frozen = torch.zeros(wf.shape[0], d["x"].shape[1], *wf.shape[2:], dtype=torch.float64)
+        frozen[:, :i_f] = wf
+        if d["w_couple"] is not None:
+            frozen = frozen + F.pad(d["w_couple"], (0, 0, 0, 0, i_f, 0))
+        w = torch.cat([frozen, d["w_new"]])
+        groups = 1
+    b = None
+    if d["b_new"] is not None:
+        b = torch.cat([d["b_frozen"].detach(), d["b_new"]])
+    y = F.conv2d(d["x"], w, b, conv["stride"], conv["padding"], conv["dilation"], groups)
+    grads = torch.autograd.grad(
+        y, [d[k] for k in ("x", "w_new", "b_new", "w_couple") if d[k] is not None],
+        dy.double(), allow_unused=True)
+    grads = iter(grads)
+    out = [next(grads) if d[k] is not None else None for k in ("x", "w_new", "b_new", "w_couple")]
+    return y.detach(), out
+
+
+def _close(got, ref, dtype, what):
+    assert got is not None, what
+    assert got.dtype == dtype, (what, got.dtype)
+    assert tuple(got.shape) == tuple(ref.shape), (what, got.shape, ref.shape)
+    got = got.detach().cpu().double()
+    scale = ref.abs().max().item() if ref.numel() else 1.0
+    err = (got - ref).abs().max().item() if ref.numel() else 0.0
+    assert math.isfinite(err) and err <= TOL[dtype] * max(scale, 1.0), (what, err, scale)
+
+
+def _run(t, conv, depthwise, dtype, need_dx_old, channels_last=False):
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=depthwise)
+    dy = torch.randn(y.shape, dtype=dtype)
+    y_ref, (dx_r, dw_r, db_r, dc_r) = _reference(t, conv, depthwise, dy)
+    _close(y, y_ref, dtype, "y")
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    else:
+        assert y.is_contiguous()
+
+    c_old = t["frozen_k_ends"][-1] if depthwise and t["frozen_k_ends"] else \
+        (0 if depthwise else t["w_frozen"].shape[1])
+    if not need_dx_old:
+        dx_r = dx_r.clone()
+        dx_r[:, :c_old] = 0  # nobody reads the old channels' gradient: zeros
+    dy_dev = dy.to(DEV)
+    if channels_last:
+        dy_dev = dy_dev.contiguous(memory_format=torch.channels_last)
+    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                "frozen_k_ends")}
+    dx, dw, db, dc = ec.expanded_conv2d_backward(
+        dy_dev, **args, **conv, depthwise=depthwise, need_dx_new=True, need_dx_old=need_dx_old,
+        need_dw=True, need_db=db_r is not None, need_dcouple=dc_r is not None)
+    _close(dx, dx_r, dtype, "dx")
+    _close(dw, dw_r, dtype, "dw_new")
+    if db_r is None:
+        assert db is None
+    else:
+        _close(db, db_r, dtype, "db_new")
+    if dc_r is None:
+        assert dc is None
+    else:
+        _close(dc, dc_r, dtype, "dcouple")
+
+
+def _conv(stride=1, padding=0, dilation=1):
+    p = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+    return dict(stride=p(stride), padding=p(padding), dilation=p(dilation))
+
+
+# (in_groups, out_groups, kernel, coupled, bias, dtype, conv, need_dx_old, channels_last, batch)
+CASES = {
+    "3groups_3x3_pad1_bias": ((2, 3, 2), (2, 3, 2), 3, False, True, torch.float32,
+                              _conv(padding=1), True, False, 2),
+    "3groups_coupled_stride2": ((3, 2, 2), (2, 1, 3), 3, True, False, torch.float32,
+                                _conv(stride=2, padding=1), False, False, 2),
+    "2groups_dil2_fp16_cl": ((3, 2), (5, 2), 3, False, True, torch.float16,
+                             _conv(padding=2, dilation=2), True, True, 1),
+    "2groups_coupled_1x1_stride2_fp16": ((3, 2), (5, 2), 1, True, True, torch.float16,
+                                         _conv(stride=2), True, False, 2),
+    "2groups_1x1_cl_no_dx_old": ((3, 2), (2, 3), 1, False, False, torch.float32,
+                                 _conv(), False, True, 2),
+    "asym_kernel_stride_dil": ((2, 3), (3, 2), (3, 2), False, True, torch.float32,
+                               _conv(stride=(2, 1), padding=(0, 1), dilation=(1, 2)), True,
+                               False, 1),
+    # wider than one tile: several channel tiles per group and several K chunks
+    "wide_1x1": ((17, 3), (18, 2), 1, False, True, torch.float16, _conv(), True, False, 1),
+    # first layer: the input never grows (i_new = 0), plus an empty middle group
+    "first_layer_empty_groups": ((3, 0, 0), (2, 0, 3), 3, False, True, torch.float32,
+                                 _conv(padding=1), True, False, 1),
+    # a head that adds no units (o_new = 0)
+    "no_new_outputs": ((3, 2), (4, 0), 1, True, True, torch.float32, _conv(), True, False, 1),
+    "empty_batch": ((3, 2), (2, 3), 3, False, True, torch.float32, _conv(padding=1), True,
+                    False, 0),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_conv(name):
+    ig, og, k, coupled, bias, dtype, conv, old, cl, batch = CASES[name]
+    t = _make(ig, og, k, coupled, bias, dtype, batch=batch, channels_last=cl)
+    _run(t, conv, False, dtype, old, channels_last=cl)
+
+
+DW_CASES = {
+    "mult1_3x3_pad1_bias": ((3, 2), 1, torch.float32, _conv(padding=1), True, True, False),
+    "mult2_stride2_dil2_fp16_cl": ((3, 2), 2, torch.float16,
+                                   _conv(stride=2, padding=2, dilation=2), False, False, True),
+    "mult2_3groups_asym": ((2, 1, 2), 2, torch.float32,
+                           _conv(stride=(1, 2), padding=(1, 0)), True, False, False),
+}
+
+
+@pytest.mark.parametrize("name", list(DW_CASES))
+def test_depthwise(name):
+    ig, mult, dtype, conv, bias, old, cl = DW_CASES[name]
+    # depthwise: every frozen channel is one block (k_end = C_f)
+    t = _make(ig, ig, 3, False, bias, dtype, batch=2, channels_last=cl, depthwise_mult=mult)
+    _run(t, conv, True, dtype, old, channels_last=cl)
+
+
+def test_only_requested_gradients():
+    """Flags off -> None; need_dx_new alone leaves the old channels zero."""
+    t = _make((3, 2), (2, 3), 1, True, True, torch.float32, batch=1)
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    conv = _conv()
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
+    dy = torch.randn(y.shape)
+    _, (dx_r, _, _, _) = _reference(t, conv, False, dy)
+    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                "frozen_k_ends")}
+    got = ec.expanded_conv2d_backward(dy.to(DEV), **args, **conv, depthwise=False,
+                                      need_dx_new=False, need_dx_old=False, need_dw=False,
+                                      need_db=False, need_dcouple=False)
+    assert got == (None, None, None, None)
+    dx, dw, db, dc = ec.expanded_conv2d_backward(
+        dy.to(DEV), **args, **conv, depthwise=False, need_dx_new=True, need_dx_old=False,
+        need_dw=False, need_db=True, need_dcouple=False)
+    assert dw is None and dc is None and db is not None
+    dx_r[:, :3] = 0
+    _close(dx, dx_r, torch.float32, "dx")
+
+
+def test_rejects_bad_shapes():
+    t = _make((3, 2), (2, 3), 3, False, False, torch.float32, batch=1)
+    t["frozen_out_groups"] = (3,)  # does not sum to w_frozen's 2 rows
+    with pytest.raises(ValueError):
+        ec.expanded_conv2d_forward(**t, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                                   depthwise=False)
+
+
+# ---------------------------------------------------------------------------------------
+# GPU only: bfloat16 (tl.dot on bf16 is wrong under the interpreter) and a real shape
+# ---------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["3groups_coupled_stride2", "2groups_dil2_fp16_cl",
+                                  "wide_1x1"])
+def test_conv_bf16(name):
+    ig, og, k, coupled, bias, _, conv, old, cl, batch = CASES[name]
+    t = _make(ig, og, k, coupled, bias, torch.bfloat16, batch=batch, channels_last=cl)
+    _run(t, conv, False, torch.bfloat16, old, channels_last=cl)
+
+
+@pytest.mark.gpu
+def test_depthwise_bf16():
+    t = _make((3, 2), (3, 2), 3, False, True, torch.bfloat16, batch=2, depthwise_mult=2)
+    _run(t, _conv(stride=2, padding=1), True, torch.bfloat16, True)
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("coupled", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_resnet_shape_vs_torch_ref(coupled, dtype):
+    """batch 8, 256 -> 320 channels (256 pretrained + 64 new), 28x28, 3x3 pad 1."""
+    from expanse_fast.backends import torch_ref
+
+    t = _make((256, 64), (256, 64), 3, coupled, True, dtype, batch=8, hw=(28, 28))
+    t["w_frozen"] = torch.nan_to_num(t["w_frozen"], nan=0.0)
+    dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    conv = _conv(padding=1)
+    # the reference runs in fp32 on the same 16-bit values (more exact than either)
+    ref32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in dev.items()}
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
+    y_ref = torch_ref.conv2d_forward(**ref32, **conv, depthwise=False)
+    assert _rel(y, y_ref) < 1e-2
+    dy = torch.randn_like(y)
+    keys = ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups", "frozen_k_ends")
+    flags = dict(need_dx_new=True, need_dx_old=True, need_dw=True, need_db=True,
+                 need_dcouple=coupled)
+    got = ec.expanded_conv2d_backward(dy, **{k: dev[k] for k in keys}, **conv,
+                                      depthwise=False, **flags)
+    ref = torch_ref.conv2d_backward(dy.float(), **{k: ref32[k] for k in keys}, **conv,
+                                    depthwise=False, **flags)
+    for name, g, r in zip(("dx", "dw", "db", "dcouple"), got, ref):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype and _rel(g, r) < 1e-2, (name, _rel(g, r))

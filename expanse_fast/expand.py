@@ -41,7 +41,7 @@ _PASS_FUNCTIONS = {
     F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, torch.relu,
     torch.sigmoid, torch.tanh, torch.nn.functional.max_pool2d, F.avg_pool2d, F.max_pool1d,
     F.avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
-    torch.abs, torch.exp, operator.neg, operator.getitem,
+    torch.abs, torch.exp, operator.neg,
 }
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "bfloat16",
                  "to", "type_as", "detach", "abs", "exp", "neg"}
@@ -260,6 +260,8 @@ class _Plan:
             return self._first_tensor(node)
         if fn is getattr:
             return None  # x.shape and similar
+        if fn is operator.getitem:
+            return self._index(node)
         if fn in (torch.mean, torch.sum, torch.amax):
             return self._reduce(node)
         if fn in _PASS_FUNCTIONS:
@@ -286,6 +288,22 @@ class _Plan:
             self._refuse(node, f"tensor method .{name}() is not known to keep old and new "
                                "features apart")
         return self._first_tensor(node)
+
+    def _index(self, node: fx.Node) -> Optional[_Feat]:
+        f = self.feat.get(node.args[0])
+        if f is None or not f.widened:
+            return f if f is not None else None  # sizes, tuples, plain tensors
+        index = node.args[1]
+        if isinstance(index, tuple):
+            rest = index[1:]
+            touches = any(i is Ellipsis or not (isinstance(i, slice) and i == slice(None))
+                          for i in rest)
+            if touches or Ellipsis in index[:1]:
+                self._refuse(node, f"indexing {index} of a widened tensor can cut or reorder its "
+                                   "features; only batch indexing keeps them apart")
+        elif index is Ellipsis:
+            pass
+        return f
 
     def _binary(self, node: fx.Node) -> _Feat:
         feats = [f for f in self._arg_feats(node) if f is not None]

@@ -31,6 +31,16 @@ def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
     return t if needed else None
 
 
+def _fake_grads(dy, x, w_new, w_couple, need_dx, need_dw, need_db, need_dcouple):
+    # one fresh empty tensor per unneeded gradient: outputs of an op never alias each other
+    empty = lambda: dy.new_empty(_EMPTY)  # noqa: E731
+    return (x.new_empty(x.shape) if need_dx else empty(),
+            w_new.new_empty(w_new.shape) if need_dw else empty(),
+            w_new.new_empty((w_new.shape[0],)) if need_db else empty(),
+            w_couple.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None)
+            else empty())
+
+
 # ---------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------
@@ -65,12 +75,8 @@ def _linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
 @_linear_backward.register_fake
 def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, need_dx_new,
       need_dx_old, need_dw, need_db, need_dcouple, backend=""):
-    empty = dy.new_empty(_EMPTY)
-    return (x.new_empty(x.shape) if (need_dx_new or need_dx_old) else empty,
-            w_new.new_empty(w_new.shape) if need_dw else empty,
-            w_new.new_empty((w_new.shape[0],)) if need_db else empty,
-            w_couple.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None)
-            else empty)
+    return _fake_grads(dy, x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
+                       need_dcouple)
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -143,12 +149,8 @@ def _conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
 @_conv2d_backward.register_fake
 def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
       dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple, backend=""):
-    empty = dy.new_empty(_EMPTY)
-    return (x.new_empty(x.shape) if (need_dx_new or need_dx_old) else empty,
-            w_new.new_empty(w_new.shape) if need_dw else empty,
-            w_new.new_empty((w_new.shape[0],)) if need_db else empty,
-            w_couple.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None)
-            else empty)
+    return _fake_grads(dy, x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
+                       need_dcouple)
 
 
 def _conv2d_setup_context(ctx, inputs, output):

@@ -146,6 +146,11 @@ def _conv_grads(dy: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, gro
     """Only the asked-for gradients of y = conv(x, w) + b (aten's output mask)."""
     if not (need_dx or need_dw or need_db):
         return None, None, None
+    if w.shape[0] == 0 or x.shape[1] == 0 or x.shape[0] == 0:
+        # aten refuses empty weights; the gradients of an empty product are zeros
+        return (x.new_zeros(x.shape) if need_dx else None,
+                w.new_zeros(w.shape) if need_dw else None,
+                w.new_zeros(w.shape[:1]) if need_db else None)
     pair = lambda v: [int(v)] * 2 if isinstance(v, int) else [int(a) for a in v]  # noqa: E731
     dx, dw, db = torch.ops.aten.convolution_backward(
         dy, x, w, [w.shape[0]] if need_db else None, pair(stride), pair(padding),
@@ -163,10 +168,10 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
         c_f = _depthwise_frozen_in(frozen_k_ends)
         c_new = x.shape[1] - c_f
         dx_new = dw = db = None
-        if c_new and (need_dx_new or need_dw or need_db):
+        if need_dx_new or need_dx_old or need_dw or need_db:
             dx_new, dw, db = _conv_grads(dy_new.contiguous(), x[:, c_f:], w_new, stride, padding,
-                                         dilation, c_new, need_dx_new or need_dx_old, need_dw,
-                                         need_db)
+                                         dilation, max(c_new, 1), need_dx_new or need_dx_old,
+                                         need_dw, need_db)
         dx = None
         if need_dx_new or need_dx_old:
             dx = x.new_zeros(x.shape)

@@ -1,0 +1,393 @@
+"""Clear errors: the expanded layers name the expected and the given sizes, dtypes and
+devices; expand() refuses what it cannot widen exactly, names the node or module, and leaves
+the model untouched; set_backend names its options; ops refuse a frozen weight that wants
+a gradient."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import expanse_fast as xf
+from expanse_fast import ExpansionError
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors; avoids OpenMP spinning on a busy machine
+    yield
+    torch.set_num_threads(n)
+
+
+def _names_all(msg, *parts):
+    missing = [p for p in parts if str(p) not in msg]
+    assert not missing, f"message lacks {missing}: {msg}"
+
+
+# ---- layers -------------------------------------------------------------------------------------
+def _linear(mode="isolated"):
+    return xf.ExpandedLinear.from_linear(nn.Linear(7, 11), new_in=4, new_out=3, mode=mode)
+
+
+def _conv():
+    return xf.ExpandedConv2d.from_conv(nn.Conv2d(5, 6, 3, padding=1), new_in=2, new_out=3)
+
+
+def test_linear_wrong_feature_count():
+    layer = _linear()  # 11 input features
+    assert layer(torch.randn(2, 11)).shape == (2, 14)
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(2, 13))
+    _names_all(str(err.value), "11 features", "(2, 13)")
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(2, 3, 7))  # the base width: a caller that forgot the new inputs
+    _names_all(str(err.value), "11", "(2, 3, 7)")
+
+
+def test_linear_mixed_dtypes():
+    layer = _linear()
+    with pytest.raises(TypeError) as err:
+        layer(torch.randn(2, 11, dtype=torch.float64))
+    _names_all(str(err.value), "torch.float64", "torch.float32")
+    with pytest.raises(TypeError) as err:
+        _linear().half()(torch.randn(2, 11))
+    _names_all(str(err.value), "torch.float32", "torch.float16")
+
+
+def test_wrong_device():
+    with pytest.raises(ValueError) as err:
+        _linear().to("meta")(torch.randn(2, 11))
+    _names_all(str(err.value), "cpu", "meta")
+    with pytest.raises(ValueError) as err:
+        _linear()(torch.randn(2, 11, device="meta"))
+    _names_all(str(err.value), "cpu", "meta")
+    with pytest.raises(ValueError) as err:
+        _conv()(torch.randn(1, 7, 5, 5, device="meta"))
+    _names_all(str(err.value), "cpu", "meta")
+
+
+def test_conv_wrong_rank_and_channels():
+    layer = _conv()  # 7 input channels
+    assert layer(torch.randn(1, 7, 5, 4)).shape == (1, 9, 5, 4)
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(7, 5, 4))
+    _names_all(str(err.value), "4-D", "C = 7", "(7, 5, 4)")
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(1, 5, 5, 4))
+    _names_all(str(err.value), "C = 7", "(1, 5, 5, 4)")
+
+
+def test_batchnorm_wrong_channels_and_rank():
+    bn2 = xf.ExpandedBatchNorm2d.from_bn(nn.BatchNorm2d(4), new=3)
+    assert bn2(torch.randn(2, 7, 3, 3)).shape == (2, 7, 3, 3)
+    with pytest.raises(ValueError) as err:
+        bn2(torch.randn(2, 6, 3, 3))
+    _names_all(str(err.value), "7 channels", "(2, 6, 3, 3)")
+    with pytest.raises(ValueError) as err:
+        bn2(torch.randn(2, 7))
+    _names_all(str(err.value), "4-D", "(2, 7)")
+    bn1 = xf.ExpandedBatchNorm1d.from_bn(nn.BatchNorm1d(4), new=2)
+    with pytest.raises(ValueError) as err:
+        bn1(torch.randn(3, 4))
+    _names_all(str(err.value), "6 channels", "(3, 4)")
+
+
+def test_frozen_weight_requiring_grad_is_refused():
+    layer = _linear()
+    layer.weight_frozen.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"w_frozen requires grad"):
+        layer(torch.randn(2, 11))
+    conv = _conv()
+    conv.bias_frozen.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"b_frozen requires grad"):
+        conv(torch.randn(1, 7, 4, 4))
+    # the functional form checks too, and accepts the same tensors once frozen again
+    lay = xf.Layout((3, 2), (4, 5))
+    w_f = torch.randn(4, 3, requires_grad=True)
+    w_n = torch.randn(5, 5, requires_grad=True)
+    kw = dict(frozen_out_groups=lay.frozen_out_groups, frozen_k_ends=lay.frozen_k_ends)
+    with pytest.raises(ValueError, match=r"w_frozen requires grad"):
+        xf.ops.expanded_linear(torch.randn(2, 5), w_f, None, w_n, None, **kw)
+    y = xf.ops.expanded_linear(torch.randn(2, 5), w_f.detach(), None, w_n, None, **kw)
+    assert y.shape == (2, 9)
+
+
+def test_functional_forms_check_blocks():
+    w_f, w_n = torch.randn(4, 3), torch.randn(5, 5)
+    with pytest.raises(ValueError) as err:
+        xf.ops.expanded_linear(torch.randn(2, 5), w_f, None, w_n, None,
+                               frozen_out_groups=(3,), frozen_k_ends=(3,))
+    _names_all(str(err.value), "(3,)", "4 rows")
+    with pytest.raises(ValueError, match="one k_end per frozen group"):
+        xf.ops.expanded_linear(torch.randn(2, 5), w_f, None, w_n, None,
+                               frozen_out_groups=(4,), frozen_k_ends=(3, 5))
+    with pytest.raises(ValueError) as err:
+        xf.ops.expanded_linear(torch.randn(2, 6), w_f, None, w_n, None,
+                               frozen_out_groups=(4,), frozen_k_ends=(3,))
+    _names_all(str(err.value), "5 features", "(2, 6)")
+
+
+def test_set_backend_names_options():
+    before = xf.get_backend()
+    with pytest.raises(ValueError) as err:
+        xf.set_backend("nope")
+    _names_all(str(err.value), "'nope'", "auto", "torch", "triton", "cuda")
+    assert xf.get_backend() == before
+    with pytest.raises(ValueError):
+        with xf.use_backend("TORCH"):
+            pass
+    assert xf.get_backend() == before
+    with xf.use_backend("torch"):
+        assert xf.get_backend() == "torch"
+    assert xf.get_backend() == before
+
+
+# ---- expand() refusals --------------------------------------------------------------------------
+class Cat(nn.Module):
+    def __init__(self, dim=1):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(16, 3)
+        self.dim = dim
+
+    def forward(self, x):
+        return self.head(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=self.dim))
+
+
+class ConvCat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat((self.a(x), self.b(x)), 1))
+
+
+class Norm(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.fc1, self.fc2, self.kind = nn.Linear(6, 8), nn.Linear(8, 3), kind
+        if kind == "module":
+            self.ln = nn.LayerNorm(8)
+        elif kind == "module, no affine":
+            self.ln = nn.LayerNorm(8, elementwise_affine=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = F.layer_norm(h, (8,)) if self.kind == "function" else self.ln(h)
+        return self.fc2(h)
+
+
+class Encoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.enc, self.fc2 = nn.Linear(6, 6), Encoder(), nn.Linear(6, 3)
+
+    def forward(self, x, tokens):
+        return self.fc2(F.relu(self.fc1(x)) + self.enc.emb(tokens))
+
+
+class Gain(nn.Module):
+    """A custom layer with a parameter of its own: fx traces into it (a get_attr node)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+class WithGain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.post, self.fc2 = nn.Linear(6, 8), Gain(8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.post(self.fc1(x)))
+
+
+class HardView(nn.Module):
+    """The classic MNIST net's x.view(-1, 320)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 20, 5)
+        self.fc = nn.Linear(320, 10)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).view(-1, 320))
+
+
+class Softmax(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.fc1, self.head, self.how = nn.Linear(6, 8), nn.Linear(8, 4), how
+
+    def forward(self, x):
+        y = self.head(F.relu(self.fc1(x)))
+        if self.how == "function":
+            return F.softmax(y, dim=-1)
+        if self.how == "method":
+            return y.softmax(1)
+        return torch.log_softmax(y, 1)
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.a(x) + self.b(x)))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3)
+        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2))
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)))
+
+
+# (model factory, expand kwargs, regexes the message must match)
+REFUSALS = {
+    "cat dim 1": (Cat, {}, [r"node 'cat'", r"concatenat"]),
+    "cat dim -1": (lambda: Cat(-1), {}, [r"node 'cat'"]),
+    "conv channel cat": (ConvCat, {}, [r"node 'cat'"]),
+    "layernorm module": (lambda: Norm("module"), {}, [r"'ln'", r"LayerNorm"]),
+    "layernorm no affine": (lambda: Norm("module, no affine"), {}, [r"'ln'", r"LayerNorm"]),
+    "layer_norm function": (lambda: Norm("function"), {}, [r"node 'layer_norm'"]),
+    "embedding": (WithEmbedding, {}, [r"'enc\.emb'", r"Embedding"]),
+    "parameter via get_attr": (WithGain, {}, [r"post\.gain"]),
+    "hard-coded view": (HardView, {}, [r"node 'view'", r"320"]),
+    "softmax function": (lambda: Softmax("function"), {"new_classes": 2}, [r"node 'softmax'"]),
+    "softmax method": (lambda: Softmax("method"), {"new_classes": 2}, [r"node 'softmax'"]),
+    "log_softmax": (lambda: Softmax("log"), {"new_classes": 2}, [r"node 'log_softmax'"]),
+    "residual 3 vs 5": (Residual, {"width": {"a": 3, "b": 5}},
+                        [r"node 'add'", r"\+3 new", r"\+5 new"]),
+    "residual 3 vs 0": (Residual, {"width": {"a": 3}}, [r"node 'add'", r"\+3 new", r"\+0 new"]),
+    "grouped conv": (Grouped, {}, [r"'body\.1'", r"groups=2"]),
+    "unknown width name": (Residual, {"width": {"a": 3, "b": 3, "nope": 1}}, [r"nope"]),
+}
+
+
+def _state(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()],
+            [(n, p.requires_grad) for n, p in model.named_parameters()])
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_expand_refuses_and_leaves_model_untouched(case):
+    make, kwargs, patterns = REFUSALS[case]
+    model = make()
+    before = _state(model)
+    with pytest.raises(ExpansionError) as err:
+        xf.expand(model, **kwargs)
+    msg = str(err.value)
+    for pat in patterns:
+        assert re.search(pat, msg), f"{pat!r} not in: {msg}"
+    after = _state(model)
+    assert after[1:] == before[1:]
+    assert list(after[0]) == list(before[0])
+    for k, v in before[0].items():
+        assert torch.equal(after[0][k], v), k
+
+
+class SlicedHead(nn.Module):
+    """Logits sliced to the source task's classes: y[:, :3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc1(x)))[:, :3]
+
+
+class SlicedHidden(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x))[..., :8])
+
+
+@pytest.mark.parametrize("make", [SlicedHead, SlicedHidden], ids=lambda m: m.__name__)
+def test_expand_refuses_feature_slice(make):
+    model = make()
+    before = _state(model)
+    with pytest.raises(ExpansionError, match=r"node 'getitem'"):
+        xf.expand(model, width=2, new_classes=2)
+    assert _state(model)[1:] == before[1:]
+
+
+def test_batch_slices_of_widened_tensors_are_fine():
+    class BatchSlice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(F.relu(self.fc1(x))[1:])
+
+    model = BatchSlice()
+    big = xf.expand(model, width=2, new_classes=2)
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        y = big(x)
+        assert y.shape == (3, 5)
+        torch.testing.assert_close(y[:, :3], model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_near_misses_are_accepted():
+    """The refusals are specific: the allowed neighbours of each refused pattern widen."""
+    # batch concat, flatten-style view, softmax over an unwidened head, equal-width residual
+    class Ok(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+            self.a, self.b, self.head = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.conv(x)
+            h = torch.cat([h, h], dim=0).view(h.size(0) * 2, -1)
+            return F.softmax(self.head(F.relu(self.a(h) + self.b(h))), dim=-1)
+
+    model = Ok()
+    big = xf.expand(model, width=2, new_classes=0)
+    assert big.a.out_groups == (8, 2) and big.head.out_groups == (3, 0)
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+def test_grouped_conv_layer_refused():
+    with pytest.raises(ValueError) as err:
+        xf.ExpandedConv2d.from_conv(nn.Conv2d(4, 4, 3, groups=2), new_in=2, new_out=2)
+    _names_all(str(err.value), "groups=2", "4 input channels")
+
+
+def test_expand_argument_errors():
+    model = Residual()
+    with pytest.raises(ValueError, match=r"mode must be .*'sideways'"):
+        xf.expand(model, mode="sideways")
+    with pytest.raises(ValueError, match=r"new_classes must be >= 0, got -1"):
+        xf.expand(model, new_classes=-1)
+    with pytest.raises(TypeError, match=r"width must be"):
+        xf.expand(model, width="wide")
+    with pytest.raises(ExpansionError, match=r"head='a\.weight'"):
+        xf.expand(model, head="a.weight")

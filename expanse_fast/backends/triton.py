@@ -1,0 +1,100 @@
+"""The ``triton`` backend: one-pass fused Triton kernels (top-level ``kernels/``).
+
+Same functions and arguments as ``torch_ref`` (see its docstring).  Each op lives in its
+own kernel module (``expanse_fast.kernels.expanded_linear``, ...), imported under a guard so
+that importing this module never fails: ``availability`` says why when the kernels cannot
+run.  Each op's functions follow in their own section below.  On a machine without a GPU the kernels run under Triton's interpreter when
+``TRITON_INTERPRET=1`` was set before they were first imported.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+Maybe = Optional[Tensor]
+
+try:
+    from expanse_fast.kernels import expanded_linear
+    _IMPORT_ERROR = None
+except Exception as e:  # triton missing or broken: report it through availability()
+    expanded_linear = None
+    _IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+
+def availability(device) -> Tuple[bool, str]:
+    if _IMPORT_ERROR is not None:
+        return False, f"triton kernels not importable ({_IMPORT_ERROR})"
+    device = torch.device(device)
+    if expanded_linear.INTERPRET:
+        return True, "Triton interpreter (TRITON_INTERPRET=1): correct but slow"
+    if device.type != "cuda":
+        return False, (f"Triton needs a CUDA device, got {device.type!r} (set TRITON_INTERPRET=1 "
+                       "before import to run the kernels on CPU, slowly)")
+    if torch.version.hip is not None:
+        return False, "ROCm: the Triton kernels are untested there"
+    if not torch.cuda.is_available():
+        return False, "torch.cuda.is_available() is False"
+    cap = torch.cuda.get_device_capability(device)
+    if cap < (8, 0):
+        return False, f"compute capability {cap[0]}.{cap[1]} < 8.0 (bf16 tensor cores)"
+    return True, f"Triton on {torch.cuda.get_device_name(device)}"
+
+
+# ---------------------------------------------------------------------------------------
+# Linear
+# ---------------------------------------------------------------------------------------
+def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
+                   w_couple: Maybe, frozen_out_groups: Sequence[int],
+                   frozen_k_ends: Sequence[int]) -> Tensor:
+    return expanded_linear.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                          frozen_out_groups, frozen_k_ends)
+
+
+def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
+                    frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+                    need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
+                    need_dcouple: bool):
+    o_f, i_f = w_frozen.shape
+    dx = dw = db = dcouple = None
+    if need_dw or need_db:
+        # One launch: dW_new = dy_new^T x with db_new fused.  db alone: the same kernel
+        # over zero columns of x, which runs only the column-sum.
+        dw, db = expanded_linear.grad_weight(dy[:, o_f:], x if need_dw else x[:, :0],
+                                             with_colsum=need_db)
+        if not need_dw:
+            dw = None
+    if need_dcouple and w_couple is not None:
+        dcouple, _ = expanded_linear.grad_weight(dy[:, :o_f], x[:, i_f:])
+    if need_dx_new or need_dx_old:
+        dx = expanded_linear.grad_input(dy, w_frozen, w_new, w_couple, frozen_out_groups,
+                                        frozen_k_ends, need_dx_old)
+    return dx, dw, db, dcouple
+
+
+# ---------------------------------------------------------------------------------------
+# Conv2d (NCHW; channels are the groups): kernels/expanded_conv.py
+# ---------------------------------------------------------------------------------------
+def _conv_kernels():
+    # imported on first use so that a broken conv module never breaks the linear ops
+    from expanse_fast.kernels import expanded_conv
+    return expanded_conv
+
+
+def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
+                   w_couple: Maybe, frozen_out_groups: Sequence[int],
+                   frozen_k_ends: Sequence[int], stride, padding, dilation,
+                   depthwise: bool) -> Tensor:
+    return _conv_kernels().expanded_conv2d_forward(
+        x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
+        stride, padding, dilation, depthwise)
+
+
+def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
+                    frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], stride,
+                    padding, dilation, depthwise: bool, need_dx_new: bool, need_dx_old: bool,
+                    need_dw: bool, need_db: bool, need_dcouple: bool):
+    return _conv_kernels().expanded_conv2d_backward(
+        dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
+        dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple)

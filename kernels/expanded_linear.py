@@ -1,0 +1,448 @@
+"""Triton kernels for the expanded (staircase) linear layer.
+
+Pure kernels and their launchers: tensors and sizes in, tensors out.  Nothing here imports
+from ``expanse_fast``; the group arithmetic arrives as plain lists (``frozen_out_groups``,
+``frozen_k_ends``) and is turned into a tiny int32 table, one row per output group:
+``(first column, end column, k_end)``.  Frozen groups come first (their columns are rows of
+``w_frozen``), the newest group last (rows of ``w_new``, reading every input).
+
+Three kernels:
+
+* ``_fwd_kernel``  y = [x W_g^T + b_g]_g, every group in ONE launch into one output.  A
+  column tile never straddles two groups (each group is cut into its own BLOCK_N tiles,
+  located by a scan of the table), so its K loop stops at the group's k_end: the zero
+  block right of the staircase is never loaded.  Coupled layout: frozen tiles run a second
+  K loop over the newest inputs with ``w_couple``.  Bias and activation in the epilogue.
+* ``_dw_kernel``   dW = A^T B over the rows (A = dy_new, B = x; or A = dy_old, B = x_new for
+  the coupling block), with db = column sums of A fused: the programs of the first column
+  tile sum their A rows after the main loop (one extra read of dy_new, no atomics).  When
+  dW has too few tiles for the GPU, the row reduction is split (fp32 partials, summed by
+  one small torch reduction).
+* ``_dx_kernel``   dx tiles split at I_f.  New-input tiles: dy_new w_new[:, I_f:] (+ dy_old
+  w_couple).  Old-input tiles: dy_new w_new[:, :I_f] + sum_g dy_g w_frozen[g, :k_end_g], only
+  when NEED_OLD; otherwise they store zeros without computing anything.
+
+All accumulate in fp32 and store in the input dtype.  GELU is the tanh approximation
+(torch's ``gelu(approximate="tanh")``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like Triton itself does when it decorates the kernels below.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
+
+
+# ---------------------------------------------------------------------------------------
+# Autotuning
+# ---------------------------------------------------------------------------------------
+def _configs():
+    if INTERPRET:
+        # The interpreter runs every config it benchmarks: one small tile, several tiles
+        # per group even on test-sized shapes.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+                              num_warps=1, num_stages=1)]
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages (Hopper-leaning)
+        (128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (128, 128, 32, 4, 4), (64, 64, 64, 4, 4), (64, 64, 32, 4, 5),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                          num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
+
+
+def _pruner(rows: str, cols: str):
+    """Config pruning for a kernel whose output tile spans args ``rows`` x ``cols``."""
+
+    def prune(configs, named_args, **kwargs):
+        elt = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
+        # A tile much larger than the problem only wastes work (and autotuning time).
+        cap_m = max(64, triton.next_power_of_2(named_args[rows]))
+        cap_n = max(64, triton.next_power_of_2(named_args[cols]))
+        keep = [c for c in configs
+                if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n
+                # pipelined operands must fit shared memory (fp32 doubles them)
+                and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])
+                * c.kwargs["BLOCK_K"] * elt <= 200 * 1024]
+        return keep or configs[-1:]
+
+    return prune
+
+
+def _autotune(key, rows, cols):
+    return triton.autotune(configs=_configs(), key=key,
+                           prune_configs_by={"early_config_prune": _pruner(rows, cols)})
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering: GROUP_M row tiles sweep the columns together (L2 reuse)."""
+    span = GROUP_M * num_pid_n
+    first_m = (pid // span) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % span) % size_m
+    pid_n = (pid % span) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _dot_k(acc, a_base, b_base, s_ak, s_bk, a_mask, b_mask, k_lo, k_hi,
+           BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """acc += A[:, k_lo:k_hi] @ B[k_lo:k_hi, :], A at a_base + k * s_ak (a_base (BM, 1)),
+    B at b_base + k * s_bk (b_base (1, BN)).
+
+    Full K tiles first, with no mask along K: a mask along the contiguous axis would stop
+    vectorised (cp.async / TMA-width) loads, and with them software pipelining.  Then one
+    masked tail tile.
+    """
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_base + (k_lo + rk).to(tl.int64)[None, :] * s_ak
+    b_ptrs = b_base + (k_lo + rk).to(tl.int64)[:, None] * s_bk
+    k_full = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K
+    for _ in range(k_lo, k_full, BLOCK_K):
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        a_ptrs += BLOCK_K * s_ak
+        b_ptrs += BLOCK_K * s_bk
+    if k_full < k_hi:
+        k_in = (k_full + rk) < k_hi
+        a = tl.load(a_ptrs, mask=a_mask & k_in[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=b_mask & k_in[:, None], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@_autotune(key=["M", "O", "I", "G"], rows="M", cols="O")
+@triton.jit
+def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr,
+                M, O, I, I_F, O_F, G,
+                s_xm, s_xk, s_wfo, s_wno, s_wco, s_wck, s_ym, s_yn,
+                HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
+                ACT: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    # Column tiles: each group is tiled on its own, so a tile stays inside one group.
+    num_pid_n = pid * 0
+    for g in range(G):
+        num_pid_n += (tl.load(tab_ptr + 3 * g + 1) - tl.load(tab_ptr + 3 * g) + BLOCK_N - 1) // BLOCK_N
+    pid_m, pid_n = _swizzle(pid, (M + BLOCK_M - 1) // BLOCK_M, num_pid_n, GROUP_M)
+
+    # Which group owns column tile pid_n: scan the table (a handful of rows).
+    col0 = pid_n * 0
+    col_end = col0
+    k_end = col0
+    grp = col0
+    seen = col0
+    for g in range(G):
+        c0 = tl.load(tab_ptr + 3 * g)
+        c1 = tl.load(tab_ptr + 3 * g + 1)
+        t = (c1 - c0 + BLOCK_N - 1) // BLOCK_N
+        hit = (pid_n >= seen) & (pid_n < seen + t)
+        col0 = tl.where(hit, c0 + (pid_n - seen) * BLOCK_N, col0)
+        col_end = tl.where(hit, c1, col_end)
+        k_end = tl.where(hit, tl.load(tab_ptr + 3 * g + 2), k_end)
+        grp = tl.where(hit, g, grp)
+        seen += t
+    is_new = grp == G - 1
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = col0 + tl.arange(0, BLOCK_N)
+    m_mask = (rm < M)[:, None]
+    n_mask = (rn < col_end)[None, :]
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * s_xm
+    # Pick the weight by the group (both have unit stride along K: see the launcher).
+    if is_new:
+        w_cols = wn_ptr + (rn - O_F).to(tl.int64)[None, :] * s_wno
+    else:
+        w_cols = wf_ptr + rn.to(tl.int64)[None, :] * s_wfo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Staircase: the K loop ends at the group's k_end, columns past it are never read.
+    acc = _dot_k(acc, x_rows, w_cols, s_xk, 1, m_mask, n_mask, 0, k_end, BLOCK_K, PREC)
+    if HAS_COUPLE:
+        # Coupled layout: frozen rows also read the newest inputs through w_couple.
+        acc = _dot_k(acc, x_rows + I_F * s_xk, wc_ptr + rn.to(tl.int64)[None, :] * s_wco,
+                     s_xk, s_wck, m_mask, n_mask, 0, tl.where(is_new, 0, I - I_F),
+                     BLOCK_K, PREC)
+
+    # Epilogue: bias (the newest group's columns are [O_F, O): masked loads pick the
+    # right vector without branching), then the activation.
+    if HAS_BN:
+        acc += tl.load(bn_ptr + (rn - O_F), mask=(rn < col_end) & (rn >= O_F), other=0.0
+                       ).to(tl.float32)[None, :]
+    if HAS_BF:
+        acc += tl.load(bf_ptr + rn, mask=(rn < col_end) & (rn < O_F), other=0.0
+                       ).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = tl.maximum(acc, 0.0)
+    elif ACT == 2:  # gelu, tanh approximation: x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
+        u = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
+        acc = acc / (1.0 + tl.exp(-u))
+    elif ACT == 3:
+        acc = acc / (1.0 + tl.exp(-acc))
+    y = y_ptr + rm.to(tl.int64)[:, None] * s_ym + rn[None, :] * s_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask & n_mask)
+
+
+@_autotune(key=["R", "C", "M", "K_CHUNK"], rows="R", cols="C")
+@triton.jit
+def _dw_kernel(a_ptr, b_ptr, dw_ptr, db_ptr, R, C, M, K_CHUNK,
+               s_am, s_ar, s_bm, s_bc, s_dws, s_dwr, s_dwc, s_dbs, s_db,
+               HAS_DB: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr):
+    """dw[s, r, c] = sum_m a[m, r] b[m, c] and db[s, r] = sum_m a[m, r] over the rows m of
+    split s = program_id(1): [s * K_CHUNK, (s + 1) * K_CHUNK)."""
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    # max(1, .) column tiles so that db is still produced when C == 0.
+    pid_r, pid_c = _swizzle(pid, (R + BLOCK_M - 1) // BLOCK_M,
+                            tl.maximum((C + BLOCK_N - 1) // BLOCK_N, 1), GROUP_M)
+    rr = pid_r * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = (rr < R)[:, None]
+    c_mask = (rc < C)[None, :]
+    k_lo = sid * K_CHUNK
+    k_hi = tl.minimum(k_lo + K_CHUNK, M)
+    a_cols = a_ptr + rr[:, None] * s_ar
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The reduction runs over the rows of dy and x (C == 0: only the column sum is wanted).
+    acc = _dot_k(acc, a_cols, b_ptr + rc[None, :] * s_bc, s_am, s_bm, r_mask, c_mask,
+                 k_lo, tl.where(C > 0, k_hi, k_lo), BLOCK_K, PREC)
+    dw = dw_ptr + sid * s_dws + rr.to(tl.int64)[:, None] * s_dwr + rc[None, :] * s_dwc
+    tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=r_mask & c_mask)
+    if HAS_DB:
+        # Only the first column tile sums, after (not inside) the pipelined main loop.
+        if pid_c == 0:
+            rk = tl.arange(0, BLOCK_K)
+            db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k = k0 + rk
+                a = tl.load(a_cols + k.to(tl.int64)[None, :] * s_am,
+                            mask=r_mask & (k[None, :] < k_hi), other=0.0)
+                db += tl.sum(a.to(tl.float32), axis=1)
+            tl.store(db_ptr + sid * s_dbs + rr * s_db, db.to(db_ptr.dtype.element_ty),
+                     mask=rr < R)
+
+
+@_autotune(key=["M", "I", "I_F", "O_F", "O_N", "G"], rows="M", cols="I")
+@triton.jit
+def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr,
+               M, I, I_F, O_F, O_N, G,
+               s_dym, s_dyo, s_wfo, s_wfk, s_wno, s_wnk, s_wco, s_wck, s_dxm, s_dxk,
+               NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    # Column tiles of dx: the old inputs [0, I_f) first, then the new ones [I_f, I).
+    n_old = (I_F + BLOCK_N - 1) // BLOCK_N  # (no tl.cdiv: a jit call, slow when interpreted)
+    pid_m, pid_n = _swizzle(pid, (M + BLOCK_M - 1) // BLOCK_M, n_old + (I - I_F + BLOCK_N - 1) // BLOCK_N,
+                            GROUP_M)
+    is_old = pid_n < n_old
+    col0 = tl.where(is_old, pid_n * BLOCK_N, I_F + (pid_n - n_old) * BLOCK_N)
+    col_end = tl.where(is_old, I_F, I)
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = col0 + tl.arange(0, BLOCK_N)     # dx columns of this tile
+    m_mask = (rm < M)[:, None]
+    k_mask = (rk < col_end)[None, :]
+    dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * s_dym
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+    # Newest rows: dy_new @ w_new[:, cols]; on old tiles only when NEED_OLD.
+    if NEED_OLD:
+        o_hi = O_N
+    else:
+        o_hi = tl.where(is_old, 0, O_N)
+    acc = _dot_k(acc, dy_rows + O_F * s_dyo, wn_ptr + rk[None, :] * s_wnk, s_dyo, s_wno,
+                 m_mask, k_mask, 0, o_hi, BLOCK_K, PREC)
+    if NEED_OLD:
+        # Frozen group g adds dy_g @ w_frozen[g, cols] on the columns it reads (< k_end_g).
+        for g in range(G - 1):
+            r0 = tl.load(tab_ptr + 3 * g)
+            k_end = tl.load(tab_ptr + 3 * g + 2)
+            r_hi = tl.where(is_old & (k_end > col0), tl.load(tab_ptr + 3 * g + 1), r0)
+            acc = _dot_k(acc, dy_rows, wf_ptr + rk[None, :] * s_wfk, s_dyo, s_wfo, m_mask,
+                         (rk < k_end)[None, :], r0, r_hi, BLOCK_K, PREC)
+    if HAS_COUPLE:
+        # Coupled layout: every frozen row reads the newest inputs through w_couple.
+        acc = _dot_k(acc, dy_rows, wc_ptr + (rk - I_F)[None, :] * s_wck, s_dyo, s_wco,
+                     m_mask, k_mask, 0, tl.where(is_old, 0, O_F), BLOCK_K, PREC)
+
+    dx = dx_ptr + rm.to(tl.int64)[:, None] * s_dxm + rk[None, :] * s_dxk
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_mask & k_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------
+_TABLES: Dict[tuple, torch.Tensor] = {}
+
+
+def group_table(frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], i_f: int,
+                o_new: int, i: int, device) -> torch.Tensor:
+    """int32 (G, 3) rows (col_start, col_end, k_end): frozen groups, then the newest group.
+
+    Cached per layout and device: no host-to-device copy on the hot path.
+    """
+    key = (tuple(frozen_out_groups), tuple(frozen_k_ends), i_f, o_new, i, str(device))
+    tab = _TABLES.get(key)
+    if tab is None:
+        rows, start = [], 0
+        for width, k_end in zip(frozen_out_groups, frozen_k_ends):
+            if not 0 <= k_end <= i_f:
+                raise ValueError(f"frozen k_end {k_end} outside [0, {i_f}]")
+            rows.append((start, start + width, k_end))
+            start += width
+        rows.append((start, start + o_new, i))
+        tab = torch.tensor(rows, dtype=torch.int32, device=device)
+        _TABLES[key] = tab
+    return tab
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 uses tensor-core tf32 only when torch itself allows it for matmuls.
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _check(x: torch.Tensor, *ws: Optional[torch.Tensor]):
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D input, got shape {tuple(x.shape)}")
+    for w in ws:
+        if w is not None and w.dtype != x.dtype:
+            raise TypeError(f"dtype mismatch: {w.dtype} vs input {x.dtype}")
+        if w is not None and w.device != x.device:
+            raise ValueError(f"device mismatch: {w.device} vs input {x.device}")
+
+
+def _unit_k(w: torch.Tensor) -> torch.Tensor:
+    return w if w.stride(1) == 1 or w.shape[1] <= 1 else w.contiguous()
+
+
+def _grid2(m, n):
+    return lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * n(meta),)
+
+
+def linear_forward(x: torch.Tensor, w_frozen: torch.Tensor, b_frozen: Optional[torch.Tensor],
+                   w_new: torch.Tensor, b_new: Optional[torch.Tensor],
+                   w_couple: Optional[torch.Tensor], frozen_out_groups: Sequence[int],
+                   frozen_k_ends: Sequence[int], activation: Optional[str] = None
+                   ) -> torch.Tensor:
+    """y (N, O_f + o_new) = staircase(x) + bias, then ``activation``, in one launch."""
+    _check(x, w_frozen, b_frozen, w_new, b_new, w_couple)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    n, i = x.shape
+    o_f, i_f = w_frozen.shape
+    o_new = w_new.shape[0]
+    if w_new.shape[1] != i or sum(frozen_out_groups) != o_f:
+        raise ValueError("w_new / w_frozen / frozen_out_groups do not match x")
+    y = torch.empty((n, o_f + o_new), dtype=x.dtype, device=x.device)
+    if y.numel() == 0:
+        return y
+    couple = w_couple is not None and w_couple.shape[1] > 0 and o_f > 0
+    wc = w_couple if couple else w_new  # any valid pointer; unused unless HAS_COUPLE
+    # The kernel picks w_frozen or w_new per tile; a shared unit K stride keeps that a
+    # pointer choice only (weights are parameters: contiguous already, no copy).
+    w_frozen, w_new = _unit_k(w_frozen), _unit_k(w_new)
+    tab = group_table(frozen_out_groups, frozen_k_ends, i_f, o_new, i, x.device)
+    widths = list(frozen_out_groups) + [o_new]
+    grid = _grid2(n, lambda meta: sum(triton.cdiv(w, meta["BLOCK_N"]) for w in widths))
+    _fwd_kernel[grid](
+        x, w_frozen, w_new, wc, b_frozen if b_frozen is not None else y,
+        b_new if b_new is not None else y, y, tab,
+        n, o_f + o_new, i, i_f, o_f, len(widths),
+        x.stride(0), x.stride(1), w_frozen.stride(0), w_new.stride(0),
+        wc.stride(0), wc.stride(1), y.stride(0), y.stride(1),
+        HAS_BF=b_frozen is not None and o_f > 0, HAS_BN=b_new is not None and o_new > 0,
+        HAS_COUPLE=couple, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype))
+    return y
+
+
+def _auto_split(r: int, c: int, m: int, device: torch.device) -> int:
+    """Split the row reduction when dW has too few tiles to fill the GPU (a skinny dW_new
+    over many rows is the common case: few new units, long batch)."""
+    if INTERPRET or device.type != "cuda" or m < 4096:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(r, 128) * max(triton.cdiv(c, 128), 1)
+    return max(1, min(triton.cdiv(2 * sms, tiles), m // 2048, 32))
+
+
+def grad_weight(a: torch.Tensor, b: torch.Tensor, with_colsum: bool = False,
+                split_k: Optional[int] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(a^T b, a.sum(0) if with_colsum) for a (M, R), b (M, C), fp32 accumulation.
+
+    dW_new = grad_weight(dy_new, x); dW_couple = grad_weight(dy_old, x_new).  ``split_k``
+    (default: chosen from the sizes) > 1 splits the M reduction: each split writes fp32
+    partial sums, added up by one small torch reduction.
+    """
+    _check(a, b)
+    m, r = a.shape
+    c = b.shape[1]
+    if b.shape[0] != m:
+        raise ValueError(f"row mismatch: {tuple(a.shape)} vs {tuple(b.shape)}")
+    if r == 0 or (c == 0 and not with_colsum) or m == 0:  # empty: no launch
+        return (a.new_zeros((r, c)), a.new_zeros((r,)) if with_colsum else None)
+    split = split_k or _auto_split(r, c, m, a.device)
+    # Rows per split: a multiple of 256, so of every BLOCK_K (full tiles until the last).
+    chunk = triton.cdiv(triton.cdiv(m, split), 256) * 256 if split > 1 else m
+    split = triton.cdiv(m, chunk)
+    out_dtype = a.dtype if split == 1 else torch.float32
+    dw = torch.empty((split, r, c), dtype=out_dtype, device=a.device)
+    db = torch.empty((split, r), dtype=out_dtype, device=a.device) if with_colsum else None
+    dbp = db if db is not None else dw  # any valid pointer; unused unless HAS_DB
+
+    def grid(meta):
+        return (triton.cdiv(r, meta["BLOCK_M"]) * max(triton.cdiv(c, meta["BLOCK_N"]), 1),
+                split)
+
+    _dw_kernel[grid](a, b, dw, dbp, r, c, m, chunk,
+                     a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                     dw.stride(0), dw.stride(1), dw.stride(2), dbp.stride(0),
+                     db.stride(1) if db is not None else 0,
+                     HAS_DB=with_colsum, PREC=_precision(a.dtype))
+    if split == 1:
+        return dw[0], None if db is None else db[0]
+    return dw.sum(0).to(a.dtype), None if db is None else db.sum(0).to(a.dtype)
+
+
+def grad_input(dy: torch.Tensor, w_frozen: torch.Tensor, w_new: torch.Tensor,
+               w_couple: Optional[torch.Tensor], frozen_out_groups: Sequence[int],
+               frozen_k_ends: Sequence[int], need_dx_old: bool) -> torch.Tensor:
+    """dx (N, I): new-input columns always; old-input columns computed only when
+    ``need_dx_old``, else written as zeros by the same launch."""
+    _check(dy, w_frozen, w_new, w_couple)
+    n = dy.shape[0]
+    o_f, i_f = w_frozen.shape
+    o_new, i = w_new.shape
+    if dy.shape[1] != o_f + o_new:
+        raise ValueError(f"dy has {dy.shape[1]} columns, expected {o_f + o_new}")
+    dx = torch.empty((n, i), dtype=dy.dtype, device=dy.device)
+    if dx.numel() == 0:
+        return dx
+    couple = w_couple is not None and w_couple.shape[1] > 0 and o_f > 0
+    wc = w_couple if couple else w_new
+    tab = group_table(frozen_out_groups, frozen_k_ends, i_f, o_new, i, dy.device)
+    grid = _grid2(n, lambda meta: triton.cdiv(i_f, meta["BLOCK_N"])
+                  + triton.cdiv(i - i_f, meta["BLOCK_N"]))
+    _dx_kernel[grid](dy, w_frozen, w_new, wc, dx, tab,
+                     n, i, i_f, o_f, o_new, tab.shape[0],
+                     dy.stride(0), dy.stride(1), w_frozen.stride(0), w_frozen.stride(1),
+                     w_new.stride(0), w_new.stride(1), wc.stride(0), wc.stride(1),
+                     dx.stride(0), dx.stride(1),
+                     NEED_OLD=bool(need_dx_old), HAS_COUPLE=couple, PREC=_precision(dy.dtype))
+    return dx

@@ -1,0 +1,335 @@
+"""Triton kernels of the expanded linear layer, and the ``triton`` backend's linear functions.
+
+Every result is checked against a float64 dense reference: the full (O, I) matrix is built
+from the blocks with the staircase mask (zeros right of each frozen group's k_end) and
+multiplied with plain matmul.  The zero block handed to the kernels is poisoned with NaN, so
+reading it anywhere shows up as NaN in the output; every ``torch.empty`` during a test is
+NaN-filled too, so an output element the kernels forget to write fails the comparison.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest.py): float32 and float16
+only (bfloat16 ``tl.dot`` is wrong under the interpreter).  ``gpu`` tests add bfloat16 and
+large shapes against the ``torch`` backend.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from expanse_fast.backends import torch_ref  # noqa: E402
+from expanse_fast.backends import triton as triton_backend  # noqa: E402
+# Imported directly: a kernel module that fails to import must fail loudly, not skip.
+from expanse_fast.kernels import expanded_linear as K  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_OK, _WHY = triton_backend.availability(DEVICE)
+pytestmark = pytest.mark.skipif(not _OK, reason=f"triton backend unavailable: {_WHY}")
+
+# (in_groups, out_groups): 2 and 3 groups, widths 1 and primes, groups wider than one
+# interpreter tile (32), k_ends off the tile grid, 0-width new input / middle output
+# group, and a plain layer (one group: nothing frozen).
+LAYOUTS = {
+    "2g": ((40, 7), (33, 13)),
+    "3g": ((20, 7, 13), (17, 1, 19)),
+    "3g-zero": ((13, 7, 0), (5, 0, 7)),
+    "1g": ((13,), (7,)),
+}
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_empty(monkeypatch):
+    """Uninitialised float memory reads as NaN: unwritten outputs cannot pass."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+class Case:
+    """Random blocks of one expanded layer, plus its float64 dense reference."""
+
+    def __init__(self, in_groups, out_groups, mode="isolated", n=37, dtype=torch.float32,
+                 bias=True, device=DEVICE):
+        self.i_f, self.o_f = sum(in_groups[:-1]), sum(out_groups[:-1])
+        self.i, self.o = sum(in_groups), sum(out_groups)
+        self.groups = list(out_groups[:-1])
+        if mode == "coupled":
+            self.k_ends = [self.i_f] * len(self.groups)
+        else:
+            self.k_ends = list(itertools.accumulate(in_groups))[:len(self.groups)]
+        o_new, i_new = out_groups[-1], in_groups[-1]
+        scale = 1 / math.sqrt(max(self.i, 1))
+
+        def rand(*shape, s=1.0):
+            return (torch.randn(*shape, dtype=torch.float64) * s).to(dtype)
+
+        self.x = rand(n, self.i)
+        wf = rand(self.o_f, self.i_f, s=scale)
+        self.w_new = rand(o_new, self.i, s=scale)
+        self.w_couple = rand(self.o_f, i_new, s=scale) if mode == "coupled" else None
+        self.b_frozen = rand(self.o_f) if bias else None
+        self.b_new = rand(o_new) if bias else None
+
+        # Dense float64 reference with the staircase mask.
+        w = torch.zeros(self.o, self.i, dtype=torch.float64)
+        r = 0
+        for rows, k in zip(self.groups, self.k_ends):
+            w[r:r + rows, :k] = wf[r:r + rows, :k].double()
+            wf[r:r + rows, k:] = float("nan")  # the zero block: must never be read
+            r += rows
+        if self.w_couple is not None:
+            w[:self.o_f, self.i_f:] = self.w_couple.double()
+        w[self.o_f:] = self.w_new.double()
+        self.w_frozen = wf
+        self.w_dense = w
+        b = torch.zeros(self.o, dtype=torch.float64)
+        if bias:
+            b[:self.o_f], b[self.o_f:] = self.b_frozen.double(), self.b_new.double()
+        self.b_dense = b
+        self.dy = rand(n, self.o)
+        for name in ("x", "w_frozen", "w_new", "w_couple", "b_frozen", "b_new", "dy"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+
+    def blocks(self):
+        return (self.w_frozen, self.b_frozen, self.w_new, self.b_new, self.w_couple,
+                self.groups, self.k_ends)
+
+    def ref_forward(self, activation=None):
+        y = self.x.double().cpu() @ self.w_dense.t() + self.b_dense
+        if activation == "relu":
+            y = torch.relu(y)
+        elif activation == "gelu":
+            y = torch.nn.functional.gelu(y, approximate="tanh")
+        elif activation == "silu":
+            y = torch.nn.functional.silu(y)
+        return y
+
+    def ref_backward(self, need_dx_old):
+        x, dy = self.x.double().cpu(), self.dy.double().cpu()
+        dx = dy @ self.w_dense
+        if not need_dx_old:
+            dx[:, :self.i_f] = 0
+        dw_full = dy.t() @ x
+        return (dx, dw_full[self.o_f:], dy[:, self.o_f:].sum(0),
+                dw_full[:self.o_f, self.i_f:] if self.w_couple is not None else None)
+
+    def backward(self, backend, need_dx_new=True, need_dx_old=True, need_dw=True,
+                 need_db=True, need_dcouple=True):
+        return backend.linear_backward(
+            self.dy, self.x, self.w_frozen, self.w_new, self.w_couple, self.groups,
+            self.k_ends, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple)
+
+
+def assert_close(out, ref, dtype, what):
+    assert out.dtype == dtype, what
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    out = out.double().cpu()
+    assert not out.isnan().any(), f"{what}: NaN (read the zero block or left unwritten)"
+    tol = TOL[dtype] * max(1.0, ref.abs().max().item() if ref.numel() else 1.0)
+    err = (out - ref).abs().max().item() if ref.numel() else 0.0
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
+
+
+# ---------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------
+# One group has nothing frozen, so nothing to couple.
+LAYOUT_MODES = [(lay, mode) for lay in LAYOUTS for mode in ("isolated", "coupled")
+                if (lay, mode) != ("1g", "coupled")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("layout,mode", LAYOUT_MODES)
+def test_forward(layout, mode, dtype):
+    bias = (layout, mode) != ("2g", "isolated")  # one layout runs without any bias
+    c = Case(*LAYOUTS[layout], mode=mode, dtype=dtype, bias=bias)
+    assert_close(K.linear_forward(c.x, *c.blocks()), c.ref_forward(), dtype, "y")
+
+
+@pytest.mark.parametrize("n", [0, 1, 70])
+def test_forward_rows(n):
+    # 70 rows: three row tiles, the last GROUP_M band holding one.
+    c = Case(*LAYOUTS["3g"], mode="coupled", n=n)
+    assert_close(triton_backend.linear_forward(c.x, *c.blocks()), c.ref_forward(),
+                 torch.float32, f"y, n={n}")
+
+
+@pytest.mark.parametrize("activation,dtype", [("relu", torch.float32), ("gelu", torch.float32),
+                                              ("silu", torch.float32), ("gelu", torch.float16)])
+def test_forward_activation(activation, dtype):
+    c = Case(*LAYOUTS["3g"], mode="coupled", dtype=dtype)
+    assert_close(K.linear_forward(c.x, *c.blocks(), activation=activation),
+                 c.ref_forward(activation), dtype, activation)
+
+
+def test_forward_mixed_bias_and_strided_input():
+    # Only the new group has a bias; x is a non-contiguous view.
+    c = Case(*LAYOUTS["2g"], mode="isolated")
+    c.b_frozen = None
+    c.b_dense[:c.o_f] = 0
+    wide = torch.randn(c.x.shape[0], 2 * c.i, device=DEVICE)
+    wide[:, ::2] = c.x
+    c.x = wide[:, ::2]
+    assert not c.x.is_contiguous()
+    assert_close(K.linear_forward(c.x, *c.blocks()), c.ref_forward(), torch.float32, "y")
+
+
+def test_forward_rejects_bad_activation():
+    c = Case(*LAYOUTS["1g"], n=1)
+    with pytest.raises(ValueError):
+        K.linear_forward(c.x, *c.blocks(), activation="tanh")
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype,need_dx_old", [(torch.float32, False), (torch.float32, True),
+                                               (torch.float16, True)],
+                         ids=["fp32-dx_new", "fp32-dx_all", "fp16-dx_all"])
+@pytest.mark.parametrize("layout,mode", LAYOUT_MODES)
+def test_backward(layout, mode, dtype, need_dx_old):
+    c = Case(*LAYOUTS[layout], mode=mode, dtype=dtype)
+    out = c.backward(triton_backend, need_dx_old=need_dx_old)
+    for name, o, r in zip(("dx", "dw_new", "db_new", "dcouple"), out, c.ref_backward(need_dx_old)):
+        if r is None:
+            assert o is None, name
+        else:
+            assert_close(o, r, dtype, name)
+
+
+@pytest.mark.parametrize("n", [0, 1])
+def test_backward_few_rows(n):
+    c = Case(*LAYOUTS["3g"], mode="coupled", n=n)
+    for name, o, r in zip(("dx", "dw_new", "db_new", "dcouple"), c.backward(triton_backend),
+                          c.ref_backward(True)):
+        assert_close(o, r, torch.float32, f"{name}, n={n}")
+
+
+def test_grad_weight_launcher():
+    # dW = a^T b with the fused column sum, on strided views (the slices of dy and x).
+    a = torch.randn(37, 50, device=DEVICE)[:, 7:20]
+    b = torch.randn(37, 45, device=DEVICE)[:, 3:44]
+    dw, db = K.grad_weight(a, b, with_colsum=True)
+    assert_close(dw, a.double().cpu().t() @ b.double().cpu(), torch.float32, "dw")
+    assert_close(db, a.double().cpu().sum(0), torch.float32, "db")
+    dw, db = K.grad_weight(a, b[:, :0], with_colsum=True)  # column sum only
+    assert dw.shape == (13, 0)
+    assert_close(db, a.double().cpu().sum(0), torch.float32, "db only")
+
+
+def test_grad_weight_split_k():
+    # The row reduction split in 3 (256, 256, 88 rows): fp32 partials, summed.
+    a = torch.randn(600, 13, device=DEVICE, dtype=torch.float16)
+    b = torch.randn(600, 41, device=DEVICE, dtype=torch.float16)
+    dw, db = K.grad_weight(a, b, with_colsum=True, split_k=3)
+    assert_close(dw, a.double().cpu().t() @ b.double().cpu(), torch.float16, "dw")
+    assert_close(db, a.double().cpu().sum(0), torch.float16, "db")
+
+
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
+def test_backward_flags_match_torch_ref(mode):
+    """Every combination of the five flags: same None pattern, shapes and values as torch."""
+    c = Case(*LAYOUTS["3g"], mode=mode, n=5)
+    ref_blocks = (c.w_frozen.nan_to_num(0.0), c.w_new, c.w_couple, c.groups, c.k_ends)
+    for flags in itertools.product([False, True], repeat=5):
+        out = c.backward(triton_backend, *flags)
+        ref = torch_ref.linear_backward(c.dy, c.x, *ref_blocks, *flags)
+        for name, o, r in zip(("dx", "dw_new", "db_new", "dcouple"), out, ref):
+            what = f"{name} with flags {flags}"
+            assert (o is None) == (r is None), what
+            if r is not None:
+                assert_close(o, r.double().cpu(), torch.float32, what)
+
+
+def test_forward_matches_torch_ref_structure():
+    c = Case(*LAYOUTS["3g-zero"], mode="coupled")
+    y = triton_backend.linear_forward(c.x, *c.blocks())
+    w_frozen, *rest = c.blocks()
+    ref = torch_ref.linear_forward(c.x, w_frozen.nan_to_num(0.0), *rest)
+    assert y.shape == ref.shape and y.dtype == ref.dtype and y.device == ref.device
+    assert_close(y, ref.double().cpu(), torch.float32, "y")
+
+
+def test_availability():
+    ok, reason = triton_backend.availability(DEVICE)
+    assert ok and isinstance(reason, str)
+    if K.INTERPRET:
+        return
+    ok, reason = triton_backend.availability("cpu")
+    assert not ok and "TRITON_INTERPRET" in reason
+
+
+# ---------------------------------------------------------------------------------------
+# GPU: bfloat16, tuned tiles, large shapes
+# ---------------------------------------------------------------------------------------
+def _rel(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+
+
+def _check_against_torch_ref(c, need_dx_old, tol):
+    """Triton in c's dtype vs torch_ref on the same values in float32."""
+    blocks32 = [t.float() if isinstance(t, torch.Tensor) else t for t in c.blocks()]
+    blocks32[0] = blocks32[0].nan_to_num(0.0)
+    y = triton_backend.linear_forward(c.x, *c.blocks())
+    y_ref = torch_ref.linear_forward(c.x.float(), *blocks32)
+    assert y.dtype == c.x.dtype and _rel(y, y_ref) < tol, ("y", _rel(y, y_ref))
+    w_frozen, _, w_new, _, w_couple, groups, k_ends = blocks32
+    out = c.backward(triton_backend, need_dx_old=need_dx_old)
+    ref = torch_ref.linear_backward(c.dy.float(), c.x.float(), w_frozen, w_new, w_couple, groups,
+                                    k_ends, True, need_dx_old, True, True, True)
+    for name, o, r in zip(("dx", "dw_new", "db_new", "dcouple"), out, ref):
+        assert (o is None) == (r is None), name
+        if r is not None:
+            assert not o.isnan().any(), name
+            assert _rel(o, r) < tol, (name, _rel(o, r))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
+def test_gpu_bf16_odd_shapes(mode):
+    c = Case((300, 77, 131), (257, 1, 190), mode=mode, n=1037, dtype=torch.bfloat16,
+             device="cuda")
+    _check_against_torch_ref(c, need_dx_old=True, tol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_gpu_tuned_tiles_vs_float64(dtype):
+    # The autotuned (large) tiles on odd shapes, checked elementwise like the CPU tests;
+    # float32 in full ieee precision (tf32 off, the torch default).
+    assert not torch.backends.cuda.matmul.allow_tf32
+    c = Case((300, 77, 131), (257, 1, 190), mode="isolated", n=1037, dtype=dtype,
+             device="cuda")
+    tol = {torch.float32: 1e-4, torch.float16: 3e-3}[dtype]
+    y = K.linear_forward(c.x, *c.blocks(), activation="gelu")
+    ref = c.ref_forward("gelu")
+    assert (y.double().cpu() - ref).abs().max() <= tol * ref.abs().max()
+    for name, o, r in zip(("dx", "dw_new", "db_new", "dcouple"), c.backward(triton_backend),
+                          c.ref_backward(True)):
+        if r is None:
+            assert o is None
+        else:
+            assert (o.double().cpu() - r).abs().max() <= tol * r.abs().max(), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("need_dx_old", [False, True])
+def test_gpu_bf16_large(need_dx_old):
+    c = Case((4096, 1024), (4096, 1024), n=16384, dtype=torch.bfloat16, device="cuda")
+    _check_against_torch_ref(c, need_dx_old=need_dx_old, tol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_split_k():
+    # Few new units over many rows: dW_new has too few tiles, the reduction is split.
+    c = Case((1024, 256), (1024, 256), n=8192, dtype=torch.bfloat16, device="cuda")
+    assert K._auto_split(256, 1280, 8192, torch.device("cuda")) > 1
+    _check_against_torch_ref(c, need_dx_old=False, tol=1e-2)

@@ -87,15 +87,19 @@ def resolve(device: torch.device, op: str, pinned: str = "") -> ModuleType:
     return backend_module(name)
 
 
+# The fastest backend per (device type, op), by measurement.  On an H200 (bf16, 16384 rows,
+# 4096+1024 features; benchmarks/results/2026-11-28-h200-triton-linear-adhoc.md) the
+# structured cuBLAS calls of the torch backend beat the current Triton kernels (forward
+# 1.14 ms against 1.80 ms), so "auto" stays on torch until a kernel wins a measurement.
+_FASTEST = {("cuda", "linear"): "torch", ("cuda", "conv2d"): "torch"}
+
+
 def _auto_choice(device: torch.device, op: str) -> str:
-    # On the CPU the structured torch ops are fastest (Triton only runs interpreted there).
-    if device.type != "cuda":
-        return "torch"
     override = os.environ.get("EXPANSE_FAST_AUTO_" + op.upper())
     if override in BACKENDS[1:]:
         return override
-    # Measured on an H200 (benchmarks/results): the Triton kernels beat the structured
-    # cuBLAS/cuDNN calls for these ops; fall back when Triton is missing.
-    if availability("triton", device)[0] and hasattr(backend_module("triton"), op + "_forward"):
-        return "triton"
-    return "torch"
+    choice = _FASTEST.get((device.type, op), "torch")
+    if choice != "torch" and not (availability(choice, device)[0]
+                                  and hasattr(backend_module(choice), op + "_forward")):
+        return "torch"
+    return choice

@@ -15,6 +15,9 @@ except Exception:  # torch missing: tests will fail loudly on import anyway
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The tests' tensors are tiny: one thread avoids OpenMP spin-waits that made small
+    # convolutions 20-60x slower whenever another process held a core.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

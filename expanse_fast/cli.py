@@ -35,6 +35,14 @@ def _info(args) -> int:
     return 0
 
 
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(model=args.model, target=args.target, seeds=args.seeds, quick=args.quick,
+             out=args.out, progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="expanse-fast",
@@ -42,6 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions, device, which backends are usable and why not")
     info.set_defaults(func=_info)
+    demo = sub.add_parser(
+        "demo", help="the main job: source digits 0-4, target 5-9; EXPANSE against baselines")
+    demo.add_argument("--model", choices=("mlp", "cnn"), default="mlp",
+                      help="mlp: 784-150-80-5 widened to 784-256-128-10; cnn: a small conv net")
+    demo.add_argument("--target", choices=("default", "distant"), default="default",
+                      help="distant: the target digits under a fixed random pixel permutation")
+    demo.add_argument("--seeds", type=int, default=1, help="repeat K times; mean and std")
+    demo.add_argument("--quick", action="store_true", help="few epochs: a smoke test")
+    demo.add_argument("--out", default="./expanse-demo-out",
+                      help="folder for report.json and report.png (default: %(default)s)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
     return parser
 
 

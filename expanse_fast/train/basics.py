@@ -1,0 +1,71 @@
+"""The "basics" of two-step training: per class, the most prototypical examples."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+METHODS = ("prototype", "medoid", "confidence")
+
+
+@torch.no_grad()
+def _batched(fn: Callable[[Tensor], Tensor], X: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([fn(X[i:i + batch_size]) for i in range(0, len(X), batch_size)])
+
+
+def _medoid(Z: Tensor, chunk: int = 1024) -> Tensor:
+    # The member with the smallest summed distance to the others; chunked so a large class
+    # never builds its whole n x n distance matrix.
+    sums = torch.cat([torch.cdist(Z[i:i + chunk], Z).sum(1) for i in range(0, len(Z), chunk)])
+    return Z[int(torch.argmin(sums))]
+
+
+@torch.no_grad()
+def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prototype",
+                  model: Optional[nn.Module] = None,
+                  features: Optional[Callable[[Tensor], Tensor]] = None,
+                  head: Optional[slice] = None, batch_size: int = 1024) -> Tensor:
+    """Indices into ``X`` of the ``per_class`` most prototypical examples of every class
+    (all of a class that has fewer), class by class, most prototypical first.
+
+    method: "prototype" (nearest the class mean), "medoid" (nearest the class medoid),
+        both in input space or in ``features(X)`` space when ``features`` is given;
+        "confidence": highest probability of the true class under ``model`` (its outputs
+        ``head``, a slice, if the labels refer to part of them).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    y = torch.as_tensor(y)
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} examples but y has {len(y)}")
+    if method == "confidence":
+        if model is None:
+            raise ValueError('method="confidence" needs a model')
+        was_training = model.training
+        model.eval()
+        try:
+            logits = _batched(model, X, batch_size)
+        finally:
+            model.train(was_training)
+        if head is not None:
+            logits = logits[:, head]
+        # Negated so that "smaller is more prototypical" holds for every method.
+        score = -logits.float().log_softmax(1).gather(1, y.long()[:, None]).squeeze(1)
+    else:
+        Z = _batched(features, X, batch_size) if features is not None else X
+        Z = Z.reshape(len(Z), -1).double()  # float64: distance ties must not depend on order
+        score = torch.empty(len(Z), dtype=torch.float64)
+        for c in torch.unique(y):
+            members = (y == c).nonzero().squeeze(1)
+            Zc = Z[members]
+            center = Zc.mean(0) if method == "prototype" else _medoid(Zc)
+            score[members] = (Zc - center).norm(dim=1)
+    chosen = []
+    for c in torch.unique(y):
+        members = (y == c).nonzero().squeeze(1)
+        order = torch.sort(score[members], stable=True).indices[:per_class]
+        chosen.append(members[order])
+    return torch.cat(chosen).long()

@@ -1,0 +1,93 @@
+"""select_basics against brute-force float64 references on fresh random data."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from expanse_fast.train import select_basics
+
+SIZES = (1, 7, 13)  # a class smaller than per_class, odd sizes
+
+
+def _data(dim=5):
+    y = torch.cat([torch.full((n,), c) for c, n in enumerate(SIZES)])
+    y = y[torch.randperm(len(y))]  # classes interleaved, not in blocks
+    X = torch.randn(len(y), dim) + 3 * y[:, None].float()
+    return X, y
+
+
+def _reference(score, y, per_class):
+    out = []
+    for c in np.unique(y):
+        members = np.flatnonzero(y == c)
+        out += list(members[np.argsort(score[members], kind="stable")[:per_class]])
+    return out
+
+
+def _distances(Z, y, center_of):
+    score = np.empty(len(Z))
+    for c in np.unique(y):
+        m = y == c
+        score[m] = np.linalg.norm(Z[m] - center_of(Z[m]), axis=1)
+    return score
+
+
+def _mean(Zc):
+    return Zc.mean(0)
+
+
+def _medoid(Zc):
+    d = np.linalg.norm(Zc[:, None] - Zc[None], axis=2).sum(1)
+    return Zc[np.argmin(d)]
+
+
+@pytest.mark.parametrize("method,center", [("prototype", _mean), ("medoid", _medoid)])
+@pytest.mark.parametrize("per_class", [1, 5])
+def test_nearest_the_center(method, center, per_class):
+    X, y = _data()
+    got = select_basics(X, y, per_class=per_class, method=method)
+    Z, yn = X.double().numpy(), y.numpy()
+    want = _reference(_distances(Z, yn, center), yn, per_class)
+    assert got.dtype == torch.long
+    assert got.tolist() == want
+    assert len(got) == sum(min(n, per_class) for n in SIZES)
+
+
+def test_in_feature_space():
+    X, y = _data(dim=6)
+    W = torch.randn(6, 3)
+    got = select_basics(X, y, per_class=4, features=lambda x: torch.relu(x @ W))
+    Z = torch.relu(X.double() @ W.double()).numpy()
+    want = _reference(_distances(Z, y.numpy(), _mean), y.numpy(), 4)
+    assert got.tolist() == want
+
+
+def test_images_are_flattened():
+    X, y = _data(dim=12)
+    got = select_basics(X.reshape(-1, 1, 3, 4), y, per_class=3)
+    assert got.tolist() == select_basics(X, y, per_class=3).tolist()
+
+
+def test_confidence_uses_the_head_and_restores_mode():
+    X, y = _data(dim=4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Dropout(0.5))  # dropout: must run in eval mode
+    model.train()
+    head = slice(2, 5)
+    got = select_basics(X, y, per_class=3, method="confidence", model=model, head=head)
+    assert model.training
+    lin = model[0]
+    logits = (X.double() @ lin.weight.double().T + lin.bias.double())[:, head]
+    p = torch.softmax(logits, 1).gather(1, y[:, None]).squeeze(1).detach().numpy()
+    assert got.tolist() == _reference(-p, y.numpy(), 3)
+
+
+def test_errors():
+    X, y = _data()
+    with pytest.raises(ValueError, match="method"):
+        select_basics(X, y, method="random")
+    with pytest.raises(ValueError, match="needs a model"):
+        select_basics(X, y, method="confidence")
+    with pytest.raises(ValueError, match="per_class"):
+        select_basics(X, y, per_class=0)
+    with pytest.raises(ValueError, match="examples"):
+        select_basics(X, y[:-1])

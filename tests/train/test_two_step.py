@@ -1,0 +1,200 @@
+"""two_step: the step schedule, what trains and what must not, determinism, history."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import expanse_fast as xf
+from expanse_fast.train import two_step
+
+
+def _data(n, d=7, classes=3):
+    return torch.randn(n, d), torch.randint(0, classes, (n,))
+
+
+def _mlp(d=7, out=3):
+    return nn.Sequential(nn.Linear(d, 11), nn.ReLU(), nn.Linear(11, out))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _run(model, seed=0, **kw):
+    torch.manual_seed(123)  # the data never depends on the training seed
+    basics, full = _data(6), _data(29)
+    kw = {"epochs": (2, 3), "batch_size": 8, "progress": False, "seed": seed, **kw}
+    return two_step(model, basics, full, **kw)
+
+
+def test_deterministic_for_a_seed():
+    base = _mlp()
+    a, b, c = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    ha = _run(a, seed=1, noise=0.3)
+    hb = _run(b, seed=1, noise=0.3)
+    hc = _run(c, seed=2, noise=0.3)
+    sa, sb, sc = _state(a), _state(b), _state(c)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    assert [r["loss"] for r in ha] != [r["loss"] for r in hc]
+
+
+def test_callers_random_state_is_unchanged():
+    torch.manual_seed(7)
+    _mlp(), _data(9)
+    want = torch.rand(4)
+    torch.manual_seed(7)
+    m, d = _mlp(), _data(9)
+    two_step(m, None, d, epochs=(0, 2), noise=0.1, progress=False)
+    assert torch.equal(torch.rand(4), want)
+
+
+def test_only_trainable_parameters_change_and_reach_the_optimizer(monkeypatch):
+    model = _mlp()
+    model[0].weight.requires_grad_(False)
+    seen = []
+    real = torch.optim.AdamW
+
+    def spy(params, **kw):
+        params = list(params)
+        seen.append({id(p) for p in params})
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    before = _state(model)
+    _run(model, weight_decay=0.1)
+    after = _state(model)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert seen == [trainable, trainable]  # one fresh optimizer per step
+    assert torch.equal(before["0.weight"], after["0.weight"])
+    for k in ("0.bias", "2.weight", "2.bias"):
+        assert not torch.equal(before[k], after[k])
+
+
+def test_expanded_model_keeps_frozen_weights_and_source_outputs():
+    src = _mlp()
+    big = xf.expand(src, width={"0": 5}, new_classes=3)
+    frozen = {n: p.detach().clone() for n, p in big.named_parameters() if not p.requires_grad}
+    new = {n: p.detach().clone() for n, p in big.named_parameters() if p.requires_grad}
+    X = torch.randn(13, 7)
+    with torch.no_grad():
+        old_out = big(X)[:, :3].clone()
+    hist = _run(big, head=slice(3, 6))
+    assert frozen and new
+    for n, p in big.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+        else:
+            assert not torch.equal(p, new[n]), n
+    with torch.no_grad():
+        assert torch.equal(big(X)[:, :3], old_out)
+    assert len(hist) == 5
+
+
+def test_history_shape_eval_fn_and_callbacks():
+    calls = []
+    hist = _run(_mlp(), eval_fn=lambda m: {"val": float(not m.training)},
+                callbacks=[lambda r, m: calls.append(r["epoch"])])
+    assert [r["step"] for r in hist] == [1, 1, 2, 2, 2]
+    assert [r["epoch"] for r in hist] == [1, 2, 3, 4, 5]
+    assert [r["step_epoch"] for r in hist] == [1, 2, 1, 2, 3]
+    assert [r["examples"] for r in hist] == [6, 6, 29, 29, 29]
+    assert all(r["val"] == 1.0 for r in hist)  # eval_fn sees the model in eval mode
+    assert calls == [1, 2, 3, 4, 5]
+    for r in hist:
+        assert {"loss", "train_acc", "lr", "seconds"} <= set(r)
+        assert 0.0 <= r["train_acc"] <= 1.0 and r["loss"] > 0
+
+
+def test_a_callback_stops_training():
+    hist = _run(_mlp(), callbacks=[lambda r, m: r["epoch"] == 3])
+    assert len(hist) == 3
+
+
+def test_one_step_and_learning_rates():
+    hist = two_step(_mlp(), None, _data(10), epochs=(0, 2), lr=(0.5, 0.02), progress=False)
+    assert [r["step"] for r in hist] == [2, 2] and hist[0]["lr"] == 0.02
+    hist = _run(_mlp(), lr=(0.03, 0.01))
+    assert [r["lr"] for r in hist] == [0.03, 0.03, 0.01, 0.01, 0.01]
+
+
+def test_one_full_batch_epoch_is_one_adamw_step_on_the_head():
+    # batch >= N: one epoch is one optimizer step, its loss the initial model's loss.
+    torch.manual_seed(3)
+    model = _mlp(out=5)
+    X, y = _data(17, classes=2)
+    ref = copy.deepcopy(model).double()
+    hist = two_step(model, None, (X, y), epochs=(0, 1), lr=(0.0, 0.01), batch_size=64,
+                    weight_decay=0.05, head=slice(3, 5), progress=False)
+    loss = F.cross_entropy(ref(X.double())[:, 3:5], y)
+    assert hist[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.05)
+    loss.backward()
+    opt.step()
+    for (k, v), (_, w) in zip(model.state_dict().items(), ref.state_dict().items()):
+        torch.testing.assert_close(v.double(), w, rtol=1e-5, atol=1e-6, msg=k)
+    # outputs outside the head got no gradient: only weight decay moved their rows
+    assert torch.allclose(model[2].weight[:3].double(), ref[2].weight[:3], atol=1e-7)
+
+
+def test_head_outside_rows_untouched_without_weight_decay():
+    model = _mlp(out=6)
+    before = model[2].weight.detach().clone()
+    _run(model, head=slice(3, 6), weight_decay=0.0)
+    assert torch.equal(model[2].weight[:3], before[:3])
+    assert not torch.equal(model[2].weight[3:], before[3:])
+
+
+def test_replay_is_mixed_into_step_two_on_its_own_head():
+    model = _mlp(out=6)
+    before = model[2].weight.detach().clone()
+    Xr, yr = _data(4, classes=3)
+    hist = _run(model, head=slice(3, 6), weight_decay=0.0, replay=(Xr, yr, slice(0, 3)))
+    assert [r["examples"] for r in hist] == [6, 6, 33, 33, 33]
+    assert not torch.equal(model[2].weight[:3], before[:3])  # the replay head learned
+
+
+def test_noise_only_in_step_two():
+    base = _mlp()
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    _run(a, epochs=(3, 0), noise=0.0)
+    _run(b, epochs=(3, 0), noise=5.0)
+    assert all(torch.equal(v, _state(b)[k]) for k, v in _state(a).items())
+    c = copy.deepcopy(base)
+    _run(c, epochs=(0, 1), noise=5.0)
+    d = copy.deepcopy(base)
+    _run(d, epochs=(0, 1), noise=0.0)
+    assert any(not torch.equal(v, _state(d)[k]) for k, v in _state(c).items())
+
+
+def test_augment_is_applied_in_step_two():
+    seen = []
+
+    def augment(x):
+        seen.append(x.shape[0])
+        return x.flip(1)
+
+    _run(_mlp(), augment=augment)
+    assert sum(seen) == 3 * 29
+
+
+def test_mode_is_restored():
+    model = _mlp().eval()
+    _run(model)
+    assert not model.training
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="basics"):
+        two_step(_mlp(), None, _data(5), epochs=(1, 1), progress=False)
+    frozen = _mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        two_step(frozen, None, _data(5), epochs=(0, 1), progress=False)
+    with pytest.raises(ValueError, match="pairs"):
+        two_step(_mlp(), None, _data(5), epochs=(1,), progress=False)
+    with pytest.raises(ValueError, match="examples"):
+        two_step(_mlp(), None, (torch.randn(4, 7), torch.zeros(3, dtype=torch.long)),
+                 epochs=(0, 1), progress=False)

@@ -228,7 +228,7 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
         x2 = x2.contiguous()
     y = _linear(x2, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
                 list(frozen_k_ends), bool(need_dx_old), _backend_arg(backend))
-    return y.reshape(*lead, y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 
 def _backend_arg(backend: Optional[str]) -> str:

@@ -137,6 +137,31 @@ def _read(path: str) -> Tuple[dict, Dict[str, Tensor]]:
     return header, tensors
 
 
+def _widths(rec: dict, key: str) -> bool:
+    v = rec.get(key)
+    return (isinstance(v, list) and len(v) >= 2
+            and all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in v))
+
+
+def _check_records(records) -> None:
+    """A layer table of the right form (the digest catches damage, not a file written by
+    another tool or edited on purpose): refuse it before anything is built."""
+    if not isinstance(records, dict):
+        raise ExpansionFileError("the file's layer table is not a JSON object")
+    for path, rec in records.items():
+        ok = isinstance(rec, dict) and rec.get("type") in ("linear", "conv2d", "bn1d", "bn2d")
+        if ok and rec["type"].startswith("bn"):
+            ok = _widths(rec, "groups")
+        elif ok:
+            ok = (_widths(rec, "in_groups") and _widths(rec, "out_groups")
+                  and len(rec["in_groups"]) == len(rec["out_groups"])
+                  and rec.get("mode") in ("isolated", "coupled")
+                  and isinstance(rec.get("skip_old_input_grad"), bool))
+        if not ok:
+            raise ExpansionFileError(f"the file's record of layer {path!r} is malformed: "
+                                     f"{json.dumps(rec)[:120]}")
+
+
 def _build_layer(base_layer: nn.Module, rec: dict, path: str) -> nn.Module:
     kind = rec["type"]
     expect = {"linear": nn.Linear, "conv2d": nn.Conv2d, "bn1d": nn.BatchNorm1d,
@@ -191,19 +216,29 @@ def load_expansion(base_model: nn.Module, path: str) -> nn.Module:
     truncated or modified file.  ``base_model`` is never changed.
     """
     header, tensors = _read(path)
-    got = fingerprint(base_model)
-    if got != header["base_fingerprint"]:
+    got, want = fingerprint(base_model), str(header.get("base_fingerprint", ""))
+    if got != want:
         raise ExpansionFileError(
             f"this expansion was trained on another base model: base fingerprint "
-            f"{got[:16]}... differs from the file's {header['base_fingerprint'][:16]}...")
-    records = json.loads(header["layers"])
+            f"{got[:16]}... differs from the file's {want[:16] or '(none)'}...")
+    try:
+        records = json.loads(header["layers"])
+    except ValueError as exc:
+        raise ExpansionFileError(f"the file's layer table is not JSON: {exc}") from exc
+    _check_records(records)
     big = copy.deepcopy(base_model)
     modules = dict(big.named_modules())
     used = set()
     for path_, rec in records.items():
         if path_ not in modules:
             raise ExpansionFileError(f"the base model has no module {path_!r}")
-        layer = _build_layer(modules[path_], rec, path_)
+        try:
+            layer = _build_layer(modules[path_], rec, path_)
+        except ExpansionFileError:
+            raise
+        except (ValueError, TypeError) as exc:  # the layers' own checks (depthwise, ...)
+            raise ExpansionFileError(f"layer {path_!r}: the file's layout does not fit the "
+                                     f"base layer: {exc}") from exc
         _fill(layer, path_, tensors)
         used.update(f"{path_}.{n}" for n in _layer_tensors(layer))
         _swap(big, path_, layer)

@@ -2,9 +2,43 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import List, Optional
+
+DEBUG_ENV = "EXPANSE_FAST_DEBUG"  # set to 1: errors end with their full traceback
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _writable_dir(path: str) -> str:
+    """Create ``path`` if needed and prove it writable now, not after an hour of training."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".expanse-fast-write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise OSError(f"cannot write to the output folder {path!r}: "
+                      f"{exc.strerror or exc}") from None
+    return path
 
 
 def _info(args) -> int:
@@ -38,13 +72,21 @@ def _info(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
+    if args.out:
+        _writable_dir(args.out)
     run_demo(model=args.model, target=args.target, seeds=args.seeds, quick=args.quick,
              out=args.out, progress=not args.no_progress)
     return 0
 
 
+def _bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="expanse-fast",
         description="EXPANSE progressive transfer learning with fused kernels.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -56,12 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mlp: 784-150-80-5 widened to 784-256-128-10; cnn: a small conv net")
     demo.add_argument("--target", choices=("default", "distant"), default="default",
                       help="distant: the target digits under a fixed random pixel permutation")
-    demo.add_argument("--seeds", type=int, default=1, help="repeat K times; mean and std")
+    demo.add_argument("--seeds", type=_positive_int, default=1,
+                      help="repeat K times; mean and std")
     demo.add_argument("--quick", action="store_true", help="few epochs: a smoke test")
     demo.add_argument("--out", default="./expanse-demo-out",
                       help="folder for report.json and report.png (default: %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    bench = sub.add_parser(
+        "bench", help="expanse_fast against masked dense, torch.cat modules, fine-tuning the "
+                      "original and LoRA: speed-ups beside the useful-work limits")
+    bench.add_argument("--size", choices=("tiny", "default", "full"), default="default",
+                       help="default: about a minute on 2 CPU cores; full: every widening "
+                            "(10/25/50/100%%, three groups) and pass; tiny: a smoke test")
+    bench.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       default="float32")
+    bench.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    bench.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
+    bench.add_argument("--filter", default="", metavar="TEXT",
+                       help="only groups whose name contains TEXT")
+    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: "
+                       "torch's choice)")
+    bench.add_argument("--budget", type=float, default=3.0, metavar="SECONDS",
+                       help="timing budget per group (default: %(default)s)")
+    bench.add_argument("--min-rounds", type=int, default=5)
+    bench.add_argument("--max-rounds", type=int, default=30)
+    bench.add_argument("--no-memory", action="store_true",
+                       help="skip the peak-memory measurement of model steps")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -70,8 +136,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        print(f"{parser.prog}: error: choose a command (see above)", file=sys.stderr)
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly
+        try:  # and keep Python's exit-time flush of stdout from failing again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except Exception as exc:  # one line, never a bare traceback (unless asked for)
+        if os.environ.get(DEBUG_ENV):
+            raise
+        text = " ".join(str(exc).split()) or "(no message)"
+        kind = "" if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: "
+        print(f"{parser.prog} {args.command}: error: {kind}{text} (set {DEBUG_ENV}=1 for the "
+              "traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ examples per class), then the full data with its complexities (optionally with G
 input noise or an augmentation on top)."""
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -10,8 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .state import TrainingState, TrainingStateError, frozen_fingerprint, save_training_state
+
 Pair = Tuple[Tensor, Tensor]
 Record = Dict[str, object]
+CHECKPOINT_NAME = "two_step.safetensors"
 
 
 def _pair(data, name: str) -> Optional[Pair]:
@@ -39,10 +44,12 @@ def _loss_and_correct(logits: Tensor, y: Tensor, group: Tensor, heads: Sequence[
 
 
 def _run_epochs(model, opt, X, y, group, heads, n_main, epochs, step, batch_size, noise,
-                augment, eval_fn, callbacks, history, progress, desc) -> bool:
+                augment, eval_fn, callbacks, history, progress, desc, first=0, sched=None,
+                checkpoint=None) -> bool:
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(epochs), desc=f"{desc}step {step}", leave=False, disable=not progress)
+    bar = tqdm(range(first, epochs), desc=f"{desc}step {step}", leave=False,
+               disable=not progress, initial=first, total=epochs)
     for i in bar:
         model.train()
         start = time.perf_counter()
@@ -66,6 +73,8 @@ def _run_epochs(model, opt, X, y, group, heads, n_main, epochs, step, batch_size
             "loss": total / len(X), "train_acc": correct / max(n_main, 1),
             "lr": opt.param_groups[0]["lr"], "examples": len(X),
             "seconds": time.perf_counter() - start}
+        if sched is not None:
+            sched.step()
         if eval_fn is not None:  # evaluation time is not training time
             model.eval()
             with torch.no_grad():
@@ -73,9 +82,68 @@ def _run_epochs(model, opt, X, y, group, heads, n_main, epochs, step, batch_size
             model.train()
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['train_acc']:.3f}")
-        if any(cb(record, model) for cb in callbacks):
-            return True  # a callback asked to stop
+        stop = any(cb(record, model) for cb in callbacks)  # True: a callback asks to stop
+        if checkpoint is not None:
+            checkpoint(step, i + 1, stop, opt, sched)
+        if stop:
+            return True
     return False
+
+
+def _digest(*tensors: Optional[Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none|")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_resume_config(saved, config, path):
+    if not isinstance(saved, dict):
+        raise TrainingStateError(f"training checkpoint {path!r} holds no two_step settings")
+    differ = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if differ:
+        raise TrainingStateError(
+            f"training checkpoint {path!r} is from a two_step run with other settings "
+            f"({', '.join(f'{k}: {saved.get(k)!r} then, {config.get(k)!r} now' for k in differ)});"
+            " resume with the same arguments, or start afresh in another checkpoint_dir")
+
+
+def _checkpoint_paths(checkpoint_dir, checkpoint_every, resume, resume_from):
+    """(where to save, what to resume from); refuses bad arguments before any training."""
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) \
+            or checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be an int >= 1 (epochs), got "
+                         f"{checkpoint_every!r}")
+    if resume and checkpoint_dir is None and resume_from is None:
+        raise ValueError("resume=True needs checkpoint_dir (or resume_from=path)")
+    save_path = None
+    if checkpoint_dir is not None:
+        checkpoint_dir = os.fspath(checkpoint_dir)
+        try:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+            probe = os.path.join(checkpoint_dir, f".write-test-{os.getpid()}")
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+        except OSError as exc:
+            raise OSError(f"checkpoint_dir {checkpoint_dir!r} is not a writable folder: "
+                          f"{exc.strerror or exc}") from exc
+        save_path = os.path.join(checkpoint_dir, CHECKPOINT_NAME)
+    load_path = None
+    if resume_from is not None:
+        load_path = os.fspath(resume_from)
+        if os.path.isdir(load_path):
+            load_path = os.path.join(load_path, CHECKPOINT_NAME)
+        if not os.path.isfile(load_path):
+            raise FileNotFoundError(f"resume_from: no training checkpoint at {load_path!r}")
+    elif resume and os.path.isfile(save_path):
+        load_path = save_path  # resume=True and nothing saved yet: start afresh
+    return save_path, load_path
 
 
 def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
@@ -86,7 +154,9 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
              callbacks: Sequence[Callable[[Record, nn.Module], Optional[bool]]] = (),
              eval_fn: Optional[Callable[[nn.Module], Dict[str, float]]] = None,
              replay: Optional[Tuple[Tensor, Tensor, Optional[slice]]] = None,
-             desc: str = "") -> List[Record]:
+             desc: str = "", lr_schedule: Optional[Callable] = None,
+             checkpoint_dir: Optional[str] = None, checkpoint_every: int = 1,
+             resume: bool = False, resume_from: Optional[str] = None) -> List[Record]:
     """Train ``model`` in place: ``epochs[0]`` epochs on ``basics`` at ``lr[0]``, then
     ``epochs[1]`` epochs on ``full`` at ``lr[1]`` (``epochs=(0, e)``: ordinary one-step
     training).  Returns the history, one dict per epoch.
@@ -101,7 +171,21 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     eval_fn(model) -> dict is merged into each epoch's record (model in eval mode, no grad;
     its time is not counted in ``seconds``); each callback(record, model) runs after it and
     stops training by returning True.  ``desc`` labels the progress bars.
+    lr_schedule(optimizer, step, n_epochs) -> an LR scheduler, made for each step; its
+        ``step()`` runs after every epoch (the record's ``lr`` is the epoch's own).
     Deterministic for a given ``seed``; the caller's random state is left as it was.
+
+    Checkpoints: with ``checkpoint_dir``, the trainable tensors and buffers, the optimizer,
+    the scheduler, the random state and the history are saved to
+    ``checkpoint_dir/two_step.safetensors`` every ``checkpoint_every`` epochs, at the end of
+    each step and when a callback stops training (atomically: a crash leaves the previous
+    checkpoint whole).  ``resume=True`` continues from that file when it exists (else starts
+    afresh); ``resume_from=path`` (a file or a folder) continues from another.  The resumed
+    run ends with the same weights, bit for bit, as one never interrupted (same device),
+    and returns the whole history.  A checkpoint of another model, other frozen weights,
+    other data or other settings is refused (``TrainingStateError``) before anything is
+    changed.  Randomness drawn by ``augment`` from Python's or NumPy's generators is not
+    restored: draw from torch.
     """
     if len(epochs) != 2 or len(lr) != 2 or min(epochs) < 0:
         raise ValueError(f"epochs and lr must be pairs (step one, step two), epochs >= 0; got "
@@ -115,15 +199,49 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
     device = params[0].device
+    save_path, load_path = _checkpoint_paths(checkpoint_dir, checkpoint_every, resume,
+                                             resume_from)
     heads = [head if head is not None else slice(None)]
     steps = [(1, basics, epochs[0], lr[0], 0.0, None), (2, full, epochs[1], lr[1], noise, augment)]
     history: List[Record] = []
+    # what a checkpoint must match to be continued
+    config = {"epochs": list(epochs), "lr": [float(v) for v in lr], "batch_size": batch_size,
+              "weight_decay": float(weight_decay), "noise": float(noise), "seed": seed,
+              "head": repr(head), "augment": augment is not None,
+              "lr_schedule": lr_schedule is not None,
+              "replay_head": repr(replay[2]) if replay is not None else None,
+              "data": _digest(*(basics or (None, None)), *(full or (None, None)),
+                              *(replay[:2] if replay is not None else (None, None)))}
+    resumed: Optional[TrainingState] = None
+    start = (0, 0)  # (step, epochs of that step) already done
+    if load_path is not None:
+        resumed = TrainingState.read(load_path)
+        prog = resumed.progress if isinstance(resumed.progress, dict) else {}
+        _check_resume_config(prog.get("config"), config, load_path)
+        try:
+            start = (int(prog["step"]), int(prog["step_epochs"]))
+            stopped, saved_history = bool(prog["stopped"]), list(prog["history"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TrainingStateError(f"training checkpoint {load_path!r}: its progress is "
+                                     f"malformed ({exc})") from exc
+        if stopped:  # a callback had stopped that run: it is finished
+            start = (3, 0)
+    fingerprint = frozen_fingerprint(model) if save_path else None
+
+    def checkpoint(step, step_epochs, stopped, opt, sched):
+        if len(history) % checkpoint_every and step_epochs < epochs[step - 1] and not stopped:
+            return
+        save_training_state(save_path, model, opt, sched, fingerprint=fingerprint, progress={
+            "config": config, "step": step, "step_epochs": step_epochs, "stopped": stopped,
+            "history": history})
+
     was_training = model.training
     fork = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed)
         for step, data, n_epochs, step_lr, step_noise, step_aug in steps:
-            if not n_epochs:
+            first = start[1] if step == start[0] else 0
+            if not n_epochs or step < start[0] or first >= n_epochs:
                 continue
             X, y = data
             group = torch.zeros(len(X), dtype=torch.long)
@@ -136,10 +254,21 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
                 heads_now = heads
             X, y, group = X.to(device), y.to(device), group.to(device)
             opt = torch.optim.AdamW(params, lr=step_lr, weight_decay=weight_decay)
+            sched = lr_schedule(opt, step, n_epochs) if lr_schedule is not None else None
+            if resumed is not None:
+                # mid-step: this step's optimizer and scheduler continue; at a step's start
+                # they are fresh, as in a run never interrupted
+                resumed.restore(model, opt if first else None, sched if first else None)
+                history[:] = saved_history
+                resumed = None
             stop = _run_epochs(model, opt, X, y, group, heads_now, len(data[0]), n_epochs, step,
                                batch_size, step_noise, step_aug, eval_fn, list(callbacks),
-                               history, progress, f"{desc}: " if desc else "")
+                               history, progress, f"{desc}: " if desc else "", first, sched,
+                               checkpoint if save_path else None)
             if stop:
                 break
+    if resumed is not None:  # the saved run had finished: its weights and history
+        resumed.restore(model, rng=False)
+        history[:] = saved_history
     model.train(was_training)
     return history

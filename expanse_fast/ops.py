@@ -11,6 +11,7 @@ their arguments, then call the custom ops ``torch.ops.expanse_fast.*``).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -223,7 +224,7 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                              ("b_new", b_new), ("w_couple", w_couple)])
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(math.prod(lead), in_features)  # -1 would be ambiguous for 0 features
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y = _linear(x2, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
@@ -252,8 +253,11 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     what = "expanded_conv2d"
     if depthwise:
         c_f = frozen_k_ends[-1] if frozen_k_ends else 0
-        multiplier = w_frozen.shape[0] // c_f if c_f else 1
-        in_channels = c_f + w_new.shape[0] // multiplier
+        if c_f:
+            in_channels = c_f + w_new.shape[0] // (w_frozen.shape[0] // c_f)
+        else:  # no frozen filters to read the multiplier from: any divisor will do
+            c = x.shape[1] if x.dim() == 4 else 0
+            in_channels = c if c and w_new.shape[0] % c == 0 else w_new.shape[0]
     else:
         in_channels = w_new.shape[1]
     if x.dim() != 4 or x.shape[1] != in_channels:

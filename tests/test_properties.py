@@ -572,10 +572,8 @@ test_nonfinite_conv2d_cuda = _nonfinite_conv_test("cuda", 25, 5, 5)
 # (name, op, layout, depthwise, backends where it is known to fail on CPU).  A fixed bug
 # turns its strict xfail into a failure: then drop it here and widen the strategy above.
 DEGENERATE = [
-    # ops.expanded_linear: x.reshape(-1, 0) is ambiguous for a layer of no inputs at all
-    ("linear-without-inputs", "linear", Layout((0,), (3,)), False, {"torch", "triton"}),
-    ("linear-without-inputs-2-groups", "linear", Layout((0, 0), (2, 3)), False,
-     {"torch", "triton"}),
+    ("linear-without-inputs", "linear", Layout((0,), (3,)), False, set()),
+    ("linear-without-inputs-2-groups", "linear", Layout((0, 0), (2, 3)), False, set()),
     # torch backend: aten refuses a conv weight of 0 output channels
     ("conv-without-outputs", "conv", Layout((3,), (0,)), False, {"torch"}),
     # torch backend: a frozen group reading 0 input channels yields 0 output channels
@@ -583,9 +581,7 @@ DEGENERATE = [
     # torch backend: coupled with no frozen rows returns dW_couple of the wrong shape
     ("conv-coupled-without-frozen-rows", "conv", Layout((2,), (3,), "coupled"), False,
      {"torch"}),
-    # ops.expanded_conv2d infers the depth multiplier from the frozen filters only
-    ("depthwise-multiplier-without-frozen-channels", "conv", Layout((2,), (4,)), True,
-     {"torch", "triton"}),
+    ("depthwise-multiplier-without-frozen-channels", "conv", Layout((2,), (4,)), True, set()),
     # controls: the same shapes one step away from the degenerate ones work everywhere
     ("linear-one-input", "linear", Layout((1,), (3,)), False, set()),
     ("conv-coupled-with-frozen-rows", "conv", Layout((1, 2), (1, 3), "coupled"), False, set()),

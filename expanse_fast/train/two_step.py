@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import (all_reduce_metrics, any_rank, is_distributed, is_main_process,
+                          make_sampler, rank, unwrap, wrap_ddp)
 from .state import TrainingState, TrainingStateError, frozen_fingerprint, save_training_state
 
 Pair = Tuple[Tensor, Tensor]
@@ -43,19 +45,25 @@ def _loss_and_correct(logits: Tensor, y: Tensor, group: Tensor, heads: Sequence[
     return loss / len(y), correct
 
 
-def _run_epochs(model, opt, X, y, group, heads, n_main, epochs, step, batch_size, noise,
-                augment, eval_fn, callbacks, history, progress, desc, first=0, sched=None,
+def _run_epochs(model, opt, X, y, group, heads, epochs, step, batch_size, noise, augment,
+                eval_fn, callbacks, history, progress, desc, seed, first=0, sched=None,
                 checkpoint=None) -> bool:
     from tqdm.auto import tqdm
 
     bar = tqdm(range(first, epochs), desc=f"{desc}step {step}", leave=False,
-               disable=not progress, initial=first, total=epochs)
+               disable=not progress or not is_main_process(), initial=first, total=epochs)
+    # Distributed: each rank trains on its share; DDP averages the gradients.
+    sampler = make_sampler(X, shuffle=True, seed=seed) if is_distributed() else None
     for i in bar:
         model.train()
         start = time.perf_counter()
-        order = torch.randperm(len(X), device=X.device)
+        if sampler is None:
+            order = torch.randperm(len(X), device=X.device)
+        else:
+            sampler.set_epoch(len(history))
+            order = torch.as_tensor(list(sampler), dtype=torch.long, device=X.device)
         total, correct = 0.0, 0
-        for s in range(0, len(X), batch_size):
+        for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
             xb = X[idx]
             if noise:
@@ -68,9 +76,13 @@ def _run_epochs(model, opt, X, y, group, heads, n_main, epochs, step, batch_size
             opt.step()
             total += float(loss.detach()) * len(idx)
             correct += c
+        # Over all ranks (DistributedSampler repeats a few examples to even the shares).
+        sums = all_reduce_metrics({"loss": total, "correct": correct, "seen": len(order),
+                                   "seen_main": int((group[order] == 0).sum())})
         record: Record = {
             "step": step, "epoch": len(history) + 1, "step_epoch": i + 1,
-            "loss": total / len(X), "train_acc": correct / max(n_main, 1),
+            "loss": sums["loss"] / max(sums["seen"], 1),
+            "train_acc": sums["correct"] / max(sums["seen_main"], 1),
             "lr": opt.param_groups[0]["lr"], "examples": len(X),
             "seconds": time.perf_counter() - start}
         if sched is not None:
@@ -78,11 +90,12 @@ def _run_epochs(model, opt, X, y, group, heads, n_main, epochs, step, batch_size
         if eval_fn is not None:  # evaluation time is not training time
             model.eval()
             with torch.no_grad():
-                record.update(eval_fn(model))
+                record.update(eval_fn(unwrap(model)))
             model.train()
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['train_acc']:.3f}")
-        stop = any(cb(record, model) for cb in callbacks)  # True: a callback asks to stop
+        # True: a callback asks to stop (on any rank: all ranks stop together)
+        stop = any_rank(any(cb(record, unwrap(model)) for cb in callbacks))
         if checkpoint is not None:
             checkpoint(step, i + 1, stop, opt, sched)
         if stop:
@@ -175,6 +188,13 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
         ``step()`` runs after every epoch (the record's ``lr`` is the epoch's own).
     Deterministic for a given ``seed``; the caller's random state is left as it was.
 
+    Under torchrun (a process group of several ranks) each rank trains on its share of
+    the data (DistributedSampler: pass the same data on every rank) under DDP (a model
+    already wrapped by DDP or FSDP2 is used as it is); the history's loss and accuracy
+    are over all ranks; only rank 0 shows progress and writes checkpoints.  eval_fn and
+    the callbacks run on every rank: log and save on rank 0 only
+    (``xf.train.distributed.is_main_process()``).
+
     Checkpoints: with ``checkpoint_dir``, the trainable tensors and buffers, the optimizer,
     the scheduler, the random state and the history are saved to
     ``checkpoint_dir/two_step.safetensors`` every ``checkpoint_every`` epochs, at the end of
@@ -198,6 +218,7 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
+    train_model = wrap_ddp(model) if is_distributed() else model
     device = params[0].device
     save_path, load_path = _checkpoint_paths(checkpoint_dir, checkpoint_every, resume,
                                              resume_from)
@@ -231,6 +252,8 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     def checkpoint(step, step_epochs, stopped, opt, sched):
         if len(history) % checkpoint_every and step_epochs < epochs[step - 1] and not stopped:
             return
+        if not is_main_process():
+            return
         save_training_state(save_path, model, opt, sched, fingerprint=fingerprint, progress={
             "config": config, "step": step, "step_epochs": step_epochs, "stopped": stopped,
             "history": history})
@@ -238,7 +261,7 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     was_training = model.training
     fork = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed + rank())  # noise, augmentation, dropout: new on each rank
         for step, data, n_epochs, step_lr, step_noise, step_aug in steps:
             first = start[1] if step == start[0] else 0
             if not n_epochs or step < start[0] or first >= n_epochs:
@@ -261,10 +284,10 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
                 resumed.restore(model, opt if first else None, sched if first else None)
                 history[:] = saved_history
                 resumed = None
-            stop = _run_epochs(model, opt, X, y, group, heads_now, len(data[0]), n_epochs, step,
+            stop = _run_epochs(train_model, opt, X, y, group, heads_now, n_epochs, step,
                                batch_size, step_noise, step_aug, eval_fn, list(callbacks),
-                               history, progress, f"{desc}: " if desc else "", first, sched,
-                               checkpoint if save_path else None)
+                               history, progress, f"{desc}: " if desc else "", seed, first,
+                               sched, checkpoint if save_path else None)
             if stop:
                 break
     if resumed is not None:  # the saved run had finished: its weights and history

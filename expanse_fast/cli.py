@@ -118,12 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--save", metavar="PATH", help="also write the JSON to PATH")
     bench.add_argument("--filter", default="", metavar="TEXT",
                        help="only groups whose name contains TEXT")
-    bench.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: "
-                       "torch's choice)")
+    bench.add_argument("--threads", type=_positive_int, default=None,
+                       help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--budget", type=float, default=3.0, metavar="SECONDS",
-                       help="timing budget per group (default: %(default)s)")
-    bench.add_argument("--min-rounds", type=int, default=5)
-    bench.add_argument("--max-rounds", type=int, default=30)
+                       help="timing budget per group, rounds permitting (default: %(default)s)")
+    bench.add_argument("--min-rounds", type=_positive_int, default=5,
+                       help="timed rounds per group at least (default: %(default)s)")
+    bench.add_argument("--max-rounds", type=_positive_int, default=30,
+                       help="and at most (default: %(default)s)")
     bench.add_argument("--no-memory", action="store_true",
                        help="skip the peak-memory measurement of model steps")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

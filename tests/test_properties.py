@@ -568,19 +568,15 @@ test_nonfinite_conv2d_triton = _nonfinite_conv_test("triton", 8, 3, 2)
 test_nonfinite_conv2d_cuda = _nonfinite_conv_test("cuda", 25, 5, 5)
 
 
-# ---- degenerate layouts the strategies above avoid: known bugs, pinned ------------------
-# (name, op, layout, depthwise, backends where it is known to fail on CPU).  A fixed bug
-# turns its strict xfail into a failure: then drop it here and widen the strategy above.
+# ---- degenerate layouts the strategies above avoid -------------------------------------
+# (name, op, layout, depthwise, backends where it is known to fail on CPU: none now).  Each
+# was a bug once (empty weights or inputs that aten or a reshape refused).
 DEGENERATE = [
     ("linear-without-inputs", "linear", Layout((0,), (3,)), False, set()),
     ("linear-without-inputs-2-groups", "linear", Layout((0, 0), (2, 3)), False, set()),
-    # torch backend: aten refuses a conv weight of 0 output channels
-    ("conv-without-outputs", "conv", Layout((3,), (0,)), False, {"torch"}),
-    # torch backend: a frozen group reading 0 input channels yields 0 output channels
-    ("conv-frozen-rows-reading-nothing", "conv", Layout((0, 2), (3, 1)), False, {"torch"}),
-    # torch backend: coupled with no frozen rows returns dW_couple of the wrong shape
-    ("conv-coupled-without-frozen-rows", "conv", Layout((2,), (3,), "coupled"), False,
-     {"torch"}),
+    ("conv-without-outputs", "conv", Layout((3,), (0,)), False, set()),
+    ("conv-frozen-rows-reading-nothing", "conv", Layout((0, 2), (3, 1)), False, set()),
+    ("conv-coupled-without-frozen-rows", "conv", Layout((2,), (3,), "coupled"), False, set()),
     ("depthwise-multiplier-without-frozen-channels", "conv", Layout((2,), (4,)), True, set()),
     # controls: the same shapes one step away from the degenerate ones work everywhere
     ("linear-one-input", "linear", Layout((1,), (3,)), False, set()),

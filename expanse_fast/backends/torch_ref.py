@@ -105,6 +105,14 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 # Conv2d (NCHW; channels are the groups)
 # ---------------------------------------------------------------------------------------
 def _conv(x: Tensor, w: Tensor, b: Maybe, stride, padding, dilation, groups: int = 1) -> Tensor:
+    if w.shape[0] == 0 or w.shape[1] == 0 or x.shape[1] == 0:
+        # aten refuses empty filters; an empty sum is zeros (plus the bias)
+        pair = lambda v: (int(v),) * 2 if isinstance(v, int) else tuple(int(a) for a in v)  # noqa: E731
+        (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
+        ho = (x.shape[2] + 2 * ph - dh * (w.shape[2] - 1) - 1) // sh + 1
+        wo = (x.shape[3] + 2 * pw - dw * (w.shape[3] - 1) - 1) // sw + 1
+        y = x.new_zeros((x.shape[0], w.shape[0], ho, wo))
+        return y if b is None else y + b.view(1, -1, 1, 1)
     return torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
 
 
@@ -189,9 +197,9 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                             need_db)
     dcouple = None
     dy_old = dy[:, :o_f].contiguous() if o_f else None
-    if need_dcouple and w_couple is not None and o_f:
-        dcouple = _conv_grads(dy_old, x[:, i_f:], w_couple, stride, padding, dilation, 1, False,
-                              True, False)[1]
+    if need_dcouple and w_couple is not None:
+        dcouple = (_conv_grads(dy_old, x[:, i_f:], w_couple, stride, padding, dilation, 1, False,
+                               True, False)[1] if o_f else torch.zeros_like(w_couple))
     dx = None
     if need_dx_new or need_dx_old:
         if need_dx_old:

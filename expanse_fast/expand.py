@@ -301,8 +301,6 @@ class _Plan:
             if touches or Ellipsis in index[:1]:
                 self._refuse(node, f"indexing {index} of a widened tensor can cut or reorder its "
                                    "features; only batch indexing keeps them apart")
-        elif index is Ellipsis:
-            pass
         return f
 
     def _binary(self, node: fx.Node) -> _Feat:

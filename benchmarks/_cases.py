@@ -47,10 +47,10 @@ def run(benchmark, spec, name, rounds):
     benchmark.extra_info.update(role=c.role, macs=c.macs, grad_params=c.grad_params)
     if c.role == "peer":
         benchmark.extra_info["limit"] = c.macs / subject.macs
-    call = c.call
-    if DEVICE.type == "cuda":
-        def call():
-            c.call()
+
+    def call():
+        c.call()
+        if DEVICE.type == "cuda":  # time the kernels, not their launch
             torch.cuda.synchronize(DEVICE)
     benchmark.pedantic(call, setup=c.setup, rounds=rounds, warmup_rounds=1)
     return case, c

@@ -12,7 +12,7 @@ from expanse_fast import bench as B
 
 from _cases import case_id, contender_names, name_id, run
 
-ROUNDS = 5
+ROUNDS = 7
 SPECS = B.layer_specs("linear", 1024, 4096) + B.layer_specs("conv2d", 128, 8, hw=16)
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import importlib
 import json
 import math
 import platform
@@ -152,7 +153,7 @@ def finetune_original(expanded: nn.Module) -> nn.Module:
 def peft_missing() -> Optional[str]:
     """None if PEFT can be imported, else why not."""
     try:
-        import peft  # noqa: F401
+        importlib.import_module("peft")
     except Exception as exc:  # ImportError, or a broken install
         return f"PEFT is not importable ({type(exc).__name__}: {exc}); pip install peft"
     return None
@@ -642,9 +643,10 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        returns = func._schema.returns
+        schema = getattr(func, "_schema", None)
+        returns = schema.returns if schema is not None else [None]
         for ret, value in zip(returns, out if len(returns) > 1 else (out,)):
-            if ret.alias_info is not None:  # a view, an in-place or out= result
+            if ret is not None and ret.alias_info is not None:  # a view, in-place, out=
                 continue
             for t in _tensors(value):
                 storage = t.untyped_storage()

@@ -16,6 +16,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor, nn
 
+from .hashing import hash_tensor as _hash_tensor
 from .expand import _freeze_all_but_newest, _swap, expanded_layers, source_model
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.norm import _ExpandedBatchNorm
@@ -34,13 +35,6 @@ def fingerprint(model: nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         _hash_tensor(h, name, t)
     return h.hexdigest()
-
-
-def _hash_tensor(h, name: str, t: Tensor):
-    shape = tuple(t.shape)
-    t = t.detach().cpu().contiguous().reshape(-1)
-    h.update(f"{name}|{t.dtype}|{shape}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def _payload_digest(layers_json: str, tensors: Dict[str, Tensor]) -> str:

@@ -24,6 +24,8 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..hashing import hash_tensor as _hash_tensor
+
 FORMAT = "expanse_fast.training_state"
 VERSION = 1
 
@@ -33,12 +35,6 @@ class TrainingStateError(ValueError):
 
 
 # ---- hashing ---------------------------------------------------------------------------
-def _hash_tensor(h, name: str, t: Tensor):
-    shape = tuple(t.shape)
-    t = t.detach().cpu().contiguous().reshape(-1)
-    h.update(f"{name}|{t.dtype}|{shape}|".encode())
-    if t.numel():
-        h.update(t.view(torch.uint8).numpy().tobytes())
 
 
 def frozen_fingerprint(model: nn.Module) -> str:

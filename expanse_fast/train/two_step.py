@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..hashing import hash_tensor
 from .distributed import (all_reduce_metrics, any_rank, is_distributed, is_main_process,
                           make_sampler, rank, unwrap, wrap_ddp)
 from .state import TrainingState, TrainingStateError, frozen_fingerprint, save_training_state
@@ -105,13 +106,11 @@ def _run_epochs(model, opt, X, y, group, heads, epochs, step, batch_size, noise,
 
 def _digest(*tensors: Optional[Tensor]) -> str:
     h = hashlib.sha256()
-    for t in tensors:
+    for i, t in enumerate(tensors):
         if t is None:
             h.update(b"none|")
-            continue
-        t = t.detach().cpu().contiguous()
-        h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        else:
+            hash_tensor(h, str(i), t)
     return h.hexdigest()
 
 

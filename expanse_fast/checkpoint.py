@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .hashing import hash_tensor as _hash_tensor
-from .expand import _freeze_all_but_newest, _swap, expanded_layers, source_model
+from .expand import ExpansionError, _freeze_all_but_newest, _swap, expanded_layers, source_model
+from .fuse import fuse_activations
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.norm import _ExpandedBatchNorm
 
@@ -203,11 +204,12 @@ def _fill(layer: nn.Module, path: str, tensors: Dict[str, Tensor]):
             dst.copy_(src)  # dst may be a view into a frozen tensor: writes land in place
 
 
-def load_expansion(base_model: nn.Module, path: str) -> nn.Module:
+def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Module:
     """Rebuild the expanded model saved at ``path`` on top of ``base_model``.
 
     Refuses a base whose weights differ from the one the expansion was trained on, and any
-    truncated or modified file.  ``base_model`` is never changed.
+    truncated or modified file.  ``base_model`` is never changed.  ``fuse``: fuse ReLUs into
+    the layers before them as ``expand()`` does (skipped for a model torch.fx cannot trace).
     """
     header, tensors = _read(path)
     got, want = fingerprint(base_model), str(header.get("base_fingerprint", ""))
@@ -240,4 +242,9 @@ def load_expansion(base_model: nn.Module, path: str) -> nn.Module:
     if extra:
         raise ExpansionFileError(f"the file holds tensors no layer takes: {sorted(extra)[:5]}")
     _freeze_all_but_newest(big)
+    if fuse:
+        try:
+            fuse_activations(big)
+        except ExpansionError:
+            pass  # not traceable: the unfused model computes the same
     return big

@@ -18,7 +18,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
+from .nn import (ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear,
+                 FusedReLU)
 from .nn.norm import _ExpandedBatchNorm
 
 Width = Union[float, int, Mapping[str, int]]
@@ -371,7 +372,7 @@ def _widened_layer(m: nn.Module, grow: Tuple[int, ...], mode: str) -> nn.Module:
 
 def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
            head: Optional[str] = None, mode: str = "isolated",
-           backend: str = "auto") -> nn.Module:
+           backend: str = "auto", fuse: bool = True) -> nn.Module:
     """Return a widened copy of ``model``; ``model`` itself is left untouched.
 
     width: new units per layer: a fraction of each layer's own width (float), an int, or
@@ -381,6 +382,8 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         "coupled" (old units read new ones through zero-initialised trainable blocks).
     backend: "auto" follows ``xf.set_backend``; "torch", "triton" or "cuda" pins every
         widened layer of the copy to that backend.
+    fuse: let each widened Linear compute the ``nn.ReLU`` module that follows it
+        (:func:`~expanse_fast.fuse_activations`): same results, less work in backward.
     """
     from .backend_choice import BACKENDS
     if backend not in BACKENDS:
@@ -400,6 +403,9 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
             layer.backend = None if backend == "auto" else backend
         _swap(big, path, layer)
     _freeze_all_but_newest(big)
+    if fuse:
+        from .fuse import fuse_activations  # fuse builds on this module's tracer
+        fuse_activations(big)
     return big
 
 
@@ -422,6 +428,8 @@ def _plain_copy(big: nn.Module, task: Optional[int]) -> nn.Module:
             bn = m.to_bn(task)
             bn.train(m.training)
             _swap(model, path, bn)
+        elif isinstance(m, FusedReLU):  # its layer, now plain, no longer applies the ReLU
+            _swap(model, path, m.to_relu())
     for p in model.parameters():
         p.requires_grad_(True)
     return model

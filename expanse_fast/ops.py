@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backend_choice
+from .backends.torch_ref import ACTIVATIONS  # what the expanded linear can fuse
 
 LIB = "expanse_fast"
 _EMPTY = (0,)
@@ -48,15 +49,16 @@ def _fake_grads(dy, x, w_new, w_couple, need_dx, need_dw, need_db, need_dcouple)
 @torch.library.custom_op(f"{LIB}::linear", mutates_args=())
 def _linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
             b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
-            frozen_k_ends: List[int], need_dx_old: bool, backend: str = "") -> Tensor:
+            frozen_k_ends: List[int], need_dx_old: bool, activation: str = "",
+            backend: str = "") -> Tensor:
     backend = backend_choice.resolve(x.device, "linear", backend)
     return backend.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
-                                  frozen_out_groups, frozen_k_ends)
+                                  frozen_out_groups, frozen_k_ends, activation)
 
 
 @_linear.register_fake
 def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
-      need_dx_old, backend=""):
+      need_dx_old, activation="", backend=""):
     return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0]))
 
 
@@ -64,41 +66,45 @@ def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k
 def _linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
                      w_couple: Optional[Tensor], frozen_out_groups: List[int],
                      frozen_k_ends: List[int], need_dx_new: bool, need_dx_old: bool,
-                     need_dw: bool, need_db: bool, need_dcouple: bool, backend: str = ""
+                     need_dw: bool, need_db: bool, need_dcouple: bool,
+                     out: Optional[Tensor] = None, backend: str = ""
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``out``: the forward's output when a ReLU was fused into it (its mask), else None."""
     backend = backend_choice.resolve(dy.device, "linear", backend)
     grads = backend.linear_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
                                     frozen_out_groups, frozen_k_ends, need_dx_new, need_dx_old,
-                                    need_dw, need_db, need_dcouple)
+                                    need_dw, need_db, need_dcouple, out=out)
     return tuple(_or_empty(g, dy) for g in grads)
 
 
 @_linear_backward.register_fake
 def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, need_dx_new,
-      need_dx_old, need_dw, need_db, need_dcouple, backend=""):
+      need_dx_old, need_dw, need_db, need_dcouple, out=None, backend=""):
     return _fake_grads(dy, x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
                        need_dcouple)
 
 
 def _linear_setup_context(ctx, inputs, output):
     x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, need_dx_old = inputs[:9]
-    ctx.save_for_backward(x, w_frozen, w_new, w_couple)
+    activation = inputs[9] if len(inputs) > 9 else ""
+    # A fused ReLU's backward needs its mask: the output itself (as nn.ReLU saves it).
+    ctx.save_for_backward(x, w_frozen, w_new, w_couple, output if activation else None)
     ctx.groups = (list(frozen_out_groups), list(frozen_k_ends))
     ctx.need_dx_old = need_dx_old
     # Backward may run on another thread: keep the choice in force now.
-    ctx.backend = (inputs[9] if len(inputs) > 9 else "") or backend_choice.get_backend()
+    ctx.backend = (inputs[10] if len(inputs) > 10 else "") or backend_choice.get_backend()
 
 
 def _linear_autograd_backward(ctx, dy):
-    x, w_frozen, w_new, w_couple = ctx.saved_tensors
+    x, w_frozen, w_new, w_couple, out = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
     if not (need_x or need_w or need_b or need_c):
-        return (None,) * 10
+        return (None,) * 11
     dx, dw, db, dc = _linear_backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
                                       need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
-                                      ctx.backend)
+                                      out, ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
-            _or_none(dc, need_c), None, None, None, None)
+            _or_none(dc, need_c), None, None, None, None, None)
 
 
 _linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
@@ -211,11 +217,18 @@ def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional
 def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
                     b_new: Optional[Tensor], w_couple: Optional[Tensor] = None, *,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
-                    need_dx_old: bool = True, backend: Optional[str] = None) -> Tensor:
+                    need_dx_old: bool = True, activation: Optional[str] = None,
+                    backend: Optional[str] = None) -> Tensor:
     """y = [frozen staircase rows | trainable rows] applied to x of shape (..., I).
 
+    ``activation="relu"`` fuses a ReLU into the op: applied in the forward's epilogue, and
+    in backward its mask is applied only to the gradient columns that are read.
     ``backend`` pins this call to one backend; None follows ``xf.set_backend``."""
     what = "expanded_linear"
+    activation = activation or ""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{what}: activation must be None or one of "
+                         f"{[a for a in ACTIVATIONS if a]}, got {activation!r}")
     in_features = w_new.shape[1]
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"{what}: expected input with {in_features} features in its last "
@@ -228,7 +241,7 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y = _linear(x2, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
-                list(frozen_k_ends), bool(need_dx_old), _backend_arg(backend))
+                list(frozen_k_ends), bool(need_dx_old), activation, _backend_arg(backend))
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 

@@ -7,12 +7,15 @@ CPU path and the reference every other backend is checked against (besides float
 
 Every backend module exposes the same functions with the same arguments:
 
-``linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends)``
-    x (N, I) -> y (N, O_f + o_new).
+``linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
+                 activation="")``
+    x (N, I) -> y (N, O_f + o_new); ``activation="relu"`` applies ReLU to y in place.
 ``linear_backward(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
-                  need_dx_new, need_dx_old, need_dw, need_db, need_dcouple)``
+                  need_dx_new, need_dx_old, need_dw, need_db, need_dcouple, out=None)``
     -> (dx or None, dw_new or None, db_new or None, dcouple or None).  dx has the full input
     width; when only ``need_dx_new`` its first I_f columns are zeros (nobody reads them).
+    ``out`` is the forward's output when it was fused with a ReLU: dy is then masked by
+    ``out > 0``, and only on the columns this backward reads.
 ``conv2d_forward(x, ..., stride, padding, dilation, depthwise)`` and ``conv2d_backward`` the
     same for NCHW convolutions (channels are the groups).
 ``availability(device) -> (bool, reason)``.
@@ -54,9 +57,23 @@ def _affine_into(out: Tensor, x: Tensor, w: Tensor, b: Maybe) -> Tensor:
     return torch.addmm(b, x, w.t(), out=out)
 
 
+ACTIVATIONS = ("", "relu")
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def relu_grad(dy: Tensor, out: Tensor) -> Tensor:
+    """dy masked by out > 0: the gradient through a ReLU whose output is ``out``."""
+    return torch.ops.aten.threshold_backward(dy, out, 0)
+
+
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
-                   frozen_k_ends: Sequence[int]) -> Tensor:
+                   frozen_k_ends: Sequence[int], activation: str = "") -> Tensor:
+    check_activation(activation)
     o_f, i_f = w_frozen.shape
     y = x.new_empty((x.shape[0], o_f + w_new.shape[0]))
     if x.shape[0] == 0:
@@ -70,32 +87,43 @@ def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
             out.copy_(torch.addmm(out, x[:, i_f:], w_couple[r0:r1].t()))
     if w_new.shape[0]:
         _affine_into(y[:, o_f:], x, w_new, b_new)
+    if activation == "relu":
+        y.relu_()  # in place: no second (N, O) tensor
     return y
 
 
 def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
-                    need_dcouple: bool):
+                    need_dcouple: bool, out: Maybe = None):
     o_f, i_f = w_frozen.shape
-    dy_new = dy[:, o_f:]
+    coupled = w_couple is not None and w_couple.shape[1] > 0 and o_f > 0
+    need_dx = need_dx_new or need_dx_old
+    # The frozen rows' dy is read only for dcouple, dx_old and the coupled dx_new: with a
+    # fused ReLU, its mask is applied to those columns only when one of them is wanted.
+    dy_new, dy_old = dy[:, o_f:], dy[:, :o_f]
+    if out is not None:
+        dy_new = relu_grad(dy_new, out[:, o_f:])
+        if o_f and (need_dcouple or need_dx_old or (need_dx and coupled)):
+            dy_old = relu_grad(dy_old, out[:, :o_f])
     dx = dw = db = dcouple = None
     if need_dw:
         dw = dy_new.t() @ x
     if need_db:
         db = dy_new.sum(0)
     if need_dcouple and w_couple is not None:
-        dcouple = dy[:, :o_f].t() @ x[:, i_f:]
-    if need_dx_new or need_dx_old:
+        dcouple = dy_old.t() @ x[:, i_f:]
+    if need_dx:
         dx = x.new_empty(x.shape)
         dx_new, dx_old = dx[:, i_f:], dx[:, :i_f]
         torch.mm(dy_new, w_new[:, i_f:], out=dx_new)
-        if w_couple is not None and w_couple.shape[1] and o_f:
-            dx_new.copy_(torch.addmm(dx_new, dy[:, :o_f], w_couple))
+        if coupled:
+            dx_new.copy_(torch.addmm(dx_new, dy_old, w_couple))
         if need_dx_old:
             torch.mm(dy_new, w_new[:, :i_f], out=dx_old)
             for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
-                dx_old[:, :k].copy_(torch.addmm(dx_old[:, :k], dy[:, r0:r1], w_frozen[r0:r1, :k]))
+                dx_old[:, :k].copy_(torch.addmm(dx_old[:, :k], dy_old[:, r0:r1],
+                                                w_frozen[r0:r1, :k]))
         else:
             dx_old.zero_()  # nobody reads the old input's gradient
     return dx, dw, db, dcouple

@@ -13,6 +13,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import torch_ref
+
 Maybe = Optional[Tensor]
 
 try:
@@ -47,16 +49,22 @@ def availability(device) -> Tuple[bool, str]:
 # ---------------------------------------------------------------------------------------
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
-                   frozen_k_ends: Sequence[int]) -> Tensor:
+                   frozen_k_ends: Sequence[int], activation: str = "") -> Tensor:
+    torch_ref.check_activation(activation)
+    # the ReLU runs in the kernel's epilogue
     return expanded_linear.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
-                                          frozen_out_groups, frozen_k_ends)
+                                          frozen_out_groups, frozen_k_ends,
+                                          activation=activation or None)
 
 
 def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
-                    need_dcouple: bool):
+                    need_dcouple: bool, out: Maybe = None):
     o_f, i_f = w_frozen.shape
+    if out is not None:
+        # Fused ReLU: one elementwise pass over dy (cheap next to the GEMMs on a GPU).
+        dy = torch_ref.relu_grad(dy, out)
     dx = dw = db = dcouple = None
     if need_dw or need_db:
         # One launch: dW_new = dy_new^T x with db_new fused.  db alone: the same kernel

@@ -16,12 +16,17 @@ class ExpandedLinear(ExpandedBlocks):
 
     Output group g reads input groups 0..g (isolated layout) and only the newest output
     group is trainable.  ``skip_old_input_grad`` (set by ``expand()``) skips the gradient
-    of the old input features when nothing trainable lies behind them.
+    of the old input features when nothing trainable lies behind them.  ``activation="relu"``
+    fuses the ReLU that follows the layer into it (``expand()`` does this and leaves a
+    :class:`FusedReLU` in the ReLU's place).
     """
 
     def __init__(self, in_groups: Sequence[int], out_groups: Sequence[int], bias: bool = True,
-                 mode: str = "isolated", device=None, dtype=None):
+                 mode: str = "isolated", device=None, dtype=None, activation: str = ""):
         super().__init__()
+        if activation not in ops.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ops.ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
         lay = Layout(tuple(in_groups), tuple(out_groups), mode)
         kw = {"device": device, "dtype": dtype}
         w_frozen = torch.zeros(lay.frozen_out, lay.frozen_in, **kw)
@@ -67,10 +72,11 @@ class ExpandedLinear(ExpandedBlocks):
             x, self.weight_frozen, self.bias_frozen, self.weight_new, self.bias_new,
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
             frozen_k_ends=lay.frozen_k_ends, need_dx_old=not self.skip_old_input_grad,
-            backend=self.backend)
+            activation=self.activation, backend=self.backend)
 
     def to_linear(self, task: Optional[int] = None) -> nn.Linear:
-        """A plain ``nn.Linear`` computing task ``task``'s outputs (default: all groups)."""
+        """A plain ``nn.Linear`` computing task ``task``'s outputs (default: all groups); a
+        fused activation is not part of it (``source_model`` puts the ReLU module back)."""
         w, b = self.dense_weight(task), self.dense_bias(task)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device,
                         dtype=w.dtype)
@@ -81,5 +87,6 @@ class ExpandedLinear(ExpandedBlocks):
         return lin
 
     def extra_repr(self) -> str:
+        act = f", activation={self.activation!r}" if self.activation else ""
         return (f"in_groups={self.in_groups}, out_groups={self.out_groups}, "
-                f"bias={self.bias_new is not None}, mode={self.mode!r}")
+                f"bias={self.bias_new is not None}, mode={self.mode!r}{act}")

@@ -34,20 +34,25 @@ def _dtypes(backend):
 CASES = [(b, d) for b in BACKENDS for d in _dtypes(b)]
 
 
-def _run_linear(lay, dtype, rows, bias, need_dx_old, backend):
+def _run_linear(lay, dtype, rows, bias, need_dx_old, backend, activation=None):
     w_f, b_f, w_n, b_n, w_c = random_blocks(lay, dtype=dtype, bias=bias, device=DEVICE)
     x = torch.randn(rows, lay.in_features, dtype=dtype, device=DEVICE, requires_grad=True)
     trainable = [t.requires_grad_() for t in (w_n, b_n, w_c) if t is not None]
     with xf.use_backend(backend):
         y = xf.ops.expanded_linear(x, w_f, b_f, w_n, b_n, w_c,
                                    frozen_out_groups=lay.frozen_out_groups,
-                                   frozen_k_ends=lay.frozen_k_ends, need_dx_old=need_dx_old)
+                                   frozen_k_ends=lay.frozen_k_ends, need_dx_old=need_dx_old,
+                                   activation=activation)
         dy = torch.randn_like(y)
         y.backward(dy)
     W = dense64(lay, w_f, w_n, w_c)
     b = torch.cat([b_f, b_n]).double().cpu() if bias else 0
     x64, dy64 = x.detach().double().cpu(), dy.double().cpu()
     ref_y = x64 @ W.t() + b
+    if activation == "relu":
+        ref_y = ref_y.clamp_min(0)
+        # the mask of the op's own output: a float64 pre-activation near 0 may differ in sign
+        dy64 = dy64 * (y.detach().cpu() > 0)
     assert y.shape == ref_y.shape and y.dtype == dtype
     assert rel_err(y, ref_y) < TOL[dtype]
     dW = dy64.t() @ x64
@@ -69,6 +74,31 @@ def _run_linear(lay, dtype, rows, bias, need_dx_old, backend):
 @pytest.mark.parametrize("need_dx_old", [True, False])
 def test_linear_matches_float64(backend, dtype, lay, need_dx_old):
     _run_linear(lay, dtype, rows=37, bias=True, need_dx_old=need_dx_old, backend=backend)
+
+
+@pytest.mark.parametrize("backend,dtype", CASES)
+@pytest.mark.parametrize("lay", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[3], LAYOUTS[4], LAYOUTS[6]],
+                         ids=str)
+@pytest.mark.parametrize("need_dx_old", [True, False])
+def test_linear_fused_relu_matches_float64(backend, dtype, lay, need_dx_old):
+    _run_linear(lay, dtype, rows=37, bias=True, need_dx_old=need_dx_old, backend=backend,
+                activation="relu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [0, 1])
+def test_linear_fused_relu_row_counts(backend, rows):
+    _run_linear(Layout((9, 4, 3), (6, 5, 2)), torch.float32, rows, bias=False,
+                need_dx_old=False, backend=backend, activation="relu")
+
+
+def test_linear_refuses_unknown_activation():
+    lay = LAYOUTS[0]
+    w_f, b_f, w_n, b_n, w_c = random_blocks(lay)
+    with pytest.raises(ValueError, match="activation must be None or one of"):
+        xf.ops.expanded_linear(torch.randn(2, lay.in_features), w_f, b_f, w_n, b_n, w_c,
+                               frozen_out_groups=lay.frozen_out_groups,
+                               frozen_k_ends=lay.frozen_k_ends, activation="gelu")
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)

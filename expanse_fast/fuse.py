@@ -1,0 +1,61 @@
+"""Fusing each expanded Linear with the ReLU that follows it.
+
+The fused layer applies the ReLU itself, and its backward masks only the gradient columns
+it reads. In the isolated layout that is the newest outputs alone, so the frozen part of the
+ReLU's gradient is never formed. Without fusion, a separate ``nn.ReLU`` allocates and fills
+the full-width output and gradient.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import List
+
+import torch.fx as fx
+from torch import nn
+
+from .expand import _swap, _trace
+from .nn import ExpandedLinear, FusedReLU
+
+
+def _fusable_pair(node: fx.Node, modules, calls: Counter):
+    """(layer path, relu path) when ``node`` is a ReLU module called once on the single use
+    of an expanded Linear's output, else None."""
+    if node.op != "call_module" or type(modules[node.target]) is not nn.ReLU:
+        return None
+    if node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    if src.op != "call_module" or len(src.users) != 1:
+        return None
+    layer = modules[src.target]
+    if not isinstance(layer, ExpandedLinear) or layer.activation:
+        return None
+    if layer._forward_hooks or layer._forward_pre_hooks:
+        return None  # a hook on the layer would see the ReLU's output: leave it apart
+    if calls[src.target] != 1 or calls[node.target] != 1:
+        return None  # a shared module serves other call sites too
+    return src.target, node.target
+
+
+def fuse_activations(model: nn.Module) -> List[str]:
+    """Let every expanded Linear compute the ``nn.ReLU`` module that directly follows it.
+
+    Changes ``model`` in place: the layer gets ``activation="relu"`` and the ReLU module is
+    replaced by a :class:`~expanse_fast.nn.FusedReLU` under the same name (state dicts do
+    not change). Outputs and gradients of trainable tensors stay the same. A pair is left
+    apart when the layer's output has other users, when either module is called more than
+    once, or when the layer carries forward hooks. Returns the paths of the fused ReLUs.
+    """
+    graph = _trace(model)
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    fused = []
+    for node in graph.nodes:
+        pair = _fusable_pair(node, modules, calls)
+        if pair is None:
+            continue
+        layer_path, relu_path = pair
+        modules[layer_path].activation = "relu"
+        _swap(model, relu_path, FusedReLU(inplace=modules[relu_path].inplace))
+        fused.append(relu_path)
+    return fused

@@ -1,6 +1,6 @@
-// torch bindings of the expanded-linear CUDA kernels: op schemas (namespace expanse_fast_cuda),
-// argument checks, output allocation, and the current CUDA stream.  The fake (meta)
-// implementations live in Python (expanse_fast/backends/cuda.py).
+// torch bindings of the expanded-linear and expanded-conv2d CUDA kernels: op schemas
+// (namespace expanse_fast_cuda), argument checks, output allocation, and the current CUDA
+// stream.  The fake (meta) implementations live in Python (expanse_fast/backends/cuda.py).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -10,8 +10,10 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
+#include "expanded_conv.h"
 #include "expanded_linear.h"
 
 namespace {
@@ -199,6 +201,228 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
   return {dx, dw, db, dcouple};
 }
 
+// ---------------------------------------------------------------------------------------
+// Conv2d (NCHW, groups = 1).  x and dy are read through their strides (any layout); weights
+// are made contiguous (they are small); outputs are contiguous NCHW.
+// ---------------------------------------------------------------------------------------
+void check_4d(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "expanse_fast_cuda::", op, ": ", name,
+              " must be 4-D (N, C, H, W) / (rows, channels, KH, KW), got shape ", t.sizes());
+}
+
+expanse_fast::Strides4 strides4(const Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// One value per spatial dimension: [v] or [vh, vw].
+std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* op, const char* name) {
+  TORCH_CHECK(v.size() == 1 || v.size() == 2, "expanse_fast_cuda::", op, ": ", name,
+              " must have 1 or 2 entries, got ", v);
+  return {v[0], v.size() == 2 ? v[1] : v[0]};
+}
+
+// Checks the operands and layout arguments and fills the launchers' shape description.
+expanse_fast::ConvShape describe_conv(const char* op, const Tensor& x, const Tensor& w_frozen,
+                                      const Tensor& w_new, const std::optional<Tensor>& w_couple,
+                                      at::IntArrayRef groups, at::IntArrayRef k_ends,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation) {
+  TORCH_CHECK(x.is_cuda(), "expanse_fast_cuda::", op, ": expected CUDA tensors, got x on ",
+              x.device());
+  check_4d(x, op, "x");
+  const int64_t in = x.size(1);
+  check_4d(w_new, op, "w_new");
+  check_4d(w_frozen, op, "w_frozen");
+  check_like(w_new, x, op, "w_new");
+  check_like(w_frozen, x, op, "w_frozen");
+  TORCH_CHECK(w_new.size(1) == in, "expanse_fast_cuda::", op, ": w_new must have ", in,
+              " input channels (x has ", in, "), got shape ", w_new.sizes());
+  const int64_t kh = w_new.size(2), kw = w_new.size(3);
+  TORCH_CHECK(kh >= 1 && kw >= 1, "expanse_fast_cuda::", op,
+              ": the kernel must be at least 1 x 1, got w_new of shape ", w_new.sizes());
+  const int64_t o_f = w_frozen.size(0), i_f = w_frozen.size(1);
+  TORCH_CHECK(i_f <= in, "expanse_fast_cuda::", op, ": w_frozen reads ", i_f,
+              " input channels but x has only ", in);
+  TORCH_CHECK(o_f == 0 || (w_frozen.size(2) == kh && w_frozen.size(3) == kw),
+              "expanse_fast_cuda::", op, ": w_frozen must have the kernel size of w_new (", kh,
+              " x ", kw, "), got shape ", w_frozen.sizes());
+  if (w_couple.has_value()) {
+    check_4d(*w_couple, op, "w_couple");
+    check_like(*w_couple, x, op, "w_couple");
+    TORCH_CHECK(w_couple->size(0) == o_f && w_couple->size(1) == in - i_f &&
+                    w_couple->size(2) == kh && w_couple->size(3) == kw,
+                "expanse_fast_cuda::", op, ": w_couple must have shape [", o_f, ", ", in - i_f,
+                ", ", kh, ", ", kw, "], got ", w_couple->sizes());
+  }
+  TORCH_CHECK(groups.size() == k_ends.size(), "expanse_fast_cuda::", op,
+              ": frozen_out_groups and frozen_k_ends must have the same length, got ",
+              groups.size(), " and ", k_ends.size());
+  TORCH_CHECK(static_cast<int64_t>(groups.size()) <= expanse_fast::kMaxConvFrozenGroups,
+              "expanse_fast_cuda::", op, ": at most ", expanse_fast::kMaxConvFrozenGroups,
+              " frozen groups are supported, got ", groups.size());
+  int64_t total = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    TORCH_CHECK(groups[g] >= 0, "expanse_fast_cuda::", op,
+                ": frozen_out_groups must be >= 0, got ", groups);
+    TORCH_CHECK(k_ends[g] >= 0 && k_ends[g] <= i_f, "expanse_fast_cuda::", op,
+                ": frozen_k_ends must lie in [0, ", i_f, "], got ", k_ends);
+    total += groups[g];
+  }
+  TORCH_CHECK(total == o_f, "expanse_fast_cuda::", op, ": frozen_out_groups ", groups,
+              " sum to ", total, " but w_frozen has ", o_f, " rows");
+  const auto [sh, sw] = pair_arg(stride, op, "stride");
+  const auto [ph, pw] = pair_arg(padding, op, "padding");
+  const auto [dh, dw] = pair_arg(dilation, op, "dilation");
+  TORCH_CHECK(sh >= 1 && sw >= 1, "expanse_fast_cuda::", op, ": stride must be >= 1, got ",
+              stride);
+  TORCH_CHECK(dh >= 1 && dw >= 1, "expanse_fast_cuda::", op, ": dilation must be >= 1, got ",
+              dilation);
+  TORCH_CHECK(ph >= 0 && pw >= 0, "expanse_fast_cuda::", op, ": padding must be >= 0, got ",
+              padding);
+  constexpr int64_t kLim = int64_t{1} << 30;
+  TORCH_CHECK(sh < kLim && sw < kLim && ph < kLim && pw < kLim && dh < kLim && dw < kLim &&
+                  kh < kLim && kw < kLim,
+              "expanse_fast_cuda::", op, ": stride, padding, dilation and kernel must be < 2^30");
+  const int64_t h = x.size(2), w = x.size(3);
+  const int64_t span_h = h + 2 * ph - dh * (kh - 1) - 1;
+  const int64_t span_w = w + 2 * pw - dw * (kw - 1) - 1;
+  TORCH_CHECK(span_h >= 0 && span_w >= 0, "expanse_fast_cuda::", op, ": the input (", h, " x ",
+              w, ", padding ", ph, " x ", pw, ") is smaller than the dilated kernel (",
+              dh * (kh - 1) + 1, " x ", dw * (kw - 1) + 1, ")");
+  expanse_fast::ConvShape s{};
+  s.dtype = dtype_of(x, op);
+  s.geo.batch = x.size(0);
+  s.geo.height = h;
+  s.geo.width = w;
+  s.geo.out_h = span_h / sh + 1;
+  s.geo.out_w = span_w / sw + 1;
+  s.geo.kernel_h = static_cast<int>(kh);
+  s.geo.kernel_w = static_cast<int>(kw);
+  s.geo.stride_h = static_cast<int>(sh);
+  s.geo.stride_w = static_cast<int>(sw);
+  s.geo.pad_h = static_cast<int>(ph);
+  s.geo.pad_w = static_cast<int>(pw);
+  s.geo.dil_h = static_cast<int>(dh);
+  s.geo.dil_w = static_cast<int>(dw);
+  s.in_channels = in;
+  s.frozen_in = i_f;
+  s.frozen_out = o_f;
+  s.new_out = w_new.size(0);
+  s.num_frozen_groups = static_cast<int>(groups.size());
+  s.frozen_out_groups = groups.data();
+  s.frozen_k_ends = k_ends.data();
+  TORCH_CHECK(expanse_fast::conv_shape_ok(s), "expanse_fast_cuda::", op,
+              ": shape too large for the kernels' 32-bit index arithmetic (x ", x.sizes(),
+              ", w_new ", w_new.sizes(), ", w_frozen ", w_frozen.sizes(),
+              "): channels * KH * KW, H, W and output channels must stay below 2^30");
+  return s;
+}
+
+expanse_fast::ConvWeights conv_weights(const Tensor& w_frozen, const Tensor& w_new,
+                                       const std::optional<Tensor>& w_couple) {
+  return {w_frozen.data_ptr(), w_new.data_ptr(), w_couple ? w_couple->data_ptr() : nullptr};
+}
+
+Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
+                      const std::optional<Tensor>& b_frozen_in, const Tensor& w_new_in,
+                      const std::optional<Tensor>& b_new_in,
+                      const std::optional<Tensor>& w_couple_in, at::IntArrayRef groups,
+                      at::IntArrayRef k_ends, at::IntArrayRef stride, at::IntArrayRef padding,
+                      at::IntArrayRef dilation) {
+  const char* op = "conv2d_forward";
+  const Tensor w_frozen = w_frozen_in.contiguous(), w_new = w_new_in.contiguous();
+  std::optional<Tensor> w_couple;
+  if (w_couple_in) w_couple = w_couple_in->contiguous();
+  const auto s = describe_conv(op, x, w_frozen, w_new, w_couple, groups, k_ends, stride, padding,
+                               dilation);
+  std::optional<Tensor> b_frozen, b_new;
+  if (b_frozen_in) {
+    TORCH_CHECK(b_frozen_in->dim() == 1 && b_frozen_in->size(0) == s.frozen_out,
+                "expanse_fast_cuda::", op, ": b_frozen must have shape [", s.frozen_out,
+                "], got ", b_frozen_in->sizes());
+    check_like(*b_frozen_in, x, op, "b_frozen");
+    b_frozen = b_frozen_in->contiguous();
+  }
+  if (b_new_in) {
+    TORCH_CHECK(b_new_in->dim() == 1 && b_new_in->size(0) == s.new_out, "expanse_fast_cuda::",
+                op, ": b_new must have shape [", s.new_out, "], got ", b_new_in->sizes());
+    check_like(*b_new_in, x, op, "b_new");
+    b_new = b_new_in->contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty({s.geo.batch, s.frozen_out + s.new_out, s.geo.out_h, s.geo.out_w},
+                       x.options());
+  check_launch(expanse_fast::conv2d_forward(s, conv_weights(w_frozen, w_new, w_couple),
+                                            x.data_ptr(), strides4(x),
+                                            b_frozen ? b_frozen->data_ptr() : nullptr,
+                                            b_new ? b_new->data_ptr() : nullptr, y.data_ptr(),
+                                            at::cuda::getCurrentCUDAStream()),
+               op);
+  return y;
+}
+
+// One conv weight-gradient product (dW_new or dW_couple) into out, with its split workspace.
+void conv_weight_grad(const expanse_fast::ConvShape& s, const Tensor& dy, int64_t dy_c0,
+                      int64_t m, const Tensor& x, int64_t x_c0, int64_t n_ch, Tensor& out) {
+  const int64_t pixels = s.geo.batch * s.geo.out_h * s.geo.out_w;
+  const auto plan = expanse_fast::plan_conv_weight_grad(
+      s.dtype, pixels, m, n_ch, s.geo.kernel_h * s.geo.kernel_w,
+      at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  Tensor ws;
+  if (plan.workspace_bytes > 0)
+    ws = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, dy.options().dtype(at::kByte));
+  check_launch(expanse_fast::conv2d_weight_grad(
+                   s.dtype, s.geo, dy.data_ptr(), strides4(dy), dy_c0, m, x.data_ptr(),
+                   strides4(x), x_c0, n_ch, out.data_ptr(), plan,
+                   ws.defined() ? ws.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream()),
+               "conv2d_backward");
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
+    const Tensor& dy, const Tensor& x, const Tensor& w_frozen_in, const Tensor& w_new_in,
+    const std::optional<Tensor>& w_couple_in, at::IntArrayRef groups, at::IntArrayRef k_ends,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool need_dx_new,
+    bool need_dx_old, bool need_dw, bool need_db, bool need_dcouple) {
+  const char* op = "conv2d_backward";
+  const Tensor w_frozen = w_frozen_in.contiguous(), w_new = w_new_in.contiguous();
+  std::optional<Tensor> w_couple;
+  if (w_couple_in) w_couple = w_couple_in->contiguous();
+  const auto s = describe_conv(op, x, w_frozen, w_new, w_couple, groups, k_ends, stride, padding,
+                               dilation);
+  check_4d(dy, op, "dy");
+  check_like(dy, x, op, "dy");
+  const std::vector<int64_t> dy_shape{s.geo.batch, s.frozen_out + s.new_out, s.geo.out_h,
+                                      s.geo.out_w};
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef(dy_shape), "expanse_fast_cuda::", op,
+              ": dy must have shape ", at::IntArrayRef(dy_shape), ", got ", dy.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  Tensor dx, dw, db, dcouple;  // undefined = None in Python
+  if (need_dw) {
+    dw = at::empty(w_new.sizes(), x.options());
+    conv_weight_grad(s, dy, s.frozen_out, s.new_out, x, 0, s.in_channels, dw);
+  }
+  if (need_db) {
+    db = at::empty({s.new_out}, x.options());
+    check_launch(expanse_fast::conv2d_bias_grad(s.dtype, s.geo, dy.data_ptr(), strides4(dy),
+                                                s.frozen_out, s.new_out, db.data_ptr(), stream),
+                 op);
+  }
+  if (need_dcouple && w_couple) {
+    dcouple = at::empty(w_couple->sizes(), x.options());
+    conv_weight_grad(s, dy, 0, s.frozen_out, x, s.frozen_in, s.in_channels - s.frozen_in,
+                     dcouple);
+  }
+  if (need_dx_new || need_dx_old) {
+    dx = at::empty(x.sizes(), x.options());
+    check_launch(expanse_fast::conv2d_backward_input(s, conv_weights(w_frozen, w_new, w_couple),
+                                                     dy.data_ptr(), strides4(dy), need_dx_old,
+                                                     dx.data_ptr(), stream),
+                 op);
+  }
+  return {dx, dw, db, dcouple};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(expanse_fast_cuda, m) {
@@ -208,11 +432,20 @@ TORCH_LIBRARY(expanse_fast_cuda, m) {
   m.def("linear_backward(Tensor dy, Tensor x, Tensor w_frozen, Tensor w_new, Tensor? w_couple, "
         "int[] frozen_out_groups, int[] frozen_k_ends, bool need_dx_new, bool need_dx_old, "
         "bool need_dw, bool need_db, bool need_dcouple) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("conv2d_forward(Tensor x, Tensor w_frozen, Tensor? b_frozen, Tensor w_new, "
+        "Tensor? b_new, Tensor? w_couple, int[] frozen_out_groups, int[] frozen_k_ends, "
+        "int[] stride, int[] padding, int[] dilation) -> Tensor");
+  m.def("conv2d_backward(Tensor dy, Tensor x, Tensor w_frozen, Tensor w_new, Tensor? w_couple, "
+        "int[] frozen_out_groups, int[] frozen_k_ends, int[] stride, int[] padding, "
+        "int[] dilation, bool need_dx_new, bool need_dx_old, bool need_dw, bool need_db, "
+        "bool need_dcouple) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(expanse_fast_cuda, CUDA, m) {
   m.impl("linear_forward", &linear_forward);
   m.impl("linear_backward", &linear_backward);
+  m.impl("conv2d_forward", &conv2d_forward);
+  m.impl("conv2d_backward", &conv2d_backward);
 }
 
 // An empty Python module, so that a prebuilt extension (setup.py: expanse_fast._C) imports.

@@ -27,7 +27,7 @@ Maybe = Optional[Tensor]
 
 EXT_NAME = "expanse_fast_cuda_ext"
 PREBUILT = "expanse_fast._C"
-_SOURCES = ("bindings.cpp", "expanded_linear_kernels.cu")
+_SOURCES = ("bindings.cpp", "expanded_linear_kernels.cu", "expanded_conv_kernels.cu")
 
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None, "how": None}
@@ -180,6 +180,7 @@ def _register_fakes():
             else None
         return dx, dw, db, dcouple
 
+    _register_conv_fakes()
     _fakes_registered = True
 
 
@@ -216,8 +217,81 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 
 
 # ---------------------------------------------------------------------------------------
-# Conv2d: no CUDA kernels yet (out of scope for now); the structured PyTorch path, which
-# already skips the zero blocks and frozen gradients, runs on the GPU through cuDNN.
+# Conv2d: implicit-GEMM kernels (csrc/expanded_conv_kernels.cu) for groups=1 convolutions,
+# ops expanse_fast_cuda::conv2d_forward / conv2d_backward.  Depthwise convolutions have no
+# kernels of their own, and empty shapes (no rows, channels, filters or pixels) need none:
+# both go to the structured PyTorch path (cuDNN), which already skips every frozen block and
+# frozen gradient.
 # ---------------------------------------------------------------------------------------
-conv2d_forward = torch_ref.conv2d_forward
-conv2d_backward = torch_ref.conv2d_backward
+def _conv_pair(v) -> list:
+    if isinstance(v, int):
+        return [int(v), int(v)]
+    v = [int(a) for a in v]
+    return v * 2 if len(v) == 1 else v
+
+
+def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def _conv_to_torch_ref(x: Tensor, w_frozen: Tensor, w_new: Tensor, depthwise: bool) -> bool:
+    if depthwise:
+        return True
+    if x.dim() != 4 or w_new.dim() != 4:
+        return False  # the op's checks name the problem
+    return (x.numel() == 0 or w_frozen.shape[0] + w_new.shape[0] == 0
+            or w_new.shape[2] == 0 or w_new.shape[3] == 0)
+
+
+def _register_conv_fakes():
+    @torch.library.register_fake("expanse_fast_cuda::conv2d_forward")
+    def _conv_fwd_fake(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
+                       frozen_k_ends, stride, padding, dilation):
+        (sh, sw), (ph, pw), (dh, dw) = (_conv_pair(stride), _conv_pair(padding),
+                                        _conv_pair(dilation))
+        kh, kw = w_new.shape[2], w_new.shape[3]
+        return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0],
+                            _conv_out_size(x.shape[2], kh, sh, ph, dh),
+                            _conv_out_size(x.shape[3], kw, sw, pw, dw)))
+
+    @torch.library.register_fake("expanse_fast_cuda::conv2d_backward")
+    def _conv_bwd_fake(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                       stride, padding, dilation, need_dx_new, need_dx_old, need_dw, need_db,
+                       need_dcouple):
+        dx = x.new_empty(x.shape) if (need_dx_new or need_dx_old) else None
+        dw = x.new_empty(w_new.shape) if need_dw else None
+        db = x.new_empty((w_new.shape[0],)) if need_db else None
+        dcouple = x.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None) \
+            else None
+        return dx, dw, db, dcouple
+
+
+def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
+                   w_couple: Maybe, frozen_out_groups: Sequence[int],
+                   frozen_k_ends: Sequence[int], stride, padding, dilation,
+                   depthwise: bool) -> Tensor:
+    if _conv_to_torch_ref(x, w_frozen, w_new, depthwise):
+        return torch_ref.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                        frozen_out_groups, frozen_k_ends, stride, padding,
+                                        dilation, depthwise)
+    return _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                 [int(g) for g in frozen_out_groups],
+                                 [int(k) for k in frozen_k_ends], _conv_pair(stride),
+                                 _conv_pair(padding), _conv_pair(dilation))
+
+
+def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
+                    frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], stride,
+                    padding, dilation, depthwise: bool, need_dx_new: bool, need_dx_old: bool,
+                    need_dw: bool, need_db: bool, need_dcouple: bool):
+    if _conv_to_torch_ref(x, w_frozen, w_new, depthwise):
+        return torch_ref.conv2d_backward(dy, x, w_frozen, w_new, w_couple, frozen_out_groups,
+                                         frozen_k_ends, stride, padding, dilation, depthwise,
+                                         need_dx_new, need_dx_old, need_dw, need_db,
+                                         need_dcouple)
+    dx, dw, db, dcouple = _ops().conv2d_backward(
+        dy, x, w_frozen, w_new, w_couple, [int(g) for g in frozen_out_groups],
+        [int(k) for k in frozen_k_ends], _conv_pair(stride), _conv_pair(padding),
+        _conv_pair(dilation), bool(need_dx_new), bool(need_dx_old), bool(need_dw),
+        bool(need_db), bool(need_dcouple))
+    return dx, dw, db, dcouple

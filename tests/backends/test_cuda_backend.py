@@ -282,6 +282,314 @@ def test_fake_registrations(dev):
 
 
 # ---------------------------------------------------------------------------------------
+# GPU: conv2d (implicit-GEMM kernels, groups=1) against float64 F.conv2d with the dense
+# staircase weight.  Odd sizes everywhere: channel counts that are primes or cross the 64/128
+# tiles, pixel counts that are not multiples of a tile, stride, padding, dilation, non-square
+# kernels, frozen groups that read nothing, and the coupled layout.
+# ---------------------------------------------------------------------------------------
+def _geo(n, h, w, k, stride=1, padding=0, dilation=1):
+    pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))  # noqa: E731
+    return dict(n=n, h=h, w=w, k=pair(k), stride=pair(stride), padding=pair(padding),
+                dilation=pair(dilation))
+
+
+CONV_CASES = {
+    "one_group": (Layout((3,), (5,)), _geo(1, 7, 7, 3, 1, 1)),
+    "smallest_1x1": (Layout((1,), (1,)), _geo(1, 1, 1, 1)),
+    "two_groups_stride2": (Layout((13, 4), (17, 3)), _geo(2, 11, 9, 3, 2, 1)),
+    "three_groups_dilated": (Layout((37, 11, 5), (67, 13, 7)),
+                             _geo(3, 9, 10, (3, 2), (1, 2), (2, 0), (2, 1))),
+    "first_layer_5x5": (Layout((3, 0), (16, 8)), _geo(2, 13, 13, 5, 2, 2)),
+    "frozen_reads_nothing": (Layout((0, 5), (4, 3)), _geo(2, 6, 5, 3, 1, 1)),
+    "empty_frozen_group": (Layout((5, 0, 3), (0, 4, 6)), _geo(1, 7, 5, (2, 3), 1, (0, 1))),
+    "head_no_new_out": (Layout((9, 4), (6, 0)), _geo(2, 6, 6, 3, (3, 1), (1, 0), (1, 2))),
+    "pad_beyond_image": (Layout((2, 1), (1, 1)), _geo(1, 3, 3, 3, 2, (5, 0), (3, 1))),
+    "many_pixels": (Layout((16, 8), (32, 16)), _geo(2, 29, 31, 3, 1, 1)),  # split dW
+    "coupled_three": (Layout((19, 7, 6), (23, 5, 9), "coupled"), _geo(2, 8, 8, 3, 1, 1)),
+    "coupled_1x1_stride2": (Layout((65, 3), (70, 130), "coupled"), _geo(1, 5, 6, 1, 2)),
+    "coupled_aligned": (Layout((64, 64), (64, 64), "coupled"), _geo(2, 8, 8, 3, 1, 1)),
+    "coupled_even_kernel": (Layout((7, 3), (5, 4), "coupled"), _geo(2, 4, 4, 4, 3, (2, 1))),
+}
+
+
+def make_conv_params(layout, k, dtype, device, bias=True):
+    """Conv weights as stored; the staircase channels frozen rows never read are NaN."""
+    o_f, i_f, i = layout.frozen_out, layout.frozen_in, layout.in_features
+    kh, kw = k
+    scale = 1.0 / math.sqrt(max(i * kh * kw, 1))
+    w_frozen = torch.randn(o_f, i_f, kh, kw, dtype=torch.float64) * scale
+    if layout.mode == "isolated":
+        r0 = 0
+        for rows, k_end in zip(layout.frozen_out_groups, layout.frozen_k_ends):
+            w_frozen[r0:r0 + rows, k_end:] = float("nan")
+            r0 += rows
+    w_new = torch.randn(layout.new_out, i, kh, kw, dtype=torch.float64) * scale
+    w_couple = (torch.randn(o_f, layout.new_in, kh, kw, dtype=torch.float64) * scale
+                if layout.mode == "coupled" else None)
+    b_frozen = torch.randn(o_f, dtype=torch.float64) if bias else None
+    b_new = torch.randn(layout.new_out, dtype=torch.float64) if bias else None
+    to = (lambda t: None if t is None else t.to(device=device, dtype=dtype))  # noqa: E731
+    return dict(w_frozen=to(w_frozen), b_frozen=to(b_frozen), w_new=to(w_new),
+                b_new=to(b_new), w_couple=to(w_couple))
+
+
+def dense_conv_weight(layout, p):
+    """The full (O, I, KH, KW) staircase weight in float64, built from the mask."""
+    kh, kw = p["w_new"].shape[2:]
+    w = torch.zeros(layout.out_features, layout.in_features, kh, kw, dtype=torch.float64)
+    wf = p["w_frozen"].double().cpu()
+    r0 = 0
+    for rows, k_end in zip(layout.frozen_out_groups, layout.frozen_k_ends):
+        w[r0:r0 + rows, :k_end] = wf[r0:r0 + rows, :k_end]
+        r0 += rows
+    if p["w_couple"] is not None:
+        w[:layout.frozen_out, layout.frozen_in:] = p["w_couple"].double().cpu()
+    w[layout.frozen_out:] = p["w_new"].double().cpu()
+    return w
+
+
+def _conv_geo_args(geo):
+    return geo["stride"], geo["padding"], geo["dilation"]
+
+
+def conv_reference(layout, p, x, geo, dy=None):
+    """(y, dx, dW_full, db_full) in float64 on the CPU (gradients None without dy)."""
+    x64 = x.detach().double().cpu().requires_grad_(dy is not None)
+    w64 = dense_conv_weight(layout, p).requires_grad_(dy is not None)
+    b64 = dense_bias(layout, p)
+    y = torch.nn.functional.conv2d(x64, w64, b64, *_conv_geo_args(geo))
+    if dy is None:
+        return y.detach(), None, None, None
+    y.backward(dy.double().cpu())
+    return y.detach(), x64.grad, w64.grad, dy.double().cpu().sum((0, 2, 3))
+
+
+def conv_input(layout, geo, dtype, device):
+    return torch.randn(geo["n"], layout.in_features, geo["h"], geo["w"]).to(device, dtype)
+
+
+def conv_out_shape(layout, geo):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo["k"], geo["stride"], geo["padding"], \
+        geo["dilation"]
+    ho = (geo["h"] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (geo["w"] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return (geo["n"], layout.out_features, ho, wo)
+
+
+def call_conv_forward(layout, p, x, geo):
+    return cuda.conv2d_forward(x, p["w_frozen"], p["b_frozen"], p["w_new"], p["b_new"],
+                               p["w_couple"], layout.frozen_out_groups, layout.frozen_k_ends,
+                               *_conv_geo_args(geo), False)
+
+
+def call_conv_backward(layout, p, dy, x, geo, need_dx_new=True, need_dx_old=True,
+                       need_dw=True, need_db=True, need_dcouple=True):
+    return cuda.conv2d_backward(dy, x, p["w_frozen"], p["w_new"], p["w_couple"],
+                                layout.frozen_out_groups, layout.frozen_k_ends,
+                                *_conv_geo_args(geo), False, need_dx_new, need_dx_old, need_dw,
+                                need_db, need_dcouple)
+
+
+def check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old=True, need=None):
+    need = need or dict(dx=True, dw=True, db=True, dcouple=True)
+    dx, dw, db, dcouple = grads
+    _, ref_dx, ref_dw, ref_db = conv_reference(layout, p, x, geo, dy)
+    o_f, i_f = layout.frozen_out, layout.frozen_in
+    if need["dx"]:
+        ref = ref_dx.clone()
+        if not need_dx_old:
+            assert torch.equal(dx[:, :i_f].cpu(), torch.zeros_like(dx[:, :i_f].cpu())), \
+                "dx_old must be zeros when not asked for"
+            ref[:, :i_f] = 0
+        assert_matches(dx, ref, dtype, "dx")
+    else:
+        assert dx is None
+    if need["dw"]:
+        assert_matches(dw, ref_dw[o_f:], dtype, "dW_new")
+    else:
+        assert dw is None
+    if need["db"]:
+        assert_matches(db, ref_db[o_f:], dtype, "db_new")
+    else:
+        assert db is None
+    if need["dcouple"] and p["w_couple"] is not None:
+        assert_matches(dcouple, ref_dw[:o_f, i_f:], dtype, "dW_couple")
+    else:
+        assert dcouple is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv_forward_matches_dense(dev, name, dtype):
+    layout, geo = CONV_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = conv_input(layout, geo, dtype, dev)
+    poison_allocator(dev)
+    y = call_conv_forward(layout, p, x, geo)
+    assert tuple(y.shape) == conv_out_shape(layout, geo)
+    assert y.is_contiguous()
+    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("need_dx_old", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CONV_CASES))
+def test_conv_backward_matches_dense(dev, name, dtype, need_dx_old):
+    layout, geo = CONV_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = conv_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    poison_allocator(dev)
+    grads = call_conv_backward(layout, p, dy, x, geo, need_dx_old=need_dx_old)
+    check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", ["three_groups_dilated", "coupled_three"])
+def test_conv_strided_operands_and_no_bias(dev, name, dtype):
+    """x in channels_last, dy a permuted view, a column-sliced x: read through strides."""
+    layout, geo = CONV_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev, bias=False)
+    x = conv_input(layout, geo, dtype, dev).to(memory_format=torch.channels_last)
+    n, o, ho, wo = conv_out_shape(layout, geo)
+    dy = torch.randn(wo, ho, o, n).to(dev, dtype).permute(3, 2, 1, 0)
+    poison_allocator(dev)
+    assert_matches(call_conv_forward(layout, p, x, geo), conv_reference(layout, p, x, geo)[0],
+                   dtype, "y")
+    check_conv_backward(layout, p, dy, x, geo, dtype, call_conv_backward(layout, p, dy, x, geo))
+    wide = torch.randn(geo["n"], layout.in_features, geo["h"], geo["w"] + 3).to(dev, dtype)
+    xs = wide[..., 2:2 + geo["w"]]  # no dimension contiguous but the last
+    assert_matches(call_conv_forward(layout, p, xs, geo), conv_reference(layout, p, xs, geo)[0],
+                   dtype, "y (sliced x)")
+    check_conv_backward(layout, p, dy, xs, geo, dtype, call_conv_backward(layout, p, dy, xs, geo))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("need", NEED_SETS, ids=lambda n: "+".join(k for k, v in n.items() if v)
+                         or "nothing")
+@pytest.mark.parametrize("name", ["three_groups_dilated", "coupled_three"])
+def test_conv_backward_computes_only_what_is_asked(dev, name, need):
+    layout, geo = CONV_CASES[name]
+    dtype = torch.float16
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = conv_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    poison_allocator(dev)
+    grads = call_conv_backward(layout, p, dy, x, geo, need_dx_new=need["dx"], need_dx_old=False,
+                               need_dw=need["dw"], need_db=need["db"],
+                               need_dcouple=need["dcouple"])
+    check_conv_backward(layout, p, dy, x, geo, torch.float16, grads, need_dx_old=False,
+                        need=need)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_large_batch_split_reduction(dev, dtype):
+    """Thousands of output pixels, few dW tiles: the weight gradient splits over blocks."""
+    layout = Layout((32, 16), (32, 16), "coupled")
+    geo = _geo(4, 24, 23, 3, 1, 1)
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = conv_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    poison_allocator(dev)
+    assert_matches(call_conv_forward(layout, p, x, geo), conv_reference(layout, p, x, geo)[0],
+                   dtype, "y")
+    check_conv_backward(layout, p, dy, x, geo, dtype, call_conv_backward(layout, p, dy, x, geo))
+
+
+@pytest.mark.gpu
+def test_conv_zero_rows_in_the_raw_op(dev):
+    """The op itself (no torch_ref hand-off): empty batch gives empty y, zero dW and db."""
+    layout, geo = CONV_CASES["two_groups_stride2"]
+    p = make_conv_params(layout, geo["k"], torch.float16, dev)
+    x = torch.randn(0, layout.in_features, geo["h"], geo["w"], device=dev, dtype=torch.float16)
+    ops = torch.ops.expanse_fast_cuda
+    args = (list(layout.frozen_out_groups), list(layout.frozen_k_ends), [2, 2], [1, 1], [1, 1])
+    y = ops.conv2d_forward(x, p["w_frozen"], p["b_frozen"], p["w_new"], p["b_new"], None, *args)
+    assert tuple(y.shape) == (0,) + conv_out_shape(layout, geo)[1:]
+    dy = torch.randn(y.shape, device=dev, dtype=torch.float16)
+    poison_allocator(dev)
+    dx, dw, db, dc = ops.conv2d_backward(dy, x, p["w_frozen"], p["w_new"], None, *args, True,
+                                         True, True, True, True)
+    assert dx.shape == x.shape and dc is None
+    assert torch.equal(dw.cpu(), torch.zeros_like(dw.cpu()))
+    assert torch.equal(db.cpu(), torch.zeros_like(db.cpu()))
+
+
+@pytest.mark.gpu
+def test_conv_agrees_with_torch_ref(dev):
+    layout, geo = CONV_CASES["three_groups_dilated"]
+    p = make_conv_params(layout, geo["k"], torch.float32, dev)
+    p["w_frozen"] = torch.nan_to_num(p["w_frozen"])  # torch_ref never reads them either
+    x = conv_input(layout, geo, torch.float32, dev)
+    args = (p["w_frozen"], p["b_frozen"], p["w_new"], p["b_new"], p["w_couple"],
+            layout.frozen_out_groups, layout.frozen_k_ends, *_conv_geo_args(geo), False)
+    torch.testing.assert_close(cuda.conv2d_forward(x, *args), torch_ref.conv2d_forward(x, *args),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_conv_depthwise_and_empty_use_torch_ref(dev):
+    x = torch.randn(2, 5, 6, 5, device=dev)
+    w_f, w_n = torch.randn(3, 1, 3, 3, device=dev), torch.randn(2, 1, 3, 3, device=dev)
+    args = (w_f, None, w_n, None, None, [3], [3], [1, 1], [1, 1], [1, 1], True)
+    torch.testing.assert_close(cuda.conv2d_forward(x, *args), torch_ref.conv2d_forward(x, *args))
+    layout, geo = CONV_CASES["one_group"]
+    p = make_conv_params(layout, geo["k"], torch.float32, dev)
+    x0 = torch.randn(0, layout.in_features, geo["h"], geo["w"], device=dev)
+    assert call_conv_forward(layout, p, x0, geo).shape[0] == 0
+
+
+@pytest.mark.gpu
+def test_conv_bad_arguments_name_expected_and_given(dev):
+    layout, geo = CONV_CASES["two_groups_stride2"]
+    p = make_conv_params(layout, geo["k"], torch.float16, dev)
+    ops = torch.ops.expanse_fast_cuda
+    groups, k_ends = list(layout.frozen_out_groups), list(layout.frozen_k_ends)
+
+    def fwd(x, stride=(1, 1), padding=(0, 0), w_new=p["w_new"]):
+        return ops.conv2d_forward(x, p["w_frozen"], None, w_new, None, None, groups, k_ends,
+                                  list(stride), list(padding), [1, 1])
+
+    x = torch.randn(2, layout.in_features, 9, 9, device=dev)  # float32 against float16 weights
+    with pytest.raises(RuntimeError, match=r"w_new must have dtype Float.*got Half"):
+        fwd(x)
+    x = x.half()
+    with pytest.raises(RuntimeError, match=r"w_new must have 17 input channels"):
+        fwd(x, w_new=p["w_new"][:, :16])
+    with pytest.raises(RuntimeError, match=r"stride must be >= 1"):
+        fwd(x, stride=(0, 1))
+    with pytest.raises(RuntimeError, match=r"smaller than the dilated kernel"):
+        fwd(x[..., :2, :2])
+    with pytest.raises(RuntimeError, match=r"expected CUDA tensors, got x on cpu"):
+        fwd(x.cpu())
+    with pytest.raises(RuntimeError, match=r"sum to 16 but w_frozen has 17 rows"):
+        ops.conv2d_forward(x, p["w_frozen"], None, p["w_new"], None, None, [16], [13], [1, 1],
+                           [0, 0], [1, 1])
+
+
+@pytest.mark.gpu
+def test_conv_fake_registrations(dev):
+    layout, geo = CONV_CASES["coupled_three"]
+    p = make_conv_params(layout, geo["k"], torch.float16, dev)
+    p["w_frozen"] = torch.nan_to_num(p["w_frozen"])
+    x = conv_input(layout, geo, torch.float16, dev)
+    stat = (list(layout.frozen_out_groups), list(layout.frozen_k_ends), [2, 1], [1, 0], [1, 2])
+    args = (x, p["w_frozen"], p["b_frozen"], p["w_new"], p["b_new"], p["w_couple"]) + stat
+    torch.library.opcheck(torch.ops.expanse_fast_cuda.conv2d_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+    y = torch.ops.expanse_fast_cuda.conv2d_forward(*args)
+    dy = torch.randn_like(y)
+    bargs = (dy, x, p["w_frozen"], p["w_new"], p["w_couple"]) + stat + (True, False, True, True,
+                                                                       True)
+    torch.library.opcheck(torch.ops.expanse_fast_cuda.conv2d_backward.default, bargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------
 # CPU: importing never fails, availability explains itself
 # ---------------------------------------------------------------------------------------
 def test_unavailable_on_cpu_with_reason():
@@ -298,12 +606,34 @@ def test_cpu_torch_says_so():
 
 def test_sources_found():
     files = cuda.source_files()
-    assert [f.rsplit("/", 1)[-1] for f in files] == ["bindings.cpp", "expanded_linear_kernels.cu"]
+    assert [f.rsplit("/", 1)[-1] for f in files] == ["bindings.cpp", "expanded_linear_kernels.cu",
+                                                     "expanded_conv_kernels.cu"]
     for f in files:
         with open(f) as fh:
             assert fh.read(100)
 
 
-def test_conv_delegates_to_torch_ref():
-    assert cuda.conv2d_forward is torch_ref.conv2d_forward
-    assert cuda.conv2d_backward is torch_ref.conv2d_backward
+def test_conv_depthwise_and_empty_shapes_go_to_torch_ref_on_cpu():
+    """The hand-off needs no extension: depthwise and empty convolutions never reach it."""
+    x = torch.randn(2, 5, 6, 5)
+    w_f, w_n = torch.randn(6, 1, 3, 3), torch.randn(4, 1, 3, 3)
+    args = (w_f, None, w_n, None, None, [6], [3], [1, 1], [1, 1], [1, 1], True)
+    torch.testing.assert_close(cuda.conv2d_forward(x, *args), torch_ref.conv2d_forward(x, *args))
+    dy = torch.randn(2, 10, 6, 5)
+    grads = cuda.conv2d_backward(dy, x, w_f, w_n, None, [6], [3], [1, 1], [1, 1], [1, 1], True,
+                                 True, True, True, True, False)
+    ref = torch_ref.conv2d_backward(dy, x, w_f, w_n, None, [6], [3], [1, 1], [1, 1], [1, 1],
+                                    True, True, True, True, True, False)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(got, want)
+    empty = torch.randn(0, 3, 4, 4)
+    w_f, w_n = torch.randn(2, 2, 3, 3), torch.randn(1, 3, 3, 3)
+    y = cuda.conv2d_forward(empty, w_f, None, w_n, None, None, [2], [2], 1, 1, 1, False)
+    assert tuple(y.shape) == (0, 3, 4, 4)
+
+
+def test_conv_argument_pairs():
+    assert cuda._conv_pair(2) == [2, 2]
+    assert cuda._conv_pair([3]) == [3, 3]
+    assert cuda._conv_pair((1, 2)) == [1, 2]
+    assert cuda._conv_out_size(7, 3, 2, 1, 1) == 4

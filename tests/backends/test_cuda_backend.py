@@ -354,14 +354,15 @@ def _conv_geo_args(geo):
 
 def conv_reference(layout, p, x, geo, dy=None):
     """(y, dx, dW_full, db_full) in float64 on the CPU (gradients None without dy)."""
+    p = {k: None if v is None else v.detach() for k, v in p.items()}  # own graph only
     x64 = x.detach().double().cpu().requires_grad_(dy is not None)
     w64 = dense_conv_weight(layout, p).requires_grad_(dy is not None)
     b64 = dense_bias(layout, p)
     y = torch.nn.functional.conv2d(x64, w64, b64, *_conv_geo_args(geo))
     if dy is None:
         return y.detach(), None, None, None
-    y.backward(dy.double().cpu())
-    return y.detach(), x64.grad, w64.grad, dy.double().cpu().sum((0, 2, 3))
+    y.backward(dy.detach().double().cpu())
+    return y.detach(), x64.grad, w64.grad, dy.detach().double().cpu().sum((0, 2, 3))
 
 
 def conv_input(layout, geo, dtype, device):
@@ -498,6 +499,36 @@ def test_conv_large_batch_split_reduction(dev, dtype):
     assert_matches(call_conv_forward(layout, p, x, geo), conv_reference(layout, p, x, geo)[0],
                    dtype, "y")
     check_conv_backward(layout, p, dy, x, geo, dtype, call_conv_backward(layout, p, dy, x, geo))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_through_the_op_registry(dev, dtype):
+    """xf.ops.expanded_conv2d pinned to the cuda backend: autograd, channels_last input,
+    dx_old skipped; frozen tensors get no gradient."""
+    import expanse_fast as xf
+    layout, geo = CONV_CASES["coupled_three"]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = conv_input(layout, geo, dtype, dev).to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    for name in ("w_new", "b_new", "w_couple"):
+        p[name].requires_grad_()
+    y = xf.ops.expanded_conv2d(x, p["w_frozen"], p["b_frozen"], p["w_new"], p["b_new"],
+                               p["w_couple"], frozen_out_groups=layout.frozen_out_groups,
+                               frozen_k_ends=layout.frozen_k_ends, stride=geo["stride"],
+                               padding=geo["padding"], dilation=geo["dilation"],
+                               need_dx_old=False, backend="cuda")
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref_y, ref_dx, ref_dw, ref_db = conv_reference(layout, p, x, geo, dy)
+    o_f, i_f = layout.frozen_out, layout.frozen_in
+    assert_matches(y, ref_y, dtype, "y")
+    ref_dx[:, :i_f] = 0
+    assert_matches(x.grad, ref_dx, dtype, "dx")
+    assert_matches(p["w_new"].grad, ref_dw[o_f:], dtype, "dW_new")
+    assert_matches(p["b_new"].grad, ref_db[o_f:], dtype, "db_new")
+    assert_matches(p["w_couple"].grad, ref_dw[:o_f, i_f:], dtype, "dW_couple")
+    assert p["w_frozen"].grad is None and p["b_frozen"].grad is None
 
 
 @pytest.mark.gpu

@@ -524,7 +524,8 @@ struct DxProblem {
       if (a_ok && k < K) {
         const int th = h + d.ph - q.kh * d.dh, tw = w + d.pw - q.kw * d.dw;
         if (th >= 0 && tw >= 0) {
-          const int ho = th / d.sh, wo = tw / d.sw;
+          const int ho = d.sh == 1 ? th : th / d.sh;  // stride 1: no division
+          const int wo = d.sw == 1 ? tw : tw / d.sw;
           if (ho * d.sh == th && wo * d.sw == tw && ho < d.Ho && wo < d.Wo)
             v = dy[a_base + static_cast<int64_t>(dy_c0 + q.c) * p.sdy.c +
                    static_cast<int64_t>(ho) * p.sdy.h + static_cast<int64_t>(wo) * p.sdy.w];

@@ -401,6 +401,10 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
             # Old inputs come from the frozen path: nobody needs their gradient.
             layer.skip_old_input_grad = layer.mode == "isolated"
             layer.backend = None if backend == "auto" else backend
+        elif isinstance(layer, _ExpandedBatchNorm):
+            # Isolated: its frozen channels are a frozen function of the data, so their
+            # input gradient is never read (coupled: old channels read trainable blocks).
+            layer.skip_old_input_grad = mode == "isolated"
         _swap(big, path, layer)
     _freeze_all_but_newest(big)
     if fuse:

@@ -1,6 +1,14 @@
 """Expanded BatchNorm: frozen channels always normalise as in eval mode (a fixed per-channel
 affine map with their pretrained statistics); the newest channels are an ordinary,
-trainable BatchNorm with running statistics of their own."""
+trainable BatchNorm with running statistics of their own.
+
+The frozen channels are normalised by one eval-mode ``F.batch_norm`` over the whole
+(contiguous) input, so they run the very kernel the pretrained BatchNorm ran: their outputs
+are bit-identical to the pretrained model's.  The newest channels' values then overwrite
+their part of that output (one tensor, no ``torch.cat``).  ``skip_old_input_grad`` (set by
+``expand()`` in the isolated layout, where the frozen channels are a frozen function of the
+data) leaves the frozen channels out of autograd: the input gradient of those channels is
+then zeros, as for the expanded Linear and Conv2d layers."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -36,6 +44,9 @@ class _ExpandedBatchNorm(nn.Module):
         # Kept only so that the task-0 BatchNorm comes back with its exact state.
         self.register_buffer("num_batches_tracked_frozen",
                              torch.tensor(0, dtype=torch.long, device=device))
+        # True inside a model expanded (isolated) by expand(): nothing trainable lies behind
+        # the frozen channels, so their input gradient is not formed (it reads as zeros).
+        self.skip_old_input_grad = False
 
     # ---- storage ------------------------------------------------------------------------
     def _set_frozen(self, mean: Tensor, var: Tensor, weight: Optional[Tensor],
@@ -100,15 +111,29 @@ class _ExpandedBatchNorm(nn.Module):
                 f"{type(self).__name__} expected a {'/'.join(map(str, self._expected_dims))}-D "
                 f"input with {self.num_features} channels (groups {self.groups}) in dim 1, "
                 f"got shape {tuple(x.shape)}")
-        n_f = self.running_mean_frozen.shape[0]
-        parts = []
-        if n_f:
-            parts.append(F.batch_norm(x[:, :n_f], self.running_mean_frozen,
-                                      self.running_var_frozen, self.weight_frozen,
-                                      self.bias_frozen, False, 0.0, self.eps))
-        if self.groups[-1]:
-            parts.append(self._new_channels(x[:, n_f:]))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        n_f, n_new = self.running_mean_frozen.shape[0], self.groups[-1]
+        if not n_new:
+            return F.batch_norm(x, self.running_mean_frozen, self.running_var_frozen,
+                                self.weight_frozen, self.bias_frozen, False, 0.0, self.eps)
+        if not n_f:
+            return self._new_channels(x)
+        if not self.training:
+            # every channel is a fixed affine map: one kernel, the new affine keeps its graph
+            return F.batch_norm(x, *self._all_channels(keep_graph=True), False, 0.0, self.eps)
+        # Training: the newest channels' batch statistics (a contiguous copy of them runs
+        # aten's fast kernels, forward and backward), then written over the eval-mode output.
+        y_new = self._new_channels(x[:, n_f:].contiguous())
+        return _FrozenThenNew.apply(x, y_new, *self._all_channels(keep_graph=False), self.eps,
+                                    not self.skip_old_input_grad)
+
+    def _all_channels(self, keep_graph: bool):
+        """Per-channel (mean, var, weight, bias) of all channels: frozen, then newest."""
+        def cat(name):
+            f, n = getattr(self, name + "_frozen"), getattr(self, name + "_new")
+            if f is None:
+                return None
+            return torch.cat([f.detach(), n if keep_graph else n.detach()])
+        return cat("running_mean").detach(), cat("running_var").detach(), cat("weight"), cat("bias")
 
     def _new_channels(self, x: Tensor) -> Tensor:
         momentum = self.momentum
@@ -142,6 +167,37 @@ class _ExpandedBatchNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+
+
+class _FrozenThenNew(torch.autograd.Function):
+    """Eval-mode BatchNorm of every channel of ``x`` (the frozen channels' fixed affine map,
+    computed by aten's own kernel over the contiguous input), with the newest channels
+    replaced by ``y_new``.  Backward hands ``y_new`` its gradient and, only when
+    ``old_grad``, gives ``x`` the frozen channels' gradient ``dy * weight / sqrt(var + eps)``;
+    otherwise ``x`` gets no gradient from here (the new channels' own path gives theirs)."""
+
+    @staticmethod
+    def forward(ctx, x, y_new, mean, var, weight, bias, eps, old_grad):
+        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+        n_f = x.shape[1] - y_new.shape[1]
+        out[:, n_f:] = y_new
+        ctx.n_f, ctx.old_grad = n_f, old_grad
+        if old_grad:
+            scale = torch.rsqrt(var[:n_f] + eps)
+            ctx.scale = scale if weight is None else scale * weight[:n_f]
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        n_f = ctx.n_f
+        dx = dy_new = None
+        if ctx.needs_input_grad[0] and ctx.old_grad:
+            shape = (1, n_f) + (1,) * (dy.dim() - 2)
+            dx = torch.zeros_like(dy)
+            torch.mul(dy[:, :n_f], ctx.scale.view(shape), out=dx[:, :n_f])
+        if ctx.needs_input_grad[1]:
+            dy_new = dy[:, n_f:].contiguous()
+        return dx, dy_new, None, None, None, None, None, None
 
 
 class ExpandedBatchNorm1d(_ExpandedBatchNorm):

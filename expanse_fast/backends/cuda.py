@@ -1,10 +1,11 @@
-"""The ``cuda`` backend: the compiled kernels of ``csrc/`` (expanded linear layer).
+"""The ``cuda`` backend: the compiled kernels of ``csrc/`` (expanded linear and conv2d).
 
 The extension is either prebuilt (``expanse_fast._C``, from ``EXPANSE_FAST_BUILD_CUDA=1 pip
 install --no-build-isolation .``) or compiled with ninja at first use by
 ``torch.utils.cpp_extension.load`` (cached on disk by torch).  Loading it registers the ops
-``torch.ops.expanse_fast_cuda.linear_forward`` / ``linear_backward`` (C++, CUDA dispatch key);
-their fake implementations, for torch.compile, are registered here.
+``torch.ops.expanse_fast_cuda.linear_forward`` / ``linear_backward`` and ``conv2d_forward`` /
+``conv2d_backward`` (C++, CUDA dispatch key); their fake implementations, for torch.compile,
+are registered here.  Depthwise convolutions stay on the torch backend.
 
 The functions mirror ``torch_ref`` exactly (see its docstring for the interface).  Importing
 this module never fails, nor builds anything: that happens in ``load()``.

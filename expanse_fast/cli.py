@@ -7,6 +7,8 @@ import platform
 import sys
 from typing import List, Optional
 
+from .files import ensure_writable_dir
+
 DEBUG_ENV = "EXPANSE_FAST_DEBUG"  # set to 1: errors end with their full traceback
 
 
@@ -30,11 +32,7 @@ def _positive_int(text: str) -> int:
 def _writable_dir(path: str) -> str:
     """Create ``path`` if needed and prove it writable now, not after an hour of training."""
     try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".expanse-fast-write-test-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
-        os.remove(probe)
+        ensure_writable_dir(path)
     except OSError as exc:
         raise OSError(f"cannot write to the output folder {path!r}: "
                       f"{exc.strerror or exc}") from None

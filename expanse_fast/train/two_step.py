@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..files import ensure_writable_dir
 from ..hashing import hash_tensor
 from .distributed import (all_reduce_metrics, any_rank, is_distributed, is_main_process,
                           make_sampler, rank, unwrap, wrap_ddp)
@@ -137,11 +138,7 @@ def _checkpoint_paths(checkpoint_dir, checkpoint_every, resume, resume_from):
     if checkpoint_dir is not None:
         checkpoint_dir = os.fspath(checkpoint_dir)
         try:
-            os.makedirs(checkpoint_dir, exist_ok=True)
-            probe = os.path.join(checkpoint_dir, f".write-test-{os.getpid()}")
-            with open(probe, "wb"):
-                pass
-            os.remove(probe)
+            ensure_writable_dir(checkpoint_dir)
         except OSError as exc:
             raise OSError(f"checkpoint_dir {checkpoint_dir!r} is not a writable folder: "
                           f"{exc.strerror or exc}") from exc

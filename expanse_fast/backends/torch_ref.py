@@ -144,15 +144,69 @@ def _conv(x: Tensor, w: Tensor, b: Maybe, stride, padding, dilation, groups: int
     return torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)
 
 
+# The newest rows' filters over the frozen inputs ride along in the last frozen block's
+# convolution: one call writes those frozen channels and the newest ones into one tensor (no
+# second pass over the input, no torch.cat), and only the newest filters' columns over the
+# newest inputs run apart.  On the CPU every output channel of a convolution is its own sum,
+# so the frozen channels keep their bits; that is the convolution library's choice, not its
+# promise, so the first call of each shape checks it bit for bit against the frozen block
+# alone, and a shape that ever differs keeps the separate convolutions.
+_JOINT_EXACT: dict = {}  # shape key -> do the frozen rows keep their bits
+
+
+def _same_bits(a: Tensor, b: Tensor) -> bool:
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    size = a.element_size()
+    if a.shape != b.shape or a.dtype != b.dtype or size not in ints:
+        return False
+    return torch.equal(a.view(ints[size]), b.view(ints[size]))
+
+
+def _joint_rows(x: Tensor, w_old: Tensor, b_old: Maybe, w_new: Tensor, b_new: Maybe, stride,
+                padding, dilation, groups: int) -> Maybe:
+    """conv(x, [w_old; w_new]) whose first rows equal conv(x, w_old) bit for bit, or None
+    when this shape is known not to keep them (the caller then convolves apart)."""
+    if (x.device.type != "cpu" or (b_old is None) != (b_new is None) or x.shape[1] == 0
+            or w_old.shape[0] == 0 or w_new.shape[0] == 0):
+        return None
+    key = (x.dtype, tuple(x.shape), tuple(x.stride()), tuple(w_old.shape), tuple(w_new.shape),
+           str(stride), str(padding), str(dilation), groups, b_old is not None,
+           torch.get_num_threads())
+    ok = _JOINT_EXACT.get(key)
+    if ok is False:
+        return None
+    w = torch.cat([w_old, w_new])
+    b = None if b_old is None else torch.cat([b_old, b_new])
+    y = _conv(x, w, b, stride, padding, dilation, groups)
+    if ok is None:
+        if groups == 1:
+            alone = _conv(x, w_old, b_old, stride, padding, dilation)
+        else:  # depthwise: the frozen filters read the first channels only
+            c_old = w_old.shape[0] * x.shape[1] // w.shape[0]
+            alone = _conv(x[:, :c_old], w_old, b_old, stride, padding, dilation, c_old)
+        ok = _same_bits(y[:, :w_old.shape[0]], alone)
+        if len(_JOINT_EXACT) > 4096:
+            _JOINT_EXACT.clear()
+        _JOINT_EXACT[key] = ok
+        if not ok:
+            y[:, :w_old.shape[0]] = alone  # this call stays exact too
+    return y
+
+
 def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], stride, padding, dilation,
                    depthwise: bool) -> Tensor:
     if depthwise:
         c_f = _depthwise_frozen_in(frozen_k_ends)
+        c_new = x.shape[1] - c_f
+        if c_f and c_new:
+            y = _joint_rows(x, w_frozen, b_frozen, w_new, b_new, stride, padding, dilation,
+                            groups=x.shape[1])
+            if y is not None:
+                return y
         y_old = _conv(x[:, :c_f], w_frozen, b_frozen, stride, padding, dilation, groups=c_f) \
             if c_f else None
-        c_new = x.shape[1] - c_f
         y_new = _conv(x[:, c_f:], w_new, b_new, stride, padding, dilation, groups=c_new) \
             if c_new else None
         parts = [p for p in (y_old, y_new) if p is not None]
@@ -160,14 +214,29 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
             raise ValueError("depthwise conv with no channels")
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
     i_f = w_frozen.shape[1]
+    blocks = list(_frozen_row_blocks(frozen_out_groups, frozen_k_ends))
+    coupled = w_couple is not None and w_couple.shape[1] > 0
+    joint = None
+    if blocks and not coupled:
+        r0, r1, k = blocks[-1]
+        joint = _joint_rows(x[:, :k], w_frozen[r0:r1, :k],
+                            None if b_frozen is None else b_frozen[r0:r1], w_new[:, :k], b_new,
+                            stride, padding, dilation, 1)
+        if joint is not None:
+            blocks.pop()
+            if k < x.shape[1]:  # the newest filters' columns over the inputs after k
+                joint[:, r1 - r0:] += _conv(x[:, k:], w_new[:, k:], None, stride, padding,
+                                            dilation)
     parts = []
-    for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
+    for r0, r1, k in blocks:
         y = _conv(x[:, :k], w_frozen[r0:r1, :k],
                   None if b_frozen is None else b_frozen[r0:r1], stride, padding, dilation)
-        if w_couple is not None and w_couple.shape[1]:
+        if coupled:
             y = y + _conv(x[:, i_f:], w_couple[r0:r1], None, stride, padding, dilation)
         parts.append(y)
-    if w_new.shape[0] or not parts:
+    if joint is not None:
+        parts.append(joint)
+    elif w_new.shape[0] or not parts:
         parts.append(_conv(x, w_new, b_new, stride, padding, dilation))
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 

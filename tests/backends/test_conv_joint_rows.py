@@ -1,0 +1,116 @@
+"""torch backend, conv2d forward: the newest filters ride along in the last frozen block's
+convolution.  The frozen channels must still come out bit for bit as the pretrained layer
+computed them, the newest ones as the float64 staircase, and a shape whose library does not
+keep the frozen bits falls back to separate convolutions."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import expanse_fast as xf
+from expanse_fast.backends import torch_ref
+
+CASES = [
+    # (cin, cout, new_in, new_out, kernel, stride, padding, dilation, bias, hw)
+    (32, 32, 8, 8, 3, 1, 1, 1, False, 12),
+    (32, 64, 8, 16, 3, 2, 1, 1, False, 11),
+    (32, 64, 8, 16, 1, 2, 0, 1, False, 8),
+    (3, 32, 0, 8, 3, 1, 1, 1, False, 9),     # first layer: data input never grows
+    (5, 7, 3, 2, 3, 1, 2, 2, True, 10),      # odd widths, bias, dilation
+    (16, 24, 4, 6, (3, 1), (1, 2), (1, 0), 1, True, 7),
+]
+
+
+def _layer(cin, cout, new_in, new_out, k, s, p, d, bias):
+    conv = nn.Conv2d(cin, cout, k, s, p, d, bias=bias)
+    layer = xf.ExpandedConv2d.from_conv(conv, new_in, new_out)
+    layer.backend = "torch"
+    return conv, layer
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_frozen_rows_bit_identical_new_rows_exact(case):
+    torch.manual_seed(0)
+    *shape, hw = case
+    conv, layer = _layer(*shape)
+    cin, cout = case[0], case[1]
+    x = torch.randn(4, cin + case[2], hw, hw)
+    for _ in range(2):  # the first call checks the shape, the second runs on its verdict
+        with torch.no_grad():
+            y = layer(x)
+        assert torch.equal(y[:, :cout], conv(x[:, :cin].contiguous()))
+        ref = F.conv2d(x.double(), layer.dense_weight().double(),
+                       None if layer.dense_bias() is None else layer.dense_bias().double(),
+                       layer.stride, layer.padding, layer.dilation)
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_three_groups_keep_every_task():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    layer = xf.ExpandedConv2d.from_conv(conv, 2, 3)
+    layer.backend = "torch"
+    x1 = torch.randn(3, 8, 9, 9)
+    with torch.no_grad():
+        layer.weight_new.add_(0.1)  # as after training task 1
+        task1 = layer(x1)
+    layer.expand(4, 5)
+    layer.backend = "torch"
+    x = torch.cat([x1, torch.randn(3, 4, 9, 9)], dim=1)
+    with torch.no_grad():
+        y = layer(x)
+        assert torch.equal(y[:, :8], conv(x[:, :6].contiguous()))
+        torch.testing.assert_close(y[:, :11], task1, rtol=1e-6, atol=1e-6)
+        assert torch.equal(y[:, 8:11], layer.to_conv(task=1)(x[:, :8].contiguous())[:, 8:])
+
+
+@pytest.mark.parametrize("mult", [1, 2])
+def test_depthwise_joint(mult):
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 6 * mult, 3, padding=1, groups=6)
+    layer = xf.ExpandedConv2d.from_conv(conv, 2, 2 * mult)
+    layer.backend = "torch"
+    x = torch.randn(3, 8, 7, 7, requires_grad=True)
+    for _ in range(2):
+        y = layer(x)
+        assert torch.equal(y[:, :6 * mult].detach(), conv(x[:, :6].detach().contiguous()))
+    ref = F.conv2d(x.detach().double(), layer.dense_weight().double(),
+                   layer.dense_bias().double(), 1, 1, 1, 8)
+    torch.testing.assert_close(y.detach().double(), ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    assert layer.weight_new.grad is not None and layer.weight_frozen.grad is None
+
+
+def test_shape_that_loses_bits_falls_back(monkeypatch):
+    """A library whose wide convolution changed the frozen bits: that call is repaired from
+    the frozen block alone, later calls of that shape convolve apart."""
+    torch.manual_seed(3)
+    conv, layer = _layer(12, 10, 4, 6, 3, 1, 1, 1, True)
+    x = torch.randn(2, 16, 6, 6)
+    calls = []
+    real_same_bits = torch_ref._same_bits
+
+    def lying_same_bits(a, b):
+        calls.append(1)
+        return False
+
+    monkeypatch.setattr(torch_ref, "_same_bits", lying_same_bits)
+    monkeypatch.setattr(torch_ref, "_JOINT_EXACT", {})
+    real_conv = torch_ref._conv
+    widths = []
+
+    def spy_conv(x_, w, *args, **kw):
+        widths.append(w.shape[0])
+        return real_conv(x_, w, *args, **kw)
+
+    monkeypatch.setattr(torch_ref, "_conv", spy_conv)
+    with torch.no_grad():
+        first = layer(x)
+        second = layer(x)
+    assert len(calls) == 1 and list(torch_ref._JOINT_EXACT.values()) == [False]
+    assert widths[0] == 16  # joined (10 frozen + 6 new rows), then checked ...
+    assert widths[-2:] == [10, 6]  # ... and apart ever after
+    ref = conv(x[:, :12].contiguous())
+    assert torch.equal(first[:, :10], ref) and torch.equal(second[:, :10], ref)
+    torch.testing.assert_close(first, second, rtol=1e-6, atol=1e-6)
+    assert real_same_bits(ref, ref)

@@ -279,7 +279,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                                          need_dw, need_db)
         dx = None
         if need_dx_new or need_dx_old:
-            dx = x.new_zeros(x.shape)
+            dx = torch.zeros_like(x)  # in x's memory format: elementwise grads stay fast
             if need_dx_old and c_f:
                 dx[:, :c_f] = _conv_grads(dy[:, :o_f].contiguous(), x[:, :c_f], w_frozen, stride,
                                           padding, dilation, c_f, True, False, False)[0]
@@ -307,7 +307,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                                          w_frozen[r0:r1, :k], stride, padding, dilation, 1, True,
                                          False, False)[0]
         else:
-            dx = x.new_zeros(x.shape)
+            dx = torch.zeros_like(x)  # in x's memory format (channels_last stays so)
             if x.shape[1] > i_f and w_new.shape[0]:
                 dx[:, i_f:] = _conv_grads(dy_new, x[:, i_f:], w_new[:, i_f:], stride, padding,
                                           dilation, 1, True, False, False)[0]

@@ -114,3 +114,18 @@ def test_shape_that_loses_bits_falls_back(monkeypatch):
     assert torch.equal(first[:, :10], ref) and torch.equal(second[:, :10], ref)
     torch.testing.assert_close(first, second, rtol=1e-6, atol=1e-6)
     assert real_same_bits(ref, ref)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_input_gradient_keeps_channels_last(depthwise):
+    """A channels_last model gets channels_last input gradients (the elementwise backward
+    ops after it would otherwise mix layouts, several times slower)."""
+    torch.manual_seed(4)
+    conv = nn.Conv2d(6, 6, 3, padding=1, bias=False, groups=6 if depthwise else 1)
+    layer = xf.ExpandedConv2d.from_conv(conv, 2, 2)
+    layer.backend = "torch"
+    layer.skip_old_input_grad = True
+    x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    layer(x).square().sum().backward()
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    assert torch.count_nonzero(x.grad[:, :6]) == 0 and torch.count_nonzero(x.grad[:, 6:]) > 0

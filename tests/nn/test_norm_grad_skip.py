@@ -208,3 +208,24 @@ def test_isolated_model_gradients_unchanged_by_the_skip():
     for (n, a), b in zip(big.named_parameters(), full.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_compile_fullgraph_matches_eager():
+    from models import SmallResNet, pretrained
+    torch.manual_seed(6)
+    torch._dynamo.reset()
+    base = pretrained(SmallResNet(), torch.randn(8, 1, 10, 10))
+    big = xf.expand(base, width=0.25, new_classes=2, backend="torch").train()
+    twin = copy.deepcopy(big)
+    x = torch.randn(6, 1, 10, 10)
+    y_eager = big(x)
+    y_comp = torch.compile(twin, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    y_eager.square().sum().backward()
+    y_comp.square().sum().backward()
+    for (n, a), b in zip(big.named_parameters(), twin.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6, msg=n)
+    for (n, a), b in zip(big.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b, a, msg=n)  # running statistics moved alike
+    torch._dynamo.reset()

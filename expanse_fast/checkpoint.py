@@ -49,7 +49,8 @@ def _payload_digest(layers_json: str, tensors: Dict[str, Tensor]) -> str:
 def _layer_record(m: nn.Module) -> dict:
     if isinstance(m, _ExpandedBatchNorm):
         kind = "bn2d" if isinstance(m, ExpandedBatchNorm2d) else "bn1d"
-        return {"type": kind, "groups": list(m.groups)}
+        return {"type": kind, "groups": list(m.groups),
+                "skip_old_input_grad": bool(m.skip_old_input_grad)}
     rec = {"type": "conv2d" if isinstance(m, ExpandedConv2d) else "linear",
            "in_groups": list(m.in_groups), "out_groups": list(m.out_groups), "mode": m.mode,
            "skip_old_input_grad": bool(m.skip_old_input_grad)}
@@ -146,7 +147,9 @@ def _check_records(records) -> None:
     for path, rec in records.items():
         ok = isinstance(rec, dict) and rec.get("type") in ("linear", "conv2d", "bn1d", "bn2d")
         if ok and rec["type"].startswith("bn"):
-            ok = _widths(rec, "groups")
+            # files written before BatchNorm had the flag lack it: the full gradient then
+            ok = _widths(rec, "groups") and isinstance(rec.get("skip_old_input_grad", False),
+                                                       bool)
         elif ok:
             ok = (_widths(rec, "in_groups") and _widths(rec, "out_groups")
                   and len(rec["in_groups"]) == len(rec["out_groups"])
@@ -173,6 +176,7 @@ def _build_layer(base_layer: nn.Module, rec: dict, path: str) -> nn.Module:
         layer = cls.from_bn(base_layer, groups[1])
         for g in groups[2:]:
             layer.expand(g)
+        layer.skip_old_input_grad = rec.get("skip_old_input_grad", False)
         return layer
     ins, outs = rec["in_groups"], rec["out_groups"]
     base_in = base_layer.in_features if kind == "linear" else base_layer.in_channels

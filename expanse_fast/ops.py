@@ -12,6 +12,7 @@ their arguments, then call the custom ops ``torch.ops.expanse_fast.*``).
 from __future__ import annotations
 
 import math
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -46,8 +47,7 @@ def _fake_grads(dy, x, w_new, w_couple, need_dx, need_dw, need_db, need_dcouple)
 # ---------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{LIB}::linear", mutates_args=())
-def _linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
+def _linear_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
             b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
             frozen_k_ends: List[int], need_dx_old: bool, activation: str = "",
             backend: str = "") -> Tensor:
@@ -56,14 +56,16 @@ def _linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tens
                                   frozen_out_groups, frozen_k_ends, activation)
 
 
+_linear = torch.library.custom_op(f"{LIB}::linear", mutates_args=())(_linear_impl)
+
+
 @_linear.register_fake
 def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
       need_dx_old, activation="", backend=""):
     return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0]))
 
 
-@torch.library.custom_op(f"{LIB}::linear_backward", mutates_args=())
-def _linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
+def _linear_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
                      w_couple: Optional[Tensor], frozen_out_groups: List[int],
                      frozen_k_ends: List[int], need_dx_new: bool, need_dx_old: bool,
                      need_dw: bool, need_db: bool, need_dcouple: bool,
@@ -75,6 +77,10 @@ def _linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
                                     frozen_out_groups, frozen_k_ends, need_dx_new, need_dx_old,
                                     need_dw, need_db, need_dcouple, out=out)
     return tuple(_or_empty(g, dy) for g in grads)
+
+
+_linear_backward = torch.library.custom_op(f"{LIB}::linear_backward",
+                                           mutates_args=())(_linear_backward_impl)
 
 
 @_linear_backward.register_fake
@@ -100,9 +106,10 @@ def _linear_autograd_backward(ctx, dy):
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
     if not (need_x or need_w or need_b or need_c):
         return (None,) * 11
-    dx, dw, db, dc = _linear_backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
-                                      need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
-                                      out, ctx.backend)
+    backward = _linear_backward_impl if getattr(ctx, "eager", False) else _linear_backward
+    dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
+                              need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
+                              out, ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
             _or_none(dc, need_c), None, None, None, None, None)
 
@@ -117,8 +124,7 @@ def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
-@torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())
-def _conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
+def _conv2d_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
             b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
             frozen_k_ends: List[int], stride: List[int], padding: List[int],
             dilation: List[int], depthwise: bool, need_dx_old: bool,
@@ -127,6 +133,9 @@ def _conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tens
     return backend.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                   frozen_out_groups, frozen_k_ends, stride, padding, dilation,
                                   depthwise)
+
+
+_conv2d = torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())(_conv2d_impl)
 
 
 @_conv2d.register_fake
@@ -138,8 +147,7 @@ def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k
     return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0], ho, wo))
 
 
-@torch.library.custom_op(f"{LIB}::conv2d_backward", mutates_args=())
-def _conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
+def _conv2d_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
                      w_couple: Optional[Tensor], frozen_out_groups: List[int],
                      frozen_k_ends: List[int], stride: List[int], padding: List[int],
                      dilation: List[int], depthwise: bool, need_dx_new: bool,
@@ -151,6 +159,10 @@ def _conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
                                     depthwise, need_dx_new, need_dx_old, need_dw, need_db,
                                     need_dcouple)
     return tuple(_or_empty(g, dy) for g in grads)
+
+
+_conv2d_backward = torch.library.custom_op(f"{LIB}::conv2d_backward",
+                                           mutates_args=())(_conv2d_backward_impl)
 
 
 @_conv2d_backward.register_fake
@@ -175,14 +187,49 @@ def _conv2d_autograd_backward(ctx, dy):
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
     if not (need_x or need_w or need_b or need_c):
         return (None,) * 14
-    dx, dw, db, dc = _conv2d_backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
-                                      need_x and ctx.need_dx_old, need_w, need_b, need_c,
-                                      ctx.backend)
+    backward = _conv2d_backward_impl if getattr(ctx, "eager", False) else _conv2d_backward
+    dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
+                              need_x and ctx.need_dx_old, need_w, need_b, need_c, ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
             _or_none(dc, need_c)) + (None,) * 8
 
 
 _conv2d.register_autograd(_conv2d_autograd_backward, setup_context=_conv2d_setup_context)
+
+
+# ---------------------------------------------------------------------------------------
+# Eager twins of the ops
+# ---------------------------------------------------------------------------------------
+# A custom op's Python dispatch costs about 0.2 ms per forward and more per backward (2-core
+# CPU), more than a whole small layer takes.  Outside torch.compile the checked forms below
+# therefore run the same implementation, context and backward through a plain
+# autograd.Function; under torch.compile (and for opcheck) they go through the custom ops.
+# EXPANSE_FAST_CUSTOM_OPS=1 sends eager calls through the custom ops too.
+USE_EAGER_FUNCTIONS = os.environ.get("EXPANSE_FAST_CUSTOM_OPS", "0") != "1"
+
+
+def _eager_function(name: str, impl, setup_context, backward) -> type:
+    def forward(ctx, *inputs):
+        out = impl(*inputs)
+        setup_context(ctx, inputs, out)
+        ctx.eager = True  # backward calls the implementation, not the custom op
+        return out
+
+    return type(name, (torch.autograd.Function,),
+                {"forward": staticmethod(forward),
+                 "backward": staticmethod(lambda ctx, dy: backward(ctx, dy))})
+
+
+_LinearFunction = _eager_function("_LinearFunction", _linear_impl, _linear_setup_context,
+                                  _linear_autograd_backward)
+_Conv2dFunction = _eager_function("_Conv2dFunction", _conv2d_impl, _conv2d_setup_context,
+                                  _conv2d_autograd_backward)
+
+
+def _call(op, function, *args) -> Tensor:
+    if USE_EAGER_FUNCTIONS and not torch.compiler.is_compiling():
+        return function.apply(*args)
+    return op(*args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,8 +287,9 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     x2 = x.reshape(math.prod(lead), in_features)  # -1 would be ambiguous for 0 features
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = _linear(x2, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
-                list(frozen_k_ends), bool(need_dx_old), activation, _backend_arg(backend))
+    y = _call(_linear, _LinearFunction, x2, w_frozen, b_frozen, w_new, b_new, w_couple,
+              list(frozen_out_groups), list(frozen_k_ends), bool(need_dx_old), activation,
+              _backend_arg(backend))
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
 
 
@@ -279,7 +327,7 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
                              ("b_new", b_new), ("w_couple", w_couple)])
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
-    return _conv2d(x, w_frozen, b_frozen, w_new, b_new, w_couple, list(frozen_out_groups),
-                   list(frozen_k_ends), _pair(stride), _pair(padding), _pair(dilation),
-                   bool(depthwise), bool(need_dx_old), _backend_arg(backend))
+    return _call(_conv2d, _Conv2dFunction, x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                 list(frozen_out_groups), list(frozen_k_ends), _pair(stride), _pair(padding),
+                 _pair(dilation), bool(depthwise), bool(need_dx_old), _backend_arg(backend))
 

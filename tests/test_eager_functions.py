@@ -1,0 +1,69 @@
+"""The eager twins of the custom ops (a plain autograd.Function outside torch.compile) give
+the custom ops' results bit for bit, and torch.compile still sees the custom ops."""
+import pytest
+import torch
+from torch import nn
+
+import expanse_fast as xf
+from expanse_fast import ops
+from models import SmallResNet, pretrained
+
+
+def _mlp():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(13, 17), nn.ReLU(), nn.Linear(17, 11), nn.ReLU(),
+                         nn.Linear(11, 5))
+    return xf.expand(base, width=0.3, new_classes=3), torch.randn(37, 13)
+
+
+def _cnn():
+    torch.manual_seed(1)
+    base = pretrained(SmallResNet(), torch.randn(8, 1, 12, 12), steps=2)
+    return xf.expand(base, width=0.25, new_classes=2).train(), torch.randn(6, 1, 12, 12)
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    y.square().mean().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                        if p.requires_grad}
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
+def test_eager_functions_equal_custom_ops(make, monkeypatch):
+    model, x = make()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(ops, "USE_EAGER_FUNCTIONS", True)
+    y_eager, g_eager = _step(model, x)
+    model.load_state_dict(state)  # BatchNorm statistics moved: start from the same state
+    monkeypatch.setattr(ops, "USE_EAGER_FUNCTIONS", False)
+    y_op, g_op = _step(model, x)
+    assert torch.equal(y_eager, y_op)
+    assert g_eager.keys() == g_op.keys() and g_eager
+    for name in g_eager:
+        assert torch.equal(g_eager[name], g_op[name]), name
+
+
+def test_eager_path_skips_the_custom_op_dispatch():
+    model, x = _mlp()
+    with torch.profiler.profile() as prof:
+        model(x).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "expanse_fast::linear" not in names and "expanse_fast::linear_backward" not in names
+
+
+def test_compiled_model_uses_the_custom_ops_and_matches_eager():
+    model, x = _mlp()
+    y_eager, g_eager = _step(model, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.profiler.profile() as prof:
+        y_comp, g_comp = _step(compiled, x)
+    names = {e.name for e in prof.events()}
+    assert "expanse_fast::linear" in names and "expanse_fast::linear_backward" in names
+    torch.testing.assert_close(y_comp, y_eager)
+    g_comp = {n.removeprefix("_orig_mod."): g for n, g in g_comp.items()}
+    assert g_comp.keys() == g_eager.keys()
+    for name in g_eager:
+        torch.testing.assert_close(g_comp[name], g_eager[name])

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from .hashing import hash_tensor as _hash_tensor
-from .expand import ExpansionError, _freeze_all_but_newest, _swap, expanded_layers, source_model
+from .expand import _freeze_all_but_newest, expanded_layers, source_model
 from .fuse import fuse_activations
+from .graph import ExpansionError, swap_module as _swap
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.norm import _ExpandedBatchNorm
 

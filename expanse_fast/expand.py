@@ -18,15 +18,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .fuse import fuse_activations
+from .graph import ExpansionError, swap_module as _swap, trace as _trace
 from .nn import (ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear,
                  FusedReLU)
 from .nn.norm import _ExpandedBatchNorm
 
 Width = Union[float, int, Mapping[str, int]]
-
-
-class ExpansionError(ValueError):
-    """The model cannot be widened exactly; the message names the node or module."""
 
 
 # ---- what passes feature groups through unchanged ------------------------------------------
@@ -86,22 +84,6 @@ def _new_width(width: Width, name: str, current: int) -> int:
         return max(1, round(width * current)) if width > 0 else 0
     raise TypeError(f"width must be a float, an int or a {{module_name: int}} dict, got "
                     f"{type(width).__name__}")
-
-
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (ExpandedLinear, ExpandedConv2d, _ExpandedBatchNorm)):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-
-def _trace(model: nn.Module) -> fx.Graph:
-    try:
-        return _Tracer().trace(model)
-    except Exception as exc:
-        raise ExpansionError(
-            f"expand() needs a torch.fx-traceable model; tracing {type(model).__name__} failed: "
-            f"{type(exc).__name__}: {exc}") from exc
 
 
 def _find_head(graph: fx.Graph, modules: Dict[str, nn.Module], head: Optional[str]) -> str:
@@ -348,12 +330,6 @@ def _target_name(node: fx.Node) -> str:
     return getattr(t, "__name__", str(t))
 
 
-def _swap(root: nn.Module, path: str, new: nn.Module):
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, new)
-
-
 def _widened_layer(m: nn.Module, grow: Tuple[int, ...], mode: str) -> nn.Module:
     if isinstance(m, (ExpandedLinear, ExpandedConv2d)):
         return m.expand(*grow)
@@ -408,7 +384,6 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         _swap(big, path, layer)
     _freeze_all_but_newest(big)
     if fuse:
-        from .fuse import fuse_activations  # fuse builds on this module's tracer
         fuse_activations(big)
     return big
 

@@ -13,7 +13,7 @@ from typing import List
 import torch.fx as fx
 from torch import nn
 
-from .expand import _swap, _trace
+from .graph import swap_module, trace
 from .nn import ExpandedLinear, FusedReLU
 
 
@@ -46,7 +46,7 @@ def fuse_activations(model: nn.Module) -> List[str]:
     apart when the layer's output has other users, when either module is called more than
     once, or when the layer carries forward hooks. Returns the paths of the fused ReLUs.
     """
-    graph = _trace(model)
+    graph = trace(model)
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     fused = []
@@ -56,6 +56,6 @@ def fuse_activations(model: nn.Module) -> List[str]:
             continue
         layer_path, relu_path = pair
         modules[layer_path].activation = "relu"
-        _swap(model, relu_path, FusedReLU(inplace=modules[relu_path].inplace))
+        swap_module(model, relu_path, FusedReLU(inplace=modules[relu_path].inplace))
         fused.append(relu_path)
     return fused

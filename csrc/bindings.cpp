@@ -109,6 +109,16 @@ expanse_fast::LinearWeights weights(const Tensor& w_frozen, const Tensor& w_new,
           w_couple ? w_couple->data_ptr() : nullptr, w_couple ? w_couple->stride(0) : 0};
 }
 
+// A bias of `n` entries like `x` (dtype, device), contiguous; none stays none.
+std::optional<Tensor> checked_bias(const std::optional<Tensor>& b, int64_t n, const Tensor& x,
+                                   const char* op, const char* name) {
+  if (!b) return std::nullopt;
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == n, "expanse_fast_cuda::", op, ": ", name,
+              " must have shape [", n, "], got ", b->sizes());
+  check_like(*b, x, op, name);
+  return b->contiguous();
+}
+
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "expanse_fast_cuda::", op, ": kernel launch failed: ",
               cudaGetErrorString(err));
@@ -125,20 +135,9 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& w_frozen_in,
   std::optional<Tensor> w_couple;
   if (w_couple_in) w_couple = rows_unit_stride(*w_couple_in);
   const auto s = describe(op, x, w_frozen, w_new, w_couple, groups, k_ends);
-  std::optional<Tensor> b_frozen, b_new;
-  if (b_frozen_in) {
-    TORCH_CHECK(b_frozen_in->dim() == 1 && b_frozen_in->size(0) == s.frozen_out,
-                "expanse_fast_cuda::", op, ": b_frozen must have shape [", s.frozen_out,
-                "], got ", b_frozen_in->sizes());
-    check_like(*b_frozen_in, x, op, "b_frozen");
-    b_frozen = b_frozen_in->contiguous();
-  }
-  if (b_new_in) {
-    TORCH_CHECK(b_new_in->dim() == 1 && b_new_in->size(0) == s.new_out, "expanse_fast_cuda::",
-                op, ": b_new must have shape [", s.new_out, "], got ", b_new_in->sizes());
-    check_like(*b_new_in, x, op, "b_new");
-    b_new = b_new_in->contiguous();
-  }
+  const std::optional<Tensor> b_frozen = checked_bias(b_frozen_in, s.frozen_out, x, op,
+                                                     "b_frozen");
+  const std::optional<Tensor> b_new = checked_bias(b_new_in, s.new_out, x, op, "b_new");
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty({s.rows, s.frozen_out + s.new_out}, x.options());
   check_launch(expanse_fast::linear_forward(
@@ -335,20 +334,9 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
   if (w_couple_in) w_couple = w_couple_in->contiguous();
   const auto s = describe_conv(op, x, w_frozen, w_new, w_couple, groups, k_ends, stride, padding,
                                dilation);
-  std::optional<Tensor> b_frozen, b_new;
-  if (b_frozen_in) {
-    TORCH_CHECK(b_frozen_in->dim() == 1 && b_frozen_in->size(0) == s.frozen_out,
-                "expanse_fast_cuda::", op, ": b_frozen must have shape [", s.frozen_out,
-                "], got ", b_frozen_in->sizes());
-    check_like(*b_frozen_in, x, op, "b_frozen");
-    b_frozen = b_frozen_in->contiguous();
-  }
-  if (b_new_in) {
-    TORCH_CHECK(b_new_in->dim() == 1 && b_new_in->size(0) == s.new_out, "expanse_fast_cuda::",
-                op, ": b_new must have shape [", s.new_out, "], got ", b_new_in->sizes());
-    check_like(*b_new_in, x, op, "b_new");
-    b_new = b_new_in->contiguous();
-  }
+  const std::optional<Tensor> b_frozen = checked_bias(b_frozen_in, s.frozen_out, x, op,
+                                                     "b_frozen");
+  const std::optional<Tensor> b_new = checked_bias(b_new_in, s.new_out, x, op, "b_new");
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty({s.geo.batch, s.frozen_out + s.new_out, s.geo.out_h, s.geo.out_w},
                        x.options());

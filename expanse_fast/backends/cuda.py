@@ -161,6 +161,15 @@ def availability(device) -> Tuple[bool, str]:
 _fakes_registered = False
 
 
+def _fake_grads(x: Tensor, w_new: Tensor, w_couple: Maybe, need_dx: bool, need_dw: bool,
+                need_db: bool, need_dcouple: bool):
+    """The gradients a backward op returns, as empty tensors of their shapes (None if unasked)."""
+    return (x.new_empty(x.shape) if need_dx else None,
+            x.new_empty(w_new.shape) if need_dw else None,
+            x.new_empty((w_new.shape[0],)) if need_db else None,
+            x.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None) else None)
+
+
 def _register_fakes():
     global _fakes_registered
     if _fakes_registered:
@@ -174,12 +183,8 @@ def _register_fakes():
     @torch.library.register_fake("expanse_fast_cuda::linear_backward")
     def _bwd_fake(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
                   need_dx_new, need_dx_old, need_dw, need_db, need_dcouple):
-        dx = x.new_empty(x.shape) if (need_dx_new or need_dx_old) else None
-        dw = x.new_empty(w_new.shape) if need_dw else None
-        db = x.new_empty((w_new.shape[0],)) if need_db else None
-        dcouple = x.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None) \
-            else None
-        return dx, dw, db, dcouple
+        return _fake_grads(x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
+                           need_dcouple)
 
     _register_conv_fakes()
     _fakes_registered = True
@@ -259,12 +264,8 @@ def _register_conv_fakes():
     def _conv_bwd_fake(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
                        stride, padding, dilation, need_dx_new, need_dx_old, need_dw, need_db,
                        need_dcouple):
-        dx = x.new_empty(x.shape) if (need_dx_new or need_dx_old) else None
-        dw = x.new_empty(w_new.shape) if need_dw else None
-        db = x.new_empty((w_new.shape[0],)) if need_db else None
-        dcouple = x.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None) \
-            else None
-        return dx, dw, db, dcouple
+        return _fake_grads(x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
+                           need_dcouple)
 
 
 def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,

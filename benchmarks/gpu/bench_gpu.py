@@ -1011,6 +1011,21 @@ def pytest_runtest_setup(item):
         pytest.skip("GPU run: the tests stage ran out of time before this test")
 
 
+# What only a GPU can check comes first, so that the deadline cuts the broad tests, not these:
+# the CUDA extension's ops, then the Triton kernels (bfloat16 included), then the rest.
+TEST_PRIORITY = ("tests/backends/test_cuda_backend.py", "tests/kernels/test_expanded_linear",
+                 "tests/kernels/test_expanded_conv")
+
+
+def test_rank(nodeid: str) -> int:
+    return next((i for i, p in enumerate(TEST_PRIORITY) if nodeid.startswith(p)),
+                len(TEST_PRIORITY))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: test_rank(item.nodeid))  # stable: file order within a rank
+
+
 # =========================================================================================
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

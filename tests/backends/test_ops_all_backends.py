@@ -9,6 +9,8 @@ from reference import dense64, random_blocks, rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [b for b in ("torch", "triton", "cuda") if backend_choice.availability(b, DEVICE)[0]]
+# On a GPU these run on the device, bfloat16 included: part of the GPU run's `-m gpu` set.
+pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 
 LAYOUTS = [
     Layout((7, 3), (5, 4)),                    # primes, one expansion

@@ -18,6 +18,7 @@
 // Every index helper is __host__ __device__ and takes the thread index as an argument, so the
 // tile logic can be exercised on the host against a reference without a GPU.
 #include "expanded_conv.h"
+#include "kernel_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -33,15 +34,7 @@ namespace expanse_fast {
 namespace {
 
 using namespace nvcuda;
-
-// ---- element conversions: explicit, since torch builds with __CUDA_NO_HALF_CONVERSIONS__ ----
-XF_HD float to_f(float v) { return v; }
-XF_HD float to_f(__half v) { return __half2float(v); }
-XF_HD float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> XF_HD T from_f(float v);
-template <> XF_HD float from_f<float>(float v) { return v; }
-template <> XF_HD __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> XF_HD __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+using namespace common;
 
 // ---- tile shapes ----------------------------------------------------------------------------
 // A tile of SLOW x FAST elements, stored [slow][fast] in shared memory with a padded row
@@ -753,19 +746,6 @@ conv_bias_grad_kernel(const T* dy, Strides4 s, int64_t total, int64_t hw, int Wo
 }
 
 // ================================ host side ==================================================
-template <class F>
-cudaError_t dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-constexpr int64_t kMaxGridY = 65535;
 constexpr int64_t kMaxGridX = INT32_MAX;
 constexpr int64_t kIndexLimit = int64_t{1} << 30;  // int32 index math with headroom
 

@@ -13,6 +13,7 @@
 // with 16-byte cp.async where a chunk is aligned and in range (scalar zero-filling copy
 // otherwise), double-buffered: the next tile is in flight while the current one multiplies.
 #include "expanded_linear.h"
+#include "kernel_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,17 +27,7 @@ namespace expanse_fast {
 namespace {
 
 using namespace nvcuda;
-
-// ---- element conversions: explicit, since torch builds with __CUDA_NO_HALF_CONVERSIONS__ ----
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
+using namespace common;
 
 // ---- asynchronous 16-byte copies (sm_80+) --------------------------------------------------
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
@@ -521,19 +512,6 @@ __global__ void column_sum_kernel(const T* a, int64_t ld_a, int64_t rows, int m,
 }
 
 // ================================ host side ==============================================
-template <class F>
-cudaError_t dispatch(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: return f(float{});
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-constexpr int64_t kMaxGridY = 65535;
 
 bool shape_ok(const LinearShape& s, const LinearWeights& w) {
   if (s.rows < 0 || s.in_features < 0 || s.frozen_in < 0 || s.frozen_in > s.in_features ||

@@ -55,6 +55,27 @@ void check_like(const Tensor& t, const Tensor& ref, const char* op, const char* 
               t.scalar_type());
 }
 
+// The staircase's frozen groups: as many k_ends as groups, widths >= 0 summing to w_frozen's
+// rows, each k_end within w_frozen's columns, and no more groups than the kernels take.
+void check_groups(const char* op, at::IntArrayRef groups, at::IntArrayRef k_ends, int64_t o_f,
+                  int64_t i_f, int64_t max_groups) {
+  TORCH_CHECK(groups.size() == k_ends.size(), "expanse_fast_cuda::", op,
+              ": frozen_out_groups and frozen_k_ends must have the same length, got ",
+              groups.size(), " and ", k_ends.size());
+  TORCH_CHECK(static_cast<int64_t>(groups.size()) <= max_groups, "expanse_fast_cuda::", op,
+              ": at most ", max_groups, " frozen groups are supported, got ", groups.size());
+  int64_t total = 0;
+  for (size_t g = 0; g < groups.size(); ++g) {
+    TORCH_CHECK(groups[g] >= 0, "expanse_fast_cuda::", op,
+                ": frozen_out_groups must be >= 0, got ", groups);
+    TORCH_CHECK(k_ends[g] >= 0 && k_ends[g] <= i_f, "expanse_fast_cuda::", op,
+                ": frozen_k_ends must lie in [0, ", i_f, "], got ", k_ends);
+    total += groups[g];
+  }
+  TORCH_CHECK(total == o_f, "expanse_fast_cuda::", op, ": frozen_out_groups ", groups,
+              " sum to ", total, " but w_frozen has ", o_f, " rows");
+}
+
 // Checks the layout arguments and fills the launcher's shape description.
 expanse_fast::LinearShape describe(const char* op, const Tensor& x, const Tensor& w_frozen,
                                    const Tensor& w_new, const std::optional<Tensor>& w_couple,
@@ -74,22 +95,7 @@ expanse_fast::LinearShape describe(const char* op, const Tensor& x, const Tensor
     check_2d(*w_couple, op, "w_couple", o_f, in - i_f);
     check_like(*w_couple, x, op, "w_couple");
   }
-  TORCH_CHECK(groups.size() == k_ends.size(), "expanse_fast_cuda::", op,
-              ": frozen_out_groups and frozen_k_ends must have the same length, got ",
-              groups.size(), " and ", k_ends.size());
-  int64_t total = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    TORCH_CHECK(groups[g] >= 0, "expanse_fast_cuda::", op,
-                ": frozen_out_groups must be >= 0, got ", groups);
-    TORCH_CHECK(k_ends[g] >= 0 && k_ends[g] <= i_f, "expanse_fast_cuda::", op,
-                ": frozen_k_ends must lie in [0, ", i_f, "], got ", k_ends);
-    total += groups[g];
-  }
-  TORCH_CHECK(total == o_f, "expanse_fast_cuda::", op, ": frozen_out_groups ", groups,
-              " sum to ", total, " but w_frozen has ", o_f, " rows");
-  TORCH_CHECK(static_cast<int64_t>(groups.size()) <= expanse_fast::kMaxFrozenGroups,
-              "expanse_fast_cuda::", op, ": at most ", expanse_fast::kMaxFrozenGroups,
-              " frozen groups are supported, got ", groups.size());
+  check_groups(op, groups, k_ends, o_f, i_f, expanse_fast::kMaxFrozenGroups);
   expanse_fast::LinearShape s{};
   s.dtype = dtype_of(x, op);
   s.rows = x.size(0);
@@ -253,22 +259,7 @@ expanse_fast::ConvShape describe_conv(const char* op, const Tensor& x, const Ten
                 "expanse_fast_cuda::", op, ": w_couple must have shape [", o_f, ", ", in - i_f,
                 ", ", kh, ", ", kw, "], got ", w_couple->sizes());
   }
-  TORCH_CHECK(groups.size() == k_ends.size(), "expanse_fast_cuda::", op,
-              ": frozen_out_groups and frozen_k_ends must have the same length, got ",
-              groups.size(), " and ", k_ends.size());
-  TORCH_CHECK(static_cast<int64_t>(groups.size()) <= expanse_fast::kMaxConvFrozenGroups,
-              "expanse_fast_cuda::", op, ": at most ", expanse_fast::kMaxConvFrozenGroups,
-              " frozen groups are supported, got ", groups.size());
-  int64_t total = 0;
-  for (size_t g = 0; g < groups.size(); ++g) {
-    TORCH_CHECK(groups[g] >= 0, "expanse_fast_cuda::", op,
-                ": frozen_out_groups must be >= 0, got ", groups);
-    TORCH_CHECK(k_ends[g] >= 0 && k_ends[g] <= i_f, "expanse_fast_cuda::", op,
-                ": frozen_k_ends must lie in [0, ", i_f, "], got ", k_ends);
-    total += groups[g];
-  }
-  TORCH_CHECK(total == o_f, "expanse_fast_cuda::", op, ": frozen_out_groups ", groups,
-              " sum to ", total, " but w_frozen has ", o_f, " rows");
+  check_groups(op, groups, k_ends, o_f, i_f, expanse_fast::kMaxConvFrozenGroups);
   const auto [sh, sw] = pair_arg(stride, op, "stride");
   const auto [ph, pw] = pair_arg(padding, op, "padding");
   const auto [dh, dw] = pair_arg(dilation, op, "dilation");

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import backend_choice
-from .backends.torch_ref import ACTIVATIONS  # what the expanded linear can fuse
+from .backends.torch_ref import ACTIVATIONS, SMOOTH_ACTIVATIONS, reads_frozen_dy
 
 LIB = "expanse_fast"
 _EMPTY = (0,)
@@ -50,10 +50,15 @@ def _fake_grads(dy, x, w_new, w_couple, need_dx, need_dw, need_db, need_dcouple)
 def _linear_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
             b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
             frozen_k_ends: List[int], need_dx_old: bool, activation: str = "",
-            backend: str = "") -> Tensor:
+            pre_columns: int = 0, backend: str = "") -> Tuple[Tensor, Tensor]:
+    """-> (y, pre): ``pre`` holds the pre-activation of y's last ``pre_columns`` columns,
+    which the backward of a smooth activation (GELU, SiLU) reads; (N, 0) otherwise."""
     backend = backend_choice.resolve(x.device, "linear", backend)
-    return backend.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
-                                  frozen_out_groups, frozen_k_ends, activation)
+    pre = x.new_empty((x.shape[0], pre_columns))
+    y = backend.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                               frozen_out_groups, frozen_k_ends, activation,
+                               pre=pre if pre_columns else None)
+    return y, pre
 
 
 _linear = torch.library.custom_op(f"{LIB}::linear", mutates_args=())(_linear_impl)
@@ -61,21 +66,24 @@ _linear = torch.library.custom_op(f"{LIB}::linear", mutates_args=())(_linear_imp
 
 @_linear.register_fake
 def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
-      need_dx_old, activation="", backend=""):
-    return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0]))
+      need_dx_old, activation="", pre_columns=0, backend=""):
+    return (x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0])),
+            x.new_empty((x.shape[0], pre_columns)))
 
 
 def _linear_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
                      w_couple: Optional[Tensor], frozen_out_groups: List[int],
                      frozen_k_ends: List[int], need_dx_new: bool, need_dx_old: bool,
                      need_dw: bool, need_db: bool, need_dcouple: bool,
-                     out: Optional[Tensor] = None, backend: str = ""
+                     saved: Optional[Tensor] = None, activation: str = "", backend: str = ""
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``out``: the forward's output when a ReLU was fused into it (its mask), else None."""
+    """``saved``: with a fused ``activation``, what its gradient reads (the forward's output
+    for ReLU, its ``pre`` for the smooth ones), else None."""
     backend = backend_choice.resolve(dy.device, "linear", backend)
     grads = backend.linear_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
                                     frozen_out_groups, frozen_k_ends, need_dx_new, need_dx_old,
-                                    need_dw, need_db, need_dcouple, out=out)
+                                    need_dw, need_db, need_dcouple, saved=saved,
+                                    activation=activation)
     return tuple(_or_empty(g, dy) for g in grads)
 
 
@@ -85,7 +93,7 @@ _linear_backward = torch.library.custom_op(f"{LIB}::linear_backward",
 
 @_linear_backward.register_fake
 def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, need_dx_new,
-      need_dx_old, need_dw, need_db, need_dcouple, out=None, backend=""):
+      need_dx_old, need_dw, need_db, need_dcouple, saved=None, activation="", backend=""):
     return _fake_grads(dy, x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
                        need_dcouple)
 
@@ -93,25 +101,31 @@ def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, need_d
 def _linear_setup_context(ctx, inputs, output):
     x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, need_dx_old = inputs[:9]
     activation = inputs[9] if len(inputs) > 9 else ""
-    # A fused ReLU's backward needs its mask: the output itself (as nn.ReLU saves it).
-    ctx.save_for_backward(x, w_frozen, w_new, w_couple, output if activation else None)
+    y, pre = output
+    # A fused activation's backward reads the output (ReLU's mask, as nn.ReLU saves it) or
+    # the pre-activation (GELU, SiLU: only the columns that backward reads were kept).
+    saved = None if not activation else (pre if activation in SMOOTH_ACTIVATIONS else y)
+    ctx.save_for_backward(x, w_frozen, w_new, w_couple, saved)
+    ctx.mark_non_differentiable(pre)
+    ctx.set_materialize_grads(False)  # no zeros are made for pre's (absent) gradient
     ctx.groups = (list(frozen_out_groups), list(frozen_k_ends))
     ctx.need_dx_old = need_dx_old
+    ctx.activation = activation
     # Backward may run on another thread: keep the choice in force now.
-    ctx.backend = (inputs[10] if len(inputs) > 10 else "") or backend_choice.get_backend()
+    ctx.backend = (inputs[11] if len(inputs) > 11 else "") or backend_choice.get_backend()
 
 
-def _linear_autograd_backward(ctx, dy):
-    x, w_frozen, w_new, w_couple, out = ctx.saved_tensors
+def _linear_autograd_backward(ctx, dy, _dpre=None):
+    x, w_frozen, w_new, w_couple, saved = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
-    if not (need_x or need_w or need_b or need_c):
-        return (None,) * 11
+    if dy is None or not (need_x or need_w or need_b or need_c):
+        return (None,) * 12
     backward = _linear_backward_impl if getattr(ctx, "eager", False) else _linear_backward
     dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
                               need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
-                              out, ctx.backend)
+                              saved, ctx.activation, ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
-            _or_none(dc, need_c), None, None, None, None, None)
+            _or_none(dc, need_c)) + (None,) * 6
 
 
 _linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
@@ -217,7 +231,7 @@ def _eager_function(name: str, impl, setup_context, backward) -> type:
 
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(forward),
-                 "backward": staticmethod(lambda ctx, dy: backward(ctx, dy))})
+                 "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
 
 
 _LinearFunction = _eager_function("_LinearFunction", _linear_impl, _linear_setup_context,
@@ -268,8 +282,11 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                     backend: Optional[str] = None) -> Tensor:
     """y = [frozen staircase rows | trainable rows] applied to x of shape (..., I).
 
-    ``activation="relu"`` fuses a ReLU into the op: applied in the forward's epilogue, and
-    in backward its mask is applied only to the gradient columns that are read.
+    ``activation`` ("relu", "gelu", "gelu_tanh" or "silu") fuses that activation into the
+    op: applied in the forward's epilogue, and in backward its gradient is applied only to
+    the gradient columns that are read.  GELU and SiLU keep their pre-activation for
+    backward, of those columns only (in an isolated layer with ``need_dx_old=False``, the
+    newest ones).
     ``backend`` pins this call to one backend; None follows ``xf.set_backend``."""
     what = "expanded_linear"
     activation = activation or ""
@@ -287,10 +304,28 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     x2 = x.reshape(math.prod(lead), in_features)  # -1 would be ambiguous for 0 features
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    y = _call(_linear, _LinearFunction, x2, w_frozen, b_frozen, w_new, b_new, w_couple,
-              list(frozen_out_groups), list(frozen_k_ends), bool(need_dx_old), activation,
-              _backend_arg(backend))
+    y, _ = _call(_linear, _LinearFunction, x2, w_frozen, b_frozen, w_new, b_new, w_couple,
+                 list(frozen_out_groups), list(frozen_k_ends), bool(need_dx_old), activation,
+                 _pre_columns(activation, x2, w_frozen, w_new, b_new, w_couple, need_dx_old),
+                 _backend_arg(backend))
     return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
+
+
+def _pre_columns(activation: str, x: Tensor, w_frozen: Tensor, w_new: Tensor,
+                 b_new: Optional[Tensor], w_couple: Optional[Tensor], need_dx_old: bool) -> int:
+    """How many trailing output columns' pre-activation the backward of a smooth activation
+    will read: none without autograd, the newest ones, or all when the frozen columns'
+    gradient feeds dx_old or the coupling block."""
+    if activation not in SMOOTH_ACTIVATIONS or not torch.is_grad_enabled():
+        return 0
+    if not any(t is not None and t.requires_grad for t in (x, w_new, b_new, w_couple)):
+        return 0
+    o_f, o_new = w_frozen.shape[0], w_new.shape[0]
+    couple_grad = w_couple is not None and w_couple.requires_grad
+    if o_f and reads_frozen_dy(w_couple, x.requires_grad, x.requires_grad and need_dx_old,
+                               couple_grad):
+        return o_f + o_new
+    return o_new
 
 
 def _backend_arg(backend: Optional[str]) -> str:

@@ -22,8 +22,10 @@ Three kernels:
   w_couple).  Old-input tiles: dy_new w_new[:, :I_f] + sum_g dy_g w_frozen[g, :k_end_g], only
   when NEED_OLD; otherwise they store zeros without computing anything.
 
-All accumulate in fp32 and store in the input dtype.  GELU is the tanh approximation
-(torch's ``gelu(approximate="tanh")``).
+All accumulate in fp32 and store in the input dtype.  Activations: ``gelu`` is the exact
+(erf) GELU, ``gelu_tanh`` torch's ``gelu(approximate="tanh")``.  For the smooth ones the
+forward can also store the pre-activation of the last columns (``pre``): their backward
+reads it.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ import triton.language as tl
 # Read once, like Triton itself does when it decorates the kernels below.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
-ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3}
+ACTIVATIONS = {None: 0, "relu": 1, "gelu_tanh": 2, "silu": 3, "gelu": 4}
 
 
 # ---------------------------------------------------------------------------------------
@@ -125,11 +127,11 @@ def _dot_k(acc, a_base, b_base, s_ak, s_bk, a_mask, b_mask, k_lo, k_hi,
 
 @_autotune(key=["M", "O", "I", "G"], rows="M", cols="O")
 @triton.jit
-def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr,
-                M, O, I, I_F, O_F, G,
-                s_xm, s_xk, s_wfo, s_wno, s_wco, s_wck, s_ym, s_yn,
+def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, pre_ptr,
+                M, O, I, I_F, O_F, G, P0,
+                s_xm, s_xk, s_wfo, s_wno, s_wco, s_wck, s_ym, s_yn, s_pm,
                 HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
-                ACT: tl.constexpr, PREC: tl.constexpr,
+                ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -184,6 +186,10 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr,
     if HAS_BF:
         acc += tl.load(bf_ptr + rn, mask=(rn < col_end) & (rn < O_F), other=0.0
                        ).to(tl.float32)[None, :]
+    if HAS_PRE:
+        # the pre-activation of columns [P0, O), which the activation's backward reads
+        pre = pre_ptr + rm.to(tl.int64)[:, None] * s_pm + (rn - P0)[None, :]
+        tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=m_mask & n_mask & (rn >= P0)[None, :])
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     elif ACT == 2:  # gelu, tanh approximation: x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
@@ -191,6 +197,8 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr,
         acc = acc / (1.0 + tl.exp(-u))
     elif ACT == 3:
         acc = acc / (1.0 + tl.exp(-acc))
+    elif ACT == 4:  # exact gelu: x * Phi(x)
+        acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
     y = y_ptr + rm.to(tl.int64)[:, None] * s_ym + rn[None, :] * s_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask & n_mask)
 
@@ -339,9 +347,11 @@ def _grid2(m, n):
 def linear_forward(x: torch.Tensor, w_frozen: torch.Tensor, b_frozen: Optional[torch.Tensor],
                    w_new: torch.Tensor, b_new: Optional[torch.Tensor],
                    w_couple: Optional[torch.Tensor], frozen_out_groups: Sequence[int],
-                   frozen_k_ends: Sequence[int], activation: Optional[str] = None
-                   ) -> torch.Tensor:
-    """y (N, O_f + o_new) = staircase(x) + bias, then ``activation``, in one launch."""
+                   frozen_k_ends: Sequence[int], activation: Optional[str] = None,
+                   pre: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y (N, O_f + o_new) = staircase(x) + bias, then ``activation``, in one launch.
+
+    ``pre`` (N, P), if given, receives the pre-activation of y's last P columns."""
     _check(x, w_frozen, b_frozen, w_new, b_new, w_couple)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
@@ -358,17 +368,24 @@ def linear_forward(x: torch.Tensor, w_frozen: torch.Tensor, b_frozen: Optional[t
     # The kernel picks w_frozen or w_new per tile; a shared unit K stride keeps that a
     # pointer choice only (weights are parameters: contiguous already, no copy).
     w_frozen, w_new = _unit_k(w_frozen), _unit_k(w_new)
+    has_pre = pre is not None and pre.shape[1] > 0
+    if has_pre and (pre.shape[0] != n or pre.shape[1] > o_f + o_new or pre.stride(1) != 1
+                    or pre.dtype != x.dtype):
+        raise ValueError(f"pre must be a row-major ({n}, <= {o_f + o_new}) {x.dtype} tensor, "
+                         f"got {tuple(pre.shape)} {pre.dtype} with strides {pre.stride()}")
     tab = group_table(frozen_out_groups, frozen_k_ends, i_f, o_new, i, x.device)
     widths = list(frozen_out_groups) + [o_new]
     grid = _grid2(n, lambda meta: sum(triton.cdiv(w, meta["BLOCK_N"]) for w in widths))
     _fwd_kernel[grid](
         x, w_frozen, w_new, wc, b_frozen if b_frozen is not None else y,
-        b_new if b_new is not None else y, y, tab,
-        n, o_f + o_new, i, i_f, o_f, len(widths),
+        b_new if b_new is not None else y, y, tab, pre if has_pre else y,
+        n, o_f + o_new, i, i_f, o_f, len(widths), o_f + o_new - (pre.shape[1] if has_pre else 0),
         x.stride(0), x.stride(1), w_frozen.stride(0), w_new.stride(0),
         wc.stride(0), wc.stride(1), y.stride(0), y.stride(1),
+        pre.stride(0) if has_pre else 0,
         HAS_BF=b_frozen is not None and o_f > 0, HAS_BN=b_new is not None and o_new > 0,
-        HAS_COUPLE=couple, ACT=ACTIVATIONS[activation], PREC=_precision(x.dtype))
+        HAS_COUPLE=couple, ACT=ACTIVATIONS[activation], HAS_PRE=has_pre,
+        PREC=_precision(x.dtype))
     return y
 
 

@@ -106,7 +106,8 @@ def test_opcheck_linear(case):
             need_dx_old)
     torch.library.opcheck(OPS.linear, args)
     # the values: forward and every trainable gradient against the float64 staircase
-    y = OPS.linear(*args)
+    y, pre = OPS.linear(*args)
+    assert pre.shape == (x.shape[0], 0)  # kept only for GELU / SiLU
     w, b = _dense(lay, w_f, b_f, w_n, b_n, w_c)
     y_ref = F.linear(x.double(), w, b)
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
@@ -131,7 +132,8 @@ def test_opcheck_linear_zero_rows():
     args = (x, w_f, b_f, w_n, b_n, w_c, list(lay.frozen_out_groups), list(lay.frozen_k_ends),
             True)
     torch.library.opcheck(OPS.linear, args)
-    y = OPS.linear(*args)
+    y, pre = OPS.linear(*args)
+    assert pre.shape == (x.shape[0], 0)  # kept only for GELU / SiLU
     assert y.shape == (0, 12)
     y.sum().backward()
     assert torch.count_nonzero(w_n.grad) == 0 and w_n.grad.shape == w_n.shape
@@ -356,7 +358,8 @@ def test_opcheck_linear_fused_relu(case):
     args = (x, w_f, b_f, w_n, b_n, w_c, list(lay.frozen_out_groups), list(lay.frozen_k_ends),
             need_dx_old, "relu")
     torch.library.opcheck(OPS.linear, args)
-    y = OPS.linear(*args)
+    y, pre = OPS.linear(*args)
+    assert pre.shape == (x.shape[0], 0)  # kept only for GELU / SiLU
     w, b = _dense(lay, w_f, b_f, w_n, b_n, w_c)
     y_ref = F.relu(F.linear(x.double(), w, b))
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
@@ -369,14 +372,65 @@ def test_opcheck_linear_backward_fused_relu(case, flags):
     args, _ = _linear_backward_args(case, flags)
     dy, x, w_f, w_n, w_c = args[:5]
     out = torch.randn(dy.shape).clamp_min(0)  # a ReLU output: about half of it zeros
-    args = args + (out,)
+    args = args + (out, "relu")
     torch.library.opcheck(OPS.linear_backward, args)
     # masking dy by hand and running the plain backward gives the same gradients
     fused = OPS.linear_backward(*args)
-    masked = OPS.linear_backward(*((dy * (out > 0),) + args[1:-1]))
+    masked = OPS.linear_backward(*((dy * (out > 0),) + args[1:-2]))
     for got, want in zip(fused, masked):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want)
     need_dx_new, need_dx_old = flags[:2]
     if need_dx_new and not need_dx_old:  # old input columns: zeros, as without the ReLU
         assert torch.count_nonzero(fused[0][:, :w_f.shape[1]]) == 0
+
+
+# ---- GELU and SiLU: the forward keeps the pre-activation of the columns backward reads ------------
+SMOOTH = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu}
+
+
+@pytest.mark.parametrize("activation", list(SMOOTH))
+@pytest.mark.parametrize("case", [LINEAR[0], LINEAR[3], LINEAR[5]], ids=str)
+@pytest.mark.parametrize("columns", ["new", "all"])
+def test_opcheck_linear_fused_smooth(case, activation, columns):
+    ins, outs, mode, bias, need_dx_old = case
+    lay, x, (w_f, b_f, w_n, b_n, w_c) = _linear_case(ins, outs, mode, bias)
+    p = lay.new_out if columns == "new" else lay.out_features
+    args = (x, w_f, b_f, w_n, b_n, w_c, list(lay.frozen_out_groups), list(lay.frozen_k_ends),
+            need_dx_old, activation, p)
+    reads_old = need_dx_old or mode == "coupled"
+    consistent = columns == "all" or not reads_old
+    if consistent:  # (opcheck runs backward, which would refuse the inconsistent cases)
+        torch.library.opcheck(OPS.linear, args)
+    y, pre = OPS.linear(*args)
+    w, b = _dense(lay, w_f, b_f, w_n, b_n, w_c)
+    z_ref = F.linear(x.double(), w, b)
+    torch.testing.assert_close(y.double(), SMOOTH[activation](z_ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pre.double(), z_ref[:, lay.out_features - p:], rtol=1e-5,
+                               atol=1e-5)
+    assert not pre.requires_grad  # a saved intermediate, not a differentiable output
+    if consistent:
+        _check_grads(y, SMOOTH[activation](z_ref), torch.randn_like(y), lay, x, w_n, b_n, w_c,
+                     need_dx_old)
+    else:  # the frozen columns' pre-activation is needed but was not kept: a clear error
+        with pytest.raises(RuntimeError, match="saved only columns"):
+            y.sum().backward()
+
+
+@pytest.mark.parametrize("activation", list(SMOOTH))
+@pytest.mark.parametrize("case, flags", _cases([
+    (LINEAR[0], ALL_GRADS), (LINEAR[3], SKIP_OLD), (LINEAR[4], NO_DX)]))
+def test_opcheck_linear_backward_fused_smooth(case, flags, activation):
+    args, _ = _linear_backward_args(case, flags)
+    dy = args[0]
+    pre = torch.randn(dy.shape)
+    args = args + (pre, activation)
+    torch.library.opcheck(OPS.linear_backward, args)
+    # the activation's gradient by hand, then the plain backward: the same gradients
+    z = pre.clone().requires_grad_()
+    dz = torch.autograd.grad(SMOOTH[activation](z), z, dy)[0]
+    fused = OPS.linear_backward(*args)
+    plain = OPS.linear_backward(*((dz,) + args[1:-2]))
+    for got, want in zip(fused, plain):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want)

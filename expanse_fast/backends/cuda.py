@@ -200,21 +200,25 @@ def _ops():
 # ---------------------------------------------------------------------------------------
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
-                   frozen_k_ends: Sequence[int], activation: str = "") -> Tensor:
+                   frozen_k_ends: Sequence[int], activation: str = "",
+                   pre: Maybe = None) -> Tensor:
     torch_ref.check_activation(activation)
     y = _ops().linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                               [int(g) for g in frozen_out_groups],
                               [int(k) for k in frozen_k_ends])
-    # The kernels' epilogue writes bias only; the ReLU is one in-place pass.
-    return y.relu_() if activation == "relu" else y
+    # The kernels' epilogue writes bias only; the activation is one in-place pass.
+    if pre is not None and pre.shape[1]:
+        pre.copy_(y[:, y.shape[1] - pre.shape[1]:])
+    return torch_ref.apply_activation_(y, activation)
 
 
 def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
-                    need_dcouple: bool, out: Maybe = None):
-    if out is not None:
-        dy = torch_ref.relu_grad(dy, out)
+                    need_dcouple: bool, saved: Maybe = None, activation: str = ""):
+    if activation:
+        old_too = torch_ref.reads_frozen_dy(w_couple, need_dx_new, need_dx_old, need_dcouple)
+        dy = torch_ref.activation_grad_full(dy, activation, saved, w_frozen.shape[0], old_too)
     dx, dw, db, dcouple = _ops().linear_backward(
         dy, x, w_frozen, w_new, w_couple, [int(g) for g in frozen_out_groups],
         [int(k) for k in frozen_k_ends], bool(need_dx_new), bool(need_dx_old), bool(need_dw),

@@ -8,14 +8,18 @@ CPU path and the reference every other backend is checked against (besides float
 Every backend module exposes the same functions with the same arguments:
 
 ``linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
-                 activation="")``
-    x (N, I) -> y (N, O_f + o_new); ``activation="relu"`` applies ReLU to y in place.
+                 activation="", pre=None)``
+    x (N, I) -> y (N, O_f + o_new), then ``activation`` (one of ``ACTIVATIONS``) applied to y
+    in place.  ``pre`` (N, P), given for the smooth activations only, receives the
+    pre-activation of y's last P columns: what their backward reads.
 ``linear_backward(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
-                  need_dx_new, need_dx_old, need_dw, need_db, need_dcouple, out=None)``
+                  need_dx_new, need_dx_old, need_dw, need_db, need_dcouple, saved=None,
+                  activation="")``
     -> (dx or None, dw_new or None, db_new or None, dcouple or None).  dx has the full input
     width; when only ``need_dx_new`` its first I_f columns are zeros (nobody reads them).
-    ``out`` is the forward's output when it was fused with a ReLU: dy is then masked by
-    ``out > 0``, and only on the columns this backward reads.
+    With a fused activation ``saved`` is what its gradient reads (the output for ReLU, the
+    forward's ``pre`` otherwise); dy is passed through the activation's gradient only on the
+    columns this backward reads.
 ``conv2d_forward(x, ..., stride, padding, dilation, depthwise)`` and ``conv2d_backward`` the
     same for NCHW convolutions (channels are the groups).
 ``availability(device) -> (bool, reason)``.
@@ -57,7 +61,11 @@ def _affine_into(out: Tensor, x: Tensor, w: Tensor, b: Maybe) -> Tensor:
     return torch.addmm(b, x, w.t(), out=out)
 
 
-ACTIVATIONS = ("", "relu")
+# What the expanded linear can fuse: "gelu" is the exact (erf) GELU of nn.GELU(), "gelu_tanh"
+# its tanh approximation (nn.GELU(approximate="tanh")).
+ACTIVATIONS = ("", "relu", "gelu", "gelu_tanh", "silu")
+# Their gradient needs the pre-activation, which the forward saves (ReLU's needs its output).
+SMOOTH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 
 
 def check_activation(activation: str) -> None:
@@ -70,9 +78,76 @@ def relu_grad(dy: Tensor, out: Tensor) -> Tensor:
     return torch.ops.aten.threshold_backward(dy, out, 0)
 
 
+def apply_activation_(y: Tensor, activation: str) -> Tensor:
+    """``activation`` applied to y in place (aten's own kernels: the same bits as the
+    unfused nn.ReLU / nn.GELU / nn.SiLU)."""
+    if activation == "relu":
+        y.relu_()
+    elif activation in ("gelu", "gelu_tanh"):
+        torch.ops.aten.gelu_(y, approximate="none" if activation == "gelu" else "tanh")
+    elif activation == "silu":
+        torch.ops.aten.silu_(y)
+    return y
+
+
+def activation_grad(activation: str, dy: Tensor, saved: Tensor, out: Maybe = None) -> Tensor:
+    """dy through ``activation``'s gradient; ``saved`` is the output (ReLU) or the
+    pre-activation (the smooth ones), of dy's shape.  Written into ``out`` when given."""
+    aten = torch.ops.aten
+    if activation == "relu":
+        args, op = (dy, saved, 0), aten.threshold_backward
+    elif activation in ("gelu", "gelu_tanh"):
+        return _gelu_grad(dy, saved, "none" if activation == "gelu" else "tanh", out)
+    elif activation == "silu":
+        args, op = (dy, saved), aten.silu_backward
+    else:
+        raise ValueError(f"no gradient for activation {activation!r}")
+    return op(*args) if out is None else op.grad_input(*args, grad_input=out)
+
+
+def _gelu_grad(dy: Tensor, pre: Tensor, approximate: str, out: Maybe) -> Tensor:
+    if out is None:
+        return torch.ops.aten.gelu_backward(dy, pre, approximate=approximate)
+    return torch.ops.aten.gelu_backward.grad_input(dy, pre, approximate=approximate,
+                                                  grad_input=out)
+
+
+def saved_columns(saved: Tensor, width: int, c0: int, c1: int) -> Tensor:
+    """Columns [c0, c1) of a (N, width) output, out of ``saved``, which holds the output's
+    last ``saved.shape[1]`` columns."""
+    first = width - saved.shape[1]
+    if c0 < first:
+        raise RuntimeError(f"the fused activation's backward reads output columns {c0}..{c1} "
+                           f"but the forward saved only columns {first}..{width}")
+    return saved[:, c0 - first:c1 - first]
+
+
+def reads_frozen_dy(w_couple: Maybe, need_dx_new: bool, need_dx_old: bool,
+                    need_dcouple: bool) -> bool:
+    """Whether a linear backward reads dy's frozen columns: for dcouple, dx_old, or dx_new
+    through the coupling block."""
+    coupled = w_couple is not None and w_couple.shape[1] > 0
+    return need_dcouple or need_dx_old or ((need_dx_new or need_dx_old) and coupled)
+
+
+def activation_grad_full(dy: Tensor, activation: str, saved: Tensor, o_f: int,
+                         old_too: bool) -> Tensor:
+    """A full-width dy for kernels that read it whole: the newest columns through the
+    activation's gradient, the frozen ones too when ``old_too``, else left unset (the
+    caller's kernels do not read them)."""
+    o = dy.shape[1]
+    dz = torch.empty_like(dy)
+    activation_grad(activation, dy[:, o_f:], saved_columns(saved, o, o_f, o), out=dz[:, o_f:])
+    if old_too and o_f:
+        activation_grad(activation, dy[:, :o_f], saved_columns(saved, o, 0, o_f),
+                        out=dz[:, :o_f])
+    return dz
+
+
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
-                   frozen_k_ends: Sequence[int], activation: str = "") -> Tensor:
+                   frozen_k_ends: Sequence[int], activation: str = "",
+                   pre: Maybe = None) -> Tensor:
     check_activation(activation)
     o_f, i_f = w_frozen.shape
     y = x.new_empty((x.shape[0], o_f + w_new.shape[0]))
@@ -87,25 +162,26 @@ def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
             out.copy_(torch.addmm(out, x[:, i_f:], w_couple[r0:r1].t()))
     if w_new.shape[0]:
         _affine_into(y[:, o_f:], x, w_new, b_new)
-    if activation == "relu":
-        y.relu_()  # in place: no second (N, O) tensor
-    return y
+    if pre is not None and pre.shape[1]:
+        pre.copy_(y[:, y.shape[1] - pre.shape[1]:])
+    return apply_activation_(y, activation)  # in place: no second (N, O) tensor
 
 
 def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
-                    need_dcouple: bool, out: Maybe = None):
+                    need_dcouple: bool, saved: Maybe = None, activation: str = ""):
     o_f, i_f = w_frozen.shape
+    o = dy.shape[1]
     coupled = w_couple is not None and w_couple.shape[1] > 0 and o_f > 0
     need_dx = need_dx_new or need_dx_old
     # The frozen rows' dy is read only for dcouple, dx_old and the coupled dx_new: with a
-    # fused ReLU, its mask is applied to those columns only when one of them is wanted.
+    # fused activation, its gradient is applied to those columns only when one is wanted.
     dy_new, dy_old = dy[:, o_f:], dy[:, :o_f]
-    if out is not None:
-        dy_new = relu_grad(dy_new, out[:, o_f:])
-        if o_f and (need_dcouple or need_dx_old or (need_dx and coupled)):
-            dy_old = relu_grad(dy_old, out[:, :o_f])
+    if activation:
+        dy_new = activation_grad(activation, dy_new, saved_columns(saved, o, o_f, o))
+        if o_f and reads_frozen_dy(w_couple, need_dx_new, need_dx_old, need_dcouple):
+            dy_old = activation_grad(activation, dy_old, saved_columns(saved, o, 0, o_f))
     dx = dw = db = dcouple = None
     if need_dw:
         dw = dy_new.t() @ x

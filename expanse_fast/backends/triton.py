@@ -49,22 +49,25 @@ def availability(device) -> Tuple[bool, str]:
 # ---------------------------------------------------------------------------------------
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
-                   frozen_k_ends: Sequence[int], activation: str = "") -> Tensor:
+                   frozen_k_ends: Sequence[int], activation: str = "",
+                   pre: Maybe = None) -> Tensor:
     torch_ref.check_activation(activation)
-    # the ReLU runs in the kernel's epilogue
+    # the activation (and the store of its input, pre) run in the kernel's epilogue
     return expanded_linear.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                           frozen_out_groups, frozen_k_ends,
-                                          activation=activation or None)
+                                          activation=activation or None, pre=pre)
 
 
 def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
-                    need_dcouple: bool, out: Maybe = None):
+                    need_dcouple: bool, saved: Maybe = None, activation: str = ""):
     o_f, i_f = w_frozen.shape
-    if out is not None:
-        # Fused ReLU: one elementwise pass over dy (cheap next to the GEMMs on a GPU).
-        dy = torch_ref.relu_grad(dy, out)
+    if activation:
+        # Fused activation: one elementwise pass over the dy columns the kernels below read
+        # (the frozen ones only for dcouple, dx_old or the coupled dx_new).
+        old_too = torch_ref.reads_frozen_dy(w_couple, need_dx_new, need_dx_old, need_dcouple)
+        dy = torch_ref.activation_grad_full(dy, activation, saved, o_f, old_too)
     dx = dw = db = dcouple = None
     if need_dw or need_db:
         # One launch: dW_new = dy_new^T x with db_new fused.  db alone: the same kernel

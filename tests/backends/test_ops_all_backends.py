@@ -36,6 +36,12 @@ def _dtypes(backend):
 CASES = [(b, d) for b in BACKENDS for d in _dtypes(b)]
 
 
+# float64 references of the smooth activations the linear op can fuse
+SMOOTH = {"gelu": torch.nn.functional.gelu,
+          "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+          "silu": torch.nn.functional.silu}
+
+
 def _run_linear(lay, dtype, rows, bias, need_dx_old, backend, activation=None):
     w_f, b_f, w_n, b_n, w_c = random_blocks(lay, dtype=dtype, bias=bias, device=DEVICE)
     x = torch.randn(rows, lay.in_features, dtype=dtype, device=DEVICE, requires_grad=True)
@@ -55,6 +61,11 @@ def _run_linear(lay, dtype, rows, bias, need_dx_old, backend, activation=None):
         ref_y = ref_y.clamp_min(0)
         # the mask of the op's own output: a float64 pre-activation near 0 may differ in sign
         dy64 = dy64 * (y.detach().cpu() > 0)
+    elif activation:
+        z64 = ref_y.requires_grad_()
+        ref_y = SMOOTH[activation](z64)
+        dy64 = torch.autograd.grad(ref_y, z64, dy64)[0]
+        ref_y = ref_y.detach()
     assert y.shape == ref_y.shape and y.dtype == dtype
     assert rel_err(y, ref_y) < TOL[dtype]
     dW = dy64.t() @ x64
@@ -82,16 +93,18 @@ def test_linear_matches_float64(backend, dtype, lay, need_dx_old):
 @pytest.mark.parametrize("lay", [LAYOUTS[0], LAYOUTS[2], LAYOUTS[3], LAYOUTS[4], LAYOUTS[6]],
                          ids=str)
 @pytest.mark.parametrize("need_dx_old", [True, False])
-def test_linear_fused_relu_matches_float64(backend, dtype, lay, need_dx_old):
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_linear_fused_activation_matches_float64(backend, dtype, lay, need_dx_old, activation):
     _run_linear(lay, dtype, rows=37, bias=True, need_dx_old=need_dx_old, backend=backend,
-                activation="relu")
+                activation=activation)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rows", [0, 1])
-def test_linear_fused_relu_row_counts(backend, rows):
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_linear_fused_activation_row_counts(backend, rows, activation):
     _run_linear(Layout((9, 4, 3), (6, 5, 2)), torch.float32, rows, bias=False,
-                need_dx_old=False, backend=backend, activation="relu")
+                need_dx_old=False, backend=backend, activation=activation)
 
 
 def test_linear_refuses_unknown_activation():
@@ -100,7 +113,7 @@ def test_linear_refuses_unknown_activation():
     with pytest.raises(ValueError, match="activation must be None or one of"):
         xf.ops.expanded_linear(torch.randn(2, lay.in_features), w_f, b_f, w_n, b_n, w_c,
                                frozen_out_groups=lay.frozen_out_groups,
-                               frozen_k_ends=lay.frozen_k_ends, activation="gelu")
+                               frozen_k_ends=lay.frozen_k_ends, activation="tanh")
 
 
 @pytest.mark.parametrize("backend,dtype", CASES)

@@ -103,14 +103,19 @@ class Case:
                 self.groups, self.k_ends)
 
     def ref_forward(self, activation=None):
-        y = self.x.double().cpu() @ self.w_dense.t() + self.b_dense
+        y = self.ref_pre()
         if activation == "relu":
             y = torch.relu(y)
         elif activation == "gelu":
+            y = torch.nn.functional.gelu(y)
+        elif activation == "gelu_tanh":
             y = torch.nn.functional.gelu(y, approximate="tanh")
         elif activation == "silu":
             y = torch.nn.functional.silu(y)
         return y
+
+    def ref_pre(self):
+        return self.x.double().cpu() @ self.w_dense.t() + self.b_dense
 
     def ref_backward(self, need_dx_old):
         x, dy = self.x.double().cpu(), self.dy.double().cpu()
@@ -163,11 +168,32 @@ def test_forward_rows(n):
 
 
 @pytest.mark.parametrize("activation,dtype", [("relu", torch.float32), ("gelu", torch.float32),
+                                              ("gelu_tanh", torch.float32),
                                               ("silu", torch.float32), ("gelu", torch.float16)])
 def test_forward_activation(activation, dtype):
     c = Case(*LAYOUTS["3g"], mode="coupled", dtype=dtype)
     assert_close(K.linear_forward(c.x, *c.blocks(), activation=activation),
                  c.ref_forward(activation), dtype, activation)
+
+
+@pytest.mark.parametrize("columns", ["new", "all"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_forward_stores_pre_activation_of_last_columns(columns, dtype):
+    # The epilogue writes y = silu(z) and, for the last P columns, z itself (what the
+    # activation's backward reads); columns before them are never written to pre.
+    c = Case(*LAYOUTS["3g"], mode="isolated", dtype=dtype)
+    p = c.o - c.o_f if columns == "new" else c.o
+    pre = torch.full((c.x.shape[0], p), float("nan"), dtype=dtype, device=DEVICE)
+    y = K.linear_forward(c.x, *c.blocks(), activation="silu", pre=pre)
+    assert_close(y, c.ref_forward("silu"), dtype, "y")
+    assert_close(pre, c.ref_pre()[:, c.o - p:], dtype, "pre")
+
+
+def test_forward_rejects_bad_pre():
+    c = Case(*LAYOUTS["1g"], n=3)
+    with pytest.raises(ValueError, match="pre must be"):
+        K.linear_forward(c.x, *c.blocks(), activation="gelu",
+                         pre=torch.empty(2, c.o, device=DEVICE))
 
 
 def test_forward_mixed_bias_and_strided_input():
@@ -309,8 +335,8 @@ def test_gpu_tuned_tiles_vs_float64(dtype):
     c = Case((300, 77, 131), (257, 1, 190), mode="isolated", n=1037, dtype=dtype,
              device="cuda")
     tol = {torch.float32: 1e-4, torch.float16: 3e-3}[dtype]
-    y = K.linear_forward(c.x, *c.blocks(), activation="gelu")
-    ref = c.ref_forward("gelu")
+    y = K.linear_forward(c.x, *c.blocks(), activation="gelu_tanh")
+    ref = c.ref_forward("gelu_tanh")
     assert (y.double().cpu() - ref).abs().max() <= tol * ref.abs().max()
     for name, o, r in zip(("dx", "dw_new", "db_new", "dcouple"), c.backward(triton_backend),
                           c.ref_backward(True)):

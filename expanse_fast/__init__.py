@@ -11,12 +11,14 @@ from .expand import (ExpansionError, expand, expanded_layers, merge, print_train
                      source_model)
 from .fuse import fuse_activations
 from .layout import Layout
-from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear, FusedReLU
+from .nn import (ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear, FusedGELU,
+                 FusedReLU, FusedSiLU)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExpandedLinear", "ExpandedConv2d", "ExpandedBatchNorm1d", "ExpandedBatchNorm2d", "FusedReLU",
+    "FusedGELU", "FusedSiLU",
     "Layout", "expand", "fuse_activations", "source_model", "merge", "print_trainable_parameters", "expanded_layers",
     "save_expansion", "load_expansion", "ExpansionError", "set_backend", "use_backend",
     "get_backend", "ops",

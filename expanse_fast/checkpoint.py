@@ -213,8 +213,8 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
     """Rebuild the expanded model saved at ``path`` on top of ``base_model``.
 
     Refuses a base whose weights differ from the one the expansion was trained on, and any
-    truncated or modified file.  ``base_model`` is never changed.  ``fuse``: fuse ReLUs into
-    the layers before them as ``expand()`` does (skipped for a model torch.fx cannot trace).
+    truncated or modified file.  ``base_model`` is never changed.  ``fuse``: fuse activation
+    modules (ReLU, GELU, SiLU) into the layers before them as ``expand()`` does (skipped for a model torch.fx cannot trace).
     """
     header, tensors = _read(path)
     got, want = fingerprint(base_model), str(header.get("base_fingerprint", ""))

@@ -20,8 +20,8 @@ from torch import nn
 
 from .fuse import fuse_activations
 from .graph import ExpansionError, swap_module as _swap, trace as _trace
-from .nn import (ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear,
-                 FusedReLU)
+from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
+from .nn.fused import FUSED_TYPES
 from .nn.norm import _ExpandedBatchNorm
 
 Width = Union[float, int, Mapping[str, int]]
@@ -358,8 +358,9 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         "coupled" (old units read new ones through zero-initialised trainable blocks).
     backend: "auto" follows ``xf.set_backend``; "torch", "triton" or "cuda" pins every
         widened layer of the copy to that backend.
-    fuse: let each widened Linear compute the ``nn.ReLU`` module that follows it
-        (:func:`~expanse_fast.fuse_activations`): same results, less work in backward.
+    fuse: let each widened Linear compute the ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU`` module
+        that follows it (:func:`~expanse_fast.fuse_activations`): same results, less work and
+        memory in backward.
     """
     from .backend_choice import BACKENDS
     if backend not in BACKENDS:
@@ -407,8 +408,8 @@ def _plain_copy(big: nn.Module, task: Optional[int]) -> nn.Module:
             bn = m.to_bn(task)
             bn.train(m.training)
             _swap(model, path, bn)
-        elif isinstance(m, FusedReLU):  # its layer, now plain, no longer applies the ReLU
-            _swap(model, path, m.to_relu())
+        elif isinstance(m, FUSED_TYPES):  # its layer, now plain, no longer applies it
+            _swap(model, path, m.unfused())
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -1,9 +1,11 @@
-"""Fusing each expanded Linear with the ReLU that follows it.
+"""Fusing each expanded Linear with the activation module (ReLU, GELU, SiLU) that follows it.
 
-The fused layer applies the ReLU itself, and its backward masks only the gradient columns
-it reads. In the isolated layout that is the newest outputs alone, so the frozen part of the
-ReLU's gradient is never formed. Without fusion, a separate ``nn.ReLU`` allocates and fills
-the full-width output and gradient.
+The fused layer applies the activation itself, and its backward applies the activation's
+gradient only to the gradient columns it reads. In the isolated layout those are the newest
+outputs alone, so the frozen part of the activation's gradient is never formed, and GELU and
+SiLU keep the pre-activation of the newest columns only. Without fusion, a separate module
+allocates and fills the full-width output and gradient, and GELU/SiLU save the full-width
+input.
 """
 from __future__ import annotations
 
@@ -14,13 +16,14 @@ import torch.fx as fx
 from torch import nn
 
 from .graph import swap_module, trace
-from .nn import ExpandedLinear, FusedReLU
+from .nn import ExpandedLinear
+from .nn.fused import fused_stand_in
 
 
 def _fusable_pair(node: fx.Node, modules, calls: Counter):
-    """(layer path, relu path) when ``node`` is a ReLU module called once on the single use
-    of an expanded Linear's output, else None."""
-    if node.op != "call_module" or type(modules[node.target]) is not nn.ReLU:
+    """(layer path, activation path) when ``node`` is a fusable activation module called once
+    on the single use of an expanded Linear's output, else None."""
+    if node.op != "call_module" or fused_stand_in(modules[node.target]) is None:
         return None
     if node.kwargs or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
         return None
@@ -31,20 +34,23 @@ def _fusable_pair(node: fx.Node, modules, calls: Counter):
     if not isinstance(layer, ExpandedLinear) or layer.activation:
         return None
     if layer._forward_hooks or layer._forward_pre_hooks:
-        return None  # a hook on the layer would see the ReLU's output: leave it apart
+        return None  # a hook on the layer would see the activation's output: leave it apart
     if calls[src.target] != 1 or calls[node.target] != 1:
         return None  # a shared module serves other call sites too
     return src.target, node.target
 
 
 def fuse_activations(model: nn.Module) -> List[str]:
-    """Let every expanded Linear compute the ``nn.ReLU`` module that directly follows it.
+    """Let every expanded Linear compute the ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU`` module
+    that directly follows it.
 
-    Changes ``model`` in place: the layer gets ``activation="relu"`` and the ReLU module is
-    replaced by a :class:`~expanse_fast.nn.FusedReLU` under the same name (state dicts do
-    not change). Outputs and gradients of trainable tensors stay the same. A pair is left
-    apart when the layer's output has other users, when either module is called more than
-    once, or when the layer carries forward hooks. Returns the paths of the fused ReLUs.
+    Changes ``model`` in place: the layer gets ``activation="relu"`` (``"gelu"``,
+    ``"gelu_tanh"``, ``"silu"``) and the activation module is replaced by a
+    :class:`~expanse_fast.nn.FusedReLU` (``FusedGELU``, ``FusedSiLU``) under the same name
+    (state dicts do not change). Outputs and gradients of trainable tensors stay the same. A
+    pair is left apart when the layer's output has other users, when either module is called
+    more than once, or when the layer carries forward hooks. Returns the paths of the fused
+    activation modules.
     """
     graph = trace(model)
     modules = dict(model.named_modules())
@@ -54,8 +60,9 @@ def fuse_activations(model: nn.Module) -> List[str]:
         pair = _fusable_pair(node, modules, calls)
         if pair is None:
             continue
-        layer_path, relu_path = pair
-        modules[layer_path].activation = "relu"
-        swap_module(model, relu_path, FusedReLU(inplace=modules[relu_path].inplace))
-        fused.append(relu_path)
+        layer_path, act_path = pair
+        activation, stand_in = fused_stand_in(modules[act_path])
+        modules[layer_path].activation = activation
+        swap_module(model, act_path, stand_in)
+        fused.append(act_path)
     return fused

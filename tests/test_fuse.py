@@ -142,3 +142,83 @@ def test_checkpoint_round_trip_fuses(tmp_path):
     assert not any(isinstance(m, xf.FusedReLU) for m in unfused.modules())
     x = torch.randn(5, 784)
     assert torch.equal(loaded(x), big(x)) and torch.equal(unfused(x), big(x))
+
+
+# ---- GELU and SiLU -----------------------------------------------------------------------------
+def _smooth_mlp():
+    return nn.Sequential(nn.Linear(13, 17), nn.GELU(), nn.Linear(17, 11),
+                         nn.GELU(approximate="tanh"), nn.Linear(11, 9), nn.SiLU(),
+                         nn.Linear(9, 5))
+
+
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_gelu_silu_model_equals_unfused(mode, backend):
+    if not xf.backend_choice.availability(backend, "cpu")[0]:
+        pytest.skip(f"{backend} unavailable here")
+    torch.manual_seed(6)
+    fused, plain = _pair(_smooth_mlp(), width=0.3, new_classes=3, mode=mode, backend=backend)
+    assert [fused[i].activation for i in (0, 2, 4, 6)] == ["gelu", "gelu_tanh", "silu", ""]
+    assert [type(fused[i]) for i in (1, 3, 5)] == [xf.FusedGELU, xf.FusedGELU, xf.FusedSiLU]
+    assert fused[3].approximate == "tanh" and isinstance(fused[5], nn.SiLU)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    x = torch.randn(37, 13)
+    y_f, g_f = _grads(fused, x)
+    y_p, g_p = _grads(plain, x)
+    # the torch backend runs aten's own activation kernels: the very bits of nn.GELU / nn.SiLU
+    exact = backend == "torch"
+    torch.testing.assert_close(y_f, y_p, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-5)
+    assert g_f.keys() == g_p.keys()
+    for name in g_f:
+        torch.testing.assert_close(g_f[name], g_p[name], rtol=1e-5, atol=1e-5)
+    src = xf.source_model(fused)
+    assert [type(m) for m in src] == [type(m) for m in _smooth_mlp()]
+    assert src[3].approximate == "tanh"
+
+
+def _saved_bytes(model, x):
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(saved)
+
+
+def test_fused_gelu_keeps_only_the_newest_columns_pre_activation():
+    # Isolated expand(): backward reads only the newest outputs, so the fused GELU keeps
+    # their pre-activation (17 * 0.25 -> 4 of 21 columns) instead of the full-width input
+    # nn.GELU keeps; everything else saved is the same.
+    torch.manual_seed(7)
+    base = nn.Sequential(nn.Linear(13, 17), nn.GELU(), nn.Linear(17, 5))
+    fused, plain = _pair(base, width=0.25, new_classes=2)
+    n = 64
+    x = torch.randn(n, 13)
+    hidden = fused[0].out_features
+    new = fused[0].out_groups[-1]
+    assert (hidden, new) == (21, 4)
+    assert _saved_bytes(plain, x) - _saved_bytes(fused, x) == n * (hidden - new) * 4
+
+
+def test_gelu_with_unknown_approximation_stays_apart():
+    class OddGELU(nn.GELU):  # a subclass may compute anything: never fused
+        pass
+
+    base = nn.Sequential(nn.Linear(4, 4), OddGELU(), nn.Linear(4, 2))
+    big = xf.expand(base, width=1)
+    assert big[0].activation == "" and type(big[1]) is OddGELU
+
+
+def test_checkpoint_round_trip_fuses_gelu(tmp_path):
+    torch.manual_seed(8)
+    base = _smooth_mlp()
+    big = xf.expand(base, width=0.25, new_classes=2)
+    path = str(tmp_path / "g.safetensors")
+    xf.save_expansion(big, path)
+    loaded = xf.load_expansion(base, path)
+    assert [type(m) for m in loaded.modules()] == [type(m) for m in big.modules()]
+    x = torch.randn(5, 13)
+    assert torch.equal(loaded(x), big(x))

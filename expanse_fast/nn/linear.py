@@ -16,9 +16,10 @@ class ExpandedLinear(ExpandedBlocks):
 
     Output group g reads input groups 0..g (isolated layout) and only the newest output
     group is trainable.  ``skip_old_input_grad`` (set by ``expand()``) skips the gradient
-    of the old input features when nothing trainable lies behind them.  ``activation="relu"``
-    fuses the ReLU that follows the layer into it (``expand()`` does this and leaves a
-    :class:`FusedReLU` in the ReLU's place).
+    of the old input features when nothing trainable lies behind them.  ``activation``
+    ("relu", "gelu", "gelu_tanh", "silu") fuses the activation module that follows the layer
+    into it (``expand()`` does this and leaves a :class:`FusedReLU`, :class:`FusedGELU` or
+    :class:`FusedSiLU` in the module's place).
     """
 
     def __init__(self, in_groups: Sequence[int], out_groups: Sequence[int], bias: bool = True,
@@ -76,7 +77,7 @@ class ExpandedLinear(ExpandedBlocks):
 
     def to_linear(self, task: Optional[int] = None) -> nn.Linear:
         """A plain ``nn.Linear`` computing task ``task``'s outputs (default: all groups); a
-        fused activation is not part of it (``source_model`` puts the ReLU module back)."""
+        fused activation is not part of it (``source_model`` puts the activation module back)."""
         w, b = self.dense_weight(task), self.dense_bias(task)
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device,
                         dtype=w.dtype)

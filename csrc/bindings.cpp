@@ -134,7 +134,8 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& w_frozen_in,
                       const std::optional<Tensor>& b_frozen_in, const Tensor& w_new_in,
                       const std::optional<Tensor>& b_new_in,
                       const std::optional<Tensor>& w_couple_in, at::IntArrayRef groups,
-                      at::IntArrayRef k_ends) {
+                      at::IntArrayRef k_ends, int64_t activation,
+                      const std::optional<Tensor>& pre) {
   const char* op = "linear_forward";
   const Tensor x = rows_unit_stride(x_in), w_frozen = rows_unit_stride(w_frozen_in);
   const Tensor w_new = rows_unit_stride(w_new_in);
@@ -145,11 +146,26 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& w_frozen_in,
                                                      "b_frozen");
   const std::optional<Tensor> b_new = checked_bias(b_new_in, s.new_out, x, op, "b_new");
   const c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = at::empty({s.rows, s.frozen_out + s.new_out}, x.options());
+  const int64_t out = s.frozen_out + s.new_out;
+  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(expanse_fast::Activation::kGelu),
+              "expanse_fast_cuda::", op, ": unknown activation code ", activation);
+  expanse_fast::LinearEpilogue epi;
+  epi.activation = static_cast<expanse_fast::Activation>(activation);
+  if (pre && pre->numel() > 0) {
+    TORCH_CHECK(pre->dim() == 2 && pre->size(0) == s.rows && pre->size(1) <= out &&
+                    pre->stride(1) == 1,
+                "expanse_fast_cuda::", op, ": pre must be a row-major [", s.rows, ", <= ", out,
+                "] tensor, got ", pre->sizes(), " with strides ", pre->strides());
+    check_like(*pre, x, op, "pre");
+    epi.pre = pre->data_ptr();
+    epi.ld_pre = pre->stride(0);
+    epi.pre_col0 = out - pre->size(1);
+  }
+  Tensor y = at::empty({s.rows, out}, x.options());
   check_launch(expanse_fast::linear_forward(
                    s, weights(w_frozen, w_new, w_couple), x.data_ptr(), x.stride(0),
                    b_frozen ? b_frozen->data_ptr() : nullptr,
-                   b_new ? b_new->data_ptr() : nullptr, y.data_ptr(), y.stride(0),
+                   b_new ? b_new->data_ptr() : nullptr, y.data_ptr(), y.stride(0), epi,
                    at::cuda::getCurrentCUDAStream()),
                op);
   return y;
@@ -406,8 +422,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
 
 TORCH_LIBRARY(expanse_fast_cuda, m) {
   m.def("linear_forward(Tensor x, Tensor w_frozen, Tensor? b_frozen, Tensor w_new, "
-        "Tensor? b_new, Tensor? w_couple, int[] frozen_out_groups, int[] frozen_k_ends) "
-        "-> Tensor");
+        "Tensor? b_new, Tensor? w_couple, int[] frozen_out_groups, int[] frozen_k_ends, "
+        "int activation=0, Tensor(a!)? pre=None) -> Tensor");
   m.def("linear_backward(Tensor dy, Tensor x, Tensor w_frozen, Tensor w_new, Tensor? w_couple, "
         "int[] frozen_out_groups, int[] frozen_k_ends, bool need_dx_new, bool need_dx_old, "
         "bool need_dw, bool need_db, bool need_dcouple) -> (Tensor, Tensor, Tensor, Tensor)");

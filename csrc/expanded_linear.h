@@ -38,11 +38,22 @@ struct LinearWeights {
   const void* w_couple; int64_t ld_w_couple;  // w_couple == nullptr: isolated layout
 };
 
-// y (N, O_f + o_T) = [frozen groups | new group] of x, biases fused (either may be null).
+// The forward's epilogue after the bias: an activation, and optionally the store of its input
+// (the pre-activation) for output columns pre_col0.. into pre (N, O - pre_col0), which the
+// activation's backward reads.  Codes match expanse_fast/backends/cuda.py.
+enum class Activation : int { kNone = 0, kReLU = 1, kGeluTanh = 2, kSiLU = 3, kGelu = 4 };
+struct LinearEpilogue {
+  Activation activation = Activation::kNone;
+  void* pre = nullptr;  // null: nothing stored
+  int64_t ld_pre = 0;
+  int64_t pre_col0 = 0;
+};
+
+// y (N, O_f + o_T) = act([frozen groups | new group] of x + bias) (either bias may be null).
 // One launch per 32 non-empty output groups (one in practice).
 cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const void* x,
                            int64_t ld_x, const void* b_frozen, const void* b_new, void* y,
-                           int64_t ld_y, cudaStream_t stream);
+                           int64_t ld_y, const LinearEpilogue& epilogue, cudaStream_t stream);
 
 // dx (N, I).  Columns I_f.. (dx_new) always; columns ..I_f (dx_old) when need_dx_old, else
 // they are written as zeros.

@@ -292,10 +292,23 @@ constexpr int kSegsPerLaunch = 32;
 struct FwdParams {
   const void* x;
   void* y;
-  int64_t ld_x, ld_y, rows;
-  int nseg;
+  void* pre;  // may be null
+  int64_t ld_x, ld_y, rows, ld_pre, pre_col0;
+  int nseg, activation;
   FwdSeg seg[kSegsPerLaunch];
 };
+
+// The same functions as torch's relu, gelu (exact and tanh) and silu, in fp32.
+__device__ __forceinline__ float activate(int act, float v) {
+  switch (static_cast<Activation>(act)) {
+    case Activation::kReLU: return v < 0.f ? 0.f : v;  // NaN stays NaN, as in torch
+    case Activation::kGeluTanh:  // x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
+      return v / (1.f + expf(-1.5957691216057308f * (v + 0.044715f * v * v * v)));
+    case Activation::kSiLU: return v / (1.f + expf(-v));
+    case Activation::kGelu: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    default: return v;
+  }
+}
 
 template <typename T>
 struct FwdProblem {
@@ -335,13 +348,17 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   gemm_mainloop<T, L>(prob, acc, smem, false, unused);
   __syncthreads();  // the epilogue scratch reuses the tile buffers
   T* y = static_cast<T*>(p.y);
+  T* pre = static_cast<T*>(p.pre);
   const T* bias = static_cast<const T*>(s.bias);
   M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
     const int64_t row = m0 + m;
     const int col = n0 + n;
     if (row < p.rows && col < s.rows) {
       if (bias != nullptr) v += to_f(bias[col]);
-      y[row * p.ld_y + s.col0 + col] = from_f<T>(v);
+      const int64_t out_col = s.col0 + col;
+      if (pre != nullptr && out_col >= p.pre_col0)
+        pre[row * p.ld_pre + out_col - p.pre_col0] = from_f<T>(v);
+      y[row * p.ld_y + out_col] = from_f<T>(activate(p.activation, v));
     }
   });
 }
@@ -531,8 +548,10 @@ bool shape_ok(const LinearShape& s, const LinearWeights& w) {
 
 cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const void* x,
                            int64_t ld_x, const void* b_frozen, const void* b_new, void* y,
-                           int64_t ld_y, cudaStream_t stream) {
+                           int64_t ld_y, const LinearEpilogue& epilogue, cudaStream_t stream) {
   if (!shape_ok(s, w)) return cudaErrorInvalidValue;
+  const int act = static_cast<int>(epilogue.activation);
+  if (act < 0 || act > static_cast<int>(Activation::kGelu)) return cudaErrorInvalidValue;
   if (s.rows == 0 || s.frozen_out + s.new_out == 0) return cudaSuccess;
   return dispatch(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
@@ -572,6 +591,8 @@ cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const v
     for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
       FwdParams p{};
       p.x = x; p.y = y; p.ld_x = ld_x; p.ld_y = ld_y; p.rows = s.rows;
+      p.pre = epilogue.pre; p.ld_pre = epilogue.ld_pre; p.pre_col0 = epilogue.pre_col0;
+      p.activation = act;
       p.nseg = static_cast<int>(std::min<size_t>(kSegsPerLaunch, segs.size() - first));
       int tiles = 0;
       for (int i = 0; i < p.nseg; ++i) {

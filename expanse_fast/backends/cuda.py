@@ -177,7 +177,7 @@ def _register_fakes():
 
     @torch.library.register_fake("expanse_fast_cuda::linear_forward")
     def _fwd_fake(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
-                  frozen_k_ends):
+                  frozen_k_ends, activation=0, pre=None):
         return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0]))
 
     @torch.library.register_fake("expanse_fast_cuda::linear_backward")
@@ -198,18 +198,19 @@ def _ops():
 # ---------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------
+# The kernels' activation codes (csrc/expanded_linear.h, enum Activation).
+_ACTIVATION_CODES = {"": 0, "relu": 1, "gelu_tanh": 2, "silu": 3, "gelu": 4}
+
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], activation: str = "",
                    pre: Maybe = None) -> Tensor:
     torch_ref.check_activation(activation)
-    y = _ops().linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
-                              [int(g) for g in frozen_out_groups],
-                              [int(k) for k in frozen_k_ends])
-    # The kernels' epilogue writes bias only; the activation is one in-place pass.
-    if pre is not None and pre.shape[1]:
-        pre.copy_(y[:, y.shape[1] - pre.shape[1]:])
-    return torch_ref.apply_activation_(y, activation)
+    # bias, the store of pre and the activation run in the kernel's epilogue
+    return _ops().linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                 [int(g) for g in frozen_out_groups],
+                                 [int(k) for k in frozen_k_ends], _ACTIVATION_CODES[activation],
+                                 pre if pre is not None and pre.shape[1] else None)
 
 
 def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,

@@ -13,6 +13,10 @@ try:
 except Exception:  # torch missing: tests will fail loudly on import anyway
     _HAS_CUDA = False
 
+# Tests check values, not speed: on a GPU, compile one tile per Triton kernel specialisation
+# instead of autotuning every config (minutes of compiles); the benchmarks tune.
+os.environ.setdefault("EXPANSE_FAST_AUTOTUNE", "0")
+
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # The tests' tensors are tiny: one thread avoids OpenMP spin-waits that made small

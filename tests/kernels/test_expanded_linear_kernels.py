@@ -329,7 +329,7 @@ def test_gpu_bf16_odd_shapes(mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_gpu_tuned_tiles_vs_float64(dtype):
-    # The autotuned (large) tiles on odd shapes, checked elementwise like the CPU tests;
+    # The GPU-sized (large) tiles on odd shapes, checked elementwise like the CPU tests;
     # float32 in full ieee precision (tf32 off, the torch default).
     assert not torch.backends.cuda.matmul.allow_tf32
     c = Case((300, 77, 131), (257, 1, 190), mode="isolated", n=1037, dtype=dtype,
@@ -359,3 +359,25 @@ def test_gpu_bf16_split_k():
     c = Case((1024, 256), (1024, 256), n=8192, dtype=torch.bfloat16, device="cuda")
     assert K._auto_split(256, 1280, 8192, torch.device("cuda")) > 1
     _check_against_torch_ref(c, need_dx_old=False, tol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------
+# Autotuning: which configs a GPU run would compile (checked without a GPU)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("autotune", [True, False])
+def test_config_pruning_fits_shape_and_shared_memory(monkeypatch, autotune):
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "AUTOTUNE", autotune)
+    configs = K._configs()
+    prune = K._pruner("M", "O")
+    tiny = prune(configs, {"x": torch.empty(1, dtype=torch.float16), "M": 37, "O": 19})
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in tiny] == [(64, 64)]
+    big = {"x": torch.empty(1, dtype=torch.float32), "M": 16384, "O": 5120}
+    def fits(c):  # the pipelined fp32 operand tiles fit in shared memory
+        k = c.kwargs
+        return c.num_stages * (k["BLOCK_M"] + k["BLOCK_N"]) * k["BLOCK_K"] * 4 <= 200 * 1024
+
+    fitting = [c for c in configs if fits(c)]
+    assert 1 < len(fitting) < len(configs)
+    # tuning compiles every fitting config; without it, only the first (largest) one
+    assert prune(configs, big) == (fitting if autotune else fitting[:1])

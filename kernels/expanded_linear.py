@@ -65,11 +65,29 @@ def _configs():
                           num_warps=w, num_stages=s) for m, n, k, w, s in shapes]
 
 
+_SMEM_BUDGET: Dict[int, int] = {}
+
+
+def smem_budget(device: torch.device) -> int:
+    """Bytes of shared memory the pipelined operand tiles may take on ``device``: 88% of
+    what one block may opt into (H100/H200: 227 KB -> 200 KB; A100: 163 KB; most consumer
+    GPUs: 99 KB), the rest left for the epilogue and bookkeeping."""
+    if device.type != "cuda":
+        return 200 * 1024
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMEM_BUDGET:
+        props = torch.cuda.get_device_properties(index)
+        optin = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+        _SMEM_BUDGET[index] = int(optin * 0.88)
+    return _SMEM_BUDGET[index]
+
+
 def _pruner(rows: str, cols: str):
     """Config pruning for a kernel whose output tile spans args ``rows`` x ``cols``."""
 
     def prune(configs, named_args, **kwargs):
-        elt = next(v.element_size() for v in named_args.values() if isinstance(v, torch.Tensor))
+        first = next(v for v in named_args.values() if isinstance(v, torch.Tensor))
+        elt, budget = first.element_size(), smem_budget(first.device)
         # A tile much larger than the problem only wastes work (and autotuning time).
         cap_m = max(64, triton.next_power_of_2(named_args[rows]))
         cap_n = max(64, triton.next_power_of_2(named_args[cols]))
@@ -77,7 +95,8 @@ def _pruner(rows: str, cols: str):
                 if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n
                 # pipelined operands must fit shared memory (fp32 doubles them)
                 and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])
-                * c.kwargs["BLOCK_K"] * elt <= 200 * 1024]
+                * c.kwargs["BLOCK_K"] * elt <= budget]
+        # nothing fits (a small-memory GPU and fp32): the smallest config
         keep = keep or configs[-1:]
         return keep if AUTOTUNE else keep[:1]
 

@@ -381,3 +381,16 @@ def test_config_pruning_fits_shape_and_shared_memory(monkeypatch, autotune):
     assert 1 < len(fitting) < len(configs)
     # tuning compiles every fitting config; without it, only the first (largest) one
     assert prune(configs, big) == (fitting if autotune else fitting[:1])
+
+
+def test_config_pruning_follows_the_devices_shared_memory(monkeypatch):
+    # A 99 KB GPU keeps only configs whose pipelined tiles fit in 88% of it.
+    assert K.smem_budget(torch.device("cpu")) == 200 * 1024  # the interpreter's (no limit)
+    monkeypatch.setattr(K, "INTERPRET", False)
+    monkeypatch.setattr(K, "AUTOTUNE", True)
+    monkeypatch.setattr(K, "smem_budget", lambda device: int(99 * 1024 * 0.88))
+    kept = K._pruner("M", "O")(K._configs(), {"x": torch.empty(1, dtype=torch.bfloat16),
+                                             "M": 16384, "O": 5120})
+    sizes = [c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 2
+             for c in kept]
+    assert kept and max(sizes) <= 99 * 1024 * 0.88

@@ -150,17 +150,12 @@ def _dot_k(acc, a_base, b_base, s_ak, s_bk, a_mask, b_mask, k_lo, k_hi,
     return acc
 
 
-@_autotune(key=["M", "O", "I", "G"], rows="M", cols="O")
 @triton.jit
-def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, pre_ptr,
-                M, O, I, I_F, O_F, G, P0,
-                s_xm, s_xk, s_wfo, s_wno, s_wco, s_wck, s_ym, s_yn, s_pm,
-                HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
-                ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr):
+def _locate_fwd_tile(tab_ptr, M, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     GROUP_M: tl.constexpr):
+    """This program's output tile: (row tile, first column, group end column, k_end, is the
+    newest group).  Each group is tiled on its own, so a tile stays inside one group."""
     pid = tl.program_id(0)
-    # Column tiles: each group is tiled on its own, so a tile stays inside one group.
     num_pid_n = pid * 0
     for g in range(G):
         num_pid_n += (tl.load(tab_ptr + 3 * g + 1) - tl.load(tab_ptr + 3 * g) + BLOCK_N - 1) // BLOCK_N
@@ -182,29 +177,15 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, p
         k_end = tl.where(hit, tl.load(tab_ptr + 3 * g + 2), k_end)
         grp = tl.where(hit, g, grp)
         seen += t
-    is_new = grp == G - 1
+    return pid_m, col0, col_end, k_end, grp == G - 1
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = col0 + tl.arange(0, BLOCK_N)
-    m_mask = (rm < M)[:, None]
-    n_mask = (rn < col_end)[None, :]
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * s_xm
-    # Pick the weight by the group (both have unit stride along K: see the launcher).
-    if is_new:
-        w_cols = wn_ptr + (rn - O_F).to(tl.int64)[None, :] * s_wno
-    else:
-        w_cols = wf_ptr + rn.to(tl.int64)[None, :] * s_wfo
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Staircase: the K loop ends at the group's k_end, columns past it are never read.
-    acc = _dot_k(acc, x_rows, w_cols, s_xk, 1, m_mask, n_mask, 0, k_end, BLOCK_K, PREC)
-    if HAS_COUPLE:
-        # Coupled layout: frozen rows also read the newest inputs through w_couple.
-        acc = _dot_k(acc, x_rows + I_F * s_xk, wc_ptr + rn.to(tl.int64)[None, :] * s_wco,
-                     s_xk, s_wck, m_mask, n_mask, 0, tl.where(is_new, 0, I - I_F),
-                     BLOCK_K, PREC)
 
-    # Epilogue: bias (the newest group's columns are [O_F, O): masked loads pick the
-    # right vector without branching), then the activation.
+@triton.jit
+def _fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, pre_ptr,
+                  O_F, P0, s_ym, s_yn, s_pm, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
+                  ACT: tl.constexpr, HAS_PRE: tl.constexpr):
+    """Bias (the newest group's columns are [O_F, O): masked loads pick the right vector
+    without branching), the pre-activation store, the activation, the output store."""
     if HAS_BN:
         acc += tl.load(bn_ptr + (rn - O_F), mask=(rn < col_end) & (rn >= O_F), other=0.0
                        ).to(tl.float32)[None, :]
@@ -226,6 +207,39 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, p
         acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
     y = y_ptr + rm.to(tl.int64)[:, None] * s_ym + rn[None, :] * s_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask & n_mask)
+
+
+@_autotune(key=["M", "O", "I", "G"], rows="M", cols="O")
+@triton.jit
+def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, pre_ptr,
+                M, O, I, I_F, O_F, G, P0,
+                s_xm, s_xk, s_wfo, s_wno, s_wco, s_wck, s_ym, s_yn, s_pm,
+                HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
+                ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr):
+    pid_m, col0, col_end, k_end, is_new = _locate_fwd_tile(tab_ptr, M, G, BLOCK_M, BLOCK_N,
+                                                           GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = col0 + tl.arange(0, BLOCK_N)
+    m_mask = (rm < M)[:, None]
+    n_mask = (rn < col_end)[None, :]
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * s_xm
+    # Pick the weight by the group (both have unit stride along K: see the launcher).
+    if is_new:
+        w_cols = wn_ptr + (rn - O_F).to(tl.int64)[None, :] * s_wno
+    else:
+        w_cols = wf_ptr + rn.to(tl.int64)[None, :] * s_wfo
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Staircase: the K loop ends at the group's k_end, columns past it are never read.
+    acc = _dot_k(acc, x_rows, w_cols, s_xk, 1, m_mask, n_mask, 0, k_end, BLOCK_K, PREC)
+    if HAS_COUPLE:
+        # Coupled layout: frozen rows also read the newest inputs through w_couple.
+        acc = _dot_k(acc, x_rows + I_F * s_xk, wc_ptr + rn.to(tl.int64)[None, :] * s_wco,
+                     s_xk, s_wck, m_mask, n_mask, 0, tl.where(is_new, 0, I - I_F),
+                     BLOCK_K, PREC)
+    _fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, pre_ptr,
+                  O_F, P0, s_ym, s_yn, s_pm, HAS_BF, HAS_BN, ACT, HAS_PRE)
 
 
 @_autotune(key=["R", "C", "M", "K_CHUNK"], rows="R", cols="C")
@@ -401,17 +415,29 @@ def linear_forward(x: torch.Tensor, w_frozen: torch.Tensor, b_frozen: Optional[t
     tab = group_table(frozen_out_groups, frozen_k_ends, i_f, o_new, i, x.device)
     widths = list(frozen_out_groups) + [o_new]
     grid = _grid2(n, lambda meta: sum(triton.cdiv(w, meta["BLOCK_N"]) for w in widths))
+    p0 = o_f + o_new - (pre.shape[1] if has_pre else 0)
+    meta = dict(HAS_BF=b_frozen is not None and o_f > 0, HAS_BN=b_new is not None and o_new > 0,
+                HAS_COUPLE=couple, ACT=ACTIVATIONS[activation], HAS_PRE=has_pre,
+                PREC=_precision(x.dtype))
+    tma = _tma()
+    if tma.usable(x, w_frozen, w_new, w_couple if couple else None) and tma.forward(
+            x, w_frozen, w_new, w_couple, b_frozen, b_new, y, tab, pre if has_pre else None,
+            p0, grid, **meta):
+        return y
     _fwd_kernel[grid](
         x, w_frozen, w_new, wc, b_frozen if b_frozen is not None else y,
         b_new if b_new is not None else y, y, tab, pre if has_pre else y,
-        n, o_f + o_new, i, i_f, o_f, len(widths), o_f + o_new - (pre.shape[1] if has_pre else 0),
+        n, o_f + o_new, i, i_f, o_f, len(widths), p0,
         x.stride(0), x.stride(1), w_frozen.stride(0), w_new.stride(0),
         wc.stride(0), wc.stride(1), y.stride(0), y.stride(1),
-        pre.stride(0) if has_pre else 0,
-        HAS_BF=b_frozen is not None and o_f > 0, HAS_BN=b_new is not None and o_new > 0,
-        HAS_COUPLE=couple, ACT=ACTIVATIONS[activation], HAS_PRE=has_pre,
-        PREC=_precision(x.dtype))
+        pre.stride(0) if has_pre else 0, **meta)
     return y
+
+
+def _tma():
+    # imported on first use: it builds on this module's kernels
+    from . import expanded_linear_tma
+    return expanded_linear_tma
 
 
 def _auto_split(r: int, c: int, m: int, device: torch.device) -> int:

@@ -364,11 +364,13 @@ def _check_against(ctx, got, ref, names) -> str:
     return f"ok {worst:.1e}" if worst <= tol else f"MISMATCH {worst_name} {worst:.1e}"
 
 
-def _measure_backends(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):
+def _measure_backends(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
+                      label=""):
     """Time the expanded op under each of ``backends`` ([(name, why-not or None)]); each
-    backend but torch is first checked against the torch backend's results ``ref``."""
+    backend but torch is first checked against the torch backend's results ``ref``.
+    ``label`` is appended to the implementation's name (a variant of the backend)."""
     for name, why in backends:
-        impl = f"expanse/{name}"
+        impl = f"expanse/{name}{label}"
         if why:
             for v in (v_fb, v_f):
                 ctx.add(variant=v, impl=impl, kind="expanse", skipped=why)
@@ -539,6 +541,23 @@ def sec_linear(ctx):
                 f_fwd, 2 * n_rows * i0 * i0)
     del ft, fparams, x0s, dy0s
     _measure_backends(ctx, backends[1:], exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd, f_fb, ref)
+    _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref)
+
+
+def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref):
+    """The Triton forward with plain pointer loads, beside its default tensor-descriptor
+    (TMA) loads on sm_90: which one pays, measured in the same run."""
+    if dict(backends).get("triton", "absent") is not None:
+        return
+    from expanse_fast.kernels import expanded_linear_tma as tma
+    state = f"off: {tma.disabled_reason}" if tma.disabled_reason else "on where usable"
+    ctx.note(f"triton TMA forward: {state} (EXPANSE_FAST_TMA={tma.MODE})")
+    saved, tma.MODE = tma.MODE, "0"
+    try:
+        _measure_backends(ctx, [("triton", None)], exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd,
+                          f_fb, ref, label="-noTMA")
+    finally:
+        tma.MODE = saved
 
 
 # ---- (c) expanded conv2d -----------------------------------------------------------------

@@ -394,3 +394,85 @@ def test_config_pruning_follows_the_devices_shared_memory(monkeypatch):
     sizes = [c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * 2
              for c in kept]
     assert kept and max(sizes) <= 99 * 1024 * 0.88
+
+
+# ---------------------------------------------------------------------------------------
+# The forward with tensor-descriptor (TMA) loads
+# ---------------------------------------------------------------------------------------
+from expanse_fast.kernels import expanded_linear_tma as T  # noqa: E402
+
+# Widths whose rows are 16-byte aligned in fp32 and fp16 (descriptors need it), with
+# k_ends off the interpreter's 32-wide K tile: the partial tile takes the masked path, and
+# the NaN-poisoned zero block shows any read past k_end.
+TMA_LAYOUTS = {"2g": ((40, 24), (33, 13)), "3g": ((24, 8, 16), (17, 1, 19))}
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Force the descriptor kernel (the interpreter too) and record each launch's outcome."""
+    if T.TensorDescriptor is None:
+        pytest.skip(f"this Triton has no tensor descriptors: {T._IMPORT_ERROR}")
+    monkeypatch.setattr(T, "MODE", "1")
+    monkeypatch.setattr(T, "disabled_reason", None)
+    launches = []
+    forward = T.forward
+
+    def spy(*args, **kwargs):
+        launches.append(forward(*args, **kwargs))
+        return launches[-1]
+
+    monkeypatch.setattr(T, "forward", spy)
+    return launches
+
+
+@pytest.mark.parametrize("name", list(TMA_LAYOUTS))
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tma_forward_matches_float64(tma_launches, name, mode, dtype):
+    c = Case(*TMA_LAYOUTS[name], mode=mode, n=37, dtype=dtype)
+    assert T.usable(c.x, c.w_frozen, c.w_new, c.w_couple)
+    p = c.o - c.o_f
+    pre = torch.empty((c.x.shape[0], p), dtype=dtype, device=DEVICE)
+    y = K.linear_forward(c.x, *c.blocks(), activation="silu", pre=pre)
+    assert tma_launches == [True] and T.disabled_reason is None
+    assert_close(y, c.ref_forward("silu"), dtype, "y")
+    assert_close(pre, c.ref_pre()[:, c.o_f:], dtype, "pre")
+    assert_close(K.linear_forward(c.x, *c.blocks()), c.ref_forward(), dtype, "y, no activation")
+
+
+def test_tma_not_used_where_rows_are_unaligned(tma_launches):
+    c = Case(*LAYOUTS["3g"], mode="isolated")  # I_f = 27: w_frozen rows of 108 bytes
+    assert not T.usable(c.x, c.w_frozen, c.w_new, c.w_couple)
+    assert_close(K.linear_forward(c.x, *c.blocks()), c.ref_forward(), torch.float32, "y")
+    assert tma_launches == []
+
+
+def test_tma_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no descriptors on this Triton")
+            return launch
+
+    monkeypatch.setattr(T, "_fwd_tma_kernel", Broken())
+    c = Case(*TMA_LAYOUTS["2g"], mode="isolated")
+    with pytest.warns(RuntimeWarning, match="TMA forward is off"):
+        y = K.linear_forward(c.x, *c.blocks())
+    assert_close(y, c.ref_forward(), torch.float32, "y")
+    assert tma_launches == [False] and "no descriptors" in T.disabled_reason
+    assert not T.usable(c.x, c.w_frozen, c.w_new, c.w_couple)  # off for the process
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
+def test_gpu_tma_forward_bf16(mode):
+    # On a Hopper GPU the default (auto) mode takes the descriptor kernel for bf16.
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("tensor-descriptor loads need compute capability 9.0")
+    c = Case((320, 64, 128), (256, 8, 96), mode=mode, n=1031, dtype=torch.bfloat16,
+             device="cuda")
+    assert T.usable(c.x, c.w_frozen, c.w_new, c.w_couple), T.disabled_reason
+    y = K.linear_forward(c.x, *c.blocks(), activation="gelu")
+    assert T.disabled_reason is None
+    ref = c.ref_forward("gelu")
+    assert (y.double().cpu() - ref).abs().max() <= 1.6e-2 * ref.abs().max()

@@ -844,25 +844,40 @@ def _tail(path, n=25):
         return []
 
 
+# The test stages of run.sh: (stage name, junit file), the CUDA extension's tests first.
+TEST_STAGES = (("tests_cuda", "junit_cuda.xml"), ("tests", "junit.xml"))
+
+
 def _tests(work, out):
+    """The GPU test stages' summaries and failures, and their junit counts summed."""
     import re
-    res = {}
-    lines = _tail(os.path.join(work, "tests.log"), 400)
+    import xml.etree.ElementTree as ET
+    res = {"failed_tests": []}
     pat = re.compile(r"\d+ (passed|failed|skipped|error|errors|deselected|xfailed|xpassed)"
                      r"|no tests ran")
-    summary = [ln for ln in lines if pat.search(ln)]
-    if summary:
-        res["summary"] = summary[-1].strip("= ").strip()
-    res["failed_tests"] = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))][:30]
-    try:
-        import xml.etree.ElementTree as ET
-        root = ET.parse(os.path.join(out, "junit.xml")).getroot()
+    summaries, counts, unreadable = [], {}, []
+    for stage, junit in TEST_STAGES:
+        lines = _tail(os.path.join(work, f"{stage}.log"), 400)
+        summary = [ln for ln in lines if pat.search(ln)]
+        if summary:
+            summaries.append(f"{stage}: {summary[-1].strip('= ').strip()}")
+        res["failed_tests"] += [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+        try:
+            root = ET.parse(os.path.join(out, junit)).getroot()
+        except Exception as exc:
+            unreadable.append(f"{junit}: {_short_exc(exc)}")
+            continue
         suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
         for key in ("tests", "failures", "errors", "skipped"):
-            res[key] = sum(int(s.get(key, 0)) for s in suites)
-        res["time_s"] = round(sum(float(s.get("time", 0)) for s in suites), 1)
-    except Exception as exc:
-        res["junit"] = f"unreadable: {_short_exc(exc)}"
+            counts[key] = counts.get(key, 0) + sum(int(s.get(key, 0)) for s in suites)
+        counts["time_s"] = round(counts.get("time_s", 0)
+                                 + sum(float(s.get("time", 0)) for s in suites), 1)
+    if summaries:
+        res["summary"] = "; ".join(summaries)
+    res["failed_tests"] = res["failed_tests"][:30]
+    res.update(counts)
+    if unreadable:
+        res["junit"] = "unreadable: " + "; ".join(unreadable)
     return res
 
 

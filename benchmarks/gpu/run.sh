@@ -6,7 +6,7 @@
 #
 # Every stage runs under `timeout` with a share of one overall budget (EXPANSE_GPU_BUDGET_S,
 # default 330 s), records its exit status, and never stops the stages after it.  Files left
-# in $OUT: log.txt, results.json, results.md, junit.xml.  The summary table prints last.
+# in $OUT: log.txt, results.json, results.md, junit_cuda.xml, junit.xml.  The summary table prints last.
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -130,14 +130,24 @@ main() {
 
   # ---- 3. GPU tests ----------------------------------------------------------------------
   # -p bench_gpu: past the deadline the remaining tests skip, so pytest ends by itself and
-  # writes junit.xml.  EXPANSE_FAST_AUTOTUNE=0: one tile per kernel, no tuning compiles.
-  local tlim
+  # writes its junit file.  EXPANSE_FAST_AUTOTUNE=0: one tile per kernel, no tuning compiles.
+  # Two processes: the CUDA extension's tests (-k cuda) first, then the rest, so a sticky
+  # CUDA error from a faulty extension kernel cannot fail the Triton tests after it.
+  local tlim tlim_cuda
   tlim=$(stage_limit 120 115)
-  PYTEST_ARGS=(-q -m gpu tests --maxfail=60 -rfE -p no:cacheprovider -p bench_gpu
-               --junitxml="$OUT/junit.xml" -o junit_family=xunit1)
-  "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout=100)
-  EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + tlim - 20 )) EXPANSE_FAST_AUTOTUNE=0 \
-    PYTHONPATH="$HERE:$PYTHONPATH" run_stage tests "$tlim" "$PY" -m pytest "${PYTEST_ARGS[@]}"
+  tlim_cuda=$(( tlim * 3 / 10 ))
+  (( tlim_cuda < 10 )) && tlim_cuda=10
+  gpu_tests() {  # gpu_tests NAME LIMIT JUNIT PYTEST-ARGS...
+    local name=$1 limit=$2 junit=$3
+    shift 3
+    local args=(-q -m gpu tests --maxfail=60 -rfE -p no:cacheprovider -p bench_gpu
+                --junitxml="$OUT/$junit" -o junit_family=xunit1 "$@")
+    "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=100)
+    EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + limit - 15 )) EXPANSE_FAST_AUTOTUNE=0 \
+      PYTHONPATH="$HERE:$PYTHONPATH" run_stage "$name" "$limit" "$PY" -m pytest "${args[@]}"
+  }
+  gpu_tests tests_cuda "$tlim_cuda" junit_cuda.xml -k cuda
+  gpu_tests tests "$(stage_limit $(( tlim - tlim_cuda )) 115)" junit.xml -k "not cuda"
 
   # ---- 4. benchmarks ---------------------------------------------------------------------
   local blim

@@ -212,14 +212,15 @@ def frozen_batch_norm(y: Tensor, frozen_bn) -> Tensor:
     (mean, var, weight, bias, eps) of length O_f; the other channels unchanged.
 
     The frozen channels keep the bits of the unfused conv -> BatchNorm: a per-channel
-    multiply-add in torch ops is not what aten's BatchNorm computes (it may round once,
-    with an FMA), so this runs ``F.batch_norm`` itself, over the whole output as the
-    unfused BatchNorm does (same shape, memory format and kernel), with stand-in statistics
-    for the newest channels, whose raw values are then put back."""
+    multiply-add in torch ops differs from aten's BatchNorm kernel in the last bit (seen
+    on CPU for every float dtype), so this runs ``F.batch_norm`` itself, over the whole
+    output as the unfused BatchNorm does (same shape, memory format and kernel), with
+    stand-in statistics for the newest channels, whose raw values are then put back."""
     mean, var, weight, bias, eps = frozen_bn
     n_new = y.shape[1] - mean.shape[0]
     if n_new:
-        pad = lambda t, v: None if t is None else torch.cat([t, t.new_full((n_new,), v)])  # noqa: E731
+        def pad(t: Maybe, v: float) -> Maybe:
+            return None if t is None else torch.cat([t, t.new_full((n_new,), v)])
         mean, var, weight, bias = pad(mean, 0.0), pad(var, 1.0), pad(weight, 1.0), pad(bias, 0.0)
     out = torch.nn.functional.batch_norm(y, mean, var, weight, bias, False, 0.0, eps)
     if n_new:

@@ -9,6 +9,7 @@ from .backend_choice import get_backend, set_backend, use_backend
 from .checkpoint import load_expansion, save_expansion
 from .expand import (ExpansionError, expand, expanded_layers, merge, print_trainable_parameters,
                      source_model)
+from .fold import fold_batchnorms
 from .fuse import fuse_activations
 from .layout import Layout
 from .nn import (ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear, FusedGELU,
@@ -19,7 +20,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ExpandedLinear", "ExpandedConv2d", "ExpandedBatchNorm1d", "ExpandedBatchNorm2d", "FusedReLU",
     "FusedGELU", "FusedSiLU",
-    "Layout", "expand", "fuse_activations", "source_model", "merge", "print_trainable_parameters", "expanded_layers",
+    "Layout", "expand", "fuse_activations", "fold_batchnorms", "source_model", "merge",
+    "print_trainable_parameters", "expanded_layers",
     "save_expansion", "load_expansion", "ExpansionError", "set_backend", "use_backend",
     "get_backend", "ops",
 ]

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .hashing import hash_tensor as _hash_tensor
 from .expand import _freeze_all_but_newest, expanded_layers, source_model
+from .fold import fold_batchnorms
 from .fuse import fuse_activations
 from .graph import ExpansionError, swap_module as _swap
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
@@ -214,7 +215,9 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
 
     Refuses a base whose weights differ from the one the expansion was trained on, and any
     truncated or modified file.  ``base_model`` is never changed.  ``fuse``: fuse activation
-    modules (ReLU, GELU, SiLU) into the layers before them as ``expand()`` does (skipped for a model torch.fx cannot trace).
+    modules (ReLU, GELU, SiLU) into the layers before them and fold BatchNorms' frozen
+    channels into the convs before them, as ``expand()`` does (skipped for a model torch.fx
+    cannot trace).
     """
     header, tensors = _read(path)
     got, want = fingerprint(base_model), str(header.get("base_fingerprint", ""))
@@ -250,6 +253,7 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
     if fuse:
         try:
             fuse_activations(big)
+            fold_batchnorms(big)
         except ExpansionError:
             pass  # not traceable: the unfused model computes the same
     return big

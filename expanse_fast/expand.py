@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fuse import fuse_activations
+from .fold import fold_batchnorms
 from .graph import ExpansionError, swap_module as _swap, trace as _trace
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.fused import FUSED_TYPES
@@ -360,7 +361,8 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         widened layer of the copy to that backend.
     fuse: let each widened Linear compute the ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU`` module
         that follows it (:func:`~expanse_fast.fuse_activations`): same results, less work and
-        memory in backward.
+        memory in backward.  Also let each widened Conv2d apply the frozen channels of the
+        BatchNorm after it (:func:`~expanse_fast.fold_batchnorms`).
     """
     from .backend_choice import BACKENDS
     if backend not in BACKENDS:
@@ -386,6 +388,7 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
     _freeze_all_but_newest(big)
     if fuse:
         fuse_activations(big)
+        fold_batchnorms(big)
     return big
 
 

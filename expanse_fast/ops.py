@@ -6,6 +6,12 @@ their gradient.  ``need_dx_old`` says whether the gradient of the old input feat
 wanted: ``expand()`` turns it off for isolated layers whose old inputs come from the frozen
 path (then those columns of dx are zeros that nobody reads).
 
+The conv2d op can fold an eval-mode BatchNorm into its frozen output channels
+(``bn_mean``, ``bn_var``, ``bn_weight``, ``bn_bias``, ``bn_eps``: the frozen channels'
+statistics and affine, length O_f, all frozen): those channels come out as
+``(conv - mean) / sqrt(var + eps) * weight + bias``.  Its backward op takes the map's
+derivative ``bn_scale`` and applies it to the frozen columns of dy only where it reads them.
+
 Public functional forms: :func:`expanded_linear` and :func:`expanded_conv2d` (they check
 their arguments, then call the custom ops ``torch.ops.expanse_fast.*``).
 """
@@ -19,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import backend_choice
+from .backends import torch_ref
 from .backends.torch_ref import ACTIVATIONS, SMOOTH_ACTIVATIONS, reads_frozen_dy
 
 LIB = "expanse_fast"
@@ -142,11 +149,14 @@ def _conv2d_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new:
             b_new: Optional[Tensor], w_couple: Optional[Tensor], frozen_out_groups: List[int],
             frozen_k_ends: List[int], stride: List[int], padding: List[int],
             dilation: List[int], depthwise: bool, need_dx_old: bool,
-            backend: str = "") -> Tensor:
+            bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
+            bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+            bn_eps: float = 0.0, backend: str = "") -> Tensor:
     backend = backend_choice.resolve(x.device, "conv2d", backend)
+    frozen_bn = None if bn_mean is None else (bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
     return backend.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                   frozen_out_groups, frozen_k_ends, stride, padding, dilation,
-                                  depthwise)
+                                  depthwise, frozen_bn=frozen_bn)
 
 
 _conv2d = torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())(_conv2d_impl)
@@ -154,7 +164,8 @@ _conv2d = torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())(_conv2d_imp
 
 @_conv2d.register_fake
 def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends, stride,
-      padding, dilation, depthwise, need_dx_old, backend=""):
+      padding, dilation, depthwise, need_dx_old, bn_mean=None, bn_var=None, bn_weight=None,
+      bn_bias=None, bn_eps=0.0, backend=""):
     kh, kw = w_new.shape[2], w_new.shape[3]
     ho = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     wo = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
@@ -166,12 +177,14 @@ def _conv2d_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor
                      frozen_k_ends: List[int], stride: List[int], padding: List[int],
                      dilation: List[int], depthwise: bool, need_dx_new: bool,
                      need_dx_old: bool, need_dw: bool, need_db: bool, need_dcouple: bool,
+                     bn_scale: Optional[Tensor] = None,
                      backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``bn_scale``: a folded BatchNorm's ``weight / sqrt(var + eps)`` (O_f,), or None."""
     backend = backend_choice.resolve(dy.device, "conv2d", backend)
     grads = backend.conv2d_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
                                     frozen_out_groups, frozen_k_ends, stride, padding, dilation,
                                     depthwise, need_dx_new, need_dx_old, need_dw, need_db,
-                                    need_dcouple)
+                                    need_dcouple, frozen_dy_scale=bn_scale)
     return tuple(_or_empty(g, dy) for g in grads)
 
 
@@ -181,31 +194,44 @@ _conv2d_backward = torch.library.custom_op(f"{LIB}::conv2d_backward",
 
 @_conv2d_backward.register_fake
 def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
-      dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple, backend=""):
+      dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple,
+      bn_scale=None, backend=""):
     return _fake_grads(dy, x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
                        need_dcouple)
+
+
+_CONV2D_INPUTS = 19  # x ... need_dx_old (13), bn_mean ... bn_eps (5), backend
 
 
 def _conv2d_setup_context(ctx, inputs, output):
     (x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
      dilation, depthwise, need_dx_old) = inputs[:13]
-    ctx.save_for_backward(x, w_frozen, w_new, w_couple)
+    bn_var, bn_weight = (inputs[14], inputs[15]) if len(inputs) > 14 else (None, None)
+    # A folded BatchNorm: its var and weight give the frozen columns' dy scale in backward.
+    ctx.save_for_backward(x, w_frozen, w_new, w_couple, bn_var, bn_weight)
+    ctx.bn_eps = inputs[17] if len(inputs) > 17 else 0.0
     ctx.static = (list(frozen_out_groups), list(frozen_k_ends), list(stride), list(padding),
                   list(dilation), depthwise)
     ctx.need_dx_old = need_dx_old
-    ctx.backend = (inputs[13] if len(inputs) > 13 else "") or backend_choice.get_backend()
+    ctx.backend = (inputs[18] if len(inputs) > 18 else "") or backend_choice.get_backend()
 
 
 def _conv2d_autograd_backward(ctx, dy):
-    x, w_frozen, w_new, w_couple = ctx.saved_tensors
+    x, w_frozen, w_new, w_couple, bn_var, bn_weight = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
     if not (need_x or need_w or need_b or need_c):
-        return (None,) * 14
+        return (None,) * _CONV2D_INPUTS
+    need_dx_old = need_x and ctx.need_dx_old
+    bn_scale = None
+    coupled = w_couple is not None and w_couple.numel() > 0
+    if bn_var is not None and (need_dx_old or need_c or (need_x and coupled)):
+        # only when the backward reads the frozen columns of dy
+        bn_scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps)
     backward = _conv2d_backward_impl if getattr(ctx, "eager", False) else _conv2d_backward
     dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
-                              need_x and ctx.need_dx_old, need_w, need_b, need_c, ctx.backend)
+                              need_dx_old, need_w, need_b, need_c, bn_scale, ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
-            _or_none(dc, need_c)) + (None,) * 8
+            _or_none(dc, need_c)) + (None,) * (_CONV2D_INPUTS - 6)
 
 
 _conv2d.register_autograd(_conv2d_autograd_backward, setup_context=_conv2d_setup_context)
@@ -260,7 +286,7 @@ def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Ten
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
     for name, t in named:
-        if name.startswith(("w_frozen", "b_frozen")) and t is not None and t.requires_grad:
+        if name.startswith(("w_frozen", "b_frozen", "bn_")) and t is not None and t.requires_grad:
             raise ValueError(f"{what}: {name} requires grad, but frozen tensors must not "
                              "(only the newest group is trainable)")
 
@@ -344,8 +370,16 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                     b_new: Optional[Tensor], w_couple: Optional[Tensor] = None, *,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     stride=1, padding=0, dilation=1, depthwise: bool = False,
-                    need_dx_old: bool = True, backend: Optional[str] = None) -> Tensor:
-    """The expanded convolution of an NCHW (or channels_last) batch."""
+                    need_dx_old: bool = True, bn_mean: Optional[Tensor] = None,
+                    bn_var: Optional[Tensor] = None, bn_weight: Optional[Tensor] = None,
+                    bn_bias: Optional[Tensor] = None, bn_eps: float = 1e-5,
+                    backend: Optional[str] = None) -> Tensor:
+    """The expanded convolution of an NCHW (or channels_last) batch.
+
+    ``bn_mean`` and ``bn_var`` (with optional ``bn_weight``, ``bn_bias``; length O_f, no
+    gradient) fold an eval-mode BatchNorm into the frozen output channels: they come out as
+    ``(conv - bn_mean) / sqrt(bn_var + bn_eps) * bn_weight + bn_bias``, applied after the
+    bias and the coupling term; the newest channels stay raw."""
     what = "expanded_conv2d"
     if depthwise:
         c_f = frozen_k_ends[-1] if frozen_k_ends else 0
@@ -362,7 +396,42 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
                              ("b_new", b_new), ("w_couple", w_couple)])
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
+    _check_frozen_bn(what, x, w_frozen.shape[0], bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
     return _call(_conv2d, _Conv2dFunction, x, w_frozen, b_frozen, w_new, b_new, w_couple,
                  list(frozen_out_groups), list(frozen_k_ends), _pair(stride), _pair(padding),
-                 _pair(dilation), bool(depthwise), bool(need_dx_old), _backend_arg(backend))
+                 _pair(dilation), bool(depthwise), bool(need_dx_old), bn_mean, bn_var,
+                 bn_weight, bn_bias, float(bn_eps), _backend_arg(backend))
+
+
+def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, eps):
+    """A folded BatchNorm: one frozen 1-D tensor of O_f values each, in the input's dtype
+    or float32 (as F.batch_norm allows), on the input's device."""
+    if mean is None:
+        if var is not None or weight is not None or bias is not None:
+            raise ValueError(f"{what}: bn_var, bn_weight and bn_bias need bn_mean")
+        return
+    if var is None:
+        raise ValueError(f"{what}: bn_mean needs bn_var (the frozen channels' variances)")
+    if not eps >= 0:
+        raise ValueError(f"{what}: bn_eps must be >= 0, got {eps}")
+    dtypes = {t.dtype for t in (mean, var, weight, bias) if t is not None}
+    if len(dtypes) > 1:
+        raise TypeError(f"{what}: bn_mean, bn_var, bn_weight and bn_bias must share one dtype, "
+                        f"got {sorted(map(str, dtypes))}")
+    for name, t in (("bn_mean", mean), ("bn_var", var), ("bn_weight", weight),
+                    ("bn_bias", bias)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != o_f:
+            raise ValueError(f"{what}: {name} must hold one value per frozen output channel "
+                             f"({o_f}), got shape {tuple(t.shape)}")
+        if t.dtype not in (x.dtype, torch.float32):
+            raise TypeError(f"{what}: {name} is {t.dtype}; a folded BatchNorm's tensors take "
+                            f"the input's dtype ({x.dtype}) or float32")
+        if t.device != x.device:
+            raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
+                             f"move both to one device")
+        if t.requires_grad:
+            raise ValueError(f"{what}: {name} requires grad, but a folded BatchNorm's frozen "
+                             "channels are fixed")
 

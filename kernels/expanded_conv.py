@@ -16,6 +16,13 @@ Kernels: forward (all groups, bias fused, one launch), weight gradient of the tr
 rows (+ bias gradient, split over pixels for parallelism), input gradient (implicit GEMM of
 dy with the flipped weights; taps whose output position is not integral are masked), and
 direct depthwise forward / backward kernels.  All accumulate in fp32.
+
+A folded eval-mode BatchNorm of the frozen output channels (``norm`` = mean, var, weight,
+bias, eps) runs in the forward kernels' epilogue, on the fp32 accumulator of the frozen
+tiles: ``acc * alpha + beta`` with aten's ``alpha = weight / sqrt(var + eps)``,
+``beta = bias - mean * alpha``.  Backward takes ``alpha`` (``norm_scale``) and applies it
+to the frozen columns of dy where a kernel reads them: the dy tiles of the input gradient's
+frozen rows, and the finished dcouple rows.
 """
 from __future__ import annotations
 
@@ -83,6 +90,22 @@ def _locate_tile(pid_n, groups_ptr, G, BLOCK_N: tl.constexpr):
     return o_start, o_end, k_end, grp
 
 
+@triton.jit
+def _norm_epilogue(acc, offs_o, frozen, nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
+                   NORM_W: tl.constexpr, NORM_B: tl.constexpr):
+    """Eval-mode BatchNorm of the columns where ``frozen`` (aten's arithmetic, in fp32);
+    the other columns of ``acc`` unchanged."""
+    mean = tl.load(nm_ptr + offs_o, mask=frozen, other=0.0).to(tl.float32)
+    var = tl.load(nv_ptr + offs_o, mask=frozen, other=1.0).to(tl.float32)
+    alpha = 1.0 / tl.sqrt_rn(var + norm_eps)
+    if NORM_W:
+        alpha = alpha * tl.load(nw_ptr + offs_o, mask=frozen, other=1.0).to(tl.float32)
+    beta = 0.0 - mean * alpha
+    if NORM_B:
+        beta = tl.load(nb_ptr + offs_o, mask=frozen, other=0.0).to(tl.float32) - mean * alpha
+    return tl.where(frozen[None, :], acc * alpha[None, :] + beta[None, :], acc)
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -117,11 +140,13 @@ def _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
 @triton.jit
 def _conv_fwd_kernel(
         x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, groups_ptr,
+        nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
         M, O, C, H, W, Ho, Wo, G, O_f, I_f,
         sxn, sxc, sxh, sxw, sfo, sfc, sfr, sfs, sno, snc, snr, sns, sco, scc, scr, scs,
         syn, syc, syh, syw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
-        HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+        HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr,
+        NORM_B: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -161,6 +186,10 @@ def _conv_fwd_kernel(
     if HAS_BN:
         acc += tl.load(bn_ptr + (offs_o - O_f), mask=n_mask & (offs_o >= O_f),
                        other=0.0).to(tl.float32)[None, :]
+    if NORM:  # folded BatchNorm: frozen tiles only (a tile never crosses a group)
+        if grp != G - 1:
+            acc = _norm_epilogue(acc, offs_o, n_mask, nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
+                                 NORM_W, NORM_B)
     y_row = n_img.to(tl.int64) * syn + ho * syh + wo * syw
     tl.store(y_ptr + y_row[:, None] + offs_o[None, :] * syc,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -173,12 +202,12 @@ def _conv_fwd_kernel(
                  key=["O", "C", "M", "KH", "KW", "SPLIT"])
 @triton.jit
 def _conv_wgrad_kernel(
-        dy_ptr, x_ptr, dw_ptr, db_ptr,
+        dy_ptr, x_ptr, dw_ptr, db_ptr, scale_ptr,
         O, C, M, H, W, Ho, Wo, dy_c0, x_c0, chunk,
         sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw,
         st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, SPLIT, HAS_DB: tl.constexpr,
-        PREC: tl.constexpr,
+        SCALE: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # BLOCK_M: output channels o, BLOCK_N: input channels c, BLOCK_K: pixels (reduction).
     pid_o = tl.program_id(0)
@@ -218,6 +247,8 @@ def _conv_wgrad_kernel(
         if HAS_DB:
             dbacc += tl.sum(g.to(tl.float32), axis=1)
 
+    if SCALE:  # dy rows times a per-row factor (a folded BatchNorm): scale the row sums
+        acc = acc * tl.load(scale_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
     # partial sums: dw (SPLIT, O, C, KH, KW) and db (SPLIT, O), reduced by the launcher
     dw_off = split * O * C * KH * KW + (offs_o[:, None] * C + offs_c[None, :]) * (KH * KW) + rs
     tl.store(dw_ptr + dw_off, acc, mask=o_mask[:, None] & c_mask[None, :])
@@ -231,14 +262,19 @@ def _conv_wgrad_kernel(
 # ---------------------------------------------------------------------------------------
 @triton.jit
 def _dx_rows(acc, dy_ptr, dy_row, p_ok, sdc, dy_c0, row_lo, row_hi, w_ptr, swo, swc,
-             w_col, col_mask, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
-    """acc += dy[:, dy_c0 + rows] @ w[rows, w_col] for rows in [row_lo, row_hi)."""
+             w_col, col_mask, scale_ptr, SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+             PREC: tl.constexpr):
+    """acc += dy[:, dy_c0 + rows] @ w[rows, w_col] for rows in [row_lo, row_hi); with
+    ``SCALE`` the dy columns are first multiplied by ``scale[rows]`` (a folded BatchNorm)."""
     offs_k = tl.arange(0, BLOCK_K)
     for o0 in range(row_lo, row_hi, BLOCK_K):
         o = o0 + offs_k
         o_ok = o < row_hi
         g = tl.load(dy_ptr + dy_row[:, None] + (dy_c0 + o)[None, :] * sdc,
                     mask=p_ok[:, None] & o_ok[None, :], other=0.0)
+        if SCALE:
+            s = tl.load(scale_ptr + o, mask=o_ok, other=0.0).to(tl.float32)
+            g = (g.to(tl.float32) * s[None, :]).to(dy_ptr.dtype.element_ty)
         w = tl.load(w_ptr + o[:, None] * swo + w_col[None, :] * swc,
                     mask=o_ok[:, None] & col_mask[None, :], other=0.0)
         acc = _mma(g, w, acc, PREC)
@@ -249,12 +285,12 @@ def _dx_rows(acc, dy_ptr, dy_row, p_ok, sdc, dy_c0, row_lo, row_hi, w_ptr, swo, 
                  key=["P", "C", "O_f", "O_n", "G_f", "KH", "KW", "NEED_OLD", "HAS_COUPLE"])
 @triton.jit
 def _conv_dx_kernel(
-        dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, groups_ptr,
+        dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, groups_ptr, scale_ptr,
         P, C, H, W, Ho, Wo, G_f, O_f, O_n, I_f, c_lo,
         sdn, sdc, sdh, sdw, sfo, sfc, sfr, sfs, sno, snc, snr, sns, sco, scc, scr, scs,
         sxn, sxc, sxh, sxw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, NEED_OLD: tl.constexpr,
-        HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+        HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C).
     pid_p = tl.program_id(0)
@@ -283,7 +319,8 @@ def _conv_dx_kernel(
         dy_row = n_img * sdn + ho * sdh + wo * sdw
         # trainable rows read every channel
         acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, O_f, 0, O_n,
-                       wn_ptr + r * snr + s * sns, sno, snc, offs_c, c_mask, BLOCK_K, PREC)
+                       wn_ptr + r * snr + s * sns, sno, snc, offs_c, c_mask, scale_ptr, False,
+                       BLOCK_K, PREC)
         if NEED_OLD:  # frozen group g reaches channels [0, k_end_g) only
             row0 = pid_c * 0
             for g in range(G_f):
@@ -292,13 +329,13 @@ def _conv_dx_kernel(
                 if ke > c_first:
                     acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, 0, row0, row0 + width,
                                    wf_ptr + r * sfr + s * sfs, sfo, sfc, offs_c,
-                                   c_mask & (offs_c < ke), BLOCK_K, PREC)
+                                   c_mask & (offs_c < ke), scale_ptr, NORM, BLOCK_K, PREC)
                 row0 += width
         if HAS_COUPLE:  # coupling block: all frozen rows read the newest channels
             if c_first + BLOCK_N > I_f:
                 acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, 0, 0, O_f,
                                wc_ptr + r * scr + s * scs, sco, scc, offs_c - I_f,
-                               c_mask & (offs_c >= I_f), BLOCK_K, PREC)
+                               c_mask & (offs_c >= I_f), scale_ptr, NORM, BLOCK_K, PREC)
 
     dx_row = n_img * sxn + hi * sxh + wi * sxw
     tl.store(dx_ptr + dx_row[:, None] + offs_c[None, :] * sxc,
@@ -319,11 +356,12 @@ def _dw_weight(wf_ptr, wn_ptr, oc, oc_mask, O_f, sfo, sno, off_f, off_n):
 @triton.autotune(configs=_configs(_DW_TILES, (32, 16, 1)), key=["M", "O", "KH", "KW"])
 @triton.jit
 def _dw_fwd_kernel(
-        x_ptr, wf_ptr, wn_ptr, bf_ptr, bn_ptr, y_ptr,
+        x_ptr, wf_ptr, wn_ptr, bf_ptr, bn_ptr, y_ptr, nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
         M, O, MULT, H, W, Ho, Wo, O_f,
         sxn, sxc, sxh, sxw, sfo, sfr, sfs, sno, snr, sns, syn, syc, syh, syw,
         st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
+        NORM: tl.constexpr, NORM_W: tl.constexpr, NORM_B: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     oc = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -351,6 +389,9 @@ def _dw_fwd_kernel(
     if HAS_BN:
         acc += tl.load(bn_ptr + (oc - O_f), mask=oc_mask & (oc >= O_f),
                        other=0.0).to(tl.float32)[None, :]
+    if NORM:  # folded BatchNorm of the frozen channels (a tile may hold both kinds)
+        acc = _norm_epilogue(acc, oc, oc_mask & (oc < O_f), nm_ptr, nv_ptr, nw_ptr, nb_ptr,
+                             norm_eps, NORM_W, NORM_B)
     y_row = n_img * syn + ho * syh + wo * syw
     tl.store(y_ptr + y_row[:, None] + oc[None, :] * syc, acc.to(y_ptr.dtype.element_ty),
              mask=m_mask[:, None] & oc_mask[None, :])
@@ -404,11 +445,11 @@ def _dw_wgrad_kernel(
 @triton.autotune(configs=_configs(_DW_TILES, (32, 16, 1)), key=["P", "C", "MULT", "KH", "KW"])
 @triton.jit
 def _dw_dx_kernel(
-        dy_ptr, wf_ptr, wn_ptr, dx_ptr,
+        dy_ptr, wf_ptr, wn_ptr, dx_ptr, scale_ptr,
         P, C, c_lo, MULT, H, W, Ho, Wo, O_f,
         sdn, sdc, sdh, sdw, sfo, sfr, sfs, sno, snr, sns, sxn, sxc, sxh, sxw,
         st_h, st_w, pad_h, pad_w, dil_h, dil_w,
-        KH: tl.constexpr, KW: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, NORM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_p = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = c_lo + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -435,6 +476,9 @@ def _dw_dx_kernel(
                         mask=ok[:, None] & c_mask[None, :], other=0.0)
             wv = _dw_weight(wf_ptr, wn_ptr, oc, c_mask, O_f, sfo, sno,
                             r * sfr + s * sfs, r * snr + s * sns)
+            if NORM:  # dy of a frozen channel times its folded BatchNorm's scale
+                wv = wv * tl.load(scale_ptr + oc, mask=c_mask & (oc < O_f),
+                                  other=1.0).to(tl.float32)
             acc += g.to(tl.float32) * wv[None, :]
     dx_row = n_img * sxn + hi * sxh + wi * sxw
     tl.store(dx_ptr + dx_row[:, None] + c[None, :] * sxc, acc.to(dx_ptr.dtype.element_ty),
@@ -551,12 +595,29 @@ def _depthwise_split(x, w_frozen, w_new, frozen_k_ends):
     return c_f, o_total // c
 
 
+def _norm_args(norm, o_f, dummy):
+    """Kernel arguments of a folded BatchNorm ``norm`` = (mean, var, weight, bias, eps)."""
+    if norm is None or not o_f:
+        return (dummy,) * 4 + (0.0,), dict(NORM=False, NORM_W=False, NORM_B=False)
+    mean, var, weight, bias, eps = norm
+    for name, t in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
+        if t is not None and tuple(t.shape) != (o_f,):
+            raise ValueError(f"the folded BatchNorm's {name} has shape {tuple(t.shape)}, "
+                             f"expected ({o_f},)")
+    return ((mean, var, _or(weight, mean), _or(bias, mean), float(eps)),
+            dict(NORM=True, NORM_W=weight is not None, NORM_B=bias is not None))
+
+
 def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
                             b_frozen: Optional[torch.Tensor], w_new: torch.Tensor,
                             b_new: Optional[torch.Tensor], w_couple: Optional[torch.Tensor],
                             frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
-                            stride, padding, dilation, depthwise: bool) -> torch.Tensor:
-    """y = [frozen staircase rows | trainable rows](x) + bias, one kernel launch."""
+                            stride, padding, dilation, depthwise: bool,
+                            norm=None) -> torch.Tensor:
+    """y = [frozen staircase rows | trainable rows](x) + bias, one kernel launch.
+
+    ``norm`` = (mean, var, weight or None, bias or None, eps), each of the O_f frozen
+    channels: an eval-mode BatchNorm applied to them in the epilogue."""
     _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depthwise)
     dt = x.dtype
     w_frozen, w_new = w_frozen.to(dt), w_new.to(dt)
@@ -572,14 +633,15 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     bf, bn = _or(b_frozen, y), _or(b_new, y)
     has_bf = b_frozen is not None and b_frozen.numel() > 0
     has_bn = b_new is not None and b_new.numel() > 0
+    norm_ptrs, norm_flags = _norm_args(norm, o_f, y)
 
     if depthwise:
         _, mult = _depthwise_split(x, w_frozen, w_new, frozen_k_ends)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_N"]))
         _dw_fwd_kernel[grid](
-            x, wf, wn, bf, bn, y, m, o, mult, h, wd, ho, wo, o_f,
+            x, wf, wn, bf, bn, y, *norm_ptrs, m, o, mult, h, wd, ho, wo, o_f,
             *x.stride(), wf.stride(0), *wf.stride()[2:], wn.stride(0), *wn.stride()[2:],
-            *y.stride(), *geo, KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn)
+            *y.stride(), *geo, KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, **norm_flags)
         return y
 
     i_f = w_frozen.shape[1]
@@ -591,14 +653,16 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),
                          sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths))
     _conv_fwd_kernel[grid](
-        x, wf, wn, wc, bf, bn, y, groups, m, o, c, h, wd, ho, wo, len(widths), o_f, i_f,
-        *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,
-        KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, PREC=_prec(dt))
+        x, wf, wn, wc, bf, bn, y, groups, *norm_ptrs, m, o, c, h, wd, ho, wo, len(widths), o_f,
+        i_f, *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,
+        KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
+        PREC=_prec(dt))
     return y
 
 
-def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype):
-    """(dW (o, c, kh, kw), db (o,) or None) reduced over every pixel."""
+def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, scale=None):
+    """(dW (o, c, kh, kw), db (o,) or None) reduced over every pixel; ``scale`` (o,)
+    multiplies dy's columns (not db's)."""
     n, _, h, wd = x.shape
     m = n * ho * wo
     split = _split_for(triton.cdiv(o, 64) * triton.cdiv(c, 64) * kh * kw, m, x.device)
@@ -608,9 +672,9 @@ def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype):
     grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
                          triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
     _conv_wgrad_kernel[grid](
-        dy, x, dw, db, o, c, m, h, wd, ho, wo, dy_c0, x_c0, chunk,
-        *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db,
-        PREC=_prec(x.dtype))
+        dy, x, dw, db, dw if scale is None else scale, o, c, m, h, wd, ho, wo, dy_c0, x_c0,
+        chunk, *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db,
+        SCALE=scale is not None, PREC=_prec(x.dtype))
     return dw.sum(0).to(out_dtype), (db.sum(0).to(out_dtype) if need_db else None)
 
 
@@ -619,10 +683,12 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
                              frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                              stride, padding, dilation, depthwise: bool, need_dx_new: bool,
                              need_dx_old: bool, need_dw: bool, need_db: bool,
-                             need_dcouple: bool):
+                             need_dcouple: bool, norm_scale: Optional[torch.Tensor] = None):
     """(dx or None, dw_new or None, db_new or None, dcouple or None); no frozen dW is formed.
 
-    dx has x's full channel width; unless ``need_dx_old`` its first I_f channels are zeros."""
+    dx has x's full channel width; unless ``need_dx_old`` its first I_f channels are zeros.
+    ``norm_scale`` (O_f,): the frozen columns of dy are multiplied by it where they are read
+    (the forward folded a BatchNorm whose derivative it is)."""
     _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depthwise)
     dt = x.dtype
     dy = dy.to(dt)
@@ -639,6 +705,11 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
     if want_dx:
         dx = torch.empty(x.shape, device=x.device, dtype=dt, memory_format=_memory_format(x))
     wf, wn = _or(w_frozen, x), _or(w_new, x)
+    if norm_scale is not None:
+        if tuple(norm_scale.shape) != (o_f,):
+            raise ValueError(f"norm_scale has shape {tuple(norm_scale.shape)}, expected ({o_f},)")
+        if not o_f:
+            norm_scale = None
 
     if depthwise:
         c_f, mult = _depthwise_split(x, w_frozen, w_new, frozen_k_ends)
@@ -665,10 +736,11 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
             p = n * h * wd
             grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
                                  triton.cdiv(c - c_lo, meta["BLOCK_N"]))
+            norm = norm_scale is not None and need_dx_old  # frozen dy read only for dx_old
             _dw_dx_kernel[grid](
-                dy, wf, wn, dx, p, c, c_lo, mult, h, wd, ho, wo, o_f,
-                *dy.stride(), wf.stride(0), *wf.stride()[2:], wn.stride(0),
-                *wn.stride()[2:], *dx.stride(), *geo, KH=kh, KW=kw)
+                dy, wf, wn, dx, norm_scale if norm else dx, p, c, c_lo, mult, h, wd, ho, wo,
+                o_f, *dy.stride(), wf.stride(0), *wf.stride()[2:], wn.stride(0),
+                *wn.stride()[2:], *dx.stride(), *geo, KH=kh, KW=kw, NORM=norm)
         return dx, dw, db, None
 
     i_f = w_frozen.shape[1]
@@ -683,7 +755,7 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
     if need_dcouple and w_couple is not None:
         if has_couple and not empty:
             dcouple = _wgrad(dy, x, 0, o_f, i_f, c - i_f, kh, kw, geo, ho, wo, False,
-                             w_couple.dtype)[0]
+                             w_couple.dtype, scale=norm_scale)[0]
         else:
             dcouple = torch.zeros_like(w_couple)
     c_lo = 0 if need_dx_old else i_f
@@ -694,11 +766,14 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         groups = _groups_tensor(tuple(int(g) for g in frozen_out_groups),
                                 tuple(int(k) for k in frozen_k_ends), x.device)
         wc = _or(w_couple, x)
+        couple = has_couple and o_f > 0
+        # the frozen columns of dy are read (and scaled) for dx_old and the coupling only
+        norm = norm_scale is not None and (need_dx_old or couple)
         grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
                              triton.cdiv(c - c_lo, meta["BLOCK_N"]))
         _conv_dx_kernel[grid](
-            dy, wf, wn, wc, dx, groups, p, c, h, wd, ho, wo, len(frozen_out_groups),
-            o_f, o_n, i_f, c_lo, *dy.stride(), *wf.stride(), *wn.stride(), *wc.stride(),
-            *dx.stride(), *geo, KH=kh, KW=kw, NEED_OLD=need_dx_old,
-            HAS_COUPLE=has_couple and o_f > 0, PREC=_prec(dt))
+            dy, wf, wn, wc, dx, groups, norm_scale if norm else dx, p, c, h, wd, ho, wo,
+            len(frozen_out_groups), o_f, o_n, i_f, c_lo, *dy.stride(), *wf.stride(),
+            *wn.stride(), *wc.stride(), *dx.stride(), *geo, KH=kh, KW=kw,
+            NEED_OLD=need_dx_old, HAS_COUPLE=couple, NORM=norm, PREC=_prec(dt))
     return dx, dw, db, dcouple

@@ -259,6 +259,52 @@ def test_opcheck_conv2d_backward(case, flags):
     torch.library.opcheck(OPS.conv2d_backward, args)
 
 
+# ---- a BatchNorm folded into the conv's frozen output channels ---------------------------------
+def _frozen_bn(o_f, affine=True):
+    return [torch.randn(o_f), torch.rand(o_f) + 0.5,
+            torch.rand(o_f) + 0.5 if affine else None, torch.randn(o_f) if affine else None,
+            1e-3]
+
+
+def _bn64(y, bn):
+    mean, var, weight, bias, eps = (t.double().view(1, -1, 1, 1) if isinstance(t, torch.Tensor)
+                                    else t for t in bn)
+    o_f = mean.shape[1]
+    z = (y[:, :o_f] - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        z = z * weight + bias
+    return torch.cat([z, y[:, o_f:]], dim=1)
+
+
+@pytest.mark.parametrize("case,affine", [(CONV[2], True), (CONV[3], False)], ids=str)
+def test_opcheck_conv2d_folded_bn(case, affine):
+    lay, args = _conv_args(case)
+    x, w_f, b_f, w_n, b_n, w_c = args[:6]
+    stride, padding, dilation, depthwise, need_dx_old = args[8:]
+    bn = _frozen_bn(lay.frozen_out, affine)
+    args = args + tuple(bn)
+    torch.library.opcheck(OPS.conv2d, args, test_utils=STATIC_UTILS)
+    y = OPS.conv2d(*args)
+    w, b = _dense(lay, w_f, b_f, w_n, b_n, w_c, depthwise)
+    y_ref = _bn64(F.conv2d(x.double(), w, b, stride, padding, dilation,
+                           groups=lay.in_features if depthwise else 1), bn)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    _check_grads(y, y_ref, torch.randn_like(y), lay, x, w_n, b_n, w_c, need_dx_old)
+
+
+@pytest.mark.parametrize("case, flags", _cases([(CONV[2], ALL_GRADS), (CONV[3], SKIP_OLD)]))
+def test_opcheck_conv2d_backward_bn_scale(case, flags):
+    args, (lay, _, x, w_n, w_c, _) = _conv_backward_args(case, flags)
+    scale = torch.rand(lay.frozen_out) + 0.5
+    args = args + (scale,)
+    torch.library.opcheck(OPS.conv2d_backward, args)
+    # the frozen columns of dy scaled by hand give the same gradients
+    dy = args[0].clone()
+    dy[:, :lay.frozen_out] *= scale.view(1, -1, 1, 1)
+    for got, want in zip(OPS.conv2d_backward(*args), OPS.conv2d_backward(dy, *args[1:-1])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---- layers with an empty newest output group (what expand() builds for width={name: n}) ------
 def _train_step_matches_dense(layer, x):
     """One forward and backward of ``layer`` against its float64 dense equivalent."""

@@ -233,6 +233,10 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 # kernels of their own, and empty shapes (no rows, channels, filters or pixels) need none:
 # both go to the structured PyTorch path (cuDNN), which already skips every frozen block and
 # frozen gradient.
+# A folded BatchNorm of the frozen channels (``frozen_bn``) is applied after the kernel
+# with torch ops, as the torch backend does, and its dy scale before the backward kernel;
+# moving both into the kernels' epilogue / operand loads (as the Triton kernels do) is
+# future work.
 # ---------------------------------------------------------------------------------------
 def _conv_pair(v) -> list:
     if isinstance(v, int):
@@ -276,26 +280,37 @@ def _register_conv_fakes():
 def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], stride, padding, dilation,
-                   depthwise: bool) -> Tensor:
+                   depthwise: bool, frozen_bn=None) -> Tensor:
     if _conv_to_torch_ref(x, w_frozen, w_new, depthwise):
         return torch_ref.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                         frozen_out_groups, frozen_k_ends, stride, padding,
-                                        dilation, depthwise)
-    return _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
-                                 [int(g) for g in frozen_out_groups],
-                                 [int(k) for k in frozen_k_ends], _conv_pair(stride),
-                                 _conv_pair(padding), _conv_pair(dilation))
+                                        dilation, depthwise, frozen_bn=frozen_bn)
+    y = _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                              [int(g) for g in frozen_out_groups],
+                              [int(k) for k in frozen_k_ends], _conv_pair(stride),
+                              _conv_pair(padding), _conv_pair(dilation))
+    if frozen_bn is not None and w_frozen.shape[0]:
+        y = torch_ref.frozen_batch_norm(y, frozen_bn)  # not yet in the kernel's epilogue
+    return y
 
 
 def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], stride,
                     padding, dilation, depthwise: bool, need_dx_new: bool, need_dx_old: bool,
-                    need_dw: bool, need_db: bool, need_dcouple: bool):
+                    need_dw: bool, need_db: bool, need_dcouple: bool,
+                    frozen_dy_scale: Maybe = None):
     if _conv_to_torch_ref(x, w_frozen, w_new, depthwise):
         return torch_ref.conv2d_backward(dy, x, w_frozen, w_new, w_couple, frozen_out_groups,
                                          frozen_k_ends, stride, padding, dilation, depthwise,
                                          need_dx_new, need_dx_old, need_dw, need_db,
-                                         need_dcouple)
+                                         need_dcouple, frozen_dy_scale=frozen_dy_scale)
+    o_f = w_frozen.shape[0]
+    coupled = w_couple is not None and w_couple.numel() > 0
+    if frozen_dy_scale is not None and o_f and (
+            need_dx_old or need_dcouple or ((need_dx_new or need_dx_old) and coupled)):
+        # the kernels read the frozen columns of dy: hand them the scaled ones (a copy of
+        # dy; not yet applied where the kernels load dy)
+        dy = torch.cat([torch_ref.frozen_dy(dy, o_f, frozen_dy_scale), dy[:, o_f:]], dim=1)
     dx, dw, db, dcouple = _ops().conv2d_backward(
         dy, x, w_frozen, w_new, w_couple, [int(g) for g in frozen_out_groups],
         [int(k) for k in frozen_k_ends], _conv_pair(stride), _conv_pair(padding),

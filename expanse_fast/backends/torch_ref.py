@@ -20,8 +20,14 @@ Every backend module exposes the same functions with the same arguments:
     With a fused activation ``saved`` is what its gradient reads (the output for ReLU, the
     forward's ``pre`` otherwise); dy is passed through the activation's gradient only on the
     columns this backward reads.
-``conv2d_forward(x, ..., stride, padding, dilation, depthwise)`` and ``conv2d_backward`` the
-    same for NCHW convolutions (channels are the groups).
+``conv2d_forward(x, ..., stride, padding, dilation, depthwise, frozen_bn=None)`` and
+    ``conv2d_backward(..., need_dcouple, frozen_dy_scale=None)`` the same for NCHW
+    convolutions (channels are the groups).  ``frozen_bn`` = (mean, var, weight, bias, eps):
+    an eval-mode BatchNorm of the O_f frozen output channels (weight and bias may be None)
+    folded into the forward, applied after the bias and the coupling term.
+    ``frozen_dy_scale`` (O_f,) is that BatchNorm's ``weight / sqrt(var + eps)``: backward
+    multiplies the frozen columns of dy by it, and only when it reads them (dx_old,
+    dcouple, the coupled dx_new).
 ``availability(device) -> (bool, reason)``.
 
 Accumulations use out-of-place ``addmm`` (not ``addmm_``) so that the torch profiler counts
@@ -269,10 +275,57 @@ def _joint_rows(x: Tensor, w_old: Tensor, b_old: Maybe, w_new: Tensor, b_new: Ma
     return y
 
 
+# ---- an eval-mode BatchNorm folded into the frozen output channels -------------------------
+def bn_scale(var: Tensor, weight: Maybe, eps: float) -> Tensor:
+    """Per-channel factor of an eval-mode BatchNorm, ``weight / sqrt(var + eps)``: the
+    derivative of its output by its input."""
+    scale = torch.rsqrt(var + eps)
+    return scale if weight is None else scale * weight
+
+
+def frozen_batch_norm(y: Tensor, frozen_bn) -> Tensor:
+    """``y`` with its first O_f channels through the eval-mode BatchNorm ``frozen_bn`` =
+    (mean, var, weight, bias, eps) of length O_f; the other channels unchanged.
+
+    The frozen channels keep the bits of the unfused conv -> BatchNorm: a per-channel
+    multiply-add in torch ops differs from aten's BatchNorm kernel in the last bit (seen
+    on CPU for every float dtype), so this runs ``F.batch_norm`` itself, over the whole
+    output as the unfused BatchNorm does (same shape, memory format and kernel), with
+    stand-in statistics for the newest channels, whose raw values are then put back."""
+    mean, var, weight, bias, eps = frozen_bn
+    n_new = y.shape[1] - mean.shape[0]
+    if n_new:
+        def pad(t: Maybe, v: float) -> Maybe:
+            return None if t is None else torch.cat([t, t.new_full((n_new,), v)])
+        mean, var, weight, bias = pad(mean, 0.0), pad(var, 1.0), pad(weight, 1.0), pad(bias, 0.0)
+    out = torch.nn.functional.batch_norm(y, mean, var, weight, bias, False, 0.0, eps)
+    if n_new:
+        out[:, -n_new:] = y[:, -n_new:]
+    return out
+
+
+def frozen_dy(dy: Tensor, o_f: int, scale: Maybe) -> Tensor:
+    """The frozen columns of dy (contiguous), times a folded BatchNorm's scale if any."""
+    if scale is None:
+        return dy[:, :o_f].contiguous()
+    return torch.mul(dy[:, :o_f], scale.to(dy.dtype).view((1, -1) + (1,) * (dy.dim() - 2)))
+
+
 def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], stride, padding, dilation,
-                   depthwise: bool) -> Tensor:
+                   depthwise: bool, frozen_bn=None) -> Tensor:
+    y = _conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
+                        frozen_k_ends, stride, padding, dilation, depthwise)
+    if frozen_bn is not None and w_frozen.shape[0]:
+        y = frozen_batch_norm(y, frozen_bn)
+    return y
+
+
+def _conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
+                    w_couple: Maybe, frozen_out_groups: Sequence[int],
+                    frozen_k_ends: Sequence[int], stride, padding, dilation,
+                    depthwise: bool) -> Tensor:
     if depthwise:
         c_f = _depthwise_frozen_in(frozen_k_ends)
         c_new = x.shape[1] - c_f
@@ -342,7 +395,8 @@ def _conv_grads(dy: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, gro
 def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], stride,
                     padding, dilation, depthwise: bool, need_dx_new: bool, need_dx_old: bool,
-                    need_dw: bool, need_db: bool, need_dcouple: bool):
+                    need_dw: bool, need_db: bool, need_dcouple: bool,
+                    frozen_dy_scale: Maybe = None):
     o_f = w_frozen.shape[0]
     dy_new = dy[:, o_f:]
     if depthwise:
@@ -357,8 +411,9 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
         if need_dx_new or need_dx_old:
             dx = torch.zeros_like(x)  # in x's memory format: elementwise grads stay fast
             if need_dx_old and c_f:
-                dx[:, :c_f] = _conv_grads(dy[:, :o_f].contiguous(), x[:, :c_f], w_frozen, stride,
-                                          padding, dilation, c_f, True, False, False)[0]
+                dx[:, :c_f] = _conv_grads(frozen_dy(dy, o_f, frozen_dy_scale), x[:, :c_f],
+                                          w_frozen, stride, padding, dilation, c_f, True, False,
+                                          False)[0]
             if dx_new is not None:
                 dx[:, c_f:] = dx_new
         return dx, dw, db, None
@@ -368,18 +423,24 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
     # dW and db of the trainable rows: one weight-gradient conv over the whole input.
     _, dw, db = _conv_grads(dy_new, x, w_new, stride, padding, dilation, 1, False, need_dw,
                             need_db)
+    need_dx = need_dx_new or need_dx_old
+    coupled = w_couple is not None and w_couple.shape[1] > 0 and o_f > 0
+    # The frozen columns of dy are read (and a folded BatchNorm's scale applied to them)
+    # only for dcouple, dx_old and the coupled dx_new.
+    dy_old = None
+    if o_f and ((need_dcouple and w_couple is not None) or need_dx_old or (need_dx and coupled)):
+        dy_old = frozen_dy(dy, o_f, frozen_dy_scale)
     dcouple = None
-    dy_old = dy[:, :o_f].contiguous() if o_f else None
     if need_dcouple and w_couple is not None:
         dcouple = (_conv_grads(dy_old, x[:, i_f:], w_couple, stride, padding, dilation, 1, False,
                                True, False)[1] if o_f else torch.zeros_like(w_couple))
     dx = None
-    if need_dx_new or need_dx_old:
+    if need_dx:
         if need_dx_old:
             dx = _conv_grads(dy_new, x, w_new, stride, padding, dilation, 1, True, False,
                              False)[0]
             for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
-                dx[:, :k] += _conv_grads(dy[:, r0:r1].contiguous(), x[:, :k],
+                dx[:, :k] += _conv_grads(dy_old[:, r0:r1].contiguous(), x[:, :k],
                                          w_frozen[r0:r1, :k], stride, padding, dilation, 1, True,
                                          False, False)[0]
         else:
@@ -387,7 +448,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
             if x.shape[1] > i_f and w_new.shape[0]:
                 dx[:, i_f:] = _conv_grads(dy_new, x[:, i_f:], w_new[:, i_f:], stride, padding,
                                           dilation, 1, True, False, False)[0]
-        if w_couple is not None and w_couple.shape[1] and o_f:
+        if coupled:
             dx[:, i_f:] += _conv_grads(dy_old, x[:, i_f:], w_couple, stride, padding, dilation,
                                        1, True, False, False)[0]
     return dx, dw, db, dcouple

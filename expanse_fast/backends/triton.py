@@ -96,16 +96,19 @@ def _conv_kernels():
 def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], stride, padding, dilation,
-                   depthwise: bool) -> Tensor:
+                   depthwise: bool, frozen_bn=None) -> Tensor:
+    # a folded BatchNorm runs in the kernel's epilogue, on the frozen tiles
     return _conv_kernels().expanded_conv2d_forward(
         x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
-        stride, padding, dilation, depthwise)
+        stride, padding, dilation, depthwise, norm=frozen_bn)
 
 
 def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], stride,
                     padding, dilation, depthwise: bool, need_dx_new: bool, need_dx_old: bool,
-                    need_dw: bool, need_db: bool, need_dcouple: bool):
+                    need_dw: bool, need_db: bool, need_dcouple: bool,
+                    frozen_dy_scale: Maybe = None):
     return _conv_kernels().expanded_conv2d_backward(
         dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
-        dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple)
+        dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple,
+        norm_scale=frozen_dy_scale)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..layout import Layout
 from .blocks import ExpandedBlocks, init_new_rows
+from .norm import ExpandedBatchNorm2d
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -33,7 +34,14 @@ class ExpandedConv2d(ExpandedBlocks):
 
     ``depthwise=True``: every channel has its own filter(s) (``groups == in_channels``);
     widening adds new filters on new channels, ``depth_multiplier`` outputs per channel.
+
+    :meth:`fold_batchnorm` lets the layer apply the frozen channels' eval-mode map of the
+    ExpandedBatchNorm2d that follows it (see ``expanse_fast.fold_batchnorms``).
     """
+
+    # The ExpandedBatchNorm2d whose frozen channels this layer applies, or None.  Held as a
+    # plain attribute, not a submodule: state dicts and module paths stay as they were.
+    _folded_bn: Optional[nn.Module] = None
 
     def __init__(self, in_groups: Sequence[int], out_groups: Sequence[int], kernel_size,
                  stride=1, padding=0, dilation=1, bias: bool = True, mode: str = "isolated",
@@ -131,6 +139,55 @@ class ExpandedConv2d(ExpandedBlocks):
         self._set_blocks(lay, w_f, b_f, w_new, b_new, None)
         return self
 
+    # ---- a folded BatchNorm --------------------------------------------------------------
+    @property
+    def folded_batchnorm(self) -> Optional[nn.Module]:
+        """The ExpandedBatchNorm2d whose frozen channels this layer applies, or None."""
+        return self._folded_bn
+
+    def fold_batchnorm(self, bn: nn.Module) -> "ExpandedConv2d":
+        """Apply ``bn``'s frozen channels (a fixed eval-mode map) in this layer's output and
+        let ``bn`` normalise only its newest channels.  ``bn`` must be an
+        ExpandedBatchNorm2d with this layer's output groups whose only input is this layer's
+        output; it stays where it is in the model (nothing is registered, state dicts do not
+        change).  Its statistics are read at each call, so they follow ``.to()``."""
+        if not isinstance(bn, ExpandedBatchNorm2d):
+            raise TypeError(f"fold_batchnorm expects an ExpandedBatchNorm2d, got "
+                            f"{type(bn).__name__}")
+        if self._folded_bn is not None or bn.frozen_folded:
+            raise ValueError("this conv or this BatchNorm is already folded")
+        if tuple(bn.groups) != tuple(self.out_groups):
+            raise ValueError(f"cannot fold a BatchNorm with channel groups {tuple(bn.groups)} "
+                             f"into a conv with output groups {tuple(self.out_groups)}")
+        object.__setattr__(self, "_folded_bn", bn)  # not a submodule
+        bn.frozen_folded = True
+        return self
+
+    def unfold_batchnorm(self) -> Optional[nn.Module]:
+        """Undo :meth:`fold_batchnorm`; returns the BatchNorm (again a whole one) or None."""
+        bn = self._folded_bn
+        if bn is not None:
+            bn.frozen_folded = False
+            object.__setattr__(self, "_folded_bn", None)
+        return bn
+
+    def _bn_args(self) -> dict:
+        bn = self._folded_bn
+        if bn is None:
+            return {}
+        if tuple(bn.groups) != tuple(self.out_groups):
+            raise RuntimeError(
+                f"ExpandedConv2d folds a BatchNorm with channel groups {tuple(bn.groups)} but "
+                f"has output groups {tuple(self.out_groups)}: one of the two was expanded "
+                "without the other (expand the model with xf.expand, or unfold_batchnorm())")
+        mean, var, weight, bias, eps = bn.frozen_map()
+        if mean.device != self.weight_new.device:
+            raise RuntimeError(
+                f"ExpandedConv2d on {self.weight_new.device} folds a BatchNorm on {mean.device}: "
+                "a copy of the conv made apart from its BatchNorm (nn.DataParallel replicas, "
+                "say) keeps the original one; call unfold_batchnorm() first")
+        return dict(bn_mean=mean, bn_var=var, bn_weight=weight, bn_bias=bias, bn_eps=eps)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
@@ -142,7 +199,7 @@ class ExpandedConv2d(ExpandedBlocks):
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
             frozen_k_ends=lay.frozen_k_ends, stride=self.stride, padding=self.padding,
             dilation=self.dilation, depthwise=self.depthwise,
-            need_dx_old=not self.skip_old_input_grad, backend=self.backend)
+            need_dx_old=not self.skip_old_input_grad, **self._bn_args(), backend=self.backend)
 
     def to_conv(self, task: Optional[int] = None) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing task ``task``'s outputs (default: all groups)."""
@@ -163,4 +220,6 @@ class ExpandedConv2d(ExpandedBlocks):
                 f"kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, "
                 f"bias={self.bias_new is not None}, mode={self.mode!r}"
-                + (f", depthwise, multiplier={self.depth_multiplier}" if self.depthwise else ""))
+                + (f", depthwise, multiplier={self.depth_multiplier}" if self.depthwise else "")
+                + (", applies the frozen channels of the BatchNorm after it"
+                   if self._folded_bn is not None else ""))

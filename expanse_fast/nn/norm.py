@@ -8,7 +8,11 @@ are bit-identical to the pretrained model's.  The newest channels' values then o
 their part of that output (one tensor, no ``torch.cat``).  ``skip_old_input_grad`` (set by
 ``expand()`` in the isolated layout, where the frozen channels are a frozen function of the
 data) leaves the frozen channels out of autograd: the input gradient of those channels is
-then zeros, as for the expanded Linear and Conv2d layers."""
+then zeros, as for the expanded Linear and Conv2d layers.
+
+Folded (``expanse_fast.fold_batchnorms``): the ExpandedConv2d in front applies the frozen
+channels' fixed map itself, so the BatchNorm passes them through untouched and normalises
+only the newest channels, writing them into its input in place (no full-width copy)."""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Tuple
@@ -22,6 +26,9 @@ from .blocks import _frozen
 
 class _ExpandedBatchNorm(nn.Module):
     _expected_dims: Tuple[int, ...] = ()
+    # Set by fold_batchnorms(): the ExpandedConv2d before this layer already applied the
+    # frozen channels' eval-mode map, so forward normalises the newest channels only.
+    frozen_folded: bool = False
 
     def __init__(self, groups: Sequence[int], eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,
@@ -105,12 +112,20 @@ class _ExpandedBatchNorm(nn.Module):
         return self
 
     # ---- compute -------------------------------------------------------------------------
+    def frozen_map(self) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], float]:
+        """(mean, var, weight, bias, eps) of the frozen channels' eval-mode map: the current
+        tensors (read at each call, so they follow ``.to()``), for a layer that folds it."""
+        return (self.running_mean_frozen, self.running_var_frozen, self.weight_frozen,
+                self.bias_frozen, self.eps)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in self._expected_dims or x.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__} expected a {'/'.join(map(str, self._expected_dims))}-D "
                 f"input with {self.num_features} channels (groups {self.groups}) in dim 1, "
                 f"got shape {tuple(x.shape)}")
+        if self.frozen_folded:
+            return self._newest_only(x)
         n_f, n_new = self.running_mean_frozen.shape[0], self.groups[-1]
         if not n_new:
             return F.batch_norm(x, self.running_mean_frozen, self.running_var_frozen,
@@ -135,14 +150,35 @@ class _ExpandedBatchNorm(nn.Module):
             return torch.cat([f.detach(), n if keep_graph else n.detach()])
         return cat("running_mean").detach(), cat("running_var").detach(), cat("weight"), cat("bias")
 
-    def _new_channels(self, x: Tensor) -> Tensor:
+    def _momentum(self) -> float:
+        """This step's momentum for the newest channels' statistics (counts the step)."""
         momentum = self.momentum
         if self.training:
             self.num_batches_tracked_new.add_(1)
             if momentum is None:  # cumulative moving average, as nn.BatchNorm does
                 momentum = 1.0 / float(self.num_batches_tracked_new)
+        return momentum or 0.0
+
+    def _new_channels(self, x: Tensor) -> Tensor:
+        momentum = self._momentum()
         return F.batch_norm(x, self.running_mean_new, self.running_var_new, self.weight_new,
-                            self.bias_new, self.training, momentum or 0.0, self.eps)
+                            self.bias_new, self.training, momentum, self.eps)
+
+    def _newest_only(self, x: Tensor) -> Tensor:
+        """Folded: the frozen channels of ``x`` are final; normalise the newest ones."""
+        n_f = x.shape[1] - self.groups[-1]
+        if not self.groups[-1]:
+            return x
+        if self.training and x.shape[1] and x.numel() // x.shape[1] == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"size {tuple(x.shape)}")  # as F.batch_norm says
+        if torch.compiler.is_compiling():
+            # out of place for the compiler, which plans the memory itself
+            old = x[:, :n_f].detach() if self.skip_old_input_grad else x[:, :n_f]
+            return torch.cat([old, self._new_channels(x[:, n_f:].contiguous())], dim=1)
+        return _NewestInPlace.apply(x, self.weight_new, self.bias_new, self.running_mean_new,
+                                    self.running_var_new, self.training, self._momentum(),
+                                    self.eps, not self.skip_old_input_grad)
 
     def to_bn(self, task: Optional[int] = None) -> nn.modules.batchnorm._BatchNorm:
         """A plain BatchNorm (eval statistics) of task ``task``'s channels (default: all)."""
@@ -166,7 +202,10 @@ class _ExpandedBatchNorm(nn.Module):
         return bn
 
     def extra_repr(self) -> str:
-        return f"groups={self.groups}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}"
+        return (f"groups={self.groups}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}"
+                + (", frozen channels folded into the conv before" if self.frozen_folded
+                   else ""))
 
 
 class _FrozenThenNew(torch.autograd.Function):
@@ -198,6 +237,51 @@ class _FrozenThenNew(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             dy_new = dy[:, n_f:].contiguous()
         return dx, dy_new, None, None, None, None, None, None
+
+
+class _NewestInPlace(torch.autograd.Function):
+    """The BatchNorm of the newest channels of ``x`` (training or eval mode), written over
+    them in ``x`` itself; the frozen channels pass through.  ``x`` is the output of the
+    conv that folded this BatchNorm (its only user), so writing into it spares a copy of
+    the frozen channels.  Backward hands the frozen channels ``dy`` (zeros when not
+    ``old_grad``: nobody reads them) and the newest ones aten's BatchNorm gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, training, momentum, eps, old_grad):
+        n_f = x.shape[1] - mean.shape[0]
+        x_new = x[:, n_f:].clone(memory_format=torch.contiguous_format)  # saved: not a view
+        y_new, save_mean, save_invstd = torch.native_batch_norm(
+            x_new, weight, bias, mean, var, training, momentum, eps)
+        x[:, n_f:] = y_new
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x_new, weight, save_mean, save_invstd)
+        # eval mode: its backward reads the running statistics, which eval does not move
+        ctx.running = None if training else (mean, var)
+        ctx.n_f, ctx.training, ctx.eps, ctx.old_grad = n_f, training, eps, old_grad
+        ctx.has_bias = bias is not None
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x_new, weight, save_mean, save_invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        n_f = ctx.n_f
+        mean, var = ctx.running or (None, None)
+        dx = dw = db = None
+        if need_x or need_w or need_b:
+            dx_new, dw, db = torch.ops.aten.native_batch_norm_backward(
+                dy[:, n_f:].contiguous(), x_new, weight, mean, var, save_mean, save_invstd,
+                ctx.training, ctx.eps,
+                [need_x, need_w and weight is not None, need_b and ctx.has_bias])
+        if need_x:
+            dx = torch.empty_like(dy)
+            dx[:, n_f:] = dx_new
+            if ctx.old_grad:
+                dx[:, :n_f] = dy[:, :n_f]
+            else:
+                dx[:, :n_f].zero_()
+        return (dx, dw if need_w else None, db if need_b else None) + (None,) * 6
 
 
 class ExpandedBatchNorm1d(_ExpandedBatchNorm):

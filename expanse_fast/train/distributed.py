@@ -241,7 +241,8 @@ def wrap_fsdp2(model: nn.Module, shard_frozen: bool = True, **fsdp_kwargs) -> nn
     Frozen and trainable tensors of a layer share its unit; only gradients that exist (the
     trainable ones) are reduce-scattered.  ``shard_frozen=False`` keeps frozen parameters
     whole on every rank (``ignored_params``): no all-gather for them, but full memory.
-    Read results with ``p.full_tensor()`` (parameters become DTensors).
+    Read results with ``p.full_tensor()`` (parameters become DTensors).  Folded BatchNorms
+    (``fold_batchnorms``) are unfolded: FSDP2 gathers each layer's tensors in its own unit.
     """
     fully_shard = _fully_shard()
     if fully_shard is None:
@@ -262,9 +263,15 @@ def wrap_fsdp2(model: nn.Module, shard_frozen: bool = True, **fsdp_kwargs) -> nn
                                f"ignored_params=...), which torch {torch.__version__} lacks")
         fsdp_kwargs["ignored_params"] = ignored | set(fsdp_kwargs.get("ignored_params") or ())
     from ..nn.blocks import ExpandedBlocks
+    from ..nn.conv import ExpandedConv2d
     from ..nn.norm import _ExpandedBatchNorm
 
     for m in list(model.modules()):
+        if isinstance(m, ExpandedConv2d):
+            # A conv that folds the BatchNorm after it (fold_batchnorms) reads that
+            # BatchNorm's frozen weight and bias in its own forward, outside the BatchNorm's
+            # unit, where they are shards: apart again, each layer computes its own part.
+            m.unfold_batchnorm()
         if m is not model and isinstance(m, (ExpandedBlocks, _ExpandedBatchNorm)):
             fully_shard(m, **fsdp_kwargs)
     fully_shard(model, **fsdp_kwargs)

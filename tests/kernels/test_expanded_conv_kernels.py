@@ -277,3 +277,132 @@ def test_resnet_shape_vs_torch_ref(coupled, dtype):
             assert g is None, name
             continue
         assert g.dtype == dtype and _rel(g, r) < 1e-2, (name, _rel(g, r))
+
+
+# ---------------------------------------------------------------------------------------
+# A folded eval-mode BatchNorm of the frozen channels: epilogue and dy scale
+# ---------------------------------------------------------------------------------------
+NORM_EPS = 1e-3
+
+
+def _norm(o_f, dtype, affine=True):
+    mean = torch.randn(o_f, dtype=dtype)
+    var = torch.rand(o_f, dtype=dtype) + 0.5
+    weight = torch.rand(o_f, dtype=dtype) + 0.5 if affine else None
+    bias = torch.randn(o_f, dtype=dtype) if affine else None
+    return mean, var, weight, bias, NORM_EPS
+
+
+def _run_norm(t, conv, depthwise, dtype, need_dx_old, norm, channels_last=False):
+    """The kernels with ``norm`` folded in, against float64 conv-then-BatchNorm: the
+    forward's frozen channels through the BatchNorm, and every gradient of it (the raw
+    conv's gradients of dy whose frozen columns are scaled by weight / sqrt(var + eps))."""
+    mean, var, weight, bias, eps = norm
+    o_f = mean.shape[0]
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    norm_dev = tuple(v.to(DEV) if isinstance(v, torch.Tensor) else v for v in norm)
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=depthwise, norm=norm_dev)
+    dy = torch.randn(y.shape, dtype=dtype)
+    scale = 1 / torch.sqrt(var.double() + eps)
+    if weight is not None:
+        scale = scale * weight.double()
+    dy64 = dy.double()
+    dy64[:, :o_f] *= scale.view(1, -1, 1, 1)
+    y_ref, (dx_r, dw_r, db_r, dc_r) = _reference(t, conv, depthwise, dy64)
+    shift = -mean.double() * scale
+    if bias is not None:
+        shift = shift + bias.double()
+    y_ref[:, :o_f] = y_ref[:, :o_f] * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    _close(y, y_ref, dtype, "y")
+    c_old = t["frozen_k_ends"][-1] if depthwise else t["w_frozen"].shape[1]
+    if not need_dx_old:
+        dx_r[:, :c_old] = 0
+    dy_dev = dy.to(DEV)
+    if channels_last:
+        dy_dev = dy_dev.contiguous(memory_format=torch.channels_last)
+    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                "frozen_k_ends")}
+    dx, dw, db, dc = ec.expanded_conv2d_backward(
+        dy_dev, **args, **conv, depthwise=depthwise, need_dx_new=True, need_dx_old=need_dx_old,
+        need_dw=True, need_db=db_r is not None, need_dcouple=dc_r is not None,
+        norm_scale=scale.to(dtype).to(DEV))
+    _close(dx, dx_r, dtype, "dx")
+    _close(dw, dw_r, dtype, "dw_new")
+    if db_r is not None:
+        _close(db, db_r, dtype, "db_new")
+    if dc_r is not None:
+        _close(dc, dc_r, dtype, "dcouple")
+
+
+NORM_CASES = {
+    # 17 frozen channels in 3 groups: channel tiles of 16 end inside groups and past them
+    "3groups_17_frozen_pad1": ((2, 3, 2), (9, 8, 3), 3, False, True, torch.float32,
+                               _conv(padding=1), True, False),
+    "3groups_coupled_stride2_fp16": ((3, 2, 2), (2, 1, 3), 3, True, False, torch.float16,
+                                     _conv(stride=2, padding=1), True, False),
+    "coupled_1x1_no_dx_old_cl": ((3, 2), (5, 2), 1, True, True, torch.float32, _conv(),
+                                 False, True),
+    "1_frozen_1_new": ((1, 1), (1, 1), 3, False, True, torch.float16, _conv(padding=1), True,
+                       False),
+}
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("name", list(NORM_CASES))
+def test_conv_folded_norm(name, affine):
+    ig, og, k, coupled, bias, dtype, conv, old, cl = NORM_CASES[name]
+    t = _make(ig, og, k, coupled, bias, dtype, batch=2, channels_last=cl)
+    _run_norm(t, conv, False, dtype, old, _norm(sum(og[:-1]), dtype, affine), channels_last=cl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("need_dx_old", [True, False])
+def test_depthwise_folded_norm(dtype, need_dx_old):
+    # 3 + 2 channels, multiplier 3: 9 frozen filters, a tile of 16 holds both kinds
+    t = _make((1, 2, 2), (1, 2, 2), 3, False, True, dtype, batch=2, depthwise_mult=3)
+    _run_norm(t, _conv(stride=(1, 2), padding=1), True, dtype, need_dx_old, _norm(9, dtype))
+
+
+def test_unread_norm_scale_is_never_loaded():
+    """Isolated, no dx_old: a NaN scale changes nothing (the frozen dy is not read)."""
+    for depthwise in (False, True):
+        t = _make((3, 2), (3, 2), 3, False, True, torch.float32, batch=1,
+                  depthwise_mult=1 if depthwise else 0)
+        dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+        args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                    "frozen_k_ends")}
+        o_f = t["w_frozen"].shape[0]
+        dy = torch.randn(1, o_f + t["w_new"].shape[0], 5, 7, device=DEV)
+        flags = dict(need_dx_new=True, need_dx_old=False, need_dw=True, need_db=True,
+                     need_dcouple=False)
+        got = ec.expanded_conv2d_backward(dy, **args, **_conv(padding=1), depthwise=depthwise,
+                                          **flags, norm_scale=torch.full((o_f,), float("nan"),
+                                                                         device=DEV))
+        want = ec.expanded_conv2d_backward(dy, **args, **_conv(padding=1), depthwise=depthwise,
+                                           **flags)
+        for name, a, b in zip(("dx", "dw", "db"), got, want):
+            assert torch.equal(a, b), (depthwise, name)
+
+
+def test_norm_of_a_layer_without_frozen_rows_is_ignored():
+    t = _make((3, 0), (0, 4), 1, False, True, torch.float32, batch=1)
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    empty = torch.empty(0, device=DEV)
+    y = ec.expanded_conv2d_forward(**dev, **_conv(), depthwise=False,
+                                   norm=(empty, empty, None, None, 1e-5))
+    assert torch.equal(y, ec.expanded_conv2d_forward(**dev, **_conv(), depthwise=False))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["3groups_17_frozen_pad1", "3groups_coupled_stride2_fp16"])
+def test_conv_folded_norm_bf16(name):
+    ig, og, k, coupled, bias, _, conv, old, cl = NORM_CASES[name]
+    t = _make(ig, og, k, coupled, bias, torch.bfloat16, batch=2, channels_last=cl)
+    _run_norm(t, conv, False, torch.bfloat16, old, _norm(sum(og[:-1]), torch.bfloat16),
+              channels_last=cl)
+
+
+@pytest.mark.gpu
+def test_depthwise_folded_norm_bf16():
+    t = _make((1, 2, 2), (1, 2, 2), 3, False, True, torch.bfloat16, batch=2, depthwise_mult=3)
+    _run_norm(t, _conv(padding=1), True, torch.bfloat16, True, _norm(9, torch.bfloat16))

@@ -181,6 +181,13 @@ def _locate_fwd_tile(tab_ptr, M, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _sigmoid(u):
+    # exp of -|u| only: no overflow for large |u| (the interpreter's numpy warns on inf)
+    e = tl.exp(-tl.abs(u))
+    return tl.where(u >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, pre_ptr,
                   O_F, P0, s_ym, s_yn, s_pm, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
                   ACT: tl.constexpr, HAS_PRE: tl.constexpr):
@@ -199,10 +206,9 @@ def _fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, p
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     elif ACT == 2:  # gelu, tanh approximation: x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
-        u = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-        acc = acc / (1.0 + tl.exp(-u))
+        acc = acc * _sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
     elif ACT == 3:
-        acc = acc / (1.0 + tl.exp(-acc))
+        acc = acc * _sigmoid(acc)
     elif ACT == 4:  # exact gelu: x * Phi(x)
         acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
     y = y_ptr + rm.to(tl.int64)[:, None] * s_ym + rn[None, :] * s_yn
@@ -267,6 +273,15 @@ def _dw_kernel(a_ptr, b_ptr, dw_ptr, db_ptr, R, C, M, K_CHUNK,
     # The reduction runs over the rows of dy and x (C == 0: only the column sum is wanted).
     acc = _dot_k(acc, a_cols, b_ptr + rc[None, :] * s_bc, s_am, s_bm, r_mask, c_mask,
                  k_lo, tl.where(C > 0, k_hi, k_lo), BLOCK_K, PREC)
+    _dw_store(acc, dw_ptr, db_ptr, a_cols, rr, rc, r_mask, c_mask, pid_c, sid, R, k_lo, k_hi,
+              s_am, s_dws, s_dwr, s_dwc, s_dbs, s_db, HAS_DB, BLOCK_M, BLOCK_K)
+
+
+@triton.jit
+def _dw_store(acc, dw_ptr, db_ptr, a_cols, rr, rc, r_mask, c_mask, pid_c, sid, R, k_lo, k_hi,
+              s_am, s_dws, s_dwr, s_dwc, s_dbs, s_db, HAS_DB: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Store one dW tile of split ``sid``; the first column tile also sums db."""
     dw = dw_ptr + sid * s_dws + rr.to(tl.int64)[:, None] * s_dwr + rc[None, :] * s_dwc
     tl.store(dw, acc.to(dw_ptr.dtype.element_ty), mask=r_mask & c_mask)
     if HAS_DB:
@@ -283,6 +298,34 @@ def _dw_kernel(a_ptr, b_ptr, dw_ptr, db_ptr, R, C, M, K_CHUNK,
                      mask=rr < R)
 
 
+@triton.jit
+def _locate_dx_tile(M, I, I_F, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+    """This program's dx tile: (row tile, first column, end column, is an old-input tile).
+    Column tiles of dx: the old inputs [0, I_f) first, then the new ones [I_f, I)."""
+    pid = tl.program_id(0)
+    n_old = (I_F + BLOCK_N - 1) // BLOCK_N  # (no tl.cdiv: a jit call, slow when interpreted)
+    pid_m, pid_n = _swizzle(pid, (M + BLOCK_M - 1) // BLOCK_M, n_old + (I - I_F + BLOCK_N - 1) // BLOCK_N,
+                            GROUP_M)
+    is_old = pid_n < n_old
+    col0 = tl.where(is_old, pid_n * BLOCK_N, I_F + (pid_n - n_old) * BLOCK_N)
+    col_end = tl.where(is_old, I_F, I)
+    return pid_m, col0, col_end, is_old
+
+
+@triton.jit
+def _dx_frozen_groups(acc, dy_rows, wf_ptr, tab_ptr, rk, m_mask, col0, is_old, G, s_dyo,
+                      s_wfo, s_wfk, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+    """Frozen group g adds dy_g @ w_frozen[g, cols] on the columns it reads (< k_end_g)."""
+    for g in range(G - 1):
+        r0 = tl.load(tab_ptr + 3 * g)
+        k_end = tl.load(tab_ptr + 3 * g + 2)
+        r_hi = tl.where(is_old & (k_end > col0), tl.load(tab_ptr + 3 * g + 1), r0)
+        acc = _dot_k(acc, dy_rows, wf_ptr + rk[None, :] * s_wfk, s_dyo, s_wfo, m_mask,
+                     (rk < k_end)[None, :], r0, r_hi, BLOCK_K, PREC)
+    return acc
+
+
 @_autotune(key=["M", "I", "I_F", "O_F", "O_N", "G"], rows="M", cols="I")
 @triton.jit
 def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr,
@@ -291,15 +334,7 @@ def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr,
                NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    # Column tiles of dx: the old inputs [0, I_f) first, then the new ones [I_f, I).
-    n_old = (I_F + BLOCK_N - 1) // BLOCK_N  # (no tl.cdiv: a jit call, slow when interpreted)
-    pid_m, pid_n = _swizzle(pid, (M + BLOCK_M - 1) // BLOCK_M, n_old + (I - I_F + BLOCK_N - 1) // BLOCK_N,
-                            GROUP_M)
-    is_old = pid_n < n_old
-    col0 = tl.where(is_old, pid_n * BLOCK_N, I_F + (pid_n - n_old) * BLOCK_N)
-    col_end = tl.where(is_old, I_F, I)
-
+    pid_m, col0, col_end, is_old = _locate_dx_tile(M, I, I_F, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = col0 + tl.arange(0, BLOCK_N)     # dx columns of this tile
     m_mask = (rm < M)[:, None]
@@ -315,13 +350,8 @@ def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr,
     acc = _dot_k(acc, dy_rows + O_F * s_dyo, wn_ptr + rk[None, :] * s_wnk, s_dyo, s_wno,
                  m_mask, k_mask, 0, o_hi, BLOCK_K, PREC)
     if NEED_OLD:
-        # Frozen group g adds dy_g @ w_frozen[g, cols] on the columns it reads (< k_end_g).
-        for g in range(G - 1):
-            r0 = tl.load(tab_ptr + 3 * g)
-            k_end = tl.load(tab_ptr + 3 * g + 2)
-            r_hi = tl.where(is_old & (k_end > col0), tl.load(tab_ptr + 3 * g + 1), r0)
-            acc = _dot_k(acc, dy_rows, wf_ptr + rk[None, :] * s_wfk, s_dyo, s_wfo, m_mask,
-                         (rk < k_end)[None, :], r0, r_hi, BLOCK_K, PREC)
+        acc = _dx_frozen_groups(acc, dy_rows, wf_ptr, tab_ptr, rk, m_mask, col0, is_old, G,
+                                s_dyo, s_wfo, s_wfk, BLOCK_K, PREC)
     if HAS_COUPLE:
         # Coupled layout: every frozen row reads the newest inputs through w_couple.
         acc = _dot_k(acc, dy_rows, wc_ptr + (rk - I_F)[None, :] * s_wck, s_dyo, s_wco,
@@ -478,11 +508,13 @@ def grad_weight(a: torch.Tensor, b: torch.Tensor, with_colsum: bool = False,
         return (triton.cdiv(r, meta["BLOCK_M"]) * max(triton.cdiv(c, meta["BLOCK_N"]), 1),
                 split)
 
-    _dw_kernel[grid](a, b, dw, dbp, r, c, m, chunk,
-                     a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                     dw.stride(0), dw.stride(1), dw.stride(2), dbp.stride(0),
-                     db.stride(1) if db is not None else 0,
-                     HAS_DB=with_colsum, PREC=_precision(a.dtype))
+    meta = dict(HAS_DB=with_colsum, PREC=_precision(a.dtype))
+    tma = _tma()
+    if not (c > 0 and tma.usable(a, b) and tma.grad_weight(a, b, dw, db, chunk, grid, **meta)):
+        _dw_kernel[grid](a, b, dw, dbp, r, c, m, chunk,
+                         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                         dw.stride(0), dw.stride(1), dw.stride(2), dbp.stride(0),
+                         db.stride(1) if db is not None else 0, **meta)
     if split == 1:
         return dw[0], None if db is None else db[0]
     return dw.sum(0).to(a.dtype), None if db is None else db.sum(0).to(a.dtype)
@@ -507,10 +539,17 @@ def grad_input(dy: torch.Tensor, w_frozen: torch.Tensor, w_new: torch.Tensor,
     tab = group_table(frozen_out_groups, frozen_k_ends, i_f, o_new, i, dy.device)
     grid = _grid2(n, lambda meta: triton.cdiv(i_f, meta["BLOCK_N"])
                   + triton.cdiv(i - i_f, meta["BLOCK_N"]))
+    meta = dict(NEED_OLD=bool(need_dx_old), HAS_COUPLE=couple, PREC=_precision(dy.dtype))
+    tma = _tma()
+    # (the frozen groups' part stays on pointer loads, which take w_frozen's unit K stride)
+    if (w_frozen.stride(1) == 1 or w_frozen.shape[1] <= 1) and dx.stride(1) == 1 \
+            and tma.usable(dy[:, o_f:], w_new, dy[:, :o_f] if couple else None,
+                           w_couple if couple else None) \
+            and tma.grad_input(dy, w_frozen, w_new, w_couple, dx, tab, grid, **meta):
+        return dx
     _dx_kernel[grid](dy, w_frozen, w_new, wc, dx, tab,
                      n, i, i_f, o_f, o_new, tab.shape[0],
                      dy.stride(0), dy.stride(1), w_frozen.stride(0), w_frozen.stride(1),
                      w_new.stride(0), w_new.stride(1), wc.stride(0), wc.stride(1),
-                     dx.stride(0), dx.stride(1),
-                     NEED_OLD=bool(need_dx_old), HAS_COUPLE=couple, PREC=_precision(dy.dtype))
+                     dx.stride(0), dx.stride(1), **meta)
     return dx

@@ -1,19 +1,25 @@
-"""The expanded linear forward with tensor-descriptor (TMA) loads, for Hopper GPUs.
+"""The expanded linear kernels with tensor-descriptor (TMA) loads, for Hopper GPUs.
 
-It computes what ``expanded_linear._fwd_kernel`` computes, tile for tile.  The full K tiles
-of x and of the weights arrive through host-made tensor descriptors: on sm_90 each is one
-bulk copy into shared memory (no per-element addresses or masks, rows past the end read as
-zeros).  The last, partial K tile of a group, where the staircase ends at a k_end that need
-not be a multiple of the tile, goes through the plain kernel's masked pointer loads, so no
-weight column past k_end is ever read.
+They compute what the pointer-load kernels of ``expanded_linear`` compute, tile for tile.
+Operand tiles arrive through host-made tensor descriptors: on sm_90 each is one bulk copy
+into shared memory (no per-element addresses or masks; whatever lies past a descriptor's
+shape reads as zeros, which adds nothing to a sum).
+
+* forward: full K tiles through descriptors; the last, partial K tile of a frozen group,
+  where the staircase ends at a k_end inside the weight, through the masked pointer loads
+  of the plain kernel, so no weight column past k_end is ever read.
+* dW (and dW_couple): every tile through descriptors; the fused db sum as before.
+* dx: the newest rows and the coupling block through descriptors (their K ends where the
+  tensors end); the frozen groups' part of dx_old, cut at each group's k_end, through
+  pointer loads.
 
 Descriptors need 16-byte aligned bases and row strides and a unit column stride
 (:func:`usable` checks); otherwise, and for fp32 (whose ieee dot gains nothing from it), the
 pointer kernel runs.  ``EXPANSE_FAST_TMA``: "1" always (where the layout allows; the CPU
 tests run it in the interpreter), "0" never, unset: on CUDA devices of compute capability 9
 or more for fp16/bf16.  If a launch fails (a Triton without descriptor support, say), the
-variant is switched off for the process with a warning naming the error
-(``disabled_reason``), and the pointer kernel computes the result.
+variants are switched off for the process with a warning naming the error
+(``disabled_reason``), and the pointer kernels compute the result.
 """
 from __future__ import annotations
 
@@ -38,21 +44,26 @@ MODE = os.environ.get("EXPANSE_FAST_TMA", "auto")
 disabled_reason: Optional[str] = _IMPORT_ERROR
 
 
-def _set_block_shapes(nargs):
-    """Config pre-hook: the descriptors' boxes are the config's tiles."""
-    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
-    nargs["x_desc"].block_shape = [bm, bk]
-    for name in ("wf_desc", "wn_desc", "wc_desc"):
-        nargs[name].block_shape = [bn, bk]
+def _boxes(**shapes):
+    """A config pre-hook: each named descriptor's box, in tile names ("M", "N", "K")."""
+    def hook(nargs):
+        for name, dims in shapes.items():
+            nargs[name].block_shape = [nargs["BLOCK_" + d] for d in dims]
+    return hook
 
 
-def _configs():
+def _configs(hook):
     return [triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages,
-                          pre_hook=_set_block_shapes) for c in base._configs()]
+                          pre_hook=hook) for c in base._configs()]
 
 
-@triton.autotune(configs=_configs(), key=["M", "O", "I", "G"],
-                 prune_configs_by={"early_config_prune": base._pruner("M", "O")})
+def _autotune(key, rows, cols, **boxes):
+    return triton.autotune(configs=_configs(_boxes(**boxes)), key=key,
+                           prune_configs_by={"early_config_prune": base._pruner(rows, cols)})
+
+
+@_autotune(["M", "O", "I", "G"], "M", "O", x_desc="MK", wf_desc="NK", wn_desc="NK",
+           wc_desc="NK")
 @triton.jit
 def _fwd_tma_kernel(x_desc, wf_desc, wn_desc, wc_desc,
                     x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, pre_ptr,
@@ -107,38 +118,137 @@ def _describable(t: torch.Tensor) -> bool:
             and (t.stride(0) * elt) % 16 == 0 and t.data_ptr() % 16 == 0)
 
 
-def usable(x: torch.Tensor, w_frozen: torch.Tensor, w_new: torch.Tensor,
-           w_couple: Optional[torch.Tensor]) -> bool:
-    """Whether this forward can run with descriptors (see the module docstring)."""
+def usable(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a kernel whose descriptors cover ``tensors`` (None: not used) can run with
+    descriptor loads (see the module docstring); the first tensor sets device and dtype."""
     if disabled_reason is not None or MODE == "0":
         return False
+    first = tensors[0]
     if MODE != "1":
-        if x.device.type != "cuda" or x.dtype not in (torch.float16, torch.bfloat16):
+        if first.device.type != "cuda" or first.dtype not in (torch.float16, torch.bfloat16):
             return False
-        if torch.cuda.get_device_capability(x.device) < (9, 0):
+        if torch.cuda.get_device_capability(first.device) < (9, 0):
             return False
-    return all(_describable(t) for t in (x, w_frozen, w_new)
-               if t is not None) and (w_couple is None or _describable(w_couple))
+    return all(_describable(t) for t in tensors if t is not None)
 
 
-def forward(x, w_frozen, w_new, w_couple, b_frozen, b_new, y, tab, pre, p0, grid, **meta):
-    """Launch the descriptor kernel; False (after a warning) when it cannot run here."""
+def _launch(what: str, kernel, grid, descriptors, *args, **meta) -> bool:
+    """Launch ``kernel`` with descriptors over ``descriptors``; False (after a warning, and
+    with every descriptor kernel off for the process) when it cannot run here."""
     global disabled_reason
-    couple = meta["HAS_COUPLE"]
-    wc = w_couple if couple else w_new
     dummy = [1, 1]  # each config's pre-hook sets the real boxes
     try:
-        descs = [TensorDescriptor.from_tensor(t, dummy) for t in (x, w_frozen, w_new, wc)]
-        _fwd_tma_kernel[grid](
-            *descs, x, w_frozen, w_new, wc, b_frozen if b_frozen is not None else y,
-            b_new if b_new is not None else y, y, tab, pre if pre is not None else y,
-            x.shape[0], y.shape[1], x.shape[1], w_frozen.shape[1], w_frozen.shape[0],
-            tab.shape[0], p0, x.stride(0), w_frozen.stride(0), w_new.stride(0), wc.stride(0),
-            y.stride(0), y.stride(1), pre.stride(0) if pre is not None else 0, **meta)
-    except Exception as exc:  # noqa: BLE001 -- reported, then the pointer kernel runs
-        disabled_reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        warnings.warn(f"expanse_fast: the TMA forward is off for this process "
-                      f"({disabled_reason}); the pointer-load kernel runs instead",
+        descs = [TensorDescriptor.from_tensor(t, dummy) for t in descriptors]
+        kernel[grid](*descs, *args, **meta)
+    except Exception as exc:  # noqa: BLE001 -- reported, then the pointer kernels run
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        disabled_reason = f"{what}: {type(exc).__name__}: {first_line}"
+        warnings.warn(f"expanse_fast: the TMA kernels are off for this process "
+                      f"({disabled_reason}); the pointer-load kernels run instead",
                       RuntimeWarning, stacklevel=3)
         return False
     return True
+
+
+def forward(x, w_frozen, w_new, w_couple, b_frozen, b_new, y, tab, pre, p0, grid, **meta):
+    """The forward through descriptors; False when it cannot run here."""
+    wc = w_couple if meta["HAS_COUPLE"] else w_new
+    return _launch(
+        "forward", _fwd_tma_kernel, grid, (x, w_frozen, w_new, wc),
+        x, w_frozen, w_new, wc, b_frozen if b_frozen is not None else y,
+        b_new if b_new is not None else y, y, tab, pre if pre is not None else y,
+        x.shape[0], y.shape[1], x.shape[1], w_frozen.shape[1], w_frozen.shape[0],
+        tab.shape[0], p0, x.stride(0), w_frozen.stride(0), w_new.stride(0), wc.stride(0),
+        y.stride(0), y.stride(1), pre.stride(0) if pre is not None else 0, **meta)
+
+
+# ---------------------------------------------------------------------------------------
+# dW = A^T B over the rows (A = dy_new, B = x; or A = dy_old, B = x_new), db fused
+# ---------------------------------------------------------------------------------------
+@_autotune(["R", "C", "M", "K_CHUNK"], "R", "C", a_desc="KM", b_desc="KN")
+@triton.jit
+def _dw_tma_kernel(a_desc, b_desc, a_ptr, dw_ptr, db_ptr, R, C, M, K_CHUNK,
+                   s_am, s_ar, s_dws, s_dwr, s_dwc, s_dbs, s_db,
+                   HAS_DB: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    pid_r, pid_c = base._swizzle(pid, (R + BLOCK_M - 1) // BLOCK_M,
+                                 tl.maximum((C + BLOCK_N - 1) // BLOCK_N, 1), GROUP_M)
+    r0 = pid_r * BLOCK_M
+    c0 = pid_c * BLOCK_N
+    rr = r0 + tl.arange(0, BLOCK_M)
+    rc = c0 + tl.arange(0, BLOCK_N)
+    k_lo = sid * K_CHUNK
+    k_hi = tl.minimum(k_lo + K_CHUNK, M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # A split's rows end on a tile boundary (K_CHUNK is a multiple of 256), or at M, past
+    # which the descriptors read zeros: no tail tile.
+    for k in range(k_lo, tl.where(C > 0, k_hi, k_lo), BLOCK_K):
+        acc = tl.dot(a_desc.load([k, r0]).T, b_desc.load([k, c0]), acc, input_precision=PREC)
+    base._dw_store(acc, dw_ptr, db_ptr, a_ptr + rr[:, None] * s_ar, rr, rc,
+                   (rr < R)[:, None], (rc < C)[None, :], pid_c, sid, R, k_lo, k_hi,
+                   s_am, s_dws, s_dwr, s_dwc, s_dbs, s_db, HAS_DB, BLOCK_M, BLOCK_K)
+
+
+def grad_weight(a, b, dw, db, chunk, grid, **meta) -> bool:
+    """dW (and db) through descriptors; False when it cannot run here."""
+    dbp = db if db is not None else dw
+    return _launch("dW", _dw_tma_kernel, grid, (a, b),
+                   a, dw, dbp, a.shape[1], b.shape[1], a.shape[0], chunk,
+                   a.stride(0), a.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+                   dbp.stride(0), db.stride(1) if db is not None else 0, **meta)
+
+
+# ---------------------------------------------------------------------------------------
+# dx: new-input tiles dy_new w_new[:, cols] (+ dy_old w_couple), old-input tiles
+# dy_new w_new[:, cols] + the frozen groups (pointer loads, cut at k_end) when NEED_OLD
+# ---------------------------------------------------------------------------------------
+@_autotune(["M", "I", "I_F", "O_F", "O_N", "G"], "M", "I", dyn_desc="MK", wn_desc="KN",
+           dyo_desc="MK", wc_desc="KN")
+@triton.jit
+def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, dy_ptr, wf_ptr, dx_ptr, tab_ptr,
+                   M, I, I_F, O_F, O_N, G, s_dym, s_wfo, s_dxm,
+                   NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    pid_m, col0, col_end, is_old = base._locate_dx_tile(M, I, I_F, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    rm = off_m + tl.arange(0, BLOCK_M)
+    rk = col0 + tl.arange(0, BLOCK_N)
+    m_mask = (rm < M)[:, None]
+    k_mask = (rk < col_end)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Newest rows (old tiles only when NEED_OLD): the tile's columns past I, and the rows
+    # past O_N, read as zeros.
+    if NEED_OLD:
+        o_hi = O_N
+    else:
+        o_hi = tl.where(is_old, 0, O_N)
+    for k in range(0, o_hi, BLOCK_K):
+        acc = tl.dot(dyn_desc.load([off_m, k]), wn_desc.load([k, col0]), acc,
+                     input_precision=PREC)
+    if NEED_OLD:
+        acc = base._dx_frozen_groups(acc, dy_ptr + rm.to(tl.int64)[:, None] * s_dym, wf_ptr,
+                                     tab_ptr, rk, m_mask, col0, is_old, G, 1, s_wfo, 1,
+                                     BLOCK_K, PREC)
+    if HAS_COUPLE:
+        # Coupled layout: every frozen row reads the newest inputs through w_couple.
+        for k in range(0, tl.where(is_old, 0, O_F), BLOCK_K):
+            acc = tl.dot(dyo_desc.load([off_m, k]), wc_desc.load([k, col0 - I_F]), acc,
+                         input_precision=PREC)
+    dx = dx_ptr + rm.to(tl.int64)[:, None] * s_dxm + rk[None, :]
+    tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_mask & k_mask)
+
+
+def grad_input(dy, w_frozen, w_new, w_couple, dx, tab, grid, **meta) -> bool:
+    """dx through descriptors; False when it cannot run here."""
+    o_f = w_frozen.shape[0]
+    dy_new, dy_old = dy[:, o_f:], dy[:, :o_f]
+    couple = meta["HAS_COUPLE"]
+    descs = (dy_new, w_new, dy_old if couple else dy_new, w_couple if couple else w_new)
+    return _launch("dx", _dx_tma_kernel, grid, descs,
+                   dy, w_frozen, dx, tab, dy.shape[0], w_new.shape[1], w_frozen.shape[1], o_f,
+                   w_new.shape[0], tab.shape[0], dy.stride(0), w_frozen.stride(0),
+                   dx.stride(0), **meta)

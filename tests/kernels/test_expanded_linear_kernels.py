@@ -401,10 +401,10 @@ def test_config_pruning_follows_the_devices_shared_memory(monkeypatch):
 # ---------------------------------------------------------------------------------------
 from expanse_fast.kernels import expanded_linear_tma as T  # noqa: E402
 
-# Widths whose rows are 16-byte aligned in fp32 and fp16 (descriptors need it), with
-# k_ends off the interpreter's 32-wide K tile: the partial tile takes the masked path, and
-# the NaN-poisoned zero block shows any read past k_end.
-TMA_LAYOUTS = {"2g": ((40, 24), (33, 13)), "3g": ((24, 8, 16), (17, 1, 19))}
+# Widths whose rows (and column offsets into dy and x) are 16-byte aligned in fp32 and
+# fp16, as descriptors need, with k_ends and output widths off the interpreter's 32-wide
+# tiles: partial tiles, and the NaN-poisoned zero block shows any read past k_end.
+TMA_LAYOUTS = {"2g": ((40, 24), (40, 16)), "3g": ((24, 8, 16), (16, 8, 24))}
 
 
 @pytest.fixture
@@ -415,13 +415,15 @@ def tma_launches(monkeypatch):
     monkeypatch.setattr(T, "MODE", "1")
     monkeypatch.setattr(T, "disabled_reason", None)
     launches = []
-    forward = T.forward
 
-    def spy(*args, **kwargs):
-        launches.append(forward(*args, **kwargs))
-        return launches[-1]
+    def spy(name, launch):
+        def run(*args, **kwargs):
+            launches.append((name, launch(*args, **kwargs)))
+            return launches[-1][1]
+        return run
 
-    monkeypatch.setattr(T, "forward", spy)
+    for name in ("forward", "grad_weight", "grad_input"):
+        monkeypatch.setattr(T, name, spy(name, getattr(T, name)))
     return launches
 
 
@@ -434,7 +436,7 @@ def test_tma_forward_matches_float64(tma_launches, name, mode, dtype):
     p = c.o - c.o_f
     pre = torch.empty((c.x.shape[0], p), dtype=dtype, device=DEVICE)
     y = K.linear_forward(c.x, *c.blocks(), activation="silu", pre=pre)
-    assert tma_launches == [True] and T.disabled_reason is None
+    assert tma_launches == [("forward", True)] and T.disabled_reason is None
     assert_close(y, c.ref_forward("silu"), dtype, "y")
     assert_close(pre, c.ref_pre()[:, c.o_f:], dtype, "pre")
     assert_close(K.linear_forward(c.x, *c.blocks()), c.ref_forward(), dtype, "y, no activation")
@@ -456,17 +458,40 @@ def test_tma_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):
 
     monkeypatch.setattr(T, "_fwd_tma_kernel", Broken())
     c = Case(*TMA_LAYOUTS["2g"], mode="isolated")
-    with pytest.warns(RuntimeWarning, match="TMA forward is off"):
+    with pytest.warns(RuntimeWarning, match="TMA kernels are off"):
         y = K.linear_forward(c.x, *c.blocks())
     assert_close(y, c.ref_forward(), torch.float32, "y")
-    assert tma_launches == [False] and "no descriptors" in T.disabled_reason
+    assert tma_launches == [("forward", False)] and "no descriptors" in T.disabled_reason
     assert not T.usable(c.x, c.w_frozen, c.w_new, c.w_couple)  # off for the process
+    # the backward kernels are off too, and still right
+    for got, ref in zip(c.backward(triton_backend), c.ref_backward(True)):
+        if ref is not None:
+            assert_close(got, ref, torch.float32, "grad")
+    assert len(tma_launches) == 1
+
+
+@pytest.mark.parametrize("name", list(TMA_LAYOUTS))
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
+@pytest.mark.parametrize("need_dx_old", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tma_backward_matches_float64(tma_launches, name, mode, need_dx_old, dtype):
+    # dW, db, dcouple and dx through descriptor loads (dx's frozen groups on pointers).
+    c = Case(*TMA_LAYOUTS[name], mode=mode, n=37, dtype=dtype)
+    got = c.backward(triton_backend, need_dx_old=need_dx_old)
+    want = c.ref_backward(need_dx_old)
+    for what, g, r in zip(("dx", "dw_new", "db_new", "dcouple"), got, want):
+        if r is None:
+            assert g is None, what
+        else:
+            assert_close(g, r, dtype, what)
+    expected = [("grad_weight", True)] * (2 if mode == "coupled" else 1) + [("grad_input", True)]
+    assert sorted(tma_launches) == sorted(expected)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["isolated", "coupled"])
-def test_gpu_tma_forward_bf16(mode):
-    # On a Hopper GPU the default (auto) mode takes the descriptor kernel for bf16.
+def test_gpu_tma_kernels_bf16(mode):
+    # On a Hopper GPU the default (auto) mode takes the descriptor kernels for bf16.
     if torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("tensor-descriptor loads need compute capability 9.0")
     c = Case((320, 64, 128), (256, 8, 96), mode=mode, n=1031, dtype=torch.bfloat16,
@@ -476,3 +501,8 @@ def test_gpu_tma_forward_bf16(mode):
     assert T.disabled_reason is None
     ref = c.ref_forward("gelu")
     assert (y.double().cpu() - ref).abs().max() <= 1.6e-2 * ref.abs().max()
+    for what, g, r in zip(("dx", "dw_new", "db_new", "dcouple"), c.backward(triton_backend),
+                          c.ref_backward(True)):
+        if r is not None:
+            assert (g.double().cpu() - r).abs().max() <= 1.6e-2 * r.abs().max(), what
+    assert T.disabled_reason is None

@@ -91,8 +91,12 @@ def _pruner(rows: str, cols: str):
         # A tile much larger than the problem only wastes work (and autotuning time).
         cap_m = max(64, triton.next_power_of_2(named_args[rows]))
         cap_n = max(64, triton.next_power_of_2(named_args[cols]))
+        # A large problem fills the GPU with 128 x 128 tiles or bigger: smaller ones would
+        # only cost tuning compiles.
+        big = named_args[rows] >= 4096 and named_args[cols] >= 1024
         keep = [c for c in configs
                 if c.kwargs["BLOCK_M"] <= cap_m and c.kwargs["BLOCK_N"] <= cap_n
+                and (not big or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128)
                 # pipelined operands must fit shared memory (fp32 doubles them)
                 and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])
                 * c.kwargs["BLOCK_K"] * elt <= budget]

@@ -545,19 +545,23 @@ def sec_linear(ctx):
 
 
 def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref):
-    """The Triton forward with plain pointer loads, beside its default tensor-descriptor
-    (TMA) loads on sm_90: which one pays, measured in the same run."""
+    """The Triton kernels with plain pointer loads, beside their default tensor-descriptor
+    (TMA) loads on sm_90: which one pays, measured in the same run.  Untuned (the first
+    fitting tile), so that the section's time goes to one tuning only."""
     if dict(backends).get("triton", "absent") is not None:
         return
+    from expanse_fast.kernels import expanded_linear as kernels
     from expanse_fast.kernels import expanded_linear_tma as tma
     state = f"off: {tma.disabled_reason}" if tma.disabled_reason else "on where usable"
-    ctx.note(f"triton TMA forward: {state} (EXPANSE_FAST_TMA={tma.MODE})")
-    saved, tma.MODE = tma.MODE, "0"
+    ctx.note(f"triton TMA kernels: {state} (EXPANSE_FAST_TMA={tma.MODE}); "
+             "expanse/triton-noTMA: pointer loads, untuned")
+    saved = tma.MODE, kernels.AUTOTUNE
+    tma.MODE, kernels.AUTOTUNE = "0", False
     try:
         _measure_backends(ctx, [("triton", None)], exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd,
                           f_fb, ref, label="-noTMA")
     finally:
-        tma.MODE = saved
+        tma.MODE, kernels.AUTOTUNE = saved
 
 
 # ---- (c) expanded conv2d -----------------------------------------------------------------

@@ -64,7 +64,27 @@ def _info(args) -> int:
         for name in BACKENDS[1:]:
             ok, why = availability(name, device)
             print(f"  {name:7} {'usable' if ok else 'unusable':9} {why}")
+            if name == "triton" and ok and device.type == "cuda":
+                print(f"          {_tma_state(device)}")
     return 0
+
+
+def _tma_state(device) -> str:
+    """How the Triton linear kernels load their tiles on ``device``."""
+    import torch
+    try:
+        from .kernels import expanded_linear_tma as tma
+    except Exception as exc:  # noqa: BLE001 - report, never crash
+        return f"tensor-descriptor (TMA) loads: unavailable ({type(exc).__name__}: {exc})"
+    if tma.disabled_reason:
+        return f"tensor-descriptor (TMA) loads: off ({tma.disabled_reason})"
+    if tma.MODE == "0":
+        return "tensor-descriptor (TMA) loads: off (EXPANSE_FAST_TMA=0)"
+    cap = torch.cuda.get_device_capability(device)
+    if tma.MODE != "1" and cap < (9, 0):
+        return f"tensor-descriptor (TMA) loads: off (compute capability {cap[0]}.{cap[1]} < 9.0)"
+    return ("tensor-descriptor (TMA) loads: on for 16-byte aligned fp16/bf16 layers"
+            if tma.MODE != "1" else "tensor-descriptor (TMA) loads: on (EXPANSE_FAST_TMA=1)")
 
 
 def _demo(args) -> int:

@@ -160,3 +160,18 @@ def test_process_unwritable_out(tmp_path):
     r = _run("demo", "--quick", "--no-progress", "--out", str(a_file / "out"))
     assert r.returncode == 1 and r.stdout == ""
     assert "cannot write to the output folder" in _one_line(r.stderr)
+
+
+def test_info_says_how_triton_loads_tiles(monkeypatch):
+    # What `expanse-fast info` prints under a usable Triton backend on a GPU.
+    import torch
+    pytest.importorskip("triton")
+    from expanse_fast.kernels import expanded_linear_tma as tma
+    monkeypatch.setattr(tma, "MODE", "auto")
+    monkeypatch.setattr(tma, "disabled_reason", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert "on for 16-byte aligned" in cli._tma_state(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    assert "compute capability 8.6 < 9.0" in cli._tma_state(torch.device("cuda"))
+    monkeypatch.setattr(tma, "disabled_reason", "forward: CompilationError: boom")
+    assert "off (forward: CompilationError: boom)" in cli._tma_state(torch.device("cuda"))

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch.fx as fx
 from torch import nn
 
-from .graph import trace
+from .graph import module_pairs
 from .nn import ExpandedBatchNorm2d, ExpandedConv2d
 
 
@@ -63,15 +63,8 @@ def fold_batchnorms(model: nn.Module) -> List[str]:
     ``copy.deepcopy``, ``.to()`` and a later ``expand()``; ``source_model`` and ``merge``
     return plain, unfolded modules.  Returns the paths of the folded BatchNorms.
     """
-    graph = trace(model)
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     folded = []
-    for node in graph.nodes:
-        pair = _foldable_pair(node, modules, calls)
-        if pair is None:
-            continue
-        conv_path, bn_path = pair
-        modules[conv_path].fold_batchnorm(modules[bn_path])
+    for conv_path, bn_path in module_pairs(model, _foldable_pair):
+        model.get_submodule(conv_path).fold_batchnorm(model.get_submodule(bn_path))
         folded.append(bn_path)
     return folded

@@ -15,7 +15,7 @@ from typing import List
 import torch.fx as fx
 from torch import nn
 
-from .graph import swap_module, trace
+from .graph import module_pairs, swap_module
 from .nn import ExpandedLinear
 from .nn.fused import fused_stand_in
 
@@ -52,17 +52,10 @@ def fuse_activations(model: nn.Module) -> List[str]:
     more than once, or when the layer carries forward hooks. Returns the paths of the fused
     activation modules.
     """
-    graph = trace(model)
-    modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     fused = []
-    for node in graph.nodes:
-        pair = _fusable_pair(node, modules, calls)
-        if pair is None:
-            continue
-        layer_path, act_path = pair
-        activation, stand_in = fused_stand_in(modules[act_path])
-        modules[layer_path].activation = activation
+    for layer_path, act_path in module_pairs(model, _fusable_pair):
+        activation, stand_in = fused_stand_in(model.get_submodule(act_path))
+        model.get_submodule(layer_path).activation = activation
         swap_module(model, act_path, stand_in)
         fused.append(act_path)
     return fused

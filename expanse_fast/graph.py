@@ -1,6 +1,10 @@
-"""Tracing a model with torch.fx (expanded layers stay leaves) and swapping its modules: the
-graph tools that expand() and fuse_activations() share."""
+"""Tracing a model with torch.fx (expanded layers stay leaves), finding module pairs in it and
+swapping its modules: the graph tools that expand(), fuse_activations() and fold_batchnorms()
+share."""
 from __future__ import annotations
+
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch.fx as fx
 from torch import nn
@@ -35,3 +39,16 @@ def swap_module(root: nn.Module, path: str, new: nn.Module):
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, new)
+
+
+PairMatcher = Callable[[fx.Node, Dict[str, nn.Module], Counter], Optional[Tuple[str, str]]]
+
+
+def module_pairs(model: nn.Module, match: PairMatcher) -> List[Tuple[str, str]]:
+    """The (producer path, consumer path) pairs that ``match(node, modules, calls)`` finds,
+    in graph order; ``calls`` counts the call sites of each module path."""
+    graph = trace(model)
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    return [pair for pair in (match(node, modules, calls) for node in graph.nodes)
+            if pair is not None]

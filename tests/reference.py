@@ -41,3 +41,19 @@ def rel_err(a, b) -> float:
     denom = b.norm().item()
     err = (a - b).norm().item()
     return err / denom if denom else err
+
+
+def backend_dtype_cases(device: torch.device):
+    """(backend, dtype) for every usable backend on ``device`` and the dtypes it is checked
+    in: all three on a GPU; on CPU no bfloat16 for Triton (the interpreter's bf16 dot is
+    wrong, so bf16 is checked on the GPU)."""
+    from expanse_fast import backend_choice
+    cases = []
+    for backend in ("torch", "triton", "cuda"):
+        if not backend_choice.availability(backend, device)[0]:
+            continue
+        dtypes = [torch.float32, torch.float16, torch.bfloat16]
+        if device.type != "cuda" and backend == "triton":
+            dtypes.remove(torch.bfloat16)
+        cases += [(backend, d) for d in dtypes]
+    return cases

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import expanse_fast as xf
-from expanse_fast import backend_choice
 from expanse_fast.backends import torch_ref
 from expanse_fast.layout import Layout
-from reference import dense64, random_blocks, rel_err
+from reference import backend_dtype_cases, dense64, random_blocks, rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b for b in ("torch", "triton", "cuda") if backend_choice.availability(b, DEVICE)[0]]
+CASES = backend_dtype_cases(DEVICE)
+BACKENDS = list(dict.fromkeys(b for b, _ in CASES))
 pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 EPS = 1e-3
 # cuDNN's weight and input gradients may sum in any order (atomics): bit for bit on CPU only
@@ -21,16 +21,6 @@ EXACT_GRADS = DEVICE.type == "cpu"
 TOL = {torch.float32: 2e-3 if DEVICE.type == "cuda" else 1e-5, torch.float16: 2e-2,
        torch.bfloat16: 8e-2}
 
-
-def _dtypes(backend):
-    if DEVICE.type == "cuda":
-        return (torch.float32, torch.float16, torch.bfloat16)
-    # the Triton interpreter's bfloat16 dot is wrong: bf16 is checked on the GPU
-    return (torch.float32, torch.float16) if backend == "triton" else (
-        torch.float32, torch.float16, torch.bfloat16)
-
-
-CASES = [(b, d) for b in BACKENDS for d in _dtypes(b)]
 
 # (layout, kernel, stride, padding, batch, affine, depthwise multiplier or 0)
 CONV = {

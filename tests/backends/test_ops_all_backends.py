@@ -3,12 +3,12 @@ import pytest
 import torch
 
 import expanse_fast as xf
-from expanse_fast import backend_choice
 from expanse_fast.layout import Layout
-from reference import dense64, random_blocks, rel_err
+from reference import backend_dtype_cases, dense64, random_blocks, rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [b for b in ("torch", "triton", "cuda") if backend_choice.availability(b, DEVICE)[0]]
+CASES = backend_dtype_cases(DEVICE)
+BACKENDS = list(dict.fromkeys(b for b, _ in CASES))
 # On a GPU these run on the device, bfloat16 included: part of the GPU run's `-m gpu` set.
 pytestmark = [pytest.mark.gpu] if DEVICE.type == "cuda" else []
 
@@ -24,16 +24,6 @@ LAYOUTS = [
 TOL = {torch.float32: 2e-3 if DEVICE.type == "cuda" else 1e-5, torch.float16: 5e-3,
        torch.bfloat16: 2e-2}
 
-
-def _dtypes(backend):
-    if DEVICE.type == "cuda":
-        return (torch.float32, torch.float16, torch.bfloat16)
-    # the Triton interpreter's bfloat16 dot is wrong: bf16 is checked on the GPU
-    return (torch.float32, torch.float16) if backend == "triton" else (
-        torch.float32, torch.float16, torch.bfloat16)
-
-
-CASES = [(b, d) for b in BACKENDS for d in _dtypes(b)]
 
 
 # float64 references of the smooth activations the linear op can fuse

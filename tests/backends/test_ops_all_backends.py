@@ -89,8 +89,13 @@ def test_linear_fused_relu_matches_float64(backend, dtype, lay, need_dx_old):
 
 
 # The smooth activations on fewer layouts (each is one more kernel specialisation to compile
-# on the GPU): three groups, coupled, and widths that are no multiple of any tile.
-@pytest.mark.parametrize("backend,dtype", CASES)
+# on the GPU): three groups, coupled, and widths that are no multiple of any tile.  On a GPU
+# Triton's fp32/fp16 epilogue is the one the CPU tests check in the interpreter: bf16 only.
+SMOOTH_CASES = [(b, d) for b, d in CASES
+                if not (DEVICE.type == "cuda" and b == "triton" and d != torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend,dtype", SMOOTH_CASES)
 @pytest.mark.parametrize("lay", [LAYOUTS[3], LAYOUTS[4], LAYOUTS[6]], ids=str)
 @pytest.mark.parametrize("need_dx_old", [True, False])
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])

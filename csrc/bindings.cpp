@@ -125,6 +125,18 @@ std::optional<Tensor> checked_bias(const std::optional<Tensor>& b, int64_t n, co
   return b->contiguous();
 }
 
+// A folded BatchNorm's per-channel scale or shift: fp32, `n` entries, on x's device.
+std::optional<Tensor> checked_bn(const std::optional<Tensor>& t, int64_t n, const Tensor& x,
+                                 const char* op, const char* name) {
+  if (!t) return std::nullopt;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kFloat,
+              "expanse_fast_cuda::", op, ": ", name, " must be a float32 tensor of shape [", n,
+              "], got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK(t->device() == x.device(), "expanse_fast_cuda::", op, ": ", name, " is on ",
+              t->device(), " but x is on ", x.device());
+  return t->contiguous();
+}
+
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, "expanse_fast_cuda::", op, ": kernel launch failed: ",
               cudaGetErrorString(err));
@@ -334,7 +346,8 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
                       const std::optional<Tensor>& b_new_in,
                       const std::optional<Tensor>& w_couple_in, at::IntArrayRef groups,
                       at::IntArrayRef k_ends, at::IntArrayRef stride, at::IntArrayRef padding,
-                      at::IntArrayRef dilation) {
+                      at::IntArrayRef dilation, const std::optional<Tensor>& bn_scale_in,
+                      const std::optional<Tensor>& bn_shift_in) {
   const char* op = "conv2d_forward";
   const Tensor w_frozen = w_frozen_in.contiguous(), w_new = w_new_in.contiguous();
   std::optional<Tensor> w_couple;
@@ -344,14 +357,20 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
   const std::optional<Tensor> b_frozen = checked_bias(b_frozen_in, s.frozen_out, x, op,
                                                      "b_frozen");
   const std::optional<Tensor> b_new = checked_bias(b_new_in, s.new_out, x, op, "b_new");
+  TORCH_CHECK(bn_scale_in.has_value() == bn_shift_in.has_value(), "expanse_fast_cuda::", op,
+              ": bn_scale and bn_shift go together");
+  const std::optional<Tensor> bn_scale = checked_bn(bn_scale_in, s.frozen_out, x, op, "bn_scale");
+  const std::optional<Tensor> bn_shift = checked_bn(bn_shift_in, s.frozen_out, x, op, "bn_shift");
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty({s.geo.batch, s.frozen_out + s.new_out, s.geo.out_h, s.geo.out_w},
                        x.options());
-  check_launch(expanse_fast::conv2d_forward(s, conv_weights(w_frozen, w_new, w_couple),
-                                            x.data_ptr(), strides4(x),
-                                            b_frozen ? b_frozen->data_ptr() : nullptr,
-                                            b_new ? b_new->data_ptr() : nullptr, y.data_ptr(),
-                                            at::cuda::getCurrentCUDAStream()),
+  check_launch(expanse_fast::conv2d_forward(
+                   s, conv_weights(w_frozen, w_new, w_couple), x.data_ptr(), strides4(x),
+                   b_frozen ? b_frozen->data_ptr() : nullptr,
+                   b_new ? b_new->data_ptr() : nullptr,
+                   bn_scale ? bn_scale->data_ptr<float>() : nullptr,
+                   bn_shift ? bn_shift->data_ptr<float>() : nullptr, y.data_ptr(),
+                   at::cuda::getCurrentCUDAStream()),
                op);
   return y;
 }
@@ -429,7 +448,8 @@ TORCH_LIBRARY(expanse_fast_cuda, m) {
         "bool need_dw, bool need_db, bool need_dcouple) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("conv2d_forward(Tensor x, Tensor w_frozen, Tensor? b_frozen, Tensor w_new, "
         "Tensor? b_new, Tensor? w_couple, int[] frozen_out_groups, int[] frozen_k_ends, "
-        "int[] stride, int[] padding, int[] dilation) -> Tensor");
+        "int[] stride, int[] padding, int[] dilation, Tensor? bn_scale=None, "
+        "Tensor? bn_shift=None) -> Tensor");
   m.def("conv2d_backward(Tensor dy, Tensor x, Tensor w_frozen, Tensor w_new, Tensor? w_couple, "
         "int[] frozen_out_groups, int[] frozen_k_ends, int[] stride, int[] padding, "
         "int[] dilation, bool need_dx_new, bool need_dx_old, bool need_dw, bool need_db, "

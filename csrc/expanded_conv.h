@@ -71,9 +71,12 @@ bool conv_shape_ok(const ConvShape& s);
 
 // y (N, O_f + o_T, Ho, Wo), contiguous: every output group in one launch (frozen groups over
 // their channel prefix, plus the coupling block; the new group over all channels), biases
-// fused (either may be null).
+// fused (either may be null).  bn_scale / bn_shift (fp32, O_f entries, both or neither): a
+// folded eval-mode BatchNorm of the frozen channels, y_c = v_c * bn_scale[c] + bn_shift[c]
+// after the bias and the coupling term.
 cudaError_t conv2d_forward(const ConvShape& s, const ConvWeights& w, const void* x,
-                           const Strides4& sx, const void* b_frozen, const void* b_new, void* y,
+                           const Strides4& sx, const void* b_frozen, const void* b_new,
+                           const float* bn_scale, const float* bn_shift, void* y,
                            cudaStream_t stream);
 
 // dx (N, I, H, W), contiguous.  Channels [I_f, I) (dx_new) always: the new rows, plus the

@@ -323,6 +323,8 @@ struct FwdParams {
   const void* w_couple;  // null: isolated, or no new input channels
   const void* b_frozen;
   const void* b_new;
+  const float* bn_scale;  // folded BatchNorm of the frozen channels, or null
+  const float* bn_shift;
   Strides4 sx;
   int64_t pixels;   // N * Ho * Wo
   int64_t hw_out;   // Ho * Wo
@@ -416,13 +418,18 @@ struct FwdProblem {
     }
   }
 
-  // Tile-relative output (m, n): bias, convert, write y[img, ch0 + n0 + n, ho, wo].
+  // Tile-relative output (m, n): bias, the folded BatchNorm of a frozen channel, convert,
+  // write y[img, ch0 + n0 + n, ho, wo].
   XF_HD void store(int m, int n, float v) const {
     const int64_t mm = m0 + m;
     const int col = n0 + n;
     if (mm >= p.pixels || col >= p.seg_rows[seg]) return;
     const T* bias = static_cast<const T*>(is_new ? p.b_new : p.b_frozen);
     if (bias != nullptr) v += to_f(bias[is_new ? col : p.seg_ch0[seg] + col]);
+    if (!is_new && p.bn_scale != nullptr) {
+      const int c = p.seg_ch0[seg] + col;
+      v = fmaf(v, p.bn_scale[c], p.bn_shift[c]);
+    }
     const int64_t img = mm / p.hw_out;
     const int64_t rem = mm - img * p.hw_out;
     static_cast<T*>(p.y)[img * p.y_batch + static_cast<int64_t>(p.seg_ch0[seg] + col) * p.hw_out +
@@ -979,14 +986,18 @@ bool conv_shape_ok(const ConvShape& s) {
 }
 
 cudaError_t conv2d_forward(const ConvShape& s, const ConvWeights& w, const void* x,
-                           const Strides4& sx, const void* b_frozen, const void* b_new, void* y,
+                           const Strides4& sx, const void* b_frozen, const void* b_new,
+                           const float* bn_scale, const float* bn_shift, void* y,
                            cudaStream_t stream) {
+  if ((bn_scale == nullptr) != (bn_shift == nullptr)) return cudaErrorInvalidValue;
   return dispatch(s.dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     FwdParams p{};
     dim3 grid;
     const cudaError_t err = build_fwd<T>(s, w, x, sx, b_frozen, b_new, y, p, grid);
     if (err != cudaSuccess || grid.x == 0) return err;
+    p.bn_scale = bn_scale;
+    p.bn_shift = bn_shift;
     conv_fwd_kernel<T><<<grid, Tiles<T, Kind::kFwd>::THREADS, 0, stream>>>(p);
     return cudaGetLastError();
   });

@@ -233,10 +233,9 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 # kernels of their own, and empty shapes (no rows, channels, filters or pixels) need none:
 # both go to the structured PyTorch path (cuDNN), which already skips every frozen block and
 # frozen gradient.
-# A folded BatchNorm of the frozen channels (``frozen_bn``) is applied after the kernel
-# with torch ops, as the torch backend does, and its dy scale before the backward kernel;
-# moving both into the kernels' epilogue / operand loads (as the Triton kernels do) is
-# future work.
+# A folded BatchNorm of the frozen channels (``frozen_bn``) runs in the forward kernel's
+# epilogue (an fp32 per-channel scale and shift); its dy scale is applied to a copy of the
+# frozen dy before the backward kernels (moving it into their dy loads is future work).
 # ---------------------------------------------------------------------------------------
 def _conv_pair(v) -> list:
     if isinstance(v, int):
@@ -261,7 +260,8 @@ def _conv_to_torch_ref(x: Tensor, w_frozen: Tensor, w_new: Tensor, depthwise: bo
 def _register_conv_fakes():
     @torch.library.register_fake("expanse_fast_cuda::conv2d_forward")
     def _conv_fwd_fake(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
-                       frozen_k_ends, stride, padding, dilation):
+                       frozen_k_ends, stride, padding, dilation, bn_scale=None,
+                       bn_shift=None):
         (sh, sw), (ph, pw), (dh, dw) = (_conv_pair(stride), _conv_pair(padding),
                                         _conv_pair(dilation))
         kh, kw = w_new.shape[2], w_new.shape[3]
@@ -285,13 +285,25 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
         return torch_ref.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                         frozen_out_groups, frozen_k_ends, stride, padding,
                                         dilation, depthwise, frozen_bn=frozen_bn)
-    y = _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
-                              [int(g) for g in frozen_out_groups],
-                              [int(k) for k in frozen_k_ends], _conv_pair(stride),
-                              _conv_pair(padding), _conv_pair(dilation))
-    if frozen_bn is not None and w_frozen.shape[0]:
-        y = torch_ref.frozen_batch_norm(y, frozen_bn)  # not yet in the kernel's epilogue
-    return y
+    scale, shift = (_bn_scale_shift(frozen_bn) if frozen_bn is not None and w_frozen.shape[0]
+                    else (None, None))
+    return _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                 [int(g) for g in frozen_out_groups],
+                                 [int(k) for k in frozen_k_ends], _conv_pair(stride),
+                                 _conv_pair(padding), _conv_pair(dilation), scale, shift)
+
+
+def _bn_scale_shift(frozen_bn):
+    """fp32 (scale, shift) of the eval-mode BatchNorm (mean, var, weight, bias, eps):
+    y = x * scale + shift, per channel."""
+    mean, var, weight, bias, eps = frozen_bn
+    scale = torch.rsqrt(var.float() + eps)
+    if weight is not None:
+        scale = scale * weight.float()
+    shift = -mean.float() * scale
+    if bias is not None:
+        shift = shift + bias.float()
+    return scale.contiguous(), shift.contiguous()
 
 
 def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,

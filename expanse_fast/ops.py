@@ -275,6 +275,18 @@ def _call(op, function, *args) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # Checked functional forms
 # ---------------------------------------------------------------------------------------
+def _autocast(x: Tensor, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
+    """Under ``torch.autocast`` for x's device: x and the blocks in its lower-precision dtype,
+    as nn.Linear and nn.Conv2d get them (the casts are differentiable: trainable blocks
+    keep float32 gradients); otherwise unchanged."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x,) + tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t
+                 for t in (x,) + tensors)
+
+
 def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]):
     for name, t in named:
         if t is None:
@@ -315,6 +327,8 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     newest ones).
     ``backend`` pins this call to one backend; None follows ``xf.set_backend``."""
     what = "expanded_linear"
+    x, w_frozen, b_frozen, w_new, b_new, w_couple = _autocast(
+        x, w_frozen, b_frozen, w_new, b_new, w_couple)
     activation = activation or ""
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be None or one of "
@@ -381,6 +395,8 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     ``(conv - bn_mean) / sqrt(bn_var + bn_eps) * bn_weight + bn_bias``, applied after the
     bias and the coupling term; the newest channels stay raw."""
     what = "expanded_conv2d"
+    x, w_frozen, b_frozen, w_new, b_new, w_couple = _autocast(
+        x, w_frozen, b_frozen, w_new, b_new, w_couple)
     if depthwise:
         c_f = frozen_k_ends[-1] if frozen_k_ends else 0
         if c_f:

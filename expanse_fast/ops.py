@@ -280,7 +280,11 @@ def _autocast(x: Tensor, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], 
     as nn.Linear and nn.Conv2d get them (the casts are differentiable: trainable blocks
     keep float32 gradients); otherwise unchanged."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    try:
+        enabled = torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device type autocast does not know (meta, ...)
+        enabled = False
+    if not enabled:
         return (x,) + tensors
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t

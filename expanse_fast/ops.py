@@ -255,9 +255,13 @@ def _eager_function(name: str, impl, setup_context, backward) -> type:
         ctx.eager = True  # backward calls the implementation, not the custom op
         return out
 
+    # once_differentiable: a first backward with create_graph=True works; differentiating
+    # its result again raises a clear error, as the custom ops' backward does (it has no
+    # autograd formula of its own)
     return type(name, (torch.autograd.Function,),
                 {"forward": staticmethod(forward),
-                 "backward": staticmethod(lambda ctx, *grads: backward(ctx, *grads))})
+                 "backward": staticmethod(torch.autograd.function.once_differentiable(
+                     lambda ctx, *grads: backward(ctx, *grads)))})
 
 
 _LinearFunction = _eager_function("_LinearFunction", _linear_impl, _linear_setup_context,

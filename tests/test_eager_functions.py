@@ -67,3 +67,19 @@ def test_compiled_model_uses_the_custom_ops_and_matches_eager():
     assert g_comp.keys() == g_eager.keys()
     for name in g_eager:
         torch.testing.assert_close(g_comp[name], g_eager[name])
+
+
+@pytest.mark.parametrize("custom_ops", [False, True])
+def test_double_backward_is_refused_clearly(monkeypatch, custom_ops):
+    # A first backward with create_graph=True gives the right gradient; differentiating it
+    # again (a gradient penalty through the layer) raises instead of returning wrong values.
+    monkeypatch.setattr(xf.ops, "USE_EAGER_FUNCTIONS", not custom_ops)
+    torch.manual_seed(0)
+    layer = xf.ExpandedLinear((4, 2), (3, 2), activation="gelu")
+    plain = torch.nn.Sequential(layer.to_linear(), torch.nn.GELU())
+    x = torch.randn(5, 6, requires_grad=True)
+    g, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    want, = torch.autograd.grad(plain(x).square().sum(), x)
+    torch.testing.assert_close(g, want)
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        g.square().sum().backward()

@@ -976,13 +976,8 @@ bool conv_shape_ok(const ConvShape& s) {
     return false;
   if (s.num_frozen_groups > 0 && (s.frozen_out_groups == nullptr || s.frozen_k_ends == nullptr))
     return false;
-  int64_t total = 0;
-  for (int g = 0; g < s.num_frozen_groups; ++g) {
-    if (s.frozen_out_groups[g] < 0 || s.frozen_k_ends[g] < 0 || s.frozen_k_ends[g] > s.frozen_in)
-      return false;
-    total += s.frozen_out_groups[g];
-  }
-  return total == s.frozen_out;
+  return frozen_groups_ok(s.num_frozen_groups, s.frozen_out_groups, s.frozen_k_ends,
+                          s.frozen_in, s.frozen_out);
 }
 
 cudaError_t conv2d_forward(const ConvShape& s, const ConvWeights& w, const void* x,

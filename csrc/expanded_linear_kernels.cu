@@ -535,13 +535,8 @@ bool shape_ok(const LinearShape& s, const LinearWeights& w) {
       s.frozen_out < 0 || s.new_out < 0 || s.num_frozen_groups < 0)
     return false;
   if (s.in_features > INT32_MAX / 2 || s.frozen_out + s.new_out > INT32_MAX / 2) return false;
-  int64_t total = 0;
-  for (int g = 0; g < s.num_frozen_groups; ++g) {
-    if (s.frozen_out_groups[g] < 0 || s.frozen_k_ends[g] < 0 || s.frozen_k_ends[g] > s.frozen_in)
-      return false;
-    total += s.frozen_out_groups[g];
-  }
-  return total == s.frozen_out;
+  return frozen_groups_ok(s.num_frozen_groups, s.frozen_out_groups, s.frozen_k_ends,
+                          s.frozen_in, s.frozen_out);
 }
 
 }  // namespace

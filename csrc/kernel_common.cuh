@@ -40,5 +40,17 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int64_t kMaxGridY = 65535;  // gridDim.y and gridDim.z limit
 
+// The frozen groups of a layer's launch description: every width and k_end in range
+// (k_end <= frozen_in), and the widths adding up to frozen_out.
+inline bool frozen_groups_ok(int num_groups, const int64_t* widths, const int64_t* k_ends,
+                             int64_t frozen_in, int64_t frozen_out) {
+  int64_t total = 0;
+  for (int g = 0; g < num_groups; ++g) {
+    if (widths[g] < 0 || k_ends[g] < 0 || k_ends[g] > frozen_in) return false;
+    total += widths[g];
+  }
+  return total == frozen_out;
+}
+
 }  // namespace common
 }  // namespace expanse_fast

@@ -223,8 +223,7 @@ def _conv2d_autograd_backward(ctx, dy):
         return (None,) * _CONV2D_INPUTS
     need_dx_old = need_x and ctx.need_dx_old
     bn_scale = None
-    coupled = w_couple is not None and w_couple.numel() > 0
-    if bn_var is not None and (need_dx_old or need_c or (need_x and coupled)):
+    if bn_var is not None and reads_frozen_dy(w_couple, need_x, need_dx_old, need_c):
         # only when the backward reads the frozen columns of dy
         bn_scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps)
     backward = _conv2d_backward_impl if getattr(ctx, "eager", False) else _conv2d_backward

@@ -57,3 +57,11 @@ def backend_dtype_cases(device: torch.device):
             dtypes.remove(torch.bfloat16)
         cases += [(backend, d) for d in dtypes]
     return cases
+
+
+# float64 references of the smooth activations the expanded linear can fuse
+SMOOTH_ACTIVATIONS = {
+    "gelu": torch.nn.functional.gelu,
+    "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
+    "silu": torch.nn.functional.silu,
+}

@@ -9,6 +9,7 @@ from torch import nn
 
 import expanse_fast as xf
 from expanse_fast.layout import Layout
+from reference import SMOOTH_ACTIVATIONS
 
 OPS = torch.ops.expanse_fast
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor",
@@ -432,10 +433,9 @@ def test_opcheck_linear_backward_fused_relu(case, flags):
 
 
 # ---- GELU and SiLU: the forward keeps the pre-activation of the columns backward reads ------------
-SMOOTH = {"gelu": F.gelu, "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu}
 
 
-@pytest.mark.parametrize("activation", list(SMOOTH))
+@pytest.mark.parametrize("activation", list(SMOOTH_ACTIVATIONS))
 @pytest.mark.parametrize("case", [LINEAR[0], LINEAR[3], LINEAR[5]], ids=str)
 @pytest.mark.parametrize("columns", ["new", "all"])
 def test_opcheck_linear_fused_smooth(case, activation, columns):
@@ -451,19 +451,19 @@ def test_opcheck_linear_fused_smooth(case, activation, columns):
     y, pre = OPS.linear(*args)
     w, b = _dense(lay, w_f, b_f, w_n, b_n, w_c)
     z_ref = F.linear(x.double(), w, b)
-    torch.testing.assert_close(y.double(), SMOOTH[activation](z_ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), SMOOTH_ACTIVATIONS[activation](z_ref), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pre.double(), z_ref[:, lay.out_features - p:], rtol=1e-5,
                                atol=1e-5)
     assert not pre.requires_grad  # a saved intermediate, not a differentiable output
     if consistent:
-        _check_grads(y, SMOOTH[activation](z_ref), torch.randn_like(y), lay, x, w_n, b_n, w_c,
+        _check_grads(y, SMOOTH_ACTIVATIONS[activation](z_ref), torch.randn_like(y), lay, x, w_n, b_n, w_c,
                      need_dx_old)
     else:  # the frozen columns' pre-activation is needed but was not kept: a clear error
         with pytest.raises(RuntimeError, match="saved only columns"):
             y.sum().backward()
 
 
-@pytest.mark.parametrize("activation", list(SMOOTH))
+@pytest.mark.parametrize("activation", list(SMOOTH_ACTIVATIONS))
 @pytest.mark.parametrize("case, flags", _cases([
     (LINEAR[0], ALL_GRADS), (LINEAR[3], SKIP_OLD), (LINEAR[4], NO_DX)]))
 def test_opcheck_linear_backward_fused_smooth(case, flags, activation):
@@ -474,7 +474,7 @@ def test_opcheck_linear_backward_fused_smooth(case, flags, activation):
     torch.library.opcheck(OPS.linear_backward, args)
     # the activation's gradient by hand, then the plain backward: the same gradients
     z = pre.clone().requires_grad_()
-    dz = torch.autograd.grad(SMOOTH[activation](z), z, dy)[0]
+    dz = torch.autograd.grad(SMOOTH_ACTIVATIONS[activation](z), z, dy)[0]
     fused = OPS.linear_backward(*args)
     plain = OPS.linear_backward(*((dz,) + args[1:-2]))
     for got, want in zip(fused, plain):

@@ -297,9 +297,7 @@ def _bn_scale_shift(frozen_bn):
     """fp32 (scale, shift) of the eval-mode BatchNorm (mean, var, weight, bias, eps):
     y = x * scale + shift, per channel."""
     mean, var, weight, bias, eps = frozen_bn
-    scale = torch.rsqrt(var.float() + eps)
-    if weight is not None:
-        scale = scale * weight.float()
+    scale = torch_ref.bn_scale(var.float(), None if weight is None else weight.float(), eps)
     shift = -mean.float() * scale
     if bias is not None:
         shift = shift + bias.float()
@@ -317,12 +315,15 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                                          need_dx_new, need_dx_old, need_dw, need_db,
                                          need_dcouple, frozen_dy_scale=frozen_dy_scale)
     o_f = w_frozen.shape[0]
-    coupled = w_couple is not None and w_couple.numel() > 0
-    if frozen_dy_scale is not None and o_f and (
-            need_dx_old or need_dcouple or ((need_dx_new or need_dx_old) and coupled)):
+    if frozen_dy_scale is not None and o_f and torch_ref.reads_frozen_dy(
+            w_couple, need_dx_new, need_dx_old, need_dcouple):
         # the kernels read the frozen columns of dy: hand them the scaled ones (a copy of
-        # dy; not yet applied where the kernels load dy)
-        dy = torch.cat([torch_ref.frozen_dy(dy, o_f, frozen_dy_scale), dy[:, o_f:]], dim=1)
+        # dy, written once; not yet applied where the kernels load dy)
+        scaled = torch.empty_like(dy)
+        torch.mul(dy[:, :o_f], frozen_dy_scale.to(dy.dtype).view(1, -1, 1, 1),
+                  out=scaled[:, :o_f])
+        scaled[:, o_f:] = dy[:, o_f:]
+        dy = scaled
     dx, dw, db, dcouple = _ops().conv2d_backward(
         dy, x, w_frozen, w_new, w_couple, [int(g) for g in frozen_out_groups],
         [int(k) for k in frozen_k_ends], _conv_pair(stride), _conv_pair(padding),

@@ -79,11 +79,6 @@ def check_activation(activation: str) -> None:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def relu_grad(dy: Tensor, out: Tensor) -> Tensor:
-    """dy masked by out > 0: the gradient through a ReLU whose output is ``out``."""
-    return torch.ops.aten.threshold_backward(dy, out, 0)
-
-
 def apply_activation_(y: Tensor, activation: str) -> Tensor:
     """``activation`` applied to y in place (aten's own kernels: the same bits as the
     unfused nn.ReLU / nn.GELU / nn.SiLU)."""
@@ -99,23 +94,17 @@ def apply_activation_(y: Tensor, activation: str) -> Tensor:
 def activation_grad(activation: str, dy: Tensor, saved: Tensor, out: Maybe = None) -> Tensor:
     """dy through ``activation``'s gradient; ``saved`` is the output (ReLU) or the
     pre-activation (the smooth ones), of dy's shape.  Written into ``out`` when given."""
-    aten = torch.ops.aten
+    aten, kw = torch.ops.aten, {}
     if activation == "relu":
         args, op = (dy, saved, 0), aten.threshold_backward
     elif activation in ("gelu", "gelu_tanh"):
-        return _gelu_grad(dy, saved, "none" if activation == "gelu" else "tanh", out)
+        args, op = (dy, saved), aten.gelu_backward
+        kw["approximate"] = "none" if activation == "gelu" else "tanh"
     elif activation == "silu":
         args, op = (dy, saved), aten.silu_backward
     else:
         raise ValueError(f"no gradient for activation {activation!r}")
-    return op(*args) if out is None else op.grad_input(*args, grad_input=out)
-
-
-def _gelu_grad(dy: Tensor, pre: Tensor, approximate: str, out: Maybe) -> Tensor:
-    if out is None:
-        return torch.ops.aten.gelu_backward(dy, pre, approximate=approximate)
-    return torch.ops.aten.gelu_backward.grad_input(dy, pre, approximate=approximate,
-                                                  grad_input=out)
+    return op(*args, **kw) if out is None else op.grad_input(*args, grad_input=out, **kw)
 
 
 def saved_columns(saved: Tensor, width: int, c0: int, c1: int) -> Tensor:

@@ -32,8 +32,6 @@ class FusedReLU(_Fused, nn.ReLU):
     def unfused(self) -> nn.ReLU:
         return nn.ReLU(inplace=self.inplace)
 
-    to_relu = unfused  # the name of 0.1's first releases
-
 
 class FusedGELU(_Fused, nn.GELU):
     """An ``nn.GELU`` (exact or tanh) already applied by the expanded layer in front of it."""

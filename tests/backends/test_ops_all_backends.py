@@ -4,7 +4,7 @@ import torch
 
 import expanse_fast as xf
 from expanse_fast.layout import Layout
-from reference import backend_dtype_cases, dense64, random_blocks, rel_err
+from reference import SMOOTH_ACTIVATIONS, backend_dtype_cases, dense64, random_blocks, rel_err
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = backend_dtype_cases(DEVICE)
@@ -25,11 +25,6 @@ TOL = {torch.float32: 2e-3 if DEVICE.type == "cuda" else 1e-5, torch.float16: 5e
        torch.bfloat16: 2e-2}
 
 
-
-# float64 references of the smooth activations the linear op can fuse
-SMOOTH = {"gelu": torch.nn.functional.gelu,
-          "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
-          "silu": torch.nn.functional.silu}
 
 
 def _run_linear(lay, dtype, rows, bias, need_dx_old, backend, activation=None):
@@ -53,7 +48,7 @@ def _run_linear(lay, dtype, rows, bias, need_dx_old, backend, activation=None):
         dy64 = dy64 * (y.detach().cpu() > 0)
     elif activation:
         z64 = ref_y.requires_grad_()
-        ref_y = SMOOTH[activation](z64)
+        ref_y = SMOOTH_ACTIVATIONS[activation](z64)
         dy64 = torch.autograd.grad(ref_y, z64, dy64)[0]
         ref_y = ref_y.detach()
     assert y.shape == ref_y.shape and y.dtype == dtype

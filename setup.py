@@ -32,7 +32,8 @@ if os.environ.get("EXPANSE_FAST_BUILD_CUDA") == "1":
     ext_modules = [CUDAExtension(
         "expanse_fast._C", sources,
         extra_compile_args={"cxx": ["-O3"],
-                            "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90",
+                            # sm_90a: H100/H200 with wgmma; sm_80: Ampere and Ada
+                            "nvcc": ["-O3", "-gencode=arch=compute_90a,code=sm_90a",
                                      "-gencode=arch=compute_80,code=sm_80"]})]
     cmdclass = {"build_ext": BuildExtension}
 

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -437,9 +438,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
   return {dx, dw, db, dcouple};
 }
 
+// The linear kernels' tile math for `dtype` on the current device ("wgmma", "wmma", "simt").
+std::string linear_math(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return expanse_fast::linear_math_name(DType::kFloat32);
+    case at::kHalf: return expanse_fast::linear_math_name(DType::kFloat16);
+    case at::kBFloat16: return expanse_fast::linear_math_name(DType::kBFloat16);
+    default:
+      TORCH_CHECK(false, "expanse_fast_cuda::linear_math: expected dtype float32, float16 or "
+                  "bfloat16, got ", dtype);
+  }
+  return "";  // unreachable
+}
+
 }  // namespace
 
 TORCH_LIBRARY(expanse_fast_cuda, m) {
+  m.def("linear_math(ScalarType dtype) -> str", &linear_math);
   m.def("linear_forward(Tensor x, Tensor w_frozen, Tensor? b_frozen, Tensor w_new, "
         "Tensor? b_new, Tensor? w_couple, int[] frozen_out_groups, int[] frozen_k_ends, "
         "int activation=0, Tensor(a!)? pre=None) -> Tensor");

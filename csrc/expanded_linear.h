@@ -78,4 +78,9 @@ cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, 
                                int64_t b_col0, void* out, int64_t ld_out, void* db,
                                const WeightGradPlan& plan, void* workspace, cudaStream_t stream);
 
+// The tile math the kernels use for `dtype` on the current device, now: "wgmma" (Hopper
+// warpgroup MMA; needs the sm_90a build and is on unless EXPANSE_FAST_CUDA_WGMMA=0), "wmma"
+// (portable tensor-core fragments) or "simt" (fp32).
+const char* linear_math_name(DType dtype);
+
 }  // namespace expanse_fast

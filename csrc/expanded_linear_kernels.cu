@@ -8,18 +8,27 @@
 // that read different weight tensors (the frozen block, the coupling block, the new rows).
 // Blocks never cross an output group, so the zero blocks of the staircase are never read.
 //
-// fp16/bf16: WMMA 16x16x16 tensor-core fragments (portable sm_80/sm_90; no wgmma yet), fp32
-// accumulators.  fp32: shared-memory-tiled SIMT FMA (exact fp32, no tf32).  Tiles are copied
-// with 16-byte cp.async where a chunk is aligned and in range (scalar zero-filling copy
-// otherwise), double-buffered: the next tile is in flight while the current one multiplies.
+// The tile math is a template policy chosen per call on the host:
+//   fp16/bf16 on an sm_90a build (H100/H200): wgmma m64n128k16 from shared memory, two
+//     warpgroups on a 128 x 128 x 64 tile, three stages (wgmma.cuh; EXPANSE_FAST_CUDA_WGMMA=0
+//     turns it off);
+//   fp16/bf16 elsewhere: WMMA 16x16x16 fragments (portable sm_80+), 128 x 128 x 32, two stages;
+//   fp32: shared-memory-tiled SIMT FMA (exact fp32, no tf32), 64 x 64 x 16, two stages.
+// All accumulate in fp32.  Tiles are copied with 16-byte cp.async where a chunk is aligned and
+// in range (scalar zero-filling copy otherwise); STAGES - 1 tiles are in flight while one
+// multiplies.
 #include "expanded_linear.h"
 #include "kernel_common.cuh"
+#include "wgmma.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -43,9 +52,10 @@ __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::);
 #endif
 }
-__device__ __forceinline__ void cp_async_wait_prev() {  // all groups but the newest are done
+template <int PENDING>  // waits until at most PENDING of the newest groups are in flight
+__device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 1;\n" ::);
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 #endif
 }
 
@@ -58,33 +68,41 @@ struct TileSrc {
   int rows, cols;
 };
 
-// Copy a ROWS x COLS tile (columns contiguous in global and shared memory).
+// Copies one 16-byte chunk (VEC elements of a global row) to shared memory: cp.async when it
+// is in range and aligned, else element by element with zeros past the valid region.
+template <typename T>
+__device__ __forceinline__ void copy_chunk(T* sp, const TileSrc<T>& src, int r, int col) {
+  constexpr int VEC = 16 / sizeof(T);
+  const T* gp = src.ptr + r * src.ld + col;
+  if (r < src.rows && col + VEC <= src.cols && (reinterpret_cast<uintptr_t>(gp) & 15) == 0) {
+    cp_async16(sp, gp);
+  } else {
+    const T zero = from_f<T>(0.f);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) sp[e] = (r < src.rows && col + e < src.cols) ? gp[e] : zero;
+  }
+}
+
+// Copy a ROWS x COLS tile (columns contiguous in global and shared memory, row stride sld).
 template <typename T, int ROWS, int COLS, int THREADS>
 __device__ __forceinline__ void load_tile(T* s, int sld, const TileSrc<T>& src) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int PER_ROW = COLS / VEC;
   constexpr int CHUNKS = ROWS * PER_ROW;
   static_assert(COLS % VEC == 0 && CHUNKS % THREADS == 0, "tile must split evenly in chunks");
-  const T zero = from_f<T>(0.f);
 #pragma unroll
   for (int i = 0; i < CHUNKS / THREADS; ++i) {
     const int c = i * THREADS + threadIdx.x;
     const int r = c / PER_ROW, col = (c % PER_ROW) * VEC;
-    T* sp = s + r * sld + col;
-    const T* gp = src.ptr + r * src.ld + col;
-    if (r < src.rows && col + VEC <= src.cols && (reinterpret_cast<uintptr_t>(gp) & 15) == 0) {
-      cp_async16(sp, gp);
-    } else {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) sp[e] = (r < src.rows && col + e < src.cols) ? gp[e] : zero;
-    }
+    copy_chunk(s + r * sld + col, src, r, col);
   }
 }
 
-// Shared-memory layout of one pipeline stage.  AK: A tile stored k-contiguous ([BM][BK]) else
-// m-contiguous ([BK][BM]); BKM: B tile stored k-contiguous ([BN][BK]) else n-contiguous.
-// Rows are padded by one 16-byte chunk: keeps cp.async/WMMA alignment, staggers the banks.
-template <typename T, int BM_, int BN_, int BK_, int THREADS, bool AK_, bool BKM_>
+// Shared-memory layout of the pipeline stages, rows padded (the WMMA and SIMT math).
+// AK: A tile stored k-contiguous ([BM][BK]) else m-contiguous ([BK][BM]); BKM: B tile stored
+// k-contiguous ([BN][BK]) else n-contiguous.  Rows are padded by one 16-byte chunk: keeps
+// cp.async/WMMA alignment, staggers the banks.
+template <typename T, int BM_, int BN_, int BK_, int THREADS, int STAGES, bool AK_, bool BKM_>
 struct Smem {
   static constexpr bool AK = AK_, BKM = BKM_;
   static constexpr int PAD = 16 / sizeof(T);
@@ -93,7 +111,7 @@ struct Smem {
   static constexpr int A_ELEMS = (AK ? BM_ : BK_) * LDA;
   static constexpr int B_ELEMS = (BKM ? BN_ : BK_) * LDB;
   static constexpr int STAGE = A_ELEMS + B_ELEMS;
-  static constexpr size_t BYTES = 2 * STAGE * sizeof(T);
+  static constexpr size_t BYTES = STAGES * STAGE * sizeof(T);
   static_assert((A_ELEMS * sizeof(T)) % 32 == 0 && (STAGE * sizeof(T)) % 32 == 0,
                 "WMMA needs 32-byte aligned tiles");
 
@@ -113,12 +131,119 @@ struct Smem {
   __device__ static T b_at(const T* s, int k, int n) { return BKM ? s[n * LDB + k] : s[k * LDB + n]; }
 };
 
+// Shared-memory layout for wgmma: each operand tile in 8 x 16-byte core matrices.  A tile
+// whose global rows are OUTER long and INNER wide (INNER contiguous) is stored row-block by
+// row-block: the 8 rows of block o/8 as INNER/8 cores side by side, core c holding columns
+// 8c..8c+7 of those rows, 16 bytes a row.  So chunk (o, c) lies at byte
+// ((o/8) * INNER/8 + c) * 128 + (o%8) * 16, and chunk index j = ((o/8) * INNER/8 + c) * 8 + o%8
+// lands at byte 16 j: a warp writes 512 contiguous bytes.  For a K-major operand (rows are M
+// or N) the cores along K are 128 bytes apart (LBO) and row blocks INNER*16 bytes (SBO); for an
+// MN-major one (rows are K) it is the other way round.
+template <typename T, int BM_, int BN_, int BK_, int THREADS, int STAGES, bool AK_, bool BKM_>
+struct CoreSmem {
+  static constexpr bool AK = AK_, BKM = BKM_;
+  static constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte core row
+  static constexpr int A_INNER = AK ? BK_ : BM_, A_OUTER = AK ? BM_ : BK_;
+  static constexpr int B_INNER = BKM ? BK_ : BN_, B_OUTER = BKM ? BN_ : BK_;
+  static constexpr int A_ELEMS = BM_ * BK_, B_ELEMS = BN_ * BK_;
+  static constexpr int STAGE = A_ELEMS + B_ELEMS;
+  static constexpr size_t BYTES = STAGES * STAGE * sizeof(T);
+  static_assert(BM_ % 64 == 0 && BN_ % 8 == 0 && BK_ % 16 == 0, "wgmma tile shape");
+
+  template <int OUTER, int INNER>
+  __device__ static void load(T* s, const TileSrc<T>& src) {
+    constexpr int PER_ROW = INNER / VEC, CHUNKS = OUTER * PER_ROW;
+    static_assert(OUTER % 8 == 0 && INNER % VEC == 0 && CHUNKS % THREADS == 0, "tile chunks");
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+      const int j = i * THREADS + threadIdx.x;
+      const int o = (j / (8 * PER_ROW)) * 8 + j % 8, c = (j / 8) % PER_ROW;
+      copy_chunk(s + j * VEC, src, o, c * VEC);
+    }
+  }
+  template <int INNER>
+  __device__ static int offset(int o, int i) {  // element (row o, column i) of a tile
+    return ((o / 8) * (INNER / VEC) + i / VEC) * (8 * VEC) + (o % 8) * VEC + i % VEC;
+  }
+
+  __device__ static T* a(unsigned char* raw, int stage) {
+    return reinterpret_cast<T*>(raw) + stage * STAGE;
+  }
+  __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
+  __device__ static void load_a(T* s, const TileSrc<T>& src) { load<A_OUTER, A_INNER>(s, src); }
+  __device__ static void load_b(T* s, const TileSrc<T>& src) { load<B_OUTER, B_INNER>(s, src); }
+  __device__ static T a_at(const T* s, int m, int k) {
+    return AK ? s[offset<A_INNER>(m, k)] : s[offset<A_INNER>(k, m)];
+  }
+  __device__ static T b_at(const T* s, int k, int n) {
+    return BKM ? s[offset<B_INNER>(n, k)] : s[offset<B_INNER>(k, n)];
+  }
+
+  // Descriptor of the operand block starting at (mn0, k0) (multiples of 8) of a tile whose
+  // contiguous dimension is K (k_major) or M/N, with INNER columns.
+  template <bool K_MAJOR, int INNER>
+  __device__ static uint64_t desc(const T* s, int mn0, int k0) {
+    constexpr uint32_t CORE = 128, BLOCK = INNER * 16;  // bytes: one core, one row block
+    const T* start = K_MAJOR ? s + offset<INNER>(mn0, k0) : s + offset<INNER>(k0, mn0);
+    return K_MAJOR ? wgmma::descriptor(start, CORE, BLOCK)    // LBO along K, SBO along M/N
+                   : wgmma::descriptor(start, BLOCK, CORE);
+  }
+  __device__ static uint64_t desc_a(const T* s, int m0, int k0) { return desc<AK, A_INNER>(s, m0, k0); }
+  __device__ static uint64_t desc_b(const T* s, int n0, int k0) { return desc<BKM, B_INNER>(s, n0, k0); }
+};
+
+// Each "math" below owns a tile shape, its shared-memory layout (Layout<AK, BKM>), the
+// pipeline depth, and how tiles multiply and leave: zero(acc), mma<L>(acc, As, Bs),
+// store(acc, scratch, f) calling f(m, n, value) tile-relative, and before_barrier() (what each
+// thread must do after its copies land and before the barrier that publishes them).
+
+// ---- wgmma (sm_90a, fp16/bf16): 2 warpgroups, each 64 x 128 of a 128 x 128 tile -------------
+template <typename T>
+struct WgmmaMath {
+  static constexpr int BM = 128, BN = 128, BK = 64, THREADS = 256, STAGES = 3;
+  // Two blocks per SM (<= 128 registers a thread, 2 x 96 KB of stages): one block's barrier
+  // and epilogue overlap the other's MMAs.
+  static constexpr int MIN_BLOCKS = 2;
+  static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
+  template <bool AK, bool BKM>
+  using Layout = CoreSmem<T, BM, BN, BK, THREADS, STAGES, AK, BKM>;
+  struct Acc { float d[64]; };
+
+  __device__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc.d[i] = 0.f;
+  }
+  __device__ static void before_barrier() { wgmma::fence_shared_for_async_proxy(); }
+
+  template <class L>
+  __device__ static void mma(Acc& acc, const T* As, const T* Bs) {
+    const int m0 = 64 * (threadIdx.x / 128);  // this warpgroup's rows
+    wgmma::pin(acc.d);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16)
+      wgmma::mma_m64n128k16<T, L::AK ? 0 : 1, L::BKM ? 0 : 1>(
+          acc.d, L::desc_a(As, m0, kk), L::desc_b(Bs, 0, kk), 1);
+    wgmma::commit_and_wait_all();  // the stage's smem is refilled after the next barrier
+    wgmma::pin(acc.d);
+  }
+
+  template <class F>
+  __device__ static void store(Acc& acc, float*, F&& f) {
+    const int t = threadIdx.x % 128, m0 = 64 * (threadIdx.x / 128);
+#pragma unroll
+    for (int i = 0; i < 64; ++i) f(m0 + wgmma::acc_row(t, i), wgmma::acc_col(t, i), acc.d[i]);
+  }
+};
+
 // ---- tensor-core tile math (fp16, bf16): 8 warps as 2 x 4, each 64 x 32 of a 128 x 128 tile --
 template <typename T>
 struct WmmaMath {
-  static constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256;
+  static constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, STAGES = 2, MIN_BLOCKS = 1;
   static constexpr int WARPS_N = 4, WM = 64, WN = 32, FM = WM / 16, FN = WN / 16;
   static constexpr size_t SCRATCH_BYTES = (THREADS / 32) * 16 * 16 * sizeof(float);
+  template <bool AK, bool BKM>
+  using Layout = Smem<T, BM, BN, BK, THREADS, STAGES, AK, BKM>;
   struct Acc { wmma::fragment<wmma::accumulator, 16, 16, 16, float> f[FM][FN]; };
 
   __device__ static void zero(Acc& acc) {
@@ -127,6 +252,7 @@ struct WmmaMath {
 #pragma unroll
       for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc.f[i][j], 0.f);
   }
+  __device__ static void before_barrier() {}
 
   template <class L>
   __device__ static void mma(Acc& acc, const T* As, const T* Bs) {
@@ -180,8 +306,11 @@ struct WmmaMath {
 
 // ---- SIMT tile math (fp32): 16 x 16 threads, each a 4 x 4 micro-tile of a 64 x 64 tile --------
 struct SimtMath {
-  static constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256, TM = 4, TN = 4;
+  static constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256, TM = 4, TN = 4, STAGES = 2;
+  static constexpr int MIN_BLOCKS = 1;
   static constexpr size_t SCRATCH_BYTES = 0;
+  template <bool AK, bool BKM>
+  using Layout = Smem<float, BM, BN, BK, THREADS, STAGES, AK, BKM>;
   struct Acc { float v[TM][TN]; };
 
   __device__ static void zero(Acc& acc) {
@@ -190,6 +319,7 @@ struct SimtMath {
 #pragma unroll
       for (int j = 0; j < TN; ++j) acc.v[i][j] = 0.f;
   }
+  __device__ static void before_barrier() {}
 
   template <class L>
   __device__ static void mma(Acc& acc, const float* As, const float* Bs) {
@@ -218,63 +348,63 @@ struct SimtMath {
   }
 };
 
-template <typename T>
-using MathFor = std::conditional_t<std::is_same<T, float>::value, SimtMath, WmmaMath<T>>;
+static_assert(WgmmaMath<__half>::BM == WmmaMath<__half>::BM &&
+                  WgmmaMath<__half>::BN == WmmaMath<__half>::BN,
+              "plan_weight_grad assumes one output tile shape for both tensor-core maths");
 
-template <typename T, bool AK, bool BKM>
-using SmemFor = Smem<T, MathFor<T>::BM, MathFor<T>::BN, MathFor<T>::BK, MathFor<T>::THREADS, AK, BKM>;
-
-// Tile buffers, reused by the epilogue's scratch after the main loop.
-template <typename T, bool AK, bool BKM>
-struct SmemBytes {
-  static constexpr size_t tiles = SmemFor<T, AK, BKM>::BYTES;
-  static constexpr size_t value =
-      tiles > MathFor<T>::SCRATCH_BYTES ? tiles : MathFor<T>::SCRATCH_BYTES;
-};
+// Dynamic shared memory of a kernel: the pipeline stages, reused by the epilogue's scratch.
+template <class M, bool AK, bool BKM>
+constexpr size_t smem_bytes() {
+  constexpr size_t tiles = M::template Layout<AK, BKM>::BYTES;
+  return tiles > M::SCRATCH_BYTES ? tiles : M::SCRATCH_BYTES;
+}
 
 __device__ __forceinline__ int clamp_rows(int64_t v) {  // row counts as int, for the masks
   return v < (int64_t{1} << 30) ? static_cast<int>(v) : (1 << 30);
 }
 
-// The main loop: acc = sum over the problem's phases and BK-wide k-tiles of A_tile * B_tile.
-// P provides num_phases(), phase_len(p), tile_a(p, k0), tile_b(p, k0); all block-uniform.
-// If do_colsum, thread t < BM also adds A's row m = t over k into colsum (the fused bias grad).
-template <typename T, class L, class P>
-__device__ void gemm_mainloop(const P& prob, typename MathFor<T>::Acc& acc, unsigned char* smem,
+// The main loop: acc = sum over the problem's phases and BK-wide k-tiles of A_tile * B_tile,
+// M::STAGES tiles in flight.  P provides num_phases(), phase_len(p), tile_a(p, k0),
+// tile_b(p, k0); all block-uniform.  If do_colsum, thread t < BM also adds A's row m = t over
+// k into colsum (the fused bias grad).
+template <typename T, class M, class L, class P>
+__device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char* smem,
                               bool do_colsum, float& colsum) {
-  using M = MathFor<T>;
+  constexpr int S = M::STAGES;
+  static_assert(S >= 2, "the loop overlaps at least one copy with the math");
   M::zero(acc);
   const int np = prob.num_phases();
   int p = 0, k0 = 0;  // cursor: the next tile to fetch
   auto skip_empty = [&]() {
     while (p < np && k0 >= prob.phase_len(p)) { ++p; k0 = 0; }
   };
-  auto fetch = [&](int stage) {
-    L::load_a(L::a(smem, stage), prob.tile_a(p, k0));
-    L::load_b(L::b(smem, stage), prob.tile_b(p, k0));
-    k0 += M::BK;
-    skip_empty();
+  int fetched = 0;
+  auto fetch_next = [&]() {  // one commit group per call, possibly empty: keeps the count exact
+    if (p < np) {
+      const int stage = fetched % S;
+      L::load_a(L::a(smem, stage), prob.tile_a(p, k0));
+      L::load_b(L::b(smem, stage), prob.tile_b(p, k0));
+      k0 += M::BK;
+      skip_empty();
+      ++fetched;
+    }
+    cp_async_commit();
   };
   skip_empty();
-  bool have = p < np;
-  if (have) fetch(0);
-  cp_async_commit();
-  int stage = 0;
-  while (have) {
-    const bool next = p < np;
-    if (next) fetch(stage ^ 1);
-    cp_async_commit();  // possibly empty: keeps "wait for all but the newest" exact
-    cp_async_wait_prev();
-    __syncthreads();
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) fetch_next();
+  for (int tile = 0; tile < fetched; ++tile) {
+    cp_async_wait<S - 2>();  // tile `tile` has landed (this thread's copies)
+    M::before_barrier();
+    __syncthreads();         // ...everyone's; and every thread is done with tile - 1
+    fetch_next();            // into tile - 1's stage
+    const int stage = tile % S;
     const T* As = L::a(smem, stage);
     if (do_colsum && threadIdx.x < M::BM) {
 #pragma unroll 8
       for (int k = 0; k < M::BK; ++k) colsum += to_f(L::a_at(As, threadIdx.x, k));
     }
     M::template mma<L>(acc, As, L::b(smem, stage));
-    __syncthreads();  // the stage is refilled next iteration
-    stage ^= 1;
-    have = next;
   }
 }
 
@@ -330,12 +460,11 @@ struct FwdProblem {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(MathFor<T>::THREADS)
+template <typename T, class M>
+__global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_fwd_kernel(const __grid_constant__ FwdParams p) {
-  using M = MathFor<T>;
-  using L = SmemFor<T, true, true>;
-  __shared__ __align__(128) unsigned char smem[SmemBytes<T, true, true>::value];
+  using L = typename M::template Layout<true, true>;
+  extern __shared__ __align__(128) unsigned char smem[];
   const int tile = blockIdx.y;
   int si = 0;
   while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= tile) ++si;
@@ -345,7 +474,7 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   FwdProblem<T> prob{p, s, m0, n0};
   typename M::Acc acc;
   float unused = 0.f;
-  gemm_mainloop<T, L>(prob, acc, smem, false, unused);
+  gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
   __syncthreads();  // the epilogue scratch reuses the tile buffers
   T* y = static_cast<T*>(p.y);
   T* pre = static_cast<T*>(p.pre);
@@ -414,12 +543,11 @@ struct DxProblem {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(MathFor<T>::THREADS)
+template <typename T, class M>
+__global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dx_kernel(const __grid_constant__ DxParams p) {
-  using M = MathFor<T>;
-  using L = SmemFor<T, true, false>;
-  __shared__ __align__(128) unsigned char smem[SmemBytes<T, true, false>::value];
+  using L = typename M::template Layout<true, false>;
+  extern __shared__ __align__(128) unsigned char smem[];
   const int tile = blockIdx.y;
   const bool old = tile < p.old_tiles;
   const int c0 = old ? tile * M::BN : p.frozen_in + (tile - p.old_tiles) * M::BN;
@@ -428,7 +556,7 @@ linear_dx_kernel(const __grid_constant__ DxParams p) {
   DxProblem<T> prob{p, m0, c0, c_end, old};
   typename M::Acc acc;
   float unused = 0.f;
-  gemm_mainloop<T, L>(prob, acc, smem, false, unused);
+  gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
   __syncthreads();
   T* dx = static_cast<T*>(p.dx);
   M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
@@ -466,12 +594,11 @@ struct DwProblem {
   }
 };
 
-template <typename T>
-__global__ void __launch_bounds__(MathFor<T>::THREADS)
+template <typename T, class M>
+__global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dw_kernel(const __grid_constant__ DwParams p) {
-  using M = MathFor<T>;
-  using L = SmemFor<T, false, false>;
-  __shared__ __align__(128) unsigned char smem[SmemBytes<T, false, false>::value];
+  using L = typename M::template Layout<false, false>;
+  extern __shared__ __align__(128) unsigned char smem[];
   const int m0 = blockIdx.x * M::BM, n0 = blockIdx.y * M::BN, split = blockIdx.z;
   const int64_t r0 = split * p.rows_per_split;
   const int len = clamp_rows(p.rows - r0 < p.rows_per_split ? p.rows - r0 : p.rows_per_split);
@@ -479,7 +606,7 @@ linear_dw_kernel(const __grid_constant__ DwParams p) {
   const bool do_db = p.db != nullptr && blockIdx.y == 0;  // one column of blocks sums db
   float colsum = 0.f;
   typename M::Acc acc;
-  gemm_mainloop<T, L>(prob, acc, smem, do_db, colsum);
+  gemm_mainloop<T, M, L>(prob, acc, smem, do_db, colsum);
   const int64_t mn = static_cast<int64_t>(p.m) * p.n;
   if (do_db && threadIdx.x < M::BM && m0 + threadIdx.x < p.m) {
     const int mm = m0 + threadIdx.x;
@@ -539,7 +666,73 @@ bool shape_ok(const LinearShape& s, const LinearWeights& w) {
                           s.frozen_in, s.frozen_out);
 }
 
+// ---- which tile math runs --------------------------------------------------------------------
+__global__ void wgmma_probe_kernel(int* out) { *out = EXPANSE_FAST_WGMMA; }
+
+// Whether the binary loaded for the current device holds the wgmma code (built for sm_90a and
+// running on a compute-capability 9.0 GPU): asked once per device with a one-thread kernel.
+bool wgmma_compiled() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices];  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) return false;
+  int v = known[dev].load();
+  if (v != 0) return v == 2;
+  int* buf = nullptr;
+  int has = 0;
+  if (cudaMalloc(&buf, sizeof(int)) == cudaSuccess) {
+    wgmma_probe_kernel<<<1, 1>>>(buf);
+    if (cudaMemcpy(&has, buf, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess) has = 0;
+    cudaFree(buf);
+  }
+  (void)cudaGetLastError();  // a failed probe (no image for this GPU) must not leak
+  known[dev] = has == 1 ? 2 : 1;
+  return has == 1;
+}
+
+// fp16/bf16 use wgmma where compiled in, unless EXPANSE_FAST_CUDA_WGMMA=0 (read at every call,
+// so a process can compare both paths).
+bool use_wgmma(DType dt) {
+  if (dt == DType::kFloat32) return false;
+  const char* env = std::getenv("EXPANSE_FAST_CUDA_WGMMA");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return wgmma_compiled();
+}
+
+// Calls f(element, math) with the element type `dt` names and the tile math for this call.
+template <class F>
+cudaError_t dispatch_math(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(float{}, SimtMath{});
+    case DType::kFloat16:
+      return use_wgmma(dt) ? f(__half{}, WgmmaMath<__half>{}) : f(__half{}, WmmaMath<__half>{});
+    case DType::kBFloat16:
+      return use_wgmma(dt) ? f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16>{})
+                           : f(__nv_bfloat16{}, WmmaMath<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Launches a GEMM kernel with its dynamic shared memory (raising the 48 KB default if needed).
+template <class M, bool AK, bool BKM, class Params>
+cudaError_t launch_gemm(void (*kernel)(Params), dim3 grid, const Params& p, cudaStream_t stream) {
+  constexpr size_t bytes = smem_bytes<M, AK, BKM>();
+  if (bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, M::THREADS, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+const char* linear_math_name(DType dtype) {
+  if (dtype == DType::kFloat32) return "simt";
+  return use_wgmma(dtype) ? "wgmma" : "wmma";
+}
+
 
 cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const void* x,
                            int64_t ld_x, const void* b_frozen, const void* b_new, void* y,
@@ -548,9 +741,9 @@ cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const v
   const int act = static_cast<int>(epilogue.activation);
   if (act < 0 || act > static_cast<int>(Activation::kGelu)) return cudaErrorInvalidValue;
   if (s.rows == 0 || s.frozen_out + s.new_out == 0) return cudaSuccess;
-  return dispatch(s.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_math(s.dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
-    using M = MathFor<T>;
+    using M = decltype(math);
     std::vector<FwdSeg> segs;
     int64_t r0 = 0;
     for (int g = 0; g < s.num_frozen_groups; ++g) {
@@ -597,8 +790,7 @@ cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const v
       }
       if (tiles > kMaxGridY) return cudaErrorInvalidValue;
       const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, M::BM)), tiles);
-      linear_fwd_kernel<T><<<grid, M::THREADS, 0, stream>>>(p);
-      const cudaError_t err = cudaGetLastError();
+      const cudaError_t err = launch_gemm<M, true, true>(linear_fwd_kernel<T, M>, grid, p, stream);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -610,9 +802,9 @@ cudaError_t linear_backward_input(const LinearShape& s, const LinearWeights& w, 
                                   cudaStream_t stream) {
   if (!shape_ok(s, w) || s.num_frozen_groups > kMaxFrozenGroups) return cudaErrorInvalidValue;
   if (s.rows == 0 || s.in_features == 0) return cudaSuccess;
-  return dispatch(s.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_math(s.dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
-    using M = MathFor<T>;
+    using M = decltype(math);
     DxParams p{};
     p.dy = dy; p.dx = dx; p.ld_dy = ld_dy; p.ld_dx = ld_dx; p.rows = s.rows;
     p.w_new = w.w_new; p.ld_wn = w.ld_w_new;
@@ -636,16 +828,15 @@ cudaError_t linear_backward_input(const LinearShape& s, const LinearWeights& w, 
     const int64_t tiles = p.old_tiles + ceil_div(s.in_features - s.frozen_in, M::BN);
     if (tiles > kMaxGridY) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, M::BM)), static_cast<unsigned>(tiles));
-    linear_dx_kernel<T><<<grid, M::THREADS, 0, stream>>>(p);
-    return cudaGetLastError();
+    return launch_gemm<M, true, false>(linear_dx_kernel<T, M>, grid, p, stream);
   });
 }
 
 WeightGradPlan plan_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, int num_sms) {
-  const bool f32 = dtype == DType::kFloat32;
-  const int bm = f32 ? SimtMath::BM : WmmaMath<__half>::BM;
+  const bool f32 = dtype == DType::kFloat32, wg = use_wgmma(dtype);
+  const int bm = f32 ? SimtMath::BM : WmmaMath<__half>::BM;  // == WgmmaMath's
   const int bn = f32 ? SimtMath::BN : WmmaMath<__half>::BN;
-  const int bk = f32 ? SimtMath::BK : WmmaMath<__half>::BK;
+  const int bk = f32 ? SimtMath::BK : wg ? WgmmaMath<__half>::BK : WmmaMath<__half>::BK;
   WeightGradPlan plan{1, std::max<int64_t>(rows, 1), 0};
   if (m <= 0 || n <= 0 || rows <= 0) return plan;
   const int64_t tiles = ceil_div(m, bm) * ceil_div(n, bn);
@@ -671,9 +862,9 @@ cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, 
     return cudaErrorInvalidValue;
   if (n == 0) out = nullptr;  // an empty dW: nothing to write
   if (m == 0 || (out == nullptr && db == nullptr)) return cudaSuccess;
-  return dispatch(dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_math(dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
-    using M = MathFor<T>;
+    using M = decltype(math);
     if (out == nullptr) {  // db alone
       column_sum_kernel<T><<<static_cast<unsigned>(ceil_div(m, 256)), 256, 0, stream>>>(
           static_cast<const T*>(a) + a_col0, ld_a, rows, static_cast<int>(m), static_cast<T*>(db));
@@ -690,8 +881,7 @@ cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, 
     if (ny > kMaxGridY || plan.splits > kMaxGridY) return cudaErrorInvalidValue;
     const dim3 grid(static_cast<unsigned>(ceil_div(m, M::BM)), static_cast<unsigned>(ny),
                     static_cast<unsigned>(plan.splits));
-    linear_dw_kernel<T><<<grid, M::THREADS, 0, stream>>>(p);
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = launch_gemm<M, false, false>(linear_dw_kernel<T, M>, grid, p, stream);
     if (err != cudaSuccess || plan.splits == 1) return err;
     const int64_t total = m * n + (db != nullptr ? m : 0);
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 4096));

@@ -66,7 +66,21 @@ def _info(args) -> int:
             print(f"  {name:7} {'usable' if ok else 'unusable':9} {why}")
             if name == "triton" and ok and device.type == "cuda":
                 print(f"          {_tma_state(device)}")
+            if name == "cuda" and ok:
+                print(f"          {_cuda_math_state(device)}")
     return 0
+
+
+def _cuda_math_state(device) -> str:
+    """Which tile math the compiled linear kernels use on ``device``."""
+    import torch
+    try:
+        from .backends import cuda
+        maths = {str(dt).replace("torch.", ""): cuda.linear_math(dt, device)
+                 for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    except Exception as exc:  # noqa: BLE001 - report, never crash
+        return f"linear kernels: unknown ({type(exc).__name__}: {exc})"
+    return "linear kernels: " + ", ".join(f"{dt} {m}" for dt, m in maths.items())
 
 
 def _tma_state(device) -> str:

@@ -540,8 +540,13 @@ def sec_linear(ctx):
     ctx.measure("fwd", "peer/finetune", "peer", [lambda i=i: ft_f(i) for i in range(k)],
                 f_fwd, 2 * n_rows * i0 * i0)
     del ft, fparams, x0s, dy0s
-    _measure_backends(ctx, backends[1:], exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd, f_fb, ref)
+    # The compiled extension last: a faulty kernel's sticky CUDA error ends the section.
+    others = [b for b in backends[1:] if b[0] != "cuda"]
+    _measure_backends(ctx, others, exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd, f_fb, ref)
     _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref)
+    _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k, "fwd",
+                      "fwd+bwd", f_fwd, f_fb, ref)
+    _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref)
 
 
 def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref):
@@ -562,6 +567,32 @@ def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, re
                           f_fb, ref, label="-noTMA")
     finally:
         tma.MODE, kernels.AUTOTUNE = saved
+
+
+def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref):
+    """The compiled linear kernels on their portable WMMA path beside the default (wgmma
+    where the sm_90a build runs), in the same run."""
+    if dict(backends).get("cuda", "absent") is not None:
+        return
+    from expanse_fast.backends import cuda
+    try:
+        math = cuda.linear_math(ctx.dtype, ctx.dev)
+    except Exception as exc:  # noqa: BLE001 - report, go on
+        math = f"unknown ({_short_exc(exc)})"
+    ctx.note(f"cuda linear kernels: {math} for {str(ctx.dtype).replace('torch.', '')}; "
+             "expanse/cuda-noWGMMA: EXPANSE_FAST_CUDA_WGMMA=0 (WMMA fragments)")
+    if math != "wgmma":
+        return
+    saved = os.environ.get("EXPANSE_FAST_CUDA_WGMMA")
+    os.environ["EXPANSE_FAST_CUDA_WGMMA"] = "0"
+    try:
+        _measure_backends(ctx, [("cuda", None)], exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd,
+                          f_fb, ref, label="-noWGMMA")
+    finally:
+        if saved is None:
+            os.environ.pop("EXPANSE_FAST_CUDA_WGMMA", None)
+        else:
+            os.environ["EXPANSE_FAST_CUDA_WGMMA"] = saved
 
 
 # ---- (c) expanded conv2d -----------------------------------------------------------------

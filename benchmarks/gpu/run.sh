@@ -135,7 +135,7 @@ main() {
   # CUDA error from a faulty extension kernel cannot fail the Triton tests after it.
   local tlim tlim_cuda
   tlim=$(stage_limit 120 115)
-  tlim_cuda=$(( tlim * 3 / 10 ))
+  tlim_cuda=$(( tlim * 4 / 10 ))
   (( tlim_cuda < 10 )) && tlim_cuda=10
   gpu_tests() {  # gpu_tests NAME LIMIT JUNIT PYTEST-ARGS...
     local name=$1 limit=$2 junit=$3

@@ -7,7 +7,9 @@ install --no-build-isolation .``) or compiled with ninja at first use by
 ``conv2d_backward`` (C++, CUDA dispatch key); their fake implementations, for torch.compile,
 are registered here.  Depthwise convolutions stay on the torch backend.
 
-The functions mirror ``torch_ref`` exactly (see its docstring for the interface).  Importing
+The functions mirror ``torch_ref`` exactly (see its docstring for the interface).  On an
+H100/H200 the fp16/bf16 linear kernels multiply with wgmma (``linear_math`` says which path
+runs; ``EXPANSE_FAST_CUDA_WGMMA=0`` selects the portable WMMA kernels instead).  Importing
 this module never fails, nor builds anything: that happens in ``load()``.
 """
 from __future__ import annotations
@@ -63,9 +65,10 @@ def _prebuilt_path() -> Optional[str]:
 
 
 def _arch_flags() -> list:
-    """-gencode for the running GPU (e.g. sm_90 on an H100/H200)."""
+    """-gencode for the running GPU: sm_90a on an H100/H200 (the arch-specific target that
+    has wgmma, which the linear kernels use there), else sm_XY."""
     major, minor = torch.cuda.get_device_capability()
-    arch = f"{major}{minor}"
+    arch = f"{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
     return [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
 
 
@@ -193,6 +196,15 @@ def _register_fakes():
 def _ops():
     load()
     return torch.ops.expanse_fast_cuda
+
+
+def linear_math(dtype: torch.dtype, device=None) -> str:
+    """The tile math of the linear kernels for ``dtype`` on ``device``, now: ``"wgmma"``
+    (Hopper warpgroup MMA, from an sm_90a build; ``EXPANSE_FAST_CUDA_WGMMA=0`` turns it off),
+    ``"wmma"`` (portable tensor-core fragments) or ``"simt"`` (fp32)."""
+    ops = _ops()
+    with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
+        return ops.linear_math(dtype)
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ LAYOUTS = {
     "coupled_three": Layout((45, 7, 23), (33, 11, 19), "coupled"),
     "coupled_aligned": Layout((64, 32), (96, 32), "coupled"),
     "coupled_no_new_inputs": Layout((19, 0), (8, 5), "coupled"),
+    # Enough K for the 3-stage wgmma pipeline to wrap around its stages (64-wide k-tiles).
+    "wide_aligned": Layout((264, 136), (200, 72)),
+    "wide_coupled": Layout((257, 131), (190, 66), "coupled"),
 }
 
 
@@ -147,6 +150,22 @@ def dev():
     return torch.device("cuda")
 
 
+@pytest.fixture(params=["auto", "wmma"])
+def tile_math(request, monkeypatch):
+    """The linear kernels' tile math: the default (wgmma on an H100/H200), and the portable
+    WMMA kernels (EXPANSE_FAST_CUDA_WGMMA=0, read by the launchers at every call)."""
+    if request.param == "wmma":
+        monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
+    else:
+        monkeypatch.delenv("EXPANSE_FAST_CUDA_WGMMA", raising=False)
+    return request.param
+
+
+def skip_same_math(tile_math, dtype):
+    if tile_math == "wmma" and dtype == torch.float32:
+        pytest.skip("fp32 runs the SIMT kernels whatever the switch says")
+
+
 # ---------------------------------------------------------------------------------------
 # GPU: forward and every gradient against float64
 # ---------------------------------------------------------------------------------------
@@ -154,7 +173,8 @@ def dev():
 @pytest.mark.parametrize("rows", [0, 1, 7, 257])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_forward_matches_dense(dev, name, dtype, rows):
+def test_forward_matches_dense(dev, tile_math, name, dtype, rows):
+    skip_same_math(tile_math, dtype)
     layout = LAYOUTS[name]
     p = make_params(layout, dtype, dev)
     x = torch.randn(rows, layout.in_features).to(dev, dtype)
@@ -169,7 +189,8 @@ def test_forward_matches_dense(dev, name, dtype, rows):
 @pytest.mark.parametrize("rows", [0, 1, 7, 257])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_backward_matches_dense(dev, name, dtype, rows, need_dx_old):
+def test_backward_matches_dense(dev, tile_math, name, dtype, rows, need_dx_old):
+    skip_same_math(tile_math, dtype)
     layout = LAYOUTS[name]
     p = make_params(layout, dtype, dev)
     x = torch.randn(rows, layout.in_features).to(dev, dtype)
@@ -182,8 +203,9 @@ def test_backward_matches_dense(dev, name, dtype, rows, need_dx_old):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["three_groups", "coupled_aligned"])
-def test_large_batch_split_reduction(dev, name, dtype):
+def test_large_batch_split_reduction(dev, tile_math, name, dtype):
     """Many rows, few output tiles: the weight gradient splits its reduction over blocks."""
+    skip_same_math(tile_math, dtype)
     layout = LAYOUTS[name]
     rows = 4099  # prime
     p = make_params(layout, dtype, dev)
@@ -223,8 +245,9 @@ def test_backward_computes_only_what_is_asked(dev, name, need):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_strided_inputs_and_no_bias(dev, dtype):
+def test_strided_inputs_and_no_bias(dev, tile_math, dtype):
     """Row strides that are not the width (column slices, misaligned), a transposed dy."""
+    skip_same_math(tile_math, dtype)
     layout = LAYOUTS["coupled_three"]
     rows = 67
     p = make_params(layout, dtype, dev, bias=False)
@@ -234,6 +257,19 @@ def test_strided_inputs_and_no_bias(dev, dtype):
     y = call_forward(layout, p, x)
     assert_matches(y, x.double().cpu() @ dense_weight(layout, p).t(), dtype, "y")
     check_backward(layout, p, dy, x, dtype, call_backward(layout, p, dy, x))
+
+
+@pytest.mark.gpu
+def test_hopper_multiplies_with_wgmma(dev, monkeypatch):
+    """On an H100/H200 the fp16/bf16 linear kernels run wgmma (the sm_90a build took), so the
+    tests above cover both tile maths there; the switch turns it off; fp32 stays SIMT."""
+    monkeypatch.delenv("EXPANSE_FAST_CUDA_WGMMA", raising=False)
+    expect = "wgmma" if torch.cuda.get_device_capability(dev) == (9, 0) else "wmma"
+    for dtype in (torch.bfloat16, torch.float16):
+        assert cuda.linear_math(dtype, dev) == expect, dtype
+    assert cuda.linear_math(torch.float32, dev) == "simt"
+    monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
+    assert cuda.linear_math(torch.bfloat16, dev) == "wmma"
 
 
 @pytest.mark.gpu

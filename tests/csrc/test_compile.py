@@ -9,6 +9,7 @@
   few opaque types they would declare (our code uses none of those libraries).
 """
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -93,3 +94,54 @@ def test_bindings_cpp_syntax(tmp_path):
     cmd.append(str(CSRC / "bindings.cpp"))
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
+
+
+def _ptx_entries(ptx: str) -> dict:
+    """{mangled kernel name: its PTX body} of a .ptx file's entry functions."""
+    parts = ptx.split(".entry ")[1:]
+    return {p.split("(", 1)[0].strip(): p for p in parts}
+
+
+def _ptx_of_linear_kernels(arch, tmp_path):
+    out = tmp_path / f"linear_{arch}.ptx"
+    cmd = [NVCC, "-ptx", "-std=c++17", "-O3", f"-arch={arch}", *TORCH_NVCC_DEFINES,
+           "-I", str(CSRC), str(CSRC / "expanded_linear_kernels.cu"), "-o", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
+    return out
+
+
+# The operand majorness each GEMM hands wgmma (0 = K-major, 1 = M/N-major): forward x.w^T
+# (both K-major), input gradient dy.w (w is N-major), weight gradient dy^T.x (both MN-major).
+WGMMA_TRANSPOSES = {"linear_fwd_kernel": "0, 0", "linear_dx_kernel": "0, 1",
+                    "linear_dw_kernel": "1, 1"}
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+def test_linear_kernels_issue_wgmma_on_sm90a_only(tmp_path):
+    """Built for sm_90a, the WgmmaMath instantiation of each linear GEMM (fp16 and bf16) issues
+    m64n128k16 wgmma with its operands' majorness, ptxas assembles it, and the WMMA kernels
+    issue none; built for plain sm_90 (the portable path) nothing issues wgmma."""
+    ptx_path = _ptx_of_linear_kernels("compute_90a", tmp_path)
+    entries = _ptx_entries(ptx_path.read_text())
+    wg = {n: b for n, b in entries.items() if "WgmmaMath" in n}
+    assert len(wg) == 6, f"expected 3 kernels x 2 dtypes on WgmmaMath, got {sorted(wg)}"
+    for name, body in wg.items():
+        kernel = next(k for k in WGMMA_TRANSPOSES if k in name)
+        calls = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.(b?f16)\.\1 "
+                           r"[^;]*p, 1, 1, (\d, \d);", body, flags=re.S)
+        assert len(calls) == 4, f"{name}: {len(calls)} wgmma per k-tile, expected 4 (BK 64)"
+        assert {t for _, t in calls} == {WGMMA_TRANSPOSES[kernel]}, f"{name}: {calls}"
+        assert "fence.proxy.async.shared::cta" in body, f"{name}: no proxy fence"
+    for name, body in entries.items():
+        if "WmmaMath" in name or "SimtMath" in name:
+            assert "wgmma" not in body, f"{name} issues wgmma"
+    ptxas = shutil.which("ptxas") or next(
+        (str(h / "bin/ptxas") for h in _cuda_homes() if (h / "bin/ptxas").exists()), None)
+    if ptxas is not None:
+        res = subprocess.run([ptxas, "-arch=sm_90a", str(ptx_path), "-o",
+                              str(tmp_path / "linear.cubin")],
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-6000:]
+    portable = _ptx_of_linear_kernels("compute_90", tmp_path).read_text()
+    assert "wgmma.mma_async" not in portable

@@ -327,18 +327,23 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                                          need_dx_new, need_dx_old, need_dw, need_db,
                                          need_dcouple, frozen_dy_scale=frozen_dy_scale)
     o_f = w_frozen.shape[0]
+    scale = None
     if frozen_dy_scale is not None and o_f and torch_ref.reads_frozen_dy(
             w_couple, need_dx_new, need_dx_old, need_dcouple):
-        # the kernels read the frozen columns of dy: hand them the scaled ones (a copy of
-        # dy, written once; not yet applied where the kernels load dy)
-        scaled = torch.empty_like(dy)
-        torch.mul(dy[:, :o_f], frozen_dy_scale.to(dy.dtype).view(1, -1, 1, 1),
-                  out=scaled[:, :o_f])
-        scaled[:, o_f:] = dy[:, o_f:]
-        dy = scaled
+        # The frozen dy channels are read scaled by the folded BatchNorm.  The scale is per
+        # frozen output channel, so it moves onto what meets those channels: the frozen rows of
+        # the weights for dx (dy.(s w) = (s dy).w) and the rows of dW_couple afterwards.
+        # Both are weight-sized; dy (batch x channels x H x W) is never copied.
+        scale = frozen_dy_scale.float().view(-1, 1, 1, 1)
+        if need_dx_new or need_dx_old:
+            w_frozen = (w_frozen.float() * scale).to(w_frozen.dtype)
+            if w_couple is not None:
+                w_couple = (w_couple.float() * scale).to(w_couple.dtype)
     dx, dw, db, dcouple = _ops().conv2d_backward(
         dy, x, w_frozen, w_new, w_couple, [int(g) for g in frozen_out_groups],
         [int(k) for k in frozen_k_ends], _conv_pair(stride), _conv_pair(padding),
         _conv_pair(dilation), bool(need_dx_new), bool(need_dx_old), bool(need_dw),
         bool(need_db), bool(need_dcouple))
+    if scale is not None and dcouple is not None:
+        dcouple = (dcouple.float() * scale).to(dcouple.dtype)
     return dx, dw, db, dcouple

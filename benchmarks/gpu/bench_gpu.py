@@ -25,6 +25,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -166,12 +167,47 @@ def cmd_build(args) -> int:
                 result["load"] = _short_exc(exc)
         ok, why = cuda_backend.availability(dev)
         result.update(available=bool(ok), reason=str(why))
+        if ok:
+            result["linear_math"] = {
+                str(dt).replace("torch.", ""): cuda_backend.linear_math(dt, dev)
+                for dt in (torch.bfloat16, torch.float16, torch.float32)}
+            result["sass"] = _sass_summary(cuda_backend)
     except Exception as exc:
         traceback.print_exc()
         result.update(available=False, reason=_short_exc(exc))
     result["seconds"] = round(time.time() - t0, 1)
     print("BUILD_RESULT " + json.dumps(result))
     return 0 if result["available"] else 1
+
+
+def _extension_path(cuda_backend):
+    """The shared library the cuda backend loaded (prebuilt or JIT-built), or None."""
+    pre = cuda_backend._prebuilt_path()
+    if pre:
+        return pre
+    from torch.utils import cpp_extension
+    d = cpp_extension._get_build_directory(cuda_backend.EXT_NAME, verbose=False)
+    path = os.path.join(d, cuda_backend.EXT_NAME + ".so")
+    return path if os.path.exists(path) else None
+
+
+def _sass_summary(cuda_backend):
+    """Tensor-core instructions in the built extension's machine code (cuobjdump): HGMMA is
+    Hopper's warpgroup MMA, HMMA the older warp-level one."""
+    import shutil
+    path = _extension_path(cuda_backend)
+    tool = shutil.which("cuobjdump")
+    if path is None or tool is None:
+        return f"not read (library {path}, cuobjdump {tool})"
+    try:
+        res = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True,
+                             timeout=60)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic, never the stage's failure
+        return f"cuobjdump failed: {_short_exc(exc)}"
+    text = res.stdout
+    counts = {op: len(re.findall(rf"\b{op}\.", text)) for op in ("HGMMA", "HMMA")}
+    archs = sorted(set(re.findall(r"arch = (sm_\w+)", text)))
+    return {"archs": archs, **counts, "rc": res.returncode}
 
 
 # =========================================================================================
@@ -1053,6 +1089,8 @@ def cmd_report(args) -> int:
     b, t = result["build"], result["tests"]
     head.append(f"\nCUDA extension: available={b.get('available')} ({b.get('reason')}"
                 f"{', ' + str(b.get('seconds')) + ' s' if b.get('seconds') is not None else ''})")
+    if b.get("linear_math") or b.get("sass"):
+        head.append(f"CUDA linear tile math: {b.get('linear_math')}; SASS: {b.get('sass')}")
     head.append(f"GPU tests: {t.get('summary', 'no summary')} (junit: tests={t.get('tests')} "
                 f"failures={t.get('failures')} errors={t.get('errors')} "
                 f"skipped={t.get('skipped')})")

@@ -131,14 +131,8 @@ struct Smem {
   __device__ static T b_at(const T* s, int k, int n) { return BKM ? s[n * LDB + k] : s[k * LDB + n]; }
 };
 
-// Shared-memory layout for wgmma: each operand tile in 8 x 16-byte core matrices.  A tile
-// whose global rows are OUTER long and INNER wide (INNER contiguous) is stored row-block by
-// row-block: the 8 rows of block o/8 as INNER/8 cores side by side, core c holding columns
-// 8c..8c+7 of those rows, 16 bytes a row.  So chunk (o, c) lies at byte
-// ((o/8) * INNER/8 + c) * 128 + (o%8) * 16, and chunk index j = ((o/8) * INNER/8 + c) * 8 + o%8
-// lands at byte 16 j: a warp writes 512 contiguous bytes.  For a K-major operand (rows are M
-// or N) the cores along K are 128 bytes apart (LBO) and row blocks INNER*16 bytes (SBO); for an
-// MN-major one (rows are K) it is the other way round.
+// Shared-memory layout for wgmma: each operand tile in 8 x 16-byte core matrices, row block
+// by row block (wgmma.cuh says how), so that a tile's descriptor needs no padding or swizzle.
 template <typename T, int BM_, int BN_, int BK_, int THREADS, int STAGES, bool AK_, bool BKM_>
 struct CoreSmem {
   static constexpr bool AK = AK_, BKM = BKM_;
@@ -157,13 +151,10 @@ struct CoreSmem {
 #pragma unroll
     for (int i = 0; i < CHUNKS / THREADS; ++i) {
       const int j = i * THREADS + threadIdx.x;
-      const int o = (j / (8 * PER_ROW)) * 8 + j % 8, c = (j / 8) % PER_ROW;
+      int o, c;
+      wgmma::chunk_origin(j, PER_ROW, o, c);
       copy_chunk(s + j * VEC, src, o, c * VEC);
     }
-  }
-  template <int INNER>
-  __device__ static int offset(int o, int i) {  // element (row o, column i) of a tile
-    return ((o / 8) * (INNER / VEC) + i / VEC) * (8 * VEC) + (o % 8) * VEC + i % VEC;
   }
 
   __device__ static T* a(unsigned char* raw, int stage) {
@@ -173,20 +164,13 @@ struct CoreSmem {
   __device__ static void load_a(T* s, const TileSrc<T>& src) { load<A_OUTER, A_INNER>(s, src); }
   __device__ static void load_b(T* s, const TileSrc<T>& src) { load<B_OUTER, B_INNER>(s, src); }
   __device__ static T a_at(const T* s, int m, int k) {
-    return AK ? s[offset<A_INNER>(m, k)] : s[offset<A_INNER>(k, m)];
-  }
-  __device__ static T b_at(const T* s, int k, int n) {
-    return BKM ? s[offset<B_INNER>(n, k)] : s[offset<B_INNER>(k, n)];
+    return s[AK ? wgmma::tile_offset<A_INNER, VEC>(m, k) : wgmma::tile_offset<A_INNER, VEC>(k, m)];
   }
 
-  // Descriptor of the operand block starting at (mn0, k0) (multiples of 8) of a tile whose
-  // contiguous dimension is K (k_major) or M/N, with INNER columns.
   template <bool K_MAJOR, int INNER>
   __device__ static uint64_t desc(const T* s, int mn0, int k0) {
-    constexpr uint32_t CORE = 128, BLOCK = INNER * 16;  // bytes: one core, one row block
-    const T* start = K_MAJOR ? s + offset<INNER>(mn0, k0) : s + offset<INNER>(k0, mn0);
-    return K_MAJOR ? wgmma::descriptor(start, CORE, BLOCK)    // LBO along K, SBO along M/N
-                   : wgmma::descriptor(start, BLOCK, CORE);
+    const wgmma::DescFields f = wgmma::desc_fields<K_MAJOR, INNER, VEC>(mn0, k0);
+    return wgmma::descriptor(s + f.start, f.lbo, f.sbo);
   }
   __device__ static uint64_t desc_a(const T* s, int m0, int k0) { return desc<AK, A_INNER>(s, m0, k0); }
   __device__ static uint64_t desc_b(const T* s, int n0, int k0) { return desc<BKM, B_INNER>(s, n0, k0); }

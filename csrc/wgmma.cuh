@@ -22,10 +22,41 @@
 namespace expanse_fast {
 namespace wgmma {
 
-// A no-swizzle ("interleaved") operand in shared memory is made of 8 x 16-byte core matrices,
-// each 128 contiguous bytes.  The descriptor gives the start and two strides in bytes: LBO
-// between cores adjacent along K, SBO between cores adjacent along M (or N).  That reading
-// holds for both K-major and MN-major operands (PTX ISA, "canonical layouts", no swizzling).
+// ---- operand tiles in shared memory (host-testable index math) -------------------------------
+// A no-swizzle ("interleaved") operand is made of core matrices of 8 rows x 16 bytes, each 128
+// contiguous bytes.  The descriptor gives the start and two strides in bytes: LBO between cores
+// adjacent along K, SBO between cores adjacent along M (or N).  That reading holds for both
+// K-major and MN-major operands (PTX ISA, wgmma "canonical layouts", no swizzling).
+//
+// A tile whose global rows are OUTER long and INNER wide (INNER contiguous; VEC elements per
+// 16 bytes) is stored row block by row block: the 8 rows of block o/8 as INNER/VEC cores side
+// by side, core c holding columns c*VEC.. of those rows, 16 bytes a row.  Chunk j of the copy
+// (16 bytes) goes to byte 16 j, so a warp writes 512 contiguous bytes.  For a K-major operand
+// (rows are M or N) cores along K are 128 bytes apart (LBO) and row blocks INNER*16 (SBO); for an
+// MN-major one (rows are K) it is the other way round.
+template <int INNER, int VEC>
+__host__ __device__ __forceinline__ int tile_offset(int o, int i) {  // element (row o, column i)
+  return ((o / 8) * (INNER / VEC) + i / VEC) * (8 * VEC) + (o % 8) * VEC + i % VEC;
+}
+// Row and first column of copy chunk j (per_row = INNER / VEC chunks a row).
+__host__ __device__ __forceinline__ void chunk_origin(int j, int per_row, int& o, int& col_chunk) {
+  o = (j / (8 * per_row)) * 8 + j % 8;
+  col_chunk = (j / 8) % per_row;
+}
+struct DescFields {
+  int start;         // elements from the tile's base
+  uint32_t lbo, sbo; // bytes
+};
+// The operand block whose first element is (mn0, k0) (multiples of 8) of such a tile, whose
+// contiguous dimension is K (K_MAJOR: rows are M/N) or M/N (rows are K).
+template <bool K_MAJOR, int INNER, int VEC>
+__host__ __device__ __forceinline__ DescFields desc_fields(int mn0, int k0) {
+  constexpr uint32_t CORE = 128, BLOCK = INNER * 16;
+  return K_MAJOR ? DescFields{tile_offset<INNER, VEC>(mn0, k0), CORE, BLOCK}
+                 : DescFields{tile_offset<INNER, VEC>(k0, mn0), BLOCK, CORE};
+}
+
+// ---- instructions ------------------------------------------------------------------------------
 __device__ __forceinline__ uint64_t descriptor(const void* smem, uint32_t lbo, uint32_t sbo) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
@@ -107,10 +138,10 @@ __device__ __forceinline__ void mma_m64n128k16(float (&d)[64], uint64_t desc_a, 
 
 // Accumulator element i of thread t (of its warpgroup's 128): row and column in the 64 x 128
 // tile (the m64nN fp32 fragment layout: each warp owns 16 rows, pairs of adjacent columns).
-__device__ __forceinline__ int acc_row(int t, int i) {
+__host__ __device__ __forceinline__ int acc_row(int t, int i) {
   return 16 * (t / 32) + (t % 32) / 4 + 8 * ((i >> 1) & 1);
 }
-__device__ __forceinline__ int acc_col(int t, int i) { return 8 * (i >> 2) + 2 * (t % 4) + (i & 1); }
+__host__ __device__ __forceinline__ int acc_col(int t, int i) { return 8 * (i >> 2) + 2 * (t % 4) + (i & 1); }
 
 }  // namespace wgmma
 }  // namespace expanse_fast

@@ -118,6 +118,20 @@ WGMMA_TRANSPOSES = {"linear_fwd_kernel": "0, 0", "linear_dx_kernel": "0, 1",
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+def test_wgmma_operand_layout_on_the_host(tmp_path):
+    """wgmma.cuh's tile copy, offsets and descriptor fields read back, through the PTX ISA's
+    canonical layouts, the blocks each GEMM hands wgmma; its accumulator map is a bijection.
+    Host code only: built with nvcc and run on the CPU."""
+    exe = tmp_path / "wgmma_layout_check"
+    src = Path(__file__).with_name("wgmma_layout_check.cu")
+    cmd = [NVCC, "-std=c++17", "-O1", "-I", str(CSRC), str(src), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "wgmma layout OK" in run.stdout, run.stdout[-3000:]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
 def test_linear_kernels_issue_wgmma_on_sm90a_only(tmp_path):
     """Built for sm_90a, the WgmmaMath instantiation of each linear GEMM (fp16 and bf16) issues
     m64n128k16 wgmma with its operands' majorness, ptxas assembles it, and the WMMA kernels

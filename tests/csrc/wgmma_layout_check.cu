@@ -1,0 +1,76 @@
+// Host-only check of the wgmma operand layout in csrc/wgmma.cuh (built by test_wgmma_layout.py
+// with nvcc, run on the CPU; no GPU involved).  A tile is copied chunk by chunk the way the
+// kernels copy it; then every m64 (A) or n128 (B) x k16 block that the kernels hand wgmma is
+// read back through its descriptor fields by the PTX ISA's canonical no-swizzle layouts,
+// restated here independently:
+//   K-major  ((8,m),(T,2k)):((1T,SBO),(1,LBO))   MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))
+// with T = 8 elements (16 bytes), and must give the global tile's elements.  The accumulator
+// fragment map must cover the 64 x 128 warpgroup tile exactly once.
+#include <cstdio>
+#include <vector>
+
+#include "wgmma.cuh"
+
+using namespace expanse_fast::wgmma;
+
+constexpr int VEC = 8;  // fp16/bf16
+static int failures = 0;
+
+static void expect(bool ok, const char* what, int a, int b, int c) {
+  if (!ok && failures++ < 20) std::printf("FAIL %s (%d, %d, %d)\n", what, a, b, c);
+}
+
+// Byte address of element (mn, k) of a block by the canonical layout (independent of wgmma.cuh).
+static long canonical_byte(bool k_major, long start_byte, long lbo, long sbo, int mn, int k) {
+  if (k_major) return start_byte + (mn % 8) * 16 + (mn / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+  return start_byte + (mn % 8) * 2 + (mn / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo;
+}
+
+// A tile of OUTER global rows x INNER columns; K_MAJOR: rows are M/N, columns K.
+template <bool K_MAJOR, int OUTER, int INNER>
+static void check_tile(int mn_block, const std::vector<int>& mn0s, const char* name) {
+  std::vector<int> global(OUTER * INNER), smem(OUTER * INNER, -1);
+  for (int i = 0; i < OUTER * INNER; ++i) global[i] = i;
+  const int per_row = INNER / VEC;
+  for (int j = 0; j < OUTER * per_row; ++j) {  // the kernels' copy: chunk j to bytes 16 j..
+    int o, c;
+    chunk_origin(j, per_row, o, c);
+    expect(o < OUTER && c < per_row, name, j, o, c);
+    for (int e = 0; e < VEC; ++e) smem[j * VEC + e] = global[o * INNER + c * VEC + e];
+  }
+  for (int o = 0; o < OUTER; ++o)
+    for (int i = 0; i < INNER; ++i)
+      expect(smem[tile_offset<INNER, VEC>(o, i)] == global[o * INNER + i], name, o, i, -1);
+  const int k_extent = K_MAJOR ? INNER : OUTER;
+  for (int mn0 : mn0s)
+    for (int k0 = 0; k0 < k_extent; k0 += 16) {
+      const DescFields f = desc_fields<K_MAJOR, INNER, VEC>(mn0, k0);
+      expect(f.lbo % 16 == 0 && f.sbo % 16 == 0 && f.start % VEC == 0, name, mn0, k0, -2);
+      for (int mn = 0; mn < mn_block; ++mn)
+        for (int k = 0; k < 16; ++k) {
+          const long byte = canonical_byte(K_MAJOR, 2L * f.start, f.lbo, f.sbo, mn, k);
+          const int want = K_MAJOR ? global[(mn0 + mn) * INNER + k0 + k]
+                                   : global[(k0 + k) * INNER + mn0 + mn];
+          expect(byte % 2 == 0 && byte / 2 < OUTER * INNER && smem[byte / 2] == want, name,
+                 mn0 + mn, k0 + k, static_cast<int>(byte));
+        }
+    }
+}
+
+int main() {
+  // The linear kernels' tiles: BM = BN = 128, BK = 64; A blocks of 64 rows per warpgroup.
+  check_tile<true, 128, 64>(64, {0, 64}, "A K-major (x, dy)");
+  check_tile<false, 64, 128>(64, {0, 64}, "A M-major (dy^T)");
+  check_tile<true, 128, 64>(128, {0}, "B K-major (w rows)");
+  check_tile<false, 64, 128>(128, {0}, "B N-major (w, x)");
+  std::vector<int> seen(64 * 128, 0);
+  for (int t = 0; t < 128; ++t)
+    for (int i = 0; i < 64; ++i) {
+      const int r = acc_row(t, i), c = acc_col(t, i);
+      expect(r >= 0 && r < 64 && c >= 0 && c < 128, "accumulator in range", t, i, -3);
+      if (r >= 0 && r < 64 && c >= 0 && c < 128) ++seen[r * 128 + c];
+    }
+  for (int i = 0; i < 64 * 128; ++i) expect(seen[i] == 1, "accumulator covers once", i, 0, -4);
+  std::printf(failures ? "%d failures\n" : "wgmma layout OK\n", failures);
+  return failures ? 1 : 0;
+}

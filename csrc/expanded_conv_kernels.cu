@@ -11,7 +11,8 @@
 // A block never crosses an output group (forward) or the old/new input-channel boundary (dx),
 // so the zero blocks of the staircase are never read nor multiplied.
 //
-// fp16/bf16: WMMA 16x16x16 fragments, fp32 accumulators (8 warps, 32x32 each).  fp32:
+// fp16/bf16: wgmma m64n64k16 on an sm_90a build (two warpgroups; EXPANSE_FAST_CUDA_WGMMA=0
+// turns it off), else WMMA 16x16x16 fragments (8 warps, 32x32 each); fp32 accumulators.  fp32:
 // shared-memory-tiled SIMT FMA (exact fp32, no tf32).  Tiles are gathered with bounds-checked
 // scalar loads into registers while the previous tile multiplies (two shared-memory stages).
 //
@@ -19,6 +20,7 @@
 // tile logic can be exercised on the host against a reference without a GPU.
 #include "expanded_conv.h"
 #include "kernel_common.cuh"
+#include "wgmma.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -93,10 +95,36 @@ struct Tiles {
 };
 
 // ---- tile math ------------------------------------------------------------------------------
+// Each math owns its shared-memory stages (STAGE, A_SIZE elements; SMEM_BYTES in all, the
+// epilogue's scratch included), how a thread's gathered registers land there (scatter), what a
+// thread does before the barrier that publishes them (before_barrier), and how tiles multiply
+// (zero, mma) and leave (store, calling f(m, n, value) tile-relative).
+
+// The padded [slow][fast] stages of Tiles (the WMMA and SIMT maths).
+template <typename T, Kind K>
+struct PaddedStages {
+  using TL = Tiles<T, K>;
+  static constexpr int STAGE = TL::STAGE, A_SIZE = TL::A_SIZE;
+  static constexpr size_t SMEM_BYTES = TL::SMEM_BYTES;
+  __device__ static void before_barrier() {}
+  __device__ static void scatter(T* stage, const T (&ra)[TL::AMap::ELEMS],
+                                 const T (&rb)[TL::BMap::ELEMS]) {
+    using TA = typename TL::AMap;
+    using TB = typename TL::BMap;
+    const int t = threadIdx.x;
+    T* As = stage;
+    T* Bs = stage + TL::A_SIZE;
+#pragma unroll
+    for (int i = 0; i < TA::ELEMS; ++i) As[TA::slow(t, i) * TA::LD + TA::fast(t)] = ra[i];
+#pragma unroll
+    for (int i = 0; i < TB::ELEMS; ++i) Bs[TB::slow(t, i) * TB::LD + TB::fast(t)] = rb[i];
+  }
+};
+
 // fp32: 256 threads as 16 x 16, each a 4 x 4 micro-tile (rows m_of(t, i), columns n_of(t, j))
 // of the 64 x 64 block tile.
 template <Kind K>
-struct SimtMath {
+struct SimtMath : PaddedStages<float, K> {
   using TL = Tiles<float, K>;
   static_assert(TL::BM == 64 && TL::BN == 64 && TL::THREADS == 256, "SIMT tile is 64 x 64");
   struct Acc { float v[4][4]; };
@@ -139,7 +167,7 @@ struct SimtMath {
 
 // fp16 / bf16: 8 warps, each a 32 x 32 warp tile (2 x 2 fragments) of the block tile.
 template <typename T, Kind K>
-struct WmmaMath {
+struct WmmaMath : PaddedStages<T, K> {
   using TL = Tiles<T, K>;
   static constexpr int WARPS_N = TL::BN / 32;
   static_assert((TL::BM / 32) * WARPS_N == TL::THREADS / 32, "one 32 x 32 tile per warp");
@@ -206,8 +234,74 @@ struct WmmaMath {
   }
 };
 
+// fp16 / bf16 on an sm_90a build: two warpgroups, each a 64 x 64 wgmma tile (m64n64k16) of the
+// block tile (fwd, dx: 128 x 64, split along M; dW: 64 x 128, split along N).  The same gather
+// as the other maths; its registers land in 8 x 16-byte core matrices (wgmma.cuh) instead of
+// padded rows.  A is stored [k][m] (fwd, dx: M-major) or [m][k] (dW: K-major), B [n][k].
 template <typename T, Kind K>
-using MathFor = std::conditional_t<std::is_same<T, float>::value, SimtMath<K>, WmmaMath<T, K>>;
+struct WgmmaMath {
+  using TL = Tiles<T, K>;
+  static constexpr int VEC = 16 / sizeof(T);
+  static constexpr bool A_KMAJOR = !TL::A_KM;
+  static constexpr int A_INNER = TL::A_KM ? TL::BM : TL::BK;
+  static constexpr bool SPLIT_M = TL::BM == 128;  // else the warpgroups split N
+  static constexpr int WG_N = SPLIT_M ? TL::BN : TL::BN / 2;
+  static_assert((TL::BM == 128 || TL::BM == 64) && WG_N == 64 && TL::BK % 16 == 0 &&
+                    TL::THREADS == 256,
+                "two warpgroups of m64n64 per block tile");
+  static constexpr int A_SIZE = TL::BM * TL::BK, STAGE = A_SIZE + TL::BN * TL::BK;
+  static constexpr size_t SMEM_BYTES = 2 * static_cast<size_t>(STAGE) * sizeof(T);
+  static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory is limited to 48 KiB");
+  struct Acc { float d[WG_N / 2]; };
+
+  __device__ static void before_barrier() { wgmma::fence_shared_for_async_proxy(); }
+  __device__ static void scatter(T* stage, const T (&ra)[TL::AMap::ELEMS],
+                                 const T (&rb)[TL::BMap::ELEMS]) {
+    using TA = typename TL::AMap;
+    using TB = typename TL::BMap;
+    const int t = threadIdx.x;
+    T* As = stage;
+    T* Bs = stage + A_SIZE;
+#pragma unroll
+    for (int i = 0; i < TA::ELEMS; ++i)
+      As[wgmma::tile_offset<A_INNER, VEC>(TA::slow(t, i), TA::fast(t))] = ra[i];
+#pragma unroll
+    for (int i = 0; i < TB::ELEMS; ++i)
+      Bs[wgmma::tile_offset<TL::BK, VEC>(TB::slow(t, i), TB::fast(t))] = rb[i];
+  }
+
+  __device__ static int wg_m0() { return SPLIT_M ? 64 * (threadIdx.x / 128) : 0; }
+  __device__ static int wg_n0() { return SPLIT_M ? 0 : 64 * (threadIdx.x / 128); }
+
+  __device__ static void zero(Acc& acc) {
+#pragma unroll
+    for (int i = 0; i < WG_N / 2; ++i) acc.d[i] = 0.f;
+  }
+
+  __device__ static void mma(Acc& acc, const T* As, const T* Bs) {
+    const int m0 = wg_m0(), n0 = wg_n0();
+    wgmma::pin(acc.d);
+    wgmma::fence();
+#pragma unroll
+    for (int kk = 0; kk < TL::BK; kk += 16) {
+      const wgmma::DescFields fa = wgmma::desc_fields<A_KMAJOR, A_INNER, VEC>(m0, kk);
+      const wgmma::DescFields fb = wgmma::desc_fields<true, TL::BK, VEC>(n0, kk);
+      wgmma::mma_m64k16<T, WG_N, A_KMAJOR ? 0 : 1, 0>(
+          acc.d, wgmma::descriptor(As + fa.start, fa.lbo, fa.sbo),
+          wgmma::descriptor(Bs + fb.start, fb.lbo, fb.sbo), 1);
+    }
+    wgmma::commit_and_wait_all();  // the stage is scattered into again after the next barrier
+    wgmma::pin(acc.d);
+  }
+
+  template <class F>
+  __device__ static void store(Acc& acc, float*, F&& f) {
+    const int t = threadIdx.x % 128, m0 = wg_m0(), n0 = wg_n0();
+#pragma unroll
+    for (int i = 0; i < WG_N / 2; ++i)
+      f(m0 + wgmma::acc_row(t, i), n0 + wgmma::acc_col(t, i), acc.d[i]);
+  }
+};
 
 // ---- reduction-index arithmetic ---------------------------------------------------------------
 // A reduction index k = (c * KH + kh) * KW + kw as (c, kh, kw); kstep adds a small step without
@@ -263,27 +357,11 @@ XF_HD void advance(const P& prob, Cursor& c) {
 template <class P>
 XF_HD bool finished(const P& prob, const Cursor& c) { return c.p >= prob.num_phases(); }
 
-template <typename T, Kind K>
-__device__ __forceinline__ void scatter(T* stage, const T (&ra)[Tiles<T, K>::AMap::ELEMS],
-                                        const T (&rb)[Tiles<T, K>::BMap::ELEMS]) {
-  using TL = Tiles<T, K>;
-  using TA = typename TL::AMap;
-  using TB = typename TL::BMap;
-  const int t = threadIdx.x;
-  T* As = stage;
-  T* Bs = stage + TL::A_SIZE;
-#pragma unroll
-  for (int i = 0; i < TA::ELEMS; ++i) As[TA::slow(t, i) * TA::LD + TA::fast(t)] = ra[i];
-#pragma unroll
-  for (int i = 0; i < TB::ELEMS; ++i) Bs[TB::slow(t, i) * TB::LD + TB::fast(t)] = rb[i];
-}
-
 // acc = sum over every tile of A_tile * B_tile.  The next tile's global loads are in flight
 // (in registers) while the current one multiplies; two shared stages, one barrier per tile.
-template <typename T, Kind K, class P>
-__device__ void mainloop(const P& prob, typename MathFor<T, K>::Acc& acc, unsigned char* smem) {
+template <typename T, Kind K, class M, class P>
+__device__ void mainloop(const P& prob, typename M::Acc& acc, unsigned char* smem) {
   using TL = Tiles<T, K>;
-  using M = MathFor<T, K>;
   M::zero(acc);
   T* const base = reinterpret_cast<T*>(smem);
   T ra[TL::AMap::ELEMS], rb[TL::BMap::ELEMS];
@@ -293,7 +371,8 @@ __device__ void mainloop(const P& prob, typename MathFor<T, K>::Acc& acc, unsign
   prob.gather(cur, ra, rb);
   advance<TL::BK>(prob, cur);
   int stage = 0;
-  scatter<T, K>(base, ra, rb);
+  M::scatter(base, ra, rb);
+  M::before_barrier();
   __syncthreads();
   for (;;) {
     const bool more = !finished(prob, cur);
@@ -301,12 +380,13 @@ __device__ void mainloop(const P& prob, typename MathFor<T, K>::Acc& acc, unsign
       prob.gather(cur, ra, rb);
       advance<TL::BK>(prob, cur);
     }
-    const T* st = base + stage * TL::STAGE;
-    M::mma(acc, st, st + TL::A_SIZE);
+    const T* st = base + stage * M::STAGE;
+    M::mma(acc, st, st + M::A_SIZE);
     if (!more) break;
     stage ^= 1;
     // Safe: every thread passed the previous barrier, so nobody still reads this stage.
-    scatter<T, K>(base + stage * TL::STAGE, ra, rb);
+    M::scatter(base + stage * M::STAGE, ra, rb);
+    M::before_barrier();
     __syncthreads();
   }
 }
@@ -437,13 +517,12 @@ struct FwdProblem {
   }
 };
 
-template <typename T>
+template <typename T, class M>
 __global__ void __launch_bounds__(256) conv_fwd_kernel(const __grid_constant__ FwdParams p) {
-  using M = MathFor<T, Kind::kFwd>;
-  __shared__ __align__(128) unsigned char smem[Tiles<T, Kind::kFwd>::SMEM_BYTES];
+  __shared__ __align__(128) unsigned char smem[M::SMEM_BYTES];
   const FwdProblem<T> prob(p, threadIdx.x, blockIdx.x, blockIdx.y);
   typename M::Acc acc;
-  mainloop<T, Kind::kFwd>(prob, acc, smem);
+  mainloop<T, Kind::kFwd, M>(prob, acc, smem);
   __syncthreads();  // the epilogue scratch reuses the tile buffers
   M::store(acc, reinterpret_cast<float*>(smem),
            [&](int m, int n, float v) { prob.store(m, n, v); });
@@ -581,13 +660,12 @@ struct DxProblem {
   }
 };
 
-template <typename T>
+template <typename T, class M>
 __global__ void __launch_bounds__(256) conv_dx_kernel(const __grid_constant__ DxParams p) {
-  using M = MathFor<T, Kind::kDx>;
-  __shared__ __align__(128) unsigned char smem[Tiles<T, Kind::kDx>::SMEM_BYTES];
+  __shared__ __align__(128) unsigned char smem[M::SMEM_BYTES];
   const DxProblem<T> prob(p, threadIdx.x, blockIdx.x, blockIdx.y);
   typename M::Acc acc;
-  mainloop<T, Kind::kDx>(prob, acc, smem);
+  mainloop<T, Kind::kDx, M>(prob, acc, smem);
   __syncthreads();
   M::store(acc, reinterpret_cast<float*>(smem),
            [&](int m, int n, float v) { prob.store(m, n, v); });
@@ -697,18 +775,17 @@ struct DwProblem {
   }
 };
 
-template <typename T>
+template <typename T, class M>
 __global__ void __launch_bounds__(256) conv_dw_kernel(const __grid_constant__ DwParams p) {
   using TL = Tiles<T, Kind::kDw>;
-  using M = MathFor<T, Kind::kDw>;
-  __shared__ __align__(128) unsigned char smem[TL::SMEM_BYTES];
+  __shared__ __align__(128) unsigned char smem[M::SMEM_BYTES];
   __shared__ DwCol cols[TL::BN];
   const int n0 = blockIdx.y * TL::BN;
   for (int j = threadIdx.x; j < TL::BN; j += TL::THREADS) cols[j] = dw_col(p, n0 + j);
   __syncthreads();
   const DwProblem<T> prob(p, cols, threadIdx.x, blockIdx.x, blockIdx.y, blockIdx.z);
   typename M::Acc acc;
-  mainloop<T, Kind::kDw>(prob, acc, smem);
+  mainloop<T, Kind::kDw, M>(prob, acc, smem);
   __syncthreads();
   M::store(acc, reinterpret_cast<float*>(smem),
            [&](int m, int n, float v) { prob.store(m, n, v); });
@@ -963,6 +1040,22 @@ cudaError_t build_dw(const ConvGeometry& geo, const void* dy, const Strides4& sd
   return cudaSuccess;
 }
 
+// Calls f(element, math) with the element type `dt` names and the tile math of GEMM kind K for
+// this call: SIMT for fp32, wgmma where the build and the GPU have it (wgmma_enabled), else WMMA.
+template <Kind K, class F>
+cudaError_t dispatch_math(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(float{}, SimtMath<K>{});
+    case DType::kFloat16:
+      return wgmma_enabled(dt) ? f(__half{}, WgmmaMath<__half, K>{})
+                               : f(__half{}, WmmaMath<__half, K>{});
+    case DType::kBFloat16:
+      return wgmma_enabled(dt) ? f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16, K>{})
+                               : f(__nv_bfloat16{}, WmmaMath<__nv_bfloat16, K>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 bool conv_shape_ok(const ConvShape& s) {
@@ -985,15 +1078,16 @@ cudaError_t conv2d_forward(const ConvShape& s, const ConvWeights& w, const void*
                            const float* bn_scale, const float* bn_shift, void* y,
                            cudaStream_t stream) {
   if ((bn_scale == nullptr) != (bn_shift == nullptr)) return cudaErrorInvalidValue;
-  return dispatch(s.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_math<Kind::kFwd>(s.dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
+    using M = decltype(math);
     FwdParams p{};
     dim3 grid;
     const cudaError_t err = build_fwd<T>(s, w, x, sx, b_frozen, b_new, y, p, grid);
     if (err != cudaSuccess || grid.x == 0) return err;
     p.bn_scale = bn_scale;
     p.bn_shift = bn_shift;
-    conv_fwd_kernel<T><<<grid, Tiles<T, Kind::kFwd>::THREADS, 0, stream>>>(p);
+    conv_fwd_kernel<T, M><<<grid, Tiles<T, Kind::kFwd>::THREADS, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
@@ -1001,13 +1095,14 @@ cudaError_t conv2d_forward(const ConvShape& s, const ConvWeights& w, const void*
 cudaError_t conv2d_backward_input(const ConvShape& s, const ConvWeights& w, const void* dy,
                                   const Strides4& sdy, bool need_dx_old, void* dx,
                                   cudaStream_t stream) {
-  return dispatch(s.dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_math<Kind::kDx>(s.dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
+    using M = decltype(math);
     DxParams p{};
     dim3 grid;
     const cudaError_t err = build_dx<T>(s, w, dy, sdy, need_dx_old, dx, p, grid);
     if (err != cudaSuccess || grid.x == 0) return err;
-    conv_dx_kernel<T><<<grid, Tiles<T, Kind::kDx>::THREADS, 0, stream>>>(p);
+    conv_dx_kernel<T, M><<<grid, Tiles<T, Kind::kDx>::THREADS, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
@@ -1044,14 +1139,15 @@ cudaError_t conv2d_weight_grad(DType dtype, const ConvGeometry& geo, const void*
                                const Strides4& sx, int64_t x_c0, int64_t n_ch, void* out,
                                const ConvWeightGradPlan& plan, void* workspace,
                                cudaStream_t stream) {
-  return dispatch(dtype, [&](auto tag) -> cudaError_t {
+  return dispatch_math<Kind::kDw>(dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
+    using M = decltype(math);
     DwParams p{};
     dim3 grid;
     cudaError_t err = build_dw<T>(geo, dy, sdy, dy_c0, m, x, sx, x_c0, n_ch, out, plan,
                                   workspace, p, grid);
     if (err != cudaSuccess || grid.x == 0) return err;
-    conv_dw_kernel<T><<<grid, Tiles<T, Kind::kDw>::THREADS, 0, stream>>>(p);
+    conv_dw_kernel<T, M><<<grid, Tiles<T, Kind::kDw>::THREADS, 0, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess || p.splits == 1) return err;
     const int64_t mn = static_cast<int64_t>(p.m) * p.n;

@@ -206,7 +206,7 @@ struct WgmmaMath {
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16)
-      wgmma::mma_m64n128k16<T, L::AK ? 0 : 1, L::BKM ? 0 : 1>(
+      wgmma::mma_m64k16<T, BN, L::AK ? 0 : 1, L::BKM ? 0 : 1>(
           acc.d, L::desc_a(As, m0, kk), L::desc_b(Bs, 0, kk), 1);
     wgmma::commit_and_wait_all();  // the stage's smem is refilled after the next barrier
     wgmma::pin(acc.d);
@@ -650,6 +650,33 @@ bool shape_ok(const LinearShape& s, const LinearWeights& w) {
                           s.frozen_in, s.frozen_out);
 }
 
+// Calls f(element, math) with the element type `dt` names and the tile math for this call.
+template <class F>
+cudaError_t dispatch_math(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: return f(float{}, SimtMath{});
+    case DType::kFloat16:
+      return wgmma_enabled(dt) ? f(__half{}, WgmmaMath<__half>{}) : f(__half{}, WmmaMath<__half>{});
+    case DType::kBFloat16:
+      return wgmma_enabled(dt) ? f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16>{})
+                               : f(__nv_bfloat16{}, WmmaMath<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Launches a GEMM kernel with its dynamic shared memory (raising the 48 KB default if needed).
+template <class M, bool AK, bool BKM, class Params>
+cudaError_t launch_gemm(void (*kernel)(Params), dim3 grid, const Params& p, cudaStream_t stream) {
+  constexpr size_t bytes = smem_bytes<M, AK, BKM>();
+  if (bytes > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, M::THREADS, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // ---- which tile math runs --------------------------------------------------------------------
 __global__ void wgmma_probe_kernel(int* out) { *out = EXPANSE_FAST_WGMMA; }
 
@@ -674,49 +701,21 @@ bool wgmma_compiled() {
   return has == 1;
 }
 
+}  // namespace
+
 // fp16/bf16 use wgmma where compiled in, unless EXPANSE_FAST_CUDA_WGMMA=0 (read at every call,
-// so a process can compare both paths).
-bool use_wgmma(DType dt) {
+// so a process can compare both paths).  The conv kernels ask too.
+bool wgmma_enabled(DType dt) {
   if (dt == DType::kFloat32) return false;
   const char* env = std::getenv("EXPANSE_FAST_CUDA_WGMMA");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   return wgmma_compiled();
 }
 
-// Calls f(element, math) with the element type `dt` names and the tile math for this call.
-template <class F>
-cudaError_t dispatch_math(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: return f(float{}, SimtMath{});
-    case DType::kFloat16:
-      return use_wgmma(dt) ? f(__half{}, WgmmaMath<__half>{}) : f(__half{}, WmmaMath<__half>{});
-    case DType::kBFloat16:
-      return use_wgmma(dt) ? f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16>{})
-                           : f(__nv_bfloat16{}, WmmaMath<__nv_bfloat16>{});
-  }
-  return cudaErrorInvalidValue;
-}
-
-// Launches a GEMM kernel with its dynamic shared memory (raising the 48 KB default if needed).
-template <class M, bool AK, bool BKM, class Params>
-cudaError_t launch_gemm(void (*kernel)(Params), dim3 grid, const Params& p, cudaStream_t stream) {
-  constexpr size_t bytes = smem_bytes<M, AK, BKM>();
-  if (bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<grid, M::THREADS, bytes, stream>>>(p);
-  return cudaGetLastError();
-}
-
-}  // namespace
-
 const char* linear_math_name(DType dtype) {
   if (dtype == DType::kFloat32) return "simt";
-  return use_wgmma(dtype) ? "wgmma" : "wmma";
+  return wgmma_enabled(dtype) ? "wgmma" : "wmma";
 }
-
 
 cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const void* x,
                            int64_t ld_x, const void* b_frozen, const void* b_new, void* y,
@@ -817,7 +816,7 @@ cudaError_t linear_backward_input(const LinearShape& s, const LinearWeights& w, 
 }
 
 WeightGradPlan plan_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, int num_sms) {
-  const bool f32 = dtype == DType::kFloat32, wg = use_wgmma(dtype);
+  const bool f32 = dtype == DType::kFloat32, wg = wgmma_enabled(dtype);
   const int bm = f32 ? SimtMath::BM : WmmaMath<__half>::BM;  // == WgmmaMath's
   const int bn = f32 ? SimtMath::BN : WmmaMath<__half>::BN;
   const int bk = f32 ? SimtMath::BK : wg ? WgmmaMath<__half>::BK : WmmaMath<__half>::BK;

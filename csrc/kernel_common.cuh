@@ -53,4 +53,10 @@ inline bool frozen_groups_ok(int num_groups, const int64_t* widths, const int64_
 }
 
 }  // namespace common
+
+// Whether the fp16/bf16 GEMMs of this call use wgmma (Hopper warpgroup MMA) on the current
+// device: built for sm_90a, running there, and not turned off by EXPANSE_FAST_CUDA_WGMMA=0.
+// Defined with the linear kernels; the conv kernels ask it too.
+bool wgmma_enabled(DType dtype);
+
 }  // namespace expanse_fast

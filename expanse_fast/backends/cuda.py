@@ -8,8 +8,8 @@ install --no-build-isolation .``) or compiled with ninja at first use by
 are registered here.  Depthwise convolutions stay on the torch backend.
 
 The functions mirror ``torch_ref`` exactly (see its docstring for the interface).  On an
-H100/H200 the fp16/bf16 linear kernels multiply with wgmma (``linear_math`` says which path
-runs; ``EXPANSE_FAST_CUDA_WGMMA=0`` selects the portable WMMA kernels instead).  Importing
+H100/H200 the fp16/bf16 linear and conv kernels multiply with wgmma (``linear_math`` says
+which path runs; ``EXPANSE_FAST_CUDA_WGMMA=0`` selects the portable WMMA kernels instead).  Importing
 this module never fails, nor builds anything: that happens in ``load()``.
 """
 from __future__ import annotations
@@ -201,7 +201,8 @@ def _ops():
 def linear_math(dtype: torch.dtype, device=None) -> str:
     """The tile math of the linear kernels for ``dtype`` on ``device``, now: ``"wgmma"``
     (Hopper warpgroup MMA, from an sm_90a build; ``EXPANSE_FAST_CUDA_WGMMA=0`` turns it off),
-    ``"wmma"`` (portable tensor-core fragments) or ``"simt"`` (fp32)."""
+    ``"wmma"`` (portable tensor-core fragments) or ``"simt"`` (fp32).  The conv kernels follow
+    the same choice."""
     ops = _ops()
     with torch.cuda.device(device if device is not None else torch.cuda.current_device()):
         return ops.linear_math(dtype)

@@ -152,7 +152,7 @@ def dev():
 
 @pytest.fixture(params=["auto", "wmma"])
 def tile_math(request, monkeypatch):
-    """The linear kernels' tile math: the default (wgmma on an H100/H200), and the portable
+    """The GEMM kernels' tile math: the default (wgmma on an H100/H200), and the portable
     WMMA kernels (EXPANSE_FAST_CUDA_WGMMA=0, read by the launchers at every call)."""
     if request.param == "wmma":
         monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
@@ -162,8 +162,10 @@ def tile_math(request, monkeypatch):
 
 
 def skip_same_math(tile_math, dtype):
-    if tile_math == "wmma" and dtype == torch.float32:
-        pytest.skip("fp32 runs the SIMT kernels whatever the switch says")
+    """The WMMA variant runs in bf16 only: fp32 is SIMT either way, and fp16 goes through the
+    same templates as bf16 (the default-math runs cover both)."""
+    if tile_math == "wmma" and dtype != torch.bfloat16:
+        pytest.skip("the WMMA variant runs in bf16 (fp32 is SIMT either way)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,7 +460,8 @@ def check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old=True, n
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CONV_CASES))
-def test_conv_forward_matches_dense(dev, name, dtype):
+def test_conv_forward_matches_dense(dev, tile_math, name, dtype):
+    skip_same_math(tile_math, dtype)
     layout, geo = CONV_CASES[name]
     p = make_conv_params(layout, geo["k"], dtype, dev)
     x = conv_input(layout, geo, dtype, dev)
@@ -473,7 +476,8 @@ def test_conv_forward_matches_dense(dev, name, dtype):
 @pytest.mark.parametrize("need_dx_old", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CONV_CASES))
-def test_conv_backward_matches_dense(dev, name, dtype, need_dx_old):
+def test_conv_backward_matches_dense(dev, tile_math, name, dtype, need_dx_old):
+    skip_same_math(tile_math, dtype)
     layout, geo = CONV_CASES[name]
     p = make_conv_params(layout, geo["k"], dtype, dev)
     x = conv_input(layout, geo, dtype, dev)
@@ -486,8 +490,9 @@ def test_conv_backward_matches_dense(dev, name, dtype, need_dx_old):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["three_groups_dilated", "coupled_three"])
-def test_conv_strided_operands_and_no_bias(dev, name, dtype):
+def test_conv_strided_operands_and_no_bias(dev, tile_math, name, dtype):
     """x in channels_last, dy a permuted view, a column-sliced x: read through strides."""
+    skip_same_math(tile_math, dtype)
     layout, geo = CONV_CASES[name]
     p = make_conv_params(layout, geo["k"], dtype, dev, bias=False)
     x = conv_input(layout, geo, dtype, dev).to(memory_format=torch.channels_last)
@@ -524,8 +529,9 @@ def test_conv_backward_computes_only_what_is_asked(dev, name, need):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_conv_large_batch_split_reduction(dev, dtype):
+def test_conv_large_batch_split_reduction(dev, tile_math, dtype):
     """Thousands of output pixels, few dW tiles: the weight gradient splits over blocks."""
+    skip_same_math(tile_math, dtype)
     layout = Layout((32, 16), (32, 16), "coupled")
     geo = _geo(4, 24, 23, 3, 1, 1)
     p = make_conv_params(layout, geo["k"], dtype, dev)

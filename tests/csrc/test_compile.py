@@ -102,50 +102,49 @@ def _ptx_entries(ptx: str) -> dict:
     return {p.split("(", 1)[0].strip(): p for p in parts}
 
 
-def _ptx_of_linear_kernels(arch, tmp_path):
-    out = tmp_path / f"linear_{arch}.ptx"
+def _ptx_of(src_name, arch, tmp_path):
+    out = tmp_path / f"{Path(src_name).stem}_{arch}.ptx"
     cmd = [NVCC, "-ptx", "-std=c++17", "-O3", f"-arch={arch}", *TORCH_NVCC_DEFINES,
-           "-I", str(CSRC), str(CSRC / "expanded_linear_kernels.cu"), "-o", str(out)]
+           "-I", str(CSRC), str(CSRC / src_name), "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
     return out
 
 
-# The operand majorness each GEMM hands wgmma (0 = K-major, 1 = M/N-major): forward x.w^T
-# (both K-major), input gradient dy.w (w is N-major), weight gradient dy^T.x (both MN-major).
-WGMMA_TRANSPOSES = {"linear_fwd_kernel": "0, 0", "linear_dx_kernel": "0, 1",
-                    "linear_dw_kernel": "1, 1"}
+# Per kernel: the wgmma N, the instructions per k-tile (BK / 16), and the operand majorness it
+# hands wgmma (0 = K-major, 1 = M/N-major).  Linear: forward x.w^T (both K-major), input
+# gradient dy.w (w N-major), weight gradient dy^T.x (both MN-major).  Conv: A is the gathered
+# im2col / dy tile stored [k][m] (M-major) for forward and input gradient, [m][k] for dW; B is
+# always stored [n][k].
+WGMMA_KERNELS = {
+    "expanded_linear_kernels.cu": {"linear_fwd_kernel": ("128", 4, "0, 0"),
+                                   "linear_dx_kernel": ("128", 4, "0, 1"),
+                                   "linear_dw_kernel": ("128", 4, "1, 1")},
+    "expanded_conv_kernels.cu": {"conv_fwd_kernel": ("64", 2, "1, 0"),
+                                 "conv_dx_kernel": ("64", 2, "1, 0"),
+                                 "conv_dw_kernel": ("64", 2, "0, 0")},
+}
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
-def test_wgmma_operand_layout_on_the_host(tmp_path):
-    """wgmma.cuh's tile copy, offsets and descriptor fields read back, through the PTX ISA's
-    canonical layouts, the blocks each GEMM hands wgmma; its accumulator map is a bijection.
-    Host code only: built with nvcc and run on the CPU."""
-    exe = tmp_path / "wgmma_layout_check"
-    src = Path(__file__).with_name("wgmma_layout_check.cu")
-    cmd = [NVCC, "-std=c++17", "-O1", "-I", str(CSRC), str(src), "-o", str(exe)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and "wgmma layout OK" in run.stdout, run.stdout[-3000:]
-
-
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
-def test_linear_kernels_issue_wgmma_on_sm90a_only(tmp_path):
-    """Built for sm_90a, the WgmmaMath instantiation of each linear GEMM (fp16 and bf16) issues
-    m64n128k16 wgmma with its operands' majorness, ptxas assembles it, and the WMMA kernels
-    issue none; built for plain sm_90 (the portable path) nothing issues wgmma."""
-    ptx_path = _ptx_of_linear_kernels("compute_90a", tmp_path)
+@pytest.mark.parametrize("src_name", list(WGMMA_KERNELS))
+def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
+    """Built for sm_90a, the WgmmaMath instantiation of each GEMM kernel (fp16 and bf16) issues
+    wgmma of its shape and operand majorness, with the proxy fence its copies need, and ptxas
+    assembles it; the WMMA and SIMT kernels issue none; built for plain sm_90 (the portable
+    path) nothing issues wgmma."""
+    expect = WGMMA_KERNELS[src_name]
+    ptx_path = _ptx_of(src_name, "compute_90a", tmp_path)
     entries = _ptx_entries(ptx_path.read_text())
     wg = {n: b for n, b in entries.items() if "WgmmaMath" in n}
-    assert len(wg) == 6, f"expected 3 kernels x 2 dtypes on WgmmaMath, got {sorted(wg)}"
+    assert len(wg) == 2 * len(expect), f"expected {len(expect)} kernels x 2 dtypes, got {sorted(wg)}"
     for name, body in wg.items():
-        kernel = next(k for k in WGMMA_TRANSPOSES if k in name)
-        calls = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n128k16\.f32\.(b?f16)\.\1 "
+        kernel = next(k for k in expect if k in name)
+        n, per_tile, trans = expect[kernel]
+        calls = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{n}k16\.f32\.(b?f16)\.\1 "
                            r"[^;]*p, 1, 1, (\d, \d);", body, flags=re.S)
-        assert len(calls) == 4, f"{name}: {len(calls)} wgmma per k-tile, expected 4 (BK 64)"
-        assert {t for _, t in calls} == {WGMMA_TRANSPOSES[kernel]}, f"{name}: {calls}"
+        assert len(calls) == per_tile, f"{name}: {len(calls)} wgmma m64n{n}k16, expected {per_tile}"
+        assert {t for _, t in calls} == {trans}, f"{name}: {calls}"
         assert "fence.proxy.async.shared::cta" in body, f"{name}: no proxy fence"
     for name, body in entries.items():
         if "WmmaMath" in name or "SimtMath" in name:
@@ -154,8 +153,22 @@ def test_linear_kernels_issue_wgmma_on_sm90a_only(tmp_path):
         (str(h / "bin/ptxas") for h in _cuda_homes() if (h / "bin/ptxas").exists()), None)
     if ptxas is not None:
         res = subprocess.run([ptxas, "-arch=sm_90a", str(ptx_path), "-o",
-                              str(tmp_path / "linear.cubin")],
+                              str(tmp_path / "kernels.cubin")],
                              capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-6000:]
-    portable = _ptx_of_linear_kernels("compute_90", tmp_path).read_text()
+    portable = _ptx_of(src_name, "compute_90", tmp_path).read_text()
     assert "wgmma.mma_async" not in portable
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+def test_wgmma_operand_layout_on_the_host(tmp_path):
+    """wgmma.cuh's tile copy, offsets and descriptor fields read back, through the PTX ISA's
+    canonical layouts, the blocks each GEMM (linear and conv) hands wgmma; its accumulator
+    maps are bijections.  Host code only: built with nvcc and run on the CPU."""
+    exe = tmp_path / "wgmma_layout_check"
+    src = Path(__file__).with_name("wgmma_layout_check.cu")
+    cmd = [NVCC, "-std=c++17", "-O1", "-I", str(CSRC), str(src), "-o", str(exe)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, f"{' '.join(cmd)}\n{res.stderr[-6000:]}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "wgmma layout OK" in run.stdout, run.stdout[-3000:]

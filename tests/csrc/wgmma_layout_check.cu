@@ -57,20 +57,32 @@ static void check_tile(int mn_block, const std::vector<int>& mn0s, const char* n
     }
 }
 
+// The m64nN fp32 accumulators of a warpgroup (N / 2 per thread) cover 64 x N exactly once.
+static void check_accumulators(int n) {
+  std::vector<int> seen(64 * n, 0);
+  for (int t = 0; t < 128; ++t)
+    for (int i = 0; i < n / 2; ++i) {
+      const int r = acc_row(t, i), c = acc_col(t, i);
+      expect(r >= 0 && r < 64 && c >= 0 && c < n, "accumulator in range", n, t, i);
+      if (r >= 0 && r < 64 && c >= 0 && c < n) ++seen[r * n + c];
+    }
+  for (int i = 0; i < 64 * n; ++i) expect(seen[i] == 1, "accumulator covers once", n, i, 0);
+}
+
 int main() {
   // The linear kernels' tiles: BM = BN = 128, BK = 64; A blocks of 64 rows per warpgroup.
-  check_tile<true, 128, 64>(64, {0, 64}, "A K-major (x, dy)");
-  check_tile<false, 64, 128>(64, {0, 64}, "A M-major (dy^T)");
-  check_tile<true, 128, 64>(128, {0}, "B K-major (w rows)");
-  check_tile<false, 64, 128>(128, {0}, "B N-major (w, x)");
-  std::vector<int> seen(64 * 128, 0);
-  for (int t = 0; t < 128; ++t)
-    for (int i = 0; i < 64; ++i) {
-      const int r = acc_row(t, i), c = acc_col(t, i);
-      expect(r >= 0 && r < 64 && c >= 0 && c < 128, "accumulator in range", t, i, -3);
-      if (r >= 0 && r < 64 && c >= 0 && c < 128) ++seen[r * 128 + c];
-    }
-  for (int i = 0; i < 64 * 128; ++i) expect(seen[i] == 1, "accumulator covers once", i, 0, -4);
+  check_tile<true, 128, 64>(64, {0, 64}, "linear A K-major (x, dy)");
+  check_tile<false, 64, 128>(64, {0, 64}, "linear A M-major (dy^T)");
+  check_tile<true, 128, 64>(128, {0}, "linear B K-major (w rows)");
+  check_tile<false, 64, 128>(128, {0}, "linear B N-major (w, x)");
+  // The conv kernels' tiles (BK = 32; m64n64 per warpgroup): forward and dx 128 x 64 with A
+  // stored [k][m]; dW 64 x 128 with A stored [m][k], the warpgroups splitting N.
+  check_tile<false, 32, 128>(64, {0, 64}, "conv A M-major (im2col x, dy taps)");
+  check_tile<true, 64, 32>(64, {0}, "conv B K-major (fwd/dx weights)");
+  check_tile<true, 64, 32>(64, {0}, "conv A K-major (dW: dy)");
+  check_tile<true, 128, 32>(64, {0, 64}, "conv B K-major (dW: x taps)");
+  check_accumulators(128);
+  check_accumulators(64);
   std::printf(failures ? "%d failures\n" : "wgmma layout OK\n", failures);
   return failures ? 1 : 0;
 }

@@ -32,9 +32,11 @@ if os.environ.get("EXPANSE_FAST_BUILD_CUDA") == "1":
     ext_modules = [CUDAExtension(
         "expanse_fast._C", sources,
         extra_compile_args={"cxx": ["-O3"],
-                            # sm_90a: H100/H200 with wgmma; sm_80: Ampere and Ada
+                            # sm_90a: H100/H200 with wgmma; sm_80: Ampere and Ada;
+                            # compute_80 PTX: newer GPUs (the WMMA path, JIT-compiled)
                             "nvcc": ["-O3", "-gencode=arch=compute_90a,code=sm_90a",
-                                     "-gencode=arch=compute_80,code=sm_80"]})]
+                                     "-gencode=arch=compute_80,code=sm_80",
+                                     "-gencode=arch=compute_80,code=compute_80"]})]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(packages=packages, package_dir=package_dir, package_data=package_data,

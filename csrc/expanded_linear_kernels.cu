@@ -665,13 +665,21 @@ cudaError_t dispatch_math(DType dt, F&& f) {
 }
 
 // Launches a GEMM kernel with its dynamic shared memory (raising the 48 KB default if needed).
+// One kernel per instantiation, so the attribute is raised once per device.
 template <class M, bool AK, bool BKM, class Params>
 cudaError_t launch_gemm(void (*kernel)(Params), dim3 grid, const Params& p, cudaStream_t stream) {
   constexpr size_t bytes = smem_bytes<M, AK, BKM>();
   if (bytes > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-    if (err != cudaSuccess) return err;
+    constexpr int kDevices = 64;
+    static std::atomic<bool> raised[kDevices];
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return cudaGetLastError();
+    if (dev < 0 || dev >= kDevices || !raised[dev].load()) {
+      const cudaError_t err = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+      if (err != cudaSuccess) return err;
+      if (dev >= 0 && dev < kDevices) raised[dev] = true;
+    }
   }
   kernel<<<grid, M::THREADS, bytes, stream>>>(p);
   return cudaGetLastError();
@@ -682,6 +690,8 @@ __global__ void wgmma_probe_kernel(int* out) { *out = EXPANSE_FAST_WGMMA; }
 
 // Whether the binary loaded for the current device holds the wgmma code (built for sm_90a and
 // running on a compute-capability 9.0 GPU): asked once per device with a one-thread kernel.
+// The Python loader asks for the current device right after loading the extension, so the
+// probe (a malloc, a launch, a copy) does not first run inside a CUDA graph capture.
 bool wgmma_compiled() {
   constexpr int kDevices = 64;
   static std::atomic<int> known[kDevices];  // 0 unknown, 1 no, 2 yes
@@ -690,13 +700,21 @@ bool wgmma_compiled() {
   int v = known[dev].load();
   if (v != 0) return v == 2;
   int* buf = nullptr;
-  int has = 0;
-  if (cudaMalloc(&buf, sizeof(int)) == cudaSuccess) {
-    wgmma_probe_kernel<<<1, 1>>>(buf);
-    if (cudaMemcpy(&has, buf, sizeof(int), cudaMemcpyDeviceToHost) != cudaSuccess) has = 0;
-    cudaFree(buf);
+  if (cudaMalloc(&buf, sizeof(int)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;  // not cached: ask again next time (e.g. after a graph capture)
   }
-  (void)cudaGetLastError();  // a failed probe (no image for this GPU) must not leak
+  int has = 0;
+  wgmma_probe_kernel<<<1, 1>>>(buf);
+  const cudaError_t launched = cudaGetLastError();  // no image for this GPU: not wgmma
+  const cudaError_t copied = launched == cudaSuccess
+                                 ? cudaMemcpy(&has, buf, sizeof(int), cudaMemcpyDeviceToHost)
+                                 : cudaSuccess;
+  cudaFree(buf);
+  if (copied != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;  // not cached
+  }
   known[dev] = has == 1 ? 2 : 1;
   return has == 1;
 }
@@ -824,9 +842,12 @@ WeightGradPlan plan_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n,
   if (m <= 0 || n <= 0 || rows <= 0) return plan;
   const int64_t tiles = ceil_div(m, bm) * ceil_div(n, bn);
   const int64_t ktiles = ceil_div(rows, bk);
+  // A block's row count is an int (at most 2^30): split at least this often.
+  const int64_t min_splits = ceil_div(rows, int64_t{1} << 30);
   // Split the reduction only while the output tiles leave SMs idle, keeping >= 8 k-tiles each.
   int64_t want = tiles >= num_sms ? 1 : ceil_div(2 * static_cast<int64_t>(num_sms), tiles);
   want = std::min<int64_t>({want, ktiles / 8, 64});
+  want = std::max<int64_t>(want, min_splits);
   if (want <= 1) return plan;
   plan.rows_per_split = ceil_div(ktiles, want) * bk;
   plan.splits = static_cast<int>(ceil_div(rows, plan.rows_per_split));
@@ -841,7 +862,10 @@ cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, 
                                const WeightGradPlan& plan, void* workspace, cudaStream_t stream) {
   if (rows < 0 || m < 0 || n < 0 || plan.splits < 1 || plan.rows_per_split < 1 ||
       m > INT32_MAX / 2 || n > INT32_MAX / 2 || plan.rows_per_split > (int64_t{1} << 30) ||
-      (plan.splits > 1 && workspace == nullptr))
+      static_cast<int64_t>(plan.splits) * plan.rows_per_split < rows ||
+      (plan.splits > 1 &&
+       (workspace == nullptr ||
+        plan.workspace_bytes < static_cast<size_t>(plan.splits) * (m * n + m) * sizeof(float))))
     return cudaErrorInvalidValue;
   if (n == 0) out = nullptr;  // an empty dW: nothing to write
   if (m == 0 || (out == nullptr && db == nullptr)) return cudaSuccess;

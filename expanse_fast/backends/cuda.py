@@ -107,6 +107,13 @@ def load(verbose: bool = False) -> str:
             raise RuntimeError(_state["error"]) from exc
         _register_fakes()
         _state.update(loaded=True, how=how)
+        if torch.cuda.is_available():
+            # The kernels' one-time wgmma probe (a malloc, a launch, a copy) runs now, for the
+            # current device, rather than at a first call that might sit in a graph capture.
+            try:
+                torch.ops.expanse_fast_cuda.linear_math(torch.bfloat16)
+            except Exception:  # noqa: BLE001 -- the launchers probe at first use instead
+                pass
         return how
 
 

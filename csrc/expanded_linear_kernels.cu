@@ -343,7 +343,8 @@ constexpr size_t smem_bytes() {
   return tiles > M::SCRATCH_BYTES ? tiles : M::SCRATCH_BYTES;
 }
 
-__device__ __forceinline__ int clamp_rows(int64_t v) {  // row counts as int, for the masks
+// Row counts as int, for the masks.
+__host__ __device__ __forceinline__ int clamp_rows(int64_t v) {
   return v < (int64_t{1} << 30) ? static_cast<int>(v) : (1 << 30);
 }
 
@@ -430,14 +431,14 @@ struct FwdProblem {
   const FwdSeg& s;
   int64_t m0;
   int n0;
-  __device__ int num_phases() const { return 2; }
-  __device__ int phase_len(int ph) const { return ph == 0 ? s.k1 : s.k2; }
-  __device__ TileSrc<T> tile_a(int ph, int k0) const {
+  __host__ __device__ int num_phases() const { return 2; }
+  __host__ __device__ int phase_len(int ph) const { return ph == 0 ? s.k1 : s.k2; }
+  __host__ __device__ TileSrc<T> tile_a(int ph, int k0) const {
     const int col = (ph == 0 ? 0 : s.k2_col0) + k0;
     return {static_cast<const T*>(p.x) + m0 * p.ld_x + col, p.ld_x,
             clamp_rows(p.rows - m0), phase_len(ph) - k0};
   }
-  __device__ TileSrc<T> tile_b(int ph, int k0) const {
+  __host__ __device__ TileSrc<T> tile_b(int ph, int k0) const {
     const int64_t ld = ph == 0 ? s.ld1 : s.ld2;
     const T* w = static_cast<const T*>(ph == 0 ? s.w1 : s.w2);
     return {w + n0 * ld + k0, ld, s.rows - n0, phase_len(ph) - k0};
@@ -499,21 +500,21 @@ struct DxProblem {
   int64_t m0;
   int c0, c_end;  // the tile's first column and its segment's end (I_f or I)
   bool old;
-  __device__ int num_phases() const {
+  __host__ __device__ int num_phases() const {
     if (old) return p.need_old ? 1 + p.ngroups : 0;
     return 2;
   }
-  __device__ int phase_len(int ph) const {
+  __host__ __device__ int phase_len(int ph) const {
     if (ph == 0) return p.new_out;
     if (old) return p.g_kend[ph - 1] > c0 ? p.g_rows[ph - 1] : 0;
     return p.w_couple != nullptr ? p.frozen_out : 0;
   }
-  __device__ TileSrc<T> tile_a(int ph, int k0) const {
+  __host__ __device__ TileSrc<T> tile_a(int ph, int k0) const {
     const int col = ph == 0 ? p.frozen_out : (old ? p.g_row0[ph - 1] : 0);
     return {static_cast<const T*>(p.dy) + m0 * p.ld_dy + col + k0, p.ld_dy,
             clamp_rows(p.rows - m0), phase_len(ph) - k0};
   }
-  __device__ TileSrc<T> tile_b(int ph, int k0) const {
+  __host__ __device__ TileSrc<T> tile_b(int ph, int k0) const {
     const int rows = phase_len(ph) - k0;
     if (ph == 0)
       return {static_cast<const T*>(p.w_new) + k0 * p.ld_wn + c0, p.ld_wn, rows, c_end - c0};
@@ -566,13 +567,13 @@ struct DwProblem {
   const DwParams& p;
   int64_t r0;  // first reduction row of this split
   int m0, n0, len;
-  __device__ int num_phases() const { return 1; }
-  __device__ int phase_len(int) const { return len; }
-  __device__ TileSrc<T> tile_a(int, int k0) const {
+  __host__ __device__ int num_phases() const { return 1; }
+  __host__ __device__ int phase_len(int) const { return len; }
+  __host__ __device__ TileSrc<T> tile_a(int, int k0) const {
     return {static_cast<const T*>(p.a) + (r0 + k0) * p.ld_a + p.a_col0 + m0, p.ld_a, len - k0,
             p.m - m0};
   }
-  __device__ TileSrc<T> tile_b(int, int k0) const {
+  __host__ __device__ TileSrc<T> tile_b(int, int k0) const {
     return {static_cast<const T*>(p.b) + (r0 + k0) * p.ld_b + p.b_col0 + n0, p.ld_b, len - k0,
             p.n - n0};
   }
@@ -685,6 +686,119 @@ cudaError_t launch_gemm(void (*kernel)(Params), dim3 grid, const Params& p, cuda
   return cudaGetLastError();
 }
 
+// ---- launch parameters (host), kept apart from the launches so that a host harness can walk
+// the very same tiles (tests/csrc/linear_tile_emulation.cu).  M gives the tile shape. --------
+
+// The forward's output segments: every non-empty frozen group, then the new rows.
+template <typename T>
+std::vector<FwdSeg> fwd_segments(const LinearShape& s, const LinearWeights& w,
+                                 const void* b_frozen, const void* b_new) {
+  std::vector<FwdSeg> segs;
+  int64_t r0 = 0;
+  for (int g = 0; g < s.num_frozen_groups; ++g) {
+    const int64_t rows = s.frozen_out_groups[g];
+    if (rows > 0) {
+      FwdSeg seg{};
+      seg.w1 = static_cast<const T*>(w.w_frozen) + r0 * w.ld_w_frozen;
+      seg.ld1 = w.ld_w_frozen;
+      seg.k1 = static_cast<int>(s.frozen_k_ends[g]);
+      if (w.w_couple != nullptr) {
+        seg.w2 = static_cast<const T*>(w.w_couple) + r0 * w.ld_w_couple;
+        seg.ld2 = w.ld_w_couple;
+        seg.k2_col0 = static_cast<int>(s.frozen_in);
+        seg.k2 = static_cast<int>(s.in_features - s.frozen_in);
+      }
+      seg.bias = b_frozen != nullptr ? static_cast<const T*>(b_frozen) + r0 : nullptr;
+      seg.col0 = static_cast<int>(r0);
+      seg.rows = static_cast<int>(rows);
+      segs.push_back(seg);
+    }
+    r0 += rows;
+  }
+  if (s.new_out > 0) {
+    FwdSeg seg{};
+    seg.w1 = w.w_new;
+    seg.ld1 = w.ld_w_new;
+    seg.k1 = static_cast<int>(s.in_features);
+    seg.bias = b_new;
+    seg.col0 = static_cast<int>(s.frozen_out);
+    seg.rows = static_cast<int>(s.new_out);
+    segs.push_back(seg);
+  }
+  return segs;
+}
+
+// The forward launch of segs[first, first + kSegsPerLaunch).
+template <class M>
+cudaError_t build_fwd(const std::vector<FwdSeg>& segs, size_t first, const LinearShape& s,
+                      const void* x, int64_t ld_x, void* y, int64_t ld_y,
+                      const LinearEpilogue& epilogue, FwdParams& p, dim3& grid) {
+  p = FwdParams{};
+  p.x = x; p.y = y; p.ld_x = ld_x; p.ld_y = ld_y; p.rows = s.rows;
+  p.pre = epilogue.pre; p.ld_pre = epilogue.ld_pre; p.pre_col0 = epilogue.pre_col0;
+  p.activation = static_cast<int>(epilogue.activation);
+  p.nseg = static_cast<int>(std::min<size_t>(kSegsPerLaunch, segs.size() - first));
+  int tiles = 0;
+  for (int i = 0; i < p.nseg; ++i) {
+    p.seg[i] = segs[first + i];
+    p.seg[i].tile0 = tiles;
+    tiles += static_cast<int>(ceil_div(p.seg[i].rows, M::BN));
+  }
+  if (tiles > kMaxGridY) return cudaErrorInvalidValue;
+  grid = dim3(static_cast<unsigned>(ceil_div(s.rows, M::BM)), tiles);
+  return cudaSuccess;
+}
+
+template <class M>
+cudaError_t build_dx(const LinearShape& s, const LinearWeights& w, const void* dy,
+                     int64_t ld_dy, bool need_dx_old, void* dx, int64_t ld_dx, DxParams& p,
+                     dim3& grid) {
+  p = DxParams{};
+  p.dy = dy; p.dx = dx; p.ld_dy = ld_dy; p.ld_dx = ld_dx; p.rows = s.rows;
+  p.w_new = w.w_new; p.ld_wn = w.ld_w_new;
+  p.w_frozen = w.w_frozen; p.ld_wf = w.ld_w_frozen;
+  p.w_couple = (w.w_couple != nullptr && s.frozen_out > 0) ? w.w_couple : nullptr;
+  p.ld_wc = w.ld_w_couple;
+  p.in_features = static_cast<int>(s.in_features);
+  p.frozen_in = static_cast<int>(s.frozen_in);
+  p.frozen_out = static_cast<int>(s.frozen_out);
+  p.new_out = static_cast<int>(s.new_out);
+  p.need_old = need_dx_old ? 1 : 0;
+  int r0 = 0;
+  for (int g = 0; g < s.num_frozen_groups; ++g) {
+    p.g_row0[g] = r0;
+    p.g_rows[g] = static_cast<int>(s.frozen_out_groups[g]);
+    p.g_kend[g] = static_cast<int>(s.frozen_k_ends[g]);
+    r0 += p.g_rows[g];
+  }
+  p.ngroups = s.num_frozen_groups;
+  p.old_tiles = static_cast<int>(ceil_div(s.frozen_in, M::BN));
+  const int64_t tiles = p.old_tiles + ceil_div(s.in_features - s.frozen_in, M::BN);
+  if (tiles > kMaxGridY) return cudaErrorInvalidValue;
+  grid = dim3(static_cast<unsigned>(ceil_div(s.rows, M::BM)), static_cast<unsigned>(tiles));
+  return cudaSuccess;
+}
+
+// The GEMM launch of linear_weight_grad (its arguments already checked, out non-null).
+template <class M>
+cudaError_t build_dw(int64_t rows, int64_t m, int64_t n, const void* a, int64_t ld_a,
+                     int64_t a_col0, const void* b, int64_t ld_b, int64_t b_col0, void* out,
+                     int64_t ld_out, void* db, const WeightGradPlan& plan, void* workspace,
+                     DwParams& p, dim3& grid) {
+  p = DwParams{};
+  p.a = a; p.b = b; p.out = out; p.db = db;
+  p.ws = plan.splits > 1 ? static_cast<float*>(workspace) : nullptr;
+  p.ld_a = ld_a; p.ld_b = ld_b; p.ld_out = ld_out; p.rows = rows;
+  p.rows_per_split = plan.splits > 1 ? plan.rows_per_split : std::max<int64_t>(rows, 1);
+  p.a_col0 = static_cast<int>(a_col0); p.b_col0 = static_cast<int>(b_col0);
+  p.m = static_cast<int>(m); p.n = static_cast<int>(n); p.splits = plan.splits;
+  const int64_t ny = ceil_div(n, M::BN);
+  if (ny > kMaxGridY || plan.splits > kMaxGridY) return cudaErrorInvalidValue;
+  grid = dim3(static_cast<unsigned>(ceil_div(m, M::BM)), static_cast<unsigned>(ny),
+              static_cast<unsigned>(plan.splits));
+  return cudaSuccess;
+}
+
 // ---- which tile math runs --------------------------------------------------------------------
 __global__ void wgmma_probe_kernel(int* out) { *out = EXPANSE_FAST_WGMMA; }
 
@@ -745,53 +859,13 @@ cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const v
   return dispatch_math(s.dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
     using M = decltype(math);
-    std::vector<FwdSeg> segs;
-    int64_t r0 = 0;
-    for (int g = 0; g < s.num_frozen_groups; ++g) {
-      const int64_t rows = s.frozen_out_groups[g];
-      if (rows > 0) {
-        FwdSeg seg{};
-        seg.w1 = static_cast<const T*>(w.w_frozen) + r0 * w.ld_w_frozen;
-        seg.ld1 = w.ld_w_frozen;
-        seg.k1 = static_cast<int>(s.frozen_k_ends[g]);
-        if (w.w_couple != nullptr) {
-          seg.w2 = static_cast<const T*>(w.w_couple) + r0 * w.ld_w_couple;
-          seg.ld2 = w.ld_w_couple;
-          seg.k2_col0 = static_cast<int>(s.frozen_in);
-          seg.k2 = static_cast<int>(s.in_features - s.frozen_in);
-        }
-        seg.bias = b_frozen != nullptr ? static_cast<const T*>(b_frozen) + r0 : nullptr;
-        seg.col0 = static_cast<int>(r0);
-        seg.rows = static_cast<int>(rows);
-        segs.push_back(seg);
-      }
-      r0 += rows;
-    }
-    if (s.new_out > 0) {
-      FwdSeg seg{};
-      seg.w1 = w.w_new;
-      seg.ld1 = w.ld_w_new;
-      seg.k1 = static_cast<int>(s.in_features);
-      seg.bias = b_new;
-      seg.col0 = static_cast<int>(s.frozen_out);
-      seg.rows = static_cast<int>(s.new_out);
-      segs.push_back(seg);
-    }
+    const std::vector<FwdSeg> segs = fwd_segments<T>(s, w, b_frozen, b_new);
     for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
-      FwdParams p{};
-      p.x = x; p.y = y; p.ld_x = ld_x; p.ld_y = ld_y; p.rows = s.rows;
-      p.pre = epilogue.pre; p.ld_pre = epilogue.ld_pre; p.pre_col0 = epilogue.pre_col0;
-      p.activation = act;
-      p.nseg = static_cast<int>(std::min<size_t>(kSegsPerLaunch, segs.size() - first));
-      int tiles = 0;
-      for (int i = 0; i < p.nseg; ++i) {
-        p.seg[i] = segs[first + i];
-        p.seg[i].tile0 = tiles;
-        tiles += static_cast<int>(ceil_div(p.seg[i].rows, M::BN));
-      }
-      if (tiles > kMaxGridY) return cudaErrorInvalidValue;
-      const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, M::BM)), tiles);
-      const cudaError_t err = launch_gemm<M, true, true>(linear_fwd_kernel<T, M>, grid, p, stream);
+      FwdParams p;
+      dim3 grid;
+      cudaError_t err = build_fwd<M>(segs, first, s, x, ld_x, y, ld_y, epilogue, p, grid);
+      if (err == cudaSuccess)
+        err = launch_gemm<M, true, true>(linear_fwd_kernel<T, M>, grid, p, stream);
       if (err != cudaSuccess) return err;
     }
     return cudaSuccess;
@@ -806,29 +880,10 @@ cudaError_t linear_backward_input(const LinearShape& s, const LinearWeights& w, 
   return dispatch_math(s.dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
     using M = decltype(math);
-    DxParams p{};
-    p.dy = dy; p.dx = dx; p.ld_dy = ld_dy; p.ld_dx = ld_dx; p.rows = s.rows;
-    p.w_new = w.w_new; p.ld_wn = w.ld_w_new;
-    p.w_frozen = w.w_frozen; p.ld_wf = w.ld_w_frozen;
-    p.w_couple = (w.w_couple != nullptr && s.frozen_out > 0) ? w.w_couple : nullptr;
-    p.ld_wc = w.ld_w_couple;
-    p.in_features = static_cast<int>(s.in_features);
-    p.frozen_in = static_cast<int>(s.frozen_in);
-    p.frozen_out = static_cast<int>(s.frozen_out);
-    p.new_out = static_cast<int>(s.new_out);
-    p.need_old = need_dx_old ? 1 : 0;
-    int r0 = 0;
-    for (int g = 0; g < s.num_frozen_groups; ++g) {
-      p.g_row0[g] = r0;
-      p.g_rows[g] = static_cast<int>(s.frozen_out_groups[g]);
-      p.g_kend[g] = static_cast<int>(s.frozen_k_ends[g]);
-      r0 += p.g_rows[g];
-    }
-    p.ngroups = s.num_frozen_groups;
-    p.old_tiles = static_cast<int>(ceil_div(s.frozen_in, M::BN));
-    const int64_t tiles = p.old_tiles + ceil_div(s.in_features - s.frozen_in, M::BN);
-    if (tiles > kMaxGridY) return cudaErrorInvalidValue;
-    const dim3 grid(static_cast<unsigned>(ceil_div(s.rows, M::BM)), static_cast<unsigned>(tiles));
+    DxParams p;
+    dim3 grid;
+    const cudaError_t err = build_dx<M>(s, w, dy, ld_dy, need_dx_old, dx, ld_dx, p, grid);
+    if (err != cudaSuccess) return err;
     return launch_gemm<M, true, false>(linear_dx_kernel<T, M>, grid, p, stream);
   });
 }
@@ -877,18 +932,12 @@ cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, 
           static_cast<const T*>(a) + a_col0, ld_a, rows, static_cast<int>(m), static_cast<T*>(db));
       return cudaGetLastError();
     }
-    DwParams p{};
-    p.a = a; p.b = b; p.out = out; p.db = db;
-    p.ws = plan.splits > 1 ? static_cast<float*>(workspace) : nullptr;
-    p.ld_a = ld_a; p.ld_b = ld_b; p.ld_out = ld_out; p.rows = rows;
-    p.rows_per_split = plan.splits > 1 ? plan.rows_per_split : std::max<int64_t>(rows, 1);
-    p.a_col0 = static_cast<int>(a_col0); p.b_col0 = static_cast<int>(b_col0);
-    p.m = static_cast<int>(m); p.n = static_cast<int>(n); p.splits = plan.splits;
-    const int64_t ny = ceil_div(n, M::BN);
-    if (ny > kMaxGridY || plan.splits > kMaxGridY) return cudaErrorInvalidValue;
-    const dim3 grid(static_cast<unsigned>(ceil_div(m, M::BM)), static_cast<unsigned>(ny),
-                    static_cast<unsigned>(plan.splits));
-    cudaError_t err = launch_gemm<M, false, false>(linear_dw_kernel<T, M>, grid, p, stream);
+    DwParams p;
+    dim3 grid;
+    cudaError_t err = build_dw<M>(rows, m, n, a, ld_a, a_col0, b, ld_b, b_col0, out, ld_out, db,
+                                  plan, workspace, p, grid);
+    if (err != cudaSuccess) return err;
+    err = launch_gemm<M, false, false>(linear_dw_kernel<T, M>, grid, p, stream);
     if (err != cudaSuccess || plan.splits == 1) return err;
     const int64_t total = m * n + (db != nullptr ? m : 0);
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 4096));

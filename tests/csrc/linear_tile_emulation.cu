@@ -1,0 +1,488 @@
+// Host emulation of the expanded-linear GEMM tiles (csrc/expanded_linear_kernels.cu), checked
+// against a float64 dense reference of the expanded layer.  Built with nvcc and run on the CPU
+// by test_tile_emulation.py; no GPU involved.
+//
+// The real code: the launch parameters and grids (build_fwd, build_dx, build_dw, the planner)
+// and each block's problem (FwdProblem, DxProblem, DwProblem: phases, TileSrc pointers, row
+// and column masks).  Walked the way gemm_mainloop walks them, BK-deep k-tiles, for the tile
+// shape of every math a dtype can run: SimtMath (fp32), WmmaMath and WgmmaMath (fp16).
+// Restated here, marked "as <kernel>": each kernel's first lines (blockIdx -> problem) and its
+// epilogue, which live inside the __global__ functions.
+//
+// Operands hold small integers, so every sum is exact in fp32 and the comparison is exact.
+// Every buffer starts as NaN, its row padding and the frozen columns past each group's k_end
+// included: reading such an element is a fault, and an output left unwritten shows as NaN.
+// Any access outside every buffer is a fault too.
+#include "expanded_linear_kernels.cu"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+using namespace expanse_fast;
+
+namespace {
+
+int failures = 0;
+int64_t blocks = 0, k_tiles = 0, compared = 0;  // what was emulated, for the summary line
+
+// ---- buffers ----------------------------------------------------------------------------------
+struct Extent {
+  uintptr_t lo, hi;
+};
+std::vector<Extent> extents;  // of every live buffer
+
+void fault(const char* what, const void* p) {
+  if (failures++ < 20) std::printf("  %s at %p\n", what, p);
+}
+
+template <typename T>
+bool in_bounds(const T* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (const Extent& e : extents)
+    if (a >= e.lo && a + sizeof(T) <= e.hi) return true;
+  fault("access outside every buffer", p);
+  return false;
+}
+
+// A row-major (rows, cols) matrix with row stride cols + pad, every element NaN at first.
+template <typename T>
+struct Mat {
+  int64_t rows, cols, ld;
+  std::vector<T> v;
+  Mat(int64_t r, int64_t c, int64_t pad)
+      : rows(r), cols(c), ld(c + pad), v(r * (c + pad), from_f<T>(NAN)) {
+    extents.push_back(extent());
+  }
+  ~Mat() {
+    for (size_t i = 0; i < extents.size(); ++i)
+      if (extents[i].lo == extent().lo && extents[i].hi == extent().hi) {
+        extents.erase(extents.begin() + i);
+        break;
+      }
+  }
+  Mat(const Mat&) = delete;
+  Mat& operator=(const Mat&) = delete;
+  Extent extent() const {
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(v.data());
+    return {lo, lo + v.size() * sizeof(T)};
+  }
+  T* data() { return v.data(); }
+  T& at(int64_t r, int64_t c) { return v[r * ld + c]; }
+};
+
+template <typename T>
+void store(T* p, float value) {
+  if (in_bounds(p)) *p = from_f<T>(value);
+}
+
+// Compares every element with its float64 reference, rounded as the kernel rounds its fp32
+// value, and checks that the row padding was left alone.
+template <typename T, class Ref>
+void expect(const std::string& what, Mat<T>& got, Ref ref) {
+  int bad = 0;
+  for (int64_t r = 0; r < got.rows; ++r)
+    for (int64_t c = 0; c < got.ld; ++c) {
+      const float g = to_f(got.at(r, c));
+      if (c >= got.cols) {
+        if (!std::isnan(g) && bad++ < 5)
+          std::printf("  %s: padding [%lld, %lld] written (%g)\n", what.c_str(), (long long)r,
+                      (long long)c, g);
+        continue;
+      }
+      const float want = to_f(from_f<T>(static_cast<float>(ref(r, c))));
+      ++compared;
+      if (!(g == want) && bad++ < 5)
+        std::printf("  %s[%lld, %lld] = %g, want %g\n", what.c_str(), (long long)r,
+                    (long long)c, g, want);
+    }
+  if (bad) {
+    ++failures;
+    std::printf("%s: %d mismatches\n", what.c_str(), bad);
+  }
+}
+
+// ---- the main loop ----------------------------------------------------------------------------
+// Element (r, c) of an operand tile as Layout::load_a / load_b copy it (copy_chunk): memory
+// inside the TileSrc's rows x cols, zero outside.  Reading a NaN (row padding, a frozen column
+// past k_end) is a fault even where the product would not reach a stored output.
+template <typename T>
+double tile_at(const TileSrc<T>& src, int r, int c) {
+  if (r >= src.rows || c >= src.cols) return 0.0;
+  const T* p = src.ptr + r * src.ld + c;
+  if (!in_bounds(p)) return NAN;
+  const double v = to_f(*p);
+  if (std::isnan(v)) fault("read of an element never to be read", p);
+  return v;
+}
+
+// A block's fp32 accumulators (exact here) as gemm_mainloop leaves them: the phases in order,
+// empty ones skipped, BK-deep k-tiles.  The kernel's Layout<AK, BKM> reads A(m, k) from row m
+// (AK) or row k of tile_a, B(k, n) from row n (BKM) or row k of tile_b.  colsum (if given): the
+// fused bias gradient, thread m < BM summing A(m, k) over k.
+template <class M, bool AK, bool BKM, class P>
+std::vector<double> block_gemm(const P& prob, std::vector<double>* colsum) {
+  constexpr int BM = M::BM, BN = M::BN, BK = M::BK;
+  std::vector<double> acc(BM * BN, 0.0), a(BM * BK), b(BK * BN);
+  ++blocks;
+  const int np = prob.num_phases();
+  int p = 0, k0 = 0;
+  auto skip_empty = [&]() {
+    while (p < np && k0 >= prob.phase_len(p)) { ++p; k0 = 0; }
+  };
+  for (skip_empty(); p < np; k0 += BK, skip_empty()) {
+    const auto ta = prob.tile_a(p, k0);
+    const auto tb = prob.tile_b(p, k0);
+    ++k_tiles;
+    for (int m = 0; m < BM; ++m)
+      for (int k = 0; k < BK; ++k) a[m * BK + k] = AK ? tile_at(ta, m, k) : tile_at(ta, k, m);
+    for (int k = 0; k < BK; ++k)
+      for (int n = 0; n < BN; ++n) b[k * BN + n] = BKM ? tile_at(tb, n, k) : tile_at(tb, k, n);
+    for (int m = 0; m < BM; ++m)
+      for (int k = 0; k < BK; ++k) {
+        const double av = a[m * BK + k];
+        for (int n = 0; n < BN; ++n) acc[m * BN + n] += av * b[k * BN + n];
+        if (colsum != nullptr) (*colsum)[m] += av;
+      }
+  }
+  return acc;
+}
+
+// ---- the layer --------------------------------------------------------------------------------
+struct Case {
+  const char* name;
+  int64_t rows, in, frozen_in, new_out;
+  std::vector<int64_t> groups, k_ends;
+  bool coupled, bias_frozen, bias_new;
+  Activation act;
+  int64_t pre_col0;  // -1: no pre-activation store
+};
+
+// torch's definitions, in float64 (the emulated epilogue applies them to exact values).
+double activation(Activation a, double v) {
+  switch (a) {
+    case Activation::kReLU: return v < 0 ? 0 : v;
+    case Activation::kGeluTanh:
+      return 0.5 * v * (1 + std::tanh(std::sqrt(2 / std::acos(-1.0)) * (v + 0.044715 * v * v * v)));
+    case Activation::kSiLU: return v / (1 + std::exp(-v));
+    case Activation::kGelu: return 0.5 * v * (1 + std::erf(v / std::sqrt(2.0)));
+    default: return v;
+  }
+}
+
+int64_t sum(const std::vector<int64_t>& v) {
+  int64_t s = 0;
+  for (int64_t e : v) s += e;
+  return s;
+}
+
+// The stored tensors of one expanded layer (odd row strides) and, in float64, the dense
+// (O, I) weight with the staircase's zeros, x (N, I) and dy (N, O).
+template <typename T>
+struct Layer {
+  const Case& c;
+  const int64_t N, I, I_f, O_f, o_T, O;
+  Mat<T> wf, wn, wc, bf, bn, x, dy;
+  std::vector<double> W, X, DY, bias;
+  LinearShape shape;
+  LinearWeights weights;
+
+  explicit Layer(const Case& cs)
+      : c(cs), N(cs.rows), I(cs.in), I_f(cs.frozen_in), O_f(sum(cs.groups)), o_T(cs.new_out),
+        O(O_f + o_T), wf(O_f, I_f, 1), wn(o_T, I, 2), wc(O_f, I - I_f, 3), bf(1, O_f, 0),
+        bn(1, o_T, 0), x(N, I, 3), dy(N, O, 1), W(O * I, 0.0), X(N * I), DY(N * O),
+        bias(O, 0.0) {
+    std::mt19937 rng(7);
+    auto rnd = [&]() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); };
+    auto put = [](Mat<T>& m, int64_t r, int64_t col, double v) { m.at(r, col) = from_f<T>(v); };
+    for (int64_t g = 0, r0 = 0; g < static_cast<int64_t>(c.groups.size()); r0 += c.groups[g++])
+      for (int64_t o = r0; o < r0 + c.groups[g]; ++o)
+        for (int64_t k = 0; k < c.k_ends[g]; ++k) put(wf, o, k, W[o * I + k] = rnd());
+    if (c.coupled)
+      for (int64_t o = 0; o < O_f; ++o)
+        for (int64_t k = I_f; k < I; ++k) put(wc, o, k - I_f, W[o * I + k] = rnd());
+    for (int64_t o = 0; o < o_T; ++o)
+      for (int64_t k = 0; k < I; ++k) put(wn, o, k, W[(O_f + o) * I + k] = rnd());
+    for (int64_t o = 0; o < O_f; ++o)
+      if (c.bias_frozen) put(bf, 0, o, bias[o] = rnd());
+    for (int64_t o = 0; o < o_T; ++o)
+      if (c.bias_new) put(bn, 0, o, bias[O_f + o] = rnd());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < I; ++k) put(x, n, k, X[n * I + k] = rnd());
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t o = 0; o < O; ++o) put(dy, n, o, DY[n * O + o] = rnd());
+    shape = LinearShape{std::is_same<T, float>::value ? DType::kFloat32 : DType::kFloat16,
+                        N, I, I_f, O_f, o_T, static_cast<int>(c.groups.size()),
+                        c.groups.data(), c.k_ends.data()};
+    weights = LinearWeights{wf.data(), wf.ld, wn.data(), wn.ld,
+                            c.coupled ? wc.data() : nullptr, wc.ld};
+  }
+};
+
+// ---- forward ----------------------------------------------------------------------------------
+template <typename T, class M>
+void check_forward(Layer<T>& L, const std::string& tag) {
+  const Case& c = L.c;
+  const bool has_pre = c.pre_col0 >= 0;
+  Mat<T> y(L.N, L.O, 5), pre(L.N, has_pre ? L.O - c.pre_col0 : 0, 2);
+  LinearEpilogue epi;
+  epi.activation = c.act;
+  epi.pre = has_pre ? pre.data() : nullptr;
+  epi.ld_pre = pre.ld;
+  epi.pre_col0 = has_pre ? c.pre_col0 : 0;
+  const std::vector<FwdSeg> segs = fwd_segments<T>(L.shape, L.weights,
+                                                   c.bias_frozen ? L.bf.data() : nullptr,
+                                                   c.bias_new ? L.bn.data() : nullptr);
+  for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
+    FwdParams p;
+    dim3 grid;
+    if (build_fwd<M>(segs, first, L.shape, L.x.data(), L.x.ld, y.data(), y.ld, epi, p, grid)) {
+      ++failures;
+      std::printf("%s: build_fwd refused\n", tag.c_str());
+      return;
+    }
+    for (int tile = 0; tile < static_cast<int>(grid.y); ++tile)
+      for (int bx = 0; bx < static_cast<int>(grid.x); ++bx) {
+        // as linear_fwd_kernel
+        int si = 0;
+        while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= tile) ++si;
+        const FwdSeg& s = p.seg[si];
+        const int64_t m0 = static_cast<int64_t>(bx) * M::BM;
+        const int n0 = (tile - s.tile0) * M::BN;
+        const FwdProblem<T> prob{p, s, m0, n0};
+        const std::vector<double> acc = block_gemm<M, true, true>(prob, nullptr);
+        T* out = static_cast<T*>(p.y);
+        T* pre_out = static_cast<T*>(p.pre);
+        const T* bias = static_cast<const T*>(s.bias);
+        for (int m = 0; m < M::BM; ++m)
+          for (int n = 0; n < M::BN; ++n) {
+            const int64_t row = m0 + m;
+            const int col = n0 + n;
+            if (row >= p.rows || col >= s.rows) continue;
+            float v = static_cast<float>(acc[m * M::BN + n]);
+            if (bias != nullptr && in_bounds(bias + col)) v += to_f(bias[col]);
+            const int64_t out_col = s.col0 + col;
+            if (pre_out != nullptr && out_col >= p.pre_col0)
+              store(pre_out + row * p.ld_pre + out_col - p.pre_col0, v);
+            const double act = activation(static_cast<Activation>(p.activation), v);
+            store(out + row * p.ld_y + out_col, static_cast<float>(act));
+          }
+      }
+  }
+  auto pre_ref = [&](int64_t n, int64_t o) {
+    double v = L.bias[o];
+    for (int64_t k = 0; k < L.I; ++k) v += L.X[n * L.I + k] * L.W[o * L.I + k];
+    return v;
+  };
+  expect(tag + " y", y, [&](int64_t n, int64_t o) { return activation(c.act, pre_ref(n, o)); });
+  if (has_pre) expect(tag + " pre", pre, [&](int64_t n, int64_t j) {
+    return pre_ref(n, c.pre_col0 + j);
+  });
+}
+
+// ---- input gradient ---------------------------------------------------------------------------
+template <typename T, class M>
+void check_input_grad(Layer<T>& L, bool need_old, const std::string& tag) {
+  Mat<T> dx(L.N, L.I, 7);
+  DxParams p;
+  dim3 grid;
+  if (build_dx<M>(L.shape, L.weights, L.dy.data(), L.dy.ld, need_old, dx.data(), dx.ld, p,
+                  grid)) {
+    ++failures;
+    std::printf("%s: build_dx refused\n", tag.c_str());
+    return;
+  }
+  for (int tile = 0; tile < static_cast<int>(grid.y); ++tile)
+    for (int bx = 0; bx < static_cast<int>(grid.x); ++bx) {
+      // as linear_dx_kernel
+      const bool old = tile < p.old_tiles;
+      const int c0 = old ? tile * M::BN : p.frozen_in + (tile - p.old_tiles) * M::BN;
+      const int c_end = old ? p.frozen_in : p.in_features;
+      const int64_t m0 = static_cast<int64_t>(bx) * M::BM;
+      const DxProblem<T> prob{p, m0, c0, c_end, old};
+      const std::vector<double> acc = block_gemm<M, true, false>(prob, nullptr);
+      for (int m = 0; m < M::BM; ++m)
+        for (int n = 0; n < M::BN; ++n) {
+          const int64_t row = m0 + m;
+          const int col = c0 + n;
+          if (row < p.rows && col < c_end)
+            store(static_cast<T*>(p.dx) + row * p.ld_dx + col,
+                  static_cast<float>(acc[m * M::BN + n]));
+        }
+    }
+  expect(tag + " dx", dx, [&](int64_t n, int64_t k) {
+    double v = 0;
+    if (k >= L.I_f || need_old)
+      for (int64_t o = 0; o < L.O; ++o) v += L.DY[n * L.O + o] * L.W[o * L.I + k];
+    return v;
+  });
+}
+
+// ---- weight gradient --------------------------------------------------------------------------
+// out (m, n) = dy[:, a_col0 : a_col0 + m]^T x[:, b_col0 : b_col0 + n], db (m) = column sums of
+// the same dy columns; dW_new (a_col0 = O_f, b_col0 = 0) or dW_couple (a_col0 = 0, b_col0 = I_f).
+template <typename T, class M>
+void check_weight_grad(Layer<T>& L, bool couple, bool with_db, const WeightGradPlan& plan,
+                       const std::string& tag) {
+  const int64_t a_col0 = couple ? 0 : L.O_f, m = couple ? L.O_f : L.o_T;
+  const int64_t b_col0 = couple ? L.I_f : 0, n = couple ? L.I - L.I_f : L.I;
+  if (m == 0 || n == 0) return;  // linear_weight_grad launches no GEMM
+  Mat<T> out(m, n, 3), db(1, with_db ? m : 0, 0);
+  Mat<float> ws(1, plan.splits > 1 ? plan.splits * (m * n + m) : 0, 0);
+  DwParams p;
+  dim3 grid;
+  if (build_dw<M>(L.N, m, n, L.dy.data(), L.dy.ld, a_col0, L.x.data(), L.x.ld, b_col0,
+                  out.data(), out.ld, with_db ? db.data() : nullptr, plan, ws.data(), p,
+                  grid)) {
+    ++failures;
+    std::printf("%s: build_dw refused\n", tag.c_str());
+    return;
+  }
+  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+  for (int split = 0; split < static_cast<int>(grid.z); ++split)
+    for (int by = 0; by < static_cast<int>(grid.y); ++by)
+      for (int bx = 0; bx < static_cast<int>(grid.x); ++bx) {
+        // as linear_dw_kernel
+        const int m0 = bx * M::BM, n0 = by * M::BN;
+        const int64_t r0 = split * p.rows_per_split;
+        const int len =
+            clamp_rows(p.rows - r0 < p.rows_per_split ? p.rows - r0 : p.rows_per_split);
+        const DwProblem<T> prob{p, r0, m0, n0, len};
+        const bool do_db = p.db != nullptr && by == 0;
+        std::vector<double> colsum(M::BM, 0.0);
+        const std::vector<double> acc =
+            block_gemm<M, false, false>(prob, do_db ? &colsum : nullptr);
+        for (int t = 0; do_db && t < M::BM && m0 + t < p.m; ++t) {
+          const int mm = m0 + t;
+          const float v = static_cast<float>(colsum[t]);
+          if (p.splits == 1) {
+            store(static_cast<T*>(p.db) + mm, v);
+          } else {
+            float* w = p.ws + p.splits * mn + static_cast<int64_t>(split) * p.m + mm;
+            if (in_bounds(w)) *w = v;
+          }
+        }
+        for (int mi = 0; mi < M::BM; ++mi)
+          for (int ni = 0; ni < M::BN; ++ni) {
+            const int mm = m0 + mi, nn = n0 + ni;
+            if (mm >= p.m || nn >= p.n) continue;
+            const float v = static_cast<float>(acc[mi * M::BN + ni]);
+            if (p.splits == 1) {
+              store(static_cast<T*>(p.out) + mm * p.ld_out + nn, v);
+            } else {
+              float* w = p.ws + split * mn + static_cast<int64_t>(mm) * p.n + nn;
+              if (in_bounds(w)) *w = v;
+            }
+          }
+      }
+  if (p.splits > 1) {  // as splitk_reduce_kernel
+    for (int64_t i = 0; i < mn; ++i) {
+      float s = 0.f;
+      for (int k = 0; k < p.splits; ++k) s += p.ws[k * mn + i];
+      store(static_cast<T*>(p.out) + (i / p.n) * p.ld_out + i % p.n, s);
+    }
+    for (int64_t j = 0; with_db && j < p.m; ++j) {
+      float s = 0.f;
+      for (int k = 0; k < p.splits; ++k) s += p.ws[p.splits * mn + k * p.m + j];
+      store(static_cast<T*>(p.db) + j, s);
+    }
+  }
+  expect(tag + " dW", out, [&](int64_t o, int64_t k) {
+    double v = 0;
+    for (int64_t r = 0; r < L.N; ++r) v += L.DY[r * L.O + a_col0 + o] * L.X[r * L.I + b_col0 + k];
+    return v;
+  });
+  if (with_db) expect(tag + " db", db, [&](int64_t, int64_t o) {
+    double v = 0;
+    for (int64_t r = 0; r < L.N; ++r) v += L.DY[r * L.O + a_col0 + o];
+    return v;
+  });
+}
+
+// The splits to try: none, the planner's with many SMs (it splits long reductions), and three
+// by hand (rows_per_split a multiple of this math's BK, as the planner makes them, and not).
+template <class M>
+std::vector<WeightGradPlan> plans(DType dt, int64_t rows, int64_t m, int64_t n) {
+  std::vector<WeightGradPlan> out = {plan_weight_grad(dt, rows, m, n, 1),
+                                     plan_weight_grad(dt, rows, m, n, 1000)};
+  for (int64_t per : {ceil_div(ceil_div(rows, 3), M::BK) * M::BK, ceil_div(rows, 3)}) {
+    const int splits = static_cast<int>(ceil_div(rows, per));
+    if (splits > 1)
+      out.push_back({splits, per, static_cast<size_t>(splits) * (m * n + m) * sizeof(float)});
+  }
+  return out;
+}
+
+const char* math_name(SimtMath) { return "simt"; }
+const char* math_name(WmmaMath<__half>) { return "wmma"; }
+const char* math_name(WgmmaMath<__half>) { return "wgmma"; }
+
+template <typename T, class M>
+void run(const Case& c) {
+  char buf[160];
+  std::snprintf(buf, sizeof buf, "[%s, %s %dx%dx%d]", c.name, math_name(M{}), M::BM, M::BN,
+                M::BK);
+  const std::string tag = buf;
+  Layer<T> L(c);
+  if (!shape_ok(L.shape, L.weights)) {  // the launchers' own check
+    ++failures;
+    std::printf("%s: the launchers refuse this shape\n", tag.c_str());
+    return;
+  }
+  check_forward<T, M>(L, tag);
+  for (bool need_old : {false, true})
+    check_input_grad<T, M>(L, need_old, tag + (need_old ? " need_old=1" : " need_old=0"));
+  for (bool couple : {false, true}) {
+    if (couple && !c.coupled) continue;
+    const int64_t m = couple ? L.O_f : L.o_T, n = couple ? L.I - L.I_f : L.I;
+    for (const WeightGradPlan& plan : plans<M>(L.shape.dtype, L.N, m, n)) {
+      std::snprintf(buf, sizeof buf, "%s splits=%d rows/split=%lld", couple ? " couple" : " new",
+                    plan.splits, (long long)plan.rows_per_split);
+      // db with dW_new always; with dW_couple (a frozen bias) when split, for its partials
+      check_weight_grad<T, M>(L, couple, !couple || plan.splits > 1, plan, tag + buf);
+    }
+  }
+}
+
+}  // namespace
+
+int main() {
+  // plan_weight_grad asks wgmma_enabled(), which would probe for a GPU: the emulation picks
+  // each math itself.
+  setenv("EXPANSE_FAST_CUDA_WGMMA", "0", 1);
+  std::vector<int64_t> many_groups, many_k_ends;  // more segments than one forward launch
+  for (int g = 0; g < kSegsPerLaunch + 5; ++g) {
+    many_groups.push_back(g % 4 * 3);
+    many_k_ends.push_back(g * 7 % 51);
+  }
+  using A = Activation;
+  const std::vector<Case> cases = {
+      // name, N, I, I_f, o_T, groups, k_ends, coupled, bias_frozen, bias_new, act, pre_col0
+      {"staircase", 150, 170, 140, 40, {129, 31, 17}, {130, 5, 131}, false, true, true,
+       A::kNone, 177},
+      {"coupled", 70, 300, 40, 130, {45, 7, 23}, {33, 11, 19}, true, true, true, A::kSiLU, 0},
+      {"wide groups", 300, 272, 200, 10, {264, 136}, {200, 72}, false, true, true,
+       A::kGeluTanh, -1},
+      {"empty groups", 5, 20, 12, 0, {23, 0, 9}, {0, 7, 12}, true, false, true, A::kReLU, 0},
+      {"many groups", 33, 75, 50, 9, many_groups, many_k_ends, true, true, false, A::kGelu, 40},
+      {"long reduction", 700, 37, 24, 11, {20}, {17}, true, true, true, A::kNone, -1},
+      {"no new inputs", 17, 9, 9, 5, {6}, {9}, true, true, true, A::kReLU, 3},
+      {"no frozen rows", 9, 11, 0, 7, {}, {}, false, false, true, A::kNone, 0},
+  };
+  for (const Case& c : cases) {
+    run<float, SimtMath>(c);
+    run<__half, WmmaMath<__half>>(c);
+    run<__half, WgmmaMath<__half>>(c);
+  }
+  if (failures) {
+    std::printf("tile emulation FAILED (%d)\n", failures);
+    return 1;
+  }
+  std::printf("tile emulation OK (%lld blocks, %lld k-tiles, %lld elements compared)\n",
+              (long long)blocks, (long long)k_tiles, (long long)compared);
+  return 0;
+}

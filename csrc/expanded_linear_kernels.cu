@@ -172,8 +172,12 @@ struct CoreSmem {
     const wgmma::DescFields f = wgmma::desc_fields<K_MAJOR, INNER, VEC>(mn0, k0);
     return wgmma::descriptor(s + f.start, f.lbo, f.sbo);
   }
-  __device__ static uint64_t desc_a(const T* s, int m0, int k0) { return desc<AK, A_INNER>(s, m0, k0); }
-  __device__ static uint64_t desc_b(const T* s, int n0, int k0) { return desc<BKM, B_INNER>(s, n0, k0); }
+  __device__ static uint64_t desc_a(const T* s, int m0, int k0) {
+    return desc<AK, A_INNER>(s, m0, k0);
+  }
+  __device__ static uint64_t desc_b(const T* s, int n0, int k0) {
+    return desc<BKM, B_INNER>(s, n0, k0);
+  }
 };
 
 // Each "math" below owns a tile shape, its shared-memory layout (Layout<AK, BKM>), the

@@ -100,6 +100,22 @@ struct Tiles {
 // thread does before the barrier that publishes them (before_barrier), and how tiles multiply
 // (zero, mma) and leave (store, calling f(m, n, value) tile-relative).
 
+// Writes a thread's gathered registers into one stage: A at stage[0, a_size), B after it,
+// element (slow, fast) of each tile at a_at(slow, fast) / b_at(slow, fast).
+template <typename T, Kind K, class AAt, class BAt>
+__device__ __forceinline__ void scatter_stage(T* stage, int a_size,
+                                              const T (&ra)[Tiles<T, K>::AMap::ELEMS],
+                                              const T (&rb)[Tiles<T, K>::BMap::ELEMS],
+                                              AAt a_at, BAt b_at) {
+  using TA = typename Tiles<T, K>::AMap;
+  using TB = typename Tiles<T, K>::BMap;
+  const int t = threadIdx.x;
+#pragma unroll
+  for (int i = 0; i < TA::ELEMS; ++i) stage[a_at(TA::slow(t, i), TA::fast(t))] = ra[i];
+#pragma unroll
+  for (int i = 0; i < TB::ELEMS; ++i) stage[a_size + b_at(TB::slow(t, i), TB::fast(t))] = rb[i];
+}
+
 // The padded [slow][fast] stages of Tiles (the WMMA and SIMT maths).
 template <typename T, Kind K>
 struct PaddedStages {
@@ -109,15 +125,9 @@ struct PaddedStages {
   __device__ static void before_barrier() {}
   __device__ static void scatter(T* stage, const T (&ra)[TL::AMap::ELEMS],
                                  const T (&rb)[TL::BMap::ELEMS]) {
-    using TA = typename TL::AMap;
-    using TB = typename TL::BMap;
-    const int t = threadIdx.x;
-    T* As = stage;
-    T* Bs = stage + TL::A_SIZE;
-#pragma unroll
-    for (int i = 0; i < TA::ELEMS; ++i) As[TA::slow(t, i) * TA::LD + TA::fast(t)] = ra[i];
-#pragma unroll
-    for (int i = 0; i < TB::ELEMS; ++i) Bs[TB::slow(t, i) * TB::LD + TB::fast(t)] = rb[i];
+    scatter_stage<T, K>(stage, A_SIZE, ra, rb,
+                        [](int slow, int fast) { return slow * TL::AMap::LD + fast; },
+                        [](int slow, int fast) { return slow * TL::BMap::LD + fast; });
   }
 };
 
@@ -257,17 +267,13 @@ struct WgmmaMath {
   __device__ static void before_barrier() { wgmma::fence_shared_for_async_proxy(); }
   __device__ static void scatter(T* stage, const T (&ra)[TL::AMap::ELEMS],
                                  const T (&rb)[TL::BMap::ELEMS]) {
-    using TA = typename TL::AMap;
-    using TB = typename TL::BMap;
-    const int t = threadIdx.x;
-    T* As = stage;
-    T* Bs = stage + A_SIZE;
-#pragma unroll
-    for (int i = 0; i < TA::ELEMS; ++i)
-      As[wgmma::tile_offset<A_INNER, VEC>(TA::slow(t, i), TA::fast(t))] = ra[i];
-#pragma unroll
-    for (int i = 0; i < TB::ELEMS; ++i)
-      Bs[wgmma::tile_offset<TL::BK, VEC>(TB::slow(t, i), TB::fast(t))] = rb[i];
+    scatter_stage<T, K>(stage, A_SIZE, ra, rb,
+                        [](int slow, int fast) {
+                          return wgmma::tile_offset<A_INNER, VEC>(slow, fast);
+                        },
+                        [](int slow, int fast) {
+                          return wgmma::tile_offset<TL::BK, VEC>(slow, fast);
+                        });
   }
 
   __device__ static int wg_m0() { return SPLIT_M ? 64 * (threadIdx.x / 128) : 0; }

@@ -65,3 +65,14 @@ SMOOTH_ACTIVATIONS = {
     "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"),
     "silu": torch.nn.functional.silu,
 }
+
+
+def assert_same_training_state(model, twin, rtol, atol):
+    """``model`` and ``twin`` (the same architecture) after the same backward: every trainable
+    parameter's gradient and every buffer (running statistics) close, named after ``model``'s
+    entries; ``twin``'s values are the expected ones."""
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=atol, msg=name)
+    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -13,6 +13,7 @@ from torch import nn
 import expanse_fast as xf
 from expanse_fast import backend_choice
 from models import SmallResNet, pretrained
+from reference import assert_same_training_state
 
 X = torch.randn(6, 1, 10, 10)
 Y = torch.randint(0, 7, (6,))
@@ -111,11 +112,7 @@ def test_triton_backend_folded_equals_unfolded():
         torch.testing.assert_close(y_f, y_p, rtol=1e-5, atol=1e-5)
         y_f.square().sum().backward()
         y_p.square().sum().backward()
-    for (n, a), b in zip(folded.named_parameters(), plain.parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=n)
-    for (n, a), b in zip(folded.named_buffers(), plain.buffers()):
-        torch.testing.assert_close(a, b, msg=n)
+    assert_same_training_state(folded, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_batchnorm_writes_its_newest_channels_in_place():
@@ -344,9 +341,5 @@ def test_compile_fullgraph_folded_matches_unfolded_eager():
     torch.testing.assert_close(y_c, y_p, rtol=1e-6, atol=1e-6)
     y_c.square().sum().backward()
     y_p.square().sum().backward()
-    for (n, a), b in zip(folded.named_parameters(), plain.parameters()):
-        if a.requires_grad:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=n)
-    for (n, a), b in zip(folded.named_buffers(), plain.buffers()):
-        torch.testing.assert_close(a, b, msg=n)
+    assert_same_training_state(folded, plain, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()

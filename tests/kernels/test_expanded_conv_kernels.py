@@ -114,6 +114,15 @@ def _run(t, conv, depthwise, dtype, need_dx_old, channels_last=False):
     else:
         assert y.is_contiguous()
 
+    _check_backward(t, dev, conv, depthwise, dtype, need_dx_old, channels_last, dy,
+                    (dx_r, dw_r, db_r, dc_r))
+
+
+def _check_backward(t, dev, conv, depthwise, dtype, need_dx_old, channels_last, dy, refs,
+                    **extra):
+    """The backward kernels on ``dy`` against the float64 gradients ``refs`` (dx, dW_new,
+    db_new, dW_couple; None where the layer has none); ``extra`` goes to the backward."""
+    dx_r, dw_r, db_r, dc_r = refs
     c_old = t["frozen_k_ends"][-1] if depthwise and t["frozen_k_ends"] else \
         (0 if depthwise else t["w_frozen"].shape[1])
     if not need_dx_old:
@@ -126,7 +135,7 @@ def _run(t, conv, depthwise, dtype, need_dx_old, channels_last=False):
                                 "frozen_k_ends")}
     dx, dw, db, dc = ec.expanded_conv2d_backward(
         dy_dev, **args, **conv, depthwise=depthwise, need_dx_new=True, need_dx_old=need_dx_old,
-        need_dw=True, need_db=db_r is not None, need_dcouple=dc_r is not None)
+        need_dw=True, need_db=db_r is not None, need_dcouple=dc_r is not None, **extra)
     _close(dx, dx_r, dtype, "dx")
     _close(dw, dw_r, dtype, "dw_new")
     if db_r is None:
@@ -314,24 +323,8 @@ def _run_norm(t, conv, depthwise, dtype, need_dx_old, norm, channels_last=False)
         shift = shift + bias.double()
     y_ref[:, :o_f] = y_ref[:, :o_f] * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     _close(y, y_ref, dtype, "y")
-    c_old = t["frozen_k_ends"][-1] if depthwise else t["w_frozen"].shape[1]
-    if not need_dx_old:
-        dx_r[:, :c_old] = 0
-    dy_dev = dy.to(DEV)
-    if channels_last:
-        dy_dev = dy_dev.contiguous(memory_format=torch.channels_last)
-    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
-                                "frozen_k_ends")}
-    dx, dw, db, dc = ec.expanded_conv2d_backward(
-        dy_dev, **args, **conv, depthwise=depthwise, need_dx_new=True, need_dx_old=need_dx_old,
-        need_dw=True, need_db=db_r is not None, need_dcouple=dc_r is not None,
-        norm_scale=scale.to(dtype).to(DEV))
-    _close(dx, dx_r, dtype, "dx")
-    _close(dw, dw_r, dtype, "dw_new")
-    if db_r is not None:
-        _close(db, db_r, dtype, "db_new")
-    if dc_r is not None:
-        _close(dc, dc_r, dtype, "dcouple")
+    _check_backward(t, dev, conv, depthwise, dtype, need_dx_old, channels_last, dy,
+                    (dx_r, dw_r, db_r, dc_r), norm_scale=scale.to(dtype).to(DEV))
 
 
 NORM_CASES = {

@@ -93,6 +93,16 @@ main() {
   else
     echo "nvidia-smi not available: no GPU, CPU dry run"
   fi
+  # torch takes CUDA_HOME as nvcc's grandparent; a wrapper script (/usr/local/bin/nvcc) would
+  # give a directory without the toolkit's headers, and the build would fail.
+  if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
+    guess="$(dirname "$(dirname "$(command -v nvcc)")")"
+    if [ ! -e "$guess/include/cuda_runtime_api.h" ] \
+        && [ -e /usr/local/cuda/include/cuda_runtime_api.h ]; then
+      export CUDA_HOME=/usr/local/cuda
+      echo "CUDA_HOME=$CUDA_HOME (nvcc at $(command -v nvcc) is outside the toolkit)"
+    fi
+  fi
   if (( HAVE_GPU )); then
     unset TRITON_INTERPRET   # real kernels on the GPU, never the interpreter
     if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then  # build for this GPU only: faster

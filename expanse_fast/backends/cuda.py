@@ -81,8 +81,18 @@ def _short_error(exc: BaseException, lines: int = 6) -> str:
 
 def _toolchain_missing() -> Optional[str]:
     from torch.utils import cpp_extension
-    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
+    home = cpp_extension.CUDA_HOME
+    if home is None and shutil.which("nvcc") is None:
         return "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+    if home is not None and not os.path.exists(os.path.join(home, "include",
+                                                            "cuda_runtime_api.h")):
+        # torch guesses CUDA_HOME as nvcc's grandparent; an nvcc wrapper script elsewhere
+        # (/usr/local/bin/nvcc, say) makes that a directory without the toolkit's headers.
+        hint = next((h for h in ("/usr/local/cuda", "/opt/cuda") if os.path.exists(
+            os.path.join(h, "include", "cuda_runtime_api.h"))), None)
+        return (f"CUDA headers not found under CUDA_HOME={home} ("
+                + ("set" if os.environ.get("CUDA_HOME") else "torch's guess from nvcc") + "); "
+                + (f"set CUDA_HOME={hint}" if hint else "set CUDA_HOME to the CUDA toolkit"))
     if not cpp_extension.is_ninja_available():
         return "ninja not found (pip install ninja)"
     return None
@@ -254,8 +264,8 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 # both go to the structured PyTorch path (cuDNN), which already skips every frozen block and
 # frozen gradient.
 # A folded BatchNorm of the frozen channels (``frozen_bn``) runs in the forward kernel's
-# epilogue (an fp32 per-channel scale and shift); its dy scale is applied to a copy of the
-# frozen dy before the backward kernels (moving it into their dy loads is future work).
+# epilogue (an fp32 per-channel scale and shift); in the backward its dy scale moves onto the
+# frozen weight rows (for dx) and the rows of dW_couple, so dy itself is never copied.
 # ---------------------------------------------------------------------------------------
 def _conv_pair(v) -> list:
     if isinstance(v, int):

@@ -677,6 +677,20 @@ def test_cpu_torch_says_so():
     assert not ok and "not built with CUDA" in why
 
 
+def test_toolchain_without_cuda_headers_names_cuda_home(monkeypatch, tmp_path):
+    """An nvcc wrapper outside the toolkit makes torch guess a CUDA_HOME with no headers:
+    the build is not tried, and the reason names the directory and the fix."""
+    from torch.utils import cpp_extension
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    why = cuda._toolchain_missing()
+    assert why is not None and f"CUDA_HOME={tmp_path}" in why and "set CUDA_HOME" in why
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime_api.h").write_text("")
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    assert cuda._toolchain_missing() is None
+
+
 def test_sources_found():
     files = cuda.source_files()
     assert [f.rsplit("/", 1)[-1] for f in files] == ["bindings.cpp", "expanded_linear_kernels.cu",

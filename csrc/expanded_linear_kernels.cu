@@ -39,7 +39,7 @@ using namespace nvcuda;
 using namespace common;
 
 // ---- asynchronous 16-byte copies (sm_80+) --------------------------------------------------
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+__host__ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
@@ -71,7 +71,7 @@ struct TileSrc {
 // Copies one 16-byte chunk (VEC elements of a global row) to shared memory: cp.async when it
 // is in range and aligned, else element by element with zeros past the valid region.
 template <typename T>
-__device__ __forceinline__ void copy_chunk(T* sp, const TileSrc<T>& src, int r, int col) {
+__host__ __device__ __forceinline__ void copy_chunk(T* sp, const TileSrc<T>& src, int r, int col) {
   constexpr int VEC = 16 / sizeof(T);
   const T* gp = src.ptr + r * src.ld + col;
   if (r < src.rows && col + VEC <= src.cols && (reinterpret_cast<uintptr_t>(gp) & 15) == 0) {
@@ -83,18 +83,40 @@ __device__ __forceinline__ void copy_chunk(T* sp, const TileSrc<T>& src, int r, 
   }
 }
 
-// Copy a ROWS x COLS tile (columns contiguous in global and shared memory, row stride sld).
+// Whether an OUTER x INNER tile lies wholly inside src with every 16-byte chunk aligned: then
+// its copies need no per-chunk checks.  The same answer for every thread of the block.
+template <int OUTER, int INNER, typename T>
+__host__ __device__ __forceinline__ bool tile_inside(const TileSrc<T>& src) {
+  constexpr int VEC = 16 / sizeof(T);
+  return src.rows >= OUTER && src.cols >= INNER && src.ld % VEC == 0 &&
+         (reinterpret_cast<uintptr_t>(src.ptr) & 15) == 0;
+}
+
+// Copy a ROWS x COLS tile (columns contiguous in global and shared memory, row stride sld);
+// thread tid of THREADS copies chunks tid, tid + THREADS, ...  A tile wholly inside src (most
+// of them) takes the unchecked copy: one pointer per thread, stepped by a constant number of
+// rows, instead of per-chunk bounds and alignment tests.
 template <typename T, int ROWS, int COLS, int THREADS>
-__device__ __forceinline__ void load_tile(T* s, int sld, const TileSrc<T>& src) {
+__host__ __device__ __forceinline__ void load_tile(T* s, int sld, const TileSrc<T>& src, int tid) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int PER_ROW = COLS / VEC;
   constexpr int CHUNKS = ROWS * PER_ROW;
   static_assert(COLS % VEC == 0 && CHUNKS % THREADS == 0, "tile must split evenly in chunks");
+  static_assert(THREADS % PER_ROW == 0, "a thread's chunks share their column");
+  constexpr int ROW_STEP = THREADS / PER_ROW;  // rows between a thread's chunks
+  const int r0 = tid / PER_ROW, col = (tid % PER_ROW) * VEC;
+  if (tile_inside<ROWS, COLS>(src)) {
+    const T* g = src.ptr + r0 * src.ld + col;
+    T* d = s + r0 * sld + col;
 #pragma unroll
-  for (int i = 0; i < CHUNKS / THREADS; ++i) {
-    const int c = i * THREADS + threadIdx.x;
-    const int r = c / PER_ROW, col = (c % PER_ROW) * VEC;
-    copy_chunk(s + r * sld + col, src, r, col);
+    for (int i = 0; i < CHUNKS / THREADS; ++i)
+      cp_async16(d + i * ROW_STEP * sld, g + i * ROW_STEP * src.ld);
+  } else {
+#pragma unroll
+    for (int i = 0; i < CHUNKS / THREADS; ++i) {
+      const int r = r0 + i * ROW_STEP;
+      copy_chunk(s + r * sld + col, src, r, col);
+    }
   }
 }
 
@@ -115,20 +137,24 @@ struct Smem {
   static_assert((A_ELEMS * sizeof(T)) % 32 == 0 && (STAGE * sizeof(T)) % 32 == 0,
                 "WMMA needs 32-byte aligned tiles");
 
-  __device__ static T* a(unsigned char* raw, int stage) {
+  __host__ __device__ static T* a(unsigned char* raw, int stage) {
     return reinterpret_cast<T*>(raw) + stage * STAGE;
   }
-  __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
-  __device__ static void load_a(T* s, const TileSrc<T>& src) {
-    if (AK) load_tile<T, BM_, BK_, THREADS>(s, LDA, src);
-    else load_tile<T, BK_, BM_, THREADS>(s, LDA, src);
+  __host__ __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
+  __host__ __device__ static void load_a(T* s, const TileSrc<T>& src, int tid) {
+    if (AK) load_tile<T, BM_, BK_, THREADS>(s, LDA, src, tid);
+    else load_tile<T, BK_, BM_, THREADS>(s, LDA, src, tid);
   }
-  __device__ static void load_b(T* s, const TileSrc<T>& src) {
-    if (BKM) load_tile<T, BN_, BK_, THREADS>(s, LDB, src);
-    else load_tile<T, BK_, BN_, THREADS>(s, LDB, src);
+  __host__ __device__ static void load_b(T* s, const TileSrc<T>& src, int tid) {
+    if (BKM) load_tile<T, BN_, BK_, THREADS>(s, LDB, src, tid);
+    else load_tile<T, BK_, BN_, THREADS>(s, LDB, src, tid);
   }
-  __device__ static T a_at(const T* s, int m, int k) { return AK ? s[m * LDA + k] : s[k * LDA + m]; }
-  __device__ static T b_at(const T* s, int k, int n) { return BKM ? s[n * LDB + k] : s[k * LDB + n]; }
+  __host__ __device__ static T a_at(const T* s, int m, int k) {
+    return AK ? s[m * LDA + k] : s[k * LDA + m];
+  }
+  __host__ __device__ static T b_at(const T* s, int k, int n) {
+    return BKM ? s[n * LDB + k] : s[k * LDB + n];
+  }
 };
 
 // Shared-memory layout for wgmma: each operand tile in 8 x 16-byte core matrices, row block
@@ -144,27 +170,44 @@ struct CoreSmem {
   static constexpr size_t BYTES = STAGES * STAGE * sizeof(T);
   static_assert(BM_ % 64 == 0 && BN_ % 8 == 0 && BK_ % 16 == 0, "wgmma tile shape");
 
+  // Chunk j = i * THREADS + tid goes to byte 16 j (wgmma::chunk_origin says from where); a
+  // thread's chunks lie THREADS / PER_ROW rows apart in one column, so a tile wholly inside
+  // src is copied through one pointer per thread, without per-chunk checks.
   template <int OUTER, int INNER>
-  __device__ static void load(T* s, const TileSrc<T>& src) {
+  __host__ __device__ static void load(T* s, const TileSrc<T>& src, int tid) {
     constexpr int PER_ROW = INNER / VEC, CHUNKS = OUTER * PER_ROW;
     static_assert(OUTER % 8 == 0 && INNER % VEC == 0 && CHUNKS % THREADS == 0, "tile chunks");
+    static_assert(THREADS % (8 * PER_ROW) == 0, "a thread's chunks share their column");
+    constexpr int ROW_STEP = THREADS / PER_ROW;
+    int o0, c;
+    wgmma::chunk_origin(tid, PER_ROW, o0, c);
+    if (tile_inside<OUTER, INNER>(src)) {
+      const T* g = src.ptr + o0 * src.ld + c * VEC;
 #pragma unroll
-    for (int i = 0; i < CHUNKS / THREADS; ++i) {
-      const int j = i * THREADS + threadIdx.x;
-      int o, c;
-      wgmma::chunk_origin(j, PER_ROW, o, c);
-      copy_chunk(s + j * VEC, src, o, c * VEC);
+      for (int i = 0; i < CHUNKS / THREADS; ++i)
+        cp_async16(s + (i * THREADS + tid) * VEC, g + i * ROW_STEP * src.ld);
+    } else {
+#pragma unroll
+      for (int i = 0; i < CHUNKS / THREADS; ++i)
+        copy_chunk(s + (i * THREADS + tid) * VEC, src, o0 + i * ROW_STEP, c * VEC);
     }
   }
 
-  __device__ static T* a(unsigned char* raw, int stage) {
+  __host__ __device__ static T* a(unsigned char* raw, int stage) {
     return reinterpret_cast<T*>(raw) + stage * STAGE;
   }
-  __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
-  __device__ static void load_a(T* s, const TileSrc<T>& src) { load<A_OUTER, A_INNER>(s, src); }
-  __device__ static void load_b(T* s, const TileSrc<T>& src) { load<B_OUTER, B_INNER>(s, src); }
-  __device__ static T a_at(const T* s, int m, int k) {
+  __host__ __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
+  __host__ __device__ static void load_a(T* s, const TileSrc<T>& src, int tid) {
+    load<A_OUTER, A_INNER>(s, src, tid);
+  }
+  __host__ __device__ static void load_b(T* s, const TileSrc<T>& src, int tid) {
+    load<B_OUTER, B_INNER>(s, src, tid);
+  }
+  __host__ __device__ static T a_at(const T* s, int m, int k) {
     return s[AK ? wgmma::tile_offset<A_INNER, VEC>(m, k) : wgmma::tile_offset<A_INNER, VEC>(k, m)];
+  }
+  __host__ __device__ static T b_at(const T* s, int k, int n) {
+    return s[BKM ? wgmma::tile_offset<B_INNER, VEC>(n, k) : wgmma::tile_offset<B_INNER, VEC>(k, n)];
   }
 
   template <bool K_MAJOR, int INNER>
@@ -182,8 +225,11 @@ struct CoreSmem {
 
 // Each "math" below owns a tile shape, its shared-memory layout (Layout<AK, BKM>), the
 // pipeline depth, and how tiles multiply and leave: zero(acc), mma<L>(acc, As, Bs),
-// store(acc, scratch, f) calling f(m, n, value) tile-relative, and before_barrier() (what each
-// thread must do after its copies land and before the barrier that publishes them).
+// store(acc, scratch, f) calling f(m, n, value) tile-relative, before_barrier(acc) (what each
+// thread must do after its copies land and before the barrier that publishes them) and
+// finish(acc) after the last tile.  ASYNC_MMA: mma only issues the tile's MMAs, which run on
+// while the next copies are issued; before_barrier waits for them, so the stage they read is
+// free once the barrier has passed.
 
 // ---- wgmma (sm_90a, fp16/bf16): 2 warpgroups, each 64 x 128 of a 128 x 128 tile -------------
 template <typename T>
@@ -195,13 +241,22 @@ struct WgmmaMath {
   static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
   template <bool AK, bool BKM>
   using Layout = CoreSmem<T, BM, BN, BK, THREADS, STAGES, AK, BKM>;
+  static constexpr bool ASYNC_MMA = true;
   struct Acc { float d[64]; };
 
   __device__ static void zero(Acc& acc) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc.d[i] = 0.f;
   }
-  __device__ static void before_barrier() { wgmma::fence_shared_for_async_proxy(); }
+  // The previous tile's MMAs are done before the barrier after which its stage is refilled.
+  __device__ static void before_barrier(Acc& acc) {
+    wgmma::fence_shared_for_async_proxy();
+    finish(acc);
+  }
+  __device__ static void finish(Acc& acc) {
+    wgmma::wait_all();
+    wgmma::pin(acc.d);
+  }
 
   template <class L>
   __device__ static void mma(Acc& acc, const T* As, const T* Bs) {
@@ -212,8 +267,7 @@ struct WgmmaMath {
     for (int kk = 0; kk < BK; kk += 16)
       wgmma::mma_m64k16<T, BN, L::AK ? 0 : 1, L::BKM ? 0 : 1>(
           acc.d, L::desc_a(As, m0, kk), L::desc_b(Bs, 0, kk), 1);
-    wgmma::commit_and_wait_all();  // the stage's smem is refilled after the next barrier
-    wgmma::pin(acc.d);
+    wgmma::commit();  // in flight until before_barrier or finish
   }
 
   template <class F>
@@ -240,7 +294,9 @@ struct WmmaMath {
 #pragma unroll
       for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc.f[i][j], 0.f);
   }
-  __device__ static void before_barrier() {}
+  static constexpr bool ASYNC_MMA = false;
+  __device__ static void before_barrier(Acc&) {}
+  __device__ static void finish(Acc&) {}
 
   template <class L>
   __device__ static void mma(Acc& acc, const T* As, const T* Bs) {
@@ -307,7 +363,9 @@ struct SimtMath {
 #pragma unroll
       for (int j = 0; j < TN; ++j) acc.v[i][j] = 0.f;
   }
-  __device__ static void before_barrier() {}
+  static constexpr bool ASYNC_MMA = false;
+  __device__ static void before_barrier(Acc&) {}
+  __device__ static void finish(Acc&) {}
 
   template <class L>
   __device__ static void mma(Acc& acc, const float* As, const float* Bs) {
@@ -371,8 +429,8 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
   auto fetch_next = [&]() {  // one commit group per call, possibly empty: keeps the count exact
     if (p < np) {
       const int stage = fetched % S;
-      L::load_a(L::a(smem, stage), prob.tile_a(p, k0));
-      L::load_b(L::b(smem, stage), prob.tile_b(p, k0));
+      L::load_a(L::a(smem, stage), prob.tile_a(p, k0), threadIdx.x);
+      L::load_b(L::b(smem, stage), prob.tile_b(p, k0), threadIdx.x);
       k0 += M::BK;
       skip_empty();
       ++fetched;
@@ -384,16 +442,23 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
   for (int s = 0; s < S - 1; ++s) fetch_next();
   for (int tile = 0; tile < fetched; ++tile) {
     cp_async_wait<S - 2>();  // tile `tile` has landed (this thread's copies)
-    M::before_barrier();
+    M::before_barrier(acc);
     __syncthreads();         // ...everyone's; and every thread is done with tile - 1
-    fetch_next();            // into tile - 1's stage
     const int stage = tile % S;
     const T* As = L::a(smem, stage);
+    // Synchronous math: the next copies first, so they fly during the MMAs.  Asynchronous:
+    // the MMAs first, so they run while the copies are issued.  Either way into tile - 1's
+    // stage.
+    if (!M::ASYNC_MMA) fetch_next();
+    M::template mma<L>(acc, As, L::b(smem, stage));
+    if (M::ASYNC_MMA) fetch_next();
     if (do_colsum && threadIdx.x < M::BM) {
 #pragma unroll 8
       for (int k = 0; k < M::BK; ++k) colsum += to_f(L::a_at(As, threadIdx.x, k));
     }
-    M::template mma<L>(acc, As, L::b(smem, stage));
+    // Inside the loop: a wait after it would also be reached by the path that never enters
+    // the loop, whose zeroed accumulators make ptxas serialize every wgmma (its C7515).
+    if (tile + 1 == fetched) M::finish(acc);
   }
 }
 

@@ -29,6 +29,7 @@ namespace {
 
 int failures = 0;
 int64_t blocks = 0, k_tiles = 0, compared = 0;  // what was emulated, for the summary line
+int64_t copies_whole = 0, copies_checked = 0;     // operand tiles by copy path (tile_inside)
 
 // ---- buffers ----------------------------------------------------------------------------------
 struct Extent {
@@ -49,13 +50,15 @@ bool in_bounds(const T* p) {
   return false;
 }
 
-// A row-major (rows, cols) matrix with row stride cols + pad, every element NaN at first.
+// A row-major (rows, cols) matrix with row stride cols + pad, every element NaN at first, and
+// one NaN guard row past its end (outside its extent): a copy that reads a row too far copies
+// NaN, and a store there is an access outside every buffer.
 template <typename T>
 struct Mat {
   int64_t rows, cols, ld;
   std::vector<T> v;
   Mat(int64_t r, int64_t c, int64_t pad)
-      : rows(r), cols(c), ld(c + pad), v(r * (c + pad), from_f<T>(NAN)) {
+      : rows(r), cols(c), ld(c + pad), v((r + 1) * (c + pad), from_f<T>(NAN)) {
     extents.push_back(extent());
   }
   ~Mat() {
@@ -69,7 +72,7 @@ struct Mat {
   Mat& operator=(const Mat&) = delete;
   Extent extent() const {
     const uintptr_t lo = reinterpret_cast<uintptr_t>(v.data());
-    return {lo, lo + v.size() * sizeof(T)};
+    return {lo, lo + rows * ld * sizeof(T)};
   }
   T* data() { return v.data(); }
   T& at(int64_t r, int64_t c) { return v[r * ld + c]; }
@@ -120,6 +123,43 @@ double tile_at(const TileSrc<T>& src, int r, int c) {
   return v;
 }
 
+// The kernels' own copy of one stage (Layout::load_a / load_b, run for every thread of the
+// block; cp.async is a plain 16-byte copy on the host) must leave in shared memory, as
+// Layout::a_at / b_at read it, exactly the operand elements tile_at restates: a (BM x BK) and
+// b (BK x BN) here.  The stage starts as NaN, so a chunk left unwritten shows.
+template <class M, bool AK, bool BKM, typename T>
+void check_stage_copy(const TileSrc<T>& ta, const TileSrc<T>& tb, const std::vector<double>& a,
+                      const std::vector<double>& b) {
+  using L = typename M::template Layout<AK, BKM>;
+  constexpr int BM = M::BM, BN = M::BN, BK = M::BK;
+  std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
+  unsigned char* bytes = reinterpret_cast<unsigned char*>(raw.data());
+  T* As = L::a(bytes, 0);
+  T* Bs = L::b(bytes, 0);
+  for (int i = 0; i < L::STAGE; ++i) As[i] = from_f<T>(NAN);
+  for (int tid = 0; tid < M::THREADS; ++tid) {
+    L::load_a(As, ta, tid);
+    L::load_b(Bs, tb, tid);
+  }
+  copies_whole += (AK ? tile_inside<BM, BK>(ta) : tile_inside<BK, BM>(ta)) +
+                  (BKM ? tile_inside<BN, BK>(tb) : tile_inside<BK, BN>(tb));
+  copies_checked += 2;
+  int bad = 0;
+  for (int m = 0; m < BM; ++m)
+    for (int k = 0; k < BK; ++k) {
+      const double got = to_f(L::a_at(As, m, k)), want = a[m * BK + k];
+      if (!(got == want) && !std::isnan(want) && bad++ < 3)
+        std::printf("  stage copy: A(%d, %d) = %g, want %g\n", m, k, got, want);
+    }
+  for (int k = 0; k < BK; ++k)
+    for (int n = 0; n < BN; ++n) {
+      const double got = to_f(L::b_at(Bs, k, n)), want = b[k * BN + n];
+      if (!(got == want) && !std::isnan(want) && bad++ < 3)
+        std::printf("  stage copy: B(%d, %d) = %g, want %g\n", k, n, got, want);
+    }
+  if (bad) ++failures;
+}
+
 // A block's fp32 accumulators (exact here) as gemm_mainloop leaves them: the phases in order,
 // empty ones skipped, BK-deep k-tiles.  The kernel's Layout<AK, BKM> reads A(m, k) from row m
 // (AK) or row k of tile_a, B(k, n) from row n (BKM) or row k of tile_b.  colsum (if given): the
@@ -142,6 +182,7 @@ std::vector<double> block_gemm(const P& prob, std::vector<double>* colsum) {
       for (int k = 0; k < BK; ++k) a[m * BK + k] = AK ? tile_at(ta, m, k) : tile_at(ta, k, m);
     for (int k = 0; k < BK; ++k)
       for (int n = 0; n < BN; ++n) b[k * BN + n] = BKM ? tile_at(tb, n, k) : tile_at(tb, k, n);
+    check_stage_copy<M, AK, BKM>(ta, tb, a, b);
     for (int m = 0; m < BM; ++m)
       for (int k = 0; k < BK; ++k) {
         const double av = a[m * BK + k];
@@ -160,6 +201,7 @@ struct Case {
   bool coupled, bias_frozen, bias_new;
   Activation act;
   int64_t pre_col0;  // -1: no pre-activation store
+  bool aligned = false;  // row strides a multiple of 16 bytes (else odd): whole tiles copy unchecked
 };
 
 // torch's definitions, in float64 (the emulated epilogue applies them to exact values).
@@ -191,10 +233,16 @@ struct Layer {
   LinearShape shape;
   LinearWeights weights;
 
+  // Row padding: odd, or up to a multiple of 8 elements (16 bytes in fp16) when aligned.
+  static int64_t pad(const Case& cs, int64_t cols, int64_t odd) {
+    return cs.aligned ? (8 - cols % 8) % 8 + 8 : odd;
+  }
+
   explicit Layer(const Case& cs)
       : c(cs), N(cs.rows), I(cs.in), I_f(cs.frozen_in), O_f(sum(cs.groups)), o_T(cs.new_out),
-        O(O_f + o_T), wf(O_f, I_f, 1), wn(o_T, I, 2), wc(O_f, I - I_f, 3), bf(1, O_f, 0),
-        bn(1, o_T, 0), x(N, I, 3), dy(N, O, 1), W(O * I, 0.0), X(N * I), DY(N * O),
+        O(O_f + o_T), wf(O_f, I_f, pad(cs, I_f, 1)), wn(o_T, I, pad(cs, I, 2)),
+        wc(O_f, I - I_f, pad(cs, I - I_f, 3)), bf(1, O_f, 0), bn(1, o_T, 0),
+        x(N, I, pad(cs, I, 3)), dy(N, O, pad(cs, O, 1)), W(O * I, 0.0), X(N * I), DY(N * O),
         bias(O, 0.0) {
     std::mt19937 rng(7);
     auto rnd = [&]() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); };
@@ -472,17 +520,29 @@ int main() {
       {"long reduction", 700, 37, 24, 11, {20}, {17}, true, true, true, A::kNone, -1},
       {"no new inputs", 17, 9, 9, 5, {6}, {9}, true, true, true, A::kReLU, 3},
       {"no frozen rows", 9, 11, 0, 7, {}, {}, false, false, true, A::kNone, 0},
+      // 16-byte rows: most tiles lie wholly inside their operands (the unchecked copy), the
+      // edges and the staircase's last k-tiles do not
+      // (255 rows: the last row tile and the last reduction k-tile are one row short)
+      {"aligned", 255, 272, 200, 72, {136, 128}, {200, 64}, true, true, true, A::kNone, -1,
+       true},
   };
   for (const Case& c : cases) {
     run<float, SimtMath>(c);
     run<__half, WmmaMath<__half>>(c);
     run<__half, WgmmaMath<__half>>(c);
   }
+  if (copies_whole == 0 || copies_whole == copies_checked) {
+    ++failures;
+    std::printf("the stage copies took one path only (%lld of %lld tiles whole)\n",
+                (long long)copies_whole, (long long)copies_checked);
+  }
   if (failures) {
     std::printf("tile emulation FAILED (%d)\n", failures);
     return 1;
   }
-  std::printf("tile emulation OK (%lld blocks, %lld k-tiles, %lld elements compared)\n",
-              (long long)blocks, (long long)k_tiles, (long long)compared);
+  std::printf("tile emulation OK (%lld blocks, %lld k-tiles, %lld elements compared; stage "
+              "copies: %lld of %lld tiles whole)\n",
+              (long long)blocks, (long long)k_tiles, (long long)compared,
+              (long long)copies_whole, (long long)copies_checked);
   return 0;
 }

@@ -98,7 +98,9 @@ struct Tiles {
 // Each math owns its shared-memory stages (STAGE, A_SIZE elements; SMEM_BYTES in all, the
 // epilogue's scratch included), how a thread's gathered registers land there (scatter), what a
 // thread does before the barrier that publishes them (before_barrier), and how tiles multiply
-// (zero, mma) and leave (store, calling f(m, n, value) tile-relative).
+// (zero, mma) and leave (store, calling f(m, n, value) tile-relative).  retire(acc) waits for
+// the MMAs mma issued: WgmmaMath's run on while the next tile is scattered into the other
+// stage; the others are done when mma returns.
 
 // Writes a thread's gathered registers into one stage: A at stage[0, a_size), B after it,
 // element (slow, fast) of each tile at a_at(slow, fast) / b_at(slow, fast).
@@ -123,6 +125,8 @@ struct PaddedStages {
   static constexpr int STAGE = TL::STAGE, A_SIZE = TL::A_SIZE;
   static constexpr size_t SMEM_BYTES = TL::SMEM_BYTES;
   __device__ static void before_barrier() {}
+  template <class Acc>
+  __device__ static void retire(Acc&) {}
   __device__ static void scatter(T* stage, const T (&ra)[TL::AMap::ELEMS],
                                  const T (&rb)[TL::BMap::ELEMS]) {
     scatter_stage<T, K>(stage, A_SIZE, ra, rb,
@@ -265,6 +269,10 @@ struct WgmmaMath {
   struct Acc { float d[WG_N / 2]; };
 
   __device__ static void before_barrier() { wgmma::fence_shared_for_async_proxy(); }
+  __device__ static void retire(Acc& acc) {
+    wgmma::wait_all();
+    wgmma::pin(acc.d);
+  }
   __device__ static void scatter(T* stage, const T (&ra)[TL::AMap::ELEMS],
                                  const T (&rb)[TL::BMap::ELEMS]) {
     scatter_stage<T, K>(stage, A_SIZE, ra, rb,
@@ -296,8 +304,7 @@ struct WgmmaMath {
           acc.d, wgmma::descriptor(As + fa.start, fa.lbo, fa.sbo),
           wgmma::descriptor(Bs + fb.start, fb.lbo, fb.sbo), 1);
     }
-    wgmma::commit_and_wait_all();  // the stage is scattered into again after the next barrier
-    wgmma::pin(acc.d);
+    wgmma::commit();  // retired before the barrier after which this stage is scattered into
   }
 
   template <class F>
@@ -364,7 +371,8 @@ template <class P>
 XF_HD bool finished(const P& prob, const Cursor& c) { return c.p >= prob.num_phases(); }
 
 // acc = sum over every tile of A_tile * B_tile.  The next tile's global loads are in flight
-// (in registers) while the current one multiplies; two shared stages, one barrier per tile.
+// (in registers) while the current one multiplies (and, with asynchronous MMAs, while they are
+// scattered into the other stage); two shared stages, one barrier per tile.
 template <typename T, Kind K, class M, class P>
 __device__ void mainloop(const P& prob, typename M::Acc& acc, unsigned char* smem) {
   using TL = Tiles<T, K>;
@@ -388,10 +396,15 @@ __device__ void mainloop(const P& prob, typename M::Acc& acc, unsigned char* sme
     }
     const T* st = base + stage * M::STAGE;
     M::mma(acc, st, st + M::A_SIZE);
-    if (!more) break;
+    if (!more) {
+      M::retire(acc);
+      break;
+    }
     stage ^= 1;
-    // Safe: every thread passed the previous barrier, so nobody still reads this stage.
+    // Safe: every thread retired its MMAs of the previous tile before the previous barrier,
+    // so nobody still reads this stage.
     M::scatter(base + stage * M::STAGE, ra, rb);
+    M::retire(acc);
     M::before_barrier();
     __syncthreads();
   }

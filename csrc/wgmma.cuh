@@ -77,9 +77,13 @@ __device__ __forceinline__ void fence() {  // before the first wgmma that reads 
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void commit_and_wait_all() {
+__device__ __forceinline__ void commit() {  // the MMAs issued since the last commit: a group
 #if EXPANSE_FAST_WGMMA
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_all() {  // every committed group of this warpgroup done
+#if EXPANSE_FAST_WGMMA
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }

@@ -691,6 +691,40 @@ def test_toolchain_without_cuda_headers_names_cuda_home(monkeypatch, tmp_path):
     assert cuda._toolchain_missing() is None
 
 
+def test_wrappers_match_the_op_schemas_under_fake_tensors():
+    """Where the extension loads (a CUDA build of torch; no GPU needed), the Python wrappers
+    call its ops with arguments their C++ schemas accept, and the registered fake
+    implementations give the shapes, devices and dtypes of every output (None where a
+    gradient is not asked for): what torch.compile traces with."""
+    if torch.version.cuda is None:
+        pytest.skip("needs a CUDA build of torch")
+    try:
+        cuda.load()
+    except RuntimeError as exc:
+        pytest.skip(f"the extension does not load here: {exc}")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    with FakeTensorMode():
+        x, wf, wn = (torch.empty(37, 24, **bf16), torch.empty(16, 16, **bf16),
+                     torch.empty(8, 24, **bf16))
+        y = cuda.linear_forward(x, wf, torch.empty(16, **bf16), wn, None, None, [9, 7],
+                                [16, 5], "relu")
+        assert (tuple(y.shape), y.device.type, y.dtype) == ((37, 24), "cuda", torch.bfloat16)
+        grads = cuda.linear_backward(torch.empty(37, 24, **bf16), x, wf, wn, None, [9, 7],
+                                     [16, 5], True, False, True, True, False)
+        assert [None if g is None else tuple(g.shape) for g in grads] == [
+            (37, 24), (8, 24), (8,), None]
+        xc = torch.empty(2, 5, 9, 7, device="cuda")
+        wfc, wnc = torch.empty(6, 3, 3, 3, device="cuda"), torch.empty(4, 5, 3, 3, device="cuda")
+        yc = cuda.conv2d_forward(xc, wfc, None, wnc, None, None, [6], [3], 2, 1, 1, False)
+        assert tuple(yc.shape) == (2, 10, 5, 4) and yc.dtype == torch.float32
+        gc = cuda.conv2d_backward(torch.empty(2, 10, 5, 4, device="cuda"), xc, wfc, wnc, None,
+                                  [6], [3], 2, 1, 1, False, True, True, True, True, False,
+                                  frozen_dy_scale=torch.empty(6, device="cuda"))
+        assert [None if g is None else tuple(g.shape) for g in gc] == [
+            (2, 5, 9, 7), (4, 5, 3, 3), (4,), None]
+
+
 def test_sources_found():
     files = cuda.source_files()
     assert [f.rsplit("/", 1)[-1] for f in files] == ["bindings.cpp", "expanded_linear_kernels.cu",

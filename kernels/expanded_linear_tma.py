@@ -5,9 +5,10 @@ Operand tiles arrive through host-made tensor descriptors: on sm_90 each is one 
 into shared memory (no per-element addresses or masks; whatever lies past a descriptor's
 shape reads as zeros, which adds nothing to a sum).
 
-* forward: full K tiles through descriptors; the last, partial K tile of a frozen group,
-  where the staircase ends at a k_end inside the weight, through the masked pointer loads
-  of the plain kernel, so no weight column past k_end is ever read.
+* forward: every tile through descriptors.  The partial tile where a group's staircase ends
+  (k_end inside the weight) is loaded whole and its columns at or past k_end are zeroed in
+  both operands before the product: the weight's columns there never reach the sum, nor do
+  the newer inputs the group must not read (an inf or NaN there stays out).
 * dW (and dW_couple): every tile through descriptors; the fused db sum as before.
 * dx: the newest rows and the coupling block through descriptors (their K ends where the
   tensors end); the frozen groups' part of dx_old, cut at each group's k_end, through
@@ -65,10 +66,8 @@ def _autotune(key, rows, cols, **boxes):
 @_autotune(["M", "O", "I", "G"], "M", "O", x_desc="MK", wf_desc="NK", wn_desc="NK",
            wc_desc="NK")
 @triton.jit
-def _fwd_tma_kernel(x_desc, wf_desc, wn_desc, wc_desc,
-                    x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, pre_ptr,
-                    M, O, I, I_F, O_F, G, P0,
-                    s_xm, s_wfo, s_wno, s_wco, s_ym, s_yn, s_pm,
+def _fwd_tma_kernel(x_desc, wf_desc, wn_desc, wc_desc, bf_ptr, bn_ptr, y_ptr, tab_ptr, pre_ptr,
+                    M, O, I, I_F, O_F, G, P0, s_ym, s_yn, s_pm,
                     HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
                     ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -91,23 +90,28 @@ def _fwd_tma_kernel(x_desc, wf_desc, wn_desc, wc_desc,
     for k in range(0, tl.where(is_new, k_full, 0), BLOCK_K):
         acc = tl.dot(x_desc.load([off_m, k]), wn_desc.load([col0 - O_F, k]).T, acc,
                      input_precision=PREC)
-    # The partial tile where the staircase ends: masked loads stop at k_end.
-    if is_new:
-        w_cols = wn_ptr + (rn - O_F).to(tl.int64)[None, :] * s_wno
-    else:
-        w_cols = wf_ptr + rn.to(tl.int64)[None, :] * s_wfo
-    x_rows = x_ptr + rm.to(tl.int64)[:, None] * s_xm
-    acc = base._dot_k(acc, x_rows, w_cols, 1, 1, m_mask, n_mask, k_full, k_end, BLOCK_K, PREC)
+    # The partial tile where the staircase ends: a whole tile through the descriptors, its
+    # columns at or past k_end zeroed in both operands before the product, so that neither the
+    # weight's columns there (outside the layer) nor the newer inputs (which these units must
+    # never read: an inf there stays out) reach the sum.  Pointer loads here would cost the
+    # whole kernel registers (240 instead of 154 at 128x128x64, and spills at other tiles).
+    if k_full < k_end:
+        xa = x_desc.load([off_m, k_full])
+        if is_new:
+            wb = wn_desc.load([col0 - O_F, k_full])
+        else:
+            wb = wf_desc.load([col0, k_full])
+        live = ((k_full + tl.arange(0, BLOCK_K)) < k_end)[None, :]
+        xa = tl.where(live, xa, 0.0).to(xa.dtype)
+        wb = tl.where(live, wb, 0.0).to(wb.dtype)
+        acc = tl.dot(xa, wb.T, acc, input_precision=PREC)
 
     if HAS_COUPLE:
         # Coupled layout: frozen rows also read the newest inputs [I_F, I) through w_couple.
-        k_new = tl.where(is_new, 0, I - I_F)
-        kc_full = k_new // BLOCK_K * BLOCK_K
-        for k in range(0, kc_full, BLOCK_K):
+        # Past I the x descriptor reads zeros, past its width the w_couple one: no tail.
+        for k in range(0, tl.where(is_new, 0, I - I_F), BLOCK_K):
             acc = tl.dot(x_desc.load([off_m, I_F + k]), wc_desc.load([col0, k]).T, acc,
                          input_precision=PREC)
-        acc = base._dot_k(acc, x_rows + I_F, wc_ptr + rn.to(tl.int64)[None, :] * s_wco, 1, 1,
-                          m_mask, n_mask, kc_full, k_new, BLOCK_K, PREC)
     base._fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, pre_ptr,
                        O_F, P0, s_ym, s_yn, s_pm, HAS_BF, HAS_BN, ACT, HAS_PRE)
 
@@ -155,11 +159,11 @@ def forward(x, w_frozen, w_new, w_couple, b_frozen, b_new, y, tab, pre, p0, grid
     wc = w_couple if meta["HAS_COUPLE"] else w_new
     return _launch(
         "forward", _fwd_tma_kernel, grid, (x, w_frozen, w_new, wc),
-        x, w_frozen, w_new, wc, b_frozen if b_frozen is not None else y,
-        b_new if b_new is not None else y, y, tab, pre if pre is not None else y,
+        b_frozen if b_frozen is not None else y, b_new if b_new is not None else y, y, tab,
+        pre if pre is not None else y,
         x.shape[0], y.shape[1], x.shape[1], w_frozen.shape[1], w_frozen.shape[0],
-        tab.shape[0], p0, x.stride(0), w_frozen.stride(0), w_new.stride(0), wc.stride(0),
-        y.stride(0), y.stride(1), pre.stride(0) if pre is not None else 0, **meta)
+        tab.shape[0], p0, y.stride(0), y.stride(1), pre.stride(0) if pre is not None else 0,
+        **meta)
 
 
 # ---------------------------------------------------------------------------------------

@@ -444,6 +444,23 @@ def test_tma_forward_matches_float64(tma_launches, name, mode, dtype):
     assert_close(K.linear_forward(c.x, *c.blocks()), c.ref_forward(), dtype, "y, no activation")
 
 
+@pytest.mark.parametrize("name", list(TMA_LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_tma_forward_first_group_never_reads_later_inputs(tma_launches, name, dtype):
+    """The partial tile at a group's k_end is loaded whole: what lies past k_end (here inf in
+    every later input column) must still not reach that group's outputs."""
+    c = Case(*TMA_LAYOUTS[name], mode="isolated", n=37, dtype=dtype)
+    k0, rows0 = c.k_ends[0], c.groups[0]
+    x = c.x.clone()
+    x[:, k0:] = float("inf")
+    y = K.linear_forward(x, *c.blocks())
+    assert tma_launches == [("forward", True)]
+    clean = c.x.double().cpu()
+    clean[:, k0:] = 0
+    ref = clean @ c.w_dense[:rows0].t() + c.b_dense[:rows0]
+    assert_close(y[:, :rows0], ref, dtype, "first group's y")
+
+
 def test_tma_not_used_where_rows_are_unaligned(tma_launches):
     c = Case(*LAYOUTS["3g"], mode="isolated")  # I_f = 27: w_frozen rows of 108 bytes
     assert not T.usable(c.x, c.w_frozen, c.w_new, c.w_couple)

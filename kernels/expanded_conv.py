@@ -27,6 +27,7 @@ frozen rows, and the finished dcouple rows.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from typing import Optional, Sequence
 
@@ -113,25 +114,31 @@ def _norm_epilogue(acc, offs_o, frozen, nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps
 def _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
                  w_ptr, rel_n, n_mask, swo, swc, swr, sws, c_lo, c_hi,
                  dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr,
-                 BLOCK_K: tl.constexpr, PREC: tl.constexpr):
-    """acc += x[:, c_lo:c_hi] (im2col) @ w[:, 0:c_hi-c_lo]^T over all kernel taps."""
+                 BLOCK_K: tl.constexpr, CH_VEC: tl.constexpr, PREC: tl.constexpr):
+    """acc += x[:, c_lo:c_hi] (im2col) @ w[:, 0:c_hi-c_lo]^T over all kernel taps.
+
+    One flat loop over (tap, BLOCK_K channel tile), so that it is one software pipeline.
+    c_hi comes from the group table at run time; CH_VEC (a multiple of every channel bound,
+    checked by the launcher) lets the channel mask cover whole 16-byte vectors, so that the
+    loads stay vector loads (a mask the compiler cannot prove aligned makes them 2-byte ones).
+    """
     offs_k = tl.arange(0, BLOCK_K)
-    for rs in range(KH * KW):
+    n_tiles = tl.cdiv(c_hi - c_lo, BLOCK_K)
+    for t in range(0, KH * KW * n_tiles):
+        rs = t // n_tiles
         r = rs // KW
         s = rs % KW
         hi = hi0 + r * dil_h
         wi = wi0 + s * dil_w
         ok = m_mask & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        a_row = x_base + hi * sxh + wi * sxw
-        b_col = rel_n * swo + r * swr + s * sws
-        for c0 in range(c_lo, c_hi, BLOCK_K):
-            c = c0 + offs_k
-            c_ok = c < c_hi
-            a = tl.load(x_ptr + a_row[:, None] + c[None, :] * sxc,
-                        mask=ok[:, None] & c_ok[None, :], other=0.0)
-            b = tl.load(w_ptr + b_col[None, :] + (c - c_lo)[:, None] * swc,
-                        mask=c_ok[:, None] & n_mask[None, :], other=0.0)
-            acc = _mma(a, b, acc, PREC)
+        c = c_lo + (t % n_tiles) * BLOCK_K + offs_k
+        c_ok = c // CH_VEC < c_hi // CH_VEC  # = c < c_hi, constant over CH_VEC channels
+        a = tl.load(x_ptr + (x_base + hi * sxh + wi * sxw)[:, None] + c[None, :] * sxc,
+                    mask=ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + (rel_n * swo + r * swr + s * sws)[None, :]
+                    + (c - c_lo)[:, None] * swc, mask=c_ok[:, None] & n_mask[None, :],
+                    other=0.0)
+        acc = _mma(a, b, acc, PREC)
     return acc
 
 
@@ -146,11 +153,16 @@ def _conv_fwd_kernel(
         syn, syc, syh, syw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
         HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr,
-        NORM_B: tl.constexpr, PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        NORM_B: tl.constexpr, CH_VEC: tl.constexpr, OUT_VEC: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     o_start, o_end, k_end, grp = _locate_tile(pid_n, groups_ptr, G, BLOCK_N)
+    # Every group boundary is a multiple of OUT_VEC (the launcher checks): said so, the
+    # output channel mask and addresses cover whole vectors, and the stores stay vector
+    # stores (2-byte ones need a register per element and address: spills).
+    o_start = o_start // OUT_VEC * OUT_VEC
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -164,21 +176,25 @@ def _conv_fwd_kernel(
 
     rel_n = tl.arange(0, BLOCK_N)
     offs_o = o_start + rel_n
-    n_mask = offs_o < o_end
+    n_mask = offs_o // OUT_VEC < o_end // OUT_VEC  # = offs_o < o_end
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if grp == G - 1:  # trainable rows: every input channel
+    # Trainable rows read every input channel, frozen rows channels [0, k_end): one segment
+    # either way, its weight picked by the tile's group (one inlined loop, not two).
+    if grp == G - 1:
+        w_seg = wn_ptr + (o_start - O_f) * sno
+        swo, swc, swr, sws = sno, snc, snr, sns
+    else:
+        w_seg = wf_ptr + o_start * sfo
+        swo, swc, swr, sws = sfo, sfc, sfr, sfs
+    acc = _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
+                       w_seg, rel_n, n_mask, swo, swc, swr, sws, 0, k_end,
+                       dil_h, dil_w, KH, KW, BLOCK_K, CH_VEC, PREC)
+    if HAS_COUPLE:  # coupled layout: old rows also read the newest channels
         acc = _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
-                           wn_ptr + (o_start - O_f) * sno, rel_n, n_mask, sno, snc, snr, sns,
-                           0, k_end, dil_h, dil_w, KH, KW, BLOCK_K, PREC)
-    else:  # frozen rows: channels [0, k_end) only
-        acc = _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
-                           wf_ptr + o_start * sfo, rel_n, n_mask, sfo, sfc, sfr, sfs,
-                           0, k_end, dil_h, dil_w, KH, KW, BLOCK_K, PREC)
-        if HAS_COUPLE:  # coupled layout: old rows also read the newest channels
-            acc = _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
-                               wc_ptr + o_start * sco, rel_n, n_mask, sco, scc, scr, scs,
-                               I_f, C, dil_h, dil_w, KH, KW, BLOCK_K, PREC)
+                           wc_ptr + o_start * sco, rel_n, n_mask, sco, scc, scr, scs,
+                           I_f, tl.where(grp == G - 1, I_f, C), dil_h, dil_w, KH, KW,
+                           BLOCK_K, CH_VEC, PREC)
 
     if HAS_BF:
         acc += tl.load(bf_ptr + offs_o, mask=n_mask & (offs_o < O_f),
@@ -525,6 +541,22 @@ def _prec(dtype):
     return "tf32"
 
 
+def _channel_multiple(bounds) -> int:
+    """The largest of 16, 8, 1 that divides every channel bound a kernel's masks compare
+    with (it may then assume so: whole vectors in or out)."""
+    bounds = [int(b) for b in bounds]
+    return next(v for v in (16, 8, 1) if all(b % v == 0 for b in bounds))
+
+
+def _channels_inner(w):
+    """The weight with its input channels innermost (channels_last), as the forward kernel
+    reads weight tiles along them: 16-byte loads instead of 2-byte ones.  A copy of the
+    weight (small next to the activations) unless it is laid out so already."""
+    if w.dim() != 4 or w.stride(1) == 1 or w.numel() == 0:
+        return w
+    return w.contiguous(memory_format=torch.channels_last)
+
+
 def _or(t, dummy):
     """Never hand an empty or missing tensor to a kernel: a dummy it will not read."""
     return t if t is not None and t.numel() else dummy
@@ -629,6 +661,9 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     m = n * ho * wo
     if y.numel() == 0:
         return y
+    if not depthwise:
+        w_frozen, w_new = _channels_inner(w_frozen), _channels_inner(w_new)
+        w_couple = None if w_couple is None else _channels_inner(w_couple)
     wf, wn = _or(w_frozen, y), _or(w_new, y)
     bf, bn = _or(b_frozen, y), _or(b_new, y)
     has_bf = b_frozen is not None and b_frozen.numel() > 0
@@ -656,7 +691,8 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
         x, wf, wn, wc, bf, bn, y, groups, *norm_ptrs, m, o, c, h, wd, ho, wo, len(widths), o_f,
         i_f, *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,
         KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
-        PREC=_prec(dt))
+        CH_VEC=_channel_multiple((c, i_f) + k_ends),
+        OUT_VEC=_channel_multiple(itertools.accumulate(widths)), PREC=_prec(dt))
     return y
 
 

@@ -177,7 +177,20 @@ CASES = {
     "no_new_outputs": ((3, 2), (4, 0), 1, True, True, torch.float32, _conv(), True, False, 1),
     "empty_batch": ((3, 2), (2, 3), 3, False, True, torch.float32, _conv(padding=1), True,
                     False, 0),
+    # channel bounds that are multiples of 8 and 16: the forward's masks and output addresses
+    # then cover whole vectors (CH_VEC, OUT_VEC > 1), with partial channel tiles, a frozen
+    # group that stops inside a tile, and channels_last x with an NCHW-stored weight
+    "vector_bounds_8_cl": ((8, 16, 8), (16, 8, 8), 3, False, True, torch.float16,
+                           _conv(padding=1), True, True, 1),
+    "vector_bounds_16_coupled": ((16, 16), (16, 16), 3, True, True, torch.float32,
+                                 _conv(stride=2, padding=1), False, False, 1),
 }
+
+
+def test_channel_multiple_takes_any_iterable():
+    assert ec._channel_multiple([32, 16, 48]) == 16
+    assert ec._channel_multiple(iter([0, 8, 24])) == 8  # an iterator is read once only
+    assert ec._channel_multiple((16, 4)) == 1
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -279,13 +279,15 @@ def _conv_wgrad_kernel(
 @triton.jit
 def _dx_rows(acc, dy_ptr, dy_row, p_ok, sdc, dy_c0, row_lo, row_hi, w_ptr, swo, swc,
              w_col, col_mask, scale_ptr, SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
-             PREC: tl.constexpr):
+             ROW_VEC: tl.constexpr, PREC: tl.constexpr):
     """acc += dy[:, dy_c0 + rows] @ w[rows, w_col] for rows in [row_lo, row_hi); with
-    ``SCALE`` the dy columns are first multiplied by ``scale[rows]`` (a folded BatchNorm)."""
+    ``SCALE`` the dy columns are first multiplied by ``scale[rows]`` (a folded BatchNorm).
+    row_lo, row_hi and dy_c0 are multiples of ROW_VEC (the launcher checks): the row mask
+    covers whole vectors of dy's channels."""
     offs_k = tl.arange(0, BLOCK_K)
     for o0 in range(row_lo, row_hi, BLOCK_K):
         o = o0 + offs_k
-        o_ok = o < row_hi
+        o_ok = o // ROW_VEC < row_hi // ROW_VEC  # = o < row_hi
         g = tl.load(dy_ptr + dy_row[:, None] + (dy_c0 + o)[None, :] * sdc,
                     mask=p_ok[:, None] & o_ok[None, :], other=0.0)
         if SCALE:
@@ -306,9 +308,12 @@ def _conv_dx_kernel(
         sdn, sdc, sdh, sdw, sfo, sfc, sfr, sfs, sno, snc, snr, sns, sco, scc, scr, scs,
         sxn, sxc, sxh, sxw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, NEED_OLD: tl.constexpr,
-        HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, PREC: tl.constexpr,
+        HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, CH_VEC: tl.constexpr,
+        ROW_VEC: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C).
+    # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C).  Channel bounds
+    # (C, I_f, c_lo, every k_end) are multiples of CH_VEC, dy channel bounds (every group
+    # boundary, O_f, O_n) of ROW_VEC: masks over whole vectors (see _fwd_segment).
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_p = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -336,7 +341,7 @@ def _conv_dx_kernel(
         # trainable rows read every channel
         acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, O_f, 0, O_n,
                        wn_ptr + r * snr + s * sns, sno, snc, offs_c, c_mask, scale_ptr, False,
-                       BLOCK_K, PREC)
+                       BLOCK_K, ROW_VEC, PREC)
         if NEED_OLD:  # frozen group g reaches channels [0, k_end_g) only
             row0 = pid_c * 0
             for g in range(G_f):
@@ -345,13 +350,15 @@ def _conv_dx_kernel(
                 if ke > c_first:
                     acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, 0, row0, row0 + width,
                                    wf_ptr + r * sfr + s * sfs, sfo, sfc, offs_c,
-                                   c_mask & (offs_c < ke), scale_ptr, NORM, BLOCK_K, PREC)
+                                   c_mask & (offs_c // CH_VEC < ke // CH_VEC), scale_ptr,
+                                   NORM, BLOCK_K, ROW_VEC, PREC)
                 row0 += width
         if HAS_COUPLE:  # coupling block: all frozen rows read the newest channels
             if c_first + BLOCK_N > I_f:
                 acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, 0, 0, O_f,
                                wc_ptr + r * scr + s * scs, sco, scc, offs_c - I_f,
-                               c_mask & (offs_c >= I_f), scale_ptr, NORM, BLOCK_K, PREC)
+                               c_mask & (offs_c >= I_f), scale_ptr, NORM, BLOCK_K, ROW_VEC,
+                               PREC)
 
     dx_row = n_img * sxn + hi * sxh + wi * sxw
     tl.store(dx_ptr + dx_row[:, None] + offs_c[None, :] * sxc,
@@ -801,7 +808,9 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         p = n * h * wd
         groups = _groups_tensor(tuple(int(g) for g in frozen_out_groups),
                                 tuple(int(k) for k in frozen_k_ends), x.device)
-        wc = _or(w_couple, x)
+        # weight tiles are read along the input channels: channels_last weights
+        wf, wn = _or(_channels_inner(w_frozen), x), _or(_channels_inner(w_new), x)
+        wc = _or(None if w_couple is None else _channels_inner(w_couple), x)
         couple = has_couple and o_f > 0
         # the frozen columns of dy are read (and scaled) for dx_old and the coupling only
         norm = norm_scale is not None and (need_dx_old or couple)
@@ -811,5 +820,8 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
             dy, wf, wn, wc, dx, groups, norm_scale if norm else dx, p, c, h, wd, ho, wo,
             len(frozen_out_groups), o_f, o_n, i_f, c_lo, *dy.stride(), *wf.stride(),
             *wn.stride(), *wc.stride(), *dx.stride(), *geo, KH=kh, KW=kw,
-            NEED_OLD=need_dx_old, HAS_COUPLE=couple, NORM=norm, PREC=_prec(dt))
+            NEED_OLD=need_dx_old, HAS_COUPLE=couple, NORM=norm,
+            CH_VEC=_channel_multiple((c, i_f, c_lo) + tuple(frozen_k_ends)),
+            ROW_VEC=_channel_multiple((o_f, o_n) + tuple(itertools.accumulate(
+                frozen_out_groups))), PREC=_prec(dt))
     return dx, dw, db, dcouple

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .vector_bounds import multiple_of_all
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # EXPANSE_FAST_AUTOTUNE=0: first config only (quick GPU test runs, no tuning compiles).
 _AUTOTUNE = os.environ.get("EXPANSE_FAST_AUTOTUNE", "1") != "0"
@@ -548,13 +550,6 @@ def _prec(dtype):
     return "tf32"
 
 
-def _channel_multiple(bounds) -> int:
-    """The largest of 16, 8, 1 that divides every channel bound a kernel's masks compare
-    with (it may then assume so: whole vectors in or out)."""
-    bounds = [int(b) for b in bounds]
-    return next(v for v in (16, 8, 1) if all(b % v == 0 for b in bounds))
-
-
 def _channels_inner(w):
     """The weight with its input channels innermost (channels_last), as the forward kernel
     reads weight tiles along them: 16-byte loads instead of 2-byte ones.  A copy of the
@@ -698,8 +693,8 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
         x, wf, wn, wc, bf, bn, y, groups, *norm_ptrs, m, o, c, h, wd, ho, wo, len(widths), o_f,
         i_f, *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,
         KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
-        CH_VEC=_channel_multiple((c, i_f) + k_ends),
-        OUT_VEC=_channel_multiple(itertools.accumulate(widths)), PREC=_prec(dt))
+        CH_VEC=multiple_of_all((c, i_f) + k_ends),
+        OUT_VEC=multiple_of_all(itertools.accumulate(widths)), PREC=_prec(dt))
     return y
 
 
@@ -821,7 +816,7 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
             len(frozen_out_groups), o_f, o_n, i_f, c_lo, *dy.stride(), *wf.stride(),
             *wn.stride(), *wc.stride(), *dx.stride(), *geo, KH=kh, KW=kw,
             NEED_OLD=need_dx_old, HAS_COUPLE=couple, NORM=norm,
-            CH_VEC=_channel_multiple((c, i_f, c_lo) + tuple(frozen_k_ends)),
-            ROW_VEC=_channel_multiple((o_f, o_n) + tuple(itertools.accumulate(
+            CH_VEC=multiple_of_all((c, i_f, c_lo) + tuple(frozen_k_ends)),
+            ROW_VEC=multiple_of_all((o_f, o_n) + tuple(itertools.accumulate(
                 frozen_out_groups))), PREC=_prec(dt))
     return dx, dw, db, dcouple

@@ -29,12 +29,15 @@ reads it.
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from .vector_bounds import multiple_of_all
 
 # Read once, like Triton itself does when it decorates the kernels below.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
@@ -156,9 +159,11 @@ def _dot_k(acc, a_base, b_base, s_ak, s_bk, a_mask, b_mask, k_lo, k_hi,
 
 @triton.jit
 def _locate_fwd_tile(tab_ptr, M, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, COL_VEC: tl.constexpr):
     """This program's output tile: (row tile, first column, group end column, k_end, is the
-    newest group).  Each group is tiled on its own, so a tile stays inside one group."""
+    newest group).  Each group is tiled on its own, so a tile stays inside one group.
+    Every group boundary is a multiple of COL_VEC (the launcher checks; vector_bounds.py
+    says why): the first column is returned as one visibly."""
     pid = tl.program_id(0)
     num_pid_n = pid * 0
     for g in range(G):
@@ -181,7 +186,7 @@ def _locate_fwd_tile(tab_ptr, M, G, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
         k_end = tl.where(hit, tl.load(tab_ptr + 3 * g + 2), k_end)
         grp = tl.where(hit, g, grp)
         seen += t
-    return pid_m, col0, col_end, k_end, grp == G - 1
+    return pid_m, col0 // COL_VEC * COL_VEC, col_end, k_end, grp == G - 1
 
 
 @triton.jit
@@ -192,21 +197,30 @@ def _sigmoid(u):
 
 
 @triton.jit
+def _col_mask(rn, col_end, COL_VEC: tl.constexpr):
+    """rn < col_end, for a col_end that is a multiple of COL_VEC: constant over vectors."""
+    return rn // COL_VEC < col_end // COL_VEC
+
+
+@triton.jit
 def _fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, pre_ptr,
                   O_F, P0, s_ym, s_yn, s_pm, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
-                  ACT: tl.constexpr, HAS_PRE: tl.constexpr):
+                  ACT: tl.constexpr, HAS_PRE: tl.constexpr, COL_VEC: tl.constexpr):
     """Bias (the newest group's columns are [O_F, O): masked loads pick the right vector
-    without branching), the pre-activation store, the activation, the output store."""
+    without branching), the pre-activation store, the activation, the output store.  O_F,
+    P0 and col_end are multiples of COL_VEC."""
+    n_ok = _col_mask(rn, col_end, COL_VEC)
     if HAS_BN:
-        acc += tl.load(bn_ptr + (rn - O_F), mask=(rn < col_end) & (rn >= O_F), other=0.0
-                       ).to(tl.float32)[None, :]
+        acc += tl.load(bn_ptr + (rn - O_F), mask=n_ok & ~_col_mask(rn, O_F, COL_VEC),
+                       other=0.0).to(tl.float32)[None, :]
     if HAS_BF:
-        acc += tl.load(bf_ptr + rn, mask=(rn < col_end) & (rn < O_F), other=0.0
+        acc += tl.load(bf_ptr + rn, mask=n_ok & _col_mask(rn, O_F, COL_VEC), other=0.0
                        ).to(tl.float32)[None, :]
     if HAS_PRE:
         # the pre-activation of columns [P0, O), which the activation's backward reads
         pre = pre_ptr + rm.to(tl.int64)[:, None] * s_pm + (rn - P0)[None, :]
-        tl.store(pre, acc.to(pre_ptr.dtype.element_ty), mask=m_mask & n_mask & (rn >= P0)[None, :])
+        tl.store(pre, acc.to(pre_ptr.dtype.element_ty),
+                 mask=m_mask & n_mask & ~_col_mask(rn, P0, COL_VEC)[None, :])
     if ACT == 1:
         acc = tl.maximum(acc, 0.0)
     elif ACT == 2:  # gelu, tanh approximation: x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
@@ -226,14 +240,14 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, p
                 s_xm, s_xk, s_wfo, s_wno, s_wco, s_wck, s_ym, s_yn, s_pm,
                 HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
                 ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                GROUP_M: tl.constexpr):
+                COL_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, col0, col_end, k_end, is_new = _locate_fwd_tile(tab_ptr, M, G, BLOCK_M, BLOCK_N,
-                                                           GROUP_M)
+                                                           GROUP_M, COL_VEC)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = col0 + tl.arange(0, BLOCK_N)
     m_mask = (rm < M)[:, None]
-    n_mask = (rn < col_end)[None, :]
+    n_mask = _col_mask(rn, col_end, COL_VEC)[None, :]
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * s_xm
     # Pick the weight by the group (both have unit stride along K: see the launcher).
     if is_new:
@@ -249,7 +263,7 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, p
                      s_xk, s_wck, m_mask, n_mask, 0, tl.where(is_new, 0, I - I_F),
                      BLOCK_K, PREC)
     _fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, pre_ptr,
-                  O_F, P0, s_ym, s_yn, s_pm, HAS_BF, HAS_BN, ACT, HAS_PRE)
+                  O_F, P0, s_ym, s_yn, s_pm, HAS_BF, HAS_BN, ACT, HAS_PRE, COL_VEC)
 
 
 @_autotune(key=["R", "C", "M", "K_CHUNK"], rows="R", cols="C")
@@ -452,6 +466,7 @@ def linear_forward(x: torch.Tensor, w_frozen: torch.Tensor, b_frozen: Optional[t
     p0 = o_f + o_new - (pre.shape[1] if has_pre else 0)
     meta = dict(HAS_BF=b_frozen is not None and o_f > 0, HAS_BN=b_new is not None and o_new > 0,
                 HAS_COUPLE=couple, ACT=ACTIVATIONS[activation], HAS_PRE=has_pre,
+                COL_VEC=multiple_of_all(list(itertools.accumulate(widths)) + [p0]),
                 PREC=_precision(x.dtype))
     tma = _tma()
     if tma.usable(x, w_frozen, w_new, w_couple if couple else None) and tma.forward(

@@ -70,15 +70,15 @@ def _fwd_tma_kernel(x_desc, wf_desc, wn_desc, wc_desc, bf_ptr, bn_ptr, y_ptr, ta
                     M, O, I, I_F, O_F, G, P0, s_ym, s_yn, s_pm,
                     HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
                     ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+                    COL_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, col0, col_end, k_end, is_new = base._locate_fwd_tile(tab_ptr, M, G, BLOCK_M,
-                                                                BLOCK_N, GROUP_M)
+                                                                BLOCK_N, GROUP_M, COL_VEC)
     off_m = pid_m * BLOCK_M
     rm = off_m + tl.arange(0, BLOCK_M)
     rn = col0 + tl.arange(0, BLOCK_N)
     m_mask = (rm < M)[:, None]
-    n_mask = (rn < col_end)[None, :]
+    n_mask = base._col_mask(rn, col_end, COL_VEC)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # Full K tiles.  Two loops, one of them empty, rather than a branch: the tile's group
@@ -113,7 +113,7 @@ def _fwd_tma_kernel(x_desc, wf_desc, wn_desc, wc_desc, bf_ptr, bn_ptr, y_ptr, ta
             acc = tl.dot(x_desc.load([off_m, I_F + k]), wc_desc.load([col0, k]).T, acc,
                          input_precision=PREC)
     base._fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, pre_ptr,
-                       O_F, P0, s_ym, s_yn, s_pm, HAS_BF, HAS_BN, ACT, HAS_PRE)
+                       O_F, P0, s_ym, s_yn, s_pm, HAS_BF, HAS_BN, ACT, HAS_PRE, COL_VEC)
 
 
 def _describable(t: torch.Tensor) -> bool:

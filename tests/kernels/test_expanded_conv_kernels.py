@@ -187,10 +187,11 @@ CASES = {
 }
 
 
-def test_channel_multiple_takes_any_iterable():
-    assert ec._channel_multiple([32, 16, 48]) == 16
-    assert ec._channel_multiple(iter([0, 8, 24])) == 8  # an iterator is read once only
-    assert ec._channel_multiple((16, 4)) == 1
+def test_vector_bound_takes_any_iterable():
+    from expanse_fast.kernels.vector_bounds import multiple_of_all
+    assert multiple_of_all([32, 16, 48]) == 16
+    assert multiple_of_all(iter([0, 8, 24])) == 8  # an iterator is read once only
+    assert multiple_of_all((16, 4)) == 1
 
 
 @pytest.mark.parametrize("name", list(CASES))

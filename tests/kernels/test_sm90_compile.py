@@ -1,0 +1,69 @@
+"""The Triton kernels as Triton compiles them for an H100/H200 (sm_90a), checked without one.
+
+sm90_compile.py (run in a subprocess: the test session's kernels are interpreted) drives the
+real launchers at the shapes of issue 3 and compiles each kernel's default config.  What the
+interpreter cannot show is asserted here: every kernel compiles, none spills registers, the
+GEMMs use wgmma, the descriptor kernels use TMA, and the conv kernels move their operands in
+16-byte pipelined copies and store 16 bytes at a time (a mask the compiler cannot prove
+aligned once made them 2-byte accesses, 255 registers and spills).
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = Path(__file__).with_name("sm90_compile.py")
+REPO = Path(__file__).resolve().parents[2]
+KERNELS = ("_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel", "_conv_fwd_kernel",
+           "_conv_wgrad_kernel", "_conv_dx_kernel")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.pop("EXPANSE_FAST_TMA", None)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    res = subprocess.run([sys.executable, str(SCRIPT), "--json", "--first-config"],
+                         capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode == 3 and lines:
+        pytest.skip(f"this Triton cannot compile for sm_90 here: "
+                    f"{json.loads(lines[-1])['unsupported']}")
+    assert res.returncode == 0 and lines, f"exit {res.returncode}\n{res.stderr[-4000:]}"
+    report = json.loads(lines[-1])
+    return {r["kernel"]: r for r in report["rows"]}
+
+
+def test_every_kernel_compiles(compiled):
+    assert sorted(compiled) == sorted(KERNELS)
+    errors = {k: r["error"] for k, r in compiled.items() if "error" in r}
+    assert not errors
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_spills_and_wgmma(compiled, kernel):
+    r = compiled[kernel]
+    assert r["stack"] == 0, f"{kernel} {r['config']}: {r['registers']} registers, " \
+                            f"{r['stack']} bytes of stack (spills)"
+    assert r["wgmma"] > 0, f"{kernel} {r['config']}: no wgmma"
+
+
+@pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel"])
+def test_descriptor_kernels_load_through_tma(compiled, kernel):
+    assert compiled[kernel]["tma"] > 0
+
+
+@pytest.mark.parametrize("kernel", ["_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel"])
+def test_conv_operands_move_in_16_byte_copies(compiled, kernel):
+    r = compiled[kernel]
+    assert r["cp_async_16"] > 0 and r["ld_global_b16"] == 0, r
+
+
+@pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_conv_fwd_kernel", "_conv_dx_kernel"])
+def test_outputs_stored_16_bytes_at_a_time(compiled, kernel):
+    assert compiled[kernel]["st_global_v4"] > 0

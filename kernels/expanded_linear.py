@@ -131,13 +131,14 @@ def _swizzle(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _dot_k(acc, a_base, b_base, s_ak, s_bk, a_mask, b_mask, k_lo, k_hi,
-           BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+           BLOCK_K: tl.constexpr, PREC: tl.constexpr, K_VEC: tl.constexpr):
     """acc += A[:, k_lo:k_hi] @ B[k_lo:k_hi, :], A at a_base + k * s_ak (a_base (BM, 1)),
     B at b_base + k * s_bk (b_base (1, BN)).
 
     Full K tiles first, with no mask along K: a mask along the contiguous axis would stop
     vectorised (cp.async / TMA-width) loads, and with them software pipelining.  Then one
-    masked tail tile.
+    masked tail tile, its mask over whole K_VEC vectors (k_lo and k_hi are multiples of
+    K_VEC: vector_bounds.py).
     """
     rk = tl.arange(0, BLOCK_K)
     a_ptrs = a_base + (k_lo + rk).to(tl.int64)[None, :] * s_ak
@@ -150,7 +151,7 @@ def _dot_k(acc, a_base, b_base, s_ak, s_bk, a_mask, b_mask, k_lo, k_hi,
         a_ptrs += BLOCK_K * s_ak
         b_ptrs += BLOCK_K * s_bk
     if k_full < k_hi:
-        k_in = (k_full + rk) < k_hi
+        k_in = (k_full + rk) // K_VEC < k_hi // K_VEC  # = k_full + rk < k_hi
         a = tl.load(a_ptrs, mask=a_mask & k_in[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=b_mask & k_in[:, None], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
@@ -240,8 +241,8 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, p
                 s_xm, s_xk, s_wfo, s_wno, s_wco, s_wck, s_ym, s_yn, s_pm,
                 HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
                 ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
-                COL_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                COL_VEC: tl.constexpr, K_VEC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, col0, col_end, k_end, is_new = _locate_fwd_tile(tab_ptr, M, G, BLOCK_M, BLOCK_N,
                                                            GROUP_M, COL_VEC)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -256,12 +257,12 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, p
         w_cols = wf_ptr + rn.to(tl.int64)[None, :] * s_wfo
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Staircase: the K loop ends at the group's k_end, columns past it are never read.
-    acc = _dot_k(acc, x_rows, w_cols, s_xk, 1, m_mask, n_mask, 0, k_end, BLOCK_K, PREC)
+    acc = _dot_k(acc, x_rows, w_cols, s_xk, 1, m_mask, n_mask, 0, k_end, BLOCK_K, PREC, K_VEC)
     if HAS_COUPLE:
         # Coupled layout: frozen rows also read the newest inputs through w_couple.
         acc = _dot_k(acc, x_rows + I_F * s_xk, wc_ptr + rn.to(tl.int64)[None, :] * s_wco,
                      s_xk, s_wck, m_mask, n_mask, 0, tl.where(is_new, 0, I - I_F),
-                     BLOCK_K, PREC)
+                     BLOCK_K, PREC, K_VEC)
     _fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, pre_ptr,
                   O_F, P0, s_ym, s_yn, s_pm, HAS_BF, HAS_BN, ACT, HAS_PRE, COL_VEC)
 
@@ -270,7 +271,7 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, p
 @triton.jit
 def _dw_kernel(a_ptr, b_ptr, dw_ptr, db_ptr, R, C, M, K_CHUNK,
                s_am, s_ar, s_bm, s_bc, s_dws, s_dwr, s_dwc, s_dbs, s_db,
-               HAS_DB: tl.constexpr, PREC: tl.constexpr,
+               HAS_DB: tl.constexpr, PREC: tl.constexpr, K_VEC: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                GROUP_M: tl.constexpr):
     """dw[s, r, c] = sum_m a[m, r] b[m, c] and db[s, r] = sum_m a[m, r] over the rows m of
@@ -290,7 +291,7 @@ def _dw_kernel(a_ptr, b_ptr, dw_ptr, db_ptr, R, C, M, K_CHUNK,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # The reduction runs over the rows of dy and x (C == 0: only the column sum is wanted).
     acc = _dot_k(acc, a_cols, b_ptr + rc[None, :] * s_bc, s_am, s_bm, r_mask, c_mask,
-                 k_lo, tl.where(C > 0, k_hi, k_lo), BLOCK_K, PREC)
+                 k_lo, tl.where(C > 0, k_hi, k_lo), BLOCK_K, PREC, K_VEC)
     _dw_store(acc, dw_ptr, db_ptr, a_cols, rr, rc, r_mask, c_mask, pid_c, sid, R, k_lo, k_hi,
               s_am, s_dws, s_dwr, s_dwc, s_dbs, s_db, HAS_DB, BLOCK_M, BLOCK_K)
 
@@ -333,14 +334,15 @@ def _locate_dx_tile(M, I, I_F, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _dx_frozen_groups(acc, dy_rows, wf_ptr, tab_ptr, rk, m_mask, col0, is_old, G, s_dyo,
-                      s_wfo, s_wfk, BLOCK_K: tl.constexpr, PREC: tl.constexpr):
+                      s_wfo, s_wfk, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+                      K_VEC: tl.constexpr):
     """Frozen group g adds dy_g @ w_frozen[g, cols] on the columns it reads (< k_end_g)."""
     for g in range(G - 1):
         r0 = tl.load(tab_ptr + 3 * g)
         k_end = tl.load(tab_ptr + 3 * g + 2)
         r_hi = tl.where(is_old & (k_end > col0), tl.load(tab_ptr + 3 * g + 1), r0)
         acc = _dot_k(acc, dy_rows, wf_ptr + rk[None, :] * s_wfk, s_dyo, s_wfo, m_mask,
-                     (rk < k_end)[None, :], r0, r_hi, BLOCK_K, PREC)
+                     (rk // K_VEC < k_end // K_VEC)[None, :], r0, r_hi, BLOCK_K, PREC, K_VEC)
     return acc
 
 
@@ -350,8 +352,8 @@ def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr,
                M, I, I_F, O_F, O_N, G,
                s_dym, s_dyo, s_wfo, s_wfk, s_wno, s_wnk, s_wco, s_wck, s_dxm, s_dxk,
                NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               GROUP_M: tl.constexpr):
+               K_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, col0, col_end, is_old = _locate_dx_tile(M, I, I_F, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = col0 + tl.arange(0, BLOCK_N)     # dx columns of this tile
@@ -366,14 +368,14 @@ def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr,
     else:
         o_hi = tl.where(is_old, 0, O_N)
     acc = _dot_k(acc, dy_rows + O_F * s_dyo, wn_ptr + rk[None, :] * s_wnk, s_dyo, s_wno,
-                 m_mask, k_mask, 0, o_hi, BLOCK_K, PREC)
+                 m_mask, k_mask, 0, o_hi, BLOCK_K, PREC, K_VEC)
     if NEED_OLD:
         acc = _dx_frozen_groups(acc, dy_rows, wf_ptr, tab_ptr, rk, m_mask, col0, is_old, G,
-                                s_dyo, s_wfo, s_wfk, BLOCK_K, PREC)
+                                s_dyo, s_wfo, s_wfk, BLOCK_K, PREC, K_VEC)
     if HAS_COUPLE:
         # Coupled layout: every frozen row reads the newest inputs through w_couple.
         acc = _dot_k(acc, dy_rows, wc_ptr + (rk - I_F)[None, :] * s_wck, s_dyo, s_wco,
-                     m_mask, k_mask, 0, tl.where(is_old, 0, O_F), BLOCK_K, PREC)
+                     m_mask, k_mask, 0, tl.where(is_old, 0, O_F), BLOCK_K, PREC, K_VEC)
 
     dx = dx_ptr + rm.to(tl.int64)[:, None] * s_dxm + rk[None, :] * s_dxk
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_mask & k_mask)
@@ -479,7 +481,8 @@ def linear_forward(x: torch.Tensor, w_frozen: torch.Tensor, b_frozen: Optional[t
         n, o_f + o_new, i, i_f, o_f, len(widths), p0,
         x.stride(0), x.stride(1), w_frozen.stride(0), w_new.stride(0),
         wc.stride(0), wc.stride(1), y.stride(0), y.stride(1),
-        pre.stride(0) if has_pre else 0, **meta)
+        pre.stride(0) if has_pre else 0,
+        K_VEC=multiple_of_all(list(frozen_k_ends) + [i, i_f]), **meta)
     return y
 
 
@@ -533,7 +536,8 @@ def grad_weight(a: torch.Tensor, b: torch.Tensor, with_colsum: bool = False,
         _dw_kernel[grid](a, b, dw, dbp, r, c, m, chunk,
                          a.stride(0), a.stride(1), b.stride(0), b.stride(1),
                          dw.stride(0), dw.stride(1), dw.stride(2), dbp.stride(0),
-                         db.stride(1) if db is not None else 0, **meta)
+                         db.stride(1) if db is not None else 0,
+                         K_VEC=multiple_of_all([m, chunk]), **meta)
     if split == 1:
         return dw[0], None if db is None else db[0]
     return dw.sum(0).to(a.dtype), None if db is None else db.sum(0).to(a.dtype)
@@ -558,7 +562,9 @@ def grad_input(dy: torch.Tensor, w_frozen: torch.Tensor, w_new: torch.Tensor,
     tab = group_table(frozen_out_groups, frozen_k_ends, i_f, o_new, i, dy.device)
     grid = _grid2(n, lambda meta: triton.cdiv(i_f, meta["BLOCK_N"])
                   + triton.cdiv(i - i_f, meta["BLOCK_N"]))
-    meta = dict(NEED_OLD=bool(need_dx_old), HAS_COUPLE=couple, PREC=_precision(dy.dtype))
+    meta = dict(NEED_OLD=bool(need_dx_old), HAS_COUPLE=couple, PREC=_precision(dy.dtype),
+                K_VEC=multiple_of_all(list(itertools.accumulate(frozen_out_groups))
+                                      + [o_f, o_new] + list(frozen_k_ends)))
     tma = _tma()
     # (the frozen groups' part stays on pointer loads, which take w_frozen's unit K stride)
     if (w_frozen.stride(1) == 1 or w_frozen.shape[1] <= 1) and dx.stride(1) == 1 \

@@ -215,8 +215,8 @@ def grad_weight(a, b, dw, db, chunk, grid, **meta) -> bool:
 def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, dy_ptr, wf_ptr, dx_ptr, tab_ptr,
                    M, I, I_F, O_F, O_N, G, s_dym, s_wfo, s_dxm,
                    NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+                   K_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, col0, col_end, is_old = base._locate_dx_tile(M, I, I_F, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     rm = off_m + tl.arange(0, BLOCK_M)
@@ -236,7 +236,7 @@ def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, dy_ptr, wf_ptr, dx_ptr,
     if NEED_OLD:
         acc = base._dx_frozen_groups(acc, dy_ptr + rm.to(tl.int64)[:, None] * s_dym, wf_ptr,
                                      tab_ptr, rk, m_mask, col0, is_old, G, 1, s_wfo, 1,
-                                     BLOCK_K, PREC)
+                                     BLOCK_K, PREC, K_VEC)
     if HAS_COUPLE:
         # Coupled layout: every frozen row reads the newest inputs through w_couple.
         for k in range(0, tl.where(is_old, 0, O_F), BLOCK_K):

@@ -187,8 +187,18 @@ def report(first_config: bool = False) -> dict:
     os.environ.setdefault("EXPANSE_FAST_TMA", "1")  # the descriptor kernels, as on an H200
     import triton
     install_sm90_target()
+    from expanse_fast.kernels import expanded_linear_tma
     out = {"triton": triton.__version__, "target": "sm_90a", "rows": []}
-    for name, run in (("linear", linear_launches), ("conv", conv_launches)):
+
+    def pointer_linear_launches():  # the kernels for rows TMA cannot describe, other GPUs
+        mode, expanded_linear_tma.MODE = expanded_linear_tma.MODE, "0"
+        try:
+            linear_launches()
+        finally:
+            expanded_linear_tma.MODE = mode
+
+    for name, run in (("linear", linear_launches), ("linear", pointer_linear_launches),
+                      ("conv", conv_launches)):
         for row in compile_launches(run, first_config):
             out["rows"].append(dict(row, layer=name))
     return out

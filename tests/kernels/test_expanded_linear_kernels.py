@@ -491,6 +491,21 @@ def test_tma_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):
 
 @pytest.mark.parametrize("name", list(TMA_LAYOUTS))
 @pytest.mark.parametrize("mode", ["isolated", "coupled"])
+def test_pointer_kernels_with_vector_bounds(monkeypatch, name, mode):
+    """Every width, k_end and the row count multiples of 8 (TMA off): the pointer kernels'
+    K-tail, column and frozen-group masks then compare whole vectors (K_VEC, COL_VEC > 1)."""
+    monkeypatch.setattr(T, "MODE", "0")
+    c = Case(*TMA_LAYOUTS[name], mode=mode, n=48, dtype=torch.float16)
+    assert_close(K.linear_forward(c.x, *c.blocks(), activation="relu"), c.ref_forward("relu"),
+                 torch.float16, "y")
+    names = ("dx", "dW", "db", "dcouple")
+    for what, got, ref in zip(names, c.backward(triton_backend), c.ref_backward(True)):
+        if ref is not None:
+            assert_close(got, ref, torch.float16, what)
+
+
+@pytest.mark.parametrize("name", list(TMA_LAYOUTS))
+@pytest.mark.parametrize("mode", ["isolated", "coupled"])
 @pytest.mark.parametrize("need_dx_old", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_tma_backward_matches_float64(tma_launches, name, mode, need_dx_old, dtype):

@@ -1,7 +1,8 @@
 """The Triton kernels as Triton compiles them for an H100/H200 (sm_90a), checked without one.
 
 sm90_compile.py (run in a subprocess: the test session's kernels are interpreted) drives the
-real launchers at the shapes of issue 3 and compiles each kernel's default config.  What the
+real launchers at the shapes of issue 3 and compiles each kernel's default config, the
+linear layer's with and without tensor descriptors.  What the
 interpreter cannot show is asserted here: every kernel compiles, none spills registers, the
 GEMMs use wgmma, the descriptor kernels use TMA, and the conv kernels move their operands in
 16-byte pipelined copies and store 16 bytes at a time (a mask the compiler cannot prove
@@ -19,8 +20,8 @@ pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 REPO = Path(__file__).resolve().parents[2]
-KERNELS = ("_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel", "_conv_fwd_kernel",
-           "_conv_wgrad_kernel", "_conv_dx_kernel")
+KERNELS = ("_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel", "_fwd_kernel", "_dx_kernel",
+           "_dw_kernel", "_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,13 @@ def test_conv_operands_move_in_16_byte_copies(compiled, kernel):
     assert r["cp_async_16"] > 0 and r["ld_global_b16"] == 0, r
 
 
-@pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_conv_fwd_kernel", "_conv_dx_kernel"])
+@pytest.mark.parametrize("kernel", ["_fwd_kernel", "_dx_kernel", "_dw_kernel"])
+def test_pointer_kernels_copy_operands_16_bytes_at_a_time(compiled, kernel):
+    # (2-byte loads may remain: the forward's bias vectors, one element a thread)
+    assert compiled[kernel]["cp_async_16"] > 0, compiled[kernel]
+
+
+@pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_fwd_kernel", "_conv_fwd_kernel",
+                                    "_conv_dx_kernel"])
 def test_outputs_stored_16_bytes_at_a_time(compiled, kernel):
     assert compiled[kernel]["st_global_v4"] > 0

@@ -5,10 +5,12 @@ Operand tiles arrive through host-made tensor descriptors: on sm_90 each is one 
 into shared memory (no per-element addresses or masks; whatever lies past a descriptor's
 shape reads as zeros, which adds nothing to a sum).
 
-* forward: every tile through descriptors.  The partial tile where a group's staircase ends
-  (k_end inside the weight) is loaded whole and its columns at or past k_end are zeroed in
-  both operands before the product: the weight's columns there never reach the sum, nor do
-  the newer inputs the group must not read (an inf or NaN there stays out).
+* forward: every tile through descriptors; frozen rows read x through one that ends at I_f,
+  so they never load a newer input.  The partial tile where a group's staircase ends is
+  loaded whole and its columns at or past k_end are zeroed in both operands before the
+  product: where k_end lies inside w_frozen (several expansions) the stored zero-block
+  columns of that one tile are loaded but never reach the sum (an inf or NaN there stays
+  out); for a single expansion (k_end = I_f) the descriptors read zeros there.
 * dW (and dW_couple): every tile through descriptors; the fused db sum as before.
 * dx: the newest rows and the coupling block through descriptors (their K ends where the
   tensors end); the frozen groups' part of dx_old, cut at each group's k_end, through
@@ -63,10 +65,11 @@ def _autotune(key, rows, cols, **boxes):
                            prune_configs_by={"early_config_prune": base._pruner(rows, cols)})
 
 
-@_autotune(["M", "O", "I", "G"], "M", "O", x_desc="MK", wf_desc="NK", wn_desc="NK",
-           wc_desc="NK")
+@_autotune(["M", "O", "I", "G"], "M", "O", x_desc="MK", xo_desc="MK", wf_desc="NK",
+           wn_desc="NK", wc_desc="NK")
 @triton.jit
-def _fwd_tma_kernel(x_desc, wf_desc, wn_desc, wc_desc, bf_ptr, bn_ptr, y_ptr, tab_ptr, pre_ptr,
+def _fwd_tma_kernel(x_desc, xo_desc, wf_desc, wn_desc, wc_desc,
+                    bf_ptr, bn_ptr, y_ptr, tab_ptr, pre_ptr,
                     M, O, I, I_F, O_F, G, P0, s_ym, s_yn, s_pm,
                     HAS_BF: tl.constexpr, HAS_BN: tl.constexpr, HAS_COUPLE: tl.constexpr,
                     ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
@@ -82,24 +85,29 @@ def _fwd_tma_kernel(x_desc, wf_desc, wn_desc, wc_desc, bf_ptr, bn_ptr, y_ptr, ta
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # Full K tiles.  Two loops, one of them empty, rather than a branch: the tile's group
-    # picks the weight (frozen rows, or the newest rows at col0 - O_F).
+    # picks the weight (frozen rows, or the newest rows at col0 - O_F).  Frozen rows read x
+    # through xo_desc, which covers the old inputs x[:, :I_F] only: past them it reads zeros,
+    # so no old unit ever loads a newer input.
     k_full = k_end // BLOCK_K * BLOCK_K
     for k in range(0, tl.where(is_new, 0, k_full), BLOCK_K):
-        acc = tl.dot(x_desc.load([off_m, k]), wf_desc.load([col0, k]).T, acc,
+        acc = tl.dot(xo_desc.load([off_m, k]), wf_desc.load([col0, k]).T, acc,
                      input_precision=PREC)
     for k in range(0, tl.where(is_new, k_full, 0), BLOCK_K):
         acc = tl.dot(x_desc.load([off_m, k]), wn_desc.load([col0 - O_F, k]).T, acc,
                      input_precision=PREC)
-    # The partial tile where the staircase ends: a whole tile through the descriptors, its
-    # columns at or past k_end zeroed in both operands before the product, so that neither the
-    # weight's columns there (outside the layer) nor the newer inputs (which these units must
-    # never read: an inf there stays out) reach the sum.  Pointer loads here would cost the
-    # whole kernel registers (240 instead of 154 at 128x128x64, and spills at other tiles).
+    # The partial tile where the staircase ends: a whole tile through the descriptors (past
+    # I_F for frozen rows, past I for the newest, they read zeros), its columns at or past
+    # k_end zeroed in both operands before the product.  For a frozen group whose k_end lies
+    # inside w_frozen (a staircase of several expansions) that tile does load w_frozen's
+    # stored zero-block columns and x's columns up to the next tile edge, and drops them
+    # here: none reaches the sum (an inf or NaN there stays out).  Pointer loads instead
+    # would cost the whole kernel registers (240 instead of 154 at 128x128x64, and spills).
     if k_full < k_end:
-        xa = x_desc.load([off_m, k_full])
         if is_new:
+            xa = x_desc.load([off_m, k_full])
             wb = wn_desc.load([col0 - O_F, k_full])
         else:
+            xa = xo_desc.load([off_m, k_full])
             wb = wf_desc.load([col0, k_full])
         live = ((k_full + tl.arange(0, BLOCK_K)) < k_end)[None, :]
         xa = tl.where(live, xa, 0.0).to(xa.dtype)
@@ -157,8 +165,10 @@ def _launch(what: str, kernel, grid, descriptors, *args, **meta) -> bool:
 def forward(x, w_frozen, w_new, w_couple, b_frozen, b_new, y, tab, pre, p0, grid, **meta):
     """The forward through descriptors; False when it cannot run here."""
     wc = w_couple if meta["HAS_COUPLE"] else w_new
+    i_f = w_frozen.shape[1]
+    x_old = x[:, :i_f] if i_f > 0 else x  # (no frozen inputs: never read)
     return _launch(
-        "forward", _fwd_tma_kernel, grid, (x, w_frozen, w_new, wc),
+        "forward", _fwd_tma_kernel, grid, (x, x_old, w_frozen, w_new, wc),
         b_frozen if b_frozen is not None else y, b_new if b_new is not None else y, y, tab,
         pre if pre is not None else y,
         x.shape[0], y.shape[1], x.shape[1], w_frozen.shape[1], w_frozen.shape[0],

@@ -158,6 +158,7 @@ def _conv_fwd_kernel(
         NORM_B: tl.constexpr, CH_VEC: tl.constexpr, OUT_VEC: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
+    tl.static_assert(BLOCK_N % OUT_VEC == 0 and BLOCK_K % CH_VEC == 0)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     o_start, o_end, k_end, grp = _locate_tile(pid_n, groups_ptr, G, BLOCK_N)
@@ -313,6 +314,7 @@ def _conv_dx_kernel(
         HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, CH_VEC: tl.constexpr,
         ROW_VEC: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    tl.static_assert(BLOCK_N % CH_VEC == 0 and BLOCK_K % ROW_VEC == 0)
     # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C).  Channel bounds
     # (C, I_f, c_lo, every k_end) are multiples of CH_VEC, dy channel bounds (every group
     # boundary, O_f, O_n) of ROW_VEC: masks over whole vectors (see _fwd_segment).

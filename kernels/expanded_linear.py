@@ -243,6 +243,7 @@ def _fwd_kernel(x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, tab_ptr, p
                 ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
                 COL_VEC: tl.constexpr, K_VEC: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    tl.static_assert(BLOCK_N % COL_VEC == 0 and BLOCK_K % K_VEC == 0)
     pid_m, col0, col_end, k_end, is_new = _locate_fwd_tile(tab_ptr, M, G, BLOCK_M, BLOCK_N,
                                                            GROUP_M, COL_VEC)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -276,6 +277,7 @@ def _dw_kernel(a_ptr, b_ptr, dw_ptr, db_ptr, R, C, M, K_CHUNK,
                GROUP_M: tl.constexpr):
     """dw[s, r, c] = sum_m a[m, r] b[m, c] and db[s, r] = sum_m a[m, r] over the rows m of
     split s = program_id(1): [s * K_CHUNK, (s + 1) * K_CHUNK)."""
+    tl.static_assert(BLOCK_K % K_VEC == 0)
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     # max(1, .) column tiles so that db is still produced when C == 0.
@@ -354,6 +356,7 @@ def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr,
                NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
                K_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    tl.static_assert(BLOCK_N % K_VEC == 0 and BLOCK_K % K_VEC == 0)
     pid_m, col0, col_end, is_old = _locate_dx_tile(M, I, I_F, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = col0 + tl.arange(0, BLOCK_N)     # dx columns of this tile

@@ -75,6 +75,7 @@ def _fwd_tma_kernel(x_desc, xo_desc, wf_desc, wn_desc, wc_desc,
                     ACT: tl.constexpr, HAS_PRE: tl.constexpr, PREC: tl.constexpr,
                     COL_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    tl.static_assert(BLOCK_N % COL_VEC == 0)
     pid_m, col0, col_end, k_end, is_new = base._locate_fwd_tile(tab_ptr, M, G, BLOCK_M,
                                                                 BLOCK_N, GROUP_M, COL_VEC)
     off_m = pid_m * BLOCK_M
@@ -227,6 +228,7 @@ def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, dy_ptr, wf_ptr, dx_ptr,
                    NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
                    K_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    tl.static_assert(BLOCK_N % K_VEC == 0 and BLOCK_K % K_VEC == 0)
     pid_m, col0, col_end, is_old = base._locate_dx_tile(M, I, I_F, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     rm = off_m + tl.arange(0, BLOCK_M)

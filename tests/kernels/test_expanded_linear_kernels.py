@@ -446,6 +446,8 @@ def test_tma_forward_matches_float64(tma_launches, name, mode, dtype):
 
 @pytest.mark.parametrize("name", list(TMA_LAYOUTS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+# (the other groups do read the inf columns: inf - inf in their sums is expected there)
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 def test_tma_forward_first_group_never_reads_later_inputs(tma_launches, name, dtype):
     """The partial tile at a group's k_end is loaded whole: what lies past k_end (here inf in
     every later input column) must still not reach that group's outputs."""

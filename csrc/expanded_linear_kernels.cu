@@ -267,7 +267,8 @@ struct WgmmaMath {
     for (int kk = 0; kk < BK; kk += 16)
       wgmma::mma_m64k16<T, BN, L::AK ? 0 : 1, L::BKM ? 0 : 1>(
           acc.d, L::desc_a(As, m0, kk), L::desc_b(Bs, 0, kk), 1);
-    wgmma::commit();  // in flight until before_barrier or finish
+    wgmma::commit();  // in flight while the next copies are issued; waited for before the
+                      // next barrier (ptxas puts that wait at the loop's back edge)
   }
 
   template <class F>

@@ -92,32 +92,37 @@ __host__ __device__ __forceinline__ bool tile_inside(const TileSrc<T>& src) {
          (reinterpret_cast<uintptr_t>(src.ptr) & 15) == 0;
 }
 
-// Copy a ROWS x COLS tile (columns contiguous in global and shared memory, row stride sld);
-// thread tid of THREADS copies chunks tid, tid + THREADS, ...  A tile wholly inside src (most
-// of them) takes the unchecked copy: one pointer per thread, stepped by a constant number of
-// rows, instead of per-chunk bounds and alignment tests.
-template <typename T, int ROWS, int COLS, int THREADS>
-__host__ __device__ __forceinline__ void load_tile(T* s, int sld, const TileSrc<T>& src, int tid) {
+// Copies one thread's chunks of an OUTER x INNER tile (INNER contiguous): chunk i starts at
+// row r0 + i * ROW_STEP, column col of src, and goes to dst(i) in shared memory.  Both smem
+// layouts give a thread chunks THREADS / PER_ROW rows apart in one column, so a tile wholly
+// inside src (most of them) takes the unchecked copy: one pointer per thread, stepped by a
+// constant number of rows, instead of per-chunk bounds and alignment tests.
+template <typename T, int OUTER, int INNER, int THREADS, class Dst>
+__host__ __device__ __forceinline__ void copy_rows(const TileSrc<T>& src, int r0, int col,
+                                                   Dst dst) {
   constexpr int VEC = 16 / sizeof(T);
-  constexpr int PER_ROW = COLS / VEC;
-  constexpr int CHUNKS = ROWS * PER_ROW;
-  static_assert(COLS % VEC == 0 && CHUNKS % THREADS == 0, "tile must split evenly in chunks");
+  constexpr int PER_ROW = INNER / VEC, CHUNKS = OUTER * PER_ROW;
+  static_assert(INNER % VEC == 0 && CHUNKS % THREADS == 0, "tile must split evenly in chunks");
   static_assert(THREADS % PER_ROW == 0, "a thread's chunks share their column");
   constexpr int ROW_STEP = THREADS / PER_ROW;  // rows between a thread's chunks
-  const int r0 = tid / PER_ROW, col = (tid % PER_ROW) * VEC;
-  if (tile_inside<ROWS, COLS>(src)) {
+  if (tile_inside<OUTER, INNER>(src)) {
     const T* g = src.ptr + r0 * src.ld + col;
-    T* d = s + r0 * sld + col;
 #pragma unroll
-    for (int i = 0; i < CHUNKS / THREADS; ++i)
-      cp_async16(d + i * ROW_STEP * sld, g + i * ROW_STEP * src.ld);
+    for (int i = 0; i < CHUNKS / THREADS; ++i) cp_async16(dst(i), g + i * ROW_STEP * src.ld);
   } else {
 #pragma unroll
-    for (int i = 0; i < CHUNKS / THREADS; ++i) {
-      const int r = r0 + i * ROW_STEP;
-      copy_chunk(s + r * sld + col, src, r, col);
-    }
+    for (int i = 0; i < CHUNKS / THREADS; ++i) copy_chunk(dst(i), src, r0 + i * ROW_STEP, col);
   }
+}
+
+// Copy a ROWS x COLS tile (columns contiguous in global and shared memory, row stride sld);
+// thread tid of THREADS copies chunks tid, tid + THREADS, ...
+template <typename T, int ROWS, int COLS, int THREADS>
+__host__ __device__ __forceinline__ void load_tile(T* s, int sld, const TileSrc<T>& src, int tid) {
+  constexpr int VEC = 16 / sizeof(T), PER_ROW = COLS / VEC, ROW_STEP = THREADS / PER_ROW;
+  const int r0 = tid / PER_ROW, col = (tid % PER_ROW) * VEC;
+  T* d = s + r0 * sld + col;
+  copy_rows<T, ROWS, COLS, THREADS>(src, r0, col, [&](int i) { return d + i * ROW_STEP * sld; });
 }
 
 // Shared-memory layout of the pipeline stages, rows padded (the WMMA and SIMT math).
@@ -170,27 +175,15 @@ struct CoreSmem {
   static constexpr size_t BYTES = STAGES * STAGE * sizeof(T);
   static_assert(BM_ % 64 == 0 && BN_ % 8 == 0 && BK_ % 16 == 0, "wgmma tile shape");
 
-  // Chunk j = i * THREADS + tid goes to byte 16 j (wgmma::chunk_origin says from where); a
-  // thread's chunks lie THREADS / PER_ROW rows apart in one column, so a tile wholly inside
-  // src is copied through one pointer per thread, without per-chunk checks.
+  // Chunk j = i * THREADS + tid goes to byte 16 j (wgmma::chunk_origin says from where); with
+  // THREADS a multiple of a row block's chunks, a thread's chunks share their column.
   template <int OUTER, int INNER>
   __host__ __device__ static void load(T* s, const TileSrc<T>& src, int tid) {
-    constexpr int PER_ROW = INNER / VEC, CHUNKS = OUTER * PER_ROW;
-    static_assert(OUTER % 8 == 0 && INNER % VEC == 0 && CHUNKS % THREADS == 0, "tile chunks");
-    static_assert(THREADS % (8 * PER_ROW) == 0, "a thread's chunks share their column");
-    constexpr int ROW_STEP = THREADS / PER_ROW;
+    static_assert(OUTER % 8 == 0 && THREADS % (8 * (INNER / VEC)) == 0, "tile chunks");
     int o0, c;
-    wgmma::chunk_origin(tid, PER_ROW, o0, c);
-    if (tile_inside<OUTER, INNER>(src)) {
-      const T* g = src.ptr + o0 * src.ld + c * VEC;
-#pragma unroll
-      for (int i = 0; i < CHUNKS / THREADS; ++i)
-        cp_async16(s + (i * THREADS + tid) * VEC, g + i * ROW_STEP * src.ld);
-    } else {
-#pragma unroll
-      for (int i = 0; i < CHUNKS / THREADS; ++i)
-        copy_chunk(s + (i * THREADS + tid) * VEC, src, o0 + i * ROW_STEP, c * VEC);
-    }
+    wgmma::chunk_origin(tid, INNER / VEC, o0, c);
+    copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
+                                        [&](int i) { return s + (i * THREADS + tid) * VEC; });
   }
 
   __host__ __device__ static T* a(unsigned char* raw, int stage) {

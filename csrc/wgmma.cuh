@@ -95,6 +95,13 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
 #endif
 }
 
+// The accumulators d[i] .. d[i + 31] as read-write ("+f") asm operands.
+#define EXPANSE_FAST_D4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define EXPANSE_FAST_D32(i)                                                            \
+  EXPANSE_FAST_D4(i), EXPANSE_FAST_D4(i + 4), EXPANSE_FAST_D4(i + 8), EXPANSE_FAST_D4(i + 12), \
+      EXPANSE_FAST_D4(i + 16), EXPANSE_FAST_D4(i + 20), EXPANSE_FAST_D4(i + 24),       \
+      EXPANSE_FAST_D4(i + 28)
+
 // One asm statement per instruction shape; TY is the operand type's PTX name ("f16", "bf16").
 // Operands: the N / 2 accumulators d, then desc_a, desc_b, scale_d, TRANS_A, TRANS_B.
 #define EXPANSE_FAST_WGMMA_M64N128K16(TY)                                              \
@@ -106,22 +113,7 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
   "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "   \
   "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
   "%64, %65, p, 1, 1, %67, %68;\n}\n"                                                  \
-  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                    \
-    "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                    \
-    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                  \
-    "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                \
-    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                \
-    "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                \
-    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                \
-    "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),                                \
-    "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),                                \
-    "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),                                \
-    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),                                \
-    "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),                                \
-    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]),                                \
-    "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),                                \
-    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),                                \
-    "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])                                 \
+  : EXPANSE_FAST_D32(0), EXPANSE_FAST_D32(32)                                          \
   : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B)                 \
   : "memory")
 
@@ -132,14 +124,7 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
   "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "            \
   "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "  \
   "%32, %33, p, 1, 1, %35, %36;\n}\n"                                                  \
-  : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]),                                    \
-    "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),                                    \
-    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),                                  \
-    "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),                                \
-    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),                                \
-    "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),                                \
-    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),                                \
-    "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                 \
+  : EXPANSE_FAST_D32(0)                                                                \
   : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B)                 \
   : "memory")
 

@@ -553,10 +553,11 @@ def _prec(dtype):
 
 
 def _channels_inner(w):
-    """The weight with its input channels innermost (channels_last), as the forward kernel
-    reads weight tiles along them: 16-byte loads instead of 2-byte ones.  A copy of the
-    weight (small next to the activations) unless it is laid out so already."""
-    if w.dim() != 4 or w.stride(1) == 1 or w.numel() == 0:
+    """The weight (or None) with its input channels innermost (channels_last), as the forward
+    and input-gradient kernels read weight tiles along them: 16-byte loads instead of 2-byte
+    ones.  A copy of the weight (small next to the activations) unless it is laid out so
+    already, as in a model moved to channels_last."""
+    if w is None or w.dim() != 4 or w.stride(1) == 1 or w.numel() == 0:
         return w
     return w.contiguous(memory_format=torch.channels_last)
 
@@ -666,8 +667,7 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     if y.numel() == 0:
         return y
     if not depthwise:
-        w_frozen, w_new = _channels_inner(w_frozen), _channels_inner(w_new)
-        w_couple = None if w_couple is None else _channels_inner(w_couple)
+        w_frozen, w_new, w_couple = map(_channels_inner, (w_frozen, w_new, w_couple))
     wf, wn = _or(w_frozen, y), _or(w_new, y)
     bf, bn = _or(b_frozen, y), _or(b_new, y)
     has_bf = b_frozen is not None and b_frozen.numel() > 0
@@ -807,7 +807,7 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
                                 tuple(int(k) for k in frozen_k_ends), x.device)
         # weight tiles are read along the input channels: channels_last weights
         wf, wn = _or(_channels_inner(w_frozen), x), _or(_channels_inner(w_new), x)
-        wc = _or(None if w_couple is None else _channels_inner(w_couple), x)
+        wc = _or(_channels_inner(w_couple), x)
         couple = has_couple and o_f > 0
         # the frozen columns of dy are read (and scaled) for dx_old and the coupling only
         norm = norm_scale is not None and (need_dx_old or couple)

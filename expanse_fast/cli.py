@@ -73,11 +73,9 @@ def _info(args) -> int:
 
 def _cuda_math_state(device) -> str:
     """Which tile math the compiled linear kernels use on ``device``."""
-    import torch
     try:
         from .backends import cuda
-        maths = {str(dt).replace("torch.", ""): cuda.linear_math(dt, device)
-                 for dt in (torch.bfloat16, torch.float16, torch.float32)}
+        maths = cuda.linear_maths(device)
     except Exception as exc:  # noqa: BLE001 - report, never crash
         return f"linear kernels: unknown ({type(exc).__name__}: {exc})"
     return "linear kernels: " + ", ".join(f"{dt} {m}" for dt, m in maths.items())

@@ -168,9 +168,7 @@ def cmd_build(args) -> int:
         ok, why = cuda_backend.availability(dev)
         result.update(available=bool(ok), reason=str(why))
         if ok:
-            result["linear_math"] = {
-                str(dt).replace("torch.", ""): cuda_backend.linear_math(dt, dev)
-                for dt in (torch.bfloat16, torch.float16, torch.float32)}
+            result["linear_math"] = cuda_backend.linear_maths(dev)
             result["sass"] = _sass_summary(cuda_backend)
     except Exception as exc:
         traceback.print_exc()
@@ -576,13 +574,22 @@ def sec_linear(ctx):
     ctx.measure("fwd", "peer/finetune", "peer", [lambda i=i: ft_f(i) for i in range(k)],
                 f_fwd, 2 * n_rows * i0 * i0)
     del ft, fparams, x0s, dy0s
-    # The compiled extension last: a faulty kernel's sticky CUDA error ends the section.
-    others = [b for b in backends[1:] if b[0] != "cuda"]
-    _measure_backends(ctx, others, exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd, f_fb, ref)
-    _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref)
-    _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k, "fwd",
-                      "fwd+bwd", f_fwd, f_fb, ref)
-    _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref)
+    _measure_after_torch(ctx, backends, exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd, f_fb, ref,
+                         triton_without_tma=True)
+
+
+def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
+                         triton_without_tma=False):
+    """Every backend after the first (torch, measured before the peers), the compiled
+    extension last, so that a faulty kernel's sticky CUDA error ends the section and not the
+    other rows; then the extension on its WMMA path (and, asked, Triton without TMA)."""
+    _measure_backends(ctx, [b for b in backends[1:] if b[0] != "cuda"], exp_f, exp_fb, k,
+                      v_f, v_fb, f_fwd, f_fb, ref)
+    if triton_without_tma:
+        _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref)
+    _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k,
+                      v_f, v_fb, f_fwd, f_fb, ref)
+    _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb)
 
 
 def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref):
@@ -734,13 +741,7 @@ def sec_conv(ctx):
             ctx.measure(v_f, "peer/finetune", "peer", [lambda i=i: ft(x0s[i]) for i in range(k)],
                         f_fwd, 2 * pix * c0 * c0)
         del ft, fpar, x0s, dy0s
-        # The compiled extension last: a faulty kernel's sticky CUDA error ends the section.
-        _measure_backends(ctx, [b for b in backends[1:] if b[0] != "cuda"], exp_f, exp_fb, k,
-                          v_f, v_fb, f_fwd, f_fb, ref)
-        _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k,
-                          v_f, v_fb, f_fwd, f_fb, ref)
-        _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f,
-                                    v_fb)
+        _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
         del ref, layer, xs, dys
         if ctx.cuda:
             torch.cuda.empty_cache()

@@ -225,6 +225,13 @@ def linear_math(dtype: torch.dtype, device=None) -> str:
         return ops.linear_math(dtype)
 
 
+def linear_maths(device=None) -> dict:
+    """``linear_math`` of each dtype the kernels take: {"bfloat16": ..., "float16": ...,
+    "float32": ...}."""
+    return {str(dt).replace("torch.", ""): linear_math(dt, device)
+            for dt in (torch.bfloat16, torch.float16, torch.float32)}
+
+
 # ---------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------

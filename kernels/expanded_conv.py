@@ -8,9 +8,10 @@ C = I_f + i_new; w_frozen (O_f, I_f, kh, kw), w_new (o_new, C, kh, kw), w_couple
 Implicit GEMM: rows are output pixels (M = N*Ho*Wo), columns output channels, and the
 reduction runs over (kernel tap, input channel); an output-channel tile never crosses a
 group, so its channel loop simply stops at its group's k_end.  x, dy and the weights are
-addressed through their strides, so NCHW and channels_last (or any view) work unchanged.
-The output and dx take x's memory format (channels_last if x is channels_last, else NCHW
-contiguous), as torch's own conv does.
+addressed through their strides, so any layout (or view) works; by default (NCHW_MODE) an
+x or dy that is not channels_last is copied to channels_last first, where the gathers are
+16-byte ones.  The output and dx take x's memory format (channels_last if x is
+channels_last, else NCHW contiguous), as torch's own conv does.
 
 Kernels: forward (all groups, bias fused, one launch), weight gradient of the trainable
 rows (+ bias gradient, split over pixels for parallelism), input gradient (implicit GEMM of
@@ -40,6 +41,16 @@ from .vector_bounds import multiple_of_all
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # EXPANSE_FAST_AUTOTUNE=0: first config only (quick GPU test runs, no tuning compiles).
 _AUTOTUNE = os.environ.get("EXPANSE_FAST_AUTOTUNE", "1") != "0"
+# How the implicit-GEMM kernels take activations whose channels are not innermost (NCHW),
+# EXPANSE_FAST_CONV_NCHW.  Their gathers then step H*W elements from one channel to the
+# next: 2-byte loads that cp.async cannot pipeline, where channels_last gives 16-byte ones.
+#   "channels_last" (default): copy x and dy to channels_last, run the fast gathers, and
+#       hand y and dx back in x's layout (one activation copy each way, as cuDNN's NCHW
+#       paths do).
+#   "direct": read NCHW through its strides in place, no copies.
+# The GPU run times both on NCHW input.  Depthwise kernels gather per channel: never copied.
+NCHW_MODES = ("channels_last", "direct")
+NCHW_MODE = os.environ.get("EXPANSE_FAST_CONV_NCHW", "channels_last")
 
 
 def _configs(tiles, small):
@@ -544,6 +555,16 @@ def _memory_format(x):
     return torch.contiguous_format
 
 
+def _for_gathers(t):
+    """``t`` as the implicit-GEMM kernels read it best: channels_last, copied there unless it
+    is already or NCHW_MODE says "direct"."""
+    if NCHW_MODE not in NCHW_MODES:
+        raise ValueError(f"EXPANSE_FAST_CONV_NCHW={NCHW_MODE!r}: expected one of {NCHW_MODES}")
+    if NCHW_MODE == "direct" or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
 def _prec(dtype):
     # fp32 follows torch's cuDNN switch (TF32 on by default, as in torch's own conv);
     # 16-bit inputs get the default ("tf32"), which they ignore.
@@ -662,10 +683,13 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     n, c, h, wd, kh, kw, ho, wo, geo = _geometry(x, w_new, stride, padding, dilation)
     o_f, o_n = w_frozen.shape[0], w_new.shape[0]
     o = o_f + o_n
+    y_format = _memory_format(x)  # y takes the caller's layout, whatever the kernels read
+    if not depthwise:
+        x = _for_gathers(x)
     y = torch.empty((n, o, ho, wo), device=x.device, dtype=dt, memory_format=_memory_format(x))
     m = n * ho * wo
     if y.numel() == 0:
-        return y
+        return y.contiguous(memory_format=y_format)
     if not depthwise:
         w_frozen, w_new, w_couple = map(_channels_inner, (w_frozen, w_new, w_couple))
     wf, wn = _or(w_frozen, y), _or(w_new, y)
@@ -697,7 +721,7 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
         KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
         CH_VEC=multiple_of_all((c, i_f) + k_ends),
         OUT_VEC=multiple_of_all(itertools.accumulate(widths)), PREC=_prec(dt))
-    return y
+    return y.contiguous(memory_format=y_format)
 
 
 def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, scale=None):
@@ -738,6 +762,9 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
     o_f, o_n = w_frozen.shape[0], w_new.shape[0]
     if tuple(dy.shape) != (n, o_f + o_n, ho, wo):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(n, o_f + o_n, ho, wo)}")
+    dx_format = _memory_format(x)  # dx takes the caller's layout, whatever the kernels read
+    if not depthwise:
+        x, dy = _for_gathers(x), _for_gathers(dy)
     wdt = w_new.dtype
     want_dx = need_dx_new or need_dx_old
     dx = dw = db = dcouple = None
@@ -821,4 +848,6 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
             CH_VEC=multiple_of_all((c, i_f, c_lo) + tuple(frozen_k_ends)),
             ROW_VEC=multiple_of_all((o_f, o_n) + tuple(itertools.accumulate(
                 frozen_out_groups))), PREC=_prec(dt))
+    if dx is not None:
+        dx = dx.contiguous(memory_format=dx_format)
     return dx, dw, db, dcouple

@@ -641,6 +641,23 @@ def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, re
             os.environ["EXPANSE_FAST_CUDA_WGMMA"] = saved
 
 
+def _measure_triton_nchw_direct(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):
+    """The Triton conv kernels reading NCHW in place (2-byte gathers), beside their default
+    of copying x and dy to channels_last first: which one pays, in the same run."""
+    if dict(backends).get("triton", "absent") is not None:
+        return
+    from expanse_fast.kernels import expanded_conv
+    ctx.note(f"triton conv on NCHW input: EXPANSE_FAST_CONV_NCHW={expanded_conv.NCHW_MODE} "
+             "(x, dy copied to channels_last); expanse/triton-direct: NCHW read in place")
+    saved = expanded_conv.NCHW_MODE
+    expanded_conv.NCHW_MODE = "direct"
+    try:
+        _measure_backends(ctx, [("triton", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
+                          ref, label="-direct")
+    finally:
+        expanded_conv.NCHW_MODE = saved
+
+
 # ---- (c) expanded conv2d -----------------------------------------------------------------
 def sec_conv(ctx):
     torch = ctx.torch
@@ -742,6 +759,9 @@ def sec_conv(ctx):
                         f_fwd, 2 * pix * c0 * c0)
         del ft, fpar, x0s, dy0s
         _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
+        if fmt_name == "nchw":
+            _measure_triton_nchw_direct(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd,
+                                        f_fb, ref)
         del ref, layer, xs, dys
         if ctx.cuda:
             torch.cuda.empty_cache()

@@ -137,6 +137,8 @@ def _check_backward(t, dev, conv, depthwise, dtype, need_dx_old, channels_last, 
         dy_dev, **args, **conv, depthwise=depthwise, need_dx_new=True, need_dx_old=need_dx_old,
         need_dw=True, need_db=db_r is not None, need_dcouple=dc_r is not None, **extra)
     _close(dx, dx_r, dtype, "dx")
+    assert dx.is_contiguous(memory_format=torch.channels_last if channels_last else
+                            torch.contiguous_format)  # the caller's layout, always
     _close(dw, dw_r, dtype, "dw_new")
     if db_r is None:
         assert db is None
@@ -194,11 +196,80 @@ def test_vector_bound_takes_any_iterable():
     assert multiple_of_all((16, 4)) == 1
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_conv(name):
+# NCHW x runs both ways: copied to channels_last (the default) and read in place.
+@pytest.mark.parametrize("name,nchw_mode", [
+    (name, mode) for name in CASES for mode in ec.NCHW_MODES
+    if mode == "channels_last" or not CASES[name][8]])
+def test_conv(name, nchw_mode, monkeypatch):
+    monkeypatch.setattr(ec, "NCHW_MODE", nchw_mode)
     ig, og, k, coupled, bias, dtype, conv, old, cl, batch = CASES[name]
     t = _make(ig, og, k, coupled, bias, dtype, batch=batch, channels_last=cl)
     _run(t, conv, False, dtype, old, channels_last=cl)
+
+
+def _spy_on_gathers(monkeypatch):
+    """Record the layout of every activation the implicit-GEMM kernels are handed."""
+    seen = []
+    real = ec._for_gathers
+
+    def spy(t):
+        out = real(t)
+        seen.append(out.is_contiguous(memory_format=torch.channels_last))
+        return out
+    monkeypatch.setattr(ec, "_for_gathers", spy)
+    return seen
+
+
+@pytest.mark.parametrize("nchw_mode", ec.NCHW_MODES)
+@pytest.mark.parametrize("x_cl,dy_cl", [(False, True), (True, False), (False, False)])
+def test_mixed_layouts_and_what_the_kernels_read(nchw_mode, x_cl, dy_cl, monkeypatch):
+    """x and dy in different layouts: the kernels read channels_last copies unless told
+    "direct"; y and dx come back in x's layout, the caller's tensors untouched."""
+    monkeypatch.setattr(ec, "NCHW_MODE", nchw_mode)
+    seen = _spy_on_gathers(monkeypatch)
+    t = _make((8, 3), (5, 4), 3, True, True, torch.float32, batch=2, channels_last=x_cl)
+    conv = _conv(stride=2, padding=1)
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    x_before = dev["x"].clone()
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
+    dy = torch.randn(y.shape)
+    y_ref, refs = _reference(t, conv, False, dy)
+    _close(y, y_ref, torch.float32, "y")
+    assert y.is_contiguous(memory_format=torch.channels_last if x_cl else
+                           torch.contiguous_format)
+    dy_dev = dy.to(DEV).contiguous(memory_format=torch.channels_last if dy_cl else
+                                   torch.contiguous_format)
+    dy_before = dy_dev.clone()
+    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                "frozen_k_ends")}
+    dx, dw, db, dc = ec.expanded_conv2d_backward(
+        dy_dev, **args, **conv, depthwise=False, need_dx_new=True, need_dx_old=True,
+        need_dw=True, need_db=True, need_dcouple=True)
+    for got, ref, what in zip((dx, dw, db, dc), refs, ("dx", "dw", "db", "dcouple")):
+        _close(got, ref, torch.float32, what)
+    assert dx.is_contiguous(memory_format=torch.channels_last if x_cl else
+                            torch.contiguous_format)
+    # forward: x; backward: x, dy
+    assert seen == ([True] * 3 if nchw_mode == "channels_last" else [x_cl, x_cl, dy_cl])
+    assert torch.equal(dev["x"], x_before) and torch.equal(dy_dev, dy_before)
+    assert dev["x"].is_contiguous(memory_format=torch.channels_last) == x_cl
+
+
+def test_a_channel_sliced_view_is_read_right():
+    """x a view (every other channel of a wider tensor): neither layout, any mode works."""
+    t = _make((3, 2), (2, 3), 3, False, True, torch.float32, batch=2)
+    wide = torch.randn(2, 10, 5, 7)
+    wide[:, ::2] = t["x"]
+    t["x"] = wide[:, ::2]
+    assert not t["x"].is_contiguous()
+    _run(t, _conv(padding=1), False, torch.float32, True)
+
+
+def test_unknown_nchw_mode_is_named(monkeypatch):
+    monkeypatch.setattr(ec, "NCHW_MODE", "nhwc")
+    t = _make((3, 2), (2, 3), 1, False, False, torch.float32, batch=1)
+    with pytest.raises(ValueError, match="EXPANSE_FAST_CONV_NCHW='nhwc'"):
+        ec.expanded_conv2d_forward(**t, **_conv(), depthwise=False)
 
 
 DW_CASES = {

@@ -318,7 +318,7 @@ def _dx_rows(acc, dy_ptr, dy_row, p_ok, sdc, dy_c0, row_lo, row_hi, w_ptr, swo, 
 @triton.jit
 def _conv_dx_kernel(
         dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, groups_ptr, scale_ptr,
-        P, C, H, W, Ho, Wo, G_f, O_f, O_n, I_f, c_lo,
+        P, C, H, W, Ho, Wo, G_f, O_f, O_n, I_f, c_lo, dy_new_c0, dx_c0,
         sdn, sdc, sdh, sdw, sfo, sfc, sfr, sfs, sno, snc, snr, sns, sco, scc, scr, scs,
         sxn, sxc, sxh, sxw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, NEED_OLD: tl.constexpr,
@@ -326,7 +326,8 @@ def _conv_dx_kernel(
         ROW_VEC: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tl.static_assert(BLOCK_N % CH_VEC == 0 and BLOCK_K % ROW_VEC == 0)
-    # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C).  Channel bounds
+    # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C), stored at channel
+    # c - dx_c0 of dx; dy's trainable columns start at dy_new_c0.  Channel bounds
     # (C, I_f, c_lo, every k_end) are multiples of CH_VEC, dy channel bounds (every group
     # boundary, O_f, O_n) of ROW_VEC: masks over whole vectors (see _fwd_segment).
     pid_p = tl.program_id(0)
@@ -354,7 +355,7 @@ def _conv_dx_kernel(
             & (ho < Ho) & (wo < Wo)
         dy_row = n_img * sdn + ho * sdh + wo * sdw
         # trainable rows read every channel
-        acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, O_f, 0, O_n,
+        acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, dy_new_c0, 0, O_n,
                        wn_ptr + r * snr + s * sns, sno, snc, offs_c, c_mask, scale_ptr, False,
                        BLOCK_K, ROW_VEC, PREC)
         if NEED_OLD:  # frozen group g reaches channels [0, k_end_g) only
@@ -376,7 +377,7 @@ def _conv_dx_kernel(
                                PREC)
 
     dx_row = n_img * sxn + hi * sxh + wi * sxw
-    tl.store(dx_ptr + dx_row[:, None] + offs_c[None, :] * sxc,
+    tl.store(dx_ptr + dx_row[:, None] + (offs_c - dx_c0)[None, :] * sxc,
              acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
@@ -555,14 +556,19 @@ def _memory_format(x):
     return torch.contiguous_format
 
 
-def _for_gathers(t):
-    """``t`` as the implicit-GEMM kernels read it best: channels_last, copied there unless it
-    is already or NCHW_MODE says "direct"."""
+def _copied_for_gathers(t):
+    """Whether the implicit-GEMM kernels read a channels_last copy of ``t`` (NCHW_MODE)."""
     if NCHW_MODE not in NCHW_MODES:
         raise ValueError(f"EXPANSE_FAST_CONV_NCHW={NCHW_MODE!r}: expected one of {NCHW_MODES}")
-    if NCHW_MODE == "direct" or t.is_contiguous(memory_format=torch.channels_last):
-        return t
-    return t.contiguous(memory_format=torch.channels_last)
+    return NCHW_MODE == "channels_last" and not t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _for_gathers(t, c0=0):
+    """(t', c0'): channels c0.. of ``t`` as the implicit-GEMM kernels read them, at channel
+    c0' of t': t itself, or a channels_last copy of those channels only (c0' = 0)."""
+    if not _copied_for_gathers(t):
+        return t, c0
+    return t[:, c0:].contiguous(memory_format=torch.channels_last), 0
 
 
 def _prec(dtype):
@@ -685,7 +691,7 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     o = o_f + o_n
     y_format = _memory_format(x)  # y takes the caller's layout, whatever the kernels read
     if not depthwise:
-        x = _for_gathers(x)
+        x, _ = _for_gathers(x)
     y = torch.empty((n, o, ho, wo), device=x.device, dtype=dt, memory_format=_memory_format(x))
     m = n * ho * wo
     if y.numel() == 0:
@@ -762,14 +768,11 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
     o_f, o_n = w_frozen.shape[0], w_new.shape[0]
     if tuple(dy.shape) != (n, o_f + o_n, ho, wo):
         raise ValueError(f"dy has shape {tuple(dy.shape)}, expected {(n, o_f + o_n, ho, wo)}")
-    dx_format = _memory_format(x)  # dx takes the caller's layout, whatever the kernels read
-    if not depthwise:
-        x, dy = _for_gathers(x), _for_gathers(dy)
     wdt = w_new.dtype
     want_dx = need_dx_new or need_dx_old
     dx = dw = db = dcouple = None
     empty = x.numel() == 0 or dy.numel() == 0
-    if want_dx:
+    if want_dx:  # in the caller's layout, whatever the kernels read
         dx = torch.empty(x.shape, device=x.device, dtype=dt, memory_format=_memory_format(x))
     wf, wn = _or(w_frozen, x), _or(w_new, x)
     if norm_scale is not None:
@@ -811,14 +814,23 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         return dx, dw, db, None
 
     i_f = w_frozen.shape[1]
+    has_couple = w_couple is not None and w_couple.numel() > 0
+    # The frozen columns of dy are read for dx_old and the coupling block only: otherwise
+    # only the trainable ones are copied, and dy_new_c0 says where they start.
+    reads_frozen_dy = need_dx_old or (has_couple and o_f > 0)
+    dy_c0 = 0 if reads_frozen_dy else o_f
+    dy, at = _for_gathers(dy, dy_c0)
+    dy_new_c0 = o_f - dy_c0 + at
+    dx_copied = _copied_for_gathers(x)  # the dx kernel writes channels_last if x's is not
+    if need_dw or need_db or need_dcouple:  # the dx kernel never reads x
+        x, _ = _for_gathers(x)
     if need_dw or need_db:
         if o_n and not empty:
-            dw, db = _wgrad(dy, x, o_f, o_n, 0, c, kh, kw, geo, ho, wo, need_db, wdt)
+            dw, db = _wgrad(dy, x, dy_new_c0, o_n, 0, c, kh, kw, geo, ho, wo, need_db, wdt)
         else:
             dw, db = torch.zeros_like(w_new), w_new.new_zeros(o_n)
         dw = dw if need_dw else None
         db = db if need_db else None
-    has_couple = w_couple is not None and w_couple.numel() > 0
     if need_dcouple and w_couple is not None:
         if has_couple and not empty:
             dcouple = _wgrad(dy, x, 0, o_f, i_f, c - i_f, kh, kw, geo, ho, wo, False,
@@ -830,6 +842,12 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         _zero_untouched(dx, c_lo, empty)
     if want_dx and not empty and c > c_lo:
         p = n * h * wd
+        # Where x was copied, the kernel writes channels [c_lo, C) into a channels_last
+        # buffer of their own (dx_c0 = c_lo), copied into dx after: the zeros of the old
+        # channels never make the round trip.
+        dx_k, dx_c0 = (dx, 0) if not dx_copied else (torch.empty(
+            (n, c - c_lo, h, wd), device=x.device, dtype=dt,
+            memory_format=torch.channels_last), c_lo)
         groups = _groups_tensor(tuple(int(g) for g in frozen_out_groups),
                                 tuple(int(k) for k in frozen_k_ends), x.device)
         # weight tiles are read along the input channels: channels_last weights
@@ -840,14 +858,14 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         norm = norm_scale is not None and (need_dx_old or couple)
         grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
                              triton.cdiv(c - c_lo, meta["BLOCK_N"]))
-        _conv_dx_kernel[grid](
-            dy, wf, wn, wc, dx, groups, norm_scale if norm else dx, p, c, h, wd, ho, wo,
-            len(frozen_out_groups), o_f, o_n, i_f, c_lo, *dy.stride(), *wf.stride(),
-            *wn.stride(), *wc.stride(), *dx.stride(), *geo, KH=kh, KW=kw,
+        _conv_dx_kernel[grid](  # dy holds no columns if it is never read
+            _or(dy, dx_k), wf, wn, wc, dx_k, groups, norm_scale if norm else dx_k, p, c, h, wd, ho, wo,
+            len(frozen_out_groups), o_f, o_n, i_f, c_lo, dy_new_c0, dx_c0, *dy.stride(),
+            *wf.stride(), *wn.stride(), *wc.stride(), *dx_k.stride(), *geo, KH=kh, KW=kw,
             NEED_OLD=need_dx_old, HAS_COUPLE=couple, NORM=norm,
             CH_VEC=multiple_of_all((c, i_f, c_lo) + tuple(frozen_k_ends)),
-            ROW_VEC=multiple_of_all((o_f, o_n) + tuple(itertools.accumulate(
+            ROW_VEC=multiple_of_all((o_f, o_n, dy_new_c0) + tuple(itertools.accumulate(
                 frozen_out_groups))), PREC=_prec(dt))
-    if dx is not None:
-        dx = dx.contiguous(memory_format=dx_format)
+        if dx_k is not dx:
+            dx[:, c_lo:].copy_(dx_k)
     return dx, dw, db, dcouple

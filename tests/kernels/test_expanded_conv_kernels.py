@@ -212,10 +212,10 @@ def _spy_on_gathers(monkeypatch):
     seen = []
     real = ec._for_gathers
 
-    def spy(t):
-        out = real(t)
-        seen.append(out.is_contiguous(memory_format=torch.channels_last))
-        return out
+    def spy(t, c0=0):
+        out, at = real(t, c0)
+        seen.append((out.is_contiguous(memory_format=torch.channels_last), out.shape[1]))
+        return out, at
     monkeypatch.setattr(ec, "_for_gathers", spy)
     return seen
 
@@ -249,10 +249,41 @@ def test_mixed_layouts_and_what_the_kernels_read(nchw_mode, x_cl, dy_cl, monkeyp
         _close(got, ref, torch.float32, what)
     assert dx.is_contiguous(memory_format=torch.channels_last if x_cl else
                             torch.contiguous_format)
-    # forward: x; backward: x, dy
-    assert seen == ([True] * 3 if nchw_mode == "channels_last" else [x_cl, x_cl, dy_cl])
+    # forward: x; backward: dy (every column: the coupling reads the frozen ones), x
+    cl_read = [True] * 3 if nchw_mode == "channels_last" else [x_cl, dy_cl, x_cl]
+    assert seen == list(zip(cl_read, (11, 9, 11)))
     assert torch.equal(dev["x"], x_before) and torch.equal(dy_dev, dy_before)
     assert dev["x"].is_contiguous(memory_format=torch.channels_last) == x_cl
+
+
+@pytest.mark.parametrize("nchw_mode", ec.NCHW_MODES)
+@pytest.mark.parametrize("need_dw", [True, False])
+def test_unread_dy_columns_are_neither_copied_nor_read(nchw_mode, need_dw, monkeypatch):
+    """No dx_old, no coupling: the frozen columns of an NCHW dy (NaN here) are never read,
+    and only the trainable ones are copied; without dW, x is not copied at all."""
+    monkeypatch.setattr(ec, "NCHW_MODE", nchw_mode)
+    seen = _spy_on_gathers(monkeypatch)
+    t = _make((5, 3, 3), (2, 3, 4), 3, False, True, torch.float32, batch=2)
+    conv = _conv(padding=1)
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
+    dy = torch.randn(y.shape)
+    _, (dx_r, dw_r, db_r, _) = _reference(t, conv, False, dy)
+    dy[:, :5] = float("nan")
+    dx_r[:, :8] = 0
+    seen.clear()
+    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                "frozen_k_ends")}
+    dx, dw, db, _ = ec.expanded_conv2d_backward(
+        dy.to(DEV), **args, **conv, depthwise=False, need_dx_new=True, need_dx_old=False,
+        need_dw=need_dw, need_db=need_dw, need_dcouple=False)
+    _close(dx, dx_r, torch.float32, "dx")
+    assert dx.is_contiguous()
+    if need_dw:
+        _close(dw, dw_r, torch.float32, "dw_new")
+        _close(db, db_r, torch.float32, "db_new")
+    copied = nchw_mode == "channels_last"
+    assert seen == [(copied, 4 if copied else 9)] + [(copied, 11)] * need_dw
 
 
 def test_a_channel_sliced_view_is_read_right():

@@ -326,11 +326,66 @@ class Ctx:
             row.update(ms=ms, ms_min=ms_min, calls=reps, sets=len(fns), peak_mib=peak)
             if check:
                 row["check"] = check
+            if "fwd+bwd" in variant:
+                row["kernels"] = self.kernel_breakdown(fns[0])
         except Exception as exc:
             traceback.print_exc()
             row["error"] = _short_exc(exc)
         self.add(**row)
         return row.get("ms")
+
+    def kernel_breakdown(self, fn, top=8):
+        """Where one call of ``fn`` spends its time, longest first: [[name, calls, us]] of the
+        device kernels (copies and memsets included) on a GPU, of the aten ops on a CPU.  The
+        time inside a fused step that no timing shows: which kernels ran (cuDNN's too), and
+        what the layout copies cost.  A string where the profiler fails (never raises)."""
+        if self.left() < 20:
+            return "not profiled: out of time"
+        try:
+            from torch.profiler import ProfilerActivity, profile, schedule
+            act = ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU
+            self.sync()
+            # One call in the profiler's warm-up, whose records are dropped (a session's first
+            # kernel records can carry bad timestamps), one recorded.  torch tears CUPTI down
+            # after the session, so the rows timed after this one run unprofiled.
+            recorded = []
+            with profile(activities=[act], schedule=schedule(wait=0, warmup=1, active=1),
+                         on_trace_ready=lambda p: recorded.extend(p.key_averages())) as prof:
+                for _ in range(2):
+                    keep = fn()
+                    self.sync()
+                    del keep
+                    prof.step()
+            out = []
+            for e in recorded:
+                if str(e.key).startswith("ProfilerStep"):
+                    continue
+                us = (getattr(e, "self_device_time_total", None)
+                      or getattr(e, "self_cuda_time_total", 0)) if self.cuda \
+                    else e.self_cpu_time_total
+                if us and us > 0:
+                    out.append([str(e.key)[:100], int(e.count), round(float(us), 1)])
+            out.sort(key=lambda r: -r[2])
+            return out[:top]
+        except Exception as exc:  # noqa: BLE001 - a diagnostic, never the row's failure
+            return f"profiler failed: {_short_exc(exc)}"
+
+    def record_autotune(self):
+        """The tile each Triton autotuner chose, per key it tuned in this section."""
+        import importlib
+        chosen = {}
+        for mod_name in ("expanded_linear", "expanded_linear_tma", "expanded_conv"):
+            try:
+                mod = importlib.import_module(f"expanse_fast.kernels.{mod_name}")
+            except Exception:  # noqa: BLE001 - triton missing: nothing was tuned
+                continue
+            for name, obj in vars(mod).items():
+                cache = getattr(obj, "cache", None)
+                if isinstance(cache, dict) and cache and hasattr(obj, "configs"):
+                    chosen[f"{mod_name}.{name}"] = {str(k): str(v) for k, v in cache.items()}
+        if chosen:
+            self.res["autotune"] = chosen
+            self.save()
 
     # ---- backends --------------------------------------------------------------------------
     def usable_backends(self, op):
@@ -860,6 +915,10 @@ def cmd_section(args) -> int:
     except Exception as exc:
         traceback.print_exc()
         ctx.res["errors"].append(f"section aborted: {_short_exc(exc)}")
+    try:
+        ctx.record_autotune()
+    except Exception as exc:  # noqa: BLE001
+        ctx.res["errors"].append(f"autotune record: {_short_exc(exc)}")
     ctx.res["finished"] = True
     ctx.res["ended"] = _now_iso()
     ctx.save()
@@ -1075,6 +1134,25 @@ def _table(sections):
                         f"{str(note)[:90]} |")
         for e in res.get("errors", []) + [f"note: {n}" for n in res.get("notes", [])]:
             lines.append(f"- {sec}: {e}")
+        lines += _breakdown_lines(res)
+    return lines
+
+
+def _breakdown_lines(res):
+    """Each profiled row's kernels (one fwd+bwd call), then the autotuners' choices."""
+    lines = []
+    for r in res.get("rows", []):
+        k = r.get("kernels")
+        if not k:
+            continue
+        if not lines:
+            lines.append("\nkernels of one fwd+bwd call (us, longest first):\n")
+        body = k if isinstance(k, str) else "; ".join(
+            f"{name[:60]} {'x' + str(n) + ' ' if n > 1 else ''}{us:.0f}" for name, n, us in k)
+        lines.append(f"- {r.get('variant')} {r.get('impl')}: {body}")
+    for kernel, keys in (res.get("autotune") or {}).items():
+        for key, cfg in keys.items():
+            lines.append(f"- autotune {kernel} {key[:80]}: {cfg}")
     return lines
 
 

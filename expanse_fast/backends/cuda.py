@@ -324,10 +324,21 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                                         dilation, depthwise, frozen_bn=frozen_bn)
     scale, shift = (_bn_scale_shift(frozen_bn) if frozen_bn is not None and w_frozen.shape[0]
                     else (None, None))
-    return _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
-                                 [int(g) for g in frozen_out_groups],
-                                 [int(k) for k in frozen_k_ends], _conv_pair(stride),
-                                 _conv_pair(padding), _conv_pair(dilation), scale, shift)
+    y = _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                              [int(g) for g in frozen_out_groups],
+                              [int(k) for k in frozen_k_ends], _conv_pair(stride),
+                              _conv_pair(padding), _conv_pair(dilation), scale, shift)
+    return _in_layout_of(x, y)
+
+
+def _in_layout_of(x: Tensor, t: Maybe) -> Maybe:
+    """``t`` (written NCHW by the kernels) in x's memory format, as torch's conv and the other
+    backends return it: a channels_last model keeps channels_last activations and gradients
+    (elementwise ops that mix layouts run several times slower)."""
+    if (t is None or t.dim() != 4 or x.is_contiguous()
+            or not x.is_contiguous(memory_format=torch.channels_last)):
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def _bn_scale_shift(frozen_bn):
@@ -371,4 +382,4 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
         bool(need_db), bool(need_dcouple))
     if scale is not None and dcouple is not None:
         dcouple = (dcouple.float() * scale).to(dcouple.dtype)
-    return dx, dw, db, dcouple
+    return _in_layout_of(x, dx), dw, db, dcouple

@@ -161,6 +161,11 @@ def test_conv2d_matches_float64(backend, dtype, case, need_dx_old, channels_last
     ref.backward(dy.double().cpu())
     tol = TOL[dtype] * (4 if dtype != torch.float32 else 1)
     assert rel_err(y, ref) < tol
+    # every backend hands y and dx back in x's memory format, as torch's conv does (where
+    # x has one: with one channel it is both)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    if x.is_contiguous() != x.is_contiguous(memory_format=torch.channels_last):
+        assert y.is_contiguous(memory_format=fmt) and x.grad.is_contiguous(memory_format=fmt)
     assert rel_err(w_n.grad, W.grad[lay.frozen_out:]) < tol
     assert rel_err(b_n.grad, b.grad[lay.frozen_out:]) < tol
     if w_c is not None:

@@ -38,6 +38,8 @@ SECTIONS = ("ceilings", "linear", "conv", "mlp")
 SECTION_WEIGHT = {"ceilings": 0.12, "linear": 0.40, "conv": 0.35, "mlp": 0.25}
 PEERS = (("masked", "peer/masked"), ("cat", "peer/cat"), ("finetune", "peer/finetune"))
 BACKEND_NAMES = ("torch", "triton", "cuda")
+# Seconds a section may spend profiling (kernel_breakdown): the timings come first.
+PROFILE_BUDGET_S = 6.0
 CHECK_TOL = {"bfloat16": 3e-2, "float16": 1e-2, "float32": 2e-3}
 
 
@@ -232,6 +234,7 @@ class Ctx:
                               self.l2) or self.l2
             torch.backends.cudnn.benchmark = True
         self.skip_cuda = os.environ.get("EXPANSE_BENCH_SKIP_CUDA", "")
+        self.profile_s = 0.0  # spent in kernel_breakdown
         self.res = {"section": section, "device": args.device, "started": _now_iso(),
                     "quick": self.quick, "dtype": args.dtype, "rows": [], "notes": [],
                     "errors": [], "finished": False}
@@ -326,7 +329,7 @@ class Ctx:
             row.update(ms=ms, ms_min=ms_min, calls=reps, sets=len(fns), peak_mib=peak)
             if check:
                 row["check"] = check
-            if "fwd+bwd" in variant:
+            if kind == "expanse" and "fwd+bwd" in variant:
                 row["kernels"] = self.kernel_breakdown(fns[0])
         except Exception as exc:
             traceback.print_exc()
@@ -336,11 +339,12 @@ class Ctx:
 
     def kernel_breakdown(self, fn, top=8):
         """Where one call of ``fn`` spends its time, longest first: [[name, calls, us]] of the
-        device kernels (copies and memsets included) on a GPU, of the aten ops on a CPU.  The
-        time inside a fused step that no timing shows: which kernels ran (cuDNN's too), and
-        what the layout copies cost.  A string where the profiler fails (never raises)."""
-        if self.left() < 20:
+        device kernels (copies and memsets included) on a GPU, of the aten ops on a CPU: which
+        of an expanded op's kernels is slow, and what its layout copies cost.  At most
+        PROFILE_BUDGET_S a section.  A string where the profiler fails (never raises)."""
+        if self.left() < 20 or self.profile_s > PROFILE_BUDGET_S:
             return "not profiled: out of time"
+        t0 = time.time()
         try:
             from torch.profiler import ProfilerActivity, profile, schedule
             act = ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU
@@ -369,6 +373,8 @@ class Ctx:
             return out[:top]
         except Exception as exc:  # noqa: BLE001 - a diagnostic, never the row's failure
             return f"profiler failed: {_short_exc(exc)}"
+        finally:
+            self.profile_s += time.time() - t0
 
     def record_autotune(self):
         """The tile each Triton autotuner chose, per key it tuned in this section."""
@@ -919,6 +925,7 @@ def cmd_section(args) -> int:
         ctx.record_autotune()
     except Exception as exc:  # noqa: BLE001
         ctx.res["errors"].append(f"autotune record: {_short_exc(exc)}")
+    ctx.res["profile_s"] = round(ctx.profile_s, 1)
     ctx.res["finished"] = True
     ctx.res["ended"] = _now_iso()
     ctx.save()

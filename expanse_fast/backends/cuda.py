@@ -324,19 +324,32 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                                         dilation, depthwise, frozen_bn=frozen_bn)
     scale, shift = (_bn_scale_shift(frozen_bn) if frozen_bn is not None and w_frozen.shape[0]
                     else (None, None))
-    y = _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+    y = _ops().conv2d_forward(_for_gathers(x), w_frozen, b_frozen, w_new, b_new, w_couple,
                               [int(g) for g in frozen_out_groups],
                               [int(k) for k in frozen_k_ends], _conv_pair(stride),
                               _conv_pair(padding), _conv_pair(dilation), scale, shift)
     return _in_layout_of(x, y)
 
 
+def _is_channels_last(x: Tensor) -> bool:
+    return (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _for_gathers(t: Tensor) -> Tensor:
+    """``t`` as the conv kernels read it well: their gathers give consecutive threads
+    consecutive pixels, so a channels_last tensor (C elements between neighbouring pixels)
+    would make every thread's 2-byte load its own memory transaction.  Such a tensor is
+    copied to NCHW first (one activation copy); any other view is read through its
+    strides."""
+    return t.contiguous() if _is_channels_last(t) else t
+
+
 def _in_layout_of(x: Tensor, t: Maybe) -> Maybe:
     """``t`` (written NCHW by the kernels) in x's memory format, as torch's conv and the other
     backends return it: a channels_last model keeps channels_last activations and gradients
     (elementwise ops that mix layouts run several times slower)."""
-    if (t is None or t.dim() != 4 or x.is_contiguous()
-            or not x.is_contiguous(memory_format=torch.channels_last)):
+    if t is None or t.dim() != 4 or not _is_channels_last(x):
         return t
     return t.contiguous(memory_format=torch.channels_last)
 
@@ -369,15 +382,15 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
         # The frozen dy channels are read scaled by the folded BatchNorm.  The scale is per
         # frozen output channel, so it moves onto what meets those channels: the frozen rows of
         # the weights for dx (dy.(s w) = (s dy).w) and the rows of dW_couple afterwards.
-        # Both are weight-sized; dy (batch x channels x H x W) is never copied.
+        # Both are weight-sized; dy (batch x channels x H x W) is never scaled in a copy.
         scale = frozen_dy_scale.float().view(-1, 1, 1, 1)
         if need_dx_new or need_dx_old:
             w_frozen = (w_frozen.float() * scale).to(w_frozen.dtype)
             if w_couple is not None:
                 w_couple = (w_couple.float() * scale).to(w_couple.dtype)
     dx, dw, db, dcouple = _ops().conv2d_backward(
-        dy, x, w_frozen, w_new, w_couple, [int(g) for g in frozen_out_groups],
-        [int(k) for k in frozen_k_ends], _conv_pair(stride), _conv_pair(padding),
+        _for_gathers(dy), _for_gathers(x), w_frozen, w_new, w_couple,
+        [int(g) for g in frozen_out_groups], [int(k) for k in frozen_k_ends], _conv_pair(stride), _conv_pair(padding),
         _conv_pair(dilation), bool(need_dx_new), bool(need_dx_old), bool(need_dw),
         bool(need_db), bool(need_dcouple))
     if scale is not None and dcouple is not None:

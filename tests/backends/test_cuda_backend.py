@@ -491,7 +491,8 @@ def test_conv_backward_matches_dense(dev, tile_math, name, dtype, need_dx_old):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["three_groups_dilated", "coupled_three"])
 def test_conv_strided_operands_and_no_bias(dev, tile_math, name, dtype):
-    """x in channels_last, dy a permuted view, a column-sliced x: read through strides."""
+    """x in channels_last (the wrapper reads an NCHW copy), dy a permuted view, a column-sliced
+    x: the last two read through their strides."""
     skip_same_math(tile_math, dtype)
     layout, geo = CONV_CASES[name]
     p = make_conv_params(layout, geo["k"], dtype, dev, bias=False)
@@ -758,3 +759,23 @@ def test_conv_argument_pairs():
     assert cuda._conv_pair([3]) == [3, 3]
     assert cuda._conv_pair((1, 2)) == [1, 2]
     assert cuda._conv_out_size(7, 3, 2, 1, 1) == 4
+
+
+def test_conv_wrappers_hand_the_kernels_pixel_major_operands():
+    """The kernels' gathers walk pixels: a channels_last operand goes in as an NCHW copy and
+    y / dx come back channels_last; NCHW tensors and other views pass through untouched.
+    (CPU: the wrappers' layout rules, without the extension.)"""
+    x = torch.randn(2, 5, 4, 3)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    assert cuda._for_gathers(x) is x
+    sliced = torch.randn(2, 5, 4, 6)[..., 1:4]
+    assert cuda._for_gathers(sliced) is sliced
+    got = cuda._for_gathers(cl)
+    assert got.is_contiguous() and torch.equal(got, x)
+    y = torch.randn(2, 7, 4, 3)
+    back = cuda._in_layout_of(cl, y)
+    assert back.is_contiguous(memory_format=torch.channels_last) and torch.equal(back, y)
+    assert cuda._in_layout_of(x, y) is y and cuda._in_layout_of(sliced, y) is y
+    assert cuda._in_layout_of(cl, None) is None
+    one = torch.randn(2, 1, 4, 3).contiguous(memory_format=torch.channels_last)
+    assert cuda._for_gathers(one) is one  # one channel: NCHW and channels_last at once

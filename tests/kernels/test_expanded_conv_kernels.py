@@ -354,9 +354,11 @@ def test_rejects_bad_shapes():
 # GPU only: bfloat16 (tl.dot on bf16 is wrong under the interpreter) and a real shape
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["3groups_coupled_stride2", "2groups_dil2_fp16_cl",
-                                  "wide_1x1"])
-def test_conv_bf16(name):
+@pytest.mark.parametrize("name,nchw_mode", [
+    ("3groups_coupled_stride2", "channels_last"), ("3groups_coupled_stride2", "direct"),
+    ("2groups_dil2_fp16_cl", "channels_last"), ("wide_1x1", "channels_last")])
+def test_conv_bf16(name, nchw_mode, monkeypatch):
+    monkeypatch.setattr(ec, "NCHW_MODE", nchw_mode)
     ig, og, k, coupled, bias, _, conv, old, cl, batch = CASES[name]
     t = _make(ig, og, k, coupled, bias, torch.bfloat16, batch=batch, channels_last=cl)
     _run(t, conv, False, torch.bfloat16, old, channels_last=cl)
@@ -378,6 +380,20 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_resnet_shape_vs_torch_ref(coupled, dtype):
     """batch 8, 256 -> 320 channels (256 pretrained + 64 new), 28x28, 3x3 pad 1."""
+    _check_resnet_shape(coupled, dtype, need_dx_old=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nchw_mode", ec.NCHW_MODES)
+def test_resnet_shape_nchw_without_old_gradients(nchw_mode, monkeypatch):
+    """The run's NCHW case: no dx_old, no coupling, so only dy's trainable columns are copied
+    (channels_last mode) or read (direct), and dx's new channels come back through a buffer
+    of their own."""
+    monkeypatch.setattr(ec, "NCHW_MODE", nchw_mode)
+    _check_resnet_shape(False, torch.bfloat16, need_dx_old=False)
+
+
+def _check_resnet_shape(coupled, dtype, need_dx_old):
     from expanse_fast.backends import torch_ref
 
     t = _make((256, 64), (256, 64), 3, coupled, True, dtype, batch=8, hw=(28, 28))
@@ -391,7 +407,7 @@ def test_resnet_shape_vs_torch_ref(coupled, dtype):
     assert _rel(y, y_ref) < 1e-2
     dy = torch.randn_like(y)
     keys = ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups", "frozen_k_ends")
-    flags = dict(need_dx_new=True, need_dx_old=True, need_dw=True, need_db=True,
+    flags = dict(need_dx_new=True, need_dx_old=need_dx_old, need_dw=True, need_db=True,
                  need_dcouple=coupled)
     got = ec.expanded_conv2d_backward(dy, **{k: dev[k] for k in keys}, **conv,
                                       depthwise=False, **flags)
@@ -402,6 +418,9 @@ def test_resnet_shape_vs_torch_ref(coupled, dtype):
             assert g is None, name
             continue
         assert g.dtype == dtype and _rel(g, r) < 1e-2, (name, _rel(g, r))
+    assert got[0].is_contiguous()  # x's layout
+    if not need_dx_old:
+        assert torch.count_nonzero(got[0][:, :t["w_frozen"].shape[1]]) == 0
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,10 +41,23 @@ def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
     return t if needed else None
 
 
-def _fake_grads(dy, x, w_new, w_couple, need_dx, need_dw, need_db, need_dcouple):
+def conv_memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format of a conv's y and dx: channels_last where x is channels_last (and
+    not NCHW-contiguous as well, as with one channel), else NCHW contiguous.  One rule for
+    every backend and the fake implementations, so a compiled graph gets the strides it was
+    traced with."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _fake_grads(dy, x, w_new, w_couple, need_dx, need_dw, need_db, need_dcouple,
+                dx_format=torch.contiguous_format):
     # one fresh empty tensor per unneeded gradient: outputs of an op never alias each other
     empty = lambda: dy.new_empty(_EMPTY)  # noqa: E731
-    return (x.new_empty(x.shape) if need_dx else empty(),
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=dx_format)
+            if need_dx else empty(),
             w_new.new_empty(w_new.shape) if need_dw else empty(),
             w_new.new_empty((w_new.shape[0],)) if need_db else empty(),
             w_couple.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None)
@@ -154,9 +167,11 @@ def _conv2d_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new:
             bn_eps: float = 0.0, backend: str = "") -> Tensor:
     backend = backend_choice.resolve(x.device, "conv2d", backend)
     frozen_bn = None if bn_mean is None else (bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
-    return backend.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
-                                  frozen_out_groups, frozen_k_ends, stride, padding, dilation,
-                                  depthwise, frozen_bn=frozen_bn)
+    y = backend.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                               frozen_out_groups, frozen_k_ends, stride, padding, dilation,
+                               depthwise, frozen_bn=frozen_bn)
+    return y.contiguous(memory_format=conv_memory_format(x))  # a no-op but where torch's
+    # own conv chose otherwise (an NCHW x with channels_last weights, one channel)
 
 
 _conv2d = torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())(_conv2d_impl)
@@ -169,7 +184,8 @@ def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k
     kh, kw = w_new.shape[2], w_new.shape[3]
     ho = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
     wo = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0], ho, wo))
+    return torch.empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0], ho, wo),
+                       dtype=x.dtype, device=x.device, memory_format=conv_memory_format(x))
 
 
 def _conv2d_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor,
@@ -181,11 +197,18 @@ def _conv2d_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor
                      backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``bn_scale``: a folded BatchNorm's ``weight / sqrt(var + eps)`` (O_f,), or None."""
     backend = backend_choice.resolve(dy.device, "conv2d", backend)
-    grads = backend.conv2d_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
-                                    frozen_out_groups, frozen_k_ends, stride, padding, dilation,
-                                    depthwise, need_dx_new, need_dx_old, need_dw, need_db,
-                                    need_dcouple, frozen_dy_scale=bn_scale)
-    return tuple(_or_empty(g, dy) for g in grads)
+    # dy goes in with its strides: every backend reads any layout (a channels_last dy stays
+    # channels_last, which the Triton kernels read best)
+    dx, dw, db, dcouple = backend.conv2d_backward(
+        dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
+        dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple,
+        frozen_dy_scale=bn_scale)
+    # the layouts the fake promises (torch's own backward gives weight gradients in the
+    # layout of x or of the weights); the weight-sized ones are cheap to copy
+    if dx is not None:
+        dx = dx.contiguous(memory_format=conv_memory_format(x))
+    dw, dcouple = (None if g is None else g.contiguous() for g in (dw, dcouple))
+    return tuple(_or_empty(g, dy) for g in (dx, dw, db, dcouple))
 
 
 _conv2d_backward = torch.library.custom_op(f"{LIB}::conv2d_backward",
@@ -197,7 +220,7 @@ def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride
       dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple,
       bn_scale=None, backend=""):
     return _fake_grads(dy, x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
-                       need_dcouple)
+                       need_dcouple, dx_format=conv_memory_format(x))
 
 
 _CONV2D_INPUTS = 19  # x ... need_dx_old (13), bn_mean ... bn_eps (5), backend

@@ -260,6 +260,55 @@ def test_opcheck_conv2d_backward(case, flags):
     torch.library.opcheck(OPS.conv2d_backward, args)
 
 
+def _channels_last(t):
+    if t is None or t.dim() != 4:
+        return t
+    return t.detach().contiguous(memory_format=torch.channels_last).requires_grad_(
+        t.requires_grad)
+
+
+@pytest.mark.parametrize("case", [CONV[0], CONV[2], CONV[3]], ids=str)
+def test_opcheck_conv2d_channels_last(case):
+    """A model moved to channels_last: x, dy and the 4-D weights channels_last.  The fake
+    implementations must promise the strides the backends return (y, dx: x's format; weight
+    gradients contiguous), or a compiled graph's stride checks fail."""
+    _, args = _conv_args(case)
+    args = tuple(_channels_last(a) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(OPS.conv2d, args, test_utils=STATIC_UTILS)
+    y = OPS.conv2d(*args)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    bargs, _ = _conv_backward_args(case, ALL_GRADS if case != CONV[3] else SKIP_OLD)
+    bargs = tuple(_channels_last(a) if isinstance(a, torch.Tensor) else a for a in bargs)
+    torch.library.opcheck(OPS.conv2d_backward, bargs, test_utils=STATIC_UTILS)
+    dx = OPS.conv2d_backward(*bargs)[0]
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_inductor_channels_last_conv_matches_eager():
+    """torch.compile (inductor) of an expanded conv in channels_last, forward and backward:
+    inductor asserts the strides the fake implementations promised."""
+    import torch._inductor.config as inductor_config
+    torch._dynamo.reset()
+    layer = xf.ExpandedConv2d.from_conv(nn.Conv2d(6, 6, 3, padding=1), 3, 3)
+    layer = layer.to(memory_format=torch.channels_last)
+    layer.backend = "torch"
+    x = torch.randn(2, 9, 5, 5).contiguous(memory_format=torch.channels_last)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    with inductor_config.patch(force_disable_caches=True):  # a cached graph hides a bad fake
+        compiled = torch.compile(lambda t: layer(t) * 2, fullgraph=True)
+        y_comp = compiled(xc)
+        y_comp.square().sum().backward()
+    g_comp = [p.grad.clone() for p in (layer.weight_new, layer.bias_new)]
+    layer.zero_grad()
+    y_eager = layer(xe) * 2
+    y_eager.square().sum().backward()
+    assert y_comp.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
+    for a, p in zip(g_comp, (layer.weight_new, layer.bias_new)):
+        torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-5)
+
+
 # ---- a BatchNorm folded into the conv's frozen output channels ---------------------------------
 def _frozen_bn(o_f, affine=True):
     return [torch.randn(o_f), torch.rand(o_f) + 0.5,

@@ -63,6 +63,8 @@ def _configs(tiles, small):
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
+# The implicit-GEMM kernels' keys hold the activations' channel strides (1: channels_last),
+# so NCHW read in place (NCHW_MODE "direct") gets tiles of its own.
 _GEMM_TILES = [
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
 ]
@@ -156,7 +158,7 @@ def _fwd_segment(acc, x_ptr, x_base, hi0, wi0, m_mask, H, W, sxc, sxh, sxw,
 
 
 @triton.autotune(configs=_configs(_GEMM_TILES, (32, 16, 16)),
-                 key=["M", "O", "C", "G", "KH", "KW", "HAS_COUPLE"])
+                 key=["M", "O", "C", "G", "KH", "KW", "HAS_COUPLE", "sxc"])
 @triton.jit
 def _conv_fwd_kernel(
         x_ptr, wf_ptr, wn_ptr, wc_ptr, bf_ptr, bn_ptr, y_ptr, groups_ptr,
@@ -229,7 +231,7 @@ def _conv_fwd_kernel(
 # Weight gradient: dW[o, c, r, s] = sum_pixels dy[:, dy_c0 + o] * im2col(x)[:, x_c0 + c]
 # ---------------------------------------------------------------------------------------
 @triton.autotune(configs=_configs(_WGRAD_TILES, (16, 16, 32)),
-                 key=["O", "C", "M", "KH", "KW", "SPLIT"])
+                 key=["O", "C", "M", "KH", "KW", "SPLIT", "sdc", "sxc"])
 @triton.jit
 def _conv_wgrad_kernel(
         dy_ptr, x_ptr, dw_ptr, db_ptr, scale_ptr,
@@ -314,11 +316,12 @@ def _dx_rows(acc, dy_ptr, dy_row, p_ok, sdc, dy_c0, row_lo, row_hi, w_ptr, swo, 
 
 
 @triton.autotune(configs=_configs(_GEMM_TILES, (32, 16, 16)),
-                 key=["P", "C", "O_f", "O_n", "G_f", "KH", "KW", "NEED_OLD", "HAS_COUPLE"])
+                 key=["P", "C", "O_f", "O_n", "G_f", "KH", "KW", "NEED_OLD", "HAS_COUPLE",
+                      "sdc"])
 @triton.jit
 def _conv_dx_kernel(
         dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, groups_ptr, scale_ptr,
-        P, C, H, W, Ho, Wo, G_f, O_f, O_n, I_f, c_lo, dy_new_c0, dx_c0,
+        P, C, H, W, Ho, Wo, G_f, O_f, O_n, I_f, c_lo, dy_new_c0, dx_col0,
         sdn, sdc, sdh, sdw, sfo, sfc, sfr, sfs, sno, snc, snr, sns, sco, scc, scr, scs,
         sxn, sxc, sxh, sxw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, NEED_OLD: tl.constexpr,
@@ -326,8 +329,8 @@ def _conv_dx_kernel(
         ROW_VEC: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     tl.static_assert(BLOCK_N % CH_VEC == 0 and BLOCK_K % ROW_VEC == 0)
-    # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C), stored at channel
-    # c - dx_c0 of dx; dy's trainable columns start at dy_new_c0.  Channel bounds
+    # rows: input pixels (P = N*H*W); columns: input channels [c_lo, C), stored from column
+    # dx_col0 of dx on; dy's trainable columns start at dy_new_c0.  Channel bounds
     # (C, I_f, c_lo, every k_end) are multiples of CH_VEC, dy channel bounds (every group
     # boundary, O_f, O_n) of ROW_VEC: masks over whole vectors (see _fwd_segment).
     pid_p = tl.program_id(0)
@@ -377,7 +380,10 @@ def _conv_dx_kernel(
                                PREC)
 
     dx_row = n_img * sxn + hi * sxh + wi * sxw
-    tl.store(dx_ptr + dx_row[:, None] + (offs_c - dx_c0)[None, :] * sxc,
+    # dx's column of channel c_first + j is dx_col0 + pid_c * BLOCK_N + j: one offset, so
+    # the compiler sees the store columns as aligned as dx_col0 is
+    dx_cols = dx_col0 + pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(dx_ptr + dx_row[:, None] + dx_cols[None, :] * sxc,
              acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
 
@@ -556,10 +562,13 @@ def _memory_format(x):
     return torch.contiguous_format
 
 
-def _copied_for_gathers(t):
-    """Whether the implicit-GEMM kernels read a channels_last copy of ``t`` (NCHW_MODE)."""
+def _check_nchw_mode():
     if NCHW_MODE not in NCHW_MODES:
         raise ValueError(f"EXPANSE_FAST_CONV_NCHW={NCHW_MODE!r}: expected one of {NCHW_MODES}")
+
+
+def _copied_for_gathers(t):
+    """Whether the implicit-GEMM kernels read a channels_last copy of ``t`` (NCHW_MODE)."""
     return NCHW_MODE == "channels_last" and not t.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -683,6 +692,7 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     ``norm`` = (mean, var, weight or None, bias or None, eps), each of the O_f frozen
     channels: an eval-mode BatchNorm applied to them in the epilogue."""
     _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depthwise)
+    _check_nchw_mode()
     dt = x.dtype
     w_frozen, w_new = w_frozen.to(dt), w_new.to(dt)
     w_couple = None if w_couple is None else w_couple.to(dt)
@@ -760,6 +770,7 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
     ``norm_scale`` (O_f,): the frozen columns of dy are multiplied by it where they are read
     (the forward folded a BatchNorm whose derivative it is)."""
     _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depthwise)
+    _check_nchw_mode()
     dt = x.dtype
     dy = dy.to(dt)
     w_frozen, w_new = w_frozen.to(dt), w_new.to(dt)
@@ -815,32 +826,37 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
 
     i_f = w_frozen.shape[1]
     has_couple = w_couple is not None and w_couple.numel() > 0
-    # The frozen columns of dy are read for dx_old and the coupling block only: otherwise
-    # only the trainable ones are copied, and dy_new_c0 says where they start.
-    reads_frozen_dy = need_dx_old or (has_couple and o_f > 0)
+    # The frozen columns of dy are read for dx_old and the coupling block only (by the kernels
+    # that run): otherwise only the trainable ones are copied, and dy_new_c0 says where
+    # they start.  x is copied only for the weight gradients.
+    couple = has_couple and o_f > 0
+    c_lo = 0 if need_dx_old else i_f
+    run_dx = want_dx and not empty and c > c_lo
+    run_wgrad = (need_dw or need_db) and o_n > 0 and not empty
+    run_dcouple = need_dcouple and has_couple and not empty
+    reads_frozen_dy = (run_dx and (need_dx_old or couple)) or run_dcouple
     dy_c0 = 0 if reads_frozen_dy else o_f
     dy, at = _for_gathers(dy, dy_c0)
     dy_new_c0 = o_f - dy_c0 + at
     dx_copied = _copied_for_gathers(x)  # the dx kernel writes channels_last if x's is not
-    if need_dw or need_db or need_dcouple:  # the dx kernel never reads x
+    if run_wgrad or run_dcouple:  # the dx kernel never reads x
         x, _ = _for_gathers(x)
     if need_dw or need_db:
-        if o_n and not empty:
+        if run_wgrad:
             dw, db = _wgrad(dy, x, dy_new_c0, o_n, 0, c, kh, kw, geo, ho, wo, need_db, wdt)
         else:
             dw, db = torch.zeros_like(w_new), w_new.new_zeros(o_n)
         dw = dw if need_dw else None
         db = db if need_db else None
     if need_dcouple and w_couple is not None:
-        if has_couple and not empty:
+        if run_dcouple:
             dcouple = _wgrad(dy, x, 0, o_f, i_f, c - i_f, kh, kw, geo, ho, wo, False,
                              w_couple.dtype, scale=norm_scale)[0]
         else:
             dcouple = torch.zeros_like(w_couple)
-    c_lo = 0 if need_dx_old else i_f
     if want_dx:
         _zero_untouched(dx, c_lo, empty)
-    if want_dx and not empty and c > c_lo:
+    if run_dx:
         p = n * h * wd
         # Where x was copied, the kernel writes channels [c_lo, C) into a channels_last
         # buffer of their own (dx_c0 = c_lo), copied into dx after: the zeros of the old
@@ -853,14 +869,13 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         # weight tiles are read along the input channels: channels_last weights
         wf, wn = _or(_channels_inner(w_frozen), x), _or(_channels_inner(w_new), x)
         wc = _or(_channels_inner(w_couple), x)
-        couple = has_couple and o_f > 0
         # the frozen columns of dy are read (and scaled) for dx_old and the coupling only
         norm = norm_scale is not None and (need_dx_old or couple)
         grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
                              triton.cdiv(c - c_lo, meta["BLOCK_N"]))
         _conv_dx_kernel[grid](  # dy holds no columns if it is never read
-            _or(dy, dx_k), wf, wn, wc, dx_k, groups, norm_scale if norm else dx_k, p, c, h, wd, ho, wo,
-            len(frozen_out_groups), o_f, o_n, i_f, c_lo, dy_new_c0, dx_c0, *dy.stride(),
+            _or(dy, dx_k), wf, wn, wc, dx_k, groups, norm_scale if norm else dx_k, p, c, h, wd,
+            ho, wo, len(frozen_out_groups), o_f, o_n, i_f, c_lo, dy_new_c0, c_lo - dx_c0, *dy.stride(),
             *wf.stride(), *wn.stride(), *wc.stride(), *dx_k.stride(), *geo, KH=kh, KW=kw,
             NEED_OLD=need_dx_old, HAS_COUPLE=couple, NORM=norm,
             CH_VEC=multiple_of_all((c, i_f, c_lo) + tuple(frozen_k_ends)),

@@ -286,6 +286,32 @@ def test_unread_dy_columns_are_neither_copied_nor_read(nchw_mode, need_dw, monke
     assert seen == [(copied, 4 if copied else 9)] + [(copied, 11)] * need_dw
 
 
+@pytest.mark.parametrize("nchw_mode", ec.NCHW_MODES)
+def test_coupled_layer_asked_for_dw_only_reads_no_frozen_dy(nchw_mode, monkeypatch):
+    """A coupling block reads the frozen dy columns for dx and dcouple only: asked for dW
+    and db alone, the backward copies (and reads) the trainable columns only."""
+    monkeypatch.setattr(ec, "NCHW_MODE", nchw_mode)
+    seen = _spy_on_gathers(monkeypatch)
+    t = _make((5, 3), (6, 4), 3, True, True, torch.float32, batch=2)
+    conv = _conv(padding=1)
+    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
+    dy = torch.randn(y.shape)
+    _, (_, dw_r, db_r, _) = _reference(t, conv, False, dy)
+    dy[:, :6] = float("nan")
+    seen.clear()
+    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                "frozen_k_ends")}
+    dx, dw, db, dc = ec.expanded_conv2d_backward(
+        dy.to(DEV), **args, **conv, depthwise=False, need_dx_new=False, need_dx_old=False,
+        need_dw=True, need_db=True, need_dcouple=False)
+    assert dx is None and dc is None
+    _close(dw, dw_r, torch.float32, "dw_new")
+    _close(db, db_r, torch.float32, "db_new")
+    copied = nchw_mode == "channels_last"
+    assert seen == [(copied, 4 if copied else 10), (copied, 8)]
+
+
 def test_a_channel_sliced_view_is_read_right():
     """x a view (every other channel of a wider tensor): neither layout, any mode works."""
     t = _make((3, 2), (2, 3), 3, False, True, torch.float32, batch=2)

@@ -337,12 +337,12 @@ class Ctx:
         self.add(**row)
         return row.get("ms")
 
-    def kernel_breakdown(self, fn, top=8):
+    def kernel_breakdown(self, fn, top=8, min_left=20.0):
         """Where one call of ``fn`` spends its time, longest first: [[name, calls, us]] of the
         device kernels (copies and memsets included) on a GPU, of the aten ops on a CPU: which
         of an expanded op's kernels is slow, and what its layout copies cost.  At most
         PROFILE_BUDGET_S a section.  A string where the profiler fails (never raises)."""
-        if self.left() < 20 or self.profile_s > PROFILE_BUDGET_S:
+        if self.left() < min_left or self.profile_s > PROFILE_BUDGET_S:
             return "not profiled: out of time"
         t0 = time.time()
         try:
@@ -350,10 +350,12 @@ class Ctx:
             act = ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU
             self.sync()
             # One call in the profiler's warm-up, whose records are dropped (a session's first
-            # kernel records can carry bad timestamps), one recorded.  torch tears CUPTI down
-            # after the session, so the rows timed after this one run unprofiled.
+            # kernel records can carry bad timestamps), one recorded.  CUPTI is torn down
+            # after the session (TEARDOWN_CUPTI=1, set by cmd_section), so the rows timed
+            # after this one run unprofiled; sec_ceilings checks that.
             recorded = []
-            with profile(activities=[act], schedule=schedule(wait=0, warmup=1, active=1),
+            with profile(activities=[act],
+                         schedule=schedule(wait=0, warmup=1, active=1, repeat=1),
                          on_trace_ready=lambda p: recorded.extend(p.key_averages())) as prof:
                 for _ in range(2):
                     keep = fn()
@@ -502,8 +504,35 @@ def _reference(ctx, exp_f, exp_fb, what):
 
 
 # ---- (a) ceilings ------------------------------------------------------------------------
+def _profiler_after_effect(ctx):
+    """Whether a profiler session slows what runs after it (a CUPTI left attached costs
+    every kernel launch): a launch-bound call timed before and after one session.  The
+    expanse rows are profiled before later rows are timed, so this must be ~1."""
+    torch = ctx.torch
+    small = torch.zeros(256, device=ctx.dev)
+
+    def launches():
+        for _ in range(200):
+            small.add_(1.0)
+        return small
+
+    before = ctx.time([launches])[0]
+    prof = ctx.kernel_breakdown(launches, min_left=8.0)
+    after = ctx.time([launches])[0]
+    ratio = after / before if before else float("nan")
+    ctx.res["profiler_after_effect"] = dict(before_ms=before, after_ms=after, ratio=ratio,
+                                            profiled=not isinstance(prof, str))
+    ctx.note(f"profiler after-effect: 200 launches {before:.3f} ms before one profiler "
+             f"session, {after:.3f} ms after (x{ratio:.2f})"
+             + ("" if ratio < 1.1 else "; rows timed after a profiled row may be slowed"))
+
+
 def sec_ceilings(ctx):
     torch = ctx.torch
+    try:
+        _profiler_after_effect(ctx)
+    except Exception as exc:  # noqa: BLE001
+        ctx.res["errors"].append(f"profiler after-effect: {_short_exc(exc)}")
     n = 256 if ctx.quick else 8192
     for dt in (torch.bfloat16, torch.float32):
         name = str(dt).replace("torch.", "")
@@ -912,6 +941,9 @@ SECTION_FN = {"ceilings": sec_ceilings, "linear": sec_linear, "conv": sec_conv, 
 
 
 def cmd_section(args) -> int:
+    # a profiler session (kernel_breakdown) must not leave CUPTI attached to the kernels
+    # timed after it; torch's default depends on its kineto
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
     ctx = Ctx(args, args.name)
     if ctx.cuda and os.environ.get("TRITON_INTERPRET"):
         ctx.note("TRITON_INTERPRET is set on a GPU run: Triton timings are meaningless")

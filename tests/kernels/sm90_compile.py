@@ -7,7 +7,7 @@ Run as a script (never with TRITON_INTERPRET set: the kernels must be real JIT f
 
 The real launchers run on CPU tensors of the issue's shapes (a 4096-wide linear layer
 widened by 1024, 16384 rows; the 3x3 conv of a ResNet-50 stage, 256 + 64 channels,
-channels_last), with a stand-in Triton driver that names an sm_90 target.  Each launch
+channels_last and NCHW), with a stand-in Triton driver that names an sm_90 target.  Each launch
 compiles its kernel for every config the autotuner would try (after pruning), through
 ``JITFunction.warmup``, and runs nothing.  Per kernel and config: registers, stack (spills),
 shared memory, and from the PTX the wgmma, TMA (cp.async.bulk.tensor), 16-byte cp.async
@@ -169,12 +169,15 @@ def linear_launches(rows=16384, old=4096, new=1024, coupled=False):
     L.grad_weight(dy[:, old:], x, with_colsum=True)
 
 
-def conv_launches(old=256, new=64, hw=56):
+def conv_launches(old=256, new=64, hw=56, channels_last=True):
+    """The run's conv, fwd and the backward of an isolated hidden layer (no dx_old).  NCHW:
+    the launchers' channels_last copies, the trainable dy columns only and dx's own buffer."""
     import torch
     from expanse_fast.kernels import expanded_conv as C
-    dt, cl = torch.bfloat16, torch.channels_last
-    x = torch.randn(2, old + new, hw, hw, dtype=dt).to(memory_format=cl)
-    dy = torch.randn(2, old + new, hw, hw, dtype=dt).to(memory_format=cl)
+    dt = torch.bfloat16
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, old + new, hw, hw, dtype=dt).contiguous(memory_format=fmt)
+    dy = torch.randn(2, old + new, hw, hw, dtype=dt).contiguous(memory_format=fmt)
     wf, wn = torch.randn(old, old, 3, 3, dtype=dt), torch.randn(new, old + new, 3, 3, dtype=dt)
     C.expanded_conv2d_forward(x, wf, None, wn, None, None, [old], [old], 1, 1, 1, False)
     C.expanded_conv2d_backward(dy, x, wf, wn, None, [old], [old], 1, 1, 1, False,
@@ -198,7 +201,8 @@ def report(first_config: bool = False) -> dict:
             expanded_linear_tma.MODE = mode
 
     for name, run in (("linear", linear_launches), ("linear", pointer_linear_launches),
-                      ("conv", conv_launches)):
+                      ("conv", conv_launches),
+                      ("conv-nchw", lambda: conv_launches(channels_last=False))):
         for row in compile_launches(run, first_config):
             out["rows"].append(dict(row, layer=name))
     return out

@@ -2,7 +2,8 @@
 
 sm90_compile.py (run in a subprocess: the test session's kernels are interpreted) drives the
 real launchers at the shapes of issue 3 and compiles each kernel's default config, the
-linear layer's with and without tensor descriptors.  What the
+linear layer's with and without tensor descriptors, the conv's on channels_last and NCHW
+input.  What the
 interpreter cannot show is asserted here: every kernel compiles, none spills registers, the
 GEMMs use wgmma, the descriptor kernels use TMA, and the conv kernels move their operands in
 16-byte pipelined copies and store 16 bytes at a time (a mask the compiler cannot prove
@@ -29,6 +30,7 @@ def compiled():
     # lacks the kernels, which setup.py maps in), never the interpreter.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.pop("EXPANSE_FAST_TMA", None)
+    env.pop("EXPANSE_FAST_CONV_NCHW", None)  # the defaults, as users get them
     res = subprocess.run([sys.executable, str(SCRIPT), "--json", "--first-config"],
                          capture_output=True, text=True, timeout=900, env=env)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -37,41 +39,50 @@ def compiled():
                     f"{json.loads(lines[-1])['unsupported']}")
     assert res.returncode == 0 and lines, f"exit {res.returncode}\n{res.stderr[-4000:]}"
     report = json.loads(lines[-1])
-    return {r["kernel"]: r for r in report["rows"]}
+    rows = {}
+    for r in report["rows"]:  # conv kernels twice: channels_last and NCHW input
+        rows.setdefault(r["kernel"], []).append(r)
+    return rows
+
+
+CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 
 
 def test_every_kernel_compiles(compiled):
     assert sorted(compiled) == sorted(KERNELS)
-    errors = {k: r["error"] for k, r in compiled.items() if "error" in r}
+    for kernel in CONV_KERNELS:
+        assert sorted(r["layer"] for r in compiled[kernel]) == ["conv", "conv-nchw"], kernel
+    errors = {k: r["error"] for k, rs in compiled.items() for r in rs if "error" in r}
     assert not errors
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_no_spills_and_wgmma(compiled, kernel):
-    r = compiled[kernel]
-    assert r["stack"] == 0, f"{kernel} {r['config']}: {r['registers']} registers, " \
-                            f"{r['stack']} bytes of stack (spills)"
-    assert r["wgmma"] > 0, f"{kernel} {r['config']}: no wgmma"
+    for r in compiled[kernel]:
+        assert r["stack"] == 0, f"{kernel} {r['config']} ({r['layer']}): {r['registers']} " \
+                                f"registers, {r['stack']} bytes of stack (spills)"
+        assert r["wgmma"] > 0, f"{kernel} {r['config']} ({r['layer']}): no wgmma"
 
 
 @pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel"])
 def test_descriptor_kernels_load_through_tma(compiled, kernel):
-    assert compiled[kernel]["tma"] > 0
+    assert all(r["tma"] > 0 for r in compiled[kernel])
 
 
-@pytest.mark.parametrize("kernel", ["_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel"])
+@pytest.mark.parametrize("kernel", CONV_KERNELS)
 def test_conv_operands_move_in_16_byte_copies(compiled, kernel):
-    r = compiled[kernel]
-    assert r["cp_async_16"] > 0 and r["ld_global_b16"] == 0, r
+    # NCHW input too: the launchers hand the kernels channels_last copies
+    for r in compiled[kernel]:
+        assert r["cp_async_16"] > 0 and r["ld_global_b16"] == 0, r
 
 
 @pytest.mark.parametrize("kernel", ["_fwd_kernel", "_dx_kernel", "_dw_kernel"])
 def test_pointer_kernels_copy_operands_16_bytes_at_a_time(compiled, kernel):
     # (2-byte loads may remain: the forward's bias vectors, one element a thread)
-    assert compiled[kernel]["cp_async_16"] > 0, compiled[kernel]
+    assert all(r["cp_async_16"] > 0 for r in compiled[kernel]), compiled[kernel]
 
 
 @pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_fwd_kernel", "_conv_fwd_kernel",
                                     "_conv_dx_kernel"])
 def test_outputs_stored_16_bytes_at_a_time(compiled, kernel):
-    assert compiled[kernel]["st_global_v4"] > 0
+    assert all(r["st_global_v4"] > 0 for r in compiled[kernel]), compiled[kernel]

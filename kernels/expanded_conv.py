@@ -64,9 +64,12 @@ def _configs(tiles, small):
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)
 # The implicit-GEMM kernels' keys hold the activations' channel strides (1: channels_last),
-# so NCHW read in place (NCHW_MODE "direct") gets tiles of its own.
+# so NCHW read in place (NCHW_MODE "direct") gets tiles of its own.  256 x 64: as many
+# FLOPs per byte loaded as 128 x 128, for the common 64-channel widening, where a 128-wide
+# tile over the new group (or over dx's new channels) would multiply half zeros.
 _GEMM_TILES = [
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (128, 128, 64, 8, 3),
+    (256, 64, 32, 8, 3), (256, 64, 64, 8, 3),
 ]
 _WGRAD_TILES = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 4, 3),
                 (128, 128, 32, 8, 3)]

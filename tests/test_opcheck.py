@@ -284,6 +284,8 @@ def test_opcheck_conv2d_channels_last(case):
     assert dx.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
 def test_compile_inductor_channels_last_conv_matches_eager():
     """torch.compile (inductor) of an expanded conv in channels_last, forward and backward:
     inductor asserts the strides the fake implementations promised."""

@@ -26,7 +26,8 @@ from torch import Tensor
 
 from . import backend_choice
 from .backends import torch_ref
-from .backends.torch_ref import ACTIVATIONS, SMOOTH_ACTIVATIONS, reads_frozen_dy
+from .backends.torch_ref import (ACTIVATIONS, SMOOTH_ACTIVATIONS, conv_memory_format,
+                                 reads_frozen_dy)
 
 LIB = "expanse_fast"
 _EMPTY = (0,)
@@ -39,17 +40,6 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
     return t if needed else None
-
-
-def conv_memory_format(x: Tensor) -> torch.memory_format:
-    """The memory format of a conv's y and dx: channels_last where x is channels_last (and
-    not NCHW-contiguous as well, as with one channel), else NCHW contiguous.  One rule for
-    every backend and the fake implementations, so a compiled graph gets the strides it was
-    traced with."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _fake_grads(dy, x, w_new, w_couple, need_dx, need_dw, need_db, need_dcouple,

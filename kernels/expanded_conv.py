@@ -559,6 +559,7 @@ def _out_size(h, k, st, pad, dil):
 
 
 def _memory_format(x):
+    # the package's rule (backends/torch_ref.conv_memory_format); kernels/ imports nothing of it
     cl = torch.channels_last
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=cl):
         return cl

@@ -331,27 +331,22 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
     return _in_layout_of(x, y)
 
 
-def _is_channels_last(x: Tensor) -> bool:
-    return (x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
-
-
 def _for_gathers(t: Tensor) -> Tensor:
     """``t`` as the conv kernels read it well: their gathers give consecutive threads
     consecutive pixels, so a channels_last tensor (C elements between neighbouring pixels)
     would make every thread's 2-byte load its own memory transaction.  Such a tensor is
     copied to NCHW first (one activation copy); any other view is read through its
     strides."""
-    return t.contiguous() if _is_channels_last(t) else t
+    return t.contiguous() if torch_ref.conv_memory_format(t) == torch.channels_last else t
 
 
 def _in_layout_of(x: Tensor, t: Maybe) -> Maybe:
     """``t`` (written NCHW by the kernels) in x's memory format, as torch's conv and the other
     backends return it: a channels_last model keeps channels_last activations and gradients
     (elementwise ops that mix layouts run several times slower)."""
-    if t is None or t.dim() != 4 or not _is_channels_last(x):
+    if t is None or t.dim() != 4:
         return t
-    return t.contiguous(memory_format=torch.channels_last)
+    return t.contiguous(memory_format=torch_ref.conv_memory_format(x))
 
 
 def _bn_scale_shift(frozen_bn):

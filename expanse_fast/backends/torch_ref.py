@@ -117,6 +117,18 @@ def saved_columns(saved: Tensor, width: int, c0: int, c1: int) -> Tensor:
     return saved[:, c0 - first:c1 - first]
 
 
+def conv_memory_format(x: Tensor) -> torch.memory_format:
+    """The memory format of a conv's y and dx: channels_last where x is channels_last (and
+    not NCHW-contiguous as well, as with one channel), else NCHW contiguous.  One rule for
+    every backend and the ops' fake implementations, so a compiled graph gets the strides it
+    was traced with (kernels/expanded_conv.py, which imports nothing of the package, keeps
+    the same rule as ``_memory_format``)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def reads_frozen_dy(w_couple: Maybe, need_dx_new: bool, need_dx_old: bool,
                     need_dcouple: bool) -> bool:
     """Whether a linear backward reads dy's frozen columns: for dcouple, dx_old, or dx_new

@@ -103,8 +103,18 @@ def _close(got, ref, dtype, what):
     assert math.isfinite(err) and err <= TOL[dtype] * max(scale, 1.0), (what, err, scale)
 
 
+def _to_dev(t):
+    return {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+
+
+def _layer_args(dev):
+    """What the backward takes of a case besides dy: x, the weights and the staircase."""
+    return {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                "frozen_k_ends")}
+
+
 def _run(t, conv, depthwise, dtype, need_dx_old, channels_last=False):
-    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    dev = _to_dev(t)
     y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=depthwise)
     dy = torch.randn(y.shape, dtype=dtype)
     y_ref, (dx_r, dw_r, db_r, dc_r) = _reference(t, conv, depthwise, dy)
@@ -131,8 +141,7 @@ def _check_backward(t, dev, conv, depthwise, dtype, need_dx_old, channels_last, 
     dy_dev = dy.to(DEV)
     if channels_last:
         dy_dev = dy_dev.contiguous(memory_format=torch.channels_last)
-    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
-                                "frozen_k_ends")}
+    args = _layer_args(dev)
     dx, dw, db, dc = ec.expanded_conv2d_backward(
         dy_dev, **args, **conv, depthwise=depthwise, need_dx_new=True, need_dx_old=need_dx_old,
         need_dw=True, need_db=db_r is not None, need_dcouple=dc_r is not None, **extra)
@@ -229,7 +238,7 @@ def test_mixed_layouts_and_what_the_kernels_read(nchw_mode, x_cl, dy_cl, monkeyp
     seen = _spy_on_gathers(monkeypatch)
     t = _make((8, 3), (5, 4), 3, True, True, torch.float32, batch=2, channels_last=x_cl)
     conv = _conv(stride=2, padding=1)
-    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    dev = _to_dev(t)
     x_before = dev["x"].clone()
     y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
     dy = torch.randn(y.shape)
@@ -240,8 +249,7 @@ def test_mixed_layouts_and_what_the_kernels_read(nchw_mode, x_cl, dy_cl, monkeyp
     dy_dev = dy.to(DEV).contiguous(memory_format=torch.channels_last if dy_cl else
                                    torch.contiguous_format)
     dy_before = dy_dev.clone()
-    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
-                                "frozen_k_ends")}
+    args = _layer_args(dev)
     dx, dw, db, dc = ec.expanded_conv2d_backward(
         dy_dev, **args, **conv, depthwise=False, need_dx_new=True, need_dx_old=True,
         need_dw=True, need_db=True, need_dcouple=True)
@@ -265,15 +273,14 @@ def test_unread_dy_columns_are_neither_copied_nor_read(nchw_mode, need_dw, monke
     seen = _spy_on_gathers(monkeypatch)
     t = _make((5, 3, 3), (2, 3, 4), 3, False, True, torch.float32, batch=2)
     conv = _conv(padding=1)
-    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    dev = _to_dev(t)
     y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
     dy = torch.randn(y.shape)
     _, (dx_r, dw_r, db_r, _) = _reference(t, conv, False, dy)
     dy[:, :5] = float("nan")
     dx_r[:, :8] = 0
     seen.clear()
-    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
-                                "frozen_k_ends")}
+    args = _layer_args(dev)
     dx, dw, db, _ = ec.expanded_conv2d_backward(
         dy.to(DEV), **args, **conv, depthwise=False, need_dx_new=True, need_dx_old=False,
         need_dw=need_dw, need_db=need_dw, need_dcouple=False)
@@ -294,14 +301,13 @@ def test_coupled_layer_asked_for_dw_only_reads_no_frozen_dy(nchw_mode, monkeypat
     seen = _spy_on_gathers(monkeypatch)
     t = _make((5, 3), (6, 4), 3, True, True, torch.float32, batch=2)
     conv = _conv(padding=1)
-    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    dev = _to_dev(t)
     y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
     dy = torch.randn(y.shape)
     _, (_, dw_r, db_r, _) = _reference(t, conv, False, dy)
     dy[:, :6] = float("nan")
     seen.clear()
-    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
-                                "frozen_k_ends")}
+    args = _layer_args(dev)
     dx, dw, db, dc = ec.expanded_conv2d_backward(
         dy.to(DEV), **args, **conv, depthwise=False, need_dx_new=False, need_dx_old=False,
         need_dw=True, need_db=True, need_dcouple=False)
@@ -349,13 +355,12 @@ def test_depthwise(name):
 def test_only_requested_gradients():
     """Flags off -> None; need_dx_new alone leaves the old channels zero."""
     t = _make((3, 2), (2, 3), 1, True, True, torch.float32, batch=1)
-    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    dev = _to_dev(t)
     conv = _conv()
     y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
     dy = torch.randn(y.shape)
     _, (dx_r, _, _, _) = _reference(t, conv, False, dy)
-    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
-                                "frozen_k_ends")}
+    args = _layer_args(dev)
     got = ec.expanded_conv2d_backward(dy.to(DEV), **args, **conv, depthwise=False,
                                       need_dx_new=False, need_dx_old=False, need_dw=False,
                                       need_db=False, need_dcouple=False)
@@ -469,7 +474,7 @@ def _run_norm(t, conv, depthwise, dtype, need_dx_old, norm, channels_last=False)
     conv's gradients of dy whose frozen columns are scaled by weight / sqrt(var + eps))."""
     mean, var, weight, bias, eps = norm
     o_f = mean.shape[0]
-    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    dev = _to_dev(t)
     norm_dev = tuple(v.to(DEV) if isinstance(v, torch.Tensor) else v for v in norm)
     y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=depthwise, norm=norm_dev)
     dy = torch.randn(y.shape, dtype=dtype)
@@ -522,9 +527,8 @@ def test_unread_norm_scale_is_never_loaded():
     for depthwise in (False, True):
         t = _make((3, 2), (3, 2), 3, False, True, torch.float32, batch=1,
                   depthwise_mult=1 if depthwise else 0)
-        dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-        args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
-                                    "frozen_k_ends")}
+        dev = _to_dev(t)
+        args = _layer_args(dev)
         o_f = t["w_frozen"].shape[0]
         dy = torch.randn(1, o_f + t["w_new"].shape[0], 5, 7, device=DEV)
         flags = dict(need_dx_new=True, need_dx_old=False, need_dw=True, need_db=True,
@@ -540,7 +544,7 @@ def test_unread_norm_scale_is_never_loaded():
 
 def test_norm_of_a_layer_without_frozen_rows_is_ignored():
     t = _make((3, 0), (0, 4), 1, False, True, torch.float32, batch=1)
-    dev = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    dev = _to_dev(t)
     empty = torch.empty(0, device=DEV)
     y = ec.expanded_conv2d_forward(**dev, **_conv(), depthwise=False,
                                    norm=(empty, empty, None, None, 1e-5))

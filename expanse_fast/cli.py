@@ -82,7 +82,8 @@ def _cuda_math_state(device) -> str:
 
 
 def _tma_state(device) -> str:
-    """How the Triton linear kernels load their tiles on ``device``."""
+    """How the Triton linear kernels and the stride-1 conv forward load their tiles on
+    ``device``."""
     import torch
     try:
         from .kernels import expanded_linear_tma as tma
@@ -95,7 +96,8 @@ def _tma_state(device) -> str:
     cap = torch.cuda.get_device_capability(device)
     if tma.MODE != "1" and cap < (9, 0):
         return f"tensor-descriptor (TMA) loads: off (compute capability {cap[0]}.{cap[1]} < 9.0)"
-    return ("tensor-descriptor (TMA) loads: on for 16-byte aligned fp16/bf16 layers"
+    return ("tensor-descriptor (TMA) loads: on for 16-byte aligned fp16/bf16 linear layers "
+            "and stride-1 conv forwards"
             if tma.MODE != "1" else "tensor-descriptor (TMA) loads: on (EXPANSE_FAST_TMA=1)")
 
 

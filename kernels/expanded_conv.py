@@ -733,15 +733,27 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     groups = _groups_tensor(widths, k_ends, x.device)
     has_couple = w_couple is not None and w_couple.numel() > 0
     wc = _or(w_couple, y)
+    out_vec = multiple_of_all(itertools.accumulate(widths))
+    tma = _tma()
+    if tma.usable(x, w_frozen, w_new, w_couple if has_couple else None, geo[:2], False) \
+            and tma.forward(x, w_frozen, w_new, w_couple if has_couple else None, bf, bn, y,
+                            groups, widths, norm_ptrs, norm_flags, geo, has_bf, has_bn,
+                            out_vec, _prec(dt)):
+        return y.contiguous(memory_format=y_format)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),
                          sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths))
     _conv_fwd_kernel[grid](
         x, wf, wn, wc, bf, bn, y, groups, *norm_ptrs, m, o, c, h, wd, ho, wo, len(widths), o_f,
         i_f, *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,
         KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
-        CH_VEC=multiple_of_all((c, i_f) + k_ends),
-        OUT_VEC=multiple_of_all(itertools.accumulate(widths)), PREC=_prec(dt))
+        CH_VEC=multiple_of_all((c, i_f) + k_ends), OUT_VEC=out_vec, PREC=_prec(dt))
     return y.contiguous(memory_format=y_format)
+
+
+def _tma():
+    # imported at first use: it imports this module
+    from . import expanded_conv_tma
+    return expanded_conv_tma
 
 
 def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, scale=None):

@@ -22,7 +22,8 @@ pointer kernel runs.  ``EXPANSE_FAST_TMA``: "1" always (where the layout allows;
 tests run it in the interpreter), "0" never, unset: on CUDA devices of compute capability 9
 or more for fp16/bf16.  If a launch fails (a Triton without descriptor support, say), the
 variants are switched off for the process with a warning naming the error
-(``disabled_reason``), and the pointer kernels compute the result.
+(``disabled_reason``), and the pointer kernels compute the result.  The conv forward's
+descriptor kernel (``expanded_conv_tma``) shares these switches.
 """
 from __future__ import annotations
 
@@ -125,33 +126,38 @@ def _fwd_tma_kernel(x_desc, xo_desc, wf_desc, wn_desc, wc_desc,
                        O_F, P0, s_ym, s_yn, s_pm, HAS_BF, HAS_BN, ACT, HAS_PRE, COL_VEC)
 
 
-def _describable(t: torch.Tensor) -> bool:
+def _describable(t: torch.Tensor, rank: int = 2) -> bool:
+    """A descriptor can cover ``t``: unit innermost stride, 16-byte aligned base and strides."""
     elt = t.element_size()
-    return (t.dim() == 2 and t.numel() > 0 and t.stride(1) == 1
-            and (t.stride(0) * elt) % 16 == 0 and t.data_ptr() % 16 == 0)
+    return (t.dim() == rank and t.numel() > 0 and t.stride(-1) == 1
+            and all((s * elt) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
 
 
-def usable(*tensors: Optional[torch.Tensor]) -> bool:
-    """Whether a kernel whose descriptors cover ``tensors`` (None: not used) can run with
-    descriptor loads (see the module docstring); the first tensor sets device and dtype."""
+def enabled_for(first: torch.Tensor) -> bool:
+    """Whether descriptor kernels may run for operands like ``first`` (device, dtype), by
+    ``EXPANSE_FAST_TMA`` and whether an earlier launch failed."""
     if disabled_reason is not None or MODE == "0":
         return False
-    first = tensors[0]
     if MODE != "1":
         if first.device.type != "cuda" or first.dtype not in (torch.float16, torch.bfloat16):
             return False
         if torch.cuda.get_device_capability(first.device) < (9, 0):
             return False
-    return all(_describable(t) for t in tensors if t is not None)
+    return True
+
+
+def usable(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a kernel whose descriptors cover ``tensors`` (None: not used) can run with
+    descriptor loads (see the module docstring); the first tensor sets device and dtype."""
+    return enabled_for(tensors[0]) and all(_describable(t) for t in tensors if t is not None)
 
 
 def _launch(what: str, kernel, grid, descriptors, *args, **meta) -> bool:
     """Launch ``kernel`` with descriptors over ``descriptors``; False (after a warning, and
     with every descriptor kernel off for the process) when it cannot run here."""
     global disabled_reason
-    dummy = [1, 1]  # each config's pre-hook sets the real boxes
-    try:
-        descs = [TensorDescriptor.from_tensor(t, dummy) for t in descriptors]
+    try:  # each config's pre-hook sets the real boxes
+        descs = [TensorDescriptor.from_tensor(t, [1] * t.dim()) for t in descriptors]
         kernel[grid](*descs, *args, **meta)
     except Exception as exc:  # noqa: BLE001 -- reported, then the pointer kernels run
         first_line = str(exc).splitlines()[0] if str(exc) else ""

@@ -389,7 +389,8 @@ class Ctx:
         """The tile each Triton autotuner chose, per key it tuned in this section."""
         import importlib
         chosen = {}
-        for mod_name in ("expanded_linear", "expanded_linear_tma", "expanded_conv"):
+        for mod_name in ("expanded_linear", "expanded_linear_tma", "expanded_conv",
+                         "expanded_conv_tma"):
             try:
                 mod = importlib.import_module(f"expanse_fast.kernels.{mod_name}")
             except Exception:  # noqa: BLE001 - triton missing: nothing was tuned
@@ -746,6 +747,31 @@ def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, re
             os.environ["EXPANSE_FAST_CUDA_WGMMA"] = saved
 
 
+def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
+                                    ref):
+    """The Triton conv forward with pointer gathers beside its default tensor-descriptor
+    (TMA) forward on sm_90 (channels_last input): which one pays, in the same run.
+    Untuned (its first tile, 128x128x32), as the linear layer's noTMA row, so that the
+    section's time goes to the default's tuning; the backward kernels are the same."""
+    if dict(backends).get("triton", "absent") is not None:
+        return
+    from expanse_fast.kernels import expanded_conv
+    from expanse_fast.kernels import expanded_linear_tma as tma
+    state = f"off: {tma.disabled_reason}" if tma.disabled_reason else "on where usable"
+    ctx.note(f"triton conv forward: TMA boxes of output pixels {state} "
+             f"(EXPANSE_FAST_TMA={tma.MODE}); expanse/triton-noTMA: pointer gathers, untuned")
+    kernel = expanded_conv._conv_fwd_kernel
+    saved = tma.MODE, kernel.configs, dict(kernel.cache)
+    tma.MODE, kernel.configs = "0", kernel.configs[:1]
+    try:
+        _measure_backends(ctx, [("triton", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd,
+                          f_fb, ref, label="-noTMA")
+    finally:
+        tma.MODE, kernel.configs = saved[:2]
+        kernel.cache.clear()  # an untuned choice must not stand for a tuned one later
+        kernel.cache.update(saved[2])
+
+
 def _measure_triton_nchw_direct(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):
     """The Triton conv kernels reading NCHW in place (2-byte gathers), beside their default
     of copying x and dy to channels_last first: which one pays, in the same run.  Tuned on
@@ -866,7 +892,8 @@ def sec_conv(ctx):
         del ft, fpar, x0s, dy0s
         _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
                              triton_variant=(_measure_triton_nchw_direct
-                                             if fmt_name == "nchw" else None))
+                                             if fmt_name == "nchw"
+                                             else _measure_triton_conv_without_tma))
         del ref, layer, xs, dys
         if ctx.cuda:
             torch.cuda.empty_cache()

@@ -7,7 +7,8 @@ Run as a script (never with TRITON_INTERPRET set: the kernels must be real JIT f
 
 The real launchers run on CPU tensors of the issue's shapes (a 4096-wide linear layer
 widened by 1024, 16384 rows; the 3x3 conv of a ResNet-50 stage, 256 + 64 channels,
-channels_last and NCHW), with a stand-in Triton driver that names an sm_90 target.  Each launch
+channels_last and NCHW, and channels_last without tensor descriptors), with a stand-in
+Triton driver that names an sm_90 target.  Each launch
 compiles its kernel for every config the autotuner would try (after pruning), through
 ``JITFunction.warmup``, and runs nothing.  Per kernel and config: registers, stack (spills),
 shared memory, and from the PTX the wgmma, TMA (cp.async.bulk.tensor), 16-byte cp.async
@@ -193,16 +194,19 @@ def report(first_config: bool = False) -> dict:
     from expanse_fast.kernels import expanded_linear_tma
     out = {"triton": triton.__version__, "target": "sm_90a", "rows": []}
 
-    def pointer_linear_launches():  # the kernels for rows TMA cannot describe, other GPUs
-        mode, expanded_linear_tma.MODE = expanded_linear_tma.MODE, "0"
-        try:
-            linear_launches()
-        finally:
-            expanded_linear_tma.MODE = mode
+    def without_tma(launches):  # the kernels for what TMA cannot describe, other GPUs
+        def run():
+            mode, expanded_linear_tma.MODE = expanded_linear_tma.MODE, "0"
+            try:
+                launches()
+            finally:
+                expanded_linear_tma.MODE = mode
+        return run
 
-    for name, run in (("linear", linear_launches), ("linear", pointer_linear_launches),
+    for name, run in (("linear", linear_launches), ("linear", without_tma(linear_launches)),
                       ("conv", conv_launches),
-                      ("conv-nchw", lambda: conv_launches(channels_last=False))):
+                      ("conv-nchw", lambda: conv_launches(channels_last=False)),
+                      ("conv-pointer", without_tma(conv_launches))):
         for row in compile_launches(run, first_config):
             out["rows"].append(dict(row, layer=name))
     return out

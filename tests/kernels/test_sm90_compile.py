@@ -3,10 +3,10 @@
 sm90_compile.py (run in a subprocess: the test session's kernels are interpreted) drives the
 real launchers at the shapes of issue 3 and compiles each kernel's default config, the
 linear layer's with and without tensor descriptors, the conv's on channels_last and NCHW
-input.  What the
-interpreter cannot show is asserted here: every kernel compiles, none spills registers, the
-GEMMs use wgmma, the descriptor kernels use TMA, and the conv kernels move their operands in
-16-byte pipelined copies and store 16 bytes at a time (a mask the compiler cannot prove
+input and without descriptors.  What the interpreter cannot show is asserted here: every
+kernel compiles, none spills registers, the GEMMs use wgmma, the descriptor kernels use TMA,
+and the conv kernels move their operands in 16-byte pipelined copies (or TMA) and store 16
+bytes at a time (a mask the compiler cannot prove
 aligned once made them 2-byte accesses, 255 registers and spills).
 """
 import json
@@ -21,7 +21,8 @@ pytest.importorskip("triton")
 
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 KERNELS = ("_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel", "_fwd_kernel", "_dx_kernel",
-           "_dw_kernel", "_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
+           "_dw_kernel", "_conv_fwd_tma_kernel", "_conv_fwd_kernel", "_conv_wgrad_kernel",
+           "_conv_dx_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +41,23 @@ def compiled():
     assert res.returncode == 0 and lines, f"exit {res.returncode}\n{res.stderr[-4000:]}"
     report = json.loads(lines[-1])
     rows = {}
-    for r in report["rows"]:  # conv kernels twice: channels_last and NCHW input
+    for r in report["rows"]:  # conv kernels per layout, and without descriptors
         rows.setdefault(r["kernel"], []).append(r)
     return rows
 
 
 CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
+# which conv launches compile each kernel: the descriptor forward on both layouts, the
+# pointer forward where descriptors are off, the backward kernels everywhere
+CONV_LAYERS = {"_conv_fwd_tma_kernel": ["conv", "conv-nchw"], "_conv_fwd_kernel": ["conv-pointer"],
+               "_conv_wgrad_kernel": ["conv", "conv-nchw", "conv-pointer"],
+               "_conv_dx_kernel": ["conv", "conv-nchw", "conv-pointer"]}
 
 
 def test_every_kernel_compiles(compiled):
     assert sorted(compiled) == sorted(KERNELS)
-    for kernel in CONV_KERNELS:
-        assert sorted(r["layer"] for r in compiled[kernel]) == ["conv", "conv-nchw"], kernel
+    for kernel, layers in CONV_LAYERS.items():
+        assert sorted(r["layer"] for r in compiled[kernel]) == layers, kernel
     errors = {k: r["error"] for k, rs in compiled.items() for r in rs if "error" in r}
     assert not errors
 
@@ -64,9 +70,14 @@ def test_no_spills_and_wgmma(compiled, kernel):
         assert r["wgmma"] > 0, f"{kernel} {r['config']} ({r['layer']}): no wgmma"
 
 
-@pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel"])
+@pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel",
+                                    "_conv_fwd_tma_kernel"])
 def test_descriptor_kernels_load_through_tma(compiled, kernel):
     assert all(r["tma"] > 0 for r in compiled[kernel])
+
+
+def test_conv_descriptor_forward_makes_no_2_byte_loads(compiled):
+    assert all(r["ld_global_b16"] == 0 for r in compiled["_conv_fwd_tma_kernel"])
 
 
 @pytest.mark.parametrize("kernel", CONV_KERNELS)
@@ -82,7 +93,7 @@ def test_pointer_kernels_copy_operands_16_bytes_at_a_time(compiled, kernel):
     assert all(r["cp_async_16"] > 0 for r in compiled[kernel]), compiled[kernel]
 
 
-@pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_fwd_kernel", "_conv_fwd_kernel",
-                                    "_conv_dx_kernel"])
+@pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_fwd_kernel", "_conv_fwd_tma_kernel",
+                                    "_conv_fwd_kernel", "_conv_dx_kernel"])
 def test_outputs_stored_16_bytes_at_a_time(compiled, kernel):
     assert all(r["st_global_v4"] > 0 for r in compiled[kernel]), compiled[kernel]

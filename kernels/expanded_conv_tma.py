@@ -1,0 +1,277 @@
+"""The expanded conv forward with tensor-descriptor (TMA) loads, for Hopper GPUs.
+
+It computes what ``expanded_conv._conv_fwd_kernel`` computes, for a stride-1 convolution of
+channels_last activations (what the launcher hands the kernels by default, NCHW input
+included).  A tile's rows are not a run of flattened pixels but a box of output pixels,
+IMG images x BH rows x BW columns; for kernel tap (r, s) the input pixels it reads form the
+same box shifted by (r * dil - pad, s * dil - pad), so each operand tile is one 4-D bulk
+copy of x (N, H, W, C) into shared memory: no per-element addresses or masks, and what
+lies outside the image (the padding) or past the batch reads as zeros.  The weights,
+(O, KH * KW, C) with the channels innermost, arrive the same way, a (BLOCK_N, 1, BLOCK_K)
+box per tap.
+
+* Frozen rows read x through a descriptor whose channels end at I_f, so no old unit ever
+  loads a newer input; the newest rows read all C.  Full channel tiles run in one flat loop
+  over (tap, tile), one software pipeline; where a group's k_end is not a multiple of
+  BLOCK_K, each tap's partial tile is loaded whole and its channels at or past k_end are
+  zeroed in both operands before the product (so a NaN in a staircase's zero block, or in
+  a newer input, stays out).
+* The coupled layout's block (frozen rows reading [I_f, C)) is a third loop: past C the x
+  descriptor, past i_new the w_couple one, read zeros.
+* Bias, the folded BatchNorm of the frozen channels and the stores are the pointer
+  kernel's.
+* Output-channel tiles are the fastest-varying program index, so the few programs that
+  read one pixel box's x run together and share it through L2 (x is far larger than L2 at
+  the ResNet shapes; the weights fit).
+
+The box (IMG, BH, BW) of a BLOCK_M is chosen per problem (``box_for``): the one that covers
+N x Ho x Wo with the fewest wasted rows (56 x 56: 2 x 8 x 8, none; the flattened pixel rows
+of the pointer kernel never waste any, a box may).  Descriptors need 16-byte aligned bases
+and strides and a unit channel stride; fp32 and other GPUs take the pointer kernel, and
+the switches (``EXPANSE_FAST_TMA``) and the fallback after a failed launch are those of
+``expanded_linear_tma``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import expanded_conv as base
+from . import expanded_linear_tma as lt
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): as the pointer kernel's, with 128-byte
+# (BLOCK_K = 64) channel rows, the width the 128-byte swizzle of the operand tiles wants.
+_TILES = [(128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+          (128, 128, 32, 8, 4)]
+_INTERPRET_TILE = (16, 16, 16, 1, 1)
+
+
+def _boxes(block_m):
+    """Every (IMG, BH, BW) of powers of two whose product is ``block_m``."""
+    p = block_m.bit_length() - 1
+    return [(1 << a, 1 << b, 1 << (p - a - b)) for a in range(p + 1) for b in range(p + 1 - a)]
+
+
+def box_for(block_m, n, ho, wo):
+    """(IMG, BH, BW) covering n images of ho x wo output pixels with the fewest padded
+    rows; ties go to fewer images (neighbouring taps then share more of x), then wider
+    rows."""
+    def cost(box):
+        img, bh, bw = box
+        covered = (-(-n // img) * img) * (-(-ho // bh) * bh) * (-(-wo // bw) * bw)
+        return covered, img, -bw
+    return min(_boxes(block_m), key=cost)
+
+
+def _configs():
+    tiles = [_INTERPRET_TILE] if base._INTERPRET else (
+        _TILES if base._AUTOTUNE else _TILES[:1])
+    out = []
+    for bm, bn, bk, warps, stages in tiles:
+        for img, bh, bw in _boxes(bm):
+            out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IMG=img, BH=bh,
+                                          BW=bw), num_warps=warps, num_stages=stages,
+                                     pre_hook=_set_boxes))
+    return out
+
+
+def _set_boxes(nargs):
+    x_box = [nargs["IMG"], nargs["BH"], nargs["BW"], nargs["BLOCK_K"]]
+    w_box = [nargs["BLOCK_N"], 1, nargs["BLOCK_K"]]
+    for name in ("x_desc", "xo_desc"):
+        nargs[name].block_shape = x_box
+    for name in ("wf_desc", "wn_desc", "wc_desc"):
+        nargs[name].block_shape = w_box
+
+
+def _prune(configs, named_args, **kwargs):
+    """Per tile, the one box that suits the problem; tiles that do not fit shared memory
+    (or are far larger than the problem) go."""
+    n, ho, wo, o = (named_args[k] for k in ("N", "Ho", "Wo", "O"))
+    elt = named_args["y_ptr"].element_size()
+    budget = lt.base.smem_budget(named_args["y_ptr"].device)
+    cap_m = max(64, triton.next_power_of_2(n * ho * wo))
+    cap_n = max(64, triton.next_power_of_2(o))
+    keep = []
+    for c in configs:
+        kw = c.kwargs
+        if kw["BLOCK_M"] > cap_m or kw["BLOCK_N"] > cap_n:
+            continue
+        if c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elt > budget:
+            continue
+        if (kw["IMG"], kw["BH"], kw["BW"]) != box_for(kw["BLOCK_M"], n, ho, wo):
+            continue
+        keep.append(c)
+    keep = keep or [c for c in configs[-len(_boxes(configs[-1].kwargs["BLOCK_M"])):]
+                    if (c.kwargs["IMG"], c.kwargs["BH"], c.kwargs["BW"])
+                    == box_for(c.kwargs["BLOCK_M"], n, ho, wo)]
+    return keep if base._AUTOTUNE else keep[:1]
+
+
+@triton.jit
+def _channel_tiles(groups_ptr, G, BLOCK_N: tl.constexpr):
+    """How many output-channel tiles the groups of the table make (none crosses a group)."""
+    tiles = G * 0
+    for g in range(G):
+        tiles += (tl.load(groups_ptr + g) + BLOCK_N - 1) // BLOCK_N
+    return tiles
+
+
+def _interpreted_bench(kernel_call, quantiles):
+    """Under the interpreter nothing is timed: the one pruned config runs (Triton 3.6 would
+    otherwise ask for a GPU driver's timer even then)."""
+    return [0.0] * len(quantiles)
+
+
+@triton.autotune(configs=_configs(), key=["N", "Ho", "Wo", "O", "C", "G", "KH", "KW",
+                                          "HAS_COUPLE"],
+                 prune_configs_by={"early_config_prune": _prune},
+                 do_bench=_interpreted_bench if base._INTERPRET else None)
+@triton.jit
+def _conv_fwd_tma_kernel(
+        x_desc, xo_desc, wf_desc, wn_desc, wc_desc, bf_ptr, bn_ptr, y_ptr, groups_ptr,
+        nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
+        N, O, C, Ho, Wo, G, O_f, I_f,
+        syn, syc, syh, syw, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
+        HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr,
+        NORM_B: tl.constexpr, OUT_VEC: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    tl.static_assert(IMG * BH * BW == BLOCK_M and BLOCK_N % OUT_VEC == 0)
+    pid = tl.program_id(0)
+    n_tiles_n = _channel_tiles(groups_ptr, G, BLOCK_N)
+    pid_n = pid % n_tiles_n  # output-channel tiles fastest: one box's x shared through L2
+    pid_m = pid // n_tiles_n
+    o_start, o_end, k_end, grp = base._locate_tile(pid_n, groups_ptr, G, BLOCK_N)
+    o_start = o_start // OUT_VEC * OUT_VEC  # (as in the pointer kernel: vector stores)
+    is_new = grp == G - 1
+    tiles_h = (Ho + BH - 1) // BH
+    tiles_w = (Wo + BW - 1) // BW
+    n0 = pid_m // (tiles_h * tiles_w) * IMG
+    hw = pid_m % (tiles_h * tiles_w)
+    h0 = hw // tiles_w * BH - pad_h
+    w0 = hw % tiles_w * BW - pad_w
+    row_new = o_start - O_f  # the tile's first row of w_new (newest group only)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Full channel tiles, (tap, tile) flattened.  Two loops, one of them empty, rather than
+    # a branch: frozen rows read x through xo_desc (channels [0, I_f)) and w_frozen, the
+    # newest rows x_desc and w_new.
+    n_k = k_end // BLOCK_K
+    n_div = tl.maximum(n_k, 1)
+    for i in range(0, tl.where(is_new, 0, KH * KW * n_k)):
+        rs = i // n_div
+        c = (i % n_div) * BLOCK_K
+        a = xo_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, c])
+        b = wf_desc.load([o_start, rs, c])
+        acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.reshape(BLOCK_N, BLOCK_K).T, acc,
+                     input_precision=PREC)
+    for i in range(0, tl.where(is_new, KH * KW * n_k, 0)):
+        rs = i // n_div
+        c = (i % n_div) * BLOCK_K
+        a = x_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, c])
+        b = wn_desc.load([row_new, rs, c])
+        acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.reshape(BLOCK_N, BLOCK_K).T, acc,
+                     input_precision=PREC)
+    # Each tap's partial channel tile where k_end is not a multiple of BLOCK_K, its
+    # channels at or past k_end zeroed in both operands.
+    c_tail = n_k * BLOCK_K
+    if c_tail < k_end:
+        live = (c_tail + tl.arange(0, BLOCK_K)) < k_end
+        for rs in range(KH * KW):
+            hi = h0 + rs // KW * dil_h
+            wi = w0 + rs % KW * dil_w
+            if is_new:
+                a = x_desc.load([n0, hi, wi, c_tail])
+                b = wn_desc.load([row_new, rs, c_tail])
+            else:
+                a = xo_desc.load([n0, hi, wi, c_tail])
+                b = wf_desc.load([o_start, rs, c_tail])
+            a = tl.where(live[None, :], a.reshape(BLOCK_M, BLOCK_K), 0.0).to(a.dtype)
+            b = tl.where(live[None, :], b.reshape(BLOCK_N, BLOCK_K), 0.0).to(b.dtype)
+            acc = tl.dot(a, b.T, acc, input_precision=PREC)
+    if HAS_COUPLE:
+        # Coupled layout: frozen rows also read the newest channels [I_f, C) through
+        # w_couple; past C the x descriptor reads zeros, past i_new the w_couple one.
+        n_c = (C - I_f + BLOCK_K - 1) // BLOCK_K
+        for i in range(0, tl.where(is_new, 0, KH * KW * n_c)):
+            rs = i // n_c
+            c = (i % n_c) * BLOCK_K
+            a = x_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, I_f + c])
+            b = wc_desc.load([o_start, rs, c])
+            acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.reshape(BLOCK_N, BLOCK_K).T, acc,
+                         input_precision=PREC)
+
+    rel_n = tl.arange(0, BLOCK_N)
+    offs_o = o_start + rel_n
+    n_mask = offs_o // OUT_VEC < o_end // OUT_VEC  # = offs_o < o_end
+    if HAS_BF:
+        acc += tl.load(bf_ptr + offs_o, mask=n_mask & (offs_o < O_f),
+                       other=0.0).to(tl.float32)[None, :]
+    if HAS_BN:
+        acc += tl.load(bn_ptr + (offs_o - O_f), mask=n_mask & (offs_o >= O_f),
+                       other=0.0).to(tl.float32)[None, :]
+    if NORM:  # folded BatchNorm: frozen tiles only (a tile never crosses a group)
+        if grp != G - 1:
+            acc = base._norm_epilogue(acc, offs_o, n_mask, nm_ptr, nv_ptr, nw_ptr, nb_ptr,
+                                      norm_eps, NORM_W, NORM_B)
+    # row j of the tile is pixel (j // BW) % BH, j % BW of image j // (BH * BW) of the box
+    j = tl.arange(0, BLOCK_M)
+    img = n0 + j // (BH * BW)
+    ho = h0 + pad_h + (j // BW) % BH
+    wo = w0 + pad_w + j % BW
+    m_mask = (img < N) & (ho < Ho) & (wo < Wo)
+    y_row = img.to(tl.int64) * syn + ho * syh + wo * syw
+    tl.store(y_ptr + y_row[:, None] + offs_o[None, :] * syc,
+             acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _taps_by_channel(w):
+    """(O, Cin, KH, KW) weight, channels innermost in memory -> the (O, KH * KW, Cin) view the
+    descriptors read (no copy)."""
+    o, c, kh, kw = w.shape
+    return w.permute(0, 2, 3, 1).reshape(o, kh * kw, c)
+
+
+def usable(x, w_frozen, w_new, w_couple, stride, depthwise) -> bool:
+    """Whether the forward of these operands (after the launcher's layout copies) can run
+    through descriptors."""
+    if depthwise or tuple(stride) != (1, 1) or not lt.enabled_for(x):
+        return False
+    if w_frozen.shape[0] == 0 or w_frozen.shape[1] == 0:
+        return False  # (no frozen rows or inputs: nothing for the frozen descriptors)
+    ws = [w_frozen, w_new] + ([w_couple] if w_couple is not None else [])
+    if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):
+        return False
+    return (lt._describable(x.permute(0, 2, 3, 1), rank=4)
+            and all(lt._describable(_taps_by_channel(w), rank=3) for w in ws))
+
+
+def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, norm_flags,
+            geo, has_bf, has_bn, out_vec, prec) -> bool:
+    """The forward through descriptors into ``y``; False when it cannot run here."""
+    n, c, _, _ = x.shape
+    _, o, ho, wo = y.shape
+    o_f, i_f = w_frozen.shape[0], w_frozen.shape[1]
+    kh, kw = w_new.shape[2], w_new.shape[3]
+    has_couple = w_couple is not None
+    x4 = x.permute(0, 2, 3, 1)
+    wf, wn = _taps_by_channel(w_frozen), _taps_by_channel(w_new)
+    wc = _taps_by_channel(w_couple) if has_couple else wn
+
+    def grid(meta):
+        tiles_n = sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths)
+        box = meta["IMG"] * meta["BH"] * meta["BW"]
+        tiles_m = (triton.cdiv(n, meta["IMG"]) * triton.cdiv(ho, meta["BH"])
+                   * triton.cdiv(wo, meta["BW"]))
+        assert box == meta["BLOCK_M"]
+        return (tiles_m * tiles_n,)
+
+    return lt._launch(
+        "conv forward", _conv_fwd_tma_kernel, grid,
+        (x4, x4[..., :i_f], wf, wn, wc),
+        bf, bn, y, groups, *norm_ptrs, n, o, c, ho, wo, len(widths), o_f, i_f,
+        *y.stride(), geo[2], geo[3], geo[4], geo[5],
+        KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
+        OUT_VEC=out_vec, PREC=prec)

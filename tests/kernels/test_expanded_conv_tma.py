@@ -1,0 +1,177 @@
+"""The conv forward with tensor-descriptor (TMA) loads, against the float64 reference.
+
+On a CPU the descriptor kernel runs in the Triton interpreter (``EXPANSE_FAST_TMA`` forced
+on, fp32 and fp16); bf16 and the ResNet shape run in the GPU-marked tests.  The cases'
+channel counts are multiples of 8 (16-byte rows, as descriptors need) but not of the
+tiles, and the frozen columns past each group's k_end hold NaN, as in
+test_expanded_conv_kernels.
+"""
+import itertools
+
+import pytest
+import torch
+
+from expanse_fast.kernels import expanded_conv as ec
+from expanse_fast.kernels import expanded_conv_tma as ect
+from expanse_fast.kernels import expanded_linear_tma as lt
+from test_expanded_conv_kernels import (DEV, _close, _conv, _make, _norm, _reference, _run,
+                                        _run_norm, _to_dev)
+from test_expanded_conv_kernels import _exact_fp32  # noqa: F401 -- autouse: IEEE fp32
+
+
+@pytest.fixture
+def tma_launches(monkeypatch):
+    """Force the descriptor kernels (the interpreter too); record each conv launch."""
+    if lt.TensorDescriptor is None:
+        pytest.skip(f"this Triton has no tensor descriptors: {lt._IMPORT_ERROR}")
+    monkeypatch.setattr(lt, "MODE", "1")
+    monkeypatch.setattr(lt, "disabled_reason", None)
+    launches = []
+    real = ect.forward
+
+    def spy(*args, **kwargs):
+        launches.append(real(*args, **kwargs))
+        return launches[-1]
+    monkeypatch.setattr(ect, "forward", spy)
+    return launches
+
+
+# (in_groups, out_groups, kernel, coupled, bias, conv, batch, (H, W), channels_last)
+CASES = {
+    # an odd batch and pixel boxes that overhang the image on both sides
+    "pad1_odd_batch": ((16, 8), (16, 8), 3, False, True, _conv(padding=1), 3, (5, 7), True),
+    # group 0 stops at channel 8, inside the first channel tile: its partial tile is
+    # loaded whole and must drop the NaN columns past k_end
+    "3groups_tail_dil2": ((8, 8, 16), (8, 16, 8), 3, False, True,
+                          _conv(padding=2, dilation=2), 2, (6, 5), True),
+    "coupled_1x3": ((16, 8), (8, 16), (1, 3), True, False, _conv(padding=(0, 1)), 1, (4, 9),
+                    True),
+    "1x1_7x7": ((24, 16), (16, 24), 1, False, True, _conv(), 3, (7, 7), True),
+    # NCHW input: the launcher's channels_last copy goes through the descriptors
+    "nchw_input": ((16, 8), (24, 8), 3, False, True, _conv(padding=1), 2, (5, 7), False),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_forward_matches_float64(tma_launches, name, dtype):
+    ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
+    t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
+    _run(t, conv, False, dtype, need_dx_old=True, channels_last=cl)
+    assert tma_launches == [True] and lt.disabled_reason is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+# (the later groups do read the inf channels: inf - inf in their sums is expected there)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_first_group_never_reads_later_inputs(tma_launches, dtype):
+    """inf in every input channel past group 0's k_end: its outputs stay those of the
+    pretrained layer, though its partial channel tile is loaded whole."""
+    t = _make((8, 8, 16), (8, 16, 8), 3, False, True, dtype, batch=2, hw=(5, 6),
+              channels_last=True)
+    k0, rows0 = t["frozen_k_ends"][0], t["frozen_out_groups"][0]
+    clean = t["x"].clone()
+    t["x"][:, k0:] = float("inf")
+    y = ec.expanded_conv2d_forward(**_to_dev(t), **_conv(padding=1), depthwise=False)
+    assert tma_launches == [True]
+    clean[:, k0:] = 0
+    y_ref, _ = _reference(dict(t, x=clean), _conv(padding=1), False,
+                          torch.zeros(y.shape, dtype=torch.float64))
+    _close(y[:, :rows0], y_ref[:, :rows0], dtype, "group 0's y")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_folded_norm(tma_launches, affine):
+    t = _make((16, 8), (16, 8), 3, False, True, torch.float16, batch=2, channels_last=True)
+    _run_norm(t, _conv(padding=1), False, torch.float16, True,
+              _norm(16, torch.float16, affine), channels_last=True)
+    assert tma_launches == [True]
+
+
+@pytest.mark.parametrize("why", ["stride2", "depthwise", "nchw_direct", "channels_not_x8",
+                                 "no_frozen_rows"])
+def test_pointer_kernel_where_descriptors_do_not_fit(tma_launches, monkeypatch, why):
+    conv, dw, dtype = _conv(padding=1), 0, torch.float16
+    ig, og = (16, 8), (16, 8)
+    if why == "stride2":
+        conv = _conv(stride=2, padding=1)
+    elif why == "depthwise":
+        dw = 2
+    elif why == "nchw_direct":
+        monkeypatch.setattr(ec, "NCHW_MODE", "direct")
+    elif why == "channels_not_x8":
+        ig, og = (12, 6), (12, 6)  # rows of 36 bytes
+    else:
+        ig, og = (16, 8), (0, 8)
+    t = _make(ig, og, 3, False, True, dtype, batch=2, channels_last=why != "nchw_direct",
+              depthwise_mult=dw)
+    _run(t, conv, bool(dw), dtype, need_dx_old=True, channels_last=why != "nchw_direct")
+    assert tma_launches == []
+
+
+def test_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no descriptors on this Triton")
+            return launch
+
+    monkeypatch.setattr(ect, "_conv_fwd_tma_kernel", Broken())
+    t = _make((16, 8), (16, 8), 3, False, True, torch.float32, batch=2, channels_last=True)
+    with pytest.warns(RuntimeWarning, match="TMA kernels are off"):
+        _run(t, _conv(padding=1), False, torch.float32, need_dx_old=True, channels_last=True)
+    assert tma_launches == [False] and "no descriptors" in lt.disabled_reason
+    x = t["x"].to(DEV)
+    # off for the process, the linear kernels' descriptors too
+    assert not lt.enabled_for(x)
+    assert not ect.usable(x, t["w_frozen"], t["w_new"], None, (1, 1), False)
+
+
+@pytest.mark.parametrize("n,ho,wo", [(64, 56, 56), (64, 28, 28), (64, 7, 7), (3, 5, 7),
+                                     (1, 1, 1), (2, 13, 3)])
+@pytest.mark.parametrize("block_m", [16, 64, 128, 256])
+def test_box_covers_the_output_with_the_least_waste(block_m, n, ho, wo):
+    def covered(box):
+        img, bh, bw = box
+        return (-(-n // img) * img) * (-(-ho // bh) * bh) * (-(-wo // bw) * bw)
+
+    box = ect.box_for(block_m, n, ho, wo)
+    assert box[0] * box[1] * box[2] == block_m
+    every = [(a, b, block_m // (a * b)) for a, b in itertools.product(
+        [1 << i for i in range(9)], repeat=2) if block_m % (a * b) == 0]
+    assert covered(box) == min(covered(b) for b in every)
+    if (n, ho, wo) == (64, 56, 56):  # the run's shape: no wasted row at all
+        assert covered(box) == n * ho * wo and box == {128: (2, 8, 8), 256: (4, 8, 8)}.get(
+            block_m, box)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_bf16(tma_launches, name):
+    ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
+    t = _make(ig, og, k, coupled, bias, torch.bfloat16, batch=batch, hw=hw, channels_last=cl)
+    _run(t, conv, False, torch.bfloat16, need_dx_old=True, channels_last=cl)
+    assert tma_launches == [True]
+
+
+@pytest.mark.gpu
+def test_gpu_resnet_shape_bf16(monkeypatch):
+    """The run's layer (256 + 64 channels, 3x3, 56 x 56, 25% widening) as users get it
+    (EXPANSE_FAST_TMA unset): the descriptor forward runs, and matches fp32 torch."""
+    from expanse_fast.backends import torch_ref
+    monkeypatch.setattr(lt, "MODE", "auto")
+    monkeypatch.setattr(lt, "disabled_reason", None)
+    used = []
+    real = ect.forward
+    monkeypatch.setattr(ect, "forward", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
+    t = _make((256, 64), (256, 64), 3, False, True, torch.bfloat16, batch=8, hw=(56, 56),
+              channels_last=True)
+    t["w_frozen"] = torch.nan_to_num(t["w_frozen"], nan=0.0)
+    dev = _to_dev(t)
+    y = ec.expanded_conv2d_forward(**dev, **_conv(padding=1), depthwise=False)
+    assert used == [True]
+    ref = torch_ref.conv2d_forward(**{k: (v.float() if isinstance(v, torch.Tensor) else v)
+                                      for k, v in dev.items()}, **_conv(padding=1),
+                                   depthwise=False)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
+    assert y.is_contiguous(memory_format=torch.channels_last)

@@ -146,7 +146,9 @@ def test_box_covers_the_output_with_the_least_waste(block_m, n, ho, wo):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(CASES))
+# two cases, each its own compile (the GPU run's test stage has a deadline); the ResNet
+# shape below and test_expanded_conv_kernels' bf16 cases take this kernel too on sm_90
+@pytest.mark.parametrize("name", ["3groups_tail_dil2", "coupled_1x3"])
 def test_gpu_bf16(tma_launches, name):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, torch.bfloat16, batch=batch, hw=hw, channels_last=cl)

@@ -6,18 +6,21 @@ included).  A tile's rows are not a run of flattened pixels but a box of output 
 IMG images x BH rows x BW columns; for kernel tap (r, s) the input pixels it reads form the
 same box shifted by (r * dil - pad, s * dil - pad), so each operand tile is one 4-D bulk
 copy of x (N, H, W, C) into shared memory: no per-element addresses or masks, and what
-lies outside the image (the padding) or past the batch reads as zeros.  The weights,
-(O, KH * KW, C) with the channels innermost, arrive the same way, a (BLOCK_N, 1, BLOCK_K)
-box per tap.
+lies outside the image (the padding) or past the batch reads as zeros.  The weights are
+read as (O, KH * KW * Cin) matrices, the taps one after the other along a row.
 
+* The product runs transposed (y^T = w x^T), with x's box as the second operand: there its
+  reshape to (pixels, channels) stays a view of shared memory, and both operands go from
+  their bulk copies straight to wgmma.  (As the first operand, Triton 3.6 loads it into
+  registers.)
 * Frozen rows read x through a descriptor whose channels end at I_f, so no old unit ever
-  loads a newer input; the newest rows read all C.  Full channel tiles run in one flat loop
-  over (tap, tile), one software pipeline; where a group's k_end is not a multiple of
+  loads a newer input; the newest rows read all C.  Full channel tiles run in one flat
+  loop over (tap, tile), one software pipeline; where a group's k_end is not a multiple of
   BLOCK_K, each tap's partial tile is loaded whole and its channels at or past k_end are
-  zeroed in both operands before the product (so a NaN in a staircase's zero block, or in
-  a newer input, stays out).
-* The coupled layout's block (frozen rows reading [I_f, C)) is a third loop: past C the x
-  descriptor, past i_new the w_couple one, read zeros.
+  zeroed in both operands before the product (so a NaN in a staircase's zero block, in a
+  newer input or in the next tap's weights stays out).
+* The coupled layout's block (frozen rows reading [I_f, C)) is a third loop, with its own
+  partial tiles.
 * Bias, the folded BatchNorm of the frozen channels and the stores are the pointer
   kernel's.
 * Output-channel tiles are the fastest-varying program index, so the few programs that
@@ -25,11 +28,11 @@ box per tap.
   the ResNet shapes; the weights fit).
 
 The box (IMG, BH, BW) of a BLOCK_M is chosen per problem (``box_for``): the one that covers
-N x Ho x Wo with the fewest wasted rows (56 x 56: 2 x 8 x 8, none; the flattened pixel rows
-of the pointer kernel never waste any, a box may).  Descriptors need 16-byte aligned bases
-and strides and a unit channel stride; fp32 and other GPUs take the pointer kernel, and
-the switches (``EXPANSE_FAST_TMA``) and the fallback after a failed launch are those of
-``expanded_linear_tma``.
+N x Ho x Wo with the fewest wasted rows (56 x 56, batch 64: 2 x 8 x 8, none; the flattened
+pixel rows of the pointer kernel never waste any, a box may).  Descriptors need 16-byte
+aligned bases and strides and a unit channel stride; fp32 and other GPUs take the pointer
+kernel, and the switches (``EXPANSE_FAST_TMA``) and the fallback after a failed launch are
+those of ``expanded_linear_tma``.
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ def _configs():
 
 def _set_boxes(nargs):
     x_box = [nargs["IMG"], nargs["BH"], nargs["BW"], nargs["BLOCK_K"]]
-    w_box = [nargs["BLOCK_N"], 1, nargs["BLOCK_K"]]
+    w_box = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
     for name in ("x_desc", "xo_desc"):
         nargs[name].block_shape = x_box
     for name in ("wf_desc", "wn_desc", "wc_desc"):
@@ -154,54 +157,67 @@ def _conv_fwd_tma_kernel(
     w0 = hw % tiles_w * BW - pad_w
     row_new = o_start - O_f  # the tile's first row of w_new (newest group only)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The product runs transposed, y^T = w x^T: the weight tile is the first operand, x's
+    # box the second.  As the second operand, the box's reshape to (pixels, channels) stays
+    # a view of shared memory, so both operands go from their bulk copies straight to wgmma
+    # (as the first, it went through registers).
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     # Full channel tiles, (tap, tile) flattened.  Two loops, one of them empty, rather than
     # a branch: frozen rows read x through xo_desc (channels [0, I_f)) and w_frozen, the
-    # newest rows x_desc and w_new.
+    # newest rows x_desc and w_new.  A weight row holds the taps one after the other
+    # (columns rs * Cin + c): a full tile never crosses into the next tap.
     n_k = k_end // BLOCK_K
     n_div = tl.maximum(n_k, 1)
     for i in range(0, tl.where(is_new, 0, KH * KW * n_k)):
         rs = i // n_div
         c = (i % n_div) * BLOCK_K
         a = xo_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, c])
-        b = wf_desc.load([o_start, rs, c])
-        acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.reshape(BLOCK_N, BLOCK_K).T, acc,
-                     input_precision=PREC)
+        b = wf_desc.load([o_start, rs * I_f + c])
+        acc = tl.dot(b, a.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     for i in range(0, tl.where(is_new, KH * KW * n_k, 0)):
         rs = i // n_div
         c = (i % n_div) * BLOCK_K
         a = x_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, c])
-        b = wn_desc.load([row_new, rs, c])
-        acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.reshape(BLOCK_N, BLOCK_K).T, acc,
-                     input_precision=PREC)
+        b = wn_desc.load([row_new, rs * C + c])
+        acc = tl.dot(b, a.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     # Each tap's partial channel tile where k_end is not a multiple of BLOCK_K, its
-    # channels at or past k_end zeroed in both operands.
+    # channels at or past k_end zeroed in both operands (the weight tile's run on into the
+    # next tap's columns).
     c_tail = n_k * BLOCK_K
-    if c_tail < k_end:
-        live = (c_tail + tl.arange(0, BLOCK_K)) < k_end
-        for rs in range(KH * KW):
-            hi = h0 + rs // KW * dil_h
-            wi = w0 + rs % KW * dil_w
-            if is_new:
-                a = x_desc.load([n0, hi, wi, c_tail])
-                b = wn_desc.load([row_new, rs, c_tail])
-            else:
-                a = xo_desc.load([n0, hi, wi, c_tail])
-                b = wf_desc.load([o_start, rs, c_tail])
-            a = tl.where(live[None, :], a.reshape(BLOCK_M, BLOCK_K), 0.0).to(a.dtype)
-            b = tl.where(live[None, :], b.reshape(BLOCK_N, BLOCK_K), 0.0).to(b.dtype)
-            acc = tl.dot(a, b.T, acc, input_precision=PREC)
+    live = (c_tail + tl.arange(0, BLOCK_K)) < k_end
+    for rs in range(0, tl.where(c_tail < k_end, KH * KW, 0)):
+        hi = h0 + rs // KW * dil_h
+        wi = w0 + rs % KW * dil_w
+        if is_new:
+            a = x_desc.load([n0, hi, wi, c_tail])
+            b = wn_desc.load([row_new, rs * C + c_tail])
+        else:
+            a = xo_desc.load([n0, hi, wi, c_tail])
+            b = wf_desc.load([o_start, rs * I_f + c_tail])
+        a = tl.where(live[None, :], a.reshape(BLOCK_M, BLOCK_K), 0.0).to(a.dtype)
+        b = tl.where(live[None, :], b, 0.0).to(b.dtype)
+        acc = tl.dot(b, a.T, acc, input_precision=PREC)
     if HAS_COUPLE:
         # Coupled layout: frozen rows also read the newest channels [I_f, C) through
-        # w_couple; past C the x descriptor reads zeros, past i_new the w_couple one.
-        n_c = (C - I_f + BLOCK_K - 1) // BLOCK_K
+        # w_couple (columns rs * i_new + c): full tiles, then each tap's partial one.
+        i_new = C - I_f
+        n_c = i_new // BLOCK_K
+        n_cdiv = tl.maximum(n_c, 1)
         for i in range(0, tl.where(is_new, 0, KH * KW * n_c)):
-            rs = i // n_c
-            c = (i % n_c) * BLOCK_K
+            rs = i // n_cdiv
+            c = (i % n_cdiv) * BLOCK_K
             a = x_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, I_f + c])
-            b = wc_desc.load([o_start, rs, c])
-            acc = tl.dot(a.reshape(BLOCK_M, BLOCK_K), b.reshape(BLOCK_N, BLOCK_K).T, acc,
-                         input_precision=PREC)
+            b = wc_desc.load([o_start, rs * i_new + c])
+            acc = tl.dot(b, a.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
+        c_tail = n_c * BLOCK_K
+        live = (c_tail + tl.arange(0, BLOCK_K)) < i_new
+        for rs in range(0, tl.where(is_new | (c_tail >= i_new), 0, KH * KW)):
+            a = x_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, I_f + c_tail])
+            b = wc_desc.load([o_start, rs * i_new + c_tail])
+            a = tl.where(live[None, :], a.reshape(BLOCK_M, BLOCK_K), 0.0).to(a.dtype)
+            b = tl.where(live[None, :], b, 0.0).to(b.dtype)
+            acc = tl.dot(b, a.T, acc, input_precision=PREC)
+    acc = tl.trans(acc)
 
     rel_n = tl.arange(0, BLOCK_N)
     offs_o = o_start + rel_n
@@ -228,10 +244,10 @@ def _conv_fwd_tma_kernel(
 
 
 def _taps_by_channel(w):
-    """(O, Cin, KH, KW) weight, channels innermost in memory -> the (O, KH * KW, Cin) view the
-    descriptors read (no copy)."""
+    """(O, Cin, KH, KW) weight, channels innermost in memory -> the (O, KH * KW * Cin) view
+    the descriptors read (no copy): row o holds tap (r, s)'s channels at (r * KW + s) * Cin."""
     o, c, kh, kw = w.shape
-    return w.permute(0, 2, 3, 1).reshape(o, kh * kw, c)
+    return w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
 
 
 def usable(x, w_frozen, w_new, w_couple, stride, depthwise) -> bool:
@@ -245,7 +261,7 @@ def usable(x, w_frozen, w_new, w_couple, stride, depthwise) -> bool:
     if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):
         return False
     return (lt._describable(x.permute(0, 2, 3, 1), rank=4)
-            and all(lt._describable(_taps_by_channel(w), rank=3) for w in ws))
+            and all(lt._describable(_taps_by_channel(w)) for w in ws))
 
 
 def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, norm_flags,

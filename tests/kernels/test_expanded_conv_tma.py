@@ -47,6 +47,8 @@ CASES = {
     "coupled_1x3": ((16, 8), (8, 16), (1, 3), True, False, _conv(padding=(0, 1)), 1, (4, 9),
                     True),
     "1x1_7x7": ((24, 16), (16, 24), 1, False, True, _conv(), 3, (7, 7), True),
+    # 24 coupled channels: a full tile and a partial one per tap, in the coupling block too
+    "coupled_24_new": ((16, 24), (8, 16), 3, True, True, _conv(padding=1), 2, (5, 6), True),
     # NCHW input: the launcher's channels_last copy goes through the descriptors
     "nchw_input": ((16, 8), (24, 8), 3, False, True, _conv(padding=1), 2, (5, 7), False),
 }

@@ -110,6 +110,15 @@ def _locate_tile(pid_n, groups_ptr, G, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _channel_tiles(groups_ptr, G, BLOCK_N: tl.constexpr):
+    """How many output-channel tiles the groups of the table make (none crosses a group)."""
+    tiles = G * 0
+    for g in range(G):
+        tiles += (tl.load(groups_ptr + g) + BLOCK_N - 1) // BLOCK_N
+    return tiles
+
+
+@triton.jit
 def _norm_epilogue(acc, offs_o, frozen, nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
                    NORM_W: tl.constexpr, NORM_B: tl.constexpr):
     """Eval-mode BatchNorm of the columns where ``frozen`` (aten's arithmetic, in fp32);
@@ -175,8 +184,12 @@ def _conv_fwd_kernel(
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr):
     tl.static_assert(BLOCK_N % OUT_VEC == 0 and BLOCK_K % CH_VEC == 0)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # output-channel tiles fastest: the programs that read one row tile's x run together
+    # and share it through L2 (x is far larger than L2 at the ResNet shapes; weights fit)
+    pid = tl.program_id(0)
+    n_tiles_n = _channel_tiles(groups_ptr, G, BLOCK_N)
+    pid_n = pid % n_tiles_n
+    pid_m = pid // n_tiles_n
     o_start, o_end, k_end, grp = _locate_tile(pid_n, groups_ptr, G, BLOCK_N)
     # Every group boundary is a multiple of OUT_VEC (the launcher checks): said so, the
     # output channel mask and addresses cover whole vectors, and the stores stay vector
@@ -740,8 +753,8 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
                             groups, widths, norm_ptrs, norm_flags, geo, has_bf, has_bn,
                             out_vec, _prec(dt)):
         return y.contiguous(memory_format=y_format)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),
-                         sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths))
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"])
+                         * sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths),)
     _conv_fwd_kernel[grid](
         x, wf, wn, wc, bf, bn, y, groups, *norm_ptrs, m, o, c, h, wd, ho, wo, len(widths), o_f,
         i_f, *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,

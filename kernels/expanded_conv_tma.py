@@ -111,15 +111,6 @@ def _prune(configs, named_args, **kwargs):
     return keep if base._AUTOTUNE else keep[:1]
 
 
-@triton.jit
-def _channel_tiles(groups_ptr, G, BLOCK_N: tl.constexpr):
-    """How many output-channel tiles the groups of the table make (none crosses a group)."""
-    tiles = G * 0
-    for g in range(G):
-        tiles += (tl.load(groups_ptr + g) + BLOCK_N - 1) // BLOCK_N
-    return tiles
-
-
 def _interpreted_bench(kernel_call, quantiles):
     """Under the interpreter nothing is timed: the one pruned config runs (Triton 3.6 would
     otherwise ask for a GPU driver's timer even then)."""
@@ -143,7 +134,7 @@ def _conv_fwd_tma_kernel(
         IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     tl.static_assert(IMG * BH * BW == BLOCK_M and BLOCK_N % OUT_VEC == 0)
     pid = tl.program_id(0)
-    n_tiles_n = _channel_tiles(groups_ptr, G, BLOCK_N)
+    n_tiles_n = base._channel_tiles(groups_ptr, G, BLOCK_N)
     pid_n = pid % n_tiles_n  # output-channel tiles fastest: one box's x shared through L2
     pid_m = pid // n_tiles_n
     o_start, o_end, k_end, grp = base._locate_tile(pid_n, groups_ptr, G, BLOCK_N)

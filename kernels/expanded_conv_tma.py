@@ -42,10 +42,14 @@ import triton.language as tl
 from . import expanded_conv as base
 from . import expanded_linear_tma as lt
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): as the pointer kernel's, with 128-byte
-# (BLOCK_K = 64) channel rows, the width the 128-byte swizzle of the operand tiles wants.
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), with 128-byte (BLOCK_K = 64) channel rows, the
+# width the 128-byte swizzle of the operand tiles wants.  The product is transposed, so a
+# warpgroup's wgmma covers 64 output channels by up to 256 pixels: 256 x 64 suits the
+# common 64-channel widening (a 128-wide channel tile there multiplies half zeros), and
+# 256 x 128 moves the fewest bytes per multiply over the frozen channels (239 registers,
+# no spills; 256 x 64 on 4 warps spills).
 _TILES = [(128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-          (128, 128, 32, 8, 4)]
+          (128, 128, 32, 8, 4), (256, 128, 64, 8, 3)]
 _INTERPRET_TILE = (16, 16, 16, 1, 1)
 
 

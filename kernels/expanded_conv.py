@@ -778,12 +778,15 @@ def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, sc
     chunk = triton.cdiv(m, split)
     dw = torch.empty((split, o, c, kh, kw), device=x.device, dtype=torch.float32)
     db = torch.empty((split, o), device=x.device, dtype=torch.float32) if need_db else dw
-    grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
-                         triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
-    _conv_wgrad_kernel[grid](
-        dy, x, dw, db, dw if scale is None else scale, o, c, m, h, wd, ho, wo, dy_c0, x_c0,
-        chunk, *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db,
-        SCALE=scale is not None, PREC=_prec(x.dtype))
+    tma = _tma()
+    if not (tma.wgrad_usable(dy, x, dy_c0, o, x_c0, c, geo[:2])
+            and tma.wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db)):
+        grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
+                             triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
+        _conv_wgrad_kernel[grid](
+            dy, x, dw, db, dw if scale is None else scale, o, c, m, h, wd, ho, wo, dy_c0,
+            x_c0, chunk, *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split,
+            HAS_DB=need_db, SCALE=scale is not None, PREC=_prec(x.dtype))
     return dw.sum(0).to(out_dtype), (db.sum(0).to(out_dtype) if need_db else None)
 
 

@@ -1,8 +1,9 @@
-"""The expanded conv forward with tensor-descriptor (TMA) loads, for Hopper GPUs.
+"""The expanded conv forward and weight gradient with tensor-descriptor (TMA) loads, for
+Hopper GPUs.
 
-It computes what ``expanded_conv._conv_fwd_kernel`` computes, for a stride-1 convolution of
-channels_last activations (what the launcher hands the kernels by default, NCHW input
-included).  A tile's rows are not a run of flattened pixels but a box of output pixels,
+The forward computes what ``expanded_conv._conv_fwd_kernel`` computes, for a stride-1
+convolution of channels_last activations (what the launcher hands the kernels by default,
+NCHW input included).  A tile's rows are not a run of flattened pixels but a box of output pixels,
 IMG images x BH rows x BW columns; for kernel tap (r, s) the input pixels it reads form the
 same box shifted by (r * dil - pad, s * dil - pad), so each operand tile is one 4-D bulk
 copy of x (N, H, W, C) into shared memory: no per-element addresses or masks, and what
@@ -33,6 +34,10 @@ pixel rows of the pointer kernel never waste any, a box may).  Descriptors need 
 aligned bases and strides and a unit channel stride; fp32 and other GPUs take the pointer
 kernel, and the switches (``EXPANSE_FAST_TMA``) and the fallback after a failed launch are
 those of ``expanded_linear_tma``.
+
+The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``) reduces
+over boxes of output pixels the same way: per tap, dy's box and x's box shifted by the tap
+are two bulk copies.
 """
 from __future__ import annotations
 
@@ -70,49 +75,57 @@ def box_for(block_m, n, ho, wo):
     return min(_boxes(block_m), key=cost)
 
 
-def _configs():
-    tiles = [_INTERPRET_TILE] if base._INTERPRET else (
-        _TILES if base._AUTOTUNE else _TILES[:1])
+def _configs(tiles, pixels, hook):
+    """Every tile with every box of its ``pixels`` block ("BLOCK_M" or "BLOCK_K")."""
+    tiles = [_INTERPRET_TILE] if base._INTERPRET else (tiles if base._AUTOTUNE else tiles[:1])
     out = []
     for bm, bn, bk, warps, stages in tiles:
-        for img, bh, bw in _boxes(bm):
-            out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, IMG=img, BH=bh,
-                                          BW=bw), num_warps=warps, num_stages=stages,
-                                     pre_hook=_set_boxes))
+        kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        for img, bh, bw in _boxes(kw[pixels]):
+            out.append(triton.Config(dict(kw, IMG=img, BH=bh, BW=bw), num_warps=warps,
+                                     num_stages=stages, pre_hook=hook))
     return out
 
 
-def _set_boxes(nargs):
-    x_box = [nargs["IMG"], nargs["BH"], nargs["BW"], nargs["BLOCK_K"]]
-    w_box = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
-    for name in ("x_desc", "xo_desc"):
-        nargs[name].block_shape = x_box
+def _box_hook(**descs):
+    """A config pre-hook: each named descriptor's box, the pixel box then a tile width."""
+    def hook(nargs):
+        for name, width in descs.items():
+            nargs[name].block_shape = [nargs["IMG"], nargs["BH"], nargs["BW"], nargs[width]]
+    return hook
+
+
+def _fwd_hook(nargs):
+    _box_hook(x_desc="BLOCK_K", xo_desc="BLOCK_K")(nargs)
     for name in ("wf_desc", "wn_desc", "wc_desc"):
-        nargs[name].block_shape = w_box
+        nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _prune(configs, named_args, **kwargs):
-    """Per tile, the one box that suits the problem; tiles that do not fit shared memory
-    (or are far larger than the problem) go."""
-    n, ho, wo, o = (named_args[k] for k in ("N", "Ho", "Wo", "O"))
-    elt = named_args["y_ptr"].element_size()
-    budget = lt.base.smem_budget(named_args["y_ptr"].device)
-    cap_m = max(64, triton.next_power_of_2(n * ho * wo))
-    cap_n = max(64, triton.next_power_of_2(o))
-    keep = []
-    for c in configs:
-        kw = c.kwargs
-        if kw["BLOCK_M"] > cap_m or kw["BLOCK_N"] > cap_n:
-            continue
-        if c.num_stages * (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * elt > budget:
-            continue
-        if (kw["IMG"], kw["BH"], kw["BW"]) != box_for(kw["BLOCK_M"], n, ho, wo):
-            continue
-        keep.append(c)
-    keep = keep or [c for c in configs[-len(_boxes(configs[-1].kwargs["BLOCK_M"])):]
-                    if (c.kwargs["IMG"], c.kwargs["BH"], c.kwargs["BW"])
-                    == box_for(c.kwargs["BLOCK_M"], n, ho, wo)]
-    return keep if base._AUTOTUNE else keep[:1]
+def _pruner(caps_by, pixels):
+    """Per tile, the one box that suits the problem (``box_for`` of its ``pixels`` block);
+    tiles that do not fit shared memory, or are far larger than the problem (``caps_by``:
+    block -> the argument that bounds it; the pixel block by N * Ho * Wo), go."""
+    def prune(configs, named_args, **kwargs):
+        n, ho, wo = (named_args[k] for k in ("N", "Ho", "Wo"))
+        x = named_args["x_desc"].base
+        elt, budget = x.element_size(), lt.base.smem_budget(x.device)
+        caps = {blk: max(64, triton.next_power_of_2(named_args[arg]))
+                for blk, arg in caps_by.items()}
+        caps[pixels] = max(64, triton.next_power_of_2(n * ho * wo))
+
+        def boxed(c):
+            kw = c.kwargs
+            return (kw["IMG"], kw["BH"], kw["BW"]) == box_for(kw[pixels], n, ho, wo)
+
+        keep = [c for c in configs if boxed(c)
+                and all(c.kwargs[k] <= cap for k, cap in caps.items())
+                and c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])
+                * c.kwargs["BLOCK_K"] * elt <= budget]
+        last = configs[-1].kwargs
+        keep = keep or [c for c in configs if boxed(c) and all(
+            c.kwargs[k] == last[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))]
+        return keep if base._AUTOTUNE else keep[:1]
+    return prune
 
 
 def _interpreted_bench(kernel_call, quantiles):
@@ -121,9 +134,9 @@ def _interpreted_bench(kernel_call, quantiles):
     return [0.0] * len(quantiles)
 
 
-@triton.autotune(configs=_configs(), key=["N", "Ho", "Wo", "O", "C", "G", "KH", "KW",
-                                          "HAS_COUPLE"],
-                 prune_configs_by={"early_config_prune": _prune},
+@triton.autotune(configs=_configs(_TILES, "BLOCK_M", _fwd_hook),
+                 key=["N", "Ho", "Wo", "O", "C", "G", "KH", "KW", "HAS_COUPLE"],
+                 prune_configs_by={"early_config_prune": _pruner({"BLOCK_N": "O"}, "BLOCK_M")},
                  do_bench=_interpreted_bench if base._INTERPRET else None)
 @triton.jit
 def _conv_fwd_tma_kernel(
@@ -286,3 +299,100 @@ def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, 
         *y.stride(), geo[2], geo[3], geo[4], geo[5],
         KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
         OUT_VEC=out_vec, PREC=prec)
+
+
+# ---------------------------------------------------------------------------------------
+# Weight gradient: dW[o, c, r, s] = sum over output pixels p of dy[p, o] * x[p + tap, c]
+# ---------------------------------------------------------------------------------------
+# (BLOCK_M output channels o, BLOCK_N input channels c, BLOCK_K pixels: the reduction)
+_WGRAD_TILES = [(64, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+                (64, 256, 64, 8, 3)]
+
+
+@triton.autotune(configs=_configs(_WGRAD_TILES, "BLOCK_K",
+                                  _box_hook(dy_desc="BLOCK_M", x_desc="BLOCK_N")),
+                 key=["O", "C", "N", "Ho", "Wo", "KH", "KW", "SPLIT"],
+                 prune_configs_by={"early_config_prune": _pruner(
+                     {"BLOCK_M": "O", "BLOCK_N": "C"}, "BLOCK_K")},
+                 do_bench=_interpreted_bench if base._INTERPRET else None)
+@triton.jit
+def _conv_wgrad_tma_kernel(
+        dy_desc, x_desc, dw_ptr, db_ptr, scale_ptr, O, C, N, Ho, Wo,
+        pad_h, pad_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, SPLIT,
+        HAS_DB: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """One (o tile, c tile, tap) of dW, summed over one split of the pixel boxes.  For tap
+    (r, s) the x box is the dy box shifted by (r * dil - pad, s * dil - pad): both are bulk
+    copies, out-of-image pixels (padding, the boxes' overhang, past the batch) read zeros.
+    dy's box is the first operand (the smaller tile: into registers, transposed), x's the
+    second (its reshape a view of shared memory)."""
+    tl.static_assert(IMG * BH * BW == BLOCK_K)
+    pid_o = tl.program_id(0)
+    pid_c = tl.program_id(1) // (KH * KW)
+    rs = tl.program_id(1) % (KH * KW)
+    split = tl.program_id(2)
+    o0 = pid_o * BLOCK_M
+    c0 = pid_c * BLOCK_N
+    tiles_h = (Ho + BH - 1) // BH
+    tiles_w = (Wo + BW - 1) // BW
+    n_boxes = (N + IMG - 1) // IMG * tiles_h * tiles_w
+    per_split = (n_boxes + SPLIT - 1) // SPLIT
+    b_lo = split * per_split
+    b_hi = tl.minimum(b_lo + per_split, n_boxes)
+    dh = rs // KW * dil_h - pad_h
+    dw = rs % KW * dil_w - pad_w
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dbacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for b in range(b_lo, b_hi):
+        n0 = b // (tiles_h * tiles_w) * IMG
+        hw = b % (tiles_h * tiles_w)
+        h0 = hw // tiles_w * BH
+        w0 = hw % tiles_w * BW
+        g = dy_desc.load([n0, h0, w0, o0]).reshape(BLOCK_K, BLOCK_M)
+        a = x_desc.load([n0, h0 + dh, w0 + dw, c0]).reshape(BLOCK_K, BLOCK_N)
+        acc = tl.dot(g.T, a, acc, input_precision=PREC)
+        if HAS_DB:
+            dbacc += tl.sum(g.to(tl.float32), axis=0)
+
+    offs_o = o0 + tl.arange(0, BLOCK_M)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    o_mask = offs_o < O
+    c_mask = offs_c < C
+    if SCALE:  # dy rows times a per-row factor (a folded BatchNorm): scale the row sums
+        acc = acc * tl.load(scale_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
+    # partial sums, as the pointer kernel's: dw (SPLIT, O, C, KH, KW), db (SPLIT, O)
+    dw_off = split * O * C * KH * KW + (offs_o[:, None] * C + offs_c[None, :]) * (KH * KW) + rs
+    tl.store(dw_ptr + dw_off, acc, mask=o_mask[:, None] & c_mask[None, :])
+    if HAS_DB:
+        if tl.program_id(1) == 0:  # one program per row tile writes the bias gradient
+            tl.store(db_ptr + split * O + offs_o, dbacc, mask=o_mask)
+
+
+def _channels(t, c0, width):
+    """Channels [c0, c0 + width) of a (N, C, H, W) tensor as the (N, H, W, width) view the
+    descriptors read."""
+    return t.permute(0, 2, 3, 1)[..., c0:c0 + width]
+
+
+def wgrad_usable(dy, x, dy_c0, o, x_c0, c, stride) -> bool:
+    if tuple(stride) != (1, 1) or o == 0 or c == 0 or not lt.enabled_for(x):
+        return False
+    return (lt._describable(_channels(dy, dy_c0, o), rank=4)
+            and lt._describable(_channels(x, x_c0, c), rank=4))
+
+
+def wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db) -> bool:
+    """dW (and db) partial sums through descriptors into ``dw``, ``db``; False when it
+    cannot run here."""
+    n, _, ho, wo = dy.shape
+    kh, kw = dw.shape[3], dw.shape[4]
+    grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
+                         triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
+    return lt._launch(
+        "conv dW", _conv_wgrad_tma_kernel, grid,
+        (_channels(dy, dy_c0, o), _channels(x, x_c0, c)),
+        dw, db, dw if scale is None else scale, o, c, n, ho, wo, *geo[2:],
+        KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db, SCALE=scale is not None,
+        PREC=base._prec(x.dtype))

@@ -749,27 +749,31 @@ def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, re
 
 def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
                                     ref):
-    """The Triton conv forward with pointer gathers beside its default tensor-descriptor
-    (TMA) forward on sm_90 (channels_last input): which one pays, in the same run.
-    Untuned (its first tile, 128x128x32), as the linear layer's noTMA row, so that the
-    section's time goes to the default's tuning; the backward kernels are the same."""
+    """The Triton conv forward and dW with pointer gathers beside their default
+    tensor-descriptor (TMA) kernels on sm_90 (channels_last input): which pay, in the same
+    run.  Untuned (their first tiles), as the linear layer's noTMA row, so that the
+    section's time goes to the defaults' tuning; the dx kernel is the same."""
     if dict(backends).get("triton", "absent") is not None:
         return
     from expanse_fast.kernels import expanded_conv
     from expanse_fast.kernels import expanded_linear_tma as tma
     state = f"off: {tma.disabled_reason}" if tma.disabled_reason else "on where usable"
-    ctx.note(f"triton conv forward: TMA boxes of output pixels {state} "
+    ctx.note(f"triton conv forward and dW: TMA boxes of pixels {state} "
              f"(EXPANSE_FAST_TMA={tma.MODE}); expanse/triton-noTMA: pointer gathers, untuned")
-    kernel = expanded_conv._conv_fwd_kernel
-    saved = tma.MODE, kernel.configs, dict(kernel.cache)
-    tma.MODE, kernel.configs = "0", kernel.configs[:1]
+    kernels = (expanded_conv._conv_fwd_kernel, expanded_conv._conv_wgrad_kernel)
+    saved = [(kern.configs, dict(kern.cache)) for kern in kernels]
+    saved_mode, tma.MODE = tma.MODE, "0"
+    for kern in kernels:
+        kern.configs = kern.configs[:1]
     try:
         _measure_backends(ctx, [("triton", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd,
                           f_fb, ref, label="-noTMA")
     finally:
-        tma.MODE, kernel.configs = saved[:2]
-        kernel.cache.clear()  # an untuned choice must not stand for a tuned one later
-        kernel.cache.update(saved[2])
+        tma.MODE = saved_mode
+        for kern, (configs, cache) in zip(kernels, saved):
+            kern.configs = configs
+            kern.cache.clear()  # an untuned choice must not stand for a tuned one later
+            kern.cache.update(cache)
 
 
 def _measure_triton_nchw_direct(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):

@@ -21,19 +21,27 @@ from test_expanded_conv_kernels import _exact_fp32  # noqa: F401 -- autouse: IEE
 
 @pytest.fixture
 def tma_launches(monkeypatch):
-    """Force the descriptor kernels (the interpreter too); record each conv launch."""
+    """Force the descriptor kernels (the interpreter too); record each conv launch as
+    (kernel, whether it ran)."""
     if lt.TensorDescriptor is None:
         pytest.skip(f"this Triton has no tensor descriptors: {lt._IMPORT_ERROR}")
     monkeypatch.setattr(lt, "MODE", "1")
     monkeypatch.setattr(lt, "disabled_reason", None)
     launches = []
-    real = ect.forward
 
-    def spy(*args, **kwargs):
-        launches.append(real(*args, **kwargs))
-        return launches[-1]
-    monkeypatch.setattr(ect, "forward", spy)
+    def spy(name, real):
+        def run(*args, **kwargs):
+            launches.append((name, real(*args, **kwargs)))
+            return launches[-1][1]
+        return run
+    for name in ("forward", "wgrad"):
+        monkeypatch.setattr(ect, name, spy(name, getattr(ect, name)))
     return launches
+
+
+def _expected(coupled):
+    """The descriptor launches of a forward and a backward asking for every gradient."""
+    return [("forward", True), ("wgrad", True)] + [("wgrad", True)] * coupled
 
 
 # (in_groups, out_groups, kernel, coupled, bias, conv, batch, (H, W), channels_last)
@@ -60,7 +68,31 @@ def test_forward_matches_float64(tma_launches, name, dtype):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
     _run(t, conv, False, dtype, need_dx_old=True, channels_last=cl)
-    assert tma_launches == [True] and lt.disabled_reason is None
+    assert tma_launches == _expected(coupled) and lt.disabled_reason is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_wgrad_reads_the_trainable_dy_columns_only(tma_launches, dtype):
+    """No dx_old, no coupling: dW's descriptor starts at dy's first trainable column of the
+    caller's channels_last dy (no copy); NaN in the frozen columns stays out."""
+    t = _make((16, 8), (16, 8), 3, False, True, dtype, batch=3, hw=(5, 6),
+              channels_last=True)
+    conv = _conv(padding=1)
+    dev = _to_dev(t)
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
+    dy = torch.randn(y.shape, dtype=dtype)
+    _, (dx_r, dw_r, db_r, _) = _reference(t, conv, False, dy)
+    dy[:, :16] = float("nan")
+    dx_r[:, :16] = 0
+    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
+                                "frozen_k_ends")}
+    dx, dw, db, _ = ec.expanded_conv2d_backward(
+        dy.to(DEV).contiguous(memory_format=torch.channels_last), **args, **conv,
+        depthwise=False, need_dx_new=True, need_dx_old=False, need_dw=True, need_db=True,
+        need_dcouple=False)
+    assert tma_launches == [("forward", True), ("wgrad", True)]
+    for got, ref, what in ((dx, dx_r, "dx"), (dw, dw_r, "dw"), (db, db_r, "db")):
+        _close(got, ref, dtype, what)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -75,7 +107,7 @@ def test_first_group_never_reads_later_inputs(tma_launches, dtype):
     clean = t["x"].clone()
     t["x"][:, k0:] = float("inf")
     y = ec.expanded_conv2d_forward(**_to_dev(t), **_conv(padding=1), depthwise=False)
-    assert tma_launches == [True]
+    assert tma_launches == [("forward", True)]
     clean[:, k0:] = 0
     y_ref, _ = _reference(dict(t, x=clean), _conv(padding=1), False,
                           torch.zeros(y.shape, dtype=torch.float64))
@@ -87,7 +119,7 @@ def test_folded_norm(tma_launches, affine):
     t = _make((16, 8), (16, 8), 3, False, True, torch.float16, batch=2, channels_last=True)
     _run_norm(t, _conv(padding=1), False, torch.float16, True,
               _norm(16, torch.float16, affine), channels_last=True)
-    assert tma_launches == [True]
+    assert tma_launches == _expected(False)
 
 
 @pytest.mark.parametrize("why", ["stride2", "depthwise", "nchw_direct", "channels_not_x8",
@@ -108,7 +140,8 @@ def test_pointer_kernel_where_descriptors_do_not_fit(tma_launches, monkeypatch, 
     t = _make(ig, og, 3, False, True, dtype, batch=2, channels_last=why != "nchw_direct",
               depthwise_mult=dw)
     _run(t, conv, bool(dw), dtype, need_dx_old=True, channels_last=why != "nchw_direct")
-    assert tma_launches == []
+    # (without frozen rows the forward has nothing for its frozen descriptors; dW has them)
+    assert tma_launches == ([("wgrad", True)] if why == "no_frozen_rows" else [])
 
 
 def test_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):
@@ -122,9 +155,9 @@ def test_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):
     t = _make((16, 8), (16, 8), 3, False, True, torch.float32, batch=2, channels_last=True)
     with pytest.warns(RuntimeWarning, match="TMA kernels are off"):
         _run(t, _conv(padding=1), False, torch.float32, need_dx_old=True, channels_last=True)
-    assert tma_launches == [False] and "no descriptors" in lt.disabled_reason
+    # the backward's dW kernel is off too, and the linear kernels' descriptors
+    assert tma_launches == [("forward", False)] and "no descriptors" in lt.disabled_reason
     x = t["x"].to(DEV)
-    # off for the process, the linear kernels' descriptors too
     assert not lt.enabled_for(x)
     assert not ect.usable(x, t["w_frozen"], t["w_new"], None, (1, 1), False)
 
@@ -155,7 +188,7 @@ def test_gpu_bf16(tma_launches, name):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, torch.bfloat16, batch=batch, hw=hw, channels_last=cl)
     _run(t, conv, False, torch.bfloat16, need_dx_old=True, channels_last=cl)
-    assert tma_launches == [True]
+    assert tma_launches == _expected(coupled)
 
 
 @pytest.mark.gpu

@@ -134,6 +134,25 @@ def _norm_epilogue(acc, offs_o, frozen, nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps
     return tl.where(frozen[None, :], acc * alpha[None, :] + beta[None, :], acc)
 
 
+@triton.jit
+def _bias_and_norm(acc, offs_o, n_mask, is_new, O_f, bf_ptr, bn_ptr, nm_ptr, nv_ptr, nw_ptr,
+                   nb_ptr, norm_eps, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
+                   NORM: tl.constexpr, NORM_W: tl.constexpr, NORM_B: tl.constexpr):
+    """The forward epilogue on the fp32 (pixels, channels) tile: each group's bias, and a
+    folded BatchNorm on frozen tiles (a tile never crosses a group)."""
+    if HAS_BF:
+        acc += tl.load(bf_ptr + offs_o, mask=n_mask & (offs_o < O_f),
+                       other=0.0).to(tl.float32)[None, :]
+    if HAS_BN:
+        acc += tl.load(bn_ptr + (offs_o - O_f), mask=n_mask & (offs_o >= O_f),
+                       other=0.0).to(tl.float32)[None, :]
+    if NORM:
+        if not is_new:
+            acc = _norm_epilogue(acc, offs_o, n_mask, nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
+                                 NORM_W, NORM_B)
+    return acc
+
+
 # ---------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------
@@ -228,16 +247,9 @@ def _conv_fwd_kernel(
                            I_f, tl.where(grp == G - 1, I_f, C), dil_h, dil_w, KH, KW,
                            BLOCK_K, CH_VEC, PREC)
 
-    if HAS_BF:
-        acc += tl.load(bf_ptr + offs_o, mask=n_mask & (offs_o < O_f),
-                       other=0.0).to(tl.float32)[None, :]
-    if HAS_BN:
-        acc += tl.load(bn_ptr + (offs_o - O_f), mask=n_mask & (offs_o >= O_f),
-                       other=0.0).to(tl.float32)[None, :]
-    if NORM:  # folded BatchNorm: frozen tiles only (a tile never crosses a group)
-        if grp != G - 1:
-            acc = _norm_epilogue(acc, offs_o, n_mask, nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
-                                 NORM_W, NORM_B)
+    acc = _bias_and_norm(acc, offs_o, n_mask, grp == G - 1, O_f, bf_ptr, bn_ptr, nm_ptr,
+                         nv_ptr, nw_ptr, nb_ptr, norm_eps, HAS_BF, HAS_BN, NORM, NORM_W,
+                         NORM_B)
     y_row = n_img.to(tl.int64) * syn + ho * syh + wo * syw
     tl.store(y_ptr + y_row[:, None] + offs_o[None, :] * syc,
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
@@ -295,9 +307,19 @@ def _conv_wgrad_kernel(
         if HAS_DB:
             dbacc += tl.sum(g.to(tl.float32), axis=1)
 
-    if SCALE:  # dy rows times a per-row factor (a folded BatchNorm): scale the row sums
+    _store_wgrad(acc, dbacc, offs_o, offs_c, o_mask, c_mask, dw_ptr, db_ptr, scale_ptr, O, C,
+                 split, rs, KH, KW, HAS_DB, SCALE)
+
+
+@triton.jit
+def _store_wgrad(acc, dbacc, offs_o, offs_c, o_mask, c_mask, dw_ptr, db_ptr, scale_ptr, O, C,
+                 split, rs, KH: tl.constexpr, KW: tl.constexpr, HAS_DB: tl.constexpr,
+                 SCALE: tl.constexpr):
+    """A split's partial sums of tap rs: dw (SPLIT, O, C, KH, KW) and db (SPLIT, O), reduced
+    by the launcher; with SCALE the dy rows were to be multiplied by a per-row factor (a
+    folded BatchNorm): the row sums are."""
+    if SCALE:
         acc = acc * tl.load(scale_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
-    # partial sums: dw (SPLIT, O, C, KH, KW) and db (SPLIT, O), reduced by the launcher
     dw_off = split * O * C * KH * KW + (offs_o[:, None] * C + offs_c[None, :]) * (KH * KW) + rs
     tl.store(dw_ptr + dw_off, acc, mask=o_mask[:, None] & c_mask[None, :])
     if HAS_DB:

@@ -230,16 +230,9 @@ def _conv_fwd_tma_kernel(
     rel_n = tl.arange(0, BLOCK_N)
     offs_o = o_start + rel_n
     n_mask = offs_o // OUT_VEC < o_end // OUT_VEC  # = offs_o < o_end
-    if HAS_BF:
-        acc += tl.load(bf_ptr + offs_o, mask=n_mask & (offs_o < O_f),
-                       other=0.0).to(tl.float32)[None, :]
-    if HAS_BN:
-        acc += tl.load(bn_ptr + (offs_o - O_f), mask=n_mask & (offs_o >= O_f),
-                       other=0.0).to(tl.float32)[None, :]
-    if NORM:  # folded BatchNorm: frozen tiles only (a tile never crosses a group)
-        if grp != G - 1:
-            acc = base._norm_epilogue(acc, offs_o, n_mask, nm_ptr, nv_ptr, nw_ptr, nb_ptr,
-                                      norm_eps, NORM_W, NORM_B)
+    acc = base._bias_and_norm(acc, offs_o, n_mask, is_new, O_f, bf_ptr, bn_ptr, nm_ptr,
+                              nv_ptr, nw_ptr, nb_ptr, norm_eps, HAS_BF, HAS_BN, NORM, NORM_W,
+                              NORM_B)
     # row j of the tile is pixel (j // BW) % BH, j % BW of image j // (BH * BW) of the box
     j = tl.arange(0, BLOCK_M)
     img = n0 + j // (BH * BW)
@@ -358,16 +351,8 @@ def _conv_wgrad_tma_kernel(
 
     offs_o = o0 + tl.arange(0, BLOCK_M)
     offs_c = c0 + tl.arange(0, BLOCK_N)
-    o_mask = offs_o < O
-    c_mask = offs_c < C
-    if SCALE:  # dy rows times a per-row factor (a folded BatchNorm): scale the row sums
-        acc = acc * tl.load(scale_ptr + offs_o, mask=o_mask, other=0.0).to(tl.float32)[:, None]
-    # partial sums, as the pointer kernel's: dw (SPLIT, O, C, KH, KW), db (SPLIT, O)
-    dw_off = split * O * C * KH * KW + (offs_o[:, None] * C + offs_c[None, :]) * (KH * KW) + rs
-    tl.store(dw_ptr + dw_off, acc, mask=o_mask[:, None] & c_mask[None, :])
-    if HAS_DB:
-        if tl.program_id(1) == 0:  # one program per row tile writes the bias gradient
-            tl.store(db_ptr + split * O + offs_o, dbacc, mask=o_mask)
+    base._store_wgrad(acc, dbacc, offs_o, offs_c, offs_o < O, offs_c < C, dw_ptr, db_ptr,
+                      scale_ptr, O, C, split, rs, KH, KW, HAS_DB, SCALE)
 
 
 def _channels(t, c0, width):

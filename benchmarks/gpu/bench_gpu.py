@@ -33,11 +33,14 @@ import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SECTIONS = ("ceilings", "linear", "conv", "mlp")
+SECTIONS = ("ceilings", "linear", "conv", "mlp", "cnn")
 # Share of the time left that each section may use (the rest passes on if it ends early).
 # conv: two layouts, each with its Triton tuning (and NCHW read in place with its own);
-# the issue's targets are linear and conv, the MLP step is a model-level extra.
-SECTION_WEIGHT = {"ceilings": 0.12, "linear": 0.40, "conv": 0.42, "mlp": 0.18}
+# the issue's targets are linear and conv, the MLP and CNN steps are model-level extras
+# (the CNN last, on what is left).
+SECTION_WEIGHT = {"ceilings": 0.12, "linear": 0.40, "conv": 0.42, "mlp": 0.16, "cnn": 0.08}
+# Environment of a section's process: the CNN's many layer shapes would each be tuned.
+SECTION_ENV = {"cnn": {"EXPANSE_FAST_AUTOTUNE": "0"}}
 PEERS = (("masked", "peer/masked"), ("cat", "peer/cat"), ("finetune", "peer/finetune"))
 BACKEND_NAMES = ("torch", "triton", "cuda")
 # Seconds a section may spend profiling (kernel_breakdown): the timings come first.
@@ -983,7 +986,44 @@ def sec_mlp(ctx):
             torch.cuda.empty_cache()
 
 
-SECTION_FN = {"ceilings": sec_ceilings, "linear": sec_linear, "conv": sec_conv, "mlp": sec_mlp}
+# ---- (e) ResNet-style CNN training step ------------------------------------------------
+def sec_cnn(ctx):
+    """A training step (forward, backward, AdamW) of the pytest-benchmark suite's
+    ResNet-style CNN (expanse_fast.bench), widened 25% with 10 new classes, against the
+    masked full-width model and fine-tuning the original, in NCHW as users get it.  One
+    tile per Triton kernel (SECTION_ENV): no tuning of its many layer shapes."""
+    from expanse_fast import bench as B
+    channels, batch, hw = (8, 4, 8) if ctx.quick else (64, 128, 56)
+    spec = B.ModelSpec("cnn", (channels, 10), batch, hw=hw)
+    variant = f"train step {str(ctx.dtype).replace('torch.', '')}"
+    backends = ctx.usable_backends("conv2d")
+    for name, why in backends:
+        if why:
+            ctx.add(variant=variant, impl=f"expanse/{name}", kind="expanse", skipped=why)
+    case = B.build_model_case(spec, ctx.dev, ctx.dtype,
+                              backends=[n for n, why in backends if not why])
+    ctx.res["config"] = dict(model=spec.group, dtype=str(ctx.dtype))
+    impl = {B.MASKED: "peer/masked", B.FINETUNE: "peer/finetune"}
+    impl.update({f"expanse_fast [{n}]": f"expanse/{n}" for n in BACKEND_NAMES})
+    # torch, the peers, then the compiled backends (a sticky CUDA error ends the section)
+    order = sorted(case.contenders, key=lambda c: (c.role == "subject" and "torch" not in c.name,
+                                                   "cuda" in c.name))
+    useful = None
+    for c in order:
+        kind = "expanse" if c.role == "subject" else "peer"
+        try:
+            macs = c.count()  # runs a forward (subjects) or one step (peers)
+        except Exception as exc:  # noqa: BLE001 - the error is the row
+            traceback.print_exc()
+            ctx.add(variant=variant, impl=impl[c.name], kind=kind, error=_short_exc(exc))
+            continue
+        if c.role == "subject":
+            useful = useful or 2 * macs
+        ctx.measure(variant, impl[c.name], kind, [c.call], useful or 2 * macs, 2 * macs)
+
+
+SECTION_FN = {"ceilings": sec_ceilings, "linear": sec_linear, "conv": sec_conv, "mlp": sec_mlp,
+              "cnn": sec_cnn}
 
 
 def cmd_section(args) -> int:
@@ -1043,7 +1083,8 @@ def cmd_bench(args) -> int:
         t0 = time.time()
         rc = None
         try:
-            proc = subprocess.Popen(cmd, start_new_session=True)
+            proc = subprocess.Popen(cmd, start_new_session=True,
+                                    env=dict(os.environ, **SECTION_ENV.get(sec, {})))
             try:
                 rc = proc.wait(timeout=budget)
             except subprocess.TimeoutExpired:

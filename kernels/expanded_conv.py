@@ -637,6 +637,15 @@ def _channels_inner(w):
     return w.contiguous(memory_format=torch.channels_last)
 
 
+def _rows_scaled(w, scale):
+    """w (O, C, kh, kw) with row o times scale[o] (a folded BatchNorm's factor of dy's
+    column o, moved onto the weight a kernel multiplies it with), in w's layout."""
+    if scale is None:
+        return w
+    fmt = torch.channels_last if w.stride(1) == 1 else torch.contiguous_format
+    return (w * scale.to(w.dtype).view(-1, 1, 1, 1)).contiguous(memory_format=fmt)
+
+
 def _or(t, dummy):
     """Never hand an empty or missing tensor to a kernel: a dummy it will not read."""
     return t if t is not None and t.numel() else dummy
@@ -925,16 +934,22 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         wc = _or(_channels_inner(w_couple), x)
         # the frozen columns of dy are read (and scaled) for dx_old and the coupling only
         norm = norm_scale is not None and (need_dx_old or couple)
-        grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
-                             triton.cdiv(c - c_lo, meta["BLOCK_N"]))
-        _conv_dx_kernel[grid](  # dy holds no columns if it is never read
-            _or(dy, dx_k), wf, wn, wc, dx_k, groups, norm_scale if norm else dx_k, p, c, h, wd,
-            ho, wo, len(frozen_out_groups), o_f, o_n, i_f, c_lo, dy_new_c0, c_lo - dx_c0, *dy.stride(),
-            *wf.stride(), *wn.stride(), *wc.stride(), *dx_k.stride(), *geo, KH=kh, KW=kw,
-            NEED_OLD=need_dx_old, HAS_COUPLE=couple, NORM=norm,
-            CH_VEC=multiple_of_all((c, i_f, c_lo) + tuple(frozen_k_ends)),
-            ROW_VEC=multiple_of_all((o_f, o_n, dy_new_c0) + tuple(itertools.accumulate(
-                frozen_out_groups))), PREC=_prec(dt))
+        tma = _tma()
+        if not (o_n > 0 and tma.dx_usable(dy, wn, wc if couple else None, dy_new_c0, o_f,
+                                          geo[:2], need_dx_old)
+                and tma.grad_input(dy, wn, _rows_scaled(wc, norm_scale if norm else None)
+                                   if couple else None, dx_k, dy_new_c0, c_lo, c_lo - dx_c0,
+                                   i_f, geo, _prec(dt))):
+            grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
+                                 triton.cdiv(c - c_lo, meta["BLOCK_N"]))
+            _conv_dx_kernel[grid](  # dy holds no columns if it is never read
+                _or(dy, dx_k), wf, wn, wc, dx_k, groups, norm_scale if norm else dx_k, p, c,
+                h, wd, ho, wo, len(frozen_out_groups), o_f, o_n, i_f, c_lo, dy_new_c0,
+                c_lo - dx_c0, *dy.stride(), *wf.stride(), *wn.stride(), *wc.stride(),
+                *dx_k.stride(), *geo, KH=kh, KW=kw, NEED_OLD=need_dx_old, HAS_COUPLE=couple,
+                NORM=norm, CH_VEC=multiple_of_all((c, i_f, c_lo) + tuple(frozen_k_ends)),
+                ROW_VEC=multiple_of_all((o_f, o_n, dy_new_c0) + tuple(itertools.accumulate(
+                    frozen_out_groups))), PREC=_prec(dt))
         if dx_k is not dx:
             dx[:, c_lo:].copy_(dx_k)
     return dx, dw, db, dcouple

@@ -1,5 +1,5 @@
-"""The expanded conv forward and weight gradient with tensor-descriptor (TMA) loads, for
-Hopper GPUs.
+"""The expanded conv kernels with tensor-descriptor (TMA) loads, for Hopper GPUs: forward,
+weight gradient, and the new channels' input gradient.
 
 The forward computes what ``expanded_conv._conv_fwd_kernel`` computes, for a stride-1
 convolution of channels_last activations (what the launcher hands the kernels by default,
@@ -37,7 +37,11 @@ those of ``expanded_linear_tma``.
 
 The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``) reduces
 over boxes of output pixels the same way: per tap, dy's box and x's box shifted by the tap
-are two bulk copies.
+are two bulk copies.  The input gradient (``_conv_dx_tma_kernel``) takes boxes of input
+pixels and dy's box shifted against the tap, for the new channels [I_f, C) only: where
+dx_old is asked, the frozen groups' staircase (each group's k_end cut) stays with the
+pointer kernel.  A folded BatchNorm's scale of the dy columns the coupling block reads is
+moved onto w_couple's rows by the launcher.
 """
 from __future__ import annotations
 
@@ -101,13 +105,14 @@ def _fwd_hook(nargs):
         nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _pruner(caps_by, pixels):
-    """Per tile, the one box that suits the problem (``box_for`` of its ``pixels`` block);
-    tiles that do not fit shared memory, or are far larger than the problem (``caps_by``:
-    block -> the argument that bounds it; the pixel block by N * Ho * Wo), go."""
+def _pruner(caps_by, pixels, dims=("N", "Ho", "Wo"), desc="x_desc"):
+    """Per tile, the one box that suits the problem (``box_for`` of its ``pixels`` block over
+    the image ``dims``); tiles that do not fit shared memory, or are far larger than the
+    problem (``caps_by``: block -> the argument that bounds it; the pixel block by the pixel
+    count), go.  ``desc``: a descriptor of the operands' dtype."""
     def prune(configs, named_args, **kwargs):
-        n, ho, wo = (named_args[k] for k in ("N", "Ho", "Wo"))
-        x = named_args["x_desc"].base
+        n, ho, wo = (named_args[k] for k in dims)
+        x = named_args[desc].base
         elt, budget = x.element_size(), lt.base.smem_budget(x.device)
         caps = {blk: max(64, triton.next_power_of_2(named_args[arg]))
                 for blk, arg in caps_by.items()}
@@ -381,3 +386,119 @@ def wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db) -> bool:
         dw, db, dw if scale is None else scale, o, c, n, ho, wo, *geo[2:],
         KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db, SCALE=scale is not None,
         PREC=base._prec(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------
+# Input gradient of the new channels: dx[p, c] = sum over taps and dy's columns o of
+# dy[p + pad - tap, o] * w[o, c, tap], for c in [I_f, C) (no dx_old)
+# ---------------------------------------------------------------------------------------
+# (BLOCK_M input pixels, BLOCK_N input channels, BLOCK_K dy columns: the reduction)
+_DX_TILES = [(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
+
+
+def _dx_hook(nargs):
+    _box_hook(dy_desc="BLOCK_K", dyo_desc="BLOCK_K")(nargs)
+    for name in ("wn_desc", "wc_desc"):
+        nargs[name].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
+
+
+@triton.autotune(configs=_configs(_DX_TILES, "BLOCK_M", _dx_hook),
+                 key=["N", "H", "W", "C", "C_LO", "O_N", "O_F", "KH", "KW", "HAS_COUPLE"],
+                 prune_configs_by={"early_config_prune": _pruner(
+                     {"BLOCK_N": "C", "BLOCK_K": "O_N"}, "BLOCK_M", ("N", "H", "W"),
+                     "dy_desc")},
+                 do_bench=_interpreted_bench if base._INTERPRET else None)
+@triton.jit
+def _conv_dx_tma_kernel(
+        dy_desc, dyo_desc, wn_desc, wc_desc, dx_ptr, N, H, W, C, C_LO, O_N, O_F, I_F,
+        dx_col0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
+        KH: tl.constexpr, KW: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """A box of input pixels by BLOCK_N of the channels [C_LO, C): for tap (r, s) it reads
+    dy's box shifted by (pad - r * dil, pad - s * dil) (what lies outside dy reads zeros:
+    the taps that miss it) and the weight rows' tap-(r, s) columns.  Transposed as the
+    forward, dx^T = w^T dy^T: both operands from their bulk copies to wgmma.  A channel tile
+    that runs past C reads the next tap's weights into rows that are never stored; the dy
+    columns past O_N (or O_F) read zeros in both operands."""
+    tl.static_assert(IMG * BH * BW == BLOCK_M)
+    pid = tl.program_id(0)
+    n_tiles_c = (C - C_LO + BLOCK_N - 1) // BLOCK_N
+    pid_c = pid % n_tiles_c  # channel tiles fastest: one box's dy shared through L2
+    pid_m = pid // n_tiles_c
+    tiles_h = (H + BH - 1) // BH
+    tiles_w = (W + BW - 1) // BW
+    n0 = pid_m // (tiles_h * tiles_w) * IMG
+    hw = pid_m % (tiles_h * tiles_w)
+    h0 = hw // tiles_w * BH
+    w0 = hw % tiles_w * BW
+    c0 = C_LO + pid_c * BLOCK_N
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    n_o = (O_N + BLOCK_K - 1) // BLOCK_K
+    for i in range(0, KH * KW * n_o):
+        rs = i // n_o
+        o0 = (i % n_o) * BLOCK_K
+        g = dy_desc.load([n0, h0 + pad_h - rs // KW * dil_h, w0 + pad_w - rs % KW * dil_w, o0])
+        w = wn_desc.load([o0, rs * C + c0])
+        acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
+    if HAS_COUPLE:  # every frozen row reads the newest channels through w_couple
+        i_new = C - I_F
+        n_f = (O_F + BLOCK_K - 1) // BLOCK_K
+        for i in range(0, KH * KW * n_f):
+            rs = i // n_f
+            o0 = (i % n_f) * BLOCK_K
+            g = dyo_desc.load([n0, h0 + pad_h - rs // KW * dil_h,
+                               w0 + pad_w - rs % KW * dil_w, o0])
+            w = wc_desc.load([o0, rs * i_new + c0 - I_F])
+            acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
+    acc = tl.trans(acc)
+
+    j = tl.arange(0, BLOCK_M)
+    img = n0 + j // (BH * BW)
+    hi = h0 + (j // BW) % BH
+    wi = w0 + j % BW
+    p_mask = (img < N) & (hi < H) & (wi < W)
+    rel = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    dx_row = img.to(tl.int64) * sxn + hi * sxh + wi * sxw
+    tl.store(dx_ptr + dx_row[:, None] + (dx_col0 + rel)[None, :] * sxc,
+             acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & (C_LO + rel < C)[None, :])
+
+
+def dx_usable(dy, w_new, w_couple, dy_new_c0, o_f, stride, need_dx_old) -> bool:
+    """Whether dx of the new channels can run through descriptors (no dx_old: the frozen
+    groups' staircase stays with the pointer kernel)."""
+    if need_dx_old or tuple(stride) != (1, 1) or w_new.shape[0] == 0 or not lt.enabled_for(dy):
+        return False
+    ws = [w_new] + ([w_couple] if w_couple is not None else [])
+    if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):
+        return False
+    if not all(lt._describable(_taps_by_channel(w)) for w in ws):
+        return False
+    dys = [_channels(dy, dy_new_c0, w_new.shape[0])]
+    if w_couple is not None:
+        dys.append(_channels(dy, 0, o_f))
+    return all(lt._describable(d, rank=4) for d in dys)
+
+
+def grad_input(dy, w_new, w_couple, dx, dy_new_c0, c_lo, dx_col0, i_f, geo, prec) -> bool:
+    """dx[:, c_lo:] (at dx's column dx_col0) through descriptors; False when it cannot run
+    here.  ``w_couple`` already carries a folded BatchNorm's scale of its rows."""
+    n, c, h, wd = dx.shape[0], w_new.shape[1], dx.shape[2], dx.shape[3]
+    o_n, kh, kw = w_new.shape[0], w_new.shape[2], w_new.shape[3]
+    couple = w_couple is not None
+    o_f = w_couple.shape[0] if couple else 0
+    dy_new = _channels(dy, dy_new_c0, o_n)
+    wn = _taps_by_channel(w_new)
+
+    def grid(meta):
+        boxes = (triton.cdiv(n, meta["IMG"]) * triton.cdiv(h, meta["BH"])
+                 * triton.cdiv(wd, meta["BW"]))
+        return (boxes * triton.cdiv(c - c_lo, meta["BLOCK_N"]),)
+
+    return lt._launch(
+        "conv dx", _conv_dx_tma_kernel, grid,
+        (dy_new, _channels(dy, 0, o_f) if couple else dy_new, wn,
+         _taps_by_channel(w_couple) if couple else wn),
+        dx, n, h, wd, c, c_lo, o_n, o_f, i_f, dx_col0, *dx.stride(), *geo[2:],
+        KH=kh, KW=kw, HAS_COUPLE=couple, PREC=prec)

@@ -22,8 +22,8 @@ pointer kernel runs.  ``EXPANSE_FAST_TMA``: "1" always (where the layout allows;
 tests run it in the interpreter), "0" never, unset: on CUDA devices of compute capability 9
 or more for fp16/bf16.  If a launch fails (a Triton without descriptor support, say), the
 variants are switched off for the process with a warning naming the error
-(``disabled_reason``), and the pointer kernels compute the result.  The conv forward and dW
-descriptor kernels (``expanded_conv_tma``) share these switches.
+(``disabled_reason``), and the pointer kernels compute the result.  The conv descriptor
+kernels (``expanded_conv_tma``) share these switches.
 """
 from __future__ import annotations
 

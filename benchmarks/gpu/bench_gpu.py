@@ -752,18 +752,19 @@ def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, re
 
 def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
                                     ref):
-    """The Triton conv forward and dW with pointer gathers beside their default
-    tensor-descriptor (TMA) kernels on sm_90 (channels_last input): which pay, in the same
-    run.  Untuned (their first tiles), as the linear layer's noTMA row, so that the
-    section's time goes to the defaults' tuning; the dx kernel is the same."""
+    """The Triton conv kernels with pointer gathers beside their default tensor-descriptor
+    (TMA) kernels on sm_90 (channels_last input): which pay, in the same run.  Untuned
+    (their first tiles), as the linear layer's noTMA row, so that the section's time goes
+    to the defaults' tuning."""
     if dict(backends).get("triton", "absent") is not None:
         return
     from expanse_fast.kernels import expanded_conv
     from expanse_fast.kernels import expanded_linear_tma as tma
     state = f"off: {tma.disabled_reason}" if tma.disabled_reason else "on where usable"
-    ctx.note(f"triton conv forward and dW: TMA boxes of pixels {state} "
+    ctx.note(f"triton conv forward, dW and dx: TMA boxes of pixels {state} "
              f"(EXPANSE_FAST_TMA={tma.MODE}); expanse/triton-noTMA: pointer gathers, untuned")
-    kernels = (expanded_conv._conv_fwd_kernel, expanded_conv._conv_wgrad_kernel)
+    kernels = (expanded_conv._conv_fwd_kernel, expanded_conv._conv_wgrad_kernel,
+               expanded_conv._conv_dx_kernel)
     saved = [(kern.configs, dict(kern.cache)) for kern in kernels]
     saved_mode, tma.MODE = tma.MODE, "0"
     for kern in kernels:

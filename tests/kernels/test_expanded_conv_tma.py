@@ -34,14 +34,16 @@ def tma_launches(monkeypatch):
             launches.append((name, real(*args, **kwargs)))
             return launches[-1][1]
         return run
-    for name in ("forward", "wgrad"):
+    for name in ("forward", "wgrad", "grad_input"):
         monkeypatch.setattr(ect, name, spy(name, getattr(ect, name)))
     return launches
 
 
-def _expected(coupled):
-    """The descriptor launches of a forward and a backward asking for every gradient."""
-    return [("forward", True), ("wgrad", True)] + [("wgrad", True)] * coupled
+def _expected(coupled, dx_old=True):
+    """The descriptor launches of a forward and a backward asking for every gradient (dx
+    through descriptors only without dx_old)."""
+    return ([("forward", True), ("wgrad", True)] + [("wgrad", True)] * coupled
+            + [("grad_input", True)] * (not dx_old))
 
 
 # (in_groups, out_groups, kernel, coupled, bias, conv, batch, (H, W), channels_last)
@@ -71,6 +73,27 @@ def test_forward_matches_float64(tma_launches, name, dtype):
     assert tma_launches == _expected(coupled) and lt.disabled_reason is None
 
 
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_backward_without_dx_old_matches_float64(tma_launches, name, dtype):
+    """dx of the new channels through descriptors too (the taps that miss dy read zeros),
+    into dx itself or, for NCHW input, a channels_last buffer of the new channels."""
+    ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
+    t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
+    _run(t, conv, False, dtype, need_dx_old=False, channels_last=cl)
+    assert tma_launches == _expected(coupled, dx_old=False)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_coupled_folded_norm_without_dx_old(tma_launches, affine):
+    """The folded BatchNorm's scale of dy's frozen columns, which the coupling block reads
+    for dx, rides on w_couple's rows into the descriptor dx kernel."""
+    t = _make((16, 8), (16, 8), 3, True, True, torch.float16, batch=2, channels_last=True)
+    _run_norm(t, _conv(padding=1), False, torch.float16, False,
+              _norm(16, torch.float16, affine), channels_last=True)
+    assert tma_launches == _expected(True, dx_old=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_wgrad_reads_the_trainable_dy_columns_only(tma_launches, dtype):
     """No dx_old, no coupling: dW's descriptor starts at dy's first trainable column of the
@@ -90,7 +113,7 @@ def test_wgrad_reads_the_trainable_dy_columns_only(tma_launches, dtype):
         dy.to(DEV).contiguous(memory_format=torch.channels_last), **args, **conv,
         depthwise=False, need_dx_new=True, need_dx_old=False, need_dw=True, need_db=True,
         need_dcouple=False)
-    assert tma_launches == [("forward", True), ("wgrad", True)]
+    assert tma_launches == _expected(False, dx_old=False)
     for got, ref, what in ((dx, dx_r, "dx"), (dw, dw_r, "dw"), (db, db_r, "db")):
         _close(got, ref, dtype, what)
 

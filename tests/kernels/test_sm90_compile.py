@@ -22,7 +22,7 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 KERNELS = ("_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel", "_fwd_kernel", "_dx_kernel",
            "_dw_kernel", "_conv_fwd_tma_kernel", "_conv_fwd_kernel", "_conv_wgrad_tma_kernel",
-           "_conv_wgrad_kernel", "_conv_dx_kernel")
+           "_conv_wgrad_kernel", "_conv_dx_tma_kernel", "_conv_dx_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +47,10 @@ def compiled():
 
 
 CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
-# which conv launches compile each kernel: the descriptor forward and dW on both layouts,
-# the pointer ones where descriptors are off, the dx kernel everywhere
-CONV_LAYERS = {"_conv_fwd_tma_kernel": ["conv", "conv-nchw"], "_conv_fwd_kernel": ["conv-pointer"],
-               "_conv_wgrad_tma_kernel": ["conv", "conv-nchw"],
-               "_conv_wgrad_kernel": ["conv-pointer"],
-               "_conv_dx_kernel": ["conv", "conv-nchw", "conv-pointer"]}
+# which conv launches compile each kernel: the descriptor kernels on both layouts, the
+# pointer ones where descriptors are off
+CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-nchw"] if tma else ["conv-pointer"])
+               for k in ("fwd", "wgrad", "dx") for tma in ("_tma", "")}
 
 
 def test_every_kernel_compiles(compiled):
@@ -72,12 +70,14 @@ def test_no_spills_and_wgmma(compiled, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel",
-                                    "_conv_fwd_tma_kernel", "_conv_wgrad_tma_kernel"])
+                                    "_conv_fwd_tma_kernel", "_conv_wgrad_tma_kernel",
+                                    "_conv_dx_tma_kernel"])
 def test_descriptor_kernels_load_through_tma(compiled, kernel):
     assert all(r["tma"] > 0 for r in compiled[kernel])
 
 
-@pytest.mark.parametrize("kernel", ["_conv_fwd_tma_kernel", "_conv_wgrad_tma_kernel"])
+@pytest.mark.parametrize("kernel", ["_conv_fwd_tma_kernel", "_conv_wgrad_tma_kernel",
+                                    "_conv_dx_tma_kernel"])
 def test_conv_descriptor_kernels_make_no_2_byte_loads(compiled, kernel):
     assert all(r["ld_global_b16"] == 0 for r in compiled[kernel])
 
@@ -96,6 +96,6 @@ def test_pointer_kernels_copy_operands_16_bytes_at_a_time(compiled, kernel):
 
 
 @pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_fwd_kernel", "_conv_fwd_tma_kernel",
-                                    "_conv_fwd_kernel", "_conv_dx_kernel"])
+                                    "_conv_fwd_kernel", "_conv_dx_tma_kernel", "_conv_dx_kernel"])
 def test_outputs_stored_16_bytes_at_a_time(compiled, kernel):
     assert all(r["st_global_v4"] > 0 for r in compiled[kernel]), compiled[kernel]

@@ -215,23 +215,30 @@ def test_gpu_bf16(tma_launches, name):
 
 
 @pytest.mark.gpu
-def test_gpu_resnet_shape_bf16(monkeypatch):
+def test_gpu_resnet_shape_bf16(tma_launches, monkeypatch):
     """The run's layer (256 + 64 channels, 3x3, 56 x 56, 25% widening) as users get it
-    (EXPANSE_FAST_TMA unset): the descriptor forward runs, and matches fp32 torch."""
+    (EXPANSE_FAST_TMA unset), forward and the backward of a hidden layer (no dx_old): every
+    kernel runs through descriptors, and matches fp32 torch."""
     from expanse_fast.backends import torch_ref
     monkeypatch.setattr(lt, "MODE", "auto")
-    monkeypatch.setattr(lt, "disabled_reason", None)
-    used = []
-    real = ect.forward
-    monkeypatch.setattr(ect, "forward", lambda *a, **k: used.append(real(*a, **k)) or used[-1])
     t = _make((256, 64), (256, 64), 3, False, True, torch.bfloat16, batch=8, hw=(56, 56),
               channels_last=True)
     t["w_frozen"] = torch.nan_to_num(t["w_frozen"], nan=0.0)
     dev = _to_dev(t)
-    y = ec.expanded_conv2d_forward(**dev, **_conv(padding=1), depthwise=False)
-    assert used == [True]
-    ref = torch_ref.conv2d_forward(**{k: (v.float() if isinstance(v, torch.Tensor) else v)
-                                      for k, v in dev.items()}, **_conv(padding=1),
-                                   depthwise=False)
+    ref32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in dev.items()}
+    conv = _conv(padding=1)
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
+    ref = torch_ref.conv2d_forward(**ref32, **conv, depthwise=False)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
     assert y.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(y)
+    keys = ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups", "frozen_k_ends")
+    flags = dict(need_dx_new=True, need_dx_old=False, need_dw=True, need_db=True,
+                 need_dcouple=False)
+    got = ec.expanded_conv2d_backward(dy, **{k: dev[k] for k in keys}, **conv,
+                                      depthwise=False, **flags)
+    want = torch_ref.conv2d_backward(dy.float(), **{k: ref32[k] for k in keys}, **conv,
+                                     depthwise=False, **flags)
+    for name, g, r in zip(("dx", "dw", "db"), got, want):
+        assert ((g.float() - r).norm() / r.norm()).item() < 1e-2, name
+    assert tma_launches == _expected(False, dx_old=False)

@@ -82,8 +82,7 @@ def _cuda_math_state(device) -> str:
 
 
 def _tma_state(device) -> str:
-    """How the Triton linear kernels and the stride-1 conv kernels load their tiles on
-    ``device``."""
+    """How the Triton linear and conv kernels load their tiles on ``device``."""
     import torch
     try:
         from .kernels import expanded_linear_tma as tma
@@ -97,7 +96,7 @@ def _tma_state(device) -> str:
     if tma.MODE != "1" and cap < (9, 0):
         return f"tensor-descriptor (TMA) loads: off (compute capability {cap[0]}.{cap[1]} < 9.0)"
     return ("tensor-descriptor (TMA) loads: on for 16-byte aligned fp16/bf16 linear layers "
-            "and stride-1 convs"
+            "and convs"
             if tma.MODE != "1" else "tensor-descriptor (TMA) loads: on (EXPANSE_FAST_TMA=1)")
 
 

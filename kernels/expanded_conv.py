@@ -16,9 +16,10 @@ channels_last, else NCHW contiguous), as torch's own conv does.
 Kernels: forward (all groups, bias fused, one launch), weight gradient of the trainable
 rows (+ bias gradient, split over pixels for parallelism), input gradient (implicit GEMM of
 dy with the flipped weights; taps whose output position is not integral are masked), and
-direct depthwise forward / backward kernels.  All accumulate in fp32.  On Hopper, stride-1
-convs of 16-byte aligned channels_last fp16/bf16 activations take the tensor-descriptor
-(TMA) versions of the forward, dW and (without dx_old) dx kernels in ``expanded_conv_tma``.
+direct depthwise forward / backward kernels.  All accumulate in fp32.  On Hopper, convs of
+16-byte aligned channels_last fp16/bf16 activations take the tensor-descriptor (TMA)
+versions in ``expanded_conv_tma``: the forward (any stride that divides H and W), and at
+stride 1 dW and (without dx_old) dx.
 
 A folded eval-mode BatchNorm of the frozen output channels (``norm`` = mean, var, weight,
 bias, eps) runs in the forward kernels' epilogue, on the fp32 accumulator of the frozen

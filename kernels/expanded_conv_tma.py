@@ -1,21 +1,24 @@
 """The expanded conv kernels with tensor-descriptor (TMA) loads, for Hopper GPUs: forward,
 weight gradient, and the new channels' input gradient.
 
-The forward computes what ``expanded_conv._conv_fwd_kernel`` computes, for a stride-1
-convolution of channels_last activations (what the launcher hands the kernels by default,
-NCHW input included).  A tile's rows are not a run of flattened pixels but a box of output pixels,
-IMG images x BH rows x BW columns; for kernel tap (r, s) the input pixels it reads form the
-same box shifted by (r * dil - pad, s * dil - pad), so each operand tile is one 4-D bulk
-copy of x (N, H, W, C) into shared memory: no per-element addresses or masks, and what
-lies outside the image (the padding) or past the batch reads as zeros.  The weights are
-read as (O, KH * KW * Cin) matrices, the taps one after the other along a row.
+The forward computes what ``expanded_conv._conv_fwd_kernel`` computes, for a convolution
+of channels_last activations (what the launcher hands the kernels by default, NCHW input
+included).  A tile's rows are not a run of flattened pixels but a box of output pixels,
+IMG images x BH rows x BW columns; at stride 1, for kernel tap (r, s), the input pixels it
+reads form the same box shifted by (r * dil - pad, s * dil - pad), so each operand tile is
+one bulk copy of x (N, H, W, C) into shared memory: no per-element addresses or masks, and
+what lies outside the image (the padding) or past the batch reads as zeros.  At stride s
+(H and W multiples of s) x is read as (N, H / s, s, W / s, s * C): the tap's phase becomes
+a coordinate and the box stays one copy (``_x_box``).  The weights are read as
+(O, KH * KW * Cin) matrices, the taps one after the other along a row.
 
 * The product runs transposed (y^T = w x^T), with x's box as the second operand: there its
   reshape to (pixels, channels) stays a view of shared memory, and both operands go from
   their bulk copies straight to wgmma.  (As the first operand, Triton 3.6 loads it into
   registers.)
-* Frozen rows read x through a descriptor whose channels end at I_f, so no old unit ever
-  loads a newer input; the newest rows read all C.  Full channel tiles run in one flat
+* Frozen rows read x through a descriptor whose channels end at I_f (at stride 1; a phase
+  view cannot end there), so no old unit ever loads a newer input; the newest rows read
+  all C.  Full channel tiles run in one flat
   loop over (tap, tile), one software pipeline; where a group's k_end is not a multiple of
   BLOCK_K, each tap's partial tile is loaded whole and its channels at or past k_end are
   zeroed in both operands before the product (so a NaN in a staircase's zero block, in a
@@ -35,9 +38,9 @@ aligned bases and strides and a unit channel stride; fp32 and other GPUs take th
 kernel, and the switches (``EXPANSE_FAST_TMA``) and the fallback after a failed launch are
 those of ``expanded_linear_tma``.
 
-The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``) reduces
-over boxes of output pixels the same way: per tap, dy's box and x's box shifted by the tap
-are two bulk copies.  The input gradient (``_conv_dx_tma_kernel``) takes boxes of input
+The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``; stride
+1) reduces over boxes of output pixels the same way: per tap, dy's box and x's box shifted by the tap
+are two bulk copies.  The input gradient (``_conv_dx_tma_kernel``; stride 1) takes boxes of input
 pixels and dy's box shifted against the tap, for the new channels [I_f, C) only: where
 dx_old is asked, the frozen groups' staircase (each group's k_end cut) stays with the
 pointer kernel.  A folded BatchNorm's scale of the dy columns the coupling block reads is
@@ -45,6 +48,7 @@ moved onto w_couple's rows by the launcher.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -100,7 +104,8 @@ def _box_hook(**descs):
 
 
 def _fwd_hook(nargs):
-    _box_hook(x_desc="BLOCK_K", xo_desc="BLOCK_K")(nargs)
+    for name in ("x_desc", "xo_desc"):  # 5-D: the stride's phase row between rows and columns
+        nargs[name].block_shape = [nargs["IMG"], nargs["BH"], 1, nargs["BW"], nargs["BLOCK_K"]]
     for name in ("wf_desc", "wn_desc", "wc_desc"):
         nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
@@ -133,6 +138,20 @@ def _pruner(caps_by, pixels, dims=("N", "Ho", "Wo"), desc="x_desc"):
     return prune
 
 
+@triton.jit
+def _x_box(desc, n0, h0, w0, rs, c, C, KW: tl.constexpr, dil_h, dil_w, pad_h, pad_w,
+           ST_H: tl.constexpr, ST_W: tl.constexpr):
+    """x's box for tap rs of the output box at image n0, row h0, column w0: channels c.. .
+    ``desc`` covers x as (N, H / ST_H, ST_H, W / ST_W, ST_W * C): output row ho reads input
+    row ho * ST_H + r * dil - pad = (ho + dh) * ST_H + ph, so the stride's phase (ph, pw) is a
+    coordinate and the box's rows and columns stay consecutive.  (Offsets are taken
+    non-negative before the floor division.)"""
+    vh = rs // KW * dil_h - pad_h + ST_H * 4096
+    vw = rs % KW * dil_w - pad_w + ST_W * 4096
+    return desc.load([n0, h0 + vh // ST_H - 4096, vh % ST_H, w0 + vw // ST_W - 4096,
+                      vw % ST_W * C + c])
+
+
 def _interpreted_bench(kernel_call, quantiles):
     """Under the interpreter nothing is timed: the one pruned config runs (Triton 3.6 would
     otherwise ask for a GPU driver's timer even then)."""
@@ -140,7 +159,7 @@ def _interpreted_bench(kernel_call, quantiles):
 
 
 @triton.autotune(configs=_configs(_TILES, "BLOCK_M", _fwd_hook),
-                 key=["N", "Ho", "Wo", "O", "C", "G", "KH", "KW", "HAS_COUPLE"],
+                 key=["N", "Ho", "Wo", "O", "C", "G", "KH", "KW", "ST_H", "ST_W", "HAS_COUPLE"],
                  prune_configs_by={"early_config_prune": _pruner({"BLOCK_N": "O"}, "BLOCK_M")},
                  do_bench=_interpreted_bench if base._INTERPRET else None)
 @triton.jit
@@ -149,7 +168,8 @@ def _conv_fwd_tma_kernel(
         nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
         N, O, C, Ho, Wo, G, O_f, I_f,
         syn, syc, syh, syw, pad_h, pad_w, dil_h, dil_w,
-        KH: tl.constexpr, KW: tl.constexpr, HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, ST_H: tl.constexpr, ST_W: tl.constexpr,
+        HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
         HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr,
         NORM_B: tl.constexpr, OUT_VEC: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -166,8 +186,8 @@ def _conv_fwd_tma_kernel(
     tiles_w = (Wo + BW - 1) // BW
     n0 = pid_m // (tiles_h * tiles_w) * IMG
     hw = pid_m % (tiles_h * tiles_w)
-    h0 = hw // tiles_w * BH - pad_h
-    w0 = hw % tiles_w * BW - pad_w
+    h0 = hw // tiles_w * BH  # the output box's first row and column
+    w0 = hw % tiles_w * BW
     row_new = o_start - O_f  # the tile's first row of w_new (newest group only)
 
     # The product runs transposed, y^T = w x^T: the weight tile is the first operand, x's
@@ -184,13 +204,13 @@ def _conv_fwd_tma_kernel(
     for i in range(0, tl.where(is_new, 0, KH * KW * n_k)):
         rs = i // n_div
         c = (i % n_div) * BLOCK_K
-        a = xo_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, c])
+        a = _x_box(xo_desc, n0, h0, w0, rs, c, C, KW, dil_h, dil_w, pad_h, pad_w, ST_H, ST_W)
         b = wf_desc.load([o_start, rs * I_f + c])
         acc = tl.dot(b, a.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     for i in range(0, tl.where(is_new, KH * KW * n_k, 0)):
         rs = i // n_div
         c = (i % n_div) * BLOCK_K
-        a = x_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, c])
+        a = _x_box(x_desc, n0, h0, w0, rs, c, C, KW, dil_h, dil_w, pad_h, pad_w, ST_H, ST_W)
         b = wn_desc.load([row_new, rs * C + c])
         acc = tl.dot(b, a.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     # Each tap's partial channel tile where k_end is not a multiple of BLOCK_K, its
@@ -199,13 +219,13 @@ def _conv_fwd_tma_kernel(
     c_tail = n_k * BLOCK_K
     live = (c_tail + tl.arange(0, BLOCK_K)) < k_end
     for rs in range(0, tl.where(c_tail < k_end, KH * KW, 0)):
-        hi = h0 + rs // KW * dil_h
-        wi = w0 + rs % KW * dil_w
         if is_new:
-            a = x_desc.load([n0, hi, wi, c_tail])
+            a = _x_box(x_desc, n0, h0, w0, rs, c_tail, C, KW, dil_h, dil_w, pad_h, pad_w,
+                       ST_H, ST_W)
             b = wn_desc.load([row_new, rs * C + c_tail])
         else:
-            a = xo_desc.load([n0, hi, wi, c_tail])
+            a = _x_box(xo_desc, n0, h0, w0, rs, c_tail, C, KW, dil_h, dil_w, pad_h, pad_w,
+                       ST_H, ST_W)
             b = wf_desc.load([o_start, rs * I_f + c_tail])
         a = tl.where(live[None, :], a.reshape(BLOCK_M, BLOCK_K), 0.0).to(a.dtype)
         b = tl.where(live[None, :], b, 0.0).to(b.dtype)
@@ -219,13 +239,15 @@ def _conv_fwd_tma_kernel(
         for i in range(0, tl.where(is_new, 0, KH * KW * n_c)):
             rs = i // n_cdiv
             c = (i % n_cdiv) * BLOCK_K
-            a = x_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, I_f + c])
+            a = _x_box(x_desc, n0, h0, w0, rs, I_f + c, C, KW, dil_h, dil_w, pad_h, pad_w,
+                       ST_H, ST_W)
             b = wc_desc.load([o_start, rs * i_new + c])
             acc = tl.dot(b, a.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
         c_tail = n_c * BLOCK_K
         live = (c_tail + tl.arange(0, BLOCK_K)) < i_new
         for rs in range(0, tl.where(is_new | (c_tail >= i_new), 0, KH * KW)):
-            a = x_desc.load([n0, h0 + rs // KW * dil_h, w0 + rs % KW * dil_w, I_f + c_tail])
+            a = _x_box(x_desc, n0, h0, w0, rs, I_f + c_tail, C, KW, dil_h, dil_w, pad_h,
+                       pad_w, ST_H, ST_W)
             b = wc_desc.load([o_start, rs * i_new + c_tail])
             a = tl.where(live[None, :], a.reshape(BLOCK_M, BLOCK_K), 0.0).to(a.dtype)
             b = tl.where(live[None, :], b, 0.0).to(b.dtype)
@@ -241,8 +263,8 @@ def _conv_fwd_tma_kernel(
     # row j of the tile is pixel (j // BW) % BH, j % BW of image j // (BH * BW) of the box
     j = tl.arange(0, BLOCK_M)
     img = n0 + j // (BH * BW)
-    ho = h0 + pad_h + (j // BW) % BH
-    wo = w0 + pad_w + j % BW
+    ho = h0 + (j // BW) % BH
+    wo = w0 + j % BW
     m_mask = (img < N) & (ho < Ho) & (wo < Wo)
     y_row = img.to(tl.int64) * syn + ho * syh + wo * syw
     tl.store(y_ptr + y_row[:, None] + offs_o[None, :] * syc,
@@ -256,18 +278,34 @@ def _taps_by_channel(w):
     return w.permute(0, 2, 3, 1).reshape(o, kh * kw * c)
 
 
+def _phases(x, stride):
+    """x (N, C, H, W) channels_last as the 5-D (N, H / sh, sh, W / sw, sw * C) view the
+    forward's descriptors read (the stride's phase a coordinate); None where there is none:
+    H or W not a multiple of the stride, or strided x not densely channels_last."""
+    n, c, h, w = x.shape
+    sh, sw = stride
+    x4 = x.permute(0, 2, 3, 1)
+    if (sh, sw) == (1, 1):
+        return x4.unsqueeze(2)
+    if h % sh or w % sw or not x.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return x4.reshape(n, h // sh, sh, w // sw, sw * c)
+
+
 def usable(x, w_frozen, w_new, w_couple, stride, depthwise) -> bool:
     """Whether the forward of these operands (after the launcher's layout copies) can run
     through descriptors."""
-    if depthwise or tuple(stride) != (1, 1) or not lt.enabled_for(x):
+    if depthwise or not lt.enabled_for(x):
+        return False
+    x5 = _phases(x, tuple(stride))
+    if x5 is None or not lt._describable(x5, rank=5):
         return False
     if w_frozen.shape[0] == 0 or w_frozen.shape[1] == 0:
         return False  # (no frozen rows or inputs: nothing for the frozen descriptors)
     ws = [w_frozen, w_new] + ([w_couple] if w_couple is not None else [])
     if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):
         return False
-    return (lt._describable(x.permute(0, 2, 3, 1), rank=4)
-            and all(lt._describable(_taps_by_channel(w)) for w in ws))
+    return all(lt._describable(_taps_by_channel(w)) for w in ws)
 
 
 def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, norm_flags,
@@ -278,7 +316,12 @@ def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, 
     o_f, i_f = w_frozen.shape[0], w_frozen.shape[1]
     kh, kw = w_new.shape[2], w_new.shape[3]
     has_couple = w_couple is not None
-    x4 = x.permute(0, 2, 3, 1)
+    st = (geo[0], geo[1])
+    x5 = _phases(x, st)
+    # stride 1: frozen rows read a descriptor that ends at I_f.  A phase view cannot end at
+    # I_f within each phase: there they read x5, kept from newer inputs by their loop
+    # bounds and the partial tiles' zeroing alone.
+    xo5 = x5[..., :i_f] if st == (1, 1) else x5
     wf, wn = _taps_by_channel(w_frozen), _taps_by_channel(w_new)
     wc = _taps_by_channel(w_couple) if has_couple else wn
 
@@ -292,10 +335,10 @@ def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, 
 
     return lt._launch(
         "conv forward", _conv_fwd_tma_kernel, grid,
-        (x4, x4[..., :i_f], wf, wn, wc),
+        (x5, xo5, wf, wn, wc),
         bf, bn, y, groups, *norm_ptrs, n, o, c, ho, wo, len(widths), o_f, i_f,
         *y.stride(), geo[2], geo[3], geo[4], geo[5],
-        KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
+        KH=kh, KW=kw, ST_H=st[0], ST_W=st[1], HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
         OUT_VEC=out_vec, PREC=prec)
 
 

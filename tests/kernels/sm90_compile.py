@@ -7,7 +7,8 @@ Run as a script (never with TRITON_INTERPRET set: the kernels must be real JIT f
 
 The real launchers run on CPU tensors of the issue's shapes (a 4096-wide linear layer
 widened by 1024, 16384 rows; the 3x3 conv of a ResNet-50 stage, 256 + 64 channels,
-channels_last and NCHW, and channels_last without tensor descriptors), with a stand-in
+channels_last and NCHW, channels_last without tensor descriptors, and ResNet-50's stride-2
+3x3), with a stand-in
 Triton driver that names an sm_90 target.  Each launch
 compiles its kernel for every config the autotuner would try (after pruning), through
 ``JITFunction.warmup``, and runs nothing.  Per kernel and config: registers, stack (spills),
@@ -170,18 +171,20 @@ def linear_launches(rows=16384, old=4096, new=1024, coupled=False):
     L.grad_weight(dy[:, old:], x, with_colsum=True)
 
 
-def conv_launches(old=256, new=64, hw=56, channels_last=True):
+def conv_launches(old=256, new=64, hw=56, channels_last=True, stride=1):
     """The run's conv, fwd and the backward of an isolated hidden layer (no dx_old).  NCHW:
-    the launchers' channels_last copies, the trainable dy columns only and dx's own buffer."""
+    the launchers' channels_last copies, the trainable dy columns only and dx's own buffer.
+    stride 2: ResNet-50's downsampling 3x3 (128 + 32 channels, 56 -> 28)."""
     import torch
     from expanse_fast.kernels import expanded_conv as C
     dt = torch.bfloat16
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, old + new, hw, hw, dtype=dt).contiguous(memory_format=fmt)
-    dy = torch.randn(2, old + new, hw, hw, dtype=dt).contiguous(memory_format=fmt)
+    hwo = (hw - 1) // stride + 1
+    dy = torch.randn(2, old + new, hwo, hwo, dtype=dt).contiguous(memory_format=fmt)
     wf, wn = torch.randn(old, old, 3, 3, dtype=dt), torch.randn(new, old + new, 3, 3, dtype=dt)
-    C.expanded_conv2d_forward(x, wf, None, wn, None, None, [old], [old], 1, 1, 1, False)
-    C.expanded_conv2d_backward(dy, x, wf, wn, None, [old], [old], 1, 1, 1, False,
+    C.expanded_conv2d_forward(x, wf, None, wn, None, None, [old], [old], stride, 1, 1, False)
+    C.expanded_conv2d_backward(dy, x, wf, wn, None, [old], [old], stride, 1, 1, False,
                                True, False, True, True, False)
 
 
@@ -206,7 +209,8 @@ def report(first_config: bool = False) -> dict:
     for name, run in (("linear", linear_launches), ("linear", without_tma(linear_launches)),
                       ("conv", conv_launches),
                       ("conv-nchw", lambda: conv_launches(channels_last=False)),
-                      ("conv-pointer", without_tma(conv_launches))):
+                      ("conv-pointer", without_tma(conv_launches)),
+                      ("conv-stride2", lambda: conv_launches(128, 32, stride=2))):
         for row in compile_launches(run, first_config):
             out["rows"].append(dict(row, layer=name))
     return out

@@ -39,9 +39,11 @@ def tma_launches(monkeypatch):
     return launches
 
 
-def _expected(coupled, dx_old=True):
+def _expected(coupled, dx_old=True, stride=(1, 1)):
     """The descriptor launches of a forward and a backward asking for every gradient (dx
-    through descriptors only without dx_old)."""
+    through descriptors only without dx_old; dW and dx only at stride 1)."""
+    if tuple(stride) != (1, 1):
+        return [("forward", True)]
     return ([("forward", True), ("wgrad", True)] + [("wgrad", True)] * coupled
             + [("grad_input", True)] * (not dx_old))
 
@@ -61,6 +63,16 @@ CASES = {
     "coupled_24_new": ((16, 24), (8, 16), 3, True, True, _conv(padding=1), 2, (5, 6), True),
     # NCHW input: the launcher's channels_last copy goes through the descriptors
     "nchw_input": ((16, 8), (24, 8), 3, False, True, _conv(padding=1), 2, (5, 7), False),
+    # strided: x read as (N, H/s, s, W/s, s*C), the stride's phase a coordinate; the
+    # frozen rows' partial tiles (group 0 stops at 8) run into newer channels and the
+    # next phase's, and must zero them
+    "stride2_pad1": ((16, 8), (16, 8), 3, False, True, _conv(stride=2, padding=1), 3, (6, 8),
+                     True),
+    "3groups_stride2_tail": ((8, 8, 16), (8, 16, 8), 3, False, True,
+                             _conv(stride=2, padding=1), 2, (6, 4), True),
+    "coupled_1x1_stride2": ((16, 24), (8, 16), 1, True, True, _conv(stride=2), 2, (4, 6), True),
+    "stride_2x1_dil": ((16, 8), (16, 8), 3, False, True,
+                       _conv(stride=(2, 1), padding=(1, 2), dilation=(1, 2)), 1, (6, 7), True),
 }
 
 
@@ -70,7 +82,8 @@ def test_forward_matches_float64(tma_launches, name, dtype):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
     _run(t, conv, False, dtype, need_dx_old=True, channels_last=cl)
-    assert tma_launches == _expected(coupled) and lt.disabled_reason is None
+    assert tma_launches == _expected(coupled, stride=conv["stride"])
+    assert lt.disabled_reason is None
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -81,7 +94,7 @@ def test_backward_without_dx_old_matches_float64(tma_launches, name, dtype):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
     _run(t, conv, False, dtype, need_dx_old=False, channels_last=cl)
-    assert tma_launches == _expected(coupled, dx_old=False)
+    assert tma_launches == _expected(coupled, dx_old=False, stride=conv["stride"])
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -118,21 +131,24 @@ def test_wgrad_reads_the_trainable_dy_columns_only(tma_launches, dtype):
         _close(got, ref, dtype, what)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 # (the later groups do read the inf channels: inf - inf in their sums is expected there)
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-def test_first_group_never_reads_later_inputs(tma_launches, dtype):
+def test_first_group_never_reads_later_inputs(tma_launches, dtype, stride):
     """inf in every input channel past group 0's k_end: its outputs stay those of the
-    pretrained layer, though its partial channel tile is loaded whole."""
-    t = _make((8, 8, 16), (8, 16, 8), 3, False, True, dtype, batch=2, hw=(5, 6),
+    pretrained layer, though its partial channel tile is loaded whole (at stride 2 it runs
+    on into the next phase's channels too)."""
+    t = _make((8, 8, 16), (8, 16, 8), 3, False, True, dtype, batch=2, hw=(6, 6),
               channels_last=True)
     k0, rows0 = t["frozen_k_ends"][0], t["frozen_out_groups"][0]
     clean = t["x"].clone()
     t["x"][:, k0:] = float("inf")
-    y = ec.expanded_conv2d_forward(**_to_dev(t), **_conv(padding=1), depthwise=False)
+    conv = _conv(stride=stride, padding=1)
+    y = ec.expanded_conv2d_forward(**_to_dev(t), **conv, depthwise=False)
     assert tma_launches == [("forward", True)]
     clean[:, k0:] = 0
-    y_ref, _ = _reference(dict(t, x=clean), _conv(padding=1), False,
+    y_ref, _ = _reference(dict(t, x=clean), conv, False,
                           torch.zeros(y.shape, dtype=torch.float64))
     _close(y[:, :rows0], y_ref[:, :rows0], dtype, "group 0's y")
 
@@ -145,12 +161,12 @@ def test_folded_norm(tma_launches, affine):
     assert tma_launches == _expected(False)
 
 
-@pytest.mark.parametrize("why", ["stride2", "depthwise", "nchw_direct", "channels_not_x8",
-                                 "no_frozen_rows"])
+@pytest.mark.parametrize("why", ["stride2_odd_size", "depthwise", "nchw_direct",
+                                 "channels_not_x8", "no_frozen_rows"])
 def test_pointer_kernel_where_descriptors_do_not_fit(tma_launches, monkeypatch, why):
     conv, dw, dtype = _conv(padding=1), 0, torch.float16
     ig, og = (16, 8), (16, 8)
-    if why == "stride2":
+    if why == "stride2_odd_size":  # 5 x 7: no (H / 2, 2, W / 2, 2 C) view
         conv = _conv(stride=2, padding=1)
     elif why == "depthwise":
         dw = 2

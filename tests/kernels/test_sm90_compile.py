@@ -3,7 +3,7 @@
 sm90_compile.py (run in a subprocess: the test session's kernels are interpreted) drives the
 real launchers at the shapes of issue 3 and compiles each kernel's default config, the
 linear layer's with and without tensor descriptors, the conv's on channels_last and NCHW
-input and without descriptors.  What the interpreter cannot show is asserted here: every
+input, without descriptors and at stride 2.  What the interpreter cannot show is asserted here: every
 kernel compiles, none spills registers, the GEMMs use wgmma, the descriptor kernels use TMA,
 and the conv kernels move their operands in 16-byte pipelined copies (or TMA) and store 16
 bytes at a time (a mask the compiler cannot prove
@@ -48,9 +48,13 @@ def compiled():
 
 CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 # which conv launches compile each kernel: the descriptor kernels on both layouts, the
-# pointer ones where descriptors are off
+# pointer ones where descriptors are off; at stride 2 the forward through descriptors, the
+# backward through pointers
 CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-nchw"] if tma else ["conv-pointer"])
                for k in ("fwd", "wgrad", "dx") for tma in ("_tma", "")}
+CONV_LAYERS["_conv_fwd_tma_kernel"].append("conv-stride2")
+CONV_LAYERS["_conv_wgrad_kernel"].append("conv-stride2")
+CONV_LAYERS["_conv_dx_kernel"].append("conv-stride2")
 
 
 def test_every_kernel_compiles(compiled):

@@ -16,11 +16,9 @@ a coordinate and the box stays one copy (``_x_box``).  The weights are read as
   reshape to (pixels, channels) stays a view of shared memory, and both operands go from
   their bulk copies straight to wgmma.  (As the first operand, Triton 3.6 loads it into
   registers.)
-* Frozen rows read x through a descriptor whose channels end at I_f (at stride 1; a phase
-  view cannot end there), so no old unit ever loads a newer input; the newest rows read
-  all C.  Full channel tiles run in one flat
-  loop over (tap, tile), one software pipeline; where a group's k_end is not a multiple of
-  BLOCK_K, each tap's partial tile is loaded whole and its channels at or past k_end are
+* No old unit ever multiplies a newer input: full channel tiles run in one flat loop over
+  (tap, tile), one software pipeline, and stop at the group's k_end; where k_end is not a
+  multiple of BLOCK_K, each tap's partial tile is loaded whole and its channels at or past k_end are
   zeroed in both operands before the product (so a NaN in a staircase's zero block, in a
   newer input or in the next tap's weights stays out).
 * The coupled layout's block (frozen rows reading [I_f, C)) is a third loop, with its own
@@ -59,7 +57,7 @@ from . import expanded_linear_tma as lt
 # width the 128-byte swizzle of the operand tiles wants.  The product is transposed, so a
 # warpgroup's wgmma covers 64 output channels by up to 256 pixels: 256 x 64 suits the
 # common 64-channel widening (a 128-wide channel tile there multiplies half zeros), and
-# 256 x 128 moves the fewest bytes per multiply over the frozen channels (239 registers,
+# 256 x 128 moves the fewest bytes per multiply over the frozen channels (245 registers,
 # no spills; 256 x 64 on 4 warps spills).
 _TILES = [(128, 128, 64, 8, 3), (256, 64, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
           (128, 128, 32, 8, 4), (256, 128, 64, 8, 3)]
@@ -104,8 +102,8 @@ def _box_hook(**descs):
 
 
 def _fwd_hook(nargs):
-    for name in ("x_desc", "xo_desc"):  # 5-D: the stride's phase row between rows and columns
-        nargs[name].block_shape = [nargs["IMG"], nargs["BH"], 1, nargs["BW"], nargs["BLOCK_K"]]
+    # 5-D: the stride's phase between rows and columns
+    nargs["x_desc"].block_shape = [nargs["IMG"], nargs["BH"], 1, nargs["BW"], nargs["BLOCK_K"]]
     for name in ("wf_desc", "wn_desc", "wc_desc"):
         nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
@@ -164,7 +162,7 @@ def _interpreted_bench(kernel_call, quantiles):
                  do_bench=_interpreted_bench if base._INTERPRET else None)
 @triton.jit
 def _conv_fwd_tma_kernel(
-        x_desc, xo_desc, wf_desc, wn_desc, wc_desc, bf_ptr, bn_ptr, y_ptr, groups_ptr,
+        x_desc, wf_desc, wn_desc, wc_desc, bf_ptr, bn_ptr, y_ptr, groups_ptr,
         nm_ptr, nv_ptr, nw_ptr, nb_ptr, norm_eps,
         N, O, C, Ho, Wo, G, O_f, I_f,
         syn, syc, syh, syw, pad_h, pad_w, dil_h, dil_w,
@@ -195,16 +193,16 @@ def _conv_fwd_tma_kernel(
     # a view of shared memory, so both operands go from their bulk copies straight to wgmma
     # (as the first, it went through registers).
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    # Full channel tiles, (tap, tile) flattened.  Two loops, one of them empty, rather than
-    # a branch: frozen rows read x through xo_desc (channels [0, I_f)) and w_frozen, the
-    # newest rows x_desc and w_new.  A weight row holds the taps one after the other
-    # (columns rs * Cin + c): a full tile never crosses into the next tap.
+    # Full channel tiles up to k_end, (tap, tile) flattened.  Two loops, one of them empty,
+    # rather than a branch: frozen rows read w_frozen, the newest rows w_new.  A weight row
+    # holds the taps one after the other (columns rs * Cin + c): a full tile never crosses
+    # into the next tap.
     n_k = k_end // BLOCK_K
     n_div = tl.maximum(n_k, 1)
     for i in range(0, tl.where(is_new, 0, KH * KW * n_k)):
         rs = i // n_div
         c = (i % n_div) * BLOCK_K
-        a = _x_box(xo_desc, n0, h0, w0, rs, c, C, KW, dil_h, dil_w, pad_h, pad_w, ST_H, ST_W)
+        a = _x_box(x_desc, n0, h0, w0, rs, c, C, KW, dil_h, dil_w, pad_h, pad_w, ST_H, ST_W)
         b = wf_desc.load([o_start, rs * I_f + c])
         acc = tl.dot(b, a.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     for i in range(0, tl.where(is_new, KH * KW * n_k, 0)):
@@ -219,13 +217,11 @@ def _conv_fwd_tma_kernel(
     c_tail = n_k * BLOCK_K
     live = (c_tail + tl.arange(0, BLOCK_K)) < k_end
     for rs in range(0, tl.where(c_tail < k_end, KH * KW, 0)):
+        a = _x_box(x_desc, n0, h0, w0, rs, c_tail, C, KW, dil_h, dil_w, pad_h, pad_w,
+                   ST_H, ST_W)
         if is_new:
-            a = _x_box(x_desc, n0, h0, w0, rs, c_tail, C, KW, dil_h, dil_w, pad_h, pad_w,
-                       ST_H, ST_W)
             b = wn_desc.load([row_new, rs * C + c_tail])
         else:
-            a = _x_box(xo_desc, n0, h0, w0, rs, c_tail, C, KW, dil_h, dil_w, pad_h, pad_w,
-                       ST_H, ST_W)
             b = wf_desc.load([o_start, rs * I_f + c_tail])
         a = tl.where(live[None, :], a.reshape(BLOCK_M, BLOCK_K), 0.0).to(a.dtype)
         b = tl.where(live[None, :], b, 0.0).to(b.dtype)
@@ -318,10 +314,6 @@ def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, 
     has_couple = w_couple is not None
     st = (geo[0], geo[1])
     x5 = _phases(x, st)
-    # stride 1: frozen rows read a descriptor that ends at I_f.  A phase view cannot end at
-    # I_f within each phase: there they read x5, kept from newer inputs by their loop
-    # bounds and the partial tiles' zeroing alone.
-    xo5 = x5[..., :i_f] if st == (1, 1) else x5
     wf, wn = _taps_by_channel(w_frozen), _taps_by_channel(w_new)
     wc = _taps_by_channel(w_couple) if has_couple else wn
 
@@ -335,7 +327,7 @@ def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, 
 
     return lt._launch(
         "conv forward", _conv_fwd_tma_kernel, grid,
-        (x5, xo5, wf, wn, wc),
+        (x5, wf, wn, wc),
         bf, bn, y, groups, *norm_ptrs, n, o, c, ho, wo, len(widths), o_f, i_f,
         *y.stride(), geo[2], geo[3], geo[4], geo[5],
         KH=kh, KW=kw, ST_H=st[0], ST_W=st[1], HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,

@@ -264,6 +264,18 @@ def test_mixed_layouts_and_what_the_kernels_read(nchw_mode, x_cl, dy_cl, monkeyp
     assert dev["x"].is_contiguous(memory_format=torch.channels_last) == x_cl
 
 
+def _forward_and_poisoned_dy(t, conv, n_frozen):
+    """The forward of case ``t`` on the device, then a random dy whose first ``n_frozen``
+    (frozen) columns are NaN, and the float64 gradients (dx, dW_new, db_new, dcouple) of
+    the clean dy: (device tensors, dy, gradients)."""
+    dev = _to_dev(t)
+    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
+    dy = torch.randn(y.shape, dtype=t["x"].dtype)
+    _, refs = _reference(t, conv, False, dy)
+    dy[:, :n_frozen] = float("nan")
+    return dev, dy, refs
+
+
 @pytest.mark.parametrize("nchw_mode", ec.NCHW_MODES)
 @pytest.mark.parametrize("need_dw", [True, False])
 def test_unread_dy_columns_are_neither_copied_nor_read(nchw_mode, need_dw, monkeypatch):
@@ -273,11 +285,7 @@ def test_unread_dy_columns_are_neither_copied_nor_read(nchw_mode, need_dw, monke
     seen = _spy_on_gathers(monkeypatch)
     t = _make((5, 3, 3), (2, 3, 4), 3, False, True, torch.float32, batch=2)
     conv = _conv(padding=1)
-    dev = _to_dev(t)
-    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
-    dy = torch.randn(y.shape)
-    _, (dx_r, dw_r, db_r, _) = _reference(t, conv, False, dy)
-    dy[:, :5] = float("nan")
+    dev, dy, (dx_r, dw_r, db_r, _) = _forward_and_poisoned_dy(t, conv, 5)
     dx_r[:, :8] = 0
     seen.clear()
     args = _layer_args(dev)
@@ -301,11 +309,7 @@ def test_coupled_layer_asked_for_dw_only_reads_no_frozen_dy(nchw_mode, monkeypat
     seen = _spy_on_gathers(monkeypatch)
     t = _make((5, 3), (6, 4), 3, True, True, torch.float32, batch=2)
     conv = _conv(padding=1)
-    dev = _to_dev(t)
-    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
-    dy = torch.randn(y.shape)
-    _, (_, dw_r, db_r, _) = _reference(t, conv, False, dy)
-    dy[:, :6] = float("nan")
+    dev, dy, (_, dw_r, db_r, _) = _forward_and_poisoned_dy(t, conv, 6)
     seen.clear()
     args = _layer_args(dev)
     dx, dw, db, dc = ec.expanded_conv2d_backward(
@@ -424,10 +428,12 @@ def test_resnet_shape_nchw_without_old_gradients(nchw_mode, monkeypatch):
     _check_resnet_shape(False, torch.bfloat16, need_dx_old=False)
 
 
-def _check_resnet_shape(coupled, dtype, need_dx_old):
+def _check_resnet_shape(coupled, dtype, need_dx_old, hw=(28, 28), channels_last=False):
     from expanse_fast.backends import torch_ref
 
-    t = _make((256, 64), (256, 64), 3, coupled, True, dtype, batch=8, hw=(28, 28))
+    t = _make((256, 64), (256, 64), 3, coupled, True, dtype, batch=8, hw=hw,
+              channels_last=channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     t["w_frozen"] = torch.nan_to_num(t["w_frozen"], nan=0.0)
     dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
     conv = _conv(padding=1)
@@ -436,6 +442,7 @@ def _check_resnet_shape(coupled, dtype, need_dx_old):
     y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
     y_ref = torch_ref.conv2d_forward(**ref32, **conv, depthwise=False)
     assert _rel(y, y_ref) < 1e-2
+    assert y.is_contiguous(memory_format=fmt)  # x's layout
     dy = torch.randn_like(y)
     keys = ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups", "frozen_k_ends")
     flags = dict(need_dx_new=True, need_dx_old=need_dx_old, need_dw=True, need_db=True,
@@ -449,7 +456,7 @@ def _check_resnet_shape(coupled, dtype, need_dx_old):
             assert g is None, name
             continue
         assert g.dtype == dtype and _rel(g, r) < 1e-2, (name, _rel(g, r))
-    assert got[0].is_contiguous()  # x's layout
+    assert got[0].is_contiguous(memory_format=fmt)  # x's layout
     if not need_dx_old:
         assert torch.count_nonzero(got[0][:, :t["w_frozen"].shape[1]]) == 0
 

@@ -14,8 +14,9 @@ import torch
 from expanse_fast.kernels import expanded_conv as ec
 from expanse_fast.kernels import expanded_conv_tma as ect
 from expanse_fast.kernels import expanded_linear_tma as lt
-from test_expanded_conv_kernels import (DEV, _close, _conv, _make, _norm, _reference, _run,
-                                        _run_norm, _to_dev)
+from test_expanded_conv_kernels import (DEV, _check_resnet_shape, _close, _conv,
+                                        _forward_and_poisoned_dy, _layer_args, _make, _norm,
+                                        _reference, _run, _run_norm, _to_dev)
 from test_expanded_conv_kernels import _exact_fp32  # noqa: F401 -- autouse: IEEE fp32
 
 
@@ -114,16 +115,10 @@ def test_wgrad_reads_the_trainable_dy_columns_only(tma_launches, dtype):
     t = _make((16, 8), (16, 8), 3, False, True, dtype, batch=3, hw=(5, 6),
               channels_last=True)
     conv = _conv(padding=1)
-    dev = _to_dev(t)
-    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
-    dy = torch.randn(y.shape, dtype=dtype)
-    _, (dx_r, dw_r, db_r, _) = _reference(t, conv, False, dy)
-    dy[:, :16] = float("nan")
+    dev, dy, (dx_r, dw_r, db_r, _) = _forward_and_poisoned_dy(t, conv, 16)
     dx_r[:, :16] = 0
-    args = {k: dev[k] for k in ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups",
-                                "frozen_k_ends")}
     dx, dw, db, _ = ec.expanded_conv2d_backward(
-        dy.to(DEV).contiguous(memory_format=torch.channels_last), **args, **conv,
+        dy.to(DEV).contiguous(memory_format=torch.channels_last), **_layer_args(dev), **conv,
         depthwise=False, need_dx_new=True, need_dx_old=False, need_dw=True, need_db=True,
         need_dcouple=False)
     assert tma_launches == _expected(False, dx_old=False)
@@ -235,26 +230,7 @@ def test_gpu_resnet_shape_bf16(tma_launches, monkeypatch):
     """The run's layer (256 + 64 channels, 3x3, 56 x 56, 25% widening) as users get it
     (EXPANSE_FAST_TMA unset), forward and the backward of a hidden layer (no dx_old): every
     kernel runs through descriptors, and matches fp32 torch."""
-    from expanse_fast.backends import torch_ref
     monkeypatch.setattr(lt, "MODE", "auto")
-    t = _make((256, 64), (256, 64), 3, False, True, torch.bfloat16, batch=8, hw=(56, 56),
-              channels_last=True)
-    t["w_frozen"] = torch.nan_to_num(t["w_frozen"], nan=0.0)
-    dev = _to_dev(t)
-    ref32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in dev.items()}
-    conv = _conv(padding=1)
-    y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)
-    ref = torch_ref.conv2d_forward(**ref32, **conv, depthwise=False)
-    assert ((y.float() - ref).norm() / ref.norm()).item() < 1e-2
-    assert y.is_contiguous(memory_format=torch.channels_last)
-    dy = torch.randn_like(y)
-    keys = ("x", "w_frozen", "w_new", "w_couple", "frozen_out_groups", "frozen_k_ends")
-    flags = dict(need_dx_new=True, need_dx_old=False, need_dw=True, need_db=True,
-                 need_dcouple=False)
-    got = ec.expanded_conv2d_backward(dy, **{k: dev[k] for k in keys}, **conv,
-                                      depthwise=False, **flags)
-    want = torch_ref.conv2d_backward(dy.float(), **{k: ref32[k] for k in keys}, **conv,
-                                     depthwise=False, **flags)
-    for name, g, r in zip(("dx", "dw", "db"), got, want):
-        assert ((g.float() - r).norm() / r.norm()).item() < 1e-2, name
+    _check_resnet_shape(False, torch.bfloat16, need_dx_old=False, hw=(56, 56),
+                        channels_last=True)
     assert tma_launches == _expected(False, dx_old=False)

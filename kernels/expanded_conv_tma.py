@@ -36,13 +36,13 @@ aligned bases and strides and a unit channel stride; fp32 and other GPUs take th
 kernel, and the switches (``EXPANSE_FAST_TMA``) and the fallback after a failed launch are
 those of ``expanded_linear_tma``.
 
-The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``; stride
-1) reduces over boxes of output pixels the same way: per tap, dy's box and x's box shifted by the tap
-are two bulk copies.  The input gradient (``_conv_dx_tma_kernel``; stride 1) takes boxes of input
-pixels and dy's box shifted against the tap, for the new channels [I_f, C) only: where
-dx_old is asked, the frozen groups' staircase (each group's k_end cut) stays with the
-pointer kernel.  A folded BatchNorm's scale of the dy columns the coupling block reads is
-moved onto w_couple's rows by the launcher.
+The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``;
+stride 1) reduces over boxes of output pixels the same way: per tap, dy's box and x's box
+shifted by the tap are two bulk copies.  The input gradient (``_conv_dx_tma_kernel``;
+stride 1) takes boxes of input pixels and dy's box shifted against the tap, for the new
+channels [I_f, C) only: where dx_old is asked, the frozen groups' staircase (each group's
+k_end cut) stays with the pointer kernel.  A folded BatchNorm's scale of the dy columns the
+coupling block reads is moved onto w_couple's rows by the launcher.
 """
 from __future__ import annotations
 
@@ -330,8 +330,8 @@ def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, 
         (x5, wf, wn, wc),
         bf, bn, y, groups, *norm_ptrs, n, o, c, ho, wo, len(widths), o_f, i_f,
         *y.stride(), geo[2], geo[3], geo[4], geo[5],
-        KH=kh, KW=kw, ST_H=st[0], ST_W=st[1], HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
-        OUT_VEC=out_vec, PREC=prec)
+        KH=kh, KW=kw, ST_H=st[0], ST_W=st[1], HAS_BF=has_bf, HAS_BN=has_bn,
+        HAS_COUPLE=has_couple, **norm_flags, OUT_VEC=out_vec, PREC=prec)
 
 
 # ---------------------------------------------------------------------------------------

@@ -385,9 +385,9 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                 w_couple = (w_couple.float() * scale).to(w_couple.dtype)
     dx, dw, db, dcouple = _ops().conv2d_backward(
         _for_gathers(dy), _for_gathers(x), w_frozen, w_new, w_couple,
-        [int(g) for g in frozen_out_groups], [int(k) for k in frozen_k_ends], _conv_pair(stride), _conv_pair(padding),
-        _conv_pair(dilation), bool(need_dx_new), bool(need_dx_old), bool(need_dw),
-        bool(need_db), bool(need_dcouple))
+        [int(g) for g in frozen_out_groups], [int(k) for k in frozen_k_ends],
+        _conv_pair(stride), _conv_pair(padding), _conv_pair(dilation), bool(need_dx_new),
+        bool(need_dx_old), bool(need_dw), bool(need_db), bool(need_dcouple))
     if scale is not None and dcouple is not None:
         dcouple = (dcouple.float() * scale).to(dcouple.dtype)
     return _in_layout_of(x, dx), dw, db, dcouple

@@ -3,11 +3,11 @@
 sm90_compile.py (run in a subprocess: the test session's kernels are interpreted) drives the
 real launchers at the shapes of issue 3 and compiles each kernel's default config, the
 linear layer's with and without tensor descriptors, the conv's on channels_last and NCHW
-input, without descriptors and at stride 2.  What the interpreter cannot show is asserted here: every
-kernel compiles, none spills registers, the GEMMs use wgmma, the descriptor kernels use TMA,
-and the conv kernels move their operands in 16-byte pipelined copies (or TMA) and store 16
-bytes at a time (a mask the compiler cannot prove
-aligned once made them 2-byte accesses, 255 registers and spills).
+input, without descriptors and at stride 2.  What the interpreter cannot show is asserted
+here: every kernel compiles, none spills registers, the GEMMs use wgmma, the descriptor
+kernels use TMA, and the conv kernels move their operands in 16-byte pipelined copies (or
+TMA) and store 16 bytes at a time (a mask the compiler cannot prove aligned once made them
+2-byte accesses, 255 registers and spills).
 """
 import json
 import os

@@ -18,8 +18,8 @@ rows (+ bias gradient, split over pixels for parallelism), input gradient (impli
 dy with the flipped weights; taps whose output position is not integral are masked), and
 direct depthwise forward / backward kernels.  All accumulate in fp32.  On Hopper, convs of
 16-byte aligned channels_last fp16/bf16 activations take the tensor-descriptor (TMA)
-versions in ``expanded_conv_tma``: the forward (any stride that divides H and W), and at
-stride 1 dW and (without dx_old) dx.
+versions in ``expanded_conv_tma``: the forward and dW (any stride that divides H and W),
+and dx without dx_old (dilation 1 along a strided dimension).
 
 A folded eval-mode BatchNorm of the frozen output channels (``norm`` = mean, var, weight,
 bias, eps) runs in the forward kernels' epilogue, on the fp32 accumulator of the frozen
@@ -939,7 +939,7 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         norm = norm_scale is not None and (need_dx_old or couple)
         tma = _tma()
         if not (o_n > 0 and tma.dx_usable(dy, wn, wc if couple else None, dy_new_c0, o_f,
-                                          geo[:2], need_dx_old)
+                                          geo, need_dx_old)
                 and tma.grad_input(dy, wn, _rows_scaled(wc, norm_scale if norm else None)
                                    if couple else None, dx_k, dy_new_c0, c_lo, c_lo - dx_c0,
                                    i_f, geo, _prec(dt))):

@@ -36,13 +36,17 @@ aligned bases and strides and a unit channel stride; fp32 and other GPUs take th
 kernel, and the switches (``EXPANSE_FAST_TMA``) and the fallback after a failed launch are
 those of ``expanded_linear_tma``.
 
-The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``;
-stride 1) reduces over boxes of output pixels the same way: per tap, dy's box and x's box
-shifted by the tap are two bulk copies.  The input gradient (``_conv_dx_tma_kernel``;
-stride 1) takes boxes of input pixels and dy's box shifted against the tap, for the new
-channels [I_f, C) only: where dx_old is asked, the frozen groups' staircase (each group's
-k_end cut) stays with the pointer kernel.  A folded BatchNorm's scale of the dy columns the
-coupling block reads is moved onto w_couple's rows by the launcher.
+The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``)
+reduces over boxes of output pixels the same way: per tap, dy's box and the forward's x box
+are two bulk copies (strided too, through the same phase view).  The input gradient
+(``_conv_dx_tma_kernel``) takes boxes of input pixels and dy's box shifted against the tap,
+for the new channels [I_f, C) only: where dx_old is asked, the frozen groups' staircase
+(each group's k_end cut) stays with the pointer kernel.  At stride s a box holds one phase
+of the input (every s-th row and column from an offset), which only every s-th tap reaches,
+from a dy box shifted by whole pixels: no phase view of dy is needed, so H and W need not
+be multiples of s (dilation 1 along a strided dimension, else the pointer kernel).  A
+folded BatchNorm's scale of the dy columns the coupling block reads is moved onto
+w_couple's rows by the launcher.
 """
 from __future__ import annotations
 
@@ -342,24 +346,32 @@ _WGRAD_TILES = [(64, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
                 (64, 256, 64, 8, 3)]
 
 
-@triton.autotune(configs=_configs(_WGRAD_TILES, "BLOCK_K",
-                                  _box_hook(dy_desc="BLOCK_M", x_desc="BLOCK_N")),
-                 key=["O", "C", "N", "Ho", "Wo", "KH", "KW", "SPLIT"],
+def _wgrad_hook(nargs):
+    _box_hook(dy_desc="BLOCK_M")(nargs)
+    # 5-D, as the forward's: the stride's phase between rows and columns
+    nargs["x_desc"].block_shape = [nargs["IMG"], nargs["BH"], 1, nargs["BW"], nargs["BLOCK_N"]]
+
+
+@triton.autotune(configs=_configs(_WGRAD_TILES, "BLOCK_K", _wgrad_hook),
+                 key=["O", "C", "N", "Ho", "Wo", "KH", "KW", "ST_H", "ST_W", "SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner(
                      {"BLOCK_M": "O", "BLOCK_N": "C"}, "BLOCK_K")},
                  do_bench=_interpreted_bench if base._INTERPRET else None)
 @triton.jit
 def _conv_wgrad_tma_kernel(
-        dy_desc, x_desc, dw_ptr, db_ptr, scale_ptr, O, C, N, Ho, Wo,
-        pad_h, pad_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, SPLIT,
-        HAS_DB: tl.constexpr, SCALE: tl.constexpr, PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+        dy_desc, x_desc, dw_ptr, db_ptr, scale_ptr, O, C, N, Ho, Wo, XC, X_C0,
+        pad_h, pad_w, dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, ST_H: tl.constexpr,
+        ST_W: tl.constexpr, SPLIT, HAS_DB: tl.constexpr, SCALE: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """One (o tile, c tile, tap) of dW, summed over one split of the pixel boxes.  For tap
-    (r, s) the x box is the dy box shifted by (r * dil - pad, s * dil - pad): both are bulk
-    copies, out-of-image pixels (padding, the boxes' overhang, past the batch) read zeros.
-    dy's box is the first operand (the smaller tile: into registers, transposed), x's the
-    second (its reshape a view of shared memory)."""
+    (r, s) the x box is the forward's (``_x_box``: at stride 1 the dy box shifted by
+    (r * dil - pad, s * dil - pad)): both are bulk copies, out-of-image pixels (padding, the
+    boxes' overhang, past the batch) read zeros.  x's channels [C0, C0 + C) lie at X_C0 of
+    each phase's XC; at stride > 1 a tile running past them reads the next channels into
+    columns of dW that are never stored (each column of the product is its own).  dy's box
+    is the first operand (the smaller tile: into registers, transposed), x's the second
+    (its reshape a view of shared memory)."""
     tl.static_assert(IMG * BH * BW == BLOCK_K)
     pid_o = tl.program_id(0)
     pid_c = tl.program_id(1) // (KH * KW)
@@ -373,8 +385,6 @@ def _conv_wgrad_tma_kernel(
     per_split = (n_boxes + SPLIT - 1) // SPLIT
     b_lo = split * per_split
     b_hi = tl.minimum(b_lo + per_split, n_boxes)
-    dh = rs // KW * dil_h - pad_h
-    dw = rs % KW * dil_w - pad_w
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dbacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -384,7 +394,8 @@ def _conv_wgrad_tma_kernel(
         h0 = hw // tiles_w * BH
         w0 = hw % tiles_w * BW
         g = dy_desc.load([n0, h0, w0, o0]).reshape(BLOCK_K, BLOCK_M)
-        a = x_desc.load([n0, h0 + dh, w0 + dw, c0]).reshape(BLOCK_K, BLOCK_N)
+        a = _x_box(x_desc, n0, h0, w0, rs, X_C0 + c0, XC, KW, dil_h, dil_w, pad_h, pad_w,
+                   ST_H, ST_W).reshape(BLOCK_K, BLOCK_N)
         acc = tl.dot(g.T, a, acc, input_precision=PREC)
         if HAS_DB:
             dbacc += tl.sum(g.to(tl.float32), axis=0)
@@ -401,11 +412,22 @@ def _channels(t, c0, width):
     return t.permute(0, 2, 3, 1)[..., c0:c0 + width]
 
 
+def _wgrad_x(x, x_c0, c, stride):
+    """(x5, XC, X_C0): x's channels [x_c0, x_c0 + c) as dW's 5-D descriptor reads them, or
+    None.  At stride 1 the slice itself (past it, zeros); at stride s all of x's channels in
+    the forward's phase view, the slice starting at x_c0 of each phase."""
+    if tuple(stride) == (1, 1):
+        return _channels(x, x_c0, c).unsqueeze(2), c, 0
+    x5 = _phases(x, tuple(stride))
+    return None if x5 is None else (x5, x.shape[1], x_c0)
+
+
 def wgrad_usable(dy, x, dy_c0, o, x_c0, c, stride) -> bool:
-    if tuple(stride) != (1, 1) or o == 0 or c == 0 or not lt.enabled_for(x):
+    if o == 0 or c == 0 or not lt.enabled_for(x):
         return False
-    return (lt._describable(_channels(dy, dy_c0, o), rank=4)
-            and lt._describable(_channels(x, x_c0, c), rank=4))
+    xv = _wgrad_x(x, x_c0, c, stride)
+    return (xv is not None and lt._describable(_channels(dy, dy_c0, o), rank=4)
+            and lt._describable(xv[0], rank=5))
 
 
 def wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db) -> bool:
@@ -413,19 +435,20 @@ def wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db) -> bool:
     cannot run here."""
     n, _, ho, wo = dy.shape
     kh, kw = dw.shape[3], dw.shape[4]
+    x5, xc, xc0 = _wgrad_x(x, x_c0, c, geo[:2])
     grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
                          triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
     return lt._launch(
         "conv dW", _conv_wgrad_tma_kernel, grid,
-        (_channels(dy, dy_c0, o), _channels(x, x_c0, c)),
-        dw, db, dw if scale is None else scale, o, c, n, ho, wo, *geo[2:],
-        KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db, SCALE=scale is not None,
-        PREC=base._prec(x.dtype))
+        (_channels(dy, dy_c0, o), x5),
+        dw, db, dw if scale is None else scale, o, c, n, ho, wo, xc, xc0, *geo[2:],
+        KH=kh, KW=kw, ST_H=geo[0], ST_W=geo[1], SPLIT=split, HAS_DB=need_db,
+        SCALE=scale is not None, PREC=base._prec(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------
 # Input gradient of the new channels: dx[p, c] = sum over taps and dy's columns o of
-# dy[p + pad - tap, o] * w[o, c, tap], for c in [I_f, C) (no dx_old)
+# dy[(p + pad - tap) / stride, o] * w[o, c, tap], for c in [I_f, C) (no dx_old)
 # ---------------------------------------------------------------------------------------
 # (BLOCK_M input pixels, BLOCK_N input channels, BLOCK_K dy columns: the reduction)
 _DX_TILES = [(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
@@ -438,21 +461,26 @@ def _dx_hook(nargs):
 
 
 @triton.autotune(configs=_configs(_DX_TILES, "BLOCK_M", _dx_hook),
-                 key=["N", "H", "W", "C", "C_LO", "O_N", "O_F", "KH", "KW", "HAS_COUPLE"],
+                 key=["N", "H", "W", "C", "C_LO", "O_N", "O_F", "KH", "KW", "ST_H", "ST_W",
+                      "HAS_COUPLE"],
                  prune_configs_by={"early_config_prune": _pruner(
-                     {"BLOCK_N": "C", "BLOCK_K": "O_N"}, "BLOCK_M", ("N", "H", "W"),
+                     {"BLOCK_N": "C", "BLOCK_K": "O_N"}, "BLOCK_M", ("N", "HQ", "WQ"),
                      "dy_desc")},
                  do_bench=_interpreted_bench if base._INTERPRET else None)
 @triton.jit
 def _conv_dx_tma_kernel(
-        dy_desc, dyo_desc, wn_desc, wc_desc, dx_ptr, N, H, W, C, C_LO, O_N, O_F, I_F,
+        dy_desc, dyo_desc, wn_desc, wc_desc, dx_ptr, N, H, W, HQ, WQ, C, C_LO, O_N, O_F, I_F,
         dx_col0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
-        KH: tl.constexpr, KW: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr, ST_H: tl.constexpr, ST_W: tl.constexpr,
+        HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    """A box of input pixels by BLOCK_N of the channels [C_LO, C): for tap (r, s) it reads
-    dy's box shifted by (pad - r * dil, pad - s * dil) (what lies outside dy reads zeros:
-    the taps that miss it) and the weight rows' tap-(r, s) columns.  Transposed as the
+    """A box of input pixels by BLOCK_N of the channels [C_LO, C).  At stride s the box's
+    pixels are one phase (ph, pw) of the input, rows q * s + ph of the HQ = ceil(H / s)
+    (columns alike): only the taps r = ph + pad (mod s) reach them (dilation 1 where the
+    stride is not), each from dy's box shifted by (ph + pad - r) / s, a whole number.  At
+    stride 1 every tap, shifted by pad - r * dil.  Whatever lies outside dy reads zeros
+    (the taps that miss it); a phase no tap reaches stores zeros.  Transposed as the
     forward, dx^T = w^T dy^T: both operands from their bulk copies to wgmma.  A channel tile
     that runs past C reads the next tap's weights into rows that are never stored; the dy
     columns past O_N (or O_F) read zeros in both operands."""
@@ -460,39 +488,50 @@ def _conv_dx_tma_kernel(
     pid = tl.program_id(0)
     n_tiles_c = (C - C_LO + BLOCK_N - 1) // BLOCK_N
     pid_c = pid % n_tiles_c  # channel tiles fastest: one box's dy shared through L2
-    pid_m = pid // n_tiles_c
-    tiles_h = (H + BH - 1) // BH
-    tiles_w = (W + BW - 1) // BW
+    phase = pid // n_tiles_c % (ST_H * ST_W)
+    pid_m = pid // n_tiles_c // (ST_H * ST_W)
+    ph = phase // ST_W
+    pw = phase % ST_W
+    tiles_h = (HQ + BH - 1) // BH
+    tiles_w = (WQ + BW - 1) // BW
     n0 = pid_m // (tiles_h * tiles_w) * IMG
     hw = pid_m % (tiles_h * tiles_w)
-    h0 = hw // tiles_w * BH
-    w0 = hw % tiles_w * BW
+    q0h = hw // tiles_w * BH
+    q0w = hw % tiles_w * BW
     c0 = C_LO + pid_c * BLOCK_N
+    # the phase's taps: r0, r0 + ST_H, ... below KH (every tap at stride 1)
+    r0 = (ph + pad_h) % ST_H
+    t0 = (pw + pad_w) % ST_W
+    n_t = (KW - t0 + ST_W - 1) // ST_W
+    n_taps = (KH - r0 + ST_H - 1) // ST_H * n_t
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     n_o = (O_N + BLOCK_K - 1) // BLOCK_K
-    for i in range(0, KH * KW * n_o):
-        rs = i // n_o
+    for i in range(0, n_taps * n_o):
+        r = r0 + i // n_o // n_t * ST_H
+        t = t0 + i // n_o % n_t * ST_W
         o0 = (i % n_o) * BLOCK_K
-        g = dy_desc.load([n0, h0 + pad_h - rs // KW * dil_h, w0 + pad_w - rs % KW * dil_w, o0])
-        w = wn_desc.load([o0, rs * C + c0])
+        g = dy_desc.load([n0, q0h + (ph + pad_h - r * dil_h) // ST_H,
+                          q0w + (pw + pad_w - t * dil_w) // ST_W, o0])
+        w = wn_desc.load([o0, (r * KW + t) * C + c0])
         acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     if HAS_COUPLE:  # every frozen row reads the newest channels through w_couple
         i_new = C - I_F
         n_f = (O_F + BLOCK_K - 1) // BLOCK_K
-        for i in range(0, KH * KW * n_f):
-            rs = i // n_f
+        for i in range(0, n_taps * n_f):
+            r = r0 + i // n_f // n_t * ST_H
+            t = t0 + i // n_f % n_t * ST_W
             o0 = (i % n_f) * BLOCK_K
-            g = dyo_desc.load([n0, h0 + pad_h - rs // KW * dil_h,
-                               w0 + pad_w - rs % KW * dil_w, o0])
-            w = wc_desc.load([o0, rs * i_new + c0 - I_F])
+            g = dyo_desc.load([n0, q0h + (ph + pad_h - r * dil_h) // ST_H,
+                               q0w + (pw + pad_w - t * dil_w) // ST_W, o0])
+            w = wc_desc.load([o0, (r * KW + t) * i_new + c0 - I_F])
             acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     acc = tl.trans(acc)
 
     j = tl.arange(0, BLOCK_M)
     img = n0 + j // (BH * BW)
-    hi = h0 + (j // BW) % BH
-    wi = w0 + j % BW
+    hi = (q0h + (j // BW) % BH) * ST_H + ph
+    wi = (q0w + j % BW) * ST_W + pw
     p_mask = (img < N) & (hi < H) & (wi < W)
     rel = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     dx_row = img.to(tl.int64) * sxn + hi * sxh + wi * sxw
@@ -500,10 +539,13 @@ def _conv_dx_tma_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & (C_LO + rel < C)[None, :])
 
 
-def dx_usable(dy, w_new, w_couple, dy_new_c0, o_f, stride, need_dx_old) -> bool:
+def dx_usable(dy, w_new, w_couple, dy_new_c0, o_f, geo, need_dx_old) -> bool:
     """Whether dx of the new channels can run through descriptors (no dx_old: the frozen
-    groups' staircase stays with the pointer kernel)."""
-    if need_dx_old or tuple(stride) != (1, 1) or w_new.shape[0] == 0 or not lt.enabled_for(dy):
+    groups' staircase stays with the pointer kernel; along a strided dimension, dilation
+    1)."""
+    if need_dx_old or w_new.shape[0] == 0 or not lt.enabled_for(dy):
+        return False
+    if any(st != 1 and dil != 1 for st, dil in zip(geo[:2], geo[4:6])):
         return False
     ws = [w_new] + ([w_couple] if w_couple is not None else [])
     if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):
@@ -521,19 +563,21 @@ def grad_input(dy, w_new, w_couple, dx, dy_new_c0, c_lo, dx_col0, i_f, geo, prec
     here.  ``w_couple`` already carries a folded BatchNorm's scale of its rows."""
     n, c, h, wd = dx.shape[0], w_new.shape[1], dx.shape[2], dx.shape[3]
     o_n, kh, kw = w_new.shape[0], w_new.shape[2], w_new.shape[3]
+    st_h, st_w = geo[0], geo[1]
+    hq, wq = triton.cdiv(h, st_h), triton.cdiv(wd, st_w)  # a phase's rows and columns
     couple = w_couple is not None
     o_f = w_couple.shape[0] if couple else 0
     dy_new = _channels(dy, dy_new_c0, o_n)
     wn = _taps_by_channel(w_new)
 
     def grid(meta):
-        boxes = (triton.cdiv(n, meta["IMG"]) * triton.cdiv(h, meta["BH"])
-                 * triton.cdiv(wd, meta["BW"]))
-        return (boxes * triton.cdiv(c - c_lo, meta["BLOCK_N"]),)
+        boxes = (triton.cdiv(n, meta["IMG"]) * triton.cdiv(hq, meta["BH"])
+                 * triton.cdiv(wq, meta["BW"]))
+        return (boxes * st_h * st_w * triton.cdiv(c - c_lo, meta["BLOCK_N"]),)
 
     return lt._launch(
         "conv dx", _conv_dx_tma_kernel, grid,
         (dy_new, _channels(dy, 0, o_f) if couple else dy_new, wn,
          _taps_by_channel(w_couple) if couple else wn),
-        dx, n, h, wd, c, c_lo, o_n, o_f, i_f, dx_col0, *dx.stride(), *geo[2:],
-        KH=kh, KW=kw, HAS_COUPLE=couple, PREC=prec)
+        dx, n, h, wd, hq, wq, c, c_lo, o_n, o_f, i_f, dx_col0, *dx.stride(), *geo[2:],
+        KH=kh, KW=kw, ST_H=st_h, ST_W=st_w, HAS_COUPLE=couple, PREC=prec)

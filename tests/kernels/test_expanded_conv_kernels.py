@@ -428,7 +428,8 @@ def test_resnet_shape_nchw_without_old_gradients(nchw_mode, monkeypatch):
     _check_resnet_shape(False, torch.bfloat16, need_dx_old=False)
 
 
-def _check_resnet_shape(coupled, dtype, need_dx_old, hw=(28, 28), channels_last=False):
+def _check_resnet_shape(coupled, dtype, need_dx_old, hw=(28, 28), channels_last=False,
+                        conv=None):
     from expanse_fast.backends import torch_ref
 
     t = _make((256, 64), (256, 64), 3, coupled, True, dtype, batch=8, hw=hw,
@@ -436,7 +437,7 @@ def _check_resnet_shape(coupled, dtype, need_dx_old, hw=(28, 28), channels_last=
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     t["w_frozen"] = torch.nan_to_num(t["w_frozen"], nan=0.0)
     dev = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in t.items()}
-    conv = _conv(padding=1)
+    conv = conv or _conv(padding=1)
     # the reference runs in fp32 on the same 16-bit values (more exact than either)
     ref32 = {k: (v.float() if isinstance(v, torch.Tensor) else v) for k, v in dev.items()}
     y = ec.expanded_conv2d_forward(**dev, **conv, depthwise=False)

@@ -40,13 +40,16 @@ def tma_launches(monkeypatch):
     return launches
 
 
-def _expected(coupled, dx_old=True, stride=(1, 1)):
-    """The descriptor launches of a forward and a backward asking for every gradient (dx
-    through descriptors only without dx_old; dW and dx only at stride 1)."""
-    if tuple(stride) != (1, 1):
-        return [("forward", True)]
-    return ([("forward", True), ("wgrad", True)] + [("wgrad", True)] * coupled
-            + [("grad_input", True)] * (not dx_old))
+def _expected(coupled, dx_old=True, conv=None, hw=(5, 5)):
+    """The descriptor launches of a forward and a backward asking for every gradient: the
+    forward and dW where the stride divides H and W (x's phase view), dx without dx_old
+    only, and along a strided dimension at dilation 1 only."""
+    conv = conv or _conv()
+    divides = all(size % st == 0 for size, st in zip(hw, conv["stride"]))
+    dx = not dx_old and all(st == 1 or dil == 1
+                            for st, dil in zip(conv["stride"], conv["dilation"]))
+    return ([("forward", True)] * divides + [("wgrad", True)] * (divides * (1 + coupled))
+            + [("grad_input", True)] * dx)
 
 
 # (in_groups, out_groups, kernel, coupled, bias, conv, batch, (H, W), channels_last)
@@ -74,6 +77,18 @@ CASES = {
     "coupled_1x1_stride2": ((16, 24), (8, 16), 1, True, True, _conv(stride=2), 2, (4, 6), True),
     "stride_2x1_dil": ((16, 8), (16, 8), 3, False, True,
                        _conv(stride=(2, 1), padding=(1, 2), dilation=(1, 2)), 1, (6, 7), True),
+    # dx at stride 3, 5x5: the three row phases take 1, 2 and 2 taps, the column phases
+    # likewise; a 5-row box overhangs the phase grid
+    "stride3_5x5": ((16, 8), (16, 8), 5, False, True, _conv(stride=3, padding=2), 2, (9, 6),
+                    True),
+    # H, W odd: the forward and dW keep the pointer kernels, dx (no phase view of x
+    # needed) does not; with 1x1 taps the odd rows and columns get no tap: zeros
+    "1x1_stride2_odd": ((16, 8), (8, 16), 1, True, True, _conv(stride=2), 3, (5, 7), True),
+    "stride2_odd_coupled": ((16, 24), (16, 8), 3, True, False, _conv(stride=2, padding=1), 1,
+                            (7, 5), True),
+    # dilation 2 along a strided dimension: dx keeps the pointer kernel
+    "stride2_dil2": ((16, 8), (16, 8), 3, False, True, _conv(stride=2, padding=2, dilation=2),
+                     2, (6, 6), True),
 }
 
 
@@ -83,19 +98,20 @@ def test_forward_matches_float64(tma_launches, name, dtype):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
     _run(t, conv, False, dtype, need_dx_old=True, channels_last=cl)
-    assert tma_launches == _expected(coupled, stride=conv["stride"])
+    assert tma_launches == _expected(coupled, conv=conv, hw=hw)
     assert lt.disabled_reason is None
 
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_backward_without_dx_old_matches_float64(tma_launches, name, dtype):
-    """dx of the new channels through descriptors too (the taps that miss dy read zeros),
-    into dx itself or, for NCHW input, a channels_last buffer of the new channels."""
+    """dx of the new channels through descriptors too (the taps that miss dy read zeros; at
+    stride s one program per phase of the input and its taps), into dx itself or, for NCHW
+    input, a channels_last buffer of the new channels."""
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
     _run(t, conv, False, dtype, need_dx_old=False, channels_last=cl)
-    assert tma_launches == _expected(coupled, dx_old=False, stride=conv["stride"])
+    assert tma_launches == _expected(coupled, dx_old=False, conv=conv, hw=hw)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -234,3 +250,14 @@ def test_gpu_resnet_shape_bf16(tma_launches, monkeypatch):
     _check_resnet_shape(False, torch.bfloat16, need_dx_old=False, hw=(56, 56),
                         channels_last=True)
     assert tma_launches == _expected(False, dx_old=False)
+
+
+@pytest.mark.gpu
+def test_gpu_resnet_downsampling_bf16(tma_launches, monkeypatch):
+    """A ResNet stage's first 3x3 (stride 2, 56 x 56 -> 28 x 28) as users get it: the
+    forward and dW through x's phase view, dx one program per input phase."""
+    monkeypatch.setattr(lt, "MODE", "auto")
+    conv = _conv(stride=2, padding=1)
+    _check_resnet_shape(False, torch.bfloat16, need_dx_old=False, hw=(56, 56),
+                        channels_last=True, conv=conv)
+    assert tma_launches == _expected(False, dx_old=False, conv=conv, hw=(56, 56))

@@ -48,13 +48,11 @@ def compiled():
 
 CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 # which conv launches compile each kernel: the descriptor kernels on both layouts, the
-# pointer ones where descriptors are off; at stride 2 the forward through descriptors, the
-# backward through pointers
-CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-nchw"] if tma else ["conv-pointer"])
+# pointer ones where descriptors are off; at stride 2 the descriptor kernels again (x's
+# phase view for the forward and dW, one program per input phase for dx)
+CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-nchw", "conv-stride2"] if tma
+                                          else ["conv-pointer"])
                for k in ("fwd", "wgrad", "dx") for tma in ("_tma", "")}
-CONV_LAYERS["_conv_fwd_tma_kernel"].append("conv-stride2")
-CONV_LAYERS["_conv_wgrad_kernel"].append("conv-stride2")
-CONV_LAYERS["_conv_dx_kernel"].append("conv-stride2")
 
 
 def test_every_kernel_compiles(compiled):

@@ -19,7 +19,8 @@ dy with the flipped weights; taps whose output position is not integral are mask
 direct depthwise forward / backward kernels.  All accumulate in fp32.  On Hopper, convs of
 16-byte aligned channels_last fp16/bf16 activations take the tensor-descriptor (TMA)
 versions in ``expanded_conv_tma``: the forward and dW (any stride that divides H and W),
-and dx without dx_old (dilation 1 along a strided dimension).
+and dx (dilation 1 along a strided dimension; with dx_old, a staircase of nondecreasing
+k_ends).
 
 A folded eval-mode BatchNorm of the frozen output channels (``norm`` = mean, var, weight,
 bias, eps) runs in the forward kernels' epilogue, on the fp32 accumulator of the frozen
@@ -938,11 +939,15 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         # the frozen columns of dy are read (and scaled) for dx_old and the coupling only
         norm = norm_scale is not None and (need_dx_old or couple)
         tma = _tma()
-        if not (o_n > 0 and tma.dx_usable(dy, wn, wc if couple else None, dy_new_c0, o_f,
-                                          geo, need_dx_old)
-                and tma.grad_input(dy, wn, _rows_scaled(wc, norm_scale if norm else None)
-                                   if couple else None, dx_k, dy_new_c0, c_lo, c_lo - dx_c0,
-                                   i_f, geo, _prec(dt))):
+        scale = norm_scale if norm else None  # onto the weights: dy's tiles stay in smem
+        wf_old = wf if need_dx_old and w_frozen.numel() else None  # (its rows, if any)
+        if not (o_n > 0 and tma.dx_usable(dy, wn, wc if couple else None, wf_old, o_f,
+                                          dy_new_c0, frozen_k_ends, geo, need_dx_old)
+                and tma.grad_input(dy, wn, _rows_scaled(wc, scale) if couple else None,
+                                   wf_old if wf_old is None else _rows_scaled(wf_old, scale),
+                                   o_f, i_f, groups,
+                                   len(frozen_out_groups), dx_k, dy_new_c0, c_lo, dx_c0, geo,
+                                   _prec(dt))):
             grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
                                  triton.cdiv(c - c_lo, meta["BLOCK_N"]))
             _conv_dx_kernel[grid](  # dy holds no columns if it is never read

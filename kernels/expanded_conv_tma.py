@@ -39,14 +39,17 @@ those of ``expanded_linear_tma``.
 The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``)
 reduces over boxes of output pixels the same way: per tap, dy's box and the forward's x box
 are two bulk copies (strided too, through the same phase view).  The input gradient
-(``_conv_dx_tma_kernel``) takes boxes of input pixels and dy's box shifted against the tap,
-for the new channels [I_f, C) only: where dx_old is asked, the frozen groups' staircase
-(each group's k_end cut) stays with the pointer kernel.  At stride s a box holds one phase
-of the input (every s-th row and column from an offset), which only every s-th tap reaches,
-from a dy box shifted by whole pixels: no phase view of dy is needed, so H and W need not
-be multiples of s (dilation 1 along a strided dimension, else the pointer kernel).  A
-folded BatchNorm's scale of the dy columns the coupling block reads is moved onto
-w_couple's rows by the launcher.
+(``_conv_dx_tma_kernel``) takes boxes of input pixels and dy's box shifted against the tap.
+Where dx_old is asked (a coupled layer, or an input that needs its gradient), the old
+channels get tiles of their own, which read the frozen rows of every group whose k_end lies
+past the tile: rows cut inside the tile have their weights masked in registers, the rest go
+from the bulk copies to wgmma (a staircase whose k_ends decrease keeps the pointer kernel).
+At stride s a box holds one phase of the input (every s-th row and column from an offset),
+which only every s-th tap reaches, from a dy box shifted by whole pixels: no phase view of
+dy is needed, so H and W need not be multiples of s (dilation 1 along a strided dimension,
+else the pointer kernel).  A folded BatchNorm's scale of the frozen dy columns is moved
+onto the rows of w_couple and w_frozen by the launcher: dy's tiles never pass through
+registers.
 """
 from __future__ import annotations
 
@@ -447,8 +450,8 @@ def wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Input gradient of the new channels: dx[p, c] = sum over taps and dy's columns o of
-# dy[(p + pad - tap) / stride, o] * w[o, c, tap], for c in [I_f, C) (no dx_old)
+# Input gradient: dx[p, c] = sum over taps and dy's columns o of
+# dy[(p + pad - tap) / stride, o] * w[o, c, tap]; the old channels [0, I_f) only if asked
 # ---------------------------------------------------------------------------------------
 # (BLOCK_M input pixels, BLOCK_N input channels, BLOCK_K dy columns: the reduction)
 _DX_TILES = [(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4)]
@@ -456,37 +459,68 @@ _DX_TILES = [(128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64
 
 def _dx_hook(nargs):
     _box_hook(dy_desc="BLOCK_K", dyo_desc="BLOCK_K")(nargs)
-    for name in ("wn_desc", "wc_desc"):
+    for name in ("wn_desc", "wc_desc", "wf_desc"):
         nargs[name].block_shape = [nargs["BLOCK_K"], nargs["BLOCK_N"]]
 
 
+@triton.jit
+def _dx_taps(acc, dy_desc, w_desc, row0, n_rows, n_taps, n_t, n0, q0h, q0w, ph, pw, r0, t0,
+             w_cols, c0, pad_h, pad_w, dil_h, dil_w, KW: tl.constexpr, ST_H: tl.constexpr,
+             ST_W: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """acc (channels x pixels) += the product of the weight rows [row0, row0 + n_rows)
+    (tap-major columns, w_cols channels a tap; channels c0..) with dy's columns at the same
+    rows, over the phase's n_taps taps: one flat loop, one software pipeline, both operands
+    from their bulk copies to wgmma (dy and weight rows past the tensors read zeros)."""
+    n_o = (n_rows + BLOCK_K - 1) // BLOCK_K
+    for i in range(0, n_taps * n_o):
+        r = r0 + i // n_o // n_t * ST_H
+        t = t0 + i // n_o % n_t * ST_W
+        o0 = row0 + (i % n_o) * BLOCK_K
+        g = dy_desc.load([n0, q0h + (ph + pad_h - r * dil_h) // ST_H,
+                          q0w + (pw + pad_w - t * dil_w) // ST_W, o0])
+        w = w_desc.load([o0, (r * KW + t) * w_cols + c0])
+        acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
+    return acc
+
+
 @triton.autotune(configs=_configs(_DX_TILES, "BLOCK_M", _dx_hook),
-                 key=["N", "H", "W", "C", "C_LO", "O_N", "O_F", "KH", "KW", "ST_H", "ST_W",
-                      "HAS_COUPLE"],
+                 key=["N", "H", "W", "C", "C_LO", "O_N", "O_F", "G_F", "KH", "KW", "ST_H",
+                      "ST_W", "HAS_COUPLE", "HAS_OLD"],
                  prune_configs_by={"early_config_prune": _pruner(
                      {"BLOCK_N": "C", "BLOCK_K": "O_N"}, "BLOCK_M", ("N", "HQ", "WQ"),
                      "dy_desc")},
                  do_bench=_interpreted_bench if base._INTERPRET else None)
 @triton.jit
 def _conv_dx_tma_kernel(
-        dy_desc, dyo_desc, wn_desc, wc_desc, dx_ptr, N, H, W, HQ, WQ, C, C_LO, O_N, O_F, I_F,
-        dx_col0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
+        dy_desc, dyo_desc, wn_desc, wc_desc, wf_desc, dx_ptr, groups_ptr, N, H, W, HQ, WQ, C,
+        C_LO, O_N, O_F, I_F, G_F, dx_c0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, ST_H: tl.constexpr, ST_W: tl.constexpr,
-        HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
+        HAS_COUPLE: tl.constexpr, HAS_OLD: tl.constexpr, PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    """A box of input pixels by BLOCK_N of the channels [C_LO, C).  At stride s the box's
-    pixels are one phase (ph, pw) of the input, rows q * s + ph of the HQ = ceil(H / s)
-    (columns alike): only the taps r = ph + pad (mod s) reach them (dilation 1 where the
-    stride is not), each from dy's box shifted by (ph + pad - r) / s, a whole number.  At
-    stride 1 every tap, shifted by pad - r * dil.  Whatever lies outside dy reads zeros
-    (the taps that miss it); a phase no tap reaches stores zeros.  Transposed as the
-    forward, dx^T = w^T dy^T: both operands from their bulk copies to wgmma.  A channel tile
-    that runs past C reads the next tap's weights into rows that are never stored; the dy
-    columns past O_N (or O_F) read zeros in both operands."""
+    """A box of input pixels by BLOCK_N channels of [C_LO, C), channel c stored at dx's
+    column c - dx_c0.  The channel tiles of the old inputs [0, I_f) (HAS_OLD, C_LO = 0) and
+    of the new [I_f, C) are separate, so no tile mixes the two.
+
+    At stride s the box's pixels are one phase (ph, pw) of the input, rows q * s + ph of the
+    HQ = ceil(H / s) (columns alike): only the taps r = ph + pad (mod s) reach them
+    (dilation 1 where the stride is not), each from dy's box shifted by (ph + pad - r) / s, a
+    whole number.  At stride 1 every tap, shifted by pad - r * dil.  Whatever lies outside
+    dy reads zeros (the taps that miss it); a phase no tap reaches stores zeros.  Transposed
+    as the forward, dx^T = w^T dy^T.  A channel tile that runs past its part (I_f or C)
+    reads the next tap's weights into rows that are never stored.
+
+    Which rows each tile reads: the newest (w_new) always; for a new tile the coupling
+    block's frozen rows (w_couple); for an old tile the frozen rows of every group whose
+    k_end lies past the tile's first channel (the staircase, k_ends nondecreasing).  Rows
+    whose k_end ends inside the tile go through registers with their channels at or past
+    k_end zeroed (a NaN in the stored zero block stays out); the rest, usually all, go
+    straight from the bulk copies to wgmma."""
     tl.static_assert(IMG * BH * BW == BLOCK_M)
     pid = tl.program_id(0)
-    n_tiles_c = (C - C_LO + BLOCK_N - 1) // BLOCK_N
+    n_old = (I_F + BLOCK_N - 1) // BLOCK_N if HAS_OLD else 0
+    n_tiles_c = n_old + (C - I_F + BLOCK_N - 1) // BLOCK_N
     pid_c = pid % n_tiles_c  # channel tiles fastest: one box's dy shared through L2
     phase = pid // n_tiles_c % (ST_H * ST_W)
     pid_m = pid // n_tiles_c // (ST_H * ST_W)
@@ -498,7 +532,9 @@ def _conv_dx_tma_kernel(
     hw = pid_m % (tiles_h * tiles_w)
     q0h = hw // tiles_w * BH
     q0w = hw % tiles_w * BW
-    c0 = C_LO + pid_c * BLOCK_N
+    is_old = pid_c < n_old
+    c0 = tl.where(is_old, pid_c * BLOCK_N, I_F + (pid_c - n_old) * BLOCK_N)
+    c_end = tl.where(is_old, I_F, C)
     # the phase's taps: r0, r0 + ST_H, ... below KH (every tap at stride 1)
     r0 = (ph + pad_h) % ST_H
     t0 = (pw + pad_w) % ST_W
@@ -506,25 +542,47 @@ def _conv_dx_tma_kernel(
     n_taps = (KH - r0 + ST_H - 1) // ST_H * n_t
 
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    n_o = (O_N + BLOCK_K - 1) // BLOCK_K
-    for i in range(0, n_taps * n_o):
-        r = r0 + i // n_o // n_t * ST_H
-        t = t0 + i // n_o % n_t * ST_W
-        o0 = (i % n_o) * BLOCK_K
-        g = dy_desc.load([n0, q0h + (ph + pad_h - r * dil_h) // ST_H,
-                          q0w + (pw + pad_w - t * dil_w) // ST_W, o0])
-        w = wn_desc.load([o0, (r * KW + t) * C + c0])
-        acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
+    acc = _dx_taps(acc, dy_desc, wn_desc, 0, O_N, n_taps, n_t, n0, q0h, q0w, ph, pw, r0, t0,
+                   C, c0, pad_h, pad_w, dil_h, dil_w, KW, ST_H, ST_W, PREC, BLOCK_M, BLOCK_K)
     if HAS_COUPLE:  # every frozen row reads the newest channels through w_couple
-        i_new = C - I_F
-        n_f = (O_F + BLOCK_K - 1) // BLOCK_K
-        for i in range(0, n_taps * n_f):
-            r = r0 + i // n_f // n_t * ST_H
-            t = t0 + i // n_f % n_t * ST_W
-            o0 = (i % n_f) * BLOCK_K
+        acc = _dx_taps(acc, dyo_desc, wc_desc, 0, tl.where(is_old, 0, O_F), n_taps, n_t, n0,
+                       q0h, q0w, ph, pw, r0, t0, C - I_F, c0 - I_F, pad_h, pad_w, dil_h,
+                       dil_w, KW, ST_H, ST_W, PREC, BLOCK_M, BLOCK_K)
+    if HAS_OLD:
+        # rows [0, o_lo): k_end <= c0, they never reach the tile; [o_lo, o_cl): k_end inside
+        # the tile's channels; [o_cl, O_F): past them
+        lim = tl.minimum(c0 + BLOCK_N, I_F)
+        o_lo = pid * 0
+        o_cl = pid * 0
+        row0 = pid * 0
+        for grp in range(G_F):
+            row0 += tl.load(groups_ptr + grp)
+            k_end = tl.load(groups_ptr + G_F + grp)
+            o_lo = tl.where(k_end <= c0, row0, o_lo)
+            o_cl = tl.where(k_end < lim, row0, o_cl)
+        o_cl = tl.where(is_old, o_cl, O_F)  # (a new tile: no frozen rows here)
+        acc = _dx_taps(acc, dyo_desc, wf_desc, o_cl, O_F - o_cl, n_taps, n_t, n0, q0h, q0w,
+                       ph, pw, r0, t0, I_F, c0, pad_h, pad_w, dil_h, dil_w, KW, ST_H, ST_W,
+                       PREC, BLOCK_M, BLOCK_K)
+        n_cut = (o_cl - o_lo + BLOCK_K - 1) // BLOCK_K
+        for i in range(0, tl.where(is_old, n_taps * n_cut, 0)):
+            r = r0 + i // n_cut // n_t * ST_H
+            t = t0 + i // n_cut % n_t * ST_W
+            o0 = o_lo + (i % n_cut) * BLOCK_K
             g = dyo_desc.load([n0, q0h + (ph + pad_h - r * dil_h) // ST_H,
                                q0w + (pw + pad_w - t * dil_w) // ST_W, o0])
-            w = wc_desc.load([o0, (r * KW + t) * i_new + c0 - I_F])
+            w = wf_desc.load([o0, (r * KW + t) * I_F + c0])
+            rows = o0 + tl.arange(0, BLOCK_K)
+            row_end = pid * 0
+            k_row = tl.zeros((BLOCK_K,), dtype=tl.int32)  # each row's group's k_end
+            for grp in range(G_F):
+                row_start = row_end
+                row_end += tl.load(groups_ptr + grp)
+                k_row = tl.where((rows >= row_start) & (rows < row_end),
+                                 tl.load(groups_ptr + G_F + grp), k_row)
+            live = (rows < o_cl)[:, None] & ((c0 + tl.arange(0, BLOCK_N))[None, :]
+                                               < k_row[:, None])
+            w = tl.where(live, w, 0.0).to(w.dtype)
             acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     acc = tl.trans(acc)
 
@@ -533,51 +591,65 @@ def _conv_dx_tma_kernel(
     hi = (q0h + (j // BW) % BH) * ST_H + ph
     wi = (q0w + j % BW) * ST_W + pw
     p_mask = (img < N) & (hi < H) & (wi < W)
-    rel = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    cc = c0 + tl.arange(0, BLOCK_N)
     dx_row = img.to(tl.int64) * sxn + hi * sxh + wi * sxw
-    tl.store(dx_ptr + dx_row[:, None] + (dx_col0 + rel)[None, :] * sxc,
-             acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & (C_LO + rel < C)[None, :])
+    tl.store(dx_ptr + dx_row[:, None] + (cc - dx_c0)[None, :] * sxc,
+             acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & (cc < c_end)[None, :])
 
 
-def dx_usable(dy, w_new, w_couple, dy_new_c0, o_f, geo, need_dx_old) -> bool:
-    """Whether dx of the new channels can run through descriptors (no dx_old: the frozen
-    groups' staircase stays with the pointer kernel; along a strided dimension, dilation
-    1)."""
-    if need_dx_old or w_new.shape[0] == 0 or not lt.enabled_for(dy):
+def _nondecreasing(values) -> bool:
+    return all(a <= b for a, b in zip(values[:-1], values[1:]))
+
+
+def dx_usable(dy, w_new, w_couple, w_frozen, o_f, dy_new_c0, frozen_k_ends, geo,
+              need_dx_old) -> bool:
+    """Whether dx can run through descriptors: along a strided dimension at dilation 1; with
+    dx_old, frozen groups whose k_ends never decrease (a staircase).  ``w_frozen``: None
+    without dx_old or frozen rows."""
+    if w_new.shape[0] == 0 or not lt.enabled_for(dy):
         return False
     if any(st != 1 and dil != 1 for st, dil in zip(geo[:2], geo[4:6])):
         return False
-    ws = [w_new] + ([w_couple] if w_couple is not None else [])
+    if need_dx_old and not _nondecreasing(list(frozen_k_ends)):
+        return False
+    ws = [w for w in (w_new, w_couple, w_frozen) if w is not None]
     if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):
         return False
     if not all(lt._describable(_taps_by_channel(w)) for w in ws):
         return False
     dys = [_channels(dy, dy_new_c0, w_new.shape[0])]
-    if w_couple is not None:
+    if (w_couple is not None or need_dx_old) and o_f:
         dys.append(_channels(dy, 0, o_f))
     return all(lt._describable(d, rank=4) for d in dys)
 
 
-def grad_input(dy, w_new, w_couple, dx, dy_new_c0, c_lo, dx_col0, i_f, geo, prec) -> bool:
-    """dx[:, c_lo:] (at dx's column dx_col0) through descriptors; False when it cannot run
-    here.  ``w_couple`` already carries a folded BatchNorm's scale of its rows."""
+def grad_input(dy, w_new, w_couple, w_frozen, o_f, i_f, groups, n_groups, dx, dy_new_c0,
+               c_lo, dx_c0, geo, prec) -> bool:
+    """dx[:, c_lo:] (channel c at dx's column c - dx_c0) through descriptors; False when it
+    cannot run here.  ``c_lo`` = 0 asks for the old channels: the frozen rows ``w_frozen``
+    (None if there are none), ``groups`` the launcher's table of their widths and k_ends.
+    ``w_couple`` and ``w_frozen`` already carry a folded BatchNorm's scale of their rows."""
     n, c, h, wd = dx.shape[0], w_new.shape[1], dx.shape[2], dx.shape[3]
     o_n, kh, kw = w_new.shape[0], w_new.shape[2], w_new.shape[3]
     st_h, st_w = geo[0], geo[1]
     hq, wq = triton.cdiv(h, st_h), triton.cdiv(wd, st_w)  # a phase's rows and columns
     couple = w_couple is not None
-    o_f = w_couple.shape[0] if couple else 0
+    has_old = c_lo < i_f
     dy_new = _channels(dy, dy_new_c0, o_n)
+    dy_old = _channels(dy, 0, o_f) if (couple or has_old) and o_f else dy_new
     wn = _taps_by_channel(w_new)
+    wf = _taps_by_channel(w_frozen) if has_old and w_frozen is not None else wn
 
     def grid(meta):
         boxes = (triton.cdiv(n, meta["IMG"]) * triton.cdiv(hq, meta["BH"])
                  * triton.cdiv(wq, meta["BW"]))
-        return (boxes * st_h * st_w * triton.cdiv(c - c_lo, meta["BLOCK_N"]),)
+        tiles = triton.cdiv(c - i_f, meta["BLOCK_N"]) + (
+            triton.cdiv(i_f, meta["BLOCK_N"]) if has_old else 0)
+        return (boxes * st_h * st_w * tiles,)
 
     return lt._launch(
         "conv dx", _conv_dx_tma_kernel, grid,
-        (dy_new, _channels(dy, 0, o_f) if couple else dy_new, wn,
-         _taps_by_channel(w_couple) if couple else wn),
-        dx, n, h, wd, hq, wq, c, c_lo, o_n, o_f, i_f, dx_col0, *dx.stride(), *geo[2:],
-        KH=kh, KW=kw, ST_H=st_h, ST_W=st_w, HAS_COUPLE=couple, PREC=prec)
+        (dy_new, dy_old, wn, _taps_by_channel(w_couple) if couple else wn, wf),
+        dx, groups, n, h, wd, hq, wq, c, c_lo, o_n, o_f, i_f, n_groups, dx_c0, *dx.stride(),
+        *geo[2:], KH=kh, KW=kw, ST_H=st_h, ST_W=st_w, HAS_COUPLE=couple, HAS_OLD=has_old,
+        PREC=prec)

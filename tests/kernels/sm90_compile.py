@@ -7,8 +7,8 @@ Run as a script (never with TRITON_INTERPRET set: the kernels must be real JIT f
 
 The real launchers run on CPU tensors of the issue's shapes (a 4096-wide linear layer
 widened by 1024, 16384 rows; the 3x3 conv of a ResNet-50 stage, 256 + 64 channels,
-channels_last and NCHW, channels_last without tensor descriptors, and ResNet-50's stride-2
-3x3), with a stand-in
+channels_last and NCHW, channels_last without tensor descriptors, ResNet-50's stride-2 3x3,
+and a coupled layer, whose backward asks for dx_old), with a stand-in
 Triton driver that names an sm_90 target.  Each launch
 compiles its kernel for every config the autotuner would try (after pruning), through
 ``JITFunction.warmup``, and runs nothing.  Per kernel and config: registers, stack (spills),
@@ -171,10 +171,11 @@ def linear_launches(rows=16384, old=4096, new=1024, coupled=False):
     L.grad_weight(dy[:, old:], x, with_colsum=True)
 
 
-def conv_launches(old=256, new=64, hw=56, channels_last=True, stride=1):
+def conv_launches(old=256, new=64, hw=56, channels_last=True, stride=1, coupled=False):
     """The run's conv, fwd and the backward of an isolated hidden layer (no dx_old).  NCHW:
     the launchers' channels_last copies, the trainable dy columns only and dx's own buffer.
-    stride 2: ResNet-50's downsampling 3x3 (128 + 32 channels, 56 -> 28)."""
+    stride 2: ResNet-50's downsampling 3x3 (128 + 32 channels, 56 -> 28).  coupled: a
+    coupled layer's, whose backward asks for dx_old and dW_couple."""
     import torch
     from expanse_fast.kernels import expanded_conv as C
     dt = torch.bfloat16
@@ -183,9 +184,10 @@ def conv_launches(old=256, new=64, hw=56, channels_last=True, stride=1):
     hwo = (hw - 1) // stride + 1
     dy = torch.randn(2, old + new, hwo, hwo, dtype=dt).contiguous(memory_format=fmt)
     wf, wn = torch.randn(old, old, 3, 3, dtype=dt), torch.randn(new, old + new, 3, 3, dtype=dt)
-    C.expanded_conv2d_forward(x, wf, None, wn, None, None, [old], [old], stride, 1, 1, False)
-    C.expanded_conv2d_backward(dy, x, wf, wn, None, [old], [old], stride, 1, 1, False,
-                               True, False, True, True, False)
+    wc = torch.randn(old, new, 3, 3, dtype=dt) if coupled else None
+    C.expanded_conv2d_forward(x, wf, None, wn, None, wc, [old], [old], stride, 1, 1, False)
+    C.expanded_conv2d_backward(dy, x, wf, wn, wc, [old], [old], stride, 1, 1, False,
+                               True, coupled, True, True, coupled)
 
 
 def report(first_config: bool = False) -> dict:
@@ -210,7 +212,8 @@ def report(first_config: bool = False) -> dict:
                       ("conv", conv_launches),
                       ("conv-nchw", lambda: conv_launches(channels_last=False)),
                       ("conv-pointer", without_tma(conv_launches)),
-                      ("conv-stride2", lambda: conv_launches(128, 32, stride=2))):
+                      ("conv-stride2", lambda: conv_launches(128, 32, stride=2)),
+                      ("conv-coupled", lambda: conv_launches(coupled=True))):
         for row in compile_launches(run, first_config):
             out["rows"].append(dict(row, layer=name))
     return out

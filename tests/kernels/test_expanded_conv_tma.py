@@ -42,12 +42,11 @@ def tma_launches(monkeypatch):
 
 def _expected(coupled, dx_old=True, conv=None, hw=(5, 5)):
     """The descriptor launches of a forward and a backward asking for every gradient: the
-    forward and dW where the stride divides H and W (x's phase view), dx without dx_old
-    only, and along a strided dimension at dilation 1 only."""
+    forward and dW where the stride divides H and W (x's phase view), dx along a strided
+    dimension at dilation 1 only."""
     conv = conv or _conv()
     divides = all(size % st == 0 for size, st in zip(hw, conv["stride"]))
-    dx = not dx_old and all(st == 1 or dil == 1
-                            for st, dil in zip(conv["stride"], conv["dilation"]))
+    dx = all(st == 1 or dil == 1 for st, dil in zip(conv["stride"], conv["dilation"]))
     return ([("forward", True)] * divides + [("wgrad", True)] * (divides * (1 + coupled))
             + [("grad_input", True)] * dx)
 
@@ -190,8 +189,50 @@ def test_pointer_kernel_where_descriptors_do_not_fit(tma_launches, monkeypatch, 
     t = _make(ig, og, 3, False, True, dtype, batch=2, channels_last=why != "nchw_direct",
               depthwise_mult=dw)
     _run(t, conv, bool(dw), dtype, need_dx_old=True, channels_last=why != "nchw_direct")
-    # (without frozen rows the forward has nothing for its frozen descriptors; dW has them)
-    assert tma_launches == ([("wgrad", True)] if why == "no_frozen_rows" else [])
+    # (without frozen rows the forward has nothing for its frozen descriptors; dW and dx
+    # have theirs; dx needs no phase view of x)
+    assert tma_launches == {"no_frozen_rows": [("wgrad", True), ("grad_input", True)],
+                            "stride2_odd_size": [("grad_input", True)]}.get(why, [])
+
+
+@pytest.mark.parametrize("coupled", [False, True])
+def test_dx_old_with_two_groups_cut_inside_one_channel_tile(tma_launches, monkeypatch, coupled):
+    """A 32-channel tile (the interpreter's default is 16) over three frozen groups with
+    k_ends 8, 16 and 24: rows of two groups, cut at different channels, share one row tile
+    of the masked loop; NaN past each k_end stays out."""
+    import triton
+    kern = ect._conv_dx_tma_kernel
+    configs = [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, IMG=i, BH=h, BW=w),
+                             num_warps=1, num_stages=1, pre_hook=ect._dx_hook)
+               for i, h, w in ect._boxes(16)]
+    monkeypatch.setattr(kern, "configs", configs)
+    monkeypatch.setattr(kern, "cache", {})
+    t = _make((8, 8, 8, 8), (8, 8, 8, 8), 3, coupled, True, torch.float16, batch=2,
+              hw=(4, 6), channels_last=True)
+    if not coupled:  # (coupled: every frozen group reads all old inputs)
+        assert t["frozen_k_ends"] == (8, 16, 24)
+    _run(t, _conv(padding=1), False, torch.float16, need_dx_old=True, channels_last=True)
+    assert tma_launches[-1] == ("grad_input", True)
+    assert {c.kwargs["BLOCK_N"] for c in kern.cache.values()} == {32}
+
+
+def test_dx_old_of_a_staircase_that_steps_down_keeps_the_pointer_kernel():
+    """The descriptor dx cuts the frozen rows at k_end assuming the staircase's k_ends never
+    decrease (rows sorted by reach); otherwise the pointer kernel's per-group loop runs."""
+    t = _make((16, 8), (16, 8), 3, False, True, torch.float16, batch=1, channels_last=True)
+    dy = torch.zeros(1, 24, 5, 5, dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last)
+    w_new = t["w_new"].contiguous(memory_format=torch.channels_last)
+    w_frozen = torch.zeros(16, 16, 3, 3, dtype=torch.float16).contiguous(
+        memory_format=torch.channels_last)
+    args = (dy, w_new, None, w_frozen, 16, 16)  # (o_f, dy_new_c0)
+    geo = (1, 1, 1, 1, 1, 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lt, "MODE", "1")
+        mp.setattr(lt, "disabled_reason", None)
+        assert ect.dx_usable(*args, (8, 16), geo, True)
+        assert not ect.dx_usable(*args, (16, 8), geo, True)
+        assert ect.dx_usable(*args, (16, 8), geo, False)  # (no dx_old: the cut never runs)
 
 
 def test_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):

@@ -49,16 +49,17 @@ def compiled():
 CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 # which conv launches compile each kernel: the descriptor kernels on both layouts, the
 # pointer ones where descriptors are off; at stride 2 the descriptor kernels again (x's
-# phase view for the forward and dW, one program per input phase for dx)
-CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-nchw", "conv-stride2"] if tma
-                                          else ["conv-pointer"])
+# phase view for the forward and dW, one program per input phase for dx), and for a coupled
+# layer (the coupling block, dW_couple, dx_old's staircase)
+CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-coupled", "conv-nchw", "conv-stride2"]
+                                          if tma else ["conv-pointer"])
                for k in ("fwd", "wgrad", "dx") for tma in ("_tma", "")}
 
 
 def test_every_kernel_compiles(compiled):
     assert sorted(compiled) == sorted(KERNELS)
     for kernel, layers in CONV_LAYERS.items():
-        assert sorted(r["layer"] for r in compiled[kernel]) == layers, kernel
+        assert sorted({r["layer"] for r in compiled[kernel]}) == layers, kernel
     errors = {k: r["error"] for k, rs in compiled.items() for r in rs if "error" in r}
     assert not errors
 

@@ -13,8 +13,9 @@ shape reads as zeros, which adds nothing to a sum).
   out); for a single expansion (k_end = I_f) the descriptors read zeros there.
 * dW (and dW_couple): every tile through descriptors; the fused db sum as before.
 * dx: the newest rows and the coupling block through descriptors (their K ends where the
-  tensors end); the frozen groups' part of dx_old, cut at each group's k_end, through
-  pointer loads.
+  tensors end); for dx_old the frozen groups' rows too: those whose k_end lies inside an
+  old tile's columns are loaded whole and cut there in registers, the rest go from the
+  bulk copies to wgmma (a staircase whose k_ends decrease keeps the pointer kernel).
 
 Descriptors need 16-byte aligned bases and row strides and a unit column stride
 (:func:`usable` checks); otherwise, and for fp32 (whose ieee dot gains nothing from it), the
@@ -224,13 +225,13 @@ def grad_weight(a, b, dw, db, chunk, grid, **meta) -> bool:
 
 # ---------------------------------------------------------------------------------------
 # dx: new-input tiles dy_new w_new[:, cols] (+ dy_old w_couple), old-input tiles
-# dy_new w_new[:, cols] + the frozen groups (pointer loads, cut at k_end) when NEED_OLD
+# dy_new w_new[:, cols] + the frozen groups' rows, cut at their k_end, when NEED_OLD
 # ---------------------------------------------------------------------------------------
 @_autotune(["M", "I", "I_F", "O_F", "O_N", "G"], "M", "I", dyn_desc="MK", wn_desc="KN",
-           dyo_desc="MK", wc_desc="KN")
+           dyo_desc="MK", wc_desc="KN", wf_desc="KN")
 @triton.jit
-def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, dy_ptr, wf_ptr, dx_ptr, tab_ptr,
-                   M, I, I_F, O_F, O_N, G, s_dym, s_wfo, s_dxm,
+def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, wf_desc, dx_ptr, tab_ptr,
+                   M, I, I_F, O_F, O_N, G, s_dxm,
                    NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
                    K_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -252,9 +253,35 @@ def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, dy_ptr, wf_ptr, dx_ptr,
         acc = tl.dot(dyn_desc.load([off_m, k]), wn_desc.load([k, col0]), acc,
                      input_precision=PREC)
     if NEED_OLD:
-        acc = base._dx_frozen_groups(acc, dy_ptr + rm.to(tl.int64)[:, None] * s_dym, wf_ptr,
-                                     tab_ptr, rk, m_mask, col0, is_old, G, 1, s_wfo, 1,
-                                     BLOCK_K, PREC, K_VEC)
+        # An old tile reads the frozen rows of every group whose k_end lies past col0 (the
+        # staircase: k_ends nondecreasing, the launcher checks).  Rows [0, o_lo) never reach
+        # the tile; rows [o_lo, o_cut) end inside its columns: loaded whole, their columns at
+        # or past k_end zeroed (a NaN in the stored zero block stays out); rows [o_cut, O_F)
+        # reach past the tile (or I_f, past which w_frozen reads zeros) and go from the bulk
+        # copies to wgmma.
+        lim = tl.minimum(col0 + BLOCK_N, I_F)
+        o_lo = pid_m * 0
+        o_cut = pid_m * 0
+        for g in range(G - 1):
+            row_end = tl.load(tab_ptr + 3 * g + 1)
+            k_end = tl.load(tab_ptr + 3 * g + 2)
+            o_lo = tl.where(k_end <= col0, row_end, o_lo)
+            o_cut = tl.where(k_end < lim, row_end, o_cut)
+        o_cut = tl.where(is_old, o_cut, O_F)  # (a new tile: no frozen rows)
+        for k in range(o_cut, O_F, BLOCK_K):
+            acc = tl.dot(dyo_desc.load([off_m, k]), wf_desc.load([k, col0]), acc,
+                         input_precision=PREC)
+        for k in range(o_lo, tl.where(is_old, o_cut, o_lo), BLOCK_K):
+            rows = k + tl.arange(0, BLOCK_K)
+            k_row = tl.zeros((BLOCK_K,), dtype=tl.int32)  # each row's group's k_end
+            for g in range(G - 1):
+                inside = (rows >= tl.load(tab_ptr + 3 * g)) \
+                    & (rows < tl.load(tab_ptr + 3 * g + 1))
+                k_row = tl.where(inside, tl.load(tab_ptr + 3 * g + 2), k_row)
+            w = wf_desc.load([k, col0])
+            live = (rows < o_cut)[:, None] & (rk[None, :] < k_row[:, None])
+            w = tl.where(live, w, 0.0).to(w.dtype)
+            acc = tl.dot(dyo_desc.load([off_m, k]), w, acc, input_precision=PREC)
     if HAS_COUPLE:
         # Coupled layout: every frozen row reads the newest inputs through w_couple.
         for k in range(0, tl.where(is_old, 0, O_F), BLOCK_K):
@@ -264,13 +291,27 @@ def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, dy_ptr, wf_ptr, dx_ptr,
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_mask & k_mask)
 
 
+def grad_input_usable(dy, w_frozen, w_new, w_couple, frozen_k_ends, need_old) -> bool:
+    """Whether dx can run through descriptors: every operand it reads describable; with
+    dx_old, frozen groups whose k_ends never decrease (a staircase)."""
+    o_f = w_frozen.shape[0]
+    old = need_old and o_f > 0 and w_frozen.shape[1] > 0
+    if old and any(a > b for a, b in zip(frozen_k_ends[:-1], frozen_k_ends[1:])):
+        return False
+    return usable(dy[:, o_f:], w_new, dy[:, :o_f] if (w_couple is not None or old) else None,
+                  w_couple, w_frozen if old else None)
+
+
 def grad_input(dy, w_frozen, w_new, w_couple, dx, tab, grid, **meta) -> bool:
-    """dx through descriptors; False when it cannot run here."""
+    """dx through descriptors; False when it cannot run here.  ``w_couple``: None unless
+    the coupling block is read."""
     o_f = w_frozen.shape[0]
     dy_new, dy_old = dy[:, o_f:], dy[:, :o_f]
     couple = meta["HAS_COUPLE"]
-    descs = (dy_new, w_new, dy_old if couple else dy_new, w_couple if couple else w_new)
+    old = meta["NEED_OLD"] and o_f > 0 and w_frozen.shape[1] > 0
+    descs = (dy_new, w_new, dy_old if couple or old else dy_new,
+             w_couple if couple else w_new, w_frozen if old else w_new)
     return _launch("dx", _dx_tma_kernel, grid, descs,
-                   dy, w_frozen, dx, tab, dy.shape[0], w_new.shape[1], w_frozen.shape[1], o_f,
-                   w_new.shape[0], tab.shape[0], dy.stride(0), w_frozen.stride(0),
-                   dx.stride(0), **meta)
+                   dx, tab, dy.shape[0], w_new.shape[1], w_frozen.shape[1],
+                   o_f if couple or old else 0, w_new.shape[0], tab.shape[0], dx.stride(0),
+                   **meta)

@@ -6,10 +6,10 @@ Run as a script (never with TRITON_INTERPRET set: the kernels must be real JIT f
     python tests/kernels/sm90_compile.py --json --first-config
 
 The real launchers run on CPU tensors of the issue's shapes (a 4096-wide linear layer
-widened by 1024, 16384 rows; the 3x3 conv of a ResNet-50 stage, 256 + 64 channels,
-channels_last and NCHW, channels_last without tensor descriptors, ResNet-50's stride-2 3x3,
-and a coupled layer, whose backward asks for dx_old), with a stand-in
-Triton driver that names an sm_90 target.  Each launch
+widened by 1024, 16384 rows, isolated and coupled, whose dx reads the frozen rows; the 3x3
+conv of a ResNet-50 stage, 256 + 64 channels, channels_last and NCHW, channels_last without
+tensor descriptors, ResNet-50's stride-2 3x3, and a coupled layer, whose backward asks for
+dx_old), with a stand-in Triton driver that names an sm_90 target.  Each launch
 compiles its kernel for every config the autotuner would try (after pruning), through
 ``JITFunction.warmup``, and runs nothing.  Per kernel and config: registers, stack (spills),
 shared memory, and from the PTX the wgmma, TMA (cp.async.bulk.tensor), 16-byte cp.async
@@ -167,7 +167,7 @@ def linear_launches(rows=16384, old=4096, new=1024, coupled=False):
     bf, bn = torch.randn(old, dtype=dt), torch.randn(new, dtype=dt)
     dy = torch.randn(n, old + new, dtype=dt)
     L.linear_forward(x, wf, bf, wn, bn, wc, [old], [old], "gelu" if coupled else None)
-    L.grad_input(dy, wf, wn, wc, [old], [old], False)
+    L.grad_input(dy, wf, wn, wc, [old], [old], coupled)  # (coupled: dx_old too)
     L.grad_weight(dy[:, old:], x, with_colsum=True)
 
 
@@ -209,6 +209,7 @@ def report(first_config: bool = False) -> dict:
         return run
 
     for name, run in (("linear", linear_launches), ("linear", without_tma(linear_launches)),
+                      ("linear-coupled", lambda: linear_launches(coupled=True)),
                       ("conv", conv_launches),
                       ("conv-nchw", lambda: conv_launches(channels_last=False)),
                       ("conv-pointer", without_tma(conv_launches)),

@@ -406,7 +406,10 @@ from expanse_fast.kernels import expanded_linear_tma as T  # noqa: E402
 # Widths whose rows (and column offsets into dy and x) are 16-byte aligned in fp32 and
 # fp16, as descriptors need, with k_ends and output widths off the interpreter's 32-wide
 # tiles: partial tiles, and the NaN-poisoned zero block shows any read past k_end.
-TMA_LAYOUTS = {"2g": ((40, 24), (40, 16)), "3g": ((24, 8, 16), (16, 8, 24))}
+# "4g": two frozen groups end inside the first 32 inputs (k_ends 8 and 16), so dx_old's
+# masked rows of one tile hold groups cut at different columns.
+TMA_LAYOUTS = {"2g": ((40, 24), (40, 16)), "3g": ((24, 8, 16), (16, 8, 24)),
+               "4g": ((8, 8, 16, 8), (8, 8, 8, 16))}
 
 
 @pytest.fixture
@@ -511,7 +514,7 @@ def test_pointer_kernels_with_vector_bounds(monkeypatch, name, mode):
 @pytest.mark.parametrize("need_dx_old", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_tma_backward_matches_float64(tma_launches, name, mode, need_dx_old, dtype):
-    # dW, db, dcouple and dx through descriptor loads (dx's frozen groups on pointers).
+    # dW, db, dcouple and dx through descriptor loads (dx's frozen groups too, cut at k_end).
     c = Case(*TMA_LAYOUTS[name], mode=mode, n=37, dtype=dtype)
     got = c.backward(triton_backend, need_dx_old=need_dx_old)
     want = c.ref_backward(need_dx_old)

@@ -85,6 +85,10 @@ CASES = {
     "1x1_stride2_odd": ((16, 8), (8, 16), 1, True, True, _conv(stride=2), 3, (5, 7), True),
     "stride2_odd_coupled": ((16, 24), (16, 8), 3, True, False, _conv(stride=2, padding=1), 1,
                             (7, 5), True),
+    # three frozen groups (k_ends 8, 16, 24): on the GPU's 64-wide channel tiles dx_old cuts
+    # two of them inside one tile (the interpreter's 16-wide tiles, one)
+    "4groups_staircase": ((8, 8, 8, 8), (8, 8, 8, 16), 3, False, True, _conv(padding=1), 2,
+                          (5, 6), True),
     # dilation 2 along a strided dimension: dx keeps the pointer kernel
     "stride2_dil2": ((16, 8), (16, 8), 3, False, True, _conv(stride=2, padding=2, dilation=2),
                      2, (6, 6), True),
@@ -272,9 +276,9 @@ def test_box_covers_the_output_with_the_least_waste(block_m, n, ho, wo):
 
 
 @pytest.mark.gpu
-# two cases, each its own compile (the GPU run's test stage has a deadline); the ResNet
+# three cases, each its own compile (the GPU run's test stage has a deadline); the ResNet
 # shape below and test_expanded_conv_kernels' bf16 cases take this kernel too on sm_90
-@pytest.mark.parametrize("name", ["3groups_tail_dil2", "coupled_1x3"])
+@pytest.mark.parametrize("name", ["3groups_tail_dil2", "coupled_1x3", "4groups_staircase"])
 def test_gpu_bf16(tma_launches, name):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, torch.bfloat16, batch=batch, hw=hw, channels_last=cl)

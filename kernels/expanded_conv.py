@@ -50,7 +50,7 @@ _AUTOTUNE = os.environ.get("EXPANSE_FAST_AUTOTUNE", "1") != "0"
 # next: 2-byte loads that cp.async cannot pipeline, where channels_last gives 16-byte ones.
 #   "channels_last" (default): copy x and dy to channels_last, run the fast gathers, and
 #       hand y and dx back in x's layout (one activation copy each way, as cuDNN's NCHW
-#       paths do).
+#       paths do; the descriptor kernels store y, and dx at stride 1, in NCHW directly).
 #   "direct": read NCHW through its strides in place, no copies.
 # The GPU run times both on NCHW input.  Depthwise kernels gather per channel: never copied.
 NCHW_MODES = ("channels_last", "direct")
@@ -754,12 +754,18 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     y_format = _memory_format(x)  # y takes the caller's layout, whatever the kernels read
     if not depthwise:
         x, _ = _for_gathers(x)
-    y = torch.empty((n, o, ho, wo), device=x.device, dtype=dt, memory_format=_memory_format(x))
+        w_frozen, w_new, w_couple = map(_channels_inner, (w_frozen, w_new, w_couple))
+    has_couple = w_couple is not None and w_couple.numel() > 0
     m = n * ho * wo
+    tma = _tma()
+    use_tma = not depthwise and m > 0 and tma.usable(
+        x, w_frozen, w_new, w_couple if has_couple else None, geo[:2], False)
+    # The descriptor kernel stores a box's pixels along W: it writes an NCHW y in place,
+    # no channels_last round trip (the others write channels_last, copied after).
+    y = torch.empty((n, o, ho, wo), device=x.device, dtype=dt,
+                    memory_format=y_format if use_tma else _memory_format(x))
     if y.numel() == 0:
         return y.contiguous(memory_format=y_format)
-    if not depthwise:
-        w_frozen, w_new, w_couple = map(_channels_inner, (w_frozen, w_new, w_couple))
     wf, wn = _or(w_frozen, y), _or(w_new, y)
     bf, bn = _or(b_frozen, y), _or(b_new, y)
     has_bf = b_frozen is not None and b_frozen.numel() > 0
@@ -779,15 +785,12 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     widths = tuple(int(g) for g in frozen_out_groups) + (o_n,)
     k_ends = tuple(int(k) for k in frozen_k_ends) + (c,)
     groups = _groups_tensor(widths, k_ends, x.device)
-    has_couple = w_couple is not None and w_couple.numel() > 0
     wc = _or(w_couple, y)
     out_vec = multiple_of_all(itertools.accumulate(widths))
-    tma = _tma()
-    if tma.usable(x, w_frozen, w_new, w_couple if has_couple else None, geo[:2], False) \
-            and tma.forward(x, w_frozen, w_new, w_couple if has_couple else None, bf, bn, y,
-                            groups, widths, norm_ptrs, norm_flags, geo, has_bf, has_bn,
-                            out_vec, _prec(dt)):
-        return y.contiguous(memory_format=y_format)
+    if use_tma and tma.forward(x, w_frozen, w_new, w_couple if has_couple else None, bf, bn,
+                               y, groups, widths, norm_ptrs, norm_flags, geo, has_bf, has_bn,
+                               out_vec, _prec(dt)):
+        return y
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"])
                          * sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths),)
     _conv_fwd_kernel[grid](
@@ -925,12 +928,6 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         _zero_untouched(dx, c_lo, empty)
     if run_dx:
         p = n * h * wd
-        # Where x was copied, the kernel writes channels [c_lo, C) into a channels_last
-        # buffer of their own (dx_c0 = c_lo), copied into dx after: the zeros of the old
-        # channels never make the round trip.
-        dx_k, dx_c0 = (dx, 0) if not dx_copied else (torch.empty(
-            (n, c - c_lo, h, wd), device=x.device, dtype=dt,
-            memory_format=torch.channels_last), c_lo)
         groups = _groups_tensor(tuple(int(g) for g in frozen_out_groups),
                                 tuple(int(k) for k in frozen_k_ends), x.device)
         # weight tiles are read along the input channels: channels_last weights
@@ -941,13 +938,20 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         tma = _tma()
         scale = norm_scale if norm else None  # onto the weights: dy's tiles stay in smem
         wf_old = wf if need_dx_old and w_frozen.numel() else None  # (its rows, if any)
-        if not (o_n > 0 and tma.dx_usable(dy, wn, wc if couple else None, wf_old, o_f,
-                                          dy_new_c0, frozen_k_ends, geo, need_dx_old)
-                and tma.grad_input(dy, wn, _rows_scaled(wc, scale) if couple else None,
-                                   wf_old if wf_old is None else _rows_scaled(wf_old, scale),
-                                   o_f, i_f, groups,
-                                   len(frozen_out_groups), dx_k, dy_new_c0, c_lo, dx_c0, geo,
-                                   _prec(dt))):
+        use_tma = o_n > 0 and tma.dx_usable(dy, wn, wc if couple else None, wf_old, o_f,
+                                            dy_new_c0, frozen_k_ends, geo, need_dx_old)
+        # Where x was copied, the kernels write channels [c_lo, C) into a channels_last
+        # buffer of their own (dx_c0 = c_lo), copied into dx after: the zeros of the old
+        # channels never make the round trip.  At stride 1 the descriptor kernel stores a
+        # box's pixels along W, so it writes an NCHW dx in place.
+        direct = not dx_copied or (use_tma and tuple(geo[:2]) == (1, 1))
+        dx_k, dx_c0 = (dx, 0) if direct else (torch.empty(
+            (n, c - c_lo, h, wd), device=x.device, dtype=dt,
+            memory_format=torch.channels_last), c_lo)
+        if not (use_tma and tma.grad_input(
+                dy, wn, _rows_scaled(wc, scale) if couple else None,
+                wf_old if wf_old is None else _rows_scaled(wf_old, scale), o_f, i_f, groups,
+                len(frozen_out_groups), dx_k, dy_new_c0, c_lo, dx_c0, geo, _prec(dt))):
             grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
                                  triton.cdiv(c - c_lo, meta["BLOCK_N"]))
             _conv_dx_kernel[grid](  # dy holds no columns if it is never read

@@ -1,5 +1,5 @@
 """The expanded conv kernels with tensor-descriptor (TMA) loads, for Hopper GPUs: forward,
-weight gradient, and the new channels' input gradient.
+weight gradient and input gradient.
 
 The forward computes what ``expanded_conv._conv_fwd_kernel`` computes, for a convolution
 of channels_last activations (what the launcher hands the kernels by default, NCHW input
@@ -23,8 +23,9 @@ a coordinate and the box stays one copy (``_x_box``).  The weights are read as
   newer input or in the next tap's weights stays out).
 * The coupled layout's block (frozen rows reading [I_f, C)) is a third loop, with its own
   partial tiles.
-* Bias, the folded BatchNorm of the frozen channels and the stores are the pointer
-  kernel's.
+* Bias and the folded BatchNorm of the frozen channels are the pointer kernel's.  The
+  stores take y's strides: into channels_last, vectors of channels; into NCHW (the
+  caller's layout, no copy back), vectors of a box row's pixels.
 * Output-channel tiles are the fastest-varying program index, so the few programs that
   read one pixel box's x run together and share it through L2 (x is far larger than L2 at
   the ResNet shapes; the weights fit).
@@ -176,7 +177,8 @@ def _conv_fwd_tma_kernel(
         KH: tl.constexpr, KW: tl.constexpr, ST_H: tl.constexpr, ST_W: tl.constexpr,
         HAS_BF: tl.constexpr, HAS_BN: tl.constexpr,
         HAS_COUPLE: tl.constexpr, NORM: tl.constexpr, NORM_W: tl.constexpr,
-        NORM_B: tl.constexpr, OUT_VEC: tl.constexpr, PREC: tl.constexpr,
+        NORM_B: tl.constexpr, OUT_VEC: tl.constexpr, PIX_VEC: tl.constexpr,
+        PREC: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     tl.static_assert(IMG * BH * BW == BLOCK_M and BLOCK_N % OUT_VEC == 0)
@@ -268,9 +270,15 @@ def _conv_fwd_tma_kernel(
     img = n0 + j // (BH * BW)
     ho = h0 + (j // BW) % BH
     wo = w0 + j % BW
-    m_mask = (img < N) & (ho < Ho) & (wo < Wo)
-    y_row = img.to(tl.int64) * syn + ho * syh + wo * syw
-    tl.store(y_ptr + y_row[:, None] + offs_o[None, :] * syc,
+    # An NCHW y (syw = 1) is stored in vectors of PIX_VEC pixels along W: Wo and the other
+    # strides are multiples of it (the launcher checks), which the masks and addresses say
+    # to the compiler (x // V * V); otherwise PIX_VEC = 1.
+    PV: tl.constexpr = PIX_VEC if PIX_VEC <= BW else BW
+    # wo // PV, written so that the compiler sees it constant over runs of PV pixels
+    m_mask = (img < N) & (ho < Ho) & (w0 // PV + (j // PV) % (BW // PV) < Wo // PV)
+    y_row = (img.to(tl.int64) * (syn // PIX_VEC * PIX_VEC) + ho * (syh // PIX_VEC * PIX_VEC)
+             + wo * syw)
+    tl.store(y_ptr + y_row[:, None] + offs_o[None, :] * (syc // PIX_VEC * PIX_VEC),
              acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -293,6 +301,14 @@ def _phases(x, stride):
     if h % sh or w % sw or not x.is_contiguous(memory_format=torch.channels_last):
         return None
     return x4.reshape(n, h // sh, sh, w // sw, sw * c)
+
+
+def _pixel_vector(t):
+    """How many pixels along W a kernel may store as one vector into ``t`` (N, C, H, W):
+    for unit W stride (NCHW), the largest of 16, 8, 1 dividing W and the other strides."""
+    if t.stride(3) != 1:
+        return 1
+    return base.multiple_of_all([t.shape[3], t.stride(0), t.stride(1), t.stride(2)])
 
 
 def usable(x, w_frozen, w_new, w_couple, stride, depthwise) -> bool:
@@ -338,7 +354,8 @@ def forward(x, w_frozen, w_new, w_couple, bf, bn, y, groups, widths, norm_ptrs, 
         bf, bn, y, groups, *norm_ptrs, n, o, c, ho, wo, len(widths), o_f, i_f,
         *y.stride(), geo[2], geo[3], geo[4], geo[5],
         KH=kh, KW=kw, ST_H=st[0], ST_W=st[1], HAS_BF=has_bf, HAS_BN=has_bn,
-        HAS_COUPLE=has_couple, **norm_flags, OUT_VEC=out_vec, PREC=prec)
+        HAS_COUPLE=has_couple, **norm_flags, OUT_VEC=out_vec,
+        PIX_VEC=_pixel_vector(y), PREC=prec)
 
 
 # ---------------------------------------------------------------------------------------
@@ -496,9 +513,9 @@ def _conv_dx_tma_kernel(
         dy_desc, dyo_desc, wn_desc, wc_desc, wf_desc, dx_ptr, groups_ptr, N, H, W, HQ, WQ, C,
         C_LO, O_N, O_F, I_F, G_F, dx_c0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, ST_H: tl.constexpr, ST_W: tl.constexpr,
-        HAS_COUPLE: tl.constexpr, HAS_OLD: tl.constexpr, PREC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+        HAS_COUPLE: tl.constexpr, HAS_OLD: tl.constexpr, PIX_VEC: tl.constexpr,
+        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
     """A box of input pixels by BLOCK_N channels of [C_LO, C), channel c stored at dx's
     column c - dx_c0.  The channel tiles of the old inputs [0, I_f) (HAS_OLD, C_LO = 0) and
     of the new [I_f, C) are separate, so no tile mixes the two.
@@ -590,10 +607,16 @@ def _conv_dx_tma_kernel(
     img = n0 + j // (BH * BW)
     hi = (q0h + (j // BW) % BH) * ST_H + ph
     wi = (q0w + j % BW) * ST_W + pw
-    p_mask = (img < N) & (hi < H) & (wi < W)
+    if ST_W == 1:  # an NCHW dx is stored in vectors of PV pixels (as the forward's y)
+        PV: tl.constexpr = PIX_VEC if PIX_VEC <= BW else BW
+        w_ok = q0w // PV + (j // PV) % (BW // PV) < W // PV
+    else:
+        w_ok = wi < W
+    p_mask = (img < N) & (hi < H) & w_ok
     cc = c0 + tl.arange(0, BLOCK_N)
-    dx_row = img.to(tl.int64) * sxn + hi * sxh + wi * sxw
-    tl.store(dx_ptr + dx_row[:, None] + (cc - dx_c0)[None, :] * sxc,
+    dx_row = (img.to(tl.int64) * (sxn // PIX_VEC * PIX_VEC) + hi * (sxh // PIX_VEC * PIX_VEC)
+              + wi * sxw)
+    tl.store(dx_ptr + dx_row[:, None] + (cc - dx_c0)[None, :] * (sxc // PIX_VEC * PIX_VEC),
              acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & (cc < c_end)[None, :])
 
 
@@ -652,4 +675,4 @@ def grad_input(dy, w_new, w_couple, w_frozen, o_f, i_f, groups, n_groups, dx, dy
         (dy_new, dy_old, wn, _taps_by_channel(w_couple) if couple else wn, wf),
         dx, groups, n, h, wd, hq, wq, c, c_lo, o_n, o_f, i_f, n_groups, dx_c0, *dx.stride(),
         *geo[2:], KH=kh, KW=kw, ST_H=st_h, ST_W=st_w, HAS_COUPLE=couple, HAS_OLD=has_old,
-        PREC=prec)
+        PIX_VEC=_pixel_vector(dx) if st_w == 1 else 1, PREC=prec)

@@ -64,8 +64,14 @@ CASES = {
     "1x1_7x7": ((24, 16), (16, 24), 1, False, True, _conv(), 3, (7, 7), True),
     # 24 coupled channels: a full tile and a partial one per tap, in the coupling block too
     "coupled_24_new": ((16, 24), (8, 16), 3, True, True, _conv(padding=1), 2, (5, 6), True),
-    # NCHW input: the launcher's channels_last copy goes through the descriptors
+    # NCHW input: the launcher's channels_last copy goes through the descriptors, y and dx
+    # are stored in NCHW in place (W = 7: one pixel a store; W = 24: vectors of 8 pixels,
+    # boxes 16 wide, the second half of the second box past W)
     "nchw_input": ((16, 8), (24, 8), 3, False, True, _conv(padding=1), 2, (5, 7), False),
+    "nchw_w24": ((16, 8), (16, 8), 3, True, True, _conv(padding=1), 1, (1, 24), False),
+    # NCHW at stride 2: dx goes through a channels_last buffer of the new channels
+    "nchw_stride2": ((16, 8), (16, 8), 3, False, True, _conv(stride=2, padding=1), 1, (6, 8),
+                     False),
     # strided: x read as (N, H/s, s, W/s, s*C), the stride's phase a coordinate; the
     # frozen rows' partial tiles (group 0 stops at 8) run into newer channels and the
     # next phase's, and must zero them
@@ -218,6 +224,30 @@ def test_dx_old_with_two_groups_cut_inside_one_channel_tile(tma_launches, monkey
     _run(t, _conv(padding=1), False, torch.float16, need_dx_old=True, channels_last=True)
     assert tma_launches[-1] == ("grad_input", True)
     assert {c.kwargs["BLOCK_N"] for c in kern.cache.values()} == {32}
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nchw_results_are_written_in_place(tma_launches, monkeypatch, stride):
+    """NCHW input: the descriptor kernels store y, and dx at stride 1, straight into the
+    caller's NCHW tensors (no channels_last result copied back); dx at stride 2 into a
+    channels_last buffer of the new channels."""
+    seen = {}
+
+    def spy(name, real, pos):
+        def run(*args, **kwargs):
+            seen[name] = args[pos]
+            return real(*args, **kwargs)
+        return run
+    monkeypatch.setattr(ect, "forward", spy("y", ect.forward, 6))
+    monkeypatch.setattr(ect, "grad_input", spy("dx", ect.grad_input, 8))
+    t = _make((16, 8), (16, 8), 3, False, True, torch.float16, batch=2, hw=(4, 8))
+    _run(t, _conv(stride=stride, padding=1), False, torch.float16, need_dx_old=False)
+    assert seen["y"].is_contiguous() and seen["y"].shape[1] == 24
+    if stride == 1:
+        assert seen["dx"].is_contiguous() and seen["dx"].shape[1] == 24
+    else:
+        assert seen["dx"].shape[1] == 8
+        assert seen["dx"].is_contiguous(memory_format=torch.channels_last)
 
 
 def test_dx_old_of_a_staircase_that_steps_down_keeps_the_pointer_kernel():

@@ -481,22 +481,34 @@ def _dx_hook(nargs):
 
 
 @triton.jit
+def _dx_tap_operands(i, n_o, n_t, row0, dy_desc, w_desc, n0, q0h, q0w, ph, pw, r0, t0,
+                     w_cols, c0, pad_h, pad_w, dil_h, dil_w, KW: tl.constexpr,
+                     ST_H: tl.constexpr, ST_W: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step i of a flat loop over (tap of the phase, row tile): dy's box shifted against
+    the tap, at columns o0.., and the weight rows o0.. at the tap's columns (w_cols channels
+    a tap, from channel c0); (dy box, weight tile, o0)."""
+    r = r0 + i // n_o // n_t * ST_H
+    t = t0 + i // n_o % n_t * ST_W
+    o0 = row0 + (i % n_o) * BLOCK_K
+    g = dy_desc.load([n0, q0h + (ph + pad_h - r * dil_h) // ST_H,
+                      q0w + (pw + pad_w - t * dil_w) // ST_W, o0])
+    return g, w_desc.load([o0, (r * KW + t) * w_cols + c0]), o0
+
+
+@triton.jit
 def _dx_taps(acc, dy_desc, w_desc, row0, n_rows, n_taps, n_t, n0, q0h, q0w, ph, pw, r0, t0,
              w_cols, c0, pad_h, pad_w, dil_h, dil_w, KW: tl.constexpr, ST_H: tl.constexpr,
              ST_W: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
              BLOCK_K: tl.constexpr):
     """acc (channels x pixels) += the product of the weight rows [row0, row0 + n_rows)
-    (tap-major columns, w_cols channels a tap; channels c0..) with dy's columns at the same
-    rows, over the phase's n_taps taps: one flat loop, one software pipeline, both operands
-    from their bulk copies to wgmma (dy and weight rows past the tensors read zeros)."""
+    with dy's columns at the same rows, over the phase's n_taps taps: one flat loop, one
+    software pipeline, both operands from their bulk copies to wgmma (dy and weight rows
+    past the tensors read zeros)."""
     n_o = (n_rows + BLOCK_K - 1) // BLOCK_K
     for i in range(0, n_taps * n_o):
-        r = r0 + i // n_o // n_t * ST_H
-        t = t0 + i // n_o % n_t * ST_W
-        o0 = row0 + (i % n_o) * BLOCK_K
-        g = dy_desc.load([n0, q0h + (ph + pad_h - r * dil_h) // ST_H,
-                          q0w + (pw + pad_w - t * dil_w) // ST_W, o0])
-        w = w_desc.load([o0, (r * KW + t) * w_cols + c0])
+        g, w, _ = _dx_tap_operands(i, n_o, n_t, row0, dy_desc, w_desc, n0, q0h, q0w, ph, pw,
+                                   r0, t0, w_cols, c0, pad_h, pad_w, dil_h, dil_w, KW, ST_H,
+                                   ST_W, BLOCK_K)
         acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     return acc
 
@@ -583,12 +595,9 @@ def _conv_dx_tma_kernel(
                        PREC, BLOCK_M, BLOCK_K)
         n_cut = (o_cl - o_lo + BLOCK_K - 1) // BLOCK_K
         for i in range(0, tl.where(is_old, n_taps * n_cut, 0)):
-            r = r0 + i // n_cut // n_t * ST_H
-            t = t0 + i // n_cut % n_t * ST_W
-            o0 = o_lo + (i % n_cut) * BLOCK_K
-            g = dyo_desc.load([n0, q0h + (ph + pad_h - r * dil_h) // ST_H,
-                               q0w + (pw + pad_w - t * dil_w) // ST_W, o0])
-            w = wf_desc.load([o0, (r * KW + t) * I_F + c0])
+            g, w, o0 = _dx_tap_operands(i, n_cut, n_t, o_lo, dyo_desc, wf_desc, n0, q0h, q0w,
+                                        ph, pw, r0, t0, I_F, c0, pad_h, pad_w, dil_h, dil_w,
+                                        KW, ST_H, ST_W, BLOCK_K)
             rows = o0 + tl.arange(0, BLOCK_K)
             row_end = pid * 0
             k_row = tl.zeros((BLOCK_K,), dtype=tl.int32)  # each row's group's k_end

@@ -1375,9 +1375,10 @@ def pytest_runtest_setup(item):
 
 
 # What only a GPU can check comes first, so that the deadline cuts the broad tests, not these:
-# the CUDA extension's ops, then the Triton kernels (bfloat16 included), then the rest.
+# the CUDA extension's ops, then the Triton kernels (bfloat16 included; the conv tests that
+# assert the descriptor kernels ran before the others), then the rest.
 TEST_PRIORITY = ("tests/backends/test_cuda_backend.py", "tests/kernels/test_expanded_linear",
-                 "tests/kernels/test_expanded_conv")
+                 "tests/kernels/test_expanded_conv_tma", "tests/kernels/test_expanded_conv")
 
 
 def test_rank(nodeid: str) -> int:

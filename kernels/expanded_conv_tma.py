@@ -514,8 +514,8 @@ def _dx_taps(acc, dy_desc, w_desc, row0, n_rows, n_taps, n_t, n0, q0h, q0w, ph, 
 
 
 @triton.autotune(configs=_configs(_DX_TILES, "BLOCK_M", _dx_hook),
-                 key=["N", "H", "W", "C", "C_LO", "O_N", "O_F", "G_F", "KH", "KW", "ST_H",
-                      "ST_W", "HAS_COUPLE", "HAS_OLD"],
+                 key=["N", "H", "W", "C", "O_N", "O_F", "G_F", "KH", "KW", "ST_H", "ST_W",
+                      "HAS_COUPLE", "HAS_OLD"],
                  prune_configs_by={"early_config_prune": _pruner(
                      {"BLOCK_N": "C", "BLOCK_K": "O_N"}, "BLOCK_M", ("N", "HQ", "WQ"),
                      "dy_desc")},
@@ -523,14 +523,14 @@ def _dx_taps(acc, dy_desc, w_desc, row0, n_rows, n_taps, n_t, n0, q0h, q0w, ph, 
 @triton.jit
 def _conv_dx_tma_kernel(
         dy_desc, dyo_desc, wn_desc, wc_desc, wf_desc, dx_ptr, groups_ptr, N, H, W, HQ, WQ, C,
-        C_LO, O_N, O_F, I_F, G_F, dx_c0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
+        O_N, O_F, I_F, G_F, dx_c0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, ST_H: tl.constexpr, ST_W: tl.constexpr,
         HAS_COUPLE: tl.constexpr, HAS_OLD: tl.constexpr, PIX_VEC: tl.constexpr,
         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    """A box of input pixels by BLOCK_N channels of [C_LO, C), channel c stored at dx's
-    column c - dx_c0.  The channel tiles of the old inputs [0, I_f) (HAS_OLD, C_LO = 0) and
-    of the new [I_f, C) are separate, so no tile mixes the two.
+    """A box of input pixels by BLOCK_N channels, channel c stored at dx's column c - dx_c0:
+    the new inputs [I_f, C), and with HAS_OLD the old ones [0, I_f) too, in tiles of their
+    own, so no tile mixes the two.
 
     At stride s the box's pixels are one phase (ph, pw) of the input, rows q * s + ph of the
     HQ = ceil(H / s) (columns alike): only the taps r = ph + pad (mod s) reach them
@@ -629,10 +629,6 @@ def _conv_dx_tma_kernel(
              acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & (cc < c_end)[None, :])
 
 
-def _nondecreasing(values) -> bool:
-    return all(a <= b for a, b in zip(values[:-1], values[1:]))
-
-
 def dx_usable(dy, w_new, w_couple, w_frozen, o_f, dy_new_c0, frozen_k_ends, geo,
               need_dx_old) -> bool:
     """Whether dx can run through descriptors: along a strided dimension at dilation 1; with
@@ -642,7 +638,7 @@ def dx_usable(dy, w_new, w_couple, w_frozen, o_f, dy_new_c0, frozen_k_ends, geo,
         return False
     if any(st != 1 and dil != 1 for st, dil in zip(geo[:2], geo[4:6])):
         return False
-    if need_dx_old and not _nondecreasing(list(frozen_k_ends)):
+    if need_dx_old and not lt.nondecreasing(frozen_k_ends):
         return False
     ws = [w for w in (w_new, w_couple, w_frozen) if w is not None]
     if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):
@@ -682,6 +678,6 @@ def grad_input(dy, w_new, w_couple, w_frozen, o_f, i_f, groups, n_groups, dx, dy
     return lt._launch(
         "conv dx", _conv_dx_tma_kernel, grid,
         (dy_new, dy_old, wn, _taps_by_channel(w_couple) if couple else wn, wf),
-        dx, groups, n, h, wd, hq, wq, c, c_lo, o_n, o_f, i_f, n_groups, dx_c0, *dx.stride(),
+        dx, groups, n, h, wd, hq, wq, c, o_n, o_f, i_f, n_groups, dx_c0, *dx.stride(),
         *geo[2:], KH=kh, KW=kw, ST_H=st_h, ST_W=st_w, HAS_COUPLE=couple, HAS_OLD=has_old,
         PIX_VEC=_pixel_vector(dx) if st_w == 1 else 1, PREC=prec)

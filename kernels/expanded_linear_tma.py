@@ -291,12 +291,23 @@ def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, wf_desc, dx_ptr, tab_pt
     tl.store(dx, acc.to(dx_ptr.dtype.element_ty), mask=m_mask & k_mask)
 
 
+def nondecreasing(k_ends) -> bool:
+    """Whether frozen groups' k_ends never decrease (the staircase the descriptor kernels'
+    dx_old cut assumes: rows sorted by reach)."""
+    k_ends = list(k_ends)
+    return all(a <= b for a, b in zip(k_ends[:-1], k_ends[1:]))
+
+
+def _reads_frozen_rows(w_frozen, need_old) -> bool:
+    return bool(need_old) and w_frozen.shape[0] > 0 and w_frozen.shape[1] > 0
+
+
 def grad_input_usable(dy, w_frozen, w_new, w_couple, frozen_k_ends, need_old) -> bool:
     """Whether dx can run through descriptors: every operand it reads describable; with
     dx_old, frozen groups whose k_ends never decrease (a staircase)."""
     o_f = w_frozen.shape[0]
-    old = need_old and o_f > 0 and w_frozen.shape[1] > 0
-    if old and any(a > b for a, b in zip(frozen_k_ends[:-1], frozen_k_ends[1:])):
+    old = _reads_frozen_rows(w_frozen, need_old)
+    if old and not nondecreasing(frozen_k_ends):
         return False
     return usable(dy[:, o_f:], w_new, dy[:, :o_f] if (w_couple is not None or old) else None,
                   w_couple, w_frozen if old else None)
@@ -308,7 +319,7 @@ def grad_input(dy, w_frozen, w_new, w_couple, dx, tab, grid, **meta) -> bool:
     o_f = w_frozen.shape[0]
     dy_new, dy_old = dy[:, o_f:], dy[:, :o_f]
     couple = meta["HAS_COUPLE"]
-    old = meta["NEED_OLD"] and o_f > 0 and w_frozen.shape[1] > 0
+    old = _reads_frozen_rows(w_frozen, meta["NEED_OLD"])
     descs = (dy_new, w_new, dy_old if couple or old else dy_new,
              w_couple if couple else w_new, w_frozen if old else w_new)
     return _launch("dx", _dx_tma_kernel, grid, descs,

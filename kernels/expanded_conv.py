@@ -818,7 +818,10 @@ def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, sc
     db = torch.empty((split, o), device=x.device, dtype=torch.float32) if need_db else dw
     tma = _tma()
     if not (tma.wgrad_usable(dy, x, dy_c0, o, x_c0, c, geo[:2])
-            and tma.wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db)):
+            and tma.wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db)) \
+            and not (tma.wgrad_nchw_usable(dy, x, dy_c0, o, x_c0, c, ho, wo, geo)
+                     and tma.wgrad_nchw(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split,
+                                        need_db)):
         grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
                              triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
         _conv_wgrad_kernel[grid](
@@ -910,7 +913,11 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
     dy_new_c0 = o_f - dy_c0 + at
     dx_copied = _copied_for_gathers(x)  # the dx kernel writes channels_last if x's is not
     if run_wgrad or run_dcouple:  # the dx kernel never reads x
-        x, _ = _for_gathers(x)
+        # x is copied to channels_last unless every weight gradient reads NCHW in place
+        wgrads = ([(dy_new_c0, o_n, 0, c)] if run_wgrad else []) \
+            + ([(0, o_f, i_f, c - i_f)] if run_dcouple else [])
+        if not all(_tma().wgrad_nchw_usable(dy, x, *cols, ho, wo, geo) for cols in wgrads):
+            x, _ = _for_gathers(x)
     if need_dw or need_db:
         if run_wgrad:
             dw, db = _wgrad(dy, x, dy_new_c0, o_n, 0, c, kh, kw, geo, ho, wo, need_db, wdt)

@@ -54,6 +54,8 @@ registers.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -116,22 +118,23 @@ def _fwd_hook(nargs):
         nargs[name].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _pruner(caps_by, pixels, dims=("N", "Ho", "Wo"), desc="x_desc"):
+def _pruner(caps_by, pixels, dims=("N", "Ho", "Wo"), desc="x_desc", boxes=True):
     """Per tile, the one box that suits the problem (``box_for`` of its ``pixels`` block over
     the image ``dims``); tiles that do not fit shared memory, or are far larger than the
     problem (``caps_by``: block -> the argument that bounds it; the pixel block by the pixel
-    count), go.  ``desc``: a descriptor of the operands' dtype."""
+    count, the product of ``dims``), go.  ``desc``: a descriptor of the operands' dtype.
+    ``boxes=False``: configs of flat pixel runs, no box to choose."""
     def prune(configs, named_args, **kwargs):
-        n, ho, wo = (named_args[k] for k in dims)
+        sizes = [named_args[k] for k in dims]
         x = named_args[desc].base
         elt, budget = x.element_size(), lt.base.smem_budget(x.device)
         caps = {blk: max(64, triton.next_power_of_2(named_args[arg]))
                 for blk, arg in caps_by.items()}
-        caps[pixels] = max(64, triton.next_power_of_2(n * ho * wo))
+        caps[pixels] = max(64, triton.next_power_of_2(math.prod(sizes)))
 
-        def boxed(c):
+        def boxed(c):  # (flat pixel runs, boxes=False: no box to choose)
             kw = c.kwargs
-            return (kw["IMG"], kw["BH"], kw["BW"]) == box_for(kw[pixels], n, ho, wo)
+            return not boxes or (kw["IMG"], kw["BH"], kw["BW"]) == box_for(kw[pixels], *sizes)
 
         keep = [c for c in configs if boxed(c)
                 and all(c.kwargs[k] <= cap for k, cap in caps.items())
@@ -464,6 +467,137 @@ def wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db) -> bool:
         dw, db, dw if scale is None else scale, o, c, n, ho, wo, xc, xc0, *geo[2:],
         KH=kh, KW=kw, ST_H=geo[0], ST_W=geo[1], SPLIT=split, HAS_DB=need_db,
         SCALE=scale is not None, PREC=base._prec(x.dtype))
+
+
+# NCHW x read in place: at stride 1 with W_out = W, input pixel q (flattened over H x W) is
+# read for tap (r, s) by output pixel q - ((r * dil - pad) * W + (s * dil - pad)): one
+# shift along the flat views, put on dy's tile, whose innermost dimension is the channels
+# (a descriptor's innermost coordinate must stay 16-byte aligned).  x's tile is then one
+# bulk copy of the caller's NCHW x (N, C, H * W) at an aligned pixel, no channels_last copy
+# first.  Rows of the image run on into each other along the flat views: a pixel q whose
+# output column q % W - (s * dil - pad) leaves [0, W) would pair with the neighbouring
+# row's output, so its dy row is zeroed in registers (dy's tile goes through them anyway).
+# Rows above or below the images fall outside the flat views and read zeros.
+_WGRAD_NCHW_TILES = [(64, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
+                     (64, 256, 64, 8, 3)]
+
+
+def _flat_configs(tiles, hook):
+    tiles = [_INTERPRET_TILE] if base._INTERPRET else (tiles if base._AUTOTUNE else tiles[:1])
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps,
+                          num_stages=stages, pre_hook=hook)
+            for bm, bn, bk, warps, stages in tiles]
+
+
+def _wgrad_nchw_hook(nargs):
+    nargs["dy_desc"].block_shape = [1, nargs["BLOCK_K"], nargs["BLOCK_M"]]
+    nargs["x_desc"].block_shape = [1, nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+
+@triton.autotune(configs=_flat_configs(_WGRAD_NCHW_TILES, _wgrad_nchw_hook),
+                 key=["O", "C", "N", "P", "P_OUT", "W", "KH", "KW", "SPLIT"],
+                 prune_configs_by={"early_config_prune": _pruner(
+                     {"BLOCK_M": "O", "BLOCK_N": "C"}, "BLOCK_K", ("N", "P"), boxes=False)},
+                 do_bench=_interpreted_bench if base._INTERPRET else None)
+@triton.jit
+def _conv_wgrad_nchw_tma_kernel(
+        dy_desc, x_desc, dw_ptr, db_ptr, scale_ptr, O, C, N, P, P_OUT, W, pad_h, pad_w,
+        dil_h, dil_w, KH: tl.constexpr, KW: tl.constexpr, SPLIT, HAS_DB: tl.constexpr,
+        SCALE: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_conv_wgrad_tma_kernel`` for an NCHW x at stride 1 with W_out = W: x (N, C, P)
+    flattened (P = H * W), dy (N, P_OUT, O) channels_last flattened (P_OUT = H_out * W);
+    BLOCK_K input pixels a step.  db is summed by tap 0's programs from dy's tiles unmasked:
+    their dy rows run pad_h * W + pad_w ahead of x's pixels, so with HAS_DB the pixel steps
+    start that far before pixel 0 (x reads zeros there) and run on until they have covered
+    every output pixel."""
+    pid_o = tl.program_id(0)
+    pid_c = tl.program_id(1) // (KH * KW)
+    rs = tl.program_id(1) % (KH * KW)
+    split = tl.program_id(2)
+    o0 = pid_o * BLOCK_M
+    c0 = pid_c * BLOCK_N
+    dh = rs // KW * dil_h - pad_h
+    dw = rs % KW * dil_w - pad_w
+    lead = pad_h * W + pad_w  # how far tap 0's dy rows run ahead of x's pixels
+    t_lo = (lead + BLOCK_K - 1) // BLOCK_K if HAS_DB else 0
+    tiles_p = t_lo + (tl.maximum(P, P_OUT - lead) + BLOCK_K - 1) // BLOCK_K
+    n_steps = N * tiles_p
+    per_split = (n_steps + SPLIT - 1) // SPLIT
+    b_lo = split * per_split
+    b_hi = tl.minimum(b_lo + per_split, n_steps)
+    j = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dbacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for b in range(b_lo, b_hi):
+        n = b // tiles_p
+        q0 = (b % tiles_p - t_lo) * BLOCK_K
+        g = dy_desc.load([n, q0 - dh * W - dw, o0]).reshape(BLOCK_K, BLOCK_M)
+        a = x_desc.load([n, c0, q0]).reshape(BLOCK_N, BLOCK_K)
+        col = (q0 + j) % W - dw  # the output column that reads input pixel q0 + j
+        gm = tl.where(((col >= 0) & (col < W))[:, None], g, 0.0).to(g.dtype)
+        acc = tl.dot(gm.T, a.T, acc, input_precision=PREC)
+        if HAS_DB:
+            dbacc += tl.sum(g.to(tl.float32), axis=0)
+
+    offs_o = o0 + tl.arange(0, BLOCK_M)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    base._store_wgrad(acc, dbacc, offs_o, offs_c, offs_o < O, offs_c < C, dw_ptr, db_ptr,
+                      scale_ptr, O, C, split, rs, KH, KW, HAS_DB, SCALE)
+
+
+def _flat_nchw(x, x_c0, c):
+    """Channels [x_c0, x_c0 + c) of an NCHW x as the (N, c, H * W) view, or None where H and
+    W do not merge (not NCHW-contiguous along them)."""
+    n, _, h, w = x.shape
+    if x.stride(3) != 1 or x.stride(2) != w:
+        return None
+    return x[:, x_c0:x_c0 + c].flatten(2)
+
+
+def _flat_pixels(dy, dy_c0, o):
+    """dy's columns [dy_c0, dy_c0 + o) as (N, H * W, o), channels_last flattened; None where
+    the pixels do not merge."""
+    v = _channels(dy, dy_c0, o)
+    n, h, w, _ = v.shape
+    if v.stride(1) != w * v.stride(2):
+        return None
+    return v.flatten(1, 2)
+
+
+def wgrad_reads_nchw(x, ho, wo, geo) -> bool:
+    """Whether dW (and dW_couple) can read this NCHW x in place (no channels_last copy):
+    stride 1, as wide out as in, H * W a multiple of 8 (the view's 16-byte strides)."""
+    if x.is_contiguous(memory_format=torch.channels_last) or not lt.enabled_for(x):
+        return False
+    if tuple(geo[:2]) != (1, 1) or wo != x.shape[3]:
+        return False
+    xv = _flat_nchw(x, 0, x.shape[1])
+    return xv is not None and lt._describable(xv, rank=3)
+
+
+def wgrad_nchw_usable(dy, x, dy_c0, o, x_c0, c, ho, wo, geo) -> bool:
+    if o == 0 or c == 0 or not wgrad_reads_nchw(x, ho, wo, geo):
+        return False
+    dv, xv = _flat_pixels(dy, dy_c0, o), _flat_nchw(x, x_c0, c)
+    return (dv is not None and lt._describable(dv, rank=3)
+            and lt._describable(xv, rank=3))
+
+
+def wgrad_nchw(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db) -> bool:
+    """``wgrad`` for an NCHW x read in place (``wgrad_nchw_usable``)."""
+    n, _, ho, wo = dy.shape
+    kh, kw = dw.shape[3], dw.shape[4]
+    grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
+                         triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
+    return lt._launch(
+        "conv dW (NCHW x)", _conv_wgrad_nchw_tma_kernel, grid,
+        (_flat_pixels(dy, dy_c0, o), _flat_nchw(x, x_c0, c)),
+        dw, db, dw if scale is None else scale, o, c, n, x.shape[2] * x.shape[3], ho * wo,
+        wo, *geo[2:],
+        KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db, SCALE=scale is not None,
+        PREC=base._prec(x.dtype))
 
 
 # ---------------------------------------------------------------------------------------

@@ -173,7 +173,8 @@ def linear_launches(rows=16384, old=4096, new=1024, coupled=False):
 
 def conv_launches(old=256, new=64, hw=56, channels_last=True, stride=1, coupled=False):
     """The run's conv, fwd and the backward of an isolated hidden layer (no dx_old).  NCHW:
-    the launchers' channels_last copies, the trainable dy columns only and dx's own buffer.
+    the forward's channels_last copy of x, dy's trainable columns copied, dW reading x in
+    place.
     stride 2: ResNet-50's downsampling 3x3 (128 + 32 channels, 56 -> 28).  coupled: a
     coupled layer's, whose backward asks for dx_old and dW_couple."""
     import torch

@@ -35,19 +35,26 @@ def tma_launches(monkeypatch):
             launches.append((name, real(*args, **kwargs)))
             return launches[-1][1]
         return run
-    for name in ("forward", "wgrad", "grad_input"):
+    for name in ("forward", "wgrad", "wgrad_nchw", "grad_input"):
         monkeypatch.setattr(ect, name, spy(name, getattr(ect, name)))
     return launches
 
 
-def _expected(coupled, dx_old=True, conv=None, hw=(5, 5)):
+def _expected(coupled, dx_old=True, conv=None, hw=(5, 5), kernel=3, channels_last=True):
     """The descriptor launches of a forward and a backward asking for every gradient: the
     forward and dW where the stride divides H and W (x's phase view), dx along a strided
-    dimension at dilation 1 only."""
+    dimension at dilation 1 only.  dW reads an NCHW x in place at stride 1 where the output
+    is as wide as the input and H * W is a multiple of 8 (``wgrad_nchw``)."""
     conv = conv or _conv()
     divides = all(size % st == 0 for size, st in zip(hw, conv["stride"]))
     dx = all(st == 1 or dil == 1 for st, dil in zip(conv["stride"], conv["dilation"]))
-    return ([("forward", True)] * divides + [("wgrad", True)] * (divides * (1 + coupled))
+    kw = kernel if isinstance(kernel, int) else kernel[1]
+    pad_w, dil_w = (v if isinstance(v, int) else v[1] for v in (conv["padding"],
+                                                                  conv["dilation"]))
+    flat = (not channels_last and conv["stride"] in (1, (1, 1))
+            and 2 * pad_w == dil_w * (kw - 1) and hw[0] * hw[1] % 8 == 0)
+    wgrad = "wgrad_nchw" if flat else "wgrad"
+    return ([("forward", True)] * divides + [(wgrad, True)] * (divides * (1 + coupled))
             + [("grad_input", True)] * dx)
 
 
@@ -69,6 +76,17 @@ CASES = {
     # boxes 16 wide, the second half of the second box past W)
     "nchw_input": ((16, 8), (24, 8), 3, False, True, _conv(padding=1), 2, (5, 7), False),
     "nchw_w24": ((16, 8), (16, 8), 3, True, True, _conv(padding=1), 1, (1, 24), False),
+    # NCHW, stride 1, as wide out as in, H * W a multiple of 8: dW reads x in place through
+    # its flat (N, C, H * W) view, each tap one shift; the pixels whose tap column leaves
+    # the row (W = 6: a third of them at the edges) must not read the neighbouring row
+    "nchw_flat_pad1": ((16, 8), (16, 8), 3, False, True, _conv(padding=1), 3, (4, 6), False),
+    "nchw_flat_dil2_coupled": ((16, 8), (8, 16), 3, True, True, _conv(padding=2, dilation=2),
+                               2, (5, 8), False),
+    # fewer output rows than input rows (no padding along H): the shift still holds
+    "nchw_flat_3x1": ((8, 16), (16, 8), (3, 1), False, True, _conv(), 2, (5, 8), False),
+    "nchw_flat_1x1": ((16, 8), (8, 8), 1, True, False, _conv(), 1, (3, 8), False),
+    # W_out < W (no padding): the flat shift does not hold, x is copied as before
+    "nchw_narrower_out": ((16, 8), (16, 8), 3, False, True, _conv(), 2, (4, 8), False),
     # NCHW at stride 2: dx goes through a channels_last buffer of the new channels
     "nchw_stride2": ((16, 8), (16, 8), 3, False, True, _conv(stride=2, padding=1), 1, (6, 8),
                      False),
@@ -107,7 +125,7 @@ def test_forward_matches_float64(tma_launches, name, dtype):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
     _run(t, conv, False, dtype, need_dx_old=True, channels_last=cl)
-    assert tma_launches == _expected(coupled, conv=conv, hw=hw)
+    assert tma_launches == _expected(coupled, conv=conv, hw=hw, kernel=k, channels_last=cl)
     assert lt.disabled_reason is None
 
 
@@ -120,7 +138,8 @@ def test_backward_without_dx_old_matches_float64(tma_launches, name, dtype):
     ig, og, k, coupled, bias, conv, batch, hw, cl = CASES[name]
     t = _make(ig, og, k, coupled, bias, dtype, batch=batch, hw=hw, channels_last=cl)
     _run(t, conv, False, dtype, need_dx_old=False, channels_last=cl)
-    assert tma_launches == _expected(coupled, dx_old=False, conv=conv, hw=hw)
+    assert tma_launches == _expected(coupled, dx_old=False, conv=conv, hw=hw, kernel=k,
+                                     channels_last=cl)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -250,6 +269,30 @@ def test_nchw_results_are_written_in_place(tma_launches, monkeypatch, stride):
         assert seen["dx"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("coupled", [False, True])
+def test_nchw_wgrad_reads_the_callers_x(tma_launches, monkeypatch, coupled):
+    """NCHW x at stride 1, as wide out as in: dW (and dW_couple) read the caller's x itself,
+    no channels_last copy of it is made; the padding's rows and columns and the flat view's
+    row ends read zeros (W = 8, 3x3, pad 1)."""
+    seen = []
+
+    def spy(real):
+        def run(*args, **kwargs):
+            seen.append(args[1])
+            return real(*args, **kwargs)
+        return run
+    monkeypatch.setattr(ect, "wgrad_nchw", spy(ect.wgrad_nchw))
+    t = _make((16, 8), (16, 8), 3, coupled, True, torch.float16, batch=2, hw=(3, 8))
+    x = t["x"].to(DEV)
+    copied = []
+    real_copy = ec._for_gathers
+    monkeypatch.setattr(ec, "_for_gathers", lambda v, c0=0: copied.append(
+        v.data_ptr() == x.data_ptr()) or real_copy(v, c0))
+    _run(dict(t, x=x), _conv(padding=1), False, torch.float16, need_dx_old=False)
+    assert len(seen) == 1 + coupled and all(v.data_ptr() == x.data_ptr() for v in seen)
+    assert copied.count(True) == 1  # the forward's copy of x only (then dy's columns)
+
+
 def test_dx_old_of_a_staircase_that_steps_down_keeps_the_pointer_kernel():
     """The descriptor dx cuts the frozen rows at k_end assuming the staircase's k_ends never
     decrease (rows sorted by reach); otherwise the pointer kernel's per-group loop runs."""
@@ -325,6 +368,16 @@ def test_gpu_resnet_shape_bf16(tma_launches, monkeypatch):
     _check_resnet_shape(False, torch.bfloat16, need_dx_old=False, hw=(56, 56),
                         channels_last=True)
     assert tma_launches == _expected(False, dx_old=False)
+
+
+@pytest.mark.gpu
+def test_gpu_resnet_shape_nchw_bf16(tma_launches, monkeypatch):
+    """The run's layer on NCHW input, as users get it: y and dx stored in NCHW in place, dW
+    reading the caller's NCHW x through its flat view (no channels_last copy of x)."""
+    monkeypatch.setattr(lt, "MODE", "auto")
+    _check_resnet_shape(False, torch.bfloat16, need_dx_old=False, hw=(56, 56),
+                        channels_last=False)
+    assert tma_launches == _expected(False, dx_old=False, hw=(56, 56), channels_last=False)
 
 
 @pytest.mark.gpu

@@ -22,7 +22,8 @@ pytest.importorskip("triton")
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
 KERNELS = ("_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel", "_fwd_kernel", "_dx_kernel",
            "_dw_kernel", "_conv_fwd_tma_kernel", "_conv_fwd_kernel", "_conv_wgrad_tma_kernel",
-           "_conv_wgrad_kernel", "_conv_dx_tma_kernel", "_conv_dx_kernel")
+           "_conv_wgrad_kernel", "_conv_wgrad_nchw_tma_kernel", "_conv_dx_tma_kernel",
+           "_conv_dx_kernel")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,13 @@ CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 # which conv launches compile each kernel: the descriptor kernels on both layouts, the
 # pointer ones where descriptors are off; at stride 2 the descriptor kernels again (x's
 # phase view for the forward and dW, one program per input phase for dx), and for a coupled
-# layer (the coupling block, dW_couple, dx_old's staircase)
+# layer (the coupling block, dW_couple, dx_old's staircase).  On NCHW input dW reads x in
+# place through its own kernel.
 CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-coupled", "conv-nchw", "conv-stride2"]
                                           if tma else ["conv-pointer"])
                for k in ("fwd", "wgrad", "dx") for tma in ("_tma", "")}
+CONV_LAYERS["_conv_wgrad_tma_kernel"] = ["conv", "conv-coupled", "conv-stride2"]
+CONV_LAYERS["_conv_wgrad_nchw_tma_kernel"] = ["conv-nchw"]
 
 
 def test_every_kernel_compiles(compiled):
@@ -74,13 +78,13 @@ def test_no_spills_and_wgmma(compiled, kernel):
 
 @pytest.mark.parametrize("kernel", ["_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel",
                                     "_conv_fwd_tma_kernel", "_conv_wgrad_tma_kernel",
-                                    "_conv_dx_tma_kernel"])
+                                    "_conv_wgrad_nchw_tma_kernel", "_conv_dx_tma_kernel"])
 def test_descriptor_kernels_load_through_tma(compiled, kernel):
     assert all(r["tma"] > 0 for r in compiled[kernel])
 
 
 @pytest.mark.parametrize("kernel", ["_conv_fwd_tma_kernel", "_conv_wgrad_tma_kernel",
-                                    "_conv_dx_tma_kernel"])
+                                    "_conv_wgrad_nchw_tma_kernel", "_conv_dx_tma_kernel"])
 def test_conv_descriptor_kernels_make_no_2_byte_loads(compiled, kernel):
     assert all(r["ld_global_b16"] == 0 for r in compiled[kernel])
 

@@ -20,7 +20,8 @@ direct depthwise forward / backward kernels.  All accumulate in fp32.  On Hopper
 16-byte aligned channels_last fp16/bf16 activations take the tensor-descriptor (TMA)
 versions in ``expanded_conv_tma``: the forward and dW (any stride that divides H and W),
 and dx (dilation 1 along a strided dimension; with dx_old, a staircase of nondecreasing
-k_ends).
+k_ends).  dW also reads an NCHW x in place there (stride 1, as wide out as in, H * W a
+multiple of 8): the backward then copies no x to channels_last.
 
 A folded eval-mode BatchNorm of the frozen output channels (``norm`` = mean, var, weight,
 bias, eps) runs in the forward kernels' epilogue, on the fp32 accumulator of the frozen
@@ -50,7 +51,8 @@ _AUTOTUNE = os.environ.get("EXPANSE_FAST_AUTOTUNE", "1") != "0"
 # next: 2-byte loads that cp.async cannot pipeline, where channels_last gives 16-byte ones.
 #   "channels_last" (default): copy x and dy to channels_last, run the fast gathers, and
 #       hand y and dx back in x's layout (one activation copy each way, as cuDNN's NCHW
-#       paths do; the descriptor kernels store y, and dx at stride 1, in NCHW directly).
+#       paths do; the descriptor kernels store y, and dx at stride 1, in NCHW directly,
+#       and their dW reads NCHW x in place where it can: expanded_conv_tma.wgrad_nchw).
 #   "direct": read NCHW through its strides in place, no copies.
 # The GPU run times both on NCHW input.  Depthwise kernels gather per channel: never copied.
 NCHW_MODES = ("channels_last", "direct")

@@ -39,7 +39,9 @@ those of ``expanded_linear_tma``.
 
 The weight gradient (``_conv_wgrad_tma_kernel``, the work of ``_conv_wgrad_kernel``)
 reduces over boxes of output pixels the same way: per tap, dy's box and the forward's x box
-are two bulk copies (strided too, through the same phase view).  The input gradient
+are two bulk copies (strided too, through the same phase view).  On NCHW input at stride 1
+(``_conv_wgrad_nchw_tma_kernel``) it reads the caller's x in place, through the flat
+(N, C, H * W) view, each tap a shift of dy's tile.  The input gradient
 (``_conv_dx_tma_kernel``) takes boxes of input pixels and dy's box shifted against the tap.
 Where dx_old is asked (a coupled layer, or an input that needs its gradient), the old
 channels get tiles of their own, which read the frozen rows of every group whose k_end lies

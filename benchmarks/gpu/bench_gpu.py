@@ -284,7 +284,9 @@ class Ctx:
 
     # ---- timing --------------------------------------------------------------------------
     def time(self, fns):
-        """(median ms, min ms, calls, peak MiB) of rotating calls of ``fns``."""
+        """(median ms, min ms, calls, peak MiB, host ms) of rotating calls of ``fns``; host ms:
+        the CPU's time to issue one call (on a GPU: near ms means the host, not the device,
+        sets the pace)."""
         torch = self.torch
         k = len(fns)
         for f in fns:  # warm-up: compile, autotune, cuDNN search, allocator
@@ -301,10 +303,12 @@ class Ctx:
         if self.cuda:
             ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
+            t_host = time.perf_counter()
             for r in range(reps):
                 ev[r][0].record()
                 fns[r % k]()
                 ev[r][1].record()
+            host_ms = (time.perf_counter() - t_host) / reps * 1e3
             torch.cuda.synchronize(self.dev)
             times = [a.elapsed_time(b) for a, b in ev]
         else:
@@ -312,6 +316,7 @@ class Ctx:
                 t = time.perf_counter()
                 fns[r % k]()
                 times.append((time.perf_counter() - t) * 1e3)
+            host_ms = statistics.median(times)
         peak = None
         if self.cuda:
             torch.cuda.synchronize(self.dev)
@@ -321,7 +326,27 @@ class Ctx:
             torch.cuda.synchronize(self.dev)
             peak = round((torch.cuda.max_memory_allocated(self.dev) - base) / 2**20, 1)
             del keep
-        return statistics.median(times), min(times), reps, peak
+        return statistics.median(times), min(times), reps, peak, host_ms
+
+    def graphed(self, fns):
+        """Each of ``fns`` captured in a CUDA graph of its own (after warm-up calls on a side
+        stream, which also tune the Triton kernels), as callables that replay them: a step
+        without the host's launch overhead.  Raises where a call cannot be captured."""
+        torch = self.torch
+        side = torch.cuda.Stream(self.dev)
+        side.wait_stream(torch.cuda.current_stream(self.dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                for f in fns:
+                    f()
+        torch.cuda.current_stream(self.dev).wait_stream(side)
+        graphs = []
+        for f in fns:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                f()
+            graphs.append(g)
+        return [g.replay for g in graphs]
 
     def measure(self, variant, impl, kind, fns, useful_flop=None, executed_flop=None,
                 check=None, min_left=4.0, **extra):
@@ -333,8 +358,9 @@ class Ctx:
             self.add(**row)
             return None
         try:
-            ms, ms_min, reps, peak = self.time(fns)
-            row.update(ms=ms, ms_min=ms_min, calls=reps, sets=len(fns), peak_mib=peak)
+            ms, ms_min, reps, peak, host_ms = self.time(fns)
+            row.update(ms=ms, ms_min=ms_min, calls=reps, sets=len(fns), peak_mib=peak,
+                       host_ms=host_ms)
             if check:
                 row["check"] = check
             if kind == "expanse" and "fwd+bwd" in variant:
@@ -982,9 +1008,52 @@ def sec_mlp(ctx):
         ctx.measure(variant, "peer/finetune", "peer",
                     [lambda i=i: step(ft, fopt, i) for i in range(k)], useful, dense_flop(dims))
         expanse(backends[1:])
+        if dt == torch.bfloat16:
+            _measure_graphed_steps(ctx, variant, step, k, useful, backends, big,
+                                   [("peer/masked", masked), ("peer/finetune", ft)],
+                                   dense_flop)
         del big, masked, ft, opt, mopt, fopt, xs, ys
         if ctx.cuda:
             torch.cuda.empty_cache()
+
+
+def _measure_graphed_steps(ctx, variant, step, k, useful, backends, big, peers, dense_flop):
+    """The same training steps, each captured in a CUDA graph with a capturable Adam of its
+    own: what a step costs the GPU without the host's launch overhead, which small layers
+    may not hide in an eager step (compare host ms with ms in the eager rows).  Peers first,
+    the compiled backends last (a sticky CUDA error ends the section)."""
+    import contextlib
+    from torch import nn
+    torch = ctx.torch
+    gvariant = f"{variant}, CUDA graph"
+    if not ctx.cuda:
+        ctx.note(f"{gvariant}: skipped, CUDA graphs need a GPU")
+        return
+
+    def run(impl, kind, model, flop, backend=None):
+        if ctx.left() < 8:
+            ctx.add(variant=gvariant, impl=impl, kind=kind, skipped="out of time")
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=1e-4, capturable=True)
+        fns = [lambda i=i: step(model, opt, i) for i in range(k)]
+        try:
+            with ctx.backend(backend) if backend else contextlib.nullcontext():
+                replays = ctx.graphed(fns)
+        except Exception as exc:  # noqa: BLE001 - the error is the row
+            traceback.print_exc()
+            ctx.add(variant=gvariant, impl=impl, kind=kind, error=_short_exc(exc))
+            return
+        ctx.measure(gvariant, impl, kind, replays, useful, flop)
+        del replays
+
+    for impl, model in peers:
+        dims = [(m.in_features, m.out_features) for m in model.modules()
+                if isinstance(m, nn.Linear)]
+        run(impl, "peer", model, dense_flop(dims))
+    for name, why in backends:
+        if not why:
+            run(f"expanse/{name}", "expanse", big, useful, backend=name)
 
 
 # ---- (e) ResNet-style CNN training step ------------------------------------------------
@@ -1263,9 +1332,9 @@ def _table(sections):
                              f" |" + (f" {r.get('error') or r.get('skipped')}" if not r.get('ms')
                                      else ""))
         else:
-            lines.append("| variant | impl | ms | TFLOP/s | % cuBLAS | peak MiB | x masked "
-                         "| x cat | x finetune | check / note |")
-            lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+            lines.append("| variant | impl | ms | host ms | TFLOP/s | % cuBLAS | peak MiB "
+                         "| x masked | x cat | x finetune | check / note |")
+            lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
             order = {"expanse": 0, "ideal": 1, "peer": 2}
             variants = list(dict.fromkeys(r.get("variant") for r in res.get("rows", [])))
             for v in variants:
@@ -1276,6 +1345,7 @@ def _table(sections):
                     note = r.get("check") or r.get("error") or r.get("skipped") or ""
                     lines.append(
                         f"| {v} | {r.get('impl')} | {_fmt(r.get('ms'), '.4f')} | "
+                        f"{_fmt(r.get('host_ms'), '.4f')} | "
                         f"{_fmt(r.get('tflops'), '.1f')} | {_fmt(r.get('pct_cublas'), '.0f')} | "
                         f"{_fmt(r.get('peak_mib'), '.0f')} | {_fmt(sp.get('masked'), '.2f')} | "
                         f"{_fmt(sp.get('cat'), '.2f')} | {_fmt(sp.get('finetune'), '.2f')} | "

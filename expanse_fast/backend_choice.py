@@ -74,16 +74,22 @@ def availability(name: str, device: torch.device) -> Tuple[bool, str]:
         return False, f"{type(exc).__name__}: {exc}"
 
 
+# (backend, device) pairs found usable: a backend stays usable for the process, so each
+# op call need not ask the device again (resolve runs twice per layer and step).
+_USABLE: set = set()
+
+
 def resolve(device: torch.device, op: str, pinned: str = "") -> ModuleType:
     """The backend module that runs ``op`` ("linear" or "conv2d") on ``device`` now:
     ``pinned`` (a layer's own choice) if given, else the global choice."""
     name = pinned or _current()
     if name == "auto":
         name = _auto_choice(device, op)
-    else:
+    elif (name, device) not in _USABLE:
         ok, why = availability(name, device)
         if not ok:
             raise RuntimeError(f"backend {name!r} is not usable on {device}: {why}")
+        _USABLE.add((name, device))
     return backend_module(name)
 
 

@@ -803,10 +803,16 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     return y.contiguous(memory_format=y_format)
 
 
+_TMA_MODULE = None
+
+
 def _tma():
-    # imported at first use: it imports this module
-    from . import expanded_conv_tma
-    return expanded_conv_tma
+    # imported at first use (it imports this module), then kept: this runs on every call
+    global _TMA_MODULE
+    if _TMA_MODULE is None:
+        from . import expanded_conv_tma
+        _TMA_MODULE = expanded_conv_tma
+    return _TMA_MODULE
 
 
 def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, scale=None):

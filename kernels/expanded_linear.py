@@ -494,10 +494,16 @@ def linear_forward(x: torch.Tensor, w_frozen: torch.Tensor, b_frozen: Optional[t
     return y
 
 
+_TMA_MODULE = None
+
+
 def _tma():
-    # imported on first use: it builds on this module's kernels
-    from . import expanded_linear_tma
-    return expanded_linear_tma
+    # imported at first use (it imports this module), then kept: this runs on every call
+    global _TMA_MODULE
+    if _TMA_MODULE is None:
+        from . import expanded_linear_tma
+        _TMA_MODULE = expanded_linear_tma
+    return _TMA_MODULE
 
 
 def _auto_split(r: int, c: int, m: int, device: torch.device) -> int:

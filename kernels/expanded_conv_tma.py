@@ -377,6 +377,29 @@ def _wgrad_hook(nargs):
     nargs["x_desc"].block_shape = [nargs["IMG"], nargs["BH"], 1, nargs["BW"], nargs["BLOCK_N"]]
 
 
+@triton.jit
+def _wgrad_program(n_steps, SPLIT, KH: tl.constexpr, KW: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A dW program's tile: (first output channel, first input channel, tap, split, and
+    the split's steps [lo, hi) of the n_steps pixel steps)."""
+    rs = tl.program_id(1) % (KH * KW)
+    split = tl.program_id(2)
+    per_split = (n_steps + SPLIT - 1) // SPLIT
+    lo = split * per_split
+    return (tl.program_id(0) * BLOCK_M, tl.program_id(1) // (KH * KW) * BLOCK_N, rs, split,
+            lo, tl.minimum(lo + per_split, n_steps))
+
+
+@triton.jit
+def _wgrad_store(acc, dbacc, o0, c0, dw_ptr, db_ptr, scale_ptr, O, C, split, rs,
+                 KH: tl.constexpr, KW: tl.constexpr, HAS_DB: tl.constexpr,
+                 SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_o = o0 + tl.arange(0, BLOCK_M)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    base._store_wgrad(acc, dbacc, offs_o, offs_c, offs_o < O, offs_c < C, dw_ptr, db_ptr,
+                      scale_ptr, O, C, split, rs, KH, KW, HAS_DB, SCALE)
+
+
 @triton.autotune(configs=_configs(_WGRAD_TILES, "BLOCK_K", _wgrad_hook),
                  key=["O", "C", "N", "Ho", "Wo", "KH", "KW", "ST_H", "ST_W", "SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner(
@@ -398,18 +421,10 @@ def _conv_wgrad_tma_kernel(
     is the first operand (the smaller tile: into registers, transposed), x's the second
     (its reshape a view of shared memory)."""
     tl.static_assert(IMG * BH * BW == BLOCK_K)
-    pid_o = tl.program_id(0)
-    pid_c = tl.program_id(1) // (KH * KW)
-    rs = tl.program_id(1) % (KH * KW)
-    split = tl.program_id(2)
-    o0 = pid_o * BLOCK_M
-    c0 = pid_c * BLOCK_N
     tiles_h = (Ho + BH - 1) // BH
     tiles_w = (Wo + BW - 1) // BW
-    n_boxes = (N + IMG - 1) // IMG * tiles_h * tiles_w
-    per_split = (n_boxes + SPLIT - 1) // SPLIT
-    b_lo = split * per_split
-    b_hi = tl.minimum(b_lo + per_split, n_boxes)
+    o0, c0, rs, split, b_lo, b_hi = _wgrad_program(
+        (N + IMG - 1) // IMG * tiles_h * tiles_w, SPLIT, KH, KW, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     dbacc = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -424,11 +439,8 @@ def _conv_wgrad_tma_kernel(
         acc = tl.dot(g.T, a, acc, input_precision=PREC)
         if HAS_DB:
             dbacc += tl.sum(g.to(tl.float32), axis=0)
-
-    offs_o = o0 + tl.arange(0, BLOCK_M)
-    offs_c = c0 + tl.arange(0, BLOCK_N)
-    base._store_wgrad(acc, dbacc, offs_o, offs_c, offs_o < O, offs_c < C, dw_ptr, db_ptr,
-                      scale_ptr, O, C, split, rs, KH, KW, HAS_DB, SCALE)
+    _wgrad_store(acc, dbacc, o0, c0, dw_ptr, db_ptr, scale_ptr, O, C, split, rs, KH, KW,
+                 HAS_DB, SCALE, BLOCK_M, BLOCK_N)
 
 
 def _channels(t, c0, width):
@@ -513,21 +525,13 @@ def _conv_wgrad_nchw_tma_kernel(
     their dy rows run pad_h * W + pad_w ahead of x's pixels, so with HAS_DB the pixel steps
     start that far before pixel 0 (x reads zeros there) and run on until they have covered
     every output pixel."""
-    pid_o = tl.program_id(0)
-    pid_c = tl.program_id(1) // (KH * KW)
-    rs = tl.program_id(1) % (KH * KW)
-    split = tl.program_id(2)
-    o0 = pid_o * BLOCK_M
-    c0 = pid_c * BLOCK_N
-    dh = rs // KW * dil_h - pad_h
-    dw = rs % KW * dil_w - pad_w
     lead = pad_h * W + pad_w  # how far tap 0's dy rows run ahead of x's pixels
     t_lo = (lead + BLOCK_K - 1) // BLOCK_K if HAS_DB else 0
     tiles_p = t_lo + (tl.maximum(P, P_OUT - lead) + BLOCK_K - 1) // BLOCK_K
-    n_steps = N * tiles_p
-    per_split = (n_steps + SPLIT - 1) // SPLIT
-    b_lo = split * per_split
-    b_hi = tl.minimum(b_lo + per_split, n_steps)
+    o0, c0, rs, split, b_lo, b_hi = _wgrad_program(N * tiles_p, SPLIT, KH, KW, BLOCK_M,
+                                                   BLOCK_N)
+    dh = rs // KW * dil_h - pad_h
+    dw = rs % KW * dil_w - pad_w
     j = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -542,11 +546,8 @@ def _conv_wgrad_nchw_tma_kernel(
         acc = tl.dot(gm.T, a.T, acc, input_precision=PREC)
         if HAS_DB:
             dbacc += tl.sum(g.to(tl.float32), axis=0)
-
-    offs_o = o0 + tl.arange(0, BLOCK_M)
-    offs_c = c0 + tl.arange(0, BLOCK_N)
-    base._store_wgrad(acc, dbacc, offs_o, offs_c, offs_o < O, offs_c < C, dw_ptr, db_ptr,
-                      scale_ptr, O, C, split, rs, KH, KW, HAS_DB, SCALE)
+    _wgrad_store(acc, dbacc, o0, c0, dw_ptr, db_ptr, scale_ptr, O, C, split, rs, KH, KW,
+                 HAS_DB, SCALE, BLOCK_M, BLOCK_N)
 
 
 def _flat_nchw(x, x_c0, c):

@@ -954,7 +954,8 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         scale = norm_scale if norm else None  # onto the weights: dy's tiles stay in smem
         wf_old = wf if need_dx_old and w_frozen.numel() else None  # (its rows, if any)
         use_tma = o_n > 0 and tma.dx_usable(dy, wn, wc if couple else None, wf_old, o_f,
-                                            dy_new_c0, frozen_k_ends, geo, need_dx_old)
+                                            dy_new_c0, frozen_k_ends, geo, need_dx_old,
+                                            i_f=i_f)
         # Where x was copied, the kernels write channels [c_lo, C) into a channels_last
         # buffer of their own (dx_c0 = c_lo), copied into dx after: the zeros of the old
         # channels never make the round trip.  At stride 1 the descriptor kernel stores a

@@ -319,7 +319,7 @@ def _pixel_vector(t):
 def usable(x, w_frozen, w_new, w_couple, stride, depthwise) -> bool:
     """Whether the forward of these operands (after the launcher's layout copies) can run
     through descriptors."""
-    if depthwise or not lt.enabled_for(x):
+    if depthwise or not lt.enabled_for(x) or not lt.aligned(x, x.shape[1], w_frozen.shape[1]):
         return False
     x5 = _phases(x, tuple(stride))
     if x5 is None or not lt._describable(x5, rank=5):
@@ -460,7 +460,7 @@ def _wgrad_x(x, x_c0, c, stride):
 
 
 def wgrad_usable(dy, x, dy_c0, o, x_c0, c, stride) -> bool:
-    if o == 0 or c == 0 or not lt.enabled_for(x):
+    if o == 0 or c == 0 or not lt.enabled_for(x) or not lt.aligned(x, x.shape[1], x_c0):
         return False
     xv = _wgrad_x(x, x_c0, c, stride)
     return (xv is not None and lt._describable(_channels(dy, dy_c0, o), rank=4)
@@ -767,11 +767,11 @@ def _conv_dx_tma_kernel(
 
 
 def dx_usable(dy, w_new, w_couple, w_frozen, o_f, dy_new_c0, frozen_k_ends, geo,
-              need_dx_old) -> bool:
+              need_dx_old, *, i_f) -> bool:
     """Whether dx can run through descriptors: along a strided dimension at dilation 1; with
     dx_old, frozen groups whose k_ends never decrease (a staircase).  ``w_frozen``: None
     without dx_old or frozen rows."""
-    if w_new.shape[0] == 0 or not lt.enabled_for(dy):
+    if w_new.shape[0] == 0 or not lt.enabled_for(dy) or not lt.aligned(dy, w_new.shape[1], i_f):
         return False
     if any(st != 1 and dil != 1 for st, dil in zip(geo[:2], geo[4:6])):
         return False

@@ -134,6 +134,15 @@ def _describable(t: torch.Tensor, rank: int = 2) -> bool:
             and all((s * elt) % 16 == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
 
 
+def aligned(t: torch.Tensor, *counts: int) -> bool:
+    """Whether each count (of columns, channels) is a whole number of 16-byte units of
+    ``t``'s dtype.  A descriptor's innermost coordinate must be 16-byte aligned, and the
+    kernels start tiles at such counts along it: the newest inputs at I_f (dx), a conv's
+    taps at multiples of its channels (a 2x2 filter over 4 frozen channels would put tap 1
+    at channel 4)."""
+    return all(c * t.element_size() % 16 == 0 for c in counts)
+
+
 def enabled_for(first: torch.Tensor) -> bool:
     """Whether descriptor kernels may run for operands like ``first`` (device, dtype), by
     ``EXPANSE_FAST_TMA`` and whether an earlier launch failed."""
@@ -308,6 +317,8 @@ def grad_input_usable(dy, w_frozen, w_new, w_couple, frozen_k_ends, need_old) ->
     o_f = w_frozen.shape[0]
     old = _reads_frozen_rows(w_frozen, need_old)
     if old and not nondecreasing(frozen_k_ends):
+        return False
+    if not aligned(dy, w_new.shape[1], w_frozen.shape[1]):  # (new tiles start at I_f)
         return False
     return usable(dy[:, o_f:], w_new, dy[:, :o_f] if (w_couple is not None or old) else None,
                   w_couple, w_frozen if old else None)

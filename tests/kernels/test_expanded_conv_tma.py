@@ -201,9 +201,9 @@ def test_folded_norm(tma_launches, affine):
 
 
 @pytest.mark.parametrize("why", ["stride2_odd_size", "depthwise", "nchw_direct",
-                                 "channels_not_x8", "no_frozen_rows"])
+                                 "channels_not_x8", "no_frozen_rows", "taps_off_16_bytes"])
 def test_pointer_kernel_where_descriptors_do_not_fit(tma_launches, monkeypatch, why):
-    conv, dw, dtype = _conv(padding=1), 0, torch.float16
+    conv, dw, dtype, k = _conv(padding=1), 0, torch.float16, 3
     ig, og = (16, 8), (16, 8)
     if why == "stride2_odd_size":  # 5 x 7: no (H / 2, 2, W / 2, 2 C) view
         conv = _conv(stride=2, padding=1)
@@ -213,15 +213,22 @@ def test_pointer_kernel_where_descriptors_do_not_fit(tma_launches, monkeypatch, 
         monkeypatch.setattr(ec, "NCHW_MODE", "direct")
     elif why == "channels_not_x8":
         ig, og = (12, 6), (12, 6)  # rows of 36 bytes
+    elif why == "taps_off_16_bytes":
+        # 2x2 over 4 frozen channels: the weight rows are 32 bytes, but tap 1 of w_frozen
+        # starts at byte 8 of a row, and dx's new channels at channel 4
+        ig, og, k = (4, 4), (8, 8), 2
     else:
         ig, og = (16, 8), (0, 8)
-    t = _make(ig, og, 3, False, True, dtype, batch=2, channels_last=why != "nchw_direct",
+    t = _make(ig, og, k, False, True, dtype, batch=2, channels_last=why != "nchw_direct",
               depthwise_mult=dw)
     _run(t, conv, bool(dw), dtype, need_dx_old=True, channels_last=why != "nchw_direct")
     # (without frozen rows the forward has nothing for its frozen descriptors; dW and dx
-    # have theirs; dx needs no phase view of x)
+    # have theirs; dx needs no phase view of x; dW reads every channel of x from 0, and
+    # its taps lie along the pixels, not the channels)
     assert tma_launches == {"no_frozen_rows": [("wgrad", True), ("grad_input", True)],
-                            "stride2_odd_size": [("grad_input", True)]}.get(why, [])
+                            "stride2_odd_size": [("grad_input", True)],
+                            "taps_off_16_bytes": [("wgrad", True)]}.get(why, [])
+    assert lt.disabled_reason is None  # refused up front, not by a failed launch
 
 
 @pytest.mark.parametrize("coupled", [False, True])
@@ -307,9 +314,9 @@ def test_dx_old_of_a_staircase_that_steps_down_keeps_the_pointer_kernel():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lt, "MODE", "1")
         mp.setattr(lt, "disabled_reason", None)
-        assert ect.dx_usable(*args, (8, 16), geo, True)
-        assert not ect.dx_usable(*args, (16, 8), geo, True)
-        assert ect.dx_usable(*args, (16, 8), geo, False)  # (no dx_old: the cut never runs)
+        assert ect.dx_usable(*args, (8, 16), geo, True, i_f=16)
+        assert not ect.dx_usable(*args, (16, 8), geo, True, i_f=16)
+        assert ect.dx_usable(*args, (16, 8), geo, False, i_f=16)  # (no dx_old: no cut)
 
 
 def test_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):

@@ -473,6 +473,22 @@ def test_tma_not_used_where_rows_are_unaligned(tma_launches):
     assert tma_launches == []
 
 
+@pytest.mark.parametrize("need_dx_old", [False, True])
+def test_tma_dx_not_used_where_the_new_inputs_start_off_16_bytes(tma_launches, need_dx_old):
+    """I_f = 4 (fp16: 8 bytes) beside 16-byte rows of w_new and dy: dx's new tiles would
+    start at column 4 of w_new, which a descriptor cannot address; the pointer kernel runs,
+    nothing is switched off."""
+    c = Case((4, 12), (8, 8), mode="isolated", n=37, dtype=torch.float16)
+    assert not T.grad_input_usable(c.dy, c.w_frozen, c.w_new, None, c.k_ends, need_dx_old)
+    got = c.backward(triton_backend, need_dx_old=need_dx_old)
+    for g, ref, what in zip(got, c.ref_backward(need_dx_old), ("dx", "dw", "db", "dc")):
+        if ref is not None:
+            assert_close(g, ref, torch.float16, what)
+    assert ("grad_input", True) not in tma_launches and ("grad_input", False) not in \
+        tma_launches
+    assert T.disabled_reason is None
+
+
 def test_tma_failure_switches_to_the_pointer_kernel(tma_launches, monkeypatch):
     class Broken:
         def __getitem__(self, grid):

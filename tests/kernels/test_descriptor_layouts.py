@@ -66,3 +66,30 @@ def test_random_conv_layouts(forced, seed):
               channels_last=channels_last)
     _run(t, conv, False, torch.float16, need_dx_old=dx_old, channels_last=channels_last)
     assert lt.disabled_reason is None, (ins, outs, kernel, conv, channels_last)
+
+
+# On the GPU: a few of the same layouts in bf16 through the hardware's bulk copies, whose
+# zero fill past a tensor's edge and alignment rules the interpreter only models.
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(3))
+def test_gpu_random_linear_layouts_bf16(forced, seed):
+    ins, outs, mode, rows, dx_old = _linear_layout(random.Random(seed))
+    c = Case(ins, outs, mode=mode, n=rows, dtype=torch.bfloat16)
+    assert_close(triton_backend.linear_forward(c.x, *c.blocks()), c.ref_forward(),
+                 torch.bfloat16, "y")
+    got = c.backward(triton_backend, need_dx_old=dx_old)
+    for g, ref, what in zip(got, c.ref_backward(dx_old), ("dx", "dw", "db", "dcouple")):
+        if ref is not None:
+            assert_close(g, ref, torch.bfloat16, what)
+    assert lt.disabled_reason is None, (ins, outs, mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(3))
+def test_gpu_random_conv_layouts_bf16(forced, seed):
+    ins, outs, kernel, conv, coupled, channels_last, hw, dx_old = _conv_layout(
+        random.Random(seed))
+    t = _make(ins, outs, kernel, coupled, True, torch.bfloat16, batch=2, hw=hw,
+              channels_last=channels_last)
+    _run(t, conv, False, torch.bfloat16, need_dx_old=dx_old, channels_last=channels_last)
+    assert lt.disabled_reason is None, (ins, outs, kernel, conv, channels_last)

@@ -143,13 +143,19 @@ def test_backward_without_dx_old_matches_float64(tma_launches, name, dtype):
 
 
 @pytest.mark.parametrize("affine", [True, False])
-def test_coupled_folded_norm_without_dx_old(tma_launches, affine):
+@pytest.mark.parametrize("channels_last", [True, False], ids=["cl", "nchw"])
+def test_coupled_folded_norm_without_dx_old(tma_launches, affine, channels_last):
     """The folded BatchNorm's scale of dy's frozen columns, which the coupling block reads
-    for dx, rides on w_couple's rows into the descriptor dx kernel."""
-    t = _make((16, 8), (16, 8), 3, True, True, torch.float16, batch=2, channels_last=True)
-    _run_norm(t, _conv(padding=1), False, torch.float16, False,
-              _norm(16, torch.float16, affine), channels_last=True)
-    assert tma_launches == _expected(True, dx_old=False)
+    for dx, rides on w_couple's rows into the descriptor dx kernel; dW_couple's rows are
+    scaled in its store (NCHW: by the dW kernel that reads x in place)."""
+    hw = (5, 5) if channels_last else (4, 6)  # (H * W a multiple of 8 for the flat view)
+    t = _make((16, 8), (16, 8), 3, True, True, torch.float16, batch=2, hw=hw,
+              channels_last=channels_last)
+    conv = _conv(padding=1)
+    _run_norm(t, conv, False, torch.float16, False, _norm(16, torch.float16, affine),
+              channels_last=channels_last)
+    assert tma_launches == _expected(True, dx_old=False, conv=conv, hw=hw,
+                                     channels_last=channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

@@ -11,18 +11,10 @@ import torch
 from torch import nn
 
 import expanse_fast as xf
+from test_bench_linear_cpu import _fwd_bwd
 
 ROWS, WIDTH, NEW = 8, 64, 16
 GROUP = "host overhead: linear 64+16, 8 rows, fwd+bwd"
-
-
-def _fwd_bwd(layer, x, dy):
-    def run():
-        x.grad = None
-        for p in layer.parameters():
-            p.grad = None
-        layer(x).backward(dy)
-    return run
 
 
 @pytest.fixture(scope="module")

@@ -33,17 +33,20 @@ def _linear_layout(rng):
             rng.choice(["isolated", "coupled"]), rng.choice([1, 7, 37]), rng.random() < 0.5)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_random_linear_layouts(forced, seed):
+def _check_linear(seed, dtype):
     ins, outs, mode, rows, dx_old = _linear_layout(random.Random(seed))
-    c = Case(ins, outs, mode=mode, n=rows, dtype=torch.float16)
-    assert_close(triton_backend.linear_forward(c.x, *c.blocks()), c.ref_forward(),
-                 torch.float16, "y")
+    c = Case(ins, outs, mode=mode, n=rows, dtype=dtype)
+    assert_close(triton_backend.linear_forward(c.x, *c.blocks()), c.ref_forward(), dtype, "y")
     got = c.backward(triton_backend, need_dx_old=dx_old)
     for g, ref, what in zip(got, c.ref_backward(dx_old), ("dx", "dw", "db", "dcouple")):
         if ref is not None:
-            assert_close(g, ref, torch.float16, what)
+            assert_close(g, ref, dtype, what)
     assert lt.disabled_reason is None, (ins, outs, mode)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_linear_layouts(forced, seed):
+    _check_linear(seed, torch.float16)
 
 
 def _conv_layout(rng):
@@ -58,14 +61,18 @@ def _conv_layout(rng):
             (rng.randint(kh * 2 + 1, 8), rng.choice([5, 6, 8])), rng.random() < 0.5)
 
 
-@pytest.mark.parametrize("seed", range(10))
-def test_random_conv_layouts(forced, seed):
+def _check_conv(seed, dtype):
     ins, outs, kernel, conv, coupled, channels_last, hw, dx_old = _conv_layout(
         random.Random(seed))
-    t = _make(ins, outs, kernel, coupled, True, torch.float16, batch=2, hw=hw,
+    t = _make(ins, outs, kernel, coupled, True, dtype, batch=2, hw=hw,
               channels_last=channels_last)
-    _run(t, conv, False, torch.float16, need_dx_old=dx_old, channels_last=channels_last)
+    _run(t, conv, False, dtype, need_dx_old=dx_old, channels_last=channels_last)
     assert lt.disabled_reason is None, (ins, outs, kernel, conv, channels_last)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_random_conv_layouts(forced, seed):
+    _check_conv(seed, torch.float16)
 
 
 # On the GPU: a few of the same layouts in bf16 through the hardware's bulk copies, whose
@@ -73,23 +80,10 @@ def test_random_conv_layouts(forced, seed):
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", range(3))
 def test_gpu_random_linear_layouts_bf16(forced, seed):
-    ins, outs, mode, rows, dx_old = _linear_layout(random.Random(seed))
-    c = Case(ins, outs, mode=mode, n=rows, dtype=torch.bfloat16)
-    assert_close(triton_backend.linear_forward(c.x, *c.blocks()), c.ref_forward(),
-                 torch.bfloat16, "y")
-    got = c.backward(triton_backend, need_dx_old=dx_old)
-    for g, ref, what in zip(got, c.ref_backward(dx_old), ("dx", "dw", "db", "dcouple")):
-        if ref is not None:
-            assert_close(g, ref, torch.bfloat16, what)
-    assert lt.disabled_reason is None, (ins, outs, mode)
+    _check_linear(seed, torch.bfloat16)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", range(3))
 def test_gpu_random_conv_layouts_bf16(forced, seed):
-    ins, outs, kernel, conv, coupled, channels_last, hw, dx_old = _conv_layout(
-        random.Random(seed))
-    t = _make(ins, outs, kernel, coupled, True, torch.bfloat16, batch=2, hw=hw,
-              channels_last=channels_last)
-    _run(t, conv, False, torch.bfloat16, need_dx_old=dx_old, channels_last=channels_last)
-    assert lt.disabled_reason is None, (ins, outs, kernel, conv, channels_last)
+    _check_conv(seed, torch.bfloat16)

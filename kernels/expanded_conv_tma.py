@@ -94,14 +94,16 @@ def box_for(block_m, n, ho, wo):
 
 
 def _configs(tiles, pixels, hook):
-    """Every tile with every box of its ``pixels`` block ("BLOCK_M" or "BLOCK_K")."""
+    """Every tile with every box of its ``pixels`` block ("BLOCK_M" or "BLOCK_K"); with
+    ``pixels`` None, the tiles alone (flat runs of pixels, no box)."""
     tiles = [_INTERPRET_TILE] if base._INTERPRET else (tiles if base._AUTOTUNE else tiles[:1])
     out = []
     for bm, bn, bk, warps, stages in tiles:
         kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
-        for img, bh, bw in _boxes(kw[pixels]):
-            out.append(triton.Config(dict(kw, IMG=img, BH=bh, BW=bw), num_warps=warps,
-                                     num_stages=stages, pre_hook=hook))
+        boxes = [dict(IMG=i, BH=h, BW=w) for i, h, w in _boxes(kw[pixels])] if pixels else [{}]
+        for box in boxes:
+            out.append(triton.Config(dict(kw, **box), num_warps=warps, num_stages=stages,
+                                     pre_hook=hook))
     return out
 
 
@@ -491,16 +493,8 @@ def wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db) -> bool:
 # first.  Rows of the image run on into each other along the flat views: a pixel q whose
 # output column q % W - (s * dil - pad) leaves [0, W) would pair with the neighbouring
 # row's output, so its dy row is zeroed in registers (dy's tile goes through them anyway).
-# Rows above or below the images fall outside the flat views and read zeros.
-_WGRAD_NCHW_TILES = [(64, 128, 64, 4, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3),
-                     (64, 256, 64, 8, 3)]
-
-
-def _flat_configs(tiles, hook):
-    tiles = [_INTERPRET_TILE] if base._INTERPRET else (tiles if base._AUTOTUNE else tiles[:1])
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=warps,
-                          num_stages=stages, pre_hook=hook)
-            for bm, bn, bk, warps, stages in tiles]
+# Rows above or below the images fall outside the flat views and read zeros.  The tiles
+# are _WGRAD_TILES'.
 
 
 def _wgrad_nchw_hook(nargs):
@@ -508,7 +502,7 @@ def _wgrad_nchw_hook(nargs):
     nargs["x_desc"].block_shape = [1, nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-@triton.autotune(configs=_flat_configs(_WGRAD_NCHW_TILES, _wgrad_nchw_hook),
+@triton.autotune(configs=_configs(_WGRAD_TILES, None, _wgrad_nchw_hook),
                  key=["O", "C", "N", "P", "P_OUT", "W", "KH", "KW", "SPLIT"],
                  prune_configs_by={"early_config_prune": _pruner(
                      {"BLOCK_M": "O", "BLOCK_N": "C"}, "BLOCK_K", ("N", "P"), boxes=False)},

@@ -57,7 +57,7 @@ if TensorDescriptor is not None:
         The driver still refuses a bad one when it encodes it (a failed launch, below)."""
 
         def __post_init__(self):
-            pass
+            """No checks here: ``usable`` made them before the launch."""
 
 
 def _boxes(**shapes):

@@ -14,6 +14,7 @@ this module never fails, nor builds anything: that happens in ``load()``.
 """
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.util
 import os
@@ -98,6 +99,26 @@ def _toolchain_missing() -> Optional[str]:
     return None
 
 
+# What ATen's CUDA headers include from CUDA's libraries (bindings.cpp includes them).
+_LIBRARY_HEADERS = ("cublas_v2.h", "cusparse.h", "cusolverDn.h")
+
+
+def _library_include_dirs(cuda_home: Optional[str]) -> list:
+    """Include folders for the library headers ATen's CUDA headers need, where the toolkit
+    at ``cuda_home`` lacks them (one with nvcc and the runtime only): the ``include``
+    folders of torch's ``nvidia-*`` wheels that hold them.  Empty when the toolkit has them."""
+    if cuda_home and all(os.path.exists(os.path.join(cuda_home, "include", h))
+                         for h in _LIBRARY_HEADERS):
+        return []
+    try:
+        spec = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        spec = None
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    return sorted({os.path.dirname(path) for root in roots for header in _LIBRARY_HEADERS
+                   for path in glob.glob(os.path.join(root, "*", "include", header))})
+
+
 def load(verbose: bool = False) -> str:
     """Load the extension once per process (prebuilt, else JIT-built); returns how it was loaded.
 
@@ -149,7 +170,8 @@ def _load_unlocked(verbose: bool) -> str:
         if not os.path.exists(path):
             raise _LoadError(f"CUDA source missing: {path}")
     cpp_extension.load(
-        name=EXT_NAME, sources=srcs, extra_include_paths=[source_dir()],
+        name=EXT_NAME, sources=srcs,
+        extra_include_paths=[source_dir()] + _library_include_dirs(cpp_extension.CUDA_HOME),
         extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] + _arch_flags(),
         with_cuda=True, is_python_module=False, verbose=verbose)
     return f"built {EXT_NAME} with ninja"

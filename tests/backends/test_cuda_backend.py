@@ -692,6 +692,32 @@ def test_toolchain_without_cuda_headers_names_cuda_home(monkeypatch, tmp_path):
     assert cuda._toolchain_missing() is None
 
 
+
+def test_library_headers_come_from_torchs_nvidia_wheels_where_the_toolkit_lacks_them(
+        monkeypatch, tmp_path):
+    """A toolkit with nvcc and the runtime only has no cuSPARSE/cuBLAS headers, which
+    ATen's CUDA headers include: the build then adds the include folders of torch's
+    nvidia-* wheels that hold them (cu13 wheels: one folder; cu12: one per library), and
+    nothing where the toolkit has them all."""
+    import importlib.util
+    import types
+    toolkit, wheels = tmp_path / "cuda", tmp_path / "site" / "nvidia"
+    (toolkit / "include").mkdir(parents=True)
+    for folder, header in (("cu13", "cusparse.h"), ("cu13", "cublas_v2.h"),
+                           ("cusolver", "cusolverDn.h"), ("nccl", "nccl.h")):
+        (wheels / folder / "include").mkdir(parents=True, exist_ok=True)
+        (wheels / folder / "include" / header).write_text("")
+    spec = types.SimpleNamespace(submodule_search_locations=[str(wheels)])
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: spec if name == "nvidia" else real_find_spec(name, *a))
+    assert cuda._library_include_dirs(str(toolkit)) == [
+        str(wheels / "cu13" / "include"), str(wheels / "cusolver" / "include")]
+    assert cuda._library_include_dirs(None) == cuda._library_include_dirs(str(toolkit))
+    for header in cuda._LIBRARY_HEADERS:
+        (toolkit / "include" / header).write_text("")
+    assert cuda._library_include_dirs(str(toolkit)) == []
+
 def test_wrappers_match_the_op_schemas_under_fake_tensors():
     """Where the extension loads (a CUDA build of torch; no GPU needed), the Python wrappers
     call its ops with arguments their C++ schemas accept, and the registered fake

@@ -25,7 +25,14 @@ BUDGET="${EXPANSE_GPU_BUDGET_S:-330}"
 T0=$(date +%s)
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/expanse_gpu.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT   # only symlinks and logs; rm never follows the symlinks
-PY="$(command -v python || command -v python3)"
+# The first python that imports torch: on the GPU image that is python3 (its venv's); a
+# plain `python` earlier on PATH may be another interpreter without torch.
+PY=""
+for cand in python3 python; do
+  p="$(command -v "$cand")" || continue
+  if "$p" -c "import torch" >/dev/null 2>&1; then PY="$p"; break; fi
+done
+PY="${PY:-$(command -v python3 || command -v python)}"
 # coreutils' timeout signals the whole process group (nvcc, ninja too); without it, no limit.
 if ! command -v timeout >/dev/null 2>&1; then
   timeout() { while [[ $1 == -* ]]; do shift 2; done; shift; "$@"; }

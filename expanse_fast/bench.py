@@ -556,8 +556,9 @@ def count_macs(case: Case):
 
 
 def max_abs_diffs(case: Case) -> Dict[str, float]:
-    """Each peer's largest absolute difference from the first subject's output on the part
-    they share (every output, or the original outputs), models in eval mode."""
+    """Each other contender's (peers, and the subjects on the other backends) largest
+    absolute difference from the first subject's output on the part they share (every
+    output, or the original outputs), models in eval mode."""
     def outputs(c: Contender) -> Tensor:
         was = c.module.training
         c.module.eval()
@@ -777,14 +778,14 @@ def case_result(case: Case, diffs: Optional[Dict[str, float]] = None) -> dict:
         row = {"name": c.name, "role": c.role, "median_s": _median(c), "rounds": len(c.times),
                "macs": c.macs, "grad_params": c.grad_params, "peak_bytes": None,
                "note": c.note, "detail": c.detail}
+        if diffs is not None:  # every contender but the first subject, the reference
+            row["max_abs_diff"] = None if c is subjects[0] else diffs.get(c.name)
         if c.role == "peer":
             row["vs"] = fastest.name
             row["speedup"] = _median(c) / _median(fastest)
             row["limit"] = c.macs / fastest.macs if fastest.macs else None
             row["pct_of_limit"] = (100 * row["speedup"] / row["limit"]) if row["limit"] else None
             row["speedup_vs"] = {s.name: _median(c) / _median(s) for s in subjects}
-            if diffs is not None:
-                row["max_abs_diff"] = diffs.get(c.name)
         rows.append(row)
     return {"group": case.group, "kind": case.kind, "passes": case.passes,
             "contenders": rows, "skipped": [{"name": n, "reason": r} for n, r in case.skipped]}
@@ -839,9 +840,10 @@ def format_table(result: dict) -> str:
                          f"{pct:>10} {r['grad_params']:12,} {peak:>8}")
         for s in case["skipped"]:
             lines.append(f"  {s['name']:24} skipped: {s['reason']}")
+        reference = case["contenders"][0]["name"]
         for r in case["contenders"]:
             if (r.get("max_abs_diff") or 0) > warn_at:
-                lines.append(f"  WARNING: {r['name']} differs from expanse_fast by "
+                lines.append(f"  WARNING: {r['name']} differs from {reference} by "
                              f"{r['max_abs_diff']:.2e} on their shared outputs")
     return "\n".join(lines)
 

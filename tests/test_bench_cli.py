@@ -85,6 +85,44 @@ def test_table_warns_when_a_peer_computes_something_else():
             dict(row, name=B.MASKED), dict(row, name=B.CAT, max_abs_diff=1e-6)]}]}
     warnings = [line for line in B.format_table(result).splitlines() if "WARNING" in line]
     assert len(warnings) == 1 and B.MASKED in warnings[0]
+    # a subject on another backend is held to the first subject's output as well
+    result["cases"][0]["contenders"][1:] = [
+        dict(row, name="expanse_fast [triton]", role="subject", max_abs_diff=0.5)]
+    warnings = [line for line in B.format_table(result).splitlines() if "WARNING" in line]
+    assert warnings == ["  WARNING: expanse_fast [triton] differs from expanse_fast [torch] "
+                        "by 5.00e-01 on their shared outputs"]
+
+
+def test_every_contender_but_the_reference_reports_its_difference():
+    spec = B.LayerSpec("linear", 13, (4,), 7, "fwd+bwd")
+    case = B.build_case(spec, torch.device("cpu"), torch.float32)
+    diffs = B.max_abs_diffs(case)
+    B.count_macs(case)
+    B.time_case(case, torch.device("cpu"), (1, 1), 0.0)
+    diffs["expanse_fast [torch]"] = 123.0  # the reference's own entry is never reported
+    rows = B.case_result(case, diffs)["contenders"]
+    assert rows[0]["name"] == "expanse_fast [torch]" and rows[0]["max_abs_diff"] is None
+    assert all(r["max_abs_diff"] == diffs[r["name"]] for r in rows[1:])
+
+
+@pytest.mark.gpu
+def test_bench_on_the_gpu_holds_every_backend_to_the_torch_backend(capsys):
+    """`expanse-fast bench --device cuda` at tiny sizes in bfloat16: every usable backend is a
+    subject, and its outputs (layers and whole widened models) and every peer's stay within
+    the table's warning threshold of the torch backend's."""
+    assert main(TINY + ["--json", "--device", "cuda", "--dtype", "bfloat16",
+                        "--no-memory"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    limit = B.DIFF_WARNING.get("bfloat16", 5e-2)
+    usable = ["torch"] + [b for b in ("triton", "cuda")
+                          if B.availability(b, torch.device("cuda"))[0]]
+    for case in result["cases"]:
+        names = [c["name"] for c in case["contenders"] if c["role"] == "subject"]
+        assert names == [f"expanse_fast [{b}]" for b in usable], case["group"]
+        for row in case["contenders"][1:]:
+            assert row["max_abs_diff"] is not None, (case["group"], row["name"])
+            assert row["max_abs_diff"] <= limit, (case["group"], row["name"],
+                                                  row["max_abs_diff"])
 
 
 def _layer_reference(layer, x):

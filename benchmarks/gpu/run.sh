@@ -136,7 +136,11 @@ main() {
   else
     rc=$(tail -n1 "$WORK/stages.tsv" | cut -f2)
     export EXPANSE_BENCH_SKIP_CUDA="build stage exit $rc"
-    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    if [ "$rc" != 124 ] && [ "$rc" != 137 ]; then
+      # A failed (not timed-out) build would only fail again in every later process,
+      # each paying for it out of its own stage's time: the backend stays off.
+      export EXPANSE_FAST_CUDA=0
+    else
       # A build killed mid-way leaves torch's file lock behind; the next load would wait on
       # it forever.
       for d in "${TORCH_EXTENSIONS_DIR:-}" "$HOME/.cache/torch_extensions" "$REPO/build"; do

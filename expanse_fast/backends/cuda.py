@@ -10,7 +10,8 @@ are registered here.  Depthwise convolutions stay on the torch backend.
 The functions mirror ``torch_ref`` exactly (see its docstring for the interface).  On an
 H100/H200 the fp16/bf16 linear and conv kernels multiply with wgmma (``linear_math`` says
 which path runs; ``EXPANSE_FAST_CUDA_WGMMA=0`` selects the portable WMMA kernels instead).  Importing
-this module never fails, nor builds anything: that happens in ``load()``.
+this module never fails, nor builds anything: that happens in ``load()``, unless
+``EXPANSE_FAST_CUDA=0``, which keeps the backend unusable without building or loading it.
 """
 from __future__ import annotations
 
@@ -153,6 +154,9 @@ class _LoadError(Exception):
 
 
 def _load_unlocked(verbose: bool) -> str:
+    if os.environ.get("EXPANSE_FAST_CUDA") == "0":
+        # (a build known to fail, or one there is no time for, is not started)
+        raise _LoadError("turned off by EXPANSE_FAST_CUDA=0 (neither built nor loaded)")
     prebuilt = _prebuilt_path()
     if prebuilt is not None:
         try:

@@ -805,3 +805,15 @@ def test_conv_wrappers_hand_the_kernels_pixel_major_operands():
     assert cuda._in_layout_of(cl, None) is None
     one = torch.randn(2, 1, 4, 3).contiguous(memory_format=torch.channels_last)
     assert cuda._for_gathers(one) is one  # one channel: NCHW and channels_last at once
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    """EXPANSE_FAST_CUDA=0 keeps the backend unusable, with that reason, and neither looks for
+    a prebuilt extension nor starts a build."""
+    monkeypatch.setenv("EXPANSE_FAST_CUDA", "0")
+    monkeypatch.setattr(cuda, "_state", {"loaded": False, "error": None, "how": None})
+    monkeypatch.setattr(cuda, "_prebuilt_path", lambda: pytest.fail("looked for a prebuilt"))
+    monkeypatch.setattr(cuda, "_toolchain_missing", lambda: pytest.fail("prepared a build"))
+    for _ in range(2):  # the reason is remembered
+        with pytest.raises(RuntimeError, match="turned off by EXPANSE_FAST_CUDA=0"):
+            cuda.load()

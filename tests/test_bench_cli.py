@@ -106,6 +106,7 @@ def test_every_contender_but_the_reference_reports_its_difference():
 
 
 @pytest.mark.gpu
+@pytest.mark.gpu_seconds(45)  # the tiny plan's Triton compiles, every backend
 def test_bench_on_the_gpu_holds_every_backend_to_the_torch_backend(capsys):
     """`expanse-fast bench --device cuda` at tiny sizes in bfloat16: every usable backend is a
     subject, and its outputs (layers and whole widened models) and every peer's stay within

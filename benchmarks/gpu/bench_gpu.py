@@ -1438,13 +1438,19 @@ def cmd_report(args) -> int:
 # =========================================================================================
 # pytest plugin (``-p bench_gpu``): past EXPANSE_TESTS_DEADLINE (epoch seconds) the remaining
 # tests are skipped, so pytest still ends by itself and writes its junit file before the
-# stage's hard timeout would kill it.
+# stage's hard timeout would kill it.  A test marked ``gpu_seconds(s)`` (a long one) is
+# skipped already when fewer than s seconds are left before the deadline.
 # =========================================================================================
 def pytest_runtest_setup(item):
     deadline = float(os.environ.get("EXPANSE_TESTS_DEADLINE") or 0)
-    if deadline and time.time() > deadline:
+    if not deadline:
+        return
+    mark = item.get_closest_marker("gpu_seconds")
+    need = float(mark.args[0]) if mark is not None and mark.args else 0.0
+    if time.time() + need > deadline:
         import pytest
-        pytest.skip("GPU run: the tests stage ran out of time before this test")
+        pytest.skip("GPU run: the tests stage ran out of time before this test"
+                    + (f" (it needs about {need:g} s)" if need else ""))
 
 
 # What only a GPU can check comes first, so that the deadline cuts the broad tests, not these:

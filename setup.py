@@ -28,7 +28,6 @@ package_dir = {
 package_data = {"expanse_fast.csrc": ["*.cu", "*.cpp", "*.h", "*.cuh"]}
 
 
-
 def _cuda_home_past_nvcc_wrapper() -> None:
     """torch takes CUDA_HOME to be nvcc's grandparent; where nvcc is a wrapper script outside
     the toolkit (/usr/local/bin/nvcc) that directory has no CUDA headers and the build fails

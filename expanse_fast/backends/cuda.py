@@ -175,8 +175,11 @@ def _load_unlocked(verbose: bool) -> str:
             raise _LoadError(f"CUDA source missing: {path}")
     cpp_extension.load(
         name=EXT_NAME, sources=srcs,
-        extra_include_paths=[source_dir()] + _library_include_dirs(cpp_extension.CUDA_HOME),
-        extra_cflags=["-O3"], extra_cuda_cflags=["-O3"] + _arch_flags(),
+        extra_include_paths=[source_dir()],
+        # searched after the toolkit's own headers: only what it lacks comes from the wheels
+        extra_cflags=["-O3"] + [f"-idirafter{d}" for d in
+                                _library_include_dirs(cpp_extension.CUDA_HOME)],
+        extra_cuda_cflags=["-O3"] + _arch_flags(),
         with_cuda=True, is_python_module=False, verbose=verbose)
     return f"built {EXT_NAME} with ninja"
 

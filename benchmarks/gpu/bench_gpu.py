@@ -1268,6 +1268,9 @@ def _build(work):
                 return json.loads(ln[len("BUILD_RESULT "):])
             except Exception:
                 break
+    if not os.path.exists(os.path.join(work, "build.log")):
+        return {"available": False, "reason": os.environ.get("EXPANSE_BENCH_SKIP_CUDA")
+                or "the build stage did not run"}
     return {"available": False, "reason": "no BUILD_RESULT line (see log)",
             "log_tail": _tail(os.path.join(work, "build.log"), 15)}
 

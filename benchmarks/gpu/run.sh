@@ -7,6 +7,9 @@
 # Every stage runs under `timeout` with a share of one overall budget (EXPANSE_GPU_BUDGET_S,
 # default 330 s), records its exit status, and never stops the stages after it.  Files left
 # in $OUT: log.txt, results.json, results.md, junit_cuda.xml, junit.xml.  The summary table prints last.
+# A shorter second call, after a fix: EXPANSE_GPU_STAGES (default build,tests,bench; without
+# build the cuda backend stays off) and EXPANSE_GPU_SECTIONS (default every benchmark section:
+# ceilings,linear,conv,mlp,cnn), e.g. EXPANSE_GPU_STAGES=bench EXPANSE_GPU_SECTIONS=linear.
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -38,6 +41,8 @@ if ! command -v timeout >/dev/null 2>&1; then
   timeout() { while [[ $1 == -* ]]; do shift 2; done; shift; "$@"; }
 fi
 BENCH="$HERE/bench_gpu.py"
+STAGES=",${EXPANSE_GPU_STAGES:-build,tests,bench},"
+wanted() { [[ $STAGES == *",$1,"* ]]; }
 
 export PYTHONUNBUFFERED=1
 export PYTHONDONTWRITEBYTECODE=1
@@ -131,7 +136,10 @@ main() {
   [ "$DEV" = cuda ] && unset TRITON_INTERPRET
 
   # ---- 2. CUDA extension ---------------------------------------------------------------
-  if run_stage build "$(stage_limit 150 215)" "$PY" "$BENCH" build --device "$DEV"; then
+  if ! wanted build; then
+    echo; echo "=== stage build: not asked for (EXPANSE_GPU_STAGES): the cuda backend stays off ==="
+    export EXPANSE_BENCH_SKIP_CUDA="build stage not run" EXPANSE_FAST_CUDA=0
+  elif run_stage build "$(stage_limit 150 215)" "$PY" "$BENCH" build --device "$DEV"; then
     :
   else
     rc=$(tail -n1 "$WORK/stages.tsv" | cut -f2)
@@ -167,7 +175,9 @@ main() {
     EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + limit - 15 )) EXPANSE_FAST_AUTOTUNE=0 \
       PYTHONPATH="$HERE:$PYTHONPATH" run_stage "$name" "$limit" "$PY" -m pytest "${args[@]}"
   }
-  if ! gpu_tests tests_cuda "$tlim_cuda" junit_cuda.xml -k cuda; then
+  if ! wanted tests; then
+    echo; echo "=== stage tests: not asked for (EXPANSE_GPU_STAGES) ==="
+  elif ! gpu_tests tests_cuda "$tlim_cuda" junit_cuda.xml -k cuda; then
     # Only when the extension's tests failed: a few small bf16 cases under compute-sanitizer
     # (memcheck), so that one run also says whether a kernel reads or writes out of bounds.
     # It works on some runtimes only (device README); its budget comes out of the benchmarks.
@@ -178,14 +188,20 @@ main() {
         -k "bfloat16 and auto and (three_groups or wide_coupled or coupled_three)"
     fi
   fi
-  gpu_tests tests "$(stage_limit $(( tlim - tlim_cuda )) 115)" junit.xml -k "not cuda"
+  wanted tests && gpu_tests tests "$(stage_limit $(( tlim - tlim_cuda )) 115)" junit.xml \
+    -k "not cuda"
 
   # ---- 4. benchmarks ---------------------------------------------------------------------
   local blim
   blim=$(stage_limit 160 12)
   BENCH_ARGS=(bench --device "$DEV" --work "$WORK" --budget $(( blim - 8 )))
   (( QUICK )) && BENCH_ARGS+=(--quick)
-  run_stage bench "$blim" "$PY" "$BENCH" "${BENCH_ARGS[@]}"
+  [ -n "${EXPANSE_GPU_SECTIONS:-}" ] && BENCH_ARGS+=(--sections "$EXPANSE_GPU_SECTIONS")
+  if wanted bench; then
+    run_stage bench "$blim" "$PY" "$BENCH" "${BENCH_ARGS[@]}"
+  else
+    echo; echo "=== stage bench: not asked for (EXPANSE_GPU_STAGES) ==="
+  fi
 
   # ---- 5. report: results.json, results.md, the table last ------------------------------
   echo; echo "=== report ($(left)s of the budget left, $(( $(date +%s) - T0 ))s used) ==="

@@ -1362,6 +1362,59 @@ def _table(sections):
     return lines
 
 
+# The issues' H200 targets (bf16 fwd+bwd at the sections' sizes): section, what is compared,
+# the row field or peer it reads, and the least value that meets the target.
+TARGETS = (("linear", "% of the cuBLAS rate (useful FLOPs)", "pct_cublas", 85.0),
+           ("linear", "x masked full-width layer", "masked", 2.4),
+           ("linear", "x separate modules + torch.cat", "cat", 1.3),
+           ("conv", "x masked full-width conv (cuDNN)", "masked", 2.0),
+           ("conv", "x split convolutions + torch.cat", "cat", 1.2))
+
+
+def _targets(sections):
+    """Per target and fwd+bwd variant: the best expanse row, its value, whether it meets the
+    target, and the value of the ideal@cuBLAS row (the useful FLOPs at the measured cuBLAS
+    rate: what a perfect kernel would give); then issue 6's cuda against triton.  Rows with
+    no measurement say so."""
+    out = []
+    for sec, what, key, need in TARGETS:
+        rows = (sections.get(sec) or {}).get("rows", [])
+        for variant in dict.fromkeys(r.get("variant") for r in rows):
+            if not str(variant).endswith("fwd+bwd"):
+                continue
+            group = [r for r in rows if r.get("variant") == variant]
+            value = (lambda r: r.get(key)) if key == "pct_cublas" else \
+                (lambda r: (r.get("speedup") or {}).get(key))
+            got = [(value(r), r["impl"]) for r in group
+                   if r.get("kind") == "expanse" and value(r) is not None]
+            ideal = next((value(r) for r in group if r.get("kind") == "ideal"), None)
+            best = max(got) if got else (None, None)
+            out.append(dict(section=sec, variant=variant, what=what, need=need,
+                            best=best[0], impl=best[1], limit=None if key == "pct_cublas"
+                            else ideal, met=None if best[0] is None else best[0] >= need))
+    rows = (sections.get("linear") or {}).get("rows", [])
+    ms = {r.get("impl"): r.get("ms") for r in rows if r.get("variant") == "fwd+bwd"}
+    if ms.get("expanse/cuda") and ms.get("expanse/triton"):
+        ratio = ms["expanse/triton"] / ms["expanse/cuda"]
+        out.append(dict(section="linear", variant="fwd+bwd", what="x triton (cuda backend)",
+                        need=1.0, best=ratio, impl="expanse/cuda", limit=None,
+                        met=ratio >= 1.0))
+    return out
+
+
+def _target_lines(targets):
+    if not targets:
+        return []
+    lines = ["\n### targets\n", "| section | variant | target | needs | best | by | "
+             "ideal@cuBLAS | met |", "|---|---|---|---:|---:|---|---:|---|"]
+    for t in targets:
+        met = "no measurement" if t["met"] is None else ("yes" if t["met"] else "NO")
+        lines.append(f"| {t['section']} | {t['variant']} | {t['what']} | {t['need']:g} | "
+                     f"{_fmt(t['best'], '.2f')} | {t['impl'] or ''} | "
+                     f"{_fmt(t['limit'], '.2f')} | {met} |")
+    return lines
+
+
 def _breakdown_lines(res):
     """Each profiled row's kernels (one fwd+bwd call), then the autotuners' choices."""
     lines = []
@@ -1378,6 +1431,15 @@ def _breakdown_lines(res):
         for key, cfg in keys.items():
             lines.append(f"- autotune {kernel} {key[:80]}: {cfg}")
     return lines
+
+
+def _safe_targets(sections, env):
+    try:
+        return _targets(sections)
+    except Exception as exc:  # the report never fails on a derived number
+        traceback.print_exc()
+        env.setdefault("report_errors", []).append(f"targets: {_short_exc(exc)}")
+        return []
 
 
 def cmd_report(args) -> int:
@@ -1404,6 +1466,7 @@ def cmd_report(args) -> int:
         "versions": {k: env.get(k) for k in ("python", "torch", "torch_cuda", "cudnn", "triton")},
         "environment": env, "stages": _stages(work), "build": _build(work),
         "tests": _tests(work, out), "cublas_tflops": ceil, "bench": sections,
+        "targets": _safe_targets(sections, env),
         "useful_flops": "expanse rows: 2*N*(Layout.forward_macs() + Layout.backward_macs("
                         "need_input_grad, need_old_input_grad=False)); peers: FLOPs executed",
     }
@@ -1431,7 +1494,7 @@ def cmd_report(args) -> int:
     head.append("\nTFLOP/s: expanse rows count useful FLOPs only; peers count what they execute. "
                 "x peer = peer ms / this ms (>1: faster). ideal@cuBLAS = useful FLOPs at the "
                 "measured cuBLAS rate.")
-    text = "\n".join(head + _table(sections)) + "\n"
+    text = "\n".join(head + _target_lines(result["targets"]) + _table(sections)) + "\n"
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(text)
     print(text, flush=True)

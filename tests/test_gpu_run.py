@@ -1,0 +1,83 @@
+"""Parts of the GPU run (benchmarks/gpu/bench_gpu.py) that need no GPU: its pytest plugin
+(``-p bench_gpu``: past the stage's deadline tests skip, a test marked ``gpu_seconds(s)``
+skips already when fewer than s seconds are left, the tests only a GPU can check run first)
+and the report's table of the issues' targets."""
+import importlib.util
+import os
+import time
+import types
+
+import pytest
+
+PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "gpu", "bench_gpu.py")
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _item(seconds=None, nodeid="tests/test_x.py::test_y"):
+    mark = None if seconds is None else types.SimpleNamespace(args=(seconds,))
+    return types.SimpleNamespace(nodeid=nodeid, get_closest_marker=lambda name: (
+        mark if name == "gpu_seconds" else None))
+
+
+def _runs(plugin, item) -> bool:
+    try:
+        plugin.pytest_runtest_setup(item)
+    except pytest.skip.Exception:
+        return False
+    return True
+
+
+def test_deadline_and_expected_seconds(plugin, monkeypatch):
+    monkeypatch.delenv("EXPANSE_TESTS_DEADLINE", raising=False)
+    assert _runs(plugin, _item()) and _runs(plugin, _item(1e9))  # no deadline: all run
+    monkeypatch.setenv("EXPANSE_TESTS_DEADLINE", str(time.time() + 30))
+    assert _runs(plugin, _item()) and _runs(plugin, _item(20))
+    assert not _runs(plugin, _item(45))  # would end past the deadline
+    monkeypatch.setenv("EXPANSE_TESTS_DEADLINE", str(time.time() - 1))
+    assert not _runs(plugin, _item())
+
+
+def test_gpu_only_checks_run_first(plugin):
+    ids = ["tests/test_bench_cli.py::test_a", "tests/kernels/test_expanded_conv_kernels.py::t",
+           "tests/backends/test_cuda_backend.py::t", "tests/kernels/test_expanded_linear_x.py::t"]
+    items = [_item(nodeid=i) for i in ids]
+    plugin.pytest_collection_modifyitems(None, None, items)
+    assert [i.nodeid for i in items] == [ids[2], ids[3], ids[1], ids[0]]
+
+
+def _row(variant, impl, kind, ms, **extra):
+    return dict(variant=variant, impl=impl, kind=kind, ms=ms, **extra)
+
+
+def test_targets_take_the_best_backend_per_variant(plugin):
+    linear = [_row("fwd+bwd", "expanse/torch", "expanse", 2.0, pct_cublas=70.0,
+                   speedup={"masked": 2.0, "cat": 1.1}),
+              _row("fwd+bwd", "expanse/triton", "expanse", 1.5, pct_cublas=90.0,
+                   speedup={"masked": 2.5, "cat": 1.2}),
+              _row("fwd+bwd", "expanse/cuda", "expanse", 1.6, pct_cublas=80.0,
+                   speedup={"masked": 2.45, "cat": 1.35}),
+              _row("fwd+bwd", "ideal@cuBLAS", "ideal", 1.2, speedup={"masked": 3.0, "cat": 1.4}),
+              _row("fwd", "expanse/triton", "expanse", 0.5, pct_cublas=99.0)]
+    conv = [_row("nchw fwd+bwd", "expanse/torch", "expanse", None, error="boom"),
+            _row("nchw fwd+bwd", "peer/masked", "peer", 3.0)]
+    got = {(t["section"], t["variant"], t["what"]): t
+           for t in plugin._targets({"linear": {"rows": linear}, "conv": {"rows": conv}})}
+    pct = got[("linear", "fwd+bwd", "% of the cuBLAS rate (useful FLOPs)")]
+    assert (pct["best"], pct["impl"], pct["met"], pct["limit"]) == (
+        90.0, "expanse/triton", True, None)
+    cat = got[("linear", "fwd+bwd", "x separate modules + torch.cat")]
+    assert (cat["best"], cat["impl"], cat["met"], cat["limit"]) == (1.35, "expanse/cuda", True, 1.4)
+    cuda = got[("linear", "fwd+bwd", "x triton (cuda backend)")]
+    assert cuda["best"] == pytest.approx(1.5 / 1.6) and cuda["met"] is False
+    unmeasured = got[("conv", "nchw fwd+bwd", "x masked full-width conv (cuDNN)")]
+    assert unmeasured["best"] is None and unmeasured["met"] is None
+    assert not any(t["variant"] == "fwd" for t in got.values())
+    table = "\n".join(plugin._target_lines(list(got.values())))
+    assert "| NO |" in table and "no measurement" in table and "| yes |" in table

@@ -2,6 +2,7 @@
 (``-p bench_gpu``: past the stage's deadline tests skip, a test marked ``gpu_seconds(s)``
 skips already when fewer than s seconds are left, the tests only a GPU can check run first)
 and the report's table of the issues' targets."""
+import glob
 import importlib.util
 import os
 import time
@@ -46,10 +47,23 @@ def test_deadline_and_expected_seconds(plugin, monkeypatch):
 
 def test_gpu_only_checks_run_first(plugin):
     ids = ["tests/test_bench_cli.py::test_a", "tests/kernels/test_expanded_conv_kernels.py::t",
-           "tests/backends/test_cuda_backend.py::t", "tests/kernels/test_expanded_linear_x.py::t"]
+           "tests/backends/test_cuda_backend.py::t", "tests/kernels/test_expanded_linear_x.py::t",
+           "tests/backends/test_cuda_backend.py::test_hopper_multiplies_with_wgmma"]
     items = [_item(nodeid=i) for i in ids]
     plugin.pytest_collection_modifyitems(None, None, items)
-    assert [i.nodeid for i in items] == [ids[2], ids[3], ids[1], ids[0]]
+    assert [i.nodeid for i in items] == [ids[4], ids[2], ids[3], ids[1], ids[0]]
+
+
+def test_the_prioritized_tests_exist(plugin):
+    """Each priority is the start of a test file's path, or names one test in that file."""
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    for prefix in plugin.TEST_PRIORITY:
+        path, _, name = prefix.partition("::")
+        files = glob.glob(os.path.join(root, path + "*"))
+        assert files, prefix
+        if name:
+            with open(files[0]) as fh:
+                assert f"def {name}(" in fh.read(), prefix
 
 
 def _row(variant, impl, kind, ms, **extra):

@@ -1520,9 +1520,15 @@ def pytest_runtest_setup(item):
 
 
 # What only a GPU can check comes first, so that the deadline cuts the broad tests, not these:
-# the CUDA extension's ops, then the Triton kernels (bfloat16 included; the conv tests that
-# assert the descriptor kernels ran before the others), then the rest.
-TEST_PRIORITY = ("tests/backends/test_cuda_backend.py", "tests/kernels/test_expanded_linear",
+# the CUDA extension's single checks that say the most (wgmma in use; every op against the
+# torch backend), then its parametrized ops (1,100 cases), then the Triton kernels (bfloat16
+# included; the conv tests that assert the descriptor kernels ran before the others), then
+# the rest.
+_CUDA_TESTS = "tests/backends/test_cuda_backend.py"
+TEST_PRIORITY = (_CUDA_TESTS + "::test_hopper_multiplies_with_wgmma",
+                 _CUDA_TESTS + "::test_agrees_with_torch_ref",
+                 _CUDA_TESTS + "::test_conv_agrees_with_torch_ref",
+                 _CUDA_TESTS, "tests/kernels/test_expanded_linear",
                  "tests/kernels/test_expanded_conv_tma", "tests/kernels/test_expanded_conv")
 
 

@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -168,6 +169,7 @@ def cmd_build(args) -> int:
         import torch
         dev = torch.device(args.device)
         from expanse_fast.backends import cuda as cuda_backend
+        result["toolchain"] = _toolchain(cuda_backend)
         if dev.type == "cuda" and hasattr(cuda_backend, "load"):
             try:
                 cuda_backend.load()
@@ -186,6 +188,18 @@ def cmd_build(args) -> int:
     result["seconds"] = round(time.time() - t0, 1)
     print("BUILD_RESULT " + json.dumps(result))
     return 0 if result["available"] else 1
+
+
+def _toolchain(cuda_backend):
+    """What the build at first use compiles with: a failed build's first question."""
+    try:
+        from torch.utils import cpp_extension
+        home = cpp_extension.CUDA_HOME
+        return {"cuda_home": home, "nvcc": shutil.which("nvcc"),
+                "library_headers_from_wheels": cuda_backend._library_include_dirs(home),
+                "ninja": cpp_extension.is_ninja_available()}
+    except Exception as exc:  # noqa: BLE001 - a report, never a failure
+        return {"error": _short_exc(exc)}
 
 
 def _extension_path(cuda_backend):
@@ -1484,6 +1498,8 @@ def cmd_report(args) -> int:
     b, t = result["build"], result["tests"]
     head.append(f"\nCUDA extension: available={b.get('available')} ({b.get('reason')}"
                 f"{', ' + str(b.get('seconds')) + ' s' if b.get('seconds') is not None else ''})")
+    if b.get("toolchain"):
+        head.append(f"CUDA toolchain: {json.dumps(b['toolchain'])}")
     if b.get("linear_math") or b.get("sass"):
         head.append(f"CUDA linear tile math: {b.get('linear_math')}; SASS: {b.get('sass')}")
     head.append(f"GPU tests: {t.get('summary', 'no summary')} (junit: tests={t.get('tests')} "

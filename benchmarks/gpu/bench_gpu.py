@@ -1393,19 +1393,20 @@ def _targets(sections):
     out = []
     for sec, what, key, need in TARGETS:
         rows = (sections.get(sec) or {}).get("rows", [])
+        # (the ideal row has no % of cuBLAS: its limit column stays empty there)
+        value = (lambda r: r.get(key)) if key == "pct_cublas" else \
+            (lambda r: (r.get("speedup") or {}).get(key))
         for variant in dict.fromkeys(r.get("variant") for r in rows):
             if not str(variant).endswith("fwd+bwd"):
                 continue
             group = [r for r in rows if r.get("variant") == variant]
-            value = (lambda r: r.get(key)) if key == "pct_cublas" else \
-                (lambda r: (r.get("speedup") or {}).get(key))
             got = [(value(r), r["impl"]) for r in group
                    if r.get("kind") == "expanse" and value(r) is not None]
             ideal = next((value(r) for r in group if r.get("kind") == "ideal"), None)
             best = max(got) if got else (None, None)
             out.append(dict(section=sec, variant=variant, what=what, need=need,
-                            best=best[0], impl=best[1], limit=None if key == "pct_cublas"
-                            else ideal, met=None if best[0] is None else best[0] >= need))
+                            best=best[0], impl=best[1], limit=ideal,
+                            met=None if best[0] is None else best[0] >= need))
     rows = (sections.get("linear") or {}).get("rows", [])
     ms = {r.get("impl"): r.get("ms") for r in rows if r.get("variant") == "fwd+bwd"}
     if ms.get("expanse/cuda") and ms.get("expanse/triton"):

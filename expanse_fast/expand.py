@@ -9,6 +9,8 @@ returned model is a deep copy of the user's module with its layers swapped, so i
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 import operator
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple, Union
@@ -72,16 +74,25 @@ class _Feat:
 _DATA = _Feat(None, 0)
 
 
+def _count(value, what: str) -> int:
+    """A number of new units: an int >= 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be >= 0, got {value}")
+    return int(value)
+
+
 def _new_width(width: Width, name: str, current: int) -> int:
     if isinstance(width, Mapping):
-        return int(width.get(name, 0))
+        return _count(width.get(name, 0), f"width[{name!r}]")
     if isinstance(width, bool):
         raise TypeError("width must be a float, an int or a {module_name: int} dict")
-    if isinstance(width, int):
-        return width
+    if isinstance(width, numbers.Integral):
+        return _count(width, "width")
     if isinstance(width, float):
-        if width < 0:
-            raise ValueError(f"width must be >= 0, got {width}")
+        if not (math.isfinite(width) and width >= 0):
+            raise ValueError(f"width must be a finite fraction >= 0, got {width}")
         return max(1, round(width * current)) if width > 0 else 0
     raise TypeError(f"width must be a float, an int or a {{module_name: int}} dict, got "
                     f"{type(width).__name__}")
@@ -369,8 +380,7 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if mode not in ("isolated", "coupled"):
         raise ValueError(f"mode must be 'isolated' or 'coupled', got {mode!r}")
-    if new_classes < 0:
-        raise ValueError(f"new_classes must be >= 0, got {new_classes}")
+    new_classes = _count(new_classes, "new_classes")
     plan = _Plan(model, width, new_classes, head, mode)
     big = copy.deepcopy(model)
     layers = dict(big.named_modules())

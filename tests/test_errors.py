@@ -389,5 +389,16 @@ def test_expand_argument_errors():
         xf.expand(model, new_classes=-1)
     with pytest.raises(TypeError, match=r"width must be"):
         xf.expand(model, width="wide")
+    # a negative or fractional count of units is refused, never rounded or clipped to zero
+    with pytest.raises(ValueError, match=r"width must be >= 0, got -1"):
+        xf.expand(model, width=-1)
+    with pytest.raises(ValueError, match=r"width must be a finite fraction >= 0, got nan"):
+        xf.expand(model, width=float("nan"))
+    with pytest.raises(ValueError, match=r"width\['a'\] must be >= 0, got -2"):
+        xf.expand(model, width={"a": -2})
+    with pytest.raises(TypeError, match=r"width\['a'\] must be an int, got float 1.5"):
+        xf.expand(model, width={"a": 1.5})
+    with pytest.raises(TypeError, match=r"new_classes must be an int, got float 2.5"):
+        xf.expand(model, new_classes=2.5)
     with pytest.raises(ExpansionError, match=r"head='a\.weight'"):
         xf.expand(model, head="a.weight")

@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .backend_choice import availability
 from .expand import expand, merge, source_model
 from .nn import ExpandedConv2d, ExpandedLinear
+from .nn.input_grad import skips_old_input_grad
 
 PASSES = ("fwd", "bwd", "fwd+bwd")
 WIDENINGS = (0.10, 0.25, 0.50, 1.00)  # new units as a fraction of the pretrained width
@@ -265,7 +266,7 @@ def useful_macs(module: nn.Module, forward: Callable[[], object], passes: str) -
         if getattr(layer, "depthwise", False):
             raise ValueError("useful_macs counts dense (groups=1) layers only")
         need_dx = inputs[0].requires_grad
-        fwd, bwd = lay.forward_macs(), lay.backward_macs(need_dx, not layer.skip_old_input_grad)
+        fwd, bwd = lay.forward_macs(), lay.backward_macs(need_dx, not skips_old_input_grad(layer))
         seen.append(positions * area * ((fwd if passes in ("fwd", "fwd+bwd", "step") else 0)
                                         + (bwd if passes in ("bwd", "fwd+bwd", "step") else 0)))
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .hashing import hash_tensor as _hash_tensor
-from .expand import _freeze_all_but_newest, expanded_layers, source_model
+from .expand import _freeze_all_but_newest, expanded_layers, source_model, watch_input_grad
 from .fold import fold_batchnorms
 from .fuse import fuse_activations
 from .graph import ExpansionError, swap_module as _swap
@@ -250,6 +250,7 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
     if extra:
         raise ExpansionFileError(f"the file holds tensors no layer takes: {sorted(extra)[:5]}")
     _freeze_all_but_newest(big)
+    watch_input_grad(big)
     if fuse:
         try:
             fuse_activations(big)

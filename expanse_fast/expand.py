@@ -25,6 +25,7 @@ from .fold import fold_batchnorms
 from .graph import ExpansionError, swap_module as _swap, trace as _trace
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.fused import FUSED_TYPES
+from .nn.input_grad import unwatch, watch
 from .nn.norm import _ExpandedBatchNorm
 
 Width = Union[float, int, Mapping[str, int]]
@@ -396,10 +397,18 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
             layer.skip_old_input_grad = mode == "isolated"
         _swap(big, path, layer)
     _freeze_all_but_newest(big)
+    watch_input_grad(big)
     if fuse:
         fuse_activations(big)
         fold_batchnorms(big)
     return big
+
+
+def watch_input_grad(big: nn.Module) -> None:
+    """Let ``big``'s layers form the old features' gradient in the calls where ``big``'s
+    input requires grad (see ``expanse_fast.nn.input_grad``)."""
+    watch(big, [m for m in big.modules()
+                if isinstance(m, (ExpandedLinear, ExpandedConv2d, _ExpandedBatchNorm))])
 
 
 _TRAINABLE_NAMES = ("weight_new", "bias_new", "weight_couple")
@@ -412,6 +421,7 @@ def _freeze_all_but_newest(model: nn.Module):
 
 def _plain_copy(big: nn.Module, task: Optional[int]) -> nn.Module:
     model = copy.deepcopy(big)
+    unwatch(model)
     for path, m in list(model.named_modules()):
         if isinstance(m, ExpandedLinear):
             _swap(model, path, m.to_linear(task))

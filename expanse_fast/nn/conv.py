@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..layout import Layout
 from .blocks import ExpandedBlocks, init_new_rows
+from .input_grad import skips_old_input_grad
 from .norm import ExpandedBatchNorm2d
 
 
@@ -199,7 +200,7 @@ class ExpandedConv2d(ExpandedBlocks):
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
             frozen_k_ends=lay.frozen_k_ends, stride=self.stride, padding=self.padding,
             dilation=self.dilation, depthwise=self.depthwise,
-            need_dx_old=not self.skip_old_input_grad, **self._bn_args(), backend=self.backend)
+            need_dx_old=not skips_old_input_grad(self), **self._bn_args(), backend=self.backend)
 
     def to_conv(self, task: Optional[int] = None) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing task ``task``'s outputs (default: all groups)."""

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from .. import ops
 from ..layout import Layout
 from .blocks import ExpandedBlocks, init_new_rows
+from .input_grad import skips_old_input_grad
 
 
 class ExpandedLinear(ExpandedBlocks):
@@ -16,7 +17,8 @@ class ExpandedLinear(ExpandedBlocks):
 
     Output group g reads input groups 0..g (isolated layout) and only the newest output
     group is trainable.  ``skip_old_input_grad`` (set by ``expand()``) skips the gradient
-    of the old input features when nothing trainable lies behind them.  ``activation``
+    of the old input features when nothing trainable lies behind them (unless the model's
+    input requires grad: ``expanse_fast.nn.input_grad``).  ``activation``
     ("relu", "gelu", "gelu_tanh", "silu") fuses the activation module that follows the layer
     into it (``expand()`` does this and leaves a :class:`FusedReLU`, :class:`FusedGELU` or
     :class:`FusedSiLU` in the module's place).
@@ -72,7 +74,7 @@ class ExpandedLinear(ExpandedBlocks):
         return ops.expanded_linear(
             x, self.weight_frozen, self.bias_frozen, self.weight_new, self.bias_new,
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
-            frozen_k_ends=lay.frozen_k_ends, need_dx_old=not self.skip_old_input_grad,
+            frozen_k_ends=lay.frozen_k_ends, need_dx_old=not skips_old_input_grad(self),
             activation=self.activation, backend=self.backend)
 
     def to_linear(self, task: Optional[int] = None) -> nn.Linear:

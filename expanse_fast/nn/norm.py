@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .blocks import _frozen
+from .input_grad import skips_old_input_grad
 
 
 class _ExpandedBatchNorm(nn.Module):
@@ -139,7 +140,7 @@ class _ExpandedBatchNorm(nn.Module):
         # aten's fast kernels, forward and backward), then written over the eval-mode output.
         y_new = self._new_channels(x[:, n_f:].contiguous())
         return _FrozenThenNew.apply(x, y_new, *self._all_channels(keep_graph=False), self.eps,
-                                    not self.skip_old_input_grad)
+                                    not skips_old_input_grad(self))
 
     def _all_channels(self, keep_graph: bool):
         """Per-channel (mean, var, weight, bias) of all channels: frozen, then newest."""
@@ -174,11 +175,11 @@ class _ExpandedBatchNorm(nn.Module):
                              f"size {tuple(x.shape)}")  # as F.batch_norm says
         if torch.compiler.is_compiling():
             # out of place for the compiler, which plans the memory itself
-            old = x[:, :n_f].detach() if self.skip_old_input_grad else x[:, :n_f]
+            old = x[:, :n_f].detach() if skips_old_input_grad(self) else x[:, :n_f]
             return torch.cat([old, self._new_channels(x[:, n_f:].contiguous())], dim=1)
         return _NewestInPlace.apply(x, self.weight_new, self.bias_new, self.running_mean_new,
                                     self.running_var_new, self.training, self._momentum(),
-                                    self.eps, not self.skip_old_input_grad)
+                                    self.eps, not skips_old_input_grad(self))
 
     def to_bn(self, task: Optional[int] = None) -> nn.modules.batchnorm._BatchNorm:
         """A plain BatchNorm (eval statistics) of task ``task``'s channels (default: all)."""

@@ -1,0 +1,130 @@
+"""A widened model skips its old features' gradient only while its input needs none: with
+an input that requires grad (saliency, adversarial examples, a trainable module in front),
+the input's gradient is the full one, as from the plain model of the same weights."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import expanse_fast as xf
+from expanse_fast.nn.input_grad import InputGradWatch, skips_old_input_grad
+from tests.models import SmallResNet, authors_mlp
+
+CASES = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(23, 17), nn.ReLU(), nn.Linear(17, 13), nn.GELU(),
+                                  nn.Linear(13, 5)), (7, 23)),
+    "authors_mlp": (authors_mlp, (3, 784)),
+    "resnet": (lambda: SmallResNet(classes=5, width=6), (3, 1, 9, 9)),
+}
+
+
+def _widened(name, seed=0):
+    torch.manual_seed(seed)
+    make, shape = CASES[name]
+    base = make().double().eval()
+    big = xf.expand(base, width=0.4, new_classes=3, backend="torch")
+    with torch.no_grad():  # as after training the new units
+        for p in big.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    return base, big.eval(), shape
+
+
+def _watches(model):
+    return [h for h in model._forward_pre_hooks.values() if isinstance(h, InputGradWatch)]
+
+
+def _layers(model):
+    return [m for m in model.modules() if hasattr(m, "skip_old_input_grad")]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_input_gradient_is_the_plain_models(name):
+    _, big, shape = _widened(name)
+    plain = xf.merge(big).eval()  # the same function in plain layers, every gradient formed
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    big(x).square().sum().backward()
+    plain(x_plain).square().sum().backward()
+    assert x_plain.grad.abs().max() > 0
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
+    # the trainable tensors' gradients are the plain model's too (their rows of it)
+    for n, p in big.named_parameters():
+        assert (p.grad is not None) == p.requires_grad, n
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_old_gradients_are_skipped_while_the_input_needs_none(name):
+    _, big, shape = _widened(name)
+    layers = _layers(big)
+    assert layers and all(m.skip_old_input_grad for m in layers)
+    big(torch.randn(*shape, dtype=torch.float64)).sum().backward()
+    assert all(skips_old_input_grad(m) for m in layers)
+    big(torch.randn(*shape, dtype=torch.float64, requires_grad=True)).sum().backward()
+    assert not any(skips_old_input_grad(m) for m in layers)
+    with torch.no_grad():  # no graph: nothing to form
+        big(torch.randn(*shape, dtype=torch.float64, requires_grad=True))
+    assert all(skips_old_input_grad(m) for m in layers)
+
+
+def test_old_gradients_cost_work_only_when_needed():
+    """The skip is real: the backward does fewer multiply-adds without an input gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+    _, big, shape = _widened("mlp")
+    counts = []
+    for needs_grad in (False, True):
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=needs_grad)
+        y = big(x).sum()
+        with FlopCounterMode(display=False) as counter:
+            y.backward()
+        counts.append(counter.get_total_flops())
+    assert 0 < counts[0] < counts[1]
+
+
+def test_a_trainable_module_in_front_gets_its_gradient():
+    _, big, shape = _widened("mlp")
+    torch.manual_seed(5)
+    front = nn.Linear(shape[1], shape[1]).double()
+    model = nn.Sequential(front, big)
+    plain = nn.Sequential(copy.deepcopy(front), xf.merge(big)).eval()
+    x = torch.randn(*shape, dtype=torch.float64)
+    model(x).square().sum().backward()
+    plain(x).square().sum().backward()
+    torch.testing.assert_close(front.weight.grad, plain[0].weight.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_one_watch_per_model_shared_by_its_layers():
+    _, big, shape = _widened("resnet")
+    (watch,) = _watches(big)
+    assert all(m.input_grad_watch is watch for m in _layers(big))
+    again = xf.expand(big, width=0.3, new_classes=2)  # a second expansion replaces it
+    (watch2,) = _watches(again)
+    assert watch2 is not watch and all(m.input_grad_watch is watch2 for m in _layers(again))
+    # copies get their own watch, and plain copies none
+    for clone in (copy.deepcopy(big), _pickled(big)):
+        (w,) = _watches(clone)
+        assert w is not watch and all(m.input_grad_watch is w for m in _layers(clone))
+    for plain in (xf.merge(big), xf.source_model(big, 0)):
+        assert not _watches(plain) and not _layers(plain)
+
+
+def _pickled(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_loaded_expansion_watches_its_input(tmp_path):
+    base, big, shape = _widened("mlp")
+    path = str(tmp_path / "e.safetensors")
+    xf.save_expansion(big, path)
+    loaded = xf.load_expansion(base, path).eval()
+    assert len(_watches(loaded)) == 1
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    loaded(x).sum().backward()
+    xf.merge(big).eval()(x_plain).sum().backward()
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)

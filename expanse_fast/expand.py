@@ -149,6 +149,13 @@ class _Plan:
         return _DATA
 
     def _refuse(self, node: fx.Node, why: str):
+        if any(a.op == "call_module" and a.target == self.head and self.new_classes
+               for a in node.all_input_nodes):
+            # the common case: a model that returns log-probabilities (log_softmax, nll_loss)
+            why += (f"; it reads the head {self.head!r}, whose new classes would change the "
+                    "old classes' values (a softmax would renormalise them over the new "
+                    "ones): return the logits and apply it in the loss (F.cross_entropy "
+                    "takes logits), or keep the classes with new_classes=0")
         raise ExpansionError(f"cannot widen node {node.name!r} ({node.op} {_target_name(node)}): "
                              f"{why}")
 

@@ -402,3 +402,25 @@ def test_expand_argument_errors():
         xf.expand(model, new_classes=2.5)
     with pytest.raises(ExpansionError, match=r"head='a\.weight'"):
         xf.expand(model, head="a.weight")
+
+
+class LogProbs(nn.Module):
+    """The classic MNIST example: the model returns log-probabilities for nll_loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return F.log_softmax(self.out(F.relu(self.hidden(x))), dim=1)
+
+
+def test_softmax_over_the_head_names_the_way_out():
+    model = LogProbs().eval()
+    with pytest.raises(ExpansionError) as err:
+        xf.expand(model, width=0.5, new_classes=2)
+    _names_all(str(err.value), "'log_softmax'", "head 'out'", "F.cross_entropy",
+               "new_classes=0")
+    big = xf.expand(model, width=0.5, new_classes=0)  # the way out it names
+    x = torch.randn(5, 6)
+    assert torch.equal(big(x), model(x))

@@ -29,7 +29,13 @@ def _pair(data, name: str) -> Optional[Pair]:
     X, y = data
     if len(X) != len(y):
         raise ValueError(f"{name}: X has {len(X)} examples but y has {len(y)}")
-    return X, torch.as_tensor(y).long()
+    y = torch.as_tensor(y)
+    # class indices: a float y would be truncated without a word
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name}: y must hold integer class indices, got {y.dtype}")
+    if len(y) and int(y.min()) < 0:
+        raise ValueError(f"{name}: y must hold class indices >= 0, got {int(y.min())}")
+    return X, y.long()
 
 
 def _loss_and_correct(logits: Tensor, y: Tensor, group: Tensor, heads: Sequence[slice]):

@@ -198,3 +198,10 @@ def test_errors():
     with pytest.raises(ValueError, match="examples"):
         two_step(_mlp(), None, (torch.randn(4, 7), torch.zeros(3, dtype=torch.long)),
                  epochs=(0, 1), progress=False)
+    X = torch.randn(4, 7)
+    with pytest.raises(TypeError, match=r"full: y must hold integer class indices, got torch\.float32"):
+        two_step(_mlp(), None, (X, torch.tensor([0.0, 1.0, 2.0, 0.7])), epochs=(0, 1),
+                 progress=False)
+    with pytest.raises(ValueError, match=r"basics: y must hold class indices >= 0, got -1"):
+        two_step(_mlp(), (X, torch.tensor([0, -1, 1, 2])), _data(5), epochs=(1, 1),
+                 progress=False)

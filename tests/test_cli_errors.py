@@ -129,6 +129,18 @@ def test_value_errors_read_as_plain_messages(monkeypatch, capsys):
         "expanse-fast demo: error: seeds must be >= 1, got 0 (")
 
 
+def test_bench_filter_that_matches_nothing(monkeypatch, capsys):
+    """Not an empty table and exit 0: the filter is named, with the groups it could match."""
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    assert main(["bench", "--size", "tiny", "--filter", "no such group", "--quiet"]) == 1
+    out, err = capsys.readouterr()
+    line = _one_line(err)
+    assert out == ""
+    assert line.startswith("expanse-fast bench: error: --filter 'no such group' matches no "
+                           "group of --size tiny")
+    assert "linear" in line and "MLP" in line
+
+
 def test_interrupt(monkeypatch, capsys):
     import expanse_fast.demo
 

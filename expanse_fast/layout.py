@@ -15,6 +15,7 @@ pretrained width, group t the units added by the t-th expansion.  Tensors are st
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Tuple
@@ -22,13 +23,21 @@ from typing import Tuple
 MODES = ("isolated", "coupled")
 
 
-def _check_groups(name: str, groups) -> Tuple[int, ...]:
-    groups = tuple(int(g) for g in groups)
+def width(value, name: str) -> int:
+    """A group's width: an int >= 0 (a float or a bool would be truncated without a word)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def check_groups(name: str, groups) -> Tuple[int, ...]:
+    """A tuple of group widths: at least one, each an int >= 0."""
+    groups = tuple(groups)
     if not groups:
         raise ValueError(f"{name} must hold at least one group, got ()")
-    if any(g < 0 for g in groups):
-        raise ValueError(f"{name} widths must be >= 0, got {groups}")
-    return groups
+    return tuple(width(g, f"{name} widths ({groups})") for g in groups)
 
 
 @dataclass(frozen=True)
@@ -40,8 +49,8 @@ class Layout:
     mode: str = "isolated"
 
     def __post_init__(self):
-        object.__setattr__(self, "in_groups", _check_groups("in_groups", self.in_groups))
-        object.__setattr__(self, "out_groups", _check_groups("out_groups", self.out_groups))
+        object.__setattr__(self, "in_groups", check_groups("in_groups", self.in_groups))
+        object.__setattr__(self, "out_groups", check_groups("out_groups", self.out_groups))
         if len(self.in_groups) != len(self.out_groups):
             raise ValueError(
                 f"in_groups {self.in_groups} and out_groups {self.out_groups} must have the "
@@ -100,10 +109,8 @@ class Layout:
     # ---- growth ------------------------------------------------------------------------
     def expanded(self, new_in: int, new_out: int) -> "Layout":
         """Layout after one more expansion (the current newest group becomes frozen)."""
-        if new_in < 0 or new_out < 0:
-            raise ValueError(f"new_in and new_out must be >= 0, got {new_in}, {new_out}")
-        return Layout(self.in_groups + (int(new_in),), self.out_groups + (int(new_out),),
-                      self.mode)
+        return Layout(self.in_groups + (width(new_in, "new_in"),),
+                      self.out_groups + (width(new_out, "new_out"),), self.mode)
 
     def task(self, k: int) -> "Layout":
         """Layout of the model as it stood after task k (groups 0..k)."""

@@ -46,6 +46,27 @@ def test_linear_wrong_feature_count():
     _names_all(str(err.value), "11", "(2, 3, 7)")
 
 
+def test_group_widths_are_whole_numbers():
+    """A width of 1.5 or True would be truncated to a layer nobody asked for; -1 is no width.
+    A refused expand() of a layer leaves it as it was."""
+    with pytest.raises(TypeError, match=r"in_groups widths \(\(7, 1\.5\)\) must be an int"):
+        xf.ExpandedLinear.from_linear(nn.Linear(7, 11), new_in=1.5, new_out=3)
+    with pytest.raises(TypeError, match=r"out_groups widths \(\(6, True\)\) must be an int"):
+        xf.ExpandedConv2d.from_conv(nn.Conv2d(5, 6, 3), new_in=0, new_out=True)
+    layer = _linear()
+    for new_in, new_out, error in ((-1, 2, ValueError), (2, 0.5, TypeError)):
+        with pytest.raises(error, match="new_in must be >= 0" if error is ValueError
+                           else "new_out must be an int"):
+            layer.expand(new_in, new_out)
+        assert layer.in_groups == (7, 4) and layer.out_groups == (11, 3)
+    bn = xf.ExpandedBatchNorm2d.from_bn(nn.BatchNorm2d(4), 2)
+    with pytest.raises(ValueError, match=r"new must be >= 0, got -1"):
+        bn.expand(-1)
+    assert bn.groups == (4, 2) and bn.running_mean_frozen.shape == (4,)
+    with pytest.raises(TypeError, match=r"groups widths \(\(4, 2\.0\)\) must be an int"):
+        xf.ExpandedBatchNorm1d((4, 2.0))
+
+
 def test_linear_mixed_dtypes():
     layer = _linear()
     with pytest.raises(TypeError) as err:

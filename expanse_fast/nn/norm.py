@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layout import check_groups, width
 from .blocks import _frozen
 from .input_grad import skips_old_input_grad
 
@@ -35,9 +36,7 @@ class _ExpandedBatchNorm(nn.Module):
                  affine: bool = True, track_running_stats: bool = True, device=None,
                  dtype=None):
         super().__init__()
-        groups = tuple(int(g) for g in groups)
-        if not groups or any(g < 0 for g in groups):
-            raise ValueError(f"groups must be a non-empty tuple of widths >= 0, got {groups}")
+        groups = check_groups("groups", groups)
         if not track_running_stats:
             raise ValueError("an expanded BatchNorm needs track_running_stats=True: the frozen "
                              "channels must keep their pretrained statistics")
@@ -102,13 +101,14 @@ class _ExpandedBatchNorm(nn.Module):
 
     def expand(self, new: int) -> "_ExpandedBatchNorm":
         """Freeze the newest channels (statistics and affine) and add ``new`` channels."""
+        new = width(new, "new")  # before anything changes
         d = lambda name: torch.cat([getattr(self, name + "_frozen").detach(),  # noqa: E731
                                     getattr(self, name + "_new").detach()])
         weight = d("weight") if self.affine else None
         bias = d("bias") if self.affine else None
         kw = {"device": self.running_mean_new.device, "dtype": self.running_mean_new.dtype}
         self._set_frozen(d("running_mean"), d("running_var"), weight, bias)
-        self.groups = self.groups + (int(new),)
+        self.groups = self.groups + (new,)
         self._set_new(int(new), kw)
         return self
 

@@ -89,7 +89,9 @@ def _frozen_affine_into(out: Tensor, x: Tensor, w: Tensor, b: Maybe) -> Tensor:
     """``_affine_into`` for a frozen block, with the bits of ``F.linear`` on contiguous
     ``x`` and ``w`` into a fresh tensor (what the pretrained layer computed)."""
     if ((x.is_contiguous() and w.is_contiguous() and out.is_contiguous())
-            or x.device.type != "cpu" or not x.shape[1]):
+            or x.device.type != "cpu" or not x.shape[1] or torch.jit.is_tracing()):
+        # (a check while torch.jit.trace records would be recorded, and its bit view of
+        # the floats trips TorchScript's alias analysis)
         return _affine_into(out, x, w, b)
     key = (x.shape, x.stride(), w.shape, w.stride(), out.stride(), x.dtype,
            x.data_ptr() % 64, w.data_ptr() % 64, out.data_ptr() % 64, b is None,
@@ -284,8 +286,8 @@ def _joint_rows(x: Tensor, w_old: Tensor, b_old: Maybe, w_new: Tensor, b_new: Ma
     """conv(x, [w_old; w_new]) whose first rows equal conv(x, w_old) bit for bit, or None
     when this shape is known not to keep them (the caller then convolves apart)."""
     if (x.device.type != "cpu" or (b_old is None) != (b_new is None) or x.shape[1] == 0
-            or w_old.shape[0] == 0 or w_new.shape[0] == 0):
-        return None
+            or w_old.shape[0] == 0 or w_new.shape[0] == 0 or torch.jit.is_tracing()):
+        return None  # (under torch.jit.trace: no check to record, convolve apart)
     key = (x.dtype, tuple(x.shape), tuple(x.stride()), tuple(w_old.shape), tuple(w_new.shape),
            str(stride), str(padding), str(dilation), groups, b_old is not None,
            torch.get_num_threads())

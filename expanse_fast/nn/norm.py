@@ -173,8 +173,9 @@ class _ExpandedBatchNorm(nn.Module):
         if self.training and x.shape[1] and x.numel() // x.shape[1] == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
                              f"size {tuple(x.shape)}")  # as F.batch_norm says
-        if torch.compiler.is_compiling():
-            # out of place for the compiler, which plans the memory itself
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            # out of place for the compiler, which plans the memory itself (and for
+            # torch.jit.trace, which cannot record a Function that writes into its input)
             old = x[:, :n_f].detach() if skips_old_input_grad(self) else x[:, :n_f]
             return torch.cat([old, self._new_channels(x[:, n_f:].contiguous())], dim=1)
         return _NewestInPlace.apply(x, self.weight_new, self.bias_new, self.running_mean_new,

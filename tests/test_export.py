@@ -1,0 +1,59 @@
+"""A widened model goes through the graph capturers users deploy with: ``torch.export`` and
+``torch.jit.trace`` record it (eval mode, the torch backend on CPU) and the recorded
+program computes what the model computes."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import expanse_fast as xf
+from tests.models import SmallResNet, authors_mlp
+
+MODELS = {
+    "mlp": (authors_mlp, (3, 784)),
+    "resnet": (lambda: SmallResNet(classes=5, width=6), (2, 1, 9, 9)),
+}
+
+
+def _widened(name):
+    torch.manual_seed(0)
+    make, shape = MODELS[name]
+    base = make().eval()
+    big = xf.expand(base, width=0.3, new_classes=2, backend="torch").eval()
+    return base, big, torch.randn(*shape)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_jit_trace_records_the_widened_model(name):
+    base, big, x = _widened(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarning; torch 2.13 deprecates jit.trace
+        traced = torch.jit.trace(big, x)  # its own check reruns the trace on x: must agree
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x2), big(x2), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(traced(x2)[:, :5], base(x2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torch_export_records_the_widened_model(name):
+    base, big, x = _widened(name)
+    program = torch.export.export(big, (x,))
+    x2 = torch.randn_like(x)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x2), big(x2), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(program.module()(x2)[:, :5], base(x2), rtol=1e-6,
+                                   atol=1e-6)
+
+
+def test_trace_of_a_plain_copy_needs_nothing_of_the_package():
+    """source_model gives plain modules back: its trace holds no expanse_fast op."""
+    base, big, x = _widened("resnet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarning; torch 2.13 deprecates jit.trace
+        traced = torch.jit.trace(xf.source_model(big, 0).eval(), x)
+    assert "expanse_fast" not in str(traced.graph)
+    assert isinstance(xf.source_model(big, 0).fc, nn.Linear)
+    with torch.no_grad():
+        assert torch.equal(traced(x), base(x))

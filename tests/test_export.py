@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import expanse_fast as xf
-from tests.models import SmallResNet, authors_mlp
+from models import SmallResNet, authors_mlp
 
 MODELS = {
     "mlp": (authors_mlp, (3, 784)),

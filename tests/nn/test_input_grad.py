@@ -10,7 +10,7 @@ from torch import nn
 
 import expanse_fast as xf
 from expanse_fast.nn.input_grad import InputGradWatch, skips_old_input_grad
-from tests.models import SmallResNet, authors_mlp
+from models import SmallResNet, authors_mlp
 
 CASES = {
     "mlp": (lambda: nn.Sequential(nn.Linear(23, 17), nn.ReLU(), nn.Linear(17, 13), nn.GELU(),

@@ -23,6 +23,7 @@ from torch import nn
 from .fuse import fuse_activations
 from .fold import fold_batchnorms
 from .graph import ExpansionError, swap_module as _swap, trace as _trace
+from .layout import width as _units
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.fused import FUSED_TYPES
 from .nn.input_grad import unwatch, watch
@@ -75,22 +76,13 @@ class _Feat:
 _DATA = _Feat(None, 0)
 
 
-def _count(value, what: str) -> int:
-    """A number of new units: an int >= 0 (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{what} must be >= 0, got {value}")
-    return int(value)
-
-
 def _new_width(width: Width, name: str, current: int) -> int:
     if isinstance(width, Mapping):
-        return _count(width.get(name, 0), f"width[{name!r}]")
+        return _units(width.get(name, 0), f"width[{name!r}]")
     if isinstance(width, bool):
         raise TypeError("width must be a float, an int or a {module_name: int} dict")
     if isinstance(width, numbers.Integral):
-        return _count(width, "width")
+        return _units(width, "width")
     if isinstance(width, float):
         if not (math.isfinite(width) and width >= 0):
             raise ValueError(f"width must be a finite fraction >= 0, got {width}")
@@ -388,7 +380,7 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if mode not in ("isolated", "coupled"):
         raise ValueError(f"mode must be 'isolated' or 'coupled', got {mode!r}")
-    new_classes = _count(new_classes, "new_classes")
+    new_classes = _units(new_classes, "new_classes")
     plan = _Plan(model, width, new_classes, head, mode)
     big = copy.deepcopy(model)
     layers = dict(big.named_modules())

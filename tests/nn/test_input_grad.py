@@ -128,3 +128,35 @@ def test_loaded_expansion_watches_its_input(tmp_path):
     loaded(x).sum().backward()
     xf.merge(big).eval()(x_plain).sum().backward()
     torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# on a GPU these are part of the GPU run's `-m gpu` set
+BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu] if DEVICE.type == "cuda" else [])
+            for b in ("torch", "triton", "cuda")
+            if xf.backend_choice.availability(b, DEVICE)[0]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_input_gradient_on_every_backend(name, backend):
+    """float32 on every usable backend against the float64 plain model of the same
+    weights."""
+    torch.manual_seed(3)
+    make, shape = CASES[name]
+    base = make().eval()
+    big = xf.expand(base, width=0.4, new_classes=3, backend=backend).to(DEVICE).eval()
+    with torch.no_grad():
+        for p in big.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    plain = xf.merge(big).double().eval()
+    if name == "resnet":
+        shape = (2, 1, 5, 5)  # the Triton interpreter takes seconds a convolution on CPU
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    big(x).square().sum().backward()
+    plain(x64).square().sum().backward()
+    ref = x64.grad
+    assert ref.abs().max() > 0
+    assert ((x.grad.double() - ref).abs().max() / ref.abs().max()).item() < 5e-3

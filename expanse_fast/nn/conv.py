@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
@@ -11,6 +12,9 @@ from ..layout import Layout
 from .blocks import ExpandedBlocks, init_new_rows
 from .input_grad import skips_old_input_grad
 from .norm import ExpandedBatchNorm2d
+
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's
 
 
 def _pair(v) -> Tuple[int, int]:
@@ -43,11 +47,18 @@ class ExpandedConv2d(ExpandedBlocks):
     # The ExpandedBatchNorm2d whose frozen channels this layer applies, or None.  Held as a
     # plain attribute, not a submodule: state dicts and module paths stay as they were.
     _folded_bn: Optional[nn.Module] = None
+    # How the border is padded; not "zeros": the input is padded first, as nn.Conv2d does,
+    # and every backend convolves it without padding.
+    padding_mode: str = "zeros"
 
     def __init__(self, in_groups: Sequence[int], out_groups: Sequence[int], kernel_size,
                  stride=1, padding=0, dilation=1, bias: bool = True, mode: str = "isolated",
-                 depthwise: bool = False, device=None, dtype=None):
+                 depthwise: bool = False, device=None, dtype=None, padding_mode: str = "zeros"):
         super().__init__()
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got "
+                             f"{padding_mode!r}")
+        self.padding_mode = padding_mode
         lay = Layout(tuple(in_groups), tuple(out_groups), mode)
         kh, kw = _pair(kernel_size)
         self.kernel_size = (kh, kw)
@@ -89,9 +100,6 @@ class ExpandedConv2d(ExpandedBlocks):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
-        if conv.padding_mode != "zeros":
-            raise ValueError(f"ExpandedConv2d supports padding_mode='zeros' only, got "
-                             f"{conv.padding_mode!r}")
         depthwise = conv.groups > 1
         if depthwise and conv.groups != conv.in_channels:
             raise ValueError(f"ExpandedConv2d supports groups=1 or depthwise (groups == "
@@ -101,7 +109,7 @@ class ExpandedConv2d(ExpandedBlocks):
         layer = cls((conv.in_channels, new_in), (conv.out_channels, new_out), conv.kernel_size,
                     conv.stride, _explicit_padding(conv), conv.dilation,
                     bias=conv.bias is not None, mode=mode, depthwise=depthwise,
-                    device=w.device, dtype=w.dtype)
+                    device=w.device, dtype=w.dtype, padding_mode=conv.padding_mode)
         with torch.no_grad():
             layer.weight_frozen.copy_(w)
             if conv.bias is not None:
@@ -195,10 +203,15 @@ class ExpandedConv2d(ExpandedBlocks):
                 f"ExpandedConv2d expected a 4-D (N, C, H, W) input with C = {self.in_channels} "
                 f"(channel groups {self.in_groups}), got shape {tuple(x.shape)}")
         lay = self.layout
+        padding = self.padding
+        if self.padding_mode != "zeros":  # what nn.Conv2d does: pad, then convolve unpadded
+            (ph, pw) = padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = (0, 0)
         return ops.expanded_conv2d(
             x, self.weight_frozen, self.bias_frozen, self.weight_new, self.bias_new,
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
-            frozen_k_ends=lay.frozen_k_ends, stride=self.stride, padding=self.padding,
+            frozen_k_ends=lay.frozen_k_ends, stride=self.stride, padding=padding,
             dilation=self.dilation, depthwise=self.depthwise,
             need_dx_old=not skips_old_input_grad(self), **self._bn_args(), backend=self.backend)
 
@@ -209,7 +222,7 @@ class ExpandedConv2d(ExpandedBlocks):
         conv = nn.Conv2d(lay.in_features, lay.out_features, self.kernel_size, self.stride,
                          self.padding, self.dilation,
                          groups=lay.in_features if self.depthwise else 1, bias=b is not None,
-                         device=w.device, dtype=w.dtype)
+                         padding_mode=self.padding_mode, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             conv.weight.copy_(w)
             if b is not None:
@@ -220,7 +233,9 @@ class ExpandedConv2d(ExpandedBlocks):
         return (f"in_groups={self.in_groups}, out_groups={self.out_groups}, "
                 f"kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, "
-                f"bias={self.bias_new is not None}, mode={self.mode!r}"
+                + (f"padding_mode={self.padding_mode!r}, " if self.padding_mode != "zeros"
+                   else "")
+                + f"bias={self.bias_new is not None}, mode={self.mode!r}"
                 + (f", depthwise, multiplier={self.depth_multiplier}" if self.depthwise else "")
                 + (", applies the frozen channels of the BatchNorm after it"
                    if self._folded_bn is not None else ""))

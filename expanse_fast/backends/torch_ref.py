@@ -80,8 +80,9 @@ def _same_bits(a: Tensor, b: Tensor) -> bool:
 # then takes another kernel than for the contiguous operands the pretrained layer had, and
 # the sum rounds differently in the last bit (seen on CPU at 2-3 rows).  The first call of
 # each such shape checks the block bit for bit against contiguous operands; a shape that
-# differs is computed from contiguous operands from then on.  (On a GPU the old outputs are not bit
-# for bit the pretrained ones anyway: the Triton and CUDA kernels sum in their own order.)
+# differs is computed from contiguous operands from then on.  (On a GPU the old outputs are
+# not bit for bit the pretrained ones anyway: the Triton and CUDA kernels sum in their own
+# order.)
 _STRIDED_EXACT: dict = {}  # shape key -> does the strided block keep the pretrained bits
 
 

@@ -199,7 +199,8 @@ def test_errors():
         two_step(_mlp(), None, (torch.randn(4, 7), torch.zeros(3, dtype=torch.long)),
                  epochs=(0, 1), progress=False)
     X = torch.randn(4, 7)
-    with pytest.raises(TypeError, match=r"full: y must hold integer class indices, got torch\.float32"):
+    with pytest.raises(TypeError,
+                       match=r"full: y must hold integer class indices, got torch\.float32"):
         two_step(_mlp(), None, (X, torch.tensor([0.0, 1.0, 2.0, 0.7])), epochs=(0, 1),
                  progress=False)
     with pytest.raises(ValueError, match=r"basics: y must hold class indices >= 0, got -1"):

@@ -59,19 +59,23 @@ def _model(seed):
     return r, base.eval(), shape
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_widened_model_is_its_plain_copy(seed):
-    r, base, shape = _model(seed)
+def _widened(r, base, backend):
     mode, fuse = r.choice(["isolated", "coupled"]), r.random() < 0.7
     big = base
     for _ in range(r.randint(1, 2)):
         big = xf.expand(big, width=r.choice([0.3, 1, 2, 0.0]), new_classes=r.randint(0, 3),
-                        mode=mode, fuse=fuse, backend="torch")
+                        mode=mode, fuse=fuse, backend=backend)
         with torch.no_grad():  # as after training: nothing is zero any more
             for p in big.parameters():
                 if p.requires_grad:
                     p.normal_(0, 0.5)
-    big.eval()
+    return big.eval(), mode
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_widened_model_is_its_plain_copy(seed):
+    r, base, shape = _model(seed)
+    big, mode = _widened(r, base, "torch")
     plain = xf.merge(big).eval()
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     x_plain = x.detach().clone().requires_grad_()
@@ -85,3 +89,29 @@ def test_widened_model_is_its_plain_copy(seed):
     if mode == "isolated":
         with torch.no_grad():
             assert torch.equal(xf.source_model(big, 0).eval()(x.detach()), base(x.detach()))
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# the kernels (Triton; on a GPU the CUDA extension too), in float32; on a GPU these carry
+# the gpu mark and run in benchmarks/gpu/run.sh.  Fewer seeds: on a CPU Triton interprets.
+KERNEL_CASES = [pytest.param(b, seed, marks=[pytest.mark.gpu] if DEVICE.type == "cuda" else [])
+                for b in ("triton", "cuda") if xf.backend_choice.availability(b, DEVICE)[0]
+                for seed in range(8)]
+
+
+@pytest.mark.parametrize("backend,seed", KERNEL_CASES)
+def test_kernels_widen_like_the_plain_copy(backend, seed):
+    r, base, shape = _model(seed)
+    big, _ = _widened(r, base, backend)
+    plain = xf.merge(big).eval()  # float64, every gradient formed
+    big = big.float().to(DEVICE)
+    x64 = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x = x64.detach().float().to(DEVICE).requires_grad_()
+    y, y64 = big(x), plain(x64)
+    dy = torch.randn_like(y64)
+    y.backward(dy.float().to(DEVICE))
+    y64.backward(dy)
+    tol = 1e-4 if DEVICE.type == "cpu" else 2e-2  # TF32 on the GPU
+    for got, want in ((y.detach(), y64.detach()), (x.grad, x64.grad)):
+        scale = want.abs().max().clamp_min(1e-6)
+        assert ((got.double().cpu() - want).abs().max() / scale).item() < tol

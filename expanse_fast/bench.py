@@ -887,10 +887,10 @@ def main(args) -> int:
         raise ValueError("--device cuda, but torch sees no CUDA GPU")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.filter and not any(args.filter in s.group for s in plan(args.size)):
-        groups = "; ".join(s.group for s in plan(args.size))
+    groups = [s.group for s in plan(args.size)]
+    if args.filter and not any(args.filter in g for g in groups):
         raise ValueError(f"--filter {args.filter!r} matches no group of --size {args.size} "
-                         f"(it is a substring of a group's name: {groups})")
+                         f"(it is a substring of a group's name: {'; '.join(groups)})")
     dtype = getattr(torch, args.dtype)
     say = None if args.quiet else (lambda g: print(f"[bench] {g}", file=sys.stderr,
                                                    flush=True))

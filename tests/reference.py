@@ -1,9 +1,13 @@
 """Float64 reference for every backend: the dense staircase matrix built from the blocks."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from expanse_fast.layout import Layout
+
+# The device the backend-sweeping tests run on: the GPU where there is one.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def random_blocks(lay: Layout, tail=(), dtype=torch.float32, bias=True, device="cpu"):
@@ -43,15 +47,25 @@ def rel_err(a, b) -> float:
     return err / denom if denom else err
 
 
+def usable_backends(device: torch.device, names=("torch", "triton", "cuda")):
+    """The backends of ``names`` usable on ``device``."""
+    from expanse_fast import backend_choice
+    return [b for b in names if backend_choice.availability(b, device)[0]]
+
+
+def on_device(cases, device: torch.device = DEVICE):
+    """pytest params of ``cases`` (values or tuples), gpu-marked on a GPU: there they are part
+    of the GPU run's `-m gpu` set."""
+    marks = [pytest.mark.gpu] if device.type == "cuda" else []
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), marks=marks) for c in cases]
+
+
 def backend_dtype_cases(device: torch.device):
     """(backend, dtype) for every usable backend on ``device`` and the dtypes it is checked
     in: all three on a GPU; on CPU no bfloat16 for Triton (the interpreter's bf16 dot is
     wrong, so bf16 is checked on the GPU)."""
-    from expanse_fast import backend_choice
     cases = []
-    for backend in ("torch", "triton", "cuda"):
-        if not backend_choice.availability(backend, device)[0]:
-            continue
+    for backend in usable_backends(device):
         dtypes = [torch.float32, torch.float16, torch.bfloat16]
         if device.type != "cuda" and backend == "triton":
             dtypes.remove(torch.bfloat16)

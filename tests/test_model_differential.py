@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import expanse_fast as xf
+from reference import DEVICE, on_device, usable_backends
 
 SEEDS = range(60)
 
@@ -91,12 +92,10 @@ def test_widened_model_is_its_plain_copy(seed):
             assert torch.equal(xf.source_model(big, 0).eval()(x.detach()), base(x.detach()))
 
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # the kernels (Triton; on a GPU the CUDA extension too), in float32; on a GPU these carry
 # the gpu mark and run in benchmarks/gpu/run.sh.  Fewer seeds: on a CPU Triton interprets.
-KERNEL_CASES = [pytest.param(b, seed, marks=[pytest.mark.gpu] if DEVICE.type == "cuda" else [])
-                for b in ("triton", "cuda") if xf.backend_choice.availability(b, DEVICE)[0]
-                for seed in range(8)]
+KERNEL_CASES = on_device([(b, seed) for b in usable_backends(DEVICE, ("triton", "cuda"))
+                          for seed in range(8)])
 
 
 @pytest.mark.parametrize("backend,seed", KERNEL_CASES)

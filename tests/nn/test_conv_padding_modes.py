@@ -9,6 +9,7 @@ from torch import nn
 
 import expanse_fast as xf
 from expanse_fast.nn.conv import PADDING_MODES
+from reference import DEVICE, on_device, usable_backends
 
 MODES = [m for m in PADDING_MODES if m != "zeros"]
 SHAPES = [  # (cin, cout, new_in, new_out, kernel, stride, padding, dilation, depthwise)
@@ -83,13 +84,7 @@ def test_depthwise_reflect_matches_the_functional_form():
         torch.testing.assert_close(layer(x), by_hand, rtol=1e-6, atol=1e-6)
 
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu] if DEVICE.type == "cuda" else [])
-            for b in ("torch", "triton", "cuda")
-            if xf.backend_choice.availability(b, DEVICE)[0]]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", on_device(usable_backends(DEVICE)))
 def test_every_backend_pads_like_the_plain_conv(backend):
     torch.manual_seed(3)
     conv, layer = _conv(5, 7, 3, 2, 3, 2, 1, 1, False, "replicate")

@@ -11,6 +11,7 @@ from torch import nn
 import expanse_fast as xf
 from expanse_fast.nn.input_grad import InputGradWatch, skips_old_input_grad
 from models import SmallResNet, authors_mlp
+from reference import DEVICE, on_device, usable_backends
 
 CASES = {
     "mlp": (lambda: nn.Sequential(nn.Linear(23, 17), nn.ReLU(), nn.Linear(17, 13), nn.GELU(),
@@ -37,7 +38,7 @@ def _watches(model):
 
 
 def _layers(model):
-    return [m for m in model.modules() if hasattr(m, "skip_old_input_grad")]
+    return list(xf.expanded_layers(model).values())
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -130,14 +131,7 @@ def test_loaded_expansion_watches_its_input(tmp_path):
     torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
 
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-# on a GPU these are part of the GPU run's `-m gpu` set
-BACKENDS = [pytest.param(b, marks=[pytest.mark.gpu] if DEVICE.type == "cuda" else [])
-            for b in ("torch", "triton", "cuda")
-            if xf.backend_choice.availability(b, DEVICE)[0]]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", on_device(usable_backends(DEVICE)))
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
 def test_input_gradient_on_every_backend(name, backend):
     """float32 on every usable backend against the float64 plain model of the same

@@ -1,7 +1,12 @@
-"""Small models the tests widen: the authors' MLP and a ResNet-style CNN."""
+"""Small models the tests widen: the authors' MLP, a ResNet-style CNN, and random MLPs and
+CNNs drawn from a seed."""
+import random
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import expanse_fast as xf
 
 
 def authors_mlp() -> nn.Sequential:
@@ -53,3 +58,62 @@ def pretrained(model: nn.Module, x: torch.Tensor, steps: int = 5) -> nn.Module:
         model(x).square().mean().backward()
         opt.step()
     return model.eval()
+
+
+def _mlp(r: random.Random):
+    widths = [r.randint(1, 9) for _ in range(r.randint(2, 4))]
+    acts = [nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, lambda: nn.Dropout(0.0)]
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers.append(nn.Linear(a, b, bias=r.random() < 0.8))
+        if r.random() < 0.3:
+            layers.append(nn.BatchNorm1d(b))
+        layers.append(r.choice(acts)())
+    layers.append(nn.Linear(widths[-1], r.randint(1, 5)))
+    return nn.Sequential(*layers), (r.randint(2, 7), widths[0])
+
+
+class _CNN(nn.Module):
+    def __init__(self, r: random.Random):
+        super().__init__()
+        c = r.randint(1, 6)
+        self.stem = nn.Conv2d(2, c, 3, padding=1, bias=r.random() < 0.5)
+        self.bn = nn.BatchNorm2d(c)
+        self.body = nn.Conv2d(c, c, 3, padding=1, groups=c if r.random() < 0.3 else 1,
+                              padding_mode=r.choice(["zeros", "reflect"]))
+        self.down = nn.Conv2d(c, 2 * c, r.choice([1, 3]), stride=2, bias=False)
+        self.fc = nn.Linear(2 * c, r.randint(1, 4))
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.stem(x)))
+        h = F.relu(self.body(h) + h)
+        return self.fc(F.adaptive_avg_pool2d(self.down(h), 1).flatten(1))
+
+
+def random_model(seed: int):
+    """(random.Random, an MLP or CNN in float64 eval mode, its input shape), from ``seed``."""
+    r = random.Random(seed)
+    torch.manual_seed(seed)
+    if r.random() < 0.5:
+        base, shape = _mlp(r)
+    else:
+        base, shape = _CNN(r), (r.randint(2, 4), 2, r.randint(3, 7), r.randint(3, 7))
+    base = base.double()
+    with torch.no_grad():  # BatchNorm statistics that are not the defaults
+        base.train()(torch.randn(*shape, dtype=torch.float64))
+    return r, base.eval(), shape
+
+
+def widen_at_random(r: random.Random, base: nn.Module, backend: str):
+    """``base`` widened once or twice, isolated or coupled, fused or not, its trainable
+    tensors random (as after training); -> (model in eval mode, mode)."""
+    mode, fuse = r.choice(["isolated", "coupled"]), r.random() < 0.7
+    big = base
+    for _ in range(r.randint(1, 2)):
+        big = xf.expand(big, width=r.choice([0.3, 1, 2, 0.0]), new_classes=r.randint(0, 3),
+                        mode=mode, fuse=fuse, backend=backend)
+        with torch.no_grad():  # as after training: nothing is zero any more
+            for p in big.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.5)
+    return big.eval(), mode

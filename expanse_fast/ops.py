@@ -13,7 +13,9 @@ statistics and affine, length O_f, all frozen): those channels come out as
 derivative ``bn_scale`` and applies it to the frozen columns of dy only where it reads them.
 
 Public functional forms: :func:`expanded_linear` and :func:`expanded_conv2d` (they check
-their arguments, then call the custom ops ``torch.ops.expanse_fast.*``).
+their arguments, then call the custom ops ``torch.ops.expanse_fast.*``).  Under a
+``torch.func`` transform they compute the composite of ``composite.py`` instead, and a
+batched backward (``is_grads_batched``) takes its gradients from there too.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import backend_choice
+from . import backend_choice, composite
 from .backends import torch_ref
 from .backends.torch_ref import (ACTIVATIONS, SMOOTH_ACTIVATIONS, conv_memory_format,
                                  reads_frozen_dy)
@@ -130,6 +132,11 @@ def _linear_autograd_backward(ctx, dy, _dpre=None):
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
     if dy is None or not (need_x or need_w or need_b or need_c):
         return (None,) * 12
+    if composite.batched_backward(dy):  # see composite.py
+        dz = _activation_grad_all(dy, saved, w_frozen.shape[0], ctx.activation)
+        dx, dw, db, dc = composite.linear_vjp(dz, x, w_frozen, w_new, w_couple, *ctx.groups)
+        return (dx if need_x else None, None, None, dw if need_w else None,
+                db if need_b else None, dc if need_c else None) + (None,) * 6
     backward = _linear_backward_impl if getattr(ctx, "eager", False) else _linear_backward
     dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
                               need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
@@ -139,6 +146,24 @@ def _linear_autograd_backward(ctx, dy, _dpre=None):
 
 
 _linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
+
+
+def _activation_grad_all(dy: Tensor, saved: Optional[Tensor], o_f: int, activation: str):
+    """dy through a fused activation's gradient, out of place; the frozen columns are zeros
+    where the forward kept no pre-activation for them (then nothing reads them)."""
+    if not activation:
+        return dy
+    o = dy.shape[1]
+    # split, not dy[:, o_f:]: a slice of every column is an alias, which torch's older vmap
+    # (is_grads_batched) has no rule for
+    dy_old, dy_new = dy.split([o_f, o - o_f], dim=1)
+    dz_new = torch_ref.activation_grad(activation, dy_new,
+                                       torch_ref.saved_columns(saved, o, o_f, o))
+    if saved.shape[1] < o:
+        return torch.cat([dy.new_zeros((dy.shape[0], o_f)), dz_new], dim=1)
+    dz_old = torch_ref.activation_grad(activation, dy_old,
+                                       torch_ref.saved_columns(saved, o, 0, o_f))
+    return torch.cat([dz_old, dz_new], dim=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,6 +264,16 @@ def _conv2d_autograd_backward(ctx, dy):
     if bn_var is not None and reads_frozen_dy(w_couple, need_x, need_dx_old, need_c):
         # only when the backward reads the frozen columns of dy
         bn_scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps)
+    if composite.batched_backward(dy):  # see composite.py
+        if bn_scale is not None:
+            o_f = w_frozen.shape[0]
+            dy_old, dy_new = dy.split([o_f, dy.shape[1] - o_f], dim=1)
+            dy = torch.cat([dy_old * bn_scale.to(dy.dtype).view(1, -1, 1, 1), dy_new], dim=1)
+        dx, dw, db, dc = composite.conv2d_vjp(dy, x, w_frozen, w_new, w_couple,
+                                              *ctx.static)
+        return (dx if need_x else None, None, None, dw if need_w else None,
+                db if need_b else None, dc if need_c else None) + (None,) * (
+                    _CONV2D_INPUTS - 6)
     backward = _conv2d_backward_impl if getattr(ctx, "eager", False) else _conv2d_backward
     dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
                               need_dx_old, need_w, need_b, need_c, bn_scale, ctx.backend)
@@ -317,6 +352,8 @@ def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Ten
         if t.device != x.device:
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
+    if composite.transforms_active():
+        return  # torch.func differentiates what it is given; the composite forms every gradient
     for name, t in named:
         if name.startswith(("w_frozen", "b_frozen", "bn_")) and t is not None and t.requires_grad:
             raise ValueError(f"{what}: {name} requires grad, but frozen tensors must not "
@@ -360,6 +397,9 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
                              ("b_new", b_new), ("w_couple", w_couple)])
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
+    if composite.transforms_active():  # torch.func: plain differentiable ops, any backend
+        return composite.linear(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                frozen_out_groups, frozen_k_ends, activation)
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), in_features)  # -1 would be ambiguous for 0 features
     if not x2.is_contiguous():
@@ -433,6 +473,11 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                              ("b_new", b_new), ("w_couple", w_couple)])
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
     _check_frozen_bn(what, x, w_frozen.shape[0], bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
+    if composite.transforms_active():  # torch.func: plain differentiable ops, any backend
+        frozen_bn = None if bn_mean is None else (bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
+        return composite.conv2d(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                frozen_out_groups, frozen_k_ends, _pair(stride), _pair(padding),
+                                _pair(dilation), bool(depthwise), frozen_bn)
     return _call(_conv2d, _Conv2dFunction, x, w_frozen, b_frozen, w_new, b_new, w_couple,
                  list(frozen_out_groups), list(frozen_k_ends), _pair(stride), _pair(padding),
                  _pair(dilation), bool(depthwise), bool(need_dx_old), bn_mean, bn_var,
@@ -467,7 +512,7 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
         if t.device != x.device:
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
-        if t.requires_grad:
+        if t.requires_grad and not composite.transforms_active():
             raise ValueError(f"{what}: {name} requires grad, but a folded BatchNorm's frozen "
                              "channels are fixed")
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import composite
 from ..layout import check_groups, width
 from .blocks import _frozen
 from .input_grad import skips_old_input_grad
@@ -125,6 +126,11 @@ class _ExpandedBatchNorm(nn.Module):
                 f"{type(self).__name__} expected a {'/'.join(map(str, self._expected_dims))}-D "
                 f"input with {self.num_features} channels (groups {self.groups}) in dim 1, "
                 f"got shape {tuple(x.shape)}")
+        if self.training and self.groups[-1] and composite.transforms_active():
+            raise RuntimeError(
+                f"{type(self).__name__} in training mode updates its running statistics in "
+                "place, which torch.func transforms (grad, vmap, jacrev, ...) refuse, as for "
+                "nn.BatchNorm: call model.eval() before the transform")
         if self.frozen_folded:
             return self._newest_only(x)
         n_f, n_new = self.running_mean_frozen.shape[0], self.groups[-1]
@@ -139,6 +145,9 @@ class _ExpandedBatchNorm(nn.Module):
         # Training: the newest channels' batch statistics (a contiguous copy of them runs
         # aten's fast kernels, forward and backward), then written over the eval-mode output.
         y_new = self._new_channels(x[:, n_f:].contiguous())
+        if composite.transforms_active():  # torch.func: no custom autograd (composite.py)
+            frozen = F.batch_norm(x[:, :n_f], *self.frozen_map()[:4], False, 0.0, self.eps)
+            return torch.cat([frozen, y_new], dim=1)
         return _FrozenThenNew.apply(x, y_new, *self._all_channels(keep_graph=False), self.eps,
                                     not skips_old_input_grad(self))
 
@@ -173,10 +182,13 @@ class _ExpandedBatchNorm(nn.Module):
         if self.training and x.shape[1] and x.numel() // x.shape[1] == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
                              f"size {tuple(x.shape)}")  # as F.batch_norm says
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if (torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or composite.transforms_active()):
             # out of place for the compiler, which plans the memory itself (and for
-            # torch.jit.trace, which cannot record a Function that writes into its input)
-            old = x[:, :n_f].detach() if skips_old_input_grad(self) else x[:, :n_f]
+            # torch.jit.trace, which cannot record a Function that writes into its input,
+            # and for torch.func, which runs no custom autograd)
+            skip = skips_old_input_grad(self) and not composite.transforms_active()
+            old = x[:, :n_f].detach() if skip else x[:, :n_f]
             return torch.cat([old, self._new_channels(x[:, n_f:].contiguous())], dim=1)
         return _NewestInPlace.apply(x, self.weight_new, self.bias_new, self.running_mean_new,
                                     self.running_var_new, self.training, self._momentum(),

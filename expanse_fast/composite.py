@@ -109,36 +109,49 @@ def conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: M
     return torch.cat([frozen, y[:, o_f:]], dim=1)
 
 
-# ---- backward under vmap -------------------------------------------------------------------
-# A batched backward (torch.autograd.grad(..., is_grads_batched=True), behind
-# torch.autograd.functional.jacobian(vectorize=True) and hessian) runs the eager layers'
-# backward under vmap, where the backends' out= GEMMs have no batching rule.  The gradients
-# then come from torch.func.vjp of the composite forward above (without the activation,
-# whose gradient the caller applies first).
-def _pullback(forward, dz: Tensor, x: Tensor, w_new: Tensor, w_couple: Maybe):
-    """(dx, dw_new, db_new, dcouple) of ``forward(x, w_new, b_new, w_couple)`` at dz."""
-    b_new = w_new.new_zeros(w_new.shape[0])  # a bias's value does not enter any gradient
-    if w_couple is None:
-        _, pull = torch.func.vjp(lambda x, w, b: forward(x, w, b, None), x, w_new, b_new)
-        return pull(dz) + (None,)
-    _, pull = torch.func.vjp(forward, x, w_new, b_new, w_couple)
-    return pull(dz)
+# ---- backward, batched or differentiable ----------------------------------------------------
+# Two backwards the kernels cannot give: a batched one (torch.autograd.grad(...,
+# is_grads_batched=True), behind torch.autograd.functional.jacobian(vectorize=True), runs
+# the eager layers' backward under torch's older vmap, where the backends' out= GEMMs have no
+# batching rule), and a differentiable one (create_graph=True, for a gradient penalty, a
+# second-order meta-gradient, a Hessian-vector product).  Both take torch.func.vjp of the
+# composite forward above, which is made of differentiable, batchable ops.
+def _pullback(forward, dy: Tensor, x: Tensor, w_new: Tensor, b_new: Maybe, w_couple: Maybe):
+    """(dx, dw_new, db_new, dcouple) of ``forward(x, w_new, b_new, w_couple)`` at dy; None
+    for an absent tensor."""
+    primals = [x, w_new, b_new, w_couple]
+    present = [i for i, t in enumerate(primals) if t is not None]
+
+    def of_present(*tensors):
+        args = list(primals)
+        for i, t in zip(present, tensors):
+            args[i] = t
+        return forward(*args)
+
+    _, pull = torch.func.vjp(of_present, *(primals[i] for i in present))
+    grads = [None] * len(primals)
+    for i, g in zip(present, pull(dy)):
+        grads[i] = g
+    return tuple(grads)
 
 
-def linear_vjp(dz: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
-               frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int]):
-    """(dx, dw_new, db_new, dcouple) of the expanded linear (no activation) at dz."""
+def linear_vjp(dy: Tensor, x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor,
+               b_new: Maybe, w_couple: Maybe, frozen_out_groups: Sequence[int],
+               frozen_k_ends: Sequence[int], activation: str = ""):
+    """(dx, dw_new, db_new, dcouple) of the expanded linear, its activation included."""
     def forward(x, w_new, b_new, w_couple):
-        return linear(x, w_frozen, None, w_new, b_new, w_couple, frozen_out_groups,
-                      frozen_k_ends)
-    return _pullback(forward, dz, x, w_new, w_couple)
+        return linear(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
+                      frozen_k_ends, activation)
+    return _pullback(forward, dy, x, w_new, b_new, w_couple)
 
 
-def conv2d_vjp(dz: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
-               frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], stride,
-               padding, dilation, depthwise: bool):
-    """(dx, dw_new, db_new, dcouple) of the expanded conv2d (no folded BatchNorm) at dz."""
+def conv2d_vjp(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, with_bias: bool,
+               w_couple: Maybe, frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+               stride, padding, dilation, depthwise: bool):
+    """(dx, dw_new, db_new, dcouple) of the expanded conv2d (no folded BatchNorm: the caller
+    scales dy's frozen channels); ``with_bias``: whether to form db_new."""
     def forward(x, w_new, b_new, w_couple):
         return conv2d(x, w_frozen, None, w_new, b_new, w_couple, frozen_out_groups,
                       frozen_k_ends, stride, padding, dilation, depthwise)
-    return _pullback(forward, dz, x, w_new, w_couple)
+    b_new = w_new.new_zeros(w_new.shape[0]) if with_bias else None  # its value enters no
+    return _pullback(forward, dy, x, w_new, b_new, w_couple)       # gradient

@@ -15,7 +15,8 @@ derivative ``bn_scale`` and applies it to the frozen columns of dy only where it
 Public functional forms: :func:`expanded_linear` and :func:`expanded_conv2d` (they check
 their arguments, then call the custom ops ``torch.ops.expanse_fast.*``).  Under a
 ``torch.func`` transform they compute the composite of ``composite.py`` instead, and a
-batched backward (``is_grads_batched``) takes its gradients from there too.
+batched backward (``is_grads_batched``) or a differentiable one (``create_graph=True``)
+takes its gradients from there too.
 """
 from __future__ import annotations
 
@@ -111,13 +112,16 @@ def _(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, need_d
 
 
 def _linear_setup_context(ctx, inputs, output):
-    x, w_frozen, _, w_new, _, w_couple, frozen_out_groups, frozen_k_ends, need_dx_old = inputs[:9]
+    (x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
+     need_dx_old) = inputs[:9]
     activation = inputs[9] if len(inputs) > 9 else ""
     y, pre = output
     # A fused activation's backward reads the output (ReLU's mask, as nn.ReLU saves it) or
     # the pre-activation (GELU, SiLU: only the columns that backward reads were kept).
     saved = None if not activation else (pre if activation in SMOOTH_ACTIVATIONS else y)
-    ctx.save_for_backward(x, w_frozen, w_new, w_couple, saved)
+    # (the biases only for a differentiable or batched backward, which recomputes the
+    # activation's input: saving a parameter costs no memory)
+    ctx.save_for_backward(x, w_frozen, w_new, w_couple, saved, b_frozen, b_new)
     ctx.mark_non_differentiable(pre)
     ctx.set_materialize_grads(False)  # no zeros are made for pre's (absent) gradient
     ctx.groups = (list(frozen_out_groups), list(frozen_k_ends))
@@ -128,13 +132,14 @@ def _linear_setup_context(ctx, inputs, output):
 
 
 def _linear_autograd_backward(ctx, dy, _dpre=None):
-    x, w_frozen, w_new, w_couple, saved = ctx.saved_tensors
+    x, w_frozen, w_new, w_couple, saved, b_frozen, b_new = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
     if dy is None or not (need_x or need_w or need_b or need_c):
         return (None,) * 12
-    if composite.batched_backward(dy):  # see composite.py
-        dz = _activation_grad_all(dy, saved, w_frozen.shape[0], ctx.activation)
-        dx, dw, db, dc = composite.linear_vjp(dz, x, w_frozen, w_new, w_couple, *ctx.groups)
+    if torch.is_grad_enabled() or composite.batched_backward(dy):
+        # create_graph=True or batched gradients: the composite's vjp (composite.py)
+        dx, dw, db, dc = composite.linear_vjp(dy, x, w_frozen, b_frozen, w_new, b_new,
+                                              w_couple, *ctx.groups, ctx.activation)
         return (dx if need_x else None, None, None, dw if need_w else None,
                 db if need_b else None, dc if need_c else None) + (None,) * 6
     backward = _linear_backward_impl if getattr(ctx, "eager", False) else _linear_backward
@@ -146,24 +151,6 @@ def _linear_autograd_backward(ctx, dy, _dpre=None):
 
 
 _linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
-
-
-def _activation_grad_all(dy: Tensor, saved: Optional[Tensor], o_f: int, activation: str):
-    """dy through a fused activation's gradient, out of place; the frozen columns are zeros
-    where the forward kept no pre-activation for them (then nothing reads them)."""
-    if not activation:
-        return dy
-    o = dy.shape[1]
-    # split, not dy[:, o_f:]: a slice of every column is an alias, which torch's older vmap
-    # (is_grads_batched) has no rule for
-    dy_old, dy_new = dy.split([o_f, o - o_f], dim=1)
-    dz_new = torch_ref.activation_grad(activation, dy_new,
-                                       torch_ref.saved_columns(saved, o, o_f, o))
-    if saved.shape[1] < o:
-        return torch.cat([dy.new_zeros((dy.shape[0], o_f)), dz_new], dim=1)
-    dz_old = torch_ref.activation_grad(activation, dy_old,
-                                       torch_ref.saved_columns(saved, o, 0, o_f))
-    return torch.cat([dz_old, dz_new], dim=1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,20 +247,22 @@ def _conv2d_autograd_backward(ctx, dy):
     if not (need_x or need_w or need_b or need_c):
         return (None,) * _CONV2D_INPUTS
     need_dx_old = need_x and ctx.need_dx_old
-    bn_scale = None
-    if bn_var is not None and reads_frozen_dy(w_couple, need_x, need_dx_old, need_c):
-        # only when the backward reads the frozen columns of dy
-        bn_scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps)
-    if composite.batched_backward(dy):  # see composite.py
-        if bn_scale is not None:
+    if torch.is_grad_enabled() or composite.batched_backward(dy):
+        # create_graph=True or batched gradients: the composite's vjp (composite.py)
+        if bn_var is not None:  # the folded BatchNorm's derivative on the frozen channels
             o_f = w_frozen.shape[0]
+            scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps).to(dy.dtype)
             dy_old, dy_new = dy.split([o_f, dy.shape[1] - o_f], dim=1)
-            dy = torch.cat([dy_old * bn_scale.to(dy.dtype).view(1, -1, 1, 1), dy_new], dim=1)
-        dx, dw, db, dc = composite.conv2d_vjp(dy, x, w_frozen, w_new, w_couple,
+            dy = torch.cat([dy_old * scale.view(1, -1, 1, 1), dy_new], dim=1)
+        dx, dw, db, dc = composite.conv2d_vjp(dy, x, w_frozen, w_new, need_b, w_couple,
                                               *ctx.static)
         return (dx if need_x else None, None, None, dw if need_w else None,
                 db if need_b else None, dc if need_c else None) + (None,) * (
                     _CONV2D_INPUTS - 6)
+    bn_scale = None
+    if bn_var is not None and reads_frozen_dy(w_couple, need_x, need_dx_old, need_c):
+        # only when the backward reads the frozen columns of dy
+        bn_scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps)
     backward = _conv2d_backward_impl if getattr(ctx, "eager", False) else _conv2d_backward
     dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
                               need_dx_old, need_w, need_b, need_c, bn_scale, ctx.backend)
@@ -302,13 +291,9 @@ def _eager_function(name: str, impl, setup_context, backward) -> type:
         ctx.eager = True  # backward calls the implementation, not the custom op
         return out
 
-    # once_differentiable: a first backward with create_graph=True works; differentiating
-    # its result again raises a clear error, as the custom ops' backward does (it has no
-    # autograd formula of its own)
+    # (with create_graph=True the backward runs with grad mode on and is differentiable)
     return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward),
-                 "backward": staticmethod(torch.autograd.function.once_differentiable(
-                     lambda ctx, *grads: backward(ctx, *grads)))})
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
 _LinearFunction = _eager_function("_LinearFunction", _linear_impl, _linear_setup_context,

@@ -246,8 +246,13 @@ class _FrozenThenNew(torch.autograd.Function):
         dx = dy_new = None
         if ctx.needs_input_grad[0] and ctx.old_grad:
             shape = (1, n_f) + (1,) * (dy.dim() - 2)
-            dx = torch.zeros_like(dy)
-            torch.mul(dy[:, :n_f], ctx.scale.view(shape), out=dx[:, :n_f])
+            if torch.is_grad_enabled():  # create_graph=True: out of place, differentiable
+                dy_old, dy_new_part = dy.split([n_f, dy.shape[1] - n_f], dim=1)
+                dx = torch.cat([dy_old * ctx.scale.view(shape),
+                                torch.zeros_like(dy_new_part)], dim=1)
+            else:
+                dx = torch.zeros_like(dy)
+                torch.mul(dy[:, :n_f], ctx.scale.view(shape), out=dx[:, :n_f])
         if ctx.needs_input_grad[1]:
             dy_new = dy[:, n_f:].contiguous()
         return dx, dy_new, None, None, None, None, None, None
@@ -276,8 +281,14 @@ class _NewestInPlace(torch.autograd.Function):
         return x
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            # create_graph=True: the newest channels' input was copied inside forward, out of
+            # the graph, so the second derivatives that run through it would be missing
+            raise RuntimeError(
+                "a second derivative (create_graph=True) through an ExpandedBatchNorm folded "
+                "into the conv before it is not supported: widen with "
+                "xf.expand(..., fuse=False), or call unfold_batchnorm() on that conv")
         x_new, weight, save_mean, save_invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         n_f = ctx.n_f

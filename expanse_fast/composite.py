@@ -1,14 +1,16 @@
-"""The expanded ops as plain differentiable PyTorch ops, for ``torch.func`` transforms.
+"""The expanded ops as plain differentiable PyTorch ops, for ``torch.func`` transforms,
+forward-mode AD and second derivatives.
 
 ``torch.func.grad``, ``vmap``, ``jacrev``, ``jvp`` and ``functional_call``-based per-sample
 gradients cannot run through custom autograd: the eager ``autograd.Function`` would need a
 vmap rule and a forward-mode formula, and the ``torch.library`` ops' generated Function has
 no ``setup_context`` (torch <= 2.13 refuses it under any transform, pytorch/pytorch#168393).
-So while a transform is active the layers compute the same staircase from slices,
-``F.linear`` / ``F.conv2d`` and ``torch.cat``, and torch.func differentiates that.  The
-outputs are the same math as every backend's; the gradients are exact for whatever the
-transform differentiates (nothing is skipped: inside a transform, torch.func decides what
-is differentiated, not ``requires_grad``).  Outside a transform nothing here runs.
+So while a transform or a forward-mode AD level is active (:func:`needed`) the layers
+compute the same staircase from slices, ``F.linear`` / ``F.conv2d`` and ``torch.cat``, and
+autograd differentiates that.  The outputs are the same math as every backend's; the
+gradients are exact for whatever the transform differentiates (nothing is skipped: inside
+a transform, torch.func decides what is differentiated, not ``requires_grad``).  Otherwise
+only the two backwards at the end of this file run here.
 """
 from __future__ import annotations
 
@@ -28,6 +30,13 @@ _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambd
 def transforms_active() -> bool:
     """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running this call."""
     return bool(_transforms_active())
+
+
+def needed() -> bool:
+    """Whether this call must run the composite: under a torch.func transform, or inside
+    ``torch.autograd.forward_ad.dual_level()`` (dual tensors need a forward-mode formula,
+    which the composite's ops have)."""
+    return transforms_active() or torch.autograd.forward_ad._current_level >= 0
 
 
 _is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", lambda t: False)

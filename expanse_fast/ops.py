@@ -337,7 +337,7 @@ def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Ten
         if t.device != x.device:
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
-    if composite.transforms_active():
+    if composite.needed():
         return  # torch.func differentiates what it is given; the composite forms every gradient
     for name, t in named:
         if name.startswith(("w_frozen", "b_frozen", "bn_")) and t is not None and t.requires_grad:
@@ -382,7 +382,7 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
                              ("b_new", b_new), ("w_couple", w_couple)])
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
-    if composite.transforms_active():  # torch.func: plain differentiable ops, any backend
+    if composite.needed():  # torch.func, dual tensors: plain differentiable ops, any backend
         return composite.linear(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                 frozen_out_groups, frozen_k_ends, activation)
     lead = x.shape[:-1]
@@ -458,7 +458,7 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                              ("b_new", b_new), ("w_couple", w_couple)])
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
     _check_frozen_bn(what, x, w_frozen.shape[0], bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
-    if composite.transforms_active():  # torch.func: plain differentiable ops, any backend
+    if composite.needed():  # torch.func, dual tensors: plain differentiable ops, any backend
         frozen_bn = None if bn_mean is None else (bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
         return composite.conv2d(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                 frozen_out_groups, frozen_k_ends, _pair(stride), _pair(padding),
@@ -497,7 +497,7 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
         if t.device != x.device:
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
-        if t.requires_grad and not composite.transforms_active():
+        if t.requires_grad and not composite.needed():
             raise ValueError(f"{what}: {name} requires grad, but a folded BatchNorm's frozen "
                              "channels are fixed")
 

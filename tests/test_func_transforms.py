@@ -1,8 +1,8 @@
 """torch.func transforms over widened models: per-sample gradients (vmap over grad), input
 Jacobians (jacrev, and jacobian(vectorize=True) over the eager layers), Hessians, forward
-mode (jvp) and vmap itself.  Inside a transform the layers run
-the composite ops (expanse_fast/composite.py); each result is held to what the eager
-kernels or the plain copy (``merge``) give, in float64."""
+mode (jvp, and dual tensors outside torch.func) and vmap itself.  Inside a transform the
+layers run the composite ops (expanse_fast/composite.py); each result is held to what the
+eager kernels or the plain copy (``merge``) give, in float64."""
 import pytest
 import torch
 from torch import nn
@@ -211,3 +211,18 @@ def test_each_backend_under_transforms(backend, seed):
     for got in (torch.autograd.functional.jacobian(big, x, vectorize=True), jacrev(big)(x)):
         scale = want.abs().max().clamp_min(1e-6)
         assert ((got.double().cpu() - want).abs().max() / scale).item() < tol
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dual_tensors_are_the_plain_copys(seed):
+    # forward-mode AD outside torch.func: torch.autograd.forward_ad's dual tensors
+    import torch.autograd.forward_ad as fwAD
+    r, base, shape = random_model(seed)
+    big, _ = widen_at_random(r, base, "torch")
+    plain = xf.merge(big).eval()
+    x, v = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
+    tangents = []
+    for m in (big, plain):
+        with fwAD.dual_level():
+            tangents.append(fwAD.unpack_dual(m(fwAD.make_dual(x, v))).tangent)
+    torch.testing.assert_close(tangents[0], tangents[1], **TOL)

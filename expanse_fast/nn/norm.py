@@ -145,7 +145,7 @@ class _ExpandedBatchNorm(nn.Module):
         # Training: the newest channels' batch statistics (a contiguous copy of them runs
         # aten's fast kernels, forward and backward), then written over the eval-mode output.
         y_new = self._new_channels(x[:, n_f:].contiguous())
-        if composite.transforms_active():  # torch.func: no custom autograd (composite.py)
+        if composite.needed():  # torch.func, dual tensors: no custom autograd (composite.py)
             frozen = F.batch_norm(x[:, :n_f], *self.frozen_map()[:4], False, 0.0, self.eps)
             return torch.cat([frozen, y_new], dim=1)
         return _FrozenThenNew.apply(x, y_new, *self._all_channels(keep_graph=False), self.eps,
@@ -183,11 +183,11 @@ class _ExpandedBatchNorm(nn.Module):
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
                              f"size {tuple(x.shape)}")  # as F.batch_norm says
         if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or composite.transforms_active()):
+                or composite.needed()):
             # out of place for the compiler, which plans the memory itself (and for
             # torch.jit.trace, which cannot record a Function that writes into its input,
             # and for torch.func, which runs no custom autograd)
-            skip = skips_old_input_grad(self) and not composite.transforms_active()
+            skip = skips_old_input_grad(self) and not composite.needed()
             old = x[:, :n_f].detach() if skip else x[:, :n_f]
             return torch.cat([old, self._new_channels(x[:, n_f:].contiguous())], dim=1)
         return _NewestInPlace.apply(x, self.weight_new, self.bias_new, self.running_mean_new,

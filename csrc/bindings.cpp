@@ -160,7 +160,8 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& w_frozen_in,
   const std::optional<Tensor> b_new = checked_bias(b_new_in, s.new_out, x, op, "b_new");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t out = s.frozen_out + s.new_out;
-  TORCH_CHECK(activation >= 0 && activation <= static_cast<int64_t>(expanse_fast::Activation::kGelu),
+  const int64_t last_activation = static_cast<int64_t>(expanse_fast::Activation::kGelu);
+  TORCH_CHECK(activation >= 0 && activation <= last_activation,
               "expanse_fast_cuda::", op, ": unknown activation code ", activation);
   expanse_fast::LinearEpilogue epi;
   epi.activation = static_cast<expanse_fast::Activation>(activation);

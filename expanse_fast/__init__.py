@@ -12,8 +12,8 @@ from .expand import (ExpansionError, expand, expanded_layers, merge, print_train
 from .fold import fold_batchnorms
 from .fuse import fuse_activations
 from .layout import Layout
-from .nn import (ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear, FusedGELU,
-                 FusedReLU, FusedSiLU)
+from .nn import (ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear,
+                 FusedGELU, FusedReLU, FusedSiLU)
 
 __version__ = "0.1.0"
 

@@ -483,7 +483,7 @@ def test_opcheck_linear_backward_fused_relu(case, flags):
         assert torch.count_nonzero(fused[0][:, :w_f.shape[1]]) == 0
 
 
-# ---- GELU and SiLU: the forward keeps the pre-activation of the columns backward reads ------------
+# ---- GELU and SiLU: the forward keeps the pre-activation of the columns backward reads ---
 
 
 @pytest.mark.parametrize("activation", list(SMOOTH_ACTIVATIONS))
@@ -502,13 +502,14 @@ def test_opcheck_linear_fused_smooth(case, activation, columns):
     y, pre = OPS.linear(*args)
     w, b = _dense(lay, w_f, b_f, w_n, b_n, w_c)
     z_ref = F.linear(x.double(), w, b)
-    torch.testing.assert_close(y.double(), SMOOTH_ACTIVATIONS[activation](z_ref), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y.double(), SMOOTH_ACTIVATIONS[activation](z_ref), rtol=1e-5,
+                               atol=1e-5)
     torch.testing.assert_close(pre.double(), z_ref[:, lay.out_features - p:], rtol=1e-5,
                                atol=1e-5)
     assert not pre.requires_grad  # a saved intermediate, not a differentiable output
     if consistent:
-        _check_grads(y, SMOOTH_ACTIVATIONS[activation](z_ref), torch.randn_like(y), lay, x, w_n, b_n, w_c,
-                     need_dx_old)
+        _check_grads(y, SMOOTH_ACTIVATIONS[activation](z_ref), torch.randn_like(y), lay, x,
+                     w_n, b_n, w_c, need_dx_old)
     else:  # the frozen columns' pre-activation is needed but was not kept: a clear error
         with pytest.raises(RuntimeError, match="saved only columns"):
             y.sum().backward()

@@ -6,7 +6,8 @@
 #
 # Every stage runs under `timeout` with a share of one overall budget (EXPANSE_GPU_BUDGET_S,
 # default 330 s), records its exit status, and never stops the stages after it.  Files left
-# in $OUT: log.txt, results.json, results.md, junit_cuda.xml, junit.xml.  The summary table prints last.
+# in $OUT: log.txt, results.json, results.md, junit_cuda.xml, junit.xml.  The summary table
+# prints last.
 # A shorter second call, after a fix: EXPANSE_GPU_STAGES (default build,tests,bench; without
 # build the cuda backend stays off) and EXPANSE_GPU_SECTIONS (default every benchmark section:
 # ceilings,linear,conv,mlp,cnn), e.g. EXPANSE_GPU_STAGES=bench EXPANSE_GPU_SECTIONS=linear.

@@ -9,8 +9,8 @@ are registered here.  Depthwise convolutions stay on the torch backend.
 
 The functions mirror ``torch_ref`` exactly (see its docstring for the interface).  On an
 H100/H200 the fp16/bf16 linear and conv kernels multiply with wgmma (``linear_math`` says
-which path runs; ``EXPANSE_FAST_CUDA_WGMMA=0`` selects the portable WMMA kernels instead).  Importing
-this module never fails, nor builds anything: that happens in ``load()``, unless
+which path runs; ``EXPANSE_FAST_CUDA_WGMMA=0`` selects the portable WMMA kernels instead).
+Importing this module never fails, nor builds anything: that happens in ``load()``, unless
 ``EXPANSE_FAST_CUDA=0``, which keeps the backend unusable without building or loading it.
 """
 from __future__ import annotations

@@ -263,7 +263,8 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 def _conv(x: Tensor, w: Tensor, b: Maybe, stride, padding, dilation, groups: int = 1) -> Tensor:
     if w.shape[0] == 0 or w.shape[1] == 0 or x.shape[1] == 0:
         # aten refuses empty filters; an empty sum is zeros (plus the bias)
-        pair = lambda v: (int(v),) * 2 if isinstance(v, int) else tuple(int(a) for a in v)  # noqa: E731
+        def pair(v):
+            return (int(v),) * 2 if isinstance(v, int) else tuple(int(a) for a in v)
         (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
         ho = (x.shape[2] + 2 * ph - dh * (w.shape[2] - 1) - 1) // sh + 1
         wo = (x.shape[3] + 2 * pw - dw * (w.shape[3] - 1) - 1) // sw + 1

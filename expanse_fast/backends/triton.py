@@ -3,8 +3,9 @@
 Same functions and arguments as ``torch_ref`` (see its docstring).  Each op lives in its
 own kernel module (``expanse_fast.kernels.expanded_linear``, ...), imported under a guard so
 that importing this module never fails: ``availability`` says why when the kernels cannot
-run.  Each op's functions follow in their own section below.  On a machine without a GPU the kernels run under Triton's interpreter when
-``TRITON_INTERPRET=1`` was set before they were first imported.
+run.  Each op's functions follow in their own section below.  On a machine without a GPU
+the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` was set before they
+were first imported.
 """
 from __future__ import annotations
 

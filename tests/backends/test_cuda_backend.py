@@ -82,7 +82,8 @@ def rel_err(out, ref):
 
 def assert_matches(out, ref, dtype, what):
     assert out is not None, f"{what}: got None"
-    assert tuple(out.shape) == tuple(ref.shape), f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert tuple(out.shape) == tuple(ref.shape), \
+        f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert out.dtype == dtype, f"{what}: dtype {out.dtype} != {dtype}"
     if ref.numel() == 0:
         return

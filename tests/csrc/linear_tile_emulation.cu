@@ -201,7 +201,8 @@ struct Case {
   bool coupled, bias_frozen, bias_new;
   Activation act;
   int64_t pre_col0;  // -1: no pre-activation store
-  bool aligned = false;  // row strides a multiple of 16 bytes (else odd): whole tiles copy unchecked
+  // row strides a multiple of 16 bytes (else odd): whole tiles copy unchecked
+  bool aligned = false;
 };
 
 // torch's definitions, in float64 (the emulated epilogue applies them to exact values).

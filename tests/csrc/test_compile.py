@@ -138,7 +138,8 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     ptx_path = _ptx_of(src_name, "compute_90a", tmp_path)
     entries = _ptx_entries(ptx_path.read_text())
     wg = {n: b for n, b in entries.items() if "WgmmaMath" in n}
-    assert len(wg) == 2 * len(expect), f"expected {len(expect)} kernels x 2 dtypes, got {sorted(wg)}"
+    assert len(wg) == 2 * len(expect), \
+        f"expected {len(expect)} kernels x 2 dtypes, got {sorted(wg)}"
     for name, body in wg.items():
         kernel = next(k for k in expect if k in name)
         n, per_tile, trans = expect[kernel]

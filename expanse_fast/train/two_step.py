@@ -217,6 +217,11 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     basics, full = _pair(basics, "basics"), _pair(full, "full")
     if epochs[0] and basics is None:
         raise ValueError("epochs[0] > 0 needs basics (or pass epochs=(0, e) for one step)")
+    # an epoch over no examples would report a loss and accuracy of 0 that measure nothing
+    for k, (name, data) in enumerate((("basics", basics), ("full", full))):
+        if epochs[k] and data is not None and len(data[1]) == 0:
+            raise ValueError(f"{name} holds no examples, but epochs[{k}] = {epochs[k]} trains "
+                             f"on it" + (" (pass epochs=(0, e) for one step)" if k == 0 else ""))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")

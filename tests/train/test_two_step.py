@@ -206,3 +206,15 @@ def test_errors():
     with pytest.raises(ValueError, match=r"basics: y must hold class indices >= 0, got -1"):
         two_step(_mlp(), (X, torch.tensor([0, -1, 1, 2])), _data(5), epochs=(1, 1),
                  progress=False)
+
+
+def test_an_empty_data_set_is_refused_where_it_would_train():
+    empty = (torch.randn(0, 7), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"basics holds no examples, but epochs\[0\] = 2 .* "
+                                         r"epochs=\(0, e\)"):
+        two_step(_mlp(), empty, _data(5), epochs=(2, 1), progress=False)
+    with pytest.raises(ValueError, match=r"full holds no examples, but epochs\[1\] = 1"):
+        two_step(_mlp(), _data(5), empty, epochs=(1, 1), progress=False)
+    # where nothing trains on it, an empty set is no error
+    history = two_step(_mlp(), empty, _data(5), epochs=(0, 1), progress=False)
+    assert len(history) == 1

@@ -1,6 +1,6 @@
 """A widened model goes through the graph capturers users deploy with: ``torch.export`` and
 ``torch.jit.trace`` record it (eval mode, the torch backend on CPU) and the recorded
-program computes what the model computes."""
+program computes what the model computes; FakeTensors run it (shape and memory tools)."""
 import warnings
 
 import pytest
@@ -57,3 +57,23 @@ def test_trace_of_a_plain_copy_needs_nothing_of_the_package():
     assert isinstance(xf.source_model(big, 0).fc, nn.Linear)
     with torch.no_grad():
         assert torch.equal(traced(x), base(x))
+
+
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_fake_tensors_run_the_widened_model(name, train):
+    # shape and memory tools run a model on FakeTensors: no values, so no bit check may
+    # read them (it raised DataDependentOutputException)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from expanse_fast.backends import torch_ref
+    _, big, x = _widened(name)
+    big.train(train)
+    torch_ref._STRIDED_EXACT.clear()  # no shape known yet: the first calls check
+    torch_ref._JOINT_EXACT.clear()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = big(torch.empty(x.shape))
+        if train:
+            y.sum().backward()
+    want = big(x)
+    assert y.shape == want.shape and y.dtype == want.dtype

@@ -67,6 +67,12 @@ def _affine_into(out: Tensor, x: Tensor, w: Tensor, b: Maybe) -> Tensor:
     return torch.addmm(b, x, w.t(), out=out)
 
 
+def _checkable(x: Tensor) -> bool:
+    """Whether a bit-for-bit check can read ``x``: a plain CPU tensor (not a FakeTensor, a
+    FunctionalTensor or another subclass, whose values are not there to compare)."""
+    return x.device.type == "cpu" and type(x) in (Tensor, torch.nn.Parameter)
+
+
 def _same_bits(a: Tensor, b: Tensor) -> bool:
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     size = a.element_size()
@@ -90,7 +96,7 @@ def _frozen_affine_into(out: Tensor, x: Tensor, w: Tensor, b: Maybe) -> Tensor:
     """``_affine_into`` for a frozen block, with the bits of ``F.linear`` on contiguous
     ``x`` and ``w`` into a fresh tensor (what the pretrained layer computed)."""
     if ((x.is_contiguous() and w.is_contiguous() and out.is_contiguous())
-            or x.device.type != "cpu" or not x.shape[1] or torch.jit.is_tracing()):
+            or not _checkable(x) or not x.shape[1] or torch.jit.is_tracing()):
         # (a check while torch.jit.trace records would be recorded, and its bit view of
         # the floats trips TorchScript's alias analysis)
         return _affine_into(out, x, w, b)
@@ -287,7 +293,7 @@ def _joint_rows(x: Tensor, w_old: Tensor, b_old: Maybe, w_new: Tensor, b_new: Ma
                 padding, dilation, groups: int) -> Maybe:
     """conv(x, [w_old; w_new]) whose first rows equal conv(x, w_old) bit for bit, or None
     when this shape is known not to keep them (the caller then convolves apart)."""
-    if (x.device.type != "cpu" or (b_old is None) != (b_new is None) or x.shape[1] == 0
+    if (not _checkable(x) or (b_old is None) != (b_new is None) or x.shape[1] == 0
             or w_old.shape[0] == 0 or w_new.shape[0] == 0 or torch.jit.is_tracing()):
         return None  # (under torch.jit.trace: no check to record, convolve apart)
     key = (x.dtype, tuple(x.shape), tuple(x.stride()), tuple(w_old.shape), tuple(w_new.shape),

@@ -3,6 +3,9 @@ Jacobians (jacrev, and jacobian(vectorize=True) over the eager layers), Hessians
 mode (jvp, and dual tensors outside torch.func) and vmap itself.  Inside a transform the
 layers run the composite ops (expanse_fast/composite.py); each result is held to what the
 eager kernels or the plain copy (``merge``) give, in float64."""
+import copy
+import random
+
 import pytest
 import torch
 from torch import nn
@@ -226,3 +229,18 @@ def test_dual_tensors_are_the_plain_copys(seed):
         with fwAD.dual_level():
             tangents.append(fwAD.unpack_dual(m(fwAD.make_dual(x, v))).tangent)
     torch.testing.assert_close(tangents[0], tangents[1], **TOL)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_an_ensemble_by_vmap_over_stacked_weights(seed):
+    # model ensembling (torch.func.stack_module_state): every weight, frozen ones included,
+    # carries the batch dimension
+    _, base, shape = random_model(seed)  # three widenings alike, their weights apart:
+    models = [widen_at_random(random.Random(seed), base, "torch")[0] for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    skeleton = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(*shape, dtype=torch.float64)
+    got = vmap(lambda p, b: functional_call(skeleton, (p, b), (x,)))(params, buffers)
+    with torch.no_grad():
+        want = torch.stack([m(x) for m in models])
+    torch.testing.assert_close(got, want, **TOL)

@@ -117,3 +117,10 @@ def widen_at_random(r: random.Random, base: nn.Module, backend: str):
                 if p.requires_grad:
                     p.normal_(0, 0.5)
     return big.eval(), mode
+
+
+def random_widened(seed: int, backend: str = "torch"):
+    """(widened model, its plain float64 copy ``merge``, input shape) drawn from ``seed``."""
+    r, base, shape = random_model(seed)
+    big, _ = widen_at_random(r, base, backend)
+    return big, xf.merge(big).eval(), shape

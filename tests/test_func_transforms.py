@@ -13,8 +13,8 @@ from torch.func import functional_call, grad, jacrev, jvp, vmap
 
 import expanse_fast as xf
 from expanse_fast import composite
-from models import SmallResNet, random_model, widen_at_random
-from reference import DEVICE, on_device, usable_backends
+from models import SmallResNet, random_model, random_widened, widen_at_random
+from reference import DEVICE, assert_close_on_device, on_device, usable_backends
 
 SEEDS = range(16)
 TOL = dict(rtol=1e-9, atol=1e-10)
@@ -39,8 +39,7 @@ def _per_sample_grads_by_loop(model, x, dy):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_per_sample_gradients_are_the_eager_ones(seed):
-    r, base, shape = random_model(seed)
-    big, _ = widen_at_random(r, base, "torch")
+    big, _, shape = random_widened(seed)
     x = torch.randn(*shape, dtype=torch.float64)
     dy = torch.randn_like(big(x))
 
@@ -56,9 +55,7 @@ def test_per_sample_gradients_are_the_eager_ones(seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_input_jacobian_and_jvp_are_the_plain_copys(seed):
-    r, base, shape = random_model(seed)
-    big, _ = widen_at_random(r, base, "torch")
-    plain = xf.merge(big).eval()
+    big, plain, shape = random_widened(seed)
     x = torch.randn(*shape, dtype=torch.float64)
     # the old path counts here: the input's gradient runs through the frozen layers too
     torch.testing.assert_close(jacrev(big)(x), jacrev(plain)(x), **TOL)
@@ -72,9 +69,7 @@ def test_input_jacobian_and_jvp_are_the_plain_copys(seed):
 def test_batched_backward_of_the_eager_layers(seed):
     # jacobian(vectorize=True) runs the eager layers' own backward on batched gradients
     # (is_grads_batched, torch's older vmap); the forward ran the kernels
-    r, base, shape = random_model(seed)
-    big, _ = widen_at_random(r, base, "torch")
-    plain = xf.merge(big).eval()
+    big, plain, shape = random_widened(seed)
     x = torch.randn(*shape, dtype=torch.float64)
     torch.testing.assert_close(torch.autograd.functional.jacobian(big, x, vectorize=True),
                                torch.autograd.functional.jacobian(plain, x), **TOL)
@@ -112,8 +107,7 @@ def test_hessian_of_a_smooth_model():
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_vmap_over_samples_is_the_batch(seed):
-    r, base, shape = random_model(seed)
-    big, _ = widen_at_random(r, base, "torch")
+    big, _, shape = random_widened(seed)
     x = torch.randn(*shape, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(vmap(big)(x[:, None])[:, 0], big(x), **TOL)
@@ -203,26 +197,20 @@ BACKEND_CASES = on_device([(b, seed) for b in usable_backends(DEVICE) for seed i
 
 @pytest.mark.parametrize("backend,seed", BACKEND_CASES)
 def test_each_backend_under_transforms(backend, seed):
-    r, base, shape = random_model(seed)
-    big, _ = widen_at_random(r, base, backend)
-    plain = xf.merge(big).eval()  # float64, on the CPU
+    big, plain, shape = random_widened(seed, backend)  # plain: float64, on the CPU
     big = big.float().to(DEVICE)
     x64 = torch.randn(*shape, dtype=torch.float64)
     x = x64.float().to(DEVICE)
     want = torch.autograd.functional.jacobian(plain, x64)
-    tol = 1e-4 if DEVICE.type == "cpu" else 2e-2  # TF32 on the GPU
     for got in (torch.autograd.functional.jacobian(big, x, vectorize=True), jacrev(big)(x)):
-        scale = want.abs().max().clamp_min(1e-6)
-        assert ((got.double().cpu() - want).abs().max() / scale).item() < tol
+        assert_close_on_device(got, want)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_dual_tensors_are_the_plain_copys(seed):
     # forward-mode AD outside torch.func: torch.autograd.forward_ad's dual tensors
     import torch.autograd.forward_ad as fwAD
-    r, base, shape = random_model(seed)
-    big, _ = widen_at_random(r, base, "torch")
-    plain = xf.merge(big).eval()
+    big, plain, shape = random_widened(seed)
     x, v = torch.randn(*shape, dtype=torch.float64), torch.randn(*shape, dtype=torch.float64)
     tangents = []
     for m in (big, plain):

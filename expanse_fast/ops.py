@@ -327,6 +327,10 @@ def _autocast(x: Tensor, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], 
                  for t in (x,) + tensors)
 
 
+TRAIN_ALL_HINT = ("; to train every weight, train xf.merge(model) instead (plain layers "
+                  "holding the whole staircase)")
+
+
 def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]):
     for name, t in named:
         if t is None:
@@ -342,7 +346,7 @@ def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Ten
     for name, t in named:
         if name.startswith(("w_frozen", "b_frozen", "bn_")) and t is not None and t.requires_grad:
             raise ValueError(f"{what}: {name} requires grad, but frozen tensors must not "
-                             "(only the newest group is trainable)")
+                             f"(only the newest group is trainable){TRAIN_ALL_HINT}")
 
 
 def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional[Tensor],
@@ -499,5 +503,5 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
                              f"move both to one device")
         if t.requires_grad and not composite.needed():
             raise ValueError(f"{what}: {name} requires grad, but a folded BatchNorm's frozen "
-                             "channels are fixed")
+                             f"channels are fixed{TRAIN_ALL_HINT}")
 

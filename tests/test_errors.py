@@ -118,7 +118,7 @@ def test_batchnorm_wrong_channels_and_rank():
 def test_frozen_weight_requiring_grad_is_refused():
     layer = _linear()
     layer.weight_frozen.requires_grad_(True)
-    with pytest.raises(ValueError, match=r"w_frozen requires grad"):
+    with pytest.raises(ValueError, match=r"w_frozen requires grad.*train xf.merge\(model\)"):
         layer(torch.randn(2, 11))
     conv = _conv()
     conv.bias_frozen.requires_grad_(True)
@@ -133,6 +133,20 @@ def test_frozen_weight_requiring_grad_is_refused():
         xf.ops.expanded_linear(torch.randn(2, 5), w_f, None, w_n, None, **kw)
     y = xf.ops.expanded_linear(torch.randn(2, 5), w_f.detach(), None, w_n, None, **kw)
     assert y.shape == (2, 9)
+
+
+@pytest.mark.parametrize("folded", [False, True])
+@pytest.mark.parametrize("name", ["weight_frozen", "bias_frozen"])
+def test_a_batchnorms_frozen_affine_requiring_grad_is_refused(name, folded):
+    # it would never train (the frozen channels' map is applied detached): not silently
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(2))
+    model(torch.randn(1, 3, 5, 5))
+    big = xf.expand(model.eval(), width=0.5, fuse=folded).train()
+    assert big[1].frozen_folded == folded
+    getattr(big[1], name).requires_grad_(True)
+    with pytest.raises(ValueError, match=r"requires grad.*train xf.merge\(model\)"):
+        big(torch.randn(2, 3, 5, 5))
 
 
 def test_functional_forms_check_blocks():

@@ -232,3 +232,28 @@ def test_an_ensemble_by_vmap_over_stacked_weights(seed):
     with torch.no_grad():
         want = torch.stack([m(x) for m in models])
     torch.testing.assert_close(got, want, **TOL)
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["apart", "folded"])
+def test_a_batchnorms_frozen_affine_gets_its_gradient_when_asked(fuse):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    with torch.no_grad():
+        base.train()(torch.randn(5, 2, 4, 4, dtype=torch.float64))  # statistics, not defaults
+        for p in base[1].parameters():
+            p.normal_()
+    big = xf.expand(base.eval(), width=0.7, new_classes=1, fuse=fuse).eval()
+    assert big[1].frozen_folded == fuse
+    with torch.no_grad():
+        for p in _trainable_params(big):
+            p.normal_()
+    plain = xf.merge(big).eval()
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    params = {n: p.detach() for n, p in big.named_parameters()}  # frozen ones too
+    got = grad(lambda p: functional_call(big, p, (x,)).square().sum())(params)
+    plain(x).square().sum().backward()
+    bn = plain[1]
+    for name, want in (("weight_frozen", bn.weight.grad[:3]), ("bias_frozen", bn.bias.grad[:3]),
+                       ("weight_new", bn.weight.grad[3:]), ("bias_new", bn.bias.grad[3:])):
+        torch.testing.assert_close(got["1." + name], want, **TOL, msg=name)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import composite
+from .. import composite, ops
 from ..layout import check_groups, width
 from .blocks import _frozen
 from .input_grad import skips_old_input_grad
@@ -131,6 +131,7 @@ class _ExpandedBatchNorm(nn.Module):
                 f"{type(self).__name__} in training mode updates its running statistics in "
                 "place, which torch.func transforms (grad, vmap, jacrev, ...) refuse, as for "
                 "nn.BatchNorm: call model.eval() before the transform")
+        self._check_frozen()
         if self.frozen_folded:
             return self._newest_only(x)
         n_f, n_new = self.running_mean_frozen.shape[0], self.groups[-1]
@@ -151,13 +152,27 @@ class _ExpandedBatchNorm(nn.Module):
         return _FrozenThenNew.apply(x, y_new, *self._all_channels(keep_graph=False), self.eps,
                                     not skips_old_input_grad(self))
 
+    def _check_frozen(self):
+        # the frozen affine never trains: unfrozen by hand it would stay as it is, silently
+        if composite.needed():
+            return  # torch.func differentiates what it is given (composite.py)
+        for name in ("weight_frozen", "bias_frozen"):
+            t = getattr(self, name)
+            if t is not None and t.requires_grad:
+                raise ValueError(f"{type(self).__name__}: {name} requires grad, but frozen "
+                                 f"tensors must not (only the newest group is trainable)"
+                                 f"{ops.TRAIN_ALL_HINT}")
+
     def _all_channels(self, keep_graph: bool):
-        """Per-channel (mean, var, weight, bias) of all channels: frozen, then newest."""
+        """Per-channel (mean, var, weight, bias) of all channels: frozen, then newest (with
+        ``keep_graph`` the newest affine keeps its graph, and under torch.func every one)."""
+        everything = keep_graph and composite.needed()
+
         def cat(name):
             f, n = getattr(self, name + "_frozen"), getattr(self, name + "_new")
             if f is None:
                 return None
-            return torch.cat([f.detach(), n if keep_graph else n.detach()])
+            return torch.cat([f if everything else f.detach(), n if keep_graph else n.detach()])
         return cat("running_mean").detach(), cat("running_var").detach(), cat("weight"), cat("bias")
 
     def _momentum(self) -> float:

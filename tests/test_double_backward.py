@@ -131,7 +131,7 @@ def test_a_folded_batchnorm_refuses_a_second_derivative(training):
 # the kernels' forward with the composite's second derivative, on the device, in float32
 # (on a GPU these carry the gpu mark and run in benchmarks/gpu/run.sh)
 @pytest.mark.parametrize("backend,seed", on_device(
-    [(b, seed) for b in usable_backends(DEVICE) for seed in range(4)]))
+    [(b, seed) for b in usable_backends(DEVICE) for seed in (0, 1)]))  # a CNN, an MLP
 def test_each_backend_hvp(backend, seed):
     big, _, shape = random_widened(seed, backend)
     big = _unfolded(big)

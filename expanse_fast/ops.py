@@ -20,7 +20,6 @@ takes its gradients from there too.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import List, Optional, Sequence, Tuple
 
@@ -390,7 +389,10 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
         return composite.linear(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                 frozen_out_groups, frozen_k_ends, activation)
     lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), in_features)  # -1 would be ambiguous for 0 features
+    rows = 1
+    for d in lead:  # (not math.prod: torch.compile cannot trace it over symbolic sizes)
+        rows = rows * d
+    x2 = x.reshape(rows, in_features)  # -1 would be ambiguous for 0 features
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y, _ = _call(_linear, _LinearFunction, x2, w_frozen, b_frozen, w_new, b_new, w_couple,

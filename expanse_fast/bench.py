@@ -266,7 +266,8 @@ def useful_macs(module: nn.Module, forward: Callable[[], object], passes: str) -
         if getattr(layer, "depthwise", False):
             raise ValueError("useful_macs counts dense (groups=1) layers only")
         need_dx = inputs[0].requires_grad
-        fwd, bwd = lay.forward_macs(), lay.backward_macs(need_dx, not skips_old_input_grad(layer))
+        skip = skips_old_input_grad(layer, inputs[0])
+        fwd, bwd = lay.forward_macs(), lay.backward_macs(need_dx, not skip)
         seen.append(positions * area * ((fwd if passes in ("fwd", "fwd+bwd", "step") else 0)
                                         + (bwd if passes in ("bwd", "fwd+bwd", "step") else 0)))
 

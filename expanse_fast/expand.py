@@ -406,7 +406,7 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
 def watch_input_grad(big: nn.Module) -> None:
     """Let ``big``'s layers form the old features' gradient in the calls where ``big``'s
     input requires grad (see ``expanse_fast.nn.input_grad``)."""
-    watch(big, expanded_layers(big).values())
+    watch(big, expanded_layers(big))
 
 
 _TRAINABLE_NAMES = ("weight_new", "bias_new", "weight_couple")

@@ -213,7 +213,8 @@ class ExpandedConv2d(ExpandedBlocks):
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
             frozen_k_ends=lay.frozen_k_ends, stride=self.stride, padding=padding,
             dilation=self.dilation, depthwise=self.depthwise,
-            need_dx_old=not skips_old_input_grad(self), **self._bn_args(), backend=self.backend)
+            need_dx_old=not skips_old_input_grad(self, x), **self._bn_args(),
+            backend=self.backend)
 
     def to_conv(self, task: Optional[int] = None) -> nn.Conv2d:
         """A plain ``nn.Conv2d`` computing task ``task``'s outputs (default: all groups)."""

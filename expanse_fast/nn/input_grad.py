@@ -5,13 +5,16 @@ function of the model's input, so training never needs their gradient and the la
 it (``skip_old_input_grad``).  That holds only while the input itself needs no gradient.
 Saliency maps, adversarial examples or a trainable module in front of the widened model
 make the input require grad, and then the input's gradient runs through the old path: with
-the skip it would silently miss that part.  So the model watches its input: a forward
-pre-hook on the widened model notes, at every call, whether a tensor it is given requires
-grad, and its layers read that note before they skip.
+the skip it would silently miss that part.  So the model watches its input: forward
+pre-hooks on the widened model and on every module that holds widened layers note, at the
+outermost such call, whether a tensor it is given requires grad, and the layers read that
+note before they skip.  Forward hooks count the calls' ends, so a layer called on its own
+(no note for this call) decides from its own input; a checkpoint's recomputation, in
+backward, keeps the note of the call it recomputes.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -19,40 +22,82 @@ from torch.utils._pytree import tree_leaves
 
 
 class InputGradWatch:
-    """The forward pre-hook of one widened model, shared by its layers: ``needed`` says
-    whether the current call's input requires grad (with grad mode on)."""
+    """The forward pre-hook of one widened model and of its modules that hold widened
+    layers, shared by those layers: ``needed`` says whether the outermost call's input
+    requires grad, with grad mode on; ``depth`` counts the watched calls in progress."""
 
     def __init__(self):
         self.needed = False
+        self.depth = 0
 
     def __call__(self, module: nn.Module, args, kwargs):
-        self.needed = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in tree_leaves((args, kwargs)))
+        if self.depth == 0:  # the outermost watched call: the model, or a part called apart
+            self.needed = torch.is_grad_enabled() and any(
+                isinstance(t, torch.Tensor) and t.requires_grad
+                for t in tree_leaves((args, kwargs)))
+        self.depth += 1
 
 
-def skips_old_input_grad(layer: nn.Module) -> bool:
-    """Whether ``layer`` skips its old input features' gradient in this call: it was told
-    to (``skip_old_input_grad``) and its model's input does not require grad."""
+class _CallEnd:
+    """The watched modules' forward hook (``always_call``: it runs when forward raises)."""
+
+    def __init__(self, watch: InputGradWatch):
+        self.watch = watch
+
+    def __call__(self, module: nn.Module, args, output):
+        self.watch.depth = max(0, self.watch.depth - 1)
+
+
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
+def _in_backward() -> bool:
+    return _graph_task_id() != -1
+
+
+def skips_old_input_grad(layer: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``layer`` skips its old input features' gradient in this call on ``x``: it
+    was told to (``skip_old_input_grad``) and the watched call it runs in has an input that
+    needs no gradient (called on its own: ``x`` itself needs none)."""
     if not layer.skip_old_input_grad:
         return False
     watch = getattr(layer, "input_grad_watch", None)
-    return watch is None or not watch.needed
+    if watch is None or watch.depth or _in_backward():
+        return watch is None or not watch.needed
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _hooks_of(module: nn.Module):
+    return ([k for k, h in module._forward_pre_hooks.items() if isinstance(h, InputGradWatch)],
+            [k for k, h in module._forward_hooks.items() if isinstance(h, _CallEnd)])
 
 
 def unwatch(model: nn.Module) -> None:
-    """Remove the model's watch (a plain copy of a widened model needs none)."""
-    hooks = model._forward_pre_hooks
-    for key in [k for k, h in hooks.items() if isinstance(h, InputGradWatch)]:
-        del hooks[key]
-        model._forward_pre_hooks_with_kwargs.pop(key, None)
+    """Remove the watch from ``model`` and its modules (a plain copy needs none)."""
+    for module in model.modules():
+        pre, post = _hooks_of(module)
+        for key in pre:
+            del module._forward_pre_hooks[key]
+            module._forward_pre_hooks_with_kwargs.pop(key, None)
+        for key in post:
+            del module._forward_hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
 
 
-def watch(model: nn.Module, layers: Iterable[nn.Module]) -> InputGradWatch:
-    """Give ``model`` one watch (replacing an earlier one, as after a second ``expand()``)
-    and hand it to ``layers``."""
+def watch(model: nn.Module, layers: Mapping[str, nn.Module]) -> InputGradWatch:
+    """Give ``model`` one watch (replacing an earlier one, as after a second ``expand()``) on
+    itself and on every module that holds one of ``layers`` (path -> layer), and hand it to
+    the layers."""
     unwatch(model)
     w = InputGradWatch()
-    model.register_forward_pre_hook(w, with_kwargs=True)
-    for layer in layers:
+    holders = {""}
+    for path in layers:
+        parts = path.split(".")
+        holders.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    for path in sorted(holders):
+        module = model.get_submodule(path)
+        module.register_forward_pre_hook(w, with_kwargs=True)
+        module.register_forward_hook(_CallEnd(w), always_call=True)
+    for layer in layers.values():
         layer.input_grad_watch = w
     return w

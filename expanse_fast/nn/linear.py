@@ -74,7 +74,7 @@ class ExpandedLinear(ExpandedBlocks):
         return ops.expanded_linear(
             x, self.weight_frozen, self.bias_frozen, self.weight_new, self.bias_new,
             self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
-            frozen_k_ends=lay.frozen_k_ends, need_dx_old=not skips_old_input_grad(self),
+            frozen_k_ends=lay.frozen_k_ends, need_dx_old=not skips_old_input_grad(self, x),
             activation=self.activation, backend=self.backend)
 
     def to_linear(self, task: Optional[int] = None) -> nn.Linear:

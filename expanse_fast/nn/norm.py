@@ -150,7 +150,7 @@ class _ExpandedBatchNorm(nn.Module):
             frozen = F.batch_norm(x[:, :n_f], *self.frozen_map()[:4], False, 0.0, self.eps)
             return torch.cat([frozen, y_new], dim=1)
         return _FrozenThenNew.apply(x, y_new, *self._all_channels(keep_graph=False), self.eps,
-                                    not skips_old_input_grad(self))
+                                    not skips_old_input_grad(self, x))
 
     def _check_frozen(self):
         # the frozen affine never trains: unfrozen by hand it would stay as it is, silently
@@ -202,12 +202,12 @@ class _ExpandedBatchNorm(nn.Module):
             # out of place for the compiler, which plans the memory itself (and for
             # torch.jit.trace, which cannot record a Function that writes into its input,
             # and for torch.func, which runs no custom autograd)
-            skip = skips_old_input_grad(self) and not composite.needed()
+            skip = skips_old_input_grad(self, x) and not composite.needed()
             old = x[:, :n_f].detach() if skip else x[:, :n_f]
             return torch.cat([old, self._new_channels(x[:, n_f:].contiguous())], dim=1)
         return _NewestInPlace.apply(x, self.weight_new, self.bias_new, self.running_mean_new,
                                     self.running_var_new, self.training, self._momentum(),
-                                    self.eps, not skips_old_input_grad(self))
+                                    self.eps, not skips_old_input_grad(self, x))
 
     def to_bn(self, task: Optional[int] = None) -> nn.modules.batchnorm._BatchNorm:
         """A plain BatchNorm (eval statistics) of task ``task``'s channels (default: all)."""

@@ -56,18 +56,96 @@ def test_input_gradient_is_the_plain_models(name):
         assert (p.grad is not None) == p.requires_grad, n
 
 
+def _decisions(model, layers, x):
+    """Each layer's skip decision in one call of ``model`` on ``x``."""
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(skips_old_input_grad(m, a[0])))
+             for m in layers]
+    try:
+        model(x).sum().backward() if torch.is_grad_enabled() else model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == len(layers)
+    return seen
+
+
 @pytest.mark.parametrize("name", ["mlp", "resnet"])
 def test_old_gradients_are_skipped_while_the_input_needs_none(name):
     _, big, shape = _widened(name)
     layers = _layers(big)
     assert layers and all(m.skip_old_input_grad for m in layers)
-    big(torch.randn(*shape, dtype=torch.float64)).sum().backward()
-    assert all(skips_old_input_grad(m) for m in layers)
-    big(torch.randn(*shape, dtype=torch.float64, requires_grad=True)).sum().backward()
-    assert not any(skips_old_input_grad(m) for m in layers)
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert all(_decisions(big, layers, x))
+    assert not any(_decisions(big, layers, x.clone().requires_grad_()))
     with torch.no_grad():  # no graph: nothing to form
-        big(torch.randn(*shape, dtype=torch.float64, requires_grad=True))
-    assert all(skips_old_input_grad(m) for m in layers)
+        assert all(_decisions(big, layers, x.clone().requires_grad_()))
+    (watch,) = _watches(big)
+    assert watch.depth == 0  # every call ended
+
+
+def test_a_submodule_called_on_its_own_forms_the_input_gradient():
+    # the model's note is of its own last call; a submodule called apart from it (saliency
+    # through a backbone) must not read that note (it gave a wrong input gradient)
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.GELU()),
+                        nn.Linear(4, 3)).double()
+    big = xf.expand(net, width=1, new_classes=1)
+    with torch.no_grad():
+        for p in big.parameters():
+            if p.requires_grad:
+                p.normal_()
+    plain = xf.merge(big)
+    big(torch.randn(2, 6, dtype=torch.float64)).sum().backward()  # training: skips
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    got, = torch.autograd.grad(big[0](x).sum(), x)
+    want, = torch.autograd.grad(plain[0](x).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    # and on data every layer in it still skips (the submodule is watched too)
+    assert all(_decisions(big[0], _layers(big[0]), x.detach()))
+    # a layer called on its own decides from its own input
+    layer = big[0][2]
+    assert _decisions(layer, [layer], torch.randn(2, 6, dtype=torch.float64)) == [True]
+    assert _decisions(layer, [layer], torch.randn(2, 6, dtype=torch.float64,
+                                                  requires_grad=True)) == [False]
+
+
+def test_a_call_that_raises_leaves_no_call_open():
+    _, big, shape = _widened("mlp")
+    with pytest.raises(ValueError):
+        big(torch.randn(2, shape[1] + 1, dtype=torch.float64))
+    (watch,) = _watches(big)
+    assert watch.depth == 0
+
+
+@pytest.mark.parametrize("reentrant,input_grad", [(False, False), (False, True),
+                                                  (True, True)])
+def test_checkpointed_blocks_recompute_with_the_same_decision(reentrant, input_grad):
+    # a checkpoint inside the model's forward recomputes in backward, outside the model's
+    # call: the fused GELU must keep the same pre-activation columns as in the forward
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 4), nn.GELU())
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, x, use_reentrant=reentrant))
+
+    torch.manual_seed(4)
+    big = xf.expand(Net().double(), width=1, new_classes=1)
+    twin = copy.deepcopy(big)
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=input_grad)
+    x2 = x.detach().clone().requires_grad_(input_grad)
+    big(x).square().sum().backward()
+    twin.head(twin.block(x2)).square().sum().backward()
+    for (n, p), q in zip(big.named_parameters(), twin.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+    if input_grad:
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_old_gradients_cost_work_only_when_needed():

@@ -52,7 +52,8 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _in_backward() -> bool:
-    return _graph_task_id() != -1
+    # (a compiled graph recomputes a checkpoint inside its own backward: never Python here)
+    return not torch.compiler.is_compiling() and _graph_task_id() != -1
 
 
 def skips_old_input_grad(layer: nn.Module, x: torch.Tensor) -> bool:

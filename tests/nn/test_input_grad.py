@@ -232,3 +232,18 @@ def test_input_gradient_on_every_backend(name, backend):
     ref = x64.grad
     assert ref.abs().max() > 0
     assert ((x.grad.double() - ref).abs().max() / ref.abs().max()).item() < 5e-3
+
+
+def test_parts_compile_whole_graphs():
+    # a widened layer or a part of the model compiled on its own decides in the graph
+    torch.manual_seed(6)
+    big = xf.expand(nn.Sequential(nn.Linear(4, 3), nn.GELU(), nn.Linear(3, 2)).double(),
+                    width=1, new_classes=1)
+    plain = xf.merge(big)
+    for part, plain_part, width in ((big[2], plain[2], 4), (big[0:2], plain[0:2], 4)):
+        compiled = torch.compile(part, fullgraph=True, backend="aot_eager")
+        x = torch.randn(5, width, dtype=torch.float64, requires_grad=True)
+        got, = torch.autograd.grad(compiled(x).square().sum(), x)
+        want, = torch.autograd.grad(plain_part(x).square().sum(), x)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch._dynamo.reset()

@@ -57,6 +57,11 @@ _AUTOTUNE = os.environ.get("EXPANSE_FAST_AUTOTUNE", "1") != "0"
 # The GPU run times both on NCHW input.  Depthwise kernels gather per channel: never copied.
 NCHW_MODES = ("channels_last", "direct")
 NCHW_MODE = os.environ.get("EXPANSE_FAST_CONV_NCHW", "channels_last")
+# Triton 3.8 (torch 2.14's) fails to compile the pipelined forward's whole-vector channel
+# mask for sm_90 (TritonGPUCoalesceAsyncCopy: "PassManager::run failed", every config;
+# 3.9 compiles it).  There the forward masks channel by channel: 2-byte loads, slower,
+# but it runs.
+_FWD_VECTOR_MASK = not triton.__version__.startswith("3.8.")
 
 
 def _configs(tiles, small):
@@ -799,7 +804,8 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
         x, wf, wn, wc, bf, bn, y, groups, *norm_ptrs, m, o, c, h, wd, ho, wo, len(widths), o_f,
         i_f, *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,
         KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
-        CH_VEC=multiple_of_all((c, i_f) + k_ends), OUT_VEC=out_vec, PREC=_prec(dt))
+        CH_VEC=multiple_of_all((c, i_f) + k_ends) if _FWD_VECTOR_MASK else 1,
+        OUT_VEC=out_vec, PREC=_prec(dt))
     return y.contiguous(memory_format=y_format)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backends.torch_ref import _conv, _frozen_row_blocks
+from .backends.torch_ref import _conv, _depthwise_frozen_in, _frozen_row_blocks
 
 Maybe = Optional[Tensor]
 
@@ -88,10 +88,11 @@ def conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: M
            stride, padding, dilation, depthwise: bool, frozen_bn=None) -> Tensor:
     """The expanded convolution of x (N, C, H, W), the frozen channels through the folded
     eval-mode BatchNorm ``frozen_bn`` = (mean, var, weight, bias, eps) when given."""
-    conv = lambda inp, w, b, groups=1: _conv(inp, w, b, stride, padding, dilation,  # noqa: E731
-                                             groups)
+    def conv(inp, w, b, groups=1):
+        return _conv(inp, w, b, stride, padding, dilation, groups)
+
     if depthwise:
-        c_f = frozen_k_ends[-1] if frozen_k_ends else 0
+        c_f = _depthwise_frozen_in(frozen_k_ends)
         c_new = x.shape[1] - c_f
         parts = [conv(x[:, :c_f], w_frozen, b_frozen, c_f)] if c_f else []
         if c_new:

@@ -139,12 +139,11 @@ def _linear_autograd_backward(ctx, dy, _dpre=None):
         # create_graph=True or batched gradients: the composite's vjp (composite.py)
         dx, dw, db, dc = composite.linear_vjp(dy, x, w_frozen, b_frozen, w_new, b_new,
                                               w_couple, *ctx.groups, ctx.activation)
-        return (dx if need_x else None, None, None, dw if need_w else None,
-                db if need_b else None, dc if need_c else None) + (None,) * 6
-    backward = _linear_backward_impl if getattr(ctx, "eager", False) else _linear_backward
-    dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
-                              need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
-                              saved, ctx.activation, ctx.backend)
+    else:
+        backward = _linear_backward_impl if getattr(ctx, "eager", False) else _linear_backward
+        dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
+                                  need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
+                                  saved, ctx.activation, ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
             _or_none(dc, need_c)) + (None,) * 6
 
@@ -255,16 +254,14 @@ def _conv2d_autograd_backward(ctx, dy):
             dy = torch.cat([dy_old * scale.view(1, -1, 1, 1), dy_new], dim=1)
         dx, dw, db, dc = composite.conv2d_vjp(dy, x, w_frozen, w_new, need_b, w_couple,
                                               *ctx.static)
-        return (dx if need_x else None, None, None, dw if need_w else None,
-                db if need_b else None, dc if need_c else None) + (None,) * (
-                    _CONV2D_INPUTS - 6)
-    bn_scale = None
-    if bn_var is not None and reads_frozen_dy(w_couple, need_x, need_dx_old, need_c):
-        # only when the backward reads the frozen columns of dy
-        bn_scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps)
-    backward = _conv2d_backward_impl if getattr(ctx, "eager", False) else _conv2d_backward
-    dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
-                              need_dx_old, need_w, need_b, need_c, bn_scale, ctx.backend)
+    else:
+        bn_scale = None
+        if bn_var is not None and reads_frozen_dy(w_couple, need_x, need_dx_old, need_c):
+            # only when the backward reads the frozen columns of dy
+            bn_scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps)
+        backward = _conv2d_backward_impl if getattr(ctx, "eager", False) else _conv2d_backward
+        dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
+                                  need_dx_old, need_w, need_b, need_c, bn_scale, ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
             _or_none(dc, need_c)) + (None,) * (_CONV2D_INPUTS - 6)
 

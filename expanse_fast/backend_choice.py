@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -79,33 +79,55 @@ def availability(name: str, device: torch.device) -> Tuple[bool, str]:
 _USABLE: set = set()
 
 
-def resolve(device: torch.device, op: str, pinned: str = "") -> ModuleType:
+def _usable(name: str, device: torch.device) -> Tuple[bool, str]:
+    if (name, device) in _USABLE:
+        return True, ""
+    ok, why = availability(name, device)
+    if ok:
+        _USABLE.add((name, device))
+    return ok, why
+
+
+def resolve(device: torch.device, op: str, pinned: str = "", backward: bool = False,
+            dtype: Optional[torch.dtype] = None, macs: int = 0) -> ModuleType:
     """The backend module that runs ``op`` ("linear" or "conv2d") on ``device`` now:
-    ``pinned`` (a layer's own choice) if given, else the global choice."""
+    ``pinned`` (a layer's own choice) if given, else the global choice.  For "auto", the
+    forward's ``dtype`` and ``macs`` (multiply-adds of the dense product) say which backend
+    is faster (``_auto_choice``); the backward needs neither."""
     name = pinned or _current()
     if name == "auto":
-        name = _auto_choice(device, op)
-    elif (name, device) not in _USABLE:
-        ok, why = availability(name, device)
+        name = _auto_choice(device, op, backward, dtype, macs)
+    else:
+        ok, why = _usable(name, device)
         if not ok:
             raise RuntimeError(f"backend {name!r} is not usable on {device}: {why}")
-        _USABLE.add((name, device))
     return backend_module(name)
 
 
-# The fastest backend per (device type, op), by measurement.  On an H200 (bf16, 16384 rows,
-# 4096+1024 features; benchmarks/results/2026-11-28-h200-triton-linear-adhoc.md) the
-# structured cuBLAS calls of the torch backend beat the current Triton kernels (forward
-# 1.14 ms against 1.80 ms), so "auto" stays on torch until a kernel wins a measurement.
-_FASTEST = {("cuda", "linear"): "torch", ("cuda", "conv2d"): "torch"}
+# "auto" on CUDA, by measurement on an H200 (bf16; benchmarks/results/2026-11-30-h200-*):
+# - forward: the Triton kernels for large fp16/bf16 calls.  One pass writes every group
+#   with its bias, where the torch backend first copies the bias into each group's columns
+#   (and, for a conv, the groups' outputs into one tensor): linear 16384 x (4096+1024),
+#   1.13 ms against 1.20; the 3x3 conv of a ResNet-50 stage (256+64 channels, batch 64,
+#   56x56, channels_last), 0.62 ms against 0.90.  Small calls are host-bound, and Triton's
+#   launch costs the host more than cuBLAS's: the MLP step of 4096 x (1024+256) layers took
+#   6.2 ms against 3.7.  The bar lies between the two measured sizes (a guess in between).
+# - backward: the torch backend (cuBLAS, cuDNN) throughout: its weight gradients run at
+#   about twice the Triton kernels' rate (linear dW 216 us against 441, conv 188 us against
+#   704).  The saved tensors are the same whichever backend ran the forward.
+_TRITON_FORWARD_DEVICE_TYPES = ("cuda",)
+_TRITON_FORWARD_DTYPES = (torch.float16, torch.bfloat16)
+_TRITON_FORWARD_MIN_MACS = 1 << 36
 
 
-def _auto_choice(device: torch.device, op: str) -> str:
+def _auto_choice(device: torch.device, op: str, backward: bool = False,
+                 dtype: Optional[torch.dtype] = None, macs: int = 0) -> str:
     override = os.environ.get("EXPANSE_FAST_AUTO_" + op.upper())
     if override in BACKENDS[1:]:
         return override
-    choice = _FASTEST.get((device.type, op), "torch")
-    if choice != "torch" and not (availability(choice, device)[0]
-                                  and hasattr(backend_module(choice), op + "_forward")):
-        return "torch"
-    return choice
+    if (not backward and device.type in _TRITON_FORWARD_DEVICE_TYPES
+            and dtype in _TRITON_FORWARD_DTYPES and macs >= _TRITON_FORWARD_MIN_MACS
+            and _usable("triton", device)[0]
+            and hasattr(backend_module("triton"), op + "_forward")):
+        return "triton"
+    return "torch"

@@ -65,7 +65,8 @@ def _linear_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new:
             pre_columns: int = 0, backend: str = "") -> Tuple[Tensor, Tensor]:
     """-> (y, pre): ``pre`` holds the pre-activation of y's last ``pre_columns`` columns,
     which the backward of a smooth activation (GELU, SiLU) reads; (N, 0) otherwise."""
-    backend = backend_choice.resolve(x.device, "linear", backend)
+    macs = x.shape[0] * x.shape[1] * (w_frozen.shape[0] + w_new.shape[0])  # dense product's
+    backend = backend_choice.resolve(x.device, "linear", backend, dtype=x.dtype, macs=macs)
     pre = x.new_empty((x.shape[0], pre_columns))
     y = backend.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                frozen_out_groups, frozen_k_ends, activation,
@@ -91,7 +92,7 @@ def _linear_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``saved``: with a fused ``activation``, what its gradient reads (the forward's output
     for ReLU, its ``pre`` for the smooth ones), else None."""
-    backend = backend_choice.resolve(dy.device, "linear", backend)
+    backend = backend_choice.resolve(dy.device, "linear", backend, backward=True)
     grads = backend.linear_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
                                     frozen_out_groups, frozen_k_ends, need_dx_new, need_dx_old,
                                     need_dw, need_db, need_dcouple, saved=saved,
@@ -165,13 +166,24 @@ def _conv2d_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new:
             bn_mean: Optional[Tensor] = None, bn_var: Optional[Tensor] = None,
             bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
             bn_eps: float = 0.0, backend: str = "") -> Tensor:
-    backend = backend_choice.resolve(x.device, "conv2d", backend)
+    backend = backend_choice.resolve(x.device, "conv2d", backend, dtype=x.dtype,
+                                     macs=_conv_macs(x, w_frozen, w_new, stride, padding,
+                                                     dilation, depthwise))
     frozen_bn = None if bn_mean is None else (bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
     y = backend.conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                frozen_out_groups, frozen_k_ends, stride, padding, dilation,
                                depthwise, frozen_bn=frozen_bn)
     return y.contiguous(memory_format=conv_memory_format(x))  # a no-op but where torch's
     # own conv chose otherwise (an NCHW x with channels_last weights, one channel)
+
+
+def _conv_macs(x, w_frozen, w_new, stride, padding, dilation, depthwise) -> int:
+    """Multiply-adds of the dense convolution (what "auto" sizes a call by)."""
+    kh, kw = w_new.shape[2], w_new.shape[3]
+    ho = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
+    wo = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    per_output = kh * kw * (1 if depthwise else x.shape[1])
+    return x.shape[0] * ho * wo * (w_frozen.shape[0] + w_new.shape[0]) * per_output
 
 
 _conv2d = torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())(_conv2d_impl)
@@ -196,7 +208,7 @@ def _conv2d_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor
                      bn_scale: Optional[Tensor] = None,
                      backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``bn_scale``: a folded BatchNorm's ``weight / sqrt(var + eps)`` (O_f,), or None."""
-    backend = backend_choice.resolve(dy.device, "conv2d", backend)
+    backend = backend_choice.resolve(dy.device, "conv2d", backend, backward=True)
     # dy goes in with its strides: every backend reads any layout (a channels_last dy stays
     # channels_last, which the Triton kernels read best)
     dx, dw, db, dcouple = backend.conv2d_backward(

@@ -734,11 +734,24 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
     short."""
     _measure_backends(ctx, [b for b in backends[1:] if b[0] != "cuda"], exp_f, exp_fb, k,
                       v_f, v_fb, f_fwd, f_fb, ref)
-    if triton_variant is not None:
+    # EXPANSE_BENCH_VARIANTS=0: the defaults only (a short run's time goes to them)
+    variants = os.environ.get("EXPANSE_BENCH_VARIANTS", "1") != "0"
+    if triton_variant is not None and variants:
         triton_variant(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
+    _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
     _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k,
                       v_f, v_fb, f_fwd, f_fb, ref)
-    _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb)
+    if variants:
+        _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f,
+                                    v_fb)
+
+
+def _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):
+    """``backend="auto"``, the package's default: per call, the Triton forward where the
+    call is large (fp16/bf16 on CUDA) and the torch backend's backward (backend_choice)."""
+    if dict(backends).get("triton", "absent") is not None:
+        return  # auto is the torch backend here: not timed twice
+    _measure_backends(ctx, [("auto", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
 
 
 def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):

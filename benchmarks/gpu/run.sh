@@ -11,6 +11,9 @@
 # A shorter second call, after a fix: EXPANSE_GPU_STAGES (default build,tests,bench; without
 # build the cuda backend stays off) and EXPANSE_GPU_SECTIONS (default every benchmark section:
 # ceilings,linear,conv,mlp,cnn), e.g. EXPANSE_GPU_STAGES=bench EXPANSE_GPU_SECTIONS=linear.
+# EXPANSE_GPU_TEST_WORKERS (default half the cores, at most 8): pytest-xdist workers of the
+# test stages.  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
+# EXPANSE_GPU_DIAG=<pytest -k expression>: those GPU tests again under cuda-gdb (native stack).
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,7 +23,7 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--quick) QUICK=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --dry-run)"; exit 2 ;;
   esac
 done
@@ -164,6 +167,9 @@ main() {
   # Two processes: the CUDA extension's tests (-k cuda) first, then the rest, so a sticky
   # CUDA error from a faulty extension kernel cannot fail the Triton tests after it.
   local tlim tlim_cuda
+  TEST_WORKERS="${EXPANSE_GPU_TEST_WORKERS:-$(( $(nproc 2>/dev/null || echo 2) / 2 ))}"
+  (( TEST_WORKERS > 8 )) && TEST_WORKERS=8
+  (( TEST_WORKERS < 1 )) && TEST_WORKERS=1
   tlim=$(stage_limit 120 115)
   tlim_cuda=$(( tlim * 4 / 10 ))
   (( tlim_cuda < 10 )) && tlim_cuda=10
@@ -173,6 +179,10 @@ main() {
     local args=(-q -m gpu tests --maxfail=60 -rfE -p no:cacheprovider -p bench_gpu
                 --junitxml="$OUT/$junit" -o junit_family=xunit1 "$@")
     "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=100)
+    # Worker processes compile Triton kernels side by side (most of these tests' time on a
+    # cold cache), and a crash (a segfault in an extension kernel) takes one worker, not the
+    # stage: the run goes on and junit names the test.
+    (( HAVE_GPU )) && "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$TEST_WORKERS")
     EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + limit - 15 )) EXPANSE_FAST_AUTOTUNE=0 \
       PYTHONPATH="$HERE:$PYTHONPATH" run_stage "$name" "$limit" "$PY" -m pytest "${args[@]}"
   }
@@ -182,7 +192,8 @@ main() {
     # Only when the extension's tests failed: a few small bf16 cases under compute-sanitizer
     # (memcheck), so that one run also says whether a kernel reads or writes out of bounds.
     # It works on some runtimes only (device README); its budget comes out of the benchmarks.
-    if (( HAVE_GPU )) && command -v compute-sanitizer >/dev/null 2>&1; then
+    if (( HAVE_GPU )) && [ "${EXPANSE_GPU_SANITIZE:-1}" != 0 ] \
+        && command -v compute-sanitizer >/dev/null 2>&1; then
       EXPANSE_FAST_AUTOTUNE=0 run_stage sanitize "$(stage_limit 60 170)" compute-sanitizer \
         --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
         --maxfail=4 tests/backends/test_cuda_backend.py \
@@ -193,8 +204,10 @@ main() {
     -k "not cuda"
 
   # ---- 4. benchmarks ---------------------------------------------------------------------
-  local blim
-  blim=$(stage_limit 160 12)
+  local blim want_diag=0
+  [ -n "${EXPANSE_GPU_DIAG:-}" ] && (( HAVE_GPU )) && command -v cuda-gdb >/dev/null 2>&1 \
+    && want_diag=1
+  blim=$(stage_limit 160 $(( 12 + 30 * want_diag )))
   BENCH_ARGS=(bench --device "$DEV" --work "$WORK" --budget $(( blim - 8 )))
   (( QUICK )) && BENCH_ARGS+=(--quick)
   [ -n "${EXPANSE_GPU_SECTIONS:-}" ] && BENCH_ARGS+=(--sections "$EXPANSE_GPU_SECTIONS")
@@ -202,6 +215,14 @@ main() {
     run_stage bench "$blim" "$PY" "$BENCH" "${BENCH_ARGS[@]}"
   else
     echo; echo "=== stage bench: not asked for (EXPANSE_GPU_STAGES) ==="
+  fi
+
+  # EXPANSE_GPU_DIAG="pytest -k expression": those tests once more under cuda-gdb, which
+  # prints the native stack of a crash (no gdb on the GPU image; cuda-gdb debugs host code).
+  if (( want_diag )); then
+    EXPANSE_FAST_AUTOTUNE=0 run_stage diag "$(stage_limit 30 8)" cuda-gdb -q -batch \
+      -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary expanse" \
+      --args "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -x -k "$EXPANSE_GPU_DIAG"
   fi
 
   # ---- 5. report: results.json, results.md, the table last ------------------------------

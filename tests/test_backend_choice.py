@@ -1,0 +1,102 @@
+"""What ``backend="auto"`` runs: the rule (Triton forwards for large fp16/bf16 calls on CUDA,
+the torch backend for every backward), and a model run through both backends at once
+against its float64 plain copy and against the torch backend alone."""
+import copy
+
+import pytest
+import torch
+
+from expanse_fast import backend_choice
+from models import random_widened
+from reference import DEVICE, on_device
+
+BIG = 1 << 36
+CUDA = torch.device("cuda")  # a device object only: the rule's inputs, no GPU needed
+
+
+@pytest.fixture
+def triton_usable(monkeypatch):
+    """Triton usable on every device, whether or not it is here: the rule alone is tested."""
+    real = backend_choice._usable
+    monkeypatch.setattr(backend_choice, "_usable",
+                        lambda name, dev: (True, "") if name == "triton" else real(name, dev))
+    for op in ("EXPANSE_FAST_AUTO_LINEAR", "EXPANSE_FAST_AUTO_CONV2D"):
+        monkeypatch.delenv(op, raising=False)
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_auto_runs_large_half_forwards_in_triton(triton_usable, op):
+    choose = backend_choice._auto_choice
+    for dtype in (torch.bfloat16, torch.float16):
+        assert choose(CUDA, op, False, dtype, BIG) == "triton"
+        assert choose(CUDA, op, True, dtype, BIG) == "torch", "backward: cuBLAS/cuDNN"
+        assert choose(CUDA, op, False, dtype, BIG - 1) == "torch", "small: host-bound"
+    assert choose(CUDA, op, False, torch.float32, BIG) == "torch"
+    assert choose(torch.device("cpu"), op, False, torch.bfloat16, BIG) == "torch"
+    assert choose(CUDA, op) == "torch", "no size given: torch"
+
+
+def test_auto_override_holds_both_directions(triton_usable, monkeypatch):
+    monkeypatch.setenv("EXPANSE_FAST_AUTO_LINEAR", "triton")
+    assert backend_choice._auto_choice(CUDA, "linear", True) == "triton"
+    assert backend_choice._auto_choice(CUDA, "conv2d", True) == "torch"
+    monkeypatch.setenv("EXPANSE_FAST_AUTO_LINEAR", "torch")
+    assert backend_choice._auto_choice(CUDA, "linear", False, torch.bfloat16, BIG) == "torch"
+
+
+def test_auto_falls_back_where_triton_is_unusable(monkeypatch):
+    monkeypatch.setattr(backend_choice, "_usable", lambda name, dev: (False, "no triton"))
+    monkeypatch.delenv("EXPANSE_FAST_AUTO_LINEAR", raising=False)
+    assert backend_choice._auto_choice(CUDA, "linear", False, torch.bfloat16, BIG) == "torch"
+
+
+def _spy(monkeypatch, calls):
+    """Count each backend's forward and backward calls."""
+    for name in ("torch", "triton"):
+        module = backend_choice.backend_module(name)
+        for fn in ("linear_forward", "linear_backward", "conv2d_forward", "conv2d_backward"):
+            real = getattr(module, fn)
+
+            def counted(*args, _real=real, _key=(name, fn.split("_")[1]), **kwargs):
+                calls[_key] = calls.get(_key, 0) + 1
+                return _real(*args, **kwargs)
+            monkeypatch.setattr(module, fn, counted)
+
+
+@pytest.mark.parametrize("seed", on_device([0, 1, 2, 3]))
+def test_forward_in_triton_backward_in_torch_matches(seed, monkeypatch):
+    """With the rule opened to every call here, "auto" runs each forward in Triton and each
+    backward in the torch backend; outputs and input gradients hold against the float64
+    plain copy, and every parameter gradient and buffer against the torch backend alone."""
+    if not backend_choice.availability("triton", DEVICE)[0]:
+        pytest.skip("Triton is not usable here")
+    monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_DEVICE_TYPES", (DEVICE.type,))
+    monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_DTYPES", (torch.float32,))
+    monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_MIN_MACS", 0)
+    for op in ("EXPANSE_FAST_AUTO_LINEAR", "EXPANSE_FAST_AUTO_CONV2D"):
+        monkeypatch.delenv(op, raising=False)
+    big, plain, shape = random_widened(seed, backend="auto")
+    twin = copy.deepcopy(big)
+    for layer in twin.modules():
+        if hasattr(layer, "backend"):
+            layer.backend = "torch"
+    big, twin = big.float().to(DEVICE), twin.float().to(DEVICE)
+    x64 = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn_like(plain(x64))
+    plain(x64).backward(dy)
+    calls = {}
+    _spy(monkeypatch, calls)
+    x = x64.detach().float().to(DEVICE).requires_grad_()
+    y = big(x)
+    y.backward(dy.float().to(DEVICE))
+    assert any(k[0] == "triton" and k[1] == "forward" for k in calls), calls
+    assert not any(k[0] == "triton" and k[1] == "backward" for k in calls), calls
+    assert not any(k[0] == "torch" and k[1] == "forward" for k in calls), calls
+    tol = dict(rtol=1e-4, atol=1e-4) if DEVICE.type == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(y.double().cpu(), plain(x64).detach(), **tol)
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, **tol)
+    xt = x.detach().clone().requires_grad_()
+    twin(xt).backward(dy.float().to(DEVICE))
+    for (name, a), b in zip(big.named_parameters(), twin.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a.grad, b.grad, msg=name, **tol)

@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -22,13 +23,47 @@ namespace {
 using at::Tensor;
 using expanse_fast::DType;
 
+// ---- error messages, built without iostreams ------------------------------------------------
+// TORCH_CHECK with several arguments formats them through a std::ostringstream that this
+// library instantiates itself.  On the GPU image (torch 2.11, cu130) those instantiations
+// looked up a wrong locale facet: the first failed check crashed (SIGSEGV in
+// ostream::_M_insert<long>, stack read with cuda-gdb) instead of raising.  So every check
+// here builds its message in a std::string (integers by std::to_string, which needs no
+// locale) and hands TORCH_CHECK that one string, which c10 passes through unformatted.
+void put(std::string& s, const char* v) { s += v; }
+void put(std::string& s, const std::string& v) { s += v; }
+void put(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+void put(std::string& s, const c10::Device& v) { s += v.str(); }
+void put(std::string& s, at::IntArrayRef v) {
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += ']';
+}
+template <class T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+void put(std::string& s, T v) { s += std::to_string(v); }
+
+template <class... Args>
+[[noreturn]] void fail(const Args&... args) {
+  std::string message;
+  (put(message, args), ...);
+  TORCH_CHECK(false, message);
+}
+
+#define EXPANSE_CHECK(cond, ...)                   \
+  do {                                             \
+    if (C10_UNLIKELY(!(cond))) fail(__VA_ARGS__);  \
+  } while (0)
+
 DType dtype_of(const Tensor& t, const char* op) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     default:
-      TORCH_CHECK(false, "expanse_fast_cuda::", op,
+      fail("expanse_fast_cuda::", op,
                   ": expected dtype float32, float16 or bfloat16, got ", t.scalar_type());
   }
   return DType::kFloat32;  // unreachable
@@ -40,18 +75,18 @@ Tensor rows_unit_stride(const Tensor& t) {
 }
 
 void check_2d(const Tensor& t, const char* op, const char* name, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.dim() == 2, "expanse_fast_cuda::", op, ": ", name, " must be 2-D, got shape ",
+  EXPANSE_CHECK(t.dim() == 2, "expanse_fast_cuda::", op, ": ", name, " must be 2-D, got shape ",
               t.sizes());
-  TORCH_CHECK(rows < 0 || t.size(0) == rows, "expanse_fast_cuda::", op, ": ", name,
+  EXPANSE_CHECK(rows < 0 || t.size(0) == rows, "expanse_fast_cuda::", op, ": ", name,
               " must have ", rows, " rows, got shape ", t.sizes());
-  TORCH_CHECK(cols < 0 || t.size(1) == cols, "expanse_fast_cuda::", op, ": ", name,
+  EXPANSE_CHECK(cols < 0 || t.size(1) == cols, "expanse_fast_cuda::", op, ": ", name,
               " must have ", cols, " columns, got shape ", t.sizes());
 }
 
 void check_like(const Tensor& t, const Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "expanse_fast_cuda::", op, ": ", name,
+  EXPANSE_CHECK(t.device() == ref.device(), "expanse_fast_cuda::", op, ": ", name,
               " must be on device ", ref.device(), ", got ", t.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "expanse_fast_cuda::", op, ": ", name,
+  EXPANSE_CHECK(t.scalar_type() == ref.scalar_type(), "expanse_fast_cuda::", op, ": ", name,
               " must have dtype ", ref.scalar_type(), " (all operands share one dtype), got ",
               t.scalar_type());
 }
@@ -60,20 +95,20 @@ void check_like(const Tensor& t, const Tensor& ref, const char* op, const char* 
 // rows, each k_end within w_frozen's columns, and no more groups than the kernels take.
 void check_groups(const char* op, at::IntArrayRef groups, at::IntArrayRef k_ends, int64_t o_f,
                   int64_t i_f, int64_t max_groups) {
-  TORCH_CHECK(groups.size() == k_ends.size(), "expanse_fast_cuda::", op,
+  EXPANSE_CHECK(groups.size() == k_ends.size(), "expanse_fast_cuda::", op,
               ": frozen_out_groups and frozen_k_ends must have the same length, got ",
               groups.size(), " and ", k_ends.size());
-  TORCH_CHECK(static_cast<int64_t>(groups.size()) <= max_groups, "expanse_fast_cuda::", op,
+  EXPANSE_CHECK(static_cast<int64_t>(groups.size()) <= max_groups, "expanse_fast_cuda::", op,
               ": at most ", max_groups, " frozen groups are supported, got ", groups.size());
   int64_t total = 0;
   for (size_t g = 0; g < groups.size(); ++g) {
-    TORCH_CHECK(groups[g] >= 0, "expanse_fast_cuda::", op,
+    EXPANSE_CHECK(groups[g] >= 0, "expanse_fast_cuda::", op,
                 ": frozen_out_groups must be >= 0, got ", groups);
-    TORCH_CHECK(k_ends[g] >= 0 && k_ends[g] <= i_f, "expanse_fast_cuda::", op,
+    EXPANSE_CHECK(k_ends[g] >= 0 && k_ends[g] <= i_f, "expanse_fast_cuda::", op,
                 ": frozen_k_ends must lie in [0, ", i_f, "], got ", k_ends);
     total += groups[g];
   }
-  TORCH_CHECK(total == o_f, "expanse_fast_cuda::", op, ": frozen_out_groups ", groups,
+  EXPANSE_CHECK(total == o_f, "expanse_fast_cuda::", op, ": frozen_out_groups ", groups,
               " sum to ", total, " but w_frozen has ", o_f, " rows");
 }
 
@@ -81,13 +116,13 @@ void check_groups(const char* op, at::IntArrayRef groups, at::IntArrayRef k_ends
 expanse_fast::LinearShape describe(const char* op, const Tensor& x, const Tensor& w_frozen,
                                    const Tensor& w_new, const std::optional<Tensor>& w_couple,
                                    at::IntArrayRef groups, at::IntArrayRef k_ends) {
-  TORCH_CHECK(x.is_cuda(), "expanse_fast_cuda::", op, ": expected CUDA tensors, got x on ",
+  EXPANSE_CHECK(x.is_cuda(), "expanse_fast_cuda::", op, ": expected CUDA tensors, got x on ",
               x.device());
   check_2d(x, op, "x", -1, -1);
   const int64_t in = x.size(1);
   check_2d(w_frozen, op, "w_frozen", -1, -1);
   const int64_t o_f = w_frozen.size(0), i_f = w_frozen.size(1);
-  TORCH_CHECK(i_f <= in, "expanse_fast_cuda::", op, ": w_frozen reads ", i_f,
+  EXPANSE_CHECK(i_f <= in, "expanse_fast_cuda::", op, ": w_frozen reads ", i_f,
               " inputs but x has only ", in);
   check_2d(w_new, op, "w_new", -1, in);
   check_like(w_frozen, x, op, "w_frozen");
@@ -120,7 +155,7 @@ expanse_fast::LinearWeights weights(const Tensor& w_frozen, const Tensor& w_new,
 std::optional<Tensor> checked_bias(const std::optional<Tensor>& b, int64_t n, const Tensor& x,
                                    const char* op, const char* name) {
   if (!b) return std::nullopt;
-  TORCH_CHECK(b->dim() == 1 && b->size(0) == n, "expanse_fast_cuda::", op, ": ", name,
+  EXPANSE_CHECK(b->dim() == 1 && b->size(0) == n, "expanse_fast_cuda::", op, ": ", name,
               " must have shape [", n, "], got ", b->sizes());
   check_like(*b, x, op, name);
   return b->contiguous();
@@ -130,16 +165,16 @@ std::optional<Tensor> checked_bias(const std::optional<Tensor>& b, int64_t n, co
 std::optional<Tensor> checked_bn(const std::optional<Tensor>& t, int64_t n, const Tensor& x,
                                  const char* op, const char* name) {
   if (!t) return std::nullopt;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kFloat,
+  EXPANSE_CHECK(t->dim() == 1 && t->size(0) == n && t->scalar_type() == at::kFloat,
               "expanse_fast_cuda::", op, ": ", name, " must be a float32 tensor of shape [", n,
               "], got ", t->scalar_type(), " ", t->sizes());
-  TORCH_CHECK(t->device() == x.device(), "expanse_fast_cuda::", op, ": ", name, " is on ",
+  EXPANSE_CHECK(t->device() == x.device(), "expanse_fast_cuda::", op, ": ", name, " is on ",
               t->device(), " but x is on ", x.device());
   return t->contiguous();
 }
 
 void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "expanse_fast_cuda::", op, ": kernel launch failed: ",
+  EXPANSE_CHECK(err == cudaSuccess, "expanse_fast_cuda::", op, ": kernel launch failed: ",
               cudaGetErrorString(err));
 }
 
@@ -161,12 +196,12 @@ Tensor linear_forward(const Tensor& x_in, const Tensor& w_frozen_in,
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t out = s.frozen_out + s.new_out;
   const int64_t last_activation = static_cast<int64_t>(expanse_fast::Activation::kGelu);
-  TORCH_CHECK(activation >= 0 && activation <= last_activation,
+  EXPANSE_CHECK(activation >= 0 && activation <= last_activation,
               "expanse_fast_cuda::", op, ": unknown activation code ", activation);
   expanse_fast::LinearEpilogue epi;
   epi.activation = static_cast<expanse_fast::Activation>(activation);
   if (pre && pre->numel() > 0) {
-    TORCH_CHECK(pre->dim() == 2 && pre->size(0) == s.rows && pre->size(1) <= out &&
+    EXPANSE_CHECK(pre->dim() == 2 && pre->size(0) == s.rows && pre->size(1) <= out &&
                     pre->stride(1) == 1,
                 "expanse_fast_cuda::", op, ": pre must be a row-major [", s.rows, ", <= ", out,
                 "] tensor, got ", pre->sizes(), " with strides ", pre->strides());
@@ -241,7 +276,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_backward(
 // are made contiguous (they are small); outputs are contiguous NCHW.
 // ---------------------------------------------------------------------------------------
 void check_4d(const Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(t.dim() == 4, "expanse_fast_cuda::", op, ": ", name,
+  EXPANSE_CHECK(t.dim() == 4, "expanse_fast_cuda::", op, ": ", name,
               " must be 4-D (N, C, H, W) / (rows, channels, KH, KW), got shape ", t.sizes());
 }
 
@@ -251,7 +286,7 @@ expanse_fast::Strides4 strides4(const Tensor& t) {
 
 // One value per spatial dimension: [v] or [vh, vw].
 std::pair<int64_t, int64_t> pair_arg(at::IntArrayRef v, const char* op, const char* name) {
-  TORCH_CHECK(v.size() == 1 || v.size() == 2, "expanse_fast_cuda::", op, ": ", name,
+  EXPANSE_CHECK(v.size() == 1 || v.size() == 2, "expanse_fast_cuda::", op, ": ", name,
               " must have 1 or 2 entries, got ", v);
   return {v[0], v.size() == 2 ? v[1] : v[0]};
 }
@@ -262,7 +297,7 @@ expanse_fast::ConvShape describe_conv(const char* op, const Tensor& x, const Ten
                                       at::IntArrayRef groups, at::IntArrayRef k_ends,
                                       at::IntArrayRef stride, at::IntArrayRef padding,
                                       at::IntArrayRef dilation) {
-  TORCH_CHECK(x.is_cuda(), "expanse_fast_cuda::", op, ": expected CUDA tensors, got x on ",
+  EXPANSE_CHECK(x.is_cuda(), "expanse_fast_cuda::", op, ": expected CUDA tensors, got x on ",
               x.device());
   check_4d(x, op, "x");
   const int64_t in = x.size(1);
@@ -270,21 +305,21 @@ expanse_fast::ConvShape describe_conv(const char* op, const Tensor& x, const Ten
   check_4d(w_frozen, op, "w_frozen");
   check_like(w_new, x, op, "w_new");
   check_like(w_frozen, x, op, "w_frozen");
-  TORCH_CHECK(w_new.size(1) == in, "expanse_fast_cuda::", op, ": w_new must have ", in,
+  EXPANSE_CHECK(w_new.size(1) == in, "expanse_fast_cuda::", op, ": w_new must have ", in,
               " input channels (x has ", in, "), got shape ", w_new.sizes());
   const int64_t kh = w_new.size(2), kw = w_new.size(3);
-  TORCH_CHECK(kh >= 1 && kw >= 1, "expanse_fast_cuda::", op,
+  EXPANSE_CHECK(kh >= 1 && kw >= 1, "expanse_fast_cuda::", op,
               ": the kernel must be at least 1 x 1, got w_new of shape ", w_new.sizes());
   const int64_t o_f = w_frozen.size(0), i_f = w_frozen.size(1);
-  TORCH_CHECK(i_f <= in, "expanse_fast_cuda::", op, ": w_frozen reads ", i_f,
+  EXPANSE_CHECK(i_f <= in, "expanse_fast_cuda::", op, ": w_frozen reads ", i_f,
               " input channels but x has only ", in);
-  TORCH_CHECK(o_f == 0 || (w_frozen.size(2) == kh && w_frozen.size(3) == kw),
+  EXPANSE_CHECK(o_f == 0 || (w_frozen.size(2) == kh && w_frozen.size(3) == kw),
               "expanse_fast_cuda::", op, ": w_frozen must have the kernel size of w_new (", kh,
               " x ", kw, "), got shape ", w_frozen.sizes());
   if (w_couple.has_value()) {
     check_4d(*w_couple, op, "w_couple");
     check_like(*w_couple, x, op, "w_couple");
-    TORCH_CHECK(w_couple->size(0) == o_f && w_couple->size(1) == in - i_f &&
+    EXPANSE_CHECK(w_couple->size(0) == o_f && w_couple->size(1) == in - i_f &&
                     w_couple->size(2) == kh && w_couple->size(3) == kw,
                 "expanse_fast_cuda::", op, ": w_couple must have shape [", o_f, ", ", in - i_f,
                 ", ", kh, ", ", kw, "], got ", w_couple->sizes());
@@ -293,20 +328,20 @@ expanse_fast::ConvShape describe_conv(const char* op, const Tensor& x, const Ten
   const auto [sh, sw] = pair_arg(stride, op, "stride");
   const auto [ph, pw] = pair_arg(padding, op, "padding");
   const auto [dh, dw] = pair_arg(dilation, op, "dilation");
-  TORCH_CHECK(sh >= 1 && sw >= 1, "expanse_fast_cuda::", op, ": stride must be >= 1, got ",
+  EXPANSE_CHECK(sh >= 1 && sw >= 1, "expanse_fast_cuda::", op, ": stride must be >= 1, got ",
               stride);
-  TORCH_CHECK(dh >= 1 && dw >= 1, "expanse_fast_cuda::", op, ": dilation must be >= 1, got ",
+  EXPANSE_CHECK(dh >= 1 && dw >= 1, "expanse_fast_cuda::", op, ": dilation must be >= 1, got ",
               dilation);
-  TORCH_CHECK(ph >= 0 && pw >= 0, "expanse_fast_cuda::", op, ": padding must be >= 0, got ",
+  EXPANSE_CHECK(ph >= 0 && pw >= 0, "expanse_fast_cuda::", op, ": padding must be >= 0, got ",
               padding);
   constexpr int64_t kLim = int64_t{1} << 30;
-  TORCH_CHECK(sh < kLim && sw < kLim && ph < kLim && pw < kLim && dh < kLim && dw < kLim &&
+  EXPANSE_CHECK(sh < kLim && sw < kLim && ph < kLim && pw < kLim && dh < kLim && dw < kLim &&
                   kh < kLim && kw < kLim,
               "expanse_fast_cuda::", op, ": stride, padding, dilation and kernel must be < 2^30");
   const int64_t h = x.size(2), w = x.size(3);
   const int64_t span_h = h + 2 * ph - dh * (kh - 1) - 1;
   const int64_t span_w = w + 2 * pw - dw * (kw - 1) - 1;
-  TORCH_CHECK(span_h >= 0 && span_w >= 0, "expanse_fast_cuda::", op, ": the input (", h, " x ",
+  EXPANSE_CHECK(span_h >= 0 && span_w >= 0, "expanse_fast_cuda::", op, ": the input (", h, " x ",
               w, ", padding ", ph, " x ", pw, ") is smaller than the dilated kernel (",
               dh * (kh - 1) + 1, " x ", dw * (kw - 1) + 1, ")");
   expanse_fast::ConvShape s{};
@@ -331,7 +366,7 @@ expanse_fast::ConvShape describe_conv(const char* op, const Tensor& x, const Ten
   s.num_frozen_groups = static_cast<int>(groups.size());
   s.frozen_out_groups = groups.data();
   s.frozen_k_ends = k_ends.data();
-  TORCH_CHECK(expanse_fast::conv_shape_ok(s), "expanse_fast_cuda::", op,
+  EXPANSE_CHECK(expanse_fast::conv_shape_ok(s), "expanse_fast_cuda::", op,
               ": shape too large for the kernels' 32-bit index arithmetic (x ", x.sizes(),
               ", w_new ", w_new.sizes(), ", w_frozen ", w_frozen.sizes(),
               "): channels * KH * KW, H, W and output channels must stay below 2^30");
@@ -359,7 +394,7 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
   const std::optional<Tensor> b_frozen = checked_bias(b_frozen_in, s.frozen_out, x, op,
                                                      "b_frozen");
   const std::optional<Tensor> b_new = checked_bias(b_new_in, s.new_out, x, op, "b_new");
-  TORCH_CHECK(bn_scale_in.has_value() == bn_shift_in.has_value(), "expanse_fast_cuda::", op,
+  EXPANSE_CHECK(bn_scale_in.has_value() == bn_shift_in.has_value(), "expanse_fast_cuda::", op,
               ": bn_scale and bn_shift go together");
   const std::optional<Tensor> bn_scale = checked_bn(bn_scale_in, s.frozen_out, x, op, "bn_scale");
   const std::optional<Tensor> bn_shift = checked_bn(bn_shift_in, s.frozen_out, x, op, "bn_shift");
@@ -409,7 +444,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
   check_like(dy, x, op, "dy");
   const std::vector<int64_t> dy_shape{s.geo.batch, s.frozen_out + s.new_out, s.geo.out_h,
                                       s.geo.out_w};
-  TORCH_CHECK(dy.sizes() == at::IntArrayRef(dy_shape), "expanse_fast_cuda::", op,
+  EXPANSE_CHECK(dy.sizes() == at::IntArrayRef(dy_shape), "expanse_fast_cuda::", op,
               ": dy must have shape ", at::IntArrayRef(dy_shape), ", got ", dy.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -446,7 +481,7 @@ std::string linear_math(at::ScalarType dtype) {
     case at::kHalf: return expanse_fast::linear_math_name(DType::kFloat16);
     case at::kBFloat16: return expanse_fast::linear_math_name(DType::kBFloat16);
     default:
-      TORCH_CHECK(false, "expanse_fast_cuda::linear_math: expected dtype float32, float16 or "
+      fail("expanse_fast_cuda::linear_math: expected dtype float32, float16 or "
                   "bfloat16, got ", dtype);
   }
   return "";  // unreachable

@@ -69,6 +69,17 @@ _STUBS = {  # header -> the declarations ATen's CUDA headers need from it
 }
 
 
+def test_bindings_raise_one_preformatted_message():
+    """Every argument check in bindings.cpp goes through ``fail``, which builds its message
+    without iostreams and hands TORCH_CHECK one string.  A TORCH_CHECK with several message
+    arguments formats them with a std::ostringstream this library instantiates itself; on
+    the GPU image (torch 2.11) that crashed the process (SIGSEGV) instead of raising."""
+    code = re.sub(r"//[^\n]*", "", (CSRC / "bindings.cpp").read_text())
+    calls = [" ".join(c.split()) for c in re.findall(r"TORCH_CHECK\s*\((.*?)\);", code, re.S)]
+    assert calls == ["false, message"], calls
+    assert "EXPANSE_CHECK(" in code
+
+
 def test_bindings_cpp_syntax(tmp_path):
     torch = pytest.importorskip("torch")
     cxx = shutil.which("g++") or shutil.which("c++")

@@ -105,16 +105,21 @@ def resolve(device: torch.device, op: str, pinned: str = "", backward: bool = Fa
 
 
 # "auto" on CUDA, by measurement on an H200 (bf16; benchmarks/results/2026-11-30-h200-*):
-# - forward: the Triton kernels for large fp16/bf16 calls.  One pass writes every group
-#   with its bias, where the torch backend first copies the bias into each group's columns
-#   (and, for a conv, the groups' outputs into one tensor): linear 16384 x (4096+1024),
-#   1.13 ms against 1.20; the 3x3 conv of a ResNet-50 stage (256+64 channels, batch 64,
-#   56x56, channels_last), 0.62 ms against 0.90.  Small calls are host-bound, and Triton's
-#   launch costs the host more than cuBLAS's: the MLP step of 4096 x (1024+256) layers took
-#   6.2 ms against 3.7.  The bar lies between the two measured sizes (a guess in between).
-# - backward: the torch backend (cuBLAS, cuDNN) throughout: its weight gradients run at
-#   about twice the Triton kernels' rate (linear dW 216 us against 441, conv 188 us against
-#   704).  The saved tensors are the same whichever backend ran the forward.
+# - conv2d forward: the Triton kernels for large fp16/bf16 calls.  One pass writes every
+#   group's channels with their bias, where the torch backend runs a cuDNN call per group and
+#   copies their outputs into one tensor: the 3x3 conv of a ResNet-50 stage (256+64
+#   channels, batch 64, 56x56) took 0.63 ms against 0.91 (channels_last) and 1.04 against
+#   1.14 (NCHW); fwd+bwd with the torch backward, 1.25 ms against 1.44 and 1.58 against 1.68.
+#   Small calls are host-bound, and a Triton launch costs the host more than a cuDNN one:
+#   the ResNet-style CNN step at 80 channels took 16.7 ms in Triton against 9.8 (torch), so
+#   the bar lies between the measured sizes (1.9e11 and 2.3e10 multiply-adds).
+# - linear: the torch backend both ways.  The Triton forward (16384 x (4096+1024)) won one
+#   run (1.13 ms against 1.20) and lost the next (1.24 against 1.22, another tile tuned),
+#   and with the torch backward it took 1.75 ms against 1.57.
+# - every backward: the torch backend (cuBLAS, cuDNN), whose weight gradients ran at about
+#   twice the Triton kernels' rate (linear dW 216 us against 441, conv 188 us against 704).
+#   The saved tensors are the same whichever backend ran the forward.
+_TRITON_FORWARD_OPS = ("conv2d",)
 _TRITON_FORWARD_DEVICE_TYPES = ("cuda",)
 _TRITON_FORWARD_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_FORWARD_MIN_MACS = 1 << 36
@@ -125,7 +130,7 @@ def _auto_choice(device: torch.device, op: str, backward: bool = False,
     override = os.environ.get("EXPANSE_FAST_AUTO_" + op.upper())
     if override in BACKENDS[1:]:
         return override
-    if (not backward and device.type in _TRITON_FORWARD_DEVICE_TYPES
+    if (not backward and op in _TRITON_FORWARD_OPS and device.type in _TRITON_FORWARD_DEVICE_TYPES
             and dtype in _TRITON_FORWARD_DTYPES and macs >= _TRITON_FORWARD_MIN_MACS
             and _usable("triton", device)[0]
             and hasattr(backend_module("triton"), op + "_forward")):

@@ -1,6 +1,6 @@
-"""What ``backend="auto"`` runs: the rule (Triton forwards for large fp16/bf16 calls on CUDA,
-the torch backend for every backward), and a model run through both backends at once
-against its float64 plain copy and against the torch backend alone."""
+"""What ``backend="auto"`` runs: the rule (Triton forwards for large fp16/bf16 convolutions
+on CUDA, the torch backend for every linear layer and every backward), and a model run
+through both backends at once against its float64 plain copy and the torch backend alone."""
 import copy
 
 import pytest
@@ -24,16 +24,16 @@ def triton_usable(monkeypatch):
         monkeypatch.delenv(op, raising=False)
 
 
-@pytest.mark.parametrize("op", ["linear", "conv2d"])
-def test_auto_runs_large_half_forwards_in_triton(triton_usable, op):
+def test_auto_runs_large_half_conv_forwards_in_triton(triton_usable):
     choose = backend_choice._auto_choice
     for dtype in (torch.bfloat16, torch.float16):
-        assert choose(CUDA, op, False, dtype, BIG) == "triton"
-        assert choose(CUDA, op, True, dtype, BIG) == "torch", "backward: cuBLAS/cuDNN"
-        assert choose(CUDA, op, False, dtype, BIG - 1) == "torch", "small: host-bound"
-    assert choose(CUDA, op, False, torch.float32, BIG) == "torch"
-    assert choose(torch.device("cpu"), op, False, torch.bfloat16, BIG) == "torch"
-    assert choose(CUDA, op) == "torch", "no size given: torch"
+        assert choose(CUDA, "conv2d", False, dtype, BIG) == "triton"
+        assert choose(CUDA, "conv2d", True, dtype, BIG) == "torch", "backward: cuDNN"
+        assert choose(CUDA, "conv2d", False, dtype, BIG - 1) == "torch", "small: host-bound"
+        assert choose(CUDA, "linear", False, dtype, BIG) == "torch", "linear: cuBLAS"
+    assert choose(CUDA, "conv2d", False, torch.float32, BIG) == "torch"
+    assert choose(torch.device("cpu"), "conv2d", False, torch.bfloat16, BIG) == "torch"
+    assert choose(CUDA, "conv2d") == "torch", "no size given: torch"
 
 
 def test_auto_override_holds_both_directions(triton_usable, monkeypatch):
@@ -70,6 +70,7 @@ def test_forward_in_triton_backward_in_torch_matches(seed, monkeypatch):
     plain copy, and every parameter gradient and buffer against the torch backend alone."""
     if not backend_choice.availability("triton", DEVICE)[0]:
         pytest.skip("Triton is not usable here")
+    monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_OPS", ("linear", "conv2d"))
     monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_DEVICE_TYPES", (DEVICE.type,))
     monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_DTYPES", (torch.float32,))
     monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_MIN_MACS", 0)

@@ -1535,8 +1535,36 @@ def cmd_report(args) -> int:
 # pytest plugin (``-p bench_gpu``): past EXPANSE_TESTS_DEADLINE (epoch seconds) the remaining
 # tests are skipped, so pytest still ends by itself and writes its junit file before the
 # stage's hard timeout would kill it.  A test marked ``gpu_seconds(s)`` (a long one) is
-# skipped already when fewer than s seconds are left before the deadline.
+# skipped already when fewer than s seconds are left before the deadline.  Each failure is
+# also appended to EXPANSE_TESTS_FAILURES at once (junit is written only at the end, and
+# not at all if the stage is killed).
 # =========================================================================================
+def _hookimpl(**opts):
+    try:
+        import pytest
+    except ImportError:  # the orchestrator imports this module without pytest
+        return lambda fn: fn
+    return pytest.hookimpl(**opts)
+
+
+_PYTEST_CONFIG = {}
+
+
+def pytest_configure(config):
+    _PYTEST_CONFIG["config"] = config
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("EXPANSE_TESTS_FAILURES")
+    config = _PYTEST_CONFIG.get("config")
+    if not path or not report.failed or hasattr(config, "workerinput"):
+        return  # (under xdist the controller writes what the workers report)
+    text = str(report.longrepr or "")
+    with open(path, "a") as f:
+        f.write(f"=== {report.nodeid} ({report.when})\n{text[-3000:]}\n\n")
+
+
+@_hookimpl(tryfirst=True)  # before the test's fixtures are set up: a skip costs nothing
 def pytest_runtest_setup(item):
     deadline = float(os.environ.get("EXPANSE_TESTS_DEADLINE") or 0)
     if not deadline:

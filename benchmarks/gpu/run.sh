@@ -6,8 +6,8 @@
 #
 # Every stage runs under `timeout` with a share of one overall budget (EXPANSE_GPU_BUDGET_S,
 # default 330 s), records its exit status, and never stops the stages after it.  Files left
-# in $OUT: log.txt, results.json, results.md, junit_cuda.xml, junit.xml.  The summary table
-# prints last.
+# in $OUT: log.txt, results.json, results.md, junit_cuda.xml, junit.xml, failures_*.txt (each
+# failing test's report, written as it fails).  The summary table prints last.
 # A shorter second call, after a fix: EXPANSE_GPU_STAGES (default build,tests,bench; without
 # build the cuda backend stays off) and EXPANSE_GPU_SECTIONS (default every benchmark section:
 # ceilings,linear,conv,mlp,cnn), e.g. EXPANSE_GPU_STAGES=bench EXPANSE_GPU_SECTIONS=linear.
@@ -23,7 +23,7 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--quick) QUICK=1 ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --dry-run)"; exit 2 ;;
   esac
 done
@@ -183,7 +183,8 @@ main() {
     # cold cache), and a crash (a segfault in an extension kernel) takes one worker, not the
     # stage: the run goes on and junit names the test.
     (( HAVE_GPU )) && "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$TEST_WORKERS")
-    EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + limit - 15 )) EXPANSE_FAST_AUTOTUNE=0 \
+    EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + limit - 20 )) EXPANSE_FAST_AUTOTUNE=0 \
+      EXPANSE_TESTS_FAILURES="$OUT/failures_$name.txt" \
       PYTHONPATH="$HERE:$PYTHONPATH" run_stage "$name" "$limit" "$PY" -m pytest "${args[@]}"
   }
   if ! wanted tests; then

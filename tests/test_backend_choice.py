@@ -63,7 +63,7 @@ def _spy(monkeypatch, calls):
             monkeypatch.setattr(module, fn, counted)
 
 
-@pytest.mark.parametrize("seed", on_device([0, 1, 2, 3]))
+@pytest.mark.parametrize("seed", on_device([0, 1, 2, 3, 6]))  # 6: a folded BatchNorm
 def test_forward_in_triton_backward_in_torch_matches(seed, monkeypatch):
     """With the rule opened to every call here, "auto" runs each forward in Triton and each
     backward in the torch backend; outputs and input gradients hold against the float64

@@ -352,11 +352,14 @@ def frozen_batch_norm(y: Tensor, frozen_bn) -> Tensor:
     return out
 
 
-def frozen_dy(dy: Tensor, o_f: int, scale: Maybe) -> Tensor:
-    """The frozen columns of dy (contiguous), times a folded BatchNorm's scale if any."""
+def frozen_dy(dy: Tensor, o_f: int, scale: Maybe,
+              memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """The frozen columns of dy (contiguous in ``memory_format``), times a folded
+    BatchNorm's scale if any."""
     if scale is None:
-        return dy[:, :o_f].contiguous()
-    return torch.mul(dy[:, :o_f], scale.to(dy.dtype).view((1, -1) + (1,) * (dy.dim() - 2)))
+        return dy[:, :o_f].contiguous(memory_format=memory_format)
+    scaled = torch.mul(dy[:, :o_f], scale.to(dy.dtype).view((1, -1) + (1,) * (dy.dim() - 2)))
+    return scaled.contiguous(memory_format=memory_format)
 
 
 def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
@@ -447,19 +450,22 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                     frozen_dy_scale: Maybe = None):
     o_f = w_frozen.shape[0]
     dy_new = dy[:, o_f:]
+    # dy's slices go in x's memory format: aten's conv backward takes its layout from x and
+    # the weight, and would copy an NCHW dy back to channels_last
+    fmt = conv_memory_format(x)
     if depthwise:
         c_f = _depthwise_frozen_in(frozen_k_ends)
         c_new = x.shape[1] - c_f
         dx_new = dw = db = None
         if need_dx_new or need_dx_old or need_dw or need_db:
-            dx_new, dw, db = _conv_grads(dy_new.contiguous(), x[:, c_f:], w_new, stride, padding,
-                                         dilation, max(c_new, 1), need_dx_new or need_dx_old,
-                                         need_dw, need_db)
+            dx_new, dw, db = _conv_grads(dy_new.contiguous(memory_format=fmt), x[:, c_f:], w_new,
+                                         stride, padding, dilation, max(c_new, 1),
+                                         need_dx_new or need_dx_old, need_dw, need_db)
         dx = None
         if need_dx_new or need_dx_old:
             dx = torch.zeros_like(x)  # in x's memory format: elementwise grads stay fast
             if need_dx_old and c_f:
-                dx[:, :c_f] = _conv_grads(frozen_dy(dy, o_f, frozen_dy_scale), x[:, :c_f],
+                dx[:, :c_f] = _conv_grads(frozen_dy(dy, o_f, frozen_dy_scale, fmt), x[:, :c_f],
                                           w_frozen, stride, padding, dilation, c_f, True, False,
                                           False)[0]
             if dx_new is not None:
@@ -467,7 +473,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
         return dx, dw, db, None
 
     i_f = w_frozen.shape[1]
-    dy_new = dy_new.contiguous()
+    dy_new = dy_new.contiguous(memory_format=fmt)
     # dW and db of the trainable rows: one weight-gradient conv over the whole input.
     _, dw, db = _conv_grads(dy_new, x, w_new, stride, padding, dilation, 1, False, need_dw,
                             need_db)
@@ -477,7 +483,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
     # only for dcouple, dx_old and the coupled dx_new.
     dy_old = None
     if o_f and ((need_dcouple and w_couple is not None) or need_dx_old or (need_dx and coupled)):
-        dy_old = frozen_dy(dy, o_f, frozen_dy_scale)
+        dy_old = frozen_dy(dy, o_f, frozen_dy_scale, fmt)
     dcouple = None
     if need_dcouple and w_couple is not None:
         dcouple = (_conv_grads(dy_old, x[:, i_f:], w_couple, stride, padding, dilation, 1, False,
@@ -488,7 +494,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
             dx = _conv_grads(dy_new, x, w_new, stride, padding, dilation, 1, True, False,
                              False)[0]
             for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
-                dx[:, :k] += _conv_grads(dy_old[:, r0:r1].contiguous(), x[:, :k],
+                dx[:, :k] += _conv_grads(dy_old[:, r0:r1].contiguous(memory_format=fmt), x[:, :k],
                                          w_frozen[r0:r1, :k], stride, padding, dilation, 1, True,
                                          False, False)[0]
         else:

@@ -127,9 +127,13 @@ _TRITON_FORWARD_MIN_MACS = 1 << 36
 
 def _auto_choice(device: torch.device, op: str, backward: bool = False,
                  dtype: Optional[torch.dtype] = None, macs: int = 0) -> str:
-    override = os.environ.get("EXPANSE_FAST_AUTO_" + op.upper())
-    if override in BACKENDS[1:]:
-        return override
+    # EXPANSE_FAST_AUTO_<OP>_FORWARD / _BACKWARD name one direction's backend, and
+    # EXPANSE_FAST_AUTO_<OP> both (benchmarks and experiments steer "auto" with them).
+    name = "EXPANSE_FAST_AUTO_" + op.upper()
+    for key in (name + ("_BACKWARD" if backward else "_FORWARD"), name):
+        override = os.environ.get(key)
+        if override in BACKENDS[1:]:
+            return override
     if (not backward and op in _TRITON_FORWARD_OPS and device.type in _TRITON_FORWARD_DEVICE_TYPES
             and dtype in _TRITON_FORWARD_DTYPES and macs >= _TRITON_FORWARD_MIN_MACS
             and _usable("triton", device)[0]

@@ -14,14 +14,19 @@ BIG = 1 << 36
 CUDA = torch.device("cuda")  # a device object only: the rule's inputs, no GPU needed
 
 
+def _clear_overrides(monkeypatch):
+    for op in ("LINEAR", "CONV2D"):
+        for suffix in ("", "_FORWARD", "_BACKWARD"):
+            monkeypatch.delenv(f"EXPANSE_FAST_AUTO_{op}{suffix}", raising=False)
+
+
 @pytest.fixture
 def triton_usable(monkeypatch):
     """Triton usable on every device, whether or not it is here: the rule alone is tested."""
     real = backend_choice._usable
     monkeypatch.setattr(backend_choice, "_usable",
                         lambda name, dev: (True, "") if name == "triton" else real(name, dev))
-    for op in ("EXPANSE_FAST_AUTO_LINEAR", "EXPANSE_FAST_AUTO_CONV2D"):
-        monkeypatch.delenv(op, raising=False)
+    _clear_overrides(monkeypatch)
 
 
 def test_auto_runs_large_half_conv_forwards_in_triton(triton_usable):
@@ -44,9 +49,18 @@ def test_auto_override_holds_both_directions(triton_usable, monkeypatch):
     assert backend_choice._auto_choice(CUDA, "linear", False, torch.bfloat16, BIG) == "torch"
 
 
+def test_auto_override_of_one_direction(triton_usable, monkeypatch):
+    monkeypatch.setenv("EXPANSE_FAST_AUTO_LINEAR_FORWARD", "triton")
+    assert backend_choice._auto_choice(CUDA, "linear", False, torch.bfloat16, BIG) == "triton"
+    assert backend_choice._auto_choice(CUDA, "linear", True) == "torch"
+    monkeypatch.setenv("EXPANSE_FAST_AUTO_LINEAR", "cuda")  # the direction's own wins
+    assert backend_choice._auto_choice(CUDA, "linear", False) == "triton"
+    assert backend_choice._auto_choice(CUDA, "linear", True) == "cuda"
+
+
 def test_auto_falls_back_where_triton_is_unusable(monkeypatch):
     monkeypatch.setattr(backend_choice, "_usable", lambda name, dev: (False, "no triton"))
-    monkeypatch.delenv("EXPANSE_FAST_AUTO_LINEAR", raising=False)
+    _clear_overrides(monkeypatch)
     assert backend_choice._auto_choice(CUDA, "linear", False, torch.bfloat16, BIG) == "torch"
 
 
@@ -74,8 +88,7 @@ def test_forward_in_triton_backward_in_torch_matches(seed, monkeypatch):
     monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_DEVICE_TYPES", (DEVICE.type,))
     monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_DTYPES", (torch.float32,))
     monkeypatch.setattr(backend_choice, "_TRITON_FORWARD_MIN_MACS", 0)
-    for op in ("EXPANSE_FAST_AUTO_LINEAR", "EXPANSE_FAST_AUTO_CONV2D"):
-        monkeypatch.delenv(op, raising=False)
+    _clear_overrides(monkeypatch)
     big, plain, shape = random_widened(seed, backend="auto")
     twin = copy.deepcopy(big)
     for layer in twin.modules():

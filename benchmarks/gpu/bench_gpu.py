@@ -475,14 +475,25 @@ class Ctx:
         import contextlib
         import expanse_fast as xf
 
+        # "triton+torch": the forward on one backend, the backward on the other ("auto"
+        # steered per direction)
+        fwd, _, bwd = name.partition("+")
+        values = {}
+        for op in ("LINEAR", "CONV2D"):
+            key = "EXPANSE_FAST_AUTO_" + op
+            values.update({key: None if bwd else name, key + "_FORWARD": fwd if bwd else None,
+                           key + "_BACKWARD": bwd or None})
+
         @contextlib.contextmanager
         def scope():
-            saved = {k: os.environ.get(k) for k in ("EXPANSE_FAST_AUTO_LINEAR",
-                                                     "EXPANSE_FAST_AUTO_CONV2D")}
-            for k in saved:
-                os.environ[k] = name
+            saved = {k: os.environ.get(k) for k in values}
+            for k, v in values.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
             try:
-                with xf.use_backend(name):
+                with xf.use_backend("auto" if bwd else name):
                     yield
             finally:
                 for k, v in saved.items():
@@ -722,11 +733,11 @@ def sec_linear(ctx):
                 f_fwd, 2 * n_rows * i0 * i0)
     del ft, fparams, x0s, dy0s
     _measure_after_torch(ctx, backends, exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd, f_fb, ref,
-                         triton_variant=_measure_triton_without_tma)
+                         triton_variant=_measure_triton_without_tma, mixed=True)
 
 
 def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
-                         triton_variant=None):
+                         triton_variant=None, mixed=False):
     """Every backend after the first (torch, measured before the peers), the compiled
     extension last, so that a faulty kernel's sticky CUDA error ends the section and not the
     other rows; then the extension on its WMMA path.  ``triton_variant`` (a _measure_triton_*
@@ -738,7 +749,7 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
     variants = os.environ.get("EXPANSE_BENCH_VARIANTS", "1") != "0"
     if triton_variant is not None and variants:
         triton_variant(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
-    _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
+    _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref, mixed)
     _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k,
                       v_f, v_fb, f_fwd, f_fb, ref)
     if variants:
@@ -746,12 +757,16 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
                                     v_fb)
 
 
-def _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):
-    """``backend="auto"``, the package's default: per call, the Triton forward where the
-    call is large (fp16/bf16 on CUDA) and the torch backend's backward (backend_choice)."""
+def _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
+                  mixed=False):
+    """``backend="auto"``, the package's default (backend_choice: the Triton forward of a
+    large fp16/bf16 conv on CUDA, the torch backend otherwise).  ``mixed``: also the Triton
+    forward with the torch backward (``triton+torch``), which "auto" runs for the conv but
+    not for the linear layer: the pair that decides it, measured in the same run."""
     if dict(backends).get("triton", "absent") is not None:
         return  # auto is the torch backend here: not timed twice
-    _measure_backends(ctx, [("auto", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
+    names = [("auto", None)] + ([("triton+torch", None)] if mixed else [])
+    _measure_backends(ctx, names, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
 
 
 def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -140,3 +140,28 @@ def _auto_choice(device: torch.device, op: str, backward: bool = False,
             and hasattr(backend_module("triton"), op + "_forward")):
         return "triton"
     return "torch"
+
+
+def describe_auto(device: torch.device) -> List[str]:
+    """What "auto" runs on ``device``, one line per op (``expanse-fast info``)."""
+    device = torch.device(device)
+    lines = []
+    for op in ("linear", "conv2d"):
+        forward = backward = "torch"
+        rule = ""
+        if (op in _TRITON_FORWARD_OPS and device.type in _TRITON_FORWARD_DEVICE_TYPES
+                and _usable("triton", device)[0]):
+            forward = "triton"
+            rule = (f" for {'/'.join(str(d).replace('torch.', '') for d in _TRITON_FORWARD_DTYPES)}"
+                    f" calls of at least 2^{_TRITON_FORWARD_MIN_MACS.bit_length() - 1}"
+                    " multiply-adds, else torch")
+        key = "EXPANSE_FAST_AUTO_" + op.upper()
+        for direction in ("FORWARD", "BACKWARD"):
+            override = next((os.environ[k] for k in (f"{key}_{direction}", key)
+                             if os.environ.get(k) in BACKENDS[1:]), None)
+            if override and direction == "FORWARD":
+                forward, rule = override, " (set by the environment)"
+            elif override:
+                backward = override + " (set by the environment)"
+        lines.append(f"{op}: forward {forward}{rule}; backward {backward}")
+    return lines

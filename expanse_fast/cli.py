@@ -43,7 +43,7 @@ def _info(args) -> int:
     import torch
 
     from . import __version__
-    from .backend_choice import BACKENDS, availability
+    from .backend_choice import BACKENDS, availability, describe_auto
 
     print(f"expanse_fast {__version__}")
     print(f"python       {platform.python_version()} ({sys.executable})")
@@ -68,6 +68,8 @@ def _info(args) -> int:
                 print(f"          {_tma_state(device)}")
             if name == "cuda" and ok:
                 print(f"          {_cuda_math_state(device)}")
+        for line in describe_auto(device):
+            print(f"  auto    {line}")
     return 0
 
 

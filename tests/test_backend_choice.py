@@ -114,3 +114,16 @@ def test_forward_in_triton_backward_in_torch_matches(seed, monkeypatch):
     for (name, a), b in zip(big.named_parameters(), twin.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad, msg=name, **tol)
+
+
+def test_describe_auto_says_what_runs(triton_usable, monkeypatch):
+    """`expanse-fast info` prints these lines: the rule, and overrides as overrides."""
+    linear, conv = backend_choice.describe_auto(CUDA)
+    assert linear == "linear: forward torch; backward torch"
+    assert conv.startswith("conv2d: forward triton for float16/bfloat16 calls of at least 2^36")
+    assert conv.endswith("else torch; backward torch")
+    assert backend_choice.describe_auto(torch.device("cpu"))[1] == \
+        "conv2d: forward torch; backward torch"
+    monkeypatch.setenv("EXPANSE_FAST_AUTO_LINEAR_BACKWARD", "triton")
+    assert backend_choice.describe_auto(CUDA)[0] == \
+        "linear: forward torch; backward triton (set by the environment)"

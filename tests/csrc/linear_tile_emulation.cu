@@ -521,6 +521,8 @@ int main() {
       {"long reduction", 700, 37, 24, 11, {20}, {17}, true, true, true, A::kNone, -1},
       {"no new inputs", 17, 9, 9, 5, {6}, {9}, true, true, true, A::kReLU, 3},
       {"no frozen rows", 9, 11, 0, 7, {}, {}, false, false, true, A::kNone, 0},
+      // the GPU test that failed once (H200, fp32): one group, 7 rows, 37 -> 53
+      {"one group, 7 rows", 7, 37, 0, 53, {}, {}, false, false, true, A::kNone, -1},
       // 16-byte rows: most tiles lie wholly inside their operands (the unchecked copy), the
       // edges and the staircase's last k-tiles do not
       // (255 rows: the last row tile and the last reduction k-tile are one row short)

@@ -466,17 +466,13 @@ class Ctx:
         return out
 
     def backend(self, name):
-        """Run under backend ``name``, also in autograd's device threads.
-
-        ``use_backend`` keeps its choice in a threading.local, which the autograd engine's
-        CUDA worker thread does not see: backward would resolve "auto" there.  The
-        ``EXPANSE_FAST_AUTO_<OP>`` variables steer "auto" to the same backend.
-        """
+        """Run under backend ``name``: ``use_backend`` and, for any backward that resolves
+        "auto" (a layer pinned to it), the ``EXPANSE_FAST_AUTO_<OP>`` variables.  A name
+        "fwd+bwd" (say "triton+torch") runs "auto" steered per direction instead
+        (``EXPANSE_FAST_AUTO_<OP>_FORWARD`` / ``_BACKWARD``)."""
         import contextlib
         import expanse_fast as xf
 
-        # "triton+torch": the forward on one backend, the backward on the other ("auto"
-        # steered per direction)
         fwd, _, bwd = name.partition("+")
         values = {}
         for op in ("LINEAR", "CONV2D"):

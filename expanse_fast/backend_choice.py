@@ -125,19 +125,32 @@ _TRITON_FORWARD_DTYPES = (torch.float16, torch.bfloat16)
 _TRITON_FORWARD_MIN_MACS = 1 << 36
 
 
-def _auto_choice(device: torch.device, op: str, backward: bool = False,
-                 dtype: Optional[torch.dtype] = None, macs: int = 0) -> str:
-    # EXPANSE_FAST_AUTO_<OP>_FORWARD / _BACKWARD name one direction's backend, and
-    # EXPANSE_FAST_AUTO_<OP> both (benchmarks and experiments steer "auto" with them).
+def _override(op: str, backward: bool) -> Optional[str]:
+    """The backend the environment names for one direction of ``op``, or None:
+    EXPANSE_FAST_AUTO_<OP>_FORWARD / _BACKWARD for one direction, EXPANSE_FAST_AUTO_<OP> for
+    both (benchmarks and experiments steer "auto" with them)."""
     name = "EXPANSE_FAST_AUTO_" + op.upper()
     for key in (name + ("_BACKWARD" if backward else "_FORWARD"), name):
-        override = os.environ.get(key)
-        if override in BACKENDS[1:]:
-            return override
-    if (not backward and op in _TRITON_FORWARD_OPS and device.type in _TRITON_FORWARD_DEVICE_TYPES
-            and dtype in _TRITON_FORWARD_DTYPES and macs >= _TRITON_FORWARD_MIN_MACS
+        value = os.environ.get(key)
+        if value in BACKENDS[1:]:
+            return value
+    return None
+
+
+def _triton_forwards(op: str, device: torch.device) -> bool:
+    """Whether "auto" may run ``op``'s forward in Triton on ``device`` (sizes aside)."""
+    return (op in _TRITON_FORWARD_OPS and device.type in _TRITON_FORWARD_DEVICE_TYPES
             and _usable("triton", device)[0]
-            and hasattr(backend_module("triton"), op + "_forward")):
+            and hasattr(backend_module("triton"), op + "_forward"))
+
+
+def _auto_choice(device: torch.device, op: str, backward: bool = False,
+                 dtype: Optional[torch.dtype] = None, macs: int = 0) -> str:
+    override = _override(op, backward)
+    if override is not None:
+        return override
+    if (not backward and dtype in _TRITON_FORWARD_DTYPES and macs >= _TRITON_FORWARD_MIN_MACS
+            and _triton_forwards(op, device)):
         return "triton"
     return "torch"
 
@@ -145,23 +158,16 @@ def _auto_choice(device: torch.device, op: str, backward: bool = False,
 def describe_auto(device: torch.device) -> List[str]:
     """What "auto" runs on ``device``, one line per op (``expanse-fast info``)."""
     device = torch.device(device)
+    dtypes = "/".join(str(d).replace("torch.", "") for d in _TRITON_FORWARD_DTYPES)
     lines = []
     for op in ("linear", "conv2d"):
-        forward = backward = "torch"
-        rule = ""
-        if (op in _TRITON_FORWARD_OPS and device.type in _TRITON_FORWARD_DEVICE_TYPES
-                and _usable("triton", device)[0]):
-            forward = "triton"
-            rule = (f" for {'/'.join(str(d).replace('torch.', '') for d in _TRITON_FORWARD_DTYPES)}"
-                    f" calls of at least 2^{_TRITON_FORWARD_MIN_MACS.bit_length() - 1}"
-                    " multiply-adds, else torch")
-        key = "EXPANSE_FAST_AUTO_" + op.upper()
-        for direction in ("FORWARD", "BACKWARD"):
-            override = next((os.environ[k] for k in (f"{key}_{direction}", key)
-                             if os.environ.get(k) in BACKENDS[1:]), None)
-            if override and direction == "FORWARD":
-                forward, rule = override, " (set by the environment)"
-            elif override:
-                backward = override + " (set by the environment)"
-        lines.append(f"{op}: forward {forward}{rule}; backward {backward}")
+        forward, backward = "torch", "torch"
+        if _triton_forwards(op, device):
+            forward = (f"triton for {dtypes} calls of at least "
+                       f"2^{_TRITON_FORWARD_MIN_MACS.bit_length() - 1} multiply-adds, else torch")
+        if _override(op, False) is not None:
+            forward = _override(op, False) + " (set by the environment)"
+        if _override(op, True) is not None:
+            backward = _override(op, True) + " (set by the environment)"
+        lines.append(f"{op}: forward {forward}; backward {backward}")
     return lines

@@ -155,8 +155,11 @@ _linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup
 # ---------------------------------------------------------------------------------------
 # Conv2d
 # ---------------------------------------------------------------------------------------
-def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+def _conv_out_hw(x, w_new, stride, padding, dilation) -> Tuple[int, int]:
+    """Output height and width of the conv (stride, padding, dilation: 2-lists)."""
+    kh, kw = w_new.shape[2], w_new.shape[3]
+    return (torch_ref.conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0]),
+            torch_ref.conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1]))
 
 
 def _conv2d_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
@@ -179,10 +182,8 @@ def _conv2d_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new:
 
 def _conv_macs(x, w_frozen, w_new, stride, padding, dilation, depthwise) -> int:
     """Multiply-adds of the dense convolution (what "auto" sizes a call by)."""
-    kh, kw = w_new.shape[2], w_new.shape[3]
-    ho = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    wo = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
-    per_output = kh * kw * (1 if depthwise else x.shape[1])
+    ho, wo = _conv_out_hw(x, w_new, stride, padding, dilation)
+    per_output = w_new.shape[2] * w_new.shape[3] * (1 if depthwise else x.shape[1])
     return x.shape[0] * ho * wo * (w_frozen.shape[0] + w_new.shape[0]) * per_output
 
 
@@ -193,9 +194,7 @@ _conv2d = torch.library.custom_op(f"{LIB}::conv2d", mutates_args=())(_conv2d_imp
 def _(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends, stride,
       padding, dilation, depthwise, need_dx_old, bn_mean=None, bn_var=None, bn_weight=None,
       bn_bias=None, bn_eps=0.0, backend=""):
-    kh, kw = w_new.shape[2], w_new.shape[3]
-    ho = _conv_out_size(x.shape[2], kh, stride[0], padding[0], dilation[0])
-    wo = _conv_out_size(x.shape[3], kw, stride[1], padding[1], dilation[1])
+    ho, wo = _conv_out_hw(x, w_new, stride, padding, dilation)
     return torch.empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0], ho, wo),
                        dtype=x.dtype, device=x.device, memory_format=conv_memory_format(x))
 

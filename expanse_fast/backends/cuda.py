@@ -310,10 +310,6 @@ def _conv_pair(v) -> list:
     return v * 2 if len(v) == 1 else v
 
 
-def _conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
-
-
 def _conv_to_torch_ref(x: Tensor, w_frozen: Tensor, w_new: Tensor, depthwise: bool) -> bool:
     if depthwise:
         return True
@@ -332,8 +328,8 @@ def _register_conv_fakes():
                                         _conv_pair(dilation))
         kh, kw = w_new.shape[2], w_new.shape[3]
         return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0],
-                            _conv_out_size(x.shape[2], kh, sh, ph, dh),
-                            _conv_out_size(x.shape[3], kw, sw, pw, dw)))
+                            torch_ref.conv_out_size(x.shape[2], kh, sh, ph, dh),
+                            torch_ref.conv_out_size(x.shape[3], kw, sw, pw, dw)))
 
     @torch.library.register_fake("expanse_fast_cuda::conv2d_backward")
     def _conv_bwd_fake(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,

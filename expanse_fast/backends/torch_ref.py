@@ -168,6 +168,11 @@ def saved_columns(saved: Tensor, width: int, c0: int, c1: int) -> Tensor:
     return saved[:, c0 - first:c1 - first]
 
 
+def conv_out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    """A convolution's output length along one dimension."""
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
 def conv_memory_format(x: Tensor) -> torch.memory_format:
     """The memory format of a conv's y and dx: channels_last where x is channels_last (and
     not NCHW-contiguous as well, as with one channel), else NCHW contiguous.  One rule for

@@ -92,12 +92,22 @@ def _linear_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor
                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``saved``: with a fused ``activation``, what its gradient reads (the forward's output
     for ReLU, its ``pre`` for the smooth ones), else None."""
-    backend = backend_choice.resolve(dy.device, "linear", backend, backward=True)
-    grads = backend.linear_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
-                                    frozen_out_groups, frozen_k_ends, need_dx_new, need_dx_old,
-                                    need_dw, need_db, need_dcouple, saved=saved,
-                                    activation=activation)
+    grads = _linear_grads(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                          need_dx_new, need_dx_old, need_dw, need_db, need_dcouple, saved,
+                          activation, backend)
     return tuple(_or_empty(g, dy) for g in grads)
+
+
+def _linear_grads(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                  need_dx_new, need_dx_old, need_dw, need_db, need_dcouple, saved, activation,
+                  backend):
+    """(dx, dw, db, dcouple), None where not wanted: the backward op's work, which the eager
+    backward calls directly (no empty placeholders to make and drop)."""
+    backend = backend_choice.resolve(dy.device, "linear", backend, backward=True)
+    return backend.linear_backward(dy.contiguous(), x, w_frozen, w_new, w_couple,
+                                   frozen_out_groups, frozen_k_ends, need_dx_new, need_dx_old,
+                                   need_dw, need_db, need_dcouple, saved=saved,
+                                   activation=activation)
 
 
 _linear_backward = torch.library.custom_op(f"{LIB}::linear_backward",
@@ -141,7 +151,7 @@ def _linear_autograd_backward(ctx, dy, _dpre=None):
         dx, dw, db, dc = composite.linear_vjp(dy, x, w_frozen, b_frozen, w_new, b_new,
                                               w_couple, *ctx.groups, ctx.activation)
     else:
-        backward = _linear_backward_impl if getattr(ctx, "eager", False) else _linear_backward
+        backward = _linear_grads if getattr(ctx, "eager", False) else _linear_backward
         dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
                                   need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
                                   saved, ctx.activation, ctx.backend)
@@ -207,6 +217,16 @@ def _conv2d_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor
                      bn_scale: Optional[Tensor] = None,
                      backend: str = "") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``bn_scale``: a folded BatchNorm's ``weight / sqrt(var + eps)`` (O_f,), or None."""
+    grads = _conv2d_grads(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                          stride, padding, dilation, depthwise, need_dx_new, need_dx_old,
+                          need_dw, need_db, need_dcouple, bn_scale, backend)
+    return tuple(_or_empty(g, dy) for g in grads)
+
+
+def _conv2d_grads(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride,
+                  padding, dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db,
+                  need_dcouple, bn_scale, backend):
+    """(dx, dw, db, dcouple), None where not wanted (see ``_linear_grads``)."""
     backend = backend_choice.resolve(dy.device, "conv2d", backend, backward=True)
     # dy goes in with its strides: every backend reads any layout (a channels_last dy stays
     # channels_last, which the Triton kernels read best)
@@ -219,7 +239,7 @@ def _conv2d_backward_impl(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor
     if dx is not None:
         dx = dx.contiguous(memory_format=conv_memory_format(x))
     dw, dcouple = (None if g is None else g.contiguous() for g in (dw, dcouple))
-    return tuple(_or_empty(g, dy) for g in (dx, dw, db, dcouple))
+    return dx, dw, db, dcouple
 
 
 _conv2d_backward = torch.library.custom_op(f"{LIB}::conv2d_backward",
@@ -270,7 +290,7 @@ def _conv2d_autograd_backward(ctx, dy):
         if bn_var is not None and reads_frozen_dy(w_couple, need_x, need_dx_old, need_c):
             # only when the backward reads the frozen columns of dy
             bn_scale = torch_ref.bn_scale(bn_var, bn_weight, ctx.bn_eps)
-        backward = _conv2d_backward_impl if getattr(ctx, "eager", False) else _conv2d_backward
+        backward = _conv2d_grads if getattr(ctx, "eager", False) else _conv2d_backward
         dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
                                   need_dx_old, need_w, need_b, need_c, bn_scale, ctx.backend)
     return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
@@ -291,27 +311,34 @@ _conv2d.register_autograd(_conv2d_autograd_backward, setup_context=_conv2d_setup
 USE_EAGER_FUNCTIONS = os.environ.get("EXPANSE_FAST_CUSTOM_OPS", "0") != "1"
 
 
-def _eager_function(name: str, impl, setup_context, backward) -> type:
-    def forward(ctx, *inputs):
+def _eager_function(name: str, impl, setup_context, backward, n_tensors: int) -> type:
+    """An autograd.Function running ``impl``, ``setup_context`` and ``backward`` of a custom
+    op.  It takes the op's first ``n_tensors`` inputs (the differentiable ones) and then all
+    the others in one tuple: Function.apply costs about a microsecond per argument."""
+    def forward(ctx, *args):
+        inputs = args[:n_tensors] + args[n_tensors]
         out = impl(*inputs)
         setup_context(ctx, inputs, out)
         ctx.eager = True  # backward calls the implementation, not the custom op
         return out
 
+    def backward_(ctx, *grads):
+        return backward(ctx, *grads)[:n_tensors] + (None,)
+
     # (with create_graph=True the backward runs with grad mode on and is differentiable)
     return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
 
 
 _LinearFunction = _eager_function("_LinearFunction", _linear_impl, _linear_setup_context,
-                                  _linear_autograd_backward)
+                                  _linear_autograd_backward, 6)
 _Conv2dFunction = _eager_function("_Conv2dFunction", _conv2d_impl, _conv2d_setup_context,
-                                  _conv2d_autograd_backward)
+                                  _conv2d_autograd_backward, 6)
 
 
 def _call(op, function, *args) -> Tensor:
     if USE_EAGER_FUNCTIONS and not torch.compiler.is_compiling():
-        return function.apply(*args)
+        return function.apply(*args[:6], args[6:])
     return op(*args)
 
 

@@ -54,6 +54,30 @@ def test_gpu_only_checks_run_first(plugin):
     assert [i.nodeid for i in items] == [ids[4], ids[2], ids[3], ids[1], ids[0]]
 
 
+def test_bfloat16_cases_first_within_a_file_rank(plugin):
+    """The interpreter on CPU checks float32 and float16; bfloat16 only a GPU can check, so
+    under the stage's deadline those cases go first (file ranks still come before)."""
+    import torch
+
+    def case(nodeid, **params):
+        item = _item(nodeid=nodeid)
+        item.callspec = types.SimpleNamespace(params=params)
+        return item
+
+    sweep = "tests/backends/test_conv_bn_fold.py::test_folded_conv_matches_float64"
+    items = [case(sweep + "[a]", backend="triton", dtype=torch.float32),
+             case(sweep + "[b]", backend="torch", dtype=torch.float16),
+             case(sweep + "[c]", backend="triton", dtype=torch.bfloat16),
+             case("tests/nn/test_x.py::test_no_dtype[1]", n=1),
+             _item(nodeid="tests/test_plain.py::test_unparametrized"),
+             case("tests/kernels/test_expanded_conv_kernels.py::test_k", dtype=torch.float32)]
+    plugin.pytest_collection_modifyitems(None, None, items)
+    assert [i.nodeid.rsplit("::", 1)[-1] for i in items] == [
+        "test_k", "test_folded_conv_matches_float64[c]", "test_no_dtype[1]",
+        "test_unparametrized", "test_folded_conv_matches_float64[b]",
+        "test_folded_conv_matches_float64[a]"]
+
+
 def test_the_prioritized_tests_exist(plugin):
     """Each priority is the start of a test file's path, or names one test in that file."""
     root = os.path.join(os.path.dirname(__file__), os.pardir)

@@ -365,7 +365,8 @@ TRAIN_ALL_HINT = ("; to train every weight, train xf.merge(model) instead (plain
                   "holding the whole staircase)")
 
 
-def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]]):
+def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]],
+                   composite_needed: Optional[bool] = None):
     for name, t in named:
         if t is None:
             continue
@@ -375,7 +376,7 @@ def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Ten
         if t.device != x.device:
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
-    if composite.needed():
+    if composite.needed() if composite_needed is None else composite_needed:
         return  # torch.func differentiates what it is given; the composite forms every gradient
     for name, t in named:
         if name.startswith(("w_frozen", "b_frozen", "bn_")) and t is not None and t.requires_grad:
@@ -417,24 +418,28 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"{what}: expected input with {in_features} features in its last "
                          f"dimension, got shape {tuple(x.shape)}")
+    use_composite = composite.needed()
     _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
-                             ("b_new", b_new), ("w_couple", w_couple)])
+                             ("b_new", b_new), ("w_couple", w_couple)], use_composite)
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
-    if composite.needed():  # torch.func, dual tensors: plain differentiable ops, any backend
+    if use_composite:  # torch.func, dual tensors: plain differentiable ops, any backend
         return composite.linear(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                 frozen_out_groups, frozen_k_ends, activation)
-    lead = x.shape[:-1]
-    rows = 1
-    for d in lead:  # (not math.prod: torch.compile cannot trace it over symbolic sizes)
-        rows = rows * d
-    x2 = x.reshape(rows, in_features)  # -1 would be ambiguous for 0 features
+    if x.dim() == 2:
+        x2 = x  # (a reshape costs a few microseconds of host time per call)
+    else:
+        lead = x.shape[:-1]
+        rows = 1
+        for d in lead:  # (not math.prod: torch.compile cannot trace it over symbolic sizes)
+            rows = rows * d
+        x2 = x.reshape(rows, in_features)  # -1 would be ambiguous for 0 features
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     y, _ = _call(_linear, _LinearFunction, x2, w_frozen, b_frozen, w_new, b_new, w_couple,
                  list(frozen_out_groups), list(frozen_k_ends), bool(need_dx_old), activation,
                  _pre_columns(activation, x2, w_frozen, w_new, b_new, w_couple, need_dx_old),
                  _backend_arg(backend))
-    return y if x.dim() == 2 else y.reshape(*lead, y.shape[-1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _pre_columns(activation: str, x: Tensor, w_frozen: Tensor, w_new: Tensor,

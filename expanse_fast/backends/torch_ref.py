@@ -218,8 +218,9 @@ def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
         return y
     for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
         out = y[:, r0:r1]
-        _frozen_affine_into(out, x[:, :k], w_frozen[r0:r1, :k],
-                            None if b_frozen is None else b_frozen[r0:r1])
+        whole = r0 == 0 and r1 == o_f  # one frozen group: no views of the weights to make
+        _frozen_affine_into(out, x[:, :k], w_frozen if whole and k == i_f else w_frozen[r0:r1, :k],
+                            b_frozen if whole or b_frozen is None else b_frozen[r0:r1])
         if w_couple is not None and w_couple.shape[1]:
             # out-of-place addmm: the profiler counts it (tests compare FLOP counts)
             out.copy_(torch.addmm(out, x[:, i_f:], w_couple[r0:r1].t()))
@@ -240,11 +241,14 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
     need_dx = need_dx_new or need_dx_old
     # The frozen rows' dy is read only for dcouple, dx_old and the coupled dx_new: with a
     # fused activation, its gradient is applied to those columns only when one is wanted.
-    dy_new, dy_old = dy[:, o_f:], dy[:, :o_f]
+    dy_new = dy[:, o_f:]
+    dy_old = None  # (a view costs host time: made only where it is read)
+    if reads_frozen_dy(w_couple, need_dx_new, need_dx_old, need_dcouple):
+        dy_old = dy[:, :o_f]
+        if activation and o_f:
+            dy_old = activation_grad(activation, dy_old, saved_columns(saved, o, 0, o_f))
     if activation:
         dy_new = activation_grad(activation, dy_new, saved_columns(saved, o, o_f, o))
-        if o_f and reads_frozen_dy(w_couple, need_dx_new, need_dx_old, need_dcouple):
-            dy_old = activation_grad(activation, dy_old, saved_columns(saved, o, 0, o_f))
     dx = dw = db = dcouple = None
     if need_dw:
         dw = dy_new.t() @ x
@@ -257,17 +261,18 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
         # fill than from a fill of the strided column slice (H200: 91 us for 16384 x 4096).
         zeros_first = not need_dx_old and x.is_cuda
         dx = x.new_zeros(x.shape) if zeros_first else x.new_empty(x.shape)
-        dx_new, dx_old = dx[:, i_f:], dx[:, :i_f]
+        dx_new = dx[:, i_f:]
         torch.mm(dy_new, w_new[:, i_f:], out=dx_new)
         if coupled:
             dx_new.copy_(torch.addmm(dx_new, dy_old, w_couple))
         if need_dx_old:
+            dx_old = dx[:, :i_f]
             torch.mm(dy_new, w_new[:, :i_f], out=dx_old)
             for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
                 dx_old[:, :k].copy_(torch.addmm(dx_old[:, :k], dy_old[:, r0:r1],
                                                 w_frozen[r0:r1, :k]))
         elif not zeros_first:
-            dx_old.zero_()  # nobody reads the old input's gradient
+            dx[:, :i_f].zero_()  # nobody reads the old input's gradient
     return dx, dw, db, dcouple
 
 

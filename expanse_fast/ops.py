@@ -337,7 +337,10 @@ _Conv2dFunction = _eager_function("_Conv2dFunction", _conv2d_impl, _conv2d_setup
 
 
 def _call(op, function, *args) -> Tensor:
-    if USE_EAGER_FUNCTIONS and not torch.compiler.is_compiling():
+    # (torch.jit.trace cannot record a Function whose argument is a tuple of lists: it
+    # records the custom op, which a saved trace can run too)
+    if (USE_EAGER_FUNCTIONS and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()):
         return function.apply(*args[:6], args[6:])
     return op(*args)
 

@@ -95,9 +95,9 @@ def test_shape_that_loses_bits_falls_back(monkeypatch):
     strided_reads = []
     real_affine = torch_ref._affine_into
 
-    def spy_affine(out, x_, w, b):
+    def spy_affine(out, x_, w, b, *rest):
         strided_reads.append(not x_.is_contiguous())
-        return real_affine(out, x_, w, b)
+        return real_affine(out, x_, w, b, *rest)
 
     monkeypatch.setattr(torch_ref, "_affine_into", spy_affine)
     with torch.no_grad():
@@ -110,3 +110,49 @@ def test_shape_that_loses_bits_falls_back(monkeypatch):
     expected = lin(x[:, :9].contiguous())
     assert torch.equal(first[:, :4], expected) and torch.equal(second[:, :4], expected)
     assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_one_bias_pass_keeps_every_bit(monkeypatch, shape, dtype):
+    """Large GPU calls put every block's bias into the output in one pass and let each GEMM
+    add onto it (aten's addmm copies the bias in itself, through a slow strided kernel for a
+    column slice).  That is aten's own arithmetic: forced here on CPU, the frozen outputs are
+    still the pretrained bits and the whole output the usual path's, bit for bit."""
+    torch.manual_seed(4)
+    lin, layer = _layer(*shape, True, dtype)
+    twice = xf.ExpandedLinear.from_linear(nn.Linear(shape[0], shape[1]).to(dtype), 3, 2)
+    twice.expand(4, 3)  # three groups: two frozen row blocks, each with its own bias slice
+    twice.to(dtype).backend = "torch"
+    for n in (1, 5, 64):
+        for big in (layer, twice):
+            x = torch.randn(n, big.in_features, dtype=dtype)
+            with torch.no_grad():
+                usual = big(x)
+                monkeypatch.setattr(torch_ref, "_one_bias_pass", lambda y: True)
+                fused = big(x)
+                monkeypatch.undo()
+            assert torch.equal(fused, usual), (n, big.in_groups)
+        with torch.no_grad():
+            monkeypatch.setattr(torch_ref, "_one_bias_pass", lambda y: True)
+            x = torch.randn(n, layer.in_features, dtype=dtype)
+            y = layer(x)
+            monkeypatch.undo()
+        assert torch.equal(y[:, :shape[1]], lin(x[:, :shape[0]].contiguous()))
+
+
+def test_one_bias_pass_only_for_large_gpu_outputs():
+    y = torch.empty(4096, 1024)
+    assert not torch_ref._one_bias_pass(y)  # CPU: its strided copy is as fast
+    meta = torch.empty(4096, 1024, device="meta")
+    assert not torch_ref._one_bias_pass(meta)
+    if torch.cuda.is_available():
+        assert torch_ref._one_bias_pass(y.cuda())
+        assert not torch_ref._one_bias_pass(torch.empty(8, 80, device="cuda"))
+
+
+def test_fill_biases_with_one_block_unbiased():
+    y = torch.empty(3, 5)
+    assert not torch_ref._fill_biases(y, None, None, 2)
+    assert torch_ref._fill_biases(y, torch.tensor([1.0, 2.0]), None, 2)
+    assert torch.equal(y, torch.tensor([[1.0, 2.0, 0.0, 0.0, 0.0]] * 3))

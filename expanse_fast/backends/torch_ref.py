@@ -315,8 +315,8 @@ def _conv(x: Tensor, w: Tensor, b: Maybe, stride, padding, dilation, groups: int
         def pair(v):
             return (int(v),) * 2 if isinstance(v, int) else tuple(int(a) for a in v)
         (sh, sw), (ph, pw), (dh, dw) = pair(stride), pair(padding), pair(dilation)
-        ho = (x.shape[2] + 2 * ph - dh * (w.shape[2] - 1) - 1) // sh + 1
-        wo = (x.shape[3] + 2 * pw - dw * (w.shape[3] - 1) - 1) // sw + 1
+        ho = conv_out_size(x.shape[2], w.shape[2], sh, ph, dh)
+        wo = conv_out_size(x.shape[3], w.shape[3], sw, pw, dw)
         y = x.new_zeros((x.shape[0], w.shape[0], ho, wo))
         return y if b is None else y + b.view(1, -1, 1, 1)
     return torch.nn.functional.conv2d(x, w, b, stride, padding, dilation, groups)

@@ -330,10 +330,12 @@ def _eager_function(name: str, impl, setup_context, backward, n_tensors: int) ->
                 {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
 
 
+# Both ops begin with the same six tensors: x, w_frozen, b_frozen, w_new, b_new, w_couple.
+_EAGER_TENSORS = 6
 _LinearFunction = _eager_function("_LinearFunction", _linear_impl, _linear_setup_context,
-                                  _linear_autograd_backward, 6)
+                                  _linear_autograd_backward, _EAGER_TENSORS)
 _Conv2dFunction = _eager_function("_Conv2dFunction", _conv2d_impl, _conv2d_setup_context,
-                                  _conv2d_autograd_backward, 6)
+                                  _conv2d_autograd_backward, _EAGER_TENSORS)
 
 
 def _call(op, function, *args) -> Tensor:
@@ -341,7 +343,7 @@ def _call(op, function, *args) -> Tensor:
     # records the custom op, which a saved trace can run too)
     if (USE_EAGER_FUNCTIONS and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()):
-        return function.apply(*args[:6], args[6:])
+        return function.apply(*args[:_EAGER_TENSORS], args[_EAGER_TENSORS:])
     return op(*args)
 
 
@@ -369,7 +371,7 @@ TRAIN_ALL_HINT = ("; to train every weight, train xf.merge(model) instead (plain
 
 
 def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]],
-                   composite_needed: Optional[bool] = None):
+                   use_composite: bool):
     for name, t in named:
         if t is None:
             continue
@@ -379,7 +381,7 @@ def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Ten
         if t.device != x.device:
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
-    if composite.needed() if composite_needed is None else composite_needed:
+    if use_composite:
         return  # torch.func differentiates what it is given; the composite forms every gradient
     for name, t in named:
         if name.startswith(("w_frozen", "b_frozen", "bn_")) and t is not None and t.requires_grad:
@@ -503,11 +505,13 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"{what}: expected a 4-D (N, C, H, W) input with C = {in_channels}, "
                          f"got shape {tuple(x.shape)}")
+    use_composite = composite.needed()
     _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
-                             ("b_new", b_new), ("w_couple", w_couple)])
+                             ("b_new", b_new), ("w_couple", w_couple)], use_composite)
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
-    _check_frozen_bn(what, x, w_frozen.shape[0], bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
-    if composite.needed():  # torch.func, dual tensors: plain differentiable ops, any backend
+    _check_frozen_bn(what, x, w_frozen.shape[0], bn_mean, bn_var, bn_weight, bn_bias, bn_eps,
+                     use_composite)
+    if use_composite:  # torch.func, dual tensors: plain differentiable ops, any backend
         frozen_bn = None if bn_mean is None else (bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
         return composite.conv2d(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                 frozen_out_groups, frozen_k_ends, _pair(stride), _pair(padding),
@@ -518,7 +522,8 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                  bn_weight, bn_bias, float(bn_eps), _backend_arg(backend))
 
 
-def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, eps):
+def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, eps,
+                     use_composite: bool):
     """A folded BatchNorm: one frozen 1-D tensor of O_f values each, in the input's dtype
     or float32 (as F.batch_norm allows), on the input's device."""
     if mean is None:
@@ -546,7 +551,7 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
         if t.device != x.device:
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
-        if t.requires_grad and not composite.needed():
+        if t.requires_grad and not use_composite:
             raise ValueError(f"{what}: {name} requires grad, but a folded BatchNorm's frozen "
                              f"channels are fixed{TRAIN_ALL_HINT}")
 

@@ -430,6 +430,38 @@ class Ctx:
         finally:
             self.profile_s += time.time() - t0
 
+    def host_breakdown(self, fn, top=10, min_left=10.0):
+        """Where the host's time for one call of ``fn`` goes, from a profiler session of the
+        CPU alone (no CUPTI, so no device kernels and no after-effect on later launches):
+        {"wall_us", "aten_ops", "aten_self_us", "top": [[name, calls, self us]]}.  On a GPU
+        this is what paces an eager step of small layers; ``wall_us`` minus
+        ``aten_self_us`` is the Python around the ops.  A string where it cannot run."""
+        if os.environ.get("EXPANSE_BENCH_PROFILE") == "0":
+            return f"not profiled: {os.environ.get('EXPANSE_BENCH_PROFILE_WHY', 'disabled')}"
+        if self.left() < min_left:
+            return "not profiled: out of time"
+        t0 = time.time()
+        try:
+            from torch.profiler import ProfilerActivity, profile
+            keep = fn()  # warm: nothing first-call about the recorded one
+            self.sync()
+            del keep
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                start = time.perf_counter()
+                keep = fn()
+                wall = time.perf_counter() - start  # the host's issue time, not the device's
+                self.sync()
+                del keep
+            events = [e for e in prof.key_averages() if str(e.key).startswith("aten::")]
+            rows = sorted(([str(e.key)[:80], int(e.count), round(float(e.self_cpu_time_total), 1)]
+                           for e in events), key=lambda r: -r[2])
+            return dict(wall_us=round(wall * 1e6, 1), aten_ops=sum(r[1] for r in rows),
+                        aten_self_us=round(sum(r[2] for r in rows), 1), top=rows[:top])
+        except Exception as exc:  # noqa: BLE001 - a diagnostic, never the row's failure
+            return f"profiler failed: {_short_exc(exc)}"
+        finally:
+            self.profile_s += time.time() - t0
+
     def record_autotune(self):
         """The tile each Triton autotuner chose, per key it tuned in this section."""
         import importlib
@@ -1061,9 +1093,25 @@ def sec_mlp(ctx):
             _measure_graphed_steps(ctx, variant, step, k, useful, backends, big,
                                    [("peer/masked", masked), ("peer/finetune", ft)],
                                    dense_flop)
+        if dt == dtypes[0]:  # last: after every timed row of the section's first dtype
+            with ctx.backend("torch"):
+                _host_profiles(ctx, variant, [("expanse/torch", lambda: step(big, opt, 0))])
+            _host_profiles(ctx, variant, [("peer/finetune", lambda: step(ft, fopt, 0))])
         del big, masked, ft, opt, mopt, fopt, xs, ys
         if ctx.cuda:
             torch.cuda.empty_cache()
+
+
+def _host_profiles(ctx, variant, calls):
+    """Each (impl, fn): the host's ops of one eager call (``Ctx.host_breakdown``), kept on
+    that impl's row of ``variant``: why an expanded model's eager step may cost the host
+    more than fine-tuning's (on the H200 the MLP's took 3.9 ms of host time against 2.0)."""
+    for impl, fn in calls:
+        rows = [r for r in ctx.res["rows"] if r.get("variant") == variant
+                and r.get("impl") == impl and r.get("ms")]
+        if rows:
+            rows[-1]["host_ops"] = ctx.host_breakdown(fn)
+            ctx.save()
 
 
 def _measure_graphed_steps(ctx, variant, step, k, useful, backends, big, peers, dense_flop):
@@ -1142,6 +1190,9 @@ def sec_cnn(ctx):
         if c.role == "subject":
             useful = useful or 2 * macs
         ctx.measure(variant, impl[c.name], kind, [c.call], useful or 2 * macs, 2 * macs)
+    # last, after every timed row: the host's ops of one eager step, expanded and fine-tuned
+    _host_profiles(ctx, variant, [(impl[c.name], c.call) for c in order
+                                  if c.name in ("expanse_fast [torch]", B.FINETUNE)])
 
 
 SECTION_FN = {"ceilings": sec_ceilings, "linear": sec_linear, "conv": sec_conv, "mlp": sec_mlp,
@@ -1477,6 +1528,20 @@ def _breakdown_lines(res):
         body = k if isinstance(k, str) else "; ".join(
             f"{name[:60]} {'x' + str(n) + ' ' if n > 1 else ''}{us:.0f}" for name, n, us in k)
         lines.append(f"- {r.get('variant')} {r.get('impl')}: {body}")
+    hosts = [r for r in res.get("rows", []) if r.get("host_ops")]
+    if hosts:
+        lines.append("\nhost ops of one eager step (CPU-only profiler session, which adds its "
+                     "own cost per op; us, longest first):\n")
+    for r in hosts:
+        h = r["host_ops"]
+        if isinstance(h, str):
+            lines.append(f"- {r.get('variant')} {r.get('impl')}: {h}")
+            continue
+        top = "; ".join(f"{name.replace('aten::', '')[:40]} x{n} {us:.0f}"
+                        for name, n, us in h.get("top", []))
+        lines.append(f"- {r.get('variant')} {r.get('impl')}: wall {h.get('wall_us', 0):.0f} us, "
+                     f"{h.get('aten_ops')} aten ops, {h.get('aten_self_us', 0):.0f} us in them: "
+                     f"{top}")
     for kernel, keys in (res.get("autotune") or {}).items():
         for key, cfg in keys.items():
             lines.append(f"- autotune {kernel} {key[:80]}: {cfg}")

@@ -40,6 +40,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import padded_stats
+
 Maybe = Optional[Tensor]
 
 
@@ -379,13 +381,12 @@ def frozen_batch_norm(y: Tensor, frozen_bn) -> Tensor:
     multiply-add in torch ops differs from aten's BatchNorm kernel in the last bit (seen
     on CPU for every float dtype), so this runs ``F.batch_norm`` itself, over the whole
     output as the unfused BatchNorm does (same shape, memory format and kernel), with
-    stand-in statistics for the newest channels, whose raw values are then put back."""
+    stand-in statistics for the newest channels (``padded_stats``), whose raw
+    values are then put back."""
     mean, var, weight, bias, eps = frozen_bn
     n_new = y.shape[1] - mean.shape[0]
     if n_new:
-        def pad(t: Maybe, v: float) -> Maybe:
-            return None if t is None else torch.cat([t, t.new_full((n_new,), v)])
-        mean, var, weight, bias = pad(mean, 0.0), pad(var, 1.0), pad(weight, 1.0), pad(bias, 0.0)
+        mean, var, weight, bias = padded_stats.pad((mean, var, weight, bias), n_new)
     out = torch.nn.functional.batch_norm(y, mean, var, weight, bias, False, 0.0, eps)
     if n_new:
         out[:, -n_new:] = y[:, -n_new:]
@@ -439,14 +440,16 @@ def _conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor,
     joint = None
     if blocks and not coupled:
         r0, r1, k = blocks[-1]
-        joint = _joint_rows(x[:, :k], w_frozen[r0:r1, :k],
-                            None if b_frozen is None else b_frozen[r0:r1], w_new[:, :k], b_new,
-                            stride, padding, dilation, 1)
+        whole = r0 == 0 and r1 == w_frozen.shape[0] and k == i_f  # (views cost host time)
+        joint = _joint_rows(x[:, :k], w_frozen if whole else w_frozen[r0:r1, :k],
+                            b_frozen if whole or b_frozen is None else b_frozen[r0:r1],
+                            w_new[:, :k], b_new, stride, padding, dilation, 1)
         if joint is not None:
             blocks.pop()
             if k < x.shape[1]:  # the newest filters' columns over the inputs after k
-                joint[:, r1 - r0:] += _conv(x[:, k:], w_new[:, k:], None, stride, padding,
-                                            dilation)
+                # (add_ on the view: `joint[...] += t` would also copy the view onto itself)
+                joint[:, r1 - r0:].add_(_conv(x[:, k:], w_new[:, k:], None, stride, padding,
+                                              dilation))
     parts = []
     for r0, r1, k in blocks:
         y = _conv(x[:, :k], w_frozen[r0:r1, :k],

@@ -40,6 +40,9 @@ def check_groups(name: str, groups) -> Tuple[int, ...]:
     return tuple(width(g, f"{name} widths ({groups})") for g in groups)
 
 
+_DERIVED = ("_in_features", "_out_features", "_frozen_in", "_frozen_out", "_frozen_k_ends")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Widths of every input and output group of one expanded layer, and its mode."""
@@ -57,6 +60,24 @@ class Layout:
                 "same number of groups (one per task)")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        # The layout is immutable and every forward of its layer reads these: computed once.
+        # (Not functools.cached_property: its lock stops torch.compile's tracing.)
+        frozen_in = sum(self.in_groups[:-1])
+        k_ends = (tuple(frozen_in for _ in self.out_groups[:-1]) if self.mode == "coupled"
+                  else tuple(accumulate(self.in_groups))[: len(self.in_groups) - 1])
+        for name, value in (("_in_features", sum(self.in_groups)),
+                            ("_out_features", sum(self.out_groups)),
+                            ("_frozen_in", frozen_in), ("_frozen_out", sum(self.out_groups[:-1])),
+                            ("_frozen_k_ends", k_ends)):
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str):
+        # Only for names the instance lacks: a layout pickled (torch.save of a whole model)
+        # before the derived sizes were stored computes them on first use.
+        if name in _DERIVED and "in_groups" in self.__dict__:
+            self.__post_init__()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ---- sizes -------------------------------------------------------------------------
     @property
@@ -65,21 +86,21 @@ class Layout:
 
     @property
     def in_features(self) -> int:
-        return sum(self.in_groups)
+        return self._in_features
 
     @property
     def out_features(self) -> int:
-        return sum(self.out_groups)
+        return self._out_features
 
     @property
     def frozen_in(self) -> int:
         """I_f: input width read by frozen rows at most (all groups but the newest)."""
-        return sum(self.in_groups[:-1])
+        return self._frozen_in
 
     @property
     def frozen_out(self) -> int:
         """O_f: number of frozen output units."""
-        return sum(self.out_groups[:-1])
+        return self._frozen_out
 
     @property
     def new_in(self) -> int:
@@ -96,9 +117,7 @@ class Layout:
     @property
     def frozen_k_ends(self) -> Tuple[int, ...]:
         """For each frozen output group, how many leading input features it reads."""
-        if self.mode == "coupled":
-            return tuple(self.frozen_in for _ in self.out_groups[:-1])
-        return tuple(accumulate(self.in_groups))[: self.num_groups - 1]
+        return self._frozen_k_ends
 
     def in_offsets(self) -> Tuple[int, ...]:
         return (0,) + tuple(accumulate(self.in_groups))

@@ -350,10 +350,16 @@ def _call(op, function, *args) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # Checked functional forms
 # ---------------------------------------------------------------------------------------
+# Whether autocast is on for any device type (torch >= 2.4); else ask for x's own.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def _autocast(x: Tensor, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """Under ``torch.autocast`` for x's device: x and the blocks in its lower-precision dtype,
     as nn.Linear and nn.Conv2d get them (the casts are differentiable: trainable blocks
     keep float32 gradients); otherwise unchanged."""
+    if not _any_autocast():  # (one C call: the common case costs no device lookup)
+        return (x,) + tensors
     device = x.device.type
     try:
         enabled = torch.is_autocast_enabled(device)
@@ -370,21 +376,28 @@ TRAIN_ALL_HINT = ("; to train every weight, train xf.merge(model) instead (plain
                   "holding the whole staircase)")
 
 
-def _check_tensors(what: str, x: Tensor, named: Sequence[Tuple[str, Optional[Tensor]]],
+# The six tensors both ops begin with, by name; the first three after x are frozen.
+_BLOCK_NAMES = ("w_frozen", "b_frozen", "w_new", "b_new", "w_couple")
+
+
+def _check_tensors(what: str, x: Tensor, blocks: Sequence[Optional[Tensor]],
                    use_composite: bool):
-    for name, t in named:
+    """The blocks (named by ``_BLOCK_NAMES``) share x's dtype and device; the frozen ones
+    need no gradient (outside torch.func)."""
+    dtype, device = x.dtype, x.device
+    for name, t in zip(_BLOCK_NAMES, blocks):
         if t is None:
             continue
-        if t.dtype != x.dtype:
-            raise TypeError(f"{what}: input dtype is {x.dtype} but {name} is {t.dtype}; "
+        if t.dtype != dtype:
+            raise TypeError(f"{what}: input dtype is {dtype} but {name} is {t.dtype}; "
                             f"cast the input (or the layer) so both match")
-        if t.device != x.device:
-            raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
+        if t.device != device:
+            raise ValueError(f"{what}: input is on {device} but {name} is on {t.device}; "
                              f"move both to one device")
     if use_composite:
         return  # torch.func differentiates what it is given; the composite forms every gradient
-    for name, t in named:
-        if name.startswith(("w_frozen", "b_frozen", "bn_")) and t is not None and t.requires_grad:
+    for name, t in zip(_BLOCK_NAMES[:2], blocks[:2]):
+        if t is not None and t.requires_grad:
             raise ValueError(f"{what}: {name} requires grad, but frozen tensors must not "
                              f"(only the newest group is trainable){TRAIN_ALL_HINT}")
 
@@ -424,8 +437,7 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
         raise ValueError(f"{what}: expected input with {in_features} features in its last "
                          f"dimension, got shape {tuple(x.shape)}")
     use_composite = composite.needed()
-    _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
-                             ("b_new", b_new), ("w_couple", w_couple)], use_composite)
+    _check_tensors(what, x, (w_frozen, b_frozen, w_new, b_new, w_couple), use_composite)
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
     if use_composite:  # torch.func, dual tensors: plain differentiable ops, any backend
         return composite.linear(x, w_frozen, b_frozen, w_new, b_new, w_couple,
@@ -506,8 +518,7 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
         raise ValueError(f"{what}: expected a 4-D (N, C, H, W) input with C = {in_channels}, "
                          f"got shape {tuple(x.shape)}")
     use_composite = composite.needed()
-    _check_tensors(what, x, [("w_frozen", w_frozen), ("b_frozen", b_frozen), ("w_new", w_new),
-                             ("b_new", b_new), ("w_couple", w_couple)], use_composite)
+    _check_tensors(what, x, (w_frozen, b_frozen, w_new, b_new, w_couple), use_composite)
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
     _check_frozen_bn(what, x, w_frozen.shape[0], bn_mean, bn_var, bn_weight, bn_bias, bn_eps,
                      use_composite)

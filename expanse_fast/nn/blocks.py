@@ -32,6 +32,9 @@ class ExpandedBlocks(nn.Module):
 
     layout: Layout
     skip_old_input_grad: bool
+    # set by input_grad.watch() inside a widened model; the class default spares a layer
+    # called on its own the two exceptions of nn.Module's missing-attribute lookup
+    input_grad_watch = None
 
     def _set_blocks(self, layout: Layout, w_frozen: Tensor, b_frozen: Optional[Tensor],
                     w_new: Tensor, b_new: Optional[Tensor], w_couple: Optional[Tensor]):

@@ -32,6 +32,7 @@ class _ExpandedBatchNorm(nn.Module):
     # Set by fold_batchnorms(): the ExpandedConv2d before this layer already applied the
     # frozen channels' eval-mode map, so forward normalises the newest channels only.
     frozen_folded: bool = False
+    input_grad_watch = None  # set by input_grad.watch() (see ExpandedBlocks)
 
     def __init__(self, groups: Sequence[int], eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,

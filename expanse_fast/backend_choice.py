@@ -129,12 +129,32 @@ def _override(op: str, backward: bool) -> Optional[str]:
     """The backend the environment names for one direction of ``op``, or None:
     EXPANSE_FAST_AUTO_<OP>_FORWARD / _BACKWARD for one direction, EXPANSE_FAST_AUTO_<OP> for
     both (benchmarks and experiments steer "auto" with them)."""
-    name = "EXPANSE_FAST_AUTO_" + op.upper()
-    for key in (name + ("_BACKWARD" if backward else "_FORWARD"), name):
-        value = os.environ.get(key)
+    for key in _OVERRIDE_KEYS[(op, backward)]:
+        value = _getenv(key)
         if value in BACKENDS[1:]:
             return value
     return None
+
+
+_OVERRIDE_KEYS = {(op, backward): ("EXPANSE_FAST_AUTO_" + op.upper()
+                                   + ("_BACKWARD" if backward else "_FORWARD"),
+                                   "EXPANSE_FAST_AUTO_" + op.upper())
+                  for op in ("linear", "conv2d") for backward in (False, True)}
+_ENCODED_KEYS: Dict[str, object] = {}
+
+
+def _getenv(key: str) -> Optional[str]:
+    """``os.environ.get(key)`` read live, without the KeyError that os.environ raises and
+    catches inside for every name it lacks (this runs twice per op call)."""
+    env = os.environ
+    data = getattr(env, "_data", None)  # CPython's mapping behind os.environ
+    if data is None or not hasattr(env, "encodekey"):
+        return env.get(key)
+    encoded = _ENCODED_KEYS.get(key)
+    if encoded is None:
+        encoded = _ENCODED_KEYS[key] = env.encodekey(key)
+    raw = data.get(encoded)
+    return None if raw is None else env.decodevalue(raw)
 
 
 def _triton_forwards(op: str, device: torch.device) -> bool:

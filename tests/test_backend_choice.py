@@ -2,6 +2,8 @@
 on CUDA, the torch backend for every linear layer and every backward), and a model run
 through both backends at once against its float64 plain copy and the torch backend alone."""
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -27,6 +29,37 @@ def triton_usable(monkeypatch):
     monkeypatch.setattr(backend_choice, "_usable",
                         lambda name, dev: (True, "") if name == "triton" else real(name, dev))
     _clear_overrides(monkeypatch)
+
+
+def test_environment_is_read_live_without_exceptions(monkeypatch):
+    """The overrides are read on every call (a change shows at once), and reading a name the
+    environment lacks raises nothing inside (os.environ.get would raise and catch KeyError
+    there, twice per op call)."""
+    _clear_overrides(monkeypatch)
+    keys = [k for ks in backend_choice._OVERRIDE_KEYS.values() for k in ks]
+    assert all(backend_choice._getenv(k) is None for k in keys)
+    raised = []
+
+    def tracer(frame, event, arg):
+        if event == "exception":
+            raised.append(arg[0])
+        return tracer
+    sys.settrace(tracer)
+    try:
+        for op in ("linear", "conv2d"):
+            for backward in (False, True):
+                assert backend_choice._override(op, backward) is None
+    finally:
+        sys.settrace(None)
+    assert not raised
+    monkeypatch.setenv("EXPANSE_FAST_AUTO_CONV2D_BACKWARD", "triton")
+    monkeypatch.setenv("PATH_OF_SOMETHING_ELSE", "\u00e9t\u00e9")
+    for key in keys + ["PATH_OF_SOMETHING_ELSE", "HOME"]:
+        assert backend_choice._getenv(key) == os.environ.get(key)
+    assert backend_choice._override("conv2d", True) == "triton"
+    assert backend_choice._override("conv2d", False) is None
+    monkeypatch.delenv("EXPANSE_FAST_AUTO_CONV2D_BACKWARD")
+    assert backend_choice._override("conv2d", True) is None
 
 
 def test_auto_runs_large_half_conv_forwards_in_triton(triton_usable):

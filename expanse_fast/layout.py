@@ -65,10 +65,8 @@ class Layout:
         frozen_in = sum(self.in_groups[:-1])
         k_ends = (tuple(frozen_in for _ in self.out_groups[:-1]) if self.mode == "coupled"
                   else tuple(accumulate(self.in_groups))[: len(self.in_groups) - 1])
-        for name, value in (("_in_features", sum(self.in_groups)),
-                            ("_out_features", sum(self.out_groups)),
-                            ("_frozen_in", frozen_in), ("_frozen_out", sum(self.out_groups[:-1])),
-                            ("_frozen_k_ends", k_ends)):
+        for name, value in zip(_DERIVED, (sum(self.in_groups), sum(self.out_groups), frozen_in,
+                                          sum(self.out_groups[:-1]), k_ends)):
             object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str):

@@ -376,7 +376,7 @@ TRAIN_ALL_HINT = ("; to train every weight, train xf.merge(model) instead (plain
                   "holding the whole staircase)")
 
 
-# The six tensors both ops begin with, by name; the first three after x are frozen.
+# The blocks both ops take after x, by name; the first two are frozen.
 _BLOCK_NAMES = ("w_frozen", "b_frozen", "w_new", "b_new", "w_couple")
 
 

@@ -49,6 +49,14 @@ def availability(device: torch.device) -> Tuple[bool, str]:
     return True, "always available (structured PyTorch ops)"
 
 
+def _frozen_block(w_frozen: Tensor, b_frozen: Maybe, r0: int, r1: int, k: int):
+    """(weight rows r0:r1 over the first k inputs, their bias): the tensors themselves where
+    that is all of them (a view costs host time on every call)."""
+    if r0 == 0 and r1 == w_frozen.shape[0] and k == w_frozen.shape[1]:
+        return w_frozen, b_frozen
+    return w_frozen[r0:r1, :k], None if b_frozen is None else b_frozen[r0:r1]
+
+
 def _frozen_row_blocks(frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int]):
     """Yield (row_start, row_end, k_end) for each non-empty frozen output group."""
     start = 0
@@ -249,9 +257,7 @@ def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
     bias_in_y = _one_bias_pass(y) and _fill_biases(y, b_frozen, b_new, o_f)
     for r0, r1, k in _frozen_row_blocks(frozen_out_groups, frozen_k_ends):
         out = y[:, r0:r1]
-        whole = r0 == 0 and r1 == o_f  # one frozen group: no views of the weights to make
-        _frozen_affine_into(out, x[:, :k], w_frozen if whole and k == i_f else w_frozen[r0:r1, :k],
-                            b_frozen if whole or b_frozen is None else b_frozen[r0:r1],
+        _frozen_affine_into(out, x[:, :k], *_frozen_block(w_frozen, b_frozen, r0, r1, k),
                             bias_in_y)
         if w_couple is not None and w_couple.shape[1]:
             # out-of-place addmm: the profiler counts it (tests compare FLOP counts)
@@ -440,9 +446,7 @@ def _conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor,
     joint = None
     if blocks and not coupled:
         r0, r1, k = blocks[-1]
-        whole = r0 == 0 and r1 == w_frozen.shape[0] and k == i_f  # (views cost host time)
-        joint = _joint_rows(x[:, :k], w_frozen if whole else w_frozen[r0:r1, :k],
-                            b_frozen if whole or b_frozen is None else b_frozen[r0:r1],
+        joint = _joint_rows(x[:, :k], *_frozen_block(w_frozen, b_frozen, r0, r1, k),
                             w_new[:, :k], b_new, stride, padding, dilation, 1)
         if joint is not None:
             blocks.pop()
@@ -452,8 +456,8 @@ def _conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor,
                                               dilation))
     parts = []
     for r0, r1, k in blocks:
-        y = _conv(x[:, :k], w_frozen[r0:r1, :k],
-                  None if b_frozen is None else b_frozen[r0:r1], stride, padding, dilation)
+        y = _conv(x[:, :k], *_frozen_block(w_frozen, b_frozen, r0, r1, k), stride, padding,
+                  dilation)
         if coupled:
             y = y + _conv(x[:, i_f:], w_couple[r0:r1], None, stride, padding, dilation)
         parts.append(y)

@@ -35,7 +35,7 @@ every multiply-add this backend does; the tests compare that count with the usef
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -413,17 +413,33 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], stride, padding, dilation,
                    depthwise: bool, frozen_bn=None) -> Tensor:
-    y = _conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
-                        frozen_k_ends, stride, padding, dilation, depthwise)
-    if frozen_bn is not None and w_frozen.shape[0]:
+    if frozen_bn is not None and not w_frozen.shape[0]:
+        frozen_bn = None
+    parts, whole = _conv2d_parts(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                 frozen_out_groups, frozen_k_ends, stride, padding, dilation,
+                                 depthwise)
+    if frozen_bn is not None and not whole and parts[0].shape[1] == w_frozen.shape[0]:
+        # All frozen channels are one tensor of their own, the pretrained conv's output: its
+        # BatchNorm runs on it alone, as in the pretrained model (aten's per-channel kernel:
+        # the same bits as over the whole output), with no stand-in statistics, no pass over
+        # the newest channels and no copy of them back.
+        mean, var, weight, bias, eps = frozen_bn
+        parts[0] = torch.nn.functional.batch_norm(parts[0], mean, var, weight, bias, False, 0.0,
+                                                  eps)
+        frozen_bn = None
+    y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if frozen_bn is not None:
         y = frozen_batch_norm(y, frozen_bn)
     return y
 
 
-def _conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
-                    w_couple: Maybe, frozen_out_groups: Sequence[int],
-                    frozen_k_ends: Sequence[int], stride, padding, dilation,
-                    depthwise: bool) -> Tensor:
+def _conv2d_parts(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
+                  w_couple: Maybe, frozen_out_groups: Sequence[int],
+                  frozen_k_ends: Sequence[int], stride, padding, dilation,
+                  depthwise: bool) -> Tuple[List[Tensor], bool]:
+    """(parts, whole): the conv's output as channel blocks in order, to be concatenated;
+    ``whole`` when one part mixes frozen and newest channels (a joint convolution).  Else
+    each frozen block is a part of its own, followed by the newest rows' part."""
     if depthwise:
         c_f = _depthwise_frozen_in(frozen_k_ends)
         c_new = x.shape[1] - c_f
@@ -431,7 +447,7 @@ def _conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor,
             y = _joint_rows(x, w_frozen, b_frozen, w_new, b_new, stride, padding, dilation,
                             groups=x.shape[1])
             if y is not None:
-                return y
+                return [y], True
         y_old = _conv(x[:, :c_f], w_frozen, b_frozen, stride, padding, dilation, groups=c_f) \
             if c_f else None
         y_new = _conv(x[:, c_f:], w_new, b_new, stride, padding, dilation, groups=c_new) \
@@ -439,7 +455,7 @@ def _conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor,
         parts = [p for p in (y_old, y_new) if p is not None]
         if not parts:
             raise ValueError("depthwise conv with no channels")
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return parts, False
     i_f = w_frozen.shape[1]
     blocks = list(_frozen_row_blocks(frozen_out_groups, frozen_k_ends))
     coupled = w_couple is not None and w_couple.shape[1] > 0
@@ -465,7 +481,7 @@ def _conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor,
         parts.append(joint)
     elif w_new.shape[0] or not parts:
         parts.append(_conv(x, w_new, b_new, stride, padding, dilation))
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    return parts, joint is not None
 
 
 def _depthwise_frozen_in(frozen_k_ends: Sequence[int]) -> int:

@@ -110,7 +110,14 @@ def test_folded_conv_matches_float64(backend, dtype, name, need_dx_old):
 @pytest.mark.parametrize("name", ["primes_3x3", "three_groups_stride2", "coupled_1x1_no_affine",
                                   "data_input_17_frozen", "depthwise_x2"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_torch_backend_frozen_channels_bit_identical_to_unfused(dtype, name, channels_last):
+@pytest.mark.parametrize("joint", [True, False], ids=["joint_allowed", "apart"])
+def test_torch_backend_frozen_channels_bit_identical_to_unfused(dtype, name, channels_last, joint,
+                                                                monkeypatch):
+    """``apart``: every frozen block and the newest rows convolved apart, as on a GPU (where
+    the joint convolution's bit check cannot run); a single frozen block then takes its
+    BatchNorm alone, before the concatenation."""
+    if not joint:
+        monkeypatch.setattr(torch_ref, "_joint_rows", lambda *a, **k: None)
     lay, k, stride, padding, batch, affine, mult = CONV[name]
     w_f, b_f, w_n, b_n, w_c = _blocks(lay, k, dtype, mult)
     bn = _bn(lay.frozen_out, dtype, affine)
@@ -152,6 +159,41 @@ def test_torch_backend_frozen_channels_bit_identical_to_unfused(dtype, name, cha
             assert torch.equal(a, b)
         else:
             torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name,alone", [("primes_3x3", True), ("coupled_1x1_no_affine", True),
+                                        ("depthwise_x2", True), ("data_input_17_frozen", True),
+                                        ("three_groups_stride2", False)])
+def test_apart_single_frozen_block_takes_its_batchnorm_alone(name, alone, monkeypatch):
+    """Convolved apart (the GPU's path), one frozen block is a tensor of its own: the eval
+    BatchNorm runs on its O_f channels only, with no stand-in statistics for the newest
+    ones.  Two frozen blocks still go through the padded statistics over the whole output."""
+    monkeypatch.setattr(torch_ref, "_joint_rows", lambda *a, **k: None)
+    padded = []
+    real_pad = torch_ref.padded_stats.pad
+    monkeypatch.setattr(torch_ref.padded_stats, "pad",
+                        lambda *a: padded.append(1) or real_pad(*a))
+    lay, k, stride, padding, batch, affine, mult = CONV[name]
+    w_f, b_f, w_n, b_n, w_c = _blocks(lay, k, torch.float32, mult)
+    bn = _bn(lay.frozen_out, torch.float32, affine)
+    x = torch.randn(batch, lay.in_features, 7, 6, device=DEVICE)
+    norm_widths = []
+    real_bn = F.batch_norm
+    monkeypatch.setattr(F, "batch_norm",
+                        lambda t, *a, **kw: norm_widths.append(t.shape[1]) or real_bn(t, *a, **kw))
+    y = torch_ref.conv2d_forward(x, w_f, b_f, w_n, b_n, w_c, lay.frozen_out_groups,
+                                 lay.frozen_k_ends, stride, padding, 1, bool(mult),
+                                 frozen_bn=tuple(bn.values()))
+    if alone:
+        assert norm_widths == [lay.frozen_out] and not padded
+    else:
+        assert norm_widths == [lay.out_features] and padded
+    raw = torch_ref.conv2d_forward(x, w_f, b_f, w_n, b_n, w_c, lay.frozen_out_groups,
+                                   lay.frozen_k_ends, stride, padding, 1, bool(mult))
+    o_f = lay.frozen_out
+    want = real_bn(raw[:, :o_f].contiguous(), *tuple(bn.values())[:4], False, 0.0, EPS)
+    assert torch.equal(y[:, :o_f], want)
+    assert torch.equal(y[:, o_f:], raw[:, o_f:])
 
 
 # ---- the frozen columns of dy: read (and scaled) only where backward needs them ------------

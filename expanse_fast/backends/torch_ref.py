@@ -84,10 +84,14 @@ def _affine_into(out: Tensor, x: Tensor, w: Tensor, b: Maybe, bias_in_out: bool 
 
 # A GPU's addmm into a column slice copies the bias in through a strided kernel first (its
 # cuBLASLt bias epilogue needs a contiguous output): on the H200 about 137 us of the 16384 x
-# (4096+1024) layer's forward.  From this many outputs on, the biases of every block go into
-# the whole output in one contiguous pass instead; below, the extra calls would cost more
-# host time than they save (and on CPU the strided copy is as fast as a contiguous one).
-ONE_BIAS_PASS_MIN_ELEMENTS = 1 << 22
+# (4096+1024) layer's forward, some 1.6 ns an output.  The biases of every block can go into
+# the whole output in one contiguous pass instead, for two or three more calls (cat, copy,
+# zeros for a missing bias).  That machine's host spends about 20 us a call (the fine-tuned
+# MLP step: 2.0 ms for the 94 aten calls counted here with foreach AdamW), so the pass
+# pays from about 2^25 outputs.  Below, a step of such layers is paced by the host anyway
+# (the MLP step at 4096 x (1024+256): 3.7 ms eager, 0.46 in a CUDA graph).  On CPU the
+# strided copy is as fast as a contiguous one.
+ONE_BIAS_PASS_MIN_ELEMENTS = 1 << 25
 
 
 def _one_bias_pass(y: Tensor) -> bool:

@@ -147,7 +147,9 @@ def test_one_bias_pass_only_for_large_gpu_outputs():
     meta = torch.empty(4096, 1024, device="meta")
     assert not torch_ref._one_bias_pass(meta)
     if torch.cuda.is_available():
-        assert torch_ref._one_bias_pass(y.cuda())
+        # issue 3's layer (16384 x 5120) takes it; the host-bound MLP step's (4096 x 1280) not
+        assert torch_ref._one_bias_pass(torch.empty(16384, 5120, device="cuda"))
+        assert not torch_ref._one_bias_pass(torch.empty(4096, 1280, device="cuda"))
         assert not torch_ref._one_bias_pass(torch.empty(8, 80, device="cuda"))
 
 

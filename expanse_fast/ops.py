@@ -65,9 +65,23 @@ def _linear_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new:
             pre_columns: int = 0, backend: str = "") -> Tuple[Tensor, Tensor]:
     """-> (y, pre): ``pre`` holds the pre-activation of y's last ``pre_columns`` columns,
     which the backward of a smooth activation (GELU, SiLU) reads; (N, 0) otherwise."""
+    return _linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
+                           frozen_k_ends, activation, pre_columns, backend, True)
+
+
+def _linear_eager_impl(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
+                       frozen_k_ends, need_dx_old, activation="", pre_columns=0, backend=""):
+    """``_linear_impl`` with ``pre`` None where it holds no column (a custom op must return
+    a tensor; an autograd.Function need not, which spares an allocation per call)."""
+    return _linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
+                           frozen_k_ends, activation, pre_columns, backend, False)
+
+
+def _linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
+                    frozen_k_ends, activation, pre_columns, backend, empty_pre: bool):
     macs = x.shape[0] * x.shape[1] * (w_frozen.shape[0] + w_new.shape[0])  # dense product's
     backend = backend_choice.resolve(x.device, "linear", backend, dtype=x.dtype, macs=macs)
-    pre = x.new_empty((x.shape[0], pre_columns))
+    pre = x.new_empty((x.shape[0], pre_columns)) if pre_columns or empty_pre else None
     y = backend.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                frozen_out_groups, frozen_k_ends, activation,
                                pre=pre if pre_columns else None)
@@ -132,7 +146,8 @@ def _linear_setup_context(ctx, inputs, output):
     # (the biases only for a differentiable or batched backward, which recomputes the
     # activation's input: saving a parameter costs no memory)
     ctx.save_for_backward(x, w_frozen, w_new, w_couple, saved, b_frozen, b_new)
-    ctx.mark_non_differentiable(pre)
+    if pre is not None:  # (None from the eager twin when it holds nothing)
+        ctx.mark_non_differentiable(pre)
     ctx.set_materialize_grads(False)  # no zeros are made for pre's (absent) gradient
     ctx.groups = (list(frozen_out_groups), list(frozen_k_ends))
     ctx.need_dx_old = need_dx_old
@@ -332,7 +347,7 @@ def _eager_function(name: str, impl, setup_context, backward, n_tensors: int) ->
 
 # Both ops begin with the same six tensors: x, w_frozen, b_frozen, w_new, b_new, w_couple.
 _EAGER_TENSORS = 6
-_LinearFunction = _eager_function("_LinearFunction", _linear_impl, _linear_setup_context,
+_LinearFunction = _eager_function("_LinearFunction", _linear_eager_impl, _linear_setup_context,
                                   _linear_autograd_backward, _EAGER_TENSORS)
 _Conv2dFunction = _eager_function("_Conv2dFunction", _conv2d_impl, _conv2d_setup_context,
                                   _conv2d_autograd_backward, _EAGER_TENSORS)

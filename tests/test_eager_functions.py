@@ -53,6 +53,35 @@ def test_eager_path_skips_the_custom_op_dispatch():
     assert "expanse_fast::linear" not in names and "expanse_fast::linear_backward" not in names
 
 
+@pytest.mark.parametrize("activation,pre_columns", [("", 0), ("relu", 0), ("gelu", 4)])
+def test_eager_linear_allocates_no_empty_pre_activation(activation, pre_columns):
+    """The custom op returns its pre-activation output always (an op returns tensors); the
+    eager twin makes it only when a smooth activation's backward will read it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Allocs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.new_empty, torch.ops.aten.empty):
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    layer = xf.ExpandedLinear.from_linear(nn.Linear(6, 5), 3, 4)
+    layer.activation = activation
+    layer.skip_old_input_grad = True
+    x = torch.randn(7, 9)
+    with Allocs() as m:
+        y = layer(x)
+    assert (7, 0) not in m.shapes
+    assert ((7, pre_columns) in m.shapes) == bool(pre_columns)
+    y.sum().backward()
+    assert layer.weight_new.grad is not None
+
+
 def test_compiled_model_uses_the_custom_ops_and_matches_eager():
     model, x = _mlp()
     y_eager, g_eager = _step(model, x)

@@ -49,6 +49,18 @@ class ExpandedBlocks(nn.Module):
             self.bias_frozen = None
             self.bias_new = None
 
+    def _block_tensors(self):
+        """(weight_frozen, bias_frozen, weight_new, bias_new, weight_couple) for a call.
+        Read from the parameter dict where they are there: nn.Module's attribute fallback
+        costs about a microsecond a name (five names a call); a block that is None lives in
+        the instance dict, and a parametrized one is a property (both plain getattr)."""
+        p = self._parameters
+        return (p["weight_frozen"] if "weight_frozen" in p else self.weight_frozen,
+                p["bias_frozen"] if "bias_frozen" in p else self.bias_frozen,
+                p["weight_new"] if "weight_new" in p else self.weight_new,
+                p["bias_new"] if "bias_new" in p else self.bias_new,
+                p["weight_couple"] if "weight_couple" in p else self.weight_couple)
+
     # ---- what the layer is ------------------------------------------------------------
     @property
     def in_groups(self) -> Tuple[int, ...]:

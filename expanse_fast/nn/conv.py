@@ -209,8 +209,7 @@ class ExpandedConv2d(ExpandedBlocks):
             x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
             padding = (0, 0)
         return ops.expanded_conv2d(
-            x, self.weight_frozen, self.bias_frozen, self.weight_new, self.bias_new,
-            self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
+            x, *self._block_tensors(), frozen_out_groups=lay.frozen_out_groups,
             frozen_k_ends=lay.frozen_k_ends, stride=self.stride, padding=padding,
             dilation=self.dilation, depthwise=self.depthwise,
             need_dx_old=not skips_old_input_grad(self, x), **self._bn_args(),

@@ -72,8 +72,7 @@ class ExpandedLinear(ExpandedBlocks):
                 f"(groups {self.in_groups}) in its last dimension, got shape {tuple(x.shape)}")
         lay = self.layout
         return ops.expanded_linear(
-            x, self.weight_frozen, self.bias_frozen, self.weight_new, self.bias_new,
-            self.weight_couple, frozen_out_groups=lay.frozen_out_groups,
+            x, *self._block_tensors(), frozen_out_groups=lay.frozen_out_groups,
             frozen_k_ends=lay.frozen_k_ends, need_dx_old=not skips_old_input_grad(self, x),
             activation=self.activation, backend=self.backend)
 

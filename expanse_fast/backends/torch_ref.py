@@ -77,9 +77,9 @@ def _affine_into(out: Tensor, x: Tensor, w: Tensor, b: Maybe, bias_in_out: bool 
     onto it: what aten's addmm does after copying b in itself, the same arithmetic."""
     if bias_in_out:
         return torch.addmm(out, x, w.t(), out=out)
-    if b is None:
-        return torch.mm(x, w.t(), out=out)
-    return torch.addmm(b, x, w.t(), out=out)
+    # (F.linear's out= overload: aten's addmm, or mm without a bias, on w.t() as above, in
+    # one Python call instead of two)
+    return torch.nn.functional.linear(x, w, b, out=out)
 
 
 # A GPU's addmm into a column slice copies the bias in through a strided kernel first (its

@@ -249,6 +249,14 @@ def activation_grad_full(dy: Tensor, activation: str, saved: Tensor, o_f: int,
     return dz
 
 
+def zeros_whole(t: Tensor) -> bool:
+    """Whether the zeros of a gradient like ``t`` whose leading columns (channels) nobody
+    reads come from one contiguous fill of the whole tensor, the rest then written over: on
+    a GPU cheaper than a fill of the strided leading slice (H200: 91 us for 16384 x 4096),
+    and one call less; on CPU the strided fill, which skips the rest, is as fast."""
+    return t.is_cuda
+
+
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], activation: str = "",
@@ -299,9 +307,7 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
     if need_dcouple and w_couple is not None:
         dcouple = dy_old.t() @ x[:, i_f:]
     if need_dx:
-        # On a GPU, zeros for an old gradient nobody reads come cheaper from one contiguous
-        # fill than from a fill of the strided column slice (H200: 91 us for 16384 x 4096).
-        zeros_first = not need_dx_old and x.is_cuda
+        zeros_first = not need_dx_old and zeros_whole(x)
         dx = x.new_zeros(x.shape) if zeros_first else x.new_empty(x.shape)
         dx_new = dx[:, i_f:]
         torch.mm(dy_new, w_new[:, i_f:], out=dx_new)

@@ -274,14 +274,6 @@ class _FrozenThenNew(torch.autograd.Function):
         return dx, dy_new, None, None, None, None, None, None
 
 
-def _zeros_whole(dy: Tensor) -> bool:
-    """Whether the frozen channels' zeros of a gradient like ``dy`` come from one contiguous
-    fill of the whole tensor: on a GPU cheaper than a fill of the strided frozen channels (as
-    the linear backward's zeros) and one call less; on CPU the strided fill, which skips the
-    newest channels, is as fast."""
-    return dy.is_cuda
-
-
 class _NewestInPlace(torch.autograd.Function):
     """The BatchNorm of the newest channels of ``x`` (training or eval mode), written over
     them in ``x`` itself; the frozen channels pass through.  ``x`` is the output of the
@@ -327,7 +319,7 @@ class _NewestInPlace(torch.autograd.Function):
             if ctx.old_grad:
                 dx = torch.empty_like(dy)
                 dx[:, :n_f] = dy[:, :n_f]
-            elif _zeros_whole(dy):
+            elif ops.torch_ref.zeros_whole(dy):  # (the linear backward's rule)
                 dx = torch.zeros_like(dy)
             else:
                 dx = torch.empty_like(dy)

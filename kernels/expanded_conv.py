@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .vector_bounds import multiple_of_all
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -782,7 +783,8 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     if depthwise:
         _, mult = _depthwise_split(x, w_frozen, w_new, frozen_k_ends)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(o, meta["BLOCK_N"]))
-        _dw_fwd_kernel[grid](
+        launch(
+            _dw_fwd_kernel, grid,
             x, wf, wn, bf, bn, y, *norm_ptrs, m, o, mult, h, wd, ho, wo, o_f,
             *x.stride(), wf.stride(0), *wf.stride()[2:], wn.stride(0), *wn.stride()[2:],
             *y.stride(), *geo, KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, **norm_flags)
@@ -800,7 +802,8 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
         return y
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"])
                          * sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths),)
-    _conv_fwd_kernel[grid](
+    launch(
+        _conv_fwd_kernel, grid,
         x, wf, wn, wc, bf, bn, y, groups, *norm_ptrs, m, o, c, h, wd, ho, wo, len(widths), o_f,
         i_f, *x.stride(), *wf.stride(), *wn.stride(), *wc.stride(), *y.stride(), *geo,
         KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
@@ -838,7 +841,8 @@ def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, sc
                                         need_db)):
         grid = lambda meta: (triton.cdiv(o, meta["BLOCK_M"]),
                              triton.cdiv(c, meta["BLOCK_N"]) * kh * kw, split)
-        _conv_wgrad_kernel[grid](
+        launch(
+            _conv_wgrad_kernel, grid,
             dy, x, dw, db, dw if scale is None else scale, o, c, m, h, wd, ho, wo, dy_c0,
             x_c0, chunk, *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split,
             HAS_DB=need_db, SCALE=scale is not None, PREC=_prec(x.dtype))
@@ -889,7 +893,8 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
             dbp = torch.empty((split, o_n), device=x.device, dtype=torch.float32) \
                 if need_db else dwp
             grid = lambda meta: (triton.cdiv(o_n, meta["BLOCK_N"]), kh * kw, split)
-            _dw_wgrad_kernel[grid](
+            launch(
+                _dw_wgrad_kernel, grid,
                 dy, x, dwp, dbp, m, o_n, mult, h, wd, ho, wo, o_f, chunk,
                 *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db)
             dw = dwp.sum(0).view(o_n, 1, kh, kw).to(wdt) if need_dw else None
@@ -905,7 +910,8 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
             grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
                                  triton.cdiv(c - c_lo, meta["BLOCK_N"]))
             norm = norm_scale is not None and need_dx_old  # frozen dy read only for dx_old
-            _dw_dx_kernel[grid](
+            launch(
+                _dw_dx_kernel, grid,
                 dy, wf, wn, dx, norm_scale if norm else dx, p, c, c_lo, mult, h, wd, ho, wo,
                 o_f, *dy.stride(), wf.stride(0), *wf.stride()[2:], wn.stride(0),
                 *wn.stride()[2:], *dx.stride(), *geo, KH=kh, KW=kw, NORM=norm)
@@ -976,7 +982,8 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
                 len(frozen_out_groups), dx_k, dy_new_c0, c_lo, dx_c0, geo, _prec(dt))):
             grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
                                  triton.cdiv(c - c_lo, meta["BLOCK_N"]))
-            _conv_dx_kernel[grid](  # dy holds no columns if it is never read
+            launch(  # dy holds no columns if it is never read
+                _conv_dx_kernel, grid,
                 _or(dy, dx_k), wf, wn, wc, dx_k, groups, norm_scale if norm else dx_k, p, c,
                 h, wd, ho, wo, len(frozen_out_groups), o_f, o_n, i_f, c_lo, dy_new_c0,
                 c_lo - dx_c0, *dy.stride(), *wf.stride(), *wn.stride(), *wc.stride(),

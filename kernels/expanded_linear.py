@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
 from .vector_bounds import multiple_of_all
 
 # Read once, like Triton itself does when it decorates the kernels below.
@@ -483,8 +484,8 @@ def linear_forward(x: torch.Tensor, w_frozen: torch.Tensor, b_frozen: Optional[t
             x, w_frozen, w_new, w_couple, b_frozen, b_new, y, tab, pre if has_pre else None,
             p0, grid, **meta):
         return y
-    _fwd_kernel[grid](
-        x, w_frozen, w_new, wc, b_frozen if b_frozen is not None else y,
+    launch(
+        _fwd_kernel, grid, x, w_frozen, w_new, wc, b_frozen if b_frozen is not None else y,
         b_new if b_new is not None else y, y, tab, pre if has_pre else y,
         n, o_f + o_new, i, i_f, o_f, len(widths), p0,
         x.stride(0), x.stride(1), w_frozen.stride(0), w_new.stride(0),
@@ -547,11 +548,11 @@ def grad_weight(a: torch.Tensor, b: torch.Tensor, with_colsum: bool = False,
     meta = dict(HAS_DB=with_colsum, PREC=_precision(a.dtype))
     tma = _tma()
     if not (c > 0 and tma.usable(a, b) and tma.grad_weight(a, b, dw, db, chunk, grid, **meta)):
-        _dw_kernel[grid](a, b, dw, dbp, r, c, m, chunk,
-                         a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-                         dw.stride(0), dw.stride(1), dw.stride(2), dbp.stride(0),
-                         db.stride(1) if db is not None else 0,
-                         K_VEC=multiple_of_all([m, chunk]), **meta)
+        launch(_dw_kernel, grid, a, b, dw, dbp, r, c, m, chunk,
+               a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+               dw.stride(0), dw.stride(1), dw.stride(2), dbp.stride(0),
+               db.stride(1) if db is not None else 0,
+               K_VEC=multiple_of_all([m, chunk]), **meta)
     if split == 1:
         return dw[0], None if db is None else db[0]
     return dw.sum(0).to(a.dtype), None if db is None else db.sum(0).to(a.dtype)
@@ -586,9 +587,9 @@ def grad_input(dy: torch.Tensor, w_frozen: torch.Tensor, w_new: torch.Tensor,
             and tma.grad_input(dy, w_frozen, w_new, w_couple if couple else None, dx, tab,
                                grid, **meta):
         return dx
-    _dx_kernel[grid](dy, w_frozen, w_new, wc, dx, tab,
-                     n, i, i_f, o_f, o_new, tab.shape[0],
-                     dy.stride(0), dy.stride(1), w_frozen.stride(0), w_frozen.stride(1),
-                     w_new.stride(0), w_new.stride(1), wc.stride(0), wc.stride(1),
-                     dx.stride(0), dx.stride(1), **meta)
+    launch(_dx_kernel, grid, dy, w_frozen, w_new, wc, dx, tab,
+           n, i, i_f, o_f, o_new, tab.shape[0],
+           dy.stride(0), dy.stride(1), w_frozen.stride(0), w_frozen.stride(1),
+           w_new.stride(0), w_new.stride(1), wc.stride(0), wc.stride(1),
+           dx.stride(0), dx.stride(1), **meta)
     return dx

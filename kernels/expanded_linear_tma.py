@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from . import expanded_linear as base
+from .launch import launch
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -179,7 +180,7 @@ def _launch(what: str, kernel, grid, descriptors, *args, **meta) -> bool:
     global disabled_reason
     try:  # each config's pre-hook sets the real boxes
         descs = [_Checked(t, t.shape, t.stride(), [1] * t.dim()) for t in descriptors]
-        kernel[grid](*descs, *args, **meta)
+        launch(kernel, grid, *descs, *args, **meta)
     except Exception as exc:  # noqa: BLE001 -- reported, then the pointer kernels run
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         disabled_reason = f"{what}: {type(exc).__name__}: {first_line}"

@@ -57,6 +57,7 @@ def _case(name):
     from torch import nn
 
     import expanse_fast as xf
+    from expanse_fast import bench
     dt = torch.bfloat16
     torch.manual_seed(0)
     if name == "linear":
@@ -73,14 +74,7 @@ def _case(name):
         raise SystemExit(f"case must be linear or conv, got {name!r}")
     layer.skip_old_input_grad = True  # a hidden layer of an expanded model
     layer.backend = "triton"
-    params = [p for p in layer.parameters() if p.requires_grad]
-
-    def call():
-        x.grad = None
-        for p in params:
-            p.grad = None
-        layer(x).backward(dy)
-    return call
+    return bench._layer_calls(layer, x, dy, "fwd+bwd")[0]  # as `expanse-fast bench` times it
 
 
 def _use(mode):

@@ -36,16 +36,22 @@ Width = Union[float, int, Mapping[str, int]]
 _PASS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.SELU,
     nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.MaxPool1d, nn.MaxPool2d,
-    nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.Upsample,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
 )
 _PASS_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.elu, F.selu, F.hardswish, F.mish,
     F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, torch.relu,
-    torch.sigmoid, torch.tanh, torch.nn.functional.max_pool2d, F.avg_pool2d, F.max_pool1d,
-    F.avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
-    torch.abs, torch.exp, operator.neg,
+    torch.sigmoid, torch.tanh, torch.abs, torch.exp, operator.neg,
+}
+# ...and what passes them through only on a conv map: pooling, padding and resizing work
+# along the trailing dimensions, a conv map's pixels but a Linear output's features.
+_SPATIAL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.Upsample,
+)
+_SPATIAL_FUNCTIONS = {
+    F.max_pool2d, F.avg_pool2d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
 }
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "bfloat16",
                  "to", "type_as", "detach", "abs", "exp", "neg"}
@@ -226,9 +232,21 @@ class _Plan:
                                  "exactly")
         if isinstance(m, _PASS_MODULES):
             return self._first_tensor(node)
+        if isinstance(m, _SPATIAL_MODULES):
+            return self._spatial(node, type(m).__name__)
         if self._widened_input(node):
             self._refuse(node, f"{type(m).__name__} is not known to keep old and new features "
                                "apart")
+        return self._first_tensor(node)
+
+    def _spatial(self, node: fx.Node, what: str) -> _Feat:
+        """A pooling, padding or resizing op: it keeps a conv map's channel groups apart, but
+        on anything else its trailing dimension holds the features."""
+        f = self._widened_input(node)
+        if f is not None and not f.channels_first:
+            self._refuse(node, f"{what} works along the last dimension, which here holds "
+                               "features (a Linear's output or a flattened map), not a conv "
+                               "map's pixels: it would mix old and new features")
         return self._first_tensor(node)
 
     def _flatten(self, node: fx.Node, start_dim: int) -> _Feat:
@@ -261,6 +279,8 @@ class _Plan:
             return self._reduce(node)
         if fn in _PASS_FUNCTIONS:
             return self._first_tensor(node)
+        if fn in _SPATIAL_FUNCTIONS:
+            return self._spatial(node, fn.__name__)
         if self._widened_input(node):
             self._refuse(node, "this function is not known to keep old and new features apart "
                                "(normalisations over features, softmax over classes and "

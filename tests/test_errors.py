@@ -296,6 +296,24 @@ class Grouped(nn.Module):
         return self.head(self.body(self.stem(x)))
 
 
+class PooledFeatures(nn.Module):
+    """A pool, pad or resize after a Linear: it works along the features."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc1 = nn.Linear(6, 8)
+        self.post = {"adaptive pool module": nn.AdaptiveAvgPool1d(8),
+                     "pad module": nn.ZeroPad2d((1, 0, 0, 0))}.get(how, nn.Identity())
+        self.fc2 = nn.Linear(9 if how == "pad module" else 8, 3)
+
+    def forward(self, x):
+        h = self.post(self.fc1(x))
+        if self.how == "pool function":
+            h = F.max_pool1d(h, 1)  # (N, F) read as one unbatched map: pools the features
+        return self.fc2(h)
+
+
 # (model factory, expand kwargs, regexes the message must match)
 REFUSALS = {
     "cat dim 1": (Cat, {}, [r"node 'cat'", r"concatenat"]),
@@ -314,6 +332,12 @@ REFUSALS = {
                         [r"node 'add'", r"\+3 new", r"\+5 new"]),
     "residual 3 vs 0": (Residual, {"width": {"a": 3}}, [r"node 'add'", r"\+3 new", r"\+0 new"]),
     "grouped conv": (Grouped, {}, [r"'body\.1'", r"groups=2"]),
+    "adaptive pool over features": (lambda: PooledFeatures("adaptive pool module"), {},
+                                    [r"call_module post", r"AdaptiveAvgPool1d", r"features"]),
+    "pad over features": (lambda: PooledFeatures("pad module"), {},
+                          [r"call_module post", r"ZeroPad2d", r"features"]),
+    "pool function over features": (lambda: PooledFeatures("pool function"), {},
+                                    [r"node 'max_pool1d'", r"features"]),
     "unknown width name": (Residual, {"width": {"a": 3, "b": 3, "nope": 1}}, [r"nope"]),
 }
 
@@ -405,6 +429,26 @@ def test_near_misses_are_accepted():
     model = Ok()
     big = xf.expand(model, width=2, new_classes=0)
     assert big.a.out_groups == (8, 2) and big.head.out_groups == (3, 0)
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), model(x), rtol=1e-6, atol=1e-6)
+
+    # pooling, padding and resizing a conv map (its trailing dimensions are pixels)
+    class PooledMap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.spatial = nn.Sequential(nn.ZeroPad2d(1), nn.MaxPool2d(2),
+                                         nn.Upsample(scale_factor=2))
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = F.adaptive_avg_pool2d(F.avg_pool2d(self.spatial(self.conv(x)), 2), 1)
+            return self.head(h.flatten(1))
+
+    model = PooledMap()
+    big = xf.expand(model, width=2, new_classes=0)
+    assert big.conv.out_groups == (4, 2) and big.head.in_groups == (4, 2)
     x = torch.randn(2, 1, 4, 4)
     with torch.no_grad():
         torch.testing.assert_close(big(x), model(x), rtol=1e-6, atol=1e-6)

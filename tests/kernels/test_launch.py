@@ -123,18 +123,37 @@ def test_kernels_without_an_autotuner_launch_as_given():
     assert y.tolist() == [0, 1, 2, 3, 4, -1, -1, -1]
 
 
+def _package_kernels_take_the_fast_path(autotuner_calls, monkeypatch, dtype, rows, old, new):
+    monkeypatch.setattr(launch_module, "_CHOSEN", {})  # nothing chosen by earlier tests
+    x = torch.randn(rows, old + new, device=DEVICE).to(dtype)
+    dy = torch.randn(rows, old + new, device=DEVICE).to(dtype)
+    wf = torch.randn(old, old, device=DEVICE).to(dtype)
+    wn = torch.randn(new, old + new, device=DEVICE).to(dtype)
+    bf, bn = torch.randn(old, device=DEVICE).to(dtype), torch.randn(new, device=DEVICE).to(dtype)
+
+    def fwd_bwd():
+        return (L.linear_forward(x, wf, bf, wn, bn, None, [old], [old]),
+                *L.grad_weight(dy[:, old:], x, with_colsum=True),
+                L.grad_input(dy, wf, wn, None, [old], [old], True))
+    first = fwd_bwd()
+    calls = len(autotuner_calls)
+    assert calls >= 3  # forward, dW, dx
+    again = fwd_bwd()
+    assert len(autotuner_calls) == calls
+    for a, b in zip(again, first):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert {k[0] for k in launch_module._CHOSEN} == set(autotuner_calls)
+
+
 def test_the_package_kernels_take_the_fast_path(autotuner_calls, monkeypatch):
     """Our key must be the installed Triton's: else every launch would still go through the
     autotuner (correct but slower), and this test says so."""
-    monkeypatch.setattr(launch_module, "_CHOSEN", {})  # nothing chosen by earlier tests
-    x = torch.randn(7, 12, device=DEVICE)
-    wf, wn = torch.randn(5, 8, device=DEVICE), torch.randn(3, 12, device=DEVICE)
-    bf, bn = torch.randn(5, device=DEVICE), torch.randn(3, device=DEVICE)
-    first = L.linear_forward(x, wf, bf, wn, bn, None, [5], [8])
-    calls = len(autotuner_calls)
-    assert calls >= 1
-    again = L.linear_forward(x, wf, bf, wn, bn, None, [5], [8])
-    assert len(autotuner_calls) == calls
-    torch.testing.assert_close(again, first, rtol=0, atol=0)
-    chosen = [k for k in launch_module._CHOSEN if k[0] in autotuner_calls]
-    assert chosen  # recorded under the kernel that ran
+    _package_kernels_take_the_fast_path(autotuner_calls, monkeypatch, torch.float32, 7, 8, 4)
+
+
+@pytest.mark.gpu
+def test_the_descriptor_kernels_take_the_fast_path_on_the_gpu(autotuner_calls, monkeypatch):
+    """The same with the device's own kernels and launches: bfloat16, tensor descriptors on
+    an H100/H200, the config's pre-hook setting their boxes on the fast path."""
+    _package_kernels_take_the_fast_path(autotuner_calls, monkeypatch, torch.bfloat16, 300,
+                                        256, 64)

@@ -3,10 +3,11 @@
 Triton's ``Autotuner.run`` rebuilds its key on every call (a dict of every argument, the
 ``str`` of every tensor's dtype), then builds its config's keyword arguments twice more, for
 the config's pre-hook and for the launch.  On the 2-core CI machine that was 25-38 us of a
-launch's host time, about 15% of a Triton layer's forward+backward with the kernels' device
-work taken out (three launches).  Where the GPU finishes a step's kernels sooner than the
-host issues them (small layers, or a slow host: the H200 machine's Triton layer rows were
-host-bound at issue 3's shapes), that host time is the step's time.
+launch's host time and 12% of the host instructions of a Triton layer's forward+backward
+(three launches) with the kernels' device work taken out (benchmarks/triton_host_time.py).
+Where the GPU finishes a step's kernels sooner than the host issues them (small layers, or a
+slow host: the H200 machine's Triton layer rows were host-bound at issue 3's shapes), that
+host time is the step's time.
 
 :func:`launch` calls the autotuner the first time for each key (tuning, pruning and its cache
 behave as before) and records the config it chose.  Later calls with the same key arguments

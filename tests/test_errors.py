@@ -412,6 +412,15 @@ def test_batch_slices_of_widened_tensors_are_fine():
         torch.testing.assert_close(y[:, :3], model(x), rtol=1e-6, atol=1e-6)
 
 
+def _widens_exactly(model):
+    """expand(model) by 2 units a layer, its outputs on a (2, 1, 4, 4) batch the model's."""
+    big = xf.expand(model, width=2, new_classes=0)
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x), model(x), rtol=1e-6, atol=1e-6)
+    return big
+
+
 def test_near_misses_are_accepted():
     """The refusals are specific: the allowed neighbours of each refused pattern widen."""
     # batch concat, flatten-style view, softmax over an unwidened head, equal-width residual
@@ -426,12 +435,8 @@ def test_near_misses_are_accepted():
             h = torch.cat([h, h], dim=0).view(h.size(0) * 2, -1)
             return F.softmax(self.head(F.relu(self.a(h) + self.b(h))), dim=-1)
 
-    model = Ok()
-    big = xf.expand(model, width=2, new_classes=0)
+    big = _widens_exactly(Ok())
     assert big.a.out_groups == (8, 2) and big.head.out_groups == (3, 0)
-    x = torch.randn(2, 1, 4, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(big(x), model(x), rtol=1e-6, atol=1e-6)
 
     # pooling, padding and resizing a conv map (its trailing dimensions are pixels)
     class PooledMap(nn.Module):
@@ -446,12 +451,8 @@ def test_near_misses_are_accepted():
             h = F.adaptive_avg_pool2d(F.avg_pool2d(self.spatial(self.conv(x)), 2), 1)
             return self.head(h.flatten(1))
 
-    model = PooledMap()
-    big = xf.expand(model, width=2, new_classes=0)
+    big = _widens_exactly(PooledMap())
     assert big.conv.out_groups == (4, 2) and big.head.in_groups == (4, 2)
-    x = torch.randn(2, 1, 4, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(big(x), model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_grouped_conv_layer_refused():

@@ -12,7 +12,7 @@ import copy
 import math
 import numbers
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 
 from .fuse import fuse_activations
 from .fold import fold_batchnorms
-from .graph import ExpansionError, swap_module as _swap, trace as _trace
+from .graph import ExpansionError, node_shapes, swap_module as _swap, trace as _trace
 from .layout import width as _units
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.fused import FUSED_TYPES
@@ -43,43 +43,81 @@ _PASS_FUNCTIONS = {
     F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, torch.relu,
     torch.sigmoid, torch.tanh, torch.abs, torch.exp, operator.neg,
 }
-# ...and what passes them through only on a conv map: pooling, padding and resizing work
-# along the trailing dimensions, a conv map's pixels but a Linear output's features.
-_SPATIAL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.Upsample,
-)
+# ...and what passes them through only where the features are not among the trailing
+# dimensions it works along (a conv map's pixels, but a Linear output's features):
+# pooling, padding and resizing, with the number of those dimensions (None: every one after
+# the channels).
+_SPATIAL_MODULES = {
+    nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.AdaptiveAvgPool1d: 1, nn.AdaptiveMaxPool1d: 1,
+    nn.MaxPool2d: 2, nn.AvgPool2d: 2, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2,
+    nn.ZeroPad2d: 2, nn.Upsample: None,
+}
 _SPATIAL_FUNCTIONS = {
-    F.max_pool2d, F.avg_pool2d, F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
+    F.max_pool1d: 1, F.avg_pool1d: 1, F.adaptive_avg_pool1d: 1,
+    F.max_pool2d: 2, F.avg_pool2d: 2, F.adaptive_avg_pool2d: 2, F.adaptive_max_pool2d: 2,
 }
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "bfloat16",
                  "to", "type_as", "detach", "abs", "exp", "neg"}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
            torch.mul, torch.div, operator.iadd, operator.imul}
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
+_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
+_REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
 _FLATTEN_METHODS = {"flatten", "view", "reshape"}
+# ops that only reorder or add dimensions (the features move, intact)
+_MOVE_METHODS = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis",
+                 "unsqueeze", "t"}
+_MOVE_FUNCTIONS = {torch.transpose, torch.swapaxes, torch.swapdims, torch.permute,
+                   torch.movedim, torch.moveaxis, torch.unsqueeze, torch.t}
+_MOVE_ATTRIBUTES = {"T", "mT"}
 _NON_TENSOR_METHODS = {"size", "dim", "numel"}
+
+# Appended to the refusals that the shapes could lift.
+_NO_SHAPES = ("; expand() traced the model without shapes, so it takes a Linear's output as "
+              "(batch, features) and a conv's as (batch, channels, height, width): pass "
+              "example_inputs=(x,) to let it see the real ones")
 
 
 @dataclass(frozen=True)
 class _Feat:
-    """The feature dimension of one traced value: current width and width being added.
+    """Where one traced value holds its features, and how many: ``cur`` now (None for data,
+    whose width is unknown and never widened) and ``new`` being added.
 
-    ``cur`` is None for data (width unknown, never widened).  ``factor`` is the number of
-    features per channel once a conv map is flattened, None while unknown.
+    ``axis`` is the features' dimension of a tensor of ``rank`` dimensions.  With example
+    inputs the rank is the value's own; without, a conv's output is taken as (batch,
+    channels, height, width), which its 4-d weight all but ensures, and a Linear's as
+    (batch, features), which nothing ensures: ``sure`` is False for ranks that rest on that
+    guess, and ops whose exactness would hang on it are refused.  ``factor`` is the number
+    of features per channel once a conv map is flattened, None while unknown.
     """
     cur: Optional[int]
     new: int
     factor: Optional[int] = 1
-    channels_first: bool = False  # a conv map (features in dim 1), not features-last
+    axis: int = 1
+    rank: int = 2
+    sure: bool = False
 
     @property
     def widened(self) -> bool:
         return self.new > 0
 
+    @property
+    def last(self) -> bool:
+        return self.axis == self.rank - 1
+
 
 _DATA = _Feat(None, 0)
+
+
+def _dims(dims, rank: int) -> Optional[Tuple[int, ...]]:
+    """``dims`` (an int, a sequence of them, or None for all) as sorted non-negative
+    dimensions of a ``rank``-dimensional tensor; None if one is not an int in range."""
+    if dims is None:
+        return tuple(range(rank))
+    dims = (dims,) if isinstance(dims, int) else tuple(dims)
+    if not all(isinstance(d, int) and -rank <= d < rank for d in dims):
+        return None
+    return tuple(sorted(d % rank for d in dims))
 
 
 def _new_width(width: Width, name: str, current: int) -> int:
@@ -111,19 +149,32 @@ def _find_head(graph: fx.Graph, modules: Dict[str, nn.Module], head: Optional[st
     raise ExpansionError("the model has no Linear or Conv2d layer to widen")
 
 
+def _example_tuple(example_inputs) -> Optional[tuple]:
+    if example_inputs is None or isinstance(example_inputs, tuple):
+        return example_inputs
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a tuple of the model's positional "
+                    f"arguments, got {type(example_inputs).__name__}")
+
+
 class _Plan:
     """Walks the graph once and records, for every layer, the widths it must grow by."""
 
     def __init__(self, model: nn.Module, width: Width, new_classes: int, head: Optional[str],
-                 mode: str):
+                 mode: str, example_inputs: Optional[tuple] = None):
         self.modules = dict(model.named_modules())
         self.graph = _trace(model)
+        self.shapes = (None if example_inputs is None
+                       else node_shapes(model, self.graph, example_inputs))
         self.width, self.new_classes, self.mode = width, int(new_classes), mode
         self.head = _find_head(self.graph, self.modules, head)
         self.grow: Dict[str, Tuple[int, ...]] = {}  # path -> (new_in, new_out) or (new,)
         self.feat: Dict[fx.Node, Optional[_Feat]] = {}
         for node in self.graph.nodes:
-            self.feat[node] = self._visit(node)
+            self.feat[node] = self._checked(node, self._visit(node))
         if isinstance(width, Mapping):
             unknown = set(width) - set(self.grow)
             if unknown:
@@ -146,7 +197,27 @@ class _Plan:
                 return f
         return _DATA
 
-    def _refuse(self, node: fx.Node, why: str):
+    def _rank(self, node: fx.Node, assumed: int) -> int:
+        shape = None if self.shapes is None else self.shapes.get(node)
+        return assumed if shape is None else len(shape)
+
+    def _checked(self, node: fx.Node, f: Optional[_Feat]) -> Optional[_Feat]:
+        """With example inputs, a widened value's features must be where the walk put
+        them: an op the walk misreads is refused, never widened wrongly."""
+        if self.shapes is None or f is None or not f.widened:
+            return f
+        shape = self.shapes.get(node)
+        fits = (shape is not None and len(shape) == f.rank and 0 <= f.axis < f.rank
+                and (shape[f.axis] == f.cur if f.factor == 1 else shape[f.axis] % f.cur == 0))
+        if not fits:
+            self._refuse(node, f"expand() cannot follow its features (it expected {f.cur} of "
+                               f"them in dim {f.axis} of a {f.rank}-d value; the shape is "
+                               f"{shape})")
+        return f
+
+    def _refuse(self, node: fx.Node, why: str, shapes_could_help: bool = False):
+        if shapes_could_help and self.shapes is None:
+            why += _NO_SHAPES
         if any(a.op == "call_module" and a.target == self.head and self.new_classes
                for a in node.all_input_nodes):
             # the common case: a model that returns log-probabilities (log_softmax, nll_loss)
@@ -196,20 +267,33 @@ class _Plan:
             self._refuse(node, f"{path} expects {current_in} features but gets {f.cur}")
         return f.new
 
+    def _reads_features_at(self, node: fx.Node, path: str, axis_of, what: str):
+        """Refuse a layer that reads another dimension than the one holding the widened
+        features (``axis_of(rank)``: the dimension it reads)."""
+        f = self._widened_input(node)
+        if f is not None and f.axis != axis_of(f.rank):
+            self._refuse(node, f"{path!r} reads {what}, but the widened features are in dim "
+                               f"{f.axis} of a {f.rank}-d value")
+
     def _visit_module(self, node: fx.Node, m: nn.Module) -> Optional[_Feat]:
         path = node.target
+        src = self._first_tensor(node)
         if isinstance(m, (nn.Linear, ExpandedLinear)):
+            self._reads_features_at(node, path, lambda r: r - 1, "the last dimension")
             new_in = self._layer_in(node, m.in_features, path)
             new_out = (self.new_classes if path == self.head
                        else _new_width(self.width, path, m.out_features))
             self._record(path, (new_in, new_out))
-            return _Feat(m.out_features, new_out)
+            rank = self._rank(node, src.rank)
+            return _Feat(m.out_features, new_out, axis=rank - 1, rank=rank,
+                         sure=self.shapes is not None or src.sure)
         if isinstance(m, (nn.Conv2d, ExpandedConv2d)):
             depthwise = (m.depthwise if isinstance(m, ExpandedConv2d)
                          else m.groups > 1 and m.groups == m.in_channels)
             if isinstance(m, nn.Conv2d) and m.groups > 1 and not depthwise:
                 raise ExpansionError(f"module {path!r}: grouped convolutions (groups="
                                      f"{m.groups}) cannot be widened; only groups=1 or depthwise")
+            self._reads_features_at(node, path, lambda r: r - 3, "the channels (dim -3)")
             new_in = self._layer_in(node, m.in_channels, path)
             if depthwise:
                 new_out = new_in * (m.out_channels // m.in_channels)
@@ -218,44 +302,67 @@ class _Plan:
             else:
                 new_out = _new_width(self.width, path, m.out_channels)
             self._record(path, (new_in, new_out))
-            return _Feat(m.out_channels, new_out, channels_first=True)
+            rank = self._rank(node, src.rank if src.widened else 4)
+            return _Feat(m.out_channels, new_out, axis=rank - 3, rank=rank, sure=True)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, _ExpandedBatchNorm)):
-            f = self._first_tensor(node)
-            self._record(path, (f.new,))
-            return _Feat(m.num_features, f.new, channels_first=f.channels_first)
+            self._reads_features_at(node, path, lambda r: 1, "dim 1")
+            self._record(path, (src.new,))
+            return _Feat(m.num_features, src.new, axis=src.axis, rank=self._rank(node, src.rank),
+                         sure=src.sure)
         if isinstance(m, nn.Flatten):
-            return self._flatten(node, m.start_dim)
+            return self._flatten(node, m.start_dim, m.end_dim)
         has_params = any(True for _ in m.parameters(recurse=True))
         if has_params:
             raise ExpansionError(f"module {path!r} ({type(m).__name__}) holds parameters and "
                                  "is not a Linear, Conv2d or BatchNorm: expand() cannot widen it "
                                  "exactly")
         if isinstance(m, _PASS_MODULES):
-            return self._first_tensor(node)
-        if isinstance(m, _SPATIAL_MODULES):
-            return self._spatial(node, type(m).__name__)
+            return src
+        for kind, trailing in _SPATIAL_MODULES.items():
+            if isinstance(m, kind):
+                return self._spatial(node, type(m).__name__, trailing)
         if self._widened_input(node):
             self._refuse(node, f"{type(m).__name__} is not known to keep old and new features "
                                "apart")
-        return self._first_tensor(node)
+        return src
 
-    def _spatial(self, node: fx.Node, what: str) -> _Feat:
-        """A pooling, padding or resizing op: it keeps a conv map's channel groups apart, but
-        on anything else its trailing dimension holds the features."""
+    def _spatial(self, node: fx.Node, what: str, trailing: Optional[int]) -> _Feat:
+        """A pooling, padding or resizing op over the ``trailing`` last dimensions (None:
+        all after the channels): it keeps the groups apart unless the features are there."""
         f = self._widened_input(node)
-        if f is not None and not f.channels_first:
-            self._refuse(node, f"{what} works along the last dimension, which here holds "
-                               "features (a Linear's output or a flattened map), not a conv "
-                               "map's pixels: it would mix old and new features")
+        if f is not None:
+            n = f.rank - 2 if trailing is None else trailing
+            if f.axis >= f.rank - n:
+                self._refuse(node, f"{what} works along the last {n} dimension(s), which here "
+                                   f"hold the features (dim {f.axis} of a {f.rank}-d value, a "
+                                   "Linear's output or a flattened map): it would mix old and "
+                                   "new features", shapes_could_help=not f.sure)
         return self._first_tensor(node)
 
-    def _flatten(self, node: fx.Node, start_dim: int) -> _Feat:
+    def _flatten(self, node: fx.Node, start: int, end: int = -1) -> _Feat:
         f = self._first_tensor(node)
         if not f.widened:
             return _Feat(None, 0)
-        if start_dim != 1:
-            self._refuse(node, f"flatten from dim {start_dim} moves the channel dimension")
-        return _Feat(f.cur, f.new, None)
+        span = _dims((start, end), f.rank)
+        if span is None:
+            self._refuse(node, f"flatten of dims {start}..{end} of a value taken as "
+                               f"{f.rank}-d", shapes_could_help=not f.sure)
+        s, e = span
+        if not f.sure and s <= f.axis:
+            # (batch, features).flatten(1) changes nothing, but (batch, tokens, features)
+            # would interleave each token's old and new features
+            self._refuse(node, f"flatten from dim {start} of a Linear's output is exact only "
+                               "if that output is (batch, features)", shapes_could_help=True)
+        merged = e - s
+        if f.axis < s:
+            return replace(f, rank=f.rank - merged)
+        if f.axis > e:
+            return replace(f, axis=f.axis - merged, rank=f.rank - merged)
+        if f.axis != s:
+            self._refuse(node, f"flatten of dims {s}..{e} puts dimensions before the features "
+                               f"(dim {f.axis}): each slice's old and new features would "
+                               "interleave")
+        return replace(f, rank=f.rank - merged, factor=f.factor if merged == 0 else None)
 
     def _visit_function(self, node: fx.Node) -> Optional[_Feat]:
         fn = node.target
@@ -263,24 +370,26 @@ class _Plan:
             return self._binary(node)
         if fn is torch.flatten:
             start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            return self._flatten(node, start)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return self._flatten(node, start, end)
+        if fn is torch.reshape:
+            return self._reshape(node, node.args[1:])
         if fn in (torch.cat, torch.concat, torch.stack):
-            if self._widened_input(node):
-                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-                if dim != 0:
-                    self._refuse(node, "concatenating widened tensors along a feature dimension "
-                                       "breaks the old-features-first order")
-            return self._first_tensor(node)
+            return self._join(node, fn is torch.stack)
         if fn is getattr:
+            if node.args[1] in _MOVE_ATTRIBUTES:
+                return self._move(node, lambda t: getattr(t, node.args[1]))
             return None  # x.shape and similar
         if fn is operator.getitem:
             return self._index(node)
-        if fn in (torch.mean, torch.sum, torch.amax):
+        if fn in _REDUCE_FUNCTIONS:
             return self._reduce(node)
+        if fn in _MOVE_FUNCTIONS:
+            return self._move(node, lambda t: fn(t, *node.args[1:], **node.kwargs))
         if fn in _PASS_FUNCTIONS:
             return self._first_tensor(node)
         if fn in _SPATIAL_FUNCTIONS:
-            return self._spatial(node, fn.__name__)
+            return self._spatial(node, fn.__name__, _SPATIAL_FUNCTIONS[fn])
         if self._widened_input(node):
             self._refuse(node, "this function is not known to keep old and new features apart "
                                "(normalisations over features, softmax over classes and "
@@ -293,10 +402,16 @@ class _Plan:
             return None
         if name in _BINARY_METHODS:
             return self._binary(node)
+        if name == "flatten":
+            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+            return self._flatten(node, start, end)
         if name in _FLATTEN_METHODS:
-            return self._reshape(node)
-        if name in ("mean", "sum", "amax"):
+            return self._reshape(node, node.args[1:])
+        if name in _REDUCE_METHODS:
             return self._reduce(node)
+        if name in _MOVE_METHODS:
+            return self._move(node, lambda t: getattr(t, name)(*node.args[1:], **node.kwargs))
         if name in _PASS_METHODS:
             return self._first_tensor(node)
         if self._widened_input(node):
@@ -307,54 +422,175 @@ class _Plan:
     def _index(self, node: fx.Node) -> Optional[_Feat]:
         f = self.feat.get(node.args[0])
         if f is None or not f.widened:
-            return f if f is not None else None  # sizes, tuples, plain tensors
+            return f  # sizes, tuples, plain tensors
         index = node.args[1]
-        if isinstance(index, tuple):
-            rest = index[1:]
-            touches = any(i is Ellipsis or not (isinstance(i, slice) and i == slice(None))
-                          for i in rest)
-            if touches or Ellipsis in index[:1]:
-                self._refuse(node, f"indexing {index} of a widened tensor can cut or reorder its "
-                                   "features; only batch indexing keeps them apart")
+        items = index if isinstance(index, tuple) else (index,)
+        if items.count(Ellipsis) > 1:
+            self._refuse(node, f"indexing {index} with more than one Ellipsis")
+        used = sum(1 for i in items if i is not None and i is not Ellipsis)
+        if used > f.rank:
+            self._refuse(node, f"indexing {index} of a value taken as {f.rank}-d",
+                         shapes_could_help=not f.sure)
+        fill = (slice(None),) * (f.rank - used)
+        if Ellipsis in items:
+            at = items.index(Ellipsis)
+            items = items[:at] + fill + items[at + 1:]
+        else:
+            items = items + fill
+        dim = out = 0  # the dimension read, the dimensions produced so far
+        axis = tensors = 0
+        for item in items:
+            if item is None:
+                out += 1
+                continue
+            if dim == f.axis:
+                if not (isinstance(item, slice) and item == slice(None)):
+                    self._refuse(node, f"indexing {index} of a widened value cuts or reorders "
+                                       f"its features (dim {f.axis}); only indexing other "
+                                       "dimensions keeps them apart",
+                                 shapes_could_help=not f.sure)
+                axis = out
+                out += 1
+            elif isinstance(item, slice):
+                out += 1
+            elif not isinstance(item, int):  # an index tensor: its dimensions come out
+                tensors += 1
+                out += self._rank(item, 1) if isinstance(item, fx.Node) else 1
+            dim += 1
+        if tensors > 1:
+            self._refuse(node, f"indexing {index} of a widened value with several index "
+                               "tensors (they can move the dimensions)")
+        return replace(f, axis=axis, rank=out)
+
+    def _join(self, node: fx.Node, stack: bool) -> _Feat:
+        """torch.cat or torch.stack: fine along any dimension but the features', for
+        operands that all carry the same groups in the same place."""
+        feats = [f for f in self._arg_feats(node) if f is not None]
+        widened = [f for f in feats if f.widened]
+        if not widened:
+            return feats[0] if feats else _DATA
+        f = widened[0]
+        if any((g.new, g.axis, g.rank) != (f.new, f.axis, f.rank) for g in feats):
+            self._refuse(node, "its operands carry different feature groups: "
+                               + " and ".join(f"(width {g.cur}, +{g.new} new)" for g in feats))
+        raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        dims = _dims(raw, f.rank + 1 if stack else f.rank)
+        if dims is not None and not stack and dims[0] == f.axis:
+            self._refuse(node, "concatenating widened tensors along a feature dimension "
+                               "breaks the old-features-first order",
+                         shapes_could_help=not f.sure)
+        if dims is None or (not f.sure and raw != 0):
+            self._refuse(node, f"joining widened values along dim {raw}",
+                         shapes_could_help=not f.sure)
+        if stack:
+            return replace(f, axis=f.axis + (dims[0] <= f.axis), rank=f.rank + 1)
         return f
 
     def _binary(self, node: fx.Node) -> _Feat:
-        feats = [f for f in self._arg_feats(node) if f is not None]
-        widened = [f for f in feats if f.widened]
-        if widened and any(f.new != widened[0].new for f in feats):
+        """Operands that broadcast: every widened one must put its features in the same
+        dimension of the result and carry the same groups; with example inputs, a plain
+        tensor of size 1 there (a mask over tokens, say) broadcasts over them."""
+        args = [(a, self.feat.get(a)) for a in node.all_input_nodes]
+        args = [(a, f) for a, f in args if f is not None]
+        widened = [f for _, f in args if f.widened]
+        if not widened:
+            return args[0][1] if args else _DATA
+        rank = self._rank(node, max(f.rank for f in widened))
+        axes = {rank - f.rank + f.axis for f in widened}
+        if len(axes) > 1:
+            self._refuse(node, "its widened operands hold their features in different "
+                               "dimensions", shapes_could_help=True)
+        (axis,) = axes
+        for a, f in args:
+            if f.new == widened[0].new:
+                continue
+            shape = None if self.shapes is None or f.new else self.shapes.get(a)
+            if shape is not None:
+                at = axis - (rank - len(shape))
+                if at < 0 or shape[at] == 1:
+                    continue  # broadcast along the features
             self._refuse(node, "its operands carry different feature groups: "
-                               + " and ".join(f"(width {f.cur}, +{f.new} new)" for f in feats)
+                               + " and ".join(f"(width {g.cur}, +{g.new} new)"
+                                              for _, g in args)
                                + "; give both branches the same width")
-        return widened[0] if widened else (feats[0] if feats else _DATA)
+        return replace(widened[0], axis=axis, rank=rank,
+                       sure=all(f.sure for f in widened))
 
-    def _reshape(self, node: fx.Node) -> _Feat:
+    def _move(self, node: fx.Node, op) -> Optional[_Feat]:
+        """An op that only reorders or adds dimensions (transpose, permute, unsqueeze, .T):
+        where the features go is read off the op applied to a shapeless probe."""
+        f = self._widened_input(node)
+        if f is None:
+            return self._first_tensor(node)
+        if not f.sure:
+            self._refuse(node, "moving the dimensions of a Linear's output",
+                         shapes_could_help=True)
+        if any(isinstance(a, fx.Node) for a in node.args[1:]):
+            self._refuse(node, "dimensions computed at run time")
+        probe = torch.empty([3 if d == f.axis else 2 for d in range(f.rank)], device="meta")
+        try:
+            sizes = list(op(probe).shape)
+        except Exception as exc:  # the op's own complaint about its arguments
+            self._refuse(node, f"{type(exc).__name__}: {exc}")
+        if sizes.count(3) != 1:
+            self._refuse(node, "expand() cannot follow where it puts the features")
+        return replace(f, axis=sizes.index(3), rank=len(sizes))
+
+    def _reshape(self, node: fx.Node, shape: tuple) -> _Feat:
         f = self._first_tensor(node)
         if not f.widened:
             return _Feat(None, 0)
-        if node.target == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            return self._flatten(node, start)
-        shape = node.args[1:]
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
+        if self.shapes is not None and node in self.shapes and node.args[0] in self.shapes:
+            return self._reshape_seen(node, f, shape)
         if len(shape) == 2 and shape[1] == -1:
-            return _Feat(f.cur, f.new, None)
+            return self._flatten(node, 1)
         self._refuse(node, f"a reshape to {shape} of a widened tensor (a hard-coded feature "
-                           "size?); use flatten(1) or view(x.size(0), -1)")
+                           "size?); use flatten(1) or view(x.size(0), -1)",
+                     shapes_could_help=not f.sure)
+
+    def _reshape_seen(self, node: fx.Node, f: _Feat, shape: tuple) -> _Feat:
+        """A reshape with example inputs: exact if it keeps the features and every dimension
+        after them (regrouping the ones before), or merges the features with the dimensions
+        right after them (a flatten); the size it asks for there must not be a number."""
+        src, out = self.shapes[node.args[0]], self.shapes[node]
+        tail = tuple(src[f.axis:])
+        moved = None
+        if len(out) >= len(tail) and tuple(out[len(out) - len(tail):]) == tail:
+            moved = replace(f, axis=len(out) - len(tail), rank=len(out))
+        elif len(out) > f.axis and tuple(out[:f.axis]) == tuple(src[:f.axis]):
+            for end in range(f.axis + 1, len(src) + 1):
+                if (math.prod(src[f.axis:end]) == out[f.axis]
+                        and tuple(src[end:]) == tuple(out[f.axis + 1:])):
+                    moved = replace(f, rank=len(out),
+                                    factor=f.factor if end == f.axis + 1 else None)
+                    break
+        if moved is None:
+            self._refuse(node, f"a reshape of {tuple(src)} to {tuple(out)} moves or splits the "
+                               f"features (dim {f.axis})")
+        asked = shape[moved.axis] if len(shape) == len(out) else None
+        if isinstance(asked, int) and asked != -1:
+            self._refuse(node, f"a reshape to {shape} asks for {asked} features, the unwidened "
+                               "size; use -1 or a size read from the tensor")
+        return moved
 
     def _reduce(self, node: fx.Node) -> Optional[_Feat]:
         f = self._first_tensor(node)
         if not f.widened:
             return f
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        # Only spatial reductions of a conv map keep the channel groups apart.
-        spatial = f.channels_first and dims and all(d in (2, 3, -1, -2) for d in dims)
-        if not spatial:
-            self._refuse(node, f"a reduction over dims {dims or 'all'} mixes old and new "
-                               "features")
+        raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = _dims(raw, f.rank)
+        if dims is None or f.axis in dims:
+            self._refuse(node, f"a reduction over dims {raw if raw is not None else 'all'} "
+                               "mixes old and new features", shapes_could_help=not f.sure)
+        if not f.sure and 0 in dims:
+            self._refuse(node, "a reduction over dim 0, which holds the features if the value "
+                               "is unbatched", shapes_could_help=True)
         keepdim = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
-        return f if keepdim else _Feat(f.cur, f.new, f.factor, channels_first=False)
+        if keepdim:
+            return f
+        return replace(f, axis=f.axis - sum(d < f.axis for d in dims), rank=f.rank - len(dims))
 
 
 def _target_name(node: fx.Node) -> str:
@@ -380,7 +616,7 @@ def _widened_layer(m: nn.Module, grow: Tuple[int, ...], mode: str) -> nn.Module:
 
 def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
            head: Optional[str] = None, mode: str = "isolated",
-           backend: str = "auto", fuse: bool = True) -> nn.Module:
+           backend: str = "auto", fuse: bool = True, example_inputs=None) -> nn.Module:
     """Return a widened copy of ``model``; ``model`` itself is left untouched.
 
     width: new units per layer: a fraction of each layer's own width (float), an int, or
@@ -394,6 +630,12 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         that follows it (:func:`~expanse_fast.fuse_activations`): same results, less work and
         memory in backward.  Also let each widened Conv2d apply the frozen channels of the
         BatchNorm after it (:func:`~expanse_fast.fold_batchnorms`).
+    example_inputs: a tensor, or a tuple of the model's positional arguments, to run the
+        traced graph on (with fake tensors: nothing is computed and the model is unchanged)
+        so that expand() knows every value's shape.  Without them it takes each Linear's
+        output as (batch, features); with them it also widens models whose Linear layers
+        act on (batch, tokens, features), pool or index over tokens, or move the channels
+        of a conv map last (transpose, permute, reshape).
     """
     from .backend_choice import BACKENDS
     if backend not in BACKENDS:
@@ -401,7 +643,7 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
     if mode not in ("isolated", "coupled"):
         raise ValueError(f"mode must be 'isolated' or 'coupled', got {mode!r}")
     new_classes = _units(new_classes, "new_classes")
-    plan = _Plan(model, width, new_classes, head, mode)
+    plan = _Plan(model, width, new_classes, head, mode, _example_tuple(example_inputs))
     big = copy.deepcopy(model)
     layers = dict(big.named_modules())
     for path, grow in plan.grow.items():

@@ -1,11 +1,14 @@
-"""Tracing a model with torch.fx (expanded layers stay leaves), finding module pairs in it and
-swapping its modules: the graph tools that expand(), fuse_activations() and fold_batchnorms()
-share."""
+"""Tracing a model with torch.fx (expanded layers stay leaves), the shapes of its values on
+example inputs, finding module pairs in it and swapping its modules: the graph tools that
+expand(), fuse_activations() and fold_batchnorms() share."""
 from __future__ import annotations
 
+import contextlib
+import copy
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -52,3 +55,64 @@ def module_pairs(model: nn.Module, match: PairMatcher) -> List[Tuple[str, str]]:
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     return [pair for pair in (match(node, modules, calls) for node in graph.nodes)
             if pair is not None]
+
+
+@contextlib.contextmanager
+def _through_custom_ops():
+    """Expanded layers' eager shortcut picks a backend for the tensors' device (a layer
+    pinned to Triton refuses a CPU tensor); their custom ops run a fake implementation on
+    fake tensors, which needs none.  (Process-wide while it lasts: another thread's calls
+    take the custom ops too, slower by their dispatch, the same results.)"""
+    from . import ops
+    saved = ops.USE_EAGER_FUNCTIONS
+    ops.USE_EAGER_FUNCTIONS = False
+    try:
+        yield
+    finally:
+        ops.USE_EAGER_FUNCTIONS = saved
+
+
+def _first_line(exc: Exception) -> str:
+    # (errors raised under fake tensors append the graph and a debugging how-to)
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def node_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
+                ) -> Dict[fx.Node, Tuple[int, ...]]:
+    """The shape of every tensor value of ``graph`` (traced from ``model``) when the model
+    runs on ``example_inputs``.
+
+    The graph runs on fake tensors, on a fake copy of the model: no arithmetic, no memory
+    for the weights, and nothing of ``model`` changes (a BatchNorm in training mode counts
+    its batches on the copy)."""
+    from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
+
+    mode = FakeTensorMode()
+    with FakeCopyMode(mode):
+        fake_model = copy.deepcopy(model)
+    shapes: Dict[fx.Node, Tuple[int, ...]] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, node: fx.Node):
+            try:
+                value = super().run_node(node)
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {_first_line(exc)}"
+                if "DynamicOutputShape" in why or "DataDependent" in why:
+                    why += (" (the example runs on fake tensors, which hold no values: a "
+                            "shape that depends on them, as a boolean mask's, is unknown)")
+                raise ExpansionError(
+                    f"example_inputs: running the model on them failed at node {node.name!r} "
+                    f"({node.op} {getattr(node.target, '__name__', node.target)}): "
+                    f"{why}") from exc
+            if isinstance(value, torch.Tensor):
+                shapes[node] = tuple(value.shape)
+            return value
+
+    fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    with mode, torch.no_grad(), _through_custom_ops():
+        recorder = _Recorder(fx.GraphModule(fake_model, graph))
+        recorder.extra_traceback = False  # (our message names the node already)
+        recorder.run(*fakes)
+    return shapes

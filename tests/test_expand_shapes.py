@@ -1,0 +1,316 @@
+"""expand(example_inputs=...): with the shapes of every value, models whose Linear layers act
+on (batch, tokens, features), pool or index over tokens, or move a conv map's channels last
+widen exactly; without them, what would hang on a guessed rank is refused with a hint, and
+what would interleave old and new features is refused either way."""
+import copy
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import expanse_fast as xf
+from expanse_fast import ExpansionError
+from models import SmallResNet, pretrained
+
+expand_module = importlib.import_module("expanse_fast.expand")
+TOKENS_IN = (torch.randn(3, 5, 6),)
+
+
+class TokenMLP(nn.Module):
+    """A token-wise MLP on (batch, tokens, 6), pooled over the tokens, then a head."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+        self.fc1, self.fc2, self.head = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.adaptive = nn.AdaptiveAvgPool1d(1)
+
+    def forward(self, x):
+        h = F.relu(self.fc2(F.relu(self.fc1(x))))  # (batch, tokens, 8)
+        p = self.pool
+        if p == "mean over dim 1":
+            h = h.mean(1)
+        elif p == "amax over dim -2":
+            h = h.amax(dim=-2)
+        elif p == "first token":
+            h = h[:, 0]
+        elif p == "last token, ellipsis":
+            h = h[:, -1, ...]
+        elif p == "tokens cat, then sum":
+            h = torch.cat([h, h[:, :2]], dim=1).sum(1)
+        elif p == "stack, then means":
+            h = torch.stack([h, 2 * h]).mean(0).mean(1)
+        elif p == "transpose, adaptive pool, flatten":
+            h = self.adaptive(h.transpose(1, 2)).flatten(1)
+        elif p == "rows and back":
+            b, t = x.shape[0], x.shape[1]
+            rows = h.reshape(-1, h.shape[-1])             # (batch * tokens, 8)
+            h = F.relu(self.fc2(rows)).view(b, t, -1).mean(1)
+        return self.head(h)
+
+
+TOKEN_POOLS = ["mean over dim 1", "amax over dim -2", "first token", "last token, ellipsis",
+               "tokens cat, then sum", "stack, then means", "transpose, adaptive pool, flatten",
+               "rows and back"]
+
+
+def _old_outputs_stay(model, big, x, n_old):
+    with torch.no_grad():
+        torch.testing.assert_close(big(x)[..., :n_old], model(x), rtol=1e-6, atol=1e-6)
+
+
+def _one_step(big, x):
+    opt = torch.optim.SGD([p for p in big.parameters() if p.requires_grad], lr=0.5)
+    big(x).square().sum().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("pool", TOKEN_POOLS)
+def test_token_models_widen_exactly_with_example_inputs(pool):
+    torch.manual_seed(0)
+    model = TokenMLP(pool)
+    big = xf.expand(model, width=2, new_classes=2, example_inputs=TOKENS_IN)
+    assert big.fc1.out_groups == (8, 2) and big.fc2.in_groups == (8, 2)
+    assert big.head.in_groups == (8, 2) and big.head.out_groups == (3, 2)
+    x = torch.randn(4, 7, 6)  # another batch and token count than the example
+    _old_outputs_stay(model, big, x, 3)
+    before = big(x).detach()
+    _one_step(big, x)
+    _old_outputs_stay(model, big, x, 3)  # training moved the new classes only
+    assert not torch.allclose(big(x)[:, 3:], before[:, 3:])
+
+
+@pytest.mark.parametrize("pool", ["mean over dim 1", "first token", "tokens cat, then sum",
+                                  "transpose, adaptive pool, flatten", "rows and back"])
+def test_token_models_without_shapes_are_refused_with_the_hint(pool):
+    model = TokenMLP(pool)
+    with pytest.raises(ExpansionError, match=r"example_inputs=\(x,\)"):
+        xf.expand(model, width=2)
+
+
+class MaskedMean(nn.Module):
+    """A padding mask (batch, tokens, 1) broadcast over the features: two positional inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x, mask):
+        h = F.gelu(self.fc(x)) * mask
+        return self.head(h.sum(1) / mask.sum(1))
+
+
+def test_a_mask_broadcast_over_the_features_is_fine():
+    torch.manual_seed(0)
+    model = MaskedMean()
+    mask = (torch.rand(3, 5, 1) > 0.3).float()
+    big = xf.expand(model, width=2, new_classes=1, example_inputs=(TOKENS_IN[0], mask))
+    with torch.no_grad():
+        torch.testing.assert_close(big(TOKENS_IN[0], mask)[:, :3], model(TOKENS_IN[0], mask),
+                                   rtol=1e-6, atol=1e-6)
+    with pytest.raises(ExpansionError, match=r"node 'mul'.*feature groups"):
+        xf.expand(model, width=2)  # without shapes the mask could carry features
+
+
+class FlattenedTokens(nn.Module):
+    """(batch, tokens, features).flatten(1): token by token, old and new features would
+    interleave, which no input-group layout of the next layer can express."""
+
+    def __init__(self, tokens=3, how="flatten"):
+        super().__init__()
+        self.how = how
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6 * tokens, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))
+        return self.head(h.flatten(1) if self.how == "flatten" else h.view(h.size(0), -1))
+
+
+@pytest.mark.parametrize("how", ["flatten", "view"])
+def test_flattened_tokens_are_refused_with_or_without_shapes(how):
+    model = FlattenedTokens(how=how)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ExpansionError, match=r"example_inputs"):
+        xf.expand(model, width=2)  # (this widened wrongly before: old outputs read new units)
+    with pytest.raises(ExpansionError, match=r"interleave|moves or splits"):
+        xf.expand(model, width=2, example_inputs=torch.randn(2, 3, 4))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_flatten_after_a_2d_linear_needs_the_shapes_and_then_widens():
+    torch.manual_seed(0)
+    model = FlattenedTokens(tokens=1)
+    x = torch.randn(5, 4)
+    with pytest.raises(ExpansionError, match=r"node 'flatten'.*example_inputs"):
+        xf.expand(model, width=2)
+    big = xf.expand(model, width=2, new_classes=1, example_inputs=x)
+    _old_outputs_stay(model, big, x, 2)
+
+
+class ConvNextish(nn.Module):
+    """Channels moved last for token-wise Linear layers, and back (ConvNeXt's block)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.out = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.stem(x).permute(0, 2, 3, 1)
+        h = self.down(F.gelu(self.up(h))).permute(0, 3, 1, 2)
+        return self.head(torch.relu(self.out(h)).mean((2, 3)))
+
+
+class VitIsh(nn.Module):
+    """Patches from a strided conv, flattened and transposed to (batch, tokens, channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 2, stride=2)
+        self.mlp, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        return self.head(F.silu(self.mlp(tokens)).mean(1))
+
+
+@pytest.mark.parametrize("make", [ConvNextish, VitIsh], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("with_shapes", [False, True], ids=["traced", "example_inputs"])
+def test_channels_moved_last_widen_exactly(make, with_shapes):
+    # a conv's 4-d output is known without shapes, so this works either way
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(2, 3, 6, 6)
+    big = xf.expand(model, width=2, new_classes=1,
+                    example_inputs=x if with_shapes else None)
+    _old_outputs_stay(model, big, torch.randn(3, 3, 8, 8), 3)
+    _one_step(big, x)
+    _old_outputs_stay(model, big, x, 3)
+
+
+class LinearOverWidth(nn.Module):
+    """A Linear on a conv map's last dimension (its width), whose size equals the channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x))
+
+
+@pytest.mark.parametrize("with_shapes", [False, True], ids=["traced", "example_inputs"])
+def test_a_linear_reading_another_dimension_is_refused(with_shapes):
+    # (this used to widen fc's input by conv's new channels, and fail at the first call)
+    with pytest.raises(ExpansionError, match=r"'fc' reads the last dimension.*dim 1 of a 4-d"):
+        xf.expand(LinearOverWidth(), width=2,
+                  example_inputs=torch.randn(1, 3, 8, 8) if with_shapes else None)
+
+
+class NormOverTokens(nn.Module):
+    """BatchNorm1d on (batch, tokens, features) normalises the tokens, not the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.head = nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.bn(self.fc(x)).mean(1))
+
+
+def test_batchnorm_over_tokens_is_refused():
+    with pytest.raises(ExpansionError, match=r"'bn' reads dim 1.*dim 2 of a 3-d"):
+        xf.expand(NormOverTokens(), width=2, example_inputs=torch.randn(2, 5, 6))
+
+
+class Reshaped(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(6, 8)
+        self.head = nn.Linear(4 if how == "features split" else 8, 2)
+
+    def forward(self, x):
+        h = self.fc(x)  # (batch, tokens, 8)
+        if self.how == "hard-coded features":
+            h = h.reshape(-1, 8)
+        elif self.how == "features split":
+            h = h.view(x.shape[0], x.shape[1], 2, -1).sum(2)
+        elif self.how == "first token":
+            h = h[:, 0]
+        return self.head(h)
+
+
+@pytest.mark.parametrize("how, pattern", [
+    ("hard-coded features", r"node 'reshape'.*asks for 8 features"),
+    ("features split", r"node 'view'.*moves or splits the features"),
+])
+def test_reshapes_that_would_mix_features_are_refused(how, pattern):
+    with pytest.raises(ExpansionError, match=pattern):
+        xf.expand(Reshaped(how), width=2, example_inputs=torch.randn(2, 5, 6))
+
+
+def test_the_shapes_catch_an_op_the_walk_misreads(monkeypatch):
+    # an indexing walk that forgot that h[:, 0] drops a dimension
+    monkeypatch.setattr(expand_module._Plan, "_index",
+                        lambda self, node: self.feat.get(node.args[0]))
+    with pytest.raises(ExpansionError, match=r"node 'getitem'.*cannot follow its features.*"
+                                             r"in dim 2 of a 3-d value; the shape is \(2, 8\)"):
+        xf.expand(Reshaped("first token"), width=2, example_inputs=torch.randn(2, 5, 6))
+
+
+def test_data_dependent_shapes_are_named():
+    class BoolMask(Reshaped):
+        def forward(self, x):
+            return self.head(self.fc(x)[x[..., 0] > 0])
+
+    with pytest.raises(ExpansionError, match=r"example_inputs: .*node 'getitem_1'.*"
+                                             r"DynamicOutputShapeException.*boolean mask"):
+        xf.expand(BoolMask("mask"), width=2, example_inputs=torch.randn(2, 5, 6))
+
+
+def test_example_inputs_change_nothing_in_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).train()
+    state = copy.deepcopy(model.state_dict())
+    big = xf.expand(model, width=2, example_inputs=torch.randn(2, 3, 6, 6))
+    assert model.training and model[1].num_batches_tracked.item() == 0
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert isinstance(big[0], xf.ExpandedConv2d) and big[0].out_groups == (4, 2)
+
+
+def test_example_inputs_that_do_not_fit_are_named():
+    model = TokenMLP("mean over dim 1")
+    with pytest.raises(ExpansionError, match=r"example_inputs: .*node 'fc1'.*RuntimeError"):
+        xf.expand(model, example_inputs=torch.randn(2, 5, 7))
+    with pytest.raises(TypeError, match=r"example_inputs must be a tensor or a tuple"):
+        xf.expand(model, example_inputs={"x": torch.randn(2, 5, 6)})
+
+
+def _resnet_case():
+    model = pretrained(SmallResNet(), torch.randn(8, 1, 8, 8))
+    return model, torch.randn(2, 1, 8, 8), {"fc": (5, 1, 1), "stem": (8, 2, 3)}
+
+
+def _tokens_case():
+    return TokenMLP("first token"), torch.randn(2, 4, 6), {"head": (3, 1, 1),
+                                                          "fc1": (8, 2, 3)}
+
+
+@pytest.mark.parametrize("case", [_tokens_case, _resnet_case], ids=["tokens", "resnet"])
+def test_an_expanded_model_expands_again_with_example_inputs(case):
+    # Its layers are pinned to a backend this machine cannot run (the CUDA extension): the
+    # shapes come from the custom ops' fake implementations, which need no backend.
+    torch.manual_seed(0)
+    model, x, groups = case()
+    big = xf.expand(model, width=2, new_classes=1, example_inputs=x, backend="cuda")
+    bigger = xf.expand(big, width=3, new_classes=1, example_inputs=x, backend="torch")
+    for path, widths in groups.items():
+        assert bigger.get_submodule(path).out_groups == widths, path
+    n_old = groups["fc" if "fc" in groups else "head"][0]
+    _old_outputs_stay(model.eval(), bigger.eval(), torch.randn(3, *x.shape[1:]), n_old)

@@ -831,8 +831,11 @@ def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, sc
     m = n * ho * wo
     split = _split_for(triton.cdiv(o, 64) * triton.cdiv(c, 64) * kh * kw, m, x.device)
     chunk = triton.cdiv(m, split)
-    dw = torch.empty((split, o, c, kh, kw), device=x.device, dtype=torch.float32)
-    db = torch.empty((split, o), device=x.device, dtype=torch.float32) if need_db else dw
+    # fp32 partial sums to add up; a lone split stores the result's dtype (the kernels'
+    # stores round, as .to() would) and needs no second pass
+    part = torch.float32 if split > 1 else out_dtype
+    dw = torch.empty((split, o, c, kh, kw), device=x.device, dtype=part)
+    db = torch.empty((split, o), device=x.device, dtype=part) if need_db else dw
     tma = _tma()
     if not (tma.wgrad_usable(dy, x, dy_c0, o, x_c0, c, geo[:2])
             and tma.wgrad(dy, x, dw, db, scale, dy_c0, o, x_c0, c, geo, split, need_db)) \
@@ -846,7 +849,13 @@ def _wgrad(dy, x, dy_c0, o, x_c0, c, kh, kw, geo, ho, wo, need_db, out_dtype, sc
             dy, x, dw, db, dw if scale is None else scale, o, c, m, h, wd, ho, wo, dy_c0,
             x_c0, chunk, *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split,
             HAS_DB=need_db, SCALE=scale is not None, PREC=_prec(x.dtype))
-    return dw.sum(0).to(out_dtype), (db.sum(0).to(out_dtype) if need_db else None)
+    return _reduced(dw, out_dtype), (_reduced(db, out_dtype) if need_db else None)
+
+
+def _reduced(parts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The sum of a weight gradient's split partials (dim 0) in ``dtype``: a lone split
+    was stored in ``dtype`` already."""
+    return parts[0] if parts.shape[0] == 1 else parts.sum(0).to(dtype)
 
 
 def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.Tensor,
@@ -889,16 +898,16 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         if (need_dw or need_db) and not empty and o_n:
             split = _split_for(triton.cdiv(o_n, 32) * kh * kw, m, x.device)
             chunk = triton.cdiv(m, split)
-            dwp = torch.empty((split, o_n, kh * kw), device=x.device, dtype=torch.float32)
-            dbp = torch.empty((split, o_n), device=x.device, dtype=torch.float32) \
-                if need_db else dwp
+            part = torch.float32 if split > 1 else wdt  # (as in _wgrad)
+            dwp = torch.empty((split, o_n, kh * kw), device=x.device, dtype=part)
+            dbp = torch.empty((split, o_n), device=x.device, dtype=part) if need_db else dwp
             grid = lambda meta: (triton.cdiv(o_n, meta["BLOCK_N"]), kh * kw, split)
             launch(
                 _dw_wgrad_kernel, grid,
                 dy, x, dwp, dbp, m, o_n, mult, h, wd, ho, wo, o_f, chunk,
                 *dy.stride(), *x.stride(), *geo, KH=kh, KW=kw, SPLIT=split, HAS_DB=need_db)
-            dw = dwp.sum(0).view(o_n, 1, kh, kw).to(wdt) if need_dw else None
-            db = dbp.sum(0).to(wdt) if need_db else None
+            dw = _reduced(dwp, wdt).view(o_n, 1, kh, kw) if need_dw else None
+            db = _reduced(dbp, wdt) if need_db else None
         else:
             dw = torch.zeros_like(w_new) if need_dw else None
             db = w_new.new_zeros(o_n) if need_db else None

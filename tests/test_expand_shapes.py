@@ -4,6 +4,8 @@ widen exactly; without them, what would hang on a guessed rank is refused with a
 what would interleave old and new features is refused either way."""
 import copy
 import importlib
+import math
+import random
 
 import pytest
 import torch
@@ -314,3 +316,126 @@ def test_an_expanded_model_expands_again_with_example_inputs(case):
         assert bigger.get_submodule(path).out_groups == widths, path
     n_old = groups["fc" if "fc" in groups else "head"][0]
     _old_outputs_stay(model.eval(), bigger.eval(), torch.randn(3, *x.shape[1:]), n_old)
+
+
+# ---- fuzz: accepted means exact ----------------------------------------------------------
+class RandomTokenNet(nn.Module):
+    """A random chain of shape ops and Linear layers on (batch, tokens, features): some keep
+    the features apart (Linear, pooling or indexing over tokens, stack, unsqueeze, a
+    residual), some do not, or only while the features are last (flatten, a feature slice
+    or concat, a transpose before a Linear or a reduction)."""
+
+    STEPS = ("linear", "act", "residual", "transpose", "mean tokens", "amax last", "first",
+             "feature slice", "flatten", "cat tokens", "cat last", "unsqueeze", "stack",
+             "rows")
+
+    def __init__(self, seed: int):
+        super().__init__()
+        r = random.Random(seed)
+        self.features = r.randint(2, 5)
+        # every dimension after the batch: tokens and features, or features alone
+        dims = [5, self.features] if r.random() < 0.7 else [self.features]
+        self.input_dims = tuple(dims)
+        self.steps, layers = [], []
+        for i in range(r.randint(2, 6)):
+            step = r.choice(self.STEPS) if i else "linear"  # (data cannot widen)
+            if step in ("transpose", "mean tokens", "first", "cat tokens") and len(dims) < 2:
+                continue
+            if step == "amax last" and len(dims) < 2 or step == "feature slice" and dims[-1] < 2:
+                continue
+            if step in ("linear", "residual"):
+                width = r.randint(1, 6) if step == "linear" else dims[-1]
+                layers.append(nn.Linear(dims[-1], width))
+                dims[-1] = width
+            elif step == "transpose":
+                dims[-1], dims[-2] = dims[-2], dims[-1]
+            elif step in ("mean tokens", "first"):
+                dims.pop(0)
+            elif step == "amax last":
+                dims.pop()
+            elif step == "feature slice":
+                dims[-1] -= 1
+            elif step == "flatten":
+                dims = [math.prod(dims)]
+            elif step == "cat tokens":
+                dims[0] *= 2
+            elif step == "cat last":
+                dims[-1] *= 2
+            elif step in ("unsqueeze", "stack"):
+                dims.insert(0, 1 if step == "unsqueeze" else 2)
+            elif step == "rows":
+                dims = dims[-1:]
+            self.steps.append(step)
+        self.layers = nn.ModuleList(layers)
+        self.head = nn.Linear(dims[-1], 3)
+        self.pooled = tuple(range(1, len(dims)))  # every dimension but the batch and last
+
+    def forward(self, x):
+        h, layers = x, iter(self.layers)
+        for step in self.steps:
+            if step == "linear":
+                h = next(layers)(h)
+            elif step == "act":
+                h = F.gelu(h)
+            elif step == "residual":
+                h = h + next(layers)(h)
+            elif step == "transpose":
+                h = h.transpose(-1, -2)
+            elif step == "mean tokens":
+                h = h.mean(1)
+            elif step == "first":
+                h = h[:, 0]
+            elif step == "amax last":
+                h = h.amax(-1)
+            elif step == "feature slice":
+                h = h[..., 1:]
+            elif step == "flatten":
+                h = h.flatten(1)
+            elif step == "cat tokens":
+                h = torch.cat([h, h], 1)
+            elif step == "cat last":
+                h = torch.cat([h, h], -1)
+            elif step == "unsqueeze":
+                h = h.unsqueeze(1)
+            elif step == "stack":
+                h = torch.stack([h, 2 * h], 1)
+            elif step == "rows":
+                h = h.reshape(-1, h.shape[-1])
+        if self.pooled:
+            h = h.mean(self.pooled)
+        return self.head(h)
+
+
+def _exact_or_refused(model, example, with_shapes):
+    """'refused', or 'exact' once the widened model's old outputs match (its trainable
+    tensors random, as after training)."""
+    r = random.Random(1)
+    try:
+        big = xf.expand(model, width=r.choice([1, 2, 0.5]), new_classes=2,
+                        example_inputs=example if with_shapes else None)
+    except ExpansionError:
+        return "refused"
+    with torch.no_grad():
+        for p in big.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)
+    x = torch.randn(4, *example[0].shape[1:], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(big(x)[..., :3], model(x), rtol=1e-9, atol=1e-9)
+    return "exact"
+
+
+def test_random_token_chains_are_exact_or_refused():
+    outcomes = {}
+    for seed in range(150):
+        torch.manual_seed(seed)
+        model = RandomTokenNet(seed).double()
+        example = (torch.randn(3, *model.input_dims, dtype=torch.float64),)
+        outcomes[seed] = tuple(_exact_or_refused(model, example, shapes)
+                               for shapes in (False, True))
+    pairs = list(outcomes.values())
+    # the shapes never refuse what the shapeless walk accepts...
+    assert ("exact", "refused") not in pairs
+    # ...and the chains exercise both answers, and what only the shapes make possible
+    assert pairs.count(("refused", "exact")) >= 20, pairs
+    assert pairs.count(("exact", "exact")) >= 10 and pairs.count(("refused", "refused")) >= 10

@@ -14,7 +14,7 @@ from torch import nn
 
 import expanse_fast as xf
 from expanse_fast import ExpansionError
-from models import SmallResNet, pretrained
+from models import SmallResNet, pretrained, random_model
 
 expand_module = importlib.import_module("expanse_fast.expand")
 TOKENS_IN = (torch.randn(3, 5, 6),)
@@ -439,3 +439,18 @@ def test_random_token_chains_are_exact_or_refused():
     # ...and the chains exercise both answers, and what only the shapes make possible
     assert pairs.count(("refused", "exact")) >= 20, pairs
     assert pairs.count(("exact", "exact")) >= 10 and pairs.count(("refused", "refused")) >= 10
+
+
+def _layouts(big):
+    return {path: (m.in_groups, m.out_groups) if hasattr(m, "in_groups") else m.groups
+            for path, m in xf.expanded_layers(big).items()}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_shapes_change_nothing_for_models_the_walk_accepts(seed):
+    # the suite's random MLPs and CNNs (BatchNorm, depthwise, residuals, pooling, flatten)
+    _, base, shape = random_model(seed)
+    without = xf.expand(base, width=2, new_classes=1)
+    with_shapes = xf.expand(base, width=2, new_classes=1,
+                            example_inputs=torch.randn(*shape, dtype=torch.float64))
+    assert len(_layouts(without)) >= 2 and _layouts(with_shapes) == _layouts(without)

@@ -172,6 +172,7 @@ class _Plan:
         self.width, self.new_classes, self.mode = width, int(new_classes), mode
         self.head = _find_head(self.graph, self.modules, head)
         self.grow: Dict[str, Tuple[int, ...]] = {}  # path -> (new_in, new_out) or (new,)
+        self.ride_through: set = set()  # Linear layers over another dimension, kept as they are
         self.feat: Dict[fx.Node, Optional[_Feat]] = {}
         for node in self.graph.nodes:
             self.feat[node] = self._checked(node, self._visit(node))
@@ -229,6 +230,9 @@ class _Plan:
                              f"{why}")
 
     def _record(self, path: str, grow: Tuple[int, ...]):
+        if path in self.ride_through:
+            raise ExpansionError(f"module {path!r} is called on another dimension than the "
+                                 "features (kept as it is) and on the features (widened)")
         if path in self.grow and self.grow[path] != grow:
             raise ExpansionError(f"module {path!r} is called twice with different widths "
                                  f"{self.grow[path]} and {grow}")
@@ -275,10 +279,23 @@ class _Plan:
             self._refuse(node, f"{path!r} reads {what}, but the widened features are in dim "
                                f"{f.axis} of a {f.rank}-d value")
 
+    def _mixes_another_dimension(self, node: fx.Node, path: str, f: _Feat) -> _Feat:
+        """A Linear over tokens or a map's width, the features elsewhere (an MLP-Mixer's
+        token mixing): the same map for every feature, so the widened ones ride through it
+        apart from the old, and the layer itself is not widened."""
+        if path in self.grow:
+            self._refuse(node, f"{path!r} is widened where it reads the features and called "
+                               "here on another dimension")
+        self.ride_through.add(path)
+        return replace(f, rank=self._rank(node, f.rank))
+
     def _visit_module(self, node: fx.Node, m: nn.Module) -> Optional[_Feat]:
         path = node.target
         src = self._first_tensor(node)
         if isinstance(m, (nn.Linear, ExpandedLinear)):
+            f = self._widened_input(node)
+            if f is not None and not f.last and type(m) is nn.Linear and path != self.head:
+                return self._mixes_another_dimension(node, path, f)
             self._reads_features_at(node, path, lambda r: r - 1, "the last dimension")
             new_in = self._layer_in(node, m.in_features, path)
             new_out = (self.new_classes if path == self.head

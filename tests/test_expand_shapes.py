@@ -199,18 +199,60 @@ class LinearOverWidth(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 2)
+        self.conv, self.fc, self.head = nn.Conv2d(3, 8, 1), nn.Linear(8, 2), nn.Linear(8, 3)
 
     def forward(self, x):
-        return self.fc(self.conv(x))
+        return self.head(self.fc(self.conv(x)).mean(-1).transpose(1, 2))
 
 
-@pytest.mark.parametrize("with_shapes", [False, True], ids=["traced", "example_inputs"])
-def test_a_linear_reading_another_dimension_is_refused(with_shapes):
-    # (this used to widen fc's input by conv's new channels, and fail at the first call)
-    with pytest.raises(ExpansionError, match=r"'fc' reads the last dimension.*dim 1 of a 4-d"):
-        xf.expand(LinearOverWidth(), width=2,
-                  example_inputs=torch.randn(1, 3, 8, 8) if with_shapes else None)
+class TokenMixer(nn.Module):
+    """MLP-Mixer's two MLPs (without its LayerNorms): one over the tokens, one over the
+    channels."""
+
+    def __init__(self, tokens=5, channels=6):
+        super().__init__()
+        self.embed = nn.Linear(4, channels)
+        self.tokens1, self.tokens2 = nn.Linear(tokens, 8), nn.Linear(8, tokens)
+        self.channels1, self.channels2 = nn.Linear(channels, 12), nn.Linear(12, channels)
+        self.head = nn.Linear(channels, 3)
+
+    def forward(self, x):
+        h = self.embed(x)                                         # (batch, tokens, channels)
+        mixed = self.tokens2(F.gelu(self.tokens1(h.transpose(1, 2)))).transpose(1, 2)
+        h = h + mixed
+        h = h + self.channels2(F.gelu(self.channels1(h)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("make, shape", [(LinearOverWidth, (1, 3, 8, 8)),
+                                         (TokenMixer, (2, 5, 4))],
+                         ids=["linear over a map's width", "token mixing"])
+def test_a_linear_over_another_dimension_keeps_its_width(make, shape):
+    # (a Linear over a conv map's width used to be widened by the conv's new channels, and
+    # failed at its first call)
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(*shape)
+    big = xf.expand(model, width=2, new_classes=1, example_inputs=x)
+    mixers = [n for n, m in big.named_modules() if type(m) is nn.Linear]
+    assert mixers == (["fc"] if make is LinearOverWidth else ["tokens1", "tokens2"])
+    _old_outputs_stay(model, big, torch.randn(3, *shape[1:]), 3)
+    _one_step(big, x)
+    _old_outputs_stay(model, big, x, 3)
+
+
+def test_a_linear_on_both_the_features_and_another_dimension_is_refused():
+    class Both(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.shared, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):  # (batch, 4, 4): the features, then the other dimension
+            h = self.fc(x)
+            return self.head(self.shared(h) + self.shared(h.transpose(1, 2)).transpose(1, 2))
+
+    with pytest.raises(ExpansionError, match=r"'shared'.*(another dimension|widened where)"):
+        xf.expand(Both(), width=2, example_inputs=torch.randn(2, 4, 4))
 
 
 class NormOverTokens(nn.Module):

@@ -55,6 +55,7 @@ _SPATIAL_MODULES = {
 _SPATIAL_FUNCTIONS = {
     F.max_pool1d: 1, F.avg_pool1d: 1, F.adaptive_avg_pool1d: 1,
     F.max_pool2d: 2, F.avg_pool2d: 2, F.adaptive_avg_pool2d: 2, F.adaptive_max_pool2d: 2,
+    F.interpolate: None,
 }
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "bfloat16",
                  "to", "type_as", "detach", "abs", "exp", "neg"}
@@ -407,6 +408,10 @@ class _Plan:
             return self._first_tensor(node)
         if fn in _SPATIAL_FUNCTIONS:
             return self._spatial(node, fn.__name__, _SPATIAL_FUNCTIONS[fn])
+        if fn is F.pad:
+            pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+            if isinstance(pad, (tuple, list)) and all(isinstance(p, int) for p in pad):
+                return self._spatial(node, "pad", len(pad) // 2)
         if self._widened_input(node):
             self._refuse(node, "this function is not known to keep old and new features apart "
                                "(normalisations over features, softmax over classes and "
@@ -559,30 +564,33 @@ class _Plan:
             return _Feat(None, 0)
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
-        if self.shapes is not None and node in self.shapes and node.args[0] in self.shapes:
-            return self._reshape_seen(node, f, shape)
+        seen = None if self.shapes is None else (self.shapes.get(node.args[0]),
+                                                 self.shapes.get(node))
+        if seen is not None and None not in seen and 1 not in seen[0] + seen[1]:
+            # (sizes of 1 would hide how the dimensions regroup at other sizes: those
+            # reshapes take the rule below, which reads only the arguments)
+            return self._reshape_seen(node, f, shape, *seen)
         if len(shape) == 2 and shape[1] == -1:
             return self._flatten(node, 1)
         self._refuse(node, f"a reshape to {shape} of a widened tensor (a hard-coded feature "
                            "size?); use flatten(1) or view(x.size(0), -1)",
                      shapes_could_help=not f.sure)
 
-    def _reshape_seen(self, node: fx.Node, f: _Feat, shape: tuple) -> _Feat:
-        """A reshape with example inputs: exact if it keeps the features and every dimension
-        after them (regrouping the ones before), or merges the features with the dimensions
-        right after them (a flatten); the size it asks for there must not be a number."""
-        src, out = self.shapes[node.args[0]], self.shapes[node]
-        tail = tuple(src[f.axis:])
+    def _reshape_seen(self, node: fx.Node, f: _Feat, shape: tuple, src: tuple, out: tuple
+                      ) -> _Feat:
+        """A reshape of ``src`` to ``out`` with example inputs: exact where the features
+        stay one dimension of their own (the others regrouped around them), or where they
+        merge with the dimensions right after them, old features first (a flatten); the
+        size it asks for there must not be a number."""
+        ahead = math.prod(src[:f.axis])  # elements before each feature, in row-major order
+        starts = [j for j in range(len(out)) if math.prod(out[:j]) == ahead]
         moved = None
-        if len(out) >= len(tail) and tuple(out[len(out) - len(tail):]) == tail:
-            moved = replace(f, axis=len(out) - len(tail), rank=len(out))
-        elif len(out) > f.axis and tuple(out[:f.axis]) == tuple(src[:f.axis]):
-            for end in range(f.axis + 1, len(src) + 1):
-                if (math.prod(src[f.axis:end]) == out[f.axis]
-                        and tuple(src[end:]) == tuple(out[f.axis + 1:])):
-                    moved = replace(f, rank=len(out),
-                                    factor=f.factor if end == f.axis + 1 else None)
-                    break
+        for j in starts:
+            if out[j] == src[f.axis]:
+                moved = replace(f, axis=j, rank=len(out))
+            elif any(out[j] == math.prod(src[f.axis:end]) for end in range(f.axis + 2,
+                                                                          len(src) + 1)):
+                moved = replace(f, axis=j, rank=len(out), factor=None)
         if moved is None:
             self._refuse(node, f"a reshape of {tuple(src)} to {tuple(out)} moves or splits the "
                                f"features (dim {f.axis})")

@@ -141,6 +141,14 @@ def test_flattened_tokens_are_refused_with_or_without_shapes(how):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
+def test_a_reshape_is_not_judged_by_sizes_of_one():
+    # With one token, (batch, 1, 6).view(batch, -1) keeps each feature in place; at other
+    # token counts the same call interleaves them, so the example's sizes cannot vouch for it
+    model = FlattenedTokens(tokens=1, how="view")
+    with pytest.raises(ExpansionError, match=r"node 'view'.*interleave"):
+        xf.expand(model, width=2, example_inputs=torch.randn(2, 1, 4))
+
+
 def test_flatten_after_a_2d_linear_needs_the_shapes_and_then_widens():
     torch.manual_seed(0)
     model = FlattenedTokens(tokens=1)
@@ -496,3 +504,93 @@ def test_the_shapes_change_nothing_for_models_the_walk_accepts(seed):
     with_shapes = xf.expand(base, width=2, new_classes=1,
                             example_inputs=torch.randn(*shape, dtype=torch.float64))
     assert len(_layouts(without)) >= 2 and _layouts(with_shapes) == _layouts(without)
+
+
+class RandomMapNet(nn.Module):
+    """A random chain of convolutions and shape ops on (batch, channels, height, width) maps:
+    exact ones (pooling, padding, resizing, spatial slices and concats, channels moved last
+    for a Linear and back, a map flattened to tokens and back) mixed with ones that are not
+    (a channel slice or concat, a pool over the channels once they are last)."""
+
+    STEPS = ("conv", "act", "residual", "pool", "pad", "resize", "cat height", "cat channels",
+             "slice width", "slice channels", "channels last linear", "tokens and back",
+             "pool channels last", "mean width")
+
+    def __init__(self, seed: int):
+        super().__init__()
+        r = random.Random(seed)
+        channels = self.in_channels = r.randint(1, 4)
+        self.steps, layers = [], []
+        for i in range(r.randint(2, 6)):
+            step = r.choice(self.STEPS) if i else "conv"  # (data cannot widen)
+            if step == "slice channels" and channels < 2:
+                continue
+            if step == "conv":
+                width = r.randint(1, 4)
+                layers.append(nn.Conv2d(channels, width, 3, padding=1))
+                channels = width
+            elif step == "residual":
+                layers.append(nn.Conv2d(channels, channels, 1))
+            elif step == "channels last linear":
+                layers.append(nn.Linear(channels, channels))
+            elif step == "cat channels":
+                channels *= 2
+            elif step == "slice channels":
+                channels -= 1
+            elif step == "pool channels last":
+                channels = (channels + 1) // 2
+            self.steps.append(step)
+            if step == "mean width":
+                break  # a 3-d map from here: the head follows
+        self.layers = nn.ModuleList(layers)
+        self.head = nn.Linear(channels, 3)
+        self.pooled = (2,) if self.steps[-1] == "mean width" else (2, 3)
+
+    def forward(self, x):
+        h, layers = x, iter(self.layers)
+        for step in self.steps:
+            if step == "conv":
+                h = next(layers)(h)
+            elif step == "act":
+                h = torch.relu(h)
+            elif step == "residual":
+                h = h + next(layers)(h)
+            elif step == "pool":
+                h = F.max_pool2d(h, 2, ceil_mode=True)
+            elif step == "pad":
+                h = F.pad(h, (1, 0, 0, 1))
+            elif step == "resize":
+                h = F.interpolate(h, scale_factor=2.0)
+            elif step == "cat height":
+                h = torch.cat([h, h[:, :, :1]], 2)
+            elif step == "cat channels":
+                h = torch.cat([h, h], 1)
+            elif step == "slice width":
+                h = h[:, :, :, 1:]
+            elif step == "slice channels":
+                h = h[:, 1:]
+            elif step == "channels last linear":
+                h = next(layers)(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            elif step == "tokens and back":
+                tokens = F.gelu(h.flatten(2).transpose(1, 2))       # (batch, pixels, channels)
+                h = tokens.transpose(1, 2).reshape(h.shape)
+            elif step == "pool channels last":
+                pooled = F.max_pool1d(h.flatten(2).transpose(1, 2), 2, ceil_mode=True)
+                h = pooled.transpose(1, 2).reshape(h.shape[0], -1, h.shape[2], h.shape[3])
+            elif step == "mean width":
+                h = h.mean(-1)
+        return self.head(h.mean(self.pooled))
+
+
+def test_random_map_chains_are_exact_or_refused():
+    outcomes = []
+    for seed in range(120):
+        torch.manual_seed(seed)
+        model = RandomMapNet(seed).double()
+        example = (torch.randn(2, model.in_channels, 5, 6, dtype=torch.float64),)
+        outcomes.append(tuple(_exact_or_refused(model, example, shapes)
+                              for shapes in (False, True)))
+    assert ("exact", "refused") not in outcomes
+    assert outcomes.count(("exact", "exact")) >= 20, outcomes
+    assert outcomes.count(("refused", "exact")) >= 5 and outcomes.count(("refused",
+                                                                          "refused")) >= 10

@@ -121,6 +121,17 @@ def _dims(dims, rank: int) -> Optional[Tuple[int, ...]]:
     return tuple(sorted(d % rank for d in dims))
 
 
+def _sizes_vouch(src: tuple, out: tuple, asked: tuple) -> bool:
+    """Whether a reshape of ``src`` to ``out`` (``asked`` for) regroups the dimensions the
+    same way at every size.  A size of 1 in the example hides that ((batch, 1, F) to
+    (batch, F) keeps the features in place, (batch, 5, F) to (batch, 5 * F) interleaves
+    them), unless the call asks for it by number, as a view to (batch, C, 1, 1) does."""
+    if 1 in src:
+        return False
+    literal = tuple(asked) if len(asked) == len(out) else (None,) * len(out)
+    return all(size != 1 or (isinstance(n, int) and n == 1) for size, n in zip(out, literal))
+
+
 def _new_width(width: Width, name: str, current: int) -> int:
     if isinstance(width, Mapping):
         return _units(width.get(name, 0), f"width[{name!r}]")
@@ -566,9 +577,7 @@ class _Plan:
             shape = tuple(shape[0])
         seen = None if self.shapes is None else (self.shapes.get(node.args[0]),
                                                  self.shapes.get(node))
-        if seen is not None and None not in seen and 1 not in seen[0] + seen[1]:
-            # (sizes of 1 would hide how the dimensions regroup at other sizes: those
-            # reshapes take the rule below, which reads only the arguments)
+        if seen is not None and None not in seen and _sizes_vouch(*seen, shape):
             return self._reshape_seen(node, f, shape, *seen)
         if len(shape) == 2 and shape[1] == -1:
             return self._flatten(node, 1)

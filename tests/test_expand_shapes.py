@@ -263,6 +263,40 @@ def test_a_linear_on_both_the_features_and_another_dimension_is_refused():
         xf.expand(Both(), width=2, example_inputs=torch.randn(2, 4, 4))
 
 
+class SqueezeExcite(nn.Module):
+    """A conv map scaled per channel by gates from its pooled channels (SENet)."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1, self.fc2, self.head = nn.Linear(8, 4), nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(h.mean((2, 3))))))
+        if self.how == "index":
+            gate = gate[:, :, None, None]
+        elif self.how == "unsqueeze":
+            gate = gate.unsqueeze(-1).unsqueeze(-1)
+        else:  # the call asks for the sizes of 1 by number
+            gate = gate.view(gate.shape[0], gate.shape[1], 1, 1)
+        return self.head((h * gate).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how, with_shapes", [("index", False), ("unsqueeze", False),
+                                              ("view", True)])
+def test_squeeze_excite_gates_widen_exactly(how, with_shapes):
+    torch.manual_seed(0)
+    model = SqueezeExcite(how)
+    x = torch.randn(2, 3, 6, 6)
+    big = xf.expand(model, width=0.25, new_classes=1, example_inputs=x if with_shapes else None)
+    assert big.conv.out_groups == big.fc2.out_groups == (8, 2)
+    _old_outputs_stay(model, big, torch.randn(4, 3, 6, 6), 3)
+    _one_step(big, x)
+    _old_outputs_stay(model, big, x, 3)
+
+
 class NormOverTokens(nn.Module):
     """BatchNorm1d on (batch, tokens, features) normalises the tokens, not the features."""
 

@@ -60,7 +60,7 @@ _SPATIAL_FUNCTIONS = {
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "float", "half", "bfloat16",
                  "to", "type_as", "detach", "abs", "exp", "neg"}
 _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
-           torch.mul, torch.div, operator.iadd, operator.imul}
+           torch.mul, torch.div, operator.iadd, operator.imul, torch.maximum, torch.minimum}
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
@@ -108,6 +108,13 @@ class _Feat:
 
 
 _DATA = _Feat(None, 0)
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """The (values, indices) of max or min over a dimension: each holds one entry per
+    feature, where ``feat`` says."""
+    feat: _Feat
 
 
 def _dims(dims, rank: int) -> Optional[Tuple[int, ...]]:
@@ -217,7 +224,7 @@ class _Plan:
     def _checked(self, node: fx.Node, f: Optional[_Feat]) -> Optional[_Feat]:
         """With example inputs, a widened value's features must be where the walk put
         them: an op the walk misreads is refused, never widened wrongly."""
-        if self.shapes is None or f is None or not f.widened:
+        if self.shapes is None or f is None or isinstance(f, _Pair) or not f.widened:
             return f
         shape = self.shapes.get(node)
         fits = (shape is not None and len(shape) == f.rank and 0 <= f.axis < f.rank
@@ -258,6 +265,9 @@ class _Plan:
             return None
         if node.op == "get_attr":
             return self._visit_attr(node)
+        if not (node.op == "call_function" and node.target in (operator.getitem, getattr)):
+            if any(isinstance(self.feat.get(a), _Pair) for a in node.all_input_nodes):
+                self._refuse(node, "it takes max's or min's (values, indices) pair as a tensor")
         if node.op == "call_module":
             return self._visit_module(node, self.modules[node.target])
         if node.op == "call_function":
@@ -406,6 +416,9 @@ class _Plan:
         if fn in (torch.cat, torch.concat, torch.stack):
             return self._join(node, fn is torch.stack)
         if fn is getattr:
+            pair = self.feat.get(node.args[0])
+            if isinstance(pair, _Pair) and node.args[1] in ("values", "indices"):
+                return pair.feat
             if node.args[1] in _MOVE_ATTRIBUTES:
                 return self._move(node, lambda t: getattr(t, node.args[1]))
             return None  # x.shape and similar
@@ -413,6 +426,8 @@ class _Plan:
             return self._index(node)
         if fn in _REDUCE_FUNCTIONS:
             return self._reduce(node)
+        if fn in (torch.max, torch.min):
+            return self._max_min(node)
         if fn in _MOVE_FUNCTIONS:
             return self._move(node, lambda t: fn(t, *node.args[1:], **node.kwargs))
         if fn in _PASS_FUNCTIONS:
@@ -443,6 +458,8 @@ class _Plan:
             return self._reshape(node, node.args[1:])
         if name in _REDUCE_METHODS:
             return self._reduce(node)
+        if name in ("max", "min"):
+            return self._max_min(node)
         if name in _MOVE_METHODS:
             return self._move(node, lambda t: getattr(t, name)(*node.args[1:], **node.kwargs))
         if name in _PASS_METHODS:
@@ -452,8 +469,23 @@ class _Plan:
                                "features apart")
         return self._first_tensor(node)
 
+    def _max_min(self, node: fx.Node):
+        """max or min: of two tensors, elementwise; over a dimension, a (values, indices)
+        pair; over everything, one value."""
+        other = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+            "dim", node.kwargs.get("other"))
+        if isinstance(other, fx.Node):
+            return self._binary(node)
+        reduced = self._reduce(node)
+        return reduced if other is None else _Pair(reduced)
+
     def _index(self, node: fx.Node) -> Optional[_Feat]:
         f = self.feat.get(node.args[0])
+        if isinstance(f, _Pair):
+            if node.args[1] not in (0, 1):
+                self._refuse(node, f"indexing max's or min's (values, indices) pair with "
+                                   f"{node.args[1]!r}")
+            return f.feat
         if f is None or not f.widened:
             return f  # sizes, tuples, plain tensors
         index = node.args[1]

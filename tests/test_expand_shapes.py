@@ -46,6 +46,12 @@ class TokenMLP(nn.Module):
             h = torch.stack([h, 2 * h]).mean(0).mean(1)
         elif p == "transpose, adaptive pool, flatten":
             h = self.adaptive(h.transpose(1, 2)).flatten(1)
+        elif p == "max over tokens":
+            h = torch.max(h, 1)[0]
+        elif p == "min values, keepdim":
+            h = h.min(dim=1, keepdim=True).values[:, 0]
+        elif p == "elementwise maximum":
+            h = torch.maximum(h, 2 * h - 1).sum(1)
         elif p == "rows and back":
             b, t = x.shape[0], x.shape[1]
             rows = h.reshape(-1, h.shape[-1])             # (batch * tokens, 8)
@@ -55,7 +61,7 @@ class TokenMLP(nn.Module):
 
 TOKEN_POOLS = ["mean over dim 1", "amax over dim -2", "first token", "last token, ellipsis",
                "tokens cat, then sum", "stack, then means", "transpose, adaptive pool, flatten",
-               "rows and back"]
+               "max over tokens", "min values, keepdim", "elementwise maximum", "rows and back"]
 
 
 def _old_outputs_stay(model, big, x, n_old):
@@ -102,6 +108,19 @@ class MaskedMean(nn.Module):
     def forward(self, x, mask):
         h = F.gelu(self.fc(x)) * mask
         return self.head(h.sum(1) / mask.sum(1))
+
+
+def test_max_pairs_are_only_indexed():
+    class PairAsTensor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+
+        def forward(self, x):  # (the model is wrong: max over a dimension gives a pair)
+            return self.head((torch.max(self.conv(x), 3) * 2).mean(2))
+
+    with pytest.raises(ExpansionError, match=r"node 'mul'.*\(values, indices\) pair"):
+        xf.expand(PairAsTensor(), width=2)
 
 
 def test_a_mask_broadcast_over_the_features_is_fine():

@@ -1,10 +1,12 @@
 """Widen a whole model: ``expand`` (torch.fx width propagation + layer swap), and the way
 back to plain modules: ``source_model`` (any earlier task) and ``merge`` (the newest).
 
-The graph is used only to *analyse* the model: which tensors carry new features, how wide
-each layer's new input group is, and whether anything would mix old and new features.  The
-returned model is a deep copy of the user's module with its layers swapped, so its own
-``forward`` code runs unchanged.
+The graph is used only to *analyse* the model: which tensors carry new features, in which
+dimension, how wide each layer's new input group is, and whether anything would mix old and
+new features.  Without example inputs the walk knows ranks only where a conv's 4-d weight
+implies them; with them (``example_inputs=``) it runs the graph on fake tensors first and
+knows every value's shape.  The returned model is a deep copy of the user's module with its
+layers swapped, so its own ``forward`` code runs unchanged.
 """
 from __future__ import annotations
 
@@ -228,7 +230,8 @@ class _Plan:
             return f
         shape = self.shapes.get(node)
         fits = (shape is not None and len(shape) == f.rank and 0 <= f.axis < f.rank
-                and (shape[f.axis] == f.cur if f.factor == 1 else shape[f.axis] % f.cur == 0))
+                and (shape[f.axis] == f.cur if f.factor == 1 or not f.cur
+                     else shape[f.axis] % f.cur == 0))
         if not fits:
             self._refuse(node, f"expand() cannot follow its features (it expected {f.cur} of "
                                f"them in dim {f.axis} of a {f.rank}-d value; the shape is "

@@ -75,6 +75,16 @@ def _one_step(big, x):
     opt.step()
 
 
+def _exact_before_and_after_a_step(model, x, other, n_old, **expand_kw):
+    """expand(model, **expand_kw), whose first ``n_old`` outputs stay the model's on
+    ``other`` (another batch) and, after a training step on ``x``, on ``x``."""
+    big = xf.expand(model, **expand_kw)
+    _old_outputs_stay(model, big, other, n_old)
+    _one_step(big, x)
+    _old_outputs_stay(model, big, x, n_old)
+    return big
+
+
 @pytest.mark.parametrize("pool", TOKEN_POOLS)
 def test_token_models_widen_exactly_with_example_inputs(pool):
     torch.manual_seed(0)
@@ -212,13 +222,9 @@ class VitIsh(nn.Module):
 def test_channels_moved_last_widen_exactly(make, with_shapes):
     # a conv's 4-d output is known without shapes, so this works either way
     torch.manual_seed(0)
-    model = make()
     x = torch.randn(2, 3, 6, 6)
-    big = xf.expand(model, width=2, new_classes=1,
-                    example_inputs=x if with_shapes else None)
-    _old_outputs_stay(model, big, torch.randn(3, 3, 8, 8), 3)
-    _one_step(big, x)
-    _old_outputs_stay(model, big, x, 3)
+    _exact_before_and_after_a_step(make(), x, torch.randn(3, 3, 8, 8), 3, width=2,
+                                   new_classes=1, example_inputs=x if with_shapes else None)
 
 
 class LinearOverWidth(nn.Module):
@@ -258,14 +264,11 @@ def test_a_linear_over_another_dimension_keeps_its_width(make, shape):
     # (a Linear over a conv map's width used to be widened by the conv's new channels, and
     # failed at its first call)
     torch.manual_seed(0)
-    model = make()
     x = torch.randn(*shape)
-    big = xf.expand(model, width=2, new_classes=1, example_inputs=x)
+    big = _exact_before_and_after_a_step(make(), x, torch.randn(3, *shape[1:]), 3, width=2,
+                                         new_classes=1, example_inputs=x)
     mixers = [n for n, m in big.named_modules() if type(m) is nn.Linear]
     assert mixers == (["fc"] if make is LinearOverWidth else ["tokens1", "tokens2"])
-    _old_outputs_stay(model, big, torch.randn(3, *shape[1:]), 3)
-    _one_step(big, x)
-    _old_outputs_stay(model, big, x, 3)
 
 
 def test_a_linear_on_both_the_features_and_another_dimension_is_refused():
@@ -307,13 +310,11 @@ class SqueezeExcite(nn.Module):
                                               ("view", True)])
 def test_squeeze_excite_gates_widen_exactly(how, with_shapes):
     torch.manual_seed(0)
-    model = SqueezeExcite(how)
     x = torch.randn(2, 3, 6, 6)
-    big = xf.expand(model, width=0.25, new_classes=1, example_inputs=x if with_shapes else None)
+    big = _exact_before_and_after_a_step(SqueezeExcite(how), x, torch.randn(4, 3, 6, 6), 3,
+                                         width=0.25, new_classes=1,
+                                         example_inputs=x if with_shapes else None)
     assert big.conv.out_groups == big.fc2.out_groups == (8, 2)
-    _old_outputs_stay(model, big, torch.randn(4, 3, 6, 6), 3)
-    _one_step(big, x)
-    _old_outputs_stay(model, big, x, 3)
 
 
 class NormOverTokens(nn.Module):

@@ -119,3 +119,16 @@ def test_targets_take_the_best_backend_per_variant(plugin):
     assert not any(t["variant"] == "fwd" for t in got.values())
     table = "\n".join(plugin._target_lines(list(got.values())))
     assert "| NO |" in table and "no measurement" in table and "| yes |" in table
+
+
+def test_the_ceilings_get_their_floor_and_the_rest_their_shares(plugin):
+    # the f0ce6a0 run gave the ceilings 11 of 92 s: too few to measure the cuBLAS rate
+    low, high = plugin.CEILINGS_SECONDS
+    sections = list(plugin.SECTIONS)
+    assert plugin.section_budget("ceilings", 92.0, sections) == low
+    assert plugin.section_budget("ceilings", 400.0, sections) == high
+    assert plugin.section_budget("ceilings", 10.0, sections) == 10.0  # never past the end
+    weights = [plugin.SECTION_WEIGHT[s] for s in sections[1:]]
+    linear = plugin.section_budget("linear", 74.0, sections[1:])
+    assert abs(linear - 74.0 * weights[0] / sum(weights)) < 1e-9
+    assert plugin.section_budget("cnn", 30.0, ["cnn"]) == 30.0  # the last takes what is left

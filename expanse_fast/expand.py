@@ -108,6 +108,11 @@ class _Feat:
     def last(self) -> bool:
         return self.axis == self.rank - 1
 
+    def reranked(self, rank: int) -> "_Feat":
+        """This value after an op that leaves its (unwidened) features alone but makes it
+        ``rank``-d: a later layer's output takes its rank from it."""
+        return replace(self, rank=rank, axis=min(self.axis, max(rank - 1, 0)))
+
 
 _DATA = _Feat(None, 0)
 
@@ -226,9 +231,11 @@ class _Plan:
     def _checked(self, node: fx.Node, f: Optional[_Feat]) -> Optional[_Feat]:
         """With example inputs, a widened value's features must be where the walk put
         them: an op the walk misreads is refused, never widened wrongly."""
-        if self.shapes is None or f is None or isinstance(f, _Pair) or not f.widened:
+        if self.shapes is None or f is None or isinstance(f, _Pair):
             return f
         shape = self.shapes.get(node)
+        if not f.widened:
+            return f if shape is None or f.cur is None else f.reranked(len(shape))
         fits = (shape is not None and len(shape) == f.rank and 0 <= f.axis < f.rank
                 and (shape[f.axis] == f.cur if f.factor == 1 or not f.cur
                      else shape[f.axis] % f.cur == 0))
@@ -366,7 +373,7 @@ class _Plan:
         if self._widened_input(node):
             self._refuse(node, f"{type(m).__name__} is not known to keep old and new features "
                                "apart")
-        return src
+        return _DATA  # (an unknown op: its output's rank is unknown too)
 
     def _spatial(self, node: fx.Node, what: str, trailing: Optional[int]) -> _Feat:
         """A pooling, padding or resizing op over the ``trailing`` last dimensions (None:
@@ -383,9 +390,11 @@ class _Plan:
 
     def _flatten(self, node: fx.Node, start: int, end: int = -1) -> _Feat:
         f = self._first_tensor(node)
-        if not f.widened:
-            return _Feat(None, 0)
         span = _dims((start, end), f.rank)
+        if not f.widened:
+            if not f.sure or span is None:
+                return _Feat(None, 0)
+            return f.reranked(f.rank - (span[1] - span[0]))
         if span is None:
             self._refuse(node, f"flatten of dims {start}..{end} of a value taken as "
                                f"{f.rank}-d", shapes_could_help=not f.sure)
@@ -445,7 +454,7 @@ class _Plan:
             self._refuse(node, "this function is not known to keep old and new features apart "
                                "(normalisations over features, softmax over classes and "
                                "reshapes that move channels would mix them)")
-        return self._first_tensor(node)
+        return _DATA
 
     def _visit_method(self, node: fx.Node) -> Optional[_Feat]:
         name = node.target
@@ -470,7 +479,7 @@ class _Plan:
         if self._widened_input(node):
             self._refuse(node, f"tensor method .{name}() is not known to keep old and new "
                                "features apart")
-        return self._first_tensor(node)
+        return _DATA
 
     def _max_min(self, node: fx.Node):
         """max or min: of two tensors, elementwise; over a dimension, a (values, indices)
@@ -489,14 +498,16 @@ class _Plan:
                 self._refuse(node, f"indexing max's or min's (values, indices) pair with "
                                    f"{node.args[1]!r}")
             return f.feat
-        if f is None or not f.widened:
-            return f  # sizes, tuples, plain tensors
+        if f is None or not (f.widened or f.sure):
+            return f  # sizes, tuples, data
         index = node.args[1]
         items = index if isinstance(index, tuple) else (index,)
         if items.count(Ellipsis) > 1:
             self._refuse(node, f"indexing {index} with more than one Ellipsis")
         used = sum(1 for i in items if i is not None and i is not Ellipsis)
         if used > f.rank:
+            if not f.widened:
+                return f  # (torch names the problem when the model runs)
             self._refuse(node, f"indexing {index} of a value taken as {f.rank}-d",
                          shapes_could_help=not f.sure)
         fill = (slice(None),) * (f.rank - used)
@@ -511,7 +522,7 @@ class _Plan:
             if item is None:
                 out += 1
                 continue
-            if dim == f.axis:
+            if dim == f.axis and f.widened:
                 if not (isinstance(item, slice) and item == slice(None)):
                     self._refuse(node, f"indexing {index} of a widened value cuts or reorders "
                                        f"its features (dim {f.axis}); only indexing other "
@@ -525,6 +536,8 @@ class _Plan:
                 tensors += 1
                 out += self._rank(item, 1) if isinstance(item, fx.Node) else 1
             dim += 1
+        if not f.widened:
+            return f.reranked(out) if tensors <= 1 else f
         if tensors > 1:
             self._refuse(node, f"indexing {index} of a widened value with several index "
                                "tensors (they can move the dimensions)")
@@ -536,7 +549,8 @@ class _Plan:
         feats = [f for f in self._arg_feats(node) if f is not None]
         widened = [f for f in feats if f.widened]
         if not widened:
-            return feats[0] if feats else _DATA
+            first = feats[0] if feats else _DATA
+            return first.reranked(first.rank + 1) if stack and first.sure else first
         f = widened[0]
         if any((g.new, g.axis, g.rank) != (f.new, f.axis, f.rank) for g in feats):
             self._refuse(node, "its operands carry different feature groups: "
@@ -589,7 +603,13 @@ class _Plan:
         where the features go is read off the op applied to a shapeless probe."""
         f = self._widened_input(node)
         if f is None:
-            return self._first_tensor(node)
+            f = self._first_tensor(node)
+            if not f.sure or any(isinstance(a, fx.Node) for a in node.args[1:]):
+                return f
+            try:
+                return f.reranked(op(torch.empty([2] * f.rank, device="meta")).dim())
+            except Exception:
+                return f  # (torch names the problem when the model runs)
         if not f.sure:
             self._refuse(node, "moving the dimensions of a Linear's output",
                          shapes_could_help=True)
@@ -606,10 +626,10 @@ class _Plan:
 
     def _reshape(self, node: fx.Node, shape: tuple) -> _Feat:
         f = self._first_tensor(node)
-        if not f.widened:
-            return _Feat(None, 0)
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
+        if not f.widened:  # (with shapes, _checked gives it its rank)
+            return f.reranked(len(shape)) if f.sure and len(shape) > 1 else _Feat(None, 0)
         seen = None if self.shapes is None else (self.shapes.get(node.args[0]),
                                                  self.shapes.get(node))
         if seen is not None and None not in seen and _sizes_vouch(*seen, shape):
@@ -646,17 +666,19 @@ class _Plan:
 
     def _reduce(self, node: fx.Node) -> Optional[_Feat]:
         f = self._first_tensor(node)
-        if not f.widened:
-            return f
         raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         dims = _dims(raw, f.rank)
+        keepdim = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
+        if not f.widened:
+            if not f.sure or dims is None or keepdim:
+                return f
+            return f.reranked(f.rank - len(dims))
         if dims is None or f.axis in dims:
             self._refuse(node, f"a reduction over dims {raw if raw is not None else 'all'} "
                                "mixes old and new features", shapes_could_help=not f.sure)
         if not f.sure and 0 in dims:
             self._refuse(node, "a reduction over dim 0, which holds the features if the value "
                                "is unbatched", shapes_could_help=True)
-        keepdim = node.kwargs.get("keepdim", len(node.args) > 2 and node.args[2])
         if keepdim:
             return f
         return replace(f, axis=f.axis - sum(d < f.axis for d in dims), rank=f.rank - len(dims))

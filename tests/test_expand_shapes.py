@@ -648,3 +648,42 @@ def test_random_map_chains_are_exact_or_refused():
     assert outcomes.count(("exact", "exact")) >= 20, outcomes
     assert outcomes.count(("refused", "exact")) >= 5 and outcomes.count(("refused",
                                                                           "refused")) >= 10
+
+
+class WidenedHeadOnly(nn.Module):
+    """A CNN whose convs stay as they are (width names only the MLP after the pooling), with
+    a BatchNorm1d and a flatten in that MLP."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc, self.bn, self.head = nn.Linear(8, 6), nn.BatchNorm1d(6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        if self.pool == "mean":
+            pooled = h.mean((2, 3))                                     # (batch, 8)
+        else:  # an op expand() does not know, on a value it does not widen
+            pooled = F.adaptive_max_pool2d(h, 1).squeeze(-1).squeeze(-1)
+        return self.head(torch.relu(self.bn(self.fc(pooled))).flatten(1))
+
+
+@pytest.mark.parametrize("pool", ["mean", "squeeze"])
+@pytest.mark.parametrize("with_shapes", [False, True], ids=["traced", "example_inputs"])
+def test_unwidened_values_keep_their_rank(pool, with_shapes):
+    # (the conv map's rank, 4, once outlived its mean over the pixels: the fc after it was
+    # taken as 4-d, and its BatchNorm1d refused)
+    torch.manual_seed(0)
+    model = WidenedHeadOnly(pool).eval()
+    x = torch.randn(2, 3, 6, 6)
+    kw = dict(width={"fc": 3}, new_classes=1, example_inputs=x if with_shapes else None)
+    if pool == "squeeze" and not with_shapes:
+        # squeeze's rank depends on sizes: fc's output counts as a guessed (batch, features)
+        # again, whose flatten only the shapes can clear
+        with pytest.raises(ExpansionError, match=r"node 'flatten'.*example_inputs"):
+            xf.expand(model, **kw)
+        return
+    big = xf.expand(model, **kw)
+    assert big.fc.out_groups == (6, 3) and big.bn.groups == (6, 3)
+    _old_outputs_stay(model, big.eval(), torch.randn(4, 3, 6, 6), 2)

@@ -504,6 +504,14 @@ class _Plan:
         items = index if isinstance(index, tuple) else (index,)
         if items.count(Ellipsis) > 1:
             self._refuse(node, f"indexing {index} with more than one Ellipsis")
+        if f.widened and not f.sure and (items[:1] == (Ellipsis,) or any(
+                i is Ellipsis or not (isinstance(i, slice) and i == slice(None))
+                for i in items[1:])):
+            # Of a guessed (batch, features) only the first dimension is surely the batch
+            # and the last the features: an Ellipsis, or an index after the first, could
+            # land on either side of the real dimensions
+            self._refuse(node, f"indexing {index} of a Linear's output is exact only if that "
+                               "output is (batch, features)", shapes_could_help=True)
         used = sum(1 for i in items if i is not None and i is not Ellipsis)
         if used > f.rank:
             if not f.widened:
@@ -552,9 +560,10 @@ class _Plan:
             first = feats[0] if feats else _DATA
             return first.reranked(first.rank + 1) if stack and first.sure else first
         f = widened[0]
-        if any((g.new, g.axis, g.rank) != (f.new, f.axis, f.rank) for g in feats):
+        if any((g.new, g.factor, g.axis, g.rank) != (f.new, f.factor, f.axis, f.rank)
+               for g in feats):
             self._refuse(node, "its operands carry different feature groups: "
-                               + " and ".join(f"(width {g.cur}, +{g.new} new)" for g in feats))
+                               + " and ".join(_groups(g) for g in feats))
         raw = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         dims = _dims(raw, f.rank + 1 if stack else f.rank)
         if dims is not None and not stack and dims[0] == f.axis:
@@ -584,7 +593,7 @@ class _Plan:
                                "dimensions", shapes_could_help=True)
         (axis,) = axes
         for a, f in args:
-            if f.new == widened[0].new:
+            if (f.new, f.factor) == (widened[0].new, widened[0].factor):
                 continue
             shape = None if self.shapes is None or f.new else self.shapes.get(a)
             if shape is not None:
@@ -592,8 +601,7 @@ class _Plan:
                 if at < 0 or shape[at] == 1:
                     continue  # broadcast along the features
             self._refuse(node, "its operands carry different feature groups: "
-                               + " and ".join(f"(width {g.cur}, +{g.new} new)"
-                                              for _, g in args)
+                               + " and ".join(_groups(g) for _, g in args)
                                + "; give both branches the same width")
         return replace(widened[0], axis=axis, rank=rank,
                        sure=all(f.sure for f in widened))
@@ -676,12 +684,20 @@ class _Plan:
         if dims is None or f.axis in dims:
             self._refuse(node, f"a reduction over dims {raw if raw is not None else 'all'} "
                                "mixes old and new features", shapes_could_help=not f.sure)
-        if not f.sure and 0 in dims:
-            self._refuse(node, "a reduction over dim 0, which holds the features if the value "
-                               "is unbatched", shapes_could_help=True)
+        if not f.sure and (0 in dims or not all(d < 0 for d in (
+                (raw,) if isinstance(raw, int) else tuple(raw)))):
+            # a guessed rank: dims counted from the end are sure, from the front not (and
+            # dim 0 holds the features if the value is unbatched)
+            self._refuse(node, f"a reduction over dims {raw} of a Linear's output is exact only "
+                               "if that output is (batch, features)", shapes_could_help=True)
         if keepdim:
             return f
         return replace(f, axis=f.axis - sum(d < f.axis for d in dims), rank=f.rank - len(dims))
+
+
+def _groups(f: _Feat) -> str:
+    """A value's groups for a message: (width 8, +2 new), per channel once flattened."""
+    return f"(width {f.cur}, +{f.new} new{'' if f.factor == 1 else ' per channel'})"
 
 
 def _target_name(node: fx.Node) -> str:

@@ -431,7 +431,7 @@ class RandomTokenNet(nn.Module):
 
     STEPS = ("linear", "act", "residual", "transpose", "mean tokens", "amax last", "first",
              "feature slice", "flatten", "cat tokens", "cat last", "unsqueeze", "stack",
-             "rows")
+             "rows", "trailing one", "mean dim 2", "scale by last mean")
 
     def __init__(self, seed: int):
         super().__init__()
@@ -446,6 +446,8 @@ class RandomTokenNet(nn.Module):
             if step in ("transpose", "mean tokens", "first", "cat tokens") and len(dims) < 2:
                 continue
             if step == "amax last" and len(dims) < 2 or step == "feature slice" and dims[-1] < 2:
+                continue
+            if step == "mean dim 2" and len(dims) < 2:
                 continue
             if step in ("linear", "residual"):
                 width = r.randint(1, 6) if step == "linear" else dims[-1]
@@ -469,6 +471,10 @@ class RandomTokenNet(nn.Module):
                 dims.insert(0, 1 if step == "unsqueeze" else 2)
             elif step == "rows":
                 dims = dims[-1:]
+            elif step == "trailing one":
+                dims.append(1)
+            elif step == "mean dim 2":
+                dims.pop(1)
             self.steps.append(step)
         self.layers = nn.ModuleList(layers)
         self.head = nn.Linear(dims[-1], 3)
@@ -505,6 +511,12 @@ class RandomTokenNet(nn.Module):
                 h = torch.stack([h, 2 * h], 1)
             elif step == "rows":
                 h = h.reshape(-1, h.shape[-1])
+            elif step == "trailing one":
+                h = h[..., None]
+            elif step == "mean dim 2":
+                h = h.mean(2)
+            elif step == "scale by last mean":
+                h = h * h.mean(-1, keepdim=True)
         if self.pooled:
             h = h.mean(self.pooled)
         return self.head(h)
@@ -687,3 +699,48 @@ def test_unwidened_values_keep_their_rank(pool, with_shapes):
     big = xf.expand(model, **kw)
     assert big.fc.out_groups == (6, 3) and big.bn.groups == (6, 3)
     _old_outputs_stay(model, big.eval(), torch.randn(4, 3, 6, 6), 2)
+
+
+class ScaledByFeatureMean(nn.Module):
+    """Each token scaled by the mean of its own features, taken through an index that adds a
+    trailing dimension: read as (batch, features), the mean would be over that dimension."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x))                           # (batch, tokens, 6)
+        if self.how == "ellipsis":
+            gate = h[..., None].mean(2)
+        else:
+            gate = h[:, :, None].mean(-1)
+        return self.head(h * gate)
+
+
+@pytest.mark.parametrize("how", ["ellipsis", "slices"])
+@pytest.mark.parametrize("with_shapes", [False, True], ids=["traced", "example_inputs"])
+def test_indexing_a_guessed_rank_is_refused(how, with_shapes):
+    # (both widened, 0.07-0.10 off on the source task, while the walk trusted its guess of
+    # (batch, features) for positions after the first)
+    x = torch.randn(3, 5, 4)
+    pattern = r"node 'mean'.*mixes" if with_shapes else r"node 'getitem'.*example_inputs"
+    with pytest.raises(ExpansionError, match=pattern):
+        xf.expand(ScaledByFeatureMean(how), width=2, example_inputs=x if with_shapes else None)
+
+
+def test_a_flattened_map_and_a_layer_output_are_different_groups():
+    class FlatResidual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc, self.head = nn.Conv2d(3, 2, 1), nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x):  # (batch, 3, 2, 2)
+            h = torch.relu(self.conv(x)).flatten(1)  # the new channels' 4 pixels each
+            return self.head(h + self.fc(h))
+
+    # (+1 new channel flattened is 4 new features; fc's +1 new output is 1: this widened,
+    # then failed at its first call)
+    with pytest.raises(ExpansionError, match=r"node 'add'.*per channel"):
+        xf.expand(FlatResidual(), width=1, example_inputs=torch.randn(2, 3, 2, 2))

@@ -66,7 +66,7 @@ _BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add
 _BINARY_METHODS = {"add", "sub", "mul", "div", "add_", "mul_"}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _REDUCE_FUNCTIONS = {torch.mean, torch.sum, torch.amax, torch.amin}
-_FLATTEN_METHODS = {"flatten", "view", "reshape"}
+_RESHAPE_METHODS = {"view", "reshape"}
 # ops that only reorder or add dimensions (the features move, intact)
 _MOVE_METHODS = {"transpose", "swapaxes", "swapdims", "permute", "movedim", "moveaxis",
                  "unsqueeze", "t"}
@@ -388,12 +388,18 @@ class _Plan:
                                    "new features", shapes_could_help=not f.sure)
         return self._first_tensor(node)
 
+    def _flatten_call(self, node: fx.Node) -> _Feat:
+        """torch.flatten(x, start_dim=0, end_dim=-1), or the tensor method."""
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        return self._flatten(node, start, end)
+
     def _flatten(self, node: fx.Node, start: int, end: int = -1) -> _Feat:
         f = self._first_tensor(node)
         span = _dims((start, end), f.rank)
         if not f.widened:
             if not f.sure or span is None:
-                return _Feat(None, 0)
+                return _DATA
             return f.reranked(f.rank - (span[1] - span[0]))
         if span is None:
             self._refuse(node, f"flatten of dims {start}..{end} of a value taken as "
@@ -420,9 +426,7 @@ class _Plan:
         if fn in _BINARY:
             return self._binary(node)
         if fn is torch.flatten:
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return self._flatten(node, start, end)
+            return self._flatten_call(node)
         if fn is torch.reshape:
             return self._reshape(node, node.args[1:])
         if fn in (torch.cat, torch.concat, torch.stack):
@@ -463,10 +467,8 @@ class _Plan:
         if name in _BINARY_METHODS:
             return self._binary(node)
         if name == "flatten":
-            start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-            end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-            return self._flatten(node, start, end)
-        if name in _FLATTEN_METHODS:
+            return self._flatten_call(node)
+        if name in _RESHAPE_METHODS:
             return self._reshape(node, node.args[1:])
         if name in _REDUCE_METHODS:
             return self._reduce(node)
@@ -610,9 +612,10 @@ class _Plan:
         """An op that only reorders or adds dimensions (transpose, permute, unsqueeze, .T):
         where the features go is read off the op applied to a shapeless probe."""
         f = self._widened_input(node)
+        dynamic = any(isinstance(a, fx.Node) for a in node.args[1:])
         if f is None:
             f = self._first_tensor(node)
-            if not f.sure or any(isinstance(a, fx.Node) for a in node.args[1:]):
+            if not f.sure or dynamic:
                 return f
             try:
                 return f.reranked(op(torch.empty([2] * f.rank, device="meta")).dim())
@@ -621,7 +624,7 @@ class _Plan:
         if not f.sure:
             self._refuse(node, "moving the dimensions of a Linear's output",
                          shapes_could_help=True)
-        if any(isinstance(a, fx.Node) for a in node.args[1:]):
+        if dynamic:
             self._refuse(node, "dimensions computed at run time")
         probe = torch.empty([3 if d == f.axis else 2 for d in range(f.rank)], device="meta")
         try:
@@ -637,7 +640,7 @@ class _Plan:
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
             shape = tuple(shape[0])
         if not f.widened:  # (with shapes, _checked gives it its rank)
-            return f.reranked(len(shape)) if f.sure and len(shape) > 1 else _Feat(None, 0)
+            return f.reranked(len(shape)) if f.sure and len(shape) > 1 else _DATA
         seen = None if self.shapes is None else (self.shapes.get(node.args[0]),
                                                  self.shapes.get(node))
         if seen is not None and None not in seen and _sizes_vouch(*seen, shape):

@@ -24,7 +24,8 @@ from torch import nn
 
 from .fuse import fuse_activations
 from .fold import fold_batchnorms
-from .graph import ExpansionError, node_shapes, swap_module as _swap, trace as _trace
+from .graph import ExpansionError, node_shapes, swap_module as _swap
+from .graph import target_name as _target_name, trace as _trace
 from .layout import width as _units
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.fused import FUSED_TYPES
@@ -701,11 +702,6 @@ class _Plan:
 def _groups(f: _Feat) -> str:
     """A value's groups for a message: (width 8, +2 new), per channel once flattened."""
     return f"(width {f.cur}, +{f.new} new{'' if f.factor == 1 else ' per channel'})"
-
-
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    return getattr(t, "__name__", str(t))
 
 
 def _widened_layer(m: nn.Module, grow: Tuple[int, ...], mode: str) -> nn.Module:

@@ -72,6 +72,11 @@ def _through_custom_ops():
         ops.USE_EAGER_FUNCTIONS = saved
 
 
+def target_name(node: fx.Node) -> str:
+    """What a node calls, for messages: a function's name, a module's path, a method."""
+    return getattr(node.target, "__name__", str(node.target))
+
+
 def _first_line(exc: Exception) -> str:
     # (errors raised under fake tensors append the graph and a debugging how-to)
     text = str(exc).strip()
@@ -104,7 +109,7 @@ def node_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
                             "shape that depends on them, as a boolean mask's, is unknown)")
                 raise ExpansionError(
                     f"example_inputs: running the model on them failed at node {node.name!r} "
-                    f"({node.op} {getattr(node.target, '__name__', node.target)}): "
+                    f"({node.op} {target_name(node)}): "
                     f"{why}") from exc
             if isinstance(value, torch.Tensor):
                 shapes[node] = tuple(value.shape)

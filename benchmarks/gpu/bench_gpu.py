@@ -718,7 +718,7 @@ def sec_linear(ctx):
                 f_fb, 3 * 2 * n_rows * mac)
     ctx.measure("fwd", "peer/masked", "peer", [lambda i=i: masked_f(i) for i in range(k)],
                 f_fwd, 2 * n_rows * mac)
-    del masked, mparams
+    del masked_f  # (masked_fb holds the layer for the host profile at the end)
 
     # (ii) Progressive-Nets style: frozen old module (no grad) + new module, joined by cat.
     old = nn.Linear(i0, i0, device=dev, dtype=dt).requires_grad_(False)
@@ -764,6 +764,9 @@ def sec_linear(ctx):
     del ft, fparams, x0s, dy0s
     _measure_after_torch(ctx, backends, exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd, f_fb, ref,
                          triton_variant=_measure_triton_without_tma, mixed=True)
+    # last, after every timed row: where the host's time for one call goes
+    _expanse_host_profiles(ctx, backends, "fwd+bwd", exp_fb)
+    _host_profiles(ctx, "fwd+bwd", [("peer/masked", lambda: masked_fb(0))])
 
 
 def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
@@ -787,6 +790,17 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
     if variants:
         _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f,
                                     v_fb)
+
+
+def _expanse_host_profiles(ctx, backends, variant, exp_fb):
+    """The host's ops of one eager fwd+bwd call of the expanded layer on the torch backend and
+    under "auto" (when Triton is usable): in f0ce6a0's run the conv's "auto" call took the
+    host 1.32 ms to issue against 1.25 ms on the device, so its eager time may be the host's;
+    this says which ops it goes to (the masked peer's row has the same, for comparison)."""
+    names = ["torch"] + (["auto"] if dict(backends).get("triton", "absent") is None else [])
+    for name in names:
+        with ctx.backend(name):
+            _host_profiles(ctx, variant, [(f"expanse/{name}", lambda: exp_fb(0))])
 
 
 def _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
@@ -965,6 +979,9 @@ def sec_conv(ctx):
         with torch.no_grad():
             ctx.measure(v_f, "peer/masked", "peer", [lambda i=i: masked(xs[i]) for i in range(k)],
                         f_fwd, 2 * pix * mac)
+
+        def masked_fb(masked=masked, mp=mp, xs=xs, dys=dys):  # for the host profile below
+            return torch.autograd.grad(masked(xs[0]), [xs[0]] + mp, dys[0])
         del masked, mp
 
         # (ii) split convolutions joined with torch.cat.
@@ -1002,7 +1019,10 @@ def sec_conv(ctx):
                              triton_variant=(_measure_triton_nchw_direct
                                              if fmt_name == "nchw"
                                              else _measure_triton_conv_without_tma))
-        del ref, layer, xs, dys
+        # last, after every timed row: where the host's time for one call goes
+        _expanse_host_profiles(ctx, backends, v_fb, exp_fb)
+        _host_profiles(ctx, v_fb, [("peer/masked", masked_fb)])
+        del ref, layer, xs, dys, masked_fb
         if ctx.cuda:
             torch.cuda.empty_cache()
 
@@ -1543,8 +1563,8 @@ def _breakdown_lines(res):
         lines.append(f"- {r.get('variant')} {r.get('impl')}: {body}")
     hosts = [r for r in res.get("rows", []) if r.get("host_ops")]
     if hosts:
-        lines.append("\nhost ops of one eager step (CPU-only profiler session, which adds its "
-                     "own cost per op; us, longest first):\n")
+        lines.append("\nhost ops of one eager call or step (CPU-only profiler session, which "
+                     "adds its own cost per op; us, longest first):\n")
     for r in hosts:
         h = r["host_ops"]
         if isinstance(h, str):

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .hashing import hash_tensor as _hash_tensor
-from .expand import _freeze_all_but_newest, expanded_layers, source_model, watch_input_grad
+from .expand import (_freeze_all_but_newest, expanded_layers, set_old_input_grads,
+                     source_model, watch_input_grad)
 from .fold import fold_batchnorms
 from .fuse import fuse_activations
 from .graph import ExpansionError, swap_module as _swap
@@ -33,11 +34,20 @@ class ExpansionFileError(ValueError):
 
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes) of a plain model."""
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) of a plain model
+    (a module's extra state that is not a tensor is no weight: left out)."""
     h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        _hash_tensor(h, name, t)
+    for name, t in sorted(_unwrapped(model).state_dict().items()):
+        if isinstance(t, Tensor):
+            _hash_tensor(h, name, t)
     return h.hexdigest()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper holds (its state dict's names carry a prefix
+    that the plain model's lack), else ``model``."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _payload_digest(layers_json: str, tensors: Dict[str, Tensor]) -> str:
@@ -91,6 +101,7 @@ def save_expansion(big: nn.Module, path: str) -> None:
     fingerprint) to ``path`` atomically (write, then rename)."""
     from safetensors.torch import save_file
 
+    big = _unwrapped(big)
     layers = expanded_layers(big)
     if not layers:
         raise ValueError("save_expansion: the model holds no expanded layer")
@@ -146,6 +157,8 @@ def _check_records(records) -> None:
     another tool or edited on purpose): refuse it before anything is built."""
     if not isinstance(records, dict):
         raise ExpansionFileError("the file's layer table is not a JSON object")
+    if not records:
+        raise ExpansionFileError("the file's layer table is empty: it holds no expanded layer")
     for path, rec in records.items():
         ok = isinstance(rec, dict) and rec.get("type") in ("linear", "conv2d", "bn1d", "bn2d")
         if ok and rec["type"].startswith("bn"):
@@ -162,11 +175,44 @@ def _check_records(records) -> None:
                                      f"{json.dumps(rec)[:120]}")
 
 
+def _check_sizes(records: dict, tensors: Dict[str, Tensor]) -> None:
+    """Every width of the layer table against the sizes of the tensors the file holds, before
+    any layer is built (a width edited to 10**12 would otherwise be allocated first)."""
+    def dim(path: str, name: str, d: int) -> int:
+        t = tensors.get(f"{path}.{name}")
+        if t is None or t.dim() <= d:
+            raise ExpansionFileError(f"the file lacks tensor {path + '.' + name!r} of layer "
+                                     f"{path!r}, or it has too few dimensions")
+        return t.shape[d]
+
+    for path, rec in records.items():
+        if rec["type"].startswith("bn"):
+            groups = rec["groups"]
+            want = [("running_mean_new", 0, groups[-1])]
+            if sum(groups[1:-1]):  # (stored where earlier expansions added channels)
+                want.append(("running_mean_frozen.later", 0, sum(groups[1:-1])))
+        else:
+            ins, outs = rec["in_groups"], rec["out_groups"]
+            want = [("weight_new", 0, outs[-1])]
+            if sum(outs[1:-1]):
+                want.append(("weight_frozen.later_rows", 0, sum(outs[1:-1])))
+            cols = dim(path, "weight_new", 1)
+            # a depthwise conv's new filters read one channel each, as many as they are
+            if cols != sum(ins) and not (rec["type"] == "conv2d" and cols == 1
+                                         and sum(ins) <= sum(outs)):
+                raise ExpansionFileError(f"layer {path!r}: the layer table says {sum(ins)} "
+                                         f"inputs, its weight_new has {cols} columns")
+        for name, d, n in want:
+            if dim(path, name, d) != n:
+                raise ExpansionFileError(f"layer {path!r}: the layer table says {n}, its "
+                                         f"{name} has {dim(path, name, d)} along dim {d}")
+
+
 def _build_layer(base_layer: nn.Module, rec: dict, path: str) -> nn.Module:
     kind = rec["type"]
     expect = {"linear": nn.Linear, "conv2d": nn.Conv2d, "bn1d": nn.BatchNorm1d,
               "bn2d": nn.BatchNorm2d}[kind]
-    if type(base_layer) is not expect:
+    if not isinstance(base_layer, expect):  # (as expand() widens subclasses too)
         raise ExpansionFileError(f"layer {path!r}: the file expects a {expect.__name__}, the base "
                                  f"model has a {type(base_layer).__name__}")
     if kind in ("bn1d", "bn2d"):
@@ -220,16 +266,19 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
     cannot trace).
     """
     header, tensors = _read(path)
+    base_model = _unwrapped(base_model)
     got, want = fingerprint(base_model), str(header.get("base_fingerprint", ""))
     if got != want:
         raise ExpansionFileError(
             f"this expansion was trained on another base model: base fingerprint "
             f"{got[:16]}... differs from the file's {want[:16] or '(none)'}...")
     try:
-        records = json.loads(header["layers"])
+        records = json.loads(header.get("layers", ""))
     except ValueError as exc:
-        raise ExpansionFileError(f"the file's layer table is not JSON: {exc}") from exc
+        raise ExpansionFileError(f"the file's layer table is missing or not JSON: {exc}") \
+            from exc
     _check_records(records)
+    _check_sizes(records, tensors)
     big = copy.deepcopy(base_model)
     modules = dict(big.named_modules())
     used = set()
@@ -245,10 +294,12 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
                                      f"base layer: {exc}") from exc
         _fill(layer, path_, tensors)
         used.update(f"{path_}.{n}" for n in _layer_tensors(layer))
-        _swap(big, path_, layer)
+        big = _swap(big, path_, layer)
     extra = set(tensors) - used
     if extra:
         raise ExpansionFileError(f"the file holds tensors no layer takes: {sorted(extra)[:5]}")
+    if any(getattr(m, "mode", "") == "coupled" for m in expanded_layers(big).values()):
+        set_old_input_grads(big)  # (a file written before that rule may say skip)
     _freeze_all_but_newest(big)
     watch_input_grad(big)
     if fuse:

@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .fuse import fuse_activations
 from .fold import fold_batchnorms
@@ -260,6 +261,14 @@ class _Plan:
                              f"{why}")
 
     def _record(self, path: str, grow: Tuple[int, ...]):
+        if parametrize.is_parametrized(self.modules[path]):
+            # its weight is computed from other tensors at each call: a widened copy would
+            # freeze one value of it, and the model it came from would hold other tensors
+            raise ExpansionError(
+                f"module {path!r} has a parametrization (torch.nn.utils.parametrize, e.g. "
+                "weight_norm or spectral_norm) on "
+                f"{sorted(self.modules[path].parametrizations.keys())}: make it plain first "
+                "with torch.nn.utils.parametrize.remove_parametrizations(module, name)")
         if path in self.ride_through:
             raise ExpansionError(f"module {path!r} is called on another dimension than the "
                                  "features (kept as it is) and on the features (widened)")
@@ -729,7 +738,9 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         ``{module_name: int}`` (layers not named get none).
     new_classes: new outputs of the head (the last Linear, or ``head="name"``).
     mode: "isolated" (old units never read new ones: every earlier task stays exact) or
-        "coupled" (old units read new ones through zero-initialised trainable blocks).
+        "coupled" (old units read new ones through zero-initialised trainable blocks),
+        for the layers widened for the first time: an expanded layer keeps its own mode
+        (re-expanding a coupled model keeps it coupled), and a depthwise conv is isolated.
     backend: "auto" follows ``xf.set_backend``; "torch", "triton" or "cuda" pins every
         widened layer of the copy to that backend.
     fuse: let each widened Linear compute the ``nn.ReLU``, ``nn.GELU`` or ``nn.SiLU`` module
@@ -755,20 +766,28 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
     for path, grow in plan.grow.items():
         layer = _widened_layer(layers[path], grow, mode)
         if isinstance(layer, (ExpandedLinear, ExpandedConv2d)):
-            # Old inputs come from the frozen path: nobody needs their gradient.
-            layer.skip_old_input_grad = layer.mode == "isolated"
             layer.backend = None if backend == "auto" else backend
-        elif isinstance(layer, _ExpandedBatchNorm):
-            # Isolated: its frozen channels are a frozen function of the data, so their
-            # input gradient is never read (coupled: old channels read trainable blocks).
-            layer.skip_old_input_grad = mode == "isolated"
-        _swap(big, path, layer)
+        big = _swap(big, path, layer)
+    set_old_input_grads(big)
     _freeze_all_but_newest(big)
     watch_input_grad(big)
     if fuse:
         fuse_activations(big)
         fold_batchnorms(big)
     return big
+
+
+def set_old_input_grads(big: nn.Module) -> None:
+    """Let every expanded layer of ``big`` skip its old inputs' gradient exactly when no
+    layer of ``big`` is coupled.  Isolated throughout, the old features are a frozen
+    function of the data, so nobody reads that gradient.  One coupled layer anywhere (a
+    coupled model re-expanded, a depthwise conv, which is always isolated, inside a coupled
+    model) makes old features depend on trainable blocks, and the layers after it must pass
+    their gradient on."""
+    layers = expanded_layers(big)
+    isolated = all(getattr(m, "mode", "isolated") == "isolated" for m in layers.values())
+    for m in layers.values():
+        m.skip_old_input_grad = isolated
 
 
 def watch_input_grad(big: nn.Module) -> None:
@@ -790,15 +809,13 @@ def _plain_copy(big: nn.Module, task: Optional[int]) -> nn.Module:
     unwatch(model)
     for path, m in list(model.named_modules()):
         if isinstance(m, ExpandedLinear):
-            _swap(model, path, m.to_linear(task))
+            model = _swap(model, path, m.to_linear(task))
         elif isinstance(m, ExpandedConv2d):
-            _swap(model, path, m.to_conv(task))
+            model = _swap(model, path, m.to_conv(task))
         elif isinstance(m, _ExpandedBatchNorm):
-            bn = m.to_bn(task)
-            bn.train(m.training)
-            _swap(model, path, bn)
+            model = _swap(model, path, m.to_bn(task))
         elif isinstance(m, FUSED_TYPES):  # its layer, now plain, no longer applies it
-            _swap(model, path, m.unfused())
+            model = _swap(model, path, m.unfused())
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -17,12 +17,8 @@ from typing import List, Optional, Tuple
 import torch.fx as fx
 from torch import nn
 
-from .graph import module_pairs
+from .graph import hooked as _hooked, module_pairs
 from .nn import ExpandedBatchNorm2d, ExpandedConv2d
-
-
-def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
 def _foldable_pair(node: fx.Node, modules, calls: Counter) -> Optional[Tuple[str, str]]:
@@ -59,7 +55,7 @@ def fold_batchnorms(model: nn.Module) -> List[str]:
     running statistics are never touched.  Outputs and trainable gradients stay the same
     (on the torch backend the frozen channels bit for bit).  A pair is left apart when the
     conv's output has another user, when either module is called more than once, when
-    either carries forward hooks, or when their channel groups differ.  Folding survives
+    either carries hooks, or when their channel groups differ.  Folding survives
     ``copy.deepcopy``, ``.to()`` and a later ``expand()``; ``source_model`` and ``merge``
     return plain, unfolded modules.  Returns the paths of the folded BatchNorms.
     """

@@ -15,7 +15,7 @@ from typing import List
 import torch.fx as fx
 from torch import nn
 
-from .graph import module_pairs, swap_module
+from .graph import hooked, module_pairs, swap_module
 from .nn import ExpandedLinear
 from .nn.fused import fused_stand_in
 
@@ -33,8 +33,10 @@ def _fusable_pair(node: fx.Node, modules, calls: Counter):
     layer = modules[src.target]
     if not isinstance(layer, ExpandedLinear) or layer.activation:
         return None
-    if layer._forward_hooks or layer._forward_pre_hooks:
+    if hooked(layer):
         return None  # a hook on the layer would see the activation's output: leave it apart
+    if hooked(modules[node.target]):
+        return None  # the activation module gives way to a stand-in, without its hooks
     if calls[src.target] != 1 or calls[node.target] != 1:
         return None  # a shared module serves other call sites too
     return src.target, node.target
@@ -49,7 +51,7 @@ def fuse_activations(model: nn.Module) -> List[str]:
     :class:`~expanse_fast.nn.FusedReLU` (``FusedGELU``, ``FusedSiLU``) under the same name
     (state dicts do not change). Outputs and gradients of trainable tensors stay the same. A
     pair is left apart when the layer's output has other users, when either module is called
-    more than once, or when the layer carries forward hooks. Returns the paths of the fused
+    more than once, or when either module carries hooks. Returns the paths of the fused
     activation modules.
     """
     fused = []

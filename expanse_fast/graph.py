@@ -37,11 +37,26 @@ def trace(model: nn.Module) -> fx.Graph:
             f"{type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
 
 
-def swap_module(root: nn.Module, path: str, new: nn.Module):
-    """Put ``new`` where the submodule at dotted ``path`` was."""
+def swap_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` where the submodule at dotted ``path`` was, in that module's training
+    mode (a layer built in training mode inside a model in eval mode would, as a
+    BatchNorm, normalise by the batch).  Returns the root: ``new`` itself for the path ""
+    (the root module is the one replaced)."""
+    old = root.get_submodule(path)
+    new.train(old.training)
+    if not path:
+        return new
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, new)
+    return root
+
+
+def hooked(m: nn.Module) -> bool:
+    """Whether ``m`` carries hooks of its own (forward, forward-pre, backward): a module
+    that fusing or folding would replace, or make see other values, is then left apart."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
 
 
 PairMatcher = Callable[[fx.Node, Dict[str, nn.Module], Counter], Optional[Tuple[str, str]]]

@@ -124,7 +124,13 @@ def test_refuses_a_layout_the_base_layer_cannot_take(saved, tmp_path):
     dw = layers["3"]
     assert dw["type"] == "conv2d" and dw["in_groups"][0] == 4
     dw["out_groups"] = [4, dw["in_groups"][1] + 1]
-    _refused(base, _forge(tmp_path, meta, tensors, layers=layers),
+
+    def one_filter_more(t):  # the tensors agree with the table: the layer's own check refuses
+        t = dict(t)
+        for name in ("3.weight_new", "3.bias_new"):
+            t[name] = torch.cat([t[name], t[name][:1]])
+        return t
+    _refused(base, _forge(tmp_path, meta, tensors, layers=layers, edit_tensors=one_filter_more),
              r"layer '3': the file's layout does not fit the base layer")
 
 
@@ -133,7 +139,34 @@ def test_refuses_wider_layout_than_the_tensors(saved, tmp_path):
     layers = _layers(meta, lambda ls: LINEAR(ls).update(
         out_groups=[3, LINEAR(ls)["out_groups"][1] + 1]))
     _refused(base, _forge(tmp_path, meta, tensors, layers=layers),
-             r"the file holds torch.float32 \(\d+, \d+\), the layer needs")
+             r"the layer table says \d+, its weight_new has \d+ along dim 0")
+
+
+@pytest.mark.parametrize("edit", ["huge_out", "huge_in", "huge_bn", "no_layers", "empty"])
+def test_refuses_a_table_its_tensors_do_not_back(saved, tmp_path, edit):
+    """Widths are checked against the file's tensors before a layer is built: a width
+    edited to 10**12 is refused, not allocated; a table missing or empty is refused."""
+    base, _, _, meta, tensors = saved
+    huge = 10 ** 12
+    if edit == "huge_out":
+        layers = _layers(meta, lambda ls: LINEAR(ls).update(out_groups=[3, huge]))
+        match = r"the layer table says 1000000000000, its weight_new has"
+    elif edit == "huge_in":
+        layers = _layers(meta, lambda ls: LINEAR(ls).update(
+            in_groups=[LINEAR(ls)["in_groups"][0], huge]))
+        match = r"the layer table says \d+ inputs, its weight_new has \d+ columns"
+    elif edit == "huge_bn":
+        layers = _layers(meta, lambda ls: BN(ls).update(groups=[BN(ls)["groups"][0], huge]))
+        match = r"the layer table says 1000000000000, its running_mean_new has"
+    elif edit == "no_layers":
+        layers = None
+        match = r"layer table is missing or not JSON"
+    else:
+        layers, match = {}, r"layer table is empty"
+    edit_meta = (lambda m: m.pop("layers")) if edit == "no_layers" else None
+    if edit == "no_layers":  # the digest over an absent table: the empty string's
+        meta = dict(meta, layers="")
+    _refused(base, _forge(tmp_path, meta, tensors, layers=layers, edit_meta=edit_meta), match)
 
 
 def test_refuses_tensors_of_another_dtype(saved, tmp_path):

@@ -114,6 +114,9 @@ def save_expansion(big: nn.Module, path: str) -> None:
         "base_fingerprint": fingerprint(source_model(big, task=0)),
         "payload_digest": _payload_digest(layers_json, tensors),
     }
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"save_expansion: no folder {folder!r} to write {path!r} in")
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         save_file(tensors, tmp, metadata=header)
@@ -144,6 +147,19 @@ def _read(path: str) -> Tuple[dict, Dict[str, Tensor]]:
         raise ExpansionFileError(f"{path!r} was modified after it was written: its contents do "
                                  "not match its digest")
     return header, tensors
+
+
+def _dtype_hint(base_model: nn.Module, tensors: Dict[str, Tensor]) -> str:
+    """Where the base's floating dtypes differ from the file's (a base moved with .to()
+    before loading), a hint that says so; else nothing."""
+    def floats(ts):
+        return {str(t.dtype).replace("torch.", "") for t in ts if t.is_floating_point()}
+    base, saved = floats(base_model.state_dict().values()), floats(tensors.values())
+    if not saved or base == saved:
+        return ""
+    return (f" (the base holds {'/'.join(sorted(base))} tensors, the file "
+            f"{'/'.join(sorted(saved))}: load on the base in the dtype it was saved from, "
+            "then convert)")
 
 
 def _widths(rec: dict, key: str) -> bool:
@@ -271,7 +287,8 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
     if got != want:
         raise ExpansionFileError(
             f"this expansion was trained on another base model: base fingerprint "
-            f"{got[:16]}... differs from the file's {want[:16] or '(none)'}...")
+            f"{got[:16]}... differs from the file's {want[:16] or '(none)'}..."
+            f"{_dtype_hint(base_model, tensors)}")
     try:
         records = json.loads(header.get("layers", ""))
     except ValueError as exc:

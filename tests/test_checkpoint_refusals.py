@@ -178,7 +178,15 @@ def test_refuses_tensors_of_another_dtype(saved, tmp_path):
 
 def test_refuses_a_base_in_another_dtype(saved):
     base, _, path, _, _ = saved
-    _refused(copy.deepcopy(base).double(), path, r"another base model")
+    _refused(copy.deepcopy(base).double(), path,
+             r"another base model.*the base holds float64 tensors, the file float32")
+
+
+def test_save_names_a_missing_folder(saved, tmp_path):
+    _, big, _, _, _ = saved
+    target = tmp_path / "no" / "such" / "e.safetensors"
+    with pytest.raises(FileNotFoundError, match=r"no folder .*no/such.* to write"):
+        xf.save_expansion(big, str(target))
 
 
 def test_refuses_missing_and_extra_tensors(saved, tmp_path):

@@ -32,6 +32,7 @@ import gc
 import importlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -48,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .backend_choice import availability
+from .files import ensure_writable_dir
 from .expand import expand, merge, source_model
 from .nn import ExpandedConv2d, ExpandedLinear
 from .nn.input_grad import skips_old_input_grad
@@ -892,6 +894,13 @@ def main(args) -> int:
     if args.filter and not any(args.filter in g for g in groups):
         raise ValueError(f"--filter {args.filter!r} matches no group of --size {args.size} "
                          f"(it is a substring of a group's name: {'; '.join(groups)})")
+    if args.save:  # proved writable now, not after the whole run
+        folder = os.path.dirname(os.path.abspath(args.save))
+        try:
+            ensure_writable_dir(folder)
+        except OSError as exc:
+            raise OSError(f"--save {args.save!r}: cannot write to {folder!r}: "
+                          f"{exc.strerror or exc}") from None
     dtype = getattr(torch, args.dtype)
     say = None if args.quiet else (lambda g: print(f"[bench] {g}", file=sys.stderr,
                                                    flush=True))

@@ -29,6 +29,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # (also refuses nan)
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def _writable_dir(path: str) -> str:
     """Create ``path`` if needed and prove it writable now, not after an hour of training."""
     try:
@@ -153,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only groups whose name contains TEXT")
     bench.add_argument("--threads", type=_positive_int, default=None,
                        help="torch CPU threads (default: torch's choice)")
-    bench.add_argument("--budget", type=float, default=3.0, metavar="SECONDS",
+    bench.add_argument("--budget", type=_seconds, default=3.0, metavar="SECONDS",
                        help="timing budget per group, rounds permitting (default: %(default)s)")
     bench.add_argument("--min-rounds", type=_positive_int, default=5,
                        help="timed rounds per group at least (default: %(default)s)")

@@ -51,6 +51,9 @@ def _need(module: str, package: str):
 def stratified_split(y: np.ndarray, test_fraction: float = 0.2, seed: int = SPLIT_SEED
                      ) -> Tuple[np.ndarray, np.ndarray]:
     """(train, test) indices, sorted, with ``test_fraction`` of every class in test."""
+    if not 0 < test_fraction < 1:  # (also refuses nan)
+        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got "
+                         f"{test_fraction!r}")
     rng = np.random.RandomState(seed)
     train, test = [], []
     for c in np.unique(y):

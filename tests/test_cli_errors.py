@@ -35,6 +35,9 @@ def _usage_error(argv, capsys):
     (["demo", "--out"], "--out: expected one argument"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["info", "--verbose"], "unrecognized arguments: --verbose"),
+    (["bench", "--budget", "nan"], "--budget: must be a finite number >= 0, got nan"),
+    (["bench", "--budget", "-5"], "--budget: must be a finite number >= 0, got -5"),
+    (["bench", "--budget", "soon"], "--budget: expected a number, got 'soon'"),
 ])
 def test_bad_arguments(argv, match, capsys):
     line = _usage_error(argv, capsys)
@@ -139,6 +142,21 @@ def test_bench_filter_that_matches_nothing(monkeypatch, capsys):
     assert line.startswith("expanse-fast bench: error: --filter 'no such group' matches no "
                            "group of --size tiny")
     assert "linear" in line and "MLP" in line
+
+
+def test_bench_save_is_checked_before_the_run(monkeypatch, capsys, tmp_path):
+    from expanse_fast import bench
+
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark ran before --save was checked")
+    monkeypatch.setattr(bench, "run", never)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    target = a_file / "results.json"  # a folder that cannot exist under a file
+    assert main(["bench", "--size", "tiny", "--quiet", "--save", str(target)]) == 1
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"expanse-fast bench: error: --save '{target}': cannot write to")
 
 
 def test_interrupt(monkeypatch, capsys):

@@ -78,3 +78,9 @@ def test_a_missing_package_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import now fails
     with pytest.raises(ImportError, match="pip install scikit-learn"):
         data.digits()
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5, float("nan")])
+def test_a_test_fraction_outside_0_1_is_refused(fraction):
+    with pytest.raises(ValueError, match="test_fraction must lie strictly between 0 and 1"):
+        data.digits(test_fraction=fraction)

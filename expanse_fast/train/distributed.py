@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "make_sampler",
-           "all_reduce_metrics", "any_rank", "wrap_ddp", "wrap_fsdp2", "unwrap",
+           "all_reduce_metrics", "any_rank", "all_gather", "wrap_ddp", "wrap_fsdp2", "unwrap",
            "ddp_ignored_names", "trainable_bytes", "AllReduceCounter"]
 
 
@@ -123,6 +123,23 @@ def any_rank(flag: bool) -> bool:
     t = torch.tensor([int(bool(flag))], device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` outside a
+    process group."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def has_sharded_parameters(model: nn.Module) -> bool:
+    """Whether some parameter of ``model`` is a DTensor (FSDP2 shards): its bytes are not
+    all on this rank."""
+    return any(type(p).__name__ == "DTensor" or type(p.data).__name__ == "DTensor"
+               for p in model.parameters())
 
 
 # ---- DDP -------------------------------------------------------------------------------

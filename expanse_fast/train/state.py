@@ -111,6 +111,41 @@ def _model_tensors(model: nn.Module) -> Dict[str, Tensor]:
     return out
 
 
+def rng_states(model: nn.Module) -> Dict[str, Tensor]:
+    """This process's torch random generators: the CPU's, and each CUDA device's that holds
+    a parameter of ``model``."""
+    return _rng_states(model)
+
+
+def set_rng_states(states: Dict[str, Tensor]) -> None:
+    """Set the generators ``states`` names (as :func:`rng_states` returns them); a CUDA
+    device this machine lacks is skipped."""
+    for name, t in states.items():
+        if name == "cpu":
+            torch.set_rng_state(t)
+        elif torch.cuda.is_available():
+            index = int(name.split(":")[1])
+            if index < torch.cuda.device_count():
+                torch.cuda.set_rng_state(t, index)
+
+
+def check_rng_states(states, what: str) -> Dict[str, Tensor]:
+    """``states`` if it is a {generator name: uint8 state} dict this process can set, else
+    a :class:`TrainingStateError` naming ``what``."""
+    if not isinstance(states, dict):
+        raise TrainingStateError(f"{what} is not a set of random states")
+    for name, t in states.items():
+        ok = isinstance(t, Tensor) and t.dtype == torch.uint8 and t.dim() == 1
+        if ok and name == "cpu":
+            ok = t.numel() == torch.get_rng_state().numel()
+        elif ok:
+            ok = isinstance(name, str) and name.startswith("cuda:") \
+                and name[5:].isdigit()
+        if not ok:
+            raise TrainingStateError(f"{what}: its random state {name!r} is malformed")
+    return states
+
+
 def _rng_states(model: nn.Module) -> Dict[str, Tensor]:
     states = {"cpu": torch.get_rng_state()}
     cuda = {p.device for p in model.parameters() if p.device.type == "cuda"}
@@ -323,13 +358,7 @@ class TrainingState:
                 dst.copy_(src)
         if sched_sd is not None:
             scheduler.load_state_dict(sched_sd)
-        for name, t in rng_states.items():
-            if name == "cpu":
-                torch.set_rng_state(t)
-            elif torch.cuda.is_available():
-                index = int(name.split(":")[1])
-                if index < torch.cuda.device_count():
-                    torch.cuda.set_rng_state(t, index)
+        set_rng_states(rng_states)
         return self.progress
 
 

@@ -14,9 +14,11 @@ from torch import Tensor, nn
 
 from ..files import ensure_writable_dir
 from ..hashing import hash_tensor
-from .distributed import (all_reduce_metrics, any_rank, is_distributed, is_main_process,
-                          make_sampler, rank, unwrap, wrap_ddp)
-from .state import TrainingState, TrainingStateError, frozen_fingerprint, save_training_state
+from .distributed import (all_gather, all_reduce_metrics, any_rank, has_sharded_parameters,
+                          is_distributed, is_main_process, make_sampler, rank, unwrap,
+                          world_size, wrap_ddp)
+from .state import (TrainingState, TrainingStateError, check_rng_states, frozen_fingerprint,
+                    rng_states, save_training_state, set_rng_states)
 
 Pair = Tuple[Tensor, Tensor]
 Record = Dict[str, object]
@@ -98,12 +100,20 @@ def _run_epochs(model, opt, X, y, group, heads, epochs, step, batch_size, noise,
         if eval_fn is not None:  # evaluation time is not training time
             model.eval()
             with torch.no_grad():
-                record.update(eval_fn(unwrap(model)))
+                extra = eval_fn(unwrap(model))
             model.train()
+            clash = sorted(set(extra or {}) & set(record))
+            if clash:
+                raise ValueError(f"eval_fn returned {clash}, which the epoch's record holds "
+                                 f"already ({sorted(record)}): name them otherwise, e.g. "
+                                 f"'val_{clash[0]}'")
+            record.update(extra or {})
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['train_acc']:.3f}")
-        # True: a callback asks to stop (on any rank: all ranks stop together)
-        stop = any_rank(any(cb(record, unwrap(model)) for cb in callbacks))
+        # True: a callback asks to stop (on any rank: all ranks stop together); every
+        # callback runs, whatever the ones before it said
+        stops = [bool(cb(record, unwrap(model))) for cb in callbacks]
+        stop = any_rank(any(stops))
         if checkpoint is not None:
             checkpoint(step, i + 1, stop, opt, sched)
         if stop:
@@ -217,6 +227,12 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     basics, full = _pair(basics, "basics"), _pair(full, "full")
     if epochs[0] and basics is None:
         raise ValueError("epochs[0] > 0 needs basics (or pass epochs=(0, e) for one step)")
+    if epochs[1] and full is None:
+        raise ValueError("epochs[1] > 0 needs full, the data of step two")
+    if replay is not None:
+        if len(replay) != 3:
+            raise ValueError(f"replay must be (X, y, head), got {len(replay)} items")
+        replay = (*_pair(replay[:2], "replay"), replay[2])
     # an epoch over no examples would report a loss and accuracy of 0 that measure nothing
     for k, (name, data) in enumerate((("basics", basics), ("full", full))):
         if epochs[k] and data is not None and len(data[1]) == 0:
@@ -225,10 +241,15 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=True)")
-    train_model = wrap_ddp(model) if is_distributed() else model
-    device = params[0].device
     save_path, load_path = _checkpoint_paths(checkpoint_dir, checkpoint_every, resume,
                                              resume_from)
+    if (save_path or load_path) and has_sharded_parameters(model):
+        raise ValueError("checkpoint_dir / resume_from with an FSDP2-sharded model: its "
+                         "parameters are DTensor shards, which two_step's checkpoints do not "
+                         "gather; train under DDP (two_step wraps the model itself) or save "
+                         "with torch.distributed.checkpoint from a callback")
+    train_model = wrap_ddp(model) if is_distributed() else model
+    device = params[0].device
     heads = [head if head is not None else slice(None)]
     steps = [(1, basics, epochs[0], lr[0], 0.0, None), (2, full, epochs[1], lr[1], noise, augment)]
     history: List[Record] = []
@@ -259,13 +280,23 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     def checkpoint(step, step_epochs, stopped, opt, sched):
         if len(history) % checkpoint_every and step_epochs < epochs[step - 1] and not stopped:
             return
+        # every rank's generators (its own noise, dropout and augmentation streams): the
+        # file holds rank 0's as its own, and the others' here
+        by_rank = all_gather(rng_states(model)) if is_distributed() else None
         if not is_main_process():
             return
         save_training_state(save_path, model, opt, sched, fingerprint=fingerprint, progress={
             "config": config, "step": step, "step_epochs": step_epochs, "stopped": stopped,
-            "history": history})
+            "history": history, "rng_by_rank": by_rank})
 
-    was_training = model.training
+    def own_rng(progress):
+        """This rank's generators as the run saved them, where it saved every rank's."""
+        by_rank = progress.get("rng_by_rank") if isinstance(progress, dict) else None
+        if isinstance(by_rank, list) and len(by_rank) == world_size():
+            set_rng_states(check_rng_states(by_rank[rank()],
+                                            f"training checkpoint {load_path!r}, rank {rank()}"))
+
+    modes = {m: m.training for m in model.modules()}  # each put back as it was, at the end
     fork = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=fork):
         torch.manual_seed(seed + rank())  # noise, augmentation, dropout: new on each rank
@@ -289,6 +320,7 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
                 # mid-step: this step's optimizer and scheduler continue; at a step's start
                 # they are fresh, as in a run never interrupted
                 resumed.restore(model, opt if first else None, sched if first else None)
+                own_rng(resumed.progress)
                 history[:] = saved_history
                 resumed = None
             stop = _run_epochs(train_model, opt, X, y, group, heads_now, n_epochs, step,
@@ -300,5 +332,6 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     if resumed is not None:  # the saved run had finished: its weights and history
         resumed.restore(model, rng=False)
         history[:] = saved_history
-    model.train(was_training)
+    for m, training in modes.items():
+        m.training = training
     return history

@@ -150,8 +150,36 @@ def _ddp_worker(r, store, out):
         history = TWO_STEP.two_step(model, (X[:3], y[:3]), (X, y), epochs=(1, 2),
                                     lr=(0.05, 0.05), batch_size=2, progress=r == 0, seed=4)
         res["two_step"] = {"state": _full_state(model), "history": history}
+        res["resumed_with_noise"] = _noisy_resume(out)
     torch.save(res, os.path.join(out, f"ddp{r}.pt"))
     dist.destroy_process_group()
+
+
+class _Crash(Exception):
+    pass
+
+
+def _noisy_resume(out):
+    """two_step with input noise (each rank draws its own): uninterrupted, then stopped by a
+    crash after epoch 3 and resumed from its checkpoint; both final states."""
+    def run(crash=False, resume=False):
+        model = _expanded("mlp_isolated")
+        X, y = _batches("mlp_isolated", model)[0]
+
+        def crash_at_3(record, m):
+            if crash and record["epoch"] == 3:
+                raise _Crash
+        try:
+            TWO_STEP.two_step(model, (X[:4], y[:4]), (X, y), epochs=(2, 3), lr=(0.05, 0.05),
+                              batch_size=2, noise=0.3, progress=False, seed=5,
+                              checkpoint_dir=os.path.join(out, "noisy") if crash or resume
+                              else None, resume=resume, callbacks=[crash_at_3])
+        except _Crash:
+            return None
+        return _full_state(model)
+    whole = run()
+    run(crash=True)
+    return whole, run(resume=True)
 
 
 def _fsdp_worker(r, store, out):
@@ -163,6 +191,15 @@ def _fsdp_worker(r, store, out):
         kinds = {n: type(p).__name__ for n, p in model.named_parameters() if p.numel()}
         _train(model, model, case, r)
         res[case] = {"state": _full_state(model), "kinds": kinds}
+    if TWO_STEP_DISTRIBUTED:  # checkpoints of DTensor shards: refused before training
+        model = xd.wrap_fsdp2(_expanded("mlp_isolated"))
+        X, y = _batches("mlp_isolated", model)[0]
+        try:
+            TWO_STEP.two_step(model, None, (X, y), epochs=(0, 1), progress=False,
+                              checkpoint_dir=os.path.join(out, "fsdp_ck"))
+            res["checkpointed"] = "trained"
+        except ValueError as exc:
+            res["checkpointed"] = str(exc)
     torch.save(res, os.path.join(out, f"fsdp{r}.pt"))
     dist.destroy_process_group()
 
@@ -290,6 +327,26 @@ def test_two_step_under_torchrun(ddp_runs):
     for n, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(runs[0]["state"][n], p.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not TWO_STEP_DISTRIBUTED, reason="two_step is not distributed here")
+def test_two_step_resumes_every_ranks_random_stream(ddp_runs):
+    """Each rank draws its own input noise; a resumed run gives each rank its own stream
+    back (the checkpoint holds every rank's generators), so it ends as the uninterrupted
+    run did, bit for bit, on every rank."""
+    for run in ddp_runs:
+        whole, resumed = run["resumed_with_noise"]
+        assert resumed is not None and whole.keys() == resumed.keys()
+        for k in whole:
+            assert torch.equal(whole[k], resumed[k]), k
+    assert not torch.equal(ddp_runs[0]["resumed_with_noise"][0]["4.weight_new"],
+                           _expanded("mlp_isolated").state_dict()["4.weight_new"])
+
+
+@pytest.mark.skipif(not TWO_STEP_DISTRIBUTED, reason="two_step is not distributed here")
+def test_two_step_refuses_checkpoints_of_fsdp2_shards(fsdp_runs):
+    for run in fsdp_runs:
+        assert "FSDP2-sharded model" in run["checkpointed"]
 
 
 @pytest.mark.parametrize("case", ("mlp_isolated", "cnn_bn", "mlp_coupled"))

@@ -114,6 +114,18 @@ def test_a_callback_stops_training():
     assert len(hist) == 3
 
 
+def test_every_callback_runs_in_the_epoch_one_stops():
+    seen = []
+    hist = _run(_mlp(), callbacks=[lambda r, m: seen.append("stop") or r["epoch"] == 2,
+                                   lambda r, m: seen.append("log")])
+    assert len(hist) == 2 and seen == ["stop", "log"] * 2
+
+
+def test_eval_fn_may_not_overwrite_the_record():
+    with pytest.raises(ValueError, match=r"eval_fn returned \['loss'\].* 'val_loss'"):
+        _run(_mlp(), eval_fn=lambda m: {"loss": 0.0})
+
+
 def test_one_step_and_learning_rates():
     hist = two_step(_mlp(), None, _data(10), epochs=(0, 2), lr=(0.5, 0.02), progress=False)
     assert [r["step"] for r in hist] == [2, 2] and hist[0]["lr"] == 0.02
@@ -185,6 +197,10 @@ def test_mode_is_restored():
     model = _mlp().eval()
     _run(model)
     assert not model.training
+    model = _mlp().train()
+    model[0].eval()  # each module comes back in its own mode
+    _run(model)
+    assert [m.training for m in model.modules()] == [True, False, True, True]
 
 
 def test_errors():
@@ -206,6 +222,21 @@ def test_errors():
     with pytest.raises(ValueError, match=r"basics: y must hold class indices >= 0, got -1"):
         two_step(_mlp(), (X, torch.tensor([0, -1, 1, 2])), _data(5), epochs=(1, 1),
                  progress=False)
+    with pytest.raises(ValueError, match=r"epochs\[1\] > 0 needs full"):
+        two_step(_mlp(), _data(5), None, epochs=(1, 1), progress=False)
+    # the replay set is checked as the others are, before anything trains
+    model = _mlp()
+    before = _state(model)
+    with pytest.raises(TypeError, match=r"replay: y must hold integer class indices"):
+        two_step(model, None, _data(5), epochs=(0, 1), progress=False,
+                 replay=(X, torch.tensor([0.0, 1.0, 2.0, 0.7]), None))
+    with pytest.raises(ValueError, match=r"replay: X has 4 examples but y has 3"):
+        two_step(model, None, _data(5), epochs=(0, 1), progress=False,
+                 replay=(X, torch.tensor([0, 1, 2]), None))
+    with pytest.raises(ValueError, match=r"replay must be \(X, y, head\)"):
+        two_step(model, None, _data(5), epochs=(0, 1), progress=False, replay=(X, X))
+    after = _state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_an_empty_data_set_is_refused_where_it_would_train():

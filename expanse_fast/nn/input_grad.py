@@ -9,8 +9,13 @@ the skip it would silently miss that part.  So the model watches its input: forw
 pre-hooks on the widened model and on every module that holds widened layers note, at the
 outermost such call, whether a tensor it is given requires grad, and the layers read that
 note before they skip.  Forward hooks count the calls' ends, so a layer called on its own
-(no note for this call) decides from its own input; a checkpoint's recomputation, in
-backward, keeps the note of the call it recomputes.
+(no note for this call) decides from its own input.  A checkpoint's recomputation, in
+backward, must decide as the call it recomputes did (a non-reentrant checkpoint refuses
+saved tensors of other shapes; a reentrant one backpropagates through the recomputation),
+even if the model was called again since: so every watched module and layer called
+inside a watched call remembers the note under its input's storage, and a call in
+backward (the recomputation of a checkpointed module, or of a layer) takes the note
+remembered for its input.
 """
 from __future__ import annotations
 
@@ -21,20 +26,52 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 
+_MAX_NOTES = 4096  # remembered notes: the inputs of the calls a backward may recompute
+
+
+def _storage_key(t: torch.Tensor):
+    """What a tensor and its detached copy (a reentrant checkpoint's recomputation input)
+    share: the storage and the offset in it; None where there is no plain storage."""
+    try:
+        return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
+    except (RuntimeError, NotImplementedError):  # fake, functional or sparse tensors
+        return None
+
+
 class InputGradWatch:
     """The forward pre-hook of one widened model and of its modules that hold widened
     layers, shared by those layers: ``needed`` says whether the outermost call's input
-    requires grad, with grad mode on; ``depth`` counts the watched calls in progress."""
+    requires grad, with grad mode on; ``depth`` counts the watched calls in progress;
+    ``notes`` holds the note each inner call's input ran under (see the module's
+    docstring)."""
 
     def __init__(self):
         self.needed = False
         self.depth = 0
+        self.notes = {}
+
+    def remember(self, t) -> None:
+        key = _storage_key(t) if isinstance(t, torch.Tensor) else None
+        if key is not None:
+            if len(self.notes) >= _MAX_NOTES:
+                self.notes.clear()
+            self.notes[key] = self.needed
+
+    def recall(self, t) -> bool:
+        """The note a recomputed call on ``t`` ran under (the latest note if unknown)."""
+        key = _storage_key(t) if isinstance(t, torch.Tensor) else None
+        return self.notes.get(key, self.needed)
 
     def __call__(self, module: nn.Module, args, kwargs):
-        if self.depth == 0:  # the outermost watched call: the model, or a part called apart
+        leaves = tree_leaves((args, kwargs))
+        first = next((t for t in leaves if isinstance(t, torch.Tensor)), None)
+        if self.depth:
+            self.remember(first)
+        elif _in_backward():  # a checkpointed module recomputed: its own call's note
+            self.needed = self.recall(first)
+        else:  # the outermost watched call: the model, or a part called apart
             self.needed = torch.is_grad_enabled() and any(
-                isinstance(t, torch.Tensor) and t.requires_grad
-                for t in tree_leaves((args, kwargs)))
+                isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
         self.depth += 1
 
 
@@ -63,8 +100,13 @@ def skips_old_input_grad(layer: nn.Module, x: torch.Tensor) -> bool:
     if not layer.skip_old_input_grad:
         return False
     watch = getattr(layer, "input_grad_watch", None)
-    if watch is None or watch.depth or _in_backward():
-        return watch is None or not watch.needed
+    if watch is None:
+        return True
+    if watch.depth:
+        watch.remember(x)  # for a checkpoint that recomputes this layer on its own
+        return not watch.needed
+    if _in_backward():  # this layer recomputed on its own: its own call's note
+        return not watch.recall(x)
     return not (torch.is_grad_enabled() and x.requires_grad)
 
 

@@ -148,6 +148,56 @@ def test_checkpointed_blocks_recompute_with_the_same_decision(reentrant, input_g
         torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("input_grad", [False, True])
+@pytest.mark.parametrize("segment", ["block", "layer"])
+def test_recomputation_decides_as_its_forward_after_other_calls(reentrant, input_grad,
+                                                                 segment):
+    """A checkpointed part after a trainable layer (its input requires grad whatever the
+    model's input does), and the model called again on other data before backward: the
+    recomputation still decides as its own forward did (a non-reentrant checkpoint would
+    refuse a fused GELU's pre-activation of another width; a reentrant one would miss the
+    old path's input gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        checkpointed = True
+
+        def __init__(self):
+            super().__init__()
+            self.pre = nn.Linear(6, 6)
+            self.block = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 4), nn.GELU())
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = self.pre(x)
+            if not self.checkpointed:
+                return self.head(self.block(h))
+            if segment == "block":
+                h = checkpoint(self.block, h, use_reentrant=reentrant)
+            else:  # one layer recomputed on its own
+                h = self.block[1](checkpoint(self.block[0], h, use_reentrant=reentrant))
+                h = self.block[3](self.block[2](h))
+            return self.head(h)
+
+    torch.manual_seed(4)
+    big = xf.expand(Net().double(), width=1, new_classes=1)
+    assert big.block[0].activation == "gelu"  # fused: the pre-activation's width matters
+    twin = copy.deepcopy(big)
+    twin.checkpointed = False
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=input_grad)
+    x2 = x.detach().clone().requires_grad_(input_grad)
+    y = big(x)
+    big(torch.randn(5, 6, dtype=torch.float64, requires_grad=not input_grad))  # another call
+    y.square().sum().backward()
+    twin(x2).square().sum().backward()
+    for (n, p), q in zip(big.named_parameters(), twin.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=n)
+    if input_grad:
+        torch.testing.assert_close(x.grad, x2.grad, rtol=1e-10, atol=1e-12)
+
+
 def test_old_gradients_cost_work_only_when_needed():
     """The skip is real: the backward does fewer multiply-adds without an input gradient."""
     from torch.utils.flop_counter import FlopCounterMode

@@ -383,8 +383,9 @@ def _autocast(x: Tensor, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], 
     if not enabled:
         return (x,) + tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t
-                 for t in (x,) + tensors)
+    # (autocast leaves float64 alone, as nn.Linear and nn.Conv2d find it)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in (x,) + tensors)
 
 
 TRAIN_ALL_HINT = ("; to train every weight, train xf.merge(model) instead (plain layers "

@@ -65,3 +65,19 @@ def test_expanded_model_under_autocast(device, build, shape):
     for name, p in big.named_parameters():  # autocast changed no stored weight
         if name in frozen:
             assert p.dtype == torch.float32 and torch.equal(p, frozen[name]), name
+
+
+def test_float64_layers_stay_float64_under_autocast():
+    """Autocast leaves float64 alone, for nn.Linear and nn.Conv2d as for the widened layers:
+    the old outputs stay the pretrained layer's."""
+    torch.manual_seed(0)
+    lin, conv = nn.Linear(6, 4).double(), nn.Conv2d(3, 4, 3).double()
+    wide_lin = xf.ExpandedLinear.from_linear(lin, 2, 3)
+    wide_conv = xf.ExpandedConv2d.from_conv(conv, 2, 3)
+    x, xc = torch.randn(5, 8, dtype=torch.float64), torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin(x[:, :6]).dtype == torch.float64  # what the plain layers do
+        y, yc = wide_lin(x), wide_conv(xc)
+    assert y.dtype == yc.dtype == torch.float64
+    assert torch.equal(y[:, :4], lin(x[:, :6]))
+    assert torch.equal(yc[:, :4], conv(xc[:, :3]))

@@ -222,3 +222,30 @@ def test_checkpoint_round_trip_fuses_gelu(tmp_path):
     assert [type(m) for m in loaded.modules()] == [type(m) for m in big.modules()]
     x = torch.randn(5, 13)
     assert torch.equal(loaded(x), big(x))
+
+
+@pytest.mark.parametrize("custom_ops", [False, True])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fused_activation_on_a_layer_without_new_outputs(monkeypatch, custom_ops, activation,
+                                                         backend):
+    """new_out=0: no newest column, so no pre-activation of one is saved; the backward
+    still runs (the input's new features get their gradient through the frozen rows only
+    when they are read: here nothing reads them, so it is zero)."""
+    if not xf.backend_choice.availability(backend, "cpu")[0]:
+        pytest.skip(f"{backend} unavailable here")
+    monkeypatch.setattr(xf.ops, "USE_EAGER_FUNCTIONS", not custom_ops)
+    torch.manual_seed(0)
+    dtype = torch.float64 if backend == "torch" else torch.float32  # (triton: no float64)
+    lin = nn.Linear(5, 3).to(dtype)
+    layer = xf.ExpandedLinear.from_linear(lin, new_in=2, new_out=0)
+    layer.activation = activation
+    layer.backend = backend
+    x = torch.randn(4, 7, dtype=dtype, requires_grad=True)
+    layer(x).sum().backward()
+    act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+           "silu": F.silu, "relu": F.relu}[activation]
+    x2 = x.detach()[:, :5].clone().requires_grad_()
+    act(lin(x2)).sum().backward()
+    torch.testing.assert_close(x.grad[:, :5], x2.grad)
+    assert torch.equal(x.grad[:, 5:], torch.zeros(4, 2, dtype=dtype))

@@ -242,7 +242,9 @@ def activation_grad_full(dy: Tensor, activation: str, saved: Tensor, o_f: int,
     caller's kernels do not read them)."""
     o = dy.shape[1]
     dz = torch.empty_like(dy)
-    activation_grad(activation, dy[:, o_f:], saved_columns(saved, o, o_f, o), out=dz[:, o_f:])
+    if o > o_f:
+        activation_grad(activation, dy[:, o_f:], saved_columns(saved, o, o_f, o),
+                        out=dz[:, o_f:])
     if old_too and o_f:
         activation_grad(activation, dy[:, :o_f], saved_columns(saved, o, 0, o_f),
                         out=dz[:, :o_f])
@@ -297,7 +299,7 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
         dy_old = dy[:, :o_f]
         if activation and o_f:
             dy_old = activation_grad(activation, dy_old, saved_columns(saved, o, 0, o_f))
-    if activation:
+    if activation and o > o_f:  # (no newest column: no pre-activation of one was saved)
         dy_new = activation_grad(activation, dy_new, saved_columns(saved, o, o_f, o))
     dx = dw = db = dcouple = None
     if need_dw:

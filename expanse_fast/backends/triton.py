@@ -45,6 +45,18 @@ def availability(device) -> Tuple[bool, str]:
     return True, f"Triton on {torch.cuda.get_device_name(device)}"
 
 
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_dtype(x: Tensor, op: str) -> None:
+    """The kernels multiply in fp32/fp16/bf16 (fp32 accumulation): any other dtype would be
+    read as one of those (garbage), so it is refused by name."""
+    if x.dtype not in DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in DTYPES)
+        raise TypeError(f"expanse_fast {op} on the triton backend: expected dtype {names}, got "
+                        f"{str(x.dtype).replace('torch.', '')} (backend='torch' runs it)")
+
+
 # ---------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------
@@ -53,6 +65,7 @@ def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                    frozen_k_ends: Sequence[int], activation: str = "",
                    pre: Maybe = None) -> Tensor:
     torch_ref.check_activation(activation)
+    _check_dtype(x, "linear")
     # the activation (and the store of its input, pre) run in the kernel's epilogue
     return expanded_linear.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                           frozen_out_groups, frozen_k_ends,
@@ -63,6 +76,7 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
                     need_dcouple: bool, saved: Maybe = None, activation: str = ""):
+    _check_dtype(dy, "linear backward")
     o_f, i_f = w_frozen.shape
     if activation:
         # Fused activation: one elementwise pass over the dy columns the kernels below read
@@ -98,6 +112,7 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], stride, padding, dilation,
                    depthwise: bool, frozen_bn=None) -> Tensor:
+    _check_dtype(x, "conv2d")
     # a folded BatchNorm runs in the kernel's epilogue, on the frozen tiles
     return _conv_kernels().expanded_conv2d_forward(
         x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
@@ -109,6 +124,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                     padding, dilation, depthwise: bool, need_dx_new: bool, need_dx_old: bool,
                     need_dw: bool, need_db: bool, need_dcouple: bool,
                     frozen_dy_scale: Maybe = None):
+    _check_dtype(dy, "conv2d backward")
     return _conv_kernels().expanded_conv2d_backward(
         dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
         dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple,

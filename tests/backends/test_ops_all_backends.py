@@ -206,3 +206,22 @@ def test_depthwise_conv_matches_float64(backend, dtype, mult):
 
 def test_torch_backend_is_always_listed():
     assert "torch" in BACKENDS
+
+
+@pytest.mark.parametrize("op", ["linear", "conv2d"])
+def test_triton_refuses_float64_by_name(op):
+    """The Triton kernels multiply fp32/fp16/bf16: a float64 call is refused, not read as
+    another dtype (the interpreter returned garbage before)."""
+    if "triton" not in BACKENDS:
+        pytest.skip("triton unusable here")
+    torch.manual_seed(0)
+    if op == "linear":
+        layer = xf.ExpandedLinear.from_linear(torch.nn.Linear(5, 3).double(), 2, 1)
+        x = torch.randn(4, 7, dtype=torch.float64)
+    else:
+        layer = xf.ExpandedConv2d.from_conv(torch.nn.Conv2d(3, 4, 3).double(), 2, 1)
+        x = torch.randn(1, 5, 6, 6, dtype=torch.float64)
+    layer.backend = "triton"
+    with pytest.raises(TypeError, match=rf"{op} on the triton backend: expected dtype float32, "
+                                        r"float16, bfloat16, got float64"):
+        layer(x)

@@ -480,7 +480,11 @@ def _pre_columns(activation: str, x: Tensor, w_frozen: Tensor, w_new: Tensor,
     """How many trailing output columns' pre-activation the backward of a smooth activation
     will read: none without autograd, the newest ones, or all when the frozen columns'
     gradient feeds dx_old or the coupling block."""
-    if activation not in SMOOTH_ACTIVATIONS or not torch.is_grad_enabled():
+    if activation not in SMOOTH_ACTIVATIONS:
+        return 0
+    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
+        # (torch.jit.trace checks its trace under no_grad: the recorded width must not
+        # depend on the grad mode, so a trace keeps the columns autograd would read)
         return 0
     if not any(t is not None and t.requires_grad for t in (x, w_new, b_new, w_couple)):
         return 0

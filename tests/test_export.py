@@ -13,6 +13,10 @@ from models import SmallResNet, authors_mlp
 MODELS = {
     "mlp": (authors_mlp, (3, 784)),
     "resnet": (lambda: SmallResNet(classes=5, width=6), (2, 1, 9, 9)),
+    # a fused GELU keeps pre-activation columns for autograd: a trace must not depend on
+    # the grad mode (torch.jit.trace checks it under no_grad)
+    "gelu_mlp": (lambda: nn.Sequential(nn.Linear(10, 32), nn.GELU(), nn.Linear(32, 5)),
+                 (4, 10)),
 }
 
 

@@ -419,13 +419,55 @@ def _check_tensors(what: str, x: Tensor, blocks: Sequence[Optional[Tensor]],
 
 
 def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional[Tensor],
-                  frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int]):
+                  frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
+                  b_frozen: Optional[Tensor] = None, b_new: Optional[Tensor] = None,
+                  depthwise: bool = False):
+    """The blocks' shapes against each other (a mismatch would reach aten as an error
+    about its own tensors, or read past a block)."""
+    dims = 4 if what == "expanded_conv2d" else 2
+    for name, w in (("w_frozen", w_frozen), ("w_new", w_new), ("w_couple", w_couple)):
+        if w is not None and w.dim() != dims:
+            raise ValueError(f"{what}: {name} must be {dims}-D, got shape {tuple(w.shape)}")
     if sum(frozen_out_groups) != w_frozen.shape[0]:
         raise ValueError(f"{what}: frozen_out_groups {tuple(frozen_out_groups)} sum to "
                          f"{sum(frozen_out_groups)} but w_frozen has {w_frozen.shape[0]} rows")
     if len(frozen_k_ends) != len(frozen_out_groups):
         raise ValueError(f"{what}: one k_end per frozen group expected, got "
                          f"{tuple(frozen_k_ends)} for groups {tuple(frozen_out_groups)}")
+    for name, b, rows in (("b_frozen", b_frozen, w_frozen.shape[0]),
+                          ("b_new", b_new, w_new.shape[0])):
+        if b is not None and tuple(b.shape) != (rows,):
+            raise ValueError(f"{what}: {name} must have shape ({rows},) (one per row of "
+                             f"w_{name[2:]}), got {tuple(b.shape)}")
+    if dims == 4 and w_frozen.shape[2:] != w_new.shape[2:]:
+        raise ValueError(f"{what}: w_frozen and w_new must have one kernel size, got "
+                         f"{tuple(w_frozen.shape[2:])} and {tuple(w_new.shape[2:])}")
+    if depthwise:
+        return
+    i_f = w_frozen.shape[1]
+    if any(not 0 <= k <= i_f for k in frozen_k_ends):
+        raise ValueError(f"{what}: frozen_k_ends {tuple(frozen_k_ends)} must lie in 0..{i_f} "
+                         f"(w_frozen's columns)")
+    if w_couple is not None:
+        want = (w_frozen.shape[0], w_new.shape[1] - i_f) + tuple(w_new.shape[2:])
+        if tuple(w_couple.shape) != want:
+            raise ValueError(f"{what}: w_couple must have shape {want} (the frozen rows over "
+                             f"the inputs past w_frozen's), got {tuple(w_couple.shape)}")
+
+
+def _check_geometry(what: str, stride, padding, dilation):
+    """stride, padding, dilation: ints or pairs of ints (the op takes explicit padding:
+    ExpandedConv2d resolves 'same' and 'valid')."""
+    for name, v, least in (("stride", stride, 1), ("padding", padding, 0),
+                           ("dilation", dilation, 1)):
+        vals = (v,) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else None
+        if (vals is None or len(vals) not in (1, 2)
+                or not all(isinstance(a, int) and not isinstance(a, bool) and a >= least
+                           for a in vals)):
+            extra = (" (the op takes explicit padding; ExpandedConv2d resolves 'same' and "
+                     "'valid')" if name == "padding" and isinstance(v, str) else "")
+            raise ValueError(f"{what}: {name} must be an int >= {least} or a pair of them, "
+                             f"got {v!r}{extra}")
 
 
 def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
@@ -454,7 +496,8 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                          f"dimension, got shape {tuple(x.shape)}")
     use_composite = composite.needed()
     _check_tensors(what, x, (w_frozen, b_frozen, w_new, b_new, w_couple), use_composite)
-    _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
+    _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                  b_frozen, b_new)
     if use_composite:  # torch.func, dual tensors: plain differentiable ops, any backend
         return composite.linear(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                 frozen_out_groups, frozen_k_ends, activation)
@@ -525,6 +568,7 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     what = "expanded_conv2d"
     x, w_frozen, b_frozen, w_new, b_new, w_couple = _autocast(
         x, w_frozen, b_frozen, w_new, b_new, w_couple)
+    _check_geometry(what, stride, padding, dilation)
     if depthwise:
         c_f = frozen_k_ends[-1] if frozen_k_ends else 0
         if c_f:
@@ -539,7 +583,8 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                          f"got shape {tuple(x.shape)}")
     use_composite = composite.needed()
     _check_tensors(what, x, (w_frozen, b_frozen, w_new, b_new, w_couple), use_composite)
-    _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends)
+    _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                  b_frozen, b_new, bool(depthwise))
     _check_frozen_bn(what, x, w_frozen.shape[0], bn_mean, bn_var, bn_weight, bn_bias, bn_eps,
                      use_composite)
     if use_composite:  # torch.func, dual tensors: plain differentiable ops, any backend

@@ -164,6 +164,51 @@ def test_functional_forms_check_blocks():
     _names_all(str(err.value), "5 features", "(2, 6)")
 
 
+LIN = dict(frozen_out_groups=(4,), frozen_k_ends=(3,))
+
+
+@pytest.mark.parametrize("case,match", [
+    ("b_frozen", r"b_frozen must have shape \(4,\) \(one per row of w_frozen\), got \(2,\)"),
+    ("b_new", r"b_new must have shape \(5,\) \(one per row of w_new\), got \(4,\)"),
+    ("k_end", r"frozen_k_ends \(7,\) must lie in 0..3"),
+    ("w_couple", r"w_couple must have shape \(4, 2\) .* got \(4, 1\)"),
+    ("w_rank", r"w_new must be 2-D, got shape \(5, 5, 1\)"),
+])
+def test_functional_linear_checks_blocks_against_each_other(case, match):
+    """What would otherwise reach aten as an error about its own tensors, named here."""
+    x, w_f, w_n = torch.randn(2, 5), torch.randn(4, 3), torch.randn(5, 5)
+    args = dict(b_frozen=None, b_new=None, w_couple=None, **LIN)
+    if case == "b_frozen":
+        args["b_frozen"] = torch.randn(2)
+    elif case == "b_new":
+        args["b_new"] = torch.randn(4)
+    elif case == "k_end":
+        args["frozen_k_ends"] = (7,)
+    elif case == "w_couple":
+        args["w_couple"] = torch.randn(4, 1)
+    else:
+        w_n = w_n[..., None]
+    with pytest.raises(ValueError, match=match):
+        xf.ops.expanded_linear(x, w_f, args.pop("b_frozen"), w_n, args.pop("b_new"),
+                               args.pop("w_couple"), **args)
+
+
+@pytest.mark.parametrize("geometry,match", [
+    (dict(stride=0), r"stride must be an int >= 1 or a pair of them, got 0"),
+    (dict(dilation=(1, 0)), r"dilation must be an int >= 1 .* got \(1, 0\)"),
+    (dict(padding=-1), r"padding must be an int >= 0 .* got -1"),
+    (dict(padding="same"), r"padding .* got 'same' \(the op takes explicit padding; "
+                           r"ExpandedConv2d resolves 'same' and 'valid'\)"),
+    (dict(kernel=5), r"w_frozen and w_new must have one kernel size, got \(5, 5\) and "
+                     r"\(3, 3\)"),
+])
+def test_functional_conv_checks_geometry_and_kernels(geometry, match):
+    k = geometry.pop("kernel", 3)
+    x, w_f, w_n = torch.randn(1, 5, 8, 8), torch.randn(4, 3, k, k), torch.randn(2, 5, 3, 3)
+    with pytest.raises(ValueError, match=match):
+        xf.ops.expanded_conv2d(x, w_f, None, w_n, None, **LIN, **geometry)
+
+
 def test_set_backend_names_options():
     before = xf.get_backend()
     with pytest.raises(ValueError) as err:

@@ -51,6 +51,8 @@ class InputGradWatch:
         self.notes = {}
 
     def remember(self, t) -> None:
+        if torch.compiler.is_compiling():
+            return  # (a compiled graph recomputes its checkpoints in its own backward)
         key = _storage_key(t) if isinstance(t, torch.Tensor) else None
         if key is not None:
             if len(self.notes) >= _MAX_NOTES:

@@ -39,6 +39,8 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
     y = torch.as_tensor(y)
+    if isinstance(X, torch.Tensor):
+        y = y.to(X.device)  # scores, labels and indices on the data's device (CUDA too)
     if len(X) != len(y):
         raise ValueError(f"X has {len(X)} examples but y has {len(y)}")
     if method == "confidence":
@@ -57,7 +59,7 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
     else:
         Z = _batched(features, X, batch_size) if features is not None else X
         Z = Z.reshape(len(Z), -1).double()  # float64: distance ties must not depend on order
-        score = torch.empty(len(Z), dtype=torch.float64)
+        score = torch.empty(len(Z), dtype=torch.float64, device=Z.device)
         for c in torch.unique(y):
             members = (y == c).nonzero().squeeze(1)
             Zc = Z[members]

@@ -91,3 +91,17 @@ def test_errors():
         select_basics(X, y, per_class=0)
     with pytest.raises(ValueError, match="examples"):
         select_basics(X, y[:-1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["prototype", "medoid"])
+def test_select_basics_on_cuda_matches_cpu(method):
+    """Scores and indices live on the data's device (the score buffer was a CPU tensor)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from expanse_fast.train import select_basics
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(60, 5, generator=g), torch.randint(0, 4, (60,), generator=g)
+    on_cpu = select_basics(X, y, per_class=3, method=method)
+    on_gpu = select_basics(X.cuda(), y.cuda(), per_class=3, method=method)
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .hashing import hash_tensor as _hash_tensor
 from .expand import (_freeze_all_but_newest, expanded_layers, set_old_input_grads,
-                     source_model, watch_input_grad)
+                     watch_input_grad)
 from .fold import fold_batchnorms
 from .fuse import fuse_activations
 from .graph import ExpansionError, swap_module as _swap
@@ -38,6 +38,33 @@ def fingerprint(model: nn.Module) -> str:
     (a module's extra state that is not a tensor is no weight: left out)."""
     h = hashlib.sha256()
     for name, t in sorted(_unwrapped(model).state_dict().items()):
+        if isinstance(t, Tensor):
+            _hash_tensor(h, name, t)
+    return h.hexdigest()
+
+
+def task0_fingerprint(big: nn.Module) -> str:
+    """``fingerprint(source_model(big, task=0))``, one layer's plain copy at a time: no copy
+    of the whole model (on a GPU near its memory, saving an expansion must not double it)."""
+    state: Dict[str, Tensor] = {}
+    replaced = []
+    for path, m in big.named_modules():
+        prefix = path + "." if path else ""
+        if any(prefix.startswith(r) for r in replaced):
+            continue  # inside an expanded layer: its plain copy holds it
+        if isinstance(m, ExpandedLinear):
+            plain = m.to_linear(0)
+        elif isinstance(m, ExpandedConv2d):
+            plain = m.to_conv(0)
+        elif isinstance(m, _ExpandedBatchNorm):
+            plain = m.to_bn(0)
+        else:
+            m._save_to_state_dict(state, prefix, False)  # its own tensors, not its children's
+            continue
+        state.update(plain.state_dict(prefix=prefix))
+        replaced.append(prefix)
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
         if isinstance(t, Tensor):
             _hash_tensor(h, name, t)
     return h.hexdigest()
@@ -111,7 +138,7 @@ def save_expansion(big: nn.Module, path: str) -> None:
     layers_json = json.dumps(records, sort_keys=True)
     header = {
         "format": FORMAT, "version": str(VERSION), "layers": layers_json,
-        "base_fingerprint": fingerprint(source_model(big, task=0)),
+        "base_fingerprint": task0_fingerprint(big),
         "payload_digest": _payload_digest(layers_json, tensors),
     }
     folder = os.path.dirname(os.path.abspath(path))

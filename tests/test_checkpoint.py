@@ -365,3 +365,16 @@ def test_missing_file_and_unexpanded_model(tmp_path):
     with pytest.raises(ValueError, match="no expanded layer"):
         xf.save_expansion(mlp(), str(tmp_path / "x.safetensors"))
     assert not os.listdir(tmp_path)  # no partial or temporary file left behind
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_the_base_fingerprint_needs_no_copy_of_the_model(seed):
+    """save_expansion fingerprints the task-0 model one layer at a time: the same digest as
+    the whole plain copy source_model() builds, over random MLPs and CNNs widened once or
+    twice, isolated or coupled, fused or not."""
+    from expanse_fast.checkpoint import fingerprint, task0_fingerprint
+    from models import random_model, widen_at_random
+    r, base, _ = random_model(seed)
+    big, _ = widen_at_random(r, base, "torch")
+    assert task0_fingerprint(big) == fingerprint(xf.source_model(big, task=0)) \
+        == fingerprint(base)

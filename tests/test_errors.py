@@ -92,9 +92,14 @@ def test_wrong_device():
 def test_conv_wrong_rank_and_channels():
     layer = _conv()  # 7 input channels
     assert layer(torch.randn(1, 7, 5, 4)).shape == (1, 9, 5, 4)
+    x = torch.randn(7, 5, 4)  # unbatched (C, H, W), as nn.Conv2d takes it
+    assert torch.equal(layer(x), layer(x[None])[0])
     with pytest.raises(ValueError) as err:
-        layer(torch.randn(7, 5, 4))
-    _names_all(str(err.value), "4-D", "C = 7", "(7, 5, 4)")
+        layer(torch.randn(6, 5, 4))
+    _names_all(str(err.value), "4-D", "3-D", "C = 7", "(6, 5, 4)")
+    with pytest.raises(ValueError) as err:
+        layer(torch.randn(7, 5))
+    _names_all(str(err.value), "4-D", "C = 7", "(7, 5)")
     with pytest.raises(ValueError) as err:
         layer(torch.randn(1, 5, 5, 4))
     _names_all(str(err.value), "C = 7", "(1, 5, 5, 4)")

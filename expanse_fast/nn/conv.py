@@ -198,10 +198,13 @@ class ExpandedConv2d(ExpandedBlocks):
         return dict(bn_mean=mean, bn_var=var, bn_weight=weight, bn_bias=bias, bn_eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3 and x.shape[0] == self.in_channels:
+            return self.forward(x.unsqueeze(0)).squeeze(0)  # unbatched, as nn.Conv2d takes
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
-                f"ExpandedConv2d expected a 4-D (N, C, H, W) input with C = {self.in_channels} "
-                f"(channel groups {self.in_groups}), got shape {tuple(x.shape)}")
+                f"ExpandedConv2d expected a 4-D (N, C, H, W) or 3-D (C, H, W) input with "
+                f"C = {self.in_channels} (channel groups {self.in_groups}), got shape "
+                f"{tuple(x.shape)}")
         lay = self.layout
         padding = self.padding
         if self.padding_mode != "zeros":  # what nn.Conv2d does: pad, then convolve unpadded

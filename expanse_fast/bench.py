@@ -74,9 +74,11 @@ def _plain(expanded: nn.Module) -> nn.Module:
 
 def masked_dense(expanded: nn.Module) -> nn.Module:
     """The forum workaround: a full-width plain copy whose gradients are multiplied by a mask
-    that keeps only the newest group's rows (so frozen and zero blocks never move, with an
-    optimizer without weight decay).  Everything else is trained as usual, so autograd
-    computes the full dW and dx."""
+    that keeps only the newest group's rows (so frozen and zero weight blocks never move,
+    with an optimizer without weight decay).  Everything else is trained as usual, so
+    autograd computes the full dW and dx, and a BatchNorm normalises every channel by the
+    batch in training mode (its old channels' statistics move: a plain BatchNorm cannot
+    hold part of its channels in eval mode, as the expanded one does)."""
     dense = _plain(expanded)
     params = dict(dense.named_parameters())
     masked = set()

@@ -132,3 +132,22 @@ def test_the_ceilings_get_their_floor_and_the_rest_their_shares(plugin):
     linear = plugin.section_budget("linear", 74.0, sections[1:])
     assert abs(linear - 74.0 * weights[0] / sum(weights)) < 1e-9
     assert plugin.section_budget("cnn", 30.0, ["cnn"]) == 30.0  # the last takes what is left
+
+
+def test_a_row_that_failed_its_check_meets_no_target(plugin):
+    """A fast kernel with wrong results (its check against the torch backend says MISMATCH
+    or ERROR) is timed and shown, but stands for no target."""
+    linear = [_row("fwd+bwd", "expanse/torch", "expanse", 2.0, pct_cublas=70.0,
+                   speedup={"masked": 1.5, "cat": 0.75}),
+              _row("fwd+bwd", "expanse/triton", "expanse", 1.0, pct_cublas=95.0,
+                   speedup={"masked": 3.0, "cat": 1.5}, check="MISMATCH dx 4.1e-01"),
+              _row("fwd+bwd", "expanse/cuda", "expanse", 0.9, pct_cublas=99.0,
+                   speedup={"masked": 3.3, "cat": 1.6}, check="ERROR RuntimeError: boom")]
+    got = {t["what"]: t for t in plugin._targets({"linear": {"rows": linear}})}
+    masked = got["x masked full-width layer"]
+    assert (masked["best"], masked["impl"], masked["met"]) == (1.5, "expanse/torch", False)
+    assert got["% of the cuBLAS rate (useful FLOPs)"]["best"] == 70.0
+    assert "x triton (cuda backend)" not in got
+    ok = dict(linear[1], check="ok 4.9e-03")
+    got = {t["what"]: t for t in plugin._targets({"linear": {"rows": [linear[0], ok]}})}
+    assert got["x masked full-width layer"]["impl"] == "expanse/triton"

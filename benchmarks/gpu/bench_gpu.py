@@ -1504,6 +1504,14 @@ TARGETS = (("linear", "% of the cuBLAS rate (useful FLOPs)", "pct_cublas", 85.0)
            ("conv", "x split convolutions + torch.cat", "cat", 1.2))
 
 
+def _checked(row) -> bool:
+    """Whether a row may stand for a target: not one whose results failed their check
+    against the torch backend (a fast wrong kernel meets nothing); unchecked rows (the
+    torch backend itself, the reference) may."""
+    check = row.get("check")
+    return check is None or str(check).startswith("ok")
+
+
 def _targets(sections):
     """Per target and fwd+bwd variant: the best expanse row, its value, whether it meets the
     target, and the value of the ideal@cuBLAS row (the useful FLOPs at the measured cuBLAS
@@ -1520,14 +1528,15 @@ def _targets(sections):
                 continue
             group = [r for r in rows if r.get("variant") == variant]
             got = [(value(r), r["impl"]) for r in group
-                   if r.get("kind") == "expanse" and value(r) is not None]
+                   if r.get("kind") == "expanse" and value(r) is not None and _checked(r)]
             ideal = next((value(r) for r in group if r.get("kind") == "ideal"), None)
             best = max(got) if got else (None, None)
             out.append(dict(section=sec, variant=variant, what=what, need=need,
                             best=best[0], impl=best[1], limit=ideal,
                             met=None if best[0] is None else best[0] >= need))
     rows = (sections.get("linear") or {}).get("rows", [])
-    ms = {r.get("impl"): r.get("ms") for r in rows if r.get("variant") == "fwd+bwd"}
+    ms = {r.get("impl"): r.get("ms") for r in rows
+          if r.get("variant") == "fwd+bwd" and _checked(r)}
     if ms.get("expanse/cuda") and ms.get("expanse/triton"):
         ratio = ms["expanse/triton"] / ms["expanse/cuda"]
         out.append(dict(section="linear", variant="fwd+bwd", what="x triton (cuda backend)",

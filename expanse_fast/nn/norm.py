@@ -78,7 +78,10 @@ class _ExpandedBatchNorm(nn.Module):
         """Widen a trained BatchNorm by ``new`` channels; ``bn`` is left untouched."""
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"from_bn expects a BatchNorm module, got {type(bn).__name__}")
-        ref = bn.running_mean if bn.running_mean is not None else bn.weight
+        if not bn.track_running_stats:
+            raise ValueError("an expanded BatchNorm needs track_running_stats=True: the frozen "
+                             "channels must keep their pretrained statistics")
+        ref = bn.running_mean
         layer = cls((bn.num_features, new), bn.eps, bn.momentum, bn.affine,
                     bn.track_running_stats, device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
@@ -262,7 +265,9 @@ class _FrozenThenNew(torch.autograd.Function):
         dx = dy_new = None
         if ctx.needs_input_grad[0] and ctx.old_grad:
             shape = (1, n_f) + (1,) * (dy.dim() - 2)
-            if torch.is_grad_enabled():  # create_graph=True: out of place, differentiable
+            if torch.is_grad_enabled() or composite.batched_backward(dy):
+                # create_graph=True, or batched gradients (vmap: no batching rule for an
+                # out= multiply): out of place, differentiable
                 dy_old, dy_new_part = dy.split([n_f, dy.shape[1] - n_f], dim=1)
                 dx = torch.cat([dy_old * ctx.scale.view(shape),
                                 torch.zeros_like(dy_new_part)], dim=1)
@@ -284,16 +289,21 @@ class _NewestInPlace(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, training, momentum, eps, old_grad):
         n_f = x.shape[1] - mean.shape[0]
+        ctx.n_f, ctx.training, ctx.eps, ctx.old_grad = n_f, training, eps, old_grad
+        ctx.has_bias = bias is not None
+        ctx.mark_dirty(x)
+        if x.numel() == 0:  # an empty batch: nothing to normalise (aten's raw op refuses it)
+            ctx.empty = mean.shape[0]
+            return x
+        ctx.empty = None
         x_new = x[:, n_f:].clone(memory_format=torch.contiguous_format)  # saved: not a view
         y_new, save_mean, save_invstd = torch.native_batch_norm(
             x_new, weight, bias, mean, var, training, momentum, eps)
         x[:, n_f:] = y_new
-        ctx.mark_dirty(x)
         ctx.save_for_backward(x_new, weight, save_mean, save_invstd)
-        # eval mode: its backward reads the running statistics, which eval does not move
-        ctx.running = None if training else (mean, var)
-        ctx.n_f, ctx.training, ctx.eps, ctx.old_grad = n_f, training, eps, old_grad
-        ctx.has_bias = bias is not None
+        # eval mode: its backward reads the running statistics of this call (copies: a
+        # training call before the backward would move the buffers themselves)
+        ctx.running = None if training else (mean.clone(), var.clone())
         return x
 
     @staticmethod
@@ -303,10 +313,16 @@ class _NewestInPlace(torch.autograd.Function):
             # the graph, so the second derivatives that run through it would be missing
             raise RuntimeError(
                 "a second derivative (create_graph=True) through an ExpandedBatchNorm folded "
-                "into the conv before it is not supported: widen with "
-                "xf.expand(..., fuse=False), or call unfold_batchnorm() on that conv")
-        x_new, weight, save_mean, save_invstd = ctx.saved_tensors
+                "into the conv before it is not supported: call unfold_batchnorm() on that "
+                "conv (and on every ExpandedConv2d whose folded_batchnorm is set), or widen "
+                "the unwidened model with xf.expand(..., fuse=False) (a model already folded "
+                "keeps its folds through a later expand())")
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.empty is not None:  # an empty batch: empty or zero gradients
+            zeros = dy.new_zeros(ctx.empty)
+            return ((torch.zeros_like(dy) if need_x else None, zeros if need_w else None,
+                     zeros.clone() if need_b and ctx.has_bias else None) + (None,) * 6)
+        x_new, weight, save_mean, save_invstd = ctx.saved_tensors
         n_f = ctx.n_f
         mean, var = ctx.running or (None, None)
         dx = dw = db = None

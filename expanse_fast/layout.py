@@ -131,8 +131,9 @@ class Layout:
 
     def task(self, k: int) -> "Layout":
         """Layout of the model as it stood after task k (groups 0..k)."""
-        if not 0 <= k < self.num_groups:
-            raise ValueError(f"task must be in 0..{self.num_groups - 1}, got {k}")
+        if (isinstance(k, bool) or not isinstance(k, numbers.Integral)
+                or not 0 <= k < self.num_groups):
+            raise ValueError(f"task must be an int in 0..{self.num_groups - 1}, got {k!r}")
         return Layout(self.in_groups[: k + 1], self.out_groups[: k + 1], self.mode)
 
     # ---- work counts (DESIGN.md section 2) -----------------------------------------------

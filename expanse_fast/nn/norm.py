@@ -15,6 +15,7 @@ channels' fixed map itself, so the BatchNorm passes them through untouched and n
 only the newest channels, writing them into its input in place (no full-width copy)."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -216,8 +217,9 @@ class _ExpandedBatchNorm(nn.Module):
     def to_bn(self, task: Optional[int] = None) -> nn.modules.batchnorm._BatchNorm:
         """A plain BatchNorm (eval statistics) of task ``task``'s channels (default: all)."""
         k = len(self.groups) - 1 if task is None else task
-        if not 0 <= k < len(self.groups):
-            raise ValueError(f"task must be in 0..{len(self.groups) - 1}, got {task}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
+                or not 0 <= k < len(self.groups):
+            raise ValueError(f"task must be an int in 0..{len(self.groups) - 1}, got {task!r}")
         n = sum(self.groups[: k + 1])
         cat = lambda name: torch.cat([getattr(self, name + "_frozen").detach(),  # noqa: E731
                                       getattr(self, name + "_new").detach()])[:n]

@@ -70,3 +70,13 @@ def test_a_batchnorm_without_running_statistics_is_refused_by_name(affine):
     bn = nn.BatchNorm2d(4, affine=affine, track_running_stats=False)
     with pytest.raises(ValueError, match="needs track_running_stats=True"):
         xf.ExpandedBatchNorm2d.from_bn(bn, 2)
+
+
+@pytest.mark.parametrize("task", [True, 1.0, -1, 2, "0"])
+def test_a_task_index_is_a_whole_number_in_range(task):
+    bn = xf.ExpandedBatchNorm1d.from_bn(nn.BatchNorm1d(4), new=2)
+    layer = xf.ExpandedLinear.from_linear(nn.Linear(3, 4), 1, 2)
+    with pytest.raises(ValueError, match=r"task must be an int in 0\.\.1, got"):
+        bn.to_bn(task)
+    with pytest.raises(ValueError, match=r"task must be an int in 0\.\.1, got"):
+        layer.to_linear(task)

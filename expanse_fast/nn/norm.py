@@ -82,6 +82,10 @@ class _ExpandedBatchNorm(nn.Module):
         if not bn.track_running_stats:
             raise ValueError("an expanded BatchNorm needs track_running_stats=True: the frozen "
                              "channels must keep their pretrained statistics")
+        plain = cls._plain_type()
+        if not isinstance(bn, plain):  # (its to_bn() would give back the other kind)
+            raise TypeError(f"{cls.__name__}.from_bn expects an nn.{plain.__name__}, got "
+                            f"{type(bn).__name__}")
         ref = bn.running_mean
         layer = cls((bn.num_features, new), bn.eps, bn.momentum, bn.affine,
                     bn.track_running_stats, device=ref.device, dtype=ref.dtype)

@@ -80,3 +80,12 @@ def test_a_task_index_is_a_whole_number_in_range(task):
         bn.to_bn(task)
     with pytest.raises(ValueError, match=r"task must be an int in 0\.\.1, got"):
         layer.to_linear(task)
+
+
+def test_from_bn_takes_its_own_kind_of_batchnorm():
+    with pytest.raises(TypeError, match=r"ExpandedBatchNorm2d.from_bn expects an "
+                                        r"nn.BatchNorm2d, got BatchNorm1d"):
+        xf.ExpandedBatchNorm2d.from_bn(nn.BatchNorm1d(4), 2)
+    with pytest.raises(TypeError, match=r"ExpandedBatchNorm1d.from_bn expects an "
+                                        r"nn.BatchNorm1d, got BatchNorm2d"):
+        xf.ExpandedBatchNorm1d.from_bn(nn.BatchNorm2d(4), 2)

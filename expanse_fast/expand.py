@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from .fuse import fuse_activations
 from .fold import fold_batchnorms
-from .graph import ExpansionError, node_shapes, swap_module as _swap
+from .graph import ExpansionError, hooked, node_shapes, swap_module as _swap
 from .graph import target_name as _target_name, trace as _trace
 from .layout import width as _units
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
@@ -261,6 +261,13 @@ class _Plan:
                              f"{why}")
 
     def _record(self, path: str, grow: Tuple[int, ...]):
+        if hooked(self.modules[path]):
+            # the widened layer is a new module: the hooks would be lost, and they would see
+            # wider tensors than they were written for
+            raise ExpansionError(
+                f"module {path!r} carries hooks (forward, forward-pre or backward): the widened "
+                "layer that replaces it would not carry them, and they would see other tensors; "
+                "remove them before expand() and register them on the widened model")
         if parametrize.is_parametrized(self.modules[path]):
             # its weight is computed from other tensors at each call: a widened copy would
             # freeze one value of it, and the model it came from would hold other tensors
@@ -365,6 +372,12 @@ class _Plan:
             return _Feat(m.out_channels, new_out, axis=rank - 3, rank=rank, sure=True)
         if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, _ExpandedBatchNorm)):
             self._reads_features_at(node, path, lambda r: 1, "dim 1")
+            if src.widened and src.factor is None:
+                # a flattened conv map (old channels' pixels first): each new channel brings
+                # num_features / channels features, all after the old ones
+                new = self._layer_in(node, m.num_features, path)
+                self._record(path, (new,))
+                return replace(src, rank=self._rank(node, src.rank))
             self._record(path, (src.new,))
             return _Feat(m.num_features, src.new, axis=src.axis, rank=self._rank(node, src.rank),
                          sure=src.sure)
@@ -447,6 +460,9 @@ class _Plan:
                 return pair.feat
             if node.args[1] in _MOVE_ATTRIBUTES:
                 return self._move(node, lambda t: getattr(t, node.args[1]))
+            f = self._widened_input(node)
+            if f is not None and node.args[1] == "shape":
+                self._size_read(node, f, None)
             return None  # x.shape and similar
         if fn is operator.getitem:
             return self._index(node)
@@ -470,9 +486,41 @@ class _Plan:
                                "reshapes that move channels would mix them)")
         return _DATA
 
+    def _size_read(self, node: fx.Node, f: _Feat, dim) -> None:
+        """A widened value's size read as a number (``x.size(d)``, ``x.shape[d]``): the
+        features' size is the widened width when the model runs, so a computation with it
+        would change the old outputs; other dimensions' sizes are fine.  ``dim`` None: the
+        whole shape, whose every use must then be an index."""
+        if dim is None:
+            for user in node.users:
+                if (user.op == "call_function" and user.target is operator.getitem
+                        and isinstance(user.args[1], int)):
+                    self._size_read(user, f, user.args[1])
+                elif not _reshape_shape(user, node):
+                    self._refuse(node, "the whole shape of a widened value is used (its "
+                                       "features' size is the widened width when the model "
+                                       "runs; only reshapes may use it)")
+            return
+        if not isinstance(dim, int):
+            self._refuse(node, f"a size of a widened value read at dims {dim!r}")
+        if not f.sure and dim != 0:
+            self._refuse(node, f"reading size {dim} of a Linear's output is exact only if it "
+                               "is not the features'", shapes_could_help=True)
+        if f.sure and dim % f.rank == f.axis and not _shapes_only(node):
+            self._refuse(node, f"it reads the size of the widened features (dim {dim}), which "
+                               "is the widened width when the model runs: a computation with "
+                               "it would change the old outputs (only reshapes may use it)")
+
     def _visit_method(self, node: fx.Node) -> Optional[_Feat]:
         name = node.target
         if name in _NON_TENSOR_METHODS:
+            f = self._widened_input(node)
+            if f is not None and name == "numel":
+                self._refuse(node, "it reads the element count of a widened value, which "
+                                   "changes with the widening")
+            if f is not None and name == "size":
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                self._size_read(node, f, dim)
             return None
         if name in _BINARY_METHODS:
             return self._binary(node)
@@ -604,17 +652,23 @@ class _Plan:
             self._refuse(node, "its widened operands hold their features in different "
                                "dimensions", shapes_could_help=True)
         (axis,) = axes
+        first = widened[0]
         for a, f in args:
-            if (f.new, f.factor) == (widened[0].new, widened[0].factor):
+            if (f.new, f.factor) == (first.new, first.factor) and (
+                    not f.widened or None in (f.cur, first.cur) or f.cur == first.cur):
                 continue
             shape = None if self.shapes is None or f.new else self.shapes.get(a)
             if shape is not None:
                 at = axis - (rank - len(shape))
                 if at < 0 or shape[at] == 1:
                     continue  # broadcast along the features
+            gate = any(g.cur == 1 for _, g in args)
             self._refuse(node, "its operands carry different feature groups: "
                                + " and ".join(_groups(g) for _, g in args)
-                               + "; give both branches the same width")
+                               + ("; a gate of width 1 broadcast over the features must stay "
+                                  "unwidened: give its layer no new units (width={name: 0} "
+                                  "for it) and pass example_inputs" if gate else
+                                  "; give both branches the same width"))
         return replace(widened[0], axis=axis, rank=rank,
                        sure=all(f.sure for f in widened))
 
@@ -706,6 +760,30 @@ class _Plan:
         if keepdim:
             return f
         return replace(f, axis=f.axis - sum(d < f.axis for d in dims), rank=f.rank - len(dims))
+
+
+def _shapes_only(size: fx.Node) -> bool:
+    """Whether a size read off a value only goes into the shapes of reshapes (view,
+    reshape), where the widened width is the right one (the reshape itself is judged by
+    the walk), and into no computation."""
+    def ok(u: fx.Node) -> bool:
+        if _reshape_shape(u, size):
+            return True
+        # sizes combined into other sizes (h.shape[1] * h.shape[2]) for a reshape
+        return (u.op == "call_function" and u.target in _SIZE_ARITHMETIC
+                and all(ok(v) for v in u.users))
+    return all(ok(u) for u in size.users)
+
+
+def _reshape_shape(user: fx.Node, size: fx.Node) -> bool:
+    """Whether ``user`` is a view or reshape that takes ``size`` as (part of) its shape,
+    not as the tensor it reshapes."""
+    return (user.op in ("call_method", "call_function")
+            and (user.target in _RESHAPE_METHODS or user.target is torch.reshape)
+            and bool(user.args) and user.args[0] is not size)
+
+
+_SIZE_ARITHMETIC = {operator.mul, operator.add, operator.sub, operator.floordiv}
 
 
 def _groups(f: _Feat) -> str:

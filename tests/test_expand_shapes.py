@@ -744,3 +744,70 @@ def test_a_flattened_map_and_a_layer_output_are_different_groups():
     # then failed at its first call)
     with pytest.raises(ExpansionError, match=r"node 'add'.*per channel"):
         xf.expand(FlatResidual(), width=1, example_inputs=torch.randn(2, 3, 2, 2))
+
+
+class _Gated(nn.Module):
+    """An attention gate: a 1-channel map broadcast over the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.psi, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 1, 1), \
+            nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        return self.fc((x * torch.sigmoid(self.psi(x))).mean((2, 3)))
+
+
+def test_a_widened_gate_of_width_one_is_refused_and_an_unwidened_one_widens():
+    torch.manual_seed(0)
+    model, x = _Gated().double().eval(), torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for example in (None, x):
+        with pytest.raises(xf.ExpansionError, match=r"node 'mul' .* a gate of width 1"):
+            xf.expand(model, width=4, new_classes=3, example_inputs=example)
+    _exact_before_and_after_a_step(model, x, torch.randn_like(x), 5,
+                                   width={"c1": 4, "psi": 0}, new_classes=3, example_inputs=x)
+
+
+class _SizeScaled(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim, self.l1, self.fc = dim, nn.Linear(6, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = F.relu(self.l1(x))
+        return self.fc(h / h.size(self.dim))
+
+
+def test_a_computation_with_the_features_size_is_refused():
+    """h / h.size(1) runs with the widened width: the old outputs would change (0.014)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    model = _SizeScaled(1).double().eval()
+    for example in (None, x):
+        with pytest.raises(xf.ExpansionError, match=r"node 'size'"):
+            xf.expand(model, width=0.25, new_classes=3, example_inputs=example)
+    batch_scaled = _SizeScaled(0).double().eval()  # the batch's size is fine
+    _exact_before_and_after_a_step(batch_scaled, x, torch.randn_like(x), 5, width=0.25,
+                                   new_classes=3)
+
+
+def test_a_module_with_hooks_is_not_widened_silently():
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
+    model[0].register_forward_hook(lambda m, i, o: o * 2)
+    with pytest.raises(xf.ExpansionError, match=r"module '0' carries hooks"):
+        xf.expand(model, width=0.25, new_classes=3)
+
+
+def test_a_batchnorm1d_on_a_flattened_map_gets_a_width_per_channel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                          nn.BatchNorm1d(32), nn.Linear(32, 5)).double()
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        model.train()(x)  # statistics that are not the defaults
+    model.eval()
+    for example in (None, x):
+        big = _exact_before_and_after_a_step(model, x, torch.randn_like(x), 5, width=0.25,
+                                             new_classes=3, example_inputs=example)
+        assert big[4].groups == (32, 8)  # 2 new channels x 4 pixels, after the old ones

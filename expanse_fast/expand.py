@@ -192,9 +192,10 @@ class _Plan:
     """Walks the graph once and records, for every layer, the widths it must grow by."""
 
     def __init__(self, model: nn.Module, width: Width, new_classes: int, head: Optional[str],
-                 mode: str, example_inputs: Optional[tuple] = None):
+                 mode: str, example_inputs: Optional[tuple] = None,
+                 graph: Optional[fx.Graph] = None, check_names: bool = True):
         self.modules = dict(model.named_modules())
-        self.graph = _trace(model)
+        self.graph = _trace(model) if graph is None else graph
         self.shapes = (None if example_inputs is None
                        else node_shapes(model, self.graph, example_inputs))
         self.width, self.new_classes, self.mode = width, int(new_classes), mode
@@ -204,11 +205,32 @@ class _Plan:
         self.feat: Dict[fx.Node, Optional[_Feat]] = {}
         for node in self.graph.nodes:
             self.feat[node] = self._checked(node, self._visit(node))
-        if isinstance(width, Mapping):
-            unknown = set(width) - set(self.grow)
+        if check_names:
+            self.check_width_names()
+
+    def check_width_names(self):
+        if isinstance(self.width, Mapping):
+            unknown = set(self.width) - set(self.grow)
             if unknown:
                 raise ExpansionError(f"width names modules that are not widened layers of the "
                                      f"model: {sorted(unknown)}")
+
+    def merge(self, other: "_Plan", mode_name: str) -> None:
+        """Take in the plan of the model's other mode (training or eval), whose forward
+        takes other paths: every layer either mode calls is widened, alike in both."""
+        if other.head != self.head:
+            raise ExpansionError(
+                f"the head is {self.head!r} in one mode and {other.head!r} in {mode_name} mode "
+                "(the forward takes other paths): name it with head=")
+        for path, grow in other.grow.items():
+            if self.grow.setdefault(path, grow) != grow:
+                raise ExpansionError(f"module {path!r} is widened by {self.grow[path]} in one "
+                                     f"mode and by {grow} in {mode_name} mode")
+        self.ride_through |= other.ride_through
+        both = self.ride_through & set(self.grow)
+        if both:
+            raise ExpansionError(f"modules {sorted(both)} are widened in one mode and kept as "
+                                 "they are (called on another dimension) in the other")
 
     # ---- helpers ----------------------------------------------------------------------
     def _arg_feats(self, node: fx.Node):
@@ -838,7 +860,10 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
     if mode not in ("isolated", "coupled"):
         raise ValueError(f"mode must be 'isolated' or 'coupled', got {mode!r}")
     new_classes = _units(new_classes, "new_classes")
-    plan = _Plan(model, width, new_classes, head, mode, _example_tuple(example_inputs))
+    examples = _example_tuple(example_inputs)
+    plan = _Plan(model, width, new_classes, head, mode, examples, check_names=False)
+    _merge_other_mode(plan, model, width, new_classes, head, mode, examples)
+    plan.check_width_names()
     big = copy.deepcopy(model)
     layers = dict(big.named_modules())
     for path, grow in plan.grow.items():
@@ -866,6 +891,31 @@ def set_old_input_grads(big: nn.Module) -> None:
     isolated = all(getattr(m, "mode", "isolated") == "isolated" for m in layers.values())
     for m in layers.values():
         m.skip_old_input_grad = isolated
+
+
+def _merge_other_mode(plan: _Plan, model: nn.Module, width, new_classes, head, mode,
+                      examples) -> None:
+    """A forward with branches on ``self.training`` (an auxiliary head in training, say)
+    calls other layers in the other mode: trace that mode too, and widen what either calls.
+    The model's modes are put back as they were."""
+    modes = {m: m.training for m in model.modules()}
+    other = "eval" if model.training else "training"
+    try:
+        model.train(not model.training)
+        graph = _trace(model)
+        if [(n.op, n.target) for n in graph.nodes] == [(n.op, n.target)
+                                                       for n in plan.graph.nodes]:
+            return  # one graph for both modes
+        try:
+            other_plan = _Plan(model, width, new_classes, head, mode, examples, graph=graph,
+                               check_names=False)
+        except ExpansionError as exc:
+            raise ExpansionError(f"in {other} mode (the forward takes other paths there): "
+                                 f"{exc}") from None
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    plan.merge(other_plan, other)
 
 
 def watch_input_grad(big: nn.Module) -> None:

@@ -64,12 +64,24 @@ PairMatcher = Callable[[fx.Node, Dict[str, nn.Module], Counter], Optional[Tuple[
 
 def module_pairs(model: nn.Module, match: PairMatcher) -> List[Tuple[str, str]]:
     """The (producer path, consumer path) pairs that ``match(node, modules, calls)`` finds,
-    in graph order; ``calls`` counts the call sites of each module path."""
-    graph = trace(model)
+    in graph order; ``calls`` counts the call sites of each module path.  A forward that
+    takes other paths in training and in eval mode is traced in both: only the pairs found
+    in both count (in the other mode the producer's output may have another user)."""
     modules = dict(model.named_modules())
-    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
-    return [pair for pair in (match(node, modules, calls) for node in graph.nodes)
-            if pair is not None]
+
+    def pairs(graph):
+        calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+        return [pair for pair in (match(node, modules, calls) for node in graph.nodes)
+                if pair is not None]
+    found = pairs(trace(model))
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.train(not model.training)
+        other = set(pairs(trace(model)))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    return [pair for pair in found if pair in other]
 
 
 @contextlib.contextmanager

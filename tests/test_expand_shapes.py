@@ -811,3 +811,60 @@ def test_a_batchnorm1d_on_a_flattened_map_gets_a_width_per_channel():
         big = _exact_before_and_after_a_step(model, x, torch.randn_like(x), 5, width=0.25,
                                              new_classes=3, example_inputs=example)
         assert big[4].groups == (32, 8)  # 2 new channels x 4 pixels, after the old ones
+
+
+class _AuxNet(nn.Module):
+    """An auxiliary head in training only (GoogLeNet, Inception-v3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.aux, self.fc = nn.Linear(8, 5), nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.c1(x))
+        aux = self.aux(x.mean((2, 3))) if self.training else None
+        out = self.fc(F.relu(self.c2(x)).mean((2, 3)))
+        return (out, aux) if self.training else out
+
+
+@pytest.mark.parametrize("traced_in", ["eval", "train"])
+def test_layers_called_in_one_mode_only_are_widened_too(traced_in):
+    torch.manual_seed(0)
+    model = _AuxNet().double().train(traced_in == "train")
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    big = xf.expand(model, width=0.25, new_classes=3)
+    assert big.aux.in_groups == (8, 2) and big.training == (traced_in == "train")
+    with torch.no_grad():
+        assert torch.equal(big.eval()(x)[:, :5], model.eval()(x))
+        (out, aux), (want, want_aux) = big.train()(x), model.train()(x)
+    assert torch.equal(out[:, :5], want) and torch.equal(aux[:, :5], want_aux)
+
+
+class _AuxReadsHidden(nn.Module):
+    """In training, an auxiliary head also reads the Linear's raw output."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.act, self.fc, self.aux = nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 5), \
+            nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.l1(x)
+        out = self.fc(self.act(h))
+        return (out, self.aux(h)) if self.training else out
+
+
+def test_a_pair_fused_in_one_mode_only_stays_apart():
+    """Fused, the Linear would hand the training-only head its activated output."""
+    torch.manual_seed(0)
+    model = _AuxReadsHidden().double().eval()
+    with pytest.raises(xf.ExpansionError, match=r"the head is 'fc' in one mode and 'aux' in "
+                                                r"training mode .* name it with head="):
+        xf.expand(model, width=0.25, new_classes=3)
+    big = xf.expand(model, width=0.25, new_classes=3, head="fc")
+    assert big.l1.activation == "" and type(big.act) is nn.GELU
+    x = torch.randn(4, 6, dtype=torch.float64)
+    with torch.no_grad():
+        (out, aux), (want, want_aux) = big.train()(x), model.train()(x)
+    assert torch.equal(out[:, :5], want) and torch.equal(aux[:, :5], want_aux)

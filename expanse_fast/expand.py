@@ -47,6 +47,19 @@ _PASS_FUNCTIONS = {
     F.softplus, F.sigmoid, F.tanh, F.dropout, F.dropout1d, F.dropout2d, torch.relu,
     torch.sigmoid, torch.tanh, torch.abs, torch.exp, operator.neg,
 }
+# Elementwise ops with optional tensor arguments (bounds, exponents): alone they pass the
+# groups through; with another tensor they broadcast like a binary op.
+_ELEMENTWISE_FUNCTIONS = {
+    torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, F.hardtanh, F.hardsigmoid,
+    F.softsign, F.celu, F.logsigmoid, torch.erf, torch.sqrt, torch.rsqrt, torch.square,
+    torch.log, torch.log1p, torch.expm1, torch.reciprocal, torch.sign, operator.pow,
+    torch.pow, torch.sin, torch.cos, torch.floor, torch.ceil, torch.round,
+}
+_ELEMENTWISE_METHODS = {
+    "clamp", "clip", "clamp_min", "clamp_max", "clamp_", "relu_", "sigmoid_", "tanh_",
+    "square", "sqrt", "rsqrt", "pow", "log", "log1p", "exp_", "expm1", "erf", "reciprocal",
+    "sign", "sin", "cos", "floor", "ceil", "round", "abs_", "neg_",
+}
 # ...and what passes them through only where the features are not among the trailing
 # dimensions it works along (a conv map's pixels, but a Linear output's features):
 # pooling, padding and resizing, with the number of those dimensions (None: every one after
@@ -496,6 +509,8 @@ class _Plan:
             return self._move(node, lambda t: fn(t, *node.args[1:], **node.kwargs))
         if fn in _PASS_FUNCTIONS:
             return self._first_tensor(node)
+        if fn in _ELEMENTWISE_FUNCTIONS:
+            return self._elementwise(node)
         if fn in _SPATIAL_FUNCTIONS:
             return self._spatial(node, fn.__name__, _SPATIAL_FUNCTIONS[fn])
         if fn is F.pad:
@@ -558,10 +573,19 @@ class _Plan:
             return self._move(node, lambda t: getattr(t, name)(*node.args[1:], **node.kwargs))
         if name in _PASS_METHODS:
             return self._first_tensor(node)
+        if name in _ELEMENTWISE_METHODS:
+            return self._elementwise(node)
         if self._widened_input(node):
             self._refuse(node, f"tensor method .{name}() is not known to keep old and new "
                                "features apart")
         return _DATA
+
+    def _elementwise(self, node: fx.Node) -> Optional[_Feat]:
+        """An elementwise op: its one tensor's groups pass through; tensor bounds or
+        exponents broadcast against it as a binary op's operands do."""
+        if len(node.all_input_nodes) > 1:
+            return self._binary(node)
+        return self._first_tensor(node)
 
     def _max_min(self, node: fx.Node):
         """max or min: of two tensors, elementwise; over a dimension, a (values, indices)

@@ -868,3 +868,24 @@ def test_a_pair_fused_in_one_mode_only_stays_apart():
     with torch.no_grad():
         (out, aux), (want, want_aux) = big.train()(x), model.train()(x)
     assert torch.equal(out[:, :5], want) and torch.equal(aux[:, :5], want_aux)
+
+
+class _Elementwise(nn.Module):
+    """Elementwise ops DESIGN says pass the groups through, written as users write them."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.fc = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = self.l1(x).clamp(-1.0, 2.0) + torch.clamp(self.l1(x), min=0.0) ** 2
+        h = F.hardtanh(h) + F.hardsigmoid(h).square() + torch.erf(h) + h.abs().sqrt()
+        h = self.l2(F.softsign(h)).relu_()
+        return self.fc(h + torch.pow(h, 3) + h.clamp_min(0.1).log1p())
+
+
+def test_elementwise_ops_pass_the_groups_through():
+    torch.manual_seed(0)
+    model = _Elementwise().double().eval()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    _exact_before_and_after_a_step(model, x, torch.randn_like(x), 5, width=0.25, new_classes=3)

@@ -142,15 +142,16 @@ def _probe_like(t: Tensor, gen: torch.Generator, wide: bool) -> Tensor:
     binades as well)."""
     size, stride, esize = tuple(t.shape), tuple(t.stride()), t.element_size()
     extent = 1 + sum((n - 1) * st for n, st in zip(size, stride)) if t.numel() else 0
-    buf = torch.empty(extent + 64 // esize, dtype=t.dtype)
-    shift = ((t.data_ptr() - buf.data_ptr()) % 64) // esize
-    view = buf.as_strided(size, stride, shift)
-    values = torch.randn(size, generator=gen)
+    # the values go into the whole buffer, the view taken after: a view whose elements
+    # share memory (a stride of 0: an expanded input) cannot be written through
+    n = extent + 64 // esize
+    values = torch.randn(n, generator=gen)
     if wide:
         span = 3 if t.dtype in (torch.float16, torch.bfloat16) else 8  # (fp16 stays finite)
-        values *= torch.exp2(torch.randint(-span, span + 1, size, generator=gen).float())
-    view.copy_(values)
-    return view
+        values *= torch.exp2(torch.randint(-span, span + 1, (n,), generator=gen).float())
+    buf = values.to(t.dtype)
+    shift = ((t.data_ptr() - buf.data_ptr()) % 64) // esize
+    return buf.as_strided(size, stride, shift)
 
 
 PROBED_SUMS = 512

@@ -48,6 +48,12 @@ def availability(device) -> Tuple[bool, str]:
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _dense(v: Maybe) -> Maybe:
+    """A 1-D vector (a bias, a folded BatchNorm's statistics) the kernels read at unit
+    stride: a strided view (say b[::2], through the functional ops) is copied."""
+    return v if v is None or not isinstance(v, Tensor) or v.is_contiguous() else v.contiguous()
+
+
 def _check_dtype(x: Tensor, op: str) -> None:
     """The kernels multiply in fp32/fp16/bf16 (fp32 accumulation): any other dtype would be
     read as one of those (garbage), so it is refused by name."""
@@ -67,6 +73,7 @@ def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
     torch_ref.check_activation(activation)
     _check_dtype(x, "linear")
     # the activation (and the store of its input, pre) run in the kernel's epilogue
+    b_frozen, b_new = _dense(b_frozen), _dense(b_new)
     return expanded_linear.linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                           frozen_out_groups, frozen_k_ends,
                                           activation=activation or None, pre=pre)
@@ -113,6 +120,9 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                    frozen_k_ends: Sequence[int], stride, padding, dilation,
                    depthwise: bool, frozen_bn=None) -> Tensor:
     _check_dtype(x, "conv2d")
+    b_frozen, b_new = _dense(b_frozen), _dense(b_new)
+    if frozen_bn is not None:
+        frozen_bn = tuple(_dense(v) for v in frozen_bn)
     # a folded BatchNorm runs in the kernel's epilogue, on the frozen tiles
     return _conv_kernels().expanded_conv2d_forward(
         x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups, frozen_k_ends,
@@ -125,6 +135,7 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
                     need_dw: bool, need_db: bool, need_dcouple: bool,
                     frozen_dy_scale: Maybe = None):
     _check_dtype(dy, "conv2d backward")
+    frozen_dy_scale = _dense(frozen_dy_scale)
     return _conv_kernels().expanded_conv2d_backward(
         dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride, padding,
         dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db, need_dcouple,

@@ -222,11 +222,24 @@ class _Plan:
             self.check_width_names()
 
     def check_width_names(self):
-        if isinstance(self.width, Mapping):
-            unknown = set(self.width) - set(self.grow)
-            if unknown:
-                raise ExpansionError(f"width names modules that are not widened layers of the "
-                                     f"model: {sorted(unknown)}")
+        if not isinstance(self.width, Mapping):
+            return
+        unknown = set(self.width) - set(self.grow)
+        if unknown:
+            raise ExpansionError(f"width names modules that are not widened layers of the "
+                                 f"model: {sorted(unknown)}")
+        for name in sorted(self.width):
+            m = self.modules[name]
+            if name == self.head:
+                why = "its new outputs are new_classes"
+            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, _ExpandedBatchNorm)):
+                why = "a BatchNorm takes the new channels of the layer before it"
+            elif (isinstance(m, nn.Conv2d) and m.groups > 1) or (
+                    isinstance(m, ExpandedConv2d) and m.depthwise):
+                why = "a depthwise conv takes the new channels of the layer before it"
+            else:
+                continue
+            raise ExpansionError(f"width names {name!r}, whose width it does not set: {why}")
 
     def merge(self, other: "_Plan", mode_name: str) -> None:
         """Take in the plan of the model's other mode (training or eval), whose forward

@@ -889,3 +889,21 @@ def test_elementwise_ops_pass_the_groups_through():
     model = _Elementwise().double().eval()
     x = torch.randn(4, 6, dtype=torch.float64)
     _exact_before_and_after_a_step(model, x, torch.randn_like(x), 5, width=0.25, new_classes=3)
+
+
+@pytest.mark.parametrize("name, why", [("2", "its new outputs are new_classes"),
+                                       ("1", "a BatchNorm takes the new channels"),
+                                       ("3", "a depthwise conv takes the new channels")])
+def test_a_width_entry_it_cannot_set_is_refused(name, why):
+    """A width for the head, a BatchNorm or a depthwise conv did nothing, without a word."""
+    if name == "2":
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+        width = {"0": 2, "2": 4}
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                              nn.Conv2d(4, 4, 3, groups=4), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(4, 2))
+        width = {"0": 2, name: 3}
+    with pytest.raises(ExpansionError, match=rf"width names '{name}', whose width it does not "
+                                             rf"set: {why}"):
+        xf.expand(model.eval(), width=width, new_classes=0)

@@ -59,6 +59,11 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
     else:
         Z = _batched(features, X, batch_size) if features is not None else X
         Z = Z.reshape(len(Z), -1).double()  # float64: distance ties must not depend on order
+        bad = (~torch.isfinite(Z)).any(1).nonzero()
+        if len(bad):
+            raise ValueError(f"select_basics: example {int(bad[0])} holds a NaN or an infinity"
+                             f"{' (in features(X))' if features is not None else ''}: it would "
+                             "make its whole class's distances NaN")
         score = torch.empty(len(Z), dtype=torch.float64, device=Z.device)
         for c in torch.unique(y):
             members = (y == c).nonzero().squeeze(1)

@@ -73,8 +73,8 @@ def _run_epochs(model, opt, X, y, group, heads, epochs, step, batch_size, noise,
             sampler.set_epoch(len(history))
             order = torch.as_tensor(list(sampler), dtype=torch.long, device=X.device)
         total, correct = 0.0, 0
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
+        for s, e in _batches(len(order), batch_size):
+            idx = order[s:e]
             xb = X[idx]
             if noise:
                 xb = xb + noise * torch.randn_like(xb)
@@ -119,6 +119,15 @@ def _run_epochs(model, opt, X, y, group, heads, epochs, step, batch_size, noise,
         if stop:
             return True
     return False
+
+
+def _batches(n: int, batch_size: int):
+    """(start, end) of each batch of an epoch over n examples; a last batch of one example
+    joins the one before it (a BatchNorm in training cannot normalise a single example)."""
+    starts = list(range(0, n, batch_size))
+    if batch_size > 1 and len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, starts[1:] + [n]))
 
 
 def _digest(*tensors: Optional[Tensor]) -> str:
@@ -193,6 +202,8 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     replay: an extra (X, y, head) data set shuffled into step two's data (rehearsal); its
         labels index ``model(X)[:, head]``.  ``train_acc`` counts the main data only.
     Only parameters with ``requires_grad`` are optimised (AdamW, a fresh optimizer per step).
+    An epoch's batches are ``batch_size`` examples; a last batch of one joins the batch
+    before it (a BatchNorm in training mode cannot normalise one example).
     eval_fn(model) -> dict is merged into each epoch's record (model in eval mode, no grad;
     its time is not counted in ``seconds``); each callback(record, model) runs after it and
     stops training by returning True.  ``desc`` labels the progress bars.

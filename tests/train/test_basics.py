@@ -105,3 +105,11 @@ def test_select_basics_on_cuda_matches_cpu(method):
     on_cpu = select_basics(X, y, per_class=3, method=method)
     on_gpu = select_basics(X.cuda(), y.cuda(), per_class=3, method=method)
     assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), on_cpu)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_example_is_named(bad):
+    X, y = torch.randn(10, 3), torch.arange(10) % 2
+    X[7, 1] = bad
+    with pytest.raises(ValueError, match="example 7 holds a NaN or an infinity"):
+        select_basics(X, y, per_class=2)

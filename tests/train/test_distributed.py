@@ -318,8 +318,8 @@ def test_two_step_under_torchrun(ddp_runs):
                 s.set_epoch(epoch)
                 shares.append(list(s))
             epoch += 1
-            for k in range(0, len(shares[0]), 2):
-                loss = sum(F.cross_entropy(model(data[0][sh[k:k + 2]]), data[1][sh[k:k + 2]])
+            for k, e in TWO_STEP._batches(len(shares[0]), 2):  # (a last single joins)
+                loss = sum(F.cross_entropy(model(data[0][sh[k:e]]), data[1][sh[k:e]])
                            for sh in shares) / WORLD
                 opt.zero_grad()
                 loss.backward()

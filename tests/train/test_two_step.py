@@ -249,3 +249,14 @@ def test_an_empty_data_set_is_refused_where_it_would_train():
     # where nothing trains on it, an empty set is no error
     history = two_step(_mlp(), empty, _data(5), epochs=(0, 1), progress=False)
     assert len(history) == 1
+
+
+def test_a_last_batch_of_one_joins_the_batch_before():
+    """A BatchNorm model trains on 17 examples in batches of 8 (the last would be one)."""
+    from expanse_fast.train.two_step import _batches
+    assert _batches(17, 8) == [(0, 8), (8, 17)]
+    assert _batches(18, 8) == [(0, 8), (8, 16), (16, 18)]
+    assert _batches(1, 8) == [(0, 1)] and _batches(3, 1) == [(0, 1), (1, 2), (2, 3)]
+    model = nn.Sequential(nn.Linear(7, 11), nn.BatchNorm1d(11), nn.ReLU(), nn.Linear(11, 3))
+    hist = two_step(model, None, _data(17), epochs=(0, 2), batch_size=8, progress=False)
+    assert len(hist) == 2 and all(r["examples"] == 17 for r in hist)

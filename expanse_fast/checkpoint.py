@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from .hashing import hash_tensor as _hash_tensor
-from .expand import (_freeze_all_but_newest, expanded_layers, set_old_input_grads,
-                     watch_input_grad)
+from .expand import (_freeze_all_but_newest, expanded_layers, plain_layer,
+                     set_old_input_grads, watch_input_grad)
 from .fold import fold_batchnorms
 from .fuse import fuse_activations
 from .graph import ExpansionError, swap_module as _swap
@@ -36,8 +36,12 @@ class ExpansionFileError(ValueError):
 def fingerprint(model: nn.Module) -> str:
     """sha256 over every parameter and buffer (name, dtype, shape, bytes) of a plain model
     (a module's extra state that is not a tensor is no weight: left out)."""
+    return _state_digest(_unwrapped(model).state_dict())
+
+
+def _state_digest(state: Dict[str, object]) -> str:
     h = hashlib.sha256()
-    for name, t in sorted(_unwrapped(model).state_dict().items()):
+    for name, t in sorted(state.items()):
         if isinstance(t, Tensor):
             _hash_tensor(h, name, t)
     return h.hexdigest()
@@ -51,23 +55,14 @@ def task0_fingerprint(big: nn.Module) -> str:
     for path, m in big.named_modules():
         prefix = path + "." if path else ""
         if any(prefix.startswith(r) for r in replaced):
-            continue  # inside an expanded layer: its plain copy holds it
-        if isinstance(m, ExpandedLinear):
-            plain = m.to_linear(0)
-        elif isinstance(m, ExpandedConv2d):
-            plain = m.to_conv(0)
-        elif isinstance(m, _ExpandedBatchNorm):
-            plain = m.to_bn(0)
-        else:
+            continue  # inside a replaced module: its plain copy holds it
+        plain = plain_layer(m, 0)
+        if plain is None:
             m._save_to_state_dict(state, prefix, False)  # its own tensors, not its children's
             continue
         state.update(plain.state_dict(prefix=prefix))
         replaced.append(prefix)
-    h = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        if isinstance(t, Tensor):
-            _hash_tensor(h, name, t)
-    return h.hexdigest()
+    return _state_digest(state)
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 
 from .fuse import fuse_activations
 from .fold import fold_batchnorms
-from .graph import ExpansionError, hooked, node_shapes, swap_module as _swap
+from .graph import ExpansionError, hooked, in_other_mode, node_shapes, swap_module as _swap
 from .graph import target_name as _target_name, trace as _trace
 from .layout import width as _units
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
@@ -540,7 +540,7 @@ class _Plan:
         """A widened value's size read as a number (``x.size(d)``, ``x.shape[d]``): the
         features' size is the widened width when the model runs, so a computation with it
         would change the old outputs; other dimensions' sizes are fine.  ``dim`` None: the
-        whole shape, whose every use must then be an index."""
+        whole shape, whose every use must then be an index or a reshape's shape."""
         if dim is None:
             for user in node.users:
                 if (user.op == "call_function" and user.target is operator.getitem
@@ -935,10 +935,8 @@ def _merge_other_mode(plan: _Plan, model: nn.Module, width, new_classes, head, m
     """A forward with branches on ``self.training`` (an auxiliary head in training, say)
     calls other layers in the other mode: trace that mode too, and widen what either calls.
     The model's modes are put back as they were."""
-    modes = {m: m.training for m in model.modules()}
     other = "eval" if model.training else "training"
-    try:
-        model.train(not model.training)
+    with in_other_mode(model):
         graph = _trace(model)
         if [(n.op, n.target) for n in graph.nodes] == [(n.op, n.target)
                                                        for n in plan.graph.nodes]:
@@ -949,9 +947,6 @@ def _merge_other_mode(plan: _Plan, model: nn.Module, width, new_classes, head, m
         except ExpansionError as exc:
             raise ExpansionError(f"in {other} mode (the forward takes other paths there): "
                                  f"{exc}") from None
-    finally:
-        for m, training in modes.items():
-            m.training = training
     plan.merge(other_plan, other)
 
 
@@ -969,18 +964,28 @@ def _freeze_all_but_newest(model: nn.Module):
         p.requires_grad_(name.rpartition(".")[2] in _TRAINABLE_NAMES)
 
 
+def plain_layer(m: nn.Module, task: Optional[int]) -> Optional[nn.Module]:
+    """The plain module that stands for ``m`` in task ``task``'s model (None: all groups):
+    an nn.Linear, nn.Conv2d or BatchNorm for an expanded layer, the plain activation for a
+    fused stand-in (its layer, now plain, no longer applies it); None for other modules."""
+    if isinstance(m, ExpandedLinear):
+        return m.to_linear(task)
+    if isinstance(m, ExpandedConv2d):
+        return m.to_conv(task)
+    if isinstance(m, _ExpandedBatchNorm):
+        return m.to_bn(task)
+    if isinstance(m, FUSED_TYPES):
+        return m.unfused()
+    return None
+
+
 def _plain_copy(big: nn.Module, task: Optional[int]) -> nn.Module:
     model = copy.deepcopy(big)
     unwatch(model)
     for path, m in list(model.named_modules()):
-        if isinstance(m, ExpandedLinear):
-            model = _swap(model, path, m.to_linear(task))
-        elif isinstance(m, ExpandedConv2d):
-            model = _swap(model, path, m.to_conv(task))
-        elif isinstance(m, _ExpandedBatchNorm):
-            model = _swap(model, path, m.to_bn(task))
-        elif isinstance(m, FUSED_TYPES):  # its layer, now plain, no longer applies it
-            model = _swap(model, path, m.unfused())
+        plain = plain_layer(m, task)
+        if plain is not None:
+            model = _swap(model, path, plain)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -74,14 +74,22 @@ def module_pairs(model: nn.Module, match: PairMatcher) -> List[Tuple[str, str]]:
         return [pair for pair in (match(node, modules, calls) for node in graph.nodes)
                 if pair is not None]
     found = pairs(trace(model))
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.train(not model.training)
+    with in_other_mode(model):
         other = set(pairs(trace(model)))
+    return [pair for pair in found if pair in other]
+
+
+@contextlib.contextmanager
+def in_other_mode(model: nn.Module):
+    """``model`` in the other of training and eval mode while it lasts; then every module
+    in the mode it had."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(not model.training)
+    try:
+        yield model
     finally:
         for m, training in modes.items():
             m.training = training
-    return [pair for pair in found if pair in other]
 
 
 @contextlib.contextmanager

@@ -135,14 +135,13 @@ def check_rng_states(states, what: str) -> Dict[str, Tensor]:
     if not isinstance(states, dict):
         raise TrainingStateError(f"{what} is not a set of random states")
     for name, t in states.items():
-        ok = isinstance(t, Tensor) and t.dtype == torch.uint8 and t.dim() == 1
-        if ok and name == "cpu":
-            ok = t.numel() == torch.get_rng_state().numel()
-        elif ok:
-            ok = isinstance(name, str) and name.startswith("cuda:") \
-                and name[5:].isdigit()
-        if not ok:
+        if not (isinstance(t, Tensor) and t.dtype == torch.uint8 and t.dim() == 1):
             raise TrainingStateError(f"{what}: its random state {name!r} is malformed")
+        if name == "cpu":
+            if t.numel() != torch.get_rng_state().numel():
+                raise TrainingStateError(f"{what}: its CPU random state has the wrong size")
+        elif not (isinstance(name, str) and name.startswith("cuda:") and name[5:].isdigit()):
+            raise TrainingStateError(f"{what}: unknown random generator {name!r}")
     return states
 
 
@@ -324,18 +323,9 @@ class TrainingState:
         return sd
 
     def _check_rng(self) -> Dict[str, Tensor]:
-        states = {}
-        for name in self._rng_names:
-            t = self._tensors.get(f"rng/{name}")
-            if t is None or t.dtype != torch.uint8 or t.dim() != 1:
-                raise self._error(f"its random state {name!r} is malformed")
-            if name == "cpu":
-                if t.numel() != torch.get_rng_state().numel():
-                    raise self._error("its CPU random state has the wrong size")
-            elif not name.startswith("cuda:"):
-                raise self._error(f"unknown random generator {name!r}")
-            states[name] = t
-        return states
+        return check_rng_states({name: self._tensors.get(f"rng/{name}")
+                                 for name in self._rng_names},
+                                f"training checkpoint {self.path!r}")
 
     # ---- apply -----------------------------------------------------------------------
     def restore(self, model: nn.Module, optimizer=None, scheduler=None, rng: bool = True):

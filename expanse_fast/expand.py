@@ -30,6 +30,7 @@ from .graph import target_name as _target_name, trace as _trace
 from .layout import width as _units
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.fused import FUSED_TYPES
+from .nn.blocks import not_widenable
 from .nn.input_grad import unwatch, watch
 from .nn.norm import _ExpandedBatchNorm
 
@@ -309,6 +310,9 @@ class _Plan:
                              f"{why}")
 
     def _record(self, path: str, grow: Tuple[int, ...]):
+        why = not_widenable(self.modules[path])  # (first: a lazy layer's own hook is no user's)
+        if why:
+            raise ExpansionError(f"module {path!r}: {why}")
         if hooked(self.modules[path]):
             # the widened layer is a new module: the hooks would be lost, and they would see
             # wider tensors than they were written for
@@ -352,6 +356,10 @@ class _Plan:
         self._refuse(node, "unsupported graph node")
 
     def _visit_attr(self, node: fx.Node) -> Optional[_Feat]:
+        owner = str(node.target).rpartition(".")[0]
+        why = not_widenable(self.modules[owner]) if owner in self.modules else None
+        if why:  # a user's subclass of a layer: fx traced into its own forward
+            raise ExpansionError(f"module {owner!r}: {why}")
         self._refuse(node, "the forward reads a parameter or buffer directly; only Linear, "
                            "Conv2d and BatchNorm modules can be widened")
 

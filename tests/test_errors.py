@@ -554,3 +554,83 @@ def test_softmax_over_the_head_names_the_way_out():
     big = xf.expand(model, width=0.5, new_classes=0)  # the way out it names
     x = torch.randn(5, 6)
     assert torch.equal(big(x), model(x))
+
+
+# ---- layers that compute their own way, lazy layers ------------------------------------------
+class ScaledLinear(nn.Linear):
+    def forward(self, x):
+        return 10 * super().forward(x)
+
+
+class OwnConvForward(nn.Conv2d):
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight.abs(), bias)
+
+
+class ScaledBatchNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class QuantizableLinear(nn.Linear):  # a subclass that computes as nn.Linear does
+    pass
+
+
+def _qat_linear():
+    torch.backends.quantized.engine = torch.backends.quantized.supported_engines[-1]
+    q = torch.ao.quantization.get_default_qat_qconfig()
+    return torch.ao.nn.qat.Linear(6, 4, qconfig=q)
+
+
+@pytest.mark.parametrize("make, widen, overridden", [
+    (lambda: ScaledLinear(6, 4), lambda m: xf.ExpandedLinear.from_linear(m, 0, 2),
+     "ScaledLinear overrides Linear.forward"),
+    (_qat_linear, lambda m: xf.ExpandedLinear.from_linear(m, 0, 2),
+     "qat.modules.linear.Linear overrides Linear.forward"),
+    (lambda: OwnConvForward(3, 4, 3), lambda m: xf.ExpandedConv2d.from_conv(m, 0, 2),
+     "OwnConvForward overrides Conv2d._conv_forward"),
+    (lambda: ScaledBatchNorm(4), lambda m: xf.ExpandedBatchNorm2d.from_bn(m, 2),
+     "ScaledBatchNorm overrides _BatchNorm.forward"),
+], ids=["subclass", "qat", "conv", "batchnorm"])
+def test_layers_that_compute_their_own_way_are_refused(make, widen, overridden):
+    """A widened layer computes the plain layer's product: what a subclass adds (a scale, a
+    fake-quantized weight) would be dropped and the old outputs changed without a word."""
+    with pytest.raises(TypeError) as err:
+        widen(make())
+    _names_all(str(err.value), overridden, "old outputs", "plain")
+
+
+def test_a_subclass_that_computes_as_the_plain_layer_is_widened():
+    lin = QuantizableLinear(6, 4)
+    big = xf.ExpandedLinear.from_linear(lin, 0, 2)
+    x = torch.randn(3, 6)
+    assert torch.equal(big(x)[:, :4], lin(x))
+
+
+def test_expand_names_a_subclassed_layer_and_leaves_the_model():
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), ScaledLinear(6, 3))
+    before = _state(model)
+    with pytest.raises(ExpansionError) as err:
+        xf.expand(model, width=2, new_classes=1)
+    _names_all(str(err.value), "module '2'", "ScaledLinear overrides Linear.forward")
+    assert all(torch.equal(v, before[0][k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("make, widen", [
+    (lambda: nn.LazyLinear(4), lambda m: xf.ExpandedLinear.from_linear(m, 0, 2)),
+    (lambda: nn.LazyConv2d(4, 3), lambda m: xf.ExpandedConv2d.from_conv(m, 0, 2)),
+    (lambda: nn.LazyBatchNorm2d(), lambda m: xf.ExpandedBatchNorm2d.from_bn(m, 2)),
+], ids=["linear", "conv", "batchnorm"])
+def test_uninitialised_lazy_layers_are_named(make, widen):
+    with pytest.raises(TypeError, match=r"not initialised yet .*run one forward pass"):
+        widen(make())
+
+
+def test_expand_names_an_uninitialised_lazy_layer():
+    model = nn.Sequential(nn.LazyLinear(6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(ExpansionError, match=r"module '0': LazyLinear is not initialised yet"):
+        xf.expand(model, width=2)
+    model(torch.randn(2, 5))  # initialised: an nn.Linear now, widened as any other
+    big = xf.expand(model, width=2)
+    x = torch.randn(4, 5)
+    assert torch.equal(big(x)[:, :3], model(x))

@@ -20,6 +20,43 @@ def _frozen(t: Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+# What each plain layer computes with, by its kind: a subclass that overrides one of these
+# computes something else (a QAT Linear fake-quantizes its weight, a fused ConvBn2d runs its
+# BatchNorm), which a widened layer, computing the plain product, would silently drop.
+_COMPUTE_METHODS = {nn.Linear: ("forward",), nn.Conv2d: ("forward", "_conv_forward"),
+                    nn.modules.batchnorm._BatchNorm: ("forward",)}
+
+
+def own_computation(module: nn.Module) -> Optional[str]:
+    """Why ``module``, a subclass of a plain Linear, Conv2d or BatchNorm, cannot be widened
+    as that plain layer (it overrides how the layer computes), or None where it can."""
+    for base, methods in _COMPUTE_METHODS.items():
+        if isinstance(module, base):
+            own = [m for m in methods if getattr(type(module), m) is not getattr(base, m)]
+            if own:
+                kind = type(module)
+                return (f"{kind.__module__}.{kind.__qualname__} overrides "
+                        f"{base.__name__}.{own[0]}: a widened layer computes the plain "
+                        f"{base.__name__}'s product and would drop what it adds, changing the "
+                        f"old outputs; make it a plain {base.__name__} first")
+    return None
+
+
+def not_widenable(module: nn.Module) -> Optional[str]:
+    """Why a Linear, Conv2d or BatchNorm cannot be widened as it is, or None: a lazy layer
+    not yet initialised (no weights to freeze), or one that computes its own way."""
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+        return (f"{type(module).__name__} is not initialised yet (a lazy layer): run one "
+                "forward pass before widening it")
+    return own_computation(module)
+
+
+def refuse_not_widenable(module: nn.Module, caller: str) -> None:
+    why = not_widenable(module)
+    if why:
+        raise TypeError(f"{caller}: {why}")
+
+
 def init_new_rows(w: Tensor, fan_in: int) -> Tensor:
     """PyTorch's default init of a fresh layer with this fan-in (kaiming_uniform, a=sqrt(5))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0

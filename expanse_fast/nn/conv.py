@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..layout import Layout
-from .blocks import ExpandedBlocks, init_new_rows
+from .blocks import ExpandedBlocks, init_new_rows, refuse_not_widenable
 from .input_grad import skips_old_input_grad
 from .norm import ExpandedBatchNorm2d
 
@@ -100,6 +100,7 @@ class ExpandedConv2d(ExpandedBlocks):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        refuse_not_widenable(conv, "from_conv")
         depthwise = conv.groups > 1
         if depthwise and conv.groups != conv.in_channels:
             raise ValueError(f"ExpandedConv2d supports groups=1 or depthwise (groups == "

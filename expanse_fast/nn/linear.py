@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..layout import Layout
-from .blocks import ExpandedBlocks, init_new_rows
+from .blocks import ExpandedBlocks, init_new_rows, refuse_not_widenable
 from .input_grad import skips_old_input_grad
 
 
@@ -48,6 +48,7 @@ class ExpandedLinear(ExpandedBlocks):
         ``linear`` itself is left untouched)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        refuse_not_widenable(linear, "from_linear")
         w = linear.weight
         layer = cls((linear.in_features, new_in), (linear.out_features, new_out),
                     bias=linear.bias is not None, mode=mode, device=w.device, dtype=w.dtype)

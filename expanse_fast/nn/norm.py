@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import composite, ops
 from ..layout import check_groups, width
-from .blocks import _frozen
+from .blocks import _frozen, refuse_not_widenable
 from .input_grad import skips_old_input_grad
 
 
@@ -79,6 +79,7 @@ class _ExpandedBatchNorm(nn.Module):
         """Widen a trained BatchNorm by ``new`` channels; ``bn`` is left untouched."""
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
             raise TypeError(f"from_bn expects a BatchNorm module, got {type(bn).__name__}")
+        refuse_not_widenable(bn, "from_bn")
         if not bn.track_running_stats:
             raise ValueError("an expanded BatchNorm needs track_running_stats=True: the frozen "
                              "channels must keep their pretrained statistics")

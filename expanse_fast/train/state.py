@@ -288,6 +288,11 @@ class TrainingState:
                               "model's frozen-weight fingerprint differs")
         return pairs
 
+    def check_fits(self, model: nn.Module) -> None:
+        """Raise :class:`TrainingStateError` where the checkpoint does not fit ``model`` (its
+        trainable tensors, buffers and frozen weights); change nothing."""
+        self._check_model(model)
+
     def _optimizer_state(self, optimizer) -> dict:
         if not self.has_optimizer:
             raise self._error("it holds no optimizer state")

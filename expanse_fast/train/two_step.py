@@ -4,6 +4,8 @@ input noise or an augmentation on top)."""
 from __future__ import annotations
 
 import hashlib
+import math
+import numbers
 import os
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -28,16 +30,99 @@ CHECKPOINT_NAME = "two_step.safetensors"
 def _pair(data, name: str) -> Optional[Pair]:
     if data is None:
         return None
+    if isinstance(data, Tensor) or not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise TypeError(f"{name} must be an (X, y) pair, got {_kind(data)}")
     X, y = data
+    if not isinstance(X, Tensor):
+        X = torch.as_tensor(X)  # (a NumPy array or a list: the model reads tensors)
     if len(X) != len(y):
         raise ValueError(f"{name}: X has {len(X)} examples but y has {len(y)}")
     y = torch.as_tensor(y)
     # class indices: a float y would be truncated without a word
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise TypeError(f"{name}: y must hold integer class indices, got {y.dtype}")
+    if y.dim() != 1:
+        raise ValueError(f"{name}: y must be a 1-d tensor of class indices, got shape "
+                         f"{tuple(y.shape)}")
     if len(y) and int(y.min()) < 0:
         raise ValueError(f"{name}: y must hold class indices >= 0, got {int(y.min())}")
     return X, y.long()
+
+
+def _kind(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
+
+
+def _slice_text(head: Optional[slice]) -> str:
+    """``head`` as Python writes it in an index: ``:``, ``10:15``, ``::2``."""
+    if head is None:
+        return ":"
+    text = ":".join("" if v is None else str(v) for v in (head.start, head.stop))
+    return text + (f":{head.step}" if head.step is not None else "")
+
+
+def _whole(value, name: str, least: int):
+    """``value`` as an int >= ``least`` (not a bool, not a float), or a TypeError/ValueError
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_kind(value)} {value!r}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
+    return int(value)
+
+
+def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay):
+    """Refuse arguments of the wrong kind before anything runs."""
+    if not isinstance(epochs, (tuple, list)) or len(epochs) != 2:
+        raise ValueError(f"epochs must be a pair (step one, step two), got {epochs!r}")
+    if not isinstance(lr, (tuple, list)) or len(lr) != 2:
+        raise ValueError(f"lr must be a pair (step one, step two), got {lr!r}")
+    for k in range(2):
+        _whole(epochs[k], f"epochs[{k}]", 0)
+        rate = lr[k]
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) \
+                or not math.isfinite(rate) or rate < 0:
+            raise ValueError(f"lr[{k}] must be a finite number >= 0, got {rate!r}")
+    _whole(batch_size, "batch_size", 1)
+    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) \
+            or not math.isfinite(noise) or noise < 0:
+        raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise!r}")
+    for what, h in (("head", head), ("replay's head", replay[2] if replay else None)):
+        if h is not None and not isinstance(h, slice):
+            raise TypeError(f"{what} must be a slice of the model's outputs (e.g. "
+                            f"slice(10, 15)) or None, got {_kind(h)} {h!r}")
+    if callable(callbacks) or not isinstance(callbacks, (tuple, list)):
+        raise TypeError(f"callbacks must be a list of callables, got {_kind(callbacks)} (one "
+                        "callback: callbacks=[fn])")
+    for i, cb in enumerate(callbacks):
+        if not callable(cb):
+            raise TypeError(f"callbacks[{i}] is not callable: {_kind(cb)}")
+
+
+def _check_data_fits(model: nn.Module, device, named_sets) -> None:
+    """One eval-mode forward of each data set's first example, before any training: a
+    wrong width or dtype, or labels past the outputs ``head`` selects, are found before
+    step one has changed a weight (not after it, when step two's data first runs)."""
+    with torch.no_grad():
+        for name, X, y, head in named_sets:
+            if not len(X):
+                continue
+            try:
+                out = model(X[:1].to(device))
+            except Exception as exc:
+                raise ValueError(f"{name}: the model cannot take its examples of shape "
+                                 f"{tuple(X.shape[1:])} and dtype {X.dtype}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                raise ValueError(f"{name}: two_step needs logits of shape (batch, classes) "
+                                 f"from the model, got {_kind(out)}")
+            n_out = out[:, head if head is not None else slice(None)].shape[1]
+            top = int(y.max()) if len(y) else -1
+            if top >= n_out:
+                raise ValueError(f"{name}: label {top} is past the {n_out} outputs of "
+                                 f"model(X)[:, {_slice_text(head)}]")
 
 
 def _loss_and_correct(logits: Tensor, y: Tensor, group: Tensor, heads: Sequence[slice]):
@@ -230,20 +315,18 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
     changed.  Randomness drawn by ``augment`` from Python's or NumPy's generators is not
     restored: draw from torch.
     """
-    if len(epochs) != 2 or len(lr) != 2 or min(epochs) < 0:
-        raise ValueError(f"epochs and lr must be pairs (step one, step two), epochs >= 0; got "
-                         f"epochs={epochs}, lr={lr}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if replay is not None and (not isinstance(replay, (tuple, list)) or len(replay) != 3):
+        raise ValueError(f"replay must be (X, y, head), got {_kind(replay)}"
+                         + (f" of {len(replay)} items" if isinstance(replay, (tuple, list))
+                            else ""))
+    _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay)
     basics, full = _pair(basics, "basics"), _pair(full, "full")
     if epochs[0] and basics is None:
         raise ValueError("epochs[0] > 0 needs basics (or pass epochs=(0, e) for one step)")
     if epochs[1] and full is None:
         raise ValueError("epochs[1] > 0 needs full, the data of step two")
     if replay is not None:
-        if len(replay) != 3:
-            raise ValueError(f"replay must be (X, y, head), got {len(replay)} items")
-        replay = (*_pair(replay[:2], "replay"), replay[2])
+        replay = (*_pair(tuple(replay[:2]), "replay"), replay[2])
     # an epoch over no examples would report a loss and accuracy of 0 that measure nothing
     for k, (name, data) in enumerate((("basics", basics), ("full", full))):
         if epochs[k] and data is not None and len(data[1]) == 0:
@@ -286,6 +369,7 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
                                      f"malformed ({exc})") from exc
         if stopped:  # a callback had stopped that run: it is finished
             start = (3, 0)
+        resumed.check_fits(model)  # (before the data's check: the clearer refusal)
     fingerprint = frozen_fingerprint(model) if save_path else None
 
     def checkpoint(step, step_epochs, stopped, opt, sched):
@@ -309,40 +393,53 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
 
     modes = {m: m.training for m in model.modules()}  # each put back as it was, at the end
     fork = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=fork):
-        torch.manual_seed(seed + rank())  # noise, augmentation, dropout: new on each rank
-        for step, data, n_epochs, step_lr, step_noise, step_aug in steps:
-            first = start[1] if step == start[0] else 0
-            if not n_epochs or step < start[0] or first >= n_epochs:
-                continue
-            X, y = data
-            group = torch.zeros(len(X), dtype=torch.long)
-            if step == 2 and replay is not None:
-                Xr, yr, hr = replay
-                X, y = torch.cat([X, Xr.to(X)]), torch.cat([y, torch.as_tensor(yr).long()])
-                group = torch.cat([group, torch.ones(len(Xr), dtype=torch.long)])
-                heads_now = heads + [hr if hr is not None else slice(None)]
-            else:
-                heads_now = heads
-            X, y, group = X.to(device), y.to(device), group.to(device)
-            opt = torch.optim.AdamW(params, lr=step_lr, weight_decay=weight_decay)
-            sched = lr_schedule(opt, step, n_epochs) if lr_schedule is not None else None
-            if resumed is not None:
-                # mid-step: this step's optimizer and scheduler continue; at a step's start
-                # they are fresh, as in a run never interrupted
-                resumed.restore(model, opt if first else None, sched if first else None)
-                own_rng(resumed.progress)
-                history[:] = saved_history
-                resumed = None
-            stop = _run_epochs(train_model, opt, X, y, group, heads_now, n_epochs, step,
-                               batch_size, step_noise, step_aug, eval_fn, list(callbacks),
-                               history, progress, f"{desc}: " if desc else "", seed, first,
-                               sched, checkpoint if save_path else None)
-            if stop:
-                break
-    if resumed is not None:  # the saved run had finished: its weights and history
-        resumed.restore(model, rng=False)
-        history[:] = saved_history
-    for m, training in modes.items():
-        m.training = training
+    try:
+        with torch.random.fork_rng(devices=fork):
+            model.eval()
+            _check_data_fits(model, device, [
+                (name, d[0], d[1], h) for name, d, h, n in (
+                    ("basics", basics, head, epochs[0]), ("full", full, head, epochs[1]),
+                    ("replay", replay[:2] if replay else None,
+                     replay[2] if replay else None, epochs[1]))
+                if d is not None and n])
+            torch.manual_seed(seed + rank())  # noise, augmentation, dropout: new on each rank
+            for step, data, n_epochs, step_lr, step_noise, step_aug in steps:
+                first = start[1] if step == start[0] else 0
+                if not n_epochs or step < start[0] or first >= n_epochs:
+                    continue
+                X, y, group, heads_now = _step_data(data, step, replay, heads, device)
+                opt = torch.optim.AdamW(params, lr=step_lr, weight_decay=weight_decay)
+                sched = lr_schedule(opt, step, n_epochs) if lr_schedule is not None else None
+                if resumed is not None:
+                    # mid-step: this step's optimizer and scheduler continue; at a step's
+                    # start they are fresh, as in a run never interrupted
+                    resumed.restore(model, opt if first else None, sched if first else None)
+                    own_rng(resumed.progress)
+                    history[:] = saved_history
+                    resumed = None
+                stop = _run_epochs(train_model, opt, X, y, group, heads_now, n_epochs, step,
+                                   batch_size, step_noise, step_aug, eval_fn, list(callbacks),
+                                   history, progress, f"{desc}: " if desc else "", seed, first,
+                                   sched, checkpoint if save_path else None)
+                if stop:
+                    break
+        if resumed is not None:  # the saved run had finished: its weights and history
+            resumed.restore(model, rng=False)
+            history[:] = saved_history
+    finally:
+        for m, training in modes.items():  # (after an error too)
+            m.training = training
     return history
+
+
+def _step_data(data, step, replay, heads, device):
+    """(X, y, group, heads) of one step on ``device``: step two's data with the replay set
+    shuffled in (group 1, scored on its own head)."""
+    X, y = data
+    group = torch.zeros(len(X), dtype=torch.long)
+    if step == 2 and replay is not None:
+        Xr, yr, hr = replay
+        X, y = torch.cat([X, Xr.to(X)]), torch.cat([y, torch.as_tensor(yr).long()])
+        group = torch.cat([group, torch.ones(len(Xr), dtype=torch.long)])
+        heads = heads + [hr if hr is not None else slice(None)]
+    return X.to(device), y.to(device), group.to(device), heads

@@ -209,7 +209,7 @@ def test_errors():
     frozen = _mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         two_step(frozen, None, _data(5), epochs=(0, 1), progress=False)
-    with pytest.raises(ValueError, match="pairs"):
+    with pytest.raises(ValueError, match=r"epochs must be a pair \(step one, step two\)"):
         two_step(_mlp(), None, _data(5), epochs=(1,), progress=False)
     with pytest.raises(ValueError, match="examples"):
         two_step(_mlp(), None, (torch.randn(4, 7), torch.zeros(3, dtype=torch.long)),
@@ -237,6 +237,75 @@ def test_errors():
         two_step(model, None, _data(5), epochs=(0, 1), progress=False, replay=(X, X))
     after = _state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    ({"epochs": 3}, ValueError, r"epochs must be a pair .*got 3"),
+    ({"epochs": (0, 1.5)}, TypeError, r"epochs\[1\] must be an int, got float 1.5"),
+    ({"epochs": (0, True)}, TypeError, r"epochs\[1\] must be an int, got bool True"),
+    ({"epochs": (-1, 1)}, ValueError, r"epochs\[0\] must be >= 0, got -1"),
+    ({"lr": (1e-3, float("nan"))}, ValueError, r"lr\[1\] must be a finite number >= 0"),
+    ({"lr": 0.1}, ValueError, r"lr must be a pair"),
+    ({"batch_size": 16.0}, TypeError, r"batch_size must be an int, got float 16.0"),
+    ({"batch_size": 0}, ValueError, r"batch_size must be >= 1, got 0"),
+    ({"noise": float("nan")}, ValueError, r"noise must be a finite standard deviation >= 0"),
+    ({"noise": -0.5}, ValueError, r"noise must be a finite standard deviation >= 0"),
+    ({"head": 1}, TypeError, r"head must be a slice of the model's outputs .* got int 1"),
+    ({"callbacks": print}, TypeError, r"callbacks must be a list of callables.*\[fn\]"),
+    ({"callbacks": [1]}, TypeError, r"callbacks\[0\] is not callable"),
+    ({"full": torch.zeros(4, 7)}, TypeError, r"full must be an \(X, y\) pair, got a tensor"),
+    ({"full": (torch.randn(4, 7), torch.zeros(4, 1, dtype=torch.long))}, ValueError,
+     r"full: y must be a 1-d tensor of class indices, got shape \(4, 1\)"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_settings_of_the_wrong_kind_are_refused_before_training(kwargs, error, pattern):
+    model = _mlp().eval()
+    before = _state(model)
+    args = dict(basics=None, full=_data(5), epochs=(0, 1), progress=False)
+    args.update(kwargs)
+    with pytest.raises(error, match=pattern):
+        two_step(model, **args)
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    assert not model.training
+
+
+@pytest.mark.parametrize("bad_full, pattern", [
+    (lambda: (torch.randn(6, 7), torch.tensor([0, 1, 2, 3, 4, 5])),
+     r"full: label 5 is past the 3 outputs of model\(X\)\[:, :\]"),
+    (lambda: (torch.randn(6, 9), torch.zeros(6, dtype=torch.long)),
+     r"full: the model cannot take its examples of shape \(9,\)"),
+    (lambda: (torch.randn(6, 7, dtype=torch.float64), torch.zeros(6, dtype=torch.long)),
+     r"full: the model cannot take its examples .* dtype torch.float64"),
+], ids=["label past the outputs", "width", "dtype"])
+def test_data_that_does_not_fit_is_refused_before_step_one_trains(bad_full, pattern):
+    """Step two's data was first seen after step one had trained: the error came with the
+    weights changed.  Each set now runs once through the model (eval mode) first."""
+    model = _mlp().eval()
+    before = _state(model)
+    with pytest.raises(ValueError, match=pattern):
+        two_step(model, _data(5), bad_full(), epochs=(2, 1), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    assert not model.training  # its mode is put back after an error too
+    with pytest.raises(ValueError, match=r"replay: label 4 is past the 2 outputs of "
+                                         r"model\(X\)\[:, 1:3\]"):
+        two_step(model, _data(5), _data(5), epochs=(1, 1), progress=False,
+                 replay=(torch.randn(3, 7), torch.tensor([0, 1, 4]), slice(1, 3)))
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_numpy_data_is_taken():
+    X, y = _data(8)
+    history = two_step(_mlp(), None, (X.numpy(), y.numpy()), epochs=(0, 1), progress=False)
+    assert len(history) == 1
+
+
+def test_the_mode_is_put_back_when_a_callback_raises():
+    model = _mlp().eval()
+
+    def boom(record, m):
+        raise RuntimeError("callback failed")
+    with pytest.raises(RuntimeError, match="callback failed"):
+        two_step(model, None, _data(5), epochs=(0, 1), progress=False, callbacks=[boom])
+    assert not any(m.training for m in model.modules())
 
 
 def test_an_empty_data_set_is_refused_where_it_would_train():

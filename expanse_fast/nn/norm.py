@@ -66,13 +66,20 @@ class _ExpandedBatchNorm(nn.Module):
         self.weight_frozen = _frozen(weight) if weight is not None else None
         self.bias_frozen = _frozen(bias) if bias is not None else None
 
-    def _set_new(self, n: int, kw):
-        self.register_buffer("running_mean_new", torch.zeros(n, **kw))
-        self.register_buffer("running_var_new", torch.ones(n, **kw))
-        self.register_buffer("num_batches_tracked_new", torch.tensor(0, dtype=torch.long,
-                                                                     device=kw["device"]))
-        self.weight_new = nn.Parameter(torch.ones(n, **kw)) if self.affine else None
-        self.bias_new = nn.Parameter(torch.zeros(n, **kw)) if self.affine else None
+    def _new_tensors(self, n: int, kw) -> dict:
+        """The tensors of ``n`` fresh channels (made before any is set: an allocation that
+        fails leaves the layer as it was)."""
+        return {"running_mean_new": torch.zeros(n, **kw), "running_var_new": torch.ones(n, **kw),
+                "num_batches_tracked_new": torch.tensor(0, dtype=torch.long,
+                                                        device=kw["device"]),
+                "weight_new": nn.Parameter(torch.ones(n, **kw)) if self.affine else None,
+                "bias_new": nn.Parameter(torch.zeros(n, **kw)) if self.affine else None}
+
+    def _set_new(self, n: int, kw, made: Optional[dict] = None):
+        made = self._new_tensors(n, kw) if made is None else made
+        for name in ("running_mean_new", "running_var_new", "num_batches_tracked_new"):
+            self.register_buffer(name, made[name])
+        self.weight_new, self.bias_new = made["weight_new"], made["bias_new"]
 
     @classmethod
     def from_bn(cls, bn: nn.modules.batchnorm._BatchNorm, new: int = 0):
@@ -118,9 +125,10 @@ class _ExpandedBatchNorm(nn.Module):
         weight = d("weight") if self.affine else None
         bias = d("bias") if self.affine else None
         kw = {"device": self.running_mean_new.device, "dtype": self.running_mean_new.dtype}
+        made = self._new_tensors(int(new), kw)
         self._set_frozen(d("running_mean"), d("running_var"), weight, bias)
         self.groups = self.groups + (new,)
-        self._set_new(int(new), kw)
+        self._set_new(int(new), kw, made)
         return self
 
     # ---- compute -------------------------------------------------------------------------

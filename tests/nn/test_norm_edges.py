@@ -89,3 +89,24 @@ def test_from_bn_takes_its_own_kind_of_batchnorm():
     with pytest.raises(TypeError, match=r"ExpandedBatchNorm1d.from_bn expects an "
                                         r"nn.BatchNorm1d, got BatchNorm2d"):
         xf.ExpandedBatchNorm1d.from_bn(nn.BatchNorm2d(4), 2)
+
+
+def test_a_failed_expand_leaves_the_batchnorm_as_it_was(monkeypatch):
+    """The frozen statistics and the groups were set before the new channels' tensors
+    were made: an allocation that failed (out of memory) left a layer that could not run."""
+    bn = xf.ExpandedBatchNorm1d.from_bn(nn.BatchNorm1d(4), 2)
+    x = torch.randn(5, 6)
+    bn.eval()
+    before = bn(x)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+    monkeypatch.setattr(torch, "ones", out_of_memory)
+    with pytest.raises(RuntimeError, match="can't allocate"):
+        bn.expand(3)
+    monkeypatch.undo()
+    assert bn.groups == (4, 2)
+    assert {k: v.shape for k, v in bn.state_dict().items()} == {k: v.shape for k, v in
+                                                                state.items()}
+    assert torch.equal(bn(x), before)

@@ -441,9 +441,16 @@ class _Plan:
             return self._flatten(node, m.start_dim, m.end_dim)
         has_params = any(True for _ in m.parameters(recurse=True))
         if has_params:
+            buffers = [n for n, _ in m.named_buffers()]
+            if not self._widened_input(node) and not buffers:
+                # it reads what is never widened (the data, an Embedding's tokens): its
+                # output stays as it is, and its parameters are frozen with the rest
+                return _DATA
             raise ExpansionError(f"module {path!r} ({type(m).__name__}) holds parameters and "
                                  "is not a Linear, Conv2d or BatchNorm: expand() cannot widen it "
-                                 "exactly")
+                                 "exactly" + (f" (nor keep its buffers {buffers[:3]} fixed: "
+                                              "they may change in training mode)"
+                                              if not self._widened_input(node) else ""))
         if isinstance(m, _PASS_MODULES):
             return src
         for kind, trailing in _SPATIAL_MODULES.items():
@@ -731,13 +738,19 @@ class _Plan:
                     continue  # broadcast along the features
             gate = any(g.cur == 1 for _, g in args)
             self._refuse(node, "its operands carry different feature groups: "
-                               + " and ".join(_groups(g) for _, g in args)
+                               + " and ".join(_groups(g) + self._producer(a) for a, g in args)
                                + ("; a gate of width 1 broadcast over the features must stay "
                                   "unwidened: give its layer no new units (width={name: 0} "
                                   "for it) and pass example_inputs" if gate else
                                   "; give both branches the same width"))
         return replace(widened[0], axis=axis, rank=rank,
                        sure=all(f.sure for f in widened))
+
+    def _producer(self, node: fx.Node) -> str:
+        """" from module 'enc.emb' (Embedding)" where a module's call made ``node``."""
+        if node.op != "call_module":
+            return ""
+        return f" from module {node.target!r} ({type(self.modules[node.target]).__name__})"
 
     def _move(self, node: fx.Node, op) -> Optional[_Feat]:
         """An op that only reorders or adds dimensions (transpose, permute, unsqueeze, .T):

@@ -168,3 +168,52 @@ def test_width_forms():
     assert big[4].out_groups == (5, 2)
     assert xf.expand(base, new_classes=0)[4].out_groups == (5, 0)
     assert xf.expand(base, new_classes=1, head="2")[2].out_groups == (80, 1)
+
+
+class TokensThenMLP(nn.Module):
+    """Parameterised modules that read only the data (an Embedding of tokens, a LayerNorm
+    of the raw features): nothing they compute is widened, so they stay as they are."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm = nn.Embedding(10, 4), nn.LayerNorm(6)
+        self.fc1, self.fc2 = nn.Linear(2 * 4 + 6, 12), nn.Linear(12, 3)
+
+    def forward(self, tokens, feats):
+        h = torch.cat([self.emb(tokens).flatten(1), self.norm(feats)], dim=1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def test_parameterised_modules_on_the_data_stay_frozen_and_exact(tmp_path):
+    base = TokensThenMLP().eval()
+    tokens, feats = torch.randint(0, 10, (16, 2)), torch.randn(16, 6)
+    y = torch.randint(0, 5, (16,))
+    ref = base(tokens, feats)
+    big = xf.expand(base, width=4, new_classes=2)
+    assert type(big.emb) is nn.Embedding and type(big.norm) is nn.LayerNorm
+    assert not any(p.requires_grad for p in [*big.emb.parameters(), *big.norm.parameters()])
+    assert big.fc1.in_groups == (14, 0)
+    frozen = _frozen_state(big)
+    opt = torch.optim.AdamW([p for p in big.parameters() if p.requires_grad], lr=1e-2,
+                            weight_decay=0.1)
+    big.train()
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.cross_entropy(big(tokens, feats), y).backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in big.named_parameters() if n in frozen)
+    assert torch.equal(xf.source_model(big, task=0)(tokens, feats), ref)
+    torch.testing.assert_close(big.eval()(tokens, feats)[:, :3], ref, rtol=0, atol=1e-6)
+    xf.save_expansion(big, tmp_path / "e.safetensors")
+    again = xf.load_expansion(base, tmp_path / "e.safetensors")
+    assert torch.equal(again(tokens, feats), big(tokens, feats))
+
+
+def test_a_module_with_buffers_on_the_data_is_refused_by_name():
+    """Its buffers may change in training mode (running statistics), which would move the
+    old task: refused as before, the buffers named."""
+    model = nn.Sequential(nn.InstanceNorm1d(4, affine=True, track_running_stats=True),
+                          nn.Flatten(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2))
+    with pytest.raises(xf.ExpansionError, match=r"module '0' \(InstanceNorm1d\) holds "
+                                                r"parameters.*buffers \['running_mean'"):
+        xf.expand(model, width=2)

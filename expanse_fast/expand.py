@@ -219,8 +219,28 @@ class _Plan:
         self.feat: Dict[fx.Node, Optional[_Feat]] = {}
         for node in self.graph.nodes:
             self.feat[node] = self._checked(node, self._visit(node))
+        self._check_head_is_an_output()
         if check_names:
             self.check_width_names()
+
+    def _check_head_is_an_output(self):
+        """The head's new outputs are classes: a widened layer after it (head= naming a
+        hidden layer) would take them as new features and widen the model's output too."""
+        seen, todo = set(), [n for n in self.graph.nodes
+                             if n.op == "call_module" and n.target == self.head]
+        while todo:
+            for user in todo.pop().users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if user.op == "call_module" and user.target in self.grow and isinstance(
+                        self.modules[user.target], (nn.Linear, nn.Conv2d, ExpandedLinear,
+                                                    ExpandedConv2d)):
+                    raise ExpansionError(
+                        f"head={self.head!r} feeds {user.target!r} "
+                        f"({type(self.modules[user.target]).__name__}), a layer widened after "
+                        "it: the head must be an output layer; name the model's last layer")
+                todo.append(user)
 
     def check_width_names(self):
         if not isinstance(self.width, Mapping):

@@ -167,7 +167,29 @@ def test_width_forms():
     assert big[2].out_groups == (80, 9) and big[4].in_groups == (80, 9)
     assert big[4].out_groups == (5, 2)
     assert xf.expand(base, new_classes=0)[4].out_groups == (5, 0)
-    assert xf.expand(base, new_classes=1, head="2")[2].out_groups == (80, 1)
+    # head= names an output layer: a hidden one would widen the layers after it with the
+    # new "classes" and the model's output with them
+    with pytest.raises(xf.ExpansionError, match=r"head='2' feeds '4' \(Linear\)"):
+        xf.expand(base, new_classes=1, head="2")
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body, self.digits, self.letters = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return self.digits(h), self.letters(h)
+
+
+def test_head_names_one_of_several_outputs():
+    base = TwoHeads().eval()
+    x = torch.randn(5, 6)
+    big = xf.expand(base, width=2, new_classes=2, head="digits")
+    assert big.digits.out_groups == (3, 2) and big.letters.out_groups == (4, 2)
+    digits, letters = big(x)
+    assert torch.equal(digits[:, :3], base(x)[0]) and torch.equal(letters[:, :4], base(x)[1])
 
 
 class TokensThenMLP(nn.Module):

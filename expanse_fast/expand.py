@@ -169,7 +169,8 @@ def _new_width(width: Width, name: str, current: int) -> int:
         raise TypeError("width must be a float, an int or a {module_name: int} dict")
     if isinstance(width, numbers.Integral):
         return _units(width, "width")
-    if isinstance(width, float):
+    if isinstance(width, numbers.Real):  # (a float, or NumPy's float32 and the like)
+        width = float(width)
         if not (math.isfinite(width) and width >= 0):
             raise ValueError(f"width must be a finite fraction >= 0, got {width}")
         return max(1, round(width * current)) if width > 0 else 0
@@ -757,14 +758,23 @@ class _Plan:
                 if at < 0 or shape[at] == 1:
                     continue  # broadcast along the features
             gate = any(g.cur == 1 for _, g in args)
+            unknown = any(g.cur is None and not g.widened for _, g in args)
             self._refuse(node, "its operands carry different feature groups: "
-                               + " and ".join(_groups(g) + self._producer(a) for a, g in args)
+                               + " and ".join(self._operand(a, g) for a, g in args)
                                + ("; a gate of width 1 broadcast over the features must stay "
                                   "unwidened: give its layer no new units (width={name: 0} "
                                   "for it) and pass example_inputs" if gate else
-                                  "; give both branches the same width"))
+                                  "" if unknown else "; give both branches the same width"),
+                         shapes_could_help=unknown)
         return replace(widened[0], axis=axis, rank=rank,
                        sure=all(f.sure for f in widened))
+
+    def _operand(self, node: fx.Node, f: _Feat) -> str:
+        """An operand for a message: its groups and what made it."""
+        if f.cur is None and not f.widened:
+            made = self._producer(node)
+            return (f"the value{made}" if made else repr(node.name)) + ", of unknown shape"
+        return _groups(f) + self._producer(node)
 
     def _producer(self, node: fx.Node) -> str:
         """" from module 'enc.emb' (Embedding)" where a module's call made ``node``."""
@@ -933,8 +943,19 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
         of a conv map last (transpose, permute, reshape).
     """
     from .backend_choice import BACKENDS
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expand() widens an nn.Module, got {type(model).__name__}")
+    lone = {nn.Linear: "ExpandedLinear.from_linear(layer, new_in, new_out)",
+            nn.Conv2d: "ExpandedConv2d.from_conv(layer, new_in, new_out)",
+            nn.modules.batchnorm._BatchNorm: "ExpandedBatchNorm2d.from_bn(layer, new)"}
+    for kind, way in lone.items():
+        if isinstance(model, kind):
+            raise TypeError(f"expand() widens the layers inside a model; for a lone "
+                            f"{type(model).__name__} use xf.{way}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {type(fuse).__name__} {fuse!r}")
     if mode not in ("isolated", "coupled"):
         raise ValueError(f"mode must be 'isolated' or 'coupled', got {mode!r}")
     new_classes = _units(new_classes, "new_classes")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections import Counter
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -148,11 +149,21 @@ def node_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
                     f"{why}") from exc
             if isinstance(value, torch.Tensor):
                 shapes[node] = tuple(value.shape)
+            elif isinstance(value, (bool, int, float)):
+                shapes[node] = ()  # a Python number broadcasts as a 0-d tensor does
             return value
 
     fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    with mode, torch.no_grad(), _through_custom_ops():
-        recorder = _Recorder(fx.GraphModule(fake_model, graph))
-        recorder.extra_traceback = False  # (our message names the node already)
-        recorder.run(*fakes)
+    # (the fake-tensor mode logs each failed op's traceback as an error before raising it:
+    # the ExpansionError below says what failed, where)
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with mode, torch.no_grad(), _through_custom_ops():
+            recorder = _Recorder(fx.GraphModule(fake_model, graph))
+            recorder.extra_traceback = False  # (our message names the node already)
+            recorder.run(*fakes)
+    finally:
+        fake_log.setLevel(level)
     return shapes

@@ -634,3 +634,50 @@ def test_expand_names_an_uninitialised_lazy_layer():
     big = xf.expand(model, width=2)
     x = torch.randn(4, 5)
     assert torch.equal(big(x)[:, :3], model(x))
+
+
+@pytest.mark.parametrize("model, pattern", [
+    (nn.Linear(8, 3), r"for a lone Linear use xf\.ExpandedLinear\.from_linear"),
+    (nn.Conv2d(3, 4, 3), r"for a lone Conv2d use xf\.ExpandedConv2d\.from_conv"),
+    (None, r"expand\(\) widens an nn\.Module, got NoneType"),
+    (lambda x: x, r"expand\(\) widens an nn\.Module, got function"),
+], ids=["linear", "conv", "none", "function"])
+def test_expand_of_what_is_no_model_names_the_way(model, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        xf.expand(model, width=2)
+
+
+def test_expand_takes_numpy_fractions_and_refuses_a_non_bool_fuse():
+    np = pytest.importorskip("numpy")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert xf.expand(model, width=np.float32(0.25))[0].out_groups == (8, 2)
+    with pytest.raises(TypeError, match=r"fuse must be True or False, got str 'no'"):
+        xf.expand(model, fuse="no")
+
+
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x, scale=1.0):
+        return self.fc2(torch.relu(self.fc1(x)) * scale)
+
+
+def test_a_python_number_argument_broadcasts_with_example_inputs():
+    """A number the forward takes beside the tensor: with example_inputs it is known to be a
+    scalar (it broadcasts over the features); without, the refusal says to pass them."""
+    model = Scaled().eval()
+    with pytest.raises(ExpansionError, match=r"'scale', of unknown shape.*pass example_inputs"):
+        xf.expand(model, width=2)
+    x = torch.randn(4, 6)
+    big = xf.expand(model, width=2, example_inputs=(x, 2.0))
+    assert torch.equal(big(x, 3.0)[:, :3], model(x, 3.0))
+
+
+def test_bad_example_inputs_log_nothing_before_the_error(capfd):
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(ExpansionError, match=r"example_inputs: running the model on them "
+                                             r"failed at node"):
+        xf.expand(model, width=2, example_inputs=torch.randn(1, 7))
+    assert "Traceback" not in capfd.readouterr().err

@@ -226,6 +226,70 @@ def test_hooked_modules_are_left_apart(where):
         assert torch.equal(seen[0], big.stem(X).detach())
 
 
+def _hook(where, seen):
+    """A hook of kind ``where`` that records what it sees (and a regulariser's term)."""
+    if where == "forward":
+        return lambda m, i, o: seen.append(o)
+    if where == "pre":
+        return lambda m, i: seen.append(i[0])
+    return lambda m, gi, go: seen.append(go[0])
+
+
+@pytest.mark.parametrize("where", ["forward", "pre", "backward"])
+@pytest.mark.parametrize("on", ["conv", "bn", "global"])
+def test_hooks_put_on_a_folded_pair_afterwards_see_the_unfolded_pair(where, on):
+    """A hook added after the fold (Grad-CAM's backward hook, an activation store or
+    regulariser) saw the folded pair: a conv output whose new channels the BatchNorm then
+    overwrote in place, and a backward hook failed ('a view ... modified inplace').  Such
+    calls now run unfolded, as fuse=False computes them; without hooks the fold is back."""
+    folded, plain = _pair(_base(9), width=0.25, new_classes=2)
+    seen_f, seen_p = [], []
+    handles = []
+    for model, seen in ((folded, seen_f), (plain, seen_p)):
+        module = {"conv": model.stem, "bn": model.bn, "global": None}[on]
+        hook = _hook(where, seen)
+        if on == "global":
+            register = {"forward": nn.modules.module.register_module_forward_hook,
+                        "pre": nn.modules.module.register_module_forward_pre_hook,
+                        "backward": nn.modules.module.register_module_full_backward_hook}
+            handles.append(register[where](hook))
+        else:
+            register = {"forward": module.register_forward_hook,
+                        "pre": module.register_forward_pre_hook,
+                        "backward": module.register_full_backward_hook}
+            handles.append(register[where](hook))
+        try:
+            model.train()
+            y = model(X)
+            if where == "forward" and on != "global":
+                y = y + 1e-3 * seen[0].square().mean()  # a regulariser on what it stored
+            y.square().sum().backward()
+        finally:
+            handles.pop().remove()
+    assert folded.stem.folded_batchnorm is folded.bn  # still folded: the calls ran unfolded
+    assert len(seen_f) == len(seen_p) > 0
+    for a, b in zip(seen_f, seen_p):
+        assert torch.equal(a.detach(), b.detach())
+    for (n, p), (_, q) in zip(folded.named_parameters(), plain.named_parameters()):
+        assert _same(p.grad, q.grad), n
+
+
+def test_the_fold_is_back_once_the_hook_is_gone(monkeypatch):
+    from expanse_fast.nn import norm
+    folded = xf.expand(_base(9), width=0.25, new_classes=2).train()
+    calls = []
+    real = norm._ExpandedBatchNorm._newest_only
+    monkeypatch.setattr(norm._ExpandedBatchNorm, "_newest_only",
+                        lambda self, x: calls.append(1) or real(self, x))
+    handle = folded.stem.register_forward_hook(lambda m, i, o: None)
+    folded(X)
+    unfolded_calls = len(calls)
+    handle.remove()
+    folded(X)
+    assert len(calls) == unfolded_calls + len(_folded_bns(folded))
+    assert unfolded_calls == len(_folded_bns(folded)) - 1  # only the hooked pair unfolded
+
+
 def test_group_mismatch_is_left_apart_and_refused():
     torch.manual_seed(8)
     conv = xf.ExpandedConv2d.from_conv(nn.Conv2d(2, 4, 3, padding=1), 0, 2)  # out (4, 2)

@@ -11,7 +11,7 @@ from .. import ops
 from ..layout import Layout
 from .blocks import ExpandedBlocks, init_new_rows, refuse_not_widenable
 from .input_grad import skips_old_input_grad
-from .norm import ExpandedBatchNorm2d
+from .norm import ExpandedBatchNorm2d, fold_in_force
 
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's
@@ -170,6 +170,7 @@ class ExpandedConv2d(ExpandedBlocks):
             raise ValueError(f"cannot fold a BatchNorm with channel groups {tuple(bn.groups)} "
                              f"into a conv with output groups {tuple(self.out_groups)}")
         object.__setattr__(self, "_folded_bn", bn)  # not a submodule
+        object.__setattr__(bn, "_folding_conv", self)
         bn.frozen_folded = True
         return self
 
@@ -178,12 +179,13 @@ class ExpandedConv2d(ExpandedBlocks):
         bn = self._folded_bn
         if bn is not None:
             bn.frozen_folded = False
+            object.__setattr__(bn, "_folding_conv", None)
             object.__setattr__(self, "_folded_bn", None)
         return bn
 
     def _bn_args(self) -> dict:
         bn = self._folded_bn
-        if bn is None:
+        if bn is None or not fold_in_force(self, bn):
             return {}
         if tuple(bn.groups) != tuple(self.out_groups):
             raise RuntimeError(

@@ -28,11 +28,33 @@ from .blocks import _frozen, refuse_not_widenable
 from .input_grad import skips_old_input_grad
 
 
+def _has_hooks(m: Optional[nn.Module]) -> bool:
+    return m is not None and bool(m._forward_hooks or m._forward_pre_hooks
+                                  or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    g = torch.nn.modules.module
+    return any(getattr(g, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
+
+
+def fold_in_force(conv: Optional[nn.Module], bn: nn.Module) -> bool:
+    """Whether a folded conv -> BatchNorm pair runs folded in this call.  A hook on either
+    module (put there after the fold, or a global one) must see what the unfolded pair
+    computes: the conv's raw output, a BatchNorm output that is a tensor of its own (a
+    backward hook wraps it; the folded BatchNorm writes into its input).  Both modules ask
+    this at each call and get the same answer, so such a call runs unfolded."""
+    return not (_has_hooks(conv) or _has_hooks(bn) or _global_hooks())
+
+
 class _ExpandedBatchNorm(nn.Module):
     _expected_dims: Tuple[int, ...] = ()
     # Set by fold_batchnorms(): the ExpandedConv2d before this layer already applied the
     # frozen channels' eval-mode map, so forward normalises the newest channels only.
     frozen_folded: bool = False
+    _folding_conv: Optional[nn.Module] = None  # (set with frozen_folded: not a submodule)
     input_grad_watch = None  # set by input_grad.watch() (see ExpandedBlocks)
 
     def __init__(self, groups: Sequence[int], eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -150,7 +172,7 @@ class _ExpandedBatchNorm(nn.Module):
                 "place, which torch.func transforms (grad, vmap, jacrev, ...) refuse, as for "
                 "nn.BatchNorm: call model.eval() before the transform")
         self._check_frozen()
-        if self.frozen_folded:
+        if self.frozen_folded and fold_in_force(self._folding_conv, self):
             return self._newest_only(x)
         n_f, n_new = self.running_mean_frozen.shape[0], self.groups[-1]
         if not n_new:

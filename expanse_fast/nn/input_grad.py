@@ -72,9 +72,17 @@ class InputGradWatch:
         elif _in_backward():  # a checkpointed module recomputed: its own call's note
             self.needed = self.recall(first)
         else:  # the outermost watched call: the model, or a part called apart
-            self.needed = torch.is_grad_enabled() and any(
-                isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
+            self.needed = torch.is_grad_enabled() and (
+                any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
+                or self._pre_hooks_after(module))
         self.depth += 1
+
+    def _pre_hooks_after(self, module: nn.Module) -> bool:
+        """Whether a forward pre-hook runs after this one on ``module``: one a user put there
+        after expand() may hand forward another input (a trainable perturbation, say) than
+        the one seen here, so the old features' gradient is formed, to be safe."""
+        hooks = list(module._forward_pre_hooks.values())
+        return any(h is self for h in hooks) and hooks[-1] is not self
 
 
 class _CallEnd:

@@ -224,6 +224,29 @@ def test_a_trainable_module_in_front_gets_its_gradient():
     torch.testing.assert_close(front.weight.grad, plain[0].weight.grad, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_a_pre_hook_put_on_the_model_afterwards_gets_its_gradient(name):
+    """A forward pre-hook registered on the widened model after expand() (a trainable
+    perturbation of its input) ran after the watch, which had seen the input before it: the
+    perturbation's gradient was zero.  The watch now forms the old gradient when a pre-hook
+    runs after it, and skips it again once the hook is gone."""
+    _, big, shape = _widened(name)
+    plain = xf.merge(big).eval()
+    torch.manual_seed(6)
+    x = torch.randn(*shape, dtype=torch.float64)
+    grads = []
+    for model in (big, plain):
+        delta = torch.zeros(shape[1:], dtype=torch.float64, requires_grad=True)
+        handle = model.register_forward_pre_hook(lambda m, args: (args[0] + delta,))
+        model(x).square().sum().backward()
+        handle.remove()
+        grads.append(delta.grad)
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+    layers = _layers(big)
+    assert all(_decisions(big, layers, x))  # no hook: skipped again
+
+
 def test_one_watch_per_model_shared_by_its_layers():
     _, big, shape = _widened("resnet")
     (watch,) = _watches(big)

@@ -215,6 +215,15 @@ class _ExpandedBatchNorm(nn.Module):
             return torch.cat([f if everything else f.detach(), n if keep_graph else n.detach()])
         return cat("running_mean").detach(), cat("running_var").detach(), cat("weight"), cat("bias")
 
+    def reset_running_stats(self) -> None:
+        """Reset the newest channels' running statistics, as ``nn.BatchNorm`` resets all of
+        its own; the frozen channels keep their pretrained ones (an earlier task needs
+        them)."""
+        with torch.no_grad():
+            self.running_mean_new.zero_()
+            self.running_var_new.fill_(1)
+            self.num_batches_tracked_new.zero_()
+
     def _momentum(self) -> float:
         """This step's momentum for the newest channels' statistics (counts the step)."""
         momentum = self.momentum

@@ -110,3 +110,27 @@ def test_a_failed_expand_leaves_the_batchnorm_as_it_was(monkeypatch):
     assert {k: v.shape for k, v in bn.state_dict().items()} == {k: v.shape for k, v in
                                                                 state.items()}
     assert torch.equal(bn(x), before)
+
+
+def test_reset_running_stats_resets_only_the_new_channels_and_recomputes_them():
+    """What update_bn would do after SWA/EMA (it passes expanded BatchNorms by): reset,
+    a cumulative average over the data, and the new channels' statistics are the data's."""
+    torch.manual_seed(3)
+    bn = xf.ExpandedBatchNorm1d.from_bn(nn.BatchNorm1d(4).eval(), 3)
+    with torch.no_grad():
+        bn.running_mean_frozen.normal_()
+        bn.running_mean_new.normal_()
+    frozen = {k: v.clone() for k, v in bn.state_dict().items() if k.endswith("_frozen")}
+    bn.reset_running_stats()
+    assert torch.equal(bn.running_mean_new, torch.zeros(3))
+    assert torch.equal(bn.running_var_new, torch.ones(3))
+    assert int(bn.num_batches_tracked_new) == 0
+    data = [torch.randn(16, 7) * 2 + 1 for _ in range(4)]
+    bn.momentum = None
+    bn.train()
+    with torch.no_grad():
+        for batch in data:
+            bn(batch)
+    whole = torch.cat(data)[:, 4:]
+    torch.testing.assert_close(bn.running_mean_new, whole.mean(0), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, frozen[k]) for k, v in bn.state_dict().items() if k in frozen)

@@ -353,11 +353,16 @@ _Conv2dFunction = _eager_function("_Conv2dFunction", _conv2d_impl, _conv2d_setup
                                   _conv2d_autograd_backward, _EAGER_TENSORS)
 
 
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+
+
 def _call(op, function, *args) -> Tensor:
     # (torch.jit.trace cannot record a Function whose argument is a tuple of lists: it
-    # records the custom op, which a saved trace can run too)
+    # records the custom op, which a saved trace can run too; and a dispatch mode, as
+    # FlopCounterMode or FakeTensorMode, sees the custom op as one unit, with its FLOP
+    # formula and fake implementation, not the probes and slices inside)
     if (USE_EAGER_FUNCTIONS and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()):
+            and not torch.jit.is_tracing() and not _dispatch_modes()):
         return function.apply(*args[:_EAGER_TENSORS], args[_EAGER_TENSORS:])
     return op(*args)
 
@@ -631,3 +636,6 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
             raise ValueError(f"{what}: {name} requires grad, but a folded BatchNorm's frozen "
                              f"channels are fixed{TRAIN_ALL_HINT}")
 
+
+
+from . import op_flops  # noqa: E402,F401  (the custom ops' FLOP formulas, for FlopCounterMode)

@@ -681,3 +681,30 @@ def test_bad_example_inputs_log_nothing_before_the_error(capfd):
                                              r"failed at node"):
         xf.expand(model, width=2, example_inputs=torch.randn(1, 7))
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"kernel_size": 2.5}, r"kernel_size must be an int >= 1 or a pair of them, got 2\.5"),
+    ({"kernel_size": (2.7, 3)}, r"kernel_size must be .* got \(2\.7, 3\)"),
+    ({"kernel_size": 3, "stride": (1.9, 1)}, r"stride must be .* got \(1\.9, 1\)"),
+    ({"kernel_size": 3, "dilation": 0}, r"dilation must be an int >= 1"),
+    ({"kernel_size": 3, "padding": -1}, r"padding must be an int >= 0"),
+    ({"kernel_size": 3, "padding": "full"}, r"padding must be 'same', 'valid'"),
+    ({"kernel_size": (3, 3, 3)}, r"kernel_size must be"),
+    ({"kernel_size": True}, r"kernel_size must be"),
+    ({"kernel_size": 3, "padding": "same", "stride": 2}, r"padding='same' needs stride 1"),
+], ids=lambda v: str(v) if isinstance(v, dict) else None)
+def test_conv_constructor_refuses_what_is_no_geometry(kwargs, pattern):
+    """Floats were truncated (a kernel of 2.7 became 2) and 'same' failed in int()."""
+    with pytest.raises(ValueError, match=pattern):
+        xf.ExpandedConv2d((4, 2), (3, 2), **kwargs)
+
+
+def test_conv_constructor_resolves_same_and_valid_as_nn_conv2d():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 7, 9)
+    for padding in ("same", "valid"):
+        layer = xf.ExpandedConv2d((4, 2), (3, 2), kernel_size=(3, 5), padding=padding,
+                                  dilation=(2, 1))
+        plain = nn.Conv2d(6, 5, (3, 5), padding=padding, dilation=(2, 1))
+        assert layer(x).shape == plain(x).shape

@@ -1,6 +1,7 @@
 """ExpandedConv2d: a drop-in widened ``nn.Conv2d`` (dense or depthwise)."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -17,21 +18,40 @@ from .norm import ExpandedBatchNorm2d, fold_in_force
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")  # nn.Conv2d's
 
 
-def _pair(v) -> Tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
+def _whole_pair(v, name: str, least: int) -> Tuple[int, int]:
+    """``v`` (an int or a pair of ints, each >= ``least``) as a pair; refused, never
+    truncated, otherwise (a kernel size of 2.7 is no kernel size)."""
+    whole = lambda a: isinstance(a, numbers.Integral) and not isinstance(a, bool)  # noqa: E731
+    vals = (v,) if whole(v) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if vals is None or len(vals) not in (1, 2) or not all(whole(a) and a >= least
+                                                          for a in vals):
+        raise ValueError(f"ExpandedConv2d: {name} must be an int >= {least} or a pair of "
+                         f"them, got {v!r}")
+    return (int(vals[0]), int(vals[-1]))
+
+
+def _same_padding(kernel_size, dilation) -> Tuple[int, int]:
+    """The explicit padding of padding='same' (stride 1)."""
+    total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    if any(t % 2 for t in total):
+        raise ValueError("ExpandedConv2d: padding='same' with an even effective kernel pads "
+                         "asymmetrically; use an explicit padding")
+    return (total[0] // 2, total[1] // 2)
+
+
+def _resolved_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        return _same_padding(kernel_size, dilation)
+    if isinstance(padding, str):
+        raise ValueError(f"ExpandedConv2d: padding must be 'same', 'valid', an int or a pair, "
+                         f"got {padding!r}")
+    return _whole_pair(padding, "padding", 0)
 
 
 def _explicit_padding(conv: nn.Conv2d) -> Tuple[int, int]:
-    pad = conv.padding
-    if pad == "valid":
-        return (0, 0)
-    if pad == "same":
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total):
-            raise ValueError("ExpandedConv2d: padding='same' with an even effective kernel pads "
-                             "asymmetrically; use an explicit padding")
-        return (total[0] // 2, total[1] // 2)
-    return _pair(pad)
+    return _resolved_padding(conv.padding, conv.kernel_size, conv.dilation)
 
 
 class ExpandedConv2d(ExpandedBlocks):
@@ -60,9 +80,13 @@ class ExpandedConv2d(ExpandedBlocks):
                              f"{padding_mode!r}")
         self.padding_mode = padding_mode
         lay = Layout(tuple(in_groups), tuple(out_groups), mode)
-        kh, kw = _pair(kernel_size)
+        kh, kw = _whole_pair(kernel_size, "kernel_size", 1)
         self.kernel_size = (kh, kw)
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.stride = _whole_pair(stride, "stride", 1)
+        self.dilation = _whole_pair(dilation, "dilation", 1)
+        self.padding = _resolved_padding(padding, self.kernel_size, self.dilation)
+        if padding == "same" and self.stride != (1, 1):
+            raise ValueError("ExpandedConv2d: padding='same' needs stride 1 (as in nn.Conv2d)")
         self.depthwise = bool(depthwise)
         if self.depthwise:
             self.depth_multiplier = self._check_depthwise(lay)

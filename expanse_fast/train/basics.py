@@ -1,6 +1,7 @@
 """The "basics" of two-step training: per class, the most prototypical examples."""
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional
 
 import torch
@@ -36,16 +37,27 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if per_class < 1:
-        raise ValueError(f"per_class must be >= 1, got {per_class}")
-    y = torch.as_tensor(y)
-    if isinstance(X, torch.Tensor):
-        y = y.to(X.device)  # scores, labels and indices on the data's device (CUDA too)
+    for name, value in (("per_class", per_class), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not isinstance(X, Tensor):
+        X = torch.as_tensor(X)  # (a NumPy array or a list)
+    y = torch.as_tensor(y).to(X.device)  # scores, labels, indices on the data's device
+    if y.dim() != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"y must be a 1-d tensor of integer class indices, got "
+                         f"{y.dtype} of shape {tuple(y.shape)}")
     if len(X) != len(y):
         raise ValueError(f"X has {len(X)} examples but y has {len(y)}")
+    if not len(X):
+        return torch.zeros(0, dtype=torch.long, device=X.device)  # no class, no basics
     if method == "confidence":
         if model is None:
             raise ValueError('method="confidence" needs a model')
+        if head is not None and not isinstance(head, slice):
+            raise TypeError(f"head must be a slice of the model's outputs or None, got "
+                            f"{type(head).__name__}")
         was_training = model.training
         model.eval()
         try:
@@ -54,6 +66,11 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
             model.train(was_training)
         if head is not None:
             logits = logits[:, head]
+        top = int(y.max())
+        if top >= logits.shape[1] or int(y.min()) < 0:
+            raise ValueError(f"label {top if top >= logits.shape[1] else int(y.min())} is not "
+                             f"one of the {logits.shape[1]} outputs of model(X)"
+                             f"{'[:, head]' if head is not None else ''}")
         # Negated so that "smaller is more prototypical" holds for every method.
         score = -logits.float().log_softmax(1).gather(1, y.long()[:, None]).squeeze(1)
     else:

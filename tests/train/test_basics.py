@@ -113,3 +113,33 @@ def test_a_non_finite_example_is_named(bad):
     X[7, 1] = bad
     with pytest.raises(ValueError, match="example 7 holds a NaN or an infinity"):
         select_basics(X, y, per_class=2)
+
+
+@pytest.mark.parametrize("kwargs, error, pattern", [
+    ({"y": torch.nn.functional.one_hot(torch.arange(12) % 3)}, ValueError,
+     r"y must be a 1-d tensor of integer class indices, got torch.int64 of shape \(12, 3\)"),
+    ({"y": (torch.arange(12) % 3).float()}, ValueError, r"integer class indices, got "
+                                                        r"torch.float32"),
+    ({"per_class": 2.5}, TypeError, r"per_class must be an int, got float 2.5"),
+    ({"per_class": True}, TypeError, r"per_class must be an int, got bool True"),
+    ({"per_class": 0}, ValueError, r"per_class must be >= 1, got 0"),
+    ({"method": "confidence", "model": torch.nn.Linear(5, 2)}, ValueError,
+     r"label 2 is not one of the 2 outputs of model\(X\)"),
+    ({"method": "confidence", "model": torch.nn.Linear(5, 3), "head": slice(5, 8)},
+     ValueError, r"label \d is not one of the 0 outputs of model\(X\)\[:, head\]"),
+], ids=["one-hot", "float labels", "fractional count", "bool count", "zero count",
+        "label past the outputs", "head past the outputs"])
+def test_arguments_of_the_wrong_kind_are_named(kwargs, error, pattern):
+    args = dict(X=torch.randn(12, 5), y=torch.arange(12) % 3)
+    args.update(kwargs)
+    with pytest.raises(error, match=pattern):
+        select_basics(**args)
+
+
+def test_arrays_and_empty_data_are_taken():
+    X, y = torch.randn(12, 5), torch.arange(12) % 3
+    assert torch.equal(select_basics(X.numpy(), y.numpy(), per_class=2),
+                       select_basics(X, y, per_class=2))
+    assert select_basics(X.tolist(), y.tolist(), per_class=2).shape == (6,)
+    empty = select_basics(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0,) and empty.dtype == torch.long

@@ -9,6 +9,7 @@ float32 tensors with pixels in [0, 1] and int64 labels.
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -51,8 +52,9 @@ def _need(module: str, package: str):
 def stratified_split(y: np.ndarray, test_fraction: float = 0.2, seed: int = SPLIT_SEED
                      ) -> Tuple[np.ndarray, np.ndarray]:
     """(train, test) indices, sorted, with ``test_fraction`` of every class in test."""
-    if not 0 < test_fraction < 1:  # (also refuses nan)
-        raise ValueError(f"test_fraction must lie strictly between 0 and 1, got "
+    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) \
+            or not 0 < test_fraction < 1:  # (also refuses nan)
+        raise ValueError(f"test_fraction must be a number strictly between 0 and 1, got "
                          f"{test_fraction!r}")
     rng = np.random.RandomState(seed)
     train, test = [], []
@@ -68,6 +70,12 @@ def stratified_split(y: np.ndarray, test_fraction: float = 0.2, seed: int = SPLI
 def _make(X: np.ndarray, y: np.ndarray, scale: float, image_shape, name: str,
           test_fraction: float) -> Dataset:
     tr, te = stratified_split(y, test_fraction)
+    for part, name in ((te, "test"), (tr, "training")):
+        missing = sorted(set(np.unique(y).tolist()) - set(np.unique(y[part]).tolist()))
+        if missing:  # (a data set scored or trained on nothing of a class, without a word)
+            c = missing[0]
+            raise ValueError(f"test_fraction={test_fraction} leaves class {c} of "
+                             f"{int((y == c).sum())} examples with no {name} example")
     X = torch.as_tensor(np.asarray(X, dtype=np.float64) / scale, dtype=torch.float32)
     y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     tr, te = torch.as_tensor(tr), torch.as_tensor(te)

@@ -82,5 +82,17 @@ def test_a_missing_package_is_named(monkeypatch):
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1.5, float("nan")])
 def test_a_test_fraction_outside_0_1_is_refused(fraction):
-    with pytest.raises(ValueError, match="test_fraction must lie strictly between 0 and 1"):
+    with pytest.raises(ValueError, match="test_fraction must be a number strictly between 0 "
+                                         "and 1"):
+        data.digits(test_fraction=fraction)
+
+
+@pytest.mark.parametrize("fraction, pattern", [
+    (0.001, r"test_fraction=0.001 leaves class 0 of 178 examples with no test example"),
+    (0.999, r"test_fraction=0.999 leaves class 0 of 178 examples with no training example"),
+    ("0.2", r"must be a number strictly between 0 and 1, got '0.2'"),
+])
+def test_a_split_that_leaves_a_class_empty_is_refused(fraction, pattern):
+    """digits(0.001) gave an empty test set, scored as nothing without a word."""
+    with pytest.raises(ValueError, match=pattern):
         data.digits(test_fraction=fraction)

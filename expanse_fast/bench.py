@@ -885,8 +885,11 @@ def main(args) -> int:
     if args.max_rounds < args.min_rounds:
         raise ValueError(f"--max-rounds {args.max_rounds} is below --min-rounds "
                          f"{args.min_rounds}")
-    device = torch.device(args.device)
-    if device.type not in ("cpu", "cuda"):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # (torch's own message lists twenty device types)
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA GPU")

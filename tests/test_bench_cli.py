@@ -69,6 +69,7 @@ def test_table(capsys):
 @pytest.mark.parametrize("argv,match", [
     (["--min-rounds", "3", "--max-rounds", "2"], "--max-rounds 2 is below --min-rounds 3"),
     (["--device", "meta"], "--device must be cpu or cuda"),
+    (["--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
 ])
 def test_bad_settings_are_one_line_errors(argv, match, capsys):
     assert main(["bench", "--size", "tiny"] + argv) == 1

@@ -416,7 +416,8 @@ def _joint_rows(x: Tensor, w_old: Tensor, b_old: Maybe, w_new: Tensor, b_new: Ma
             if groups == 1:
                 return _conv(xx, w_old, b_old, stride, padding, dilation)
             c_old = w_old.shape[0] * xx.shape[1] // w.shape[0]  # depthwise: first channels
-            return _conv(xx[:, :c_old], w_old, b_old, stride, padding, dilation, c_old)
+            return _conv(_first_channels(xx, c_old), w_old, b_old, stride, padding, dilation,
+                         c_old)
 
         def both(px):  # (see _STRIDED_EXACT: one call's data may round alike by chance)
             return (_conv(px, w, b, stride, padding, dilation, groups)[:, :w_old.shape[0]],
@@ -509,7 +510,8 @@ def _conv2d_parts(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b
                             groups=x.shape[1])
             if y is not None:
                 return [y], True
-        y_old = _conv(x[:, :c_f], w_frozen, b_frozen, stride, padding, dilation, groups=c_f) \
+        y_old = _conv(_first_channels(x, c_f), w_frozen, b_frozen, stride, padding, dilation,
+                      groups=c_f) \
             if c_f else None
         y_new = _conv(x[:, c_f:], w_new, b_new, stride, padding, dilation, groups=c_new) \
             if c_new else None
@@ -523,8 +525,9 @@ def _conv2d_parts(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b
     joint = None
     if blocks and not coupled:
         r0, r1, k = blocks[-1]
-        joint = _joint_rows(x[:, :k], *_frozen_block(w_frozen, b_frozen, r0, r1, k),
-                            w_new[:, :k], b_new, stride, padding, dilation, 1)
+        joint = _joint_rows(_first_channels(x, k),
+                            *_frozen_block(w_frozen, b_frozen, r0, r1, k), w_new[:, :k], b_new,
+                            stride, padding, dilation, 1)
         if joint is not None:
             blocks.pop()
             if k < x.shape[1]:  # the newest filters' columns over the inputs after k
@@ -533,8 +536,8 @@ def _conv2d_parts(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b
                                               dilation))
     parts = []
     for r0, r1, k in blocks:
-        y = _conv(x[:, :k], *_frozen_block(w_frozen, b_frozen, r0, r1, k), stride, padding,
-                  dilation)
+        y = _conv(_first_channels(x, k), *_frozen_block(w_frozen, b_frozen, r0, r1, k), stride,
+                  padding, dilation)
         if coupled:
             y = y + _conv(x[:, i_f:], w_couple[r0:r1], None, stride, padding, dilation)
         parts.append(y)
@@ -543,6 +546,17 @@ def _conv2d_parts(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b
     elif w_new.shape[0] or not parts:
         parts.append(_conv(x, w_new, b_new, stride, padding, dilation))
     return parts, joint is not None
+
+
+def _first_channels(x: Tensor, k: int) -> Tensor:
+    """x's first k channels for a frozen block's convolution.  One channel out of a
+    channels_last map is a slice aten makes dense its own way, and then convolves along
+    another path than the pretrained conv's dense 1-channel input (1 ulp off, seen on CPU):
+    that slice is made dense first (one channel: a small copy)."""
+    s = x[:, :k]
+    if k == 1 and x.shape[1] > 1 and not s.is_contiguous():
+        s = s.contiguous()
+    return s
 
 
 def _depthwise_frozen_in(frozen_k_ends: Sequence[int]) -> int:

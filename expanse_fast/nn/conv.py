@@ -54,6 +54,19 @@ def _explicit_padding(conv: nn.Conv2d) -> Tuple[int, int]:
     return _resolved_padding(conv.padding, conv.kernel_size, conv.dilation)
 
 
+def _channels_last_strides(shape) -> Tuple[int, ...]:
+    o, c, kh, kw = shape
+    return (c * kh * kw, 1, kw * c, c)
+
+
+def _channels_last_strided(w: Tensor) -> bool:
+    """Whether ``w`` has exactly channels_last strides, and they are not NCHW's (a weight of
+    one input channel, the same bytes either way, is told apart by them)."""
+    return (w.dim() == 4 and w.numel() > 0
+            and tuple(w.stride()) == _channels_last_strides(w.shape)
+            and tuple(w.stride()) != tuple(torch.empty(w.shape, device="meta").stride()))
+
+
 class ExpandedConv2d(ExpandedBlocks):
     """A Conv2d whose channels are split into groups, staircase as ExpandedLinear.
 
@@ -136,7 +149,10 @@ class ExpandedConv2d(ExpandedBlocks):
                     bias=conv.bias is not None, mode=mode, depthwise=depthwise,
                     device=w.device, dtype=w.dtype, padding_mode=conv.padding_mode)
         with torch.no_grad():
-            layer.weight_frozen.copy_(w)
+            # the pretrained weight's own strides (a channels_last model's): aten picks its
+            # convolution by them, and a 1-channel filter in either layout is the same bytes
+            # under other strides, convolved another way (1 ulp off)
+            layer.weight_frozen.data = w.detach().clone(memory_format=torch.preserve_format)
             if conv.bias is not None:
                 layer.bias_frozen.copy_(conv.bias)
         return layer
@@ -254,6 +270,10 @@ class ExpandedConv2d(ExpandedBlocks):
                          groups=lay.in_features if self.depthwise else 1, bias=b is not None,
                          padding_mode=self.padding_mode, device=w.device, dtype=w.dtype)
         with torch.no_grad():
+            if _channels_last_strided(self.weight_frozen):  # as the pretrained weight was
+                conv.weight.data = torch.empty_strided(
+                    conv.weight.shape, _channels_last_strides(conv.weight.shape),
+                    dtype=w.dtype, device=w.device)
             conv.weight.copy_(w)
             if b is not None:
                 conv.bias.copy_(b)

@@ -129,3 +129,36 @@ def test_input_gradient_keeps_channels_last(depthwise):
     layer(x).square().sum().backward()
     assert x.grad.is_contiguous(memory_format=torch.channels_last)
     assert torch.count_nonzero(x.grad[:, :6]) == 0 and torch.count_nonzero(x.grad[:, 6:]) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_pretrained_channel_in_a_channels_last_model_stays_exact(dtype):
+    """A channels_last model whose conv reads one channel: aten convolved the 1-channel slice
+    of the widened channels_last input along another path (1 ulp off), and source_model's
+    plain conv lost the pretrained weight's channels_last strides (the same bytes, convolved
+    another way).  Both now keep the pretrained bits."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 1, 3, padding=1), nn.ReLU(), nn.Conv2d(1, 4, 3, padding=1),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 3)).to(dtype).eval()
+    model = model.to(memory_format=torch.channels_last)
+    big = xf.expand(model, width=1, new_classes=0, backend="torch").eval()
+    src = xf.source_model(big, task=0).eval()
+    assert src[2].weight.stride() == model[2].weight.stride() == (9, 1, 3, 1)
+    for n in (1, 2, 3, 8):
+        x = torch.randn(n, 3, 8, 8, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            want = model(x)
+            assert torch.equal(src(x), want), n
+            assert torch.equal(big(x)[:, :3], want), n
+
+
+@pytest.mark.parametrize("o0", [1, 8])
+def test_a_one_channel_slice_of_a_channels_last_input_convolves_as_the_pretrained(o0):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, o0, 3, padding=1)
+    layer = xf.ExpandedConv2d.from_conv(conv, new_in=2, new_out=2)
+    layer.backend = "torch"
+    x0 = torch.randn(4, 1, 8, 8)
+    xe = torch.cat([x0, torch.randn(4, 2, 8, 8)], 1).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(layer(xe)[:, :o0], conv(x0))

@@ -175,6 +175,27 @@ def _auto_choice(device: torch.device, op: str, backward: bool = False,
     return "torch"
 
 
+def input_grad_backend(device: torch.device, op: str, pinned: str = "") -> Optional[ModuleType]:
+    """The backend that computes ``op``'s input gradient apart from its weight gradients,
+    or None (one backend computes all): ``EXPANSE_FAST_AUTO_CONV2D_DX`` names it for the
+    conv's calls that resolve "auto" (an experiment the GPU run times: the weight gradient
+    in cuDNN, the input gradient in a kernel that writes the widened gradient, zeros
+    included, in one pass; the linear layer's cuBLAS backward needs no such split)."""
+    if (pinned or _current()) != "auto" or op not in _DX_KEYS:
+        return None
+    name = _getenv(_DX_KEYS[op])
+    if name not in BACKENDS[1:]:
+        return None
+    ok, why = _usable(name, device)
+    if not ok:
+        raise RuntimeError(f"{_DX_KEYS[op]}={name}: backend {name!r} is not usable on {device}: "
+                           f"{why}")
+    return backend_module(name)
+
+
+_DX_KEYS = {"conv2d": "EXPANSE_FAST_AUTO_CONV2D_DX"}  # (the conv's only: see above)
+
+
 def describe_auto(device: torch.device) -> List[str]:
     """What "auto" runs on ``device``, one line per op (``expanse-fast info``)."""
     device = torch.device(device)
@@ -189,5 +210,7 @@ def describe_auto(device: torch.device) -> List[str]:
             forward = _override(op, False) + " (set by the environment)"
         if _override(op, True) is not None:
             backward = _override(op, True) + " (set by the environment)"
+        if op in _DX_KEYS and _getenv(_DX_KEYS[op]) in BACKENDS[1:]:
+            backward += f", its input gradient {_getenv(_DX_KEYS[op])} (set by the environment)"
         lines.append(f"{op}: forward {forward}; backward {backward}")
     return lines

@@ -18,7 +18,7 @@ CUDA = torch.device("cuda")  # a device object only: the rule's inputs, no GPU n
 
 def _clear_overrides(monkeypatch):
     for op in ("LINEAR", "CONV2D"):
-        for suffix in ("", "_FORWARD", "_BACKWARD"):
+        for suffix in ("", "_FORWARD", "_BACKWARD", "_DX"):
             monkeypatch.delenv(f"EXPANSE_FAST_AUTO_{op}{suffix}", raising=False)
 
 
@@ -147,6 +147,41 @@ def test_forward_in_triton_backward_in_torch_matches(seed, monkeypatch):
     for (name, a), b in zip(big.named_parameters(), twin.parameters()):
         if a.requires_grad:
             torch.testing.assert_close(a.grad, b.grad, msg=name, **tol)
+
+
+@pytest.mark.parametrize("need_old", [False, True])
+def test_conv_input_gradient_from_another_backend(need_old, monkeypatch):
+    """EXPANSE_FAST_AUTO_CONV2D_DX=triton (an experiment the GPU run times): "auto" takes the
+    conv's input gradient from the Triton backend and its weight gradients from the torch
+    backend, each asked for its part only; the gradients are those of the torch backend."""
+    if not backend_choice.availability("triton", DEVICE)[0]:
+        pytest.skip("Triton is not usable here")
+    import expanse_fast as xf
+    from torch import nn
+    _clear_overrides(monkeypatch)
+    torch.manual_seed(4)
+    layer = xf.ExpandedConv2d.from_conv(nn.Conv2d(5, 4, 3, padding=1), 3, 2).to(DEVICE)
+    layer.skip_old_input_grad = not need_old
+    x = torch.randn(2, 8, 5, 7, device=DEVICE)
+    dy = torch.randn(2, 6, 5, 7, device=DEVICE)
+    grads = []
+    for dx_env in (None, "triton"):
+        if dx_env:
+            monkeypatch.setenv("EXPANSE_FAST_AUTO_CONV2D_DX", dx_env)
+        calls = {}
+        _spy(monkeypatch, calls)
+        xi = x.clone().requires_grad_()
+        with xf.use_backend("auto"):
+            layer(xi).backward(dy)
+        grads.append((xi.grad, layer.weight_new.grad, layer.bias_new.grad))
+        layer.weight_new.grad = layer.bias_new.grad = None
+        assert (("triton", "backward") in {k[:2] for k in calls}) == bool(dx_env), calls
+    tol = dict(rtol=1e-4, atol=1e-5) if DEVICE.type == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grads[1][0], grads[0][0], **tol)
+    assert torch.equal(grads[1][1], grads[0][1]) and torch.equal(grads[1][2], grads[0][2])
+    monkeypatch.setenv("EXPANSE_FAST_AUTO_CONV2D_DX", "triton")
+    assert "its input gradient triton (set by the environment)" in " ".join(
+        backend_choice.describe_auto(DEVICE))
 
 
 def test_describe_auto_says_what_runs(triton_usable, monkeypatch):

@@ -151,3 +151,29 @@ def test_a_row_that_failed_its_check_meets_no_target(plugin):
     ok = dict(linear[1], check="ok 4.9e-03")
     got = {t["what"]: t for t in plugin._targets({"linear": {"rows": [linear[0], ok]}})}
     assert got["x masked full-width layer"]["impl"] == "expanse/triton"
+
+
+def _both_ops(**suffixes):
+    return {f"EXPANSE_FAST_AUTO_{op}{s}": v for op in ("LINEAR", "CONV2D")
+            for s, v in suffixes.items()}
+
+
+@pytest.mark.parametrize("name, env, global_choice", [
+    ("auto/dx:triton", {"EXPANSE_FAST_AUTO_CONV2D_DX": "triton"}, "auto"),
+    ("triton+torch", _both_ops(_FORWARD="triton", _BACKWARD="torch"), "auto"),
+    ("torch", _both_ops(**{"": "torch"}), "torch"),
+    ("auto", {}, "auto"),
+])
+def test_backend_scopes_steer_auto_and_put_the_environment_back(plugin, monkeypatch, name,
+                                                                  env, global_choice):
+    """The GPU run's rows per backend: "auto/dx:triton" (the conv's input gradient from the
+    Triton kernel, its weight gradients from cuDNN) sets only the conv's _DX variable."""
+    import expanse_fast as xf
+    keys = list(_both_ops(**{s: "" for s in ("", "_FORWARD", "_BACKWARD", "_DX")}))
+    for k in keys:
+        monkeypatch.delenv(k, raising=False)
+    with plugin.Ctx.backend(None, name):
+        assert {k: os.environ[k] for k in keys if k in os.environ} == env
+        assert xf.backend_choice.get_backend() == global_choice
+    assert not [k for k in keys if k in os.environ]
+    assert xf.backend_choice.get_backend() == "auto"

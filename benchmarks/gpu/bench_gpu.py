@@ -503,16 +503,21 @@ class Ctx:
         """Run under backend ``name``: ``use_backend`` and, for any backward that resolves
         "auto" (a layer pinned to it), the ``EXPANSE_FAST_AUTO_<OP>`` variables.  A name
         "fwd+bwd" (say "triton+torch") runs "auto" steered per direction instead
-        (``EXPANSE_FAST_AUTO_<OP>_FORWARD`` / ``_BACKWARD``)."""
+        (``EXPANSE_FAST_AUTO_<OP>_FORWARD`` / ``_BACKWARD``); a suffix "/dx:<backend>" (say
+        "auto/dx:triton") takes the input gradient from that backend
+        (``EXPANSE_FAST_AUTO_CONV2D_DX``: the conv's)."""
         import contextlib
         import expanse_fast as xf
 
+        name, _, dx = name.partition("/dx:")
         fwd, _, bwd = name.partition("+")
         values = {}
         for op in ("LINEAR", "CONV2D"):
             key = "EXPANSE_FAST_AUTO_" + op
-            values.update({key: None if bwd else name, key + "_FORWARD": fwd if bwd else None,
+            values.update({key: None if bwd or name == "auto" else name,
+                           key + "_FORWARD": fwd if bwd else None,
                            key + "_BACKWARD": bwd or None})
+        values["EXPANSE_FAST_AUTO_CONV2D_DX"] = dx or None  # (the conv's only)
 
         @contextlib.contextmanager
         def scope():
@@ -770,7 +775,7 @@ def sec_linear(ctx):
 
 
 def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
-                         triton_variant=None, mixed=False):
+                         triton_variant=None, mixed=False, dx_split=False):
     """Every backend after the first (torch, measured before the peers), the compiled
     extension last, so that a faulty kernel's sticky CUDA error ends the section and not the
     other rows; then the extension on its WMMA path.  ``triton_variant`` (a _measure_triton_*
@@ -784,7 +789,8 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
     variants = os.environ.get("EXPANSE_BENCH_VARIANTS", "0") == "1"
     if triton_variant is not None and variants:
         triton_variant(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
-    _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref, mixed)
+    _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref, mixed,
+                  dx_split)
     _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k,
                       v_f, v_fb, f_fwd, f_fb, ref)
     if variants:
@@ -804,14 +810,19 @@ def _expanse_host_profiles(ctx, backends, variant, exp_fb):
 
 
 def _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
-                  mixed=False):
+                  mixed=False, dx_split=False):
     """``backend="auto"``, the package's default (backend_choice: the Triton forward of a
     large fp16/bf16 conv on CUDA, the torch backend otherwise).  ``mixed``: also the Triton
     forward with the torch backward (``triton+torch``), which "auto" runs for the conv but
-    not for the linear layer: the pair that decides it, measured in the same run."""
+    not for the linear layer: the pair that decides it, measured in the same run.
+    ``dx_split``: also "auto" with the input gradient from the Triton kernel (one pass that
+    writes the widened gradient, zeros included) and the weight gradients from cuDNN
+    (``auto/dx:triton``): the torch backward's copies and fills around cuDNN's dgrad took
+    more device time than its convolutions in 14609cb's profile."""
     if dict(backends).get("triton", "absent") is not None:
         return  # auto is the torch backend here: not timed twice
-    names = [("auto", None)] + ([("triton+torch", None)] if mixed else [])
+    names = [("auto", None)] + ([("triton+torch", None)] if mixed else []) + (
+        [("auto/dx:triton", None)] if dx_split else [])
     _measure_backends(ctx, names, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
 
 
@@ -1018,7 +1029,8 @@ def sec_conv(ctx):
         _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
                              triton_variant=(_measure_triton_nchw_direct
                                              if fmt_name == "nchw"
-                                             else _measure_triton_conv_without_tma))
+                                             else _measure_triton_conv_without_tma),
+                             dx_split=True)
         # last, after every timed row: where the host's time for one call goes
         _expanse_host_profiles(ctx, backends, v_fb, exp_fb)
         _host_profiles(ctx, v_fb, [("peer/masked", masked_fb)])

@@ -1065,7 +1065,9 @@ def source_model(big: nn.Module, task: int = 0) -> nn.Module:
 
 def merge(big: nn.Module) -> nn.Module:
     """Plain torch layers holding the full staircase weights (zeros in the upper blocks);
-    the same outputs as ``big`` in eval mode."""
+    the same outputs as ``big`` in eval mode while every new unit is finite: a dense layer
+    multiplies its zero blocks, and 0 * NaN (or an infinity) is NaN in the old outputs,
+    where ``big`` and ``source_model`` never read the new units."""
     return _plain_copy(big, None)
 
 

@@ -23,6 +23,15 @@ def _matrix(R) -> np.ndarray:
     return R
 
 
+def _finite(values: np.ndarray, cells, what: str) -> None:
+    """Refuse a NaN or an infinity among the cells a metric reads (it would pass into the
+    metric without a word), naming the first one."""
+    bad = [c for c, v in zip(cells, values) if not np.isfinite(v)]
+    if bad:
+        raise ValueError(f"{what} is {values[cells.index(bad[0])]} at {bad[0]}: every entry "
+                         "the metrics read must be a finite accuracy")
+
+
 def cl_metrics(R, b: Optional[Sequence[float]] = None) -> Dict[str, Optional[float]]:
     """ACC, BWT, FWT and forgetting of accuracy matrix ``R`` (see the module docstring).
 
@@ -30,6 +39,13 @@ def cl_metrics(R, b: Optional[Sequence[float]] = None) -> Dict[str, Optional[flo
     """
     R = _matrix(R)
     T = R.shape[0]
+    # ACC reads the last row; BWT the diagonal too; forgetting every row but the last, in
+    # the first T - 1 columns; FWT the entries just above the diagonal (and b)
+    read = {(T - 1, j) for j in range(T)} | {(i, j) for i in range(T - 1) for j in range(T - 1)}
+    if b is not None:
+        read |= {(j - 1, j) for j in range(1, T)}
+    cells = sorted(read)
+    _finite(np.array([R[c] for c in cells]), [f"R[{i}][{j}]" for i, j in cells], "R")
     out: Dict[str, Optional[float]] = {"ACC": float(R[-1].mean()), "BWT": None, "FWT": None,
                                        "forgetting": None}
     if T < 2:
@@ -42,6 +58,7 @@ def cl_metrics(R, b: Optional[Sequence[float]] = None) -> Dict[str, Optional[flo
         b = np.asarray(b, dtype=np.float64)
         if b.shape != (T,):
             raise ValueError(f"b must hold one accuracy per task ({T}), got shape {b.shape}")
+        _finite(b[1:], [f"b[{j}]" for j in range(1, T)], "b")
         later = np.arange(1, T)
         out["FWT"] = float((R[later - 1, later] - b[later]).mean())
     return out

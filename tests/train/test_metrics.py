@@ -60,3 +60,25 @@ def test_rejects_non_square(R):
 def test_rejects_wrong_b():
     with pytest.raises(ValueError, match="one accuracy per task"):
         cl_metrics(R3, b=[0.1, 0.2])
+
+
+@pytest.mark.parametrize("cell, b, pattern", [
+    ((2, 0), None, r"R is nan at R\[2\]\[0\]"),       # the last row: ACC, BWT
+    ((1, 1), None, r"R is nan at R\[1\]\[1\]"),       # the diagonal: BWT
+    ((0, 1), None, r"R is inf at R\[0\]\[1\]"),       # read by forgetting (every earlier row)
+    ((1, 2), [0.1, 0.1, 0.1], r"R is nan at R\[1\]\[2\]"),  # above the diagonal: FWT
+])
+def test_a_non_finite_entry_the_metrics_read_is_named(cell, b, pattern):
+    """A NaN passed into ACC, BWT, FWT or forgetting without a word."""
+    R = np.full((3, 3), 0.5)
+    R[cell] = np.inf if cell == (0, 1) else np.nan
+    with pytest.raises(ValueError, match=pattern):
+        cl_metrics(R, b)
+
+
+def test_entries_no_metric_reads_may_be_unmeasured():
+    R = np.full((3, 3), 0.5)
+    R[1, 2] = np.nan  # FWT's entry: read only when b is given
+    assert cl_metrics(R)["BWT"] == 0.0
+    with pytest.raises(ValueError, match=r"b is nan at b\[2\]"):
+        cl_metrics(np.full((3, 3), 0.5), b=[0.1, 0.1, np.nan])

@@ -104,13 +104,15 @@ def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay):
 def _check_data_fits(model: nn.Module, device, named_sets) -> None:
     """One eval-mode forward of each data set's first example, before any training: a
     wrong width or dtype, or labels past the outputs ``head`` selects, are found before
-    step one has changed a weight (not after it, when step two's data first runs)."""
+    step one has changed a weight (not after it, when step two's data first runs).  Step
+    two's sets go through ``augment`` first, as in training (a crop may change the shape)."""
     with torch.no_grad():
-        for name, X, y, head in named_sets:
+        for name, X, y, head, augment in named_sets:
             if not len(X):
                 continue
             try:
-                out = model(X[:1].to(device))
+                first = X[:1].to(device)
+                out = model(augment(first) if augment is not None else first)
             except Exception as exc:
                 raise ValueError(f"{name}: the model cannot take its examples of shape "
                                  f"{tuple(X.shape[1:])} and dtype {X.dtype}: "
@@ -284,6 +286,9 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
         when ``head`` is None).
     noise, augment: the "complexities" of step two: Gaussian input noise of that standard
         deviation, and/or ``augment(x_batch) -> x_batch``; step one sees clean inputs.
+    Before anything trains, the first example of each data set runs once through the model
+    (eval mode, no grad; step two's through ``augment``): data that do not fit the model
+    (width, dtype, labels past its outputs) are refused before a weight has changed.
     replay: an extra (X, y, head) data set shuffled into step two's data (rehearsal); its
         labels index ``model(X)[:, head]``.  ``train_acc`` counts the main data only.
     Only parameters with ``requires_grad`` are optimised (AdamW, a fresh optimizer per step).
@@ -397,10 +402,11 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
         with torch.random.fork_rng(devices=fork):
             model.eval()
             _check_data_fits(model, device, [
-                (name, d[0], d[1], h) for name, d, h, n in (
-                    ("basics", basics, head, epochs[0]), ("full", full, head, epochs[1]),
+                (name, d[0], d[1], h, aug) for name, d, h, n, aug in (
+                    ("basics", basics, head, epochs[0], None),
+                    ("full", full, head, epochs[1], augment),
                     ("replay", replay[:2] if replay else None,
-                     replay[2] if replay else None, epochs[1]))
+                     replay[2] if replay else None, epochs[1], augment))
                 if d is not None and n])
             torch.manual_seed(seed + rank())  # noise, augmentation, dropout: new on each rank
             for step, data, n_epochs, step_lr, step_noise, step_aug in steps:

@@ -190,7 +190,8 @@ def test_augment_is_applied_in_step_two():
         return x.flip(1)
 
     _run(_mlp(), augment=augment)
-    assert sum(seen) == 3 * 29
+    # (first, one example: the up-front check runs step two's data as training will)
+    assert seen[0] == 1 and sum(seen[1:]) == 3 * 29
 
 
 def test_mode_is_restored():
@@ -329,3 +330,11 @@ def test_a_last_batch_of_one_joins_the_batch_before():
     model = nn.Sequential(nn.Linear(7, 11), nn.BatchNorm1d(11), nn.ReLU(), nn.Linear(11, 3))
     hist = two_step(model, None, _data(17), epochs=(0, 2), batch_size=8, progress=False)
     assert len(hist) == 2 and all(r["examples"] == 17 for r in hist)
+
+
+def test_the_up_front_check_runs_step_two_through_its_augment():
+    """A crop that makes step two's inputs fit the model: its raw data do not."""
+    crop = lambda xb: xb[:, :7]  # noqa: E731
+    history = two_step(_mlp(), _data(6), _data(9, d=10), epochs=(1, 1), augment=crop,
+                       progress=False)
+    assert len(history) == 2

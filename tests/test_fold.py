@@ -274,6 +274,27 @@ def test_hooks_put_on_a_folded_pair_afterwards_see_the_unfolded_pair(where, on):
         assert _same(p.grad, q.grad), n
 
 
+@pytest.mark.parametrize("where", ["bn_pre_hook", "conv_hook"])
+def test_a_hook_that_removes_itself_between_the_pair_does_not_split_it(where):
+    """A capture-once hook that removes itself after the conv's call and before the
+    BatchNorm's: each module asked for hooks at its own call, the conv ran unfolded and the
+    BatchNorm folded, and the old channels were never normalised (0.18 off)."""
+    folded, plain = _pair(_base(9), width=0.25, new_classes=2)
+    folded.eval(), plain.eval()
+    seen = []
+    module = folded.bn if where == "bn_pre_hook" else folded.stem
+
+    def once(*args):
+        seen.append(1)
+        handle.remove()
+    handle = (module.register_forward_pre_hook(once) if where == "bn_pre_hook"
+              else module.register_forward_hook(once))
+    with torch.no_grad():
+        assert torch.equal(folded(X), plain(X))
+        assert seen == [1]
+        assert torch.equal(folded(X), plain(X))  # folded again, no hook left
+
+
 def test_the_fold_is_back_once_the_hook_is_gone(monkeypatch):
     from expanse_fast.nn import norm
     folded = xf.expand(_base(9), width=0.25, new_classes=2).train()

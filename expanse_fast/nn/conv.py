@@ -210,7 +210,6 @@ class ExpandedConv2d(ExpandedBlocks):
             raise ValueError(f"cannot fold a BatchNorm with channel groups {tuple(bn.groups)} "
                              f"into a conv with output groups {tuple(self.out_groups)}")
         object.__setattr__(self, "_folded_bn", bn)  # not a submodule
-        object.__setattr__(bn, "_folding_conv", self)
         bn.frozen_folded = True
         return self
 
@@ -219,13 +218,16 @@ class ExpandedConv2d(ExpandedBlocks):
         bn = self._folded_bn
         if bn is not None:
             bn.frozen_folded = False
-            object.__setattr__(bn, "_folding_conv", None)
+            bn.ran_folded = True
             object.__setattr__(self, "_folded_bn", None)
         return bn
 
     def _bn_args(self) -> dict:
         bn = self._folded_bn
-        if bn is None or not fold_in_force(self, bn):
+        if bn is None:
+            return {}
+        bn.ran_folded = fold_in_force(self, bn)  # (the BatchNorm's call follows it)
+        if not bn.ran_folded:
             return {}
         if tuple(bn.groups) != tuple(self.out_groups):
             raise RuntimeError(

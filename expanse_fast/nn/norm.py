@@ -40,12 +40,13 @@ def _global_hooks() -> bool:
         "_global_backward_pre_hooks"))
 
 
-def fold_in_force(conv: Optional[nn.Module], bn: nn.Module) -> bool:
+def fold_in_force(conv: nn.Module, bn: nn.Module) -> bool:
     """Whether a folded conv -> BatchNorm pair runs folded in this call.  A hook on either
     module (put there after the fold, or a global one) must see what the unfolded pair
     computes: the conv's raw output, a BatchNorm output that is a tensor of its own (a
-    backward hook wraps it; the folded BatchNorm writes into its input).  Both modules ask
-    this at each call and get the same answer, so such a call runs unfolded."""
+    backward hook wraps it; the folded BatchNorm writes into its input).  The conv decides,
+    once per call, and leaves the answer on the BatchNorm (``ran_folded``), which follows
+    it: a hook that removes itself between the two calls cannot split them."""
     return not (_has_hooks(conv) or _has_hooks(bn) or _global_hooks())
 
 
@@ -54,7 +55,9 @@ class _ExpandedBatchNorm(nn.Module):
     # Set by fold_batchnorms(): the ExpandedConv2d before this layer already applied the
     # frozen channels' eval-mode map, so forward normalises the newest channels only.
     frozen_folded: bool = False
-    _folding_conv: Optional[nn.Module] = None  # (set with frozen_folded: not a submodule)
+    # Whether the conv that folded this BatchNorm ran folded in its latest call (it ran
+    # unfolded while a hook was there: fold_in_force); this call follows it.
+    ran_folded: bool = True
     input_grad_watch = None  # set by input_grad.watch() (see ExpandedBlocks)
 
     def __init__(self, groups: Sequence[int], eps: float = 1e-5, momentum: Optional[float] = 0.1,
@@ -172,7 +175,7 @@ class _ExpandedBatchNorm(nn.Module):
                 "place, which torch.func transforms (grad, vmap, jacrev, ...) refuse, as for "
                 "nn.BatchNorm: call model.eval() before the transform")
         self._check_frozen()
-        if self.frozen_folded and fold_in_force(self._folding_conv, self):
+        if self.frozen_folded and self.ran_folded:
             return self._newest_only(x)
         n_f, n_new = self.running_mean_frozen.shape[0], self.groups[-1]
         if not n_new:

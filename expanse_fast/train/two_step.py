@@ -102,7 +102,7 @@ def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay):
 
 
 def _check_data_fits(model: nn.Module, device, named_sets) -> None:
-    """One eval-mode forward of each data set's first example, before any training: a
+    """One eval-mode forward of each data set's first examples, before any training: a
     wrong width or dtype, or labels past the outputs ``head`` selects, are found before
     step one has changed a weight (not after it, when step two's data first runs).  Step
     two's sets go through ``augment`` first, as in training (a crop may change the shape)."""
@@ -111,12 +111,14 @@ def _check_data_fits(model: nn.Module, device, named_sets) -> None:
             if not len(X):
                 continue
             try:
-                first = X[:1].to(device)
+                # (two examples where there are: training never forms a batch of one, and
+                # a model may squeeze its batch dimension, or a BatchNorm need two)
+                first = X[:2].to(device)
                 out = model(augment(first) if augment is not None else first)
             except Exception as exc:
-                raise ValueError(f"{name}: the model cannot take its examples of shape "
-                                 f"{tuple(X.shape[1:])} and dtype {X.dtype}: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+                raise ValueError(f"{name}: the model fails on its first examples (shape "
+                                 f"{tuple(X.shape[1:])}, dtype {X.dtype}), before any "
+                                 f"training: {type(exc).__name__}: {exc}") from exc
             if not isinstance(out, Tensor) or out.dim() != 2:
                 raise ValueError(f"{name}: two_step needs logits of shape (batch, classes) "
                                  f"from the model, got {_kind(out)}")
@@ -286,7 +288,7 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
         when ``head`` is None).
     noise, augment: the "complexities" of step two: Gaussian input noise of that standard
         deviation, and/or ``augment(x_batch) -> x_batch``; step one sees clean inputs.
-    Before anything trains, the first example of each data set runs once through the model
+    Before anything trains, the first examples of each data set run once through the model
     (eval mode, no grad; step two's through ``augment``): data that do not fit the model
     (width, dtype, labels past its outputs) are refused before a weight has changed.
     replay: an extra (X, y, head) data set shuffled into step two's data (rehearsal); its

@@ -190,8 +190,8 @@ def test_augment_is_applied_in_step_two():
         return x.flip(1)
 
     _run(_mlp(), augment=augment)
-    # (first, one example: the up-front check runs step two's data as training will)
-    assert seen[0] == 1 and sum(seen[1:]) == 3 * 29
+    # (first, two examples: the up-front check runs step two's data as training will)
+    assert seen[0] == 2 and sum(seen[1:]) == 3 * 29
 
 
 def test_mode_is_restored():
@@ -273,9 +273,9 @@ def test_settings_of_the_wrong_kind_are_refused_before_training(kwargs, error, p
     (lambda: (torch.randn(6, 7), torch.tensor([0, 1, 2, 3, 4, 5])),
      r"full: label 5 is past the 3 outputs of model\(X\)\[:, :\]"),
     (lambda: (torch.randn(6, 9), torch.zeros(6, dtype=torch.long)),
-     r"full: the model cannot take its examples of shape \(9,\)"),
+     r"full: the model fails on its first examples \(shape \(9,\)"),
     (lambda: (torch.randn(6, 7, dtype=torch.float64), torch.zeros(6, dtype=torch.long)),
-     r"full: the model cannot take its examples .* dtype torch.float64"),
+     r"full: the model fails on its first examples .* dtype torch.float64"),
 ], ids=["label past the outputs", "width", "dtype"])
 def test_data_that_does_not_fit_is_refused_before_step_one_trains(bad_full, pattern):
     """Step two's data was first seen after step one had trained: the error came with the
@@ -338,3 +338,12 @@ def test_the_up_front_check_runs_step_two_through_its_augment():
     history = two_step(_mlp(), _data(6), _data(9, d=10), epochs=(1, 1), augment=crop,
                        progress=False)
     assert len(history) == 2
+
+
+def test_the_up_front_check_takes_two_examples():
+    """A model that squeezes its output trains (no batch is ever one example) and must not
+    be refused by a check on one example."""
+    squeeze = type("Squeeze", (nn.Module,), {"forward": lambda self, x: x.squeeze()})()
+    model = nn.Sequential(nn.Linear(7, 3), squeeze)
+    history = two_step(model, None, _data(9), epochs=(0, 1), batch_size=4, progress=False)
+    assert len(history) == 1

@@ -231,7 +231,7 @@ class _Plan:
                              if n.op == "call_module" and n.target == self.head]
         while todo:
             for user in todo.pop().users:
-                if user in seen:
+                if user in seen or _reads_size(user):  # (a size carries no features)
                     continue
                 seen.add(user)
                 if user.op == "call_module" and user.target in self.grow and isinstance(
@@ -872,6 +872,14 @@ class _Plan:
         return replace(f, axis=f.axis - sum(d < f.axis for d in dims), rank=f.rank - len(dims))
 
 
+def _reads_size(node: fx.Node) -> bool:
+    """Whether ``node`` reads only a value's sizes (``x.shape``, ``x.size(...)``,
+    ``x.dim()``), not its values."""
+    return ((node.op == "call_method" and node.target in ("size", "dim"))
+            or (node.op == "call_function" and node.target is getattr
+                and len(node.args) > 1 and node.args[1] in ("shape", "ndim")))
+
+
 def _shapes_only(size: fx.Node) -> bool:
     """Whether a size read off a value only goes into the shapes of reshapes (view,
     reshape), where the widened width is the right one (the reshape itself is judged by
@@ -949,6 +957,8 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
             nn.Conv2d: "ExpandedConv2d.from_conv(layer, new_in, new_out)",
             nn.modules.batchnorm._BatchNorm: "ExpandedBatchNorm2d.from_bn(layer, new)"}
     for kind, way in lone.items():
+        if isinstance(model, kind) and not_widenable(model):
+            raise TypeError(f"expand() cannot widen this model: {not_widenable(model)}")
         if isinstance(model, kind):
             raise TypeError(f"expand() widens the layers inside a model; for a lone "
                             f"{type(model).__name__} use xf.{way}")

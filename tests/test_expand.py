@@ -239,3 +239,25 @@ def test_a_module_with_buffers_on_the_data_is_refused_by_name():
     with pytest.raises(xf.ExpansionError, match=r"module '0' \(InstanceNorm1d\) holds "
                                                 r"parameters.*buffers \['running_mean'"):
         xf.expand(model, width=2)
+
+
+class SizeFromLogits(nn.Module):
+    """A second output whose layer takes only the batch size from the head's logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.proj = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 4)
+
+    def forward(self, x):
+        f = torch.relu(self.body(x))
+        logits = self.head(f)
+        return logits, self.proj(f.reshape(logits.shape[0], -1))
+
+
+def test_a_size_read_off_the_head_is_no_feature_path():
+    base = SizeFromLogits().eval()
+    big = xf.expand(base, width=2, new_classes=2, head="head")
+    x = torch.randn(4, 6)
+    logits, other = big(x)
+    assert logits.shape == (4, 5) and torch.equal(logits[:, :3], base(x)[0])
+    assert torch.equal(other[:, :4], base(x)[1])

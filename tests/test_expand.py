@@ -256,8 +256,8 @@ class SizeFromLogits(nn.Module):
 
 def test_a_size_read_off_the_head_is_no_feature_path():
     base = SizeFromLogits().eval()
-    big = xf.expand(base, width=2, new_classes=2, head="head")
     x = torch.randn(4, 6)
+    big = xf.expand(base, width=2, new_classes=2, head="head", example_inputs=(x,))
     logits, other = big(x)
     assert logits.shape == (4, 5) and torch.equal(logits[:, :3], base(x)[0])
     assert torch.equal(other[:, :4], base(x)[1])

@@ -242,13 +242,14 @@ def _conv2d_grads(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_
                   padding, dilation, depthwise, need_dx_new, need_dx_old, need_dw, need_db,
                   need_dcouple, bn_scale, backend):
     """(dx, dw, db, dcouple), None where not wanted (see ``_linear_grads``)."""
-    dx_backend = backend_choice.input_grad_backend(dy.device, "conv2d", backend)
+    dx_backend = (backend_choice.input_grad_backend(dy.device, "conv2d", backend)
+                  if need_dx_new or need_dx_old else None)
     backend = backend_choice.resolve(dy.device, "conv2d", backend, backward=True)
     # dy goes in with its strides: every backend reads any layout (a channels_last dy stays
     # channels_last, which the Triton kernels read best)
     args = (dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, stride,
             padding, dilation, depthwise)
-    if dx_backend is not None and dx_backend is not backend and (need_dx_new or need_dx_old):
+    if dx_backend is not None and dx_backend is not backend:
         dx = dx_backend.conv2d_backward(*args, need_dx_new, need_dx_old, False, False, False,
                                         frozen_dy_scale=bn_scale)[0]
         _, dw, db, dcouple = backend.conv2d_backward(*args, False, False, need_dw, need_db,

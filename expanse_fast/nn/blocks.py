@@ -57,6 +57,27 @@ def refuse_not_widenable(module: nn.Module, caller: str) -> None:
         raise TypeError(f"{caller}: {why}")
 
 
+def channels_last_strides(shape) -> Tuple[int, ...]:
+    o, c, kh, kw = shape
+    return (c * kh * kw, 1, kw * c, c)
+
+
+def channels_last_strided(w: Tensor) -> bool:
+    """Whether ``w`` has exactly channels_last strides, and they are not NCHW's (a weight of
+    one input channel, the same bytes either way, is told apart by them)."""
+    return (w.dim() == 4 and w.numel() > 0
+            and tuple(w.stride()) == channels_last_strides(w.shape)
+            and tuple(w.stride()) != tuple(torch.empty(w.shape, device="meta").stride()))
+
+
+def as_channels_last(t: Optional[Tensor]) -> Optional[Tensor]:
+    """A copy of the 4-D ``t`` with exactly channels_last strides (None stays None)."""
+    if t is None or t.dim() != 4 or not t.numel():
+        return t
+    return torch.empty_strided(t.shape, channels_last_strides(t.shape), dtype=t.dtype,
+                               device=t.device).copy_(t)
+
+
 def init_new_rows(w: Tensor, fan_in: int) -> Tensor:
     """PyTorch's default init of a fresh layer with this fan-in (kaiming_uniform, a=sqrt(5))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
@@ -157,6 +178,10 @@ class ExpandedBlocks(nn.Module):
                     if lay.mode == "coupled" else None)
         b_f = self.dense_bias()
         b_new = b_f.new_zeros((new_out,)) if b_f is not None else None
+        if channels_last_strided(self.weight_frozen):
+            # a channels_last model stays so: aten picks its convolution by the weight's
+            # strides, and the old rows keep their bits only with the pretrained path
+            w_f_new, w_new, w_couple = map(as_channels_last, (w_f_new, w_new, w_couple))
         self._set_blocks(lay, w_f_new, b_f, w_new, b_new, w_couple)
         return self
 

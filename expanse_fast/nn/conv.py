@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..layout import Layout
-from .blocks import ExpandedBlocks, init_new_rows, refuse_not_widenable
+from .blocks import (ExpandedBlocks, as_channels_last, channels_last_strided,
+                     channels_last_strides, init_new_rows, refuse_not_widenable)
 from .input_grad import skips_old_input_grad
 from .norm import ExpandedBatchNorm2d, fold_in_force
 
@@ -52,19 +53,6 @@ def _resolved_padding(padding, kernel_size, dilation) -> Tuple[int, int]:
 
 def _explicit_padding(conv: nn.Conv2d) -> Tuple[int, int]:
     return _resolved_padding(conv.padding, conv.kernel_size, conv.dilation)
-
-
-def _channels_last_strides(shape) -> Tuple[int, ...]:
-    o, c, kh, kw = shape
-    return (c * kh * kw, 1, kw * c, c)
-
-
-def _channels_last_strided(w: Tensor) -> bool:
-    """Whether ``w`` has exactly channels_last strides, and they are not NCHW's (a weight of
-    one input channel, the same bytes either way, is told apart by them)."""
-    return (w.dim() == 4 and w.numel() > 0
-            and tuple(w.stride()) == _channels_last_strides(w.shape)
-            and tuple(w.stride()) != tuple(torch.empty(w.shape, device="meta").stride()))
 
 
 class ExpandedConv2d(ExpandedBlocks):
@@ -186,6 +174,8 @@ class ExpandedConv2d(ExpandedBlocks):
         w_new = init_new_rows(w_f.new_empty((new_out,) + tuple(w_f.shape[1:])), self._fan_in(1))
         b_f = self.dense_bias()
         b_new = b_f.new_zeros((new_out,)) if b_f is not None else None
+        if channels_last_strided(self.weight_frozen):  # (as ExpandedBlocks.expand)
+            w_f, w_new = as_channels_last(w_f), as_channels_last(w_new)
         self._set_blocks(lay, w_f, b_f, w_new, b_new, None)
         return self
 
@@ -272,9 +262,9 @@ class ExpandedConv2d(ExpandedBlocks):
                          groups=lay.in_features if self.depthwise else 1, bias=b is not None,
                          padding_mode=self.padding_mode, device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            if _channels_last_strided(self.weight_frozen):  # as the pretrained weight was
+            if channels_last_strided(self.weight_frozen):  # as the pretrained weight was
                 conv.weight.data = torch.empty_strided(
-                    conv.weight.shape, _channels_last_strides(conv.weight.shape),
+                    conv.weight.shape, channels_last_strides(conv.weight.shape),
                     dtype=w.dtype, device=w.device)
             conv.weight.copy_(w)
             if b is not None:

@@ -162,3 +162,26 @@ def test_a_one_channel_slice_of_a_channels_last_input_convolves_as_the_pretraine
     xe = torch.cat([x0, torch.randn(4, 2, 8, 8)], 1).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(layer(xe)[:, :o0], conv(x0))
+
+
+@pytest.mark.parametrize("mode", ["isolated"])  # (coupled, widened twice: to rounding, README)
+def test_a_channels_last_model_widened_again_stays_exact(mode):
+    """A second expand() rebuilt the frozen weights NCHW-contiguous: a channels_last model
+    then convolved its old channels along another path (1 ulp off, 1-channel conv or not).
+    The frozen, newest and coupling weights keep the model's channels_last strides."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                          nn.Conv2d(8, 1, 1), nn.ReLU(), nn.Conv2d(1, 6, 3, stride=2, padding=1),
+                          nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+    model = model.eval().to(memory_format=torch.channels_last)
+    big = xf.expand(model, width=2, new_classes=2, mode=mode, backend="torch").eval()
+    big2 = xf.expand(big, width=1, new_classes=1, mode=mode).eval()
+    assert big2[0].weight_frozen.stride() == big[0].weight_frozen.stride() == (27, 1, 9, 3)
+    src = xf.source_model(big2, task=0).eval()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(4, 3, 8, 8).contiguous(memory_format=fmt)
+        with torch.no_grad():
+            want = model(x)
+            assert torch.equal(big2(x)[:, :3], want)
+            assert torch.equal(src(x), want)

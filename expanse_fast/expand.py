@@ -957,10 +957,10 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
             nn.Conv2d: "ExpandedConv2d.from_conv(layer, new_in, new_out)",
             nn.modules.batchnorm._BatchNorm: "ExpandedBatchNorm2d.from_bn(layer, new)"}
     for kind, way in lone.items():
-        if isinstance(model, kind) and not_widenable(model):
-            raise TypeError(f"expand() cannot widen this model: {not_widenable(model)}")
         if isinstance(model, kind):
-            raise TypeError(f"expand() widens the layers inside a model; for a lone "
+            why = not_widenable(model)
+            raise TypeError(f"expand() cannot widen this model: {why}" if why else
+                            f"expand() widens the layers inside a model; for a lone "
                             f"{type(model).__name__} use xf.{way}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

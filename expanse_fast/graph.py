@@ -14,6 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from .nn import ExpandedConv2d, ExpandedLinear
+from .nn.blocks import hooked  # noqa: F401  (fold, fuse and expand ask it here)
 from .nn.norm import _ExpandedBatchNorm
 
 
@@ -51,13 +52,6 @@ def swap_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     parent = root.get_submodule(parent_path) if parent_path else root
     setattr(parent, name, new)
     return root
-
-
-def hooked(m: nn.Module) -> bool:
-    """Whether ``m`` carries hooks of its own (forward, forward-pre, backward): a module
-    that fusing or folding would replace, or make see other values, is then left apart."""
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks)
 
 
 PairMatcher = Callable[[fx.Node, Dict[str, nn.Module], Counter], Optional[Tuple[str, str]]]

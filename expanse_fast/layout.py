@@ -23,12 +23,13 @@ from typing import Tuple
 MODES = ("isolated", "coupled")
 
 
-def width(value, name: str) -> int:
-    """A group's width: an int >= 0 (a float or a bool would be truncated without a word)."""
+def width(value, name: str, least: int = 0) -> int:
+    """A group's width, or any count: an int >= ``least`` (a float or a bool would be
+    truncated without a word)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value < least:
+        raise ValueError(f"{name} must be >= {least}, got {value}")
     return int(value)
 
 

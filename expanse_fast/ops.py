@@ -646,5 +646,4 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
                              f"channels are fixed{TRAIN_ALL_HINT}")
 
 
-
 from . import op_flops  # noqa: E402,F401  (the custom ops' FLOP formulas, for FlopCounterMode)

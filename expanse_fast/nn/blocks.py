@@ -20,6 +20,13 @@ def _frozen(t: Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
+def hooked(m: nn.Module) -> bool:
+    """Whether ``m`` carries hooks of its own (forward, forward-pre, backward): a module
+    that fusing or folding would replace, or make see other values, is then left apart."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
 # What each plain layer computes with, by its kind: a subclass that overrides one of these
 # computes something else (a QAT Linear fake-quantizes its weight, a fused ConvBn2d runs its
 # BatchNorm), which a widened layer, computing the plain product, would silently drop.
@@ -65,9 +72,10 @@ def channels_last_strides(shape) -> Tuple[int, ...]:
 def channels_last_strided(w: Tensor) -> bool:
     """Whether ``w`` has exactly channels_last strides, and they are not NCHW's (a weight of
     one input channel, the same bytes either way, is told apart by them)."""
-    return (w.dim() == 4 and w.numel() > 0
-            and tuple(w.stride()) == channels_last_strides(w.shape)
-            and tuple(w.stride()) != tuple(torch.empty(w.shape, device="meta").stride()))
+    if w.dim() != 4 or not w.numel():
+        return False
+    o, c, kh, kw = w.shape
+    return tuple(w.stride()) == channels_last_strides(w.shape) != (c * kh * kw, kh * kw, kw, 1)
 
 
 def as_channels_last(t: Optional[Tensor]) -> Optional[Tensor]:

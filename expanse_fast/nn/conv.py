@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from .. import ops
 from ..layout import Layout
-from .blocks import (ExpandedBlocks, as_channels_last, channels_last_strided,
-                     channels_last_strides, init_new_rows, refuse_not_widenable)
+from .blocks import (ExpandedBlocks, as_channels_last, channels_last_strided, init_new_rows,
+                     refuse_not_widenable)
 from .input_grad import skips_old_input_grad
 from .norm import ExpandedBatchNorm2d, fold_in_force
 
@@ -263,10 +263,9 @@ class ExpandedConv2d(ExpandedBlocks):
                          padding_mode=self.padding_mode, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             if channels_last_strided(self.weight_frozen):  # as the pretrained weight was
-                conv.weight.data = torch.empty_strided(
-                    conv.weight.shape, channels_last_strides(conv.weight.shape),
-                    dtype=w.dtype, device=w.device)
-            conv.weight.copy_(w)
+                conv.weight.data = as_channels_last(w)
+            else:
+                conv.weight.copy_(w)
             if b is not None:
                 conv.bias.copy_(b)
         return conv

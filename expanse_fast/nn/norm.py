@@ -24,13 +24,8 @@ from torch import Tensor, nn
 
 from .. import composite, ops
 from ..layout import check_groups, width
-from .blocks import _frozen, refuse_not_widenable
+from .blocks import _frozen, hooked, refuse_not_widenable
 from .input_grad import skips_old_input_grad
-
-
-def _has_hooks(m: Optional[nn.Module]) -> bool:
-    return m is not None and bool(m._forward_hooks or m._forward_pre_hooks
-                                  or m._backward_hooks or m._backward_pre_hooks)
 
 
 def _global_hooks() -> bool:
@@ -47,7 +42,7 @@ def fold_in_force(conv: nn.Module, bn: nn.Module) -> bool:
     backward hook wraps it; the folded BatchNorm writes into its input).  The conv decides,
     once per call, and leaves the answer on the BatchNorm (``ran_folded``), which follows
     it: a hook that removes itself between the two calls cannot split them."""
-    return not (_has_hooks(conv) or _has_hooks(bn) or _global_hooks())
+    return not (hooked(conv) or hooked(bn) or _global_hooks())
 
 
 class _ExpandedBatchNorm(nn.Module):

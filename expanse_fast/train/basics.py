@@ -1,11 +1,12 @@
 """The "basics" of two-step training: per class, the most prototypical examples."""
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+
+from ..layout import width as whole
 
 METHODS = ("prototype", "medoid", "confidence")
 
@@ -37,11 +38,8 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    for name, value in (("per_class", per_class), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+    whole(per_class, "per_class", least=1)
+    whole(batch_size, "batch_size", least=1)
     if not isinstance(X, Tensor):
         X = torch.as_tensor(X)  # (a NumPy array or a list)
     y = torch.as_tensor(y).to(X.device)  # scores, labels, indices on the data's device

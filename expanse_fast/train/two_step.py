@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..files import ensure_writable_dir
 from ..hashing import hash_tensor
+from ..layout import width as whole
 from .distributed import (all_gather, all_reduce_metrics, any_rank, has_sharded_parameters,
                           is_distributed, is_main_process, make_sampler, rank, unwrap,
                           world_size, wrap_ddp)
@@ -63,16 +64,6 @@ def _slice_text(head: Optional[slice]) -> str:
     return text + (f":{head.step}" if head.step is not None else "")
 
 
-def _whole(value, name: str, least: int):
-    """``value`` as an int >= ``least`` (not a bool, not a float), or a TypeError/ValueError
-    naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {_kind(value)} {value!r}")
-    if value < least:
-        raise ValueError(f"{name} must be >= {least}, got {value}")
-    return int(value)
-
-
 def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay):
     """Refuse arguments of the wrong kind before anything runs."""
     if not isinstance(epochs, (tuple, list)) or len(epochs) != 2:
@@ -80,12 +71,12 @@ def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay):
     if not isinstance(lr, (tuple, list)) or len(lr) != 2:
         raise ValueError(f"lr must be a pair (step one, step two), got {lr!r}")
     for k in range(2):
-        _whole(epochs[k], f"epochs[{k}]", 0)
+        whole(epochs[k], f"epochs[{k}]")
         rate = lr[k]
         if isinstance(rate, bool) or not isinstance(rate, numbers.Real) \
                 or not math.isfinite(rate) or rate < 0:
             raise ValueError(f"lr[{k}] must be a finite number >= 0, got {rate!r}")
-    _whole(batch_size, "batch_size", 1)
+    whole(batch_size, "batch_size", least=1)
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real) \
             or not math.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise!r}")

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import expanded_linear as base
 from .launch import launch
 from .vector_bounds import multiple_of_all
 
@@ -370,8 +371,8 @@ def _dx_rows(acc, dy_ptr, dy_row, p_ok, sdc, dy_c0, row_lo, row_hi, w_ptr, swo, 
                       "sdc"])
 @triton.jit
 def _conv_dx_kernel(
-        dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, groups_ptr, scale_ptr,
-        P, C, H, W, Ho, Wo, G_f, O_f, O_n, I_f, c_lo, dy_new_c0, dx_col0,
+        dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, groups_ptr, bands_ptr, scale_ptr,
+        P, C, H, W, Ho, Wo, G_f, O_f, O_n, I_f, NB, c_lo, dy_new_c0, dx_col0,
         sdn, sdc, sdh, sdw, sfo, sfc, sfr, sfs, sno, snc, snr, sns, sco, scc, scr, scs,
         sxn, sxc, sxh, sxw, st_h, st_w, pad_h, pad_w, dil_h, dil_w,
         KH: tl.constexpr, KW: tl.constexpr, NEED_OLD: tl.constexpr,
@@ -383,6 +384,9 @@ def _conv_dx_kernel(
     # dx_col0 of dx on; dy's trainable columns start at dy_new_c0.  Channel bounds
     # (C, I_f, c_lo, every k_end) are multiples of CH_VEC, dy channel bounds (every group
     # boundary, O_f, O_n) of ROW_VEC: masks over whole vectors (see _fwd_segment).
+    # With NEED_OLD (c_lo = 0) the channels are tiled in the NB bands of bands_ptr, cut at
+    # every k_end and at I_f: a frozen group reaches all of a tile's stored channels or none,
+    # so no tile adds its dy times the zeroed weights (0 * NaN) to a channel it never reads.
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_p = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -391,9 +395,14 @@ def _conv_dx_kernel(
     pix = offs_p % (H * W)
     hi = pix // W
     wi = pix % W
-    c_first = c_lo + pid_c * BLOCK_N
-    offs_c = c_first + tl.arange(0, BLOCK_N)
-    c_mask = offs_c < C
+    if NEED_OLD:
+        c_first, c_end = base._band_tile(pid_c, bands_ptr, NB, BLOCK_N, CH_VEC)
+        offs_c = c_first + tl.arange(0, BLOCK_N)
+        c_mask = offs_c // CH_VEC < c_end // CH_VEC
+    else:
+        c_first = c_lo + pid_c * BLOCK_N
+        offs_c = c_first + tl.arange(0, BLOCK_N)
+        c_mask = offs_c < C
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for rs in range(KH * KW):
@@ -430,9 +439,13 @@ def _conv_dx_kernel(
                                PREC)
 
     dx_row = n_img * sxn + hi * sxh + wi * sxw
-    # dx's column of channel c_first + j is dx_col0 + pid_c * BLOCK_N + j: one offset, so
-    # the compiler sees the store columns as aligned as dx_col0 is
-    dx_cols = dx_col0 + pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    # dx's column of channel c_first + j is dx_col0 + pid_c * BLOCK_N + j (c_lo = 0 with
+    # NEED_OLD: dx_col0 + c_first + j): one offset, so the compiler sees the store columns
+    # as aligned as dx_col0 is
+    if NEED_OLD:
+        dx_cols = dx_col0 + c_first + tl.arange(0, BLOCK_N)
+    else:
+        dx_cols = dx_col0 + pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
     tl.store(dx_ptr + dx_row[:, None] + dx_cols[None, :] * sxc,
              acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & c_mask[None, :])
 
@@ -985,16 +998,22 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         dx_k, dx_c0 = (dx, 0) if direct else (torch.empty(
             (n, c - c_lo, h, wd), device=x.device, dtype=dt,
             memory_format=torch.channels_last), c_lo)
+        # with dx_old, the channels are tiled in bands cut at every k_end and at I_f
+        bands = base.band_ends(frozen_k_ends, i_f, True) + (c,) if need_dx_old else (c,)
         if not (use_tma and tma.grad_input(
                 dy, wn, _rows_scaled(wc, scale) if couple else None,
                 wf_old if wf_old is None else _rows_scaled(wf_old, scale), o_f, i_f, groups,
-                len(frozen_out_groups), dx_k, dy_new_c0, c_lo, dx_c0, geo, _prec(dt))):
+                len(frozen_out_groups), dx_k, dy_new_c0, c_lo, dx_c0, geo, _prec(dt),
+                bands=bands[:-1])):
             grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]),
-                                 triton.cdiv(c - c_lo, meta["BLOCK_N"]))
+                                 base.band_tiles(bands, meta["BLOCK_N"]) if need_dx_old
+                                 else triton.cdiv(c - c_lo, meta["BLOCK_N"]))
             launch(  # dy holds no columns if it is never read
                 _conv_dx_kernel, grid,
-                _or(dy, dx_k), wf, wn, wc, dx_k, groups, norm_scale if norm else dx_k, p, c,
-                h, wd, ho, wo, len(frozen_out_groups), o_f, o_n, i_f, c_lo, dy_new_c0,
+                _or(dy, dx_k), wf, wn, wc, dx_k, groups, base.band_table(bands, x.device),
+                norm_scale if norm else dx_k, p, c,
+                h, wd, ho, wo, len(frozen_out_groups), o_f, o_n, i_f, len(bands), c_lo,
+                dy_new_c0,
                 c_lo - dx_c0, *dy.stride(), *wf.stride(), *wn.stride(), *wc.stride(),
                 *dx_k.stride(), *geo, KH=kh, KW=kw, NEED_OLD=need_dx_old, HAS_COUPLE=couple,
                 NORM=norm, CH_VEC=multiple_of_all((c, i_f, c_lo) + tuple(frozen_k_ends)),

@@ -44,9 +44,9 @@ are two bulk copies (strided too, through the same phase view).  On NCHW input a
 (N, C, H * W) view, each tap a shift of dy's tile.  The input gradient
 (``_conv_dx_tma_kernel``) takes boxes of input pixels and dy's box shifted against the tap.
 Where dx_old is asked (a coupled layer, or an input that needs its gradient), the old
-channels get tiles of their own, which read the frozen rows of every group whose k_end lies
-past the tile: rows cut inside the tile have their weights masked in registers, the rest go
-from the bulk copies to wgmma (a staircase whose k_ends decrease keeps the pointer kernel).
+channels get tiles of their own, in bands cut at every k_end, which read the frozen rows of
+every group whose k_end lies past the tile, from the bulk copies to wgmma (a staircase
+whose k_ends decrease, or a k_end off the 16-byte grid, keeps the pointer kernel).
 At stride s a box holds one phase of the input (every s-th row and column from an offset),
 which only every s-th tap reaches, from a dy box shifted by whole pixels: no phase view of
 dy is needed, so H and W need not be multiples of s (dilation 1 along a strided dimension,
@@ -653,12 +653,14 @@ def _dx_taps(acc, dy_desc, w_desc, row0, n_rows, n_taps, n_t, n0, q0h, q0w, ph, 
                  do_bench=_interpreted_bench if base._INTERPRET else None)
 @triton.jit
 def _conv_dx_tma_kernel(
-        dy_desc, dyo_desc, wn_desc, wc_desc, wf_desc, dx_ptr, groups_ptr, N, H, W, HQ, WQ, C,
-        O_N, O_F, I_F, G_F, dx_c0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h, dil_w,
+        dy_desc, dyo_desc, wn_desc, wc_desc, wf_desc, dx_ptr, groups_ptr, bands_ptr, N, H, W,
+        HQ, WQ, C, O_N, O_F, I_F, G_F, NB, dx_c0, sxn, sxc, sxh, sxw, pad_h, pad_w, dil_h,
+        dil_w,
         KH: tl.constexpr, KW: tl.constexpr, ST_H: tl.constexpr, ST_W: tl.constexpr,
         HAS_COUPLE: tl.constexpr, HAS_OLD: tl.constexpr, PIX_VEC: tl.constexpr,
-        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, IMG: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+        BAND_VEC: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IMG: tl.constexpr, BH: tl.constexpr,
+        BW: tl.constexpr):
     """A box of input pixels by BLOCK_N channels, channel c stored at dx's column c - dx_c0:
     the new inputs [I_f, C), and with HAS_OLD the old ones [0, I_f) too, in tiles of their
     own, so no tile mixes the two.
@@ -673,13 +675,15 @@ def _conv_dx_tma_kernel(
 
     Which rows each tile reads: the newest (w_new) always; for a new tile the coupling
     block's frozen rows (w_couple); for an old tile the frozen rows of every group whose
-    k_end lies past the tile's first channel (the staircase, k_ends nondecreasing).  Rows
-    whose k_end ends inside the tile go through registers with their channels at or past
-    k_end zeroed (a NaN in the stored zero block stays out); the rest, usually all, go
-    straight from the bulk copies to wgmma."""
+    k_end lies past the tile's first channel (the staircase, k_ends nondecreasing), all
+    straight from the bulk copies to wgmma.  The old channels are tiled in the NB bands of
+    ``bands_ptr``, cut at every k_end, so such a group reaches all of the tile's stored
+    channels: its zero block (a NaN stored there, or 0 * a NaN of its dy) only meets
+    channels that are not stored.  Band ends, I_f and C are multiples of BAND_VEC: the
+    channel mask is one over whole vectors (see expanded_conv's vector bounds)."""
     tl.static_assert(IMG * BH * BW == BLOCK_M)
     pid = tl.program_id(0)
-    n_old = (I_F + BLOCK_N - 1) // BLOCK_N if HAS_OLD else 0
+    n_old = lt.base._band_tiles(bands_ptr, NB, BLOCK_N) if HAS_OLD else 0
     n_tiles_c = n_old + (C - I_F + BLOCK_N - 1) // BLOCK_N
     pid_c = pid % n_tiles_c  # channel tiles fastest: one box's dy shared through L2
     phase = pid // n_tiles_c % (ST_H * ST_W)
@@ -693,8 +697,13 @@ def _conv_dx_tma_kernel(
     q0h = hw // tiles_w * BH
     q0w = hw % tiles_w * BW
     is_old = pid_c < n_old
-    c0 = tl.where(is_old, pid_c * BLOCK_N, I_F + (pid_c - n_old) * BLOCK_N)
-    c_end = tl.where(is_old, I_F, C)
+    if HAS_OLD:
+        old0, old_end = lt.base._band_tile(pid_c, bands_ptr, NB, BLOCK_N, BAND_VEC)
+        c0 = tl.where(is_old, old0, I_F + (pid_c - n_old) * BLOCK_N)
+        c_end = tl.where(is_old, old_end, C)
+    else:
+        c0 = I_F + pid_c * BLOCK_N
+        c_end = C
     # the phase's taps: r0, r0 + ST_H, ... below KH (every tap at stride 1)
     r0 = (ph + pad_h) % ST_H
     t0 = (pw + pad_w) % ST_W
@@ -709,38 +718,16 @@ def _conv_dx_tma_kernel(
                        q0h, q0w, ph, pw, r0, t0, C - I_F, c0 - I_F, pad_h, pad_w, dil_h,
                        dil_w, KW, ST_H, ST_W, PREC, BLOCK_M, BLOCK_K)
     if HAS_OLD:
-        # rows [0, o_lo): k_end <= c0, they never reach the tile; [o_lo, o_cl): k_end inside
-        # the tile's channels; [o_cl, O_F): past them
-        lim = tl.minimum(c0 + BLOCK_N, I_F)
-        o_lo = pid * 0
-        o_cl = pid * 0
+        # rows [0, o_lo): k_end <= c0, they never reach the tile; [o_lo, O_F): past it
+        o_lo = tl.where(is_old, 0, O_F)  # (a new tile: no frozen rows here)
         row0 = pid * 0
         for grp in range(G_F):
             row0 += tl.load(groups_ptr + grp)
-            k_end = tl.load(groups_ptr + G_F + grp)
-            o_lo = tl.where(k_end <= c0, row0, o_lo)
-            o_cl = tl.where(k_end < lim, row0, o_cl)
-        o_cl = tl.where(is_old, o_cl, O_F)  # (a new tile: no frozen rows here)
-        acc = _dx_taps(acc, dyo_desc, wf_desc, o_cl, O_F - o_cl, n_taps, n_t, n0, q0h, q0w,
+            o_lo = tl.where(tl.load(groups_ptr + G_F + grp) <= c0, tl.maximum(o_lo, row0),
+                            o_lo)
+        acc = _dx_taps(acc, dyo_desc, wf_desc, o_lo, O_F - o_lo, n_taps, n_t, n0, q0h, q0w,
                        ph, pw, r0, t0, I_F, c0, pad_h, pad_w, dil_h, dil_w, KW, ST_H, ST_W,
                        PREC, BLOCK_M, BLOCK_K)
-        n_cut = (o_cl - o_lo + BLOCK_K - 1) // BLOCK_K
-        for i in range(0, tl.where(is_old, n_taps * n_cut, 0)):
-            g, w, o0 = _dx_tap_operands(i, n_cut, n_t, o_lo, dyo_desc, wf_desc, n0, q0h, q0w,
-                                        ph, pw, r0, t0, I_F, c0, pad_h, pad_w, dil_h, dil_w,
-                                        KW, ST_H, ST_W, BLOCK_K)
-            rows = o0 + tl.arange(0, BLOCK_K)
-            row_end = pid * 0
-            k_row = tl.zeros((BLOCK_K,), dtype=tl.int32)  # each row's group's k_end
-            for grp in range(G_F):
-                row_start = row_end
-                row_end += tl.load(groups_ptr + grp)
-                k_row = tl.where((rows >= row_start) & (rows < row_end),
-                                 tl.load(groups_ptr + G_F + grp), k_row)
-            live = (rows < o_cl)[:, None] & ((c0 + tl.arange(0, BLOCK_N))[None, :]
-                                               < k_row[:, None])
-            w = tl.where(live, w, 0.0).to(w.dtype)
-            acc = tl.dot(w.T, g.reshape(BLOCK_M, BLOCK_K).T, acc, input_precision=PREC)
     acc = tl.trans(acc)
 
     j = tl.arange(0, BLOCK_M)
@@ -757,7 +744,8 @@ def _conv_dx_tma_kernel(
     dx_row = (img.to(tl.int64) * (sxn // PIX_VEC * PIX_VEC) + hi * (sxh // PIX_VEC * PIX_VEC)
               + wi * sxw)
     tl.store(dx_ptr + dx_row[:, None] + (cc - dx_c0)[None, :] * (sxc // PIX_VEC * PIX_VEC),
-             acc.to(dx_ptr.dtype.element_ty), mask=p_mask[:, None] & (cc < c_end)[None, :])
+             acc.to(dx_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & (cc // BAND_VEC < c_end // BAND_VEC)[None, :])
 
 
 def dx_usable(dy, w_new, w_couple, w_frozen, o_f, dy_new_c0, frozen_k_ends, geo,
@@ -769,7 +757,9 @@ def dx_usable(dy, w_new, w_couple, w_frozen, o_f, dy_new_c0, frozen_k_ends, geo,
         return False
     if any(st != 1 and dil != 1 for st, dil in zip(geo[:2], geo[4:6])):
         return False
-    if need_dx_old and not lt.nondecreasing(frozen_k_ends):
+    # old tiles start at every k_end (their bands), new ones at I_f
+    if need_dx_old and not (lt.nondecreasing(frozen_k_ends)
+                            and lt.aligned(dy, *frozen_k_ends)):
         return False
     ws = [w for w in (w_new, w_couple, w_frozen) if w is not None]
     if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):
@@ -783,10 +773,11 @@ def dx_usable(dy, w_new, w_couple, w_frozen, o_f, dy_new_c0, frozen_k_ends, geo,
 
 
 def grad_input(dy, w_new, w_couple, w_frozen, o_f, i_f, groups, n_groups, dx, dy_new_c0,
-               c_lo, dx_c0, geo, prec) -> bool:
+               c_lo, dx_c0, geo, prec, bands=()) -> bool:
     """dx[:, c_lo:] (channel c at dx's column c - dx_c0) through descriptors; False when it
     cannot run here.  ``c_lo`` = 0 asks for the old channels: the frozen rows ``w_frozen``
-    (None if there are none), ``groups`` the launcher's table of their widths and k_ends.
+    (None if there are none), ``groups`` the launcher's table of their widths and k_ends,
+    ``bands`` the ends of the bands their tiles are cut in (expanded_linear.band_ends).
     ``w_couple`` and ``w_frozen`` already carry a folded BatchNorm's scale of their rows."""
     n, c, h, wd = dx.shape[0], w_new.shape[1], dx.shape[2], dx.shape[3]
     o_n, kh, kw = w_new.shape[0], w_new.shape[2], w_new.shape[3]
@@ -803,12 +794,14 @@ def grad_input(dy, w_new, w_couple, w_frozen, o_f, i_f, groups, n_groups, dx, dy
         boxes = (triton.cdiv(n, meta["IMG"]) * triton.cdiv(hq, meta["BH"])
                  * triton.cdiv(wq, meta["BW"]))
         tiles = triton.cdiv(c - i_f, meta["BLOCK_N"]) + (
-            triton.cdiv(i_f, meta["BLOCK_N"]) if has_old else 0)
+            lt.base.band_tiles(bands, meta["BLOCK_N"]) if has_old else 0)
         return (boxes * st_h * st_w * tiles,)
 
     return lt._launch(
         "conv dx", _conv_dx_tma_kernel, grid,
         (dy_new, dy_old, wn, _taps_by_channel(w_couple) if couple else wn, wf),
-        dx, groups, n, h, wd, hq, wq, c, o_n, o_f, i_f, n_groups, dx_c0, *dx.stride(),
-        *geo[2:], KH=kh, KW=kw, ST_H=st_h, ST_W=st_w, HAS_COUPLE=couple, HAS_OLD=has_old,
-        PIX_VEC=_pixel_vector(dx) if st_w == 1 else 1, PREC=prec)
+        dx, groups, lt.base.band_table(bands, dx.device), n, h, wd, hq, wq, c, o_n, o_f, i_f,
+        n_groups, len(bands), dx_c0, *dx.stride(), *geo[2:], KH=kh, KW=kw, ST_H=st_h,
+        ST_W=st_w, HAS_COUPLE=couple, HAS_OLD=has_old,
+        PIX_VEC=_pixel_vector(dx) if st_w == 1 else 1, BAND_VEC=base.multiple_of_all(tuple(bands) + (c, i_f)),
+        PREC=prec)

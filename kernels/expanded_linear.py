@@ -20,7 +20,10 @@ Three kernels:
   one small torch reduction).
 * ``_dx_kernel``   dx tiles split at I_f.  New-input tiles: dy_new w_new[:, I_f:] (+ dy_old
   w_couple).  Old-input tiles: dy_new w_new[:, :I_f] + sum_g dy_g w_frozen[g, :k_end_g], only
-  when NEED_OLD; otherwise they store zeros without computing anything.
+  when NEED_OLD; otherwise they store zeros without computing anything.  With NEED_OLD the
+  old columns are tiled in bands cut at every k_end, so a tile never multiplies a group's
+  dy with the zeros right of its k_end: a NaN or Inf in that dy stays out of the columns
+  the group does not read.
 
 All accumulate in fp32 and store in the input dtype.  Activations: ``gelu`` is the exact
 (erf) GELU, ``gelu_tanh`` torch's ``gelu(approximate="tanh")``.  For the smooth ones the
@@ -326,25 +329,65 @@ def _dw_store(acc, dw_ptr, db_ptr, a_cols, rr, rc, r_mask, c_mask, pid_c, sid, R
 
 
 @triton.jit
-def _locate_dx_tile(M, I, I_F, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GROUP_M: tl.constexpr):
+def _band_tiles(bands_ptr, NB, BLOCK_N: tl.constexpr):
+    """How many tiles of BLOCK_N columns the NB bands of ``bands_ptr`` make (their end
+    columns; the first band starts at 0), each band tiled on its own."""
+    tiles = NB * 0
+    start = tiles
+    for b in range(NB):
+        end = tl.load(bands_ptr + b)
+        tiles += (end - start + BLOCK_N - 1) // BLOCK_N  # (no tl.cdiv: slow interpreted)
+        start = end
+    return tiles
+
+
+@triton.jit
+def _band_tile(t, bands_ptr, NB, BLOCK_N: tl.constexpr, VEC: tl.constexpr):
+    """Tile t of the bands: (its first column, its band's end).  Band ends are multiples of
+    VEC (the launcher checks): the first column is returned as one visibly
+    (vector_bounds.py).  Past the last tile: (0, 0)."""
+    col0 = t * 0
+    col_end = col0
+    seen = col0
+    start = col0
+    for b in range(NB):
+        end = tl.load(bands_ptr + b)
+        n = (end - start + BLOCK_N - 1) // BLOCK_N
+        hit = (t >= seen) & (t < seen + n)
+        col0 = tl.where(hit, start + (t - seen) * BLOCK_N, col0)
+        col_end = tl.where(hit, end, col_end)
+        seen += n
+        start = end
+    return col0 // VEC * VEC, col_end
+
+
+@triton.jit
+def _locate_dx_tile(M, I, I_F, bands_ptr, NB, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUP_M: tl.constexpr, COL_VEC: tl.constexpr):
     """This program's dx tile: (row tile, first column, end column, is an old-input tile).
-    Column tiles of dx: the old inputs [0, I_f) first, then the new ones [I_f, I)."""
+
+    The old inputs [0, I_f) come first, cut into the NB bands of ``bands_ptr``, each tiled
+    on its own; then the new ones [I_f, I).  The launcher cuts the bands at every frozen
+    group's k_end, so a group reaches either all of a tile's stored columns or none: no
+    tile adds a group's dy times its zeroed weights (0 * NaN) into columns that group never
+    reads.  Band ends, I_f and I are multiples of COL_VEC."""
     pid = tl.program_id(0)
-    n_old = (I_F + BLOCK_N - 1) // BLOCK_N  # (no tl.cdiv: a jit call, slow when interpreted)
+    n_old = _band_tiles(bands_ptr, NB, BLOCK_N)
     pid_m, pid_n = _swizzle(pid, (M + BLOCK_M - 1) // BLOCK_M,
                             n_old + (I - I_F + BLOCK_N - 1) // BLOCK_N, GROUP_M)
     is_old = pid_n < n_old
-    col0 = tl.where(is_old, pid_n * BLOCK_N, I_F + (pid_n - n_old) * BLOCK_N)
-    col_end = tl.where(is_old, I_F, I)
-    return pid_m, col0, col_end, is_old
+    old0, old_end = _band_tile(pid_n, bands_ptr, NB, BLOCK_N, COL_VEC)
+    col0 = tl.where(is_old, old0, I_F + (pid_n - n_old) * BLOCK_N)
+    col_end = tl.where(is_old, old_end, I)
+    return pid_m, col0 // COL_VEC * COL_VEC, col_end, is_old
 
 
 @triton.jit
 def _dx_frozen_groups(acc, dy_rows, wf_ptr, tab_ptr, rk, m_mask, col0, is_old, G, s_dyo,
                       s_wfo, s_wfk, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
                       K_VEC: tl.constexpr):
-    """Frozen group g adds dy_g @ w_frozen[g, cols] on the columns it reads (< k_end_g)."""
+    """Frozen group g adds dy_g @ w_frozen[g, cols] to the tile if it reads the tile's
+    columns (k_end_g past col0: then past all the tile stores, _locate_dx_tile's bands)."""
     for g in range(G - 1):
         r0 = tl.load(tab_ptr + 3 * g)
         k_end = tl.load(tab_ptr + 3 * g + 2)
@@ -354,20 +397,22 @@ def _dx_frozen_groups(acc, dy_rows, wf_ptr, tab_ptr, rk, m_mask, col0, is_old, G
     return acc
 
 
-@_autotune(key=["M", "I", "I_F", "O_F", "O_N", "G"], rows="M", cols="I")
+@_autotune(key=["M", "I", "I_F", "O_F", "O_N", "G", "NB"], rows="M", cols="I")
 @triton.jit
-def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr,
-               M, I, I_F, O_F, O_N, G,
+def _dx_kernel(dy_ptr, wf_ptr, wn_ptr, wc_ptr, dx_ptr, tab_ptr, bands_ptr,
+               M, I, I_F, O_F, O_N, G, NB,
                s_dym, s_dyo, s_wfo, s_wfk, s_wno, s_wnk, s_wco, s_wck, s_dxm, s_dxk,
                NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
-               K_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+               K_VEC: tl.constexpr, COL_VEC: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     tl.static_assert(BLOCK_N % K_VEC == 0 and BLOCK_K % K_VEC == 0)
-    pid_m, col0, col_end, is_old = _locate_dx_tile(M, I, I_F, BLOCK_M, BLOCK_N, GROUP_M)
+    tl.static_assert(BLOCK_N % COL_VEC == 0)
+    pid_m, col0, col_end, is_old = _locate_dx_tile(M, I, I_F, bands_ptr, NB, BLOCK_M,
+                                                   BLOCK_N, GROUP_M, COL_VEC)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rk = col0 + tl.arange(0, BLOCK_N)     # dx columns of this tile
     m_mask = (rm < M)[:, None]
-    k_mask = (rk < col_end)[None, :]
+    k_mask = _col_mask(rk, col_end, COL_VEC)[None, :]
     dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * s_dym
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
@@ -415,6 +460,29 @@ def group_table(frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], 
         tab = torch.tensor(rows, dtype=torch.int32, device=device)
         _TABLES[key] = tab
     return tab
+
+
+def band_ends(frozen_k_ends: Sequence[int], i_f: int, need_old: bool) -> Tuple[int, ...]:
+    """Where the dx kernels cut the old input columns [0, I_f) into bands tiled apart: at
+    every frozen group's k_end when the old columns are computed (a group then reaches all
+    of a tile's columns or none), else one band of zeros."""
+    inner = {int(k) for k in frozen_k_ends if 0 < k < i_f} if need_old else set()
+    return tuple(sorted(inner)) + (int(i_f),)
+
+
+def band_tiles(bands: Sequence[int], block: int) -> int:
+    """How many tiles of ``block`` columns the bands make (each tiled on its own)."""
+    return sum(triton.cdiv(e - s, block) for s, e in zip((0,) + tuple(bands[:-1]), bands))
+
+
+def band_table(bands: Sequence[int], device) -> torch.Tensor:
+    """int32 band ends on the device, cached like the group table."""
+    key = ("bands", tuple(bands), str(device))
+    t = _TABLES.get(key)
+    if t is None:
+        t = torch.tensor(list(bands), dtype=torch.int32, device=device)
+        _TABLES[key] = t
+    return t
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -575,20 +643,23 @@ def grad_input(dy: torch.Tensor, w_frozen: torch.Tensor, w_new: torch.Tensor,
     couple = w_couple is not None and w_couple.shape[1] > 0 and o_f > 0
     wc = w_couple if couple else w_new
     tab = group_table(frozen_out_groups, frozen_k_ends, i_f, o_new, i, dy.device)
-    grid = _grid2(n, lambda meta: triton.cdiv(i_f, meta["BLOCK_N"])
+    bands = band_ends(frozen_k_ends, i_f, need_dx_old)
+    grid = _grid2(n, lambda meta: band_tiles(bands, meta["BLOCK_N"])
                   + triton.cdiv(i - i_f, meta["BLOCK_N"]))
     meta = dict(NEED_OLD=bool(need_dx_old), HAS_COUPLE=couple, PREC=_precision(dy.dtype),
                 K_VEC=multiple_of_all(list(itertools.accumulate(frozen_out_groups))
-                                      + [o_f, o_new] + list(frozen_k_ends)))
+                                      + [o_f, o_new] + list(frozen_k_ends)),
+                COL_VEC=multiple_of_all(bands + (i,)))
+    bands_t = band_table(bands, dy.device)
     tma = _tma()
     if dx.stride(1) == 1 \
             and tma.grad_input_usable(dy, w_frozen, w_new, w_couple if couple else None,
                                       list(frozen_k_ends), need_dx_old) \
             and tma.grad_input(dy, w_frozen, w_new, w_couple if couple else None, dx, tab,
-                               grid, **meta):
+                               bands_t, grid, **meta):
         return dx
-    launch(_dx_kernel, grid, dy, w_frozen, w_new, wc, dx, tab,
-           n, i, i_f, o_f, o_new, tab.shape[0],
+    launch(_dx_kernel, grid, dy, w_frozen, w_new, wc, dx, tab, bands_t,
+           n, i, i_f, o_f, o_new, tab.shape[0], len(bands),
            dy.stride(0), dy.stride(1), w_frozen.stride(0), w_frozen.stride(1),
            w_new.stride(0), w_new.stride(1), wc.stride(0), wc.stride(1),
            dx.stride(0), dx.stride(1), **meta)

@@ -13,9 +13,10 @@ shape reads as zeros, which adds nothing to a sum).
   out); for a single expansion (k_end = I_f) the descriptors read zeros there.
 * dW (and dW_couple): every tile through descriptors; the fused db sum as before.
 * dx: the newest rows and the coupling block through descriptors (their K ends where the
-  tensors end); for dx_old the frozen groups' rows too: those whose k_end lies inside an
-  old tile's columns are loaded whole and cut there in registers, the rest go from the
-  bulk copies to wgmma (a staircase whose k_ends decrease keeps the pointer kernel).
+  tensors end); for dx_old the frozen groups' rows too, straight from the bulk copies to
+  wgmma: the old columns are tiled in bands cut at every k_end (as in the pointer kernel),
+  so a group reaches all of a tile's stored columns or none (a staircase whose k_ends
+  decrease, or a k_end that is no whole 16-byte unit, keeps the pointer kernel).
 
 Descriptors need 16-byte aligned bases and row strides and a unit column stride
 (:func:`usable` checks); otherwise, and for fp32 (whose ieee dot gains nothing from it), the
@@ -248,21 +249,22 @@ def grad_weight(a, b, dw, db, chunk, grid, **meta) -> bool:
 # dx: new-input tiles dy_new w_new[:, cols] (+ dy_old w_couple), old-input tiles
 # dy_new w_new[:, cols] + the frozen groups' rows, cut at their k_end, when NEED_OLD
 # ---------------------------------------------------------------------------------------
-@_autotune(["M", "I", "I_F", "O_F", "O_N", "G"], "M", "I", dyn_desc="MK", wn_desc="KN",
+@_autotune(["M", "I", "I_F", "O_F", "O_N", "G", "NB"], "M", "I", dyn_desc="MK", wn_desc="KN",
            dyo_desc="MK", wc_desc="KN", wf_desc="KN")
 @triton.jit
-def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, wf_desc, dx_ptr, tab_ptr,
-                   M, I, I_F, O_F, O_N, G, s_dxm,
+def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, wf_desc, dx_ptr, tab_ptr, bands_ptr,
+                   M, I, I_F, O_F, O_N, G, NB, s_dxm,
                    NEED_OLD: tl.constexpr, HAS_COUPLE: tl.constexpr, PREC: tl.constexpr,
-                   K_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   K_VEC: tl.constexpr, COL_VEC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     tl.static_assert(BLOCK_N % K_VEC == 0 and BLOCK_K % K_VEC == 0)
-    pid_m, col0, col_end, is_old = base._locate_dx_tile(M, I, I_F, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, col0, col_end, is_old = base._locate_dx_tile(M, I, I_F, bands_ptr, NB, BLOCK_M,
+                                                        BLOCK_N, GROUP_M, COL_VEC)
     off_m = pid_m * BLOCK_M
     rm = off_m + tl.arange(0, BLOCK_M)
     rk = col0 + tl.arange(0, BLOCK_N)
     m_mask = (rm < M)[:, None]
-    k_mask = (rk < col_end)[None, :]
+    k_mask = base._col_mask(rk, col_end, COL_VEC)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Newest rows (old tiles only when NEED_OLD): the tile's columns past I, and the rows
     # past O_N, read as zeros.
@@ -274,35 +276,19 @@ def _dx_tma_kernel(dyn_desc, wn_desc, dyo_desc, wc_desc, wf_desc, dx_ptr, tab_pt
         acc = tl.dot(dyn_desc.load([off_m, k]), wn_desc.load([k, col0]), acc,
                      input_precision=PREC)
     if NEED_OLD:
-        # An old tile reads the frozen rows of every group whose k_end lies past col0 (the
-        # staircase: k_ends nondecreasing, the launcher checks).  Rows [0, o_lo) never reach
-        # the tile; rows [o_lo, o_cut) end inside its columns: loaded whole, their columns at
-        # or past k_end zeroed (a NaN in the stored zero block stays out); rows [o_cut, O_F)
-        # reach past the tile (or I_f, past which w_frozen reads zeros) and go from the bulk
-        # copies to wgmma.
-        lim = tl.minimum(col0 + BLOCK_N, I_F)
-        o_lo = pid_m * 0
-        o_cut = pid_m * 0
+        # An old tile lies in one band of the old columns, cut at every k_end: a frozen
+        # group reaches all the columns it stores or none.  k_ends nondecreasing (the
+        # staircase, the launcher checks): rows [0, o_lo) end at or before col0 and never
+        # reach the tile, rows [o_lo, O_F) reach past it and go from the bulk copies to
+        # wgmma.  Their columns past the band (where a group's zero block may start: a NaN
+        # stored there, or 0 * a NaN of its dy) land in columns that are not stored.
+        o_lo = tl.where(is_old, 0, O_F)
         for g in range(G - 1):
-            row_end = tl.load(tab_ptr + 3 * g + 1)
-            k_end = tl.load(tab_ptr + 3 * g + 2)
-            o_lo = tl.where(k_end <= col0, row_end, o_lo)
-            o_cut = tl.where(k_end < lim, row_end, o_cut)
-        o_cut = tl.where(is_old, o_cut, O_F)  # (a new tile: no frozen rows)
-        for k in range(o_cut, O_F, BLOCK_K):
+            o_lo = tl.where(tl.load(tab_ptr + 3 * g + 2) <= col0,
+                            tl.maximum(o_lo, tl.load(tab_ptr + 3 * g + 1)), o_lo)
+        for k in range(o_lo, O_F, BLOCK_K):
             acc = tl.dot(dyo_desc.load([off_m, k]), wf_desc.load([k, col0]), acc,
                          input_precision=PREC)
-        for k in range(o_lo, tl.where(is_old, o_cut, o_lo), BLOCK_K):
-            rows = k + tl.arange(0, BLOCK_K)
-            k_row = tl.zeros((BLOCK_K,), dtype=tl.int32)  # each row's group's k_end
-            for g in range(G - 1):
-                inside = (rows >= tl.load(tab_ptr + 3 * g)) \
-                    & (rows < tl.load(tab_ptr + 3 * g + 1))
-                k_row = tl.where(inside, tl.load(tab_ptr + 3 * g + 2), k_row)
-            w = wf_desc.load([k, col0])
-            live = (rows < o_cut)[:, None] & (rk[None, :] < k_row[:, None])
-            w = tl.where(live, w, 0.0).to(w.dtype)
-            acc = tl.dot(dyo_desc.load([off_m, k]), w, acc, input_precision=PREC)
     if HAS_COUPLE:
         # Coupled layout: every frozen row reads the newest inputs through w_couple.
         for k in range(0, tl.where(is_old, 0, O_F), BLOCK_K):
@@ -330,13 +316,14 @@ def grad_input_usable(dy, w_frozen, w_new, w_couple, frozen_k_ends, need_old) ->
     old = _reads_frozen_rows(w_frozen, need_old)
     if old and not nondecreasing(frozen_k_ends):
         return False
-    if not aligned(dy, w_new.shape[1], w_frozen.shape[1]):  # (new tiles start at I_f)
+    # new tiles start at I_f, old ones (with dx_old) at each band: every k_end
+    if not aligned(dy, w_new.shape[1], w_frozen.shape[1], *(frozen_k_ends if old else ())):
         return False
     return usable(dy[:, o_f:], w_new, dy[:, :o_f] if (w_couple is not None or old) else None,
                   w_couple, w_frozen if old else None)
 
 
-def grad_input(dy, w_frozen, w_new, w_couple, dx, tab, grid, **meta) -> bool:
+def grad_input(dy, w_frozen, w_new, w_couple, dx, tab, bands, grid, **meta) -> bool:
     """dx through descriptors; False when it cannot run here.  ``w_couple``: None unless
     the coupling block is read."""
     o_f = w_frozen.shape[0]
@@ -346,6 +333,7 @@ def grad_input(dy, w_frozen, w_new, w_couple, dx, tab, grid, **meta) -> bool:
     descs = (dy_new, w_new, dy_old if couple or old else dy_new,
              w_couple if couple else w_new, w_frozen if old else w_new)
     return _launch("dx", _dx_tma_kernel, grid, descs,
-                   dx, tab, dy.shape[0], w_new.shape[1], w_frozen.shape[1],
-                   o_f if couple or old else 0, w_new.shape[0], tab.shape[0], dx.stride(0),
+                   dx, tab, bands, dy.shape[0], w_new.shape[1], w_frozen.shape[1],
+                   o_f if couple or old else 0, w_new.shape[0], tab.shape[0], bands.numel(),
+                   dx.stride(0),
                    **meta)

@@ -239,9 +239,10 @@ def test_pointer_kernel_where_descriptors_do_not_fit(tma_launches, monkeypatch, 
 
 @pytest.mark.parametrize("coupled", [False, True])
 def test_dx_old_with_two_groups_cut_inside_one_channel_tile(tma_launches, monkeypatch, coupled):
-    """A 32-channel tile (the interpreter's default is 16) over three frozen groups with
-    k_ends 8, 16 and 24: rows of two groups, cut at different channels, share one row tile
-    of the masked loop; NaN past each k_end stays out."""
+    """32-channel tiles (the interpreter's default is 16) over three frozen groups with
+    k_ends 8, 16 and 24: the old channels are tiled in bands [0, 8), [8, 16), [16, 24),
+    [24, 32), each tile reading the rows of the groups past it; NaN past each k_end stays
+    out."""
     import triton
     kern = ect._conv_dx_tma_kernel
     configs = [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, IMG=i, BH=h, BW=w),
@@ -256,6 +257,58 @@ def test_dx_old_with_two_groups_cut_inside_one_channel_tile(tma_launches, monkey
     _run(t, _conv(padding=1), False, torch.float16, need_dx_old=True, channels_last=True)
     assert tma_launches[-1] == ("grad_input", True)
     assert {c.kwargs["BLOCK_N"] for c in kern.cache.values()} == {32}
+
+
+def _dx_group_by_group(t, dy, conv):
+    """Float64 dx summed group by group over the channels each reads (the frozen groups'
+    [0, k_end), the coupling block's new channels, the newest rows' all): a NaN or Inf in a
+    group's dy reaches those channels only."""
+    x, dy = t["x"].double(), dy.double()
+    geo = (conv["stride"], conv["padding"], conv["dilation"])
+    dx = torch.zeros(x.shape, dtype=torch.float64)
+    wf = torch.nan_to_num(t["w_frozen"].double(), nan=0.0)
+    i_f, row = wf.shape[1], 0
+    for rows, k in zip(t["frozen_out_groups"], t["frozen_k_ends"]):
+        dx[:, :k] += torch.nn.grad.conv2d_input((x.shape[0], k, *x.shape[2:]),
+                                                wf[row:row + rows, :k], dy[:, row:row + rows],
+                                                *geo)
+        row += rows
+    if t["w_couple"] is not None:
+        dx[:, i_f:] += torch.nn.grad.conv2d_input(
+            (x.shape[0], x.shape[1] - i_f, *x.shape[2:]), t["w_couple"].double(), dy[:, :row],
+            *geo)
+    return dx + torch.nn.grad.conv2d_input(x.shape, t["w_new"].double(), dy[:, row:], *geo)
+
+
+@pytest.mark.parametrize("kernel", ["tma", "pointer"])
+@pytest.mark.parametrize("groups", [((8, 8), (8, 8)), ((8, 8, 16), (8, 16, 8))],
+                         ids=["2g", "3g"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dx_keeps_a_groups_nan_out_of_channels_it_does_not_read(tma_launches, monkeypatch,
+                                                                 kernel, groups, dtype):
+    # A NaN and an Inf in the first group's dy (a diverged old task) belong in dx's channels
+    # that group reads, [0, k_end_0), and nowhere else.  The channels are tiled in bands cut
+    # at each k_end (and at I_f); a tile across k_end_0 (a 16-channel tile over groups of 8)
+    # once multiplied that dy by the zeroed weights.
+    if kernel == "pointer":
+        monkeypatch.setattr(lt, "MODE", "0")
+    t = _make(*groups, 3, False, False, dtype, batch=2, hw=(4, 5), channels_last=True)
+    conv = _conv(padding=1)
+    dev = _to_dev(t)
+    dy = torch.randn(2, sum(groups[1]), 4, 5, dtype=dtype).contiguous(
+        memory_format=torch.channels_last)
+    dy[0, 0, 1, 2] = float("nan")
+    dy[1, groups[1][0] - 1, 3, 4] = float("inf")
+    dx = ec.expanded_conv2d_backward(dy.to(DEV), **_layer_args(dev), **conv, depthwise=False,
+                                     need_dx_new=True, need_dx_old=True, need_dw=False,
+                                     need_db=False, need_dcouple=False)[0]
+    assert tma_launches == ([("grad_input", True)] if kernel == "tma" else [])
+    ref, k0 = _dx_group_by_group(t, dy, conv), t["frozen_k_ends"][0]
+    assert not ref[:, k0:].isnan().any() and ref[0, :k0].isnan().any()
+    fin = dx.isfinite().cpu()
+    assert torch.equal(fin, ref.isfinite()), \
+        f"non-finite dx at {(fin != ref.isfinite()).nonzero()[:4].tolist()}"
+    _close(torch.where(fin, dx.cpu(), 0), torch.where(fin, ref, 0), dtype, "dx where finite")
 
 
 @pytest.mark.parametrize("stride", [1, 2])

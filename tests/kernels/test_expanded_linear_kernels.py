@@ -543,6 +543,43 @@ def test_tma_backward_matches_float64(tma_launches, name, mode, need_dx_old, dty
     assert sorted(tma_launches) == sorted(expected)
 
 
+def nan_isolated_dx(c):
+    """Float64 dx of ``c`` summed group by group over the columns each reads: a NaN or Inf
+    in a group's dy reaches those columns only (what dy @ w_dense, whose zeros would
+    multiply it, cannot show)."""
+    dy, dx = c.dy.double().cpu(), torch.zeros(c.x.shape[0], c.i, dtype=torch.float64)
+    r = 0
+    for rows, k in zip(c.groups, c.k_ends):
+        dx[:, :k] += dy[:, r:r + rows] @ c.w_dense[r:r + rows, :k]
+        r += rows
+    dx += dy[:, c.o_f:] @ c.w_dense[c.o_f:]
+    return dx
+
+
+@pytest.mark.parametrize("kernel", ["tma", "pointer"])
+@pytest.mark.parametrize("name", ["3g", "4g"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dx_keeps_a_groups_nan_out_of_columns_it_does_not_read(tma_launches, monkeypatch,
+                                                                 kernel, name, dtype):
+    # A NaN and an Inf in the first group's dy (a diverged old task) belong in dx_old's
+    # columns that group reads, [0, k_end_0), and nowhere else: the later groups' columns
+    # and the new inputs' stay finite and right.  The old columns are tiled in bands cut at
+    # each k_end; a tile across k_end_0 once multiplied that dy by the zeroed weights.
+    if kernel == "pointer":
+        monkeypatch.setattr(T, "MODE", "0")
+    c = Case(*TMA_LAYOUTS[name], mode="isolated", n=37, dtype=dtype)
+    c.dy[3, 0] = float("nan")
+    c.dy[30, c.groups[0] - 1] = float("inf")
+    dx = K.grad_input(c.dy, c.w_frozen, c.w_new, None, c.groups, c.k_ends, True)
+    assert tma_launches == ([("grad_input", True)] if kernel == "tma" else [])
+    ref, k0 = nan_isolated_dx(c), c.k_ends[0]
+    assert not ref[:, k0:].isnan().any() and ref[3, :k0].isnan().all()
+    fin = dx.isfinite().cpu()
+    assert torch.equal(fin, ref.isfinite()), \
+        f"non-finite dx at {(fin != ref.isfinite()).nonzero()[:4].tolist()}"
+    assert_close(dx.cpu()[fin], ref[fin], dtype, "dx where finite")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["isolated", "coupled"])
 def test_gpu_tma_kernels_bf16(mode):

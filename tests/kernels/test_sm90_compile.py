@@ -52,10 +52,11 @@ CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 # which conv launches compile each kernel: the descriptor kernels on both layouts, the
 # pointer ones where descriptors are off; at stride 2 the descriptor kernels again (x's
 # phase view for the forward and dW, one program per input phase for dx), and for a coupled
-# layer (the coupling block, dW_couple, dx_old's staircase).  On NCHW input dW reads x in
-# place through its own kernel.
+# layer (the coupling block, dW_couple, dx_old's staircase; the pointer kernels too, whose dx
+# tiles the old channels in bands).  On NCHW input dW reads x in place through its own
+# kernel.
 CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-coupled", "conv-nchw", "conv-stride2"]
-                                          if tma else ["conv-pointer"])
+                                          if tma else ["conv-pointer", "conv-pointer-coupled"])
                for k in ("fwd", "wgrad", "dx") for tma in ("_tma", "")}
 CONV_LAYERS["_conv_wgrad_tma_kernel"] = ["conv", "conv-coupled", "conv-stride2"]
 CONV_LAYERS["_conv_wgrad_nchw_tma_kernel"] = ["conv-nchw"]

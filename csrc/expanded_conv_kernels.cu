@@ -548,9 +548,10 @@ __global__ void __launch_bounds__(256) conv_fwd_kernel(const __grid_constant__ F
 }
 
 // ================================ input gradient ============================================
-// Column (channel) tiles 0..old_tiles cover dx_old = channels [0, I_f), the rest dx_new =
-// [I_f, I).  Phases of an old tile: the new rows (w_new's old channels), then each frozen group
-// g whose channels reach the tile (k_end[g] > c0), masked at k_end[g]; none without need_old
+// Column (channel) tiles 0..old_tiles cover dx_old = channels [0, I_f) (in the bands of
+// common::OldBands, cut at every k_end), the rest dx_new = [I_f, I).  Phases of an old tile:
+// the new rows (w_new's old channels), then each frozen group g whose channels reach the tile
+// (k_end[g] > c0: then past all it stores), masked at k_end[g]; none without need_old
 // (the tile stores zeros).  Phases of a new tile: the new rows, then (coupled) every frozen row
 // through w_couple.  The reduction index of a phase is j = (o * KH + kh) * KW + kw over its rows.
 struct DxParams {
@@ -566,6 +567,7 @@ struct DxParams {
   ConvDims d;
   int in_ch, frozen_in, frozen_out, new_out, old_tiles, need_old, ngroups;
   int g_row0[kMaxConvFrozenGroups], g_rows[kMaxConvFrozenGroups], g_kend[kMaxConvFrozenGroups];
+  common::OldBands<kMaxConvFrozenGroups> bands;
 };
 
 template <typename T>
@@ -583,8 +585,9 @@ struct DxProblem {
 
   XF_HD DxProblem(const DxParams& params, int t, int64_t bx, int by) : p(params), tid(t) {
     old = by < p.old_tiles;
-    c0 = old ? by * TL::BN : p.frozen_in + (by - p.old_tiles) * TL::BN;
-    c_end = old ? p.frozen_in : p.in_ch;
+    c0 = p.frozen_in + (by - p.old_tiles) * TL::BN;
+    c_end = p.in_ch;
+    if (old) p.bands.tile(by, TL::BN, c0, c_end);
     m0 = bx * TL::BM;
     const int64_t m = m0 + TA::fast(tid);
     a_ok = m < p.pixels;
@@ -1003,7 +1006,8 @@ cudaError_t build_dx(const ConvShape& s, const ConvWeights& w, const void* dy,
     p.g_kend[gi] = static_cast<int>(s.frozen_k_ends[gi]);
     r0 += s.frozen_out_groups[gi];
   }
-  const int64_t old_tiles = ceil_div(s.frozen_in, TL::BN);
+  const int64_t old_tiles = p.bands.build(s.num_frozen_groups, s.frozen_k_ends, s.frozen_in,
+                                          need_dx_old, TL::BN);
   const int64_t tiles = old_tiles + ceil_div(s.in_channels - s.frozen_in, TL::BN);
   const int64_t gx = ceil_div(pixels, TL::BM);
   if (tiles > kMaxGridY || gx > kMaxGridX) return cudaErrorInvalidValue;

@@ -541,9 +541,10 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
 }
 
 // ================================ input gradient =========================================
-// Column tiles 0..old_tiles cover dx_old = dx[:, :I_f], the rest dx_new = dx[:, I_f:].
+// Column tiles 0..old_tiles cover dx_old = dx[:, :I_f] (in the bands of common::OldBands, cut
+// at every k_end), the rest dx_new = dx[:, I_f:].
 // Phases of an old tile: the new rows (w_new[:, :I_f]), then each frozen group g whose inputs
-// reach the tile (k_end[g] > c0), masked at k_end[g].  Phases of a new tile: the new rows
+// reach the tile (k_end[g] > c0: then past all it stores), masked at k_end[g].  Phases of a new tile: the new rows
 // (w_new[:, I_f:]) and, coupled, every frozen row (w_couple).  Old tiles without need_old
 // have no phases: they store zeros.
 struct DxParams {
@@ -555,6 +556,7 @@ struct DxParams {
   int64_t ld_dy, ld_dx, ld_wn, ld_wf, ld_wc, rows;
   int in_features, frozen_in, frozen_out, new_out, old_tiles, need_old, ngroups;
   int g_row0[kMaxFrozenGroups], g_rows[kMaxFrozenGroups], g_kend[kMaxFrozenGroups];
+  common::OldBands<kMaxFrozenGroups> bands;
 };
 
 template <typename T>
@@ -591,17 +593,24 @@ struct DxProblem {
   }
 };
 
+// Block (bx, tile)'s problem: its rows and its column tile (an old tile in its band).
+template <typename T, class M>
+__host__ __device__ __forceinline__ DxProblem<T> dx_problem(const DxParams& p, int64_t bx,
+                                                            int tile) {
+  const bool old = tile < p.old_tiles;
+  int c0 = p.frozen_in + (tile - p.old_tiles) * M::BN, c_end = p.in_features;
+  if (old) p.bands.tile(tile, M::BN, c0, c_end);
+  return DxProblem<T>{p, bx * M::BM, c0, c_end, old};
+}
+
 template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dx_kernel(const __grid_constant__ DxParams p) {
   using L = typename M::template Layout<true, false>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tile = blockIdx.y;
-  const bool old = tile < p.old_tiles;
-  const int c0 = old ? tile * M::BN : p.frozen_in + (tile - p.old_tiles) * M::BN;
-  const int c_end = old ? p.frozen_in : p.in_features;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * M::BM;
-  DxProblem<T> prob{p, m0, c0, c_end, old};
+  const DxProblem<T> prob = dx_problem<T, M>(p, blockIdx.x, blockIdx.y);
+  const int64_t m0 = prob.m0;
+  const int c0 = prob.c0, c_end = prob.c_end;
   typename M::Acc acc;
   float unused = 0.f;
   gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
@@ -835,7 +844,8 @@ cudaError_t build_dx(const LinearShape& s, const LinearWeights& w, const void* d
     r0 += p.g_rows[g];
   }
   p.ngroups = s.num_frozen_groups;
-  p.old_tiles = static_cast<int>(ceil_div(s.frozen_in, M::BN));
+  p.old_tiles = static_cast<int>(
+      p.bands.build(s.num_frozen_groups, s.frozen_k_ends, s.frozen_in, need_dx_old, M::BN));
   const int64_t tiles = p.old_tiles + ceil_div(s.in_features - s.frozen_in, M::BN);
   if (tiles > kMaxGridY) return cudaErrorInvalidValue;
   grid = dim3(static_cast<unsigned>(ceil_div(s.rows, M::BM)), static_cast<unsigned>(tiles));

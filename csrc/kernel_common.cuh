@@ -52,6 +52,49 @@ inline bool frozen_groups_ok(int num_groups, const int64_t* widths, const int64_
   return total == frozen_out;
 }
 
+// The old input columns (channels) [0, frozen_in) of a dx launch, in bands tiled apart.  With
+// dx_old the bands are cut at every frozen group's k_end: a group then reaches all of a tile's
+// stored columns or none, so no tile multiplies its dy by the zeros past its k_end (0 * NaN:
+// a NaN or Inf in an old output's gradient stays out of columns that output never reads).
+// Without dx_old, one band (its tiles store zeros).  Band b is [b ? end[b - 1] : 0, end[b]),
+// its tiles tile0[b] .. tile0[b + 1] - 1; tile0[n] counts the old tiles.
+template <int kMaxGroups>
+struct OldBands {
+  int n;
+  int end[kMaxGroups + 1];
+  int tile0[kMaxGroups + 2];
+
+  // Built on the host from the launch's groups; returns the number of old tiles.
+  int64_t build(int num_groups, const int64_t* k_ends, int64_t frozen_in, bool need_old,
+                int block) {
+    n = 0;
+    if (need_old)
+      for (int g = 0; g < num_groups; ++g) {  // the distinct k_ends inside, ascending
+        const int k = static_cast<int>(k_ends[g]);
+        if (k <= 0 || k >= frozen_in) continue;
+        int at = 0;
+        while (at < n && end[at] < k) ++at;
+        if (at < n && end[at] == k) continue;
+        for (int j = n; j > at; --j) end[j] = end[j - 1];
+        end[at] = k;
+        ++n;
+      }
+    end[n++] = static_cast<int>(frozen_in);
+    tile0[0] = 0;
+    for (int b = 0; b < n; ++b)
+      tile0[b + 1] = tile0[b] + static_cast<int>(ceil_div(end[b] - (b ? end[b - 1] : 0), block));
+    return tile0[n];
+  }
+
+  // Old tile t: its first column c0 and its band's end c_end.
+  __host__ __device__ __forceinline__ void tile(int t, int block, int& c0, int& c_end) const {
+    int b = 0;
+    while (b + 1 < n && tile0[b + 1] <= t) ++b;
+    c0 = (b ? end[b - 1] : 0) + (t - tile0[b]) * block;
+    c_end = end[b];
+  }
+};
+
 }  // namespace common
 
 // Whether the fp16/bf16 GEMMs of this call use wgmma (Hopper warpgroup MMA) on the current

@@ -51,7 +51,7 @@ struct Check {
   void operator()(T got_t, double ref, int i0, int i1, int i2, int i3) {
     const float got = to_f(got_t), want = to_f(from_f<T>(static_cast<float>(ref)));
     ++compared;
-    if (!(got == want) && bad++ < 5)
+    if (!(got == want || (std::isnan(got) && std::isnan(want))) && bad++ < 5)
       std::printf("  %s[%d, %d, %d, %d] = %g, want %g\n", what.c_str(), i0, i1, i2, i3, got,
                   want);
   }
@@ -279,6 +279,11 @@ void check_forward(Layer<T>& L, const std::string& tag) {
         }
 }
 
+// With need_old, a second launch with an infinity in dy at (image 1, first row of a frozen group
+// whose k_end lies inside the old channels, pixel 0): it must reach dx at the channels that group
+// reads (< k_end, and the new ones where coupled; Inf * w, NaN where w is 0) and nowhere else
+// (the old channels are tiled in bands cut at every k_end; a tile across k_end once multiplied
+// it by the zeroed weights: NaN).  (A NaN would be gathered as a never-read element.)
 template <typename T>
 void check_input_grad(Layer<T>& L, bool need_old, const std::string& tag) {
   const Case& c = L.c;
@@ -293,30 +298,52 @@ void check_input_grad(Layer<T>& L, bool need_old, const std::string& tag) {
     std::printf("%s: build_dx refused\n", tag.c_str());
     return;
   }
-  emulate<T, Kind::kDx, DxProblem<T>>(tag + " dx", grid, [&](int t, int bx, int by, int) {
-    return DxProblem<T>(p, t, bx, by);
-  });
-  dx.expect_guards(tag + " dx");
-  // Reference: scatter every output pixel's gradient back through every tap.
-  std::vector<double> ref(size, 0.0);
   auto at = [&](int n, int ci, int h, int w) {
     return ((static_cast<size_t>(n) * L.I + ci) * c.H + h) * c.W + w;
   };
-  for (int n = 0; n < c.N; ++n)
-    for (int o = 0; o < L.O; ++o)
-      for (int ho = 0; ho < L.Ho; ++ho)
-        for (int wo = 0; wo < L.Wo; ++wo)
-          for (int ci = need_old ? 0 : L.I_f; ci < L.I; ++ci)
-            for (int kh = 0; kh < c.KH; ++kh)
-              for (int kw = 0; kw < c.KW; ++kw)
-                if (L.inside(L.hi(ho, kh), L.wi(wo, kw)))
-                  ref[at(n, ci, L.hi(ho, kh), L.wi(wo, kw))] +=
-                      L.w(o, ci, kh, kw) * L.dyd[L.dyi(n, o, ho, wo)];
-  Check check(tag + " dx");
-  for (int n = 0; n < c.N; ++n)
-    for (int ci = 0; ci < L.I; ++ci)
-      for (int h = 0; h < c.H; ++h)
-        for (int w = 0; w < c.W; ++w) check(dx[at(n, ci, h, w)], ref[at(n, ci, h, w)], n, ci, h, w);
+  // Launch, then compare with the float64 reference: every output pixel's gradient scattered
+  // back through every tap; dy at `inf` (if any) is an infinity that frozen row `inf_o`
+  // sends to the channels below `inf_k_end` (and the new ones where coupled) only.
+  auto run = [&](const std::string& what, int64_t inf, int inf_o, int inf_k_end) {
+    emulate<T, Kind::kDx, DxProblem<T>>(what, grid, [&](int t, int bx, int by, int) {
+      return DxProblem<T>(p, t, bx, by);
+    });
+    dx.expect_guards(what);
+    std::vector<double> ref(size, 0.0);
+    for (int n = 0; n < c.N; ++n)
+      for (int o = 0; o < L.O; ++o)
+        for (int ho = 0; ho < L.Ho; ++ho)
+          for (int wo = 0; wo < L.Wo; ++wo)
+            for (int ci = need_old ? 0 : L.I_f; ci < L.I; ++ci) {
+              const int64_t i = L.dyi(n, o, ho, wo);
+              const bool poisoned = i == inf;
+              if (poisoned && o == inf_o && ci >= inf_k_end && !(c.coupled && ci >= L.I_f))
+                continue;  // the infinity never meets this channel
+              const double g = poisoned ? INFINITY : L.dyd[i];
+              for (int kh = 0; kh < c.KH; ++kh)
+                for (int kw = 0; kw < c.KW; ++kw)
+                  if (L.inside(L.hi(ho, kh), L.wi(wo, kw)))
+                    ref[at(n, ci, L.hi(ho, kh), L.wi(wo, kw))] += L.w(o, ci, kh, kw) * g;
+            }
+    Check check(what);
+    for (int n = 0; n < c.N; ++n)
+      for (int ci = 0; ci < L.I; ++ci)
+        for (int h = 0; h < c.H; ++h)
+          for (int w = 0; w < c.W; ++w)
+            check(dx[at(n, ci, h, w)], ref[at(n, ci, h, w)], n, ci, h, w);
+  };
+  run(tag + " dx", -1, -1, 0);
+  if (!need_old || c.N < 2) return;
+  for (int gi = 0, r0 = 0; gi < static_cast<int>(c.groups.size()); r0 += c.groups[gi++]) {
+    const int k_end = static_cast<int>(c.k_ends[gi]);
+    if (c.groups[gi] == 0 || k_end == 0 || k_end >= L.I_f) continue;
+    const int64_t i = L.dyi(1, r0, 0, 0);
+    const T kept = L.dy[i];
+    L.dy[i] = from_f<T>(INFINITY);
+    run(tag + " dx, Inf in dy[1, " + std::to_string(r0) + ", 0, 0]", i, r0, k_end);
+    L.dy[i] = kept;
+    return;  // one group a case
+  }
 }
 
 // dW_new (dy channels O_f.., every x channel) or dW_couple (dy channels ..O_f, x channels I_f..).

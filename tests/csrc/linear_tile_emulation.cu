@@ -99,7 +99,7 @@ void expect(const std::string& what, Mat<T>& got, Ref ref) {
       }
       const float want = to_f(from_f<T>(static_cast<float>(ref(r, c))));
       ++compared;
-      if (!(g == want) && bad++ < 5)
+      if (!(g == want || (std::isnan(g) && std::isnan(want))) && bad++ < 5)
         std::printf("  %s[%lld, %lld] = %g, want %g\n", what.c_str(), (long long)r,
                     (long long)c, g, want);
     }
@@ -334,6 +334,11 @@ void check_forward(Layer<T>& L, const std::string& tag) {
 }
 
 // ---- input gradient ---------------------------------------------------------------------------
+// With need_old, a second launch with an infinity in dy at (1, first row of a frozen group whose
+// k_end lies inside the old columns): it must reach dx's row 1 at the columns that group reads
+// (< k_end, and the new ones where coupled; Inf * w, NaN where w is 0) and nowhere else (the
+// old columns are tiled in bands cut at every k_end; a tile across k_end once multiplied it by
+// the zeroed weights: NaN).  (A NaN would be read as an element never to be read.)
 template <typename T, class M>
 void check_input_grad(Layer<T>& L, bool need_old, const std::string& tag) {
   Mat<T> dx(L.N, L.I, 7);
@@ -345,30 +350,48 @@ void check_input_grad(Layer<T>& L, bool need_old, const std::string& tag) {
     std::printf("%s: build_dx refused\n", tag.c_str());
     return;
   }
-  for (int tile = 0; tile < static_cast<int>(grid.y); ++tile)
-    for (int bx = 0; bx < static_cast<int>(grid.x); ++bx) {
-      // as linear_dx_kernel
-      const bool old = tile < p.old_tiles;
-      const int c0 = old ? tile * M::BN : p.frozen_in + (tile - p.old_tiles) * M::BN;
-      const int c_end = old ? p.frozen_in : p.in_features;
-      const int64_t m0 = static_cast<int64_t>(bx) * M::BM;
-      const DxProblem<T> prob{p, m0, c0, c_end, old};
-      const std::vector<double> acc = block_gemm<M, true, false>(prob, nullptr);
-      for (int m = 0; m < M::BM; ++m)
-        for (int n = 0; n < M::BN; ++n) {
-          const int64_t row = m0 + m;
-          const int col = c0 + n;
-          if (row < p.rows && col < c_end)
-            store(static_cast<T*>(p.dx) + row * p.ld_dx + col,
-                  static_cast<float>(acc[m * M::BN + n]));
-        }
-    }
-  expect(tag + " dx", dx, [&](int64_t n, int64_t k) {
+  auto launch = [&]() {
+    for (int tile = 0; tile < static_cast<int>(grid.y); ++tile)
+      for (int bx = 0; bx < static_cast<int>(grid.x); ++bx) {
+        // as linear_dx_kernel
+        const DxProblem<T> prob = dx_problem<T, M>(p, bx, tile);
+        const int64_t m0 = prob.m0;
+        const int c0 = prob.c0, c_end = prob.c_end;
+        const std::vector<double> acc = block_gemm<M, true, false>(prob, nullptr);
+        for (int m = 0; m < M::BM; ++m)
+          for (int n = 0; n < M::BN; ++n) {
+            const int64_t row = m0 + m;
+            const int col = c0 + n;
+            if (row < p.rows && col < c_end)
+              store(static_cast<T*>(p.dx) + row * p.ld_dx + col,
+                    static_cast<float>(acc[m * M::BN + n]));
+          }
+      }
+  };
+  auto ref = [&](int64_t n, int64_t k) {
     double v = 0;
     if (k >= L.I_f || need_old)
       for (int64_t o = 0; o < L.O; ++o) v += L.DY[n * L.O + o] * L.W[o * L.I + k];
     return v;
-  });
+  };
+  launch();
+  expect(tag + " dx", dx, ref);
+  if (!need_old || L.N < 2) return;
+  for (int64_t g = 0, r0 = 0; g < static_cast<int64_t>(L.c.groups.size());
+       r0 += L.c.groups[g++]) {
+    const int64_t k_end = L.c.k_ends[g];
+    if (L.c.groups[g] == 0 || k_end == 0 || k_end >= L.I_f) continue;
+    const T kept = L.dy.at(1, r0);
+    L.dy.at(1, r0) = from_f<T>(INFINITY);
+    launch();
+    L.dy.at(1, r0) = kept;
+    expect(tag + " dx, Inf in dy[1, " + std::to_string(r0) + "]", dx,
+           [&](int64_t n, int64_t k) {  // (coupled: every frozen row reads the new inputs)
+             const bool reads = k < k_end || (L.c.coupled && k >= L.I_f);
+             return n == 1 && reads ? ref(n, k) + INFINITY * L.W[r0 * L.I + k] : ref(n, k);
+           });
+    return;  // one group a case
+  }
 }
 
 // ---- weight gradient --------------------------------------------------------------------------

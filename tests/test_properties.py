@@ -14,7 +14,7 @@ import pytest
 import torch
 
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import expanse_fast as xf  # noqa: E402
@@ -451,10 +451,18 @@ def _run_nonfinite_linear(backend, lay, rows, bias, dtype, need_dx_old, x_spots,
                       col(nfdy[:, :o_f])[:, None] | col(nfx[:, i_f:])[None, :])
 
 
+# The case the random draws missed (the dx kernels once leaked it): dx_old asked, a NaN in
+# the first group's dy, old input columns of two groups that one kernel tile spans.
+NONFINITE_LINEAR_DX_OLD = dict(lay=Layout((3, 2, 2), (2, 2, 2)), rows=3, bias=False,
+                               dtype=F32, need_dx_old=True, x_spots=[],
+                               dy_spots=[((1, 0), math.nan), ((2, 1), math.inf)], seed=0)
+
+
 def _nonfinite_linear_test(backend, n, max_width, max_rows):
     @pytest.mark.skipif(backend not in BACKENDS, reason=f"backend {backend} not usable here")
     @_settings(n)
     @given(case=_nonfinite_linear_case(backend, max_width, max_rows))
+    @example(case=NONFINITE_LINEAR_DX_OLD)
     def test(case):
         _run_nonfinite_linear(backend, **case)
     return test
@@ -510,7 +518,13 @@ def _nonfinite_conv_case(draw, backend, max_width, max_image):
     x_shape = (batch, lay.in_features, h, w)
     ho = (h + 2 * geo["padding"] - geo["dilation"] * (geo["k"][0] - 1) - 1) // geo["stride"] + 1
     wo = (w + 2 * geo["padding"] - geo["dilation"] * (geo["k"][1] - 1) - 1) // geo["stride"] + 1
-    return dict(lay=lay, depthwise=case["depthwise"], bias=case["bias"], dtype=case["dtype"],
+    dtype = case["dtype"]
+    if dtype == BF16 and DEVICE.type == "cpu":
+        # torch 2.13's CPU bfloat16 conv2d itself spreads a NaN to output pixels that do not
+        # read it (F.conv2d of a 1x3 image by a 1x2 kernel, NaN at pixel 2: both outputs NaN),
+        # so the torch backend cannot keep it out; bf16 reach is checked on the GPU.
+        dtype = F32
+    return dict(lay=lay, depthwise=case["depthwise"], bias=case["bias"], dtype=dtype,
                 geo=geo, batch=batch, need_dx_old=case["need_dx_old"], seed=case["seed"],
                 x_spots=draw(_spots(x_shape, lay.in_groups)),
                 dy_spots=draw(_spots((batch, lay.out_features, ho, wo), lay.out_groups)))
@@ -554,10 +568,21 @@ def _run_nonfinite_conv(backend, lay, depthwise, bias, dtype, geo, batch, need_d
         assert torch.equal(dw1, dw0) and (db0 is None or torch.equal(db1, db0))
 
 
+# As NONFINITE_LINEAR_DX_OLD: a tile across the old and the new channels (a 2-group layer),
+# and one across two frozen groups' k_ends (3 groups).
+NONFINITE_CONV_DX_OLD = [
+    dict(lay=Layout(ins, outs), depthwise=False, bias=False, dtype=F32,
+         geo=dict(k=(3, 3), stride=1, padding=1, dilation=1, hw=(3, 4)), batch=1,
+         need_dx_old=True, seed=0, x_spots=[], dy_spots=[((0, 0, 1, 2), math.nan)])
+    for ins, outs in (((2, 2), (2, 2)), ((2, 1, 2), (1, 2, 2)))]
+
+
 def _nonfinite_conv_test(backend, n, max_width, max_image):
     @pytest.mark.skipif(backend not in BACKENDS, reason=f"backend {backend} not usable here")
     @_settings(n)
     @given(case=_nonfinite_conv_case(backend, max_width, max_image))
+    @example(case=NONFINITE_CONV_DX_OLD[0])
+    @example(case=NONFINITE_CONV_DX_OLD[1])
     def test(case):
         _run_nonfinite_conv(backend, **case)
     return test

@@ -133,7 +133,18 @@ def _override(op: str, backward: bool) -> Optional[str]:
         value = _getenv(key)
         if value in BACKENDS[1:]:
             return value
+        if value not in _NO_OVERRIDE:
+            raise ValueError(_names_no_backend(key, value))
     return None
+
+
+_NO_OVERRIDE = (None, "", "auto")
+
+
+def _names_no_backend(key: str, value: str) -> str:
+    # (a typo must not leave "auto" choosing silently what the variable meant to pin)
+    return (f"{key}={value!r} names no backend: set it to one of "
+            f"{', '.join(BACKENDS[1:])}, or unset it")
 
 
 _OVERRIDE_KEYS = {(op, backward): ("EXPANSE_FAST_AUTO_" + op.upper()
@@ -184,8 +195,10 @@ def input_grad_backend(device: torch.device, op: str, pinned: str = "") -> Optio
     if (pinned or _current()) != "auto" or op not in _DX_KEYS:
         return None
     name = _getenv(_DX_KEYS[op])
-    if name not in BACKENDS[1:]:
+    if name in _NO_OVERRIDE:
         return None
+    if name not in BACKENDS[1:]:
+        raise ValueError(_names_no_backend(_DX_KEYS[op], name))
     ok, why = _usable(name, device)
     if not ok:
         raise RuntimeError(f"{_DX_KEYS[op]}={name}: backend {name!r} is not usable on {device}: "

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import expanse_fast as xf
 from expanse_fast import backend_choice
 from models import random_widened
 from reference import DEVICE, on_device
@@ -89,6 +90,27 @@ def test_auto_override_of_one_direction(triton_usable, monkeypatch):
     monkeypatch.setenv("EXPANSE_FAST_AUTO_LINEAR", "cuda")  # the direction's own wins
     assert backend_choice._auto_choice(CUDA, "linear", False) == "triton"
     assert backend_choice._auto_choice(CUDA, "linear", True) == "cuda"
+
+
+@pytest.mark.parametrize("key", ["EXPANSE_FAST_AUTO_LINEAR", "EXPANSE_FAST_AUTO_LINEAR_BACKWARD",
+                                 "EXPANSE_FAST_AUTO_CONV2D_DX"])
+def test_auto_variable_naming_no_backend_is_refused(monkeypatch, key):
+    # A typo must not leave "auto" choosing what the variable meant to pin: the first call
+    # that reads it names it and the backends it takes; "auto" and "" mean unset.
+    _clear_overrides(monkeypatch)
+    layer = xf.ExpandedLinear.from_linear(torch.nn.Linear(4, 3), 2, 2)
+    conv = xf.ExpandedConv2d.from_conv(torch.nn.Conv2d(2, 3, 3), 1, 1)
+    x = torch.randn(5, 6, requires_grad=True)
+    xc = torch.randn(1, 3, 5, 5, requires_grad=True)
+    for unset in ("auto", ""):
+        monkeypatch.setenv(key, unset)
+        layer(x).sum().backward()
+        conv(xc).sum().backward()
+    monkeypatch.setenv(key, "trtion")
+    with pytest.raises(ValueError, match=rf"{key}='trtion' names no backend: set it to one "
+                                         r"of torch, triton, cuda, or unset it"):
+        layer(x).sum().backward()
+        conv(xc).sum().backward()
 
 
 def test_auto_falls_back_where_triton_is_unusable(monkeypatch):

@@ -389,9 +389,12 @@ def _dx_frozen_groups(acc, dy_rows, wf_ptr, tab_ptr, rk, m_mask, col0, is_old, G
     """Frozen group g adds dy_g @ w_frozen[g, cols] to the tile if it reads the tile's
     columns (k_end_g past col0: then past all the tile stores, _locate_dx_tile's bands)."""
     for g in range(G - 1):
-        r0 = tl.load(tab_ptr + 3 * g)
+        # row bounds are multiples of K_VEC (the launcher checks), shown as such: dy's
+        # loads from r0 on stay 16-byte ones (vector_bounds.py)
+        r0 = tl.load(tab_ptr + 3 * g) // K_VEC * K_VEC
         k_end = tl.load(tab_ptr + 3 * g + 2)
-        r_hi = tl.where(is_old & (k_end > col0), tl.load(tab_ptr + 3 * g + 1), r0)
+        r_hi = tl.where(is_old & (k_end > col0), tl.load(tab_ptr + 3 * g + 1) // K_VEC * K_VEC,
+                        r0)
         acc = _dot_k(acc, dy_rows, wf_ptr + rk[None, :] * s_wfk, s_dyo, s_wfo, m_mask,
                      (rk // K_VEC < k_end // K_VEC)[None, :], r0, r_hi, BLOCK_K, PREC, K_VEC)
     return acc

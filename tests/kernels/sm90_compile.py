@@ -9,8 +9,8 @@ The real launchers run on CPU tensors of the issue's shapes (a 4096-wide linear 
 widened by 1024, 16384 rows, isolated and coupled, whose dx reads the frozen rows; the 3x3
 conv of a ResNet-50 stage, 256 + 64 channels, channels_last and NCHW, channels_last without
 tensor descriptors, ResNet-50's stride-2 3x3, and a coupled layer, whose backward asks for
-dx_old; the coupled conv layer without descriptors too, whose dx kernel tiles the old
-channels in bands), with a stand-in Triton driver that names an sm_90 target.  Each launch
+dx_old; the coupled linear and conv layers without descriptors too, whose dx kernels tile
+the old columns in bands and read the frozen rows of dy), with a stand-in Triton driver that names an sm_90 target.  Each launch
 compiles its kernel for every config the autotuner would try (after pruning), through
 ``JITFunction.warmup``, and runs nothing.  Per kernel and config: registers, stack (spills),
 shared memory, and from the PTX the wgmma, TMA (cp.async.bulk.tensor), 16-byte cp.async
@@ -215,6 +215,8 @@ def report(first_config: bool = False) -> dict:
                       ("conv", conv_launches),
                       ("conv-nchw", lambda: conv_launches(channels_last=False)),
                       ("conv-pointer", without_tma(conv_launches)),
+                      ("linear-pointer-coupled", without_tma(
+                          lambda: linear_launches(coupled=True))),
                       ("conv-pointer-coupled", without_tma(
                           lambda: conv_launches(coupled=True))),
                       ("conv-stride2", lambda: conv_launches(128, 32, stride=2)),

@@ -432,7 +432,7 @@ def _conv_dx_kernel(
                                    NORM, BLOCK_K, ROW_VEC, PREC)
                 row0 += width
         if HAS_COUPLE:  # coupling block: all frozen rows read the newest channels
-            if c_first + BLOCK_N > I_f:
+            if c_first >= I_f:  # (a tile never crosses I_f: an old one reads none)
                 acc = _dx_rows(acc, dy_ptr, dy_row, ok, sdc, 0, 0, O_f,
                                wc_ptr + r * scr + s * scs, sco, scc, offs_c - I_f,
                                c_mask & (offs_c >= I_f), scale_ptr, NORM, BLOCK_K, ROW_VEC,
@@ -987,9 +987,13 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         tma = _tma()
         scale = norm_scale if norm else None  # onto the weights: dy's tiles stay in smem
         wf_old = wf if need_dx_old and w_frozen.numel() else None  # (its rows, if any)
+        # with dx_old, the channels are tiled in bands cut at every k_end and at I_f
+        bands = (base.band_ends(frozen_out_groups, frozen_k_ends, i_f, True) + (c,)
+                 if need_dx_old else (c,))
         use_tma = o_n > 0 and tma.dx_usable(dy, wn, wc if couple else None, wf_old, o_f,
                                             dy_new_c0, frozen_k_ends, geo, need_dx_old,
-                                            i_f=i_f)
+                                            i_f=i_f, frozen_out_groups=frozen_out_groups,
+                                            bands=bands[:-1])
         # Where x was copied, the kernels write channels [c_lo, C) into a channels_last
         # buffer of their own (dx_c0 = c_lo), copied into dx after: the zeros of the old
         # channels never make the round trip.  At stride 1 the descriptor kernel stores a
@@ -998,8 +1002,6 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
         dx_k, dx_c0 = (dx, 0) if direct else (torch.empty(
             (n, c - c_lo, h, wd), device=x.device, dtype=dt,
             memory_format=torch.channels_last), c_lo)
-        # with dx_old, the channels are tiled in bands cut at every k_end and at I_f
-        bands = base.band_ends(frozen_k_ends, i_f, True) + (c,) if need_dx_old else (c,)
         if not (use_tma and tma.grad_input(
                 dy, wn, _rows_scaled(wc, scale) if couple else None,
                 wf_old if wf_old is None else _rows_scaled(wf_old, scale), o_f, i_f, groups,

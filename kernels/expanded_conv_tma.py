@@ -56,6 +56,7 @@ registers.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -749,17 +750,18 @@ def _conv_dx_tma_kernel(
 
 
 def dx_usable(dy, w_new, w_couple, w_frozen, o_f, dy_new_c0, frozen_k_ends, geo,
-              need_dx_old, *, i_f) -> bool:
+              need_dx_old, *, i_f, frozen_out_groups=(), bands=()) -> bool:
     """Whether dx can run through descriptors: along a strided dimension at dilation 1; with
-    dx_old, frozen groups whose k_ends never decrease (a staircase).  ``w_frozen``: None
-    without dx_old or frozen rows."""
+    dx_old, frozen groups whose k_ends never decrease (a staircase), and every channel a
+    descriptor load starts at a whole 16-byte unit (``bands``: the old channels' band ends,
+    expanded_linear.band_ends; dy's frozen channels from each group's first row on).
+    ``w_frozen``: None without dx_old or frozen rows."""
     if w_new.shape[0] == 0 or not lt.enabled_for(dy) or not lt.aligned(dy, w_new.shape[1], i_f):
         return False
     if any(st != 1 and dil != 1 for st, dil in zip(geo[:2], geo[4:6])):
         return False
-    # old tiles start at every k_end (their bands), new ones at I_f
-    if need_dx_old and not (lt.nondecreasing(frozen_k_ends)
-                            and lt.aligned(dy, *frozen_k_ends)):
+    if need_dx_old and not (lt.nondecreasing(frozen_k_ends) and lt.aligned(
+            dy, *bands, *itertools.accumulate(frozen_out_groups))):
         return False
     ws = [w for w in (w_new, w_couple, w_frozen) if w is not None]
     if any(w.dim() != 4 or w.stride(1) != 1 for w in ws):

@@ -465,11 +465,13 @@ def group_table(frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], 
     return tab
 
 
-def band_ends(frozen_k_ends: Sequence[int], i_f: int, need_old: bool) -> Tuple[int, ...]:
+def band_ends(frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], i_f: int,
+              need_old: bool) -> Tuple[int, ...]:
     """Where the dx kernels cut the old input columns [0, I_f) into bands tiled apart: at
-    every frozen group's k_end when the old columns are computed (a group then reaches all
-    of a tile's columns or none), else one band of zeros."""
-    inner = {int(k) for k in frozen_k_ends if 0 < k < i_f} if need_old else set()
+    every k_end of a frozen group with rows when the old columns are computed (a group then
+    reaches all of a tile's columns or none), else one band of zeros."""
+    inner = {int(k) for rows, k in zip(frozen_out_groups, frozen_k_ends)
+             if rows and 0 < k < i_f} if need_old else set()
     return tuple(sorted(inner)) + (int(i_f),)
 
 
@@ -646,7 +648,7 @@ def grad_input(dy: torch.Tensor, w_frozen: torch.Tensor, w_new: torch.Tensor,
     couple = w_couple is not None and w_couple.shape[1] > 0 and o_f > 0
     wc = w_couple if couple else w_new
     tab = group_table(frozen_out_groups, frozen_k_ends, i_f, o_new, i, dy.device)
-    bands = band_ends(frozen_k_ends, i_f, need_dx_old)
+    bands = band_ends(frozen_out_groups, frozen_k_ends, i_f, need_dx_old)
     grid = _grid2(n, lambda meta: band_tiles(bands, meta["BLOCK_N"])
                   + triton.cdiv(i - i_f, meta["BLOCK_N"]))
     meta = dict(NEED_OLD=bool(need_dx_old), HAS_COUPLE=couple, PREC=_precision(dy.dtype),
@@ -657,7 +659,8 @@ def grad_input(dy: torch.Tensor, w_frozen: torch.Tensor, w_new: torch.Tensor,
     tma = _tma()
     if dx.stride(1) == 1 \
             and tma.grad_input_usable(dy, w_frozen, w_new, w_couple if couple else None,
-                                      list(frozen_k_ends), need_dx_old) \
+                                      list(frozen_out_groups), list(frozen_k_ends),
+                                      need_dx_old, bands) \
             and tma.grad_input(dy, w_frozen, w_new, w_couple if couple else None, dx, tab,
                                bands_t, grid, **meta):
         return dx

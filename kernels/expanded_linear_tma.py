@@ -29,6 +29,7 @@ kernels (``expanded_conv_tma``) share these switches.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import warnings
 from typing import Optional
@@ -309,15 +310,20 @@ def _reads_frozen_rows(w_frozen, need_old) -> bool:
     return bool(need_old) and w_frozen.shape[0] > 0 and w_frozen.shape[1] > 0
 
 
-def grad_input_usable(dy, w_frozen, w_new, w_couple, frozen_k_ends, need_old) -> bool:
+def grad_input_usable(dy, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                      need_old, bands) -> bool:
     """Whether dx can run through descriptors: every operand it reads describable; with
-    dx_old, frozen groups whose k_ends never decrease (a staircase)."""
+    dx_old, frozen groups whose k_ends never decrease (a staircase), and every offset a
+    descriptor load starts at a whole 16-byte unit (``bands``: the old columns' band ends,
+    expanded_linear.band_ends)."""
     o_f = w_frozen.shape[0]
     old = _reads_frozen_rows(w_frozen, need_old)
     if old and not nondecreasing(frozen_k_ends):
         return False
-    # new tiles start at I_f, old ones (with dx_old) at each band: every k_end
-    if not aligned(dy, w_new.shape[1], w_frozen.shape[1], *(frozen_k_ends if old else ())):
+    # new tiles start at I_f, old ones at each band; with dx_old, dy's frozen columns are
+    # read from a group's first row on
+    rows = list(itertools.accumulate(frozen_out_groups)) if old else []
+    if not aligned(dy, w_new.shape[1], w_frozen.shape[1], *bands, *rows):
         return False
     return usable(dy[:, o_f:], w_new, dy[:, :o_f] if (w_couple is not None or old) else None,
                   w_couple, w_frozen if old else None)

@@ -281,18 +281,25 @@ def _dx_group_by_group(t, dy, conv):
 
 
 @pytest.mark.parametrize("kernel", ["tma", "pointer"])
-@pytest.mark.parametrize("groups", [((8, 8), (8, 8)), ((8, 8, 16), (8, 16, 8))],
-                         ids=["2g", "3g"])
+@pytest.mark.parametrize("groups,coupled", [(((8, 8), (8, 8)), False),
+                                            (((8, 8, 16), (8, 16, 8)), False),
+                                            (((8, 8, 16), (8, 16, 8)), True)],
+                         ids=["2g", "3g", "3g-coupled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_dx_keeps_a_groups_nan_out_of_channels_it_does_not_read(tma_launches, monkeypatch,
-                                                                 kernel, groups, dtype):
+                                                                 kernel, groups, coupled,
+                                                                 dtype):
     # A NaN and an Inf in the first group's dy (a diverged old task) belong in dx's channels
-    # that group reads, [0, k_end_0), and nowhere else.  The channels are tiled in bands cut
-    # at each k_end (and at I_f); a tile across k_end_0 (a 16-channel tile over groups of 8)
-    # once multiplied that dy by the zeroed weights.
+    # that group reads, [0, k_end_0) (and the new ones through a coupling block), and
+    # nowhere else.  The channels are tiled in bands cut at each k_end (and at I_f); a tile
+    # across k_end_0 (a 16-channel tile over groups of 8) once multiplied that dy by the
+    # zeroed weights, and an old tile near I_f by the coupling block's masked columns.
+    # (The coupled staircase is the kernels' API: expand() couples with every k_end = I_f.)
     if kernel == "pointer":
         monkeypatch.setattr(lt, "MODE", "0")
     t = _make(*groups, 3, False, False, dtype, batch=2, hw=(4, 5), channels_last=True)
+    if coupled:
+        t["w_couple"] = torch.randn(sum(groups[1][:-1]), groups[0][-1], 3, 3, dtype=dtype)
     conv = _conv(padding=1)
     dev = _to_dev(t)
     dy = torch.randn(2, sum(groups[1]), 4, 5, dtype=dtype).contiguous(
@@ -304,11 +311,23 @@ def test_dx_keeps_a_groups_nan_out_of_channels_it_does_not_read(tma_launches, mo
                                      need_db=False, need_dcouple=False)[0]
     assert tma_launches == ([("grad_input", True)] if kernel == "tma" else [])
     ref, k0 = _dx_group_by_group(t, dy, conv), t["frozen_k_ends"][0]
-    assert not ref[:, k0:].isnan().any() and ref[0, :k0].isnan().any()
+    assert not ref[:, k0:t["w_frozen"].shape[1]].isnan().any() and ref[0, :k0].isnan().any()
     fin = dx.isfinite().cpu()
     assert torch.equal(fin, ref.isfinite()), \
         f"non-finite dx at {(fin != ref.isfinite()).nonzero()[:4].tolist()}"
     _close(torch.where(fin, dx.cpu(), 0), torch.where(fin, ref, 0), dtype, "dx where finite")
+
+
+def test_dx_old_with_group_rows_off_16_bytes_keeps_the_pointer_kernel(tma_launches):
+    # dx_old reads dy's frozen channels from each group's first row on: row 3 of an fp16 dy
+    # is 6 bytes in, where no descriptor load may start (the interpreter asserts it, and the
+    # failed launch would switch every descriptor kernel off).  Refused up front instead.
+    t = _make((8, 8, 8), (3, 5, 8), 3, False, True, torch.float16, batch=2, hw=(4, 5),
+              channels_last=True)
+    _run(t, _conv(padding=1), False, torch.float16, need_dx_old=True, channels_last=True)
+    assert ("grad_input", True) not in tma_launches and ("grad_input", False) not in \
+        tma_launches
+    assert lt.disabled_reason is None
 
 
 @pytest.mark.parametrize("stride", [1, 2])

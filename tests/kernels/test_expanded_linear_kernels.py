@@ -479,7 +479,9 @@ def test_tma_dx_not_used_where_the_new_inputs_start_off_16_bytes(tma_launches, n
     start at column 4 of w_new, which a descriptor cannot address; the pointer kernel runs,
     nothing is switched off."""
     c = Case((4, 12), (8, 8), mode="isolated", n=37, dtype=torch.float16)
-    assert not T.grad_input_usable(c.dy, c.w_frozen, c.w_new, None, c.k_ends, need_dx_old)
+    assert not T.grad_input_usable(c.dy, c.w_frozen, c.w_new, None, c.groups, c.k_ends,
+                                   need_dx_old, K.band_ends(c.groups, c.k_ends, c.i_f,
+                                                            need_dx_old))
     got = c.backward(triton_backend, need_dx_old=need_dx_old)
     for g, ref, what in zip(got, c.ref_backward(need_dx_old), ("dx", "dw", "db", "dc")):
         if ref is not None:
@@ -541,6 +543,24 @@ def test_tma_backward_matches_float64(tma_launches, name, mode, need_dx_old, dty
             assert_close(g, r, dtype, what)
     expected = [("grad_weight", True)] * (2 if mode == "coupled" else 1) + [("grad_input", True)]
     assert sorted(tma_launches) == sorted(expected)
+
+
+@pytest.mark.parametrize("layout,tma", [
+    # a group of no rows cuts no band: its k_end (3: 6 bytes) is never a tile's start
+    (((3, 5, 8), (0, 8, 8)), True),
+    # dy's frozen columns are read from each group's first row on: row 3 is off 16 bytes
+    (((8, 8, 8), (3, 5, 8)), False)], ids=["empty-group-odd-k_end", "odd-group-rows"])
+def test_tma_dx_old_starts_every_load_on_16_bytes(tma_launches, layout, tma):
+    # Descriptor loads must start on 16 bytes (the interpreter asserts it, and the failed
+    # launch would switch every descriptor kernel off): either the launch needs no such
+    # start, or the pointer kernel runs from the first call.
+    c = Case(*layout, mode="isolated", n=37, dtype=torch.float16)
+    got = c.backward(triton_backend, need_dx_old=True)
+    for g, ref, what in zip(got, c.ref_backward(True), ("dx", "dw", "db", "dc")):
+        if ref is not None:
+            assert_close(g, ref, torch.float16, what)
+    assert (("grad_input", True) in tma_launches) == tma
+    assert ("grad_input", False) not in tma_launches and T.disabled_reason is None
 
 
 def nan_isolated_dx(c):

@@ -232,7 +232,7 @@ def _fwd_epilogue(acc, rm, rn, m_mask, n_mask, col_end, bf_ptr, bn_ptr, y_ptr, p
         tl.store(pre, acc.to(pre_ptr.dtype.element_ty),
                  mask=m_mask & n_mask & ~_col_mask(rn, P0, COL_VEC)[None, :])
     if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc < 0.0, 0.0, acc)  # (NaN stays NaN, as in torch; maximum drops it)
     elif ACT == 2:  # gelu, tanh approximation: x * sigmoid(2 * sqrt(2/pi) * (x + 0.044715 x^3))
         acc = acc * _sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
     elif ACT == 3:

@@ -189,6 +189,31 @@ def test_forward_stores_pre_activation_of_last_columns(columns, dtype):
     assert_close(pre, c.ref_pre()[:, c.o - p:], dtype, "pre")
 
 
+@pytest.mark.parametrize("kernel", ["tma", "pointer"])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_forward_activation_keeps_nan_and_inf(tma_launches, monkeypatch, kernel, activation):
+    # A diverged new unit must show as what torch's activation makes of it: NaN stays NaN
+    # (relu's maximum once returned 0 and hid it); relu(+inf) = inf, relu(-inf) = 0.  (At
+    # +-inf torch's smooth activations give NaN in places, e.g. its exact gelu(+inf): not
+    # asked of the kernels.)
+    if kernel == "pointer":
+        monkeypatch.setattr(T, "MODE", "0")
+    c = Case(*TMA_LAYOUTS["2g"], mode="isolated", n=5, dtype=torch.float16)
+    c.x[1, -1] = float("nan")
+    if activation == "relu":
+        c.w_new[0] = 0.0
+        c.w_new[0, -1], c.w_new[1, -1] = float("inf"), float("-inf")
+        c.x[2, -1] = 1.0
+    y = K.linear_forward(c.x, *c.blocks(), activation=activation)
+    assert tma_launches == ([("forward", True)] if kernel == "tma" else [])
+    ref = triton_backend.torch_ref.linear_forward(c.x, *c.blocks(), activation=activation)
+    assert torch.equal(y.isnan(), ref.isnan()) and torch.equal(y.isinf(), ref.isinf())
+    assert y[1, c.o_f:].isnan().all() and not y[:, :c.o_f].isnan().any()
+    fin = ref.isfinite()
+    assert torch.equal(y[~fin & ~ref.isnan()], ref[~fin & ~ref.isnan()])  # the same infinities
+    assert_close(y[fin], ref[fin].double().cpu(), torch.float16, activation)
+
+
 def test_forward_rejects_bad_pre():
     c = Case(*LAYOUTS["1g"], n=3)
     with pytest.raises(ValueError, match="pre must be"):

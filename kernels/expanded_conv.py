@@ -1012,7 +1012,8 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
                                  else triton.cdiv(c - c_lo, meta["BLOCK_N"]))
             launch(  # dy holds no columns if it is never read
                 _conv_dx_kernel, grid,
-                _or(dy, dx_k), wf, wn, wc, dx_k, groups, base.band_table(bands, x.device),
+                _or(dy, dx_k), wf, wn, wc, dx_k, groups,
+                base.band_table(bands, x.device) if need_dx_old else groups,  # (unread)
                 norm_scale if norm else dx_k, p, c,
                 h, wd, ho, wo, len(frozen_out_groups), o_f, o_n, i_f, len(bands), c_lo,
                 dy_new_c0,

@@ -802,8 +802,8 @@ def grad_input(dy, w_new, w_couple, w_frozen, o_f, i_f, groups, n_groups, dx, dy
     return lt._launch(
         "conv dx", _conv_dx_tma_kernel, grid,
         (dy_new, dy_old, wn, _taps_by_channel(w_couple) if couple else wn, wf),
-        dx, groups, lt.base.band_table(bands, dx.device), n, h, wd, hq, wq, c, o_n, o_f, i_f,
-        n_groups, len(bands), dx_c0, *dx.stride(), *geo[2:], KH=kh, KW=kw, ST_H=st_h,
-        ST_W=st_w, HAS_COUPLE=couple, HAS_OLD=has_old,
-        PIX_VEC=_pixel_vector(dx) if st_w == 1 else 1, BAND_VEC=base.multiple_of_all(tuple(bands) + (c, i_f)),
-        PREC=prec)
+        dx, groups, lt.base.band_table(bands, dx.device) if has_old else groups,  # (unread)
+        n, h, wd, hq, wq, c, o_n, o_f, i_f, n_groups, len(bands), dx_c0, *dx.stride(),
+        *geo[2:], KH=kh, KW=kw, ST_H=st_h, ST_W=st_w, HAS_COUPLE=couple, HAS_OLD=has_old,
+        PIX_VEC=_pixel_vector(dx) if st_w == 1 else 1,
+        BAND_VEC=base.multiple_of_all(tuple(bands) + (c, i_f)), PREC=prec)

@@ -10,11 +10,12 @@ widened by 1024, 16384 rows, isolated and coupled, whose dx reads the frozen row
 conv of a ResNet-50 stage, 256 + 64 channels, channels_last and NCHW, channels_last without
 tensor descriptors, ResNet-50's stride-2 3x3, and a coupled layer, whose backward asks for
 dx_old; the coupled linear and conv layers without descriptors too, whose dx kernels tile
-the old columns in bands and read the frozen rows of dy), with a stand-in Triton driver that names an sm_90 target.  Each launch
-compiles its kernel for every config the autotuner would try (after pruning), through
-``JITFunction.warmup``, and runs nothing.  Per kernel and config: registers, stack (spills),
-shared memory, and from the PTX the wgmma, TMA (cp.async.bulk.tensor), 16-byte cp.async
-and 2-byte global loads.  test_sm90_compile.py asserts on it.
+the old columns in bands and read the frozen rows of dy), with a stand-in Triton driver that
+names an sm_90 target.  Each launch compiles its kernel for every config the autotuner
+would try (after pruning), through ``JITFunction.warmup``, and runs nothing.  Per kernel and
+config: registers, stack (spills), shared memory, and from the PTX the wgmma, TMA
+(cp.async.bulk.tensor), 16-byte cp.async and 2-byte global loads.  test_sm90_compile.py
+asserts on it.
 
 It leans on Triton internals (the driver interface, Autotuner attributes, warmup); where
 those differ it stops with a message saying so rather than report half a table.

@@ -9,14 +9,15 @@
 // Blocks never cross an output group, so the zero blocks of the staircase are never read.
 //
 // The tile math is a template policy chosen per call on the host:
-//   fp16/bf16 on an sm_90a build (H100/H200): wgmma m64n128k16 from shared memory, two
-//     warpgroups on a 128 x 128 x 64 tile, three stages (wgmma.cuh; EXPANSE_FAST_CUDA_WGMMA=0
-//     turns it off);
+//   fp16/bf16 on an sm_90a build (H100/H200): wgmma m64n256k16 from shared memory, two
+//     warpgroups on a 128 x 256 x 64 tile, four stages, one k-tile's MMAs in flight across
+//     the barrier (wgmma.cuh; EXPANSE_FAST_CUDA_WGMMA=0 turns it off);
 //   fp16/bf16 elsewhere: WMMA 16x16x16 fragments (portable sm_80+), 128 x 128 x 32, two stages;
 //   fp32: shared-memory-tiled SIMT FMA (exact fp32, no tf32), 64 x 64 x 16, two stages.
 // All accumulate in fp32.  Tiles are copied with 16-byte cp.async where a chunk is aligned and
-// in range (scalar zero-filling copy otherwise); STAGES - 1 tiles are in flight while one
-// multiplies.
+// in range (scalar zero-filling copy otherwise); STAGES - 1 tiles (wgmma: STAGES - 2) are in
+// flight while one multiplies.  Blocks start in groups of kGroupM row tiles (grouped_tile), so
+// the blocks running at once share their operands in L2.
 #include "expanded_linear.h"
 #include "kernel_common.cuh"
 #include "wgmma.cuh"
@@ -219,32 +220,42 @@ struct CoreSmem {
 // Each "math" below owns a tile shape, its shared-memory layout (Layout<AK, BKM>), the
 // pipeline depth, and how tiles multiply and leave: zero(acc), mma<L>(acc, As, Bs),
 // store(acc, scratch, f) calling f(m, n, value) tile-relative, before_barrier(acc) (what each
-// thread must do after its copies land and before the barrier that publishes them) and
-// finish(acc) after the last tile.  ASYNC_MMA: mma only issues the tile's MMAs, which run on
-// while the next copies are issued; before_barrier waits for them, so the stage they read is
-// free once the barrier has passed.
+// thread must do after its copies land and before the barrier that publishes them),
+// after_mma(acc) (after a tile's mma) and finish(acc) after the last tile.  ASYNC_MMA: mma
+// only issues the tile's MMAs, which run on while the next copies are issued.
+// MMA_IN_FLIGHT: how many k-tiles' MMAs may still run when the next barrier is passed (their
+// stages are not refilled until they are done; gemm_mainloop fetches that much less ahead).
 
-// ---- wgmma (sm_90a, fp16/bf16): 2 warpgroups, each 64 x 128 of a 128 x 128 tile -------------
+// ---- wgmma (sm_90a, fp16/bf16): 2 warpgroups, each 64 x 256 of a 128 x 256 tile -------------
+// One block per SM, four stages of 48 KB.  The wide tile halves the operand bytes each
+// multiply-add needs from L2 and shared memory against 128 x 128 (the Triton kernels' fastest
+// H200 tile is 128 x 256 too), and one k-tile's MMAs stay in flight across the next barrier:
+// the tensor cores have the next tile's MMAs queued while the block synchronises.
 template <typename T>
 struct WgmmaMath {
-  static constexpr int BM = 128, BN = 128, BK = 64, THREADS = 256, STAGES = 3;
-  // Two blocks per SM (<= 128 registers a thread, 2 x 96 KB of stages): one block's barrier
-  // and epilogue overlap the other's MMAs.
-  static constexpr int MIN_BLOCKS = 2;
+  static constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4;
+  static constexpr int MIN_BLOCKS = 1;
   static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
   template <bool AK, bool BKM>
   using Layout = CoreSmem<T, BM, BN, BK, THREADS, STAGES, AK, BKM>;
   static constexpr bool ASYNC_MMA = true;
-  struct Acc { float d[64]; };
+  static constexpr int MMA_IN_FLIGHT = 1;  // k-tiles whose MMAs may run past the barrier
+  // fp32 elements an SM streams from memory while a block multiplies one k-tile (H200: 2M
+  // multiply-adds in about 1000 cycles, at about 19 bytes a cycle: plan_for)
+  static constexpr double WS_ELEMS_PER_KTILE = 5000;
+  struct Acc { float d[BN / 2]; };
 
   __device__ static void zero(Acc& acc) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc.d[i] = 0.f;
+    for (int i = 0; i < BN / 2; ++i) acc.d[i] = 0.f;
   }
-  // The previous tile's MMAs are done before the barrier after which its stage is refilled.
-  __device__ static void before_barrier(Acc& acc) {
-    wgmma::fence_shared_for_async_proxy();
-    finish(acc);
+  // The copies this thread made land before the barrier that publishes them to wgmma.
+  __device__ static void before_barrier(Acc&) { wgmma::fence_shared_for_async_proxy(); }
+  // After a tile's MMAs are issued: the previous tile's are done (this warpgroup's), so once
+  // every thread has passed the next barrier, the stage they read may be refilled.
+  __device__ static void after_mma(Acc& acc) {
+    wgmma::wait<1>();
+    wgmma::pin(acc.d);
   }
   __device__ static void finish(Acc& acc) {
     wgmma::wait_all();
@@ -260,15 +271,15 @@ struct WgmmaMath {
     for (int kk = 0; kk < BK; kk += 16)
       wgmma::mma_m64k16<T, BN, L::AK ? 0 : 1, L::BKM ? 0 : 1>(
           acc.d, L::desc_a(As, m0, kk), L::desc_b(Bs, 0, kk), 1);
-    wgmma::commit();  // in flight while the next copies are issued; waited for before the
-                      // next barrier (ptxas puts that wait at the loop's back edge)
+    wgmma::commit();
   }
 
   template <class F>
   __device__ static void store(Acc& acc, float*, F&& f) {
     const int t = threadIdx.x % 128, m0 = 64 * (threadIdx.x / 128);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) f(m0 + wgmma::acc_row(t, i), wgmma::acc_col(t, i), acc.d[i]);
+    for (int i = 0; i < BN / 2; ++i)
+      f(m0 + wgmma::acc_row(t, i), wgmma::acc_col(t, i), acc.d[i]);
   }
 };
 
@@ -277,6 +288,8 @@ template <typename T>
 struct WmmaMath {
   static constexpr int BM = 128, BN = 128, BK = 32, THREADS = 256, STAGES = 2, MIN_BLOCKS = 1;
   static constexpr int WARPS_N = 4, WM = 64, WN = 32, FM = WM / 16, FN = WN / 16;
+  // (an A100: 0.5M multiply-adds in about 500 cycles, at about 13 bytes a cycle)
+  static constexpr double WS_ELEMS_PER_KTILE = 1700;
   static constexpr size_t SCRATCH_BYTES = (THREADS / 32) * 16 * 16 * sizeof(float);
   template <bool AK, bool BKM>
   using Layout = Smem<T, BM, BN, BK, THREADS, STAGES, AK, BKM>;
@@ -289,7 +302,9 @@ struct WmmaMath {
       for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc.f[i][j], 0.f);
   }
   static constexpr bool ASYNC_MMA = false;
+  static constexpr int MMA_IN_FLIGHT = 0;
   __device__ static void before_barrier(Acc&) {}
+  __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
 
   template <class L>
@@ -346,6 +361,8 @@ struct WmmaMath {
 struct SimtMath {
   static constexpr int BM = 64, BN = 64, BK = 16, THREADS = 256, TM = 4, TN = 4, STAGES = 2;
   static constexpr int MIN_BLOCKS = 1;
+  // (64K fp32 fused multiply-adds in about 1000 cycles, at about 13 bytes a cycle)
+  static constexpr double WS_ELEMS_PER_KTILE = 3300;
   static constexpr size_t SCRATCH_BYTES = 0;
   template <bool AK, bool BKM>
   using Layout = Smem<float, BM, BN, BK, THREADS, STAGES, AK, BKM>;
@@ -358,7 +375,9 @@ struct SimtMath {
       for (int j = 0; j < TN; ++j) acc.v[i][j] = 0.f;
   }
   static constexpr bool ASYNC_MMA = false;
+  static constexpr int MMA_IN_FLIGHT = 0;
   __device__ static void before_barrier(Acc&) {}
+  __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
 
   template <class L>
@@ -388,10 +407,6 @@ struct SimtMath {
   }
 };
 
-static_assert(WgmmaMath<__half>::BM == WmmaMath<__half>::BM &&
-                  WgmmaMath<__half>::BN == WmmaMath<__half>::BN,
-              "plan_weight_grad assumes one output tile shape for both tensor-core maths");
-
 // Dynamic shared memory of a kernel: the pipeline stages, reused by the epilogue's scratch.
 template <class M, bool AK, bool BKM>
 constexpr size_t smem_bytes() {
@@ -412,7 +427,11 @@ template <typename T, class M, class L, class P>
 __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char* smem,
                               bool do_colsum, float& colsum) {
   constexpr int S = M::STAGES;
-  static_assert(S >= 2, "the loop overlaps at least one copy with the math");
+  // Tiles fetched ahead of the one multiplied: every other stage, but the stages whose MMAs
+  // may still be running.  Iteration t refills the stage of tile t - 1 - MMA_IN_FLIGHT: each
+  // thread saw that tile's MMAs done (after_mma) before the barrier of iteration t.
+  constexpr int AHEAD = S - 1 - M::MMA_IN_FLIGHT;
+  static_assert(AHEAD >= 1, "the loop overlaps at least one copy with the math");
   M::zero(acc);
   const int np = prob.num_phases();
   int p = 0, k0 = 0;  // cursor: the next tile to fetch
@@ -433,16 +452,21 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
   };
   skip_empty();
 #pragma unroll
-  for (int s = 0; s < S - 1; ++s) fetch_next();
-  for (int tile = 0; tile < fetched; ++tile) {
-    cp_async_wait<S - 2>();  // tile `tile` has landed (this thread's copies)
+  for (int s = 0; s < AHEAD; ++s) fetch_next();
+  if (fetched == 0) return;  // no phases: the tile stays zero
+  // One exit, after the last tile's after_mma: finish (the wait for the last MMAs) comes
+  // after it on that path only.  A wait also reached by the path that never enters the loop
+  // (zeroed accumulators) made ptxas serialize every wgmma (its C7515); a loop that could exit
+  // on either branch made it wait for every tile's MMAs at the back edge (C7517).
+  for (int tile = 0;; ++tile) {
+    cp_async_wait<AHEAD - 1>();  // tile `tile` has landed (this thread's copies)
     M::before_barrier(acc);
-    __syncthreads();         // ...everyone's; and every thread is done with tile - 1
+    __syncthreads();  // ...everyone's; and every thread is done with tile - 1 - MMA_IN_FLIGHT
     const int stage = tile % S;
     const T* As = L::a(smem, stage);
     // Synchronous math: the next copies first, so they fly during the MMAs.  Asynchronous:
-    // the MMAs first, so they run while the copies are issued.  Either way into tile - 1's
-    // stage.
+    // the MMAs first, so they run while the copies are issued.  Either way into the stage
+    // of tile - 1 - MMA_IN_FLIGHT.
     if (!M::ASYNC_MMA) fetch_next();
     M::template mma<L>(acc, As, L::b(smem, stage));
     if (M::ASYNC_MMA) fetch_next();
@@ -450,10 +474,10 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
 #pragma unroll 8
       for (int k = 0; k < M::BK; ++k) colsum += to_f(L::a_at(As, threadIdx.x, k));
     }
-    // Inside the loop: a wait after it would also be reached by the path that never enters
-    // the loop, whose zeroed accumulators make ptxas serialize every wgmma (its C7515).
-    if (tile + 1 == fetched) M::finish(acc);
+    M::after_mma(acc);
+    if (tile + 1 >= fetched) break;
   }
+  M::finish(acc);
 }
 
 // ================================ forward ================================================
@@ -513,11 +537,14 @@ __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   using L = typename M::template Layout<true, true>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int tile = blockIdx.y;
+  int64_t bx, by;
+  grouped_tile(blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x, gridDim.x, gridDim.y,
+               kGroupM, bx, by);
+  const int tile = static_cast<int>(by);
   int si = 0;
   while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= tile) ++si;
   const FwdSeg& s = p.seg[si];
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * M::BM;
+  const int64_t m0 = bx * M::BM;
   const int n0 = (tile - s.tile0) * M::BN;
   FwdProblem<T> prob{p, s, m0, n0};
   typename M::Acc acc;
@@ -608,7 +635,10 @@ __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dx_kernel(const __grid_constant__ DxParams p) {
   using L = typename M::template Layout<true, false>;
   extern __shared__ __align__(128) unsigned char smem[];
-  const DxProblem<T> prob = dx_problem<T, M>(p, blockIdx.x, blockIdx.y);
+  int64_t bx, tile;
+  grouped_tile(blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x, gridDim.x, gridDim.y,
+               kGroupM, bx, tile);
+  const DxProblem<T> prob = dx_problem<T, M>(p, bx, static_cast<int>(tile));
   const int64_t m0 = prob.m0;
   const int c0 = prob.c0, c_end = prob.c_end;
   typename M::Acc acc;
@@ -872,6 +902,45 @@ cudaError_t build_dw(int64_t rows, int64_t m, int64_t n, const void* a, int64_t 
   return cudaSuccess;
 }
 
+// ---- how often dW splits its reduction ---------------------------------------------------------
+// The splits that minimise the estimated time, in k-tiles of one block: the waves of blocks
+// (M::MIN_BLOCKS per SM) times each block's k-tiles, plus the fp32 partials of a split
+// reduction (2 x splits x m x n elements: written by the blocks, read back by the reduction) at
+// M::WS_ELEMS_PER_KTILE elements an SM streams from memory in one k-tile's time.  The tail
+// wave counts whole: 160 output tiles on 132 SMs take two waves, the second 21% full, unless
+// the reduction is split (4 splits: 640 blocks in 5 waves).  At least 8 k-tiles a split, at
+// most 64 splits, and at least as many as keep a block's rows an int (2^30).
+template <class M>
+WeightGradPlan plan_for(int64_t rows, int64_t m, int64_t n, int num_sms) {
+  WeightGradPlan plan{1, std::max<int64_t>(rows, 1), 0};
+  if (m <= 0 || n <= 0 || rows <= 0) return plan;
+  const int64_t tiles = ceil_div(m, M::BM) * ceil_div(n, M::BN);
+  const int64_t ktiles = ceil_div(rows, M::BK);
+  const int64_t slots = std::max<int64_t>(num_sms, 1) * M::MIN_BLOCKS;
+  const int64_t min_splits = ceil_div(rows, int64_t{1} << 30);
+  const int64_t max_splits = std::max<int64_t>(min_splits, std::min<int64_t>(64, ktiles / 8));
+  int64_t best = min_splits;
+  double best_cost = -1.0;
+  for (int64_t s = min_splits; s <= max_splits; ++s) {
+    const int64_t per = ceil_div(ktiles, s);  // k-tiles a split
+    if (s > min_splits && ceil_div(ktiles, per) != s) continue;  // a smaller s's splits
+    double cost = static_cast<double>(ceil_div(tiles * s, slots)) * static_cast<double>(per);
+    if (s > 1)
+      cost += 2.0 * static_cast<double>(s) * static_cast<double>(m) * static_cast<double>(n) /
+              (static_cast<double>(slots) * M::WS_ELEMS_PER_KTILE);
+    if (best_cost < 0.0 || cost < best_cost) {
+      best = s;
+      best_cost = cost;
+    }
+  }
+  if (best <= 1) return plan;
+  plan.rows_per_split = ceil_div(ktiles, best) * M::BK;
+  plan.splits = static_cast<int>(ceil_div(rows, plan.rows_per_split));
+  if (plan.splits <= 1) return WeightGradPlan{1, rows, 0};
+  plan.workspace_bytes = static_cast<size_t>(plan.splits) * (m * n + m) * sizeof(float);
+  return plan;
+}
+
 // ---- which tile math runs --------------------------------------------------------------------
 __global__ void wgmma_probe_kernel(int* out) { *out = EXPANSE_FAST_WGMMA; }
 
@@ -962,26 +1031,10 @@ cudaError_t linear_backward_input(const LinearShape& s, const LinearWeights& w, 
 }
 
 WeightGradPlan plan_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, int num_sms) {
-  const bool f32 = dtype == DType::kFloat32, wg = wgmma_enabled(dtype);
-  const int bm = f32 ? SimtMath::BM : WmmaMath<__half>::BM;  // == WgmmaMath's
-  const int bn = f32 ? SimtMath::BN : WmmaMath<__half>::BN;
-  const int bk = f32 ? SimtMath::BK : wg ? WgmmaMath<__half>::BK : WmmaMath<__half>::BK;
-  WeightGradPlan plan{1, std::max<int64_t>(rows, 1), 0};
-  if (m <= 0 || n <= 0 || rows <= 0) return plan;
-  const int64_t tiles = ceil_div(m, bm) * ceil_div(n, bn);
-  const int64_t ktiles = ceil_div(rows, bk);
-  // A block's row count is an int (at most 2^30): split at least this often.
-  const int64_t min_splits = ceil_div(rows, int64_t{1} << 30);
-  // Split the reduction only while the output tiles leave SMs idle, keeping >= 8 k-tiles each.
-  int64_t want = tiles >= num_sms ? 1 : ceil_div(2 * static_cast<int64_t>(num_sms), tiles);
-  want = std::min<int64_t>({want, ktiles / 8, 64});
-  want = std::max<int64_t>(want, min_splits);
-  if (want <= 1) return plan;
-  plan.rows_per_split = ceil_div(ktiles, want) * bk;
-  plan.splits = static_cast<int>(ceil_div(rows, plan.rows_per_split));
-  if (plan.splits <= 1) return WeightGradPlan{1, rows, 0};
-  plan.workspace_bytes = static_cast<size_t>(plan.splits) * (m * n + m) * sizeof(float);
-  return plan;
+  // the tile of the math linear_weight_grad will run (dispatch_math's choice)
+  if (dtype == DType::kFloat32) return plan_for<SimtMath>(rows, m, n, num_sms);
+  return wgmma_enabled(dtype) ? plan_for<WgmmaMath<__half>>(rows, m, n, num_sms)
+                              : plan_for<WmmaMath<__half>>(rows, m, n, num_sms);
 }
 
 cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, const void* a,

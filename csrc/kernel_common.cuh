@@ -40,6 +40,23 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 constexpr int64_t kMaxGridY = 65535;  // gridDim.y and gridDim.z limit
 
+// Which output tile block b (blockIdx.x fastest, the order blocks start in) of an m_tiles x
+// n_tiles grid computes: the grid is taken `group` row tiles at a time, column tile by column
+// tile within a group.  The blocks running at once then share a few row tiles of A and a few
+// column tiles of B, which stay in L2; in plain row order each running block had a row tile
+// of its own, and all of A streamed from memory again for every column tile.
+__host__ __device__ __forceinline__ void grouped_tile(int64_t b, int64_t m_tiles,
+                                                      int64_t n_tiles, int group, int64_t& m,
+                                                      int64_t& n) {
+  const int64_t per_group = static_cast<int64_t>(group) * n_tiles;
+  const int64_t first = b / per_group * group;  // the group's first row tile
+  const int64_t rows = m_tiles - first < group ? m_tiles - first : group;
+  const int64_t in_group = b % per_group;
+  m = first + in_group % rows;
+  n = in_group / rows;
+}
+constexpr int kGroupM = 8;  // row tiles per group
+
 // The frozen groups of a layer's launch description: every width and k_end in range
 // (k_end <= frozen_in), and the widths adding up to frozen_out.
 inline bool frozen_groups_ok(int num_groups, const int64_t* widths, const int64_t* k_ends,

@@ -1,5 +1,5 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) for the expanded linear and conv kernels: the layout of
-// an operand tile in shared memory, its descriptor, the m64n128k16 / m64n64k16 instructions
+// an operand tile in shared memory, its descriptor, the m64nNk16 instructions (N = 256, 64)
 // with fp32 accumulators, their fences and the accumulators' fragment map.
 //
 // Everything here compiles on every target; the instructions exist only where nvcc defines
@@ -87,6 +87,14 @@ __device__ __forceinline__ void wait_all() {  // every committed group of this w
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
+// Every committed group of this warpgroup but the newest PENDING done: with PENDING = 1 the
+// MMAs of one k-tile run on while the next tile's barrier is reached and its MMAs are issued.
+template <int PENDING>
+__device__ __forceinline__ void wait() {
+#if EXPANSE_FAST_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
+#endif
+}
 // Shared memory written by the generic proxy (cp.async, plain stores) and read next by the
 // tensor cores (the async proxy): each writing thread fences before the barrier.
 __device__ __forceinline__ void fence_shared_for_async_proxy() {
@@ -104,16 +112,24 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
 
 // One asm statement per instruction shape; TY is the operand type's PTX name ("f16", "bf16").
 // Operands: the N / 2 accumulators d, then desc_a, desc_b, scale_d, TRANS_A, TRANS_B.
-#define EXPANSE_FAST_WGMMA_M64N128K16(TY)                                              \
+#define EXPANSE_FAST_WGMMA_M64N256K16(TY)                                              \
   asm volatile(                                                                        \
-  "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                         \
-  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                         \
-  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "            \
-  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "   \
-  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "   \
-  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "  \
-  "%64, %65, p, 1, 1, %67, %68;\n}\n"                                                  \
-  : EXPANSE_FAST_D32(0), EXPANSE_FAST_D32(32)                                          \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                        \
+  "wgmma.mma_async.sync.aligned.m64n256k16.f32." TY "." TY " "                         \
+  "{"                                                                                  \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "                                 \
+  "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "                       \
+  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "                       \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                       \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "                       \
+  "%60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "                       \
+  "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, "                       \
+  "%84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                       \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, "               \
+  "%108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, "           \
+  "%120, %121, %122, %123, %124, %125, %126, %127"                                     \
+  "}, %128, %129, p, 1, 1, %131, %132;\n}\n"                                         \
+  : EXPANSE_FAST_D32(0), EXPANSE_FAST_D32(32), EXPANSE_FAST_D32(64), EXPANSE_FAST_D32(96) \
   : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B)                 \
   : "memory")
 
@@ -128,7 +144,7 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
   : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B)                 \
   : "memory")
 
-// d (64 x N per warpgroup, fp32; N = 128 or 64) += A (64 x 16) * B (16 x N), both from shared
+// d (64 x N per warpgroup, fp32; N = 256 or 64) += A (64 x 16) * B (16 x N), both from shared
 // memory.  TRANS_A / TRANS_B: 0 = K-major, 1 = M-major / N-major (16-bit types only).
 // scale_d == 0 ignores d's old value.  Each thread holds N / 2 accumulators.
 template <typename T, int N, int TRANS_A, int TRANS_B>
@@ -137,12 +153,12 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[N / 2], uint64_t desc_a, u
 #if EXPANSE_FAST_WGMMA
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
                 "wgmma here takes fp16 or bf16");
-  static_assert(N == 128 || N == 64, "instantiated shapes: m64n128k16, m64n64k16");
+  static_assert(N == 256 || N == 64, "instantiated shapes: m64n256k16, m64n64k16");
   constexpr bool kHalf = std::is_same<T, __half>::value;
-  if constexpr (N == 128 && kHalf) {
-    EXPANSE_FAST_WGMMA_M64N128K16("f16");
-  } else if constexpr (N == 128) {
-    EXPANSE_FAST_WGMMA_M64N128K16("bf16");
+  if constexpr (N == 256 && kHalf) {
+    EXPANSE_FAST_WGMMA_M64N256K16("f16");
+  } else if constexpr (N == 256) {
+    EXPANSE_FAST_WGMMA_M64N256K16("bf16");
   } else if constexpr (kHalf) {
     EXPANSE_FAST_WGMMA_M64N64K16("f16");
   } else {

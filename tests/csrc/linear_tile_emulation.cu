@@ -294,33 +294,35 @@ void check_forward(Layer<T>& L, const std::string& tag) {
       std::printf("%s: build_fwd refused\n", tag.c_str());
       return;
     }
-    for (int tile = 0; tile < static_cast<int>(grid.y); ++tile)
-      for (int bx = 0; bx < static_cast<int>(grid.x); ++bx) {
-        // as linear_fwd_kernel
-        int si = 0;
-        while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= tile) ++si;
-        const FwdSeg& s = p.seg[si];
-        const int64_t m0 = static_cast<int64_t>(bx) * M::BM;
-        const int n0 = (tile - s.tile0) * M::BN;
-        const FwdProblem<T> prob{p, s, m0, n0};
-        const std::vector<double> acc = block_gemm<M, true, true>(prob, nullptr);
-        T* out = static_cast<T*>(p.y);
-        T* pre_out = static_cast<T*>(p.pre);
-        const T* bias = static_cast<const T*>(s.bias);
-        for (int m = 0; m < M::BM; ++m)
-          for (int n = 0; n < M::BN; ++n) {
-            const int64_t row = m0 + m;
-            const int col = n0 + n;
-            if (row >= p.rows || col >= s.rows) continue;
-            float v = static_cast<float>(acc[m * M::BN + n]);
-            if (bias != nullptr && in_bounds(bias + col)) v += to_f(bias[col]);
-            const int64_t out_col = s.col0 + col;
-            if (pre_out != nullptr && out_col >= p.pre_col0)
-              store(pre_out + row * p.ld_pre + out_col - p.pre_col0, v);
-            const double act = activation(static_cast<Activation>(p.activation), v);
-            store(out + row * p.ld_y + out_col, static_cast<float>(act));
-          }
-      }
+    for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
+      // as linear_fwd_kernel
+      int64_t bx, by;
+      grouped_tile(b, grid.x, grid.y, kGroupM, bx, by);
+      const int tile = static_cast<int>(by);
+      int si = 0;
+      while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= tile) ++si;
+      const FwdSeg& s = p.seg[si];
+      const int64_t m0 = bx * M::BM;
+      const int n0 = (tile - s.tile0) * M::BN;
+      const FwdProblem<T> prob{p, s, m0, n0};
+      const std::vector<double> acc = block_gemm<M, true, true>(prob, nullptr);
+      T* out = static_cast<T*>(p.y);
+      T* pre_out = static_cast<T*>(p.pre);
+      const T* bias = static_cast<const T*>(s.bias);
+      for (int m = 0; m < M::BM; ++m)
+        for (int n = 0; n < M::BN; ++n) {
+          const int64_t row = m0 + m;
+          const int col = n0 + n;
+          if (row >= p.rows || col >= s.rows) continue;
+          float v = static_cast<float>(acc[m * M::BN + n]);
+          if (bias != nullptr && in_bounds(bias + col)) v += to_f(bias[col]);
+          const int64_t out_col = s.col0 + col;
+          if (pre_out != nullptr && out_col >= p.pre_col0)
+            store(pre_out + row * p.ld_pre + out_col - p.pre_col0, v);
+          const double act = activation(static_cast<Activation>(p.activation), v);
+          store(out + row * p.ld_y + out_col, static_cast<float>(act));
+        }
+    }
   }
   auto pre_ref = [&](int64_t n, int64_t o) {
     double v = L.bias[o];
@@ -351,22 +353,23 @@ void check_input_grad(Layer<T>& L, bool need_old, const std::string& tag) {
     return;
   }
   auto launch = [&]() {
-    for (int tile = 0; tile < static_cast<int>(grid.y); ++tile)
-      for (int bx = 0; bx < static_cast<int>(grid.x); ++bx) {
-        // as linear_dx_kernel
-        const DxProblem<T> prob = dx_problem<T, M>(p, bx, tile);
-        const int64_t m0 = prob.m0;
-        const int c0 = prob.c0, c_end = prob.c_end;
-        const std::vector<double> acc = block_gemm<M, true, false>(prob, nullptr);
-        for (int m = 0; m < M::BM; ++m)
-          for (int n = 0; n < M::BN; ++n) {
-            const int64_t row = m0 + m;
-            const int col = c0 + n;
-            if (row < p.rows && col < c_end)
-              store(static_cast<T*>(p.dx) + row * p.ld_dx + col,
-                    static_cast<float>(acc[m * M::BN + n]));
-          }
-      }
+    for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
+      // as linear_dx_kernel
+      int64_t bx, tile;
+      grouped_tile(b, grid.x, grid.y, kGroupM, bx, tile);
+      const DxProblem<T> prob = dx_problem<T, M>(p, bx, static_cast<int>(tile));
+      const int64_t m0 = prob.m0;
+      const int c0 = prob.c0, c_end = prob.c_end;
+      const std::vector<double> acc = block_gemm<M, true, false>(prob, nullptr);
+      for (int m = 0; m < M::BM; ++m)
+        for (int n = 0; n < M::BN; ++n) {
+          const int64_t row = m0 + m;
+          const int col = c0 + n;
+          if (row < p.rows && col < c_end)
+            store(static_cast<T*>(p.dx) + row * p.ld_dx + col,
+                  static_cast<float>(acc[m * M::BN + n]));
+        }
+    }
   };
   auto ref = [&](int64_t n, int64_t k) {
     double v = 0;
@@ -479,8 +482,7 @@ void check_weight_grad(Layer<T>& L, bool couple, bool with_db, const WeightGradP
 // by hand (rows_per_split a multiple of this math's BK, as the planner makes them, and not).
 template <class M>
 std::vector<WeightGradPlan> plans(DType dt, int64_t rows, int64_t m, int64_t n) {
-  std::vector<WeightGradPlan> out = {plan_weight_grad(dt, rows, m, n, 1),
-                                     plan_weight_grad(dt, rows, m, n, 1000)};
+  std::vector<WeightGradPlan> out = {plan_for<M>(rows, m, n, 1), plan_for<M>(rows, m, n, 1000)};
   for (int64_t per : {ceil_div(ceil_div(rows, 3), M::BK) * M::BK, ceil_div(rows, 3)}) {
     const int splits = static_cast<int>(ceil_div(rows, per));
     if (splits > 1)
@@ -520,9 +522,62 @@ void run(const Case& c) {
   }
 }
 
+// plan_for's choices where the answer is clear: the H200 benchmark's dW (16384 rows, 1024 x
+// 5120 on 132 SMs: 160 wgmma tiles, two waves with the second 21% full, unsplit) splits in 4
+// (640 blocks in 5 waves); a dW of 4096 x 4096 (256 tiles, two full-ish waves) does not split;
+// a small one (m = 64) splits as far as 8 k-tiles a split allow, 64 at most; every plan's splits
+// cover the rows.
+void check_weight_grad_plans() {
+  struct Want {
+    int64_t rows, m, n;
+    int sms, splits;
+  };
+  const Want wants[] = {{16384, 1024, 5120, 132, 4}, {16384, 4096, 4096, 132, 1},
+                        {16384, 64, 256, 132, 32}, {1 << 20, 64, 256, 132, 64},
+                        {100, 1024, 5120, 132, 1}};
+  for (const Want& w : wants) {
+    const WeightGradPlan p = plan_for<WgmmaMath<__half>>(w.rows, w.m, w.n, w.sms);
+    const bool covers = static_cast<int64_t>(p.splits) * p.rows_per_split >= w.rows &&
+                        static_cast<int64_t>(p.splits - 1) * p.rows_per_split < w.rows;
+    if (p.splits != w.splits || !covers) {
+      ++failures;
+      std::printf("plan_for<wgmma>(%lld rows, %lld x %lld, %d SMs): %d splits of %lld rows, "
+                  "want %d\n", (long long)w.rows, (long long)w.m, (long long)w.n, w.sms,
+                  p.splits, (long long)p.rows_per_split, w.splits);
+    }
+  }
+}
+
+// grouped_tile, the order the forward and dx kernels take their blocks in: every tile of the
+// grid exactly once, whatever the grid (fewer row tiles than a group, a last group short).
+void check_grouped_order() {
+  for (int64_t m_tiles : {1, 2, 7, 8, 9, 17, 128})
+    for (int64_t n_tiles : {1, 3, 8, 40}) {
+      std::vector<int> seen(m_tiles * n_tiles, 0);
+      for (int64_t b = 0; b < m_tiles * n_tiles; ++b) {
+        int64_t m, n;
+        grouped_tile(b, m_tiles, n_tiles, kGroupM, m, n);
+        if (m < 0 || m >= m_tiles || n < 0 || n >= n_tiles) {
+          if (failures++ < 20)
+            std::printf("grouped_tile(%lld) of %lld x %lld: (%lld, %lld) outside\n",
+                        (long long)b, (long long)m_tiles, (long long)n_tiles, (long long)m,
+                        (long long)n);
+          continue;
+        }
+        ++seen[m * n_tiles + n];
+      }
+      for (int v : seen)
+        if (v != 1 && failures++ < 20)
+          std::printf("grouped_tile of %lld x %lld: a tile taken %d times\n",
+                      (long long)m_tiles, (long long)n_tiles, v);
+    }
+}
+
 }  // namespace
 
 int main() {
+  check_grouped_order();
+  check_weight_grad_plans();
   // plan_weight_grad asks wgmma_enabled(), which would probe for a GPU: the emulation picks
   // each math itself.
   setenv("EXPANSE_FAST_CUDA_WGMMA", "0", 1);

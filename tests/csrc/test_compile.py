@@ -122,18 +122,19 @@ def _ptx_of(src_name, arch, tmp_path):
     return out
 
 
-# Per kernel: the wgmma N, the instructions per k-tile (BK / 16), and the operand majorness it
-# hands wgmma (0 = K-major, 1 = M/N-major).  Linear: forward x.w^T (both K-major), input
-# gradient dy.w (w N-major), weight gradient dy^T.x (both MN-major).  Conv: A is the gathered
-# im2col / dy tile stored [k][m] (M-major) for forward and input gradient, [m][k] for dW; B is
-# always stored [n][k].
+# Per kernel: the wgmma N, the instructions per k-tile (BK / 16), the operand majorness it
+# hands wgmma (0 = K-major, 1 = M/N-major) and how many k-tiles' MMAs its main loop leaves in
+# flight at the barrier (wgmma.wait_group N in the loop).  Linear: forward x.w^T (both
+# K-major), input gradient dy.w (w N-major), weight gradient dy^T.x (both MN-major).  Conv: A
+# is the gathered im2col / dy tile stored [k][m] (M-major) for forward and input gradient,
+# [m][k] for dW; B is always stored [n][k].
 WGMMA_KERNELS = {
-    "expanded_linear_kernels.cu": {"linear_fwd_kernel": ("128", 4, "0, 0"),
-                                   "linear_dx_kernel": ("128", 4, "0, 1"),
-                                   "linear_dw_kernel": ("128", 4, "1, 1")},
-    "expanded_conv_kernels.cu": {"conv_fwd_kernel": ("64", 2, "1, 0"),
-                                 "conv_dx_kernel": ("64", 2, "1, 0"),
-                                 "conv_dw_kernel": ("64", 2, "0, 0")},
+    "expanded_linear_kernels.cu": {"linear_fwd_kernel": ("256", 4, "0, 0", 1),
+                                   "linear_dx_kernel": ("256", 4, "0, 1", 1),
+                                   "linear_dw_kernel": ("256", 4, "1, 1", 1)},
+    "expanded_conv_kernels.cu": {"conv_fwd_kernel": ("64", 2, "1, 0", 0),
+                                 "conv_dx_kernel": ("64", 2, "1, 0", 0),
+                                 "conv_dw_kernel": ("64", 2, "0, 0", 0)},
 }
 
 
@@ -143,8 +144,10 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     """Built for sm_90a, the WgmmaMath instantiation of each GEMM kernel (fp16 and bf16) issues
     wgmma of its shape and operand majorness, with the proxy fence its copies need, and ptxas
     assembles it without serializing the wgmmas (its C7515 "Potential Performance Loss"
-    notice: an accumulator register touched while they are in flight); the WMMA and SIMT
-    kernels issue none; built for plain sm_90 (the portable path) nothing issues wgmma."""
+    notice: an accumulator register touched while they are in flight) and without waits of
+    its own for them (C7517: at the linear main loop's back edge such a wait kept the next
+    k-tile's MMAs from being queued while one tile's still run); the WMMA and SIMT kernels
+    issue none; built for plain sm_90 (the portable path) nothing issues wgmma."""
     expect = WGMMA_KERNELS[src_name]
     ptx_path = _ptx_of(src_name, "compute_90a", tmp_path)
     entries = _ptx_entries(ptx_path.read_text())
@@ -153,12 +156,14 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
         f"expected {len(expect)} kernels x 2 dtypes, got {sorted(wg)}"
     for name, body in wg.items():
         kernel = next(k for k in expect if k in name)
-        n, per_tile, trans = expect[kernel]
+        n, per_tile, trans, in_flight = expect[kernel]
         calls = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{n}k16\.f32\.(b?f16)\.\1 "
                            r"[^;]*p, 1, 1, (\d, \d);", body, flags=re.S)
         assert len(calls) == per_tile, f"{name}: {len(calls)} wgmma m64n{n}k16, expected {per_tile}"
         assert {t for _, t in calls} == {trans}, f"{name}: {calls}"
         assert "fence.proxy.async.shared::cta" in body, f"{name}: no proxy fence"
+        waits = {int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+);", body)}
+        assert waits == ({0, in_flight} if in_flight else {0}), f"{name}: waits {waits}"
     for name, body in entries.items():
         if "WmmaMath" in name or "SimtMath" in name:
             assert "wgmma" not in body, f"{name} issues wgmma"
@@ -170,7 +175,8 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
                              capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-6000:]
         serialized = [ln for ln in (res.stdout + res.stderr).splitlines()
-                      if "C7515" in ln or "wgmma.mma_async instructions are serialized" in ln]
+                      if "C7515" in ln or "wgmma.mma_async instructions are serialized" in ln
+                      or "C7517" in ln or "warpgroup.wait is injected" in ln]
         assert not serialized, "\n".join(serialized)
     portable = _ptx_of(src_name, "compute_90", tmp_path).read_text()
     assert "wgmma.mma_async" not in portable

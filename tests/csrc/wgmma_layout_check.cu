@@ -1,11 +1,11 @@
 // Host-only check of the wgmma operand layout in csrc/wgmma.cuh (built by test_wgmma_layout.py
 // with nvcc, run on the CPU; no GPU involved).  A tile is copied chunk by chunk the way the
-// kernels copy it; then every m64 (A) or n128 (B) x k16 block that the kernels hand wgmma is
-// read back through its descriptor fields by the PTX ISA's canonical no-swizzle layouts,
-// restated here independently:
+// kernels copy it; then every m64 (A) or n256 / n64 (B) x k16 block that the kernels hand
+// wgmma is read back through its descriptor fields by the PTX ISA's canonical no-swizzle
+// layouts, restated here independently:
 //   K-major  ((8,m),(T,2k)):((1T,SBO),(1,LBO))   MN-major ((T,1,m),(8,k)):((1,T,SBO),(1T,LBO))
 // with T = 8 elements (16 bytes), and must give the global tile's elements.  The accumulator
-// fragment map must cover the 64 x 128 warpgroup tile exactly once.
+// fragment map must cover the 64 x N warpgroup tile exactly once (N = 256, 64).
 #include <cstdio>
 #include <vector>
 
@@ -70,18 +70,19 @@ static void check_accumulators(int n) {
 }
 
 int main() {
-  // The linear kernels' tiles: BM = BN = 128, BK = 64; A blocks of 64 rows per warpgroup.
+  // The linear kernels' tiles: BM = 128, BN = 256, BK = 64; A blocks of 64 rows per
+  // warpgroup, B blocks of all 256 columns (m64n256k16).
   check_tile<true, 128, 64>(64, {0, 64}, "linear A K-major (x, dy)");
   check_tile<false, 64, 128>(64, {0, 64}, "linear A M-major (dy^T)");
-  check_tile<true, 128, 64>(128, {0}, "linear B K-major (w rows)");
-  check_tile<false, 64, 128>(128, {0}, "linear B N-major (w, x)");
+  check_tile<true, 256, 64>(256, {0}, "linear B K-major (w rows)");
+  check_tile<false, 64, 256>(256, {0}, "linear B N-major (w, x)");
   // The conv kernels' tiles (BK = 32; m64n64 per warpgroup): forward and dx 128 x 64 with A
   // stored [k][m]; dW 64 x 128 with A stored [m][k], the warpgroups splitting N.
   check_tile<false, 32, 128>(64, {0, 64}, "conv A M-major (im2col x, dy taps)");
   check_tile<true, 64, 32>(64, {0}, "conv B K-major (fwd/dx weights)");
   check_tile<true, 64, 32>(64, {0}, "conv A K-major (dW: dy)");
   check_tile<true, 128, 32>(64, {0, 64}, "conv B K-major (dW: x taps)");
-  check_accumulators(128);
+  check_accumulators(256);
   check_accumulators(64);
   std::printf(failures ? "%d failures\n" : "wgmma layout OK\n", failures);
   return failures ? 1 : 0;

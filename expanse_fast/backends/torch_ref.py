@@ -398,7 +398,8 @@ _JOINT_EXACT: dict = {}  # shape key -> do the frozen rows keep their bits
 def _joint_rows(x: Tensor, w_old: Tensor, b_old: Maybe, w_new: Tensor, b_new: Maybe, stride,
                 padding, dilation, groups: int) -> Maybe:
     """conv(x, [w_old; w_new]) whose first rows equal conv(x, w_old) bit for bit, or None
-    when this shape is known not to keep them (the caller then convolves apart)."""
+    when this shape does not keep them (found at this call or an earlier one; the caller
+    then convolves apart)."""
     if (not _checkable(x) or (b_old is None) != (b_new is None) or x.shape[1] == 0
             or w_old.shape[0] == 0 or w_new.shape[0] == 0 or torch.jit.is_tracing()):
         return None  # (under torch.jit.trace: no check to record, convolve apart)
@@ -429,7 +430,10 @@ def _joint_rows(x: Tensor, w_old: Tensor, b_old: Maybe, w_new: Tensor, b_new: Ma
             _JOINT_EXACT.clear()
         _JOINT_EXACT[key] = ok
         if not ok:
-            y[:, :w_old.shape[0]] = alone  # this call stays exact too
+            # This call convolves apart too, as every later one will: keeping the joint
+            # result's new rows made the first call's newest channels round differently from
+            # the next call's on the same input (seen on an AMD EPYC CPU).
+            return None
     return y
 
 

@@ -82,8 +82,10 @@ def test_depthwise_joint(mult):
 
 
 def test_shape_that_loses_bits_falls_back(monkeypatch):
-    """A library whose wide convolution changed the frozen bits: that call is repaired from
-    the frozen block alone, later calls of that shape convolve apart."""
+    """A library whose wide convolution changed the frozen bits: that call and every later
+    one of that shape convolve apart, so they give the same bits.  (The first call kept the
+    joint convolution's newest channels: on an AMD EPYC CPU they rounded differently from
+    the next call's on the same input.)"""
     torch.manual_seed(3)
     conv, layer = _layer(12, 10, 4, 6, 3, 1, 1, 1, True)
     x = torch.randn(2, 16, 6, 6)
@@ -108,11 +110,11 @@ def test_shape_that_loses_bits_falls_back(monkeypatch):
         first = layer(x)
         second = layer(x)
     assert len(calls) == 1 and list(torch_ref._JOINT_EXACT.values()) == [False]
-    assert widths[0] == 16  # joined (10 frozen + 6 new rows), then checked ...
-    assert widths[-2:] == [10, 6]  # ... and apart ever after
+    # joined (10 frozen + 6 new rows) and checked against the frozen block alone, then apart
+    # in that call and the next
+    assert widths == [16, 10, 10, 6, 10, 6]
     ref = conv(x[:, :12].contiguous())
-    assert torch.equal(first[:, :10], ref) and torch.equal(second[:, :10], ref)
-    torch.testing.assert_close(first, second, rtol=1e-6, atol=1e-6)
+    assert torch.equal(first[:, :10], ref) and torch.equal(first, second)
     assert real_same_bits(ref, ref)
 
 

@@ -116,7 +116,10 @@ def test_plain_models_of_a_bare_widened_layer(tmp_path):
     x = torch.randn(2, 4)
     src, merged = xf.source_model(layer, task=0), xf.merge(layer)
     assert type(src) is nn.Linear and type(merged) is nn.Linear
-    assert torch.equal(src(x), base(x)) and torch.equal(merged(x), layer(x))
+    assert torch.equal(src(x), base(x))
+    # merge's one dense product sums in BLAS's order for 5 outputs, the layer's blocks in
+    # theirs for 3 and 2 (on an AMD EPYC CPU they differ in the last bit)
+    torch.testing.assert_close(merged(x), layer(x), rtol=1e-6, atol=1e-6)
     assert not layer.weight_frozen.requires_grad  # the layer itself is unchanged
     path = str(tmp_path / "e.safetensors")
     xf.save_expansion(layer, path)

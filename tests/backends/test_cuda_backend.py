@@ -26,9 +26,12 @@ LAYOUTS = {
     "coupled_three": Layout((45, 7, 23), (33, 11, 19), "coupled"),
     "coupled_aligned": Layout((64, 32), (96, 32), "coupled"),
     "coupled_no_new_inputs": Layout((19, 0), (8, 5), "coupled"),
-    # Enough K for the 3-stage wgmma pipeline to wrap around its stages (64-wide k-tiles).
+    # Enough K for the 4-stage wgmma pipeline to wrap around its stages (64-wide k-tiles).
     "wide_aligned": Layout((264, 136), (200, 72)),
     "wide_coupled": Layout((257, 131), (190, 66), "coupled"),
+    # Groups wider than the wgmma kernels' 256-column tiles: two column tiles each, the
+    # second partial (forward: output groups; dx: input columns).
+    "wide_groups": Layout((300, 263), (301, 257)),
 }
 
 

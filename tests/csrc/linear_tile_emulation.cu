@@ -606,6 +606,9 @@ int main() {
       // (255 rows: the last row tile and the last reduction k-tile are one row short)
       {"aligned", 255, 272, 200, 72, {136, 128}, {200, 64}, true, true, true, A::kNone, -1,
        true},
+      // wider than the wgmma tile's 256 columns everywhere: two column tiles a group in the
+      // forward, two a band (old and new input columns) in dx, the second partial
+      {"wider than a tile", 130, 563, 300, 257, {301}, {300}, false, true, true, A::kReLU, -1},
   };
   for (const Case& c : cases) {
     run<float, SimtMath>(c);

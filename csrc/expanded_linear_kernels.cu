@@ -532,21 +532,30 @@ struct FwdProblem {
   }
 };
 
+// The block's place in a launch: blockIdx as one index, x fastest (the order blocks start in).
+__device__ __forceinline__ int64_t block_index() {
+  return blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x;
+}
+
+// Block b of a grid_x x grid_y forward launch: its output segment, rows and columns.
+template <typename T, class M>
+__host__ __device__ __forceinline__ FwdProblem<T> fwd_problem(const FwdParams& p, int64_t b,
+                                                              int64_t grid_x, int64_t grid_y) {
+  const GridTile t = grouped_tile(b, grid_x, grid_y, kGroupM);
+  int si = 0;
+  while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= t.n) ++si;
+  return FwdProblem<T>{p, p.seg[si], t.m * M::BM, (t.n - p.seg[si].tile0) * M::BN};
+}
+
 template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   using L = typename M::template Layout<true, true>;
   extern __shared__ __align__(128) unsigned char smem[];
-  int64_t bx, by;
-  grouped_tile(blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x, gridDim.x, gridDim.y,
-               kGroupM, bx, by);
-  const int tile = static_cast<int>(by);
-  int si = 0;
-  while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= tile) ++si;
-  const FwdSeg& s = p.seg[si];
-  const int64_t m0 = bx * M::BM;
-  const int n0 = (tile - s.tile0) * M::BN;
-  FwdProblem<T> prob{p, s, m0, n0};
+  const FwdProblem<T> prob = fwd_problem<T, M>(p, block_index(), gridDim.x, gridDim.y);
+  const FwdSeg& s = prob.s;
+  const int64_t m0 = prob.m0;
+  const int n0 = prob.n0;
   typename M::Acc acc;
   float unused = 0.f;
   gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
@@ -620,14 +629,16 @@ struct DxProblem {
   }
 };
 
-// Block (bx, tile)'s problem: its rows and its column tile (an old tile in its band).
+// Block b of a grid_x x grid_y dx launch: its rows and its column tile (an old tile in its
+// band).
 template <typename T, class M>
-__host__ __device__ __forceinline__ DxProblem<T> dx_problem(const DxParams& p, int64_t bx,
-                                                            int tile) {
-  const bool old = tile < p.old_tiles;
-  int c0 = p.frozen_in + (tile - p.old_tiles) * M::BN, c_end = p.in_features;
-  if (old) p.bands.tile(tile, M::BN, c0, c_end);
-  return DxProblem<T>{p, bx * M::BM, c0, c_end, old};
+__host__ __device__ __forceinline__ DxProblem<T> dx_problem(const DxParams& p, int64_t b,
+                                                            int64_t grid_x, int64_t grid_y) {
+  const GridTile t = grouped_tile(b, grid_x, grid_y, kGroupM);
+  const bool old = t.n < p.old_tiles;
+  int c0 = p.frozen_in + (t.n - p.old_tiles) * M::BN, c_end = p.in_features;
+  if (old) p.bands.tile(t.n, M::BN, c0, c_end);
+  return DxProblem<T>{p, t.m * M::BM, c0, c_end, old};
 }
 
 template <typename T, class M>
@@ -635,10 +646,7 @@ __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dx_kernel(const __grid_constant__ DxParams p) {
   using L = typename M::template Layout<true, false>;
   extern __shared__ __align__(128) unsigned char smem[];
-  int64_t bx, tile;
-  grouped_tile(blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x, gridDim.x, gridDim.y,
-               kGroupM, bx, tile);
-  const DxProblem<T> prob = dx_problem<T, M>(p, bx, static_cast<int>(tile));
+  const DxProblem<T> prob = dx_problem<T, M>(p, block_index(), gridDim.x, gridDim.y);
   const int64_t m0 = prob.m0;
   const int c0 = prob.c0, c_end = prob.c_end;
   typename M::Acc acc;

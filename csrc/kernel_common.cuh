@@ -45,15 +45,17 @@ constexpr int64_t kMaxGridY = 65535;  // gridDim.y and gridDim.z limit
 // tile within a group.  The blocks running at once then share a few row tiles of A and a few
 // column tiles of B, which stay in L2; in plain row order each running block had a row tile
 // of its own, and all of A streamed from memory again for every column tile.
-__host__ __device__ __forceinline__ void grouped_tile(int64_t b, int64_t m_tiles,
-                                                      int64_t n_tiles, int group, int64_t& m,
-                                                      int64_t& n) {
+struct GridTile {
+  int64_t m;  // row tile
+  int n;      // column tile (gridDim.y: below 2^16)
+};
+__host__ __device__ __forceinline__ GridTile grouped_tile(int64_t b, int64_t m_tiles,
+                                                          int64_t n_tiles, int group) {
   const int64_t per_group = static_cast<int64_t>(group) * n_tiles;
   const int64_t first = b / per_group * group;  // the group's first row tile
   const int64_t rows = m_tiles - first < group ? m_tiles - first : group;
   const int64_t in_group = b % per_group;
-  m = first + in_group % rows;
-  n = in_group / rows;
+  return {first + in_group % rows, static_cast<int>(in_group / rows)};
 }
 constexpr int kGroupM = 8;  // row tiles per group
 

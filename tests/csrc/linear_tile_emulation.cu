@@ -3,11 +3,12 @@
 // by test_tile_emulation.py; no GPU involved.
 //
 // The real code: the launch parameters and grids (build_fwd, build_dx, build_dw, the planner)
-// and each block's problem (FwdProblem, DxProblem, DwProblem: phases, TileSrc pointers, row
-// and column masks).  Walked the way gemm_mainloop walks them, BK-deep k-tiles, for the tile
-// shape of every math a dtype can run: SimtMath (fp32), WmmaMath and WgmmaMath (fp16).
-// Restated here, marked "as <kernel>": each kernel's first lines (blockIdx -> problem) and its
-// epilogue, which live inside the __global__ functions.
+// and each block's problem (fwd_problem and dx_problem: the block order and its tile;
+// FwdProblem, DxProblem, DwProblem: phases, TileSrc pointers, row and column masks).  Walked
+// the way gemm_mainloop walks them, BK-deep k-tiles, for the tile shape of every math a dtype
+// can run: SimtMath (fp32), WmmaMath and WgmmaMath (fp16).  Restated here, marked "as
+// <kernel>": the dW kernel's first lines and each kernel's epilogue, which live inside the
+// __global__ functions.
 //
 // Operands hold small integers, so every sum is exact in fp32 and the comparison is exact.
 // Every buffer starts as NaN, its row padding and the frozen columns past each group's k_end
@@ -296,15 +297,10 @@ void check_forward(Layer<T>& L, const std::string& tag) {
     }
     for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
       // as linear_fwd_kernel
-      int64_t bx, by;
-      grouped_tile(b, grid.x, grid.y, kGroupM, bx, by);
-      const int tile = static_cast<int>(by);
-      int si = 0;
-      while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= tile) ++si;
-      const FwdSeg& s = p.seg[si];
-      const int64_t m0 = bx * M::BM;
-      const int n0 = (tile - s.tile0) * M::BN;
-      const FwdProblem<T> prob{p, s, m0, n0};
+      const FwdProblem<T> prob = fwd_problem<T, M>(p, b, grid.x, grid.y);
+      const FwdSeg& s = prob.s;
+      const int64_t m0 = prob.m0;
+      const int n0 = prob.n0;
       const std::vector<double> acc = block_gemm<M, true, true>(prob, nullptr);
       T* out = static_cast<T*>(p.y);
       T* pre_out = static_cast<T*>(p.pre);
@@ -355,9 +351,7 @@ void check_input_grad(Layer<T>& L, bool need_old, const std::string& tag) {
   auto launch = [&]() {
     for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
       // as linear_dx_kernel
-      int64_t bx, tile;
-      grouped_tile(b, grid.x, grid.y, kGroupM, bx, tile);
-      const DxProblem<T> prob = dx_problem<T, M>(p, bx, static_cast<int>(tile));
+      const DxProblem<T> prob = dx_problem<T, M>(p, b, grid.x, grid.y);
       const int64_t m0 = prob.m0;
       const int c0 = prob.c0, c_end = prob.c_end;
       const std::vector<double> acc = block_gemm<M, true, false>(prob, nullptr);
@@ -555,8 +549,8 @@ void check_grouped_order() {
     for (int64_t n_tiles : {1, 3, 8, 40}) {
       std::vector<int> seen(m_tiles * n_tiles, 0);
       for (int64_t b = 0; b < m_tiles * n_tiles; ++b) {
-        int64_t m, n;
-        grouped_tile(b, m_tiles, n_tiles, kGroupM, m, n);
+        const GridTile t = grouped_tile(b, m_tiles, n_tiles, kGroupM);
+        const int64_t m = t.m, n = t.n;
         if (m < 0 || m >= m_tiles || n < 0 || n >= n_tiles) {
           if (failures++ < 20)
             std::printf("grouped_tile(%lld) of %lld x %lld: (%lld, %lld) outside\n",

@@ -912,35 +912,45 @@ cudaError_t build_dw(int64_t rows, int64_t m, int64_t n, const void* a, int64_t 
 
 // ---- how often dW splits its reduction ---------------------------------------------------------
 // The splits that minimise the estimated time, in k-tiles of one block: the waves of blocks
-// (M::MIN_BLOCKS per SM) times each block's k-tiles, plus the fp32 partials of a split
-// reduction (2 x splits x m x n elements: written by the blocks, read back by the reduction) at
-// M::WS_ELEMS_PER_KTILE elements an SM streams from memory in one k-tile's time.  The tail
-// wave counts whole: 160 output tiles on 132 SMs take two waves, the second 21% full, unless
-// the reduction is split (4 splits: 640 blocks in 5 waves).  At least 8 k-tiles a split, at
-// most 64 splits, and at least as many as keep a block's rows an int (2^30).
+// (blocks_per_sm at once on each SM) times each block's k-tiles, plus the fp32 partials of a
+// split reduction (2 x splits x m x n elements: written by the blocks, read back by the
+// reduction) at M::WS_ELEMS_PER_KTILE elements an SM streams from memory in one k-tile's
+// time.  The tail wave counts whole: 160 output tiles on 132 SMs take two waves, the second
+// 21% full, unless the reduction is split (4 splits: 640 blocks in 5 waves).  A split must
+// save a tenth of the unsplit time (the model leaves out the reduction's launch and the
+// workspace's allocation) and its workspace stay within kMaxSplitWorkspace.  At least 8
+// k-tiles a split, at most 64 splits, and at least as many as keep a block's rows an int.
+constexpr double kMaxSplitWorkspace = 256.0 * 1024 * 1024;  // bytes
+
 template <class M>
-WeightGradPlan plan_for(int64_t rows, int64_t m, int64_t n, int num_sms) {
+WeightGradPlan plan_for(int64_t rows, int64_t m, int64_t n, int num_sms, int blocks_per_sm) {
   WeightGradPlan plan{1, std::max<int64_t>(rows, 1), 0};
   if (m <= 0 || n <= 0 || rows <= 0) return plan;
   const int64_t tiles = ceil_div(m, M::BM) * ceil_div(n, M::BN);
   const int64_t ktiles = ceil_div(rows, M::BK);
-  const int64_t slots = std::max<int64_t>(num_sms, 1) * M::MIN_BLOCKS;
+  const int64_t slots = std::max<int64_t>(num_sms, 1) * std::max(blocks_per_sm, 1);
   const int64_t min_splits = ceil_div(rows, int64_t{1} << 30);
   const int64_t max_splits = std::max<int64_t>(min_splits, std::min<int64_t>(64, ktiles / 8));
+  const double mn = static_cast<double>(m) * static_cast<double>(n);
+  auto cost = [&](int64_t s, int64_t per) {
+    double c = static_cast<double>(ceil_div(tiles * s, slots)) * static_cast<double>(per);
+    if (s > 1) c += 2.0 * static_cast<double>(s) * mn / (slots * M::WS_ELEMS_PER_KTILE);
+    return c;
+  };
+  const double base = cost(min_splits, ceil_div(ktiles, min_splits));
   int64_t best = min_splits;
-  double best_cost = -1.0;
-  for (int64_t s = min_splits; s <= max_splits; ++s) {
+  double best_cost = base;
+  for (int64_t s = min_splits + 1; s <= max_splits; ++s) {
     const int64_t per = ceil_div(ktiles, s);  // k-tiles a split
-    if (s > min_splits && ceil_div(ktiles, per) != s) continue;  // a smaller s's splits
-    double cost = static_cast<double>(ceil_div(tiles * s, slots)) * static_cast<double>(per);
-    if (s > 1)
-      cost += 2.0 * static_cast<double>(s) * static_cast<double>(m) * static_cast<double>(n) /
-              (static_cast<double>(slots) * M::WS_ELEMS_PER_KTILE);
-    if (best_cost < 0.0 || cost < best_cost) {
+    if (ceil_div(ktiles, per) != s) continue;  // a smaller s's splits
+    if (static_cast<double>(s) * (mn + m) * sizeof(float) > kMaxSplitWorkspace) break;
+    const double c = cost(s, per);
+    if (c < best_cost) {
       best = s;
-      best_cost = cost;
+      best_cost = c;
     }
   }
+  if (best > min_splits && best_cost > 0.9 * base) best = min_splits;
   if (best <= 1) return plan;
   plan.rows_per_split = ceil_div(ktiles, best) * M::BK;
   plan.splits = static_cast<int>(ceil_div(rows, plan.rows_per_split));
@@ -981,6 +991,33 @@ bool wgmma_compiled() {
   }
   known[dev] = has == 1 ? 2 : 1;
   return has == 1;
+}
+
+// How many blocks of the dW kernel an SM runs at once on the current device (the
+// occupancy calculator: registers and shared memory), asked once per device; MIN_BLOCKS where
+// it cannot say (no device, the shared-memory limit not yet raised for this kernel).
+template <typename T, class M>
+int dw_blocks_per_sm() {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices];  // 0: not asked yet
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kDevices) {
+    (void)cudaGetLastError();
+    return M::MIN_BLOCKS;
+  }
+  int v = known[dev].load();
+  if (v > 0) return v;
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, linear_dw_kernel<T, M>,
+                                                    M::THREADS,
+                                                    smem_bytes<M, false, false>()) !=
+          cudaSuccess ||
+      blocks < 1) {
+    (void)cudaGetLastError();
+    return M::MIN_BLOCKS;  // not cached: ask again once the kernel has run
+  }
+  known[dev] = blocks;
+  return blocks;
 }
 
 }  // namespace
@@ -1039,10 +1076,15 @@ cudaError_t linear_backward_input(const LinearShape& s, const LinearWeights& w, 
 }
 
 WeightGradPlan plan_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, int num_sms) {
-  // the tile of the math linear_weight_grad will run (dispatch_math's choice)
-  if (dtype == DType::kFloat32) return plan_for<SimtMath>(rows, m, n, num_sms);
-  return wgmma_enabled(dtype) ? plan_for<WgmmaMath<__half>>(rows, m, n, num_sms)
-                              : plan_for<WmmaMath<__half>>(rows, m, n, num_sms);
+  // the tile of the math linear_weight_grad will run (dispatch_math's choice), and how many
+  // of its blocks an SM holds
+  if (dtype == DType::kFloat32)
+    return plan_for<SimtMath>(rows, m, n, num_sms, dw_blocks_per_sm<float, SimtMath>());
+  if (wgmma_enabled(dtype))
+    return plan_for<WgmmaMath<__half>>(rows, m, n, num_sms,
+                                       dw_blocks_per_sm<__half, WgmmaMath<__half>>());
+  return plan_for<WmmaMath<__half>>(rows, m, n, num_sms,
+                                    dw_blocks_per_sm<__half, WmmaMath<__half>>());
 }
 
 cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, const void* a,

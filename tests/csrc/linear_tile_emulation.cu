@@ -476,7 +476,8 @@ void check_weight_grad(Layer<T>& L, bool couple, bool with_db, const WeightGradP
 // by hand (rows_per_split a multiple of this math's BK, as the planner makes them, and not).
 template <class M>
 std::vector<WeightGradPlan> plans(DType dt, int64_t rows, int64_t m, int64_t n) {
-  std::vector<WeightGradPlan> out = {plan_for<M>(rows, m, n, 1), plan_for<M>(rows, m, n, 1000)};
+  std::vector<WeightGradPlan> out = {plan_for<M>(rows, m, n, 1, M::MIN_BLOCKS),
+                                     plan_for<M>(rows, m, n, 1000, M::MIN_BLOCKS)};
   for (int64_t per : {ceil_div(ceil_div(rows, 3), M::BK) * M::BK, ceil_div(rows, 3)}) {
     const int splits = static_cast<int>(ceil_div(rows, per));
     if (splits > 1)
@@ -519,18 +520,20 @@ void run(const Case& c) {
 // plan_for's choices where the answer is clear: the H200 benchmark's dW (16384 rows, 1024 x
 // 5120 on 132 SMs: 160 wgmma tiles, two waves with the second 21% full, unsplit) splits in 4
 // (640 blocks in 5 waves); a dW of 4096 x 4096 (256 tiles, two full-ish waves) does not split;
-// a small one (m = 64) splits as far as 8 k-tiles a split allow, 64 at most; every plan's splits
-// cover the rows.
+// nor does one whose best split would save under a tenth (1024 x 14336: 448 tiles, 3.8%) or
+// need over 256 MB of partials (8192 x 8192 on a huge GPU); a small one (m = 64) splits as
+// far as 8 k-tiles a split allow, 64 at most; every plan's splits cover the rows.
 void check_weight_grad_plans() {
   struct Want {
     int64_t rows, m, n;
     int sms, splits;
   };
-  const Want wants[] = {{16384, 1024, 5120, 132, 4}, {16384, 4096, 4096, 132, 1},
-                        {16384, 64, 256, 132, 32}, {1 << 20, 64, 256, 132, 64},
+  const Want wants[] = {{16384, 1024, 5120, 132, 4},    {16384, 4096, 4096, 132, 1},
+                        {16384, 1024, 14336, 132, 1},   {16384, 8192, 8192, 100000, 1},
+                        {16384, 64, 256, 132, 32},      {1 << 20, 64, 256, 132, 64},
                         {100, 1024, 5120, 132, 1}};
   for (const Want& w : wants) {
-    const WeightGradPlan p = plan_for<WgmmaMath<__half>>(w.rows, w.m, w.n, w.sms);
+    const WeightGradPlan p = plan_for<WgmmaMath<__half>>(w.rows, w.m, w.n, w.sms, 1);
     const bool covers = static_cast<int64_t>(p.splits) * p.rows_per_split >= w.rows &&
                         static_cast<int64_t>(p.splits - 1) * p.rows_per_split < w.rows;
     if (p.splits != w.splits || !covers) {

@@ -178,6 +178,15 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
                       if "C7515" in ln or "wgmma.mma_async instructions are serialized" in ln
                       or "C7517" in ln or "warpgroup.wait is injected" in ln]
         assert not serialized, "\n".join(serialized)
+        # and keeps the wgmma kernels' accumulators in registers: the linear ones hold 128 a
+        # thread (their 128 x 256 tile) and run close to the 255-register limit
+        spills = re.findall(r"Compiling entry function '(\w+)' for 'sm_90a'\n"
+                            r"[^\n]*Function properties[^\n]*\n"
+                            r"\s*(\d+) bytes stack frame, (\d+) bytes spill stores",
+                            res.stdout + res.stderr)
+        wg_spills = [(n, f, st) for n, f, st in spills if "WgmmaMath" in n]
+        assert len(wg_spills) == len(wg), wg_spills
+        assert all(f == "0" and st == "0" for _, f, st in wg_spills), wg_spills
     portable = _ptx_of(src_name, "compute_90", tmp_path).read_text()
     assert "wgmma.mma_async" not in portable
 

@@ -1076,15 +1076,14 @@ cudaError_t linear_backward_input(const LinearShape& s, const LinearWeights& w, 
 }
 
 WeightGradPlan plan_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, int num_sms) {
-  // the tile of the math linear_weight_grad will run (dispatch_math's choice), and how many
-  // of its blocks an SM holds
-  if (dtype == DType::kFloat32)
-    return plan_for<SimtMath>(rows, m, n, num_sms, dw_blocks_per_sm<float, SimtMath>());
-  if (wgmma_enabled(dtype))
-    return plan_for<WgmmaMath<__half>>(rows, m, n, num_sms,
-                                       dw_blocks_per_sm<__half, WgmmaMath<__half>>());
-  return plan_for<WmmaMath<__half>>(rows, m, n, num_sms,
-                                    dw_blocks_per_sm<__half, WmmaMath<__half>>());
+  // the tile of the math linear_weight_grad will run, and how many of its blocks an SM holds
+  WeightGradPlan plan{1, std::max<int64_t>(rows, 1), 0};
+  dispatch_math(dtype, [&](auto tag, auto math) -> cudaError_t {
+    using M = decltype(math);
+    plan = plan_for<M>(rows, m, n, num_sms, dw_blocks_per_sm<decltype(tag), M>());
+    return cudaSuccess;
+  });
+  return plan;
 }
 
 cudaError_t linear_weight_grad(DType dtype, int64_t rows, int64_t m, int64_t n, const void* a,

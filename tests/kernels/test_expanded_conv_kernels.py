@@ -356,6 +356,29 @@ def test_depthwise(name):
     _run(t, conv, True, dtype, old, channels_last=cl)
 
 
+@pytest.mark.parametrize("name,depthwise,nchw_mode", [
+    ("3groups_coupled_stride2", False, "channels_last"),  # NCHW x copied: dx via a buffer
+    ("3groups_coupled_stride2", False, "direct"),
+    ("2groups_1x1_cl_no_dx_old", False, "channels_last"),
+    ("mult2_3groups_asym", True, "channels_last"),
+])
+def test_dx_zeros_from_a_whole_fill(name, depthwise, nchw_mode, monkeypatch):
+    """The GPU's way to zero dx's old channels (all of dx, then the kernel writes over the
+    rest), forced here: the same gradients, and the whole of dx was filled."""
+    monkeypatch.setattr(ec, "NCHW_MODE", nchw_mode)
+    fills = []
+    monkeypatch.setattr(ec, "_fill_whole", lambda dx: fills.append(dx.shape) or True)
+    if depthwise:
+        ig, mult, dtype, conv, bias, _, cl = DW_CASES[name]
+        t = _make(ig, ig, 3, False, bias, dtype, batch=2, channels_last=cl,
+                  depthwise_mult=mult)
+    else:
+        ig, og, k, coupled, bias, dtype, conv, _, cl, batch = CASES[name]
+        t = _make(ig, og, k, coupled, bias, dtype, batch=batch, channels_last=cl)
+    _run(t, conv, depthwise, dtype, need_dx_old=False, channels_last=cl)
+    assert fills, "the old channels were zeroed some other way"
+
+
 def test_only_requested_gradients():
     """Flags off -> None; need_dx_new alone leaves the old channels zero."""
     t = _make((3, 2), (2, 3), 1, True, True, torch.float32, batch=1)

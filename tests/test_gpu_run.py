@@ -177,3 +177,69 @@ def test_backend_scopes_steer_auto_and_put_the_environment_back(plugin, monkeypa
         assert xf.backend_choice.get_backend() == global_choice
     assert not [k for k in keys if k in os.environ]
     assert xf.backend_choice.get_backend() == "auto"
+
+
+# Kernel names as the H200's profiler gave them (14609cb), cut where its JSON cut them.
+KERNEL_NAMES = {
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native"
+    "::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}": (
+        "elementwise_kernel(direct_copy_kernel_cuda)"),
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native"
+    "::FillFunctor<c10::BFloat16> >(at::TensorIteratorBase&": "elementwise_kernel(FillFunctor)",
+    "void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<c10::BFloat16>,"
+    " std::array<char*, 1ul> >": "vectorized_elementwise_kernel(FillFunctor)",
+    "void at::native::reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16, at::native::"
+    "func_wrapper_t<float, at::native::sum_functor<c10::BFloat16, float, float>":
+        "reduce_kernel(sum_functor)",
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native"
+    "::CUDAFunctor_add<c10::BFloat16> >": "elementwise_kernel(CUDAFunctor_add)",
+    "void at::native::(anonymous namespace)::CatArrayBatchedCopy_alignedK_contig<at::native::"
+    "(anonymous namespace)::OpaqueType<2u>, unsigned int": "CatArrayBatchedCopy_alignedK_contig",
+    "void expanse_fast::(anonymous namespace)::conv_fwd_kernel<__nv_bfloat16, expanse_fast::"
+    "(anonymous namespace)::WgmmaMath>(expanse_fast::ConvParams)": "conv_fwd_kernel(WgmmaMath)",
+}
+KERNEL_NAMES.update((name, name) for name in (  # no signature: kept whole
+    "nvjet_sm90_tst_320x128_64x3_1x2_h_badd_coopB_TNT", "_conv_wgrad_tma_kernel",
+    "Memset (Device)"))
+
+
+@pytest.mark.parametrize("name", list(KERNEL_NAMES))
+def test_kernel_labels_keep_what_tells_kernels_apart(plugin, name):
+    assert plugin.kernel_label(name) == KERNEL_NAMES[name]
+    assert plugin.kernel_label(KERNEL_NAMES[name]) == KERNEL_NAMES[name]  # (older results)
+
+
+def _event(key, device, us, count=1, shapes=None, cpu_us=0.0):
+    kind = types.SimpleNamespace(name="CUDA" if device else "CPU")
+    return types.SimpleNamespace(key=key, device_type=kind, self_device_time_total=us,
+                                 count=count, input_shapes=shapes, self_cpu_time_total=cpu_us)
+
+
+def test_profile_rows_put_device_time_on_the_ops_that_launched_it(plugin):
+    fill = ("void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<float>,"
+            " std::array<char*, 1ul> >")
+    recorded = [_event("ProfilerStep#1", False, 500.0), _event("aten::zero_", False, 39.0),
+                _event(fill, True, 39.0), _event("_conv_fwd_tma_kernel", True, 566.4),
+                _event("cudaLaunchKernel", False, 0.0, count=3)]
+    by_shape = [_event("aten::zero_", False, 39.0, shapes=[[64, 320, 56, 56]]),
+                _event("aten::copy_", False, 20.5, count=2,
+                       shapes=[[64, 64, 56, 56], [64, 64, 56, 56], []]),
+                _event("aten::empty", False, 0.0, shapes=[[]]),
+                _event(fill, True, 39.0)]
+    kernels, ops = plugin._profile_rows(recorded, by_shape, top=8)
+    assert kernels == [["_conv_fwd_tma_kernel", 1, 566.4],
+                       ["vectorized_elementwise_kernel(FillFunctor)", 1, 39.0]]
+    assert ops == [["aten::zero_", "64x320x56x56", 1, 39.0],
+                   ["aten::copy_", "64x64x56x56, 64x64x56x56", 2, 20.5]]
+    lines = plugin._breakdown_lines({"rows": [dict(variant="fwd+bwd", impl="expanse/triton",
+                                                   kernels=kernels, kernel_ops=ops)]})
+    assert any("zero_ [64x320x56x56] 39" in ln and "copy_ [64x64x56x56, 64x64x56x56] x2 20"
+               in ln for ln in lines), lines
+    # on a CPU (no per-shape events): the aten ops' own time, no op lines
+    kernels, ops = plugin._profile_rows([_event("aten::mm", False, 0.0, cpu_us=12.0)], None, 8)
+    assert kernels == [["aten::mm", 1, 12.0]] and ops is None
+    # a session whose host side failed names why, beside the kernels
+    lines = plugin._breakdown_lines({"rows": [dict(
+        variant="fwd+bwd", impl="expanse/torch", kernels=[["mm", 1, 5.0]],
+        kernel_ops="ops not profiled: RuntimeError: x")]})
+    assert "  - by the aten op that launched them: ops not profiled: RuntimeError: x" in lines

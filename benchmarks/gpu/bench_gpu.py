@@ -46,6 +46,9 @@ SECTION_WEIGHT = {"ceilings": 0.10, "linear": 0.15, "conv": 0.30, "mlp": 0.26, "
 SECTION_ENV = {"cnn": {"EXPANSE_FAST_AUTOTUNE": "0"}}
 PEERS = (("masked", "peer/masked"), ("cat", "peer/cat"), ("finetune", "peer/finetune"))
 BACKEND_NAMES = ("torch", "triton", "cuda")
+# Calls, each issued after the device has finished the one before, whose median issue time
+# is a row's host ms.
+HOST_TIMED_CALLS = 7
 # Seconds a section may spend profiling (kernel_breakdown): the timings come first.
 PROFILE_BUDGET_S = 6.0
 # Launches at most this much slower after a profiler session than before: still profiled
@@ -77,6 +80,73 @@ def _load(path: str):
 def _short_exc(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+# A device kernel's name, short enough for a table line and still telling apart what aten's
+# generic kernels did: their template arguments name the functor (a copy, a fill, an add),
+# which a cut after 60 characters lost ("elementwise_kernel<128, 4, at::native::gpu_" was
+# every copy and every fill alike).
+_NAMESPACES = re.compile(r"(?:\bat::native::|\bat::cuda::|\bc10::|\bstd::|\bexpanse_fast::"
+                         r"|\(anonymous namespace\)::)")
+_FUNCTOR = re.compile(r"[A-Za-z_]\w*(?:[Ff]unctor\w*|_kernel_cuda|Op|Math)\b")
+
+
+def kernel_label(name: str, width: int = 72) -> str:
+    """``name`` without ``void``, namespaces and template arguments, with the first functor
+    of its template arguments in parentheses where it has one: ``elementwise_kernel
+    (direct_copy_kernel_cuda)``, ``vectorized_elementwise_kernel(FillFunctor)``,
+    ``reduce_kernel(sum_functor)``.  A name without a signature (``Memset (Device)``, a
+    Triton or cuBLAS kernel) stays as it is."""
+    text = _NAMESPACES.sub("", name.strip())
+    if not text.startswith("void ") and "<" not in text:
+        return text[:width]
+    text = text[5:] if text.startswith("void ") else text
+    head = re.match(r"[^<(]*", text).group(0).strip()
+    found = _FUNCTOR.findall(text[len(head):])
+    functors = [f for f in found if "unctor" in f] or found
+    label = f"{head}({functors[0]})" if functors else head
+    return label[:width]
+
+
+def _profile_rows(recorded, by_shape, top):
+    """(kernels, ops) of ``profile_call`` from a session's averaged events: with
+    ``by_shape`` (a GPU session's events averaged per input shape) the device kernels and
+    the aten ops that launched them, else (a CPU session) the aten ops' own time and None."""
+    on_gpu = by_shape is not None
+    kernels = []
+    for e in recorded:
+        if str(e.key).startswith("ProfilerStep") or (on_gpu and not _on_device(e)):
+            continue  # (on a GPU the host's ops and runtime calls: in ``ops`` below)
+        us = _device_us(e) if on_gpu else e.self_cpu_time_total
+        if us and us > 0:
+            kernels.append([kernel_label(str(e.key)), int(e.count), round(float(us), 1)])
+    kernels.sort(key=lambda r: -r[2])
+    if not on_gpu:
+        return kernels[:top], None
+    ops = [[str(e.key), _shapes_text(getattr(e, "input_shapes", None)), int(e.count),
+            round(_device_us(e), 1)]
+           for e in by_shape if str(e.key).startswith("aten::") and not _on_device(e)
+           and _device_us(e) > 0]
+    ops.sort(key=lambda r: -r[3])
+    return kernels[:top], ops[:top]
+
+
+def _on_device(event) -> bool:
+    """Whether a profiler event is a device kernel, copy or memset (not a host op)."""
+    kind = getattr(event, "device_type", None)
+    return getattr(kind, "name", str(kind)).upper().endswith("CUDA")
+
+
+def _device_us(event) -> float:
+    return float(getattr(event, "self_device_time_total", None)
+                 or getattr(event, "self_cuda_time_total", 0) or 0)
+
+
+def _shapes_text(shapes, width: int = 90) -> str:
+    """An op's input shapes, compactly: ``16384x4096, 4096x1024`` (scalars left out)."""
+    parts = ["x".join(str(d) for d in s) for s in (shapes or [])
+             if isinstance(s, (list, tuple)) and s]
+    return ", ".join(parts)[:width]
 
 
 # =========================================================================================
@@ -317,14 +387,24 @@ class Ctx:
         reps = int(min(self.max_reps, max(self.min_reps, budget / est)))
         times = []
         if self.cuda:
+            # host ms: the median issue time of a few calls, each issued into an idle launch
+            # queue.  Timed over the event loop below it became the device's time wherever
+            # the device was the slower: once the launch queue is full (about a thousand
+            # launches), the host waits for the device.
+            issue = []
+            for r in range(HOST_TIMED_CALLS):
+                t = time.perf_counter()
+                keep = fns[r % k]()
+                issue.append(time.perf_counter() - t)
+                self.sync()
+                del keep
+            host_ms = statistics.median(issue) * 1e3
             ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                   for _ in range(reps)]
-            t_host = time.perf_counter()
             for r in range(reps):
                 ev[r][0].record()
                 fns[r % k]()
                 ev[r][1].record()
-            host_ms = (time.perf_counter() - t_host) / reps * 1e3
             torch.cuda.synchronize(self.dev)
             times = [a.elapsed_time(b) for a, b in ev]
         else:
@@ -380,7 +460,9 @@ class Ctx:
             if check:
                 row["check"] = check
             if kind == "expanse" and "fwd+bwd" in variant:
-                row["kernels"] = self.kernel_breakdown(fns[0])
+                row["kernels"], ops = self.profile_call(fns[0])
+                if ops:
+                    row["kernel_ops"] = ops
         except Exception as exc:
             traceback.print_exc()
             row["error"] = _short_exc(exc)
@@ -392,43 +474,61 @@ class Ctx:
         device kernels (copies and memsets included) on a GPU, of the aten ops on a CPU: which
         of an expanded op's kernels is slow, and what its layout copies cost.  At most
         PROFILE_BUDGET_S a section.  A string where the profiler fails (never raises)."""
+        return self.profile_call(fn, top, min_left)[0]
+
+    def profile_call(self, fn, top=8, min_left=20.0):
+        """(``kernel_breakdown``'s answer, the aten ops that launched the most device time:
+        [[op, input shapes, calls, device us]], on a GPU only, else None).  A kernel's name
+        does not say which copy or fill it was (aten's elementwise kernels serve every one);
+        the op and its shapes do."""
         if os.environ.get("EXPANSE_BENCH_PROFILE") == "0":
-            return f"not profiled: {os.environ.get('EXPANSE_BENCH_PROFILE_WHY', 'disabled')}"
+            why = os.environ.get('EXPANSE_BENCH_PROFILE_WHY', 'disabled')
+            return f"not profiled: {why}", None
         if self.left() < min_left or self.profile_s > PROFILE_BUDGET_S:
-            return "not profiled: out of time"
+            return "not profiled: out of time", None
         t0 = time.time()
         try:
-            from torch.profiler import ProfilerActivity, profile, schedule
-            act = ProfilerActivity.CUDA if self.cuda else ProfilerActivity.CPU
-            self.sync()
-            # One call in the profiler's warm-up, whose records are dropped (a session's first
-            # kernel records can carry bad timestamps), one recorded.  CUPTI is torn down
-            # after the session (TEARDOWN_CUPTI=1, set by cmd_section), so the rows timed
-            # after this one run unprofiled; sec_ceilings checks that.
-            recorded = []
-            with profile(activities=[act],
-                         schedule=schedule(wait=0, warmup=1, active=1, repeat=1),
-                         on_trace_ready=lambda p: recorded.extend(p.key_averages())) as prof:
-                for _ in range(2):
-                    keep = fn()
-                    self.sync()
-                    del keep
-                    prof.step()
-            out = []
-            for e in recorded:
-                if str(e.key).startswith("ProfilerStep"):
-                    continue
-                us = (getattr(e, "self_device_time_total", None)
-                      or getattr(e, "self_cuda_time_total", 0)) if self.cuda \
-                    else e.self_cpu_time_total
-                if us and us > 0:
-                    out.append([str(e.key)[:100], int(e.count), round(float(us), 1)])
-            out.sort(key=lambda r: -r[2])
-            return out[:top]
+            try:
+                return self._profiled(fn, top, with_ops=self.cuda)
+            except Exception as exc:  # noqa: BLE001
+                if not self.cuda:
+                    raise
+                # (the host ops' side of the session failed: the kernels alone, as before)
+                kernels, _ = self._profiled(fn, top, with_ops=False)
+                return kernels, f"ops not profiled: {_short_exc(exc)}"
         except Exception as exc:  # noqa: BLE001 - a diagnostic, never the row's failure
-            return f"profiler failed: {_short_exc(exc)}"
+            return f"profiler failed: {_short_exc(exc)}", None
         finally:
             self.profile_s += time.time() - t0
+
+    def _profiled(self, fn, top, with_ops):
+        """``profile_call``'s session: the device's kernels on a GPU (with ``with_ops`` the
+        host's ops and their shapes too), the aten ops on a CPU."""
+        from torch.profiler import ProfilerActivity, profile, schedule
+        acts = ([ProfilerActivity.CUDA] if self.cuda else []) + (
+            [ProfilerActivity.CPU] if with_ops or not self.cuda else [])
+        self.sync()
+        # One call in the profiler's warm-up, whose records are dropped (a session's first
+        # kernel records can carry bad timestamps), one recorded.  CUPTI is torn down after
+        # the session (TEARDOWN_CUPTI=1, set by cmd_section), so the rows timed after this
+        # one run unprofiled; sec_ceilings checks that.
+        recorded, by_shape = [], []
+
+        def keep_averages(p):
+            recorded.extend(p.key_averages())
+            if with_ops:
+                by_shape.extend(p.key_averages(group_by_input_shape=True))
+        with profile(activities=acts, record_shapes=with_ops,
+                     schedule=schedule(wait=0, warmup=1, active=1, repeat=1),
+                     on_trace_ready=keep_averages) as prof:
+            for _ in range(2):
+                keep = fn()
+                self.sync()
+                del keep
+                prof.step()
+        if self.cuda and not with_ops:
+            return _profile_rows(recorded, [], top)[0], None
+        return _profile_rows(recorded, by_shape if self.cuda else None, top)
 
     def host_breakdown(self, fn, top=10, min_left=10.0):
         """Where the host's time for one call of ``fn`` goes, from a profiler session of the
@@ -1580,8 +1680,15 @@ def _breakdown_lines(res):
         if not lines:
             lines.append("\nkernels of one fwd+bwd call (us, longest first):\n")
         body = k if isinstance(k, str) else "; ".join(
-            f"{name[:60]} {'x' + str(n) + ' ' if n > 1 else ''}{us:.0f}" for name, n, us in k)
+            f"{kernel_label(name)} {'x' + str(n) + ' ' if n > 1 else ''}{us:.0f}"
+            for name, n, us in k)
         lines.append(f"- {r.get('variant')} {r.get('impl')}: {body}")
+        ops = r.get("kernel_ops")
+        if ops:
+            lines.append("  - by the aten op that launched them: " + (ops if isinstance(
+                ops, str) else "; ".join(
+                f"{op.replace('aten::', '')} [{shapes}] {'x' + str(n) + ' ' if n > 1 else ''}"
+                f"{us:.0f}" for op, shapes, n, us in ops)))
     hosts = [r for r in res.get("rows", []) if r.get("host_ops")]
     if hosts:
         lines.append("\nhost ops of one eager call or step (CPU-only profiler session, which "

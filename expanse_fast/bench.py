@@ -414,13 +414,11 @@ def _grad_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def build_layer_case(spec: LayerSpec, device="cpu", dtype=torch.float32, seed: int = 0,
-                     backends: Optional[Sequence[str]] = None,
-                     peers: Sequence[str] = (MASKED, CAT, FINETUNE, LORA)) -> Case:
-    """One layer widened per ``spec``: subjects (one per backend) and peers, same weights."""
-    device = torch.device(device)
-    _seeded(seed)
-    kw = dict(device=device, dtype=dtype)
+def widened_layer(spec: LayerSpec, device="cpu", dtype=torch.float32):
+    """(layer, shape): a fresh pretrained layer widened as ``spec`` says (one expansion per
+    entry of ``spec.new``), as a hidden layer of an expanded model (skip_old_input_grad),
+    and ``shape(c)``, the shape of a batch of ``c`` features or channels for it."""
+    kw = dict(device=torch.device(device), dtype=dtype)
     if spec.op == "linear":
         base = nn.Linear(spec.old, spec.old, **kw)
         layer = ExpandedLinear.from_linear(base, spec.new[0], spec.new[0])
@@ -434,6 +432,17 @@ def build_layer_case(spec: LayerSpec, device="cpu", dtype=torch.float32, seed: i
     for n in spec.new[1:]:
         layer.expand(n, n)
     layer.skip_old_input_grad = True  # a hidden layer of an expanded model
+    return layer, shape
+
+
+def build_layer_case(spec: LayerSpec, device="cpu", dtype=torch.float32, seed: int = 0,
+                     backends: Optional[Sequence[str]] = None,
+                     peers: Sequence[str] = (MASKED, CAT, FINETUNE, LORA)) -> Case:
+    """One layer widened per ``spec``: subjects (one per backend) and peers, same weights."""
+    device = torch.device(device)
+    _seeded(seed)
+    kw = dict(device=device, dtype=dtype)
+    layer, shape = widened_layer(spec, device, dtype)
     width = layer.layout.in_features
     x = torch.randn(shape(width), **kw).requires_grad_()
     dy = torch.randn(shape(layer.layout.out_features), **kw)

@@ -243,3 +243,38 @@ def test_profile_rows_put_device_time_on_the_ops_that_launched_it(plugin):
         variant="fwd+bwd", impl="expanse/torch", kernels=[["mm", 1, 5.0]],
         kernel_ops="ops not profiled: RuntimeError: x")]})
     assert "  - by the aten op that launched them: ops not profiled: RuntimeError: x" in lines
+
+
+def test_sweep_section_times_every_widening_against_the_peers(plugin, tmp_path):
+    """The sweep section at its CPU sizes (--quick): every case it plans has the expanded
+    layer under "auto" and the three peers timed, and the report puts the speed-ups on it."""
+    import subprocess
+    import sys
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run(
+        [sys.executable, PATH, "section", "sweep", "--device", "cpu", "--dtype", "float32",
+         "--quick", "--out", str(out), "--deadline", str(time.time() + 120)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = plugin._load(str(out))
+    cases = res["config"]["cases"]
+    assert len(cases) == 7 and res["finished"], res.get("notes")
+    assert any("3 groups" in c for c in cases)
+    for case in cases:
+        rows = {r["impl"]: r for r in res["rows"] if r["variant"] == case}
+        assert set(rows) == {"expanse/auto", "peer/masked", "peer/cat", "peer/finetune"}, case
+        assert all(r.get("ms", 0) > 0 for r in rows.values()), rows
+        assert rows["peer/masked"]["executed_flop"] > rows["expanse/auto"]["useful_flop"] > 0
+    plugin._finish_rows({"sweep": res})
+    exp = [r for r in res["rows"] if r["impl"] == "expanse/auto"]
+    assert all(set(r["speedup"]) == {"masked", "cat", "finetune"} for r in exp)
+
+
+def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(plugin):
+    specs = plugin._sweep_specs(quick=False)
+    linear = [s for s in specs if s.op == "linear"]
+    conv = [s for s in specs if s.op == "conv2d"]
+    assert {(s.old, s.rows) for s in linear} == {(4096, 16384)}
+    assert sorted(s.new for s in linear) == [(410,), (512, 512), (2048,), (4096,)]
+    assert {(s.old, s.rows, s.hw) for s in conv} == {(256, 64, 56)}
+    assert sorted(s.new for s in conv) == [(26,), (128,), (256,)]

@@ -34,14 +34,15 @@ import time
 import traceback
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SECTIONS = ("ceilings", "linear", "conv", "mlp", "cnn")
+SECTIONS = ("ceilings", "linear", "conv", "mlp", "cnn", "sweep")
 # Share of the time left that each section may use (the rest passes on if it ends early).
 # conv: two layouts, each with its Triton tuning (and NCHW read in place with its own);
 # the issue's targets are linear and conv, the MLP and CNN steps are model-level extras
 # (the CNN last, on what is left).
 # Shares of the bench stage's time, after the sections' times on the H200 (2026-11-30, without
 # the variant rows): ceilings 14 s, linear about 28, conv 60, mlp (bfloat16) 50, cnn 35.
-SECTION_WEIGHT = {"ceilings": 0.10, "linear": 0.15, "conv": 0.30, "mlp": 0.26, "cnn": 0.19}
+SECTION_WEIGHT = {"ceilings": 0.10, "linear": 0.15, "conv": 0.30, "mlp": 0.26, "cnn": 0.19,
+                  "sweep": 0.08}
 # Environment of a section's process: the CNN's many layer shapes would each be tuned.
 SECTION_ENV = {"cnn": {"EXPANSE_FAST_AUTOTUNE": "0"}}
 PEERS = (("masked", "peer/masked"), ("cat", "peer/cat"), ("finetune", "peer/finetune"))
@@ -445,8 +446,9 @@ class Ctx:
         return [g.replay for g in graphs]
 
     def measure(self, variant, impl, kind, fns, useful_flop=None, executed_flop=None,
-                check=None, min_left=4.0, **extra):
-        """Time one implementation; never raises (the error is the row)."""
+                check=None, min_left=4.0, profile=True, **extra):
+        """Time one implementation; never raises (the error is the row).  An expanse
+        fwd+bwd row is then profiled too, unless ``profile`` is False."""
         row = dict(variant=variant, impl=impl, kind=kind, useful_flop=useful_flop,
                    executed_flop=executed_flop, **extra)
         if self.left() < min_left:
@@ -459,7 +461,7 @@ class Ctx:
                        host_ms=host_ms)
             if check:
                 row["check"] = check
-            if kind == "expanse" and "fwd+bwd" in variant:
+            if profile and kind == "expanse" and "fwd+bwd" in variant:
                 row["kernels"], ops = self.profile_call(fns[0])
                 if ops:
                     row["kernel_ops"] = ops
@@ -1327,8 +1329,95 @@ def sec_cnn(ctx):
                                   if c.name in ("expanse_fast [torch]", B.FINETUNE)])
 
 
+# ---- (f) every widening ---------------------------------------------------------------------
+# Issue 5's layer-level comparisons at the sizes of the linear and conv sections, at the
+# widenings those sections leave out (they time 25%): 10%, 50%, 100%, and three groups (two
+# expansions of 12.5%; linear only), fwd+bwd.  The expanded layer under "auto" against the
+# package's own peers (expanse_fast.bench: the masked layer, the cat modules, fine-tuning the
+# original), as `expanse-fast bench` builds them; no backend rows, no profiles.
+SWEEP_WIDENINGS = (0.10, 0.50, 1.00)
+
+
+def _sweep_specs(quick):
+    from expanse_fast import bench as B
+    if quick:
+        linear = B.layer_specs("linear", 16, 7, passes=("fwd+bwd",), widenings=SWEEP_WIDENINGS)
+        conv = B.layer_specs("conv2d", 8, 2, passes=("fwd+bwd",), widenings=SWEEP_WIDENINGS,
+                             three_groups=False, hw=5)
+    else:
+        linear = B.layer_specs("linear", 4096, 16384, passes=("fwd+bwd",),
+                               widenings=SWEEP_WIDENINGS)
+        conv = B.layer_specs("conv2d", 256, 64, passes=("fwd+bwd",), widenings=SWEEP_WIDENINGS,
+                             three_groups=False, hw=56)
+    return linear + conv
+
+
+def sec_sweep(ctx):
+    specs = _sweep_specs(ctx.quick)
+    ctx.res["config"] = dict(cases=[s.group for s in specs], dtype=str(ctx.dtype),
+                             backend="auto", skip_old_input_grad=True)
+    for n, spec in enumerate(specs):
+        if ctx.left() < 10:
+            ctx.note(f"out of time: {len(specs) - n} of {len(specs)} cases not run, from "
+                     f"{spec.group!r} on")
+            break
+        _sweep_case(ctx, spec)
+        if ctx.cuda:
+            ctx.torch.cuda.empty_cache()  # (the next case's sizes differ)
+
+
+def _counted_backward(B, module, x, dy) -> int:
+    """Multiply-adds of one forward and backward of ``module`` (torch's FLOP counter; with
+    .backward(), which its module tracker supports, not autograd.grad), grads then cleared."""
+    count = B.counted_macs(lambda: module(x).backward(dy))
+    for t in [x] + list(module.parameters()):
+        t.grad = None
+    return count
+
+
+def _sweep_case(ctx, spec):
+    """One widening: the expanded layer under "auto", then each peer, on rotated inputs."""
+    torch = ctx.torch
+    from expanse_fast import bench as B
+    dt, dev = ctx.dtype, ctx.dev
+    torch.manual_seed(0)
+    layer, shape = B.widened_layer(spec, dev, dt)
+    lay = layer.layout
+    k = ctx.n_sets(2 * math.prod(shape(lay.in_features)) * dt.itemsize)
+    xs = [torch.randn(shape(lay.in_features), device=dev, dtype=dt).requires_grad_()
+          for _ in range(k)]
+    dys = [torch.randn(shape(lay.out_features), device=dev, dtype=dt) for _ in range(k)]
+    # fine-tuning sees the original layer's input and output columns only
+    x0s = [x.detach()[:, :spec.old].contiguous().requires_grad_() for x in xs]
+    dy0s = [d[:, :spec.old].contiguous() for d in dys]
+
+    def fwd_bwd(module, inputs, grads):
+        params = [p for p in module.parameters() if p.requires_grad]
+        return [lambda i=i: torch.autograd.grad(module(inputs[i]), [inputs[i]] + params,
+                                                grads[i]) for i in range(k)]
+    useful = 2 * B.useful_macs(layer, lambda: layer(xs[0]), "fwd+bwd")
+    with ctx.backend("auto"):
+        ctx.measure(spec.group, "expanse/auto", "expanse", fwd_bwd(layer, xs, dys), useful,
+                    useful, profile=False)
+    for impl, make, ins, outs in (("peer/masked", B.masked_dense, xs, dys),
+                                  ("peer/cat", B.CatModules, xs, dys),
+                                  ("peer/finetune", B.finetune_original, x0s, dy0s)):
+        if ctx.left() < 6:
+            ctx.add(variant=spec.group, impl=impl, kind="peer", skipped="out of time")
+            continue
+        try:
+            peer = make(layer)
+            executed = 2 * _counted_backward(B, peer, ins[0], outs[0])
+            fns = fwd_bwd(peer, ins, outs)
+        except Exception as exc:  # noqa: BLE001 - the row says why
+            traceback.print_exc()
+            ctx.add(variant=spec.group, impl=impl, kind="peer", error=_short_exc(exc))
+            continue
+        ctx.measure(spec.group, impl, "peer", fns, useful, executed)
+
+
 SECTION_FN = {"ceilings": sec_ceilings, "linear": sec_linear, "conv": sec_conv, "mlp": sec_mlp,
-              "cnn": sec_cnn}
+              "cnn": sec_cnn, "sweep": sec_sweep}
 
 
 def cmd_section(args) -> int:

@@ -10,7 +10,7 @@
 # failing test's report, written as it fails).  The summary table prints last.
 # A shorter second call, after a fix: EXPANSE_GPU_STAGES (default build,tests,bench; without
 # build the cuda backend stays off) and EXPANSE_GPU_SECTIONS (default every benchmark section:
-# ceilings,linear,conv,mlp,cnn), e.g. EXPANSE_GPU_STAGES=bench EXPANSE_GPU_SECTIONS=linear.
+# ceilings,linear,conv,mlp,cnn,sweep), e.g. EXPANSE_GPU_STAGES=bench EXPANSE_GPU_SECTIONS=linear.
 # EXPANSE_GPU_TEST_WORKERS (default half the cores, at most 8): pytest-xdist workers of the
 # test stages.  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
 # EXPANSE_GPU_DIAG=<pytest -k expression>: those GPU tests again under cuda-gdb (native stack).

@@ -209,10 +209,11 @@ def test_kernel_labels_keep_what_tells_kernels_apart(plugin, name):
     assert plugin.kernel_label(KERNEL_NAMES[name]) == KERNEL_NAMES[name]  # (older results)
 
 
-def _event(key, device, us, count=1, shapes=None, cpu_us=0.0):
+def _event(key, device, us, count=1, shapes=None, cpu_us=0.0, annotation=False):
     kind = types.SimpleNamespace(name="CUDA" if device else "CPU")
     return types.SimpleNamespace(key=key, device_type=kind, self_device_time_total=us,
-                                 count=count, input_shapes=shapes, self_cpu_time_total=cpu_us)
+                                 count=count, input_shapes=shapes, self_cpu_time_total=cpu_us,
+                                 is_user_annotation=annotation)
 
 
 def test_profile_rows_put_device_time_on_the_ops_that_launched_it(plugin):
@@ -220,7 +221,9 @@ def test_profile_rows_put_device_time_on_the_ops_that_launched_it(plugin):
             " std::array<char*, 1ul> >")
     recorded = [_event("ProfilerStep#1", False, 500.0), _event("aten::zero_", False, 39.0),
                 _event(fill, True, 39.0), _event("_conv_fwd_tma_kernel", True, 566.4),
-                _event("cudaLaunchKernel", False, 0.0, count=3)]
+                _event("cudaLaunchKernel", False, 0.0, count=3),
+                # a record_function range's span on the device timeline: no kernel
+                _event("_Conv2dFunctionBackward", True, 700.0, annotation=True)]
     by_shape = [_event("aten::zero_", False, 39.0, shapes=[[64, 320, 56, 56]]),
                 _event("aten::copy_", False, 20.5, count=2,
                        shapes=[[64, 64, 56, 56], [64, 64, 56, 56], []]),

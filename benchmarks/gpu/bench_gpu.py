@@ -133,9 +133,12 @@ def _profile_rows(recorded, by_shape, top):
 
 
 def _on_device(event) -> bool:
-    """Whether a profiler event is a device kernel, copy or memset (not a host op)."""
+    """Whether a profiler event is a device kernel, copy or memset: not a host op, nor the
+    span a ``record_function`` range (an autograd Function's name, say) leaves on the
+    device's timeline when the host is profiled too (torch's own totals skip those)."""
     kind = getattr(event, "device_type", None)
-    return getattr(kind, "name", str(kind)).upper().endswith("CUDA")
+    return (getattr(kind, "name", str(kind)).upper().endswith("CUDA")
+            and not getattr(event, "is_user_annotation", False))
 
 
 def _device_us(event) -> float:

@@ -261,9 +261,17 @@ def _conv_case(backend, max_width, max_image, max_batch, max_groups):
                 mode = "isolated"  # known bug: DEGENERATE conv-coupled-without-frozen-rows
             lay = Layout(ins, lay.out_groups, mode)
         bias = draw(st.booleans())
-        return dict(lay=lay, depthwise=depthwise, bias=bias,
-                    dtype=draw(st.sampled_from(_dtypes(backend))),
-                    batch=draw(st.integers(0, max_batch)), geo=draw(conv_geometries(max_image)),
+        dtype = draw(st.sampled_from(_dtypes(backend)))
+        batch = draw(st.integers(0, max_batch))
+        geo = draw(conv_geometries(max_image))
+        if DEVICE.type == "cpu" and dtype == BF16 and 1 in geo["k"] and geo["dilation"] > 1:
+            # upstream crash: torch 2.13's CPU bf16 conv segfaults on a 1x1 kernel with
+            # dilation 2, padding 1, stride 2 over a 1-wide channels_last image (aten alone,
+            # F.conv2d; found at EXPANSE_FAST_PROPERTY_SCALE=100).  Dilation does nothing
+            # along a 1-tap dimension: drawn as 1 there.
+            geo = dict(geo, dilation=1)
+        return dict(lay=lay, depthwise=depthwise, bias=bias, dtype=dtype,
+                    batch=batch, geo=geo,
                     need_dx_old=draw(st.booleans()), view=draw(st.sampled_from(sorted(CONV_VIEWS))),
                     flags=_grad_flags(draw, lay.mode == "coupled", bias),
                     seed=draw(st.integers(0, 2**31 - 1)))

@@ -82,11 +82,6 @@ __device__ __forceinline__ void commit() {  // the MMAs issued since the last co
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wait_all() {  // every committed group of this warpgroup done
-#if EXPANSE_FAST_WGMMA
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
-#endif
-}
 // Every committed group of this warpgroup but the newest PENDING done: with PENDING = 1 the
 // MMAs of one k-tile run on while the next tile's barrier is reached and its MMAs are issued.
 template <int PENDING>
@@ -95,6 +90,7 @@ __device__ __forceinline__ void wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
 #endif
 }
+__device__ __forceinline__ void wait_all() { wait<0>(); }  // every committed group done
 // Shared memory written by the generic proxy (cp.async, plain stores) and read next by the
 // tensor cores (the async proxy): each writing thread fences before the barrier.
 __device__ __forceinline__ void fence_shared_for_async_proxy() {

@@ -712,18 +712,18 @@ def _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depth
         raise ValueError(f"frozen_k_ends {tuple(frozen_k_ends)} exceed I_f={w_frozen.shape[1]}")
 
 
-def _fill_whole(dx) -> bool:
+def _zeros_whole(dx) -> bool:
     """Whether the zeros of dx's old channels come from one fill of all of dx, which the
-    kernel then writes over: on a GPU, where a fill of the leading channels alone is strided
-    and runs aten's generic kernel (H200, bf16 dx of 64 x 320 x 56 x 56, 14609cb's profile:
-    68 us for the 256 old channels against 39 for a whole gradient that size).  On CPU the
-    strided fill, which skips the rest, is as fast."""
+    kernel then writes over: the torch backend's rule (``torch_ref.zeros_whole``; the
+    kernels import nothing of the package), on a GPU only.  H200, bf16 dx of
+    64 x 320 x 56 x 56 (14609cb's profile): 68 us for a strided fill of the 256 old
+    channels, 39 for a whole fill of that size."""
     return dx.is_cuda
 
 
 def _zero_untouched(dx, c_lo, empty):
     """Zero what the dx kernel will not write: the old channels (or all, if it won't run)."""
-    if empty or (c_lo and _fill_whole(dx)):
+    if empty or (c_lo and _zeros_whole(dx)):
         dx.zero_()
     elif c_lo:
         dx[:, :c_lo].zero_()

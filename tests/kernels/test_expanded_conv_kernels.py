@@ -367,7 +367,7 @@ def test_dx_zeros_from_a_whole_fill(name, depthwise, nchw_mode, monkeypatch):
     rest), forced here: the same gradients, and the whole of dx was filled."""
     monkeypatch.setattr(ec, "NCHW_MODE", nchw_mode)
     fills = []
-    monkeypatch.setattr(ec, "_fill_whole", lambda dx: fills.append(dx.shape) or True)
+    monkeypatch.setattr(ec, "_zeros_whole", lambda dx: fills.append(dx.shape) or True)
     if depthwise:
         ig, mult, dtype, conv, bias, _, cl = DW_CASES[name]
         t = _make(ig, ig, 3, False, bias, dtype, batch=2, channels_last=cl,

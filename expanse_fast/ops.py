@@ -338,7 +338,8 @@ USE_EAGER_FUNCTIONS = os.environ.get("EXPANSE_FAST_CUSTOM_OPS", "0") != "1"
 def _eager_function(name: str, impl, setup_context, backward, n_tensors: int) -> type:
     """An autograd.Function running ``impl``, ``setup_context`` and ``backward`` of a custom
     op.  It takes the op's first ``n_tensors`` inputs (the differentiable ones) and then all
-    the others in one tuple: Function.apply costs about a microsecond per argument."""
+    the others in one tuple: Function.apply costs about a microsecond per argument.  Its
+    ``impl`` is kept as ``function.impl``: a call no gradient will reach runs it directly."""
     def forward(ctx, *args):
         inputs = args[:n_tensors] + args[n_tensors]
         out = impl(*inputs)
@@ -351,7 +352,8 @@ def _eager_function(name: str, impl, setup_context, backward, n_tensors: int) ->
 
     # (with create_graph=True the backward runs with grad mode on and is differentiable)
     return type(name, (torch.autograd.Function,),
-                {"forward": staticmethod(forward), "backward": staticmethod(backward_)})
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_),
+                 "impl": staticmethod(impl)})
 
 
 # Both ops begin with the same six tensors: x, w_frozen, b_frozen, w_new, b_new, w_couple.
@@ -372,8 +374,23 @@ def _call(op, function, *args) -> Tensor:
     # formula and fake implementation, not the probes and slices inside)
     if (USE_EAGER_FUNCTIONS and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing() and not _dispatch_modes()):
-        return function.apply(*args[:_EAGER_TENSORS], args[_EAGER_TENSORS:])
+        if _grad_reaches(args[:_EAGER_TENSORS]):
+            return function.apply(*args[:_EAGER_TENSORS], args[_EAGER_TENSORS:])
+        # (inference, a frozen model: no graph node, no context; Function.apply and
+        # setup_context cost about 5 us of a 25 us call of a small layer)
+        return function.impl(*args)
     return op(*args)
+
+
+def _grad_reaches(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether autograd would record a call on ``tensors``: grad mode is on and one of them
+    requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------

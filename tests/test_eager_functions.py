@@ -86,6 +86,40 @@ def test_eager_linear_allocates_no_empty_pre_activation(activation, pre_columns,
     assert layer.weight_new.grad is not None
 
 
+@pytest.mark.parametrize("make", [_mlp, _cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("how", ["no_grad", "inference_mode", "frozen_model"])
+def test_calls_no_gradient_reaches_record_no_graph(make, how, monkeypatch):
+    """Without a gradient to form (no_grad, inference_mode, or nothing that requires grad)
+    the eager path runs the implementation alone: no autograd.Function, the same bits."""
+    model, x = make()
+    model.eval()  # (BatchNorm statistics stay put: every call sees the same model)
+    with torch.no_grad():
+        want = model(x)
+    applied = []
+    for function in (ops._LinearFunction, ops._Conv2dFunction):
+        monkeypatch.setattr(function, "apply", lambda *a, f=function: applied.append(f))
+    if how == "frozen_model":
+        model.requires_grad_(False)
+        got = model(x)
+    else:
+        with getattr(torch, how)():
+            got = model(x)
+    assert not applied and got.grad_fn is None and not got.requires_grad
+    assert torch.equal(got, want)
+
+
+def test_a_call_that_needs_a_gradient_records_the_function(monkeypatch):
+    model, x = _mlp()
+    applied = []
+    apply = ops._LinearFunction.apply
+    monkeypatch.setattr(ops._LinearFunction, "apply",
+                        lambda *a: applied.append(1) or apply(*a))
+    model.requires_grad_(False)
+    x.requires_grad_(True)  # only the input: its gradient runs through every layer
+    model(x).sum().backward()
+    assert len(applied) == 3 and x.grad is not None and x.grad.abs().sum() > 0
+
+
 def test_compiled_model_uses_the_custom_ops_and_matches_eager():
     model, x = _mlp()
     y_eager, g_eager = _step(model, x)

@@ -714,10 +714,10 @@ def _check(x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends, depth
 
 def _zeros_whole(dx) -> bool:
     """Whether the zeros of dx's old channels come from one fill of all of dx, which the
-    kernel then writes over: the torch backend's rule (``torch_ref.zeros_whole``; the
-    kernels import nothing of the package), on a GPU only.  H200, bf16 dx of
-    64 x 320 x 56 x 56 (14609cb's profile): 68 us for a strided fill of the 256 old
-    channels, 39 for a whole fill of that size."""
+    kernel then writes over, as the torch backend's do: H200, bf16 dx of 64 x 320 x 56 x 56
+    (14609cb's profile): 68 us for a strided fill of the 256 old channels, 39 for a whole
+    fill of that size.  On a GPU only: on the CPU the interpreter runs these kernels, and
+    the strided fill keeps its branch tested (the test forces the other)."""
     return dx.is_cuda
 
 

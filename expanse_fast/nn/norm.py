@@ -379,11 +379,8 @@ class _NewestInPlace(torch.autograd.Function):
             if ctx.old_grad:
                 dx = torch.empty_like(dy)
                 dx[:, :n_f] = dy[:, :n_f]
-            elif ops.torch_ref.zeros_whole(dy):  # (the linear backward's rule)
+            else:  # (one fill of the whole, as the linear backward's dx)
                 dx = torch.zeros_like(dy)
-            else:
-                dx = torch.empty_like(dy)
-                dx[:, :n_f].zero_()
             dx[:, n_f:] = dx_new
         return (dx, dw if need_w else None, db if need_b else None) + (None,) * 6
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from typing import Dict, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .backend_choice import BACKENDS
 from .hashing import hash_tensor as _hash_tensor
 from .expand import (_freeze_all_but_newest, expanded_layers, plain_layer,
                      set_old_input_grads, watch_input_grad)
@@ -81,13 +83,20 @@ def _payload_digest(layers_json: str, tensors: Dict[str, Tensor]) -> str:
 
 # ---- what each layer stores beyond the base --------------------------------------------------
 def _layer_record(m: nn.Module) -> dict:
+    """One layer's entry of the layer table: its layout, and what else a loaded copy must
+    share with it to compute the same (a BatchNorm's eps and momentum, which the base's
+    may not have; a layer's pinned backend, kept only where one is pinned)."""
     if isinstance(m, _ExpandedBatchNorm):
         kind = "bn2d" if isinstance(m, ExpandedBatchNorm2d) else "bn1d"
         return {"type": kind, "groups": list(m.groups),
-                "skip_old_input_grad": bool(m.skip_old_input_grad)}
+                "skip_old_input_grad": bool(m.skip_old_input_grad),
+                "eps": float(m.eps),
+                "momentum": None if m.momentum is None else float(m.momentum)}
     rec = {"type": "conv2d" if isinstance(m, ExpandedConv2d) else "linear",
            "in_groups": list(m.in_groups), "out_groups": list(m.out_groups), "mode": m.mode,
            "skip_old_input_grad": bool(m.skip_old_input_grad)}
+    if m.backend is not None:
+        rec["backend"] = m.backend
     return rec
 
 
@@ -190,6 +199,10 @@ def _widths(rec: dict, key: str) -> bool:
             and all(isinstance(w, int) and not isinstance(w, bool) and w >= 0 for w in v))
 
 
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_records(records) -> None:
     """A layer table of the right form (the digest catches damage, not a file written by
     another tool or edited on purpose): refuse it before anything is built."""
@@ -200,14 +213,19 @@ def _check_records(records) -> None:
     for path, rec in records.items():
         ok = isinstance(rec, dict) and rec.get("type") in ("linear", "conv2d", "bn1d", "bn2d")
         if ok and rec["type"].startswith("bn"):
-            # files written before BatchNorm had the flag lack it: the full gradient then
-            ok = _widths(rec, "groups") and isinstance(rec.get("skip_old_input_grad", False),
-                                                       bool)
+            # files written before BatchNorm had the flag lack it: the full gradient then;
+            # and before eps and momentum were kept, the base BatchNorm's hold
+            ok = (_widths(rec, "groups")
+                  and isinstance(rec.get("skip_old_input_grad", False), bool)
+                  and ("eps" not in rec or (_number(rec["eps"]) and rec["eps"] > 0))
+                  and ("momentum" not in rec or rec["momentum"] is None
+                       or _number(rec["momentum"])))
         elif ok:
             ok = (_widths(rec, "in_groups") and _widths(rec, "out_groups")
                   and len(rec["in_groups"]) == len(rec["out_groups"])
                   and rec.get("mode") in ("isolated", "coupled")
-                  and isinstance(rec.get("skip_old_input_grad"), bool))
+                  and isinstance(rec.get("skip_old_input_grad"), bool)
+                  and rec.get("backend", "torch") in BACKENDS[1:])
         if not ok:
             raise ExpansionFileError(f"the file's record of layer {path!r} is malformed: "
                                      f"{json.dumps(rec)[:120]}")
@@ -263,6 +281,9 @@ def _build_layer(base_layer: nn.Module, rec: dict, path: str) -> nn.Module:
         for g in groups[2:]:
             layer.expand(g)
         layer.skip_old_input_grad = rec.get("skip_old_input_grad", False)
+        layer.eps = float(rec.get("eps", layer.eps))
+        if "momentum" in rec:
+            layer.momentum = None if rec["momentum"] is None else float(rec["momentum"])
         return layer
     ins, outs = rec["in_groups"], rec["out_groups"]
     base_in = base_layer.in_features if kind == "linear" else base_layer.in_channels
@@ -276,6 +297,7 @@ def _build_layer(base_layer: nn.Module, rec: dict, path: str) -> nn.Module:
     for i, o in zip(ins[2:], outs[2:]):
         layer.expand(i, o)
     layer.skip_old_input_grad = rec["skip_old_input_grad"]
+    layer.backend = rec.get("backend")
     return layer
 
 

@@ -190,6 +190,34 @@ def test_round_trip_with_empty_groups(path):
         assert torch.equal(loaded(x), big(x))
 
 
+@pytest.mark.parametrize("momentum", [0.05, None])
+def test_round_trip_keeps_pinned_backends_and_batchnorm_settings(path, momentum):
+    """What a loaded copy must share to compute and train as the saved model does, beyond
+    its tensors: each layer's pinned backend, and each BatchNorm's eps and momentum (set
+    here after expand(): the base's differ)."""
+    base = _pretrained("cnn")
+    big = xf.expand(base, width=0.25, new_classes=2, backend="torch")
+    layers = xf.expanded_layers(big)
+    layers["conv1"].backend = None  # one left to follow xf.set_backend
+    for m in layers.values():
+        if hasattr(m, "momentum"):
+            m.eps, m.momentum = 1e-3, momentum
+    _train(big, (3, 8, 8), steps=1)
+    xf.save_expansion(big, path)
+    loaded = xf.expanded_layers(xf.load_expansion(base, path))
+    assert loaded.keys() == layers.keys()
+    for name, m in layers.items():
+        if hasattr(m, "momentum"):
+            assert (loaded[name].eps, loaded[name].momentum) == (1e-3, momentum), name
+        else:
+            assert loaded[name].backend == m.backend, name
+    assert loaded["conv1"].backend is None and loaded["fc"].backend == "torch"
+    big.eval()
+    x = _data((3, 8, 8))
+    with torch.no_grad():
+        assert torch.equal(xf.load_expansion(base, path).eval()(x), big(x))
+
+
 def test_file_is_far_smaller_than_the_model(path):
     base = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                          nn.Linear(256, 10)).eval()

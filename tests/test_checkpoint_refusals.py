@@ -93,6 +93,14 @@ MALFORMED = {
     "unequal group counts": lambda ls: CONV(ls).update(in_groups=[3, 0, 1]),
     "flag not a bool": lambda ls: LINEAR(ls).update(skip_old_input_grad="yes"),
     "bn with one group": lambda ls: BN(ls).update(groups=[4]),
+    "unknown backend": lambda ls: CONV(ls).update(backend="gpu"),
+    "backend auto": lambda ls: LINEAR(ls).update(backend="auto"),  # (a pin names one)
+    "backend not a string": lambda ls: LINEAR(ls).update(backend=1),
+    "negative eps": lambda ls: BN(ls).update(eps=-1e-5),
+    "eps not a number": lambda ls: BN(ls).update(eps="1e-5"),
+    "infinite eps": lambda ls: BN(ls).update(eps=float("inf")),
+    "momentum not a number": lambda ls: BN(ls).update(momentum="fast"),
+    "boolean momentum": lambda ls: BN(ls).update(momentum=True),
     "record not an object": lambda ls: ls.update({"0": [1, 2]}),
 }
 
@@ -205,3 +213,19 @@ def test_a_faithful_rewrite_still_loads(saved, tmp_path):
     x = torch.randn(2, 3, 6, 6)
     with torch.no_grad():
         assert torch.equal(loaded(x), big(x))
+
+
+def test_a_file_without_backend_or_bn_settings_takes_the_bases(saved, tmp_path):
+    """Files written before the layer table kept pinned backends and BatchNorm settings:
+    no backend pinned, the base BatchNorm's eps and momentum."""
+    base, big, _, meta, tensors = saved
+
+    def strip(layers):
+        for rec in layers.values():
+            for key in ("backend", "eps", "momentum"):
+                rec.pop(key, None)
+    loaded = xf.load_expansion(base, _forge(tmp_path, meta, tensors, layers=_layers(meta, strip)))
+    layers = xf.expanded_layers(loaded)
+    assert all(getattr(m, "backend", None) is None for m in layers.values())
+    bn = next(m for m in layers.values() if hasattr(m, "momentum"))
+    assert (bn.eps, bn.momentum) == (base[1].eps, base[1].momentum)

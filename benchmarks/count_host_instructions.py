@@ -70,7 +70,10 @@ def _count(case: str, peer: bool, calls: int) -> int:
            os.path.abspath(__file__), "--run", case, "--calls", str(calls)]
     if peer:
         cmd.append("--peer")
-    env = dict(os.environ, PYTHONHASHSEED="0")  # the same dict layouts in every run
+    # The same dict layouts in every run; and numpy's OpenBLAS with no thread pool: its idle
+    # threads spin, and callgrind counts the spinning (in one run of the layer case 63k
+    # instructions a call, as much more as the run took longer: noise, not the call's).
+    env = dict(os.environ, PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in out.stderr.splitlines():
         if "Collected" in line:

@@ -94,14 +94,15 @@ def resolve(device: torch.device, op: str, pinned: str = "", backward: bool = Fa
     ``pinned`` (a layer's own choice) if given, else the global choice.  For "auto", the
     forward's ``dtype`` and ``macs`` (multiply-adds of the dense product) say which backend
     is faster (``_auto_choice``); the backward needs neither."""
-    name = pinned or _current()
+    name = pinned or _choice["name"]
     if name == "auto":
         name = _auto_choice(device, op, backward, dtype, macs)
-    else:
+    elif (name, device) not in _USABLE:
         ok, why = _usable(name, device)
         if not ok:
             raise RuntimeError(f"backend {name!r} is not usable on {device}: {why}")
-    return backend_module(name)
+    module = _modules.get(name)  # (resolve runs twice per layer and step)
+    return module if module is not None else backend_module(name)
 
 
 # "auto" on CUDA, by measurement on an H200 (bf16; benchmarks/results/2026-11-30-h200-*):
@@ -129,6 +130,11 @@ def _override(op: str, backward: bool) -> Optional[str]:
     """The backend the environment names for one direction of ``op``, or None:
     EXPANSE_FAST_AUTO_<OP>_FORWARD / _BACKWARD for one direction, EXPANSE_FAST_AUTO_<OP> for
     both (benchmarks and experiments steer "auto" with them)."""
+    data = getattr(os.environ, "_data", None)  # CPython's mapping behind os.environ
+    if data is not None:
+        one_way, both_ways = _ENCODED_OVERRIDE_KEYS[(op, backward)]
+        if one_way not in data and both_ways not in data:
+            return None  # (the common case: neither is set; two dict lookups)
     for key in _OVERRIDE_KEYS[(op, backward)]:
         value = _getenv(key)
         if value in BACKENDS[1:]:
@@ -152,6 +158,16 @@ _OVERRIDE_KEYS = {(op, backward): ("EXPANSE_FAST_AUTO_" + op.upper()
                                    "EXPANSE_FAST_AUTO_" + op.upper())
                   for op in ("linear", "conv2d") for backward in (False, True)}
 _ENCODED_KEYS: Dict[str, object] = {}
+
+
+def _encoded(key: str):
+    """``key`` as os.environ's own mapping stores it (bytes on POSIX)."""
+    encode = getattr(os.environ, "encodekey", None)
+    return encode(key) if encode is not None else key
+
+
+_ENCODED_OVERRIDE_KEYS = {k: tuple(_encoded(key) for key in keys)
+                          for k, keys in _OVERRIDE_KEYS.items()}
 
 
 def _getenv(key: str) -> Optional[str]:

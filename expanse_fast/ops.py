@@ -40,10 +40,6 @@ def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
     return like.new_empty(_EMPTY) if t is None else t
 
 
-def _or_none(t: Tensor, needed: bool) -> Optional[Tensor]:
-    return t if needed else None
-
-
 def _fake_grads(dy, x, w_new, w_couple, need_dx, need_dw, need_db, need_dcouple,
                 dx_format=torch.contiguous_format):
     # one fresh empty tensor per unneeded gradient: outputs of an op never alias each other
@@ -65,20 +61,16 @@ def _linear_impl(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new:
             pre_columns: int = 0, backend: str = "") -> Tuple[Tensor, Tensor]:
     """-> (y, pre): ``pre`` holds the pre-activation of y's last ``pre_columns`` columns,
     which the backward of a smooth activation (GELU, SiLU) reads; (N, 0) otherwise."""
-    return _linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
-                           frozen_k_ends, activation, pre_columns, backend, True)
+    return _linear_eager_impl(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                              frozen_out_groups, frozen_k_ends, need_dx_old, activation,
+                              pre_columns, backend, True)
 
 
 def _linear_eager_impl(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
-                       frozen_k_ends, need_dx_old, activation="", pre_columns=0, backend=""):
+                       frozen_k_ends, need_dx_old, activation="", pre_columns=0, backend="",
+                       empty_pre=False):
     """``_linear_impl`` with ``pre`` None where it holds no column (a custom op must return
     a tensor; an autograd.Function need not, which spares an allocation per call)."""
-    return _linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
-                           frozen_k_ends, activation, pre_columns, backend, False)
-
-
-def _linear_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out_groups,
-                    frozen_k_ends, activation, pre_columns, backend, empty_pre: bool):
     macs = x.shape[0] * x.shape[1] * (w_frozen.shape[0] + w_new.shape[0])  # dense product's
     backend = backend_choice.resolve(x.device, "linear", backend, dtype=x.dtype, macs=macs)
     pre = x.new_empty((x.shape[0], pre_columns)) if pre_columns or empty_pre else None
@@ -170,10 +162,11 @@ def _linear_autograd_backward(ctx, dy, _dpre=None):
         dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.groups,
                                   need_x, need_x and ctx.need_dx_old, need_w, need_b, need_c,
                                   saved, ctx.activation, ctx.backend)
-    return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
-            _or_none(dc, need_c)) + (None,) * 6
+    return ((dx if need_x else None), None, None, (dw if need_w else None),
+            (db if need_b else None), (dc if need_c else None)) + _SIX_NONES
 
 
+_SIX_NONES = (None,) * 6
 _linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
 
 
@@ -317,8 +310,8 @@ def _conv2d_autograd_backward(ctx, dy):
         backward = _conv2d_grads if getattr(ctx, "eager", False) else _conv2d_backward
         dx, dw, db, dc = backward(dy, x, w_frozen, w_new, w_couple, *ctx.static, need_x,
                                   need_dx_old, need_w, need_b, need_c, bn_scale, ctx.backend)
-    return (_or_none(dx, need_x), None, None, _or_none(dw, need_w), _or_none(db, need_b),
-            _or_none(dc, need_c)) + (None,) * (_CONV2D_INPUTS - 6)
+    return ((dx if need_x else None), None, None, (dw if need_w else None),
+            (db if need_b else None), (dc if need_c else None)) + (None,) * (_CONV2D_INPUTS - 6)
 
 
 _conv2d.register_autograd(_conv2d_autograd_backward, setup_context=_conv2d_setup_context)
@@ -348,7 +341,8 @@ def _eager_function(name: str, impl, setup_context, backward, n_tensors: int) ->
         return out
 
     def backward_(ctx, *grads):
-        return backward(ctx, *grads)[:n_tensors] + (None,)
+        # (the op's gradients past its tensors are all None: one for the tuple here)
+        return backward(ctx, *grads)[:n_tensors + 1]
 
     # (with create_graph=True the backward runs with grad mode on and is differentiable)
     return type(name, (torch.autograd.Function,),
@@ -403,9 +397,7 @@ _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 def _autocast(x: Tensor, *tensors: Optional[Tensor]) -> Tuple[Optional[Tensor], ...]:
     """Under ``torch.autocast`` for x's device: x and the blocks in its lower-precision dtype,
     as nn.Linear and nn.Conv2d get them (the casts are differentiable: trainable blocks
-    keep float32 gradients); otherwise unchanged."""
-    if not _any_autocast():  # (one C call: the common case costs no device lookup)
-        return (x,) + tensors
+    keep float32 gradients); otherwise unchanged.  Called where ``_any_autocast()``."""
     device = x.device.type
     try:
         enabled = torch.is_autocast_enabled(device)
@@ -431,15 +423,16 @@ def _check_tensors(what: str, x: Tensor, blocks: Sequence[Optional[Tensor]],
                    use_composite: bool):
     """The blocks (named by ``_BLOCK_NAMES``) share x's dtype and device; the frozen ones
     need no gradient (outside torch.func)."""
-    dtype, device = x.dtype, x.device
+    dtype, on_cpu = x.dtype, x.is_cpu
+    device = None if on_cpu else x.device  # (a CPU input needs no device object)
     for name, t in zip(_BLOCK_NAMES, blocks):
         if t is None:
             continue
         if t.dtype != dtype:
             raise TypeError(f"{what}: input dtype is {dtype} but {name} is {t.dtype}; "
                             f"cast the input (or the layer) so both match")
-        if t.device != device:
-            raise ValueError(f"{what}: input is on {device} but {name} is on {t.device}; "
+        if (not t.is_cpu) if on_cpu else t.device != device:
+            raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
     if use_composite:
         return  # torch.func differentiates what it is given; the composite forms every gradient
@@ -456,9 +449,12 @@ def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional
     """The blocks' shapes against each other (a mismatch would reach aten as an error
     about its own tensors, or read past a block)."""
     dims = 4 if what == "expanded_conv2d" else 2
-    for name, w in (("w_frozen", w_frozen), ("w_new", w_new), ("w_couple", w_couple)):
-        if w is not None and w.dim() != dims:
-            raise ValueError(f"{what}: {name} must be {dims}-D, got shape {tuple(w.shape)}")
+    if (w_frozen.dim() != dims or w_new.dim() != dims
+            or (w_couple is not None and w_couple.dim() != dims)):
+        for name, w in (("w_frozen", w_frozen), ("w_new", w_new), ("w_couple", w_couple)):
+            if w is not None and w.dim() != dims:
+                raise ValueError(f"{what}: {name} must be {dims}-D, got shape "
+                                 f"{tuple(w.shape)}")
     if sum(frozen_out_groups) != w_frozen.shape[0]:
         raise ValueError(f"{what}: frozen_out_groups {tuple(frozen_out_groups)} sum to "
                          f"{sum(frozen_out_groups)} but w_frozen has {w_frozen.shape[0]} rows")
@@ -467,7 +463,7 @@ def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional
                          f"{tuple(frozen_k_ends)} for groups {tuple(frozen_out_groups)}")
     for name, b, rows in (("b_frozen", b_frozen, w_frozen.shape[0]),
                           ("b_new", b_new, w_new.shape[0])):
-        if b is not None and tuple(b.shape) != (rows,):
+        if b is not None and (b.dim() != 1 or b.shape[0] != rows):
             raise ValueError(f"{what}: {name} must have shape ({rows},) (one per row of "
                              f"w_{name[2:]}), got {tuple(b.shape)}")
     if dims == 4 and w_frozen.shape[2:] != w_new.shape[2:]:
@@ -476,7 +472,7 @@ def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional
     if depthwise:
         return
     i_f = w_frozen.shape[1]
-    if any(not 0 <= k <= i_f for k in frozen_k_ends):
+    if frozen_k_ends and (min(frozen_k_ends) < 0 or max(frozen_k_ends) > i_f):
         raise ValueError(f"{what}: frozen_k_ends {tuple(frozen_k_ends)} must lie in 0..{i_f} "
                          f"(w_frozen's columns)")
     if w_couple is not None:
@@ -515,8 +511,9 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     newest ones).
     ``backend`` pins this call to one backend; None follows ``xf.set_backend``."""
     what = "expanded_linear"
-    x, w_frozen, b_frozen, w_new, b_new, w_couple = _autocast(
-        x, w_frozen, b_frozen, w_new, b_new, w_couple)
+    if _any_autocast():  # (the common case costs one C call, no tuple of the blocks)
+        x, w_frozen, b_frozen, w_new, b_new, w_couple = _autocast(
+            x, w_frozen, b_frozen, w_new, b_new, w_couple)
     activation = activation or ""
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be None or one of "
@@ -597,8 +594,9 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     ``(conv - bn_mean) / sqrt(bn_var + bn_eps) * bn_weight + bn_bias``, applied after the
     bias and the coupling term; the newest channels stay raw."""
     what = "expanded_conv2d"
-    x, w_frozen, b_frozen, w_new, b_new, w_couple = _autocast(
-        x, w_frozen, b_frozen, w_new, b_new, w_couple)
+    if _any_autocast():
+        x, w_frozen, b_frozen, w_new, b_new, w_couple = _autocast(
+            x, w_frozen, b_frozen, w_new, b_new, w_couple)
     _check_geometry(what, stride, padding, dilation)
     if depthwise:
         c_f = frozen_k_ends[-1] if frozen_k_ends else 0

@@ -111,7 +111,7 @@ def _fill_biases(y: Tensor, b_frozen: Maybe, b_new: Maybe, o_f: int) -> bool:
 def _checkable(x: Tensor) -> bool:
     """Whether a bit-for-bit check can read ``x``: a plain CPU tensor (not a FakeTensor, a
     FunctionalTensor or another subclass, whose values are not there to compare)."""
-    return x.device.type == "cpu" and type(x) in (Tensor, torch.nn.Parameter)
+    return x.is_cpu and type(x) in (Tensor, torch.nn.Parameter)
 
 
 def _same_bits(a: Tensor, b: Tensor) -> bool:
@@ -298,7 +298,8 @@ def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], activation: str = "",
                    pre: Maybe = None) -> Tensor:
-    check_activation(activation)
+    if activation not in ACTIVATIONS:
+        check_activation(activation)  # (raises; a call per layer spared where it would not)
     o_f, i_f = w_frozen.shape
     y = x.new_empty((x.shape[0], o_f + w_new.shape[0]))
     if x.shape[0] == 0:

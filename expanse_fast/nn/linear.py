@@ -67,11 +67,11 @@ class ExpandedLinear(ExpandedBlocks):
         return self.layout.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1:] != (self.in_features,):
+        lay = self.layout
+        if not x.dim() or x.shape[-1] != lay.in_features:
             raise ValueError(
                 f"ExpandedLinear expected input with {self.in_features} features "
                 f"(groups {self.in_groups}) in its last dimension, got shape {tuple(x.shape)}")
-        lay = self.layout
         return ops.expanded_linear(
             x, *self._block_tensors(), frozen_out_groups=lay.frozen_out_groups,
             frozen_k_ends=lay.frozen_k_ends, need_dx_old=not skips_old_input_grad(self, x),

@@ -639,10 +639,13 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
         raise ValueError(f"{what}: bn_mean needs bn_var (the frozen channels' variances)")
     if not eps >= 0:
         raise ValueError(f"{what}: bn_eps must be >= 0, got {eps}")
-    dtypes = {t.dtype for t in (mean, var, weight, bias) if t is not None}
-    if len(dtypes) > 1:
-        raise TypeError(f"{what}: bn_mean, bn_var, bn_weight and bn_bias must share one dtype, "
-                        f"got {sorted(map(str, dtypes))}")
+    dtype, on_cpu = mean.dtype, x.is_cpu
+    device = None if on_cpu else x.device  # (a CPU input needs no device object)
+    for t in (var, weight, bias):
+        if t is not None and t.dtype != dtype:
+            dtypes = {t.dtype for t in (mean, var, weight, bias) if t is not None}
+            raise TypeError(f"{what}: bn_mean, bn_var, bn_weight and bn_bias must share one "
+                            f"dtype, got {sorted(map(str, dtypes))}")
     for name, t in (("bn_mean", mean), ("bn_var", var), ("bn_weight", weight),
                     ("bn_bias", bias)):
         if t is None:
@@ -653,7 +656,7 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
         if t.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{what}: {name} is {t.dtype}; a folded BatchNorm's tensors take "
                             f"the input's dtype ({x.dtype}) or float32")
-        if t.device != x.device:
+        if (not t.is_cpu) if on_cpu else t.device != device:
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
         if t.requires_grad and not use_composite:

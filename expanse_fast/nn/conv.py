@@ -216,8 +216,11 @@ class ExpandedConv2d(ExpandedBlocks):
         bn = self._folded_bn
         if bn is None:
             return {}
-        bn.ran_folded = fold_in_force(self, bn)  # (the BatchNorm's call follows it)
-        if not bn.ran_folded:
+        in_force = fold_in_force(self, bn)
+        # (the BatchNorm's call follows and reads it; a plain attribute, set without
+        # nn.Module.__setattr__'s search of the parameter, buffer and module dicts)
+        object.__setattr__(bn, "ran_folded", in_force)
+        if not in_force:
             return {}
         if tuple(bn.groups) != tuple(self.out_groups):
             raise RuntimeError(
@@ -225,9 +228,12 @@ class ExpandedConv2d(ExpandedBlocks):
                 f"has output groups {tuple(self.out_groups)}: one of the two was expanded "
                 "without the other (expand the model with xf.expand, or unfold_batchnorm())")
         mean, var, weight, bias, eps = bn.frozen_map()
-        if mean.device != self.weight_new.device:
+        w = self._parameters.get("weight_new")
+        if w is None:
+            w = self.weight_new
+        if mean.is_cpu != w.is_cpu or (not w.is_cpu and mean.device != w.device):
             raise RuntimeError(
-                f"ExpandedConv2d on {self.weight_new.device} folds a BatchNorm on {mean.device}: "
+                f"ExpandedConv2d on {w.device} folds a BatchNorm on {mean.device}: "
                 "a copy of the conv made apart from its BatchNorm (nn.DataParallel replicas, "
                 "say) keeps the original one; call unfold_batchnorm() first")
         return dict(bn_mean=mean, bn_var=var, bn_weight=weight, bn_bias=bias, bn_eps=eps)

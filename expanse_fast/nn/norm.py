@@ -155,8 +155,13 @@ class _ExpandedBatchNorm(nn.Module):
     def frozen_map(self) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], float]:
         """(mean, var, weight, bias, eps) of the frozen channels' eval-mode map: the current
         tensors (read at each call, so they follow ``.to()``), for a layer that folds it."""
-        return (self.running_mean_frozen, self.running_var_frozen, self.weight_frozen,
-                self.bias_frozen, self.eps)
+        # (read from the module's dicts: nn.Module's attribute fallback costs about a
+        # microsecond a name, and a folded conv asks on every call; a missing affine is
+        # None in the instance dict)
+        b, p = self._buffers, self._parameters
+        return (b["running_mean_frozen"], b["running_var_frozen"],
+                p["weight_frozen"] if "weight_frozen" in p else self.weight_frozen,
+                p["bias_frozen"] if "bias_frozen" in p else self.bias_frozen, self.eps)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() not in self._expected_dims or x.shape[1] != self.num_features:

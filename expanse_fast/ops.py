@@ -70,7 +70,8 @@ def _linear_eager_impl(x, w_frozen, b_frozen, w_new, b_new, w_couple, frozen_out
                        frozen_k_ends, need_dx_old, activation="", pre_columns=0, backend="",
                        empty_pre=False):
     """``_linear_impl`` with ``pre`` None where it holds no column (a custom op must return
-    a tensor; an autograd.Function need not, which spares an allocation per call)."""
+    a tensor, ``empty_pre``; an autograd.Function need not, which spares an allocation per
+    call)."""
     macs = x.shape[0] * x.shape[1] * (w_frozen.shape[0] + w_new.shape[0])  # dense product's
     backend = backend_choice.resolve(x.device, "linear", backend, dtype=x.dtype, macs=macs)
     pre = x.new_empty((x.shape[0], pre_columns)) if pre_columns or empty_pre else None
@@ -148,6 +149,9 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.backend = (inputs[11] if len(inputs) > 11 else "") or backend_choice.get_backend()
 
 
+_SIX_NONES = (None,) * 6  # the gradients of the linear op's non-tensor inputs
+
+
 def _linear_autograd_backward(ctx, dy, _dpre=None):
     x, w_frozen, w_new, w_couple, saved, b_frozen, b_new = ctx.saved_tensors
     need_x, _, _, need_w, need_b, need_c = ctx.needs_input_grad[:6]
@@ -166,7 +170,6 @@ def _linear_autograd_backward(ctx, dy, _dpre=None):
             (db if need_b else None), (dc if need_c else None)) + _SIX_NONES
 
 
-_SIX_NONES = (None,) * 6
 _linear.register_autograd(_linear_autograd_backward, setup_context=_linear_setup_context)
 
 

@@ -97,6 +97,12 @@ def resolve(device: torch.device, op: str, pinned: str = "", backward: bool = Fa
     name = pinned or _choice["name"]
     if name == "auto":
         name = _auto_choice(device, op, backward, dtype, macs)
+        if name != "torch" and (name, device) not in _USABLE:  # (named by the environment)
+            ok, why = _usable(name, device)
+            if not ok:
+                key = next(k for k in _OVERRIDE_KEYS[(op, backward)] if _getenv(k) == name)
+                raise RuntimeError(f"{key}={name}: backend {name!r} is not usable on "
+                                   f"{device}: {why}")
     elif (name, device) not in _USABLE:
         ok, why = _usable(name, device)
         if not ok:

@@ -92,6 +92,23 @@ def test_auto_override_of_one_direction(triton_usable, monkeypatch):
     assert backend_choice._auto_choice(CUDA, "linear", True) == "cuda"
 
 
+@pytest.mark.parametrize("key", ["EXPANSE_FAST_AUTO_LINEAR", "EXPANSE_FAST_AUTO_LINEAR_FORWARD",
+                                 "EXPANSE_FAST_AUTO_CONV2D_BACKWARD"])
+def test_auto_variable_naming_an_unusable_backend_says_so(monkeypatch, key):
+    """A variable that steers "auto" to a backend this device cannot run is named in the
+    error, with the backend's reason, not left to fail inside the backend."""
+    _clear_overrides(monkeypatch)
+    if backend_choice.availability("cuda", torch.device("cpu"))[0]:
+        pytest.skip("the cuda backend runs on CPU tensors here")
+    monkeypatch.setenv(key, "cuda")
+    layer = xf.ExpandedLinear.from_linear(torch.nn.Linear(4, 3), 2, 2)
+    conv = xf.ExpandedConv2d.from_conv(torch.nn.Conv2d(2, 3, 3), 1, 1)
+    x = torch.randn(5, 6, requires_grad=True)
+    xc = torch.randn(1, 3, 5, 5, requires_grad=True)
+    with pytest.raises(RuntimeError, match=rf"{key}=cuda: backend 'cuda' is not usable on cpu"):
+        (conv(xc) if "CONV2D" in key else layer(x)).sum().backward()
+
+
 @pytest.mark.parametrize("key", ["EXPANSE_FAST_AUTO_LINEAR", "EXPANSE_FAST_AUTO_LINEAR_BACKWARD",
                                  "EXPANSE_FAST_AUTO_CONV2D_DX"])
 def test_auto_variable_naming_no_backend_is_refused(monkeypatch, key):

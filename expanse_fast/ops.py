@@ -490,6 +490,9 @@ def _check_geometry(what: str, stride, padding, dilation):
     ExpandedConv2d resolves 'same' and 'valid')."""
     for name, v, least in (("stride", stride, 1), ("padding", padding, 0),
                            ("dilation", dilation, 1)):
+        if ((type(v) is tuple or type(v) is list) and len(v) == 2 and type(v[0]) is int
+                and type(v[1]) is int and v[0] >= least and v[1] >= least):
+            continue  # (a module's own pair, the common case: no generator)
         vals = (v,) if isinstance(v, int) else tuple(v) if isinstance(v, (tuple, list)) else None
         if (vals is None or len(vals) not in (1, 2)
                 or not all(isinstance(a, int) and not isinstance(a, bool) and a >= least

@@ -28,11 +28,17 @@ from .blocks import _frozen, hooked, refuse_not_widenable
 from .input_grad import skips_old_input_grad
 
 
+_GLOBAL_HOOK_DICTS = tuple(name for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+    "_global_backward_pre_hooks") if hasattr(torch.nn.modules.module, name))
+
+
 def _global_hooks() -> bool:
     g = torch.nn.modules.module
-    return any(getattr(g, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks"))
+    for name in _GLOBAL_HOOK_DICTS:  # (read each call: the registries change in place)
+        if getattr(g, name):
+            return True
+    return False
 
 
 def fold_in_force(conv: nn.Module, bn: nn.Module) -> bool:

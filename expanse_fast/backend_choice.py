@@ -137,7 +137,7 @@ def _override(op: str, backward: bool) -> Optional[str]:
     EXPANSE_FAST_AUTO_<OP>_FORWARD / _BACKWARD for one direction, EXPANSE_FAST_AUTO_<OP> for
     both (benchmarks and experiments steer "auto" with them)."""
     data = getattr(os.environ, "_data", None)  # CPython's mapping behind os.environ
-    if data is not None:
+    if data is not None and _ENCODED_OVERRIDE_KEYS:
         one_way, both_ways = _ENCODED_OVERRIDE_KEYS[(op, backward)]
         if one_way not in data and both_ways not in data:
             return None  # (the common case: neither is set; two dict lookups)
@@ -166,14 +166,11 @@ _OVERRIDE_KEYS = {(op, backward): ("EXPANSE_FAST_AUTO_" + op.upper()
 _ENCODED_KEYS: Dict[str, object] = {}
 
 
-def _encoded(key: str):
-    """``key`` as os.environ's own mapping stores it (bytes on POSIX)."""
-    encode = getattr(os.environ, "encodekey", None)
-    return encode(key) if encode is not None else key
-
-
-_ENCODED_OVERRIDE_KEYS = {k: tuple(_encoded(key) for key in keys)
-                          for k, keys in _OVERRIDE_KEYS.items()}
+# The override keys as os.environ's own mapping stores them (bytes on POSIX), for the
+# lookup that finds them absent; none where os.environ has no such mapping (then _getenv).
+_ENCODE_KEY = getattr(os.environ, "encodekey", None)
+_ENCODED_OVERRIDE_KEYS = ({k: tuple(_ENCODE_KEY(key) for key in keys)
+                           for k, keys in _OVERRIDE_KEYS.items()} if _ENCODE_KEY else {})
 
 
 def _getenv(key: str) -> Optional[str]:

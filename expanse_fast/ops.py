@@ -422,6 +422,12 @@ TRAIN_ALL_HINT = ("; to train every weight, train xf.merge(model) instead (plain
 _BLOCK_NAMES = ("w_frozen", "b_frozen", "w_new", "b_new", "w_couple")
 
 
+def _elsewhere(t: Tensor, on_cpu: bool, device: Optional[torch.device]) -> bool:
+    """Whether ``t`` lies off the input's device: ``on_cpu`` (no device object made for a
+    CPU input), else ``device``."""
+    return not t.is_cpu if on_cpu else t.device != device
+
+
 def _check_tensors(what: str, x: Tensor, blocks: Sequence[Optional[Tensor]],
                    use_composite: bool):
     """The blocks (named by ``_BLOCK_NAMES``) share x's dtype and device; the frozen ones
@@ -434,7 +440,7 @@ def _check_tensors(what: str, x: Tensor, blocks: Sequence[Optional[Tensor]],
         if t.dtype != dtype:
             raise TypeError(f"{what}: input dtype is {dtype} but {name} is {t.dtype}; "
                             f"cast the input (or the layer) so both match")
-        if (not t.is_cpu) if on_cpu else t.device != device:
+        if _elsewhere(t, on_cpu, device):
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
     if use_composite:
@@ -662,7 +668,7 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
         if t.dtype not in (x.dtype, torch.float32):
             raise TypeError(f"{what}: {name} is {t.dtype}; a folded BatchNorm's tensors take "
                             f"the input's dtype ({x.dtype}) or float32")
-        if (not t.is_cpu) if on_cpu else t.device != device:
+        if _elsewhere(t, on_cpu, device):
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")
         if t.requires_grad and not use_composite:

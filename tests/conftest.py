@@ -17,7 +17,12 @@ except Exception:  # torch missing: tests will fail loudly on import anyway
 # instead of autotuning every config (minutes of compiles); the benchmarks tune.
 os.environ.setdefault("EXPANSE_FAST_AUTOTUNE", "0")
 
-if not _HAS_CUDA:
+if _HAS_CUDA:
+    # The tests hold float32 to float64 references: IEEE float32 on the GPU too.  cuDNN's
+    # convolutions, and the Triton conv kernels that follow its switch, would otherwise round
+    # their inputs to TF32 (torch's default for cuDNN), 1e-3 off.
+    torch.backends.cudnn.allow_tf32 = False
+else:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # The tests' tensors are tiny: one thread avoids OpenMP spin-waits that made small
     # convolutions 20-60x slower whenever another process held a core.

@@ -35,9 +35,9 @@ CONV = {
 }
 
 
-def _bn(o_f, dtype, affine):
+def _bn(o_f, dtype, affine, device=DEVICE):
     """A trained-looking BatchNorm of the frozen channels (frozen: no gradient)."""
-    g = dict(dtype=dtype, device=DEVICE)
+    g = dict(dtype=dtype, device=device)
     mean = torch.randn(o_f, **g)
     var = torch.rand(o_f, **g) + 0.5
     weight = torch.rand(o_f, **g) + 0.5 if affine else None
@@ -256,11 +256,12 @@ def test_backward_op_scales_only_the_frozen_columns(backend):
 
 # ---- argument checks ----------------------------------------------------------------------
 def _args():
+    """CPU arguments of a folded conv (the argument checks are the same on every device)."""
     lay = Layout((3, 2), (4, 3))
     w_f, b_f, w_n, b_n, w_c = random_blocks(lay, tail=(1, 1))
     x = torch.randn(1, 5, 3, 3)
     kw = dict(frozen_out_groups=lay.frozen_out_groups, frozen_k_ends=lay.frozen_k_ends)
-    return (x, w_f, b_f, w_n, b_n, w_c), kw, _bn(4, torch.float32, True)
+    return (x, w_f, b_f, w_n, b_n, w_c), kw, _bn(4, torch.float32, True, device="cpu")
 
 
 @pytest.mark.parametrize("edit,error,match", [

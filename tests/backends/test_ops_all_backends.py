@@ -221,6 +221,7 @@ def test_triton_refuses_float64_by_name(op):
     else:
         layer = xf.ExpandedConv2d.from_conv(torch.nn.Conv2d(3, 4, 3).double(), 2, 1)
         x = torch.randn(1, 5, 6, 6, dtype=torch.float64)
+    layer, x = layer.to(DEVICE), x.to(DEVICE)
     layer.backend = "triton"
     with pytest.raises(TypeError, match=rf"{op} on the triton backend: expected dtype float32, "
                                         r"float16, bfloat16, got float64"):
@@ -232,18 +233,20 @@ def test_strided_bias_and_statistics_vectors(backend):
     """The functional ops take any 1-D view as a bias or a folded BatchNorm's statistics
     (b[::2]); the Triton kernels read them at unit stride (they read every other value)."""
     torch.manual_seed(0)
-    bf, bn = torch.randn(8)[::2], torch.randn(4)[::2]
-    x, wf, wn = torch.randn(4, 8), torch.randn(4, 5), torch.randn(2, 8)
-    W = torch.zeros(6, 8)
+    d = dict(device=DEVICE)
+    bf, bn = torch.randn(8, **d)[::2], torch.randn(4, **d)[::2]
+    x, wf, wn = torch.randn(4, 8, **d), torch.randn(4, 5, **d), torch.randn(2, 8, **d)
+    W = torch.zeros(6, 8, **d)
     W[:4, :5], W[4:] = wf, wn
     y = xf.ops.expanded_linear(x, wf, bf, wn, bn, frozen_out_groups=[4], frozen_k_ends=[5],
                                backend=backend)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, W, torch.cat([bf, bn])),
                                rtol=1e-4, atol=1e-4)
-    xc, cwf, cwn = torch.randn(2, 8, 5, 5), torch.randn(4, 5, 3, 3), torch.randn(2, 8, 3, 3)
-    CW = torch.zeros(6, 8, 3, 3)
+    xc, cwf = torch.randn(2, 8, 5, 5, **d), torch.randn(4, 5, 3, 3, **d)
+    cwn = torch.randn(2, 8, 3, 3, **d)
+    CW = torch.zeros(6, 8, 3, 3, **d)
     CW[:4, :5], CW[4:] = cwf, cwn
-    mean, var = torch.randn(8)[::2], (torch.rand(8) + 0.5)[::2]
+    mean, var = torch.randn(8, **d)[::2], (torch.rand(8, **d) + 0.5)[::2]
     kw = dict(frozen_out_groups=[4], frozen_k_ends=[5], padding=1, backend=backend)
     y = xf.ops.expanded_conv2d(xc, cwf, bf, cwn, bn, **kw)
     ref = torch.nn.functional.conv2d(xc, CW, torch.cat([bf, bn]), padding=1)
@@ -260,7 +263,7 @@ def test_an_expanded_conv_input_with_stride_0(backend):
     """x.expand(...) (stride 0 along the batch) is a valid input; the torch backend's bit
     check built a probe of that layout and wrote through it."""
     torch.manual_seed(0)
-    layer = xf.ExpandedConv2d.from_conv(torch.nn.Conv2d(3, 4, 3, padding=1), 2, 3)
+    layer = xf.ExpandedConv2d.from_conv(torch.nn.Conv2d(3, 4, 3, padding=1), 2, 3).to(DEVICE)
     layer.backend = backend
-    x = torch.randn(1, 5, 6, 6).expand(2, 5, 6, 6)
+    x = torch.randn(1, 5, 6, 6, device=DEVICE).expand(2, 5, 6, 6)
     torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=1e-5, atol=1e-5)

@@ -460,9 +460,11 @@ def test_gpu_resnet_shape_nchw_bf16(tma_launches, monkeypatch):
     """The run's layer on NCHW input, as users get it: y and dx stored in NCHW in place, dW
     reading the caller's NCHW x through its flat view (no channels_last copy of x)."""
     monkeypatch.setattr(lt, "MODE", "auto")
+    conv = _conv(padding=1)  # _check_resnet_shape's own default: "same" 3x3
     _check_resnet_shape(False, torch.bfloat16, need_dx_old=False, hw=(56, 56),
-                        channels_last=False)
-    assert tma_launches == _expected(False, dx_old=False, hw=(56, 56), channels_last=False)
+                        channels_last=False, conv=conv)
+    assert tma_launches == _expected(False, dx_old=False, conv=conv, hw=(56, 56),
+                                     channels_last=False)
 
 
 @pytest.mark.gpu

@@ -537,7 +537,12 @@ def build_model_case(spec: ModelSpec, device="cpu", dtype=torch.float32, seed: i
     y_old = torch.randint(0, classes, (spec.rows,), device=device)
 
     def widened(backend: str) -> nn.Module:
-        return expand(base, width=spec.width, new_classes=spec.new_classes, backend=backend)
+        # The same new units for every backend (each call draws them afresh), and the
+        # caller's random stream left as it was.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed + 1)
+            return expand(base, width=spec.width, new_classes=spec.new_classes,
+                          backend=backend)
 
     case = Case(spec.group, spec.kind, "step", [])
     bigs = {}

@@ -39,9 +39,10 @@ SECTIONS = ("ceilings", "linear", "conv", "mlp", "cnn", "sweep")
 # conv: two layouts, each with its Triton tuning (and NCHW read in place with its own);
 # the issue's targets are linear and conv, the MLP and CNN steps are model-level extras
 # (the CNN last, on what is left).
-# Shares of the bench stage's time, after the sections' times on the H200 (2026-11-30, without
-# the variant rows): ceilings 14 s, linear about 28, conv 60, mlp (bfloat16) 50, cnn 35.
-SECTION_WEIGHT = {"ceilings": 0.10, "linear": 0.15, "conv": 0.30, "mlp": 0.26, "cnn": 0.19,
+# Shares of the bench stage's time, after the sections' times on the H200 (2026-12-01, 190 s
+# for all): ceilings 10 s, linear 17 (out of time before the auto and cuda rows at 26), conv
+# 37, mlp 25 (of 58), cnn out of time at 65, sweep 3 of 7 cases in 15.
+SECTION_WEIGHT = {"ceilings": 0.08, "linear": 0.20, "conv": 0.26, "mlp": 0.16, "cnn": 0.22,
                   "sweep": 0.08}
 # Environment of a section's process: the CNN's many layer shapes would each be tuned.
 SECTION_ENV = {"cnn": {"EXPANSE_FAST_AUTOTUNE": "0"}}

@@ -14,6 +14,8 @@
 # EXPANSE_GPU_TEST_WORKERS (default half the cores, at most 8): pytest-xdist workers of the
 # test stages.  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
 # EXPANSE_GPU_DIAG=<pytest -k expression>: those GPU tests again under cuda-gdb (native stack).
+# EXPANSE_GPU_TESTS_K=<pytest -k expression>: the test stages run only the GPU tests it
+# selects (a rerun of the ones a fix was for).
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -143,7 +145,10 @@ main() {
   if ! wanted build; then
     echo; echo "=== stage build: not asked for (EXPANSE_GPU_STAGES): the cuda backend stays off ==="
     export EXPANSE_BENCH_SKIP_CUDA="build stage not run" EXPANSE_FAST_CUDA=0
-  elif run_stage build "$(stage_limit 150 215)" "$PY" "$BENCH" build --device "$DEV"; then
+  # leaving the tests 105 s and the benchmarks 110, where they are asked for
+  elif run_stage build "$(stage_limit 150 $(( $(wanted tests && echo 105 || echo 0)
+                                             + $(wanted bench && echo 110 || echo 0) )))" \
+      "$PY" "$BENCH" build --device "$DEV"; then
     :
   else
     rc=$(tail -n1 "$WORK/stages.tsv" | cut -f2)
@@ -195,9 +200,10 @@ main() {
       EXPANSE_TESTS_FAILURES="$OUT/failures_$name.txt" \
       PYTHONPATH="$HERE:$PYTHONPATH" run_stage "$name" "$limit" "$PY" -m pytest "${args[@]}"
   }
+  local only="${EXPANSE_GPU_TESTS_K:+ and (${EXPANSE_GPU_TESTS_K})}"
   if ! wanted tests; then
     echo; echo "=== stage tests: not asked for (EXPANSE_GPU_STAGES) ==="
-  elif ! gpu_tests tests_cuda "$tlim_cuda" junit_cuda.xml -k cuda; then
+  elif ! gpu_tests tests_cuda "$tlim_cuda" junit_cuda.xml -k "cuda$only"; then
     # Only when the extension's tests failed: a few small bf16 cases under compute-sanitizer
     # (memcheck), so that one run also says whether a kernel reads or writes out of bounds.
     # It works on some runtimes only (device README); its budget comes out of the benchmarks.
@@ -212,13 +218,15 @@ main() {
   local trest=$(( tlim - tlim_cuda ))
   wanted bench || trest=$most   # a tests-only call: what the CUDA tests left, too
   wanted tests && gpu_tests tests "$(stage_limit "$trest" "$keep")" junit.xml \
-    -k "not cuda"
+    -k "not cuda$only"
 
   # ---- 4. benchmarks ---------------------------------------------------------------------
   local blim want_diag=0
   [ -n "${EXPANSE_GPU_DIAG:-}" ] && (( HAVE_GPU )) && command -v cuda-gdb >/dev/null 2>&1 \
     && want_diag=1
-  blim=$(stage_limit 190 $(( 10 + 30 * want_diag )))
+  # All the budget left (190 s in a default call): a larger EXPANSE_GPU_BUDGET_S goes to the
+  # sections, which share it out (a 420 s call left 137 s unused under a 190 s cap).
+  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag )))
   BENCH_ARGS=(bench --device "$DEV" --work "$WORK" --budget $(( blim - 8 )))
   (( QUICK )) && BENCH_ARGS+=(--quick)
   [ -n "${EXPANSE_GPU_SECTIONS:-}" ] && BENCH_ARGS+=(--sections "$EXPANSE_GPU_SECTIONS")

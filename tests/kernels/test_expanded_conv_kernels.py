@@ -26,6 +26,16 @@ def _exact_fp32():
     torch.backends.cudnn.allow_tf32 = old
 
 
+def test_fp32_precision_follows_cudnns_tf32_switch(monkeypatch):
+    """The kernels round fp32 to TF32 exactly when torch's own convolutions may (which is why
+    the GPU tests turn the switch off); 16-bit inputs are unaffected."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    assert ec._prec(torch.float32) == "tf32"
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert ec._prec(torch.float32) == "ieee"
+    assert ec._prec(torch.bfloat16) == ec._prec(torch.float16) == "tf32"
+
+
 def _k_ends(in_groups, coupled):
     i_f = sum(in_groups[:-1])
     if coupled:

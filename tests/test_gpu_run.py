@@ -281,3 +281,17 @@ def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(plugin):
     assert sorted(s.new for s in linear) == [(410,), (512, 512), (2048,), (4096,)]
     assert {(s.old, s.rows, s.hw) for s in conv} == {(256, 64, 56)}
     assert sorted(s.new for s in conv) == [(26,), (128,), (256,)]
+
+
+def test_the_ncu_stage_script_runs_the_layer(tmp_path):
+    """benchmarks/gpu/ncu_linear.py (run under ncu by run.sh's opt-in ncu stage) at tiny sizes
+    on the CPU: its forward and backward calls run, and it names what it ran."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(PATH), "ncu_linear.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--device", "cpu", "--backend", "torch", "--rows", "3",
+         "--old", "5", "--new", "2", "--dtype", "float32"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "2 forward+backward calls on torch, float32, 3 x (5+2)" in proc.stdout

@@ -15,7 +15,8 @@
 # test stages.  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
 # EXPANSE_GPU_DIAG=<pytest -k expression>: those GPU tests again under cuda-gdb (native stack).
 # EXPANSE_GPU_TESTS_K=<pytest -k expression>: the test stages run only the GPU tests it
-# selects (a rerun of the ones a fix was for).
+# selects (a rerun of the ones a fix was for).  EXPANSE_GPU_STAGES=build,ncu: Nsight Compute's
+# counters for the linear layer's kernels (cuda and Triton backends), in ncu_<backend>.txt.
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -25,7 +26,7 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--quick) QUICK=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --dry-run)"; exit 2 ;;
   esac
 done
@@ -236,6 +237,28 @@ main() {
     run_stage bench "$blim" "$PY" "$BENCH" "${BENCH_ARGS[@]}"
   else
     echo; echo "=== stage bench: not asked for (EXPANSE_GPU_STAGES) ==="
+  fi
+
+  # Opt-in (EXPANSE_GPU_STAGES=build,ncu): Nsight Compute's counters for the linear layer's
+  # kernels, the cuda backend's and the Triton ones (one tile), from the last of two calls.
+  if wanted ncu && (( HAVE_GPU )); then
+    local ncu b
+    ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)"
+    if [ -z "$ncu" ]; then
+      echo; echo "=== stage ncu: no ncu on this machine ==="
+    else
+      for b in cuda triton; do
+        local names='regex:linear_(fwd|dw|dx)_kernel'
+        [ "$b" = triton ] && names='regex:_(fwd|dw|dx)_tma_kernel'
+        EXPANSE_FAST_AUTOTUNE=0 run_stage "ncu_$b" "$(stage_limit 120 10)" "$ncu" \
+          --clock-control none --target-processes all --kernel-name "$names" \
+          --launch-skip 3 --launch-count 3 --section SpeedOfLight \
+          --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          --section WarpStateStats --section SchedulerStats --section Occupancy \
+          --section LaunchStats "$PY" "$HERE/ncu_linear.py" --backend "$b"
+        cp "$WORK/ncu_$b.log" "$OUT/ncu_$b.txt" 2>/dev/null
+      done
+    fi
   fi
 
   # EXPANSE_GPU_DIAG="pytest -k expression": those tests once more under cuda-gdb, which

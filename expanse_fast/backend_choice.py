@@ -111,7 +111,7 @@ def resolve(device: torch.device, op: str, pinned: str = "", backward: bool = Fa
     return module if module is not None else backend_module(name)
 
 
-# "auto" on CUDA, by measurement on an H200 (bf16; benchmarks/results/2026-11-30-h200-*):
+# "auto" on CUDA, by measurement on an H200 (bf16; benchmarks/results/*-h200-*):
 # - conv2d forward: the Triton kernels for large fp16/bf16 calls.  One pass writes every
 #   group's channels with their bias, where the torch backend runs a cuDNN call per group and
 #   copies their outputs into one tensor: the 3x3 conv of a ResNet-50 stage (256+64
@@ -120,9 +120,10 @@ def resolve(device: torch.device, op: str, pinned: str = "", backward: bool = Fa
 #   Small calls are host-bound, and a Triton launch costs the host more than a cuDNN one:
 #   the ResNet-style CNN step at 80 channels took 16.7 ms in Triton against 9.8 (torch), so
 #   the bar lies between the measured sizes (1.9e11 and 2.3e10 multiply-adds).
-# - linear: the torch backend both ways.  The Triton forward (16384 x (4096+1024)) won one
-#   run (1.13 ms against 1.20) and lost the next (1.24 against 1.22, another tile tuned),
-#   and with the torch backward it took 1.75 ms against 1.57.
+# - linear: the torch backend both ways.  The Triton forward (16384 x (4096+1024)) won three
+#   of four runs (1.13 ms against 1.20 and 1.13 against 1.19 and 1.14 against 1.17; lost 1.24
+#   against 1.22 with another tile tuned); with the torch backward it took 1.75 ms against
+#   1.57 on 2026-11-30 and 1.49 against 1.60 on 2026-12-01.  Too close to call yet.
 # - every backward: the torch backend (cuBLAS, cuDNN), whose weight gradients ran at about
 #   twice the Triton kernels' rate (linear dW 216 us against 441, conv 188 us against 704).
 #   The saved tensors are the same whichever backend ran the forward.

@@ -81,3 +81,23 @@ def test_fake_tensors_run_the_widened_model(name, train):
             y.sum().backward()
     want = big(x)
     assert y.shape == want.shape and y.dtype == want.dtype
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_jit_script_names_the_module_and_what_to_use_instead(name):
+    """torch.jit.script cannot compile an expanded layer (its ops run from Python): the error
+    names the layer's type and the capturers that work, the model is left as it was, and
+    the plain copy from merge() scripts and computes the same outputs."""
+    _, big, x = _widened(name)
+    before = list(big.named_modules())
+    state = {k: v.clone() for k, v in big.state_dict().items()}
+    kinds = "ExpandedLinear" if name == "mlp" else "Expanded(Conv2d|BatchNorm2d|Linear)"
+    with pytest.raises(TypeError, match=rf"torch.jit.script cannot compile {kinds}: .* "
+                                        r"torch.jit.trace.*torch.export.export.*xf.merge"):
+        torch.jit.script(big)
+    after = list(big.named_modules())
+    assert [(n, id(m)) for n, m in after] == [(n, id(m)) for n, m in before]
+    assert all(torch.equal(v, big.state_dict()[k]) for k, v in state.items())
+    scripted = torch.jit.script(xf.merge(big).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), big(x), rtol=1e-5, atol=1e-5)

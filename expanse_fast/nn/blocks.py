@@ -93,6 +93,17 @@ def init_new_rows(w: Tensor, fan_in: int) -> Tensor:
         return w.uniform_(-bound, bound)
 
 
+def refuse_scripting(module: nn.Module):
+    """What ``torch.jit.script`` gets from an expanded module (it calls each module's
+    ``__prepare_scriptable__`` before compiling): the ways that work, instead of the
+    compiler's complaint about the first annotation it cannot read."""
+    raise TypeError(
+        f"torch.jit.script cannot compile {type(module).__name__}: its forward runs "
+        "expanse_fast's ops from Python. Record the widened model with torch.jit.trace("
+        "model.eval(), example) or torch.export.export(model, (example,)), or script plain "
+        "copies: xf.merge(model) (every task) or xf.source_model(model, task)")
+
+
 class ExpandedBlocks(nn.Module):
     """Base class: holds the blocks of a staircase layer and grows it."""
 
@@ -126,6 +137,9 @@ class ExpandedBlocks(nn.Module):
                 p["weight_new"] if "weight_new" in p else self.weight_new,
                 p["bias_new"] if "bias_new" in p else self.bias_new,
                 p["weight_couple"] if "weight_couple" in p else self.weight_couple)
+
+    def __prepare_scriptable__(self):
+        refuse_scripting(self)
 
     # ---- what the layer is ------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .. import composite, ops
 from ..layout import check_groups, width
-from .blocks import _frozen, hooked, refuse_not_widenable
+from .blocks import _frozen, hooked, refuse_not_widenable, refuse_scripting
 from .input_grad import skips_old_input_grad
 
 
@@ -60,6 +60,9 @@ class _ExpandedBatchNorm(nn.Module):
     # unfolded while a hook was there: fold_in_force); this call follows it.
     ran_folded: bool = True
     input_grad_watch = None  # set by input_grad.watch() (see ExpandedBlocks)
+
+    def __prepare_scriptable__(self):
+        refuse_scripting(self)
 
     def __init__(self, groups: Sequence[int], eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None,

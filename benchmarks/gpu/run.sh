@@ -225,12 +225,13 @@ main() {
     -k "not cuda$only"
 
   # ---- 4. benchmarks ---------------------------------------------------------------------
-  local blim want_diag=0
+  local blim want_diag=0 want_ncu=0
   [ -n "${EXPANSE_GPU_DIAG:-}" ] && (( HAVE_GPU )) && command -v cuda-gdb >/dev/null 2>&1 \
     && want_diag=1
+  wanted ncu && (( HAVE_GPU )) && want_ncu=1
   # All the budget left (about 205 s in a default call): a larger EXPANSE_GPU_BUDGET_S goes
   # to the sections, which share it out (a 420 s call left 137 s unused under a 190 s cap).
-  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag )))
+  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag + 100 * want_ncu )))
   BENCH_ARGS=(bench --device "$DEV" --work "$WORK" --budget $(( blim - 8 )))
   (( QUICK )) && BENCH_ARGS+=(--quick)
   [ -n "${EXPANSE_GPU_SECTIONS:-}" ] && BENCH_ARGS+=(--sections "$EXPANSE_GPU_SECTIONS")
@@ -242,7 +243,7 @@ main() {
 
   # Opt-in (EXPANSE_GPU_STAGES=build,ncu): Nsight Compute's counters for the linear layer's
   # kernels, the cuda backend's and the Triton ones (one tile), from the last of two calls.
-  if wanted ncu && (( HAVE_GPU )); then
+  if (( want_ncu )); then
     local ncu b
     ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)"
     if [ -z "$ncu" ]; then
@@ -251,7 +252,10 @@ main() {
       for b in cuda triton; do
         local names='regex:linear_(fwd|dw|dx)_kernel'
         [ "$b" = triton ] && names='regex:_(fwd|dw|dx)_tma_kernel'
-        EXPANSE_FAST_AUTOTUNE=0 run_stage "ncu_$b" "$(stage_limit 120 10)" "$ncu" \
+        # (about 30 s for the cuda kernels, 50 with Triton's cold compiles: 100 s kept)
+        local reserve=$(( 10 + 30 * want_diag ))
+        [ "$b" = cuda ] && reserve=$(( reserve + 40 ))
+        EXPANSE_FAST_AUTOTUNE=0 run_stage "ncu_$b" "$(stage_limit 90 "$reserve")" "$ncu" \
           --clock-control none --target-processes all --kernel-name "$names" \
           --launch-skip 3 --launch-count 3 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \

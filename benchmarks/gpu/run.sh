@@ -185,8 +185,10 @@ main() {
   # Past their deadline the Triton tests skip: bfloat16 cases and the kernels' own tests
   # run first (bench_gpu.py's plugin), the float32/float16 sweeps, which CI also runs under
   # the interpreter, last.
-  local keep=205 most=90
-  wanted bench || { keep=15; most=100000; }
+  local want_ncu=0
+  wanted ncu && (( HAVE_GPU )) && want_ncu=1   # (its 100 s are kept from the stages before)
+  local keep=$(( 205 + 100 * want_ncu )) most=90
+  wanted bench || { keep=$(( 15 + 100 * want_ncu )); most=100000; }
   tlim=$(stage_limit "$most" "$keep")
   tlim_cuda=$(( tlim * 43 / 100 ))   # 38 s of 90: the CUDA tests took 31-53 s (H200, 8 workers)
   (( tlim_cuda < 10 )) && tlim_cuda=10
@@ -225,10 +227,9 @@ main() {
     -k "not cuda$only"
 
   # ---- 4. benchmarks ---------------------------------------------------------------------
-  local blim want_diag=0 want_ncu=0
+  local blim want_diag=0
   [ -n "${EXPANSE_GPU_DIAG:-}" ] && (( HAVE_GPU )) && command -v cuda-gdb >/dev/null 2>&1 \
     && want_diag=1
-  wanted ncu && (( HAVE_GPU )) && want_ncu=1
   # All the budget left (about 205 s in a default call): a larger EXPANSE_GPU_BUDGET_S goes
   # to the sections, which share it out (a 420 s call left 137 s unused under a 190 s cap).
   blim=$(stage_limit 100000 $(( 10 + 30 * want_diag + 100 * want_ncu )))

@@ -29,9 +29,18 @@ from torch.utils._pytree import tree_leaves
 _MAX_NOTES = 4096  # remembered notes: the inputs of the calls a backward may recompute
 
 
+try:
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # (a torch without it: the fake tensor's storage read warns, no more)
+    def _is_fake(t) -> bool:
+        return False
+
+
 def _storage_key(t: torch.Tensor):
     """What a tensor and its detached copy (a reentrant checkpoint's recomputation input)
     share: the storage and the offset in it; None where there is no plain storage."""
+    if _is_fake(t):  # every fake tensor's storage reads 0, with a deprecation warning
+        return None
     try:
         return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)
     except (RuntimeError, NotImplementedError):  # fake, functional or sparse tensors

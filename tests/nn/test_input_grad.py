@@ -320,3 +320,20 @@ def test_parts_compile_whole_graphs():
         want, = torch.autograd.grad(plain_part(x).square().sum(), x)
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch._dynamo.reset()
+
+
+def test_fake_tensors_have_no_storage_key():
+    """Every fake tensor's storage reads as address 0 (and warns that it is deprecated): the
+    watch must not take two fake inputs of one shape for the same tensor."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from expanse_fast.nn.input_grad import _storage_key
+    real = torch.randn(3, 4)
+    assert _storage_key(real) == (real.untyped_storage().data_ptr(), 0, (3, 4))
+    with FakeTensorMode():
+        a, b = torch.randn(3, 4), torch.randn(3, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _storage_key(a) is None and _storage_key(b) is None

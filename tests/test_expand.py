@@ -173,6 +173,30 @@ def test_width_forms():
         xf.expand(base, new_classes=1, head="2")
 
 
+def test_multiple_of_rounds_every_hidden_layers_new_units_up():
+    base = authors_mlp()  # 784-150-80-5
+    big = xf.expand(base, width=0.1, new_classes=3, multiple_of=8)
+    assert big[0].out_groups == (150, 16) and big[2].in_groups == (150, 16)  # 15 -> 16
+    assert big[2].out_groups == (80, 8) and big[4].in_groups == (80, 8)  # 8 stays 8
+    assert big[4].out_groups == (5, 3)  # the head's new classes are what they are
+    # every width form; a layer given none keeps none
+    big = xf.expand(base, width={"2": 9}, new_classes=2, multiple_of=4)
+    assert big[0].out_groups == (150, 0) and big[2].out_groups == (80, 12)
+    assert xf.expand(base, width=7, multiple_of=1)[2].out_groups == (80, 7)
+    # convolutions and the layers that follow a widened tensor (BatchNorm, residual adds)
+    torch.manual_seed(0)
+    res = xf.expand(SmallResNet(classes=5, width=6).eval(), width=0.5, new_classes=2,
+                    multiple_of=4)
+    layers = {n: m for n, m in res.named_modules() if isinstance(m, xf.ExpandedConv2d)}
+    assert all(g[-1] % 4 == 0 for m in layers.values() for g in (m.out_groups,)), layers
+    assert res.fc.out_groups == (5, 2)
+    x = torch.randn(2, 1, 9, 9)
+    assert res(x).shape == (2, 7)
+    for bad in (0, -8, 2.0, True, "8"):
+        with pytest.raises(ValueError, match="multiple_of must be an int >= 1"):
+            xf.expand(base, multiple_of=bad)
+
+
 class TwoHeads(nn.Module):
     def __init__(self):
         super().__init__()

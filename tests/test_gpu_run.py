@@ -278,7 +278,8 @@ def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(plugin):
     linear = [s for s in specs if s.op == "linear"]
     conv = [s for s in specs if s.op == "conv2d"]
     assert {(s.old, s.rows) for s in linear} == {(4096, 16384)}
-    assert sorted(s.new for s in linear) == [(410,), (512, 512), (2048,), (4096,)]
+    assert sorted(s.new for s in linear) == [(410,), (416,), (512, 512), (2048,), (4096,)]
+    assert [s.new for s in linear[:2]] == [(410,), (416,)]  # the aligned 10% right after
     assert {(s.old, s.rows, s.hw) for s in conv} == {(256, 64, 56)}
     assert sorted(s.new for s in conv) == [(26,), (128,), (256,)]
 

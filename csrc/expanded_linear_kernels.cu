@@ -11,7 +11,8 @@
 // The tile math is a template policy chosen per call on the host:
 //   fp16/bf16 on an sm_90a build (H100/H200): wgmma m64n256k16 from shared memory, two
 //     warpgroups on a 128 x 256 x 64 tile, four stages, one k-tile's MMAs in flight across
-//     the barrier (wgmma.cuh; EXPANSE_FAST_CUDA_WGMMA=0 turns it off);
+//     the barrier (wgmma.cuh; EXPANSE_FAST_CUDA_WGMMA=0 turns it off; with
+//     EXPANSE_FAST_CUDA_SWIZZLE=1 the k-major operand tiles use the 128-byte swizzle);
 //   fp16/bf16 elsewhere: WMMA 16x16x16 fragments (portable sm_80+), 128 x 128 x 32, two stages;
 //   fp32: shared-memory-tiled SIMT FMA (exact fp32, no tf32), 64 x 64 x 16, two stages.
 // All accumulate in fp32.  Tiles are copied with 16-byte cp.async where a chunk is aligned and
@@ -165,26 +166,45 @@ struct Smem {
 
 // Shared-memory layout for wgmma: each operand tile in 8 x 16-byte core matrices, row block
 // by row block (wgmma.cuh says how), so that a tile's descriptor needs no padding or swizzle.
-template <typename T, int BM_, int BN_, int BK_, int THREADS, int STAGES, bool AK_, bool BKM_>
+// SW_: a K-major operand with 128-byte rows is stored with the 128-byte swizzle instead
+// (wgmma::tile_offset_sw128; an experiment the GPU run times, EXPANSE_FAST_CUDA_SWIZZLE=1).
+template <typename T, int BM_, int BN_, int BK_, int THREADS, int STAGES, bool AK_, bool BKM_,
+          bool SW_ = false>
 struct CoreSmem {
   static constexpr bool AK = AK_, BKM = BKM_;
   static constexpr int VEC = 16 / sizeof(T);  // elements per 16-byte core row
   static constexpr int A_INNER = AK ? BK_ : BM_, A_OUTER = AK ? BM_ : BK_;
   static constexpr int B_INNER = BKM ? BK_ : BN_, B_OUTER = BKM ? BN_ : BK_;
+  static constexpr bool A_SW = SW_ && AK && A_INNER == 8 * VEC;
+  static constexpr bool B_SW = SW_ && BKM && B_INNER == 8 * VEC;
   static constexpr int A_ELEMS = BM_ * BK_, B_ELEMS = BN_ * BK_;
   static constexpr int STAGE = A_ELEMS + B_ELEMS;
   static constexpr size_t BYTES = STAGES * STAGE * sizeof(T);
   static_assert(BM_ % 64 == 0 && BN_ % 8 == 0 && BK_ % 16 == 0, "wgmma tile shape");
+  // (a swizzled tile must start on 1024 bytes: the kernels' smem is aligned so, and so are
+  // A's and each stage's sizes)
+  static_assert(!SW_ || ((A_ELEMS * sizeof(T)) % 1024 == 0 && (STAGE * sizeof(T)) % 1024 == 0),
+                "swizzled tiles start on 1024 bytes");
 
   // Chunk j = i * THREADS + tid goes to byte 16 j (wgmma::chunk_origin says from where); with
   // THREADS a multiple of a row block's chunks, a thread's chunks share their column.
-  template <int OUTER, int INNER>
+  // Swizzled: chunk (row o, column c) goes to chunk c ^ (o % 8) of row o; a thread's chunks
+  // are THREADS / 8 rows apart, a multiple of 8, so they share that chunk too.
+  template <int OUTER, int INNER, bool SWZ>
   __host__ __device__ static void load(T* s, const TileSrc<T>& src, int tid) {
     static_assert(OUTER % 8 == 0 && THREADS % (8 * (INNER / VEC)) == 0, "tile chunks");
     int o0, c;
     wgmma::chunk_origin(tid, INNER / VEC, o0, c);
-    copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
-                                        [&](int i) { return s + (i * THREADS + tid) * VEC; });
+    if constexpr (SWZ) {
+      constexpr int ROW_STEP = THREADS / (INNER / VEC);
+      static_assert(ROW_STEP % 8 == 0, "a thread's chunks keep their swizzled column");
+      T* d = s + wgmma::tile_offset_sw128<INNER, VEC>(o0, c * VEC);
+      copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
+                                          [&](int i) { return d + i * ROW_STEP * INNER; });
+    } else {
+      copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
+                                          [&](int i) { return s + (i * THREADS + tid) * VEC; });
+    }
   }
 
   __host__ __device__ static T* a(unsigned char* raw, int stage) {
@@ -192,28 +212,34 @@ struct CoreSmem {
   }
   __host__ __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
   __host__ __device__ static void load_a(T* s, const TileSrc<T>& src, int tid) {
-    load<A_OUTER, A_INNER>(s, src, tid);
+    load<A_OUTER, A_INNER, A_SW>(s, src, tid);
   }
   __host__ __device__ static void load_b(T* s, const TileSrc<T>& src, int tid) {
-    load<B_OUTER, B_INNER>(s, src, tid);
+    load<B_OUTER, B_INNER, B_SW>(s, src, tid);
   }
   __host__ __device__ static T a_at(const T* s, int m, int k) {
+    if constexpr (A_SW) return s[wgmma::tile_offset_sw128<A_INNER, VEC>(m, k)];
     return s[AK ? wgmma::tile_offset<A_INNER, VEC>(m, k) : wgmma::tile_offset<A_INNER, VEC>(k, m)];
   }
   __host__ __device__ static T b_at(const T* s, int k, int n) {
+    if constexpr (B_SW) return s[wgmma::tile_offset_sw128<B_INNER, VEC>(n, k)];
     return s[BKM ? wgmma::tile_offset<B_INNER, VEC>(n, k) : wgmma::tile_offset<B_INNER, VEC>(k, n)];
   }
 
-  template <bool K_MAJOR, int INNER>
+  template <bool K_MAJOR, int INNER, bool SWZ>
   __device__ static uint64_t desc(const T* s, int mn0, int k0) {
+    if constexpr (SWZ) {
+      const wgmma::DescFields f = wgmma::desc_fields_sw128<INNER, VEC>(mn0, k0);
+      return wgmma::descriptor(s + f.start, f.lbo, f.sbo, wgmma::kSwizzle128);
+    }
     const wgmma::DescFields f = wgmma::desc_fields<K_MAJOR, INNER, VEC>(mn0, k0);
     return wgmma::descriptor(s + f.start, f.lbo, f.sbo);
   }
   __device__ static uint64_t desc_a(const T* s, int m0, int k0) {
-    return desc<AK, A_INNER>(s, m0, k0);
+    return desc<AK, A_INNER, A_SW>(s, m0, k0);
   }
   __device__ static uint64_t desc_b(const T* s, int n0, int k0) {
-    return desc<BKM, B_INNER>(s, n0, k0);
+    return desc<BKM, B_INNER, B_SW>(s, n0, k0);
   }
 };
 
@@ -231,13 +257,13 @@ struct CoreSmem {
 // multiply-add needs from L2 and shared memory against 128 x 128 (the Triton kernels' fastest
 // H200 tile is 128 x 256 too), and one k-tile's MMAs stay in flight across the next barrier:
 // the tensor cores have the next tile's MMAs queued while the block synchronises.
-template <typename T>
+template <typename T, bool SWIZZLE = false>
 struct WgmmaMath {
   static constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4;
   static constexpr int MIN_BLOCKS = 1;
   static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
   template <bool AK, bool BKM>
-  using Layout = CoreSmem<T, BM, BN, BK, THREADS, STAGES, AK, BKM>;
+  using Layout = CoreSmem<T, BM, BN, BK, THREADS, STAGES, AK, BKM, SWIZZLE>;
   static constexpr bool ASYNC_MMA = true;
   static constexpr int MMA_IN_FLIGHT = 1;  // k-tiles whose MMAs may run past the barrier
   // fp32 elements an SM streams from memory while a block multiplies one k-tile (H200: 2M
@@ -551,7 +577,7 @@ template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   using L = typename M::template Layout<true, true>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];  // (swizzled tiles: 1024)
   const FwdProblem<T> prob = fwd_problem<T, M>(p, block_index(), gridDim.x, gridDim.y);
   const FwdSeg& s = prob.s;
   const int64_t m0 = prob.m0;
@@ -645,7 +671,7 @@ template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dx_kernel(const __grid_constant__ DxParams p) {
   using L = typename M::template Layout<true, false>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];  // (swizzled tiles: 1024)
   const DxProblem<T> prob = dx_problem<T, M>(p, block_index(), gridDim.x, gridDim.y);
   const int64_t m0 = prob.m0;
   const int c0 = prob.c0, c_end = prob.c_end;
@@ -693,7 +719,7 @@ template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dw_kernel(const __grid_constant__ DwParams p) {
   using L = typename M::template Layout<false, false>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];  // (swizzled tiles: 1024)
   const int m0 = blockIdx.x * M::BM, n0 = blockIdx.y * M::BN, split = blockIdx.z;
   const int64_t r0 = split * p.rows_per_split;
   const int len = clamp_rows(p.rows - r0 < p.rows_per_split ? p.rows - r0 : p.rows_per_split);
@@ -767,10 +793,13 @@ cudaError_t dispatch_math(DType dt, F&& f) {
   switch (dt) {
     case DType::kFloat32: return f(float{}, SimtMath{});
     case DType::kFloat16:
-      return wgmma_enabled(dt) ? f(__half{}, WgmmaMath<__half>{}) : f(__half{}, WmmaMath<__half>{});
+      if (!wgmma_enabled(dt)) return f(__half{}, WmmaMath<__half>{});
+      return wgmma_swizzle_enabled() ? f(__half{}, WgmmaMath<__half, true>{})
+                                     : f(__half{}, WgmmaMath<__half>{});
     case DType::kBFloat16:
-      return wgmma_enabled(dt) ? f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16>{})
-                               : f(__nv_bfloat16{}, WmmaMath<__nv_bfloat16>{});
+      if (!wgmma_enabled(dt)) return f(__nv_bfloat16{}, WmmaMath<__nv_bfloat16>{});
+      return wgmma_swizzle_enabled() ? f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16, true>{})
+                                     : f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16>{});
   }
   return cudaErrorInvalidValue;
 }
@@ -1031,9 +1060,17 @@ bool wgmma_enabled(DType dt) {
   return wgmma_compiled();
 }
 
+// The linear kernels' 128-byte swizzled operand tiles (an experiment, off unless
+// EXPANSE_FAST_CUDA_SWIZZLE=1; read at every call, as EXPANSE_FAST_CUDA_WGMMA is).
+bool wgmma_swizzle_enabled() {
+  const char* env = std::getenv("EXPANSE_FAST_CUDA_SWIZZLE");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
 const char* linear_math_name(DType dtype) {
   if (dtype == DType::kFloat32) return "simt";
-  return wgmma_enabled(dtype) ? "wgmma" : "wmma";
+  if (!wgmma_enabled(dtype)) return "wmma";
+  return wgmma_swizzle_enabled() ? "wgmma-sw128" : "wgmma";
 }
 
 cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const void* x,

@@ -120,5 +120,8 @@ struct OldBands {
 // device: built for sm_90a, running there, and not turned off by EXPANSE_FAST_CUDA_WGMMA=0.
 // Defined with the linear kernels; the conv kernels ask it too.
 bool wgmma_enabled(DType dtype);
+// Whether the linear wgmma kernels store their K-major operand tiles with the 128-byte swizzle
+// (EXPANSE_FAST_CUDA_SWIZZLE=1, an experiment).  Defined with the linear kernels.
+bool wgmma_swizzle_enabled();
 
 }  // namespace expanse_fast

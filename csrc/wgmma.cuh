@@ -57,12 +57,35 @@ __host__ __device__ __forceinline__ DescFields desc_fields(int mn0, int k0) {
                  : DescFields{tile_offset<INNER, VEC>(k0, mn0), BLOCK, CORE};
 }
 
+// A K-major operand whose rows are 128 bytes (64 fp16/bf16: the linear kernels' BK) can
+// instead be stored with the 128-byte swizzle (EXPANSE_FAST_CUDA_SWIZZLE=1, an experiment):
+// row o, 16-byte chunk c goes to chunk c ^ (o % 8) of that row, i.e. byte address bits 4-6
+// XOR bits 7-9 of a tile whose base is 1024-byte aligned, which is how wgmma's swizzle mode
+// (TMA's too) reads it.  Eight rows of one chunk column then lie in eight different 16-byte
+// bank groups, for the copies' stores and for the tensor cores' reads alike.
+template <int INNER, int VEC>
+__host__ __device__ __forceinline__ int tile_offset_sw128(int o, int i) {
+  static_assert(INNER == 8 * VEC, "128-byte rows");
+  return o * INNER + ((i / VEC) ^ (o % 8)) * VEC + i % VEC;
+}
+// The block whose first element is (mn0, k0) (mn0 a multiple of 8, k0 of 16): its start as
+// if unswizzled (the hardware applies the XOR to every address it forms), the stride between
+// 8-row groups as SBO; LBO is not read for a K extent inside one 128-byte row (set to 16).
+template <int INNER, int VEC>
+__host__ __device__ __forceinline__ DescFields desc_fields_sw128(int mn0, int k0) {
+  static_assert(INNER == 8 * VEC, "128-byte rows");
+  return DescFields{mn0 * INNER + k0, 16, 8 * 128};
+}
+constexpr uint64_t kNoSwizzle = 0, kSwizzle128 = 1;  // the descriptor's layout type (bits 62-63)
+
 // ---- instructions ------------------------------------------------------------------------------
-__device__ __forceinline__ uint64_t descriptor(const void* smem, uint32_t lbo, uint32_t sbo) {
+__device__ __forceinline__ uint64_t descriptor(const void* smem, uint32_t lbo, uint32_t sbo,
+                                               uint64_t layout = kNoSwizzle) {
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) |
          (static_cast<uint64_t>((lbo & 0x3FFFF) >> 4) << 16) |
-         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32);  // base offset 0, no swizzle
+         (static_cast<uint64_t>((sbo & 0x3FFFF) >> 4) << 32) |  // base offset 0
+         (layout << 62);
 }
 
 // Keeps the compiler from moving accumulator reads or writes across the asynchronous MMA.

@@ -874,14 +874,14 @@ def sec_linear(ctx):
                 f_fwd, 2 * n_rows * i0 * i0)
     del ft, fparams, x0s, dy0s
     _measure_after_torch(ctx, backends, exp_f, exp_fb, k, "fwd", "fwd+bwd", f_fwd, f_fb, ref,
-                         triton_variant=_measure_triton_without_tma, mixed=True)
+                         triton_variant=_measure_triton_without_tma, mixed=True, swizzle=True)
     # last, after every timed row: where the host's time for one call goes
     _expanse_host_profiles(ctx, backends, "fwd+bwd", exp_fb)
     _host_profiles(ctx, "fwd+bwd", [("peer/masked", lambda: masked_fb(0))])
 
 
 def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
-                         triton_variant=None, mixed=False, dx_split=False):
+                         triton_variant=None, mixed=False, dx_split=False, swizzle=False):
     """Every backend after the first (torch, measured before the peers), the compiled
     extension last, so that a faulty kernel's sticky CUDA error ends the section and not the
     other rows; then the extension on its WMMA path.  ``triton_variant`` (a _measure_triton_*
@@ -899,6 +899,8 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
                   dx_split)
     _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k,
                       v_f, v_fb, f_fwd, f_fb, ref)
+    if swizzle:  # (the linear kernels' experiment: timed by default)
+        _measure_cuda_swizzled(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb)
     if variants:
         _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f,
                                     v_fb)
@@ -979,6 +981,35 @@ def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, re
             os.environ.pop("EXPANSE_FAST_CUDA_WGMMA", None)
         else:
             os.environ["EXPANSE_FAST_CUDA_WGMMA"] = saved
+
+
+def _measure_cuda_swizzled(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f="fwd",
+                           v_fb="fwd+bwd"):
+    """The linear wgmma kernels with 128-byte swizzled operand tiles
+    (EXPANSE_FAST_CUDA_SWIZZLE=1, ``expanse/cuda-sw128``) beside their default unswizzled
+    tiles: the cuda linear ran at a quarter of Triton's rate on 2026-12-01, and whether its
+    shared-memory layout is why is what this row says."""
+    if dict(backends).get("cuda", "absent") is not None:
+        return
+    from expanse_fast.backends import cuda
+    try:
+        math = cuda.linear_math(ctx.dtype, ctx.dev)
+    except Exception as exc:  # noqa: BLE001 - report, go on
+        ctx.note(f"expanse/cuda-sw128: not run ({_short_exc(exc)})")
+        return
+    if math != "wgmma":
+        ctx.note(f"expanse/cuda-sw128: not run (the kernels run {math}, not wgmma)")
+        return
+    saved = os.environ.get("EXPANSE_FAST_CUDA_SWIZZLE")
+    os.environ["EXPANSE_FAST_CUDA_SWIZZLE"] = "1"
+    try:
+        _measure_backends(ctx, [("cuda", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
+                          ref, label="-sw128")
+    finally:
+        if saved is None:
+            os.environ.pop("EXPANSE_FAST_CUDA_SWIZZLE", None)
+        else:
+            os.environ["EXPANSE_FAST_CUDA_SWIZZLE"] = saved
 
 
 def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,

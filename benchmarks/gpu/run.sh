@@ -16,7 +16,7 @@
 # EXPANSE_GPU_DIAG=<pytest -k expression>: those GPU tests again under cuda-gdb (native stack).
 # EXPANSE_GPU_TESTS_K=<pytest -k expression>: the test stages run only the GPU tests it
 # selects (a rerun of the ones a fix was for).  EXPANSE_GPU_STAGES=build,ncu: Nsight Compute's
-# counters for the linear layer's kernels (cuda and Triton backends), in ncu_<backend>.txt.
+# counters for the linear layer's kernels (cuda, cuda-sw128, triton), in ncu_<variant>.txt.
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -186,9 +186,9 @@ main() {
   # run first (bench_gpu.py's plugin), the float32/float16 sweeps, which CI also runs under
   # the interpreter, last.
   local want_ncu=0
-  wanted ncu && (( HAVE_GPU )) && want_ncu=1   # (its 100 s are kept from the stages before)
-  local keep=$(( 205 + 100 * want_ncu )) most=90
-  wanted bench || { keep=$(( 15 + 100 * want_ncu )); most=100000; }
+  wanted ncu && (( HAVE_GPU )) && want_ncu=1   # (its 130 s are kept from the stages before)
+  local keep=$(( 205 + 130 * want_ncu )) most=90
+  wanted bench || { keep=$(( 15 + 130 * want_ncu )); most=100000; }
   tlim=$(stage_limit "$most" "$keep")
   tlim_cuda=$(( tlim * 43 / 100 ))   # 38 s of 90: the CUDA tests took 31-53 s (H200, 8 workers)
   (( tlim_cuda < 10 )) && tlim_cuda=10
@@ -234,7 +234,7 @@ main() {
     && want_diag=1
   # All the budget left (about 205 s in a default call): a larger EXPANSE_GPU_BUDGET_S goes
   # to the sections, which share it out (a 420 s call left 137 s unused under a 190 s cap).
-  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag + 100 * want_ncu )))
+  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag + 130 * want_ncu )))
   BENCH_ARGS=(bench --device "$DEV" --work "$WORK" --budget $(( blim - 8 )))
   (( QUICK )) && BENCH_ARGS+=(--quick)
   [ -n "${EXPANSE_GPU_SECTIONS:-}" ] && BENCH_ARGS+=(--sections "$EXPANSE_GPU_SECTIONS")
@@ -252,19 +252,24 @@ main() {
     if [ -z "$ncu" ]; then
       echo; echo "=== stage ncu: no ncu on this machine ==="
     else
-      for b in cuda triton; do
-        local names='regex:linear_(fwd|dw|dx)_kernel'
-        [ "$b" = triton ] && names='regex:_(fwd|dw|dx)_tma_kernel'
-        # (about 30 s for the cuda kernels, 50 with Triton's cold compiles: 100 s kept)
+      # the cuda kernels as they are and with 128-byte swizzled tiles, then Triton's
+      local v
+      for v in cuda cuda-sw128 triton; do
+        local names='regex:linear_(fwd|dw|dx)_kernel' swz=0 b=cuda
+        [ "$v" = cuda-sw128 ] && swz=1
+        [ "$v" = triton ] && { names='regex:_(fwd|dw|dx)_tma_kernel'; b=triton; }
+        # (about 30 s for each cuda run, 50 with Triton's cold compiles: 130 s kept)
         local reserve=$(( 10 + 30 * want_diag ))
-        [ "$b" = cuda ] && reserve=$(( reserve + 40 ))
-        EXPANSE_FAST_AUTOTUNE=0 run_stage "ncu_$b" "$(stage_limit 90 "$reserve")" "$ncu" \
+        [ "$v" = cuda-sw128 ] && reserve=$(( reserve + 40 ))
+        [ "$v" = cuda ] && reserve=$(( reserve + 70 ))
+        EXPANSE_FAST_AUTOTUNE=0 EXPANSE_FAST_CUDA_SWIZZLE=$swz \
+          run_stage "ncu_$v" "$(stage_limit 90 "$reserve")" "$ncu" \
           --clock-control none --target-processes all --kernel-name "$names" \
           --launch-skip 3 --launch-count 3 --section SpeedOfLight \
           --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
           --section WarpStateStats --section SchedulerStats --section Occupancy \
           --section LaunchStats "$PY" "$HERE/ncu_linear.py" --backend "$b"
-        cp "$WORK/ncu_$b.log" "$OUT/ncu_$b.txt" 2>/dev/null
+        cp "$WORK/ncu_$v.log" "$OUT/ncu_$v.txt" 2>/dev/null
       done
     fi
   fi

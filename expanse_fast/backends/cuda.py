@@ -246,7 +246,8 @@ def _ops():
 
 def linear_math(dtype: torch.dtype, device=None) -> str:
     """The tile math of the linear kernels for ``dtype`` on ``device``, now: ``"wgmma"``
-    (Hopper warpgroup MMA, from an sm_90a build; ``EXPANSE_FAST_CUDA_WGMMA=0`` turns it off),
+    (Hopper warpgroup MMA, from an sm_90a build; ``EXPANSE_FAST_CUDA_WGMMA=0`` turns it off;
+    ``"wgmma-sw128"`` with ``EXPANSE_FAST_CUDA_SWIZZLE=1``: 128-byte swizzled operand tiles),
     ``"wmma"`` (portable tensor-core fragments) or ``"simt"`` (fp32).  The conv kernels follow
     the same choice."""
     ops = _ops()

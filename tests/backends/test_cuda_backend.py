@@ -154,22 +154,29 @@ def dev():
     return torch.device("cuda")
 
 
-@pytest.fixture(params=["auto", "wmma"])
+@pytest.fixture(params=["auto", "wmma", "sw128"])
 def tile_math(request, monkeypatch):
-    """The GEMM kernels' tile math: the default (wgmma on an H100/H200), and the portable
-    WMMA kernels (EXPANSE_FAST_CUDA_WGMMA=0, read by the launchers at every call)."""
+    """The GEMM kernels' tile math: the default (wgmma on an H100/H200), the portable WMMA
+    kernels (EXPANSE_FAST_CUDA_WGMMA=0), and the linear wgmma kernels with 128-byte swizzled
+    operand tiles (EXPANSE_FAST_CUDA_SWIZZLE=1); the launchers read both at every call."""
+    monkeypatch.delenv("EXPANSE_FAST_CUDA_WGMMA", raising=False)
+    monkeypatch.delenv("EXPANSE_FAST_CUDA_SWIZZLE", raising=False)
     if request.param == "wmma":
         monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
-    else:
-        monkeypatch.delenv("EXPANSE_FAST_CUDA_WGMMA", raising=False)
+    elif request.param == "sw128":
+        monkeypatch.setenv("EXPANSE_FAST_CUDA_SWIZZLE", "1")
     return request.param
 
 
-def skip_same_math(tile_math, dtype):
-    """The WMMA variant runs in bf16 only: fp32 is SIMT either way, and fp16 goes through the
-    same templates as bf16 (the default-math runs cover both)."""
-    if tile_math == "wmma" and dtype != torch.bfloat16:
-        pytest.skip("the WMMA variant runs in bf16 (fp32 is SIMT either way)")
+def skip_same_math(tile_math, dtype, conv=False):
+    """The variants run in bf16 only: fp32 is SIMT either way, and fp16 goes through the same
+    templates as bf16 (the default-math runs cover both).  The swizzled tiles are the linear
+    wgmma kernels' alone: elsewhere (the conv kernels, a GPU without wgmma) that run would
+    repeat the default's."""
+    if tile_math != "auto" and dtype != torch.bfloat16:
+        pytest.skip(f"the {tile_math} variant runs in bf16 (fp32 is SIMT either way)")
+    if tile_math == "sw128" and (conv or cuda.linear_math(dtype) != "wgmma-sw128"):
+        pytest.skip("the swizzled tiles are the linear wgmma kernels' (an H100/H200's) alone")
 
 
 # ---------------------------------------------------------------------------------------
@@ -270,10 +277,14 @@ def test_hopper_multiplies_with_wgmma(dev, monkeypatch):
     """On an H100/H200 the fp16/bf16 linear kernels run wgmma (the sm_90a build took), so the
     tests above cover both tile maths there; the switch turns it off; fp32 stays SIMT."""
     monkeypatch.delenv("EXPANSE_FAST_CUDA_WGMMA", raising=False)
+    monkeypatch.delenv("EXPANSE_FAST_CUDA_SWIZZLE", raising=False)
     expect = "wgmma" if torch.cuda.get_device_capability(dev) == (9, 0) else "wmma"
     for dtype in (torch.bfloat16, torch.float16):
         assert cuda.linear_math(dtype, dev) == expect, dtype
     assert cuda.linear_math(torch.float32, dev) == "simt"
+    monkeypatch.setenv("EXPANSE_FAST_CUDA_SWIZZLE", "1")  # the swizzled tiles: wgmma's only
+    assert cuda.linear_math(torch.bfloat16, dev) == (expect + "-sw128" if expect == "wgmma"
+                                                     else expect)
     monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
     assert cuda.linear_math(torch.bfloat16, dev) == "wmma"
 
@@ -465,7 +476,7 @@ def check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old=True, n
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CONV_CASES))
 def test_conv_forward_matches_dense(dev, tile_math, name, dtype):
-    skip_same_math(tile_math, dtype)
+    skip_same_math(tile_math, dtype, conv=True)
     layout, geo = CONV_CASES[name]
     p = make_conv_params(layout, geo["k"], dtype, dev)
     x = conv_input(layout, geo, dtype, dev)
@@ -481,7 +492,7 @@ def test_conv_forward_matches_dense(dev, tile_math, name, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", list(CONV_CASES))
 def test_conv_backward_matches_dense(dev, tile_math, name, dtype, need_dx_old):
-    skip_same_math(tile_math, dtype)
+    skip_same_math(tile_math, dtype, conv=True)
     layout, geo = CONV_CASES[name]
     p = make_conv_params(layout, geo["k"], dtype, dev)
     x = conv_input(layout, geo, dtype, dev)
@@ -497,7 +508,7 @@ def test_conv_backward_matches_dense(dev, tile_math, name, dtype, need_dx_old):
 def test_conv_strided_operands_and_no_bias(dev, tile_math, name, dtype):
     """x in channels_last (the wrapper reads an NCHW copy), dy a permuted view, a column-sliced
     x: the last two read through their strides."""
-    skip_same_math(tile_math, dtype)
+    skip_same_math(tile_math, dtype, conv=True)
     layout, geo = CONV_CASES[name]
     p = make_conv_params(layout, geo["k"], dtype, dev, bias=False)
     x = conv_input(layout, geo, dtype, dev).to(memory_format=torch.channels_last)
@@ -536,7 +547,7 @@ def test_conv_backward_computes_only_what_is_asked(dev, name, need):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_conv_large_batch_split_reduction(dev, tile_math, dtype):
     """Thousands of output pixels, few dW tiles: the weight gradient splits over blocks."""
-    skip_same_math(tile_math, dtype)
+    skip_same_math(tile_math, dtype, conv=True)
     layout = Layout((32, 16), (32, 16), "coupled")
     geo = _geo(4, 24, 23, 3, 1, 1)
     p = make_conv_params(layout, geo["k"], dtype, dev)

@@ -6,7 +6,8 @@
 // and each block's problem (fwd_problem and dx_problem: the block order and its tile;
 // FwdProblem, DxProblem, DwProblem: phases, TileSrc pointers, row and column masks).  Walked
 // the way gemm_mainloop walks them, BK-deep k-tiles, for the tile shape of every math a dtype
-// can run: SimtMath (fp32), WmmaMath and WgmmaMath (fp16).  Restated here, marked "as
+// can run: SimtMath (fp32), WmmaMath and WgmmaMath (fp16; its tiles unswizzled and 128-byte
+// swizzled).  Restated here, marked "as
 // <kernel>": the dW kernel's first lines and each kernel's epilogue, which live inside the
 // __global__ functions.
 //
@@ -489,6 +490,7 @@ std::vector<WeightGradPlan> plans(DType dt, int64_t rows, int64_t m, int64_t n) 
 const char* math_name(SimtMath) { return "simt"; }
 const char* math_name(WmmaMath<__half>) { return "wmma"; }
 const char* math_name(WgmmaMath<__half>) { return "wgmma"; }
+const char* math_name(WgmmaMath<__half, true>) { return "wgmma-sw128"; }
 
 template <typename T, class M>
 void run(const Case& c) {
@@ -611,6 +613,7 @@ int main() {
     run<float, SimtMath>(c);
     run<__half, WmmaMath<__half>>(c);
     run<__half, WgmmaMath<__half>>(c);
+    run<__half, WgmmaMath<__half, true>>(c);  // the swizzled copies and reads
   }
   if (copies_whole == 0 || copies_whole == copies_checked) {
     ++failures;

@@ -128,6 +128,12 @@ def _ptx_of(src_name, arch, tmp_path):
 # K-major), input gradient dy.w (w N-major), weight gradient dy^T.x (both MN-major).  Conv: A
 # is the gathered im2col / dy tile stored [k][m] (M-major) for forward and input gradient,
 # [m][k] for dW; B is always stored [n][k].
+# Per linear kernel: whether it has a K-major operand with 128-byte rows (BK = 64 of fp16 /
+# bf16), which the swizzled variant stores with the 128-byte swizzle: the forward (x and w),
+# the input gradient (dy); not dW (both operands MN-major).
+SWIZZLED_K_MAJOR = {"expanded_linear_kernels.cu": {"linear_fwd_kernel": True,
+                                                   "linear_dx_kernel": True,
+                                                   "linear_dw_kernel": False}}
 WGMMA_KERNELS = {
     "expanded_linear_kernels.cu": {"linear_fwd_kernel": ("256", 4, "0, 0", 1),
                                    "linear_dx_kernel": ("256", 4, "0, 1", 1),
@@ -152,11 +158,22 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     ptx_path = _ptx_of(src_name, "compute_90a", tmp_path)
     entries = _ptx_entries(ptx_path.read_text())
     wg = {n: b for n, b in entries.items() if "WgmmaMath" in n}
-    assert len(wg) == 2 * len(expect), \
-        f"expected {len(expect)} kernels x 2 dtypes, got {sorted(wg)}"
+    # the linear kernels come twice more: with 128-byte swizzled operand tiles (WgmmaMath<T,
+    # true>, mangled ...Lb1E), whose K-major operands' descriptors say so (layout type 1 in
+    # bits 62-63), and without (Lb0E)
+    variants = 2 if src_name in SWIZZLED_K_MAJOR else 1
+    assert len(wg) == 2 * variants * len(expect), \
+        f"expected {len(expect)} kernels x 2 dtypes x {variants}, got {sorted(wg)}"
     for name, body in wg.items():
         kernel = next(k for k in expect if k in name)
         n, per_tile, trans, in_flight = expect[kernel]
+        masks = [int(c) for c in re.findall(r"or\.b64\s+%rd\d+, %rd\d+, (\d+);", body)]
+        swizzled = {c for c in masks if c >> 62 == 1}
+        if variants == 2 and "Lb1E" in name and SWIZZLED_K_MAJOR[src_name][kernel]:
+            assert swizzled and all((c >> 32) & 0x3FFF == 1024 >> 4 for c in swizzled), \
+                f"{name}: no 128-byte swizzled descriptor (SBO 1024) among {masks}"
+        else:
+            assert not swizzled, f"{name}: swizzled descriptors {swizzled}"
         calls = re.findall(rf"wgmma\.mma_async\.sync\.aligned\.m64n{n}k16\.f32\.(b?f16)\.\1 "
                            r"[^;]*p, 1, 1, (\d, \d);", body, flags=re.S)
         assert len(calls) == per_tile, f"{name}: {len(calls)} wgmma m64n{n}k16, expected {per_tile}"

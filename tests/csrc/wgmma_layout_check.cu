@@ -57,6 +57,50 @@ static void check_tile(int mn_block, const std::vector<int>& mn0s, const char* n
     }
 }
 
+// The 128-byte swizzle (the descriptor's layout type 1), restated: element (mn, k) of a K-major
+// block sits at start + (mn / 8) * SBO + (mn % 8) * 128 + 2 k as if unswizzled, and the
+// hardware XORs that address's bits 4-6 (the 16-byte chunk of a 128-byte row) with its bits
+// 7-9 (the row within 1024 bytes); the tile starts on 1024 bytes.
+static long swizzled_byte(long start_byte, long sbo, int mn, int k) {
+  const long a = start_byte + (mn / 8) * sbo + (mn % 8) * 128 + 2L * k;
+  return a ^ (((a >> 7) & 7) << 4);
+}
+
+// A K-major tile of OUTER rows x 64 columns (128-byte rows) copied the way the swizzled
+// kernels copy it, then read back through each m64 / n256 x k16 block's descriptor fields.
+template <int OUTER>
+static void check_tile_sw128(int mn_block, const std::vector<int>& mn0s, const char* name) {
+  constexpr int INNER = 64, per_row = INNER / VEC;
+  std::vector<int> global(OUTER * INNER), smem(OUTER * INNER, -1);
+  for (int i = 0; i < OUTER * INNER; ++i) global[i] = i;
+  for (int j = 0; j < OUTER * per_row; ++j) {
+    int o, c;
+    chunk_origin(j, per_row, o, c);
+    const int at = tile_offset_sw128<INNER, VEC>(o, c * VEC);
+    expect(at % VEC == 0 && at / INNER == o, name, j, o, c);  // whole chunks, in their row
+    for (int e = 0; e < VEC; ++e) smem[at + e] = global[o * INNER + c * VEC + e];
+  }
+  for (int i = 0; i < OUTER * INNER; ++i) expect(smem[i] >= 0, name, i, -1, -1);  // all landed
+  for (int o = 0; o < OUTER; o += 8)  // eight rows of one chunk column: eight chunks
+    for (int c = 0; c < per_row; ++c) {
+      int seen = 0;
+      for (int r = 0; r < 8; ++r) seen |= 1 << (tile_offset_sw128<INNER, VEC>(o + r, c * VEC) % INNER / VEC);
+      expect(seen == 0xFF, name, o, c, seen);
+    }
+  for (int mn0 : mn0s)
+    for (int k0 = 0; k0 < INNER; k0 += 16) {
+      const DescFields f = desc_fields_sw128<INNER, VEC>(mn0, k0);
+      expect(f.sbo == 1024 && f.lbo % 16 == 0 && f.start % VEC == 0, name, mn0, k0, -2);
+      for (int mn = 0; mn < mn_block; ++mn)
+        for (int k = 0; k < 16; ++k) {
+          const long byte = swizzled_byte(2L * f.start, f.sbo, mn, k);
+          expect(byte % 2 == 0 && byte / 2 < OUTER * INNER &&
+                     smem[byte / 2] == global[(mn0 + mn) * INNER + k0 + k],
+                 name, mn0 + mn, k0 + k, static_cast<int>(byte));
+        }
+    }
+}
+
 // The m64nN fp32 accumulators of a warpgroup (N / 2 per thread) cover 64 x N exactly once.
 static void check_accumulators(int n) {
   std::vector<int> seen(64 * n, 0);
@@ -76,6 +120,8 @@ int main() {
   check_tile<false, 64, 128>(64, {0, 64}, "linear A M-major (dy^T)");
   check_tile<true, 256, 64>(256, {0}, "linear B K-major (w rows)");
   check_tile<false, 64, 256>(256, {0}, "linear B N-major (w, x)");
+  check_tile_sw128<128>(64, {0, 64}, "linear A K-major, 128-byte swizzle (x, dy)");
+  check_tile_sw128<256>(256, {0}, "linear B K-major, 128-byte swizzle (w rows)");
   // The conv kernels' tiles (BK = 32; m64n64 per warpgroup): forward and dx 128 x 64 with A
   // stored [k][m]; dW 64 x 128 with A stored [m][k], the warpgroups splitting N.
   check_tile<false, 32, 128>(64, {0, 64}, "conv A M-major (im2col x, dy taps)");

@@ -296,3 +296,18 @@ def test_the_ncu_stage_script_runs_the_layer(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "2 forward+backward calls on torch, float32, 3 x (5+2)" in proc.stdout
+
+
+def test_environment_switch_is_put_back(plugin, monkeypatch):
+    """The cuda variant rows flip the extension's switches through _environment: set within
+    the block, as before after it (unset, or its old value), an exception included."""
+    monkeypatch.delenv("EXPANSE_TEST_SWITCH", raising=False)
+    with plugin._environment("EXPANSE_TEST_SWITCH", "1"):
+        assert os.environ["EXPANSE_TEST_SWITCH"] == "1"
+    assert "EXPANSE_TEST_SWITCH" not in os.environ
+    monkeypatch.setenv("EXPANSE_TEST_SWITCH", "old")
+    with pytest.raises(RuntimeError):
+        with plugin._environment("EXPANSE_TEST_SWITCH", "new"):
+            assert os.environ["EXPANSE_TEST_SWITCH"] == "new"
+            raise RuntimeError("a failed row")
+    assert os.environ["EXPANSE_TEST_SWITCH"] == "old"

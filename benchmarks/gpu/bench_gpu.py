@@ -18,6 +18,7 @@ import torch; ``report`` and ``bench`` (the orchestrator) never do, so they cann
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import glob
 import hashlib
@@ -954,6 +955,21 @@ def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fw
         tma.MODE, kernels.AUTOTUNE = saved
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str):
+    """``name=value`` in os.environ within the block (the extension's launchers read their
+    switches at every call), as it was after."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
 def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref,
                                 v_f="fwd", v_fb="fwd+bwd"):
     """The compiled kernels on their portable WMMA path beside the default (wgmma where the
@@ -971,16 +987,9 @@ def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, re
         ctx.note(note)
     if math != "wgmma":
         return
-    saved = os.environ.get("EXPANSE_FAST_CUDA_WGMMA")
-    os.environ["EXPANSE_FAST_CUDA_WGMMA"] = "0"
-    try:
+    with _environment("EXPANSE_FAST_CUDA_WGMMA", "0"):
         _measure_backends(ctx, [("cuda", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
                           ref, label="-noWGMMA")
-    finally:
-        if saved is None:
-            os.environ.pop("EXPANSE_FAST_CUDA_WGMMA", None)
-        else:
-            os.environ["EXPANSE_FAST_CUDA_WGMMA"] = saved
 
 
 def _measure_cuda_swizzled(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f="fwd",
@@ -1000,16 +1009,9 @@ def _measure_cuda_swizzled(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_
     if math != "wgmma":
         ctx.note(f"expanse/cuda-sw128: not run (the kernels run {math}, not wgmma)")
         return
-    saved = os.environ.get("EXPANSE_FAST_CUDA_SWIZZLE")
-    os.environ["EXPANSE_FAST_CUDA_SWIZZLE"] = "1"
-    try:
+    with _environment("EXPANSE_FAST_CUDA_SWIZZLE", "1"):
         _measure_backends(ctx, [("cuda", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
                           ref, label="-sw128")
-    finally:
-        if saved is None:
-            os.environ.pop("EXPANSE_FAST_CUDA_SWIZZLE", None)
-        else:
-            os.environ["EXPANSE_FAST_CUDA_SWIZZLE"] = saved
 
 
 def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,

@@ -1791,6 +1791,11 @@ def _targets(sections):
         out.append(dict(section="linear", variant="fwd+bwd", what="x triton (cuda backend)",
                         need=1.0, best=ratio, impl="expanse/cuda", limit=None,
                         met=ratio >= 1.0))
+    if ms.get("expanse/cuda-sw128") and ms.get("expanse/triton"):  # (the opt-in swizzle)
+        ratio = ms["expanse/triton"] / ms["expanse/cuda-sw128"]
+        out.append(dict(section="linear", variant="fwd+bwd",
+                        what="x triton (cuda backend, swizzled tiles)", need=1.0, best=ratio,
+                        impl="expanse/cuda-sw128", limit=None, met=ratio >= 1.0))
     return out
 
 

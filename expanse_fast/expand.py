@@ -982,12 +982,10 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
     if mode not in ("isolated", "coupled"):
         raise ValueError(f"mode must be 'isolated' or 'coupled', got {mode!r}")
     new_classes = _units(new_classes, "new_classes")
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, numbers.Integral) \
-            or multiple_of < 1:
-        raise ValueError(f"multiple_of must be an int >= 1, got {multiple_of!r}")
+    multiple_of = _units(multiple_of, "multiple_of", least=1)
     examples = _example_tuple(example_inputs)
     plan = _Plan(model, width, new_classes, head, mode, examples, check_names=False,
-                 multiple_of=int(multiple_of))
+                 multiple_of=multiple_of)
     _merge_other_mode(plan, model, width, new_classes, head, mode, examples)
     plan.check_width_names()
     big = copy.deepcopy(model)

@@ -192,8 +192,11 @@ def test_multiple_of_rounds_every_hidden_layers_new_units_up():
     assert res.fc.out_groups == (5, 2)
     x = torch.randn(2, 1, 9, 9)
     assert res(x).shape == (2, 7)
-    for bad in (0, -8, 2.0, True, "8"):
-        with pytest.raises(ValueError, match="multiple_of must be an int >= 1"):
+    for bad in (0, -8):
+        with pytest.raises(ValueError, match=f"multiple_of must be >= 1, got {bad}"):
+            xf.expand(base, multiple_of=bad)
+    for bad in (2.0, True, "8"):
+        with pytest.raises(TypeError, match="multiple_of must be an int, got"):
             xf.expand(base, multiple_of=bad)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as _dt
 import glob
 import hashlib
@@ -970,10 +971,11 @@ def _environment(name: str, value: str):
             os.environ[name] = saved
 
 
-def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref,
-                                v_f="fwd", v_fb="fwd+bwd"):
-    """The compiled kernels on their portable WMMA path beside the default (wgmma where the
-    sm_90a build runs), in the same run."""
+def _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
+                          label: str, switch: str, value: str, what: str):
+    """The extension's kernels once more with ``switch=value`` (``expanse/cuda<label>``)
+    beside their default, in the same run, where the default runs wgmma (the sm_90a build on
+    an H100/H200); a note says which math ran."""
     if dict(backends).get("cuda", "absent") is not None:
         return
     from expanse_fast.backends import cuda
@@ -982,36 +984,31 @@ def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, re
     except Exception as exc:  # noqa: BLE001 - report, go on
         math = f"unknown ({_short_exc(exc)})"
     note = (f"cuda kernels: {math} for {str(ctx.dtype).replace('torch.', '')}; "
-            "expanse/cuda-noWGMMA: EXPANSE_FAST_CUDA_WGMMA=0 (WMMA fragments)")
+            f"expanse/cuda{label}: {switch}={value} ({what})")
     if note not in ctx.res.get("notes", []):
         ctx.note(note)
     if math != "wgmma":
         return
-    with _environment("EXPANSE_FAST_CUDA_WGMMA", "0"):
+    with _environment(switch, value):
         _measure_backends(ctx, [("cuda", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
-                          ref, label="-noWGMMA")
+                          ref, label=label)
+
+
+def _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref,
+                                v_f="fwd", v_fb="fwd+bwd"):
+    """The compiled kernels on their portable WMMA path beside the default."""
+    _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
+                          "-noWGMMA", "EXPANSE_FAST_CUDA_WGMMA", "0", "WMMA fragments")
 
 
 def _measure_cuda_swizzled(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f="fwd",
                            v_fb="fwd+bwd"):
-    """The linear wgmma kernels with 128-byte swizzled operand tiles
-    (EXPANSE_FAST_CUDA_SWIZZLE=1, ``expanse/cuda-sw128``) beside their default unswizzled
-    tiles: the cuda linear ran at a quarter of Triton's rate on 2026-12-01, and whether its
-    shared-memory layout is why is what this row says."""
-    if dict(backends).get("cuda", "absent") is not None:
-        return
-    from expanse_fast.backends import cuda
-    try:
-        math = cuda.linear_math(ctx.dtype, ctx.dev)
-    except Exception as exc:  # noqa: BLE001 - report, go on
-        ctx.note(f"expanse/cuda-sw128: not run ({_short_exc(exc)})")
-        return
-    if math != "wgmma":
-        ctx.note(f"expanse/cuda-sw128: not run (the kernels run {math}, not wgmma)")
-        return
-    with _environment("EXPANSE_FAST_CUDA_SWIZZLE", "1"):
-        _measure_backends(ctx, [("cuda", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
-                          ref, label="-sw128")
+    """The linear wgmma kernels with 128-byte swizzled operand tiles beside their default
+    unswizzled tiles: the cuda linear ran at a quarter of Triton's rate on 2026-12-01, and
+    whether its shared-memory layout is why is what this row says."""
+    _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
+                          "-sw128", "EXPANSE_FAST_CUDA_SWIZZLE", "1",
+                          "128-byte swizzled operand tiles")
 
 
 def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
@@ -1380,7 +1377,6 @@ SWEEP_WIDENINGS = (0.10, 0.50, 1.00)
 
 def _aligned_case(specs):
     """The first (10%) linear case with its new units rounded up to a multiple of 8."""
-    import dataclasses
     first = specs[0]
     return dataclasses.replace(first, new=(-(-first.new[0] // 8) * 8,))
 

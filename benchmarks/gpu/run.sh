@@ -247,19 +247,18 @@ main() {
   # Opt-in (EXPANSE_GPU_STAGES=build,ncu): Nsight Compute's counters for the linear layer's
   # kernels, the cuda backend's and the Triton ones (one tile), from the last of two calls.
   if (( want_ncu )); then
-    local ncu b
+    local ncu v names swz b reserve
     ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)"
     if [ -z "$ncu" ]; then
       echo; echo "=== stage ncu: no ncu on this machine ==="
     else
       # the cuda kernels as they are and with 128-byte swizzled tiles, then Triton's
-      local v
       for v in cuda cuda-sw128 triton; do
-        local names='regex:linear_(fwd|dw|dx)_kernel' swz=0 b=cuda
+        names='regex:linear_(fwd|dw|dx)_kernel' swz=0 b=cuda
         [ "$v" = cuda-sw128 ] && swz=1
         [ "$v" = triton ] && { names='regex:_(fwd|dw|dx)_tma_kernel'; b=triton; }
         # (about 30 s for each cuda run, 50 with Triton's cold compiles: 130 s kept)
-        local reserve=$(( 10 + 30 * want_diag ))
+        reserve=$(( 10 + 30 * want_diag ))
         [ "$v" = cuda-sw128 ] && reserve=$(( reserve + 40 ))
         [ "$v" = cuda ] && reserve=$(( reserve + 70 ))
         EXPANSE_FAST_AUTOTUNE=0 EXPANSE_FAST_CUDA_SWIZZLE=$swz \

@@ -39,7 +39,9 @@ except ImportError:  # (a torch without it: the fake tensor's storage read warns
 def _storage_key(t: torch.Tensor):
     """What a tensor and its detached copy (a reentrant checkpoint's recomputation input)
     share: the storage and the offset in it; None where there is no plain storage."""
-    if _is_fake(t):  # every fake tensor's storage reads 0, with a deprecation warning
+    # every fake tensor's storage reads 0, with a deprecation warning; a plain tensor or
+    # parameter is none (is_fake would cost about a microsecond a call to say so)
+    if type(t) is not torch.Tensor and type(t) is not nn.Parameter and _is_fake(t):
         return None
     try:
         return t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)

@@ -31,8 +31,10 @@ import sys
 import tempfile
 
 
-class UnsupportedTriton(RuntimeError):
-    """This Triton lacks what the stand-in target needs."""
+# The GPU run's helper (benchmarks/gpu/compile_only.py): autotuned launches as compiles.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir,
+                                os.pardir, "benchmarks", "gpu"))
+from compile_only import UnsupportedTriton, autotuned_launches_compile_only  # noqa: E402
 
 
 def install_sm90_target(arch: int = 90):
@@ -114,38 +116,19 @@ def _ptx_counts(ptx: str) -> dict:
 def compile_launches(run, first_config: bool = False) -> list:
     """Call ``run()`` (which launches kernels) with every autotuned launch turned into
     compiles of its configs; the rows of the report."""
-    from triton.runtime.autotuner import Autotuner
     rows = []
 
-    def compile_configs(self, *args, grid, warmup=False, **kwargs):
-        nargs = dict(zip(self.arg_names, args), **kwargs)
-        if not hasattr(self, "prune_configs"):
-            raise UnsupportedTriton("Autotuner.prune_configs is missing")
-        self.nargs = nargs  # what prune_configs reads during a real run
-        try:
-            configs = self.prune_configs(kwargs)
-        finally:
-            self.nargs = None
-        for cfg in configs[:1] if first_config else configs:
-            if cfg.pre_hook:
-                cfg.pre_hook(dict(nargs, **cfg.all_kwargs()))
-            row = dict(kernel=self.fn.__name__, config=_config_name(cfg))
-            try:
-                compiled = self.fn.warmup(*args, grid=grid, **kwargs, **cfg.all_kwargs())
-                row.update(_resources(compiled.asm["cubin"]), smem=compiled.metadata.shared,
-                           **_ptx_counts(compiled.asm["ptx"]))
-            except UnsupportedTriton:
-                raise
-            except Exception as exc:  # noqa: BLE001 -- a kernel that does not compile
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-            rows.append(row)
+    def record(autotuner, cfg, compiled, error):
+        row = dict(kernel=autotuner.fn.__name__, config=_config_name(cfg))
+        if error is not None:  # a kernel that does not compile
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        else:
+            row.update(_resources(compiled.asm["cubin"]), smem=compiled.metadata.shared,
+                       **_ptx_counts(compiled.asm["ptx"]))
+        rows.append(row)
 
-    saved = Autotuner.run
-    Autotuner.run = compile_configs
-    try:
+    with autotuned_launches_compile_only(first_config, on_config=record):
         run()
-    finally:
-        Autotuner.run = saved
     return rows
 
 

@@ -271,10 +271,37 @@ def test_sweep_section_times_every_widening_against_the_peers(plugin, tmp_path):
         rows = {r["impl"]: r for r in res["rows"] if r["variant"] == case}
         assert set(rows) == {"expanse/auto", "peer/masked", "peer/cat", "peer/finetune"}, case
         assert all(r.get("ms", 0) > 0 for r in rows.values()), rows
+        # where the section's time went: each row's seconds, its warm-up's among them
+        assert all(r["wall_s"] >= r["warm_s"] >= 0 for r in rows.values()), rows
         assert rows["peer/masked"]["executed_flop"] > rows["expanse/auto"]["useful_flop"] > 0
     plugin._finish_rows({"sweep": res})
     exp = [r for r in res["rows"] if r["impl"] == "expanse/auto"]
     assert all(set(r["speedup"]) == {"masked", "cat", "finetune"} for r in exp)
+
+
+def test_prewarm_runs_the_sections_expanse_calls_with_compiles_only(plugin, tmp_path):
+    """``bench_gpu.py prewarm`` at CPU sizes (the Triton kernels interpreted; on the GPU they
+    compile): a process per section, each expanse row's call made once with the autotuned
+    launches turned into compiles of their configs, nothing timed, no peer, no cuda row."""
+    import subprocess
+    import sys
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, PATH, "prewarm", "--device", "cpu", "--dtype", "float32", "--quick",
+         "--work", str(tmp_path), "--budget", "200", "--sections", "ceilings,linear,conv"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = plugin._load(str(tmp_path / "prewarm.json"))
+    assert set(summary) == {"linear", "conv", "triton_cache_new"}  # (no Triton in ceilings)
+    for sec in ("linear", "conv"):
+        assert summary[sec]["exit"] == 0 and not summary[sec]["errors"], summary[sec]
+        assert summary[sec]["configs"]["compiled"] > 0 and not summary[sec]["configs"]["failed"]
+        rows = plugin._load(str(tmp_path / f"prewarm_{sec}.json"))["rows"]
+        called = [r for r in rows if "wall_s" in r]
+        assert {r["impl"] for r in called} >= {"expanse/torch", "expanse/triton"}, rows
+        assert all(r["kind"] == "expanse" and "ms" not in r and "error" not in r
+                   for r in called), called
+        assert all(r.get("skipped") for r in rows if r["impl"] == "expanse/cuda")
 
 
 def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(plugin):

@@ -6,7 +6,8 @@ Sub-commands (``run.sh`` calls them in order; each can also run on its own):
 ``build``    build/load the CUDA extension, print ``BUILD_RESULT {json}``
 ``bench``    every benchmark section, each in its own subprocess (a crash or a hung kernel
              costs one section, not the run) -> WORK/bench_<section>.json
-``section``  one section in this process (used by ``bench``)
+``section``  one section in this process (used by ``bench``; ``--compile-only``: by ``prewarm``)
+``prewarm``  the sections' Triton kernels compiled side by side, before they are timed
 ``report``   merge WORK/* (and OUT/junit.xml) into OUT/results.json and OUT/results.md and
              print the table
 
@@ -29,6 +30,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -358,8 +360,10 @@ class Ctx:
         flop = row.get("useful_flop") or row.get("executed_flop")
         rate = f"{flop / ms / 1e9:8.1f} TFLOP/s" if (ms and flop) else ""
         msg = f"{ms:10.4f} ms {rate}" if ms else f"-- {row.get('error') or row.get('skipped')}"
+        spent = (f"  ({row['wall_s']:.1f} s, warm-up {row['warm_s']:.1f})"
+                 if row.get("warm_s") is not None else "")
         print(f"  [{self.section}] {row.get('variant', ''):<22} {row.get('impl', ''):<16} {msg}"
-              f"{'  check ' + row['check'] if row.get('check') else ''}", flush=True)
+              f"{'  check ' + row['check'] if row.get('check') else ''}{spent}", flush=True)
 
     def note(self, text):
         self.res["notes"].append(text)
@@ -382,9 +386,11 @@ class Ctx:
         sets the pace)."""
         torch = self.torch
         k = len(fns)
+        t0 = time.perf_counter()
         for f in fns:  # warm-up: compile, autotune, cuDNN search, allocator
             f()
         self.sync()
+        self.warm_s = time.perf_counter() - t0  # (the row's warm_s: where a section's time goes)
         t0 = time.perf_counter()
         for f in fns:
             f()
@@ -461,10 +467,11 @@ class Ctx:
             row["skipped"] = "out of time"
             self.add(**row)
             return None
+        t0 = time.time()
         try:
             ms, ms_min, reps, peak, host_ms = self.time(fns)
             row.update(ms=ms, ms_min=ms_min, calls=reps, sets=len(fns), peak_mib=peak,
-                       host_ms=host_ms)
+                       host_ms=host_ms, warm_s=round(self.warm_s, 2))
             if check:
                 row["check"] = check
             if profile and kind == "expanse" and "fwd+bwd" in variant:
@@ -474,6 +481,7 @@ class Ctx:
         except Exception as exc:
             traceback.print_exc()
             row["error"] = _short_exc(exc)
+        row["wall_s"] = round(time.time() - t0, 2)  # warm-up, timing and profile
         self.add(**row)
         return row.get("ms")
 
@@ -645,6 +653,40 @@ class Ctx:
                     else:
                         os.environ[k] = v
         return scope()
+
+
+class CompileOnlyCtx(Ctx):
+    """A section run that only builds what the timed run of that section will launch (the
+    prewarm, ``bench_gpu.py prewarm``): each expanse row's call runs once with every
+    autotuned Triton launch compiling the configs its autotuner would try (compile_only.py),
+    into the Triton cache the timed run then reads.  Nothing is timed, checked or profiled;
+    the peers (no Triton) and the cuda backend (the build stage's) are left out, and a row
+    records the seconds its call took."""
+
+    def measure(self, variant, impl, kind, fns, *args, **kwargs):
+        if kind != "expanse" or self.left() < 2:
+            return None
+        t0 = time.time()
+        row = dict(variant=variant, impl=impl, kind=kind)
+        try:
+            keep = fns[0]()
+            self.sync()
+            del keep
+        except Exception as exc:  # noqa: BLE001 - the timed run will say it properly
+            row["error"] = _short_exc(exc)
+        row["wall_s"] = round(time.time() - t0, 2)
+        self.res["rows"].append(row)
+        self.save()
+        return None
+
+    def graphed(self, fns):
+        return fns  # a capture would launch the same kernels: nothing more to compile
+
+    def profile_call(self, fn, top=8, min_left=20.0):
+        return "not profiled: compile only", None
+
+    def host_breakdown(self, fn, top=10, min_left=10.0):
+        return "not profiled: compile only"
 
 
 def _rel_err(a, b) -> float:
@@ -1464,21 +1506,40 @@ SECTION_FN = {"ceilings": sec_ceilings, "linear": sec_linear, "conv": sec_conv, 
               "cnn": sec_cnn, "sweep": sec_sweep}
 
 
+def _compile_only_launches(ctx):
+    """The prewarm's launches: autotuned ones compile their configs and load each into the
+    device (which also builds Triton's launcher for its signature, cached beside it)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from compile_only import autotuned_launches_compile_only
+    counts = ctx.res.setdefault("configs", {"compiled": 0, "failed": 0})
+
+    def loaded(autotuner, cfg, compiled, error):
+        if error is None and hasattr(compiled, "_init_handles"):
+            try:
+                compiled._init_handles()
+            except Exception as exc:  # noqa: BLE001 - e.g. too much shared memory
+                error = exc
+        counts["failed" if error is not None else "compiled"] += 1
+    return autotuned_launches_compile_only(on_config=loaded)
+
+
 def cmd_section(args) -> int:
     # a profiler session (kernel_breakdown) must not leave CUPTI attached to the kernels
     # timed after it; torch's default depends on its kineto
     os.environ.setdefault("TEARDOWN_CUPTI", "1")
-    ctx = Ctx(args, args.name)
+    ctx = (CompileOnlyCtx if args.compile_only else Ctx)(args, args.name)
     if ctx.cuda and os.environ.get("TRITON_INTERPRET"):
         ctx.note("TRITON_INTERPRET is set on a GPU run: Triton timings are meaningless")
     ctx.torch.manual_seed(0)
     try:
-        SECTION_FN[args.name](ctx)
+        with _compile_only_launches(ctx) if args.compile_only else contextlib.nullcontext():
+            SECTION_FN[args.name](ctx)
     except Exception as exc:
         traceback.print_exc()
         ctx.res["errors"].append(f"section aborted: {_short_exc(exc)}")
     try:
-        ctx.record_autotune()
+        if not args.compile_only:
+            ctx.record_autotune()
     except Exception as exc:  # noqa: BLE001
         ctx.res["errors"].append(f"autotune record: {_short_exc(exc)}")
     ctx.res["profile_s"] = round(ctx.profile_s, 1)
@@ -1525,13 +1586,10 @@ def cmd_bench(args) -> int:
             print(f"=== bench section {sec}: not run, {budget:.0f}s left", flush=True)
             continue
         # The section stops starting measurements a little before its hard limit.
-        deadline = time.time() + budget - 4
-        cmd = [sys.executable, os.path.abspath(__file__), "section", sec, "--device",
-               args.device, "--dtype", args.dtype, "--out", out, "--deadline", f"{deadline:.1f}"]
-        if args.quick:
-            cmd.append("--quick")
+        cmd = _section_command(args, sec, out, time.time() + budget - 4)
         print(f"=== bench section {sec}: budget {budget:.0f}s", flush=True)
         t0 = time.time()
+        compiled_before = _triton_cache_entries()
         rc = None
         try:
             proc = subprocess.Popen(cmd, start_new_session=True,
@@ -1545,15 +1603,90 @@ def cmd_bench(args) -> int:
         except Exception as exc:
             rc = _short_exc(exc)
         res = _load(out) or {"section": sec, "rows": [], "errors": [], "notes": []}
-        res.update(exit=rc, seconds=round(time.time() - t0, 1))
+        res.update(exit=rc, seconds=round(time.time() - t0, 1),
+                   triton_cache_new=_triton_cache_entries() - compiled_before)
         if rc != 0:
             res.setdefault("errors", []).append(
                 f"section process ended with {rc} after {res['seconds']}s "
                 f"({'partial results' if res.get('rows') else 'no results'})")
         _dump(out, res)
-        print(f"=== bench section {sec}: exit {rc} in {res['seconds']}s", flush=True)
+        print(f"=== bench section {sec}: exit {rc} in {res['seconds']}s, "
+              f"{res['triton_cache_new']} new Triton cache entries", flush=True)
         if sec == "ceilings":
             _gate_profiling(res)
+    return 0
+
+
+def _section_command(args, sec, out, deadline, compile_only=False):
+    cmd = [sys.executable, os.path.abspath(__file__), "section", sec, "--device", args.device,
+           "--dtype", args.dtype, "--out", out, "--deadline", f"{deadline:.1f}"]
+    return cmd + (["--quick"] if args.quick else []) + (
+        ["--compile-only"] if compile_only else [])
+
+
+def _triton_cache_dir() -> str:
+    """Where Triton keeps compiled kernels (its default: TRITON_CACHE_DIR, else
+    $TRITON_HOME or ~, then .triton/cache); read without importing Triton."""
+    home = os.environ.get("TRITON_HOME") or os.path.expanduser("~")
+    return os.environ.get("TRITON_CACHE_DIR") or os.path.join(home, ".triton", "cache")
+
+
+def _triton_cache_entries() -> int:
+    """Entries of the Triton cache: one per compiled kernel (and per launcher built for a
+    kernel signature), so their growth over a section counts what it compiled."""
+    try:
+        return len(os.listdir(_triton_cache_dir()))
+    except OSError:
+        return 0
+
+
+# Sections whose kernels the prewarm compiles (the ceilings launch no Triton kernel).
+PREWARM_SECTIONS = ("linear", "conv", "mlp", "cnn", "sweep")
+
+
+def cmd_prewarm(args) -> int:
+    """Compile, before the timed run and side by side (a process per section), every Triton
+    kernel config the timed sections will launch or tune (``CompileOnlyCtx``): the timed
+    run then finds them in Triton's cache and its autotuning only times.  On the H200 the
+    host compiles one config at a time while its other cores idle; here the build and the
+    tests hold the GPU, and the prewarm runs beside them (run.sh starts it niced, in the
+    background).  Each section process stops at the budget."""
+    os.makedirs(args.work, exist_ok=True)
+    end = time.time() + args.budget
+    before = _triton_cache_entries()
+    env = dict(os.environ, EXPANSE_FAST_CUDA="0",
+               EXPANSE_BENCH_SKIP_CUDA="compile only (prewarm)")
+    procs = {}
+    t0 = time.time()
+
+    def stop(signum, frame):  # run.sh stops the prewarm when the timed run begins
+        for _, proc in procs.values():
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, 9)  # (each section process leads its own session)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    for sec in [s for s in args.sections.split(",") if s in PREWARM_SECTIONS]:
+        out = os.path.join(args.work, f"prewarm_{sec}.json")
+        procs[sec] = (out, subprocess.Popen(
+            _section_command(args, sec, out, end - 3, compile_only=True),
+            start_new_session=True, env=dict(env, **SECTION_ENV.get(sec, {}))))
+    summary = {}
+    for sec, (out, proc) in procs.items():
+        try:
+            rc = proc.wait(timeout=max(1.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            rc = "timeout"
+        res = _load(out) or {}
+        summary[sec] = dict(exit=rc, seconds=round(time.time() - t0, 1),
+                            configs=res.get("configs"), errors=res.get("errors", [])[:3])
+        print(f"=== prewarm {sec}: exit {rc} at {summary[sec]['seconds']}s, configs "
+              f"{res.get('configs')}", flush=True)
+    summary["triton_cache_new"] = _triton_cache_entries() - before
+    _dump(os.path.join(args.work, "prewarm.json"), summary)
+    print(f"=== prewarm: {summary['triton_cache_new']} new Triton cache entries in "
+          f"{time.time() - t0:.0f}s ({_triton_cache_dir()})", flush=True)
     return 0
 
 
@@ -1856,6 +1989,22 @@ def _safe_targets(sections, env):
         return []
 
 
+def _compile_lines(prewarm, sections):
+    """What the prewarm compiled, and what each timed section still had to (new entries of
+    Triton's cache during it: the prewarm's misses, or kernels it did not reach)."""
+    lines = []
+    if prewarm:
+        per = ", ".join(f"{sec} {v.get('configs')} exit {v.get('exit')} at {v.get('seconds')} s"
+                        for sec, v in prewarm.items() if isinstance(v, dict))
+        lines.append(f"Prewarm: {prewarm.get('triton_cache_new')} new Triton cache entries "
+                     f"({per})")
+    timed = [f"{sec} {res['triton_cache_new']}" for sec, res in sections.items()
+             if res.get("triton_cache_new") is not None]
+    if timed:
+        lines.append("Triton cache entries added while timing: " + ", ".join(timed))
+    return lines
+
+
 def cmd_report(args) -> int:
     work, out = args.work, args.out
     os.makedirs(out, exist_ok=True)
@@ -1879,7 +2028,8 @@ def cmd_report(args) -> int:
         "source_sha256_16": env.get("source_sha256_16"),
         "versions": {k: env.get(k) for k in ("python", "torch", "torch_cuda", "cudnn", "triton")},
         "environment": env, "stages": _stages(work), "build": _build(work),
-        "tests": _tests(work, out), "cublas_tflops": ceil, "bench": sections,
+        "tests": _tests(work, out), "prewarm": _load(os.path.join(work, "prewarm.json")),
+        "cublas_tflops": ceil, "bench": sections,
         "targets": _safe_targets(sections, env),
         "useful_flops": "expanse rows: 2*N*(Layout.forward_macs() + Layout.backward_macs("
                         "need_input_grad, need_old_input_grad=False)); peers: FLOPs executed",
@@ -1907,6 +2057,7 @@ def cmd_report(args) -> int:
                 f"skipped={t.get('skipped')})")
     for ln in t.get("failed_tests", [])[:10]:
         head.append(f"- {ln[:160]}")
+    head += _compile_lines(result["prewarm"], sections)
     head.append("\nTFLOP/s: expanse rows count useful FLOPs only; peers count what they execute. "
                 "x peer = peer ms / this ms (>1: faster). ideal@cuBLAS = useful FLOPs at the "
                 "measured cuBLAS rate.")
@@ -2008,12 +2159,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p = sub.add_parser("build")
     p.add_argument("--device", default="cuda")
-    for name in ("bench", "section"):
+    for name in ("bench", "section", "prewarm"):
         p = sub.add_parser(name)
         if name == "section":
             p.add_argument("name", choices=SECTIONS)
             p.add_argument("--out", required=True)
             p.add_argument("--deadline", type=float, default=time.time() + 120)
+            p.add_argument("--compile-only", action="store_true",
+                           help="only compile what the section's timed run launches")
         else:
             p.add_argument("--work", required=True)
             p.add_argument("--budget", type=float, default=150)
@@ -2026,7 +2179,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     fn = {"env": cmd_env, "build": cmd_build, "bench": cmd_bench, "section": cmd_section,
-          "report": cmd_report}[args.cmd]
+          "prewarm": cmd_prewarm, "report": cmd_report}[args.cmd]
     return fn(args)
 
 

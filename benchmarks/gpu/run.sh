@@ -5,14 +5,16 @@
 #   OUT=/tmp/gpuout bash benchmarks/gpu/run.sh --dry-run      # CPU: tiny sizes, stages skip
 #
 # Every stage runs under `timeout` with a share of one overall budget (EXPANSE_GPU_BUDGET_S,
-# default 345 s), records its exit status, and never stops the stages after it.  Files left
+# default 355 s), records its exit status, and never stops the stages after it.  Files left
 # in $OUT: log.txt, results.json, results.md, junit_cuda.xml, junit.xml, failures_*.txt (each
 # failing test's report, written as it fails).  The summary table prints last.
 # A shorter second call, after a fix: EXPANSE_GPU_STAGES (default build,tests,bench; without
 # build the cuda backend stays off) and EXPANSE_GPU_SECTIONS (default every benchmark section:
 # ceilings,linear,conv,mlp,cnn,sweep), e.g. EXPANSE_GPU_STAGES=bench EXPANSE_GPU_SECTIONS=linear.
-# EXPANSE_GPU_TEST_WORKERS (default all cores but two, at most 14): pytest-xdist workers of the
-# test stages.  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
+# The build, the Triton tests and the prewarm (the benchmarks' Triton configs compiled into
+# Triton's cache, EXPANSE_GPU_PREWARM=0 skips it) run side by side, then the CUDA tests.
+# EXPANSE_GPU_TEST_WORKERS (default all cores but two, at most 14): pytest-xdist workers of each
+# test stage.  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
 # EXPANSE_GPU_DIAG=<pytest -k expression>: those GPU tests again under cuda-gdb (native stack).
 # EXPANSE_GPU_TESTS_K=<pytest -k expression>: the test stages run only the GPU tests it
 # selects (a rerun of the ones a fix was for).  EXPANSE_GPU_STAGES=build,ncu: Nsight Compute's
@@ -26,12 +28,12 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--quick) QUICK=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --dry-run)"; exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
-BUDGET="${EXPANSE_GPU_BUDGET_S:-345}"
+BUDGET="${EXPANSE_GPU_BUDGET_S:-355}"
 T0=$(date +%s)
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/expanse_gpu.XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT   # only symlinks and logs; rm never follows the symlinks
@@ -79,6 +81,38 @@ run_stage() {
     >> "$WORK/stages.tsv"
   echo "=== stage $name: exit $rc after $(( $(date +%s) - start ))s ==="
   return "$rc"
+}
+# run_stage_bg NAME TIMEOUT NICENESS CMD...: the same in the background at a lower priority,
+# its output to WORK/NAME.log only (finish_bg prints it); sets BG_PID.
+run_stage_bg() {
+  local name=$1 limit=$2 niceness=$3
+  shift 3
+  echo
+  echo "=== stage $name (in the background, nice $niceness): timeout ${limit}s, $(left)s of" \
+       "the budget left ==="
+  (
+    start=$(date +%s)
+    nice -n "$niceness" timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+    rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" \
+      >> "$WORK/stages.tsv"
+    echo "$rc" > "$WORK/$name.rc"
+  ) &
+  BG_PID=$!
+}
+# finish_bg NAME PID [stop]: wait for a background stage (with "stop": end it now: timeout
+# passes the TERM on), then print its log.
+finish_bg() {
+  local name=$1 pid=$2
+  [ -n "$pid" ] || return 0
+  if [ "${3:-}" = stop ] && kill -0 "$pid" 2>/dev/null; then
+    pkill -TERM -P "$pid" 2>/dev/null
+  fi
+  wait "$pid" 2>/dev/null
+  echo
+  echo "=== stage $name (background) output ==="
+  cat "$WORK/$name.log" 2>/dev/null
+  echo "=== stage $name: exit $(cat "$WORK/$name.rc" 2>/dev/null || echo '?') ==="
 }
 
 # The package is not installed: build a shim package dir whose expanse_fast/ holds links to
@@ -142,17 +176,73 @@ main() {
   [ "$DEV" = cuda ] || QUICK=1   # nothing to measure on a CPU but the plumbing
   [ "$DEV" = cuda ] && unset TRITON_INTERPRET
 
-  # ---- 2. CUDA extension ---------------------------------------------------------------
+  # ---- 2. build, tests and the benchmarks' compiles, side by side -----------------------
+  # The CUDA build keeps 2-3 of the 16 cores busy for about 30 s, and the Triton tests and the
+  # benchmarks' Triton tuning are mostly compiles, one core each: so the Triton tests (which
+  # never load the extension) and the prewarm (every Triton config the benchmarks will tune,
+  # compiled into Triton's cache) run in the background from the start, at lower priorities
+  # (nice 5 and 10: the build, then the CUDA tests, come first), and the CUDA tests follow
+  # the build.  All of it within one window, which leaves the benchmarks and the report at
+  # least 215 s in a default call (on the H200 on 2026-12-01 the six sections needed about
+  # 270 s with their own compiles) and a tests-only call (EXPANSE_GPU_STAGES=build,tests) all
+  # but the report's.
+  local want_ncu=0
+  wanted ncu && (( HAVE_GPU )) && want_ncu=1   # (its 130 s are kept from the stages before)
+  local keep=$(( 215 + 130 * want_ncu ))
+  wanted bench || keep=$(( 15 + 130 * want_ncu ))
+  local window_end=$(( $(date +%s) + $(stage_limit 100000 "$keep") ))
+  window_left() { local t=$(( window_end - $(date +%s) )); (( t < 10 )) && t=10; echo "$t"; }
+  TEST_WORKERS="${EXPANSE_GPU_TEST_WORKERS:-$(( $(nproc 2>/dev/null || echo 4) - 2 ))}"
+  (( TEST_WORKERS > 14 )) && TEST_WORKERS=14
+  (( TEST_WORKERS < 1 )) && TEST_WORKERS=1
+  # gpu_tests fg|bg NAME LIMIT JUNIT PYTEST-ARGS...
+  # -p bench_gpu: past the deadline the remaining tests skip, so pytest ends by itself and
+  # writes its junit file; bfloat16 cases and the kernels' own tests run first, the
+  # float32/float16 sweeps (which CI also runs under the interpreter) last.
+  # EXPANSE_FAST_AUTOTUNE=0: one tile per kernel, no tuning compiles.  Worker processes
+  # compile Triton kernels side by side (most of these tests' time on a cold cache), and a
+  # crash (a segfault in an extension kernel) takes one worker, not the stage: the run goes
+  # on and junit names the test.
+  gpu_tests() {
+    local mode=$1 name=$2 limit=$3 junit=$4
+    shift 4
+    local args=(-q -m gpu tests --maxfail=60 -rfE -p no:cacheprovider -p bench_gpu
+                --junitxml="$OUT/$junit" -o junit_family=xunit1 "$@")
+    "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=100)
+    (( HAVE_GPU )) && "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$TEST_WORKERS")
+    local runner=(run_stage "$name" "$limit")
+    [ "$mode" = bg ] && runner=(run_stage_bg "$name" "$limit" 5)
+    EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + limit - 20 )) EXPANSE_FAST_AUTOTUNE=0 \
+      EXPANSE_TESTS_FAILURES="$OUT/failures_$name.txt" \
+      PYTHONPATH="$HERE:$PYTHONPATH" "${runner[@]}" "$PY" -m pytest "${args[@]}"
+  }
+  local only="${EXPANSE_GPU_TESTS_K:+ and (${EXPANSE_GPU_TESTS_K})}"
+  local tests_pid="" prewarm_pid=""
+  if wanted tests; then
+    # The Triton tests (and the rest but the extension's), two processes: a sticky CUDA
+    # error from a faulty extension kernel cannot fail them.  EXPANSE_FAST_CUDA=0: they never
+    # load the extension, which the build below is writing.
+    EXPANSE_FAST_CUDA=0 gpu_tests bg tests "$(window_left)" junit.xml -k "not cuda$only"
+    tests_pid=$BG_PID
+  fi
+  if wanted bench && (( HAVE_GPU )) && [ "${EXPANSE_GPU_PREWARM:-1}" != 0 ]; then
+    local sections="${EXPANSE_GPU_SECTIONS:-ceilings,linear,conv,mlp,cnn,sweep}"
+    local pw_args=(prewarm --device "$DEV" --work "$WORK" --budget "$(( $(window_left) - 5 ))"
+                   --sections "$sections")
+    (( QUICK )) && pw_args+=(--quick)
+    run_stage_bg prewarm "$(window_left)" 10 "$PY" "$BENCH" "${pw_args[@]}"
+    prewarm_pid=$BG_PID
+  fi
+
   if ! wanted build; then
     echo; echo "=== stage build: not asked for (EXPANSE_GPU_STAGES): the cuda backend stays off ==="
     export EXPANSE_BENCH_SKIP_CUDA="build stage not run" EXPANSE_FAST_CUDA=0
-  # leaving the tests 90 s and the benchmarks 110, where they are asked for
-  elif run_stage build "$(stage_limit 150 $(( $(wanted tests && echo 90 || echo 0)
-                                             + $(wanted bench && echo 110 || echo 0) )))" \
+  # leaving the CUDA tests 30 s of the window, where they are asked for
+  elif run_stage build "$(stage_limit 150 $(( keep + $(wanted tests && echo 30 || echo 0) )))" \
       "$PY" "$BENCH" build --device "$DEV"; then
     :
   else
-    rc=$(tail -n1 "$WORK/stages.tsv" | cut -f2)
+    rc=$(grep '^build' "$WORK/stages.tsv" | tail -n1 | cut -f2)
     export EXPANSE_BENCH_SKIP_CUDA="build stage exit $rc"
     if [ "$rc" != 124 ] && [ "$rc" != 137 ]; then
       # A failed (not timed-out) build would only fail again in every later process,
@@ -167,55 +257,15 @@ main() {
     fi
   fi
 
-  # ---- 3. GPU tests ----------------------------------------------------------------------
-  # -p bench_gpu: past the deadline the remaining tests skip, so pytest ends by itself and
-  # writes its junit file.  EXPANSE_FAST_AUTOTUNE=0: one tile per kernel, no tuning compiles.
-  # Two processes: the CUDA extension's tests (-k cuda) first, then the rest, so a sticky
-  # CUDA error from a faulty extension kernel cannot fail the Triton tests after it.
-  local tlim tlim_cuda
-  # Cold Triton compiles (one core each) are most of these tests' time: on the H200's 16
-  # cores, 8 workers reached 513 of the Triton tests in 104 s (2026-12-01).
-  TEST_WORKERS="${EXPANSE_GPU_TEST_WORKERS:-$(( $(nproc 2>/dev/null || echo 4) - 2 ))}"
-  (( TEST_WORKERS > 14 )) && TEST_WORKERS=14
-  (( TEST_WORKERS < 1 )) && TEST_WORKERS=1
-  # With the benchmarks to follow, the tests get 90 s and leave them at least 205 (on the
-  # H200 on 2026-12-01 the six sections needed about 10 + 70 + 40 + 25 + 66 + 60 s; the
-  # tests cannot all run in one call anyway);
-  # without (a tests-only call: EXPANSE_GPU_STAGES=build,tests), all but the report's time.
-  # Past their deadline the Triton tests skip: bfloat16 cases and the kernels' own tests
-  # run first (bench_gpu.py's plugin), the float32/float16 sweeps, which CI also runs under
-  # the interpreter, last.
-  local want_ncu=0
-  wanted ncu && (( HAVE_GPU )) && want_ncu=1   # (its 130 s are kept from the stages before)
-  local keep=$(( 205 + 130 * want_ncu )) most=90
-  wanted bench || { keep=$(( 15 + 130 * want_ncu )); most=100000; }
-  tlim=$(stage_limit "$most" "$keep")
-  tlim_cuda=$(( tlim * 43 / 100 ))   # 38 s of 90: the CUDA tests took 31-53 s (H200, 8 workers)
-  (( tlim_cuda < 10 )) && tlim_cuda=10
-  gpu_tests() {  # gpu_tests NAME LIMIT JUNIT PYTEST-ARGS...
-    local name=$1 limit=$2 junit=$3
-    shift 3
-    local args=(-q -m gpu tests --maxfail=60 -rfE -p no:cacheprovider -p bench_gpu
-                --junitxml="$OUT/$junit" -o junit_family=xunit1 "$@")
-    "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=100)
-    # Worker processes compile Triton kernels side by side (most of these tests' time on a
-    # cold cache), and a crash (a segfault in an extension kernel) takes one worker, not the
-    # stage: the run goes on and junit names the test.
-    (( HAVE_GPU )) && "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$TEST_WORKERS")
-    EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + limit - 20 )) EXPANSE_FAST_AUTOTUNE=0 \
-      EXPANSE_TESTS_FAILURES="$OUT/failures_$name.txt" \
-      PYTHONPATH="$HERE:$PYTHONPATH" run_stage "$name" "$limit" "$PY" -m pytest "${args[@]}"
-  }
-  local only="${EXPANSE_GPU_TESTS_K:+ and (${EXPANSE_GPU_TESTS_K})}"
-  if ! wanted tests; then
-    echo; echo "=== stage tests: not asked for (EXPANSE_GPU_STAGES) ==="
-  elif ! gpu_tests tests_cuda "$tlim_cuda" junit_cuda.xml -k "cuda$only"; then
+  # ---- 3. the CUDA extension's tests, what is left of the window -------------------------
+  if wanted tests && ! gpu_tests fg tests_cuda "$(window_left)" junit_cuda.xml -k "cuda$only"
+  then
     # Only when the extension's tests failed: a few small bf16 cases under compute-sanitizer
     # (memcheck), so that one run also says whether a kernel reads or writes out of bounds.
     # It works on some runtimes only (device README); its budget comes out of the benchmarks.
     # Not when pytest found no test to run (exit 5: EXPANSE_GPU_TESTS_K chose none of them).
     if (( HAVE_GPU )) && [ "${EXPANSE_GPU_SANITIZE:-1}" != 0 ] \
-        && [ "$(tail -n1 "$WORK/stages.tsv" | cut -f2)" != 5 ] \
+        && [ "$(grep '^tests_cuda' "$WORK/stages.tsv" | tail -n1 | cut -f2)" != 5 ] \
         && command -v compute-sanitizer >/dev/null 2>&1; then
       EXPANSE_FAST_AUTOTUNE=0 run_stage sanitize "$(stage_limit 60 170)" compute-sanitizer \
         --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -m gpu -p no:cacheprovider \
@@ -223,10 +273,10 @@ main() {
         -k "bfloat16 and auto and (three_groups or wide_coupled or coupled_three)"
     fi
   fi
-  local trest=$(( tlim - tlim_cuda ))
-  wanted bench || trest=$most   # a tests-only call: what the CUDA tests left, too
-  wanted tests && gpu_tests tests "$(stage_limit "$trest" "$keep")" junit.xml \
-    -k "not cuda$only"
+  finish_bg tests "$tests_pid"
+  # The timed run must have the device and the host to itself: a prewarm still compiling
+  # stops here (what it compiled stays in the cache).
+  finish_bg prewarm "$prewarm_pid" stop
 
   # ---- 4. benchmarks ---------------------------------------------------------------------
   local blim want_diag=0

@@ -1656,37 +1656,48 @@ def cmd_prewarm(args) -> int:
     before = _triton_cache_entries()
     env = dict(os.environ, EXPANSE_FAST_CUDA="0",
                EXPANSE_BENCH_SKIP_CUDA="compile only (prewarm)")
-    procs = {}
+    procs, summary = {}, {}
     t0 = time.time()
 
-    def stop(signum, frame):  # run.sh stops the prewarm when the timed run begins
-        for _, proc in procs.values():
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, 9)  # (each section process leads its own session)
-        sys.exit(128 + signum)
-    signal.signal(signal.SIGTERM, stop)
-    for sec in [s for s in args.sections.split(",") if s in PREWARM_SECTIONS]:
-        out = os.path.join(args.work, f"prewarm_{sec}.json")
-        procs[sec] = (out, subprocess.Popen(
-            _section_command(args, sec, out, end - 3, compile_only=True),
-            start_new_session=True, env=dict(env, **SECTION_ENV.get(sec, {}))))
-    summary = {}
-    for sec, (out, proc) in procs.items():
-        try:
-            rc = proc.wait(timeout=max(1.0, end - time.time()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            rc = "timeout"
+    def finish(sec, rc):
+        out = procs.pop(sec)[0]
         res = _load(out) or {}
         summary[sec] = dict(exit=rc, seconds=round(time.time() - t0, 1),
                             configs=res.get("configs"), errors=res.get("errors", [])[:3])
         print(f"=== prewarm {sec}: exit {rc} at {summary[sec]['seconds']}s, configs "
               f"{res.get('configs')}", flush=True)
-    summary["triton_cache_new"] = _triton_cache_entries() - before
-    _dump(os.path.join(args.work, "prewarm.json"), summary)
-    print(f"=== prewarm: {summary['triton_cache_new']} new Triton cache entries in "
-          f"{time.time() - t0:.0f}s ({_triton_cache_dir()})", flush=True)
+
+    def report():
+        summary["triton_cache_new"] = _triton_cache_entries() - before
+        _dump(os.path.join(args.work, "prewarm.json"), summary)
+        print(f"=== prewarm: {summary['triton_cache_new']} new Triton cache entries in "
+              f"{time.time() - t0:.0f}s ({_triton_cache_dir()})", flush=True)
+
+    def stop_all(why):
+        for sec in list(procs):
+            with contextlib.suppress(OSError):
+                os.killpg(procs[sec][1].pid, 9)  # (each section process leads its session)
+            procs[sec][1].wait()
+            finish(sec, why)
+
+    def stopped(signum, frame):  # run.sh stops the prewarm when the timed run begins
+        stop_all("stopped")
+        report()
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stopped)
+    for sec in [s for s in args.sections.split(",") if s in PREWARM_SECTIONS]:
+        out = os.path.join(args.work, f"prewarm_{sec}.json")
+        procs[sec] = (out, subprocess.Popen(
+            _section_command(args, sec, out, end - 3, compile_only=True),
+            start_new_session=True, env=dict(env, **SECTION_ENV.get(sec, {}))))
+    while procs and time.time() < end:
+        for sec in list(procs):
+            rc = procs[sec][1].poll()
+            if rc is not None:
+                finish(sec, rc)
+        time.sleep(0.2)
+    stop_all("timeout")
+    report()
     return 0
 
 

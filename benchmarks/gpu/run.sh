@@ -92,7 +92,9 @@ run_stage_bg() {
        "the budget left ==="
   (
     start=$(date +%s)
-    nice -n "$niceness" timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1
+    nice -n "$niceness" timeout -k 10 "$limit" "$@" > "$WORK/$name.log" 2>&1 &
+    echo $! > "$WORK/$name.pid"   # timeout's (nice execs it), for finish_bg's stop
+    wait $!
     rc=$?
     printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" \
       >> "$WORK/stages.tsv"
@@ -106,7 +108,7 @@ finish_bg() {
   local name=$1 pid=$2
   [ -n "$pid" ] || return 0
   if [ "${3:-}" = stop ] && kill -0 "$pid" 2>/dev/null; then
-    pkill -TERM -P "$pid" 2>/dev/null
+    kill -TERM "$(cat "$WORK/$name.pid")" 2>/dev/null
   fi
   wait "$pid" 2>/dev/null
   echo
@@ -180,8 +182,8 @@ main() {
   # The CUDA build keeps 2-3 of the 16 cores busy for about 30 s, and the Triton tests and the
   # benchmarks' Triton tuning are mostly compiles, one core each: so the Triton tests (which
   # never load the extension) and the prewarm (every Triton config the benchmarks will tune,
-  # compiled into Triton's cache) run in the background from the start, at lower priorities
-  # (nice 5 and 10: the build, then the CUDA tests, come first), and the CUDA tests follow
+  # compiled into Triton's cache) run in the background from the start, at a lower priority
+  # (both nice 5: the build, then the CUDA tests, come first), and the CUDA tests follow
   # the build.  All of it within one window, which leaves the benchmarks and the report at
   # least 215 s in a default call (on the H200 on 2026-12-01 the six sections needed about
   # 270 s with their own compiles) and a tests-only call (EXPANSE_GPU_STAGES=build,tests) all
@@ -230,7 +232,7 @@ main() {
     local pw_args=(prewarm --device "$DEV" --work "$WORK" --budget "$(( $(window_left) - 5 ))"
                    --sections "$sections")
     (( QUICK )) && pw_args+=(--quick)
-    run_stage_bg prewarm "$(window_left)" 10 "$PY" "$BENCH" "${pw_args[@]}"
+    run_stage_bg prewarm "$(window_left)" 5 "$PY" "$BENCH" "${pw_args[@]}"
     prewarm_pid=$BG_PID
   fi
 

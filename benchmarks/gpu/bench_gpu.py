@@ -2000,20 +2000,26 @@ def _safe_targets(sections, env):
         return []
 
 
-def _compile_lines(prewarm, sections):
-    """What the prewarm compiled, and what each timed section still had to (new entries of
-    Triton's cache during it: the prewarm's misses, or kernels it did not reach)."""
+def _time_lines(prewarm, sections):
+    """Where the run's time went: what the prewarm compiled; per timed section its seconds,
+    those of its rows (their warm-ups: compiles, tuning, cuDNN's search), of its profiler
+    sessions, and the Triton cache entries it still added (kernels the prewarm missed)."""
     lines = []
     if prewarm:
         per = ", ".join(f"{sec} {v.get('configs')} exit {v.get('exit')} at {v.get('seconds')} s"
                         for sec, v in prewarm.items() if isinstance(v, dict))
         lines.append(f"Prewarm: {prewarm.get('triton_cache_new')} new Triton cache entries "
                      f"({per})")
-    timed = [f"{sec} {res['triton_cache_new']}" for sec, res in sections.items()
-             if res.get("triton_cache_new") is not None]
-    if timed:
-        lines.append("Triton cache entries added while timing: " + ", ".join(timed))
-    return lines
+    for sec, res in sections.items():
+        rows = res.get("rows", [])
+        if res.get("seconds") is None:
+            continue
+        lines.append(
+            f"- {sec}: {res['seconds']} s, rows {sum(r.get('wall_s') or 0 for r in rows):.0f} s "
+            f"(warm-ups {sum(r.get('warm_s') or 0 for r in rows):.0f} s), profiles "
+            f"{res.get('profile_s', 0)} s, {res.get('triton_cache_new', '?')} new Triton "
+            f"cache entries")
+    return (["", "Time:"] + lines) if lines else []
 
 
 def cmd_report(args) -> int:
@@ -2068,7 +2074,7 @@ def cmd_report(args) -> int:
                 f"skipped={t.get('skipped')})")
     for ln in t.get("failed_tests", [])[:10]:
         head.append(f"- {ln[:160]}")
-    head += _compile_lines(result["prewarm"], sections)
+    head += _time_lines(result["prewarm"], sections)
     head.append("\nTFLOP/s: expanse rows count useful FLOPs only; peers count what they execute. "
                 "x peer = peer ms / this ms (>1: faster). ideal@cuBLAS = useful FLOPs at the "
                 "measured cuBLAS rate.")

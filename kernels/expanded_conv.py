@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from . import expanded_linear as base
+from . import transpose
 from .launch import launch
 from .vector_bounds import multiple_of_all
 
@@ -641,7 +642,7 @@ def _for_gathers(t, c0=0):
     c0' of t': t itself, or a channels_last copy of those channels only (c0' = 0)."""
     if not _copied_for_gathers(t):
         return t, c0
-    return t[:, c0:].contiguous(memory_format=torch.channels_last), 0
+    return transpose.to_channels_last(t[:, c0:]), 0  # (a tiled transpose: transpose.py)
 
 
 def _prec(dtype):

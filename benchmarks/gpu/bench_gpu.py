@@ -809,11 +809,37 @@ def sec_ceilings(ctx):
         del srcs, dst, fns
     except Exception as exc:
         ctx.res["errors"].append(f"copy: {_short_exc(exc)}")
+    try:
+        _transpose_rows(ctx)
+    except Exception as exc:  # noqa: BLE001
+        ctx.res["errors"].append(f"transpose: {_short_exc(exc)}")
     # Last: the ceilings are saved before the profiler is first tried in this run.
     try:
         _profiler_after_effect(ctx)
     except Exception as exc:  # noqa: BLE001
         ctx.res["errors"].append(f"profiler after-effect: {_short_exc(exc)}")
+
+
+def _transpose_rows(ctx):
+    """The copy of an NCHW conv input to channels_last that the Triton conv kernels read (the
+    conv section's x: batch 64, 320 channels, 56 x 56): torch's copy against the tiled
+    transpose the launchers make it with (kernels/transpose.py), at the copy row's rate."""
+    torch = ctx.torch
+    from expanse_fast import backend_choice
+    shape = (2, 16, 8, 8) if ctx.quick else (64, 320, 56, 56)
+    if not backend_choice.availability("triton", ctx.dev)[0]:
+        return
+    from expanse_fast.kernels import transpose
+    k = ctx.n_sets(2 * math.prod(shape) * ctx.dtype.itemsize)
+    xs = [torch.randn(shape, device=ctx.dev, dtype=ctx.dtype) for _ in range(k)]
+    variant = f"NCHW to channels_last {'x'.join(map(str, shape))} {str(ctx.dtype)[6:]}"
+    moved = 2 * math.prod(shape) * ctx.dtype.itemsize
+    cl = torch.channels_last
+    ctx.measure(variant, "torch copy", "ceiling",
+                [lambda x=x: x.contiguous(memory_format=cl) for x in xs], bytes_moved=moved)
+    ctx.measure(variant, "triton transpose", "ceiling",
+                [lambda x=x: transpose.to_channels_last(x) for x in xs], bytes_moved=moved)
+    del xs
 
 
 # ---- (b) expanded linear -----------------------------------------------------------------

@@ -31,14 +31,19 @@ MIN_CHANNELS = 8
 
 @triton.jit
 def _nchw_to_nhwc_kernel(x_ptr, y_ptr, C, HW, W, sxn, sxc, sxh,
-                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+                         FLAT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     n = tl.program_id(2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = (c[:, None] < C) & (p[None, :] < HW)
-    # x[n, c, h, w] with w unit-stride: pixels run along a tile row
-    src = (n.to(tl.int64) * sxn + c[:, None].to(tl.int64) * sxc
-           + ((p // W).to(tl.int64) * sxh + p % W)[None, :])
+    # x[n, c, h, w] with w unit-stride: pixels run along a tile row.  FLAT (H's stride is W,
+    # as in NCHW and its channel slices): pixel p at offset p, which the compiler sees
+    # contiguous (16-byte loads); else row p // W, column p % W.
+    if FLAT:
+        pix = p.to(tl.int64)
+    else:
+        pix = (p // W).to(tl.int64) * sxh + p % W
+    src = n.to(tl.int64) * sxn + c[:, None].to(tl.int64) * sxc + pix[None, :]
     tile = tl.load(x_ptr + src, mask=mask)
     # y channels_last and dense: y[n, c, h, w] at (n * HW + p) * C + c
     dst = (n.to(tl.int64) * HW + p[:, None]) * C + c[None, :]
@@ -70,5 +75,6 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     block_c, block_p = 64, 64
     grid = (triton.cdiv(h * w, block_p), triton.cdiv(c, block_c), n)
     _nchw_to_nhwc_kernel[grid](t, y, c, h * w, w, t.stride(0), t.stride(1), t.stride(2),
-                               BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+                               FLAT=t.stride(2) == w, BLOCK_C=block_c, BLOCK_P=block_p,
+                               num_warps=4)
     return y

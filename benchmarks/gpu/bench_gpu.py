@@ -1535,13 +1535,14 @@ SECTION_FN = {"ceilings": sec_ceilings, "linear": sec_linear, "conv": sec_conv, 
 
 
 def _compile_only_launches(ctx):
-    """The prewarm's launches: autotuned ones compile their configs and load each into the
-    device (which also builds Triton's launcher for its signature, cached beside it)."""
+    """The prewarm's launches: each compiles its kernel (every config an autotuner would try)
+    and loads it into the device (which also builds Triton's launcher for its signature,
+    cached beside it); nothing runs."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from compile_only import autotuned_launches_compile_only
     counts = ctx.res.setdefault("configs", {"compiled": 0, "failed": 0})
 
-    def loaded(autotuner, cfg, compiled, error):
+    def loaded(fn, cfg, compiled, error):
         if error is None and hasattr(compiled, "_init_handles"):
             try:
                 compiled._init_handles()

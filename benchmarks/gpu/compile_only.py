@@ -9,10 +9,11 @@ Inside :func:`autotuned_launches_compile_only`, ``Autotuner.run`` prunes its con
 real call would (its ``early_config_prune`` sees the call's arguments), runs each config's
 pre-hook (the descriptors' boxes) and compiles it through ``JITFunction.warmup``, whose
 cache key is the one a real launch computes.  The autotuner records no choice
-(``best_config`` stays unset), so ``kernels/launch.py`` never caches one, and the outputs of
-those launches stay unwritten: a caller must not use them.  Kernels that are not autotuned
-launch as usual.  It leans on Triton internals (Autotuner.prune_configs, .nargs,
-JITFunction.warmup; Triton 3.6 to 3.9); :class:`UnsupportedTriton` says where they differ.
+(``best_config`` stays unset), so ``kernels/launch.py`` never caches one.  A kernel that is
+not autotuned (the NCHW transpose) compiles the same way instead of launching.  The outputs
+of every launch stay unwritten: a caller must not use them.  It leans on Triton internals
+(Autotuner.prune_configs, .nargs, JITFunction.run's warmup flag; Triton 3.6 to 3.9);
+:class:`UnsupportedTriton` says where they differ.
 """
 from __future__ import annotations
 
@@ -28,10 +29,28 @@ class UnsupportedTriton(RuntimeError):
 def autotuned_launches_compile_only(first_config: bool = False,
                                     on_config: Optional[Callable] = None):
     """Within the block, each autotuned launch compiles its pruned configs (only the first
-    with ``first_config``) and runs nothing.  ``on_config(autotuner, config, compiled, exc)``
-    is called per config, with the compiled kernel or the exception that stopped it; without
-    it an exception propagates."""
+    with ``first_config``), any other launch its kernel, and nothing runs.
+    ``on_config(jit_function, config, compiled, exc)`` is called per compile (config None
+    for a kernel that is not autotuned), with the compiled kernel or the exception that
+    stopped it; without it an exception propagates."""
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    jit_run = JITFunction.run
+
+    def compile_plain(self, *args, grid, warmup=False, **kwargs):
+        if warmup:  # (the autotuner's compiles below come through here)
+            return jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled, error = None, None
+        try:
+            compiled = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the caller's to report
+            if on_config is None:
+                raise
+            error = exc
+        if on_config is not None:
+            on_config(self, None, compiled, error)
+        return compiled
 
     def compile_configs(self, *args, grid, warmup=False, **kwargs):
         if not hasattr(self, "prune_configs"):
@@ -55,11 +74,11 @@ def autotuned_launches_compile_only(first_config: bool = False,
                     raise
                 error = exc
             if on_config is not None:
-                on_config(self, cfg, compiled, error)
+                on_config(self.fn, cfg, compiled, error)
 
     saved = Autotuner.run
-    Autotuner.run = compile_configs
+    Autotuner.run, JITFunction.run = compile_configs, compile_plain
     try:
         yield
     finally:
-        Autotuner.run = saved
+        Autotuner.run, JITFunction.run = saved, jit_run

@@ -12,7 +12,8 @@ tensor descriptors, ResNet-50's stride-2 3x3, and a coupled layer, whose backwar
 dx_old; the coupled linear and conv layers without descriptors too, whose dx kernels tile
 the old columns in bands and read the frozen rows of dy), with a stand-in Triton driver that
 names an sm_90 target.  Each launch compiles its kernel for every config the autotuner
-would try (after pruning), through ``JITFunction.warmup``, and runs nothing.  Per kernel and
+would try (after pruning), through ``JITFunction.warmup``, and runs nothing (a kernel that
+is not autotuned, the NCHW transpose, compiles once).  Per kernel and
 config: registers, stack (spills), shared memory, and from the PTX the wgmma, TMA
 (cp.async.bulk.tensor), 16-byte cp.async and 2-byte global loads.  test_sm90_compile.py
 asserts on it.
@@ -118,8 +119,8 @@ def compile_launches(run, first_config: bool = False) -> list:
     compiles of its configs; the rows of the report."""
     rows = []
 
-    def record(autotuner, cfg, compiled, error):
-        row = dict(kernel=autotuner.fn.__name__, config=_config_name(cfg))
+    def record(fn, cfg, compiled, error):
+        row = dict(kernel=fn.__name__, config=_config_name(cfg) if cfg else "launch")
         if error is not None:  # a kernel that does not compile
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         else:

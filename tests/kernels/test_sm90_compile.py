@@ -48,6 +48,8 @@ def compiled():
     return rows
 
 
+# no product: the NCHW input's (and dy's) transpose to channels_last for the conv kernels
+COPY_KERNELS = ("_nchw_to_nhwc_kernel",)
 CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 # which conv launches compile each kernel: the descriptor kernels on both layouts, the
 # pointer ones where descriptors are off; at stride 2 the descriptor kernels again (x's
@@ -63,7 +65,7 @@ CONV_LAYERS["_conv_wgrad_nchw_tma_kernel"] = ["conv-nchw"]
 
 
 def test_every_kernel_compiles(compiled):
-    assert sorted(compiled) == sorted(KERNELS)
+    assert sorted(compiled) == sorted(KERNELS + COPY_KERNELS)
     for kernel, layers in CONV_LAYERS.items():
         assert sorted({r["layer"] for r in compiled[kernel]}) == layers, kernel
     errors = {k: r["error"] for k, rs in compiled.items() for r in rs if "error" in r}
@@ -115,3 +117,13 @@ def test_pointer_kernels_copy_operands_16_bytes_at_a_time(compiled, kernel):
                                     "_conv_fwd_kernel", "_conv_dx_tma_kernel", "_conv_dx_kernel"])
 def test_outputs_stored_16_bytes_at_a_time(compiled, kernel):
     assert all(r["st_global_v4"] > 0 for r in compiled[kernel]), compiled[kernel]
+
+
+def test_nchw_transpose_moves_16_bytes_at_a_time(compiled):
+    """kernels/transpose.py on the NCHW layer's x and dy: whole rows both ways (no 2-byte
+    loads, 16-byte stores), the transpose through shared memory, no spills."""
+    rows = compiled["_nchw_to_nhwc_kernel"]
+    assert {r["layer"] for r in rows} == {"conv-nchw"}
+    for r in rows:
+        assert r["stack"] == 0 and r["ld_global_b16"] == 0 and r["st_global_v4"] > 0, r
+        assert r["smem"] > 0, r

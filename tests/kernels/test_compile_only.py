@@ -5,7 +5,6 @@ test session's kernels are interpreted) compiles an expanded layer's forward and
 that way into an empty cache, then calls them for real with launches stubbed, on the
 stand-in sm_90a target: the call must compile nothing more."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +12,13 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+import triton_versions  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("compile_only_check.py")
 
 
-def _cache_entries(mode, case, cache):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _cache_entries(mode, case, cache, triton_path=None):
+    env = triton_versions.subprocess_env(triton_path)
     env["TRITON_CACHE_DIR"] = str(cache)
     res = subprocess.run([sys.executable, str(SCRIPT), mode, case], capture_output=True,
                          text=True, timeout=600, env=env)
@@ -29,11 +29,13 @@ def _cache_entries(mode, case, cache):
     return json.loads(lines[-1])["entries"]
 
 
+@pytest.mark.parametrize("triton_path", triton_versions.PATHS, ids=triton_versions.label)
 @pytest.mark.parametrize("case", ["linear", "conv"])
-def test_a_call_after_compile_only_finds_every_kernel_in_the_cache(case, tmp_path):
-    compiled = _cache_entries("compile", case, tmp_path)
+def test_a_call_after_compile_only_finds_every_kernel_in_the_cache(case, triton_path,
+                                                                   tmp_path):
+    compiled = _cache_entries("compile", case, tmp_path, triton_path)
     assert compiled, "compile-only built nothing"
-    assert _cache_entries("call", case, tmp_path) == compiled
+    assert _cache_entries("call", case, tmp_path, triton_path) == compiled
 
 
 def test_a_call_on_an_empty_cache_compiles(tmp_path):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
+import triton_versions  # noqa: E402
 from expanse_fast.kernels import expanded_conv  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("sm90_compile.py")
@@ -27,11 +28,12 @@ KERNELS = ("_fwd_tma_kernel", "_dx_tma_kernel", "_dw_tma_kernel", "_fwd_kernel",
            "_conv_dx_kernel")
 
 
-@pytest.fixture(scope="module")
-def compiled():
+@pytest.fixture(scope="module", params=triton_versions.PATHS, ids=triton_versions.label)
+def compiled(request):
     # The installed package (as the test session imports it: the checkout's expanse_fast/
-    # lacks the kernels, which setup.py maps in), never the interpreter.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # lacks the kernels, which setup.py maps in), never the interpreter; under the installed
+    # Triton, then each of triton_versions.PATHS (the GPU machine's, in CI).
+    env = triton_versions.subprocess_env(request.param)
     env.pop("EXPANSE_FAST_TMA", None)
     env.pop("EXPANSE_FAST_CONV_NCHW", None)  # the defaults, as users get them
     res = subprocess.run([sys.executable, str(SCRIPT), "--json", "--first-config"],

@@ -582,6 +582,22 @@ def _conv_grads(dy: Tensor, x: Tensor, w: Tensor, stride, padding, dilation, gro
     return dx, dw, db
 
 
+def _rows_then_images(dy: Tensor) -> bool:
+    """Whether :func:`_bias_grad` sums ``dy``: a dense NCHW one with pixels to sum."""
+    return dy.dim() == 4 and dy.is_contiguous() and dy.shape[2] * dy.shape[3] > 1
+
+
+def _bias_grad(dy: Tensor) -> Tensor:
+    """db of an NCHW-contiguous dy: each (image, channel) row's pixels summed first (a
+    reduction along contiguous memory), then the images, in float32 at least, as aten's.
+    aten's one sum over (0, 2, 3) interleaves the two: on the H200 it took 59 us to read
+    the 26 MB dy of the ResNet-50 stage's new channels (2026-12-01), against about 10 at
+    the copy rate."""
+    n, c, h, w = dy.shape
+    acc = torch.promote_types(dy.dtype, torch.float32)
+    return dy.view(n, c, h * w).sum(2, dtype=acc).sum(0).to(dy.dtype)
+
+
 def _shape_of(x: Tensor) -> Tensor:
     """``x``, or where it is a channel slice (not dense), an uninitialized tensor of its shape
     and layout.  The input gradient of a convolution reads only the input's shape, but aten
@@ -625,9 +641,13 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 
     i_f = w_frozen.shape[1]
     dy_new = dy_new.contiguous(memory_format=fmt)
-    # dW and db of the trainable rows: one weight-gradient conv over the whole input.
+    # dW and db of the trainable rows: one weight-gradient conv over the whole input (db from
+    # aten there, except from an NCHW dy: _bias_grad).
+    own_db = need_db and _rows_then_images(dy_new)
     _, dw, db = _conv_grads(dy_new, x, w_new, stride, padding, dilation, 1, False, need_dw,
-                            need_db)
+                            need_db and not own_db)
+    if own_db:
+        db = _bias_grad(dy_new)
     need_dx = need_dx_new or need_dx_old
     coupled = w_couple is not None and w_couple.shape[1] > 0 and o_f > 0
     # The frozen columns of dy are read (and a folded BatchNorm's scale applied to them)

@@ -59,6 +59,12 @@ export PYTHONDONTWRITEBYTECODE=1
 # expanse_fast/ has no kernels/ subpackage and would shadow the shim below.
 export PYTHONSAFEPATH=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"   # ninja jobs of the CUDA build
+# The CUDA extension's build and Triton's compiled kernels in the checkout's (ignored) build/:
+# the device machine keeps a checkout's ignored outputs between calls while it stays warm,
+# so a second call loads them instead of building and compiling again.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/build/torch_extensions}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$REPO/build/triton_cache}"
+mkdir -p "$TORCH_EXTENSIONS_DIR" "$TRITON_CACHE_DIR"
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 # Seconds for a stage: at most $1, leaving $2 seconds for the stages after it, at least 10.

@@ -784,7 +784,7 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     o = o_f + o_n
     y_format = _memory_format(x)  # y takes the caller's layout, whatever the kernels read
     if not depthwise:
-        x, _ = _for_gathers(x)
+        x, _ = _for_gathers(x)  # (an NCHW x: a channels_last copy, transpose.py)
         w_frozen, w_new, w_couple = map(_channels_inner, (w_frozen, w_new, w_couple))
     has_couple = w_couple is not None and w_couple.numel() > 0
     m = n * ho * wo
@@ -792,9 +792,12 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     use_tma = not depthwise and m > 0 and tma.usable(
         x, w_frozen, w_new, w_couple if has_couple else None, geo[:2], False)
     # The descriptor kernel stores a box's pixels along W: it writes an NCHW y in place,
-    # no channels_last round trip (the others write channels_last, copied after).
+    # no channels_last round trip (the others write channels_last, transposed after; so does
+    # the descriptor kernel with EXPANSE_FAST_CONV_NCHW_Y=transpose, which the GPU run times
+    # beside the default: a box row of NCHW is 16 bytes).
+    in_place = use_tma and os.environ.get("EXPANSE_FAST_CONV_NCHW_Y", "direct") != "transpose"
     y = torch.empty((n, o, ho, wo), device=x.device, dtype=dt,
-                    memory_format=y_format if use_tma else _memory_format(x))
+                    memory_format=y_format if in_place else _memory_format(x))
     if y.numel() == 0:
         return y.contiguous(memory_format=y_format)
     wf, wn = _or(w_frozen, y), _or(w_new, y)
@@ -822,7 +825,7 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     if use_tma and tma.forward(x, w_frozen, w_new, w_couple if has_couple else None, bf, bn,
                                y, groups, widths, norm_ptrs, norm_flags, geo, has_bf, has_bn,
                                out_vec, _prec(dt)):
-        return y
+        return _in_format(y, y_format)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"])
                          * sum(triton.cdiv(g, meta["BLOCK_N"]) for g in widths),)
     launch(
@@ -832,7 +835,15 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
         KH=kh, KW=kw, HAS_BF=has_bf, HAS_BN=has_bn, HAS_COUPLE=has_couple, **norm_flags,
         CH_VEC=multiple_of_all((c, i_f) + k_ends) if _FWD_VECTOR_MASK else 1,
         OUT_VEC=out_vec, PREC=_prec(dt))
-    return y.contiguous(memory_format=y_format)
+    return _in_format(y, y_format)
+
+
+def _in_format(y, fmt):
+    """The kernels' output in the caller's layout: a channels_last y handed back as NCHW
+    through the tiled transpose (transpose.py), anything else as torch copies it."""
+    if fmt == torch.contiguous_format and not y.is_contiguous():
+        return transpose.to_nchw(y)
+    return y.contiguous(memory_format=fmt)
 
 
 _TMA_MODULE = None
@@ -1032,6 +1043,6 @@ def expanded_conv2d_backward(dy: torch.Tensor, x: torch.Tensor, w_frozen: torch.
                 NORM=norm, CH_VEC=multiple_of_all((c, i_f, c_lo) + tuple(frozen_k_ends)),
                 ROW_VEC=multiple_of_all((o_f, o_n, dy_new_c0) + tuple(itertools.accumulate(
                     frozen_out_groups))), PREC=_prec(dt))
-        if dx_k is not dx:
-            dx[:, c_lo:].copy_(dx_k)
+        if dx_k is not dx:  # (into x's NCHW layout: the tiled transpose)
+            transpose.copy_to_nchw_(dx[:, c_lo:], dx_k)
     return dx, dw, db, dcouple

@@ -1,4 +1,4 @@
-"""NCHW -> channels_last copies for the conv kernels, as a tiled transpose.
+"""NCHW <-> channels_last copies for the conv kernels, as tiled transposes.
 
 The conv kernels read channels_last activations; an NCHW x (or dy) is copied first.  torch's
 ``t.contiguous(memory_format=torch.channels_last)`` walks that copy in the output's order,
@@ -8,7 +8,8 @@ when the neighbouring pixel is read (on the H200, the NCHW forward of a ResNet-5
 3x3 conv took 1.04 ms against 0.63 on channels_last input, the copy of its 103 MB input
 included).  Here each program loads a (channels x pixels) tile along the pixels, where NCHW
 is contiguous, and stores it transposed along the channels, where channels_last is: both
-sides move whole rows, the transpose goes through shared memory.
+sides move whole rows, the transpose goes through shared memory.  The kernels' channels_last
+results (y, dx) go back to an NCHW caller the other way round (``copy_to_nchw_``).
 
 ``EXPANSE_FAST_CONV_TRANSPOSE=torch`` keeps torch's copy (for a side-by-side timing; the GPU
 run's ceilings section times both).
@@ -50,6 +51,20 @@ def _nchw_to_nhwc_kernel(x_ptr, y_ptr, C, HW, W, sxn, sxc, sxh,
     tl.store(y_ptr + dst, tl.trans(tile), mask=tl.trans(mask))
 
 
+@triton.jit
+def _nhwc_to_nchw_kernel(x_ptr, y_ptr, C, HW, syn, syc,
+                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    n = tl.program_id(2)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (p[:, None] < HW) & (c[None, :] < C)
+    # x channels_last and dense: a tile row is one pixel's channels
+    tile = tl.load(x_ptr + (n.to(tl.int64) * HW + p[:, None]) * C + c[None, :], mask=mask)
+    # y[n, c, h, w] with H's stride W and w unit-stride (NCHW, or a channel slice of it)
+    dst = n.to(tl.int64) * syn + c[:, None].to(tl.int64) * syc + p[None, :]
+    tl.store(y_ptr + dst, tl.trans(tile), mask=tl.trans(mask))
+
+
 def mode() -> str:
     value = os.environ.get(_ENV, "triton")
     if value not in MODES:
@@ -78,3 +93,32 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
                                FLAT=t.stride(2) == w, BLOCK_C=block_c, BLOCK_P=block_p,
                                num_warps=4)
     return y
+
+
+def copy_to_nchw_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """``dst.copy_(src)`` for a dense channels_last ``src`` and an NCHW ``dst`` (or a channel
+    slice of one: H's stride W, W unit-stride), through the tiled transpose where
+    :func:`usable`: the conv kernels' channels_last results (y, dx) handed back in the
+    caller's NCHW layout."""
+    if dst.shape != src.shape:
+        raise ValueError(f"copy_to_nchw_: shapes differ, {tuple(dst.shape)} and "
+                         f"{tuple(src.shape)}")
+    flat_dst = dst.dim() == 4 and dst.stride(3) == 1 and dst.stride(2) == dst.shape[3]
+    if not (flat_dst and src.is_contiguous(memory_format=torch.channels_last)
+            and dst.dtype == src.dtype and dst.device == src.device
+            and usable(dst) and src.stride(1) == 1):
+        return dst.copy_(src)
+    n, c, h, w = src.shape
+    block_c, block_p = 64, 64
+    grid = (triton.cdiv(h * w, block_p), triton.cdiv(c, block_c), n)
+    _nhwc_to_nchw_kernel[grid](src, dst, c, h * w, dst.stride(0), dst.stride(1),
+                               BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+    return dst
+
+
+def to_nchw(t: torch.Tensor) -> torch.Tensor:
+    """``t.contiguous()`` of a channels_last ``t``, through the tiled transpose where
+    :func:`usable`."""
+    if t.is_contiguous():
+        return t
+    return copy_to_nchw_(torch.empty(t.shape, dtype=t.dtype, device=t.device), t)

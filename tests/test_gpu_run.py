@@ -302,6 +302,9 @@ def test_prewarm_runs_the_sections_expanse_calls_with_compiles_only(plugin, tmp_
         assert all(r["kind"] == "expanse" and "ms" not in r and "error" not in r
                    for r in called), called
         assert all(r.get("skipped") for r in rows if r["impl"] == "expanse/cuda")
+        if sec == "conv":  # the NCHW layout's A/B row of "auto" (y through the transpose)
+            assert {r["variant"] for r in called if r["impl"] == "expanse/auto-yT"} == {
+                "nchw fwd+bwd", "nchw fwd"}, called
 
 
 def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(plugin):

@@ -953,12 +953,13 @@ def sec_linear(ctx):
 
 
 def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
-                         triton_variant=None, mixed=False, dx_split=False, swizzle=False):
+                         triton_variant=None, mixed=False, dx_split=False, swizzle=False,
+                         auto_variant=None):
     """Every backend after the first (torch, measured before the peers), the compiled
     extension last, so that a faulty kernel's sticky CUDA error ends the section and not the
     other rows; then the extension on its WMMA path.  ``triton_variant`` (a _measure_triton_*
     function) times a Triton variant right after Triton, before the section's time runs
-    short."""
+    short; ``auto_variant`` one of "auto" right after it (always)."""
     _measure_backends(ctx, [b for b in backends[1:] if b[0] != "cuda"], exp_f, exp_fb, k,
                       v_f, v_fb, f_fwd, f_fb, ref)
     # EXPANSE_BENCH_VARIANTS=1 adds the diagnostic variants (Triton without TMA, on NCHW in
@@ -969,6 +970,8 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
         triton_variant(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
     _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref, mixed,
                   dx_split)
+    if auto_variant is not None:
+        auto_variant(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
     _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k,
                       v_f, v_fb, f_fwd, f_fb, ref)
     if swizzle:  # (the linear kernels' experiment: timed by default)
@@ -1004,6 +1007,18 @@ def _measure_auto(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
     names = [("auto", None)] + ([("triton+torch", None)] if mixed else []) + (
         [("auto/dx:triton", None)] if dx_split else [])
     _measure_backends(ctx, names, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
+
+
+def _measure_auto_y_transposed(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):
+    """``auto`` on NCHW input with the Triton forward's y written channels_last and handed
+    back by the tiled transpose (``EXPANSE_FAST_CONV_NCHW_Y=transpose``, ``expanse/auto-yT``),
+    beside its default store of NCHW in place, in 16-byte box rows: on 2026-12-01 the NCHW
+    forward took 1.04 ms against 0.63 on channels_last input; which of the two pays."""
+    if dict(backends).get("triton", "absent") is not None:
+        return
+    with _environment("EXPANSE_FAST_CONV_NCHW_Y", "transpose"):
+        _measure_backends(ctx, [("auto", None)], exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,
+                          ref, label="-yT")
 
 
 def _measure_triton_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref):
@@ -1236,7 +1251,8 @@ def sec_conv(ctx):
                              triton_variant=(_measure_triton_nchw_direct
                                              if fmt_name == "nchw"
                                              else _measure_triton_conv_without_tma),
-                             dx_split=True)
+                             dx_split=True, auto_variant=(_measure_auto_y_transposed
+                                                          if fmt_name == "nchw" else None))
         # last, after every timed row: where the host's time for one call goes
         _expanse_host_profiles(ctx, backends, v_fb, exp_fb)
         _host_profiles(ctx, v_fb, [("peer/masked", masked_fb)])

@@ -195,6 +195,13 @@ def report(first_config: bool = False) -> dict:
                 expanded_linear_tma.MODE = mode
         return run
 
+    def nchw_y_transposed():  # y channels_last, handed back by the tiled transpose
+        os.environ["EXPANSE_FAST_CONV_NCHW_Y"] = "transpose"
+        try:
+            conv_launches(channels_last=False)
+        finally:
+            del os.environ["EXPANSE_FAST_CONV_NCHW_Y"]
+
     for name, run in (("linear", linear_launches), ("linear", without_tma(linear_launches)),
                       ("linear-coupled", lambda: linear_launches(coupled=True)),
                       ("conv", conv_launches),
@@ -205,7 +212,8 @@ def report(first_config: bool = False) -> dict:
                       ("conv-pointer-coupled", without_tma(
                           lambda: conv_launches(coupled=True))),
                       ("conv-stride2", lambda: conv_launches(128, 32, stride=2)),
-                      ("conv-coupled", lambda: conv_launches(coupled=True))):
+                      ("conv-coupled", lambda: conv_launches(coupled=True)),
+                      ("conv-nchw-yT", nchw_y_transposed)):
         for row in compile_launches(run, first_config):
             out["rows"].append(dict(row, layer=name))
     return out

@@ -354,6 +354,25 @@ def test_nchw_results_are_written_in_place(tma_launches, monkeypatch, stride):
         assert seen["dx"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_nchw_y_through_the_transpose(tma_launches, monkeypatch, stride):
+    """EXPANSE_FAST_CONV_NCHW_Y=transpose (the GPU run's A/B row beside the in-place store):
+    the descriptor kernel writes y channels_last, which the tiled transpose hands back as
+    NCHW; y and every gradient as exact as the default's (_run), dx at stride 2 copied back
+    into the caller's NCHW dx by the transpose too."""
+    monkeypatch.setenv("EXPANSE_FAST_CONV_NCHW_Y", "transpose")
+    seen, real = {}, ect.forward
+
+    def spy(*args, **kwargs):
+        seen["y"] = args[6]
+        return real(*args, **kwargs)
+    monkeypatch.setattr(ect, "forward", spy)
+    t = _make((16, 8), (16, 8), 3, False, True, torch.float16, batch=2, hw=(4, 8))
+    _run(t, _conv(stride=stride, padding=1), False, torch.float16, need_dx_old=False)
+    y = seen["y"]
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+
+
 @pytest.mark.parametrize("coupled", [False, True])
 def test_nchw_wgrad_reads_the_callers_x(tma_launches, monkeypatch, coupled):
     """NCHW x at stride 1, as wide out as in: dW (and dW_couple) read the caller's x itself,

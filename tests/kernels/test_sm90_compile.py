@@ -51,7 +51,7 @@ def compiled(request):
 
 
 # no product: the NCHW input's (and dy's) transpose to channels_last for the conv kernels
-COPY_KERNELS = ("_nchw_to_nhwc_kernel",)
+COPY_KERNELS = ("_nchw_to_nhwc_kernel", "_nhwc_to_nchw_kernel")
 CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 # which conv launches compile each kernel: the descriptor kernels on both layouts, the
 # pointer ones where descriptors are off; at stride 2 the descriptor kernels again (x's
@@ -59,11 +59,12 @@ CONV_KERNELS = ("_conv_fwd_kernel", "_conv_wgrad_kernel", "_conv_dx_kernel")
 # layer (the coupling block, dW_couple, dx_old's staircase; the pointer kernels too, whose dx
 # tiles the old channels in bands).  On NCHW input dW reads x in place through its own
 # kernel.
-CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-coupled", "conv-nchw", "conv-stride2"]
+CONV_LAYERS = {f"_conv_{k}{tma}_kernel": (["conv", "conv-coupled", "conv-nchw", "conv-nchw-yT",
+                                           "conv-stride2"]
                                           if tma else ["conv-pointer", "conv-pointer-coupled"])
                for k in ("fwd", "wgrad", "dx") for tma in ("_tma", "")}
 CONV_LAYERS["_conv_wgrad_tma_kernel"] = ["conv", "conv-coupled", "conv-stride2"]
-CONV_LAYERS["_conv_wgrad_nchw_tma_kernel"] = ["conv-nchw"]
+CONV_LAYERS["_conv_wgrad_nchw_tma_kernel"] = ["conv-nchw", "conv-nchw-yT"]
 
 
 def test_every_kernel_compiles(compiled):
@@ -121,11 +122,14 @@ def test_outputs_stored_16_bytes_at_a_time(compiled, kernel):
     assert all(r["st_global_v4"] > 0 for r in compiled[kernel]), compiled[kernel]
 
 
-def test_nchw_transpose_moves_16_bytes_at_a_time(compiled):
-    """kernels/transpose.py on the NCHW layer's x and dy: whole rows both ways (no 2-byte
-    loads, 16-byte stores), the transpose through shared memory, no spills."""
-    rows = compiled["_nchw_to_nhwc_kernel"]
-    assert {r["layer"] for r in rows} == {"conv-nchw"}
+@pytest.mark.parametrize("kernel", COPY_KERNELS)
+def test_nchw_transposes_move_16_bytes_at_a_time(compiled, kernel):
+    """kernels/transpose.py on the NCHW layer's x and dy, and back on its y (with
+    EXPANSE_FAST_CONV_NCHW_Y=transpose): whole rows both ways (no 2-byte loads, 16-byte
+    stores), the transpose through shared memory, no spills."""
+    rows = compiled[kernel]
+    assert {r["layer"] for r in rows} == ({"conv-nchw-yT"} if "nhwc_to" in kernel
+                                          else {"conv-nchw", "conv-nchw-yT"})
     for r in rows:
         assert r["stack"] == 0 and r["ld_global_b16"] == 0 and r["st_global_v4"] > 0, r
         assert r["smem"] > 0, r

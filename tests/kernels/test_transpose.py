@@ -77,3 +77,36 @@ def test_empty_input():
     t = torch.randn(0, 16, 5, 5, device=DEVICE)
     got = transpose.to_channels_last(t)
     assert got.shape == t.shape and got.is_contiguous(memory_format=torch.channels_last)
+
+
+def _check_back(dst, src):
+    want = dst.clone().copy_(src)
+    got = transpose.copy_to_nchw_(dst, src)
+    assert got is dst and torch.equal(dst, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_channels_last_results_go_back_to_nchw_exactly(shape, dtype, device):
+    """The other way: the kernels' channels_last y (whole) and dx (into the caller's NCHW dx
+    past the old channels) handed back to an NCHW caller."""
+    src = torch.randn(shape, device=device).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    y = transpose.to_nchw(src)
+    assert y.is_contiguous() and torch.equal(y, src)
+    n, c, h, w = shape
+    dx = torch.zeros(n, c + 5, h, w, device=device, dtype=dtype)
+    _check_back(dx[:, 5:], src)
+    assert torch.equal(dx[:, :5], torch.zeros_like(dx[:, :5]))  # the old channels untouched
+
+
+def test_the_way_back_falls_back_to_torch_and_refuses_other_shapes():
+    src = torch.randn(2, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    _check_back(torch.empty(2, 16, 5, 5).contiguous(memory_format=torch.channels_last), src)
+    _check_back(torch.empty(2, 16, 5, 10)[..., ::2], src)  # W not unit-stride
+    _check_back(torch.empty(2, 16, 5, 5), src.contiguous())  # src not channels_last
+    with pytest.raises(ValueError, match=r"shapes differ, \(2, 16, 5, 4\) and \(2, 16, 5, 5\)"):
+        transpose.copy_to_nchw_(torch.empty(2, 16, 5, 4), src)
+    t = torch.randn(2, 16, 5, 5)
+    assert transpose.to_nchw(t) is t

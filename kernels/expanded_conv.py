@@ -627,6 +627,18 @@ def _memory_format(x):
     return torch.contiguous_format
 
 
+NCHW_Y_MODES = ("direct", "transpose")
+
+
+def _nchw_y_mode() -> str:
+    """EXPANSE_FAST_CONV_NCHW_Y: how the descriptor forward hands an NCHW caller its y
+    (read at each call: the GPU run times both in one process)."""
+    mode = os.environ.get("EXPANSE_FAST_CONV_NCHW_Y", "direct")
+    if mode not in NCHW_Y_MODES:
+        raise ValueError(f"EXPANSE_FAST_CONV_NCHW_Y={mode!r}: expected one of {NCHW_Y_MODES}")
+    return mode
+
+
 def _check_nchw_mode():
     if NCHW_MODE not in NCHW_MODES:
         raise ValueError(f"EXPANSE_FAST_CONV_NCHW={NCHW_MODE!r}: expected one of {NCHW_MODES}")
@@ -795,7 +807,7 @@ def expanded_conv2d_forward(x: torch.Tensor, w_frozen: torch.Tensor,
     # no channels_last round trip (the others write channels_last, transposed after; so does
     # the descriptor kernel with EXPANSE_FAST_CONV_NCHW_Y=transpose, which the GPU run times
     # beside the default: a box row of NCHW is 16 bytes).
-    in_place = use_tma and os.environ.get("EXPANSE_FAST_CONV_NCHW_Y", "direct") != "transpose"
+    in_place = use_tma and _nchw_y_mode() == "direct"
     y = torch.empty((n, o, ho, wo), device=x.device, dtype=dt,
                     memory_format=y_format if in_place else _memory_format(x))
     if y.numel() == 0:

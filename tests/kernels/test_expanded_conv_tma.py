@@ -371,6 +371,10 @@ def test_nchw_y_through_the_transpose(tma_launches, monkeypatch, stride):
     _run(t, _conv(stride=stride, padding=1), False, torch.float16, need_dx_old=False)
     y = seen["y"]
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    monkeypatch.setenv("EXPANSE_FAST_CONV_NCHW_Y", "nhwc")
+    with pytest.raises(ValueError, match="EXPANSE_FAST_CONV_NCHW_Y='nhwc'"):
+        ec.expanded_conv2d_forward(**_to_dev(t), **_conv(stride=stride, padding=1),
+                                   depthwise=False)
 
 
 @pytest.mark.parametrize("coupled", [False, True])

@@ -307,6 +307,37 @@ def test_prewarm_runs_the_sections_expanse_calls_with_compiles_only(plugin, tmp_
                 "nchw fwd+bwd", "nchw fwd"}, called
 
 
+def test_a_resumed_stage_skips_what_passed_before(tmp_path):
+    """The plugin notes each passed test in EXPANSE_TESTS_PASSED; a second run with
+    EXPANSE_TESTS_SKIP_PASSED=1 deselects those and runs the rest (the failed one, the
+    one the first run's deadline skipped)."""
+    import subprocess
+    import sys
+    (tmp_path / "test_three.py").write_text(
+        "import os, pytest\n"
+        "def test_passes():\n    pass\n"
+        "def test_fails():\n    assert False\n"
+        "def test_late():\n"
+        "    if os.environ.get('FIRST'):\n        pytest.skip('deadline')\n")
+    passed = tmp_path / "passed.txt"
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(PATH) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""), EXPANSE_TESTS_PASSED=str(passed))
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "bench_gpu",
+                               "-p", "no:cacheprovider", str(tmp_path / "test_three.py")],
+                              capture_output=True, text=True, timeout=120,
+                              env=dict(env, **extra), cwd=tmp_path)
+    first = run(FIRST="1")
+    assert "1 failed, 1 passed, 1 skipped" in first.stdout, first.stdout[-1500:]
+    assert passed.read_text().split() == ["test_three.py::test_passes"]
+    again = run(EXPANSE_TESTS_SKIP_PASSED="1")
+    assert "1 failed, 1 passed, 1 deselected" in again.stdout, again.stdout[-1500:]
+    assert passed.read_text().split() == ["test_three.py::test_passes",
+                                          "test_three.py::test_late"]
+    assert "1 failed, 2 passed" in run().stdout  # without the switch: all of them
+
+
 def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(plugin):
     specs = plugin._sweep_specs(quick=False)
     linear = [s for s in specs if s.op == "linear"]

@@ -2136,7 +2136,9 @@ def cmd_report(args) -> int:
 # stage's hard timeout would kill it.  A test marked ``gpu_seconds(s)`` (a long one) is
 # skipped already when fewer than s seconds are left before the deadline.  Each failure is
 # also appended to EXPANSE_TESTS_FAILURES at once (junit is written only at the end, and
-# not at all if the stage is killed).
+# not at all if the stage is killed), each pass to EXPANSE_TESTS_PASSED; with
+# EXPANSE_TESTS_SKIP_PASSED=1 the tests that file names are deselected (a second call of the
+# GPU run goes on where the first one's deadline stopped).
 # =========================================================================================
 def _hookimpl(**opts):
     try:
@@ -2154,13 +2156,30 @@ def pytest_configure(config):
 
 
 def pytest_runtest_logreport(report):
-    path = os.environ.get("EXPANSE_TESTS_FAILURES")
     config = _PYTEST_CONFIG.get("config")
-    if not path or not report.failed or hasattr(config, "workerinput"):
+    if hasattr(config, "workerinput"):
         return  # (under xdist the controller writes what the workers report)
-    text = str(report.longrepr or "")
-    with open(path, "a") as f:
-        f.write(f"=== {report.nodeid} ({report.when})\n{text[-3000:]}\n\n")
+    path = os.environ.get("EXPANSE_TESTS_FAILURES")
+    if path and report.failed:
+        text = str(report.longrepr or "")
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{text[-3000:]}\n\n")
+    passed = os.environ.get("EXPANSE_TESTS_PASSED")
+    if passed and report.passed and report.when == "call":
+        with open(passed, "a") as f:
+            f.write(report.nodeid + "\n")
+
+
+def _passed_before() -> set:
+    """The tests EXPANSE_TESTS_PASSED names, where EXPANSE_TESTS_SKIP_PASSED=1 asks."""
+    path = os.environ.get("EXPANSE_TESTS_PASSED")
+    if os.environ.get("EXPANSE_TESTS_SKIP_PASSED") != "1" or not path:
+        return set()
+    try:
+        with open(path) as f:
+            return {line.strip() for line in f if line.strip()}
+    except FileNotFoundError:
+        return set()
 
 
 @_hookimpl(tryfirst=True)  # before the test's fixtures are set up: a skip costs nothing
@@ -2207,6 +2226,10 @@ def dtype_rank(params) -> int:
 
 
 def pytest_collection_modifyitems(session, config, items):
+    done = _passed_before()
+    if done:  # (every xdist worker reads the file before this stage has added to it)
+        config.hook.pytest_deselected(items=[i for i in items if i.nodeid in done])
+        items[:] = [i for i in items if i.nodeid not in done]
     # stable: file order within a rank (every xdist worker sorts alike)
     items.sort(key=lambda item: (test_rank(item.nodeid),
                                  dtype_rank(getattr(getattr(item, "callspec", None),

@@ -17,8 +17,10 @@
 # test stage.  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
 # EXPANSE_GPU_DIAG=<pytest -k expression>: those GPU tests again under cuda-gdb (native stack).
 # EXPANSE_GPU_TESTS_K=<pytest -k expression>: the test stages run only the GPU tests it
-# selects (a rerun of the ones a fix was for).  EXPANSE_GPU_STAGES=build,ncu: Nsight Compute's
-# counters for the linear layer's kernels (cuda, cuda-sw128, triton), in ncu_<variant>.txt.
+# selects (a rerun of the ones a fix was for).  EXPANSE_GPU_TESTS_RESUME=1: they skip the tests
+# an earlier call on the same sources passed (a second call of a warm session).
+# EXPANSE_GPU_STAGES=build,ncu: Nsight Compute's counters for the linear layer's kernels
+# (cuda, cuda-sw128, triton), in ncu_<variant>.txt.
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,7 +30,7 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--quick) QUICK=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --dry-run)"; exit 2 ;;
   esac
 done
@@ -220,10 +222,20 @@ main() {
     (( HAVE_GPU )) && "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$TEST_WORKERS")
     local runner=(run_stage "$name" "$limit")
     [ "$mode" = bg ] && runner=(run_stage_bg "$name" "$limit" 5)
+    # Each pass is noted under build/ (kept between warm calls), per source fingerprint and
+    # stage: EXPANSE_GPU_TESTS_RESUME=1 deselects what passed in an earlier call of the same
+    # sources, so a second call goes on where the first one's deadline stopped.
     EXPANSE_TESTS_DEADLINE=$(( $(date +%s) + limit - 20 )) EXPANSE_FAST_AUTOTUNE=0 \
       EXPANSE_TESTS_FAILURES="$OUT/failures_$name.txt" \
+      EXPANSE_TESTS_PASSED="$PASSED_DIR/${SOURCE_ID}_$name.txt" \
+      EXPANSE_TESTS_SKIP_PASSED="${EXPANSE_GPU_TESTS_RESUME:-0}" \
       PYTHONPATH="$HERE:$PYTHONPATH" "${runner[@]}" "$PY" -m pytest "${args[@]}"
   }
+  PASSED_DIR="$REPO/build/gpu_tests_passed"
+  mkdir -p "$PASSED_DIR"
+  SOURCE_ID="$(sed -n 's/.*"source_sha256_16": "\([0-9a-f]*\)".*/\1/p' "$WORK/env.json" \
+               2>/dev/null | head -n1)"
+  SOURCE_ID="${SOURCE_ID:-unknown}"
   local only="${EXPANSE_GPU_TESTS_K:+ and (${EXPANSE_GPU_TESTS_K})}"
   local tests_pid="" prewarm_pid=""
   if wanted tests; then

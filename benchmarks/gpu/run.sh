@@ -13,8 +13,8 @@
 # ceilings,linear,conv,mlp,cnn,sweep), e.g. EXPANSE_GPU_STAGES=bench EXPANSE_GPU_SECTIONS=linear.
 # The build, the Triton tests and the prewarm (the benchmarks' Triton configs compiled into
 # Triton's cache, EXPANSE_GPU_PREWARM=0 skips it) run side by side, then the CUDA tests.
-# EXPANSE_GPU_TEST_WORKERS (default all cores but two, at most 14): pytest-xdist workers of each
-# test stage.  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
+# EXPANSE_GPU_TEST_WORKERS (default half the cores, at most 8): pytest-xdist workers of each
+# test stage (the two overlap).  EXPANSE_GPU_SANITIZE=0 skips compute-sanitizer after failed CUDA tests.
 # EXPANSE_GPU_DIAG=<pytest -k expression>: those GPU tests again under cuda-gdb (native stack).
 # EXPANSE_GPU_TESTS_K=<pytest -k expression>: the test stages run only the GPU tests it
 # selects (a rerun of the ones a fix was for).  EXPANSE_GPU_TESTS_RESUME=1: they skip the tests
@@ -202,8 +202,11 @@ main() {
   wanted bench || keep=$(( 15 + 130 * want_ncu ))
   local window_end=$(( $(date +%s) + $(stage_limit 100000 "$keep") ))
   window_left() { local t=$(( window_end - $(date +%s) )); (( t < 10 )) && t=10; echo "$t"; }
-  TEST_WORKERS="${EXPANSE_GPU_TEST_WORKERS:-$(( $(nproc 2>/dev/null || echo 4) - 2 ))}"
-  (( TEST_WORKERS > 14 )) && TEST_WORKERS=14
+  # Half the cores each: the two test stages overlap (with the build and the prewarm), and
+  # more compiling workers than cores only add memory (each holds torch, a CUDA context and
+  # Triton: 128 GiB of host memory for all of them on the H200 machine).
+  TEST_WORKERS="${EXPANSE_GPU_TEST_WORKERS:-$(( $(nproc 2>/dev/null || echo 4) / 2 ))}"
+  (( TEST_WORKERS > 8 )) && TEST_WORKERS=8
   (( TEST_WORKERS < 1 )) && TEST_WORKERS=1
   # gpu_tests fg|bg NAME LIMIT JUNIT PYTEST-ARGS...
   # -p bench_gpu: past the deadline the remaining tests skip, so pytest ends by itself and

@@ -9,6 +9,7 @@ were first imported.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -48,6 +49,20 @@ def availability(device) -> Tuple[bool, str]:
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _on_its_device(op):
+    """Triton launches on the current CUDA device: an op whose first tensor lives on another
+    (a model split across GPUs, a thread that never set its device) runs under that tensor's
+    device, as torch's own ops and the cuda backend's (a CUDAGuard) do.  Otherwise the
+    launch would hand another device's pointers to a kernel on the current one."""
+    @functools.wraps(op)
+    def call(t, *args, **kwargs):
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return op(t, *args, **kwargs)
+        return op(t, *args, **kwargs)
+    return call
+
+
 def _dense(v: Maybe) -> Maybe:
     """A 1-D vector (a bias, a folded BatchNorm's statistics) the kernels read at unit
     stride: a strided view (say b[::2], through the functional ops) is copied."""
@@ -66,6 +81,7 @@ def _check_dtype(x: Tensor, op: str) -> None:
 # ---------------------------------------------------------------------------------------
 # Linear
 # ---------------------------------------------------------------------------------------
+@_on_its_device
 def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], activation: str = "",
@@ -79,6 +95,7 @@ def linear_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                                           activation=activation or None, pre=pre)
 
 
+@_on_its_device
 def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int],
                     need_dx_new: bool, need_dx_old: bool, need_dw: bool, need_db: bool,
@@ -115,6 +132,7 @@ def _conv_kernels():
     return expanded_conv
 
 
+@_on_its_device
 def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, b_new: Maybe,
                    w_couple: Maybe, frozen_out_groups: Sequence[int],
                    frozen_k_ends: Sequence[int], stride, padding, dilation,
@@ -129,6 +147,7 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
         stride, padding, dilation, depthwise, norm=frozen_bn)
 
 
+@_on_its_device
 def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_couple: Maybe,
                     frozen_out_groups: Sequence[int], frozen_k_ends: Sequence[int], stride,
                     padding, dilation, depthwise: bool, need_dx_new: bool, need_dx_old: bool,

@@ -338,6 +338,48 @@ def test_a_resumed_stage_skips_what_passed_before(tmp_path):
     assert "1 failed, 2 passed" in run().stdout  # without the switch: all of them
 
 
+def test_run_sh_runs_its_stages_side_by_side_and_reports_them(tmp_path):
+    """benchmarks/gpu/run.sh with a stand-in nvidia-smi on PATH (a "GPU" machine whose torch
+    has no CUDA): the Triton tests and the prewarm start in the background beside the build,
+    the CUDA tests follow it, both background stages are done (the prewarm stopped, if still
+    running) before the benchmarks, and the report lists every stage with its Time block.
+    The one place the script's own logic runs before a GPU session."""
+    import shutil
+    import subprocess
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text("#!/bin/sh\ncase \"$*\" in\n  *noheader*) echo 9.0 ;;\n"
+                   "  *query-gpu*) echo name, compute_cap; echo Stand-in, 9.0 ;;\n"
+                   "  *) echo stand-in nvidia-smi ;;\nesac\n")
+    smi.chmod(0o755)
+    out = tmp_path / "out"
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", OUT=str(out),
+               EXPANSE_GPU_STATE_DIR=str(tmp_path / "state"), EXPANSE_GPU_SECTIONS="ceilings",
+               EXPANSE_GPU_TESTS_K="no_test_has_this_name", EXPANSE_GPU_BUDGET_S="300")
+    env.pop("TRITON_INTERPRET", None)
+    script = os.path.join(os.path.dirname(PATH), "run.sh")
+    proc = subprocess.run(["bash", script], capture_output=True, text=True, timeout=600,
+                          env=env)
+    log = proc.stdout
+    assert proc.returncode == 0, log[-3000:] + proc.stderr[-2000:]
+    for line in ("=== stage tests (in the background, nice 5)",
+                 "=== stage prewarm (in the background, nice 5)", "=== stage build:",
+                 "=== stage tests_cuda:", "=== stage bench:"):
+        assert line in log, line
+    # the background stages are started before the build, finished before the benchmarks
+    assert log.index("stage tests (in the background") < log.index("=== stage build:")
+    assert log.index("=== stage prewarm (background) output") < log.index("=== stage bench:")
+    assert log.index("=== stage tests (background) output") < log.index("=== stage bench:")
+    report = (out / "results.md").read_text()
+    for stage in ("env", "prewarm", "build", "tests", "tests_cuda", "bench"):
+        assert f"| {stage} |" in report, stage
+    assert "Time:" in report and "- ceilings:" in report
+    assert (tmp_path / "state" / "triton_cache").is_dir()
+
+
 def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(plugin):
     specs = plugin._sweep_specs(quick=False)
     linear = [s for s in specs if s.op == "linear"]

@@ -61,11 +61,13 @@ export PYTHONDONTWRITEBYTECODE=1
 # expanse_fast/ has no kernels/ subpackage and would shadow the shim below.
 export PYTHONSAFEPATH=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"   # ninja jobs of the CUDA build
-# The CUDA extension's build and Triton's compiled kernels in the checkout's (ignored) build/:
-# the device machine keeps a checkout's ignored outputs between calls while it stays warm,
-# so a second call loads them instead of building and compiling again.
-export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$REPO/build/torch_extensions}"
-export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$REPO/build/triton_cache}"
+# The CUDA extension's build, Triton's compiled kernels and the tests' passes in the
+# checkout's (ignored) build/ (EXPANSE_GPU_STATE_DIR): the device machine keeps a checkout's
+# ignored outputs between calls while it stays warm, so a second call loads them instead of
+# building and compiling again.
+STATE="${EXPANSE_GPU_STATE_DIR:-$REPO/build}"
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$STATE/torch_extensions}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$STATE/triton_cache}"
 mkdir -p "$TORCH_EXTENSIONS_DIR" "$TRITON_CACHE_DIR"
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
@@ -234,7 +236,7 @@ main() {
       EXPANSE_TESTS_SKIP_PASSED="${EXPANSE_GPU_TESTS_RESUME:-0}" \
       PYTHONPATH="$HERE:$PYTHONPATH" "${runner[@]}" "$PY" -m pytest "${args[@]}"
   }
-  PASSED_DIR="$REPO/build/gpu_tests_passed"
+  PASSED_DIR="$STATE/gpu_tests_passed"
   mkdir -p "$PASSED_DIR"
   SOURCE_ID="$(sed -n 's/.*"source_sha256_16": "\([0-9a-f]*\)".*/\1/p' "$WORK/env.json" \
                2>/dev/null | head -n1)"

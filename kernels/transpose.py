@@ -65,6 +65,15 @@ def _nhwc_to_nchw_kernel(x_ptr, y_ptr, C, HW, syn, syc,
     tl.store(y_ptr + dst, tl.trans(tile), mask=tl.trans(mask))
 
 
+# A tile of 64 channels x 64 pixels (8 KB in 16-bit types): each side moves 128-byte rows.
+BLOCK = 64
+
+
+def _grid(t: torch.Tensor):
+    n, c, h, w = t.shape
+    return (triton.cdiv(h * w, BLOCK), triton.cdiv(c, BLOCK), n)
+
+
 def mode() -> str:
     value = os.environ.get(_ENV, "triton")
     if value not in MODES:
@@ -85,13 +94,11 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
     :func:`usable` (the same values, bit for bit: a copy)."""
     if t.is_contiguous(memory_format=torch.channels_last) or not usable(t):
         return t.contiguous(memory_format=torch.channels_last)
-    n, c, h, w = t.shape
+    _, c, h, w = t.shape
     y = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=torch.channels_last)
-    block_c, block_p = 64, 64
-    grid = (triton.cdiv(h * w, block_p), triton.cdiv(c, block_c), n)
-    _nchw_to_nhwc_kernel[grid](t, y, c, h * w, w, t.stride(0), t.stride(1), t.stride(2),
-                               FLAT=t.stride(2) == w, BLOCK_C=block_c, BLOCK_P=block_p,
-                               num_warps=4)
+    _nchw_to_nhwc_kernel[_grid(t)](t, y, c, h * w, w, t.stride(0), t.stride(1), t.stride(2),
+                                   FLAT=t.stride(2) == w, BLOCK_C=BLOCK, BLOCK_P=BLOCK,
+                                   num_warps=4)
     return y
 
 
@@ -105,14 +112,11 @@ def copy_to_nchw_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
                          f"{tuple(src.shape)}")
     flat_dst = dst.dim() == 4 and dst.stride(3) == 1 and dst.stride(2) == dst.shape[3]
     if not (flat_dst and src.is_contiguous(memory_format=torch.channels_last)
-            and dst.dtype == src.dtype and dst.device == src.device
-            and usable(dst) and src.stride(1) == 1):
+            and dst.dtype == src.dtype and dst.device == src.device and usable(dst)):
         return dst.copy_(src)
-    n, c, h, w = src.shape
-    block_c, block_p = 64, 64
-    grid = (triton.cdiv(h * w, block_p), triton.cdiv(c, block_c), n)
-    _nhwc_to_nchw_kernel[grid](src, dst, c, h * w, dst.stride(0), dst.stride(1),
-                               BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4)
+    _, c, h, w = src.shape
+    _nhwc_to_nchw_kernel[_grid(src)](src, dst, c, h * w, dst.stride(0), dst.stride(1),
+                                     BLOCK_C=BLOCK, BLOCK_P=BLOCK, num_warps=4)
     return dst
 
 

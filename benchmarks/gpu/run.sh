@@ -78,6 +78,10 @@ stage_limit() {
   (( t < 10 )) && t=10
   echo "$t"
 }
+# record_stage NAME RC START LIMIT: one line of stages.tsv (the report's stage table).
+record_stage() {
+  printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$(( $(date +%s) - $3 ))" "$4" >> "$WORK/stages.tsv"
+}
 # run_stage NAME TIMEOUT CMD...: output to the log and WORK/NAME.log, status to stages.tsv.
 run_stage() {
   local name=$1 limit=$2 start rc
@@ -87,8 +91,7 @@ run_stage() {
   start=$(date +%s)
   timeout -k 10 "$limit" "$@" 2>&1 | tee "$WORK/$name.log"
   rc=${PIPESTATUS[0]}
-  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" \
-    >> "$WORK/stages.tsv"
+  record_stage "$name" "$rc" "$start" "$limit"
   echo "=== stage $name: exit $rc after $(( $(date +%s) - start ))s ==="
   return "$rc"
 }
@@ -106,8 +109,7 @@ run_stage_bg() {
     echo $! > "$WORK/$name.pid"   # timeout's (nice execs it), for finish_bg's stop
     wait $!
     rc=$?
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - start ))" "$limit" \
-      >> "$WORK/stages.tsv"
+    record_stage "$name" "$rc" "$start" "$limit"
     echo "$rc" > "$WORK/$name.rc"
   ) &
   BG_PID=$!

@@ -213,7 +213,7 @@ main() {
   (( TEST_WORKERS > 8 )) && TEST_WORKERS=8
   (( TEST_WORKERS < 1 )) && TEST_WORKERS=1
   # gpu_tests fg|bg NAME LIMIT JUNIT PYTEST-ARGS...
-  # -p bench_gpu: past the deadline the remaining tests skip, so pytest ends by itself and
+  # -p gpu_tests_plugin: past the deadline the remaining tests skip, so pytest ends by itself and
   # writes its junit file; bfloat16 cases and the kernels' own tests run first, the
   # float32/float16 sweeps (which CI also runs under the interpreter) last.
   # EXPANSE_FAST_AUTOTUNE=0: one tile per kernel, no tuning compiles.  Worker processes
@@ -223,7 +223,7 @@ main() {
   gpu_tests() {
     local mode=$1 name=$2 limit=$3 junit=$4
     shift 4
-    local args=(-q -m gpu tests --maxfail=60 -rfE -p no:cacheprovider -p bench_gpu
+    local args=(-q -m gpu tests --maxfail=60 -rfE -p no:cacheprovider -p gpu_tests_plugin
                 --junitxml="$OUT/$junit" -o junit_family=xunit1 "$@")
     "$PY" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout=100)
     (( HAVE_GPU )) && "$PY" -c "import xdist" 2>/dev/null && args+=(-n "$TEST_WORKERS")

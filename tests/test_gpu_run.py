@@ -32,33 +32,10 @@ def plugin():
 
 
 @pytest.fixture(scope="module")
-def gpu_common():
-    return _gpu_module("gpu_common")
-
-
-@pytest.fixture(scope="module")
-def gpu_profile():
-    return _gpu_module("gpu_profile")
-
-
-@pytest.fixture(scope="module")
-def gpu_ctx():
-    return _gpu_module("gpu_ctx")
-
-
-@pytest.fixture(scope="module")
-def gpu_orchestrate():
-    return _gpu_module("gpu_orchestrate")
-
-
-@pytest.fixture(scope="module")
-def gpu_report():
-    return _gpu_module("gpu_report")
-
-
-@pytest.fixture(scope="module")
-def sec_models():
-    return _gpu_module("sec_models")
+def gpu():
+    """The run's other modules, by their names less the prefix: gpu.report is gpu_report.py."""
+    return types.SimpleNamespace(**{name.split("_", 1)[1]: _gpu_module(name) for name in (
+        "gpu_common", "gpu_profile", "gpu_ctx", "gpu_orchestrate", "gpu_report", "sec_models")})
 
 
 def _item(seconds=None, nodeid="tests/test_x.py::test_y"):
@@ -134,7 +111,7 @@ def _row(variant, impl, kind, ms, **extra):
     return dict(variant=variant, impl=impl, kind=kind, ms=ms, **extra)
 
 
-def test_targets_take_the_best_backend_per_variant(gpu_report):
+def test_targets_take_the_best_backend_per_variant(gpu):
     linear = [_row("fwd+bwd", "expanse/torch", "expanse", 2.0, pct_cublas=70.0,
                    speedup={"masked": 2.0, "cat": 1.1}),
               _row("fwd+bwd", "expanse/triton", "expanse", 1.5, pct_cublas=90.0,
@@ -148,7 +125,7 @@ def test_targets_take_the_best_backend_per_variant(gpu_report):
     conv = [_row("nchw fwd+bwd", "expanse/torch", "expanse", None, error="boom"),
             _row("nchw fwd+bwd", "peer/masked", "peer", 3.0)]
     got = {(t["section"], t["variant"], t["what"]): t
-           for t in gpu_report._targets({"linear": {"rows": linear}, "conv": {"rows": conv}})}
+           for t in gpu.report._targets({"linear": {"rows": linear}, "conv": {"rows": conv}})}
     pct = got[("linear", "fwd+bwd", "% of the cuBLAS rate (useful FLOPs)")]
     assert (pct["best"], pct["impl"], pct["met"], pct["limit"]) == (
         90.0, "expanse/triton", True, None)
@@ -161,25 +138,25 @@ def test_targets_take_the_best_backend_per_variant(gpu_report):
     unmeasured = got[("conv", "nchw fwd+bwd", "x masked full-width conv (cuDNN)")]
     assert unmeasured["best"] is None and unmeasured["met"] is None
     assert not any(t["variant"] == "fwd" for t in got.values())
-    table = "\n".join(gpu_report._target_lines(list(got.values())))
+    table = "\n".join(gpu.report._target_lines(list(got.values())))
     assert "| NO |" in table and "no measurement" in table and "| yes |" in table
 
 
-def test_the_ceilings_get_their_floor_and_the_rest_their_shares(gpu_orchestrate, gpu_common):
+def test_the_ceilings_get_their_floor_and_the_rest_their_shares(gpu):
     # the f0ce6a0 run gave the ceilings 11 of 92 s: too few to measure the cuBLAS rate
-    low, high = gpu_orchestrate.CEILINGS_SECONDS
-    sections = list(gpu_common.SECTIONS)
-    assert gpu_orchestrate.section_budget("ceilings", 92.0, sections) == low
-    assert gpu_orchestrate.section_budget("ceilings", 400.0, sections) == high
-    assert gpu_orchestrate.section_budget("ceilings", 10.0, sections) == 10.0  # never past the end
-    weights = [gpu_common.SECTION_WEIGHT[s] for s in sections[1:]]
-    linear = gpu_orchestrate.section_budget("linear", 74.0, sections[1:])
+    low, high = gpu.orchestrate.CEILINGS_SECONDS
+    sections = list(gpu.common.SECTIONS)
+    assert gpu.orchestrate.section_budget("ceilings", 92.0, sections) == low
+    assert gpu.orchestrate.section_budget("ceilings", 400.0, sections) == high
+    assert gpu.orchestrate.section_budget("ceilings", 10.0, sections) == 10.0  # never past the end
+    weights = [gpu.common.SECTION_WEIGHT[s] for s in sections[1:]]
+    linear = gpu.orchestrate.section_budget("linear", 74.0, sections[1:])
     assert abs(linear - 74.0 * weights[0] / sum(weights)) < 1e-9
     # the last takes what is left
-    assert gpu_orchestrate.section_budget("cnn", 30.0, ["cnn"]) == 30.0
+    assert gpu.orchestrate.section_budget("cnn", 30.0, ["cnn"]) == 30.0
 
 
-def test_a_row_that_failed_its_check_meets_no_target(gpu_report):
+def test_a_row_that_failed_its_check_meets_no_target(gpu):
     """A fast kernel with wrong results (its check against the torch backend says MISMATCH
     or ERROR) is timed and shown, but stands for no target."""
     linear = [_row("fwd+bwd", "expanse/torch", "expanse", 2.0, pct_cublas=70.0,
@@ -188,13 +165,13 @@ def test_a_row_that_failed_its_check_meets_no_target(gpu_report):
                    speedup={"masked": 3.0, "cat": 1.5}, check="MISMATCH dx 4.1e-01"),
               _row("fwd+bwd", "expanse/cuda", "expanse", 0.9, pct_cublas=99.0,
                    speedup={"masked": 3.3, "cat": 1.6}, check="ERROR RuntimeError: boom")]
-    got = {t["what"]: t for t in gpu_report._targets({"linear": {"rows": linear}})}
+    got = {t["what"]: t for t in gpu.report._targets({"linear": {"rows": linear}})}
     masked = got["x masked full-width layer"]
     assert (masked["best"], masked["impl"], masked["met"]) == (1.5, "expanse/torch", False)
     assert got["% of the cuBLAS rate (useful FLOPs)"]["best"] == 70.0
     assert "x triton (cuda backend)" not in got
     ok = dict(linear[1], check="ok 4.9e-03")
-    got = {t["what"]: t for t in gpu_report._targets({"linear": {"rows": [linear[0], ok]}})}
+    got = {t["what"]: t for t in gpu.report._targets({"linear": {"rows": [linear[0], ok]}})}
     assert got["x masked full-width layer"]["impl"] == "expanse/triton"
 
 
@@ -209,15 +186,15 @@ def _both_ops(**suffixes):
     ("torch", _both_ops(**{"": "torch"}), "torch"),
     ("auto", {}, "auto"),
 ])
-def test_backend_scopes_steer_auto_and_put_the_environment_back(gpu_ctx, monkeypatch, name,
-                                                                  env, global_choice):
+def test_backend_scopes_steer_auto_and_put_the_environment_back(gpu, monkeypatch, name, env,
+                                                                 global_choice):
     """The GPU run's rows per backend: "auto/dx:triton" (the conv's input gradient from the
     Triton kernel, its weight gradients from cuDNN) sets only the conv's _DX variable."""
     import expanse_fast as xf
     keys = list(_both_ops(**{s: "" for s in ("", "_FORWARD", "_BACKWARD", "_DX")}))
     for k in keys:
         monkeypatch.delenv(k, raising=False)
-    with gpu_ctx.Ctx.backend(None, name):
+    with gpu.ctx.Ctx.backend(None, name):
         assert {k: os.environ[k] for k in keys if k in os.environ} == env
         assert xf.backend_choice.get_backend() == global_choice
     assert not [k for k in keys if k in os.environ]
@@ -249,9 +226,9 @@ KERNEL_NAMES.update((name, name) for name in (  # no signature: kept whole
 
 
 @pytest.mark.parametrize("name", list(KERNEL_NAMES))
-def test_kernel_labels_keep_what_tells_kernels_apart(gpu_profile, name):
-    assert gpu_profile.kernel_label(name) == KERNEL_NAMES[name]
-    assert gpu_profile.kernel_label(KERNEL_NAMES[name]) == KERNEL_NAMES[name]  # (older results)
+def test_kernel_labels_keep_what_tells_kernels_apart(gpu, name):
+    assert gpu.profile.kernel_label(name) == KERNEL_NAMES[name]
+    assert gpu.profile.kernel_label(KERNEL_NAMES[name]) == KERNEL_NAMES[name]  # (older results)
 
 
 def _event(key, device, us, count=1, shapes=None, cpu_us=0.0, annotation=False):
@@ -261,7 +238,7 @@ def _event(key, device, us, count=1, shapes=None, cpu_us=0.0, annotation=False):
                                  is_user_annotation=annotation)
 
 
-def test_profile_rows_put_device_time_on_the_ops_that_launched_it(gpu_profile, gpu_report):
+def test_profile_rows_put_device_time_on_the_ops_that_launched_it(gpu):
     fill = ("void at::native::vectorized_elementwise_kernel<8, at::native::FillFunctor<float>,"
             " std::array<char*, 1ul> >")
     recorded = [_event("ProfilerStep#1", False, 500.0), _event("aten::zero_", False, 39.0),
@@ -274,27 +251,27 @@ def test_profile_rows_put_device_time_on_the_ops_that_launched_it(gpu_profile, g
                        shapes=[[64, 64, 56, 56], [64, 64, 56, 56], []]),
                 _event("aten::empty", False, 0.0, shapes=[[]]),
                 _event(fill, True, 39.0)]
-    kernels, ops = gpu_profile._profile_rows(recorded, by_shape, top=8)
+    kernels, ops = gpu.profile._profile_rows(recorded, by_shape, top=8)
     assert kernels == [["_conv_fwd_tma_kernel", 1, 566.4],
                        ["vectorized_elementwise_kernel(FillFunctor)", 1, 39.0]]
     assert ops == [["aten::zero_", "64x320x56x56", 1, 39.0],
                    ["aten::copy_", "64x64x56x56, 64x64x56x56", 2, 20.5]]
-    lines = gpu_report._breakdown_lines({"rows": [dict(variant="fwd+bwd", impl="expanse/triton",
+    lines = gpu.report._breakdown_lines({"rows": [dict(variant="fwd+bwd", impl="expanse/triton",
                                                        kernels=kernels, kernel_ops=ops)]})
     assert any("zero_ [64x320x56x56] 39" in ln and "copy_ [64x64x56x56, 64x64x56x56] x2 20"
                in ln for ln in lines), lines
     # on a CPU (no per-shape events): the aten ops' own time, no op lines
-    kernels, ops = gpu_profile._profile_rows([_event("aten::mm", False, 0.0, cpu_us=12.0)], None,
+    kernels, ops = gpu.profile._profile_rows([_event("aten::mm", False, 0.0, cpu_us=12.0)], None,
                                              8)
     assert kernels == [["aten::mm", 1, 12.0]] and ops is None
     # a session whose host side failed names why, beside the kernels
-    lines = gpu_report._breakdown_lines({"rows": [dict(
+    lines = gpu.report._breakdown_lines({"rows": [dict(
         variant="fwd+bwd", impl="expanse/torch", kernels=[["mm", 1, 5.0]],
         kernel_ops="ops not profiled: RuntimeError: x")]})
     assert "  - by the aten op that launched them: ops not profiled: RuntimeError: x" in lines
 
 
-def test_sweep_section_times_every_widening_against_the_peers(gpu_common, gpu_report, tmp_path):
+def test_sweep_section_times_every_widening_against_the_peers(gpu, tmp_path):
     """The sweep section at its CPU sizes (--quick): every case it plans has the expanded
     layer under "auto" and the three peers timed, and the report puts the speed-ups on it."""
     import subprocess
@@ -305,7 +282,7 @@ def test_sweep_section_times_every_widening_against_the_peers(gpu_common, gpu_re
          "--quick", "--out", str(out), "--deadline", str(time.time() + 120)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    res = gpu_common._load(str(out))
+    res = gpu.common._load(str(out))
     cases = res["config"]["cases"]
     assert len(cases) == 7 and res["finished"], res.get("notes")
     assert any("3 groups" in c for c in cases)
@@ -316,12 +293,12 @@ def test_sweep_section_times_every_widening_against_the_peers(gpu_common, gpu_re
         # where the section's time went: each row's seconds, its warm-up's among them
         assert all(r["wall_s"] >= r["warm_s"] >= 0 for r in rows.values()), rows
         assert rows["peer/masked"]["executed_flop"] > rows["expanse/auto"]["useful_flop"] > 0
-    gpu_report._finish_rows({"sweep": res})
+    gpu.report._finish_rows({"sweep": res})
     exp = [r for r in res["rows"] if r["impl"] == "expanse/auto"]
     assert all(set(r["speedup"]) == {"masked", "cat", "finetune"} for r in exp)
 
 
-def test_prewarm_runs_the_sections_expanse_calls_with_compiles_only(gpu_common, tmp_path):
+def test_prewarm_runs_the_sections_expanse_calls_with_compiles_only(gpu, tmp_path):
     """``bench_gpu.py prewarm`` at CPU sizes (the Triton kernels interpreted; on the GPU they
     compile): a process per section, each expanse row's call made once with the autotuned
     launches turned into compiles of their configs, nothing timed, no peer, no cuda row."""
@@ -333,12 +310,12 @@ def test_prewarm_runs_the_sections_expanse_calls_with_compiles_only(gpu_common, 
          "--work", str(tmp_path), "--budget", "200", "--sections", "ceilings,linear,conv"],
         capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    summary = gpu_common._load(str(tmp_path / "prewarm.json"))
+    summary = gpu.common._load(str(tmp_path / "prewarm.json"))
     assert set(summary) == {"linear", "conv", "triton_cache_new"}  # (no Triton in ceilings)
     for sec in ("linear", "conv"):
         assert summary[sec]["exit"] == 0 and not summary[sec]["errors"], summary[sec]
         assert summary[sec]["configs"]["compiled"] > 0 and not summary[sec]["configs"]["failed"]
-        rows = gpu_common._load(str(tmp_path / f"prewarm_{sec}.json"))["rows"]
+        rows = gpu.common._load(str(tmp_path / f"prewarm_{sec}.json"))["rows"]
         called = [r for r in rows if "wall_s" in r]
         assert {r["impl"] for r in called} >= {"expanse/torch", "expanse/triton"}, rows
         assert all(r["kind"] == "expanse" and "ms" not in r and "error" not in r
@@ -422,8 +399,8 @@ def test_run_sh_runs_its_stages_side_by_side_and_reports_them(tmp_path):
     assert (tmp_path / "state" / "triton_cache").is_dir()
 
 
-def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(sec_models):
-    specs = sec_models._sweep_specs(quick=False)
+def test_sweep_sizes_are_the_sections_sizes_at_the_other_widenings(gpu):
+    specs = gpu.models._sweep_specs(quick=False)
     linear = [s for s in specs if s.op == "linear"]
     conv = [s for s in specs if s.op == "conv2d"]
     assert {(s.old, s.rows) for s in linear} == {(4096, 16384)}
@@ -447,16 +424,16 @@ def test_the_ncu_stage_script_runs_the_layer(tmp_path):
     assert "2 forward+backward calls on torch, float32, 3 x (5+2)" in proc.stdout
 
 
-def test_environment_switch_is_put_back(gpu_common, monkeypatch):
+def test_environment_switch_is_put_back(gpu, monkeypatch):
     """The cuda variant rows flip the extension's switches through _environment: set within
     the block, as before after it (unset, or its old value), an exception included."""
     monkeypatch.delenv("EXPANSE_TEST_SWITCH", raising=False)
-    with gpu_common._environment("EXPANSE_TEST_SWITCH", "1"):
+    with gpu.common._environment("EXPANSE_TEST_SWITCH", "1"):
         assert os.environ["EXPANSE_TEST_SWITCH"] == "1"
     assert "EXPANSE_TEST_SWITCH" not in os.environ
     monkeypatch.setenv("EXPANSE_TEST_SWITCH", "old")
     with pytest.raises(RuntimeError):
-        with gpu_common._environment("EXPANSE_TEST_SWITCH", "new"):
+        with gpu.common._environment("EXPANSE_TEST_SWITCH", "new"):
             assert os.environ["EXPANSE_TEST_SWITCH"] == "new"
             raise RuntimeError("a failed row")
     assert os.environ["EXPANSE_TEST_SWITCH"] == "old"

@@ -7,8 +7,6 @@ median time over the subject's, beside the limit.
 """
 import os
 
-import pytest
-
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

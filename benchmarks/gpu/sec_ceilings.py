@@ -46,7 +46,7 @@ def sec_ceilings(ctx):
             sets = [(torch.randn(n, n, device=ctx.dev, dtype=dt),
                      torch.randn(n, n, device=ctx.dev, dtype=dt)) for _ in range(k)]
             c = torch.empty(n, n, device=ctx.dev, dtype=dt)
-            fns = [lambda a=a, b=b: torch.mm(a, b, out=c) for a, b in sets]
+            fns = [lambda a=a, b=b, c=c: torch.mm(a, b, out=c) for a, b in sets]
             ctx.measure(f"matmul {n}^3 {name}", "cuBLAS" if ctx.cuda else "torch.mm",
                         "ceiling", fns, executed_flop=2 * n ** 3, dtype=name)
             del sets, c, fns
@@ -57,7 +57,7 @@ def sec_ceilings(ctx):
         srcs = [torch.empty(nbytes, device=ctx.dev, dtype=torch.uint8).random_(0, 255)
                 for _ in range(2)]
         dst = torch.empty_like(srcs[0])
-        fns = [lambda s=s: dst.copy_(s) for s in srcs]
+        fns = [lambda s=s, dst=dst: dst.copy_(s) for s in srcs]
         # bytes moved: read + write
         ctx.measure(f"copy {nbytes // 2**20} MiB", "copy_", "ceiling", fns,
                     bytes_moved=2 * nbytes)

@@ -14,11 +14,7 @@ from gpu_measure import _host_profiles
 # ---- (d) MLP training step ---------------------------------------------------------------
 def sec_mlp(ctx):
     torch = ctx.torch
-    from torch import nn
-    import torch.nn.functional as F
-    import expanse_fast as xf
     rows, hidden, classes = (32, 32, 10) if ctx.quick else (4096, 1024, 10)
-    dev = ctx.dev
     backends = ctx.usable_backends("linear")
     # EXPANSE_BENCH_MLP_DTYPES (default bfloat16): float32 steps too with
     # "bfloat16,float32"; only bfloat16's are also timed in CUDA graphs.
@@ -30,80 +26,91 @@ def sec_mlp(ctx):
     dtypes = [getattr(torch, n) for n in names]
     for dt in dtypes:
         dname = str(dt).replace("torch.", "")
-        variant = f"train step {dname}"
         if ctx.left() < 6:
             ctx.note(f"mlp {dname}: skipped, out of time")
             continue
-        torch.manual_seed(0)
-        base = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                             nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                             nn.Linear(hidden, classes)).to(dev, dt)
-        big = xf.expand(base, width=0.25, new_classes=classes).to(dev, dt)
-        layers = [m for m in big.modules() if isinstance(m, xf.ExpandedLinear)]
-        # The first layer reads data: no input gradient there.
-        useful = sum(2 * rows * (m.layout.forward_macs() + m.layout.backward_macs(
-            need_input_grad=j > 0, need_old_input_grad=False)) for j, m in enumerate(layers))
-        dense_flop = lambda dims: sum(  # noqa: E731
-            2 * rows * o * i * (3 if j > 0 else 2) for j, (i, o) in enumerate(dims))
-        ctx.res.setdefault("config", {})[dname] = dict(
-            rows=rows, layers=[(m.in_groups, m.out_groups) for m in layers],
-            useful_gflop=useful / 1e9)
-        k = ctx.n_sets(rows * hidden * dt.itemsize)
-        xs = [torch.randn(rows, hidden, device=dev, dtype=dt) for _ in range(k)]
-        ys = [torch.randint(0, classes, (rows,), device=dev) for _ in range(k)]
-
-        def step(model, opt, i):
-            opt.zero_grad(set_to_none=True)
-            logits = model(xs[i])
-            loss = F.cross_entropy(logits[:, -classes:].float(), ys[i])
-            loss.backward()
-            opt.step()
-            return loss
-
-        opt = torch.optim.Adam([p for p in big.parameters() if p.requires_grad], lr=1e-4)
-
-        def expanse(backends):
-            for name, why in backends:
-                impl = f"expanse/{name}"
-                if why:
-                    ctx.add(variant=variant, impl=impl, kind="expanse", skipped=why)
-                    continue
-                with ctx.backend(name):
-                    ctx.measure(variant, impl, "expanse",
-                                [lambda i=i: step(big, opt, i) for i in range(k)], useful,
-                                useful)
-
-        expanse(backends[:1])  # torch, then the peers, then the compiled backends
-
-        masked = xf.merge(big).to(dev, dt)
-        for m, e in zip([m for m in masked.modules() if isinstance(m, nn.Linear)], layers):
-            keep = torch.zeros(m.out_features, device=dev, dtype=dt)
-            keep[e.layout.frozen_out:] = 1
-            m.weight.register_hook(lambda g, keep=keep: g * keep[:, None])
-            m.bias.register_hook(lambda g, keep=keep: g * keep)
-        mopt = torch.optim.Adam(masked.parameters(), lr=1e-4)
-        dims = [(m.in_features, m.out_features) for m in masked.modules()
-                if isinstance(m, nn.Linear)]
-        ctx.measure(variant, "peer/masked", "peer",
-                    [lambda i=i: step(masked, mopt, i) for i in range(k)], useful,
-                    dense_flop(dims))
-        ft = base
-        fopt = torch.optim.Adam(ft.parameters(), lr=1e-4)
-        dims = [(m.in_features, m.out_features) for m in ft.modules() if isinstance(m, nn.Linear)]
-        ctx.measure(variant, "peer/finetune", "peer",
-                    [lambda i=i: step(ft, fopt, i) for i in range(k)], useful, dense_flop(dims))
-        expanse(backends[1:])
-        if dt == torch.bfloat16:
-            _measure_graphed_steps(ctx, variant, step, k, useful, backends, big,
-                                   [("peer/masked", masked), ("peer/finetune", ft)],
-                                   dense_flop)
-        if dt == dtypes[0]:  # last: after every timed row of the section's first dtype
-            with ctx.backend("torch"):
-                _host_profiles(ctx, variant, [("expanse/torch", lambda: step(big, opt, 0))])
-            _host_profiles(ctx, variant, [("peer/finetune", lambda: step(ft, fopt, 0))])
-        del big, masked, ft, opt, mopt, fopt, xs, ys
-        if ctx.cuda:
+        _mlp_steps(ctx, dt, rows, hidden, classes, backends, profile_host=dt == dtypes[0])
+        if ctx.cuda:  # (its models, optimizers and inputs went when it returned)
             torch.cuda.empty_cache()
+
+
+def _mlp_steps(ctx, dt, rows, hidden, classes, backends, profile_host):
+    """One dtype's training steps: the expanded MLP under each backend, the masked full-width
+    MLP and fine-tuning the original, eager (and in CUDA graphs for bfloat16)."""
+    torch = ctx.torch
+    from torch import nn
+    import torch.nn.functional as F
+    import expanse_fast as xf
+    dev = ctx.dev
+    dname = str(dt).replace("torch.", "")
+    variant = f"train step {dname}"
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                         nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, classes)).to(dev, dt)
+    big = xf.expand(base, width=0.25, new_classes=classes).to(dev, dt)
+    layers = [m for m in big.modules() if isinstance(m, xf.ExpandedLinear)]
+    # The first layer reads data: no input gradient there.
+    useful = sum(2 * rows * (m.layout.forward_macs() + m.layout.backward_macs(
+        need_input_grad=j > 0, need_old_input_grad=False)) for j, m in enumerate(layers))
+    dense_flop = lambda dims: sum(  # noqa: E731
+        2 * rows * o * i * (3 if j > 0 else 2) for j, (i, o) in enumerate(dims))
+    ctx.res.setdefault("config", {})[dname] = dict(
+        rows=rows, layers=[(m.in_groups, m.out_groups) for m in layers],
+        useful_gflop=useful / 1e9)
+    k = ctx.n_sets(rows * hidden * dt.itemsize)
+    xs = [torch.randn(rows, hidden, device=dev, dtype=dt) for _ in range(k)]
+    ys = [torch.randint(0, classes, (rows,), device=dev) for _ in range(k)]
+
+    def step(model, opt, i):
+        opt.zero_grad(set_to_none=True)
+        logits = model(xs[i])
+        loss = F.cross_entropy(logits[:, -classes:].float(), ys[i])
+        loss.backward()
+        opt.step()
+        return loss
+
+    opt = torch.optim.Adam([p for p in big.parameters() if p.requires_grad], lr=1e-4)
+
+    def expanse(backends):
+        for name, why in backends:
+            impl = f"expanse/{name}"
+            if why:
+                ctx.add(variant=variant, impl=impl, kind="expanse", skipped=why)
+                continue
+            with ctx.backend(name):
+                ctx.measure(variant, impl, "expanse",
+                            [lambda i=i: step(big, opt, i) for i in range(k)], useful,
+                            useful)
+
+    expanse(backends[:1])  # torch, then the peers, then the compiled backends
+
+    masked = xf.merge(big).to(dev, dt)
+    for m, e in zip([m for m in masked.modules() if isinstance(m, nn.Linear)], layers):
+        keep = torch.zeros(m.out_features, device=dev, dtype=dt)
+        keep[e.layout.frozen_out:] = 1
+        m.weight.register_hook(lambda g, keep=keep: g * keep[:, None])
+        m.bias.register_hook(lambda g, keep=keep: g * keep)
+    mopt = torch.optim.Adam(masked.parameters(), lr=1e-4)
+    dims = [(m.in_features, m.out_features) for m in masked.modules()
+            if isinstance(m, nn.Linear)]
+    ctx.measure(variant, "peer/masked", "peer",
+                [lambda i=i: step(masked, mopt, i) for i in range(k)], useful,
+                dense_flop(dims))
+    ft = base
+    fopt = torch.optim.Adam(ft.parameters(), lr=1e-4)
+    dims = [(m.in_features, m.out_features) for m in ft.modules() if isinstance(m, nn.Linear)]
+    ctx.measure(variant, "peer/finetune", "peer",
+                [lambda i=i: step(ft, fopt, i) for i in range(k)], useful, dense_flop(dims))
+    expanse(backends[1:])
+    if dt == torch.bfloat16:
+        _measure_graphed_steps(ctx, variant, step, k, useful, backends, big,
+                               [("peer/masked", masked), ("peer/finetune", ft)],
+                               dense_flop)
+    if profile_host:  # last: after every timed row of the section's first dtype
+        with ctx.backend("torch"):
+            _host_profiles(ctx, variant, [("expanse/torch", lambda: step(big, opt, 0))])
+        _host_profiles(ctx, variant, [("peer/finetune", lambda: step(ft, fopt, 0))])
 
 
 def _measure_graphed_steps(ctx, variant, step, k, useful, backends, big, peers, dense_flop):

@@ -10,7 +10,6 @@ TMA) and store 16 bytes at a time (a mask the compiler cannot prove aligned once
 2-byte accesses, 255 registers and spills).
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

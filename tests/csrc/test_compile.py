@@ -153,7 +153,9 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     notice: an accumulator register touched while they are in flight) and without waits of
     its own for them (C7517: at the linear main loop's back edge such a wait kept the next
     k-tile's MMAs from being queued while one tile's still run); the WMMA and SIMT kernels
-    issue none; built for plain sm_90 (the portable path) nothing issues wgmma."""
+    issue none; built for plain sm_90 (the portable path) nothing issues wgmma.  In the linear
+    kernels a branch skips the proxy fence unless the thread stored some of the tile element
+    by element: tiles copied by cp.async alone reach wgmma without it (a MEMBAR in SASS)."""
     expect = WGMMA_KERNELS[src_name]
     ptx_path = _ptx_of(src_name, "compute_90a", tmp_path)
     entries = _ptx_entries(ptx_path.read_text())
@@ -179,6 +181,13 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
         assert len(calls) == per_tile, f"{name}: {len(calls)} wgmma m64n{n}k16, expected {per_tile}"
         assert {t for _, t in calls} == {trans}, f"{name}: {calls}"
         assert "fence.proxy.async.shared::cta" in body, f"{name}: no proxy fence"
+        if src_name == "expanded_linear_kernels.cu":
+            code = [ln.strip() for ln in body.splitlines()
+                    if ln.strip() and not ln.strip().startswith("//")]
+            unguarded = [code[i - 1] for i, ln in enumerate(code)
+                         if ln.startswith("fence.proxy.async")
+                         and not re.match(r"@!?%p\d+ bra\s", code[i - 1])]
+            assert not unguarded, f"{name}: proxy fence not behind a branch, after {unguarded}"
         waits = {int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+);", body)}
         assert waits == ({0, in_flight} if in_flight else {0}), f"{name}: waits {waits}"
     for name, body in entries.items():

@@ -261,15 +261,14 @@ struct CoreSmem {
 // each thread must do after its copies land and before the barrier that publishes them; plain:
 // this thread stored some of the tile element by element, copy_chunk),
 // after_mma(acc) (after a tile's mma) and finish(acc) after the last tile.  ASYNC_MMA: mma
-// only issues the tile's MMAs, which run on while the next copies are issued.
-// MMA_IN_FLIGHT: how many k-tiles' MMAs may still run when the next barrier is passed (their
-// stages are not refilled until they are done; gemm_mainloop fetches that much less ahead).
+// only issues the tile's MMAs, which run on while the next copies are issued; after_mma then
+// waits until the previous tile's MMAs are done (gemm_mainloop says when stages are refilled).
 
 // ---- wgmma (sm_90a, fp16/bf16): 2 warpgroups, each 64 x 256 of a 128 x 256 tile -------------
 // One block per SM, four stages of 48 KB.  The wide tile halves the operand bytes each
 // multiply-add needs from L2 and shared memory against 128 x 128 (the Triton kernels' fastest
-// H200 tile is 128 x 256 too), and one k-tile's MMAs stay in flight across the next barrier:
-// the tensor cores have the next tile's MMAs queued while the block synchronises.
+// H200 tile is 128 x 256 too), and one k-tile's MMAs stay in flight while the block waits for
+// the previous tile's, synchronises and issues the next copies.
 template <typename T, bool SWIZZLE = false>
 struct WgmmaMath {
   static constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4;
@@ -278,7 +277,6 @@ struct WgmmaMath {
   template <bool AK, bool BKM>
   using Layout = CoreSmem<T, BM, BN, BK, THREADS, STAGES, AK, BKM, SWIZZLE>;
   static constexpr bool ASYNC_MMA = true;
-  static constexpr int MMA_IN_FLIGHT = 1;  // k-tiles whose MMAs may run past the barrier
   // fp32 elements an SM streams from memory while a block multiplies one k-tile (H200: 2M
   // multiply-adds in about 1000 cycles, at about 19 bytes a cycle: plan_for)
   static constexpr double WS_ELEMS_PER_KTILE = 5000;
@@ -297,7 +295,7 @@ struct WgmmaMath {
     if (plain) wgmma::fence_shared_for_async_proxy();
   }
   // After a tile's MMAs are issued: the previous tile's are done (this warpgroup's), so once
-  // every thread has passed the next barrier, the stage they read may be refilled.
+  // every thread has passed the barrier after this, the stage they read may be refilled.
   __device__ static void after_mma(Acc& acc) {
     wgmma::wait<1>();
     wgmma::pin(acc.d);
@@ -347,7 +345,6 @@ struct WmmaMath {
       for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc.f[i][j], 0.f);
   }
   static constexpr bool ASYNC_MMA = false;
-  static constexpr int MMA_IN_FLIGHT = 0;
   __device__ static void before_barrier(Acc&, bool) {}
   __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
@@ -420,7 +417,6 @@ struct SimtMath {
       for (int j = 0; j < TN; ++j) acc.v[i][j] = 0.f;
   }
   static constexpr bool ASYNC_MMA = false;
-  static constexpr int MMA_IN_FLIGHT = 0;
   __device__ static void before_barrier(Acc&, bool) {}
   __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
@@ -472,10 +468,14 @@ template <typename T, class M, class L, class P>
 __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char* smem,
                               bool do_colsum, float& colsum) {
   constexpr int S = M::STAGES;
-  // Tiles fetched ahead of the one multiplied: every other stage, but the stages whose MMAs
-  // may still be running.  Iteration t refills the stage of tile t - 1 - MMA_IN_FLIGHT: each
-  // thread saw that tile's MMAs done (after_mma) before the barrier of iteration t.
-  constexpr int AHEAD = S - 1 - M::MMA_IN_FLIGHT;
+  // Tiles fetched ahead of the one multiplied: every other stage.  Iteration t refills the
+  // stage of tile t - 1.  Synchronous math: before tile t's math, every thread being done with
+  // tile t - 1 at the barrier that publishes tile t.  Asynchronous: once tile t's MMAs are
+  // issued and tile t - 1's are done (after_mma), which a second barrier says of every
+  // warpgroup; tile t's MMAs run on meanwhile (the schedule of Triton 3.6's cp.async + wgmma
+  // loop).  (Refilling tile t - 2's stage instead takes one barrier a tile but fetches a
+  // tile less ahead: two of four stages, about 1 us of copy latency covered on an H200.)
+  constexpr int AHEAD = S - 1;
   static_assert(AHEAD >= 1, "the loop overlaps at least one copy with the math");
   M::zero(acc);
   const int np = prob.num_phases();
@@ -512,19 +512,19 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
     cp_async_wait<AHEAD - 1>();  // tile `tile` has landed (this thread's copies)
     const int stage = tile % S;
     M::before_barrier(acc, (plain_stages >> stage) & 1u);
-    __syncthreads();  // ...everyone's; and every thread is done with tile - 1 - MMA_IN_FLIGHT
+    __syncthreads();  // ...everyone's
     const T* As = L::a(smem, stage);
-    // Synchronous math: the next copies first, so they fly during the MMAs.  Asynchronous:
-    // the MMAs first, so they run while the copies are issued.  Either way into the stage
-    // of tile - 1 - MMA_IN_FLIGHT.
-    if (!M::ASYNC_MMA) fetch_next();
+    if (!M::ASYNC_MMA) fetch_next();  // (synchronous math: every thread is done with tile - 1)
     M::template mma<L>(acc, As, L::b(smem, stage));
-    if (M::ASYNC_MMA) fetch_next();
     if (do_colsum && threadIdx.x < M::BM) {
 #pragma unroll 8
       for (int k = 0; k < M::BK; ++k) colsum += to_f(L::a_at(As, threadIdx.x, k));
     }
     M::after_mma(acc);
+    if (M::ASYNC_MMA) {
+      __syncthreads();  // every warpgroup's MMAs of tile - 1 are done: its stage is free
+      fetch_next();
+    }
     if (tile + 1 >= fetched) break;
   }
   M::finish(acc);

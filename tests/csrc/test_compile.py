@@ -155,7 +155,8 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     k-tile's MMAs from being queued while one tile's still run); the WMMA and SIMT kernels
     issue none; built for plain sm_90 (the portable path) nothing issues wgmma.  In the linear
     kernels a branch skips the proxy fence unless the thread stored some of the tile element
-    by element: tiles copied by cp.async alone reach wgmma without it (a MEMBAR in SASS)."""
+    by element: tiles copied by cp.async alone reach wgmma without it (a MEMBAR in SASS); and
+    their loop keeps two k-tiles' copies in flight while it waits for the next."""
     expect = WGMMA_KERNELS[src_name]
     ptx_path = _ptx_of(src_name, "compute_90a", tmp_path)
     entries = _ptx_entries(ptx_path.read_text())
@@ -188,6 +189,10 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
                          if ln.startswith("fence.proxy.async")
                          and not re.match(r"@!?%p\d+ bra\s", code[i - 1])]
             assert not unguarded, f"{name}: proxy fence not behind a branch, after {unguarded}"
+            # three of the four stages fetched ahead: tile t is waited for with t + 1 and t + 2
+            # still in flight (the stage of t - 1 is refilled once its MMAs are done)
+            cp_waits = set(re.findall(r"cp\.async\.wait_group (\d+);", body))
+            assert cp_waits == {"2"}, f"{name}: cp.async.wait_group {cp_waits}"
         waits = {int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+);", body)}
         assert waits == ({0, in_flight} if in_flight else {0}), f"{name}: waits {waits}"
     for name, body in entries.items():

@@ -16,9 +16,10 @@
 //   fp16/bf16 elsewhere: WMMA 16x16x16 fragments (portable sm_80+), 128 x 128 x 32, two stages;
 //   fp32: shared-memory-tiled SIMT FMA (exact fp32, no tf32), 64 x 64 x 16, two stages.
 // All accumulate in fp32.  Tiles are copied with 16-byte cp.async where a chunk is aligned and
-// in range (scalar zero-filling copy otherwise); STAGES - 1 tiles (wgmma: STAGES - 2) are in
-// flight while one multiplies.  Blocks start in groups of kGroupM row tiles (grouped_tile), so
-// the blocks running at once share their operands in L2.
+// in range (scalar zero-filling copy otherwise); STAGES - 1 tiles are in flight while one
+// multiplies.  Blocks start in groups of kGroupM row tiles (grouped_tile), so the blocks
+// running at once share their operands in L2.  The wgmma forward and dx kernels stage their
+// output tiles in shared memory and write them out by rows (write_tile_rows).
 #include "expanded_linear.h"
 #include "kernel_common.cuh"
 #include "wgmma.cuh"
@@ -136,6 +137,38 @@ __host__ __device__ __forceinline__ bool load_tile(T* s, int sld, const TileSrc<
   T* d = s + r0 * sld + col;
   return copy_rows<T, ROWS, COLS, THREADS>(src, r0, col,
                                            [&](int i) { return d + i * ROW_STEP * sld; });
+}
+
+// Where a block's staged output tile goes: element (m, n) of the tile is base[offset + m * ld +
+// n], written for rows m < rows and columns col_lo <= n < col_hi only (offset may name an
+// element outside the buffer when col_lo > 0; no such element is touched).
+struct OutRegion {
+  int64_t offset, ld;
+  int rows, col_lo, col_hi;
+};
+
+// Writes the region of a ROWS x COLS tile staged in shared memory (row stride lds) to global
+// memory: thread tid takes 16-byte chunks tid, tid + THREADS, ... row by row, so a warp writes
+// 512 contiguous bytes of a row; a chunk that is not wholly inside the region or not 16-byte
+// aligned in global memory goes element by element.
+template <typename T, int ROWS, int COLS, int THREADS>
+__host__ __device__ __forceinline__ void write_tile_rows(const T* s, int lds, T* base,
+                                                         const OutRegion& r, int tid) {
+  constexpr int VEC = 16 / sizeof(T), PER_ROW = COLS / VEC;
+  static_assert(COLS % VEC == 0, "whole chunks a row");
+  for (int j = tid; j < ROWS * PER_ROW; j += THREADS) {
+    const int m = j / PER_ROW, c = (j % PER_ROW) * VEC;
+    if (m >= r.rows || c + VEC <= r.col_lo || c >= r.col_hi) continue;
+    const T* src = s + m * lds + c;
+    const int64_t at = r.offset + m * r.ld;  // element (m, 0), as an offset from base
+    if (c >= r.col_lo && c + VEC <= r.col_hi &&
+        (reinterpret_cast<uintptr_t>(base + at + c) & 15) == 0) {
+      *reinterpret_cast<uint4*>(base + at + c) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < VEC; ++e)
+        if (c + e >= r.col_lo && c + e < r.col_hi) base[at + c + e] = src[e];
+    }
+  }
 }
 
 // Shared-memory layout of the pipeline stages, rows padded (the WMMA and SIMT math).
@@ -274,6 +307,15 @@ struct WgmmaMath {
   static constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4;
   static constexpr int MIN_BLOCKS = 1;
   static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
+  // The forward and input-gradient kernels stage their outputs in the stages' shared memory
+  // ([BM][OUT_LD] elements a tile; the forward's pre-activation a second tile) and write them
+  // out by rows (write_tile_rows): each accumulator pair of a thread lies in another row, so
+  // stored directly every warp store would touch 8 rows.  OUT_LD = BN + 8: a warp's 2-byte
+  // stores of one accumulator index land in 32 different banks.
+  static constexpr bool STAGED_EPILOGUE = true;
+  static constexpr int OUT_LD = BN + 16 / sizeof(T);
+  static_assert(2 * BM * OUT_LD * sizeof(T) <= STAGES * (BM + BN) * BK * sizeof(T),
+                "two staged output tiles fit in the stages");
   template <bool AK, bool BKM>
   using Layout = CoreSmem<T, BM, BN, BK, THREADS, STAGES, AK, BKM, SWIZZLE>;
   static constexpr bool ASYNC_MMA = true;
@@ -345,6 +387,7 @@ struct WmmaMath {
       for (int j = 0; j < FN; ++j) wmma::fill_fragment(acc.f[i][j], 0.f);
   }
   static constexpr bool ASYNC_MMA = false;
+  static constexpr bool STAGED_EPILOGUE = false;  // (each element stored where it lies)
   __device__ static void before_barrier(Acc&, bool) {}
   __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
@@ -417,6 +460,7 @@ struct SimtMath {
       for (int j = 0; j < TN; ++j) acc.v[i][j] = 0.f;
   }
   static constexpr bool ASYNC_MMA = false;
+  static constexpr bool STAGED_EPILOGUE = false;  // (each element stored where it lies)
   __device__ static void before_barrier(Acc&, bool) {}
   __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
@@ -597,6 +641,24 @@ __host__ __device__ __forceinline__ FwdProblem<T> fwd_problem(const FwdParams& p
   return FwdProblem<T>{p, p.seg[si], t.m * M::BM, (t.n - p.seg[si].tile0) * M::BN};
 }
 
+// The staged forward epilogue's write-out (thread tid): y's tile, and pre's where its columns
+// reach pre_col0.  col0: the tile's first output column; cols: its columns in its segment.
+template <typename T, class M>
+__host__ __device__ __forceinline__ void fwd_write_out(const FwdParams& p, const T* ys,
+                                                       const T* pres, int64_t m0, int64_t col0,
+                                                       int cols, int tid) {
+  const int rows = static_cast<int>(p.rows - m0 < M::BM ? p.rows - m0 : M::BM);
+  write_tile_rows<T, M::BM, M::BN, M::THREADS>(ys, M::OUT_LD, static_cast<T*>(p.y),
+                                               {m0 * p.ld_y + col0, p.ld_y, rows, 0, cols}, tid);
+  if (p.pre == nullptr) return;
+  const int64_t skip = p.pre_col0 - col0;  // the tile's columns before pre's first
+  write_tile_rows<T, M::BM, M::BN, M::THREADS>(
+      pres, M::OUT_LD, static_cast<T*>(p.pre),
+      {m0 * p.ld_pre + col0 - p.pre_col0, p.ld_pre, rows,
+       static_cast<int>(skip < 0 ? 0 : (skip > M::BN ? M::BN : skip)), cols},
+      tid);
+}
+
 template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_fwd_kernel(const __grid_constant__ FwdParams p) {
@@ -613,6 +675,19 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   T* y = static_cast<T*>(p.y);
   T* pre = static_cast<T*>(p.pre);
   const T* bias = static_cast<const T*>(s.bias);
+  if constexpr (M::STAGED_EPILOGUE) {
+    T* ys = reinterpret_cast<T*>(smem);
+    T* pres = ys + M::BM * M::OUT_LD;
+    const int cols = s.rows - n0 < M::BN ? s.rows - n0 : M::BN;
+    M::store(acc, nullptr, [&](int m, int n, float v) {
+      if (bias != nullptr && n < cols) v += to_f(bias[n0 + n]);
+      ys[m * M::OUT_LD + n] = from_f<T>(activate(p.activation, v));
+      if (pre != nullptr) pres[m * M::OUT_LD + n] = from_f<T>(v);
+    });
+    __syncthreads();
+    fwd_write_out<T, M>(p, ys, pres, m0, s.col0 + n0, cols, threadIdx.x);
+    return;
+  }
   M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
     const int64_t row = m0 + m;
     const int col = n0 + n;
@@ -691,6 +766,16 @@ __host__ __device__ __forceinline__ DxProblem<T> dx_problem(const DxParams& p, i
   return DxProblem<T>{p, t.m * M::BM, c0, c_end, old};
 }
 
+// The staged input-gradient epilogue's write-out (thread tid): columns c0 .. c_end of dx.
+template <typename T, class M>
+__host__ __device__ __forceinline__ void dx_write_out(const DxParams& p, const T* dxs,
+                                                      int64_t m0, int c0, int c_end, int tid) {
+  const int rows = static_cast<int>(p.rows - m0 < M::BM ? p.rows - m0 : M::BM);
+  const int cols = c_end - c0 < M::BN ? c_end - c0 : M::BN;
+  write_tile_rows<T, M::BM, M::BN, M::THREADS>(dxs, M::OUT_LD, static_cast<T*>(p.dx),
+                                               {m0 * p.ld_dx + c0, p.ld_dx, rows, 0, cols}, tid);
+}
+
 template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dx_kernel(const __grid_constant__ DxParams p) {
@@ -704,6 +789,13 @@ linear_dx_kernel(const __grid_constant__ DxParams p) {
   gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
   __syncthreads();
   T* dx = static_cast<T*>(p.dx);
+  if constexpr (M::STAGED_EPILOGUE) {
+    T* dxs = reinterpret_cast<T*>(smem);
+    M::store(acc, nullptr, [&](int m, int n, float v) { dxs[m * M::OUT_LD + n] = from_f<T>(v); });
+    __syncthreads();
+    dx_write_out<T, M>(p, dxs, m0, c0, c_end, threadIdx.x);
+    return;
+  }
   M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
     const int64_t row = m0 + m;
     const int col = c0 + n;

@@ -47,9 +47,6 @@ __host__ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem
   unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
 #else
-#if !defined(__CUDA_ARCH__) && defined(EXPANSE_FAST_HOST_CP_ASYNC_COUNT)
-  ++EXPANSE_FAST_HOST_CP_ASYNC_COUNT;  // the host tile emulation tells the two copy paths apart
-#endif
   *reinterpret_cast<uint4*>(smem) = *reinterpret_cast<const uint4*>(gmem);
 #endif
 }
@@ -75,21 +72,18 @@ struct TileSrc {
 };
 
 // Copies one 16-byte chunk (VEC elements of a global row) to shared memory: cp.async when it
-// is in range and aligned, else element by element with zeros past the valid region.  Returns
-// whether it stored element by element (plain shared-memory stores, which the wgmma math must
-// fence before the tensor cores read them).
+// is in range and aligned, else element by element with zeros past the valid region.
 template <typename T>
-__host__ __device__ __forceinline__ bool copy_chunk(T* sp, const TileSrc<T>& src, int r, int col) {
+__host__ __device__ __forceinline__ void copy_chunk(T* sp, const TileSrc<T>& src, int r, int col) {
   constexpr int VEC = 16 / sizeof(T);
   const T* gp = src.ptr + r * src.ld + col;
   if (r < src.rows && col + VEC <= src.cols && (reinterpret_cast<uintptr_t>(gp) & 15) == 0) {
     cp_async16(sp, gp);
-    return false;
-  }
-  const T zero = from_f<T>(0.f);
+  } else {
+    const T zero = from_f<T>(0.f);
 #pragma unroll
-  for (int e = 0; e < VEC; ++e) sp[e] = (r < src.rows && col + e < src.cols) ? gp[e] : zero;
-  return true;
+    for (int e = 0; e < VEC; ++e) sp[e] = (r < src.rows && col + e < src.cols) ? gp[e] : zero;
+  }
 }
 
 // Whether an OUTER x INNER tile lies wholly inside src with every 16-byte chunk aligned: then
@@ -105,10 +99,9 @@ __host__ __device__ __forceinline__ bool tile_inside(const TileSrc<T>& src) {
 // row r0 + i * ROW_STEP, column col of src, and goes to dst(i) in shared memory.  Both smem
 // layouts give a thread chunks THREADS / PER_ROW rows apart in one column, so a tile wholly
 // inside src (most of them) takes the unchecked copy: one pointer per thread, stepped by a
-// constant number of rows, instead of per-chunk bounds and alignment tests.  Returns whether
-// this thread stored any chunk element by element (copy_chunk).
+// constant number of rows, instead of per-chunk bounds and alignment tests.
 template <typename T, int OUTER, int INNER, int THREADS, class Dst>
-__host__ __device__ __forceinline__ bool copy_rows(const TileSrc<T>& src, int r0, int col,
+__host__ __device__ __forceinline__ void copy_rows(const TileSrc<T>& src, int r0, int col,
                                                    Dst dst) {
   constexpr int VEC = 16 / sizeof(T);
   constexpr int PER_ROW = INNER / VEC, CHUNKS = OUTER * PER_ROW;
@@ -119,24 +112,20 @@ __host__ __device__ __forceinline__ bool copy_rows(const TileSrc<T>& src, int r0
     const T* g = src.ptr + r0 * src.ld + col;
 #pragma unroll
     for (int i = 0; i < CHUNKS / THREADS; ++i) cp_async16(dst(i), g + i * ROW_STEP * src.ld);
-    return false;
-  }
-  bool plain = false;
+  } else {
 #pragma unroll
-  for (int i = 0; i < CHUNKS / THREADS; ++i)
-    plain |= copy_chunk(dst(i), src, r0 + i * ROW_STEP, col);
-  return plain;
+    for (int i = 0; i < CHUNKS / THREADS; ++i) copy_chunk(dst(i), src, r0 + i * ROW_STEP, col);
+  }
 }
 
 // Copy a ROWS x COLS tile (columns contiguous in global and shared memory, row stride sld);
 // thread tid of THREADS copies chunks tid, tid + THREADS, ...
 template <typename T, int ROWS, int COLS, int THREADS>
-__host__ __device__ __forceinline__ bool load_tile(T* s, int sld, const TileSrc<T>& src, int tid) {
+__host__ __device__ __forceinline__ void load_tile(T* s, int sld, const TileSrc<T>& src, int tid) {
   constexpr int VEC = 16 / sizeof(T), PER_ROW = COLS / VEC, ROW_STEP = THREADS / PER_ROW;
   const int r0 = tid / PER_ROW, col = (tid % PER_ROW) * VEC;
   T* d = s + r0 * sld + col;
-  return copy_rows<T, ROWS, COLS, THREADS>(src, r0, col,
-                                           [&](int i) { return d + i * ROW_STEP * sld; });
+  copy_rows<T, ROWS, COLS, THREADS>(src, r0, col, [&](int i) { return d + i * ROW_STEP * sld; });
 }
 
 // Where a block's staged output tile goes: element (m, n) of the tile is base[offset + m * ld +
@@ -192,13 +181,13 @@ struct Smem {
     return reinterpret_cast<T*>(raw) + stage * STAGE;
   }
   __host__ __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
-  __host__ __device__ static bool load_a(T* s, const TileSrc<T>& src, int tid) {
-    if (AK) return load_tile<T, BM_, BK_, THREADS>(s, LDA, src, tid);
-    return load_tile<T, BK_, BM_, THREADS>(s, LDA, src, tid);
+  __host__ __device__ static void load_a(T* s, const TileSrc<T>& src, int tid) {
+    if (AK) load_tile<T, BM_, BK_, THREADS>(s, LDA, src, tid);
+    else load_tile<T, BK_, BM_, THREADS>(s, LDA, src, tid);
   }
-  __host__ __device__ static bool load_b(T* s, const TileSrc<T>& src, int tid) {
-    if (BKM) return load_tile<T, BN_, BK_, THREADS>(s, LDB, src, tid);
-    return load_tile<T, BK_, BN_, THREADS>(s, LDB, src, tid);
+  __host__ __device__ static void load_b(T* s, const TileSrc<T>& src, int tid) {
+    if (BKM) load_tile<T, BN_, BK_, THREADS>(s, LDB, src, tid);
+    else load_tile<T, BK_, BN_, THREADS>(s, LDB, src, tid);
   }
   __host__ __device__ static T a_at(const T* s, int m, int k) {
     return AK ? s[m * LDA + k] : s[k * LDA + m];
@@ -233,10 +222,9 @@ struct CoreSmem {
   // Chunk j = i * THREADS + tid goes to byte 16 j (wgmma::chunk_origin says from where); with
   // THREADS a multiple of a row block's chunks, a thread's chunks share their column.
   // Swizzled: chunk (row o, column c) goes to chunk c ^ (o % 8) of row o; a thread's chunks
-  // are THREADS / 8 rows apart, a multiple of 8, so they share that chunk too.  Returns whether
-  // this thread made plain stores (copy_rows).
+  // are THREADS / 8 rows apart, a multiple of 8, so they share that chunk too.
   template <int OUTER, int INNER, bool SWZ>
-  __host__ __device__ static bool load(T* s, const TileSrc<T>& src, int tid) {
+  __host__ __device__ static void load(T* s, const TileSrc<T>& src, int tid) {
     static_assert(OUTER % 8 == 0 && THREADS % (8 * (INNER / VEC)) == 0, "tile chunks");
     int o0, c;
     wgmma::chunk_origin(tid, INNER / VEC, o0, c);
@@ -244,11 +232,11 @@ struct CoreSmem {
       constexpr int ROW_STEP = THREADS / (INNER / VEC);
       static_assert(ROW_STEP % 8 == 0, "a thread's chunks keep their swizzled column");
       T* d = s + wgmma::tile_offset_sw128<INNER, VEC>(o0, c * VEC);
-      return copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
-                                                 [&](int i) { return d + i * ROW_STEP * INNER; });
+      copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
+                                          [&](int i) { return d + i * ROW_STEP * INNER; });
     } else {
-      return copy_rows<T, OUTER, INNER, THREADS>(
-          src, o0, c * VEC, [&](int i) { return s + (i * THREADS + tid) * VEC; });
+      copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
+                                          [&](int i) { return s + (i * THREADS + tid) * VEC; });
     }
   }
 
@@ -256,11 +244,11 @@ struct CoreSmem {
     return reinterpret_cast<T*>(raw) + stage * STAGE;
   }
   __host__ __device__ static T* b(unsigned char* raw, int stage) { return a(raw, stage) + A_ELEMS; }
-  __host__ __device__ static bool load_a(T* s, const TileSrc<T>& src, int tid) {
-    return load<A_OUTER, A_INNER, A_SW>(s, src, tid);
+  __host__ __device__ static void load_a(T* s, const TileSrc<T>& src, int tid) {
+    load<A_OUTER, A_INNER, A_SW>(s, src, tid);
   }
-  __host__ __device__ static bool load_b(T* s, const TileSrc<T>& src, int tid) {
-    return load<B_OUTER, B_INNER, B_SW>(s, src, tid);
+  __host__ __device__ static void load_b(T* s, const TileSrc<T>& src, int tid) {
+    load<B_OUTER, B_INNER, B_SW>(s, src, tid);
   }
   __host__ __device__ static T a_at(const T* s, int m, int k) {
     if constexpr (A_SW) return s[wgmma::tile_offset_sw128<A_INNER, VEC>(m, k)];
@@ -290,9 +278,8 @@ struct CoreSmem {
 
 // Each "math" below owns a tile shape, its shared-memory layout (Layout<AK, BKM>), the
 // pipeline depth, and how tiles multiply and leave: zero(acc), mma<L>(acc, As, Bs),
-// store(acc, scratch, f) calling f(m, n, value) tile-relative, before_barrier(acc, plain) (what
-// each thread must do after its copies land and before the barrier that publishes them; plain:
-// this thread stored some of the tile element by element, copy_chunk),
+// store(acc, scratch, f) calling f(m, n, value) tile-relative, before_barrier(acc) (what each
+// thread must do after its copies land and before the barrier that publishes them),
 // after_mma(acc) (after a tile's mma) and finish(acc) after the last tile.  ASYNC_MMA: mma
 // only issues the tile's MMAs, which run on while the next copies are issued; after_mma then
 // waits until the previous tile's MMAs are done (gemm_mainloop says when stages are refilled).
@@ -328,14 +315,11 @@ struct WgmmaMath {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc.d[i] = 0.f;
   }
-  // wgmma reads shared memory through the async proxy: plain stores (the element-by-element
-  // copies of edge and misaligned tiles) are fenced before the barrier that publishes them.
-  // cp.async copies are not, as in Triton 3.6's and CUTLASS's cp.async + wgmma main loops:
-  // waited for (cp.async.wait_group) and published by the barrier, they need no fence, and
-  // the fence (a MEMBAR.ALL.CTA in SASS) may also wait for the next tiles' copies in flight.
-  __device__ static void before_barrier(Acc&, bool plain) {
-    if (plain) wgmma::fence_shared_for_async_proxy();
-  }
+  // The copies this thread made land before the barrier that publishes them to wgmma, cp.async
+  // ones too: they are generic-proxy writes and wgmma reads through the async proxy.  (Triton
+  // 3.6 left this fence out of its cp.async + wgmma loops; 3.7 added it after races seen with
+  // ptxas 13, the toolkit the GPU machine builds with.)
+  __device__ static void before_barrier(Acc&) { wgmma::fence_shared_for_async_proxy(); }
   // After a tile's MMAs are issued: the previous tile's are done (this warpgroup's), so once
   // every thread has passed the barrier after this, the stage they read may be refilled.
   __device__ static void after_mma(Acc& acc) {
@@ -388,7 +372,7 @@ struct WmmaMath {
   }
   static constexpr bool ASYNC_MMA = false;
   static constexpr bool STAGED_EPILOGUE = false;  // (each element stored where it lies)
-  __device__ static void before_barrier(Acc&, bool) {}
+  __device__ static void before_barrier(Acc&) {}
   __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
 
@@ -461,7 +445,7 @@ struct SimtMath {
   }
   static constexpr bool ASYNC_MMA = false;
   static constexpr bool STAGED_EPILOGUE = false;  // (each element stored where it lies)
-  __device__ static void before_barrier(Acc&, bool) {}
+  __device__ static void before_barrier(Acc&) {}
   __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
 
@@ -528,16 +512,11 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
     while (p < np && k0 >= prob.phase_len(p)) { ++p; k0 = 0; }
   };
   int fetched = 0;
-  // Bit s: this thread's copy of the tile now in stage s made plain stores (before_barrier).
-  // A stage is refilled only after its tile was multiplied, so the bit holds until then.
-  unsigned plain_stages = 0;
-  static_assert(S <= 32, "one bit a stage");
   auto fetch_next = [&]() {  // one commit group per call, possibly empty: keeps the count exact
     if (p < np) {
       const int stage = fetched % S;
-      const bool plain_a = L::load_a(L::a(smem, stage), prob.tile_a(p, k0), threadIdx.x);
-      const bool plain_b = L::load_b(L::b(smem, stage), prob.tile_b(p, k0), threadIdx.x);
-      plain_stages = (plain_stages & ~(1u << stage)) | (unsigned{plain_a || plain_b} << stage);
+      L::load_a(L::a(smem, stage), prob.tile_a(p, k0), threadIdx.x);
+      L::load_b(L::b(smem, stage), prob.tile_b(p, k0), threadIdx.x);
       k0 += M::BK;
       skip_empty();
       ++fetched;
@@ -554,9 +533,9 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
   // on either branch made it wait for every tile's MMAs at the back edge (C7517).
   for (int tile = 0;; ++tile) {
     cp_async_wait<AHEAD - 1>();  // tile `tile` has landed (this thread's copies)
-    const int stage = tile % S;
-    M::before_barrier(acc, (plain_stages >> stage) & 1u);
+    M::before_barrier(acc);
     __syncthreads();  // ...everyone's
+    const int stage = tile % S;
     const T* As = L::a(smem, stage);
     if (!M::ASYNC_MMA) fetch_next();  // (synchronous math: every thread is done with tile - 1)
     M::template mma<L>(acc, As, L::b(smem, stage));

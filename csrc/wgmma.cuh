@@ -114,9 +114,8 @@ __device__ __forceinline__ void wait() {
 #endif
 }
 __device__ __forceinline__ void wait_all() { wait<0>(); }  // every committed group done
-// Shared memory written with plain stores and read next by the tensor cores (the async proxy):
-// each writing thread fences before the barrier.  (The linear kernels' cp.async copies reach
-// wgmma without it, after cp.async.wait_group and the barrier: WgmmaMath::before_barrier.)
+// Shared memory written by the generic proxy (cp.async, plain stores) and read next by the
+// tensor cores (the async proxy): each writing thread fences before the barrier.
 __device__ __forceinline__ void fence_shared_for_async_proxy() {
 #if EXPANSE_FAST_WGMMA
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");

@@ -12,7 +12,10 @@ then zeros, as for the expanded Linear and Conv2d layers.
 
 Folded (``expanse_fast.fold_batchnorms``): the ExpandedConv2d in front applies the frozen
 channels' fixed map itself, so the BatchNorm passes them through untouched and normalises
-only the newest channels, writing them into its input in place (no full-width copy)."""
+only the newest channels, writing them into its input in place (no full-width copy).
+
+``sync_batch_stats`` (``expanse_fast.train.distributed.sync_batchnorm`` sets it): in training
+mode the newest channels' statistics are those of every rank's batch together (norm_sync.py)."""
 from __future__ import annotations
 
 import numbers
@@ -26,6 +29,7 @@ from .. import composite, ops
 from ..layout import check_groups, width
 from .blocks import _frozen, hooked, refuse_not_widenable, refuse_scripting
 from .input_grad import skips_old_input_grad
+from .norm_sync import group_size, synced_batch_norm
 
 
 _GLOBAL_HOOK_DICTS = tuple(name for name in (
@@ -60,6 +64,10 @@ class _ExpandedBatchNorm(nn.Module):
     # unfolded while a hook was there: fold_in_force); this call follows it.
     ran_folded: bool = True
     input_grad_watch = None  # set by input_grad.watch() (see ExpandedBlocks)
+    # Set by distributed.sync_batchnorm(): in training mode inside a process group of more
+    # than one rank, the newest channels' batch statistics span every rank's batch.
+    sync_batch_stats: bool = False
+    sync_group = None  # the process group (None: the default one)
 
     def __prepare_scriptable__(self):
         refuse_scripting(self)
@@ -245,8 +253,16 @@ class _ExpandedBatchNorm(nn.Module):
                 momentum = 1.0 / float(self.num_batches_tracked_new)
         return momentum or 0.0
 
+    def _syncs(self) -> bool:
+        """Whether this call's newest-channel statistics span the process group."""
+        return self.training and self.sync_batch_stats and group_size(self.sync_group) > 1
+
     def _new_channels(self, x: Tensor) -> Tensor:
         momentum = self._momentum()
+        if self._syncs():
+            return synced_batch_norm(x, self.running_mean_new, self.running_var_new,
+                                     self.weight_new, self.bias_new, momentum, self.eps,
+                                     self.sync_group)
         return F.batch_norm(x, self.running_mean_new, self.running_var_new, self.weight_new,
                             self.bias_new, self.training, momentum, self.eps)
 
@@ -259,10 +275,11 @@ class _ExpandedBatchNorm(nn.Module):
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
                              f"size {tuple(x.shape)}")  # as F.batch_norm says
         if (torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or composite.needed()):
+                or composite.needed() or self._syncs()):
             # out of place for the compiler, which plans the memory itself (and for
             # torch.jit.trace, which cannot record a Function that writes into its input,
-            # and for torch.func, which runs no custom autograd)
+            # for torch.func, which runs no custom autograd, and for statistics synced over
+            # the process group, which _new_channels computes)
             skip = skips_old_input_grad(self, x) and not composite.needed()
             old = x[:, :n_f].detach() if skip else x[:, :n_f]
             return torch.cat([old, self._new_channels(x[:, n_f:].contiguous())], dim=1)
@@ -296,7 +313,9 @@ class _ExpandedBatchNorm(nn.Module):
         return (f"groups={self.groups}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}"
                 + (", frozen channels folded into the conv before" if self.frozen_folded
-                   else ""))
+                   else "")
+                + (", newest channels' batch statistics synced over the process group"
+                   if self.sync_batch_stats else ""))
 
 
 class _FrozenThenNew(torch.autograd.Function):

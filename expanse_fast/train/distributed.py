@@ -22,7 +22,7 @@ from torch.utils.data import DistributedSampler
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main_process", "make_sampler",
            "all_reduce_metrics", "any_rank", "all_gather", "wrap_ddp", "wrap_fsdp2", "unwrap",
-           "ddp_ignored_names", "trainable_bytes", "AllReduceCounter"]
+           "ddp_ignored_names", "trainable_bytes", "AllReduceCounter", "sync_batchnorm"]
 
 
 # ---- where am I ------------------------------------------------------------------------
@@ -193,6 +193,26 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignore))
     ddp_kwargs.setdefault("find_unused_parameters", False)
     return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def sync_batchnorm(model: nn.Module, process_group=None, enabled: bool = True) -> nn.Module:
+    """Every expanded BatchNorm of ``model`` normalises its newest channels, in training
+    mode, with the statistics of all ranks' batches together (``process_group``: None for
+    the default group), as ``nn.SyncBatchNorm`` does for a whole BatchNorm; the frozen
+    channels keep their pretrained map.  Outside a process group of several ranks nothing
+    changes.  ``enabled=False`` turns it off again.  Returns ``model``.
+
+    The statistics take two all-reduces of C floats a layer in forward and two in backward
+    (see ``expanse_fast.nn.norm_sync``).  Plain ``nn.BatchNorm`` layers of the model are
+    left alone (``nn.SyncBatchNorm.convert_sync_batchnorm`` converts those, on GPUs).
+    """
+    from ..nn.norm import _ExpandedBatchNorm
+
+    for m in unwrap(model).modules():
+        if isinstance(m, _ExpandedBatchNorm):
+            m.sync_batch_stats = bool(enabled)
+            m.sync_group = process_group if enabled else None
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -5,7 +5,9 @@ parameters; frozen tensors are the pretrained ones bit for bit; the trainable te
 match one process trained on the combined batch; no "unused parameters" error over several
 steps without find_unused_parameters (isolated and coupled layouts, a head with new
 classes, a BatchNorm left without new channels); a DDP step all-reduces exactly the
-trainable bytes.  One spawn for all DDP cases and one for FSDP2 keep the file fast.
+trainable bytes.  With sync_batchnorm the new BatchNorm channels take the statistics of
+both ranks' slices together: the trainable tensors and running statistics then match one
+process trained on the combined batch as it is.  One spawn for all DDP cases and one for FSDP2 keep the file fast.
 """
 import importlib
 import os
@@ -25,7 +27,7 @@ WORLD = 2
 B = 5          # examples per rank per step (odd)
 STEPS = 4      # DDP's unused-parameter error would show at the second step
 LR = 0.1
-CASES = ("mlp_isolated", "mlp_coupled", "cnn_bn")
+CASES = ("mlp_isolated", "mlp_coupled", "cnn_bn", "cnn_bn_sync")
 TWO_STEP = importlib.import_module("expanse_fast.train.two_step")
 # two_step uses this module once the patch given with issue 7 is applied to two_step.py.
 TWO_STEP_DISTRIBUTED = hasattr(TWO_STEP, "make_sampler")
@@ -57,7 +59,8 @@ def _expanded(case):
     if case == "mlp_coupled":
         return xf.expand(src, width=3, new_classes=2, mode="coupled")
     # Only conv "3" grows: conv "0" and BatchNorm "1" keep empty trainable tensors.
-    return xf.expand(src, width={"3": 2}, new_classes=3, mode="isolated")
+    model = xf.expand(src, width={"3": 2}, new_classes=3, mode="isolated")
+    return xd.sync_batchnorm(model) if case == "cnn_bn_sync" else model
 
 
 def _batches(case, model):
@@ -88,7 +91,8 @@ def _full_state(model):
 def _reference(case):
     """One process, the combined batch of both ranks per step.  With BatchNorm in training
     mode each rank normalises its own slice, so there the reference averages the loss of
-    the slices (the same gradient DDP averages); the MLPs use the plain combined batch."""
+    the slices (the same gradient DDP averages); the MLPs, and the CNN whose new BatchNorm
+    channels sync their statistics, use the plain combined batch."""
     model = _expanded(case)
     opt = torch.optim.SGD(_trainable(model), lr=LR, momentum=0.9)
     for X, y in _batches(case, model):
@@ -232,9 +236,9 @@ def _running_new(key):
     return key.endswith(("running_mean_new", "running_var_new"))
 
 
-def _check_same_on_ranks(states):
+def _check_same_on_ranks(states, synced=False):
     for k in states[0]:
-        if _running_new(k):
+        if _running_new(k) and not synced:
             continue
         for s in states[1:]:
             assert torch.equal(states[0][k], s[k]), f"{k} differs between ranks"
@@ -260,7 +264,7 @@ def _check_trainable(state, case):
     names = [n for n, p in ref.named_parameters() if p.requires_grad and p.numel()]
     # A conv bias right before a training-mode BatchNorm has zero gradient (the batch mean
     # absorbs it): it moves by roundoff only, so "it trained" cannot be asked of it.
-    zero_grad = {"3.bias_new"} if case == "cnn_bn" else set()
+    zero_grad = {"3.bias_new"} if case.startswith("cnn") else set()
     for n in names:
         want = ref.get_parameter(n).detach()
         if n not in zero_grad:
@@ -271,9 +275,23 @@ def _check_trainable(state, case):
 @pytest.mark.parametrize("case", CASES)
 def test_ddp_ranks_agree_frozen_exact_trainable_match_one_process(ddp_runs, case):
     states = [run[case]["state"] for run in ddp_runs]
-    _check_same_on_ranks(states)
+    _check_same_on_ranks(states, synced=case == "cnn_bn_sync")
     _check_frozen(states[0], case)
     _check_trainable(states[0], case)
+
+
+def test_ddp_synced_batchnorm_running_statistics_are_the_combined_batchs(ddp_runs):
+    """The new channels' running statistics: the same on both ranks and those of one
+    process on the combined batches when synced; each rank's own slices' otherwise."""
+    keys = [k for k in ddp_runs[0]["cnn_bn_sync"]["state"] if _running_new(k)]
+    assert keys and all(ddp_runs[0]["cnn_bn_sync"]["state"][k].numel() for k in keys
+                        if k.startswith("4."))
+    ref = _reference("cnn_bn_sync").state_dict()
+    for k in keys:
+        torch.testing.assert_close(ddp_runs[0]["cnn_bn_sync"]["state"][k], ref[k],
+                                   rtol=1e-5, atol=1e-6, msg=k)
+    per_rank = [run["cnn_bn"]["state"] for run in ddp_runs]
+    assert not torch.equal(per_rank[0]["4.running_mean_new"], per_rank[1]["4.running_mean_new"])
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -18,8 +18,8 @@
 // All accumulate in fp32.  Tiles are copied with 16-byte cp.async where a chunk is aligned and
 // in range (scalar zero-filling copy otherwise); STAGES - 1 tiles are in flight while one
 // multiplies.  Blocks start in groups of kGroupM row tiles (grouped_tile), so the blocks
-// running at once share their operands in L2.  The wgmma forward and dx kernels stage their
-// output tiles in shared memory and write them out by rows (write_tile_rows).
+// running at once share their operands in L2.  The wgmma kernels stage their output tiles in
+// shared memory and write them out by rows (write_tile_rows).
 #include "expanded_linear.h"
 #include "kernel_common.cuh"
 #include "wgmma.cuh"
@@ -294,15 +294,17 @@ struct WgmmaMath {
   static constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4;
   static constexpr int MIN_BLOCKS = 1;
   static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
-  // The forward and input-gradient kernels stage their outputs in the stages' shared memory
-  // ([BM][OUT_LD] elements a tile; the forward's pre-activation a second tile) and write them
-  // out by rows (write_tile_rows): each accumulator pair of a thread lies in another row, so
-  // stored directly every warp store would touch 8 rows.  OUT_LD = BN + 8: a warp's 2-byte
-  // stores of one accumulator index land in 32 different banks.
+  // The kernels stage their outputs in the stages' shared memory ([BM][OUT_LD] elements a
+  // tile; the forward's pre-activation a second tile; dW's fp32 split partials [BM][OUT_LD_F32])
+  // and write them out by rows (write_tile_rows): each accumulator pair of a thread lies in
+  // another row, so stored directly every warp store would touch 8 rows.  OUT_LD = BN + 8: a
+  // warp's 2-byte stores of one accumulator index land in 32 different banks (fp32, whose rows
+  // must stay 16-byte multiples: two ways at best).
   static constexpr bool STAGED_EPILOGUE = true;
-  static constexpr int OUT_LD = BN + 16 / sizeof(T);
-  static_assert(2 * BM * OUT_LD * sizeof(T) <= STAGES * (BM + BN) * BK * sizeof(T),
-                "two staged output tiles fit in the stages");
+  static constexpr int OUT_LD = BN + 16 / sizeof(T), OUT_LD_F32 = BN + 4;
+  static_assert(2 * BM * OUT_LD * sizeof(T) <= STAGES * (BM + BN) * BK * sizeof(T) &&
+                    BM * OUT_LD_F32 * sizeof(float) <= STAGES * (BM + BN) * BK * sizeof(T),
+                "the staged output tiles fit in the stages");
   template <bool AK, bool BKM>
   using Layout = CoreSmem<T, BM, BN, BK, THREADS, STAGES, AK, BKM, SWIZZLE>;
   static constexpr bool ASYNC_MMA = true;
@@ -810,6 +812,25 @@ struct DwProblem {
   }
 };
 
+// The staged weight-gradient epilogue's write-out (thread tid): the block's tile of split
+// `split`'s fp32 partials (splits > 1: staged as float) or of dW itself (staged as T).
+template <typename T, class M>
+__host__ __device__ __forceinline__ void dw_write_out(const DwParams& p, const void* staged,
+                                                      int m0, int n0, int split, int tid) {
+  const int rows = p.m - m0 < M::BM ? p.m - m0 : M::BM;
+  const int cols = p.n - n0 < M::BN ? p.n - n0 : M::BN;
+  if (p.splits > 1) {
+    const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+    write_tile_rows<float, M::BM, M::BN, M::THREADS>(
+        static_cast<const float*>(staged), M::OUT_LD_F32, p.ws + split * mn,
+        {static_cast<int64_t>(m0) * p.n + n0, p.n, rows, 0, cols}, tid);
+  } else {
+    write_tile_rows<T, M::BM, M::BN, M::THREADS>(
+        static_cast<const T*>(staged), M::OUT_LD, static_cast<T*>(p.out),
+        {static_cast<int64_t>(m0) * p.ld_out + n0, p.ld_out, rows, 0, cols}, tid);
+  }
+}
+
 template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dw_kernel(const __grid_constant__ DwParams p) {
@@ -831,6 +852,19 @@ linear_dw_kernel(const __grid_constant__ DwParams p) {
   }
   if (p.out == nullptr) return;
   __syncthreads();
+  if constexpr (M::STAGED_EPILOGUE) {
+    if (p.splits > 1) {
+      float* part = reinterpret_cast<float*>(smem);
+      M::store(acc, nullptr, [&](int m, int n, float v) { part[m * M::OUT_LD_F32 + n] = v; });
+    } else {
+      T* dws = reinterpret_cast<T*>(smem);
+      M::store(acc, nullptr,
+               [&](int m, int n, float v) { dws[m * M::OUT_LD + n] = from_f<T>(v); });
+    }
+    __syncthreads();
+    dw_write_out<T, M>(p, smem, m0, n0, split, threadIdx.x);
+    return;
+  }
   M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
     const int mm = m0 + m, nn = n0 + n;
     if (mm < p.m && nn < p.n) {

@@ -433,7 +433,7 @@ void check_weight_grad(Layer<T>& L, bool couple, bool with_db, const WeightGradP
   const int64_t a_col0 = couple ? 0 : L.O_f, m = couple ? L.O_f : L.o_T;
   const int64_t b_col0 = couple ? L.I_f : 0, n = couple ? L.I - L.I_f : L.I;
   if (m == 0 || n == 0) return;  // linear_weight_grad launches no GEMM
-  Mat<T> out(m, n, 3), db(1, with_db ? m : 0, 0);
+  Mat<T> out(m, n, Layer<T>::pad(L.c, n, 3)), db(1, with_db ? m : 0, 0);
   Mat<float> ws(1, plan.splits > 1 ? plan.splits * (m * n + m) : 0, 0);
   DwParams p;
   dim3 grid;
@@ -468,19 +468,42 @@ void check_weight_grad(Layer<T>& L, bool couple, bool with_db, const WeightGradP
             if (in_bounds(w)) *w = v;
           }
         }
-        for (int mi = 0; mi < M::BM; ++mi)
-          for (int ni = 0; ni < M::BN; ++ni) {
-            const int mm = m0 + mi, nn = n0 + ni;
-            if (mm >= p.m || nn >= p.n) continue;
-            const float v = static_cast<float>(acc[mi * M::BN + ni]);
-            if (p.splits == 1) {
-              store(static_cast<T*>(p.out) + mm * p.ld_out + nn, v);
-            } else {
-              float* w = p.ws + split * mn + static_cast<int64_t>(mm) * p.n + nn;
-              if (in_bounds(w)) *w = v;
+        if constexpr (M::STAGED_EPILOGUE) {  // staged (fp32 partials or T), the kernel's write-out
+          std::vector<float> part(M::BM * M::OUT_LD_F32, NAN);
+          std::vector<T> dws(M::BM * M::OUT_LD, from_f<T>(NAN));
+          for (int mi = 0; mi < M::BM; ++mi)
+            for (int ni = 0; ni < M::BN; ++ni) {
+              const float v = static_cast<float>(acc[mi * M::BN + ni]);
+              part[mi * M::OUT_LD_F32 + ni] = v;
+              dws[mi * M::OUT_LD + ni] = from_f<T>(v);
             }
-          }
+          const void* staged = p.splits > 1 ? static_cast<const void*>(part.data())
+                                             : static_cast<const void*>(dws.data());
+          for (int tid = 0; tid < M::THREADS; ++tid)
+            dw_write_out<T, M>(p, staged, m0, n0, split, tid);
+        } else {
+          for (int mi = 0; mi < M::BM; ++mi)
+            for (int ni = 0; ni < M::BN; ++ni) {
+              const int mm = m0 + mi, nn = n0 + ni;
+              if (mm >= p.m || nn >= p.n) continue;
+              const float v = static_cast<float>(acc[mi * M::BN + ni]);
+              if (p.splits == 1) {
+                store(static_cast<T*>(p.out) + mm * p.ld_out + nn, v);
+              } else {
+                float* w = p.ws + split * mn + static_cast<int64_t>(mm) * p.n + nn;
+                if (in_bounds(w)) *w = v;
+              }
+            }
+        }
       }
+  // (the staged write-out writes through plain pointers: nothing past the workspace's end)
+  int64_t guard_writes = 0;
+  for (int64_t c = 0; c < ws.ld; ++c) guard_writes += !std::isnan(ws.at(1, c));
+  if (guard_writes) {
+    ++failures;
+    std::printf("%s: %lld elements of the workspace's guard row written\n", tag.c_str(),
+                (long long)guard_writes);
+  }
   if (p.splits > 1) {  // as splitk_reduce_kernel
     for (int64_t i = 0; i < mn; ++i) {
       float s = 0.f;

@@ -319,8 +319,8 @@ struct WgmmaMath {
   }
   // The copies this thread made land before the barrier that publishes them to wgmma, cp.async
   // ones too: they are generic-proxy writes and wgmma reads through the async proxy.  (Triton
-  // 3.6 left this fence out of its cp.async + wgmma loops; 3.7 added it after races seen with
-  // ptxas 13, the toolkit the GPU machine builds with.)
+  // 3.6 left this fence out of its cp.async + MMA loops; its 3.7 releases put it back after
+  // races seen on a B200 with ptxas 13, the ptxas major the H200 machine builds with.)
   __device__ static void before_barrier(Acc&) { wgmma::fence_shared_for_async_proxy(); }
   // After a tile's MMAs are issued: the previous tile's are done (this warpgroup's), so once
   // every thread has passed the barrier after this, the stage they read may be refilled.

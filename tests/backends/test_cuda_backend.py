@@ -273,6 +273,29 @@ def test_strided_inputs_and_no_bias(dev, tile_math, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pre_extra", [0, 3], ids=["pre_new", "pre_mid_chunk"])
+@pytest.mark.parametrize("name", ["aligned", "wide_aligned", "wide_groups"])
+def test_fused_activation_and_pre_activation_store(dev, tile_math, name, pre_extra):
+    """The forward's epilogue with GELU and the pre-activation store: y and pre rows of 16
+    bytes (the aligned layouts: the wgmma kernels' staged tiles leave in whole chunks) or not,
+    pre from the first new column or from 3 columns before it (mid-chunk, mid-tile)."""
+    dtype = torch.bfloat16
+    skip_same_math(tile_math, dtype)
+    layout = LAYOUTS[name]
+    p = make_params(layout, dtype, dev)
+    rows = 257
+    x = torch.randn(rows, layout.in_features).to(dev, dtype)
+    pre = torch.full((rows, layout.new_out + pre_extra), float("nan"), device=dev, dtype=dtype)
+    poison_allocator(dev)
+    y = cuda.linear_forward(x, p["w_frozen"], p["b_frozen"], p["w_new"], p["b_new"],
+                            p["w_couple"], layout.frozen_out_groups, layout.frozen_k_ends,
+                            "gelu", pre)
+    z = x.double().cpu() @ dense_weight(layout, p).t() + dense_bias(layout, p)
+    assert_matches(y, torch.nn.functional.gelu(z), dtype, "y")
+    assert_matches(pre, z[:, layout.out_features - pre.shape[1]:], dtype, "pre")
+
+
+@pytest.mark.gpu
 def test_hopper_multiplies_with_wgmma(dev, monkeypatch):
     """On an H100/H200 the fp16/bf16 linear kernels run wgmma (the sm_90a build took), so the
     tests above cover both tile maths there; the switch turns it off; fp32 stays SIMT."""

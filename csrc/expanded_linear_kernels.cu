@@ -136,6 +136,11 @@ struct OutRegion {
   int rows, col_lo, col_hi;
 };
 
+// The rows (or columns) of a tile of `tile` that lie inside when `left` remain from its first.
+__host__ __device__ __forceinline__ int tile_extent(int64_t left, int tile) {
+  return left < tile ? static_cast<int>(left) : tile;
+}
+
 // Writes the region of a ROWS x COLS tile staged in shared memory (row stride lds) to global
 // memory: thread tid takes 16-byte chunks tid, tid + THREADS, ... row by row, so a warp writes
 // 512 contiguous bytes of a row; a chunk that is not wholly inside the region or not 16-byte
@@ -628,7 +633,7 @@ template <typename T, class M>
 __host__ __device__ __forceinline__ void fwd_write_out(const FwdParams& p, const T* ys,
                                                        const T* pres, int64_t m0, int64_t col0,
                                                        int cols, int tid) {
-  const int rows = static_cast<int>(p.rows - m0 < M::BM ? p.rows - m0 : M::BM);
+  const int rows = tile_extent(p.rows - m0, M::BM);
   write_tile_rows<T, M::BM, M::BN, M::THREADS>(ys, M::OUT_LD, static_cast<T*>(p.y),
                                                {m0 * p.ld_y + col0, p.ld_y, rows, 0, cols}, tid);
   if (p.pre == nullptr) return;
@@ -659,7 +664,7 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   if constexpr (M::STAGED_EPILOGUE) {
     T* ys = reinterpret_cast<T*>(smem);
     T* pres = ys + M::BM * M::OUT_LD;
-    const int cols = s.rows - n0 < M::BN ? s.rows - n0 : M::BN;
+    const int cols = tile_extent(s.rows - n0, M::BN);
     M::store(acc, nullptr, [&](int m, int n, float v) {
       if (bias != nullptr && n < cols) v += to_f(bias[n0 + n]);
       ys[m * M::OUT_LD + n] = from_f<T>(activate(p.activation, v));
@@ -751,8 +756,7 @@ __host__ __device__ __forceinline__ DxProblem<T> dx_problem(const DxParams& p, i
 template <typename T, class M>
 __host__ __device__ __forceinline__ void dx_write_out(const DxParams& p, const T* dxs,
                                                       int64_t m0, int c0, int c_end, int tid) {
-  const int rows = static_cast<int>(p.rows - m0 < M::BM ? p.rows - m0 : M::BM);
-  const int cols = c_end - c0 < M::BN ? c_end - c0 : M::BN;
+  const int rows = tile_extent(p.rows - m0, M::BM), cols = tile_extent(c_end - c0, M::BN);
   write_tile_rows<T, M::BM, M::BN, M::THREADS>(dxs, M::OUT_LD, static_cast<T*>(p.dx),
                                                {m0 * p.ld_dx + c0, p.ld_dx, rows, 0, cols}, tid);
 }
@@ -817,8 +821,7 @@ struct DwProblem {
 template <typename T, class M>
 __host__ __device__ __forceinline__ void dw_write_out(const DwParams& p, const void* staged,
                                                       int m0, int n0, int split, int tid) {
-  const int rows = p.m - m0 < M::BM ? p.m - m0 : M::BM;
-  const int cols = p.n - n0 < M::BN ? p.n - n0 : M::BN;
+  const int rows = tile_extent(p.m - m0, M::BM), cols = tile_extent(p.n - n0, M::BN);
   if (p.splits > 1) {
     const int64_t mn = static_cast<int64_t>(p.m) * p.n;
     write_tile_rows<float, M::BM, M::BN, M::THREADS>(

@@ -316,7 +316,7 @@ void check_forward(Layer<T>& L, const std::string& tag) {
         // every accumulator into the staged tiles (NaN past the tile's columns), then the
         // kernel's own write-out, run for every thread
         std::vector<T> ys(M::BM * M::OUT_LD, from_f<T>(NAN)), pres(ys);
-        const int cols = s.rows - n0 < M::BN ? s.rows - n0 : M::BN;
+        const int cols = tile_extent(s.rows - n0, M::BN);
         for (int m = 0; m < M::BM; ++m)
           for (int n = 0; n < M::BN; ++n) {
             float v = static_cast<float>(acc[m * M::BN + n]);

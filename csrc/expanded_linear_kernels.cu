@@ -141,6 +141,22 @@ __host__ __device__ __forceinline__ int tile_extent(int64_t left, int tile) {
   return left < tile ? static_cast<int>(left) : tile;
 }
 
+// Stores one 16-byte chunk of VEC values, the columns c .. c + VEC - 1 of the row whose
+// element 0 is base[at]: as one 16-byte store when the chunk lies wholly inside the region's
+// columns and is aligned in global memory, else element by element inside them.
+template <typename T>
+__host__ __device__ __forceinline__ void put_chunk(const T* vals, T* base, int64_t at, int c,
+                                                   const OutRegion& r) {
+  constexpr int VEC = 16 / sizeof(T);
+  if (c >= r.col_lo && c + VEC <= r.col_hi &&
+      (reinterpret_cast<uintptr_t>(base + at + c) & 15) == 0) {
+    *reinterpret_cast<uint4*>(base + at + c) = *reinterpret_cast<const uint4*>(vals);
+  } else {
+    for (int e = 0; e < VEC; ++e)
+      if (c + e >= r.col_lo && c + e < r.col_hi) base[at + c + e] = vals[e];
+  }
+}
+
 // Writes the region of a ROWS x COLS tile staged in shared memory (row stride lds) to global
 // memory: thread tid takes 16-byte chunks tid, tid + THREADS, ... row by row, so a warp writes
 // 512 contiguous bytes of a row; a chunk that is not wholly inside the region or not 16-byte
@@ -153,15 +169,34 @@ __host__ __device__ __forceinline__ void write_tile_rows(const T* s, int lds, T*
   for (int j = tid; j < ROWS * PER_ROW; j += THREADS) {
     const int m = j / PER_ROW, c = (j % PER_ROW) * VEC;
     if (m >= r.rows || c + VEC <= r.col_lo || c >= r.col_hi) continue;
-    const T* src = s + m * lds + c;
-    const int64_t at = r.offset + m * r.ld;  // element (m, 0), as an offset from base
-    if (c >= r.col_lo && c + VEC <= r.col_hi &&
-        (reinterpret_cast<uintptr_t>(base + at + c) & 15) == 0) {
-      *reinterpret_cast<uint4*>(base + at + c) = *reinterpret_cast<const uint4*>(src);
-    } else {
-      for (int e = 0; e < VEC; ++e)
-        if (c + e >= r.col_lo && c + e < r.col_hi) base[at + c + e] = src[e];
+    put_chunk(s + m * lds + c, base, r.offset + m * r.ld, c, r);
+  }
+}
+
+// The same for a tile staged as fp32 and written as T: each output chunk's VEC values are
+// read (lds and the chunks' columns keep them 16-byte aligned), passed through op(m, c, v)
+// (row m, first column c of the chunk in the tile) and converted once.
+template <typename T, int ROWS, int COLS, int THREADS, class Op>
+__host__ __device__ __forceinline__ void write_f32_tile_rows(const float* s, int lds, T* base,
+                                                             const OutRegion& r, int tid,
+                                                             Op&& op) {
+  constexpr int VEC = 16 / sizeof(T), PER_ROW = COLS / VEC;
+  static_assert(COLS % VEC == 0 && VEC % 4 == 0, "whole chunks a row, read as float4");
+  for (int j = tid; j < ROWS * PER_ROW; j += THREADS) {
+    const int m = j / PER_ROW, c = (j % PER_ROW) * VEC;
+    if (m >= r.rows || c + VEC <= r.col_lo || c >= r.col_hi) continue;
+    float v[VEC];
+    const float* src = s + m * lds + c;
+#pragma unroll
+    for (int q = 0; q < VEC / 4; ++q) {
+      const float4 f = reinterpret_cast<const float4*>(src)[q];
+      v[4 * q] = f.x, v[4 * q + 1] = f.y, v[4 * q + 2] = f.z, v[4 * q + 3] = f.w;
     }
+    op(m, c, v);
+    alignas(16) T out[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = from_f<T>(v[e]);
+    put_chunk(out, base, r.offset + m * r.ld, c, r);
   }
 }
 
@@ -299,15 +334,17 @@ struct WgmmaMath {
   static constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4;
   static constexpr int MIN_BLOCKS = 1;
   static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
-  // The kernels stage their outputs in the stages' shared memory ([BM][OUT_LD] elements a
-  // tile; the forward's pre-activation a second tile; dW's fp32 split partials [BM][OUT_LD_F32])
-  // and write them out by rows (write_tile_rows): each accumulator pair of a thread lies in
-  // another row, so stored directly every warp store would touch 8 rows.  OUT_LD = BN + 8: a
-  // warp's 2-byte stores of one accumulator index land in 32 different banks (fp32, whose rows
-  // must stay 16-byte multiples: two ways at best).
+  // The kernels stage their outputs in the stages' shared memory and write them out by rows
+  // (write_tile_rows): each accumulator pair of a thread lies in another row, so stored
+  // directly every warp store would touch 8 rows.  The forward's tile and dW's split partials
+  // are staged as fp32 ([BM][OUT_LD_F32]; the forward adds its bias and activation on the way
+  // out), dx's and dW's unsplit tile as T ([BM][OUT_LD]).  The pads keep a warp's stores free
+  // of bank conflicts: OUT_LD = BN + 8 for one 2-byte accumulator a thread (32 banks), and
+  // OUT_LD_F32 = BN + 8 for one 8-byte accumulator pair (each half-warp's 16 pairs, 4 rows x
+  // 4 pairs, on 32 banks).
   static constexpr bool STAGED_EPILOGUE = true;
-  static constexpr int OUT_LD = BN + 16 / sizeof(T), OUT_LD_F32 = BN + 4;
-  static_assert(2 * BM * OUT_LD * sizeof(T) <= STAGES * (BM + BN) * BK * sizeof(T) &&
+  static constexpr int OUT_LD = BN + 16 / sizeof(T), OUT_LD_F32 = BN + 8;
+  static_assert(BM * OUT_LD * sizeof(T) <= STAGES * (BM + BN) * BK * sizeof(T) &&
                     BM * OUT_LD_F32 * sizeof(float) <= STAGES * (BM + BN) * BK * sizeof(T),
                 "the staged output tiles fit in the stages");
   template <bool AK, bool BKM>
@@ -356,6 +393,14 @@ struct WgmmaMath {
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i)
       f(m0 + wgmma::acc_row(t, i), wgmma::acc_col(t, i), acc.d[i]);
+  }
+  // The same by pairs of adjacent columns: f(m, n, value at n, value at n + 1), n even.
+  template <class F>
+  __device__ static void store_pairs(Acc& acc, F&& f) {
+    const int t = threadIdx.x % 128, m0 = 64 * (threadIdx.x / 128);
+#pragma unroll
+    for (int i = 0; i < BN / 2; i += 2)
+      f(m0 + wgmma::acc_row(t, i), wgmma::acc_col(t, i), acc.d[i], acc.d[i + 1]);
   }
 };
 
@@ -580,14 +625,29 @@ struct FwdParams {
   FwdSeg seg[kSegsPerLaunch];
 };
 
-// The same functions as torch's relu, gelu (exact and tanh) and silu, in fp32.
-__device__ __forceinline__ float activate(int act, float v) {
+// The same functions as torch's relu, gelu (exact and tanh) and silu, in fp32: one per
+// activation (the staged epilogue's write-out is instantiated for each) and one that switches.
+template <Activation A>
+__host__ __device__ __forceinline__ float activate_as(float v) {
+  if constexpr (A == Activation::kReLU) {
+    return v < 0.f ? 0.f : v;  // NaN stays NaN, as in torch
+  } else if constexpr (A == Activation::kGeluTanh) {
+    // x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
+    return v / (1.f + expf(-1.5957691216057308f * (v + 0.044715f * v * v * v)));
+  } else if constexpr (A == Activation::kSiLU) {
+    return v / (1.f + expf(-v));
+  } else if constexpr (A == Activation::kGelu) {
+    return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+  } else {
+    return v;
+  }
+}
+__host__ __device__ __forceinline__ float activate(int act, float v) {
   switch (static_cast<Activation>(act)) {
-    case Activation::kReLU: return v < 0.f ? 0.f : v;  // NaN stays NaN, as in torch
-    case Activation::kGeluTanh:  // x * sigmoid(2 sqrt(2/pi) (x + 0.044715 x^3))
-      return v / (1.f + expf(-1.5957691216057308f * (v + 0.044715f * v * v * v)));
-    case Activation::kSiLU: return v / (1.f + expf(-v));
-    case Activation::kGelu: return 0.5f * v * (1.f + erff(v * 0.7071067811865476f));
+    case Activation::kReLU: return activate_as<Activation::kReLU>(v);
+    case Activation::kGeluTanh: return activate_as<Activation::kGeluTanh>(v);
+    case Activation::kSiLU: return activate_as<Activation::kSiLU>(v);
+    case Activation::kGelu: return activate_as<Activation::kGelu>(v);
     default: return v;
   }
 }
@@ -627,22 +687,63 @@ __host__ __device__ __forceinline__ FwdProblem<T> fwd_problem(const FwdParams& p
   return FwdProblem<T>{p, p.seg[si], t.m * M::BM, (t.n - p.seg[si].tile0) * M::BN};
 }
 
-// The staged forward epilogue's write-out (thread tid): y's tile, and pre's where its columns
-// reach pre_col0.  col0: the tile's first output column; cols: its columns in its segment.
-template <typename T, class M>
-__host__ __device__ __forceinline__ void fwd_write_out(const FwdParams& p, const T* ys,
-                                                       const T* pres, int64_t m0, int64_t col0,
-                                                       int cols, int tid) {
-  const int rows = tile_extent(p.rows - m0, M::BM);
-  write_tile_rows<T, M::BM, M::BN, M::THREADS>(ys, M::OUT_LD, static_cast<T*>(p.y),
-                                               {m0 * p.ld_y + col0, p.ld_y, rows, 0, cols}, tid);
-  if (p.pre == nullptr) return;
+// The staged forward epilogue's write-out (thread tid), for activation A: the block's tile
+// (rows m0.., columns n0.. of segment s), staged as fp32 accumulators [BM][OUT_LD_F32], plus
+// the bias, goes to pre where its columns reach pre_col0 and, activated, to y.  One pass, the
+// activation chosen at compile time; each value rounded to T once.
+template <typename T, class M, Activation A>
+__host__ __device__ __forceinline__ void fwd_write_out_as(const FwdParams& p, const FwdSeg& s,
+                                                          const float* staged, int64_t m0,
+                                                          int n0, int tid) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int rows = tile_extent(p.rows - m0, M::BM), cols = tile_extent(s.rows - n0, M::BN);
+  const int64_t col0 = s.col0 + n0;  // the tile's first output column
+  const T* bias = s.bias == nullptr ? nullptr : static_cast<const T*>(s.bias) + n0;
+  T* pre = static_cast<T*>(p.pre);
   const int64_t skip = p.pre_col0 - col0;  // the tile's columns before pre's first
-  write_tile_rows<T, M::BM, M::BN, M::THREADS>(
-      pres, M::OUT_LD, static_cast<T*>(p.pre),
-      {m0 * p.ld_pre + col0 - p.pre_col0, p.ld_pre, rows,
-       static_cast<int>(skip < 0 ? 0 : (skip > M::BN ? M::BN : skip)), cols},
-      tid);
+  const OutRegion pre_region{m0 * p.ld_pre + col0 - p.pre_col0, p.ld_pre, rows,
+                             static_cast<int>(skip < 0 ? 0 : (skip > M::BN ? M::BN : skip)),
+                             cols};
+  write_f32_tile_rows<T, M::BM, M::BN, M::THREADS>(
+      staged, M::OUT_LD_F32, static_cast<T*>(p.y), {m0 * p.ld_y + col0, p.ld_y, rows, 0, cols},
+      tid, [&](int m, int c, float(&v)[VEC]) {
+        if (bias != nullptr) {
+          alignas(16) T b[VEC];
+          if (c + VEC <= cols && (reinterpret_cast<uintptr_t>(bias + c) & 15) == 0) {
+            *reinterpret_cast<uint4*>(b) = *reinterpret_cast<const uint4*>(bias + c);
+          } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) b[e] = c + e < cols ? bias[c + e] : from_f<T>(0.f);
+          }
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) v[e] += to_f(b[e]);
+        }
+        if (pre != nullptr && c + VEC > pre_region.col_lo) {
+          alignas(16) T out[VEC];
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) out[e] = from_f<T>(v[e]);
+          put_chunk(out, pre, pre_region.offset + m * pre_region.ld, c, pre_region);
+        }
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[e] = activate_as<A>(v[e]);
+      });
+}
+
+template <typename T, class M>
+__host__ __device__ __forceinline__ void fwd_write_out(const FwdParams& p, const FwdSeg& s,
+                                                       const float* staged, int64_t m0, int n0,
+                                                       int tid) {
+  switch (static_cast<Activation>(p.activation)) {
+    case Activation::kReLU:
+      return fwd_write_out_as<T, M, Activation::kReLU>(p, s, staged, m0, n0, tid);
+    case Activation::kGeluTanh:
+      return fwd_write_out_as<T, M, Activation::kGeluTanh>(p, s, staged, m0, n0, tid);
+    case Activation::kSiLU:
+      return fwd_write_out_as<T, M, Activation::kSiLU>(p, s, staged, m0, n0, tid);
+    case Activation::kGelu:
+      return fwd_write_out_as<T, M, Activation::kGelu>(p, s, staged, m0, n0, tid);
+    default: return fwd_write_out_as<T, M, Activation::kNone>(p, s, staged, m0, n0, tid);
+  }
 }
 
 template <typename T, class M>
@@ -662,16 +763,12 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   T* pre = static_cast<T*>(p.pre);
   const T* bias = static_cast<const T*>(s.bias);
   if constexpr (M::STAGED_EPILOGUE) {
-    T* ys = reinterpret_cast<T*>(smem);
-    T* pres = ys + M::BM * M::OUT_LD;
-    const int cols = tile_extent(s.rows - n0, M::BN);
-    M::store(acc, nullptr, [&](int m, int n, float v) {
-      if (bias != nullptr && n < cols) v += to_f(bias[n0 + n]);
-      ys[m * M::OUT_LD + n] = from_f<T>(activate(p.activation, v));
-      if (pre != nullptr) pres[m * M::OUT_LD + n] = from_f<T>(v);
+    float* staged = reinterpret_cast<float*>(smem);
+    M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+      *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
     });
     __syncthreads();
-    fwd_write_out<T, M>(p, ys, pres, m0, s.col0 + n0, cols, threadIdx.x);
+    fwd_write_out<T, M>(p, s, staged, m0, n0, threadIdx.x);
     return;
   }
   M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
@@ -858,7 +955,9 @@ linear_dw_kernel(const __grid_constant__ DwParams p) {
   if constexpr (M::STAGED_EPILOGUE) {
     if (p.splits > 1) {
       float* part = reinterpret_cast<float*>(smem);
-      M::store(acc, nullptr, [&](int m, int n, float v) { part[m * M::OUT_LD_F32 + n] = v; });
+      M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+        *reinterpret_cast<float2*>(part + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
+      });
     } else {
       T* dws = reinterpret_cast<T*>(smem);
       M::store(acc, nullptr,

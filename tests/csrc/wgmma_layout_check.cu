@@ -111,6 +111,12 @@ static void check_accumulators(int n) {
       if (r >= 0 && r < 64 && c >= 0 && c < n) ++seen[r * n + c];
     }
   for (int i = 0; i < 64 * n; ++i) expect(seen[i] == 1, "accumulator covers once", n, i, 0);
+  // store_pairs hands over d[i], d[i + 1] (i even) as one 8-byte store at (row, even column)
+  for (int t = 0; t < 128; ++t)
+    for (int i = 0; i < n / 2; i += 2)
+      expect(acc_row(t, i + 1) == acc_row(t, i) && acc_col(t, i + 1) == acc_col(t, i) + 1 &&
+                 acc_col(t, i) % 2 == 0,
+             "accumulator pairs adjacent", n, t, i);
 }
 
 int main() {

@@ -259,22 +259,26 @@ struct CoreSmem {
   static_assert(!SW_ || ((A_ELEMS * sizeof(T)) % 1024 == 0 && (STAGE * sizeof(T)) % 1024 == 0),
                 "swizzled tiles start on 1024 bytes");
 
-  // Chunk j = i * THREADS + tid goes to byte 16 j (wgmma::chunk_origin says from where); with
-  // THREADS a multiple of a row block's chunks, a thread's chunks share their column.
-  // Swizzled: chunk (row o, column c) goes to chunk c ^ (o % 8) of row o; a thread's chunks
-  // are THREADS / 8 rows apart, a multiple of 8, so they share that chunk too.
+  // Unswizzled: chunk j = i * THREADS + tid goes to byte 16 j (wgmma::chunk_origin says from
+  // where), so a warp's stores are 512 contiguous bytes (its reads: 8 rows, 64 bytes each);
+  // with THREADS a multiple of a row block's chunks, a thread's chunks share their column.
+  // Swizzled: thread tid copies chunk tid % 8 of rows tid / 8 + i * THREADS / 8, so a warp
+  // reads 4 whole 128-byte rows and stores them to 512 contiguous bytes (the XOR permutes
+  // chunks inside a row); chunk (row o, column c) goes to chunk c ^ (o % 8) of row o, and a
+  // thread's rows are THREADS / 8 apart, a multiple of 8, so they share that chunk too.
   template <int OUTER, int INNER, bool SWZ>
   __host__ __device__ static void load(T* s, const TileSrc<T>& src, int tid) {
     static_assert(OUTER % 8 == 0 && THREADS % (8 * (INNER / VEC)) == 0, "tile chunks");
-    int o0, c;
-    wgmma::chunk_origin(tid, INNER / VEC, o0, c);
     if constexpr (SWZ) {
-      constexpr int ROW_STEP = THREADS / (INNER / VEC);
-      static_assert(ROW_STEP % 8 == 0, "a thread's chunks keep their swizzled column");
+      constexpr int PER_ROW = INNER / VEC, ROW_STEP = THREADS / PER_ROW;
+      static_assert(PER_ROW == 8 && ROW_STEP % 8 == 0, "a thread's chunks keep their swizzle");
+      const int o0 = tid / PER_ROW, c = tid % PER_ROW;
       T* d = s + wgmma::tile_offset_sw128<INNER, VEC>(o0, c * VEC);
       copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
                                           [&](int i) { return d + i * ROW_STEP * INNER; });
     } else {
+      int o0, c;
+      wgmma::chunk_origin(tid, INNER / VEC, o0, c);
       copy_rows<T, OUTER, INNER, THREADS>(src, o0, c * VEC,
                                           [&](int i) { return s + (i * THREADS + tid) * VEC; });
     }

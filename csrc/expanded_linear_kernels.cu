@@ -333,9 +333,16 @@ struct CoreSmem {
 // multiply-add needs from L2 and shared memory against 128 x 128 (the Triton kernels' fastest
 // H200 tile is 128 x 256 too), and one k-tile's MMAs stay in flight while the block waits for
 // the previous tile's, synchronises and issues the next copies.
-template <typename T, bool SWIZZLE = false>
+// BK_ = 128, STAGES_ = 2 (EXPANSE_FAST_CUDA_PIPELINE=k128x2, an experiment the GPU run times):
+// two stages of 96 KB, one k-tile fetched ahead.  Each k-tile's proxy fence (a MEMBAR.ALL.CTA
+// in SASS) then comes when no newer copies are in flight, and there are half as many fences
+// and barriers per K; with four stages two k-tiles' copies are still in flight at every fence,
+// and if the fence waits for them the pipeline has nothing ahead (the H200 ran the forward at
+// a quarter of Triton's cp.async kernels' rate, cause not yet profiled).
+template <typename T, bool SWIZZLE = false, int BK_ = 64, int STAGES_ = 4>
 struct WgmmaMath {
-  static constexpr int BM = 128, BN = 256, BK = 64, THREADS = 256, STAGES = 4;
+  static_assert(!SWIZZLE || BK_ == 64, "the swizzled tiles have 128-byte rows");
+  static constexpr int BM = 128, BN = 256, BK = BK_, THREADS = 256, STAGES = STAGES_;
   static constexpr int MIN_BLOCKS = 1;
   static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
   // The kernels stage their outputs in the stages' shared memory and write them out by rows
@@ -356,7 +363,7 @@ struct WgmmaMath {
   static constexpr bool ASYNC_MMA = true;
   // fp32 elements an SM streams from memory while a block multiplies one k-tile (H200: 2M
   // multiply-adds in about 1000 cycles, at about 19 bytes a cycle: plan_for)
-  static constexpr double WS_ELEMS_PER_KTILE = 5000;
+  static constexpr double WS_ELEMS_PER_KTILE = 5000.0 * BK / 64;
   struct Acc { float d[BN / 2]; };
 
   __device__ static void zero(Acc& acc) {
@@ -1022,6 +1029,16 @@ bool shape_ok(const LinearShape& s, const LinearWeights& w) {
                           s.frozen_in, s.frozen_out);
 }
 
+// The wgmma variant this call takes (wgmma_variant(): the default, or an experiment).
+template <typename T, class F>
+cudaError_t dispatch_wgmma(F&& f) {
+  switch (wgmma_variant()) {
+    case WgmmaVariant::kSwizzled: return f(T{}, WgmmaMath<T, true>{});
+    case WgmmaVariant::kDeepK: return f(T{}, WgmmaMath<T, false, 128, 2>{});
+    default: return f(T{}, WgmmaMath<T>{});
+  }
+}
+
 // Calls f(element, math) with the element type `dt` names and the tile math for this call.
 template <class F>
 cudaError_t dispatch_math(DType dt, F&& f) {
@@ -1029,12 +1046,10 @@ cudaError_t dispatch_math(DType dt, F&& f) {
     case DType::kFloat32: return f(float{}, SimtMath{});
     case DType::kFloat16:
       if (!wgmma_enabled(dt)) return f(__half{}, WmmaMath<__half>{});
-      return wgmma_swizzle_enabled() ? f(__half{}, WgmmaMath<__half, true>{})
-                                     : f(__half{}, WgmmaMath<__half>{});
+      return dispatch_wgmma<__half>(f);
     case DType::kBFloat16:
       if (!wgmma_enabled(dt)) return f(__nv_bfloat16{}, WmmaMath<__nv_bfloat16>{});
-      return wgmma_swizzle_enabled() ? f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16, true>{})
-                                     : f(__nv_bfloat16{}, WgmmaMath<__nv_bfloat16>{});
+      return dispatch_wgmma<__nv_bfloat16>(f);
   }
   return cudaErrorInvalidValue;
 }
@@ -1295,17 +1310,25 @@ bool wgmma_enabled(DType dt) {
   return wgmma_compiled();
 }
 
-// The linear kernels' 128-byte swizzled operand tiles (an experiment, off unless
-// EXPANSE_FAST_CUDA_SWIZZLE=1; read at every call, as EXPANSE_FAST_CUDA_WGMMA is).
-bool wgmma_swizzle_enabled() {
-  const char* env = std::getenv("EXPANSE_FAST_CUDA_SWIZZLE");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+// The linear wgmma kernels' experiments, off by default and read at every call (as
+// EXPANSE_FAST_CUDA_WGMMA is): EXPANSE_FAST_CUDA_SWIZZLE=1, 128-byte swizzled operand tiles;
+// else EXPANSE_FAST_CUDA_PIPELINE=k128x2, two stages of 128-wide k-tiles.
+WgmmaVariant wgmma_variant() {
+  const char* swizzle = std::getenv("EXPANSE_FAST_CUDA_SWIZZLE");
+  if (swizzle != nullptr && std::strcmp(swizzle, "1") == 0) return WgmmaVariant::kSwizzled;
+  const char* pipeline = std::getenv("EXPANSE_FAST_CUDA_PIPELINE");
+  if (pipeline != nullptr && std::strcmp(pipeline, "k128x2") == 0) return WgmmaVariant::kDeepK;
+  return WgmmaVariant::kDefault;
 }
 
 const char* linear_math_name(DType dtype) {
   if (dtype == DType::kFloat32) return "simt";
   if (!wgmma_enabled(dtype)) return "wmma";
-  return wgmma_swizzle_enabled() ? "wgmma-sw128" : "wgmma";
+  switch (wgmma_variant()) {
+    case WgmmaVariant::kSwizzled: return "wgmma-sw128";
+    case WgmmaVariant::kDeepK: return "wgmma-k128x2";
+    default: return "wgmma";
+  }
 }
 
 cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const void* x,

@@ -120,8 +120,10 @@ struct OldBands {
 // device: built for sm_90a, running there, and not turned off by EXPANSE_FAST_CUDA_WGMMA=0.
 // Defined with the linear kernels; the conv kernels ask it too.
 bool wgmma_enabled(DType dtype);
-// Whether the linear wgmma kernels store their K-major operand tiles with the 128-byte swizzle
-// (EXPANSE_FAST_CUDA_SWIZZLE=1, an experiment).  Defined with the linear kernels.
-bool wgmma_swizzle_enabled();
+// The linear wgmma kernels' variant for this call: the default, their K-major operand tiles
+// stored with the 128-byte swizzle (EXPANSE_FAST_CUDA_SWIZZLE=1) or two stages of 128-wide
+// k-tiles (EXPANSE_FAST_CUDA_PIPELINE=k128x2), both experiments.  Defined with them.
+enum class WgmmaVariant { kDefault, kSwizzled, kDeepK };
+WgmmaVariant wgmma_variant();
 
 }  // namespace expanse_fast

@@ -120,6 +120,8 @@ def test_targets_take_the_best_backend_per_variant(gpu):
                    speedup={"masked": 2.45, "cat": 1.35}),
               _row("fwd+bwd", "expanse/cuda-sw128", "expanse", 1.4, pct_cublas=85.0,
                    speedup={"masked": 2.4, "cat": 1.3}),
+              _row("fwd+bwd", "expanse/cuda-k128x2", "expanse", 1.7, pct_cublas=75.0,
+                   speedup={"masked": 2.3, "cat": 1.2}),
               _row("fwd+bwd", "ideal@cuBLAS", "ideal", 1.2, speedup={"masked": 3.0, "cat": 1.4}),
               _row("fwd", "expanse/triton", "expanse", 0.5, pct_cublas=99.0)]
     conv = [_row("nchw fwd+bwd", "expanse/torch", "expanse", None, error="boom"),
@@ -135,6 +137,8 @@ def test_targets_take_the_best_backend_per_variant(gpu):
     assert cuda["best"] == pytest.approx(1.5 / 1.6) and cuda["met"] is False
     swizzled = got[("linear", "fwd+bwd", "x triton (cuda backend, swizzled tiles)")]
     assert swizzled["best"] == pytest.approx(1.5 / 1.4) and swizzled["met"] is True
+    deep = got[("linear", "fwd+bwd", "x triton (cuda backend, two stages of 128-wide k-tiles)")]
+    assert deep["best"] == pytest.approx(1.5 / 1.7) and deep["met"] is False
     unmeasured = got[("conv", "nchw fwd+bwd", "x masked full-width conv (cuDNN)")]
     assert unmeasured["best"] is None and unmeasured["met"] is None
     assert not any(t["variant"] == "fwd" for t in got.values())

@@ -96,8 +96,9 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
         auto_variant(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref)
     _measure_backends(ctx, [b for b in backends if b[0] == "cuda"], exp_f, exp_fb, k,
                       v_f, v_fb, f_fwd, f_fb, ref)
-    if swizzle:  # (the linear kernels' experiment: timed by default)
+    if swizzle:  # (the linear kernels' experiments: timed by default)
         _measure_cuda_swizzled(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb)
+        _measure_cuda_deep_k(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb)
     if variants:
         _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f,
                                     v_fb)
@@ -201,6 +202,16 @@ def _measure_cuda_swizzled(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_
     _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
                           "-sw128", "EXPANSE_FAST_CUDA_SWIZZLE", "1",
                           "128-byte swizzled operand tiles")
+
+
+def _measure_cuda_deep_k(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f="fwd",
+                         v_fb="fwd+bwd"):
+    """The linear wgmma kernels with two stages of 128-wide k-tiles beside their default four
+    of 64: each k-tile's proxy fence (MEMBAR.ALL.CTA in SASS) then comes with no newer copies
+    in flight.  If the fence waits for in-flight copies, this row is the faster one."""
+    _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
+                          "-k128x2", "EXPANSE_FAST_CUDA_PIPELINE", "k128x2",
+                          "two stages of 128-wide k-tiles")
 
 
 def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,

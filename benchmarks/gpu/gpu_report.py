@@ -218,11 +218,13 @@ def _targets(sections):
         out.append(dict(section="linear", variant="fwd+bwd", what="x triton (cuda backend)",
                         need=1.0, best=ratio, impl="expanse/cuda", limit=None,
                         met=ratio >= 1.0))
-    if ms.get("expanse/cuda-sw128") and ms.get("expanse/triton"):  # (the opt-in swizzle)
-        ratio = ms["expanse/triton"] / ms["expanse/cuda-sw128"]
-        out.append(dict(section="linear", variant="fwd+bwd",
-                        what="x triton (cuda backend, swizzled tiles)", need=1.0, best=ratio,
-                        impl="expanse/cuda-sw128", limit=None, met=ratio >= 1.0))
+    for impl, what in (("expanse/cuda-sw128", "swizzled tiles"),  # (the opt-in experiments)
+                       ("expanse/cuda-k128x2", "two stages of 128-wide k-tiles")):
+        if ms.get(impl) and ms.get("expanse/triton"):
+            ratio = ms["expanse/triton"] / ms[impl]
+            out.append(dict(section="linear", variant="fwd+bwd",
+                            what=f"x triton (cuda backend, {what})", need=1.0, best=ratio,
+                            impl=impl, limit=None, met=ratio >= 1.0))
     return out
 
 

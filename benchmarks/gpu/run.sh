@@ -20,7 +20,7 @@
 # selects (a rerun of the ones a fix was for).  EXPANSE_GPU_TESTS_RESUME=1: they skip the tests
 # an earlier call on the same sources passed (a second call of a warm session).
 # EXPANSE_GPU_STAGES=build,ncu: Nsight Compute's counters for the linear layer's kernels
-# (cuda, cuda-sw128, triton), in ncu_<variant>.txt.
+# (cuda, cuda-k128x2, cuda-sw128, triton), in ncu_<variant>.txt.
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -201,9 +201,9 @@ main() {
   # 270 s with their own compiles) and a tests-only call (EXPANSE_GPU_STAGES=build,tests) all
   # but the report's.
   local want_ncu=0
-  wanted ncu && (( HAVE_GPU )) && want_ncu=1   # (its 130 s are kept from the stages before)
-  local keep=$(( 215 + 130 * want_ncu ))
-  wanted bench || keep=$(( 15 + 130 * want_ncu ))
+  wanted ncu && (( HAVE_GPU )) && want_ncu=1   # (its 160 s are kept from the stages before)
+  local keep=$(( 215 + 160 * want_ncu ))
+  wanted bench || keep=$(( 15 + 160 * want_ncu ))
   local window_end=$(( $(date +%s) + $(stage_limit 100000 "$keep") ))
   window_left() { local t=$(( window_end - $(date +%s) )); (( t < 10 )) && t=10; echo "$t"; }
   # Half the cores each: the two test stages overlap (with the build and the prewarm), and
@@ -311,7 +311,7 @@ main() {
     && want_diag=1
   # All the budget left (about 205 s in a default call): a larger EXPANSE_GPU_BUDGET_S goes
   # to the sections, which share it out (a 420 s call left 137 s unused under a 190 s cap).
-  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag + 130 * want_ncu )))
+  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag + 160 * want_ncu )))
   BENCH_ARGS=(bench --device "$DEV" --work "$WORK" --budget $(( blim - 8 )))
   (( QUICK )) && BENCH_ARGS+=(--quick)
   [ -n "${EXPANSE_GPU_SECTIONS:-}" ] && BENCH_ARGS+=(--sections "$EXPANSE_GPU_SECTIONS")
@@ -324,21 +324,24 @@ main() {
   # Opt-in (EXPANSE_GPU_STAGES=build,ncu): Nsight Compute's counters for the linear layer's
   # kernels, the cuda backend's and the Triton ones (one tile), from the last of two calls.
   if (( want_ncu )); then
-    local ncu v names swz b reserve
+    local ncu v names swz pipe b reserve
     ncu="$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -n1)"
     if [ -z "$ncu" ]; then
       echo; echo "=== stage ncu: no ncu on this machine ==="
     else
-      # the cuda kernels as they are and with 128-byte swizzled tiles, then Triton's
-      for v in cuda cuda-sw128 triton; do
-        names='regex:linear_(fwd|dw|dx)_kernel' swz=0 b=cuda
+      # the cuda kernels as they are, with two stages of 128-wide k-tiles and with 128-byte
+      # swizzled tiles, then Triton's
+      for v in cuda cuda-k128x2 cuda-sw128 triton; do
+        names='regex:linear_(fwd|dw|dx)_kernel' swz=0 pipe=k64x4 b=cuda
         [ "$v" = cuda-sw128 ] && swz=1
+        [ "$v" = cuda-k128x2 ] && pipe=k128x2
         [ "$v" = triton ] && { names='regex:_(fwd|dw|dx)_tma_kernel'; b=triton; }
-        # (about 30 s for each cuda run, 50 with Triton's cold compiles: 130 s kept)
+        # (about 30 s for each cuda run, 50 with Triton's cold compiles: 160 s kept)
         reserve=$(( 10 + 30 * want_diag ))
         [ "$v" = cuda-sw128 ] && reserve=$(( reserve + 40 ))
-        [ "$v" = cuda ] && reserve=$(( reserve + 70 ))
-        EXPANSE_FAST_AUTOTUNE=0 EXPANSE_FAST_CUDA_SWIZZLE=$swz \
+        [ "$v" = cuda-k128x2 ] && reserve=$(( reserve + 70 ))
+        [ "$v" = cuda ] && reserve=$(( reserve + 100 ))
+        EXPANSE_FAST_AUTOTUNE=0 EXPANSE_FAST_CUDA_SWIZZLE=$swz EXPANSE_FAST_CUDA_PIPELINE=$pipe \
           run_stage "ncu_$v" "$(stage_limit 90 "$reserve")" "$ncu" \
           --clock-control none --target-processes all --kernel-name "$names" \
           --launch-skip 3 --launch-count 3 --section SpeedOfLight \

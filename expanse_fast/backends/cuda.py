@@ -247,7 +247,9 @@ def _ops():
 def linear_math(dtype: torch.dtype, device=None) -> str:
     """The tile math of the linear kernels for ``dtype`` on ``device``, now: ``"wgmma"``
     (Hopper warpgroup MMA, from an sm_90a build; ``EXPANSE_FAST_CUDA_WGMMA=0`` turns it off;
-    ``"wgmma-sw128"`` with ``EXPANSE_FAST_CUDA_SWIZZLE=1``: 128-byte swizzled operand tiles),
+    ``"wgmma-sw128"`` with ``EXPANSE_FAST_CUDA_SWIZZLE=1``: 128-byte swizzled operand tiles;
+    else ``"wgmma-k128x2"`` with ``EXPANSE_FAST_CUDA_PIPELINE=k128x2``: two stages of 128-wide
+    k-tiles; both experiments),
     ``"wmma"`` (portable tensor-core fragments) or ``"simt"`` (fp32).  The conv kernels follow
     the same choice."""
     ops = _ops()

@@ -154,17 +154,21 @@ def dev():
     return torch.device("cuda")
 
 
-@pytest.fixture(params=["auto", "wmma", "sw128"])
+@pytest.fixture(params=["auto", "wmma", "sw128", "k128x2"])
 def tile_math(request, monkeypatch):
     """The GEMM kernels' tile math: the default (wgmma on an H100/H200), the portable WMMA
     kernels (EXPANSE_FAST_CUDA_WGMMA=0), and the linear wgmma kernels with 128-byte swizzled
-    operand tiles (EXPANSE_FAST_CUDA_SWIZZLE=1); the launchers read both at every call."""
-    monkeypatch.delenv("EXPANSE_FAST_CUDA_WGMMA", raising=False)
-    monkeypatch.delenv("EXPANSE_FAST_CUDA_SWIZZLE", raising=False)
+    operand tiles (EXPANSE_FAST_CUDA_SWIZZLE=1) or two stages of 128-wide k-tiles
+    (EXPANSE_FAST_CUDA_PIPELINE=k128x2); the launchers read them at every call."""
+    for name in ("EXPANSE_FAST_CUDA_WGMMA", "EXPANSE_FAST_CUDA_SWIZZLE",
+                 "EXPANSE_FAST_CUDA_PIPELINE"):
+        monkeypatch.delenv(name, raising=False)
     if request.param == "wmma":
         monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
     elif request.param == "sw128":
         monkeypatch.setenv("EXPANSE_FAST_CUDA_SWIZZLE", "1")
+    elif request.param == "k128x2":
+        monkeypatch.setenv("EXPANSE_FAST_CUDA_PIPELINE", "k128x2")
     return request.param
 
 
@@ -175,8 +179,9 @@ def skip_same_math(tile_math, dtype, conv=False):
     repeat the default's."""
     if tile_math != "auto" and dtype != torch.bfloat16:
         pytest.skip(f"the {tile_math} variant runs in bf16 (fp32 is SIMT either way)")
-    if tile_math == "sw128" and (conv or cuda.linear_math(dtype) != "wgmma-sw128"):
-        pytest.skip("the swizzled tiles are the linear wgmma kernels' (an H100/H200's) alone")
+    if tile_math in ("sw128", "k128x2") and (conv or
+                                             cuda.linear_math(dtype) != f"wgmma-{tile_math}"):
+        pytest.skip(f"the {tile_math} variant is the linear wgmma kernels' (an H100/H200's)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -299,13 +304,17 @@ def test_fused_activation_and_pre_activation_store(dev, tile_math, name, pre_ext
 def test_hopper_multiplies_with_wgmma(dev, monkeypatch):
     """On an H100/H200 the fp16/bf16 linear kernels run wgmma (the sm_90a build took), so the
     tests above cover both tile maths there; the switch turns it off; fp32 stays SIMT."""
-    monkeypatch.delenv("EXPANSE_FAST_CUDA_WGMMA", raising=False)
-    monkeypatch.delenv("EXPANSE_FAST_CUDA_SWIZZLE", raising=False)
+    for name in ("EXPANSE_FAST_CUDA_WGMMA", "EXPANSE_FAST_CUDA_SWIZZLE",
+                 "EXPANSE_FAST_CUDA_PIPELINE"):
+        monkeypatch.delenv(name, raising=False)
     expect = "wgmma" if torch.cuda.get_device_capability(dev) == (9, 0) else "wmma"
     for dtype in (torch.bfloat16, torch.float16):
         assert cuda.linear_math(dtype, dev) == expect, dtype
     assert cuda.linear_math(torch.float32, dev) == "simt"
-    monkeypatch.setenv("EXPANSE_FAST_CUDA_SWIZZLE", "1")  # the swizzled tiles: wgmma's only
+    monkeypatch.setenv("EXPANSE_FAST_CUDA_PIPELINE", "k128x2")  # the experiments: wgmma's only
+    assert cuda.linear_math(torch.bfloat16, dev) == (expect + "-k128x2" if expect == "wgmma"
+                                                     else expect)
+    monkeypatch.setenv("EXPANSE_FAST_CUDA_SWIZZLE", "1")  # (the swizzle wins)
     assert cuda.linear_math(torch.bfloat16, dev) == (expect + "-sw128" if expect == "wgmma"
                                                      else expect)
     monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")

@@ -535,6 +535,7 @@ const char* math_name(SimtMath) { return "simt"; }
 const char* math_name(WmmaMath<__half>) { return "wmma"; }
 const char* math_name(WgmmaMath<__half>) { return "wgmma"; }
 const char* math_name(WgmmaMath<__half, true>) { return "wgmma-sw128"; }
+const char* math_name(WgmmaMath<__half, false, 128, 2>) { return "wgmma-k128x2"; }
 
 template <typename T, class M>
 void run(const Case& c) {
@@ -660,6 +661,7 @@ int main() {
     run<__half, WmmaMath<__half>>(c);
     run<__half, WgmmaMath<__half>>(c);
     run<__half, WgmmaMath<__half, true>>(c);  // the swizzled copies and reads
+    run<__half, WgmmaMath<__half, false, 128, 2>>(c);  // two stages of 128-wide k-tiles
   }
   if (copies_whole == 0 || copies_whole == copies_checked) {
     ++failures;

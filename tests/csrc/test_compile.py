@@ -122,12 +122,12 @@ def _ptx_of(src_name, arch, tmp_path):
     return out
 
 
-# Per kernel: the wgmma N, the instructions per k-tile (BK / 16), the operand majorness it
-# hands wgmma (0 = K-major, 1 = M/N-major) and how many k-tiles' MMAs its main loop leaves in
-# flight at the barrier (wgmma.wait_group N in the loop).  Linear: forward x.w^T (both
-# K-major), input gradient dy.w (w N-major), weight gradient dy^T.x (both MN-major).  Conv: A
-# is the gathered im2col / dy tile stored [k][m] (M-major) for forward and input gradient,
-# [m][k] for dW; B is always stored [n][k].
+# Per kernel: the wgmma N, the instructions per k-tile (BK / 16) of its default variant, the
+# operand majorness it hands wgmma (0 = K-major, 1 = M/N-major) and how many k-tiles' MMAs its
+# main loop leaves in flight at the barrier (wgmma.wait_group N in the loop).  Linear: forward
+# x.w^T (both K-major), input gradient dy.w (w N-major), weight gradient dy^T.x (both
+# MN-major).  Conv: A is the gathered im2col / dy tile stored [k][m] (M-major) for forward and
+# input gradient, [m][k] for dW; B is always stored [n][k].
 # Per linear kernel: whether it has a K-major operand with 128-byte rows (BK = 64 of fp16 /
 # bf16), which the swizzled variant stores with the 128-byte swizzle: the forward (x and w),
 # the input gradient (dy); not dW (both operands MN-major).
@@ -142,6 +142,12 @@ WGMMA_KERNELS = {
                                  "conv_dx_kernel": ("64", 2, "1, 0", 0),
                                  "conv_dw_kernel": ("64", 2, "0, 0", 0)},
 }
+# The linear WgmmaMath<T, SWIZZLE, BK, STAGES> instantiations, by their mangled template
+# arguments: (swizzled, wgmmas per k-tile, the main loop's cp.async.wait_group).  Four stages
+# keep three k-tiles fetched ahead (tile t is waited for with t + 1 and t + 2 in flight); two
+# stages one (nothing newer in flight when tile t has landed).
+LINEAR_VARIANTS = {"Lb0ELi64ELi4E": (False, 4, "2"), "Lb1ELi64ELi4E": (True, 4, "2"),
+                   "Lb0ELi128ELi2E": (False, 8, "0")}
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
@@ -155,23 +161,27 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     k-tile's MMAs from being queued while one tile's still run); the WMMA and SIMT kernels
     issue none; built for plain sm_90 (the portable path) nothing issues wgmma.  The linear
     kernels' loop fences every k-tile's copies for the async proxy (no branch skips it) and
-    keeps two k-tiles' copies in flight while it waits for the next."""
+    keeps all stages but one fetched ahead."""
     expect = WGMMA_KERNELS[src_name]
     ptx_path = _ptx_of(src_name, "compute_90a", tmp_path)
     entries = _ptx_entries(ptx_path.read_text())
     wg = {n: b for n, b in entries.items() if "WgmmaMath" in n}
-    # the linear kernels come twice more: with 128-byte swizzled operand tiles (WgmmaMath<T,
-    # true>, mangled ...Lb1E), whose K-major operands' descriptors say so (layout type 1 in
-    # bits 62-63), and without (Lb0E)
-    variants = 2 if src_name in SWIZZLED_K_MAJOR else 1
+    # the linear kernels come in three variants (LINEAR_VARIANTS): the default, with 128-byte
+    # swizzled operand tiles, whose K-major operands' descriptors say so (layout type 1 in
+    # bits 62-63), and with two stages of 128-wide k-tiles
+    linear = src_name in SWIZZLED_K_MAJOR
+    variants = len(LINEAR_VARIANTS) if linear else 1
     assert len(wg) == 2 * variants * len(expect), \
         f"expected {len(expect)} kernels x 2 dtypes x {variants}, got {sorted(wg)}"
     for name, body in wg.items():
         kernel = next(k for k in expect if k in name)
         n, per_tile, trans, in_flight = expect[kernel]
+        sw, cp_wait = False, None
+        if linear:
+            (sw, per_tile, cp_wait), = [v for k, v in LINEAR_VARIANTS.items() if k in name]
         masks = [int(c) for c in re.findall(r"or\.b64\s+%rd\d+, %rd\d+, (\d+);", body)]
         swizzled = {c for c in masks if c >> 62 == 1}
-        if variants == 2 and "Lb1E" in name and SWIZZLED_K_MAJOR[src_name][kernel]:
+        if sw and SWIZZLED_K_MAJOR[src_name][kernel]:
             assert swizzled and all((c >> 32) & 0x3FFF == 1024 >> 4 for c in swizzled), \
                 f"{name}: no 128-byte swizzled descriptor (SBO 1024) among {masks}"
         else:
@@ -187,10 +197,10 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
             guarded = [code[i - 1] for i, ln in enumerate(code)
                        if ln.startswith("fence.proxy.async") and re.match(r"@!?%p\d+ bra\s", code[i - 1])]
             assert not guarded, f"{name}: proxy fence behind a branch {guarded}"
-            # three of the four stages fetched ahead: tile t is waited for with t + 1 and t + 2
-            # still in flight (the stage of t - 1 is refilled once its MMAs are done)
+            # all stages but one fetched ahead (the stage of t - 1 is refilled once its MMAs
+            # are done)
             cp_waits = set(re.findall(r"cp\.async\.wait_group (\d+);", body))
-            assert cp_waits == {"2"}, f"{name}: cp.async.wait_group {cp_waits}"
+            assert cp_waits == {cp_wait}, f"{name}: cp.async.wait_group {cp_waits}"
         waits = {int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+);", body)}
         assert waits == ({0, in_flight} if in_flight else {0}), f"{name}: waits {waits}"
     for name, body in entries.items():

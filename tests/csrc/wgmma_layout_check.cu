@@ -67,15 +67,15 @@ static long swizzled_byte(long start_byte, long sbo, int mn, int k) {
 }
 
 // A K-major tile of OUTER rows x 64 columns (128-byte rows) copied the way the swizzled
-// kernels copy it, then read back through each m64 / n256 x k16 block's descriptor fields.
+// kernels copy it (chunk j: row j / 8, chunk j % 8), then read back through each m64 / n256
+// x k16 block's descriptor fields.
 template <int OUTER>
 static void check_tile_sw128(int mn_block, const std::vector<int>& mn0s, const char* name) {
   constexpr int INNER = 64, per_row = INNER / VEC;
   std::vector<int> global(OUTER * INNER), smem(OUTER * INNER, -1);
   for (int i = 0; i < OUTER * INNER; ++i) global[i] = i;
   for (int j = 0; j < OUTER * per_row; ++j) {
-    int o, c;
-    chunk_origin(j, per_row, o, c);
+    const int o = j / per_row, c = j % per_row;
     const int at = tile_offset_sw128<INNER, VEC>(o, c * VEC);
     expect(at % VEC == 0 && at / INNER == o, name, j, o, c);  // whole chunks, in their row
     for (int e = 0; e < VEC; ++e) smem[at + e] = global[o * INNER + c * VEC + e];
@@ -126,6 +126,11 @@ int main() {
   check_tile<false, 64, 128>(64, {0, 64}, "linear A M-major (dy^T)");
   check_tile<true, 256, 64>(256, {0}, "linear B K-major (w rows)");
   check_tile<false, 64, 256>(256, {0}, "linear B N-major (w, x)");
+  // (the k128x2 experiment: BK = 128, so A [128][128] / [128][128], B [256][128] / [128][256])
+  check_tile<true, 128, 128>(64, {0, 64}, "linear A K-major, BK 128 (x, dy)");
+  check_tile<false, 128, 128>(64, {0, 64}, "linear A M-major, BK 128 (dy^T)");
+  check_tile<true, 256, 128>(256, {0}, "linear B K-major, BK 128 (w rows)");
+  check_tile<false, 128, 256>(256, {0}, "linear B N-major, BK 128 (w, x)");
   check_tile_sw128<128>(64, {0, 64}, "linear A K-major, 128-byte swizzle (x, dy)");
   check_tile_sw128<256>(256, {0}, "linear B K-major, 128-byte swizzle (w rows)");
   // The conv kernels' tiles (BK = 32; m64n64 per warpgroup): forward and dx 128 x 64 with A

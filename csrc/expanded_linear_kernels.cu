@@ -22,10 +22,12 @@
 // shared memory and write them out by rows (write_tile_rows).
 #include "expanded_linear.h"
 #include "kernel_common.cuh"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cudaTypedefs.h>
 #include <mma.h>
 
 #include <algorithm>
@@ -795,6 +797,95 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   });
 }
 
+// ---- the forward through the copy engine (EXPANSE_FAST_CUDA_PIPELINE=tma, an experiment) ----
+// The same blocks, phases and epilogue as linear_fwd_kernel with WgmmaMath<T, true> (the
+// copy engine writes the 128-byte swizzled layout those tiles have), but one thread issues
+// each k-tile's two boxes (x's 128 rows, w's 256) and every thread waits on the stage's
+// barrier: no per-thread copies and no proxy fence per k-tile.  Four operands a segment, each
+// its own tensor map whose extent ends where the phase ends: the partial last k-tile of a
+// phase and the rows past the end read zeros from the engine itself.
+struct FwdTmaMaps {
+  CUtensorMap map[kSegsPerLaunch][4];  // per segment: x phase 0, x phase 1, w1, w2
+};
+
+// Segment si's four operands: phase 0 reads x[:, 0:k1] through w1, phase 1 (the coupled
+// layout) x[:, k2_col0 : k2_col0 + k2] through w2.
+template <typename T, class M>
+__host__ __device__ inline void fwd_tma_operands(const FwdParams& p, int si,
+                                                 tma::Operand (&ops)[4]) {
+  const FwdSeg& s = p.seg[si];
+  const T* x = static_cast<const T*>(p.x);
+  ops[0] = {x, p.rows, s.k1, p.ld_x, M::BM};
+  ops[1] = {x + s.k2_col0, p.rows, s.k2, p.ld_x, M::BM};
+  ops[2] = {s.w1, s.rows, s.k1, s.ld1, M::BN};
+  ops[3] = {s.w2, s.rows, s.k2, s.ld2, M::BN};
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256, 1)
+linear_fwd_tma_kernel(const __grid_constant__ FwdParams p,
+                      const __grid_constant__ FwdTmaMaps maps) {
+  using M = WgmmaMath<T, true>;
+  using L = typename M::template Layout<true, true>;
+  static_assert(L::A_SW && L::B_SW && M::BK == tma::kBoxCols, "the engine's 128-byte swizzle");
+  constexpr int S = M::STAGES, AHEAD = S - 1;
+  constexpr uint32_t TILE_BYTES = (M::BM + M::BN) * M::BK * sizeof(T);
+  extern __shared__ __align__(1024) unsigned char smem[];
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::BYTES);  // one barrier a stage
+  const FwdProblem<T> prob = fwd_problem<T, M>(p, block_index(), gridDim.x, gridDim.y);
+  const FwdSeg& s = prob.s;
+  const CUtensorMap* seg_maps = maps.map[&s - p.seg];
+  const int m0 = static_cast<int>(prob.m0), n0 = prob.n0;
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < S; ++i) tma::barrier_init(&full[i], 1);
+    tma::barrier_init_fence();
+  }
+  __syncthreads();
+  typename M::Acc acc;
+  M::zero(acc);
+  int ph = 0, k0 = 0, fetched = 0;  // cursor: the next tile to fetch (block-uniform)
+  auto skip_empty = [&]() {
+    while (ph < 2 && k0 >= prob.phase_len(ph)) { ++ph; k0 = 0; }
+  };
+  auto fetch_next = [&]() {
+    if (ph >= 2) return;
+    const int stage = fetched % S;
+    if (threadIdx.x == 0) {
+      tma::arrive_expect_bytes(&full[stage], TILE_BYTES);
+      tma::load_box(L::a(smem, stage), &seg_maps[ph], k0, m0, &full[stage]);
+      tma::load_box(L::b(smem, stage), &seg_maps[2 + ph], k0, n0, &full[stage]);
+    }
+    k0 += M::BK;
+    skip_empty();
+    ++fetched;
+  };
+  skip_empty();
+#pragma unroll
+  for (int i = 0; i < AHEAD; ++i) fetch_next();
+  if (fetched > 0) {
+    // (one exit, after the last tile's after_mma: see gemm_mainloop)
+    bool landed = true;
+    for (int tile = 0;; ++tile) {
+      const int stage = tile % S;
+      landed &= tma::wait_phase(&full[stage], (tile / S) & 1);
+      M::template mma<L>(acc, L::a(smem, stage), L::b(smem, stage));
+      M::after_mma(acc);
+      __syncthreads();  // every warpgroup's MMAs of tile - 1 are done: its stage is free
+      fetch_next();
+      if (tile + 1 >= fetched) break;
+    }
+    M::finish(acc);
+    if (!landed) __trap();  // a copy never landed: an error for the host, not a hang
+  }
+  __syncthreads();  // the staged tile reuses the stages
+  float* staged = reinterpret_cast<float*>(smem);
+  M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+    *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
+  });
+  __syncthreads();
+  fwd_write_out<T, M>(p, s, staged, m0, n0, threadIdx.x);
+}
+
 // ================================ input gradient =========================================
 // Column tiles 0..old_tiles cover dx_old = dx[:, :I_f] (in the bands of common::OldBands, cut
 // at every k_end), the rest dx_new = dx[:, I_f:].
@@ -1035,8 +1126,80 @@ cudaError_t dispatch_wgmma(F&& f) {
   switch (wgmma_variant()) {
     case WgmmaVariant::kSwizzled: return f(T{}, WgmmaMath<T, true>{});
     case WgmmaVariant::kDeepK: return f(T{}, WgmmaMath<T, false, 128, 2>{});
-    default: return f(T{}, WgmmaMath<T>{});
+    default: return f(T{}, WgmmaMath<T>{});  // (kTma too: its forward is linear_forward's)
   }
+}
+
+// ---- tensor maps (the TMA forward) ------------------------------------------------------------
+}  // namespace
+
+namespace tma {
+// cuTensorMapEncodeTiled, looked up once in the driver the runtime loaded (the extension does
+// not link libcuda).
+bool encode(CUtensorMap* map, const Operand& op, bool bf16) {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+#if CUDART_VERSION >= 12050
+    const cudaError_t looked = cudaGetDriverEntryPointByVersion(
+        "cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found);
+#else
+    const cudaError_t looked =
+        cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &f, cudaEnableDefault, &found);
+#endif
+    if (looked != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  if (fn == nullptr || !usable(op)) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(op.cols), static_cast<cuuint64_t>(op.rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(op.ld) * 2};
+  const cuuint32_t box[2] = {kBoxCols, static_cast<cuuint32_t>(op.box_rows)};
+  const cuuint32_t steps[2] = {1, 1};
+  return fn(map, bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2,
+            const_cast<void*>(op.base), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+}  // namespace tma
+
+namespace {
+
+// The TMA forward launch of p (built by build_fwd with WgmmaMath<T, true>'s tiles): its maps,
+// then the kernel.  cudaErrorNotSupported where an operand is not one the engine takes (the
+// caller runs the cp.async kernel instead).
+template <typename T>
+cudaError_t launch_fwd_tma(const FwdParams& p, dim3 grid, cudaStream_t stream) {
+  using M = WgmmaMath<T, true>;
+  using L = typename M::template Layout<true, true>;
+  static_assert(alignof(FwdTmaMaps) >= 64, "tensor maps are 64-byte aligned");
+  FwdTmaMaps maps{};
+  for (int si = 0; si < p.nseg; ++si) {
+    tma::Operand ops[4];
+    fwd_tma_operands<T, M>(p, si, ops);
+    for (int i = 0; i < 4; ++i) {
+      if (ops[i].cols == 0) continue;  // no such phase: its map is never read
+      if (!tma::encode(&maps.map[si][i], ops[i], std::is_same<T, __nv_bfloat16>::value))
+        return cudaErrorNotSupported;
+    }
+  }
+  constexpr size_t bytes = L::BYTES + M::STAGES * sizeof(uint64_t);
+  static_assert(bytes <= 227 * 1024, "the stages and their barriers fit");
+  constexpr int kDevices = 64;
+  static std::atomic<bool> raised[kDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return cudaGetLastError();
+  if (dev < 0 || dev >= kDevices || !raised[dev].load()) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        linear_fwd_tma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+        static_cast<int>(bytes));
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < kDevices) raised[dev] = true;
+  }
+  linear_fwd_tma_kernel<T><<<grid, M::THREADS, bytes, stream>>>(p, maps);
+  return cudaGetLastError();
 }
 
 // Calls f(element, math) with the element type `dt` names and the tile math for this call.
@@ -1318,6 +1481,7 @@ WgmmaVariant wgmma_variant() {
   if (swizzle != nullptr && std::strcmp(swizzle, "1") == 0) return WgmmaVariant::kSwizzled;
   const char* pipeline = std::getenv("EXPANSE_FAST_CUDA_PIPELINE");
   if (pipeline != nullptr && std::strcmp(pipeline, "k128x2") == 0) return WgmmaVariant::kDeepK;
+  if (pipeline != nullptr && std::strcmp(pipeline, "tma") == 0) return WgmmaVariant::kTma;
   return WgmmaVariant::kDefault;
 }
 
@@ -1327,8 +1491,45 @@ const char* linear_math_name(DType dtype) {
   switch (wgmma_variant()) {
     case WgmmaVariant::kSwizzled: return "wgmma-sw128";
     case WgmmaVariant::kDeepK: return "wgmma-k128x2";
+    case WgmmaVariant::kTma: return "wgmma-tma";
     default: return "wgmma";
   }
+}
+
+// The forward through the copy engine, every launch's operands checked before the first
+// runs: cudaErrorNotSupported (nothing launched) where the engine cannot take one of them.
+static cudaError_t linear_forward_tma(const LinearShape& s, const LinearWeights& w, const void* x,
+                               int64_t ld_x, const void* b_frozen, const void* b_new, void* y,
+                               int64_t ld_y, const LinearEpilogue& epilogue,
+                               cudaStream_t stream) {
+  auto run = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using M = WgmmaMath<T, true>;
+    const std::vector<FwdSeg> segs = fwd_segments<T>(s, w, b_frozen, b_new);
+    for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
+      FwdParams p;
+      dim3 grid;
+      if (build_fwd<M>(segs, first, s, x, ld_x, y, ld_y, epilogue, p, grid) != cudaSuccess)
+        return cudaErrorNotSupported;
+      for (int si = 0; si < p.nseg; ++si) {
+        tma::Operand ops[4];
+        fwd_tma_operands<T, M>(p, si, ops);
+        for (const tma::Operand& op : ops)
+          if (op.cols > 0 && !tma::usable(op)) return cudaErrorNotSupported;
+      }
+    }
+    for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
+      FwdParams p;
+      dim3 grid;
+      cudaError_t err = build_fwd<M>(segs, first, s, x, ld_x, y, ld_y, epilogue, p, grid);
+      if (err == cudaSuccess) err = launch_fwd_tma<T>(p, grid, stream);
+      if (err != cudaSuccess) return err;
+    }
+    return cudaSuccess;
+  };
+  if (s.dtype == DType::kBFloat16) return run(__nv_bfloat16{});
+  if (s.dtype == DType::kFloat16) return run(__half{});
+  return cudaErrorNotSupported;
 }
 
 cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const void* x,
@@ -1338,6 +1539,12 @@ cudaError_t linear_forward(const LinearShape& s, const LinearWeights& w, const v
   const int act = static_cast<int>(epilogue.activation);
   if (act < 0 || act > static_cast<int>(Activation::kGelu)) return cudaErrorInvalidValue;
   if (s.rows == 0 || s.frozen_out + s.new_out == 0) return cudaSuccess;
+  if (s.dtype != DType::kFloat32 && wgmma_enabled(s.dtype) &&
+      wgmma_variant() == WgmmaVariant::kTma) {
+    const cudaError_t err = linear_forward_tma(s, w, x, ld_x, b_frozen, b_new, y, ld_y,
+                                               epilogue, stream);
+    if (err != cudaErrorNotSupported) return err;  // (else the cp.async kernels below)
+  }
   return dispatch_math(s.dtype, [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
     using M = decltype(math);

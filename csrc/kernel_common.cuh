@@ -121,9 +121,10 @@ struct OldBands {
 // Defined with the linear kernels; the conv kernels ask it too.
 bool wgmma_enabled(DType dtype);
 // The linear wgmma kernels' variant for this call: the default, their K-major operand tiles
-// stored with the 128-byte swizzle (EXPANSE_FAST_CUDA_SWIZZLE=1) or two stages of 128-wide
-// k-tiles (EXPANSE_FAST_CUDA_PIPELINE=k128x2), both experiments.  Defined with them.
-enum class WgmmaVariant { kDefault, kSwizzled, kDeepK };
+// stored with the 128-byte swizzle (EXPANSE_FAST_CUDA_SWIZZLE=1), two stages of 128-wide
+// k-tiles (EXPANSE_FAST_CUDA_PIPELINE=k128x2) or the forward's tiles loaded by the copy engine
+// (EXPANSE_FAST_CUDA_PIPELINE=tma), all experiments.  Defined with them.
+enum class WgmmaVariant { kDefault, kSwizzled, kDeepK, kTma };
 WgmmaVariant wgmma_variant();
 
 }  // namespace expanse_fast

@@ -20,7 +20,8 @@
 # selects (a rerun of the ones a fix was for).  EXPANSE_GPU_TESTS_RESUME=1: they skip the tests
 # an earlier call on the same sources passed (a second call of a warm session).
 # EXPANSE_GPU_STAGES=build,ncu: Nsight Compute's counters for the linear layer's kernels
-# (cuda, cuda-k128x2, cuda-sw128, triton), in ncu_<variant>.txt.
+# (cuda, cuda-k128x2, cuda-sw128, triton), in ncu_<variant>.txt.  EXPANSE_GPU_STAGES=build,tma:
+# the cuda backend's experimental TMA forward timed and checked (tma_forward.txt, .json).
 set -u -o pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,7 +31,7 @@ QUICK=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run|--quick) QUICK=1 ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "unknown argument: $arg (use --dry-run)"; exit 2 ;;
   esac
 done
@@ -311,7 +312,9 @@ main() {
     && want_diag=1
   # All the budget left (about 205 s in a default call): a larger EXPANSE_GPU_BUDGET_S goes
   # to the sections, which share it out (a 420 s call left 137 s unused under a 190 s cap).
-  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag + 160 * want_ncu )))
+  local want_tma=0
+  wanted tma && (( HAVE_GPU )) && want_tma=1
+  blim=$(stage_limit 100000 $(( 10 + 30 * want_diag + 160 * want_ncu + 60 * want_tma )))
   BENCH_ARGS=(bench --device "$DEV" --work "$WORK" --budget $(( blim - 8 )))
   (( QUICK )) && BENCH_ARGS+=(--quick)
   [ -n "${EXPANSE_GPU_SECTIONS:-}" ] && BENCH_ARGS+=(--sections "$EXPANSE_GPU_SECTIONS")
@@ -337,7 +340,7 @@ main() {
         [ "$v" = cuda-k128x2 ] && pipe=k128x2
         [ "$v" = triton ] && { names='regex:_(fwd|dw|dx)_tma_kernel'; b=triton; }
         # (about 30 s for each cuda run, 50 with Triton's cold compiles: 160 s kept)
-        reserve=$(( 10 + 30 * want_diag ))
+        reserve=$(( 10 + 30 * want_diag + 60 * want_tma ))
         [ "$v" = cuda-sw128 ] && reserve=$(( reserve + 40 ))
         [ "$v" = cuda-k128x2 ] && reserve=$(( reserve + 70 ))
         [ "$v" = cuda ] && reserve=$(( reserve + 100 ))
@@ -351,6 +354,14 @@ main() {
         cp "$WORK/ncu_$v.log" "$OUT/ncu_$v.txt" 2>/dev/null
       done
     fi
+  fi
+
+  # Opt-in (EXPANSE_GPU_STAGES=build,tma): the cuda backend's experimental TMA forward
+  # beside its default and Triton, in a process of its own (tma_forward.py).
+  if (( want_tma )) && [ "${EXPANSE_FAST_CUDA:-1}" != 0 ]; then
+    run_stage tma "$(stage_limit 90 $(( 10 + 30 * want_diag )))" "$PY" "$HERE/tma_forward.py" \
+      --out "$OUT"
+    cp "$WORK/tma.log" "$OUT/tma_forward.txt" 2>/dev/null
   fi
 
   # EXPANSE_GPU_DIAG="pytest -k expression": those tests once more under cuda-gdb, which

@@ -249,7 +249,8 @@ def linear_math(dtype: torch.dtype, device=None) -> str:
     (Hopper warpgroup MMA, from an sm_90a build; ``EXPANSE_FAST_CUDA_WGMMA=0`` turns it off;
     ``"wgmma-sw128"`` with ``EXPANSE_FAST_CUDA_SWIZZLE=1``: 128-byte swizzled operand tiles;
     else ``"wgmma-k128x2"`` with ``EXPANSE_FAST_CUDA_PIPELINE=k128x2``: two stages of 128-wide
-    k-tiles; both experiments),
+    k-tiles, ``"wgmma-tma"`` with ``EXPANSE_FAST_CUDA_PIPELINE=tma``: the forward's tiles
+    loaded by the copy engine; all experiments),
     ``"wmma"`` (portable tensor-core fragments) or ``"simt"`` (fp32).  The conv kernels follow
     the same choice."""
     ops = _ops()

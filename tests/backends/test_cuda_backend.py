@@ -311,9 +311,10 @@ def test_hopper_multiplies_with_wgmma(dev, monkeypatch):
     for dtype in (torch.bfloat16, torch.float16):
         assert cuda.linear_math(dtype, dev) == expect, dtype
     assert cuda.linear_math(torch.float32, dev) == "simt"
-    monkeypatch.setenv("EXPANSE_FAST_CUDA_PIPELINE", "k128x2")  # the experiments: wgmma's only
-    assert cuda.linear_math(torch.bfloat16, dev) == (expect + "-k128x2" if expect == "wgmma"
-                                                     else expect)
+    for pipeline in ("tma", "k128x2"):  # the experiments: wgmma's only
+        monkeypatch.setenv("EXPANSE_FAST_CUDA_PIPELINE", pipeline)
+        assert cuda.linear_math(torch.bfloat16, dev) == (f"{expect}-{pipeline}"
+                                                         if expect == "wgmma" else expect)
     monkeypatch.setenv("EXPANSE_FAST_CUDA_SWIZZLE", "1")  # (the swizzle wins)
     assert cuda.linear_math(torch.bfloat16, dev) == (expect + "-sw128" if expect == "wgmma"
                                                      else expect)

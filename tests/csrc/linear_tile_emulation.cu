@@ -344,6 +344,94 @@ void check_forward(Layer<T>& L, const std::string& tag) {
   });
 }
 
+// ---- forward through the copy engine (linear_forward_tma) --------------------------------------
+// Where every operand of every launch is one the engine takes (tma::usable), as the launcher
+// decides: each block's k-tiles as the engine would fill them from the segment's four
+// operands (fwd_tma_operands, tma::box_element: zeros outside the operand), placed by the
+// 128-byte swizzle, read back through the kernel's layout, then the kernel's write-out.
+int64_t tma_launches = 0;
+template <typename T>
+void check_forward_tma(Layer<T>& L, const std::string& tag) {
+  using M = WgmmaMath<T, true>;
+  using Lay = typename M::template Layout<true, true>;
+  constexpr int BM = M::BM, BN = M::BN, BK = M::BK, VEC = 16 / sizeof(T);
+  const Case& c = L.c;
+  const bool has_pre = c.pre_col0 >= 0;
+  const int64_t pre_cols = has_pre ? L.O - c.pre_col0 : 0;
+  Mat<T> y(L.N, L.O, Layer<T>::pad(c, L.O, 5)), pre(L.N, pre_cols, Layer<T>::pad(c, pre_cols, 2));
+  LinearEpilogue epi;
+  epi.activation = c.act;
+  epi.pre = has_pre ? pre.data() : nullptr;
+  epi.ld_pre = pre.ld;
+  epi.pre_col0 = has_pre ? c.pre_col0 : 0;
+  const std::vector<FwdSeg> segs = fwd_segments<T>(L.shape, L.weights,
+                                                   c.bias_frozen ? L.bf.data() : nullptr,
+                                                   c.bias_new ? L.bn.data() : nullptr);
+  std::vector<FwdParams> launches;
+  std::vector<dim3> grids;
+  for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
+    FwdParams p;
+    dim3 grid;
+    if (build_fwd<M>(segs, first, L.shape, L.x.data(), L.x.ld, y.data(), y.ld, epi, p, grid))
+      return;
+    for (int si = 0; si < p.nseg; ++si) {
+      tma::Operand ops[4];
+      fwd_tma_operands<T, M>(p, si, ops);
+      for (const tma::Operand& op : ops)
+        if (op.cols > 0 && !tma::usable(op)) return;  // the launcher runs cp.async instead
+    }
+    launches.push_back(p);
+    grids.push_back(grid);
+  }
+  std::vector<T> As(BM * BK), Bs(BN * BK);
+  for (size_t li = 0; li < launches.size(); ++li) {
+    const FwdParams& p = launches[li];
+    ++tma_launches;
+    for (int64_t b = 0; b < static_cast<int64_t>(grids[li].x) * grids[li].y; ++b) {
+      const FwdProblem<T> prob = fwd_problem<T, M>(p, b, grids[li].x, grids[li].y);
+      const FwdSeg& s = prob.s;
+      tma::Operand ops[4];
+      fwd_tma_operands<T, M>(p, static_cast<int>(&s - p.seg), ops);
+      std::vector<double> acc(BM * BN, 0.0);
+      ++blocks;
+      auto box = [&](const tma::Operand& op, int64_t c0, int64_t r0, int rows, T* dst) {
+        for (int r = 0; r < rows; ++r)
+          for (int k = 0; k < BK; ++k) {
+            const T v = tma::box_element(op, c0, r0, r, k, from_f<T>(0.f));
+            if (std::isnan(to_f(v))) fault("the engine read an element never to be read", &v);
+            dst[wgmma::tile_offset_sw128<BK, VEC>(r, k)] = v;
+          }
+      };
+      for (int ph = 0; ph < prob.num_phases(); ++ph)
+        for (int k0 = 0; k0 < prob.phase_len(ph); k0 += BK) {
+          ++k_tiles;
+          box(ops[ph], k0, prob.m0, BM, As.data());
+          box(ops[2 + ph], k0, prob.n0, BN, Bs.data());
+          for (int m = 0; m < BM; ++m)
+            for (int k = 0; k < BK; ++k) {
+              const double av = to_f(Lay::a_at(As.data(), m, k));
+              for (int n = 0; n < BN; ++n) acc[m * BN + n] += av * to_f(Lay::b_at(Bs.data(), k, n));
+            }
+        }
+      std::vector<float> staged(BM * M::OUT_LD_F32, NAN);
+      for (int m = 0; m < BM; ++m)
+        for (int n = 0; n < BN; ++n)
+          staged[m * M::OUT_LD_F32 + n] = static_cast<float>(acc[m * BN + n]);
+      for (int tid = 0; tid < M::THREADS; ++tid)
+        fwd_write_out<T, M>(p, s, staged.data(), prob.m0, prob.n0, tid);
+    }
+  }
+  auto pre_ref = [&](int64_t n, int64_t o) {
+    double v = L.bias[o];
+    for (int64_t k = 0; k < L.I; ++k) v += L.X[n * L.I + k] * L.W[o * L.I + k];
+    return v;
+  };
+  expect(tag + " tma y", y, [&](int64_t n, int64_t o) { return activation(c.act, pre_ref(n, o)); });
+  if (has_pre) expect(tag + " tma pre", pre, [&](int64_t n, int64_t j) {
+    return pre_ref(n, c.pre_col0 + j);
+  });
+}
+
 // ---- input gradient ---------------------------------------------------------------------------
 // With need_old, a second launch with an infinity in dy at (1, first row of a frozen group whose
 // k_end lies inside the old columns): it must reach dx's row 1 at the columns that group reads
@@ -550,6 +638,7 @@ void run(const Case& c) {
     return;
   }
   check_forward<T, M>(L, tag);
+  if constexpr (std::is_same<M, WgmmaMath<__half, true>>::value) check_forward_tma<T>(L, tag);
   for (bool need_old : {false, true})
     check_input_grad<T, M>(L, need_old, tag + (need_old ? " need_old=1" : " need_old=0"));
   for (bool couple : {false, true}) {
@@ -663,6 +752,10 @@ int main() {
     run<__half, WgmmaMath<__half, true>>(c);  // the swizzled copies and reads
     run<__half, WgmmaMath<__half, false, 128, 2>>(c);  // two stages of 128-wide k-tiles
   }
+  if (tma_launches == 0) {
+    ++failures;
+    std::printf("no case gave the copy engine operands it takes: the TMA forward unemulated\n");
+  }
   if (copies_whole == 0 || copies_whole == copies_checked) {
     ++failures;
     std::printf("the stage copies took one path only (%lld of %lld tiles whole)\n",
@@ -673,8 +766,8 @@ int main() {
     return 1;
   }
   std::printf("tile emulation OK (%lld blocks, %lld k-tiles, %lld elements compared; stage "
-              "copies: %lld of %lld tiles whole)\n",
+              "copies: %lld of %lld tiles whole; %lld TMA forward launches)\n",
               (long long)blocks, (long long)k_tiles, (long long)compared,
-              (long long)copies_whole, (long long)copies_checked);
+              (long long)copies_whole, (long long)copies_checked, (long long)tma_launches);
   return 0;
 }

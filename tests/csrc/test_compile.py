@@ -231,6 +231,33 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
+def test_linear_tma_forward_loads_through_the_copy_engine(tmp_path):
+    """The experimental forward (EXPANSE_FAST_CUDA_PIPELINE=tma), fp16 and bf16, built for
+    sm_90a: each k-tile is two 2-D bulk tensor copies completing on an mbarrier, read by four
+    wgmma m64n256k16 with 128-byte swizzled K-major descriptors; no cp.async, and the only
+    proxy fence is the one after the barriers' initialisation (none per k-tile); ptxas keeps
+    its accumulators in registers (C7515/C7517: test_gemm_kernels_issue_wgmma_on_sm90a_only)."""
+    ptx = _ptx_of("expanded_linear_kernels.cu", "compute_90a", tmp_path).read_text()
+    tma = {n: b for n, b in _ptx_entries(ptx).items() if "linear_fwd_tma_kernel" in n}
+    assert len(tma) == 2, sorted(tma)
+    for name, body in tma.items():
+        loads = re.findall(r"cp\.async\.bulk\.tensor\.2d\.shared::cluster\.global\."
+                           r"mbarrier::complete_tx::bytes", body)
+        assert loads and len(loads) % 2 == 0, f"{name}: {len(loads)} tensor copies"
+        assert "mbarrier.try_wait.parity" in body and "mbarrier.arrive.expect_tx" in body, name
+        assert "cp.async.cg" not in body and "cp.async.wait_group" not in body, name
+        assert body.count("fence.proxy.async") == 1, f"{name}: proxy fences beyond the init's"
+        calls = re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n256k16\.f32\.(b?f16)\.\1 "
+                           r"[^;]*p, 1, 1, (\d, \d);", body, flags=re.S)
+        assert len(calls) == 4 and {t for _, t in calls} == {"0, 0"}, f"{name}: {calls}"
+        masks = [int(c) for c in re.findall(r"or\.b64\s+%rd\d+, %rd\d+, (\d+);", body)]
+        assert any(c >> 62 == 1 and (c >> 32) & 0x3FFF == 1024 >> 4 for c in masks), \
+            f"{name}: no 128-byte swizzled descriptor (SBO 1024) among {masks}"
+        waits = {int(w) for w in re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+);", body)}
+        assert waits == {0, 1}, f"{name}: waits {waits}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
 def test_wgmma_operand_layout_on_the_host(tmp_path):
     """wgmma.cuh's tile copy, offsets and descriptor fields read back, through the PTX ISA's
     canonical layouts, the blocks each GEMM (linear and conv) hands wgmma; its accumulator

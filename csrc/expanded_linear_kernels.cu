@@ -1130,6 +1130,21 @@ cudaError_t dispatch_wgmma(F&& f) {
   }
 }
 
+// Raises kernel's dynamic shared-memory limit to `bytes` on the current device, once per
+// device: raised[] is the caller's, one array per kernel.
+constexpr int kSmemDevices = 64;
+template <class K>
+cudaError_t raise_smem_limit(K kernel, size_t bytes, std::atomic<bool> (&raised)[kSmemDevices]) {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return cudaGetLastError();
+  if (dev >= 0 && dev < kSmemDevices && raised[dev].load()) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(
+      kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  if (err != cudaSuccess) return err;
+  if (dev >= 0 && dev < kSmemDevices) raised[dev] = true;
+  return cudaSuccess;
+}
+
 // ---- tensor maps (the TMA forward) ------------------------------------------------------------
 }  // namespace
 
@@ -1187,17 +1202,9 @@ cudaError_t launch_fwd_tma(const FwdParams& p, dim3 grid, cudaStream_t stream) {
   }
   constexpr size_t bytes = L::BYTES + M::STAGES * sizeof(uint64_t);
   static_assert(bytes <= 227 * 1024, "the stages and their barriers fit");
-  constexpr int kDevices = 64;
-  static std::atomic<bool> raised[kDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return cudaGetLastError();
-  if (dev < 0 || dev >= kDevices || !raised[dev].load()) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        linear_fwd_tma_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-        static_cast<int>(bytes));
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < kDevices) raised[dev] = true;
-  }
+  static std::atomic<bool> raised[kSmemDevices];
+  const cudaError_t err = raise_smem_limit(linear_fwd_tma_kernel<T>, bytes, raised);
+  if (err != cudaSuccess) return err;
   linear_fwd_tma_kernel<T><<<grid, M::THREADS, bytes, stream>>>(p, maps);
   return cudaGetLastError();
 }
@@ -1223,16 +1230,9 @@ template <class M, bool AK, bool BKM, class Params>
 cudaError_t launch_gemm(void (*kernel)(Params), dim3 grid, const Params& p, cudaStream_t stream) {
   constexpr size_t bytes = smem_bytes<M, AK, BKM>();
   if (bytes > 48 * 1024) {
-    constexpr int kDevices = 64;
-    static std::atomic<bool> raised[kDevices];
-    int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return cudaGetLastError();
-    if (dev < 0 || dev >= kDevices || !raised[dev].load()) {
-      const cudaError_t err = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
-      if (err != cudaSuccess) return err;
-      if (dev >= 0 && dev < kDevices) raised[dev] = true;
-    }
+    static std::atomic<bool> raised[kSmemDevices];
+    const cudaError_t err = raise_smem_limit(kernel, bytes, raised);
+    if (err != cudaSuccess) return err;
   }
   kernel<<<grid, M::THREADS, bytes, stream>>>(p);
   return cudaGetLastError();

@@ -275,20 +275,47 @@ struct Layer {
 };
 
 // ---- forward ----------------------------------------------------------------------------------
+// A forward's outputs (y, and pre where the case stores it, both NaN-padded), its epilogue
+// and output segments, and the check of what the emulated launches wrote.
+template <typename T>
+struct FwdOutputs {
+  Layer<T>& L;
+  const bool has_pre;
+  Mat<T> y, pre;
+  LinearEpilogue epi;
+  std::vector<FwdSeg> segs;
+  explicit FwdOutputs(Layer<T>& layer)
+      : L(layer), has_pre(layer.c.pre_col0 >= 0),
+        y(L.N, L.O, Layer<T>::pad(L.c, L.O, 5)),
+        pre(L.N, has_pre ? L.O - L.c.pre_col0 : 0,
+            Layer<T>::pad(L.c, has_pre ? L.O - L.c.pre_col0 : 0, 2)) {
+    epi.activation = L.c.act;
+    epi.pre = has_pre ? pre.data() : nullptr;
+    epi.ld_pre = pre.ld;
+    epi.pre_col0 = has_pre ? L.c.pre_col0 : 0;
+    segs = fwd_segments<T>(L.shape, L.weights, L.c.bias_frozen ? L.bf.data() : nullptr,
+                           L.c.bias_new ? L.bn.data() : nullptr);
+  }
+  void expect_reference(const std::string& tag) {
+    auto pre_ref = [&](int64_t n, int64_t o) {
+      double v = L.bias[o];
+      for (int64_t k = 0; k < L.I; ++k) v += L.X[n * L.I + k] * L.W[o * L.I + k];
+      return v;
+    };
+    expect(tag + " y", y,
+           [&](int64_t n, int64_t o) { return activation(L.c.act, pre_ref(n, o)); });
+    if (has_pre) expect(tag + " pre", pre, [&](int64_t n, int64_t j) {
+      return pre_ref(n, L.c.pre_col0 + j);
+    });
+  }
+};
+
 template <typename T, class M>
 void check_forward(Layer<T>& L, const std::string& tag) {
-  const Case& c = L.c;
-  const bool has_pre = c.pre_col0 >= 0;
-  const int64_t pre_cols = has_pre ? L.O - c.pre_col0 : 0;
-  Mat<T> y(L.N, L.O, Layer<T>::pad(c, L.O, 5)), pre(L.N, pre_cols, Layer<T>::pad(c, pre_cols, 2));
-  LinearEpilogue epi;
-  epi.activation = c.act;
-  epi.pre = has_pre ? pre.data() : nullptr;
-  epi.ld_pre = pre.ld;
-  epi.pre_col0 = has_pre ? c.pre_col0 : 0;
-  const std::vector<FwdSeg> segs = fwd_segments<T>(L.shape, L.weights,
-                                                   c.bias_frozen ? L.bf.data() : nullptr,
-                                                   c.bias_new ? L.bn.data() : nullptr);
+  FwdOutputs<T> out(L);
+  Mat<T>& y = out.y;
+  const LinearEpilogue& epi = out.epi;
+  const std::vector<FwdSeg>& segs = out.segs;
   for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
     FwdParams p;
     dim3 grid;
@@ -333,15 +360,7 @@ void check_forward(Layer<T>& L, const std::string& tag) {
       }
     }
   }
-  auto pre_ref = [&](int64_t n, int64_t o) {
-    double v = L.bias[o];
-    for (int64_t k = 0; k < L.I; ++k) v += L.X[n * L.I + k] * L.W[o * L.I + k];
-    return v;
-  };
-  expect(tag + " y", y, [&](int64_t n, int64_t o) { return activation(c.act, pre_ref(n, o)); });
-  if (has_pre) expect(tag + " pre", pre, [&](int64_t n, int64_t j) {
-    return pre_ref(n, c.pre_col0 + j);
-  });
+  out.expect_reference(tag);
 }
 
 // ---- forward through the copy engine (linear_forward_tma) --------------------------------------
@@ -355,18 +374,10 @@ void check_forward_tma(Layer<T>& L, const std::string& tag) {
   using M = WgmmaMath<T, true>;
   using Lay = typename M::template Layout<true, true>;
   constexpr int BM = M::BM, BN = M::BN, BK = M::BK, VEC = 16 / sizeof(T);
-  const Case& c = L.c;
-  const bool has_pre = c.pre_col0 >= 0;
-  const int64_t pre_cols = has_pre ? L.O - c.pre_col0 : 0;
-  Mat<T> y(L.N, L.O, Layer<T>::pad(c, L.O, 5)), pre(L.N, pre_cols, Layer<T>::pad(c, pre_cols, 2));
-  LinearEpilogue epi;
-  epi.activation = c.act;
-  epi.pre = has_pre ? pre.data() : nullptr;
-  epi.ld_pre = pre.ld;
-  epi.pre_col0 = has_pre ? c.pre_col0 : 0;
-  const std::vector<FwdSeg> segs = fwd_segments<T>(L.shape, L.weights,
-                                                   c.bias_frozen ? L.bf.data() : nullptr,
-                                                   c.bias_new ? L.bn.data() : nullptr);
+  FwdOutputs<T> out(L);
+  Mat<T>& y = out.y;
+  const LinearEpilogue& epi = out.epi;
+  const std::vector<FwdSeg>& segs = out.segs;
   std::vector<FwdParams> launches;
   std::vector<dim3> grids;
   for (size_t first = 0; first < segs.size(); first += kSegsPerLaunch) {
@@ -421,15 +432,7 @@ void check_forward_tma(Layer<T>& L, const std::string& tag) {
         fwd_write_out<T, M>(p, s, staged.data(), prob.m0, prob.n0, tid);
     }
   }
-  auto pre_ref = [&](int64_t n, int64_t o) {
-    double v = L.bias[o];
-    for (int64_t k = 0; k < L.I; ++k) v += L.X[n * L.I + k] * L.W[o * L.I + k];
-    return v;
-  };
-  expect(tag + " tma y", y, [&](int64_t n, int64_t o) { return activation(c.act, pre_ref(n, o)); });
-  if (has_pre) expect(tag + " tma pre", pre, [&](int64_t n, int64_t j) {
-    return pre_ref(n, c.pre_col0 + j);
-  });
+  out.expect_reference(tag + " tma");
 }
 
 // ---- input gradient ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 // Hopper warpgroup MMA (wgmma, sm_90a) for the expanded linear and conv kernels: the layout of
-// an operand tile in shared memory, its descriptor, the m64nNk16 instructions (N = 256, 64)
+// an operand tile in shared memory, its descriptor, the m64nNk16 instructions (N = 256, 128, 64)
 // with fp32 accumulators, their fences and the accumulators' fragment map.
 //
 // Everything here compiles on every target; the instructions exist only where nvcc defines
@@ -152,6 +152,22 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
   : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B)                 \
   : "memory")
 
+#define EXPANSE_FAST_WGMMA_M64N128K16(TY)                                              \
+  asm volatile(                                                                        \
+  "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                         \
+  "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " "                         \
+  "{"                                                                                  \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, "                                 \
+  "%12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "                       \
+  "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, "                       \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                       \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, "                       \
+  "%60, %61, %62, %63"                                                                 \
+  "}, %64, %65, p, 1, 1, %67, %68;\n}\n"                                             \
+  : EXPANSE_FAST_D32(0), EXPANSE_FAST_D32(32)                                          \
+  : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B)                 \
+  : "memory")
+
 #define EXPANSE_FAST_WGMMA_M64N64K16(TY)                                               \
   asm volatile(                                                                        \
   "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                         \
@@ -163,7 +179,7 @@ __device__ __forceinline__ void fence_shared_for_async_proxy() {
   : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TRANS_A), "n"(TRANS_B)                 \
   : "memory")
 
-// d (64 x N per warpgroup, fp32; N = 256 or 64) += A (64 x 16) * B (16 x N), both from shared
+// d (64 x N per warpgroup, fp32; N = 256, 128 or 64) += A (64 x 16) * B (16 x N), both from shared
 // memory.  TRANS_A / TRANS_B: 0 = K-major, 1 = M-major / N-major (16-bit types only).
 // scale_d == 0 ignores d's old value.  Each thread holds N / 2 accumulators.
 template <typename T, int N, int TRANS_A, int TRANS_B>
@@ -172,12 +188,17 @@ __device__ __forceinline__ void mma_m64k16(float (&d)[N / 2], uint64_t desc_a, u
 #if EXPANSE_FAST_WGMMA
   static_assert(std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value,
                 "wgmma here takes fp16 or bf16");
-  static_assert(N == 256 || N == 64, "instantiated shapes: m64n256k16, m64n64k16");
+  static_assert(N == 256 || N == 128 || N == 64,
+                "instantiated shapes: m64n256k16, m64n128k16, m64n64k16");
   constexpr bool kHalf = std::is_same<T, __half>::value;
   if constexpr (N == 256 && kHalf) {
     EXPANSE_FAST_WGMMA_M64N256K16("f16");
   } else if constexpr (N == 256) {
     EXPANSE_FAST_WGMMA_M64N256K16("bf16");
+  } else if constexpr (N == 128 && kHalf) {
+    EXPANSE_FAST_WGMMA_M64N128K16("f16");
+  } else if constexpr (N == 128) {
+    EXPANSE_FAST_WGMMA_M64N128K16("bf16");
   } else if constexpr (kHalf) {
     EXPANSE_FAST_WGMMA_M64N64K16("f16");
   } else {

@@ -399,17 +399,38 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
   const std::optional<Tensor> bn_scale = checked_bn(bn_scale_in, s.frozen_out, x, op, "bn_scale");
   const std::optional<Tensor> bn_shift = checked_bn(bn_shift_in, s.frozen_out, x, op, "bn_shift");
   const c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = at::empty({s.geo.batch, s.frozen_out + s.new_out, s.geo.out_h, s.geo.out_w},
-                       x.options());
-  check_launch(expanse_fast::conv2d_forward(
-                   s, conv_weights(w_frozen, w_new, w_couple), x.data_ptr(), strides4(x),
-                   b_frozen ? b_frozen->data_ptr() : nullptr,
-                   b_new ? b_new->data_ptr() : nullptr,
-                   bn_scale ? bn_scale->data_ptr<float>() : nullptr,
-                   bn_shift ? bn_shift->data_ptr<float>() : nullptr, y.data_ptr(),
-                   at::cuda::getCurrentCUDAStream()),
+  const std::vector<int64_t> y_shape{s.geo.batch, s.frozen_out + s.new_out, s.geo.out_h,
+                                     s.geo.out_w};
+  const void* bf = b_frozen ? b_frozen->data_ptr() : nullptr;
+  const void* bnew = b_new ? b_new->data_ptr() : nullptr;
+  const float* scale = bn_scale ? bn_scale->data_ptr<float>() : nullptr;
+  const float* shift = bn_shift ? bn_shift->data_ptr<float>() : nullptr;
+  // y takes x's memory format (torch_ref.conv_memory_format: the fake implementation's rule).
+  const bool channels_last = !x.is_contiguous() &&
+                             x.is_contiguous(at::MemoryFormat::ChannelsLast);
+  if (channels_last && expanse_fast::conv2d_forward_nhwc_ok(s, x.data_ptr(), strides4(x))) {
+    // The implicit GEMM over NHWC reads the weights as (rows, KH, KW, channels).
+    const auto cl = [](const Tensor& w) { return w.permute({0, 2, 3, 1}).contiguous(); };
+    const Tensor wf = cl(w_frozen), wn = cl(w_new);
+    std::optional<Tensor> wc;
+    if (w_couple) wc = cl(*w_couple);
+    Tensor y = at::empty(y_shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    check_launch(expanse_fast::conv2d_forward_nhwc(s, conv_weights(wf, wn, wc), x.data_ptr(),
+                                                   strides4(x), bf, bnew, scale, shift,
+                                                   y.data_ptr(),
+                                                   at::cuda::getCurrentCUDAStream()),
+                 op);
+    return y;
+  }
+  // The NCHW kernels gather along pixels: a channels_last x read through its strides would
+  // make every thread's 2-byte load its own transaction, so it is copied to NCHW first.
+  const Tensor xk = channels_last ? x.contiguous() : x;
+  Tensor y = at::empty(y_shape, x.options());
+  check_launch(expanse_fast::conv2d_forward(s, conv_weights(w_frozen, w_new, w_couple),
+                                            xk.data_ptr(), strides4(xk), bf, bnew, scale, shift,
+                                            y.data_ptr(), at::cuda::getCurrentCUDAStream()),
                op);
-  return y;
+  return channels_last ? y.contiguous(at::MemoryFormat::ChannelsLast) : y;
 }
 
 // One conv weight-gradient product (dW_new or dW_couple) into out, with its split workspace.

@@ -79,6 +79,18 @@ cudaError_t conv2d_forward(const ConvShape& s, const ConvWeights& w, const void*
                            const float* bn_scale, const float* bn_shift, void* y,
                            cudaStream_t stream);
 
+// The same forward for channels_last x (expanded_conv_nhwc.cu): fp16/bf16 on a wgmma build,
+// x's channels contiguous (sx.c == 1) with 16-byte aligned pixels, every channel count a
+// phase reads (I, I_f, each k_end) a multiple of 8; conv2d_forward_nhwc_ok says whether a
+// call qualifies (EXPANSE_FAST_CUDA_CONV_NHWC=0 says no to all).  Here the weights are
+// (rows, KH, KW, channels), contiguous (channels_last weights), and y is written
+// (N, Ho, Wo, O_f + o_T), contiguous (a channels_last (N, O, Ho, Wo) tensor).
+bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& sx);
+cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w_channels_last,
+                                const void* x, const Strides4& sx, const void* b_frozen,
+                                const void* b_new, const float* bn_scale, const float* bn_shift,
+                                void* y, cudaStream_t stream);
+
 // dx (N, I, H, W), contiguous.  Channels [I_f, I) (dx_new) always: the new rows, plus the
 // coupling block; channels [0, I_f) (dx_old) when need_dx_old (the new rows and every frozen
 // group over its prefix), else they are written as zeros.

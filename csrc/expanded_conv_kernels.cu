@@ -16,6 +16,9 @@
 // shared-memory-tiled SIMT FMA (exact fp32, no tf32).  Tiles are gathered with bounds-checked
 // scalar loads into registers while the previous tile multiplies (two shared-memory stages).
 //
+// A channels_last fp16/bf16 forward with channel counts in multiples of 8 runs on an sm_90a
+// build as expanded_conv_nhwc.cu's NHWC implicit GEMM instead (16-byte gathers).
+//
 // Every index helper is __host__ __device__ and takes the thread index as an argument, so the
 // tile logic can be exercised on the host against a reference without a GPU.
 #include "expanded_conv.h"

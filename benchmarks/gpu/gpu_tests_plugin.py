@@ -81,7 +81,8 @@ _CUDA_TESTS = "tests/backends/test_cuda_backend.py"
 TEST_PRIORITY = (_CUDA_TESTS + "::test_hopper_multiplies_with_wgmma",
                  _CUDA_TESTS + "::test_agrees_with_torch_ref",
                  _CUDA_TESTS + "::test_conv_agrees_with_torch_ref",
-                 _CUDA_TESTS, "tests/kernels/test_expanded_linear",
+                 _CUDA_TESTS, "tests/backends/test_cuda_conv_nhwc.py",
+                 "tests/kernels/test_expanded_linear",
                  "tests/kernels/test_expanded_conv_tma", "tests/kernels/test_expanded_conv")
 
 

@@ -32,7 +32,8 @@ Maybe = Optional[Tensor]
 
 EXT_NAME = "expanse_fast_cuda_ext"
 PREBUILT = "expanse_fast._C"
-_SOURCES = ("bindings.cpp", "expanded_linear_kernels.cu", "expanded_conv_kernels.cu")
+_SOURCES = ("bindings.cpp", "expanded_linear_kernels.cu", "expanded_conv_kernels.cu",
+            "expanded_conv_nhwc.cu")
 
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None, "how": None}
@@ -331,9 +332,11 @@ def _register_conv_fakes():
         (sh, sw), (ph, pw), (dh, dw) = (_conv_pair(stride), _conv_pair(padding),
                                         _conv_pair(dilation))
         kh, kw = w_new.shape[2], w_new.shape[3]
-        return x.new_empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0],
+        return torch.empty((x.shape[0], w_frozen.shape[0] + w_new.shape[0],
                             torch_ref.conv_out_size(x.shape[2], kh, sh, ph, dh),
-                            torch_ref.conv_out_size(x.shape[3], kw, sw, pw, dw)))
+                            torch_ref.conv_out_size(x.shape[3], kw, sw, pw, dw)),
+                           dtype=x.dtype, device=x.device,
+                           memory_format=torch_ref.conv_memory_format(x))
 
     @torch.library.register_fake("expanse_fast_cuda::conv2d_backward")
     def _conv_bwd_fake(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
@@ -353,11 +356,12 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                                         dilation, depthwise, frozen_bn=frozen_bn)
     scale, shift = (_bn_scale_shift(frozen_bn) if frozen_bn is not None and w_frozen.shape[0]
                     else (None, None))
-    y = _ops().conv2d_forward(_for_gathers(x), w_frozen, b_frozen, w_new, b_new, w_couple,
-                              [int(g) for g in frozen_out_groups],
-                              [int(k) for k in frozen_k_ends], _conv_pair(stride),
-                              _conv_pair(padding), _conv_pair(dilation), scale, shift)
-    return _in_layout_of(x, y)
+    # y comes back in x's memory format: a channels_last x goes to the NHWC implicit GEMM
+    # where it qualifies (csrc/expanded_conv_nhwc.cu), else the op copies it to NCHW itself.
+    return _ops().conv2d_forward(x, w_frozen, b_frozen, w_new, b_new, w_couple,
+                                 [int(g) for g in frozen_out_groups],
+                                 [int(k) for k in frozen_k_ends], _conv_pair(stride),
+                                 _conv_pair(padding), _conv_pair(dilation), scale, shift)
 
 
 def _for_gathers(t: Tensor) -> Tensor:

@@ -5,6 +5,7 @@ Weight columns that the staircase never reads are NaN, and outputs are allocated
 NaN memory where the caching allocator allows, so a stray read or an unwritten element fails.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -539,8 +540,9 @@ def test_conv_backward_matches_dense(dev, tile_math, name, dtype, need_dx_old):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", ["three_groups_dilated", "coupled_three"])
 def test_conv_strided_operands_and_no_bias(dev, tile_math, name, dtype):
-    """x in channels_last (the wrapper reads an NCHW copy), dy a permuted view, a column-sliced
-    x: the last two read through their strides."""
+    """x in channels_last (odd channel counts: the op reads an NCHW copy; y comes back
+    channels_last), dy a permuted view, a column-sliced x: the last two read through their
+    strides."""
     skip_same_math(tile_math, dtype, conv=True)
     layout, geo = CONV_CASES[name]
     p = make_conv_params(layout, geo["k"], dtype, dev, bias=False)
@@ -803,9 +805,12 @@ def test_wrappers_match_the_op_schemas_under_fake_tensors():
 
 
 def test_sources_found():
+    """The build compiles every .cu and .cpp of csrc/ (a new kernel file is not forgotten)."""
     files = cuda.source_files()
-    assert [f.rsplit("/", 1)[-1] for f in files] == ["bindings.cpp", "expanded_linear_kernels.cu",
-                                                     "expanded_conv_kernels.cu"]
+    names = [f.rsplit("/", 1)[-1] for f in files]
+    on_disk = sorted(f for f in os.listdir(cuda.source_dir()) if f.endswith((".cu", ".cpp")))
+    assert sorted(names) == on_disk and len(set(names)) == len(names)
+    assert "expanded_conv_nhwc.cu" in names and names[0] == "bindings.cpp"
     for f in files:
         with open(f) as fh:
             assert fh.read(100)
@@ -838,9 +843,10 @@ def test_conv_argument_pairs():
 
 
 def test_conv_wrappers_hand_the_kernels_pixel_major_operands():
-    """The kernels' gathers walk pixels: a channels_last operand goes in as an NCHW copy and
-    y / dx come back channels_last; NCHW tensors and other views pass through untouched.
-    (CPU: the wrappers' layout rules, without the extension.)"""
+    """The backward kernels' gathers walk pixels: a channels_last operand goes in as an NCHW
+    copy and dx comes back channels_last; NCHW tensors and other views pass through
+    untouched.  (CPU: the wrappers' layout rules, without the extension.  The forward op
+    takes x as it is and chooses itself: test_cuda_conv_nhwc.py.)"""
     x = torch.randn(2, 5, 4, 3)
     cl = x.contiguous(memory_format=torch.channels_last)
     assert cuda._for_gathers(x) is x

@@ -141,7 +141,12 @@ WGMMA_KERNELS = {
     "expanded_conv_kernels.cu": {"conv_fwd_kernel": ("64", 2, "1, 0", 0),
                                  "conv_dx_kernel": ("64", 2, "1, 0", 0),
                                  "conv_dw_kernel": ("64", 2, "0, 0", 0)},
+    # the channels_last forward on the linear kernels' pipeline: gathered tiles, both K-major
+    "expanded_conv_nhwc.cu": {"conv_nhwc_fwd_kernel": ("128", 4, "0, 0", 1)},
 }
+# The kernels on gemm_pipeline.cuh's cp.async main loop, and the cp.async.wait_group of their
+# default variant (four stages: three k-tiles fetched ahead).
+PIPELINE_FILES = {"expanded_linear_kernels.cu": "2", "expanded_conv_nhwc.cu": "2"}
 # The linear WgmmaMath<T, SWIZZLE, BK, STAGES> instantiations, by their mangled template
 # arguments: (swizzled, wgmmas per k-tile, the main loop's cp.async.wait_group).  Four stages
 # keep three k-tiles fetched ahead (tile t is waited for with t + 1 and t + 2 in flight); two
@@ -159,9 +164,10 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     notice: an accumulator register touched while they are in flight) and without waits of
     its own for them (C7517: at the linear main loop's back edge such a wait kept the next
     k-tile's MMAs from being queued while one tile's still run); the WMMA and SIMT kernels
-    issue none; built for plain sm_90 (the portable path) nothing issues wgmma.  The linear
-    kernels' loop fences every k-tile's copies for the async proxy (no branch skips it) and
-    keeps all stages but one fetched ahead.  The linear file's TMA forward: see
+    issue none; built for plain sm_90 (the portable path) nothing issues wgmma.  The loop of
+    gemm_pipeline.cuh (the linear kernels and the channels_last conv forward) fences every
+    k-tile's copies for the async proxy (no branch skips it) and keeps all stages but one
+    fetched ahead.  The linear file's TMA forward: see
     _check_linear_tma_forward."""
     expect = WGMMA_KERNELS[src_name]
     ptx_path = _ptx_of(src_name, "compute_90a", tmp_path)
@@ -177,7 +183,7 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     for name, body in wg.items():
         kernel = next(k for k in expect if k in name)
         n, per_tile, trans, in_flight = expect[kernel]
-        sw, cp_wait = False, None
+        sw, cp_wait = False, PIPELINE_FILES.get(src_name)
         if linear:
             (sw, per_tile, cp_wait), = [v for k, v in LINEAR_VARIANTS.items() if k in name]
         masks = [int(c) for c in re.findall(r"or\.b64\s+%rd\d+, %rd\d+, (\d+);", body)]
@@ -192,7 +198,7 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
         assert len(calls) == per_tile, f"{name}: {len(calls)} wgmma m64n{n}k16, expected {per_tile}"
         assert {t for _, t in calls} == {trans}, f"{name}: {calls}"
         assert "fence.proxy.async.shared::cta" in body, f"{name}: no proxy fence"
-        if src_name == "expanded_linear_kernels.cu":
+        if src_name in PIPELINE_FILES:
             code = [ln.strip() for ln in body.splitlines()
                     if ln.strip() and not ln.strip().startswith("//")]
             guarded = [code[i - 1] for i, ln in enumerate(code)

@@ -20,7 +20,8 @@ DEVICE_FLAGS = ["-gencode=arch=compute_80,code=compute_80", "-G"]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
-@pytest.mark.parametrize("name", ["conv_tile_emulation", "linear_tile_emulation"])
+@pytest.mark.parametrize("name", ["conv_nhwc_emulation", "conv_tile_emulation",
+                                  "linear_tile_emulation"])
 def test_tile_emulation(name, tmp_path):
     exe = tmp_path / name
     cmd = [NVCC, "-std=c++17", "-O1", *DEVICE_FLAGS, *TORCH_NVCC_DEFINES, "-I", str(CSRC),

@@ -1,0 +1,324 @@
+// The expanded conv2d forward for channels_last activations (fp16/bf16 on an sm_90a build): an
+// implicit GEMM on the linear kernels' pipeline (gemm_pipeline.cuh: 16-byte cp.async copies,
+// wgmma on a 128 x 128 x 64 tile, four stages, the fp32 staged write-out).
+//
+//   y[p, o] = sum_j X[p, j] w[o, j]      p = (n, ho, wo): output pixel, row of the GEMM
+//                                        j = (kh, kw, c): tap-major, channel innermost
+// In NHWC the channels of one input pixel are contiguous, so the im2col row of p is, tap by tap,
+// a run of contiguous channels: a 16-byte chunk (8 channels) is one cp.async from x, or zeros
+// where the tap falls in the padding.  The weights are read as (rows, KH, KW, channels)
+// (channels_last weights), so B's chunks are contiguous too.  The output y (n, ho, wo, o) is
+// the linear layer's (pixels, O) row-major y: the staged tile leaves by rows in 16-byte chunks.
+//
+// The phases are those of the NCHW kernels: a frozen output group reads channels [0, k_end)
+// through w_frozen and, coupled, [I_f, I) through w_couple; the new rows read every channel.
+// A chunk never straddles two taps: every channel count a phase reads is a multiple of 8
+// (conv2d_forward_nhwc_ok).  Other shapes and layouts take expanded_conv_kernels.cu.
+#include "expanded_conv.h"
+#include "gemm_pipeline.cuh"
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace expanse_fast {
+namespace {
+
+// The tile math: two warpgroups of m64n128k16 (a block's 128 output channels; conv layers are
+// narrower than linear ones, so BN = 256 would leave more of each new group's tile idle).
+template <typename T>
+using NhwcMath = WgmmaMath<T, false, 64, 4, 128>;
+
+// One phase of a segment: weight rows (rows, KH, KW, cw) starting at the segment's first row;
+// the phase reads channels [0, cp) of each tap of them, against x's channels [c_off, c_off + cp).
+struct NhwcPhase {
+  const void* w;
+  int cw, cp, c_off;
+};
+
+// One output segment (an output group): channels [col0, col0 + rows) of y.
+struct NhwcSeg {
+  NhwcPhase ph[2];       // ph[1].cp == 0: no second phase (new group, isolated layout)
+  const void* bias;      // may be null; starts at the segment's first channel
+  const float* bn_scale;  // folded BatchNorm of a frozen segment, or null
+  const float* bn_shift;
+  int col0, rows, tile0;
+};
+
+// Frozen groups a launch carries: few enough that the parameters stay within the classic
+// 4 KB of kernel arguments (more groups take the NCHW kernels).
+constexpr int kNhwcMaxFrozenGroups = 40;
+
+struct NhwcFwdParams {
+  const void* x;
+  void* y;
+  int64_t sxn, sxh, sxw;  // x's element strides (the channel stride is 1)
+  int64_t pixels, hw_out, ld_y;
+  int H, W, Wo, KW, KK, sh, sw, ph, pw, dh, dw;
+  int nseg;
+  NhwcSeg seg[kNhwcMaxFrozenGroups + 1];
+};
+static_assert(sizeof(NhwcFwdParams) <= 4096, "within the classic kernel-argument limit");
+
+// 0 <= v < n in one unsigned compare.
+__host__ __device__ __forceinline__ bool inside(int v, int n) {
+  return static_cast<unsigned>(v) < static_cast<unsigned>(n);
+}
+
+// A block's problem, seen by one thread (tid): its output tile, and for each of its A chunks
+// the pixel that chunk's row is (the same rows every k-tile: CoreSmem::a_chunk).
+template <typename T, class L>
+struct NhwcFwdProblem {
+  const NhwcFwdParams& p;
+  const NhwcSeg& s;
+  int64_t m0;
+  int n0, tid;
+  int64_t row_off[L::A_CHUNKS];  // x offset of the row's pixel at tap (0, 0): may lie outside
+  int hi0[L::A_CHUNKS], wi0[L::A_CHUNKS];  // rows past the last pixel: hi0 = INT_MIN / 2
+
+  __host__ __device__ NhwcFwdProblem(const NhwcFwdParams& params, const NhwcSeg& seg,
+                                     int64_t m0_, int n0_, int tid_)
+      : p(params), s(seg), m0(m0_), n0(n0_), tid(tid_) {
+#pragma unroll
+    for (int i = 0; i < L::A_CHUNKS; ++i) {
+      int row, col;
+      L::a_chunk(tid, i, row, col);
+      const int64_t m = m0 + row;
+      const int64_t img = m / p.hw_out, rem = m - img * p.hw_out;
+      const int ho = static_cast<int>(rem / p.Wo), wo = static_cast<int>(rem - ho * p.Wo);
+      hi0[i] = m < p.pixels ? ho * p.sh - p.ph : -(1 << 30);
+      wi0[i] = wo * p.sw - p.pw;
+      row_off[i] = img * p.sxn + static_cast<int64_t>(hi0[i]) * p.sxh +
+                   static_cast<int64_t>(wi0[i]) * p.sxw;
+    }
+  }
+
+  __host__ __device__ int num_phases() const { return 2; }
+  __host__ __device__ int phase_len(int ph) const { return p.KK * s.ph[ph].cp; }
+
+  // The tap and channel of reduction index j of phase ph (j < phase_len).
+  __host__ __device__ void tap_of(int ph, int j, int& kh, int& kw, int& c) const {
+    const int cp = s.ph[ph].cp;
+    const int tap = j / cp;
+    c = j - tap * cp;
+    kh = tap / p.KW;
+    kw = tap - kh * p.KW;
+  }
+
+  // A's k-tile at k0: every chunk of this thread shares its column (chunk_of), so its tap and
+  // channel are found once a tile.
+  struct ASrc {
+    const NhwcFwdProblem* prob;
+    const T* at;  // x at the column's channel and tap, before the row's pixel offset
+    int dkh, dkw;  // the tap's offset from the row's (hi0, wi0)
+    bool k_ok;
+    __host__ __device__ const T* base() const { return static_cast<const T*>(prob->p.x); }
+    __host__ __device__ const T* chunk(int i, int, int) const {
+      const int hi = prob->hi0[i] + dkh, wi = prob->wi0[i] + dkw;
+      if (!k_ok || !inside(hi, prob->p.H) || !inside(wi, prob->p.W)) return nullptr;
+      return at + prob->row_off[i];
+    }
+  };
+  __host__ __device__ ASrc tile_a(int ph, int k0) const {
+    int row, col;
+    L::a_chunk(tid, 0, row, col);
+    const int j = k0 + col;
+    ASrc a{this, nullptr, 0, 0, j < phase_len(ph)};
+    int kh = 0, kw = 0, c = 0;
+    if (a.k_ok) tap_of(ph, j, kh, kw, c);
+    a.dkh = kh * p.dh;
+    a.dkw = kw * p.dw;
+    a.at = static_cast<const T*>(p.x) + s.ph[ph].c_off + c + a.dkh * p.sxh + a.dkw * p.sxw;
+    return a;
+  }
+
+  // B's k-tile at k0: rows are the segment's output channels n0 + row.
+  struct BSrc {
+    const T* at;  // the segment's row n0 at the column's tap and channel
+    const T* w;
+    int64_t ld;   // elements between weight rows
+    int rows_left;
+    bool k_ok;
+    __host__ __device__ const T* base() const { return w; }
+    __host__ __device__ const T* chunk(int, int row, int) const {
+      return k_ok && row < rows_left ? at + row * ld : nullptr;
+    }
+  };
+  __host__ __device__ BSrc tile_b(int ph, int k0) const {
+    int row, col;
+    L::b_chunk(tid, 0, row, col);
+    const NhwcPhase& f = s.ph[ph];
+    const int j = k0 + col;
+    const int64_t ld = static_cast<int64_t>(p.KK) * f.cw;
+    BSrc b{nullptr, static_cast<const T*>(f.w), ld, s.rows - n0, j < phase_len(ph)};
+    int kh = 0, kw = 0, c = 0;
+    if (b.k_ok) tap_of(ph, j, kh, kw, c);
+    b.at = b.w + n0 * ld + static_cast<int64_t>(kh * p.KW + kw) * f.cw + c;
+    return b;
+  }
+};
+
+// Block b of a grid_x x grid_y launch, thread tid: its segment and output tile.
+template <typename T, class M, class L>
+__host__ __device__ __forceinline__ NhwcFwdProblem<T, L> nhwc_fwd_problem(
+    const NhwcFwdParams& p, int64_t b, int64_t grid_x, int64_t grid_y, int tid) {
+  const GridTile t = grouped_tile(b, grid_x, grid_y, kGroupM);
+  int si = 0;
+  while (si + 1 < p.nseg && p.seg[si + 1].tile0 <= t.n) ++si;
+  return NhwcFwdProblem<T, L>(p, p.seg[si], t.m * M::BM, (t.n - p.seg[si].tile0) * M::BN, tid);
+}
+
+// The write-out of a block's tile (thread tid), staged as fp32 [BM][OUT_LD_F32]: bias, then the
+// folded BatchNorm of a frozen segment, one rounding to T, 16-byte stores along the channels.
+template <typename T, class M>
+__host__ __device__ __forceinline__ void nhwc_fwd_write_out(const NhwcFwdParams& p,
+                                                            const NhwcSeg& s,
+                                                            const float* staged, int64_t m0,
+                                                            int n0, int tid) {
+  constexpr int VEC = 16 / sizeof(T);
+  const int rows = tile_extent(p.pixels - m0, M::BM), cols = tile_extent(s.rows - n0, M::BN);
+  const T* bias = s.bias == nullptr ? nullptr : static_cast<const T*>(s.bias) + n0;
+  const float* scale = s.bn_scale == nullptr ? nullptr : s.bn_scale + n0;
+  const float* shift = s.bn_shift == nullptr ? nullptr : s.bn_shift + n0;
+  write_f32_tile_rows<T, M::BM, M::BN, M::THREADS>(
+      staged, M::OUT_LD_F32, static_cast<T*>(p.y),
+      {m0 * p.ld_y + s.col0 + n0, p.ld_y, rows, 0, cols}, tid,
+      [&](int, int c, float(&v)[VEC]) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          if (c + e >= cols) break;
+          if (bias != nullptr) v[e] += to_f(bias[c + e]);
+          if (scale != nullptr) v[e] = fmaf(v[e], scale[c + e], shift[c + e]);
+        }
+      });
+}
+
+template <typename T, class M>
+__global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
+conv_nhwc_fwd_kernel(const __grid_constant__ NhwcFwdParams p) {
+  using L = typename M::template Layout<true, true>;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const NhwcFwdProblem<T, L> prob =
+      nhwc_fwd_problem<T, M, L>(p, block_index(), gridDim.x, gridDim.y, threadIdx.x);
+  typename M::Acc acc;
+  float unused = 0.f;
+  gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
+  __syncthreads();  // the staged tile reuses the stages
+  float* staged = reinterpret_cast<float*>(smem);
+  M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+    *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
+  });
+  __syncthreads();
+  nhwc_fwd_write_out<T, M>(p, prob.s, staged, prob.m0, prob.n0, threadIdx.x);
+}
+
+// ---- host ---------------------------------------------------------------------------------
+bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX / 4; }
+
+// The launch parameters and grid of a forward (host; the emulation walks them too).  False
+// where there is nothing to launch (no pixels or no output channels).
+template <int BM, int BN>
+bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, const Strides4& sx,
+                    const void* b_frozen, const void* b_new, const float* bn_scale,
+                    const float* bn_shift, void* y, NhwcFwdParams& p, dim3& grid) {
+  const ConvGeometry& g = s.geo;
+  const int64_t I = s.in_channels, I_f = s.frozen_in, KK = g.kernel_h * g.kernel_w;
+  p = NhwcFwdParams{};
+  if (s.num_frozen_groups > kNhwcMaxFrozenGroups) return false;  // (refused by _ok first)
+  p.x = x;
+  p.y = y;
+  p.sxn = sx.n, p.sxh = sx.h, p.sxw = sx.w;
+  p.hw_out = g.out_h * g.out_w;
+  p.pixels = g.batch * p.hw_out;
+  p.ld_y = s.frozen_out + s.new_out;
+  p.H = static_cast<int>(g.height), p.W = static_cast<int>(g.width);
+  p.Wo = static_cast<int>(g.out_w), p.KW = g.kernel_w, p.KK = static_cast<int>(KK);
+  p.sh = g.stride_h, p.sw = g.stride_w, p.ph = g.pad_h, p.pw = g.pad_w;
+  p.dh = g.dil_h, p.dw = g.dil_w;
+  const size_t es = s.dtype == DType::kFloat32 ? 4 : 2;
+  int tiles = 0, n = 0;
+  auto add = [&](NhwcSeg seg) {
+    if (seg.rows == 0) return;
+    seg.tile0 = tiles;
+    tiles += static_cast<int>(ceil_div(seg.rows, BN));
+    p.seg[n++] = seg;
+  };
+  int r0 = 0;  // the group's first row
+  for (int gi = 0; gi < s.num_frozen_groups; r0 += static_cast<int>(s.frozen_out_groups[gi++])) {
+    NhwcSeg seg{};
+    const auto* wf = static_cast<const unsigned char*>(w.w_frozen);
+    seg.ph[0] = {wf + r0 * KK * I_f * es, static_cast<int>(I_f),
+                 static_cast<int>(s.frozen_k_ends[gi]), 0};
+    if (w.w_couple != nullptr && I > I_f) {
+      const auto* wc = static_cast<const unsigned char*>(w.w_couple);
+      seg.ph[1] = {wc + r0 * KK * (I - I_f) * es, static_cast<int>(I - I_f),
+                   static_cast<int>(I - I_f), static_cast<int>(I_f)};
+    }
+    seg.bias =
+        b_frozen == nullptr ? nullptr : static_cast<const unsigned char*>(b_frozen) + r0 * es;
+    seg.bn_scale = bn_scale == nullptr ? nullptr : bn_scale + r0;
+    seg.bn_shift = bn_shift == nullptr ? nullptr : bn_shift + r0;
+    seg.col0 = r0;
+    seg.rows = static_cast<int>(s.frozen_out_groups[gi]);
+    add(seg);
+  }
+  NhwcSeg seg{};
+  seg.ph[0] = {w.w_new, static_cast<int>(I), static_cast<int>(I), 0};
+  seg.bias = b_new;
+  seg.col0 = static_cast<int>(s.frozen_out);
+  seg.rows = static_cast<int>(s.new_out);
+  add(seg);
+  p.nseg = n;
+  grid = dim3(static_cast<unsigned>(ceil_div(p.pixels, BM)), static_cast<unsigned>(tiles));
+  return p.pixels > 0 && tiles > 0;
+}
+
+}  // namespace
+
+bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& sx) {
+  const char* env = std::getenv("EXPANSE_FAST_CUDA_CONV_NHWC");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (s.dtype == DType::kFloat32 || !wgmma_enabled(s.dtype) || !conv_shape_ok(s)) return false;
+  if (s.num_frozen_groups > kNhwcMaxFrozenGroups) return false;
+  constexpr int VEC = 8;  // 16 bytes of fp16/bf16: a chunk never straddles two taps
+  if (sx.c != 1 || sx.n % VEC || sx.h % VEC || sx.w % VEC ||
+      reinterpret_cast<uintptr_t>(x) % 16 != 0)
+    return false;
+  if (s.in_channels % VEC || s.frozen_in % VEC) return false;
+  for (int g = 0; g < s.num_frozen_groups; ++g)
+    if (s.frozen_k_ends[g] % VEC) return false;
+  // Pixel offsets are int64; a weight row's length and the channel counts int32; the column
+  // tiles (one or more a segment) fit gridDim.y.
+  const int64_t KK = static_cast<int64_t>(s.geo.kernel_h) * s.geo.kernel_w;
+  const int64_t col_tiles = ceil_div(s.frozen_out + s.new_out, NhwcMath<__half>::BN) +
+                            s.num_frozen_groups + 1;
+  return fits_int(KK * s.in_channels) && fits_int(s.frozen_out + s.new_out) &&
+         col_tiles <= kMaxGridY && s.geo.out_h * s.geo.out_w > 0;
+}
+
+cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const void* x,
+                                const Strides4& sx, const void* b_frozen, const void* b_new,
+                                const float* bn_scale, const float* bn_shift, void* y,
+                                cudaStream_t stream) {
+  if ((bn_scale == nullptr) != (bn_shift == nullptr)) return cudaErrorInvalidValue;
+  if (!conv2d_forward_nhwc_ok(s, x, sx)) return cudaErrorInvalidValue;
+  auto launch = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using M = NhwcMath<T>;
+    NhwcFwdParams p;
+    dim3 grid;
+    if (!build_nhwc_fwd<M::BM, M::BN>(s, w, x, sx, b_frozen, b_new, bn_scale, bn_shift, y, p,
+                                      grid))
+      return cudaSuccess;  // nothing to compute
+    constexpr size_t bytes = smem_bytes<M, true, true>();
+    static std::atomic<bool> raised[kSmemDevices];
+    const cudaError_t err = raise_smem_limit(conv_nhwc_fwd_kernel<T, M>, bytes, raised);
+    if (err != cudaSuccess) return err;
+    conv_nhwc_fwd_kernel<T, M><<<grid, M::THREADS, bytes, stream>>>(p);
+    return cudaGetLastError();
+  };
+  return s.dtype == DType::kFloat16 ? launch(__half{}) : launch(__nv_bfloat16{});
+}
+
+}  // namespace expanse_fast

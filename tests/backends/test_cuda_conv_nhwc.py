@@ -1,0 +1,134 @@
+"""The cuda backend's channels_last conv forward (csrc/expanded_conv_nhwc.cu) on a GPU.
+
+A channels_last x in fp16/bf16 whose channel counts (I, I_f, every k_end) are multiples of 8
+goes to the NHWC implicit GEMM on the linear kernels' cp.async + wgmma pipeline where the
+build has wgmma (an H100/H200); everything else to the NCHW kernels.  Either way y comes back
+channels_last and matches the expanded layer in float64.  The weight channels a frozen group
+never reads are NaN (make_conv_params), so a read past k_end fails.
+"""
+import pytest
+import torch
+
+from expanse_fast.backends import cuda
+from expanse_fast.layout import Layout
+
+from test_cuda_backend import (_geo, assert_matches, call_conv_forward, conv_reference,
+                               conv_out_shape, make_conv_params, poison_allocator)
+
+pytestmark = pytest.mark.gpu
+
+# Channel counts the NHWC kernel takes.  Its tile is 128 pixels x 128 output channels x 64 of
+# the reduction (taps x channels, channel innermost): 72 and 40 channels give k-tiles that
+# cross taps, 130 rows two column tiles, 29 x 31 x 2 pixels many row tiles.
+NHWC_CASES = {
+    "3x3_coupled": (Layout((16, 8), (24, 5), "coupled"), _geo(2, 7, 5, 3, 1, 1)),
+    "3x3_groups_many_pixels": (Layout((40, 16, 16), (2, 130, 5), "coupled"),
+                               _geo(2, 29, 31, 3, 1, 1)),
+    "strided_dilated_3x2": (Layout((8, 8, 8), (3, 4, 7)), _geo(2, 11, 9, (3, 2), 2, (2, 1), 2)),
+    "1x1_stride2": (Layout((64, 64), (128, 64), "coupled"), _geo(2, 14, 14, 1, 2)),
+    "single_pixel_first_layer": (Layout((0, 8), (4, 9)), _geo(1, 1, 1, 3, 1, 1)),
+    "empty_prefix_group_5x3": (Layout((0, 8, 8), (3, 2, 1)), _geo(2, 4, 6, (5, 3), (1, 2), (2, 1))),
+    "resnet_like": (Layout((256, 64), (256, 64)), _geo(2, 14, 14, 3, 1, 1)),
+}
+
+
+@pytest.fixture
+def dev(monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    device = torch.device("cuda")
+    ok, why = cuda.availability(device)
+    assert ok, f"cuda backend unavailable on this GPU machine: {why}"
+    for name in ("EXPANSE_FAST_CUDA_WGMMA", "EXPANSE_FAST_CUDA_CONV_NHWC"):
+        monkeypatch.delenv(name, raising=False)
+    return device
+
+
+def kernels_of(fn):
+    """(result, names of the CUDA kernels fn launched)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, {e.name for e in prof.events()}
+
+
+def uses_nhwc(names):
+    return any("conv_nhwc_fwd_kernel" in n for n in names)
+
+
+def channels_last_input(layout, geo, dtype, device):
+    x = torch.randn(geo["n"], layout.in_features, geo["h"], geo["w"])
+    return x.to(device, dtype).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(NHWC_CASES))
+def test_nhwc_forward_matches_dense(dev, name, dtype):
+    layout, geo = NHWC_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = channels_last_input(layout, geo, dtype, dev)
+    poison_allocator(dev)
+    y, names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
+    assert tuple(y.shape) == conv_out_shape(layout, geo)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y")
+    assert uses_nhwc(names) == cuda.linear_math(dtype, dev).startswith("wgmma"), sorted(names)
+
+
+@pytest.mark.parametrize("name", ["3x3_groups_many_pixels", "strided_dilated_3x2"])
+def test_nhwc_folded_batchnorm_and_no_bias(dev, name):
+    """The frozen channels' eval-mode BatchNorm in the epilogue (after the conv), no biases."""
+    dtype = torch.bfloat16
+    layout, geo = NHWC_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev, bias=False)
+    x = channels_last_input(layout, geo, dtype, dev)
+    o_f = layout.frozen_out
+    mean, var = torch.randn(o_f, device=dev), torch.rand(o_f, device=dev) + 0.5
+    weight, bias = torch.randn(o_f, device=dev), torch.randn(o_f, device=dev)
+    y = cuda.conv2d_forward(x, p["w_frozen"], None, p["w_new"], None, p["w_couple"],
+                            layout.frozen_out_groups, layout.frozen_k_ends, geo["stride"],
+                            geo["padding"], geo["dilation"], False,
+                            frozen_bn=(mean, var, weight, bias, 1e-5))
+    ref = conv_reference(layout, p, x, geo)[0]
+    scale = weight.double().cpu() / torch.sqrt(var.double().cpu() + 1e-5)
+    ref[:, :o_f] = ((ref[:, :o_f] - mean.double().cpu().view(1, -1, 1, 1))
+                    * scale.view(1, -1, 1, 1) + bias.double().cpu().view(1, -1, 1, 1))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(y, ref, dtype, "y (folded BatchNorm)")
+
+
+def test_nhwc_off_and_unaligned_channels_take_the_nchw_kernels(dev, monkeypatch):
+    """EXPANSE_FAST_CUDA_CONV_NHWC=0, and channel counts that are not multiples of 8: the
+    NCHW kernels (on an NCHW copy of x), the same values, y still channels_last."""
+    dtype = torch.bfloat16
+    layout, geo = NHWC_CASES["3x3_coupled"]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = channels_last_input(layout, geo, dtype, dev)
+    y_default = call_conv_forward(layout, p, x, geo)
+    monkeypatch.setenv("EXPANSE_FAST_CUDA_CONV_NHWC", "0")
+    y_off, names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
+    assert not uses_nhwc(names), sorted(names)
+    assert y_off.is_contiguous(memory_format=torch.channels_last)
+    ref = conv_reference(layout, p, x, geo)[0]
+    assert_matches(y_off, ref, dtype, "y (NCHW kernels)")
+    assert_matches(y_default, ref, dtype, "y (default)")
+    monkeypatch.delenv("EXPANSE_FAST_CUDA_CONV_NHWC")
+    odd, geo = Layout((12, 4), (9, 3)), _geo(2, 6, 5, 3, 1, 1)  # 12 frozen input channels
+    p = make_conv_params(odd, geo["k"], dtype, dev)
+    x = channels_last_input(odd, geo, dtype, dev)
+    y, names = kernels_of(lambda: call_conv_forward(odd, p, x, geo))
+    assert not uses_nhwc(names), sorted(names)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert_matches(y, conv_reference(odd, p, x, geo)[0], dtype, "y (12 frozen channels)")
+
+
+def test_nhwc_fake_registration_keeps_the_memory_format(dev):
+    """The op's fake gives y x's memory format, as the real op does on both paths."""
+    layout, geo = NHWC_CASES["3x3_coupled"]
+    p = make_conv_params(layout, geo["k"], torch.bfloat16, dev)
+    p["w_frozen"] = torch.nan_to_num(p["w_frozen"])
+    x = channels_last_input(layout, geo, torch.bfloat16, dev)
+    args = (x, p["w_frozen"], p["b_frozen"], p["w_new"], p["b_new"], p["w_couple"],
+            list(layout.frozen_out_groups), list(layout.frozen_k_ends), [1, 1], [1, 1], [1, 1])
+    torch.library.opcheck(torch.ops.expanse_fast_cuda.conv2d_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))

@@ -1,0 +1,269 @@
+// Host emulation of the channels_last conv forward (csrc/expanded_conv_nhwc.cu), checked against
+// a float64 direct convolution of the expanded layer.  Built with nvcc and run on the CPU by
+// test_tile_emulation.py; no GPU involved.
+//
+// The real code: the launch parameters and grid (build_nhwc_fwd), each block's problem for each
+// of its threads (nhwc_fwd_problem: segment, tile, the pixels of the thread's A rows), the
+// gathered copies of every k-tile (CoreSmem::load_a / load_b with the problem's ASrc / BSrc,
+// cp.async a plain or zero 16-byte copy on the host) and the write-out (nhwc_fwd_write_out).
+// Restated here, marked "as the kernel": gemm_mainloop's walk over phases and k-tiles and the
+// product of each stage, read back through Layout::a_at / b_at.  Each stage is also compared,
+// element by element, with the im2col operands its definition gives (the reduction order
+// included: tap-major, channel innermost, as the (rows, KH, KW, channels) weights are stored).
+//
+// Operands hold small integers, so every sum is exact in fp32.  What must never be read is NaN:
+// x's channel padding and the gaps between its rows and images, the weight channels past each
+// frozen group's k_end.  A stage must hold no NaN after its copy (a chunk read from the wrong
+// place or never written), and an output left unwritten stays NaN.
+#include "expanded_conv_nhwc.cu"
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace expanse_fast {
+// Defined with the other kernels in the extension; this emulation is the wgmma build's path.
+bool wgmma_enabled(DType) { return true; }
+bool conv_shape_ok(const ConvShape&) { return true; }
+}  // namespace expanse_fast
+
+using namespace expanse_fast;
+
+namespace {
+
+int failures = 0;
+int64_t blocks = 0, k_tiles = 0, compared = 0;
+
+struct Case {
+  const char* name;
+  int64_t batch, H, W, in, frozen_in, new_out;
+  int KH, KW, sh, sw, ph, pw, dh, dw;
+  std::vector<int64_t> groups, k_ends;
+  bool coupled, bias, bn;
+};
+
+int64_t out_size(int64_t n, int k, int s, int p, int d) {
+  return (n + 2 * p - d * (k - 1) - 1) / s + 1;
+}
+
+template <typename T>
+void run_case(const Case& c) {
+  using M = NhwcMath<T>;
+  using L = typename M::template Layout<true, true>;
+  const int64_t I = c.in, I_f = c.frozen_in, KK = c.KH * c.KW;
+  int64_t O_f = 0;
+  for (int64_t g : c.groups) O_f += g;
+  const int64_t O = O_f + c.new_out;
+  const int64_t Ho = out_size(c.H, c.KH, c.sh, c.ph, c.dh);
+  const int64_t Wo = out_size(c.W, c.KW, c.sw, c.pw, c.dw);
+  const int64_t P = c.batch * Ho * Wo;
+  std::mt19937 rng(11);
+  auto rnd = [&]() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); };
+  const T nan = from_f<T>(NAN);
+
+  // x: channels_last with gaps (multiples of 8 elements), NaN in every gap.
+  const Strides4 sx{c.H * (c.W * (I + 8) + 8) + 16, 1, c.W * (I + 8) + 8, I + 8};
+  std::vector<T> x(c.batch * sx.n + 64, nan);
+  std::vector<double> X(c.batch * c.H * c.W * I);
+  for (int64_t n = 0; n < c.batch; ++n)
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t w = 0; w < c.W; ++w)
+        for (int64_t ch = 0; ch < I; ++ch) {
+          const double v = rnd();
+          X[((n * c.H + h) * c.W + w) * I + ch] = v;
+          x[n * sx.n + h * sx.h + w * sx.w + ch] = from_f<T>(v);
+        }
+  // Weights (rows, KH, KW, cw); Wd: the dense (O, KK, I) weight with the staircase's zeros.
+  std::vector<T> wf(O_f * KK * I_f + 8, nan), wn(c.new_out * KK * I + 8, nan),
+      wc(O_f * KK * (I - I_f) + 8, nan);
+  std::vector<double> Wd(O * KK * I, 0.0);
+  for (int64_t g = 0, r0 = 0; g < static_cast<int64_t>(c.groups.size()); r0 += c.groups[g++])
+    for (int64_t o = r0; o < r0 + c.groups[g]; ++o)
+      for (int64_t t = 0; t < KK; ++t) {
+        for (int64_t ch = 0; ch < c.k_ends[g]; ++ch) {
+          const double v = rnd();
+          Wd[(o * KK + t) * I + ch] = v;
+          wf[(o * KK + t) * I_f + ch] = from_f<T>(v);
+        }
+        if (c.coupled)
+          for (int64_t ch = I_f; ch < I; ++ch) {
+            const double v = rnd();
+            Wd[(o * KK + t) * I + ch] = v;
+            wc[(o * KK + t) * (I - I_f) + ch - I_f] = from_f<T>(v);
+          }
+      }
+  for (int64_t o = 0; o < c.new_out; ++o)
+    for (int64_t t = 0; t < KK; ++t)
+      for (int64_t ch = 0; ch < I; ++ch) {
+        const double v = rnd();
+        Wd[((O_f + o) * KK + t) * I + ch] = v;
+        wn[(o * KK + t) * I + ch] = from_f<T>(v);
+      }
+  std::vector<T> bf(O_f + 1), bn(c.new_out + 1);
+  std::vector<float> scale(O_f + 1), shift(O_f + 1);
+  std::vector<double> bias(O, 0.0);
+  for (int64_t o = 0; o < O; ++o) {
+    bias[o] = c.bias ? rnd() : 0.0;
+    (o < O_f ? bf[o] : bn[o - O_f]) = from_f<T>(bias[o]);
+  }
+  for (int64_t o = 0; o < O_f; ++o) {
+    scale[o] = static_cast<float>(std::ldexp(1.0, static_cast<int>(rng() % 3) - 1));
+    shift[o] = static_cast<float>(rnd());
+  }
+  std::vector<T> y(P * O + 64, nan);
+
+  ConvShape s{};
+  s.dtype = std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
+  s.geo = {c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh, c.dw};
+  s.in_channels = I, s.frozen_in = I_f, s.frozen_out = O_f, s.new_out = c.new_out;
+  s.num_frozen_groups = static_cast<int>(c.groups.size());
+  s.frozen_out_groups = c.groups.data();
+  s.frozen_k_ends = c.k_ends.data();
+  const ConvWeights w{wf.data(), wn.data(), c.coupled ? wc.data() : nullptr};
+  NhwcFwdParams p;
+  dim3 grid;
+  const bool any = build_nhwc_fwd<M::BM, M::BN>(
+      s, w, x.data(), sx, c.bias ? bf.data() : nullptr, c.bias ? bn.data() : nullptr,
+      c.bn ? scale.data() : nullptr, c.bn ? shift.data() : nullptr, y.data(), p, grid);
+  if (!any) {
+    std::printf("%s: nothing to launch\n", c.name);
+    ++failures;
+    return;
+  }
+
+  std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
+  T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  std::vector<float> staged(M::BM * M::OUT_LD_F32);
+  std::vector<double> acc(M::BM * M::BN);
+  int stage_faults = 0;
+  for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
+    ++blocks;
+    std::vector<NhwcFwdProblem<T, L>> probs;
+    for (int tid = 0; tid < M::THREADS; ++tid)
+      probs.push_back(nhwc_fwd_problem<T, M, L>(p, b, grid.x, grid.y, tid));
+    std::fill(acc.begin(), acc.end(), 0.0);
+    // as the kernel (gemm_mainloop): the phases in order, empty ones skipped, BK-deep k-tiles
+    const auto& p0 = probs[0];
+    for (int ph = 0; ph < p0.num_phases(); ++ph)
+      for (int k0 = 0; k0 < p0.phase_len(ph); k0 += M::BK) {
+        ++k_tiles;
+        for (int i = 0; i < L::STAGE; ++i) As[i] = nan;
+        for (int tid = 0; tid < M::THREADS; ++tid) {
+          L::load_a(As, probs[tid].tile_a(ph, k0), tid);
+          L::load_b(Bs, probs[tid].tile_b(ph, k0), tid);
+        }
+        for (int i = 0; i < L::STAGE; ++i)
+          if (std::isnan(to_f(As[i])) && stage_faults++ < 5)
+            std::printf("  %s: block %lld, phase %d, k0 %d: stage element %d is NaN\n", c.name,
+                        (long long)b, ph, k0, i);
+        // Each stage element against its definition: reduction index j = (kh * KW + kw) * cp
+        // + channel of the phase, zero past the phase, the padding, the pixels, the rows.
+        const NhwcPhase& f = p0.s.ph[ph];
+        for (int k = 0; k < M::BK; ++k) {
+          const int64_t j = k0 + k, tap = j / f.cp, ch = f.c_off + j % f.cp;
+          const int kh = static_cast<int>(tap / c.KW), kw = static_cast<int>(tap % c.KW);
+          const bool k_in = j < p0.phase_len(ph);
+          for (int m = 0; m < M::BM; ++m) {
+            const int64_t pix = p0.m0 + m, n = pix / (Ho * Wo), r = pix % (Ho * Wo);
+            const int64_t hi = r / Wo * c.sh - c.ph + kh * c.dh;
+            const int64_t wi = r % Wo * c.sw - c.pw + kw * c.dw;
+            const bool in = k_in && pix < P && hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
+            const double want = in ? X[((n * c.H + hi) * c.W + wi) * I + ch] : 0.0;
+            if (!(to_f(L::a_at(As, m, k)) == want) && stage_faults++ < 5)
+              std::printf("  %s: block %lld, k0 %d: A(%d, %d) = %g, want %g\n", c.name,
+                          (long long)b, k0, m, k, to_f(L::a_at(As, m, k)), want);
+          }
+          for (int nn = 0; nn < M::BN; ++nn) {
+            const bool in = k_in && p0.n0 + nn < p0.s.rows;
+            const int64_t o = p0.s.col0 + p0.n0 + nn;
+            const double want = in ? Wd[(o * KK + tap) * I + ch] : 0.0;
+            if (!(to_f(L::b_at(Bs, k, nn)) == want) && stage_faults++ < 5)
+              std::printf("  %s: block %lld, k0 %d: B(%d, %d) = %g, want %g\n", c.name,
+                          (long long)b, k0, k, nn, to_f(L::b_at(Bs, k, nn)), want);
+          }
+        }
+        for (int m = 0; m < M::BM; ++m)
+          for (int k = 0; k < M::BK; ++k) {
+            const double a = to_f(L::a_at(As, m, k));
+            if (a == 0.0) continue;
+            for (int n = 0; n < M::BN; ++n) acc[m * M::BN + n] += a * to_f(L::b_at(Bs, k, n));
+          }
+      }
+    // as the kernel: the accumulators staged as fp32, then every thread's write-out
+    for (int m = 0; m < M::BM; ++m)
+      for (int n = 0; n < M::BN; ++n)
+        staged[m * M::OUT_LD_F32 + n] = static_cast<float>(acc[m * M::BN + n]);
+    for (int tid = 0; tid < M::THREADS; ++tid)
+      nhwc_fwd_write_out<T, M>(p, p0.s, staged.data(), p0.m0, p0.n0, tid);
+  }
+  if (stage_faults) ++failures;
+
+  // float64 reference: y[pixel, o] = bn(bias + sum over taps and channels), rounded to T.
+  int bad = 0;
+  for (int64_t n = 0; n < c.batch; ++n)
+    for (int64_t ho = 0; ho < Ho; ++ho)
+      for (int64_t wo = 0; wo < Wo; ++wo)
+        for (int64_t o = 0; o < O; ++o) {
+          double v = bias[o];
+          for (int kh = 0; kh < c.KH; ++kh)
+            for (int kw = 0; kw < c.KW; ++kw) {
+              const int64_t hi = ho * c.sh - c.ph + kh * c.dh, wi = wo * c.sw - c.pw + kw * c.dw;
+              if (hi < 0 || hi >= c.H || wi < 0 || wi >= c.W) continue;
+              for (int64_t ch = 0; ch < I; ++ch)
+                v += X[((n * c.H + hi) * c.W + wi) * I + ch] *
+                     Wd[(o * KK + kh * c.KW + kw) * I + ch];
+            }
+          if (c.bn && o < O_f) v = v * scale[o] + shift[o];
+          const int64_t pix = (n * Ho + ho) * Wo + wo;
+          const float got = to_f(y[pix * O + o]);
+          const float want = to_f(from_f<T>(static_cast<float>(v)));
+          ++compared;
+          if (!(got == want) && bad++ < 5)
+            std::printf("  %s: y[pixel %lld, channel %lld] = %g, want %g\n", c.name,
+                        (long long)pix, (long long)o, got, want);
+        }
+  for (size_t i = P * O; i < y.size(); ++i)
+    if (!std::isnan(to_f(y[i])) && bad++ < 5)
+      std::printf("  %s: written past y's end (element %zu)\n", c.name, i);
+  if (bad) {
+    ++failures;
+    std::printf("%s: %d mismatches\n", c.name, bad);
+  }
+}
+
+}  // namespace
+
+int main() {
+  const std::vector<Case> cases = {
+      // name, batch, H, W, in, frozen_in, new_out, KH, KW, sh, sw, ph, pw, dh, dw,
+      // groups, k_ends, coupled, bias, bn
+      {"3x3 coupled, bias, bn", 2, 7, 5, 16, 8, 3, 3, 3, 1, 1, 1, 1, 1, 1, {5}, {8}, true,
+       true, true},
+      // 297 pixels: three row tiles; 72 channels: k-tiles that cross taps; a group of 130
+      // rows: two column tiles; one group reading a channel prefix
+      {"3x3 many pixels, groups", 3, 9, 11, 72, 40, 5, 3, 3, 1, 1, 1, 1, 1, 1, {2, 130},
+       {40, 16}, true, true, false},
+      {"strided dilated 3x2, isolated", 2, 11, 9, 24, 16, 7, 3, 2, 2, 2, 2, 1, 2, 2, {3, 4},
+       {8, 16}, false, false, true},
+      {"1x1 single pixel, no old input", 1, 1, 1, 8, 0, 9, 1, 1, 1, 1, 0, 0, 1, 1, {4}, {0},
+       false, true, false},
+      {"empty prefix group, padding 2", 2, 4, 6, 16, 8, 1, 5, 3, 1, 2, 2, 1, 1, 1, {3, 2},
+       {0, 8}, true, true, true},
+  };
+  for (const Case& c : cases) {
+    run_case<__half>(c);
+    run_case<__nv_bfloat16>(c);
+  }
+  std::printf("%lld blocks, %lld k-tiles, %lld outputs compared\n", (long long)blocks,
+              (long long)k_tiles, (long long)compared);
+  if (failures) {
+    std::printf("FAILED: %d\n", failures);
+    return 1;
+  }
+  std::printf("tile emulation OK\n");
+  return 0;
+}

@@ -469,28 +469,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
               ": dy must have shape ", at::IntArrayRef(dy_shape), ", got ", dy.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
+  // dx takes x's memory format (torch_ref.conv_memory_format, as the fake implementation).
+  const auto channels_last = [](const Tensor& t) {
+    return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  };
+  const bool x_cl = channels_last(x);
+  // The NCHW kernels gather along pixels: a channels_last operand is copied to NCHW for them,
+  // once, and only when one of them runs.
+  std::optional<Tensor> dy_nchw, x_nchw;
+  const auto pixel_major = [&](const Tensor& t, std::optional<Tensor>& copy) -> const Tensor& {
+    if (!copy) copy = channels_last(t) ? t.contiguous() : t;
+    return *copy;
+  };
   Tensor dx, dw, db, dcouple;  // undefined = None in Python
   if (need_dw) {
     dw = at::empty(w_new.sizes(), x.options());
-    conv_weight_grad(s, dy, s.frozen_out, s.new_out, x, 0, s.in_channels, dw);
+    conv_weight_grad(s, pixel_major(dy, dy_nchw), s.frozen_out, s.new_out,
+                     pixel_major(x, x_nchw), 0, s.in_channels, dw);
   }
   if (need_db) {
     db = at::empty({s.new_out}, x.options());
-    check_launch(expanse_fast::conv2d_bias_grad(s.dtype, s.geo, dy.data_ptr(), strides4(dy),
+    const Tensor& d = pixel_major(dy, dy_nchw);
+    check_launch(expanse_fast::conv2d_bias_grad(s.dtype, s.geo, d.data_ptr(), strides4(d),
                                                 s.frozen_out, s.new_out, db.data_ptr(), stream),
                  op);
   }
   if (need_dcouple && w_couple) {
     dcouple = at::empty(w_couple->sizes(), x.options());
-    conv_weight_grad(s, dy, 0, s.frozen_out, x, s.frozen_in, s.in_channels - s.frozen_in,
-                     dcouple);
+    conv_weight_grad(s, pixel_major(dy, dy_nchw), 0, s.frozen_out, pixel_major(x, x_nchw),
+                     s.frozen_in, s.in_channels - s.frozen_in, dcouple);
   }
-  if (need_dx_new || need_dx_old) {
+  if ((need_dx_new || need_dx_old) && x_cl && channels_last(dy) &&
+      expanse_fast::conv2d_backward_input_nhwc_ok(s, dy.data_ptr(), strides4(dy))) {
+    // The NHWC implicit GEMM reads each weight as (channels, KH, KW, rows).
+    const auto transposed = [](const Tensor& w) { return w.permute({1, 2, 3, 0}).contiguous(); };
+    const Tensor wf = transposed(w_frozen), wn = transposed(w_new);
+    std::optional<Tensor> wc;
+    if (w_couple) wc = transposed(*w_couple);
+    dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    check_launch(expanse_fast::conv2d_backward_input_nhwc(s, conv_weights(wf, wn, wc),
+                                                          dy.data_ptr(), strides4(dy),
+                                                          need_dx_old, dx.data_ptr(), stream),
+                 op);
+  } else if (need_dx_new || need_dx_old) {
     dx = at::empty(x.sizes(), x.options());
+    const Tensor& d = pixel_major(dy, dy_nchw);
     check_launch(expanse_fast::conv2d_backward_input(s, conv_weights(w_frozen, w_new, w_couple),
-                                                     dy.data_ptr(), strides4(dy), need_dx_old,
+                                                     d.data_ptr(), strides4(d), need_dx_old,
                                                      dx.data_ptr(), stream),
                  op);
+    if (x_cl) dx = dx.contiguous(at::MemoryFormat::ChannelsLast);
   }
   return {dx, dw, db, dcouple};
 }

@@ -91,6 +91,16 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w_channel
                                 const void* b_new, const float* bn_scale, const float* bn_shift,
                                 void* y, cudaStream_t stream);
 
+// The input gradient for channels_last dy (expanded_conv_nhwc.cu), on the same terms: dy's
+// channels contiguous with 16-byte aligned pixels, every row count (o_T, O_f, each frozen
+// group's) a multiple of 8.  The weights are each transposed to (channels, KH, KW, rows),
+// contiguous, and dx is written (N, H, W, I), contiguous (a channels_last dx); otherwise as
+// conv2d_backward_input below.
+bool conv2d_backward_input_nhwc_ok(const ConvShape& s, const void* dy, const Strides4& sdy);
+cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& w_transposed,
+                                       const void* dy, const Strides4& sdy, bool need_dx_old,
+                                       void* dx, cudaStream_t stream);
+
 // dx (N, I, H, W), contiguous.  Channels [I_f, I) (dx_new) always: the new rows, plus the
 // coupling block; channels [0, I_f) (dx_old) when need_dx_old (the new rows and every frozen
 // group over its prefix), else they are written as zeros.

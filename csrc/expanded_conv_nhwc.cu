@@ -66,6 +66,13 @@ __host__ __device__ __forceinline__ bool inside(int v, int n) {
   return static_cast<unsigned>(v) < static_cast<unsigned>(n);
 }
 
+// For each of a thread's A chunks: an offset into the activation and a pixel (h, w).
+template <int N>
+struct PixelRows {
+  int64_t off[N];
+  int h[N], w[N];
+};
+
 // A block's problem, seen by one thread (tid): its output tile, and for each of its A chunks
 // the pixel that chunk's row is (the same rows every k-tile: CoreSmem::a_chunk).
 template <typename T, class L>
@@ -74,8 +81,8 @@ struct NhwcFwdProblem {
   const NhwcSeg& s;
   int64_t m0;
   int n0, tid;
-  int64_t row_off[L::A_CHUNKS];  // x offset of the row's pixel at tap (0, 0): may lie outside
-  int hi0[L::A_CHUNKS], wi0[L::A_CHUNKS];  // rows past the last pixel: hi0 = INT_MIN / 2
+  PixelRows<L::A_CHUNKS> rows;  // off: x offset of the row's pixel at tap (0, 0), may lie
+                                // outside; h, w: its top-left input pixel (past the end: h < 0)
 
   __host__ __device__ NhwcFwdProblem(const NhwcFwdParams& params, const NhwcSeg& seg,
                                      int64_t m0_, int n0_, int tid_)
@@ -87,10 +94,10 @@ struct NhwcFwdProblem {
       const int64_t m = m0 + row;
       const int64_t img = m / p.hw_out, rem = m - img * p.hw_out;
       const int ho = static_cast<int>(rem / p.Wo), wo = static_cast<int>(rem - ho * p.Wo);
-      hi0[i] = m < p.pixels ? ho * p.sh - p.ph : -(1 << 30);
-      wi0[i] = wo * p.sw - p.pw;
-      row_off[i] = img * p.sxn + static_cast<int64_t>(hi0[i]) * p.sxh +
-                   static_cast<int64_t>(wi0[i]) * p.sxw;
+      rows.h[i] = m < p.pixels ? ho * p.sh - p.ph : -(1 << 30);
+      rows.w[i] = wo * p.sw - p.pw;
+      rows.off[i] = img * p.sxn + static_cast<int64_t>(rows.h[i]) * p.sxh +
+                    static_cast<int64_t>(rows.w[i]) * p.sxw;
     }
   }
 
@@ -107,24 +114,27 @@ struct NhwcFwdProblem {
   }
 
   // A's k-tile at k0: every chunk of this thread shares its column (chunk_of), so its tap and
-  // channel are found once a tile.
+  // channel are found once a tile.  (It holds its rows by value: a pointer back to the
+  // problem put the problem in local memory.)
   struct ASrc {
-    const NhwcFwdProblem* prob;
+    const T* x;
     const T* at;  // x at the column's channel and tap, before the row's pixel offset
-    int dkh, dkw;  // the tap's offset from the row's (hi0, wi0)
+    PixelRows<L::A_CHUNKS> rows;
+    int dkh, dkw;  // the tap's offset from the row's top-left input pixel
+    int H, W;
     bool k_ok;
-    __host__ __device__ const T* base() const { return static_cast<const T*>(prob->p.x); }
+    __host__ __device__ const T* base() const { return x; }
     __host__ __device__ const T* chunk(int i, int, int) const {
-      const int hi = prob->hi0[i] + dkh, wi = prob->wi0[i] + dkw;
-      if (!k_ok || !inside(hi, prob->p.H) || !inside(wi, prob->p.W)) return nullptr;
-      return at + prob->row_off[i];
+      const int hi = rows.h[i] + dkh, wi = rows.w[i] + dkw;
+      if (!k_ok || !inside(hi, H) || !inside(wi, W)) return nullptr;
+      return at + rows.off[i];
     }
   };
   __host__ __device__ ASrc tile_a(int ph, int k0) const {
     int row, col;
     L::a_chunk(tid, 0, row, col);
     const int j = k0 + col;
-    ASrc a{this, nullptr, 0, 0, j < phase_len(ph)};
+    ASrc a{static_cast<const T*>(p.x), nullptr, rows, 0, 0, p.H, p.W, j < phase_len(ph)};
     int kh = 0, kw = 0, c = 0;
     if (a.k_ok) tap_of(ph, j, kh, kw, c);
     a.dkh = kh * p.dh;
@@ -213,6 +223,185 @@ conv_nhwc_fwd_kernel(const __grid_constant__ NhwcFwdParams p) {
   nhwc_fwd_write_out<T, M>(p, prob.s, staged, prob.m0, prob.n0, threadIdx.x);
 }
 
+// ================================ input gradient (NHWC dy and dx) ============================
+//   dx[q, c] = sum_j D[q, j] wt[c, j]     q = (n, h, w): input pixel, row of the GEMM
+//                                         j = (kh, kw, o): tap-major, output channel innermost
+// D[q, (kh, kw, o)] = dy[n, ho, wo, o] for the output pixel (ho, wo) that reads q through the
+// tap, zero where none does (the stride skips q, or the tap falls outside); 8 output channels
+// of one pixel are one cp.async.  wt is each weight transposed to (channels, KH, KW, rows).
+// Column tiles and phases as the NCHW kernel's (expanded_conv_kernels.cu): tiles 0..old_tiles
+// cover dx_old = channels [0, I_f) in the bands of common::OldBands (cut at every k_end); an
+// old tile multiplies the new rows, then each frozen group that reaches it, masked at its
+// k_end (none without need_old: the tile stores zeros); a new tile the new rows, then
+// (coupled) every frozen row through w_couple.  Every row count a phase reads (o_T, each
+// frozen group's, O_f) is a multiple of 8, so a chunk never straddles two taps.
+struct NhwcDxParams {
+  const void* dy;
+  void* dx;
+  const void* wt_frozen;  // (I_f, KH, KW, O_f)
+  const void* wt_new;     // (I, KH, KW, o_T)
+  const void* wt_couple;  // (I - I_f, KH, KW, O_f), or null
+  int64_t sdyn, sdyh, sdyw;  // dy's element strides (the channel stride is 1)
+  int64_t pixels, hw_in;     // input pixels: N * H * W, H * W
+  int W, Ho, Wo, KW, KK, sh, sw, ph, pw, dh, dw;
+  int in_ch, frozen_in, frozen_out, new_out, old_tiles, need_old, ngroups;
+  int g_row0[kNhwcMaxFrozenGroups], g_rows[kNhwcMaxFrozenGroups], g_kend[kNhwcMaxFrozenGroups];
+  common::OldBands<kNhwcMaxFrozenGroups> bands;
+};
+static_assert(sizeof(NhwcDxParams) <= 4096, "within the classic kernel-argument limit");
+
+template <typename T, class L>
+struct NhwcDxProblem {
+  const NhwcDxParams& p;
+  int64_t m0;
+  int c0, c_end, tid;
+  bool old;
+  PixelRows<L::A_CHUNKS> rows;  // off: dy offset of the row's image; h, w: its input pixel
+                                // (rows past the end: h < 0)
+
+  __host__ __device__ NhwcDxProblem(const NhwcDxParams& params, int64_t m0_, int by, int bn,
+                                    int tid_)
+      : p(params), m0(m0_), tid(tid_) {
+    old = by < p.old_tiles;
+    c0 = p.frozen_in + (by - p.old_tiles) * bn;
+    c_end = p.in_ch;
+    if (old) p.bands.tile(by, bn, c0, c_end);
+#pragma unroll
+    for (int i = 0; i < L::A_CHUNKS; ++i) {
+      int row, col;
+      L::a_chunk(tid, i, row, col);
+      const int64_t q = m0 + row;
+      const int64_t img = q / p.hw_in, rem = q - img * p.hw_in;
+      rows.h[i] = q < p.pixels ? static_cast<int>(rem / p.W) : -(1 << 30);
+      rows.w[i] = static_cast<int>(rem - static_cast<int64_t>(rem / p.W) * p.W);
+      rows.off[i] = img * p.sdyn;
+    }
+  }
+
+  __host__ __device__ int num_phases() const {
+    if (old) return p.need_old ? 1 + p.ngroups : 0;
+    return 2;
+  }
+  // Rows (output channels) phase ph reads; its reduction is KK times as long.
+  __host__ __device__ int phase_rows(int ph) const {
+    if (ph == 0) return p.new_out;
+    if (old) return p.g_kend[ph - 1] > c0 ? p.g_rows[ph - 1] : 0;
+    return p.wt_couple != nullptr ? p.frozen_out : 0;
+  }
+  __host__ __device__ int phase_len(int ph) const { return p.KK * phase_rows(ph); }
+
+  // A's k-tile: every chunk of this thread shares its column, hence its tap and channel.
+  // (Rows by value, as in the forward.)
+  struct ASrc {
+    const T* dy;
+    const T* at;  // dy at the column's output channel
+    PixelRows<L::A_CHUNKS> rows;
+    int oh, ow;   // the tap's offset: h + oh = ho * sh for the output pixel that reads (h, w)
+    int sh, sw, Ho, Wo;
+    int64_t sdyh, sdyw;
+    bool k_ok;
+    __host__ __device__ const T* base() const { return dy; }
+    __host__ __device__ const T* chunk(int i, int, int) const {
+      const int th = rows.h[i] + oh, tw = rows.w[i] + ow;
+      if (!k_ok || th < 0 || tw < 0) return nullptr;
+      const int ho = sh == 1 ? th : th / sh, wo = sw == 1 ? tw : tw / sw;
+      if (ho * sh != th || wo * sw != tw || ho >= Ho || wo >= Wo) return nullptr;
+      return at + rows.off[i] + ho * sdyh + wo * sdyw;
+    }
+  };
+  __host__ __device__ ASrc tile_a(int ph, int k0) const {
+    int row, col;
+    L::a_chunk(tid, 0, row, col);
+    const int j = k0 + col, n_rows = phase_rows(ph);
+    const T* dy = static_cast<const T*>(p.dy);
+    ASrc a{dy, dy, rows, 0, 0, p.sh, p.sw, p.Ho, p.Wo, p.sdyh, p.sdyw, j < phase_len(ph)};
+    if (!a.k_ok) return a;
+    const int tap = j / n_rows, o = j - tap * n_rows, kh = tap / p.KW, kw = tap - kh * p.KW;
+    const int dy_c0 = ph == 0 ? p.frozen_out : (old ? p.g_row0[ph - 1] : 0);
+    a.at += dy_c0 + o;
+    a.oh = p.ph - kh * p.dh;
+    a.ow = p.pw - kw * p.dw;
+    return a;
+  }
+
+  // B's k-tile: rows are the tile's input channels c0 + row, masked at lim.
+  struct BSrc {
+    const T* at;  // wt at channel c0 and the column's tap and row
+    const T* w;
+    int64_t ld;   // elements between the channels of wt
+    int lim;      // channels past c0 that are read
+    bool k_ok;
+    __host__ __device__ const T* base() const { return w; }
+    __host__ __device__ const T* chunk(int, int row, int) const {
+      return k_ok && row < lim ? at + row * ld : nullptr;
+    }
+  };
+  __host__ __device__ BSrc tile_b(int ph, int k0) const {
+    int row, col;
+    L::b_chunk(tid, 0, row, col);
+    const int j = k0 + col, rows = phase_rows(ph);
+    const T* wt;
+    int total_rows, row0, col_off, lim;
+    if (ph == 0) {
+      wt = static_cast<const T*>(p.wt_new), total_rows = p.new_out, row0 = 0, col_off = 0;
+      lim = c_end;
+    } else if (old) {
+      const int g = ph - 1;
+      wt = static_cast<const T*>(p.wt_frozen), total_rows = p.frozen_out, row0 = p.g_row0[g];
+      col_off = 0;
+      lim = p.g_kend[g] < c_end ? p.g_kend[g] : c_end;
+    } else {
+      wt = static_cast<const T*>(p.wt_couple), total_rows = p.frozen_out, row0 = 0;
+      col_off = p.frozen_in;
+      lim = c_end;
+    }
+    const int64_t ld = static_cast<int64_t>(p.KK) * total_rows;
+    BSrc b{wt, wt, ld, lim - c0, j < phase_len(ph)};
+    if (!b.k_ok) return b;
+    const int tap = j / rows, o = j - tap * rows;
+    b.at = wt + (c0 - col_off) * ld + static_cast<int64_t>(tap) * total_rows + row0 + o;
+    return b;
+  }
+};
+
+template <typename T, class M, class L>
+__host__ __device__ __forceinline__ NhwcDxProblem<T, L> nhwc_dx_problem(const NhwcDxParams& p,
+                                                                       int64_t b, int64_t grid_x,
+                                                                       int64_t grid_y, int tid) {
+  const GridTile t = grouped_tile(b, grid_x, grid_y, kGroupM);
+  return NhwcDxProblem<T, L>(p, t.m * M::BM, t.n, M::BN, tid);
+}
+
+// dx's tile (thread tid), staged as fp32: channels [c0, c_end) of the tile's input pixels.
+template <typename T, class M>
+__host__ __device__ __forceinline__ void nhwc_dx_write_out(const NhwcDxParams& p, int64_t m0,
+                                                           int c0, int c_end,
+                                                           const float* staged, int tid) {
+  const int rows = tile_extent(p.pixels - m0, M::BM), cols = tile_extent(c_end - c0, M::BN);
+  write_f32_tile_rows<T, M::BM, M::BN, M::THREADS>(
+      staged, M::OUT_LD_F32, static_cast<T*>(p.dx), {m0 * p.in_ch + c0, p.in_ch, rows, 0, cols},
+      tid, [](int, int, auto&) {});
+}
+
+template <typename T, class M>
+__global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
+conv_nhwc_dx_kernel(const __grid_constant__ NhwcDxParams p) {
+  using L = typename M::template Layout<true, true>;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const NhwcDxProblem<T, L> prob =
+      nhwc_dx_problem<T, M, L>(p, block_index(), gridDim.x, gridDim.y, threadIdx.x);
+  typename M::Acc acc;
+  float unused = 0.f;
+  gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
+  __syncthreads();  // the staged tile reuses the stages
+  float* staged = reinterpret_cast<float*>(smem);
+  M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+    *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
+  });
+  __syncthreads();
+  nhwc_dx_write_out<T, M>(p, prob.m0, prob.c0, prob.c_end, staged, threadIdx.x);
+}
+
 // ---- host ---------------------------------------------------------------------------------
 bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX / 4; }
 
@@ -274,17 +463,100 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   return p.pixels > 0 && tiles > 0;
 }
 
-}  // namespace
+// The input gradient's launch (host; the emulation walks it too).  False where there is
+// nothing to launch.
+template <int BM, int BN>
+bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
+                   const Strides4& sdy, bool need_dx_old, void* dx, NhwcDxParams& p,
+                   dim3& grid) {
+  const ConvGeometry& g = s.geo;
+  p = NhwcDxParams{};
+  if (s.num_frozen_groups > kNhwcMaxFrozenGroups) return false;  // (refused by _ok first)
+  p.dy = dy;
+  p.dx = dx;
+  p.wt_frozen = wt.w_frozen;
+  p.wt_new = wt.w_new;
+  const bool coupled = wt.w_couple != nullptr && s.frozen_out > 0 && s.in_channels > s.frozen_in;
+  p.wt_couple = coupled ? wt.w_couple : nullptr;
+  p.sdyn = sdy.n, p.sdyh = sdy.h, p.sdyw = sdy.w;
+  p.hw_in = g.height * g.width;
+  p.pixels = g.batch * p.hw_in;
+  p.W = static_cast<int>(g.width), p.Ho = static_cast<int>(g.out_h);
+  p.Wo = static_cast<int>(g.out_w), p.KW = g.kernel_w, p.KK = g.kernel_h * g.kernel_w;
+  p.sh = g.stride_h, p.sw = g.stride_w, p.ph = g.pad_h, p.pw = g.pad_w;
+  p.dh = g.dil_h, p.dw = g.dil_w;
+  p.in_ch = static_cast<int>(s.in_channels);
+  p.frozen_in = static_cast<int>(s.frozen_in);
+  p.frozen_out = static_cast<int>(s.frozen_out);
+  p.new_out = static_cast<int>(s.new_out);
+  p.need_old = need_dx_old ? 1 : 0;
+  p.ngroups = s.num_frozen_groups;
+  int64_t r0 = 0;
+  for (int gi = 0; gi < s.num_frozen_groups; ++gi) {
+    p.g_row0[gi] = static_cast<int>(r0);
+    p.g_rows[gi] = static_cast<int>(s.frozen_out_groups[gi]);
+    p.g_kend[gi] = static_cast<int>(s.frozen_k_ends[gi]);
+    r0 += s.frozen_out_groups[gi];
+  }
+  const int64_t old_tiles =
+      p.bands.build(s.num_frozen_groups, s.frozen_k_ends, s.frozen_in, need_dx_old, BN);
+  p.old_tiles = static_cast<int>(old_tiles);
+  const int64_t tiles = old_tiles + ceil_div(s.in_channels - s.frozen_in, BN);
+  grid = dim3(static_cast<unsigned>(ceil_div(p.pixels, BM)), static_cast<unsigned>(tiles));
+  return p.pixels > 0 && tiles > 0;
+}
 
-bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& sx) {
+// What both NHWC products ask of a call: fp16/bf16 with wgmma, not turned off, few enough
+// groups, and an activation t (x or dy) whose channels are contiguous and whose pixels start
+// on 16 bytes.
+bool nhwc_call_ok(const ConvShape& s, const void* t, const Strides4& st) {
   const char* env = std::getenv("EXPANSE_FAST_CUDA_CONV_NHWC");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   if (s.dtype == DType::kFloat32 || !wgmma_enabled(s.dtype) || !conv_shape_ok(s)) return false;
   if (s.num_frozen_groups > kNhwcMaxFrozenGroups) return false;
+  return st.c == 1 && st.n % 8 == 0 && st.h % 8 == 0 && st.w % 8 == 0 &&
+         reinterpret_cast<uintptr_t>(t) % 16 == 0;
+}
+
+}  // namespace
+
+bool conv2d_backward_input_nhwc_ok(const ConvShape& s, const void* dy, const Strides4& sdy) {
+  if (!nhwc_call_ok(s, dy, sdy)) return false;
+  constexpr int VEC = 8;  // a chunk of dy: 8 output channels of one tap
+  if (s.new_out % VEC || s.frozen_out % VEC) return false;
+  for (int g = 0; g < s.num_frozen_groups; ++g)
+    if (s.frozen_out_groups[g] % VEC) return false;
+  const int64_t KK = static_cast<int64_t>(s.geo.kernel_h) * s.geo.kernel_w;
+  const int64_t col_tiles = ceil_div(s.in_channels, NhwcMath<__half>::BN) +
+                            s.num_frozen_groups + 1;
+  return fits_int(KK * (s.frozen_out + s.new_out)) && fits_int(s.in_channels) &&
+         col_tiles <= kMaxGridY && s.geo.height * s.geo.width > 0;
+}
+
+cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt,
+                                       const void* dy, const Strides4& sdy, bool need_dx_old,
+                                       void* dx, cudaStream_t stream) {
+  if (!conv2d_backward_input_nhwc_ok(s, dy, sdy)) return cudaErrorInvalidValue;
+  auto launch = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using M = NhwcMath<T>;
+    NhwcDxParams p;
+    dim3 grid;
+    if (!build_nhwc_dx<M::BM, M::BN>(s, wt, dy, sdy, need_dx_old, dx, p, grid))
+      return cudaSuccess;  // nothing to compute
+    constexpr size_t bytes = smem_bytes<M, true, true>();
+    static std::atomic<bool> raised[kSmemDevices];
+    const cudaError_t err = raise_smem_limit(conv_nhwc_dx_kernel<T, M>, bytes, raised);
+    if (err != cudaSuccess) return err;
+    conv_nhwc_dx_kernel<T, M><<<grid, M::THREADS, bytes, stream>>>(p);
+    return cudaGetLastError();
+  };
+  return s.dtype == DType::kFloat16 ? launch(__half{}) : launch(__nv_bfloat16{});
+}
+
+bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& sx) {
+  if (!nhwc_call_ok(s, x, sx)) return false;
   constexpr int VEC = 8;  // 16 bytes of fp16/bf16: a chunk never straddles two taps
-  if (sx.c != 1 || sx.n % VEC || sx.h % VEC || sx.w % VEC ||
-      reinterpret_cast<uintptr_t>(x) % 16 != 0)
-    return false;
   if (s.in_channels % VEC || s.frozen_in % VEC) return false;
   for (int g = 0; g < s.num_frozen_groups; ++g)
     if (s.frozen_k_ends[g] % VEC) return false;

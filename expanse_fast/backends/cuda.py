@@ -233,8 +233,12 @@ def _register_fakes():
     @torch.library.register_fake("expanse_fast_cuda::linear_backward")
     def _bwd_fake(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
                   need_dx_new, need_dx_old, need_dw, need_db, need_dcouple):
-        return _fake_grads(x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
-                           need_dcouple)
+        dx, dw, db, dcouple = _fake_grads(x, w_new, w_couple, False, need_dw, need_db,
+                                          need_dcouple)
+        if need_dx_new or need_dx_old:  # in x's memory format, as the op returns it
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                             memory_format=torch_ref.conv_memory_format(x))
+        return dx, dw, db, dcouple
 
     _register_conv_fakes()
     _fakes_registered = True
@@ -304,6 +308,10 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 # kernels of their own, and empty shapes (no rows, channels, filters or pixels) need none:
 # both go to the structured PyTorch path (cuDNN), which already skips every frozen block and
 # frozen gradient.
+# The ops take x and dy as they are and return y and dx in x's memory format
+# (torch_ref.conv_memory_format, the fakes' rule too): on an H100/H200 a channels_last fp16/bf16
+# forward and input gradient run as NHWC implicit GEMMs (csrc/expanded_conv_nhwc.cu) where
+# the channel and row counts are multiples of 8; the NCHW kernels get NCHW copies.
 # A folded BatchNorm of the frozen channels (``frozen_bn``) runs in the forward kernel's
 # epilogue (an fp32 per-channel scale and shift); in the backward its dy scale moves onto the
 # frozen weight rows (for dx) and the rows of dW_couple, so dy itself is never copied.
@@ -364,24 +372,6 @@ def conv2d_forward(x: Tensor, w_frozen: Tensor, b_frozen: Maybe, w_new: Tensor, 
                                  _conv_pair(padding), _conv_pair(dilation), scale, shift)
 
 
-def _for_gathers(t: Tensor) -> Tensor:
-    """``t`` as the conv kernels read it well: their gathers give consecutive threads
-    consecutive pixels, so a channels_last tensor (C elements between neighbouring pixels)
-    would make every thread's 2-byte load its own memory transaction.  Such a tensor is
-    copied to NCHW first (one activation copy); any other view is read through its
-    strides."""
-    return t.contiguous() if torch_ref.conv_memory_format(t) == torch.channels_last else t
-
-
-def _in_layout_of(x: Tensor, t: Maybe) -> Maybe:
-    """``t`` (written NCHW by the kernels) in x's memory format, as torch's conv and the other
-    backends return it: a channels_last model keeps channels_last activations and gradients
-    (elementwise ops that mix layouts run several times slower)."""
-    if t is None or t.dim() != 4:
-        return t
-    return t.contiguous(memory_format=torch_ref.conv_memory_format(x))
-
-
 def _bn_scale_shift(frozen_bn):
     """fp32 (scale, shift) of the eval-mode BatchNorm (mean, var, weight, bias, eps):
     y = x * scale + shift, per channel."""
@@ -416,11 +406,13 @@ def conv2d_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
             w_frozen = (w_frozen.float() * scale).to(w_frozen.dtype)
             if w_couple is not None:
                 w_couple = (w_couple.float() * scale).to(w_couple.dtype)
+    # The op takes dy and x as they are: a channels_last dy goes to the NHWC input gradient
+    # where it qualifies, and whatever runs on the NCHW kernels gets an NCHW copy there.
     dx, dw, db, dcouple = _ops().conv2d_backward(
-        _for_gathers(dy), _for_gathers(x), w_frozen, w_new, w_couple,
+        dy, x, w_frozen, w_new, w_couple,
         [int(g) for g in frozen_out_groups], [int(k) for k in frozen_k_ends],
         _conv_pair(stride), _conv_pair(padding), _conv_pair(dilation), bool(need_dx_new),
         bool(need_dx_old), bool(need_dw), bool(need_db), bool(need_dcouple))
     if scale is not None and dcouple is not None:
         dcouple = (dcouple.float() * scale).to(dcouple.dtype)
-    return _in_layout_of(x, dx), dw, db, dcouple
+    return dx, dw, db, dcouple

@@ -842,27 +842,6 @@ def test_conv_argument_pairs():
     assert torch_ref.conv_out_size(7, 3, 2, 1, 1) == 4
 
 
-def test_conv_wrappers_hand_the_kernels_pixel_major_operands():
-    """The backward kernels' gathers walk pixels: a channels_last operand goes in as an NCHW
-    copy and dx comes back channels_last; NCHW tensors and other views pass through
-    untouched.  (CPU: the wrappers' layout rules, without the extension.  The forward op
-    takes x as it is and chooses itself: test_cuda_conv_nhwc.py.)"""
-    x = torch.randn(2, 5, 4, 3)
-    cl = x.contiguous(memory_format=torch.channels_last)
-    assert cuda._for_gathers(x) is x
-    sliced = torch.randn(2, 5, 4, 6)[..., 1:4]
-    assert cuda._for_gathers(sliced) is sliced
-    got = cuda._for_gathers(cl)
-    assert got.is_contiguous() and torch.equal(got, x)
-    y = torch.randn(2, 7, 4, 3)
-    back = cuda._in_layout_of(cl, y)
-    assert back.is_contiguous(memory_format=torch.channels_last) and torch.equal(back, y)
-    assert cuda._in_layout_of(x, y) is y and cuda._in_layout_of(sliced, y) is y
-    assert cuda._in_layout_of(cl, None) is None
-    one = torch.randn(2, 1, 4, 3).contiguous(memory_format=torch.channels_last)
-    assert cuda._for_gathers(one) is one  # one channel: NCHW and channels_last at once
-
-
 def test_turned_off_by_the_environment(monkeypatch):
     """EXPANSE_FAST_CUDA=0 keeps the backend unusable, with that reason, and neither looks for
     a prebuilt extension nor starts a build."""

@@ -1,10 +1,12 @@
-"""The cuda backend's channels_last conv forward (csrc/expanded_conv_nhwc.cu) on a GPU.
+"""The cuda backend's channels_last conv kernels (csrc/expanded_conv_nhwc.cu) on a GPU.
 
 A channels_last x in fp16/bf16 whose channel counts (I, I_f, every k_end) are multiples of 8
-goes to the NHWC implicit GEMM on the linear kernels' cp.async + wgmma pipeline where the
-build has wgmma (an H100/H200); everything else to the NCHW kernels.  Either way y comes back
-channels_last and matches the expanded layer in float64.  The weight channels a frozen group
-never reads are NaN (make_conv_params), so a read past k_end fails.
+goes to the NHWC implicit GEMM forward on the linear kernels' cp.async + wgmma pipeline where
+the build has wgmma (an H100/H200), and a channels_last dy whose row counts (o_T, every
+frozen group's) are multiples of 8 to the NHWC input gradient; everything else to the NCHW
+kernels (dW and db always, on NCHW copies).  Either way y and dx come back channels_last and
+match the expanded layer in float64.  The weight channels a frozen group never reads are
+NaN (make_conv_params), so a read past k_end fails.
 """
 import pytest
 import torch
@@ -12,8 +14,9 @@ import torch
 from expanse_fast.backends import cuda
 from expanse_fast.layout import Layout
 
-from test_cuda_backend import (_geo, assert_matches, call_conv_forward, conv_reference,
-                               conv_out_shape, make_conv_params, poison_allocator)
+from test_cuda_backend import (_geo, assert_matches, call_conv_backward, call_conv_forward,
+                               check_conv_backward, conv_out_shape, conv_reference,
+                               make_conv_params, poison_allocator)
 
 pytestmark = pytest.mark.gpu
 
@@ -29,6 +32,20 @@ NHWC_CASES = {
     "single_pixel_first_layer": (Layout((0, 8), (4, 9)), _geo(1, 1, 1, 3, 1, 1)),
     "empty_prefix_group_5x3": (Layout((0, 8, 8), (3, 2, 1)), _geo(2, 4, 6, (5, 3), (1, 2), (2, 1))),
     "resnet_like": (Layout((256, 64), (256, 64)), _geo(2, 14, 14, 3, 1, 1)),
+}
+
+
+# Row counts the NHWC input gradient takes (multiples of 8): two bands of old channels (k_end 8
+# inside I_f = 16) under a stride that skips input pixels, 136 + 16 frozen rows (k-tiles
+# across taps), a ResNet-like stage.
+DX_CASES = {
+    "3x3_coupled": (Layout((16, 8), (24, 8), "coupled"), _geo(2, 7, 5, 3, 1, 1)),
+    "strided_dilated_bands": (Layout((8, 8, 8), (8, 16, 8)),
+                              _geo(2, 11, 9, (3, 2), 2, (2, 1), 2)),
+    "many_pixels_groups": (Layout((40, 16, 16), (16, 136, 24), "coupled"),
+                           _geo(2, 29, 31, 3, 1, 1)),
+    "1x1_stride2": NHWC_CASES["1x1_stride2"],
+    "resnet_like": NHWC_CASES["resnet_like"],
 }
 
 
@@ -131,4 +148,69 @@ def test_nhwc_fake_registration_keeps_the_memory_format(dev):
     args = (x, p["w_frozen"], p["b_frozen"], p["w_new"], p["b_new"], p["w_couple"],
             list(layout.frozen_out_groups), list(layout.frozen_k_ends), [1, 1], [1, 1], [1, 1])
     torch.library.opcheck(torch.ops.expanse_fast_cuda.conv2d_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def uses_nhwc_dx(names):
+    return any("conv_nhwc_dx_kernel" in n for n in names)
+
+
+@pytest.mark.parametrize("need_dx_old", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(DX_CASES))
+def test_nhwc_backward_matches_dense(dev, name, dtype, need_dx_old):
+    """Every gradient of a channels_last layer: dx from the NHWC kernel (dx_old zeros when not
+    asked for), dW, db and dW_couple from the NCHW kernels on copies; dx channels_last."""
+    layout, geo = DX_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = channels_last_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    poison_allocator(dev)
+    grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo,
+                                                         need_dx_old=need_dx_old))
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old)
+    assert uses_nhwc_dx(names) == cuda.linear_math(dtype, dev).startswith("wgmma"), sorted(names)
+
+
+def test_nhwc_dx_off_and_unaligned_rows_take_the_nchw_kernel(dev, monkeypatch):
+    """EXPANSE_FAST_CUDA_CONV_NHWC=0, an NCHW dy, and 5 new rows: the NCHW input gradient
+    (on an NCHW copy of dy), the same values, dx still in x's memory format."""
+    dtype = torch.bfloat16
+    layout, geo = DX_CASES["3x3_coupled"]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = channels_last_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    dy_cl = dy.contiguous(memory_format=torch.channels_last)
+    monkeypatch.setenv("EXPANSE_FAST_CUDA_CONV_NHWC", "0")
+    grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy_cl, x, geo))
+    assert not uses_nhwc_dx(names), sorted(names)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    check_conv_backward(layout, p, dy_cl, x, geo, dtype, grads)
+    monkeypatch.delenv("EXPANSE_FAST_CUDA_CONV_NHWC")
+    grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo))  # NCHW dy
+    assert not uses_nhwc_dx(names), sorted(names)
+    assert grads[0].is_contiguous(memory_format=torch.channels_last)
+    check_conv_backward(layout, p, dy, x, geo, dtype, grads)
+    odd, geo = NHWC_CASES["3x3_coupled"]  # 5 new rows
+    p = make_conv_params(odd, geo["k"], dtype, dev)
+    x = channels_last_input(odd, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(odd, geo)).to(dev, dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    grads, names = kernels_of(lambda: call_conv_backward(odd, p, dy, x, geo))
+    assert not uses_nhwc_dx(names), sorted(names)
+    check_conv_backward(odd, p, dy, x, geo, dtype, grads)
+
+
+def test_nhwc_backward_fake_registration_keeps_the_memory_format(dev):
+    layout, geo = DX_CASES["3x3_coupled"]
+    p = make_conv_params(layout, geo["k"], torch.bfloat16, dev)
+    p["w_frozen"] = torch.nan_to_num(p["w_frozen"])
+    x = channels_last_input(layout, geo, torch.bfloat16, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, torch.bfloat16)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    args = (dy, x, p["w_frozen"], p["w_new"], p["w_couple"], list(layout.frozen_out_groups),
+            list(layout.frozen_k_ends), [1, 1], [1, 1], [1, 1], True, True, True, True, True)
+    torch.library.opcheck(torch.ops.expanse_fast_cuda.conv2d_backward.default, args,
                           test_utils=("test_schema", "test_faketensor"))

@@ -1,5 +1,6 @@
-// Host emulation of the channels_last conv forward (csrc/expanded_conv_nhwc.cu), checked against
-// a float64 direct convolution of the expanded layer.  Built with nvcc and run on the CPU by
+// Host emulation of the channels_last conv forward and input gradient
+// (csrc/expanded_conv_nhwc.cu), checked against a float64 direct convolution of the expanded
+// layer and its input gradient.  Built with nvcc and run on the CPU by
 // test_tile_emulation.py; no GPU involved.
 //
 // The real code: the launch parameters and grid (build_nhwc_fwd), each block's problem for each
@@ -235,6 +236,176 @@ void run_case(const Case& c) {
   }
 }
 
+// ---- the input gradient -------------------------------------------------------------------
+// dx[q, c] = sum over the taps and output channels that reach q of dy * w, with dy and dx in
+// NHWC (dy with NaN gaps), the weights transposed to (channels, KH, KW, rows).
+struct DxCase {
+  const char* name;
+  int64_t batch, H, W, in, frozen_in, new_out;
+  int KH, KW, sh, sw, ph, pw, dh, dw;
+  std::vector<int64_t> groups, k_ends;
+  bool coupled, need_old;
+};
+
+template <typename T>
+void run_dx_case(const DxCase& c) {
+  using M = NhwcMath<T>;
+  using L = typename M::template Layout<true, true>;
+  const int64_t I = c.in, I_f = c.frozen_in, KK = c.KH * c.KW;
+  int64_t O_f = 0;
+  for (int64_t g : c.groups) O_f += g;
+  const int64_t O = O_f + c.new_out, o_T = c.new_out;
+  const int64_t Ho = out_size(c.H, c.KH, c.sh, c.ph, c.dh);
+  const int64_t Wo = out_size(c.W, c.KW, c.sw, c.pw, c.dw);
+  const int64_t Q = c.batch * c.H * c.W;
+  std::mt19937 rng(5);
+  auto rnd = [&]() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); };
+  const T nan = from_f<T>(NAN);
+
+  const Strides4 sdy{Ho * (Wo * (O + 8) + 8) + 16, 1, Wo * (O + 8) + 8, O + 8};
+  std::vector<T> dy(c.batch * sdy.n + 64, nan);
+  std::vector<double> DY(c.batch * Ho * Wo * O);
+  for (int64_t n = 0; n < c.batch; ++n)
+    for (int64_t h = 0; h < Ho; ++h)
+      for (int64_t w = 0; w < Wo; ++w)
+        for (int64_t o = 0; o < O; ++o) {
+          const double v = rnd();
+          DY[((n * Ho + h) * Wo + w) * O + o] = v;
+          dy[n * sdy.n + h * sdy.h + w * sdy.w + o] = from_f<T>(v);
+        }
+  // Transposed weights (channels, KK, rows); Wd the dense (O, KK, I) with the staircase zeros.
+  std::vector<T> wf(I_f * KK * O_f + 8, nan), wn(I * KK * o_T + 8, nan),
+      wc((I - I_f) * KK * O_f + 8, nan);
+  std::vector<double> Wd(O * KK * I, 0.0);
+  for (int64_t g = 0, r0 = 0; g < static_cast<int64_t>(c.groups.size()); r0 += c.groups[g++])
+    for (int64_t o = r0; o < r0 + c.groups[g]; ++o)
+      for (int64_t t = 0; t < KK; ++t) {
+        for (int64_t ch = 0; ch < c.k_ends[g]; ++ch)
+          wf[(ch * KK + t) * O_f + o] = from_f<T>(Wd[(o * KK + t) * I + ch] = rnd());
+        if (c.coupled)
+          for (int64_t ch = I_f; ch < I; ++ch)
+            wc[((ch - I_f) * KK + t) * O_f + o] = from_f<T>(Wd[(o * KK + t) * I + ch] = rnd());
+      }
+  for (int64_t o = 0; o < o_T; ++o)
+    for (int64_t t = 0; t < KK; ++t)
+      for (int64_t ch = 0; ch < I; ++ch)
+        wn[(ch * KK + t) * o_T + o] = from_f<T>(Wd[((O_f + o) * KK + t) * I + ch] = rnd());
+  std::vector<T> dx(Q * I + 64, nan);
+
+  ConvShape s{};
+  s.dtype = std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
+  s.geo = {c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh, c.dw};
+  s.in_channels = I, s.frozen_in = I_f, s.frozen_out = O_f, s.new_out = o_T;
+  s.num_frozen_groups = static_cast<int>(c.groups.size());
+  s.frozen_out_groups = c.groups.data();
+  s.frozen_k_ends = c.k_ends.data();
+  const ConvWeights wt{wf.data(), wn.data(), c.coupled ? wc.data() : nullptr};
+  NhwcDxParams p;
+  dim3 grid;
+  if (!build_nhwc_dx<M::BM, M::BN>(s, wt, dy.data(), sdy, c.need_old, dx.data(), p, grid)) {
+    std::printf("%s: nothing to launch\n", c.name);
+    ++failures;
+    return;
+  }
+  std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
+  T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  std::vector<float> staged(M::BM * M::OUT_LD_F32);
+  std::vector<double> acc(M::BM * M::BN);
+  int stage_faults = 0;
+  for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
+    ++blocks;
+    std::vector<NhwcDxProblem<T, L>> probs;
+    for (int tid = 0; tid < M::THREADS; ++tid)
+      probs.push_back(nhwc_dx_problem<T, M, L>(p, b, grid.x, grid.y, tid));
+    const auto& p0 = probs[0];
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int ph = 0; ph < p0.num_phases(); ++ph)  // as the kernel (gemm_mainloop)
+      for (int k0 = 0; k0 < p0.phase_len(ph); k0 += M::BK) {
+        ++k_tiles;
+        for (int i = 0; i < L::STAGE; ++i) As[i] = nan;
+        for (int tid = 0; tid < M::THREADS; ++tid) {
+          L::load_a(As, probs[tid].tile_a(ph, k0), tid);
+          L::load_b(Bs, probs[tid].tile_b(ph, k0), tid);
+        }
+        // Each element against its definition: j = (kh * KW + kw) * rows + o of the phase.
+        const int rows = p0.phase_rows(ph);
+        const int64_t o0 = ph == 0 ? O_f : (p0.old ? p.g_row0[ph - 1] : 0);
+        const int64_t lim = ph > 0 && p0.old ? std::min<int64_t>(p.g_kend[ph - 1], p0.c_end)
+                                             : p0.c_end;
+        for (int k = 0; k < M::BK; ++k) {
+          const int64_t j = k0 + k, tap = j / rows, o = o0 + j % rows;
+          const int64_t kh = tap / c.KW, kw = tap % c.KW;
+          const bool k_in = j < p0.phase_len(ph);
+          for (int m = 0; m < M::BM; ++m) {
+            const int64_t q = p0.m0 + m, n = q / (c.H * c.W), hw = q % (c.H * c.W);
+            const int64_t th = hw / c.W + c.ph - kh * c.dh, tw = hw % c.W + c.pw - kw * c.dw;
+            const bool in = k_in && q < Q && th >= 0 && tw >= 0 && th % c.sh == 0 &&
+                            tw % c.sw == 0 && th / c.sh < Ho && tw / c.sw < Wo;
+            const double want = in ? DY[((n * Ho + th / c.sh) * Wo + tw / c.sw) * O + o] : 0.0;
+            const double got = to_f(L::a_at(As, m, k));
+            if (!(got == want) && stage_faults++ < 5)
+              std::printf("  %s: block %lld, phase %d, k0 %d: A(%d, %d) = %g, want %g\n",
+                          c.name, (long long)b, ph, k0, m, k, got, want);
+          }
+          for (int nn = 0; nn < M::BN; ++nn) {
+            const int64_t ch = p0.c0 + nn;
+            const double want = k_in && ch < lim ? Wd[(o * KK + tap) * I + ch] : 0.0;
+            const double got = to_f(L::b_at(Bs, k, nn));
+            if (!(got == want) && stage_faults++ < 5)
+              std::printf("  %s: block %lld, phase %d, k0 %d: B(%d, %d) = %g, want %g\n",
+                          c.name, (long long)b, ph, k0, k, nn, got, want);
+          }
+        }
+        for (int m = 0; m < M::BM; ++m)
+          for (int k = 0; k < M::BK; ++k) {
+            const double a = to_f(L::a_at(As, m, k));
+            if (a == 0.0) continue;
+            for (int n = 0; n < M::BN; ++n) acc[m * M::BN + n] += a * to_f(L::b_at(Bs, k, n));
+          }
+      }
+    for (int m = 0; m < M::BM; ++m)  // as the kernel: staged, then every thread's write-out
+      for (int n = 0; n < M::BN; ++n)
+        staged[m * M::OUT_LD_F32 + n] = static_cast<float>(acc[m * M::BN + n]);
+    for (int tid = 0; tid < M::THREADS; ++tid)
+      nhwc_dx_write_out<T, M>(p, p0.m0, p0.c0, p0.c_end, staged.data(), tid);
+  }
+  if (stage_faults) ++failures;
+
+  int bad = 0;
+  for (int64_t n = 0; n < c.batch; ++n)
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t w = 0; w < c.W; ++w)
+        for (int64_t ch = 0; ch < I; ++ch) {
+          double v = 0.0;
+          if (ch >= I_f || c.need_old)
+            for (int64_t ho = 0; ho < Ho; ++ho)
+              for (int64_t wo = 0; wo < Wo; ++wo)
+                for (int kh = 0; kh < c.KH; ++kh)
+                  for (int kw = 0; kw < c.KW; ++kw) {
+                    if (ho * c.sh - c.ph + kh * c.dh != h || wo * c.sw - c.pw + kw * c.dw != w)
+                      continue;
+                    for (int64_t o = 0; o < O; ++o)
+                      v += DY[((n * Ho + ho) * Wo + wo) * O + o] *
+                           Wd[(o * KK + kh * c.KW + kw) * I + ch];
+                  }
+          const int64_t q = (n * c.H + h) * c.W + w;
+          const float got = to_f(dx[q * I + ch]);
+          const float want = to_f(from_f<T>(static_cast<float>(v)));
+          ++compared;
+          if (!(got == want) && bad++ < 5)
+            std::printf("  %s: dx[pixel %lld, channel %lld] = %g, want %g\n", c.name,
+                        (long long)q, (long long)ch, got, want);
+        }
+  for (size_t i = Q * I; i < dx.size(); ++i)
+    if (!std::isnan(to_f(dx[i])) && bad++ < 5)
+      std::printf("  %s: written past dx's end (element %zu)\n", c.name, i);
+  if (bad) {
+    ++failures;
+    std::printf("%s: %d mismatches\n", c.name, bad);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -257,6 +428,28 @@ int main() {
   for (const Case& c : cases) {
     run_case<__half>(c);
     run_case<__nv_bfloat16>(c);
+  }
+  const std::vector<DxCase> dx_cases = {
+      // name, batch, H, W, in, frozen_in, new_out, KH, KW, sh, sw, ph, pw, dh, dw,
+      // groups, k_ends, coupled, need_old
+      {"dx 3x3 coupled", 2, 7, 5, 16, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, {8}, {8}, true, true},
+      // two bands of old channels (k_end 8 inside I_f = 16); the stride skips input pixels
+      {"dx strided dilated 3x2", 2, 11, 9, 24, 16, 8, 3, 2, 2, 2, 2, 1, 2, 2, {8, 16},
+       {8, 16}, false, true},
+      {"dx strided, no dx_old", 2, 11, 9, 24, 16, 8, 3, 2, 2, 2, 2, 1, 2, 2, {8, 16},
+       {8, 16}, false, false},
+      // 286 input pixels: three row tiles; 136 + 16 frozen rows: k-tiles across taps;
+      // 72 channels
+      {"dx many pixels", 2, 13, 11, 72, 56, 24, 3, 3, 1, 1, 1, 1, 1, 1, {16, 136}, {56, 56},
+       true, true},
+      {"dx 1x1 stride 2, no old input", 1, 5, 6, 8, 0, 8, 1, 1, 2, 2, 0, 0, 1, 1, {8}, {0},
+       false, true},
+      {"dx 5x3, group reading nothing", 2, 4, 6, 16, 8, 8, 5, 3, 1, 2, 2, 1, 1, 1, {8, 8},
+       {0, 8}, false, true},
+  };
+  for (const DxCase& c : dx_cases) {
+    run_dx_case<__half>(c);
+    run_dx_case<__nv_bfloat16>(c);
   }
   std::printf("%lld blocks, %lld k-tiles, %lld outputs compared\n", (long long)blocks,
               (long long)k_tiles, (long long)compared);

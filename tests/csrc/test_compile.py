@@ -141,8 +141,10 @@ WGMMA_KERNELS = {
     "expanded_conv_kernels.cu": {"conv_fwd_kernel": ("64", 2, "1, 0", 0),
                                  "conv_dx_kernel": ("64", 2, "1, 0", 0),
                                  "conv_dw_kernel": ("64", 2, "0, 0", 0)},
-    # the channels_last forward on the linear kernels' pipeline: gathered tiles, both K-major
-    "expanded_conv_nhwc.cu": {"conv_nhwc_fwd_kernel": ("128", 4, "0, 0", 1)},
+    # the channels_last forward and input gradient on the linear kernels' pipeline: gathered
+    # tiles, both K-major
+    "expanded_conv_nhwc.cu": {"conv_nhwc_fwd_kernel": ("128", 4, "0, 0", 1),
+                              "conv_nhwc_dx_kernel": ("128", 4, "0, 0", 1)},
 }
 # The kernels on gemm_pipeline.cuh's cp.async main loop, and the cp.async.wait_group of their
 # default variant (four stages: three k-tiles fetched ahead).

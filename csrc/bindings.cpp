@@ -450,6 +450,29 @@ void conv_weight_grad(const expanse_fast::ConvShape& s, const Tensor& dy, int64_
                "conv2d_backward");
 }
 
+// The same on channels_last dy and x (conv2d_weight_grad_nhwc_ok): computed as (m, KH, KW, n_ch)
+// and returned contiguous (m, n_ch, KH, KW), as the fake says; db (if given: m entries, when
+// dy_c0 + m are the new rows) fused in.
+Tensor conv_weight_grad_nhwc(const expanse_fast::ConvShape& s, const Tensor& dy, int64_t dy_c0,
+                             int64_t m, const Tensor& x, int64_t x_c0, int64_t n_ch,
+                             Tensor* db) {
+  const int64_t pixels = s.geo.batch * s.geo.out_h * s.geo.out_w;
+  const auto plan = expanse_fast::plan_conv_weight_grad_nhwc(
+      pixels, m, n_ch, s.geo.kernel_h * s.geo.kernel_w,
+      at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  Tensor ws;
+  if (plan.workspace_bytes > 0)
+    ws = at::empty({static_cast<int64_t>(plan.workspace_bytes)}, dy.options().dtype(at::kByte));
+  Tensor out = at::empty({m, s.geo.kernel_h, s.geo.kernel_w, n_ch}, x.options());
+  if (db != nullptr) *db = at::empty({m}, x.options());
+  check_launch(expanse_fast::conv2d_weight_grad_nhwc(
+                   s, dy.data_ptr(), strides4(dy), dy_c0, m, x.data_ptr(), strides4(x), x_c0,
+                   n_ch, out.data_ptr(), db != nullptr ? db->data_ptr() : nullptr, plan,
+                   ws.defined() ? ws.data_ptr() : nullptr, at::cuda::getCurrentCUDAStream()),
+               "conv2d_backward");
+  return out.permute({0, 3, 1, 2}).contiguous();
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
     const Tensor& dy, const Tensor& x, const Tensor& w_frozen_in, const Tensor& w_new_in,
     const std::optional<Tensor>& w_couple_in, at::IntArrayRef groups, at::IntArrayRef k_ends,
@@ -482,19 +505,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
     return *copy;
   };
   Tensor dx, dw, db, dcouple;  // undefined = None in Python
-  if (need_dw) {
+  // The weight gradients of channels_last operands: NHWC implicit GEMMs where they qualify.
+  const bool dw_nhwc = x_cl && channels_last(dy) &&
+                       expanse_fast::conv2d_weight_grad_nhwc_ok(s, dy.data_ptr(), strides4(dy),
+                                                                x.data_ptr(), strides4(x));
+  if (need_dw && dw_nhwc) {
+    dw = conv_weight_grad_nhwc(s, dy, s.frozen_out, s.new_out, x, 0, s.in_channels,
+                               need_db ? &db : nullptr);
+  } else if (need_dw) {
     dw = at::empty(w_new.sizes(), x.options());
     conv_weight_grad(s, pixel_major(dy, dy_nchw), s.frozen_out, s.new_out,
                      pixel_major(x, x_nchw), 0, s.in_channels, dw);
   }
-  if (need_db) {
+  if (need_db && !db.defined()) {
     db = at::empty({s.new_out}, x.options());
     const Tensor& d = pixel_major(dy, dy_nchw);
     check_launch(expanse_fast::conv2d_bias_grad(s.dtype, s.geo, d.data_ptr(), strides4(d),
                                                 s.frozen_out, s.new_out, db.data_ptr(), stream),
                  op);
   }
-  if (need_dcouple && w_couple) {
+  if (need_dcouple && w_couple && dw_nhwc) {
+    dcouple = conv_weight_grad_nhwc(s, dy, 0, s.frozen_out, x, s.frozen_in,
+                                    s.in_channels - s.frozen_in, nullptr);
+  } else if (need_dcouple && w_couple) {
     dcouple = at::empty(w_couple->sizes(), x.options());
     conv_weight_grad(s, pixel_major(dy, dy_nchw), 0, s.frozen_out, pixel_major(x, x_nchw),
                      s.frozen_in, s.in_channels - s.frozen_in, dcouple);

@@ -127,6 +127,21 @@ cudaError_t conv2d_weight_grad(DType dtype, const ConvGeometry& geo, const void*
                                const ConvWeightGradPlan& plan, void* workspace,
                                cudaStream_t stream);
 
+// The weight gradient for channels_last dy and x (expanded_conv_nhwc.cu), on the same terms
+// as the forward for x, and dy the (pixels, O_f + o_T) matrix of a channels_last tensor
+// (N * Ho * Wo < 2^31): out (m, KH, KW, n_ch) contiguous (x_c0 and n_ch multiples of 8), and
+// when db is not null the sums of dy's channels [dy_c0, dy_c0 + m) fused in.  Split as
+// plan_conv_weight_grad_nhwc says (its workspace: fp32 partials).
+bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Strides4& sdy,
+                                const void* x, const Strides4& sx);
+ConvWeightGradPlan plan_conv_weight_grad_nhwc(int64_t pixels, int64_t m, int64_t n_ch,
+                                              int kernel_area, int num_sms);
+cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const Strides4& sdy,
+                                    int64_t dy_c0, int64_t m, const void* x, const Strides4& sx,
+                                    int64_t x_c0, int64_t n_ch, void* out, void* db,
+                                    const ConvWeightGradPlan& plan, void* workspace,
+                                    cudaStream_t stream);
+
 // db (m) = sums of dy channels [dy_c0, dy_c0 + m) over batch and pixels (fp32, fixed order).
 cudaError_t conv2d_bias_grad(DType dtype, const ConvGeometry& geo, const void* dy,
                              const Strides4& sdy, int64_t dy_c0, int64_t m, void* db,

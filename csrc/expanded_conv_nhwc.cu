@@ -402,6 +402,157 @@ conv_nhwc_dx_kernel(const __grid_constant__ NhwcDxParams p) {
   nhwc_dx_write_out<T, M>(p, prob.m0, prob.c0, prob.c_end, staged, threadIdx.x);
 }
 
+// ================================ weight gradient (NHWC dy and x) ============================
+//   dW[o, j] = sum_p dy[p, dy_c0 + o] X[p, j]     j = (kh, kw, c): tap-major, channel innermost
+// A = dy^T: a dense M-major tile of the (pixels, O) matrix that a channels_last dy is (its
+// columns summed on the way for db).  B = X: per pixel row, 8 channels of one tap are one
+// cp.async from x, zeros in the padding.  A thread's B chunks share their column, so its tap
+// and channel are fixed for the block; their pixels change every k-tile (divided by the
+// output size with multiply-shift divisors).  dW comes out (rows, KH, KW, channels).  When few
+// output tiles would fill the GPU, the pixels split over blocks whose fp32 partials are
+// summed in a fixed order (splitk_reduce_kernel).
+
+// n / d for 0 <= n < 2^31 by a multiply and a shift (Hacker's Delight, 10-9), d >= 1.
+struct FastDiv {
+  uint32_t d, mul, shift;
+  __host__ __device__ static FastDiv of(uint32_t d) {
+    uint32_t shift = 0;
+    while ((uint64_t{1} << shift) < d) ++shift;
+    const uint64_t mul = ((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1;
+    return {d, static_cast<uint32_t>(mul), shift};
+  }
+  __host__ __device__ uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t t = __umulhi(n, mul);
+#else
+    const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * mul) >> 32);
+#endif
+    return (t + n) >> shift;
+  }
+};
+
+struct NhwcDwParams {
+  const void* dy;
+  const void* x;
+  void* out;  // (m, KK, n_ch) (null: skip), written directly when splits == 1
+  void* db;   // dy's column sums over the pixels (null: skip)
+  float* ws;  // splits > 1: fp32 partials [splits][m][n], then [splits][m] for db
+  int64_t ld_dy, sxn, sxh, sxw;  // dy's pixel stride; x's element strides (channel stride 1)
+  int pixels, rows_per_split;    // pixels < 2^31 (conv2d_weight_grad_nhwc_ok)
+  FastDiv hw_out, w_out;         // Ho * Wo and Wo
+  int H, W, KW, sh, sw, ph, pw, dh, dw;
+  int dy_c0, x_c0, n_ch, m, n, splits;  // n = KK * n_ch
+};
+static_assert(sizeof(NhwcDwParams) <= 4096, "within the classic kernel-argument limit");
+
+template <typename T, class L>
+struct NhwcDwProblem {
+  const NhwcDwParams& p;
+  int r0, len, m0, n0;
+  const T* x_at;  // x at this thread's B column's channel, before the pixel
+  int dkh, dkw;   // its tap's offset from an output pixel's top-left input pixel
+  bool n_ok;
+
+  __host__ __device__ NhwcDwProblem(const NhwcDwParams& params, int m0_, int n0_, int split,
+                                    int tid)
+      : p(params), m0(m0_), n0(n0_) {
+    r0 = split * p.rows_per_split;
+    len = p.pixels - r0 < p.rows_per_split ? p.pixels - r0 : p.rows_per_split;
+    int row, col;
+    L::b_chunk(tid, 0, row, col);
+    const int j = n0 + col, c_all = p.n_ch;
+    n_ok = j < p.n;
+    const int tap = n_ok ? j / c_all : 0, c = n_ok ? j - tap * c_all : 0;
+    const int kh = tap / p.KW, kw = tap - kh * p.KW;
+    dkh = kh * p.dh - p.ph;
+    dkw = kw * p.dw - p.pw;
+    x_at = static_cast<const T*>(p.x) + p.x_c0 + c;
+  }
+
+  __host__ __device__ int num_phases() const { return 1; }
+  __host__ __device__ int phase_len(int) const { return len; }
+  __host__ __device__ TileSrc<T> tile_a(int, int k0) const {
+    return {static_cast<const T*>(p.dy) + (r0 + k0) * p.ld_dy + p.dy_c0 + m0, p.ld_dy,
+            len - k0, p.m - m0};
+  }
+  // (Its own copies of what it needs, as the other problems' sources.)
+  struct BSrc {
+    const T* x;
+    const T* at;
+    int pix0, pix_end;  // the k-tile's first pixel, the split's end
+    FastDiv hw_out, w_out;
+    int sh, sw, H, W, dkh, dkw;
+    int64_t sxn, sxh, sxw;
+    bool n_ok;
+    __host__ __device__ const T* base() const { return x; }
+    __host__ __device__ const T* chunk(int, int row, int) const {
+      const int pix = pix0 + row;
+      if (!n_ok || pix >= pix_end) return nullptr;
+      const uint32_t img = hw_out.div(static_cast<uint32_t>(pix));
+      const uint32_t rem = static_cast<uint32_t>(pix) - img * hw_out.d;
+      const uint32_t ho = w_out.div(rem), wo = rem - ho * w_out.d;
+      const int hi = static_cast<int>(ho) * sh + dkh, wi = static_cast<int>(wo) * sw + dkw;
+      if (!inside(hi, H) || !inside(wi, W)) return nullptr;
+      return at + img * sxn + hi * sxh + wi * sxw;
+    }
+  };
+  __host__ __device__ BSrc tile_b(int, int k0) const {
+    return {static_cast<const T*>(p.x), x_at, r0 + k0, r0 + len, p.hw_out, p.w_out, p.sh, p.sw,
+            p.H, p.W, dkh, dkw, p.sxn, p.sxh, p.sxw, n_ok};
+  }
+};
+
+// The staged write-out (thread tid): the block's tile of split `split`'s fp32 partials
+// (splits > 1: staged as float) or of dW itself (staged as T).
+template <typename T, class M>
+__host__ __device__ __forceinline__ void nhwc_dw_write_out(const NhwcDwParams& p,
+                                                           const void* staged, int m0, int n0,
+                                                           int split, int tid) {
+  const int rows = tile_extent(p.m - m0, M::BM), cols = tile_extent(p.n - n0, M::BN);
+  if (p.splits > 1) {
+    const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+    write_tile_rows<float, M::BM, M::BN, M::THREADS>(
+        static_cast<const float*>(staged), M::OUT_LD_F32, p.ws + split * mn,
+        {static_cast<int64_t>(m0) * p.n + n0, p.n, rows, 0, cols}, tid);
+  } else {
+    write_tile_rows<T, M::BM, M::BN, M::THREADS>(
+        static_cast<const T*>(staged), M::OUT_LD, static_cast<T*>(p.out),
+        {static_cast<int64_t>(m0) * p.n + n0, p.n, rows, 0, cols}, tid);
+  }
+}
+
+template <typename T, class M>
+__global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
+conv_nhwc_dw_kernel(const __grid_constant__ NhwcDwParams p) {
+  using L = typename M::template Layout<false, false>;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const int m0 = blockIdx.x * M::BM, n0 = blockIdx.y * M::BN, split = blockIdx.z;
+  const NhwcDwProblem<T, L> prob(p, m0, n0, split, threadIdx.x);
+  const bool do_db = p.db != nullptr && blockIdx.y == 0;  // one column of blocks sums db
+  float colsum = 0.f;
+  typename M::Acc acc;
+  gemm_mainloop<T, M, L>(prob, acc, smem, do_db, colsum);
+  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+  if (do_db && threadIdx.x < M::BM && m0 + threadIdx.x < p.m) {
+    const int mm = m0 + threadIdx.x;
+    if (p.splits > 1) p.ws[p.splits * mn + static_cast<int64_t>(split) * p.m + mm] = colsum;
+    else static_cast<T*>(p.db)[mm] = from_f<T>(colsum);
+  }
+  if (p.out == nullptr) return;
+  __syncthreads();  // the staged tile reuses the stages
+  if (p.splits > 1) {
+    float* part = reinterpret_cast<float*>(smem);
+    M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+      *reinterpret_cast<float2*>(part + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
+    });
+  } else {
+    T* dws = reinterpret_cast<T*>(smem);
+    M::store(acc, nullptr, [&](int m, int n, float v) { dws[m * M::OUT_LD + n] = from_f<T>(v); });
+  }
+  __syncthreads();
+  nhwc_dw_write_out<T, M>(p, smem, m0, n0, split, threadIdx.x);
+}
+
 // ---- host ---------------------------------------------------------------------------------
 bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX / 4; }
 
@@ -506,6 +657,55 @@ bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
   return p.pixels > 0 && tiles > 0;
 }
 
+// The weight gradient's split of the pixels: while the output tiles leave SMs idle (one block
+// an SM), more blocks along the reduction, each at least 8 k-tiles long.
+template <int BM, int BN, int BK>
+ConvWeightGradPlan plan_nhwc_dw(int64_t pixels, int64_t m, int64_t n, int num_sms) {
+  ConvWeightGradPlan plan{1, std::max<int64_t>(pixels, 1), 0};
+  if (m <= 0 || n <= 0 || pixels <= 0) return plan;
+  const int64_t tiles = ceil_div(m, BM) * ceil_div(n, BN), ktiles = ceil_div(pixels, BK);
+  int64_t want = tiles >= num_sms ? 1 : ceil_div(std::max(num_sms, 1), tiles);
+  want = std::min<int64_t>({want, ktiles / 8, 64});
+  if (want <= 1) return plan;
+  plan.pixels_per_split = ceil_div(ktiles, want) * BK;
+  plan.splits = static_cast<int>(ceil_div(pixels, plan.pixels_per_split));
+  if (plan.splits <= 1) return ConvWeightGradPlan{1, pixels, 0};
+  plan.workspace_bytes = static_cast<size_t>(plan.splits) * static_cast<size_t>(m) *
+                         static_cast<size_t>(n + 1) * sizeof(float);
+  return plan;
+}
+
+// The weight gradient's launch (host; the emulation walks it too).  False where there is
+// nothing to launch.
+template <int BM, int BN>
+bool build_nhwc_dw(const ConvGeometry& g, const void* dy, const Strides4& sdy, int64_t dy_c0,
+                   int64_t m, const void* x, const Strides4& sx, int64_t x_c0, int64_t n_ch,
+                   void* out, void* db, const ConvWeightGradPlan& plan, void* workspace,
+                   NhwcDwParams& p, dim3& grid) {
+  p = NhwcDwParams{};
+  p.dy = dy;
+  p.x = x;
+  p.out = out;
+  p.db = db;
+  p.ws = plan.splits > 1 ? static_cast<float*>(workspace) : nullptr;
+  p.ld_dy = sdy.w;
+  p.sxn = sx.n, p.sxh = sx.h, p.sxw = sx.w;
+  p.pixels = static_cast<int>(g.batch * g.out_h * g.out_w);
+  p.rows_per_split = static_cast<int>(plan.pixels_per_split);
+  p.hw_out = FastDiv::of(static_cast<uint32_t>(std::max<int64_t>(g.out_h * g.out_w, 1)));
+  p.w_out = FastDiv::of(static_cast<uint32_t>(std::max<int64_t>(g.out_w, 1)));
+  p.H = static_cast<int>(g.height), p.W = static_cast<int>(g.width), p.KW = g.kernel_w;
+  p.sh = g.stride_h, p.sw = g.stride_w, p.ph = g.pad_h, p.pw = g.pad_w;
+  p.dh = g.dil_h, p.dw = g.dil_w;
+  p.dy_c0 = static_cast<int>(dy_c0), p.x_c0 = static_cast<int>(x_c0);
+  p.n_ch = static_cast<int>(n_ch), p.m = static_cast<int>(m);
+  p.n = static_cast<int>(n_ch * g.kernel_h * g.kernel_w);
+  p.splits = plan.splits;
+  grid = dim3(static_cast<unsigned>(ceil_div(p.m, BM)), static_cast<unsigned>(ceil_div(p.n, BN)),
+              static_cast<unsigned>(plan.splits));
+  return p.m > 0 && (p.n > 0 || db != nullptr);
+}
+
 // What both NHWC products ask of a call: fp16/bf16 with wgmma, not turned off, few enough
 // groups, and an activation t (x or dy) whose channels are contiguous and whose pixels start
 // on 16 bytes.
@@ -549,6 +749,65 @@ cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt
     const cudaError_t err = raise_smem_limit(conv_nhwc_dx_kernel<T, M>, bytes, raised);
     if (err != cudaSuccess) return err;
     conv_nhwc_dx_kernel<T, M><<<grid, M::THREADS, bytes, stream>>>(p);
+    return cudaGetLastError();
+  };
+  return s.dtype == DType::kFloat16 ? launch(__half{}) : launch(__nv_bfloat16{});
+}
+
+bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Strides4& sdy,
+                                const void* x, const Strides4& sx) {
+  if (!nhwc_call_ok(s, x, sx)) return false;
+  constexpr int VEC = 8;  // a chunk of x: 8 channels of one tap
+  if (s.in_channels % VEC || s.frozen_in % VEC) return false;
+  // dy: the (pixels, O) matrix of a channels_last tensor (one pixel stride), 16-byte aligned
+  const int64_t O = s.frozen_out + s.new_out;
+  if (sdy.c != 1 || sdy.w != O || sdy.h != s.geo.out_w * O ||
+      sdy.n != s.geo.out_h * s.geo.out_w * O || reinterpret_cast<uintptr_t>(dy) % 16 != 0)
+    return false;
+  const int64_t KK = static_cast<int64_t>(s.geo.kernel_h) * s.geo.kernel_w;
+  const int64_t pixels = s.geo.batch * s.geo.out_h * s.geo.out_w;
+  return pixels > 0 && pixels < (int64_t{1} << 31) && fits_int(KK * s.in_channels) &&
+         fits_int(O) && ceil_div(KK * s.in_channels, NhwcMath<__half>::BN) <= kMaxGridY;
+}
+
+ConvWeightGradPlan plan_conv_weight_grad_nhwc(int64_t pixels, int64_t m, int64_t n_ch,
+                                              int kernel_area, int num_sms) {
+  using M = NhwcMath<__half>;  // (the same tile in bf16)
+  return plan_nhwc_dw<M::BM, M::BN, M::BK>(pixels, m, n_ch * std::max(kernel_area, 1),
+                                           num_sms);
+}
+
+cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const Strides4& sdy,
+                                    int64_t dy_c0, int64_t m, const void* x, const Strides4& sx,
+                                    int64_t x_c0, int64_t n_ch, void* out, void* db,
+                                    const ConvWeightGradPlan& plan, void* workspace,
+                                    cudaStream_t stream) {
+  if (!conv2d_weight_grad_nhwc_ok(s, dy, sdy, x, sx) || m < 0 || n_ch < 0 || dy_c0 < 0 ||
+      x_c0 < 0 || dy_c0 + m > s.frozen_out + s.new_out || x_c0 + n_ch > s.in_channels ||
+      x_c0 % 8 != 0 || n_ch % 8 != 0 || plan.splits < 1 || plan.splits > 64 ||
+      (plan.splits > 1 && workspace == nullptr))
+    return cudaErrorInvalidValue;
+  auto launch = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    using M = NhwcMath<T>;
+    NhwcDwParams p;
+    dim3 grid;
+    if (!build_nhwc_dw<M::BM, M::BN>(s.geo, dy, sdy, dy_c0, m, x, sx, x_c0, n_ch, out, db, plan,
+                                     workspace, p, grid))
+      return cudaSuccess;  // nothing to compute
+    if (grid.y == 0) grid.y = 1;  // db alone: one column of blocks
+    constexpr size_t bytes = smem_bytes<M, false, false>();
+    static std::atomic<bool> raised[kSmemDevices];
+    cudaError_t err = raise_smem_limit(conv_nhwc_dw_kernel<T, M>, bytes, raised);
+    if (err != cudaSuccess) return err;
+    conv_nhwc_dw_kernel<T, M><<<grid, M::THREADS, bytes, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess || p.splits == 1) return err;
+    const int64_t total = static_cast<int64_t>(p.m) * p.n + (db != nullptr ? p.m : 0);
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(total, 256), 4096));
+    splitk_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p.ws, p.splits, p.m, p.n,
+                                                        static_cast<T*>(out), p.n,
+                                                        static_cast<T*>(db));
     return cudaGetLastError();
   };
   return s.dtype == DType::kFloat16 ? launch(__half{}) : launch(__nv_bfloat16{});

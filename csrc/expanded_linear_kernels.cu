@@ -500,27 +500,6 @@ linear_dw_kernel(const __grid_constant__ DwParams p) {
   });
 }
 
-// Sums the split partials in a fixed order (deterministic) and converts.
-template <typename T>
-__global__ void splitk_reduce_kernel(const float* ws, int splits, int m, int n, T* out,
-                                     int64_t ld_out, T* db) {
-  const int64_t mn = static_cast<int64_t>(m) * n;
-  const int64_t total = (out != nullptr ? mn : 0) + (db != nullptr ? m : 0);
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (out != nullptr && i < mn) {
-      float s = 0.f;
-      for (int k = 0; k < splits; ++k) s += ws[k * mn + i];
-      out[(i / n) * ld_out + i % n] = from_f<T>(s);
-    } else {
-      const int64_t j = i - (out != nullptr ? mn : 0);
-      float s = 0.f;
-      for (int k = 0; k < splits; ++k) s += ws[splits * mn + k * m + j];
-      db[j] = from_f<T>(s);
-    }
-  }
-}
-
 // db alone (a frozen weight with a trainable bias): one thread per column, rows in order.
 template <typename T>
 __global__ void column_sum_kernel(const T* a, int64_t ld_a, int64_t rows, int m, T* db) {

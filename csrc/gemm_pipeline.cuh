@@ -672,6 +672,28 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
   M::finish(acc);
 }
 
+// Sums a split reduction's fp32 partials ([splits][m][n], then [splits][m] for db) in a fixed
+// order (deterministic) and converts: out (row stride ld_out) and db, either may be null.
+template <typename T>
+__global__ void splitk_reduce_kernel(const float* ws, int splits, int m, int n, T* out,
+                                     int64_t ld_out, T* db) {
+  const int64_t mn = static_cast<int64_t>(m) * n;
+  const int64_t total = (out != nullptr ? mn : 0) + (db != nullptr ? m : 0);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (out != nullptr && i < mn) {
+      float s = 0.f;
+      for (int k = 0; k < splits; ++k) s += ws[k * mn + i];
+      out[(i / n) * ld_out + i % n] = from_f<T>(s);
+    } else {
+      const int64_t j = i - (out != nullptr ? mn : 0);
+      float s = 0.f;
+      for (int k = 0; k < splits; ++k) s += ws[splits * mn + k * m + j];
+      db[j] = from_f<T>(s);
+    }
+  }
+}
+
 // The block's place in a launch: blockIdx as one index, x fastest (the order blocks start in).
 __device__ __forceinline__ int64_t block_index() {
   return blockIdx.x + static_cast<int64_t>(blockIdx.y) * gridDim.x;

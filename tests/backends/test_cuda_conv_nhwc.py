@@ -2,11 +2,12 @@
 
 A channels_last x in fp16/bf16 whose channel counts (I, I_f, every k_end) are multiples of 8
 goes to the NHWC implicit GEMM forward on the linear kernels' cp.async + wgmma pipeline where
-the build has wgmma (an H100/H200), and a channels_last dy whose row counts (o_T, every
-frozen group's) are multiples of 8 to the NHWC input gradient; everything else to the NCHW
-kernels (dW and db always, on NCHW copies).  Either way y and dx come back channels_last and
-match the expanded layer in float64.  The weight channels a frozen group never reads are
-NaN (make_conv_params), so a read past k_end fails.
+the build has wgmma (an H100/H200); with a channels_last dy, to the NHWC weight gradients
+(db fused) as well, and to the NHWC input gradient where the row counts (o_T, every frozen
+group's) are multiples of 8 too.  Everything else goes to the NCHW kernels, on NCHW copies.
+Either way y and dx come back channels_last and match the expanded layer in float64.  The
+weight channels a frozen group never reads are NaN (make_conv_params), so a read past k_end
+fails.
 """
 import pytest
 import torch
@@ -171,7 +172,34 @@ def test_nhwc_backward_matches_dense(dev, name, dtype, need_dx_old):
                                                          need_dx_old=need_dx_old))
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old)
-    assert uses_nhwc_dx(names) == cuda.linear_math(dtype, dev).startswith("wgmma"), sorted(names)
+    hopper = cuda.linear_math(dtype, dev).startswith("wgmma")
+    assert uses_nhwc_dx(names) == hopper, sorted(names)
+    assert uses_nhwc_dw(names) == hopper, sorted(names)
+
+
+def uses_nhwc_dw(names):
+    return any("conv_nhwc_dw_kernel" in n for n in names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(NHWC_CASES))
+def test_nhwc_weight_gradients_match_dense(dev, name, dtype):
+    """dW_new with db fused, and dW_couple, from channels_last dy and x (any row counts; the
+    pixels split over blocks where the output tiles are few), returned (rows, channels, KH,
+    KW) contiguous; no dx asked for."""
+    layout, geo = NHWC_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = channels_last_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    poison_allocator(dev)
+    need = dict(dx=False, dw=True, db=True, dcouple=True)
+    grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo,
+                                                         need_dx_new=False, need_dx_old=False))
+    for g in grads[1:]:
+        assert g is None or g.is_contiguous()
+    check_conv_backward(layout, p, dy, x, geo, dtype, grads, need=need)
+    assert uses_nhwc_dw(names) == cuda.linear_math(dtype, dev).startswith("wgmma"), sorted(names)
 
 
 def test_nhwc_dx_off_and_unaligned_rows_take_the_nchw_kernel(dev, monkeypatch):

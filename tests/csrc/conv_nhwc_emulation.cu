@@ -1,6 +1,6 @@
-// Host emulation of the channels_last conv forward and input gradient
+// Host emulation of the channels_last conv forward, input gradient and weight gradient
 // (csrc/expanded_conv_nhwc.cu), checked against a float64 direct convolution of the expanded
-// layer and its input gradient.  Built with nvcc and run on the CPU by
+// layer and its gradients.  Built with nvcc and run on the CPU by
 // test_tile_emulation.py; no GPU involved.
 //
 // The real code: the launch parameters and grid (build_nhwc_fwd), each block's problem for each
@@ -406,6 +406,188 @@ void run_dx_case(const DxCase& c) {
   }
 }
 
+// ---- the weight gradient ------------------------------------------------------------------
+// dW[o, (kh, kw, c)] = sum over output pixels p of dy[p, dy_c0 + o] * x at the pixel the tap
+// reads (channel x_c0 + c), and db[o] = sum_p dy[p, dy_c0 + o]; dy a plain (pixels, O) matrix,
+// x NHWC with NaN gaps.  num_sms small: the planner splits the pixels.
+struct DwCase {
+  const char* name;
+  int64_t batch, H, W, in, O;
+  int KH, KW, sh, sw, ph, pw, dh, dw;
+  int64_t dy_c0, m, x_c0, n_ch;
+  bool db;
+  int num_sms;
+};
+
+template <typename T>
+void run_dw_case(const DwCase& c) {
+  using M = NhwcMath<T>;
+  using L = typename M::template Layout<false, false>;
+  const int64_t I = c.in, O = c.O, KK = c.KH * c.KW;
+  const int64_t Ho = out_size(c.H, c.KH, c.sh, c.ph, c.dh);
+  const int64_t Wo = out_size(c.W, c.KW, c.sw, c.pw, c.dw);
+  const int64_t P = c.batch * Ho * Wo, N = KK * c.n_ch;
+  std::mt19937 rng(3);
+  auto rnd = [&]() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); };
+  const T nan = from_f<T>(NAN);
+  const Strides4 sx{c.H * (c.W * (I + 8) + 8) + 16, 1, c.W * (I + 8) + 8, I + 8};
+  std::vector<T> x(c.batch * sx.n + 64, nan);
+  std::vector<double> X(c.batch * c.H * c.W * I);
+  for (int64_t n = 0; n < c.batch; ++n)
+    for (int64_t h = 0; h < c.H; ++h)
+      for (int64_t w = 0; w < c.W; ++w)
+        for (int64_t ch = 0; ch < I; ++ch)
+          x[n * sx.n + h * sx.h + w * sx.w + ch] =
+              from_f<T>(X[((n * c.H + h) * c.W + w) * I + ch] = rnd());
+  const Strides4 sdy{Ho * Wo * O, 1, Wo * O, O};
+  std::vector<T> dy(P * O + 64, nan);
+  std::vector<double> DY(P * O);
+  for (int64_t i = 0; i < P * O; ++i) dy[i] = from_f<T>(DY[i] = rnd());
+  std::vector<T> out(c.m * N + 64, nan), db(c.m + 64, nan);
+
+  const ConvGeometry g{c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh, c.dw};
+  const ConvWeightGradPlan plan = plan_nhwc_dw<M::BM, M::BN, M::BK>(P, c.m, N, c.num_sms);
+  std::vector<float> ws(plan.workspace_bytes / sizeof(float) + 1, NAN);
+  NhwcDwParams p;
+  dim3 grid;
+  if (!build_nhwc_dw<M::BM, M::BN>(g, dy.data(), sdy, c.dy_c0, c.m, x.data(), sx, c.x_c0,
+                                   c.n_ch, out.data(), c.db ? db.data() : nullptr, plan,
+                                   ws.data(), p, grid)) {
+    std::printf("%s: nothing to launch\n", c.name);
+    ++failures;
+    return;
+  }
+  std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
+  T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  std::vector<float> staged(M::BM * M::OUT_LD_F32);
+  std::vector<T> staged_t(M::BM * M::OUT_LD);
+  std::vector<double> acc(M::BM * M::BN), colsum(M::BM);
+  int stage_faults = 0;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {  // as the kernel: its first lines
+        ++blocks;
+        const int m0 = bx * M::BM, n0 = by * M::BN, split = bz;
+        std::vector<NhwcDwProblem<T, L>> probs;
+        for (int tid = 0; tid < M::THREADS; ++tid)
+          probs.emplace_back(p, m0, n0, split, tid);
+        const auto& p0 = probs[0];
+        std::fill(acc.begin(), acc.end(), 0.0);
+        std::fill(colsum.begin(), colsum.end(), 0.0);
+        for (int k0 = 0; k0 < p0.phase_len(0); k0 += M::BK) {  // as gemm_mainloop
+          ++k_tiles;
+          for (int i = 0; i < L::STAGE; ++i) As[i] = nan;
+          for (int tid = 0; tid < M::THREADS; ++tid) {
+            L::load_a(As, probs[tid].tile_a(0, k0), tid);
+            L::load_b(Bs, probs[tid].tile_b(0, k0), tid);
+          }
+          for (int k = 0; k < M::BK; ++k) {
+            const int64_t pix = p0.r0 + k0 + k;
+            const bool k_in = k0 + k < p0.len;
+            const int64_t n = pix / (Ho * Wo), ho = pix % (Ho * Wo) / Wo, wo = pix % Wo;
+            for (int m = 0; m < M::BM; ++m) {
+              const double want = k_in && m0 + m < c.m ? DY[pix * O + c.dy_c0 + m0 + m] : 0.0;
+              const double got = to_f(L::a_at(As, m, k));
+              if (!(got == want) && stage_faults++ < 5)
+                std::printf("  %s: block (%d, %d, %d), k0 %d: A(%d, %d) = %g, want %g\n",
+                            c.name, bx, by, bz, k0, m, k, got, want);
+            }
+            for (int nn = 0; nn < M::BN; ++nn) {
+              const int64_t j = n0 + nn, tap = j / c.n_ch, ch = c.x_c0 + j % c.n_ch;
+              const int64_t hi = ho * c.sh - c.ph + tap / c.KW * c.dh;
+              const int64_t wi = wo * c.sw - c.pw + tap % c.KW * c.dw;
+              const bool in = k_in && j < N && hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
+              const double want = in ? X[((n * c.H + hi) * c.W + wi) * I + ch] : 0.0;
+              const double got = to_f(L::b_at(Bs, k, nn));
+              if (!(got == want) && stage_faults++ < 5)
+                std::printf("  %s: block (%d, %d, %d), k0 %d: B(%d, %d) = %g, want %g\n",
+                            c.name, bx, by, bz, k0, k, nn, got, want);
+            }
+          }
+          for (int m = 0; m < M::BM; ++m)
+            for (int k = 0; k < M::BK; ++k) {
+              const double a = to_f(L::a_at(As, m, k));
+              colsum[m] += a;
+              if (a == 0.0) continue;
+              for (int n = 0; n < M::BN; ++n) acc[m * M::BN + n] += a * to_f(L::b_at(Bs, k, n));
+            }
+        }
+        // as the kernel: db from the first column of blocks, then the staged tile
+        const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+        if (p.db != nullptr && by == 0)
+          for (int m = 0; m < M::BM && m0 + m < p.m; ++m) {
+            if (p.splits > 1) p.ws[p.splits * mn + static_cast<int64_t>(split) * p.m + m0 + m] =
+                static_cast<float>(colsum[m]);
+            else db[m0 + m] = from_f<T>(static_cast<float>(colsum[m]));
+          }
+        for (int m = 0; m < M::BM; ++m)
+          for (int n = 0; n < M::BN; ++n) {
+            staged[m * M::OUT_LD_F32 + n] = static_cast<float>(acc[m * M::BN + n]);
+            staged_t[m * M::OUT_LD + n] = from_f<T>(static_cast<float>(acc[m * M::BN + n]));
+          }
+        for (int tid = 0; tid < M::THREADS; ++tid)
+          nhwc_dw_write_out<T, M>(p, p.splits > 1 ? static_cast<const void*>(staged.data())
+                                                  : static_cast<const void*>(staged_t.data()),
+                                  m0, n0, split, tid);
+      }
+  if (p.splits > 1) {  // as splitk_reduce_kernel: the splits in order
+    const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+    for (int64_t i = 0; i < mn; ++i) {
+      float sum = 0.f;
+      for (int k = 0; k < p.splits; ++k) sum += p.ws[k * mn + i];
+      out[i] = from_f<T>(sum);
+    }
+    if (c.db)
+      for (int64_t j = 0; j < p.m; ++j) {
+        float sum = 0.f;
+        for (int k = 0; k < p.splits; ++k) sum += p.ws[p.splits * mn + k * p.m + j];
+        db[j] = from_f<T>(sum);
+      }
+  }
+  if (stage_faults) ++failures;
+  if ((plan.splits > 1) != (c.num_sms > 1)) {
+    std::printf("%s: %d splits (num_sms %d)\n", c.name, plan.splits, c.num_sms);
+    ++failures;
+  }
+
+  int bad = 0;
+  for (int64_t o = 0; o < c.m; ++o) {
+    for (int64_t tap = 0; tap < KK; ++tap)
+      for (int64_t ch = 0; ch < c.n_ch; ++ch) {
+        double v = 0.0;
+        for (int64_t pix = 0; pix < P; ++pix) {
+          const int64_t n = pix / (Ho * Wo), ho = pix % (Ho * Wo) / Wo, wo = pix % Wo;
+          const int64_t hi = ho * c.sh - c.ph + tap / c.KW * c.dh;
+          const int64_t wi = wo * c.sw - c.pw + tap % c.KW * c.dw;
+          if (hi < 0 || hi >= c.H || wi < 0 || wi >= c.W) continue;
+          v += DY[pix * O + c.dy_c0 + o] * X[((n * c.H + hi) * c.W + wi) * I + c.x_c0 + ch];
+        }
+        const float got = to_f(out[(o * KK + tap) * c.n_ch + ch]);
+        const float want = to_f(from_f<T>(static_cast<float>(v)));
+        ++compared;
+        if (!(got == want) && bad++ < 5)
+          std::printf("  %s: dW[%lld, tap %lld, %lld] = %g, want %g\n", c.name, (long long)o,
+                      (long long)tap, (long long)ch, got, want);
+      }
+    if (c.db) {
+      double v = 0.0;
+      for (int64_t pix = 0; pix < P; ++pix) v += DY[pix * O + c.dy_c0 + o];
+      const float got = to_f(db[o]), want = to_f(from_f<T>(static_cast<float>(v)));
+      ++compared;
+      if (!(got == want) && bad++ < 5)
+        std::printf("  %s: db[%lld] = %g, want %g\n", c.name, (long long)o, got, want);
+    }
+  }
+  for (size_t i = c.m * N; i < out.size(); ++i)
+    if (!std::isnan(to_f(out[i])) && bad++ < 5)
+      std::printf("  %s: written past dW's end (element %zu)\n", c.name, i);
+  if (bad) {
+    ++failures;
+    std::printf("%s: %d mismatches\n", c.name, bad);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -450,6 +632,44 @@ int main() {
   for (const DxCase& c : dx_cases) {
     run_dx_case<__half>(c);
     run_dx_case<__nv_bfloat16>(c);
+  }
+  // FastDiv (the weight gradient's pixel decomposition) against division: every divisor up to
+  // 4096 and some large ones, dividends at the edges of its range [0, 2^31) and random.
+  {
+    std::mt19937 rng(1);
+    std::vector<uint32_t> ds;
+    for (uint32_t d = 1; d <= 4096; ++d) ds.push_back(d);
+    for (uint32_t d : {3136u, 50176u, 65535u, 65536u, 1048583u, 2147483647u}) ds.push_back(d);
+    int bad = 0;
+    for (uint32_t d : ds) {
+      const FastDiv f = FastDiv::of(d);
+      std::vector<uint32_t> ns = {0u, 1u, d - 1, d, d + 1, 2 * d - 1, 2147483647u, 2147483646u};
+      for (int i = 0; i < 64; ++i) ns.push_back(rng() & 0x7fffffffu);
+      for (uint32_t n : ns)
+        if (n < 2147483648u && f.div(n) != n / d && bad++ < 5)
+          std::printf("  FastDiv: %u / %u = %u, want %u\n", n, d, f.div(n), n / d);
+    }
+    if (bad) ++failures;
+  }
+  const std::vector<DwCase> dw_cases = {
+      // name, batch, H, W, in, O, KH, KW, sh, sw, ph, pw, dh, dw, dy_c0, m, x_c0, n_ch, db,
+      // num_sms
+      // 4096 pixels: 64 k-tiles, split in 4 (a partial last split's tiles included)
+      {"dW_new 3x3 with db, split", 4, 32, 32, 16, 13, 3, 3, 1, 1, 1, 1, 1, 1, 5, 8, 0, 16,
+       true, 8},
+      {"dW_new 3x3 with db, whole", 2, 7, 5, 16, 13, 3, 3, 1, 1, 1, 1, 1, 1, 5, 8, 0, 16, true,
+       1},
+      // 130 rows: two row tiles; 9 x 24 columns: two column tiles, k-tiles across taps; the
+      // coupling block's channels start at 8
+      {"dW_couple strided dilated", 8, 33, 33, 32, 137, 3, 3, 2, 2, 2, 1, 2, 2, 0, 130, 8, 24,
+       false, 8},
+      {"dW 1x1 stride 2, odd dy_c0", 3, 40, 39, 8, 11, 1, 1, 2, 2, 0, 0, 1, 1, 3, 5, 0, 8, true,
+       4},
+      {"dW 5x3 many pixels", 6, 21, 19, 8, 16, 5, 3, 1, 2, 2, 1, 1, 1, 8, 8, 0, 8, true, 16},
+  };
+  for (const DwCase& c : dw_cases) {
+    run_dw_case<__half>(c);
+    run_dw_case<__nv_bfloat16>(c);
   }
   std::printf("%lld blocks, %lld k-tiles, %lld outputs compared\n", (long long)blocks,
               (long long)k_tiles, (long long)compared);

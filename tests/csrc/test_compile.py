@@ -141,10 +141,11 @@ WGMMA_KERNELS = {
     "expanded_conv_kernels.cu": {"conv_fwd_kernel": ("64", 2, "1, 0", 0),
                                  "conv_dx_kernel": ("64", 2, "1, 0", 0),
                                  "conv_dw_kernel": ("64", 2, "0, 0", 0)},
-    # the channels_last forward and input gradient on the linear kernels' pipeline: gathered
-    # tiles, both K-major
+    # the channels_last forward, input and weight gradient on the linear kernels' pipeline:
+    # gathered tiles, K-major (dW's, as the linear dW's, M/N-major)
     "expanded_conv_nhwc.cu": {"conv_nhwc_fwd_kernel": ("128", 4, "0, 0", 1),
-                              "conv_nhwc_dx_kernel": ("128", 4, "0, 0", 1)},
+                              "conv_nhwc_dx_kernel": ("128", 4, "0, 0", 1),
+                              "conv_nhwc_dw_kernel": ("128", 4, "1, 1", 1)},
 }
 # The kernels on gemm_pipeline.cuh's cp.async main loop, and the cp.async.wait_group of their
 # default variant (four stages: three k-tiles fetched ahead).

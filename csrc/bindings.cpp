@@ -378,6 +378,38 @@ expanse_fast::ConvWeights conv_weights(const Tensor& w_frozen, const Tensor& w_n
   return {w_frozen.data_ptr(), w_new.data_ptr(), w_couple ? w_couple->data_ptr() : nullptr};
 }
 
+// torch_ref.conv_memory_format's rule (the fakes' too): channels_last, and not NCHW as well.
+bool is_channels_last(const Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// A conv activation as the NHWC kernels read it: the tensor itself where it is channels_last,
+// else a channels_last copy, made on first use (the copies cost a fraction of what the NCHW
+// kernels' pixel-by-pixel gathers do).  Whether a kernel takes it is asked with the strides
+// and the alignment it will have: a fresh copy's, or its own.
+class NhwcOperand {
+ public:
+  explicit NhwcOperand(const Tensor& t) : t_(t), channels_last_(is_channels_last(t)) {}
+  bool channels_last() const { return channels_last_; }
+  // (null: a copy, which the caching allocator starts on 512 bytes)
+  const void* data_for_checks() const { return channels_last_ ? t_.data_ptr() : nullptr; }
+  expanse_fast::Strides4 strides() const {
+    if (channels_last_) return strides4(t_);
+    const int64_t c = t_.size(1), h = t_.size(2), w = t_.size(3);
+    return {h * w * c, 1, w * c, c};
+  }
+  const Tensor& get() {
+    if (channels_last_) return t_;
+    if (!copy_) copy_ = t_.contiguous(at::MemoryFormat::ChannelsLast);
+    return *copy_;
+  }
+
+ private:
+  const Tensor& t_;
+  bool channels_last_;
+  std::optional<Tensor> copy_;
+};
+
 Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
                       const std::optional<Tensor>& b_frozen_in, const Tensor& w_new_in,
                       const std::optional<Tensor>& b_new_in,
@@ -406,21 +438,22 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
   const float* scale = bn_scale ? bn_scale->data_ptr<float>() : nullptr;
   const float* shift = bn_shift ? bn_shift->data_ptr<float>() : nullptr;
   // y takes x's memory format (torch_ref.conv_memory_format: the fake implementation's rule).
-  const bool channels_last = !x.is_contiguous() &&
-                             x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  if (channels_last && expanse_fast::conv2d_forward_nhwc_ok(s, x.data_ptr(), strides4(x))) {
+  const bool channels_last = is_channels_last(x);
+  NhwcOperand xo(x);
+  if (expanse_fast::conv2d_forward_nhwc_ok(s, xo.data_for_checks(), xo.strides())) {
     // The implicit GEMM over NHWC reads the weights as (rows, KH, KW, channels).
     const auto cl = [](const Tensor& w) { return w.permute({0, 2, 3, 1}).contiguous(); };
     const Tensor wf = cl(w_frozen), wn = cl(w_new);
     std::optional<Tensor> wc;
     if (w_couple) wc = cl(*w_couple);
+    const Tensor& xn = xo.get();
     Tensor y = at::empty(y_shape, x.options().memory_format(at::MemoryFormat::ChannelsLast));
-    check_launch(expanse_fast::conv2d_forward_nhwc(s, conv_weights(wf, wn, wc), x.data_ptr(),
-                                                   strides4(x), bf, bnew, scale, shift,
+    check_launch(expanse_fast::conv2d_forward_nhwc(s, conv_weights(wf, wn, wc), xn.data_ptr(),
+                                                   strides4(xn), bf, bnew, scale, shift,
                                                    y.data_ptr(),
                                                    at::cuda::getCurrentCUDAStream()),
                  op);
-    return y;
+    return channels_last ? y : y.contiguous();
   }
   // The NCHW kernels gather along pixels: a channels_last x read through its strides would
   // make every thread's 2-byte load its own transaction, so it is copied to NCHW first.
@@ -493,25 +526,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   // dx takes x's memory format (torch_ref.conv_memory_format, as the fake implementation).
-  const auto channels_last = [](const Tensor& t) {
-    return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  };
-  const bool x_cl = channels_last(x);
-  // The NCHW kernels gather along pixels: a channels_last operand is copied to NCHW for them,
-  // once, and only when one of them runs.
+  const bool x_cl = is_channels_last(x);
+  // The NHWC kernels where they qualify, on dy and x or channels_last copies of them; the NCHW
+  // kernels gather along pixels, so a channels_last operand is copied to NCHW for them.  Each
+  // copy is made once, and only when a kernel that reads it runs.
+  NhwcOperand dyo(dy), xo(x);
   std::optional<Tensor> dy_nchw, x_nchw;
   const auto pixel_major = [&](const Tensor& t, std::optional<Tensor>& copy) -> const Tensor& {
-    if (!copy) copy = channels_last(t) ? t.contiguous() : t;
+    if (!copy) copy = is_channels_last(t) ? t.contiguous() : t;
     return *copy;
   };
+  const bool dw_nhwc = expanse_fast::conv2d_weight_grad_nhwc_ok(
+      s, dyo.data_for_checks(), dyo.strides(), xo.data_for_checks(), xo.strides());
+  const bool dx_nhwc =
+      expanse_fast::conv2d_backward_input_nhwc_ok(s, dyo.data_for_checks(), dyo.strides());
   Tensor dx, dw, db, dcouple;  // undefined = None in Python
-  // The weight gradients of channels_last operands: NHWC implicit GEMMs where they qualify.
-  const bool dw_nhwc = x_cl && channels_last(dy) &&
-                       expanse_fast::conv2d_weight_grad_nhwc_ok(s, dy.data_ptr(), strides4(dy),
-                                                                x.data_ptr(), strides4(x));
   if (need_dw && dw_nhwc) {
-    dw = conv_weight_grad_nhwc(s, dy, s.frozen_out, s.new_out, x, 0, s.in_channels,
-                               need_db ? &db : nullptr);
+    dw = conv_weight_grad_nhwc(s, dyo.get(), s.frozen_out, s.new_out, xo.get(), 0,
+                               s.in_channels, need_db ? &db : nullptr);
   } else if (need_dw) {
     dw = at::empty(w_new.sizes(), x.options());
     conv_weight_grad(s, pixel_major(dy, dy_nchw), s.frozen_out, s.new_out,
@@ -525,25 +557,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
                  op);
   }
   if (need_dcouple && w_couple && dw_nhwc) {
-    dcouple = conv_weight_grad_nhwc(s, dy, 0, s.frozen_out, x, s.frozen_in,
+    dcouple = conv_weight_grad_nhwc(s, dyo.get(), 0, s.frozen_out, xo.get(), s.frozen_in,
                                     s.in_channels - s.frozen_in, nullptr);
   } else if (need_dcouple && w_couple) {
     dcouple = at::empty(w_couple->sizes(), x.options());
     conv_weight_grad(s, pixel_major(dy, dy_nchw), 0, s.frozen_out, pixel_major(x, x_nchw),
                      s.frozen_in, s.in_channels - s.frozen_in, dcouple);
   }
-  if ((need_dx_new || need_dx_old) && x_cl && channels_last(dy) &&
-      expanse_fast::conv2d_backward_input_nhwc_ok(s, dy.data_ptr(), strides4(dy))) {
+  if ((need_dx_new || need_dx_old) && dx_nhwc) {
     // The NHWC implicit GEMM reads each weight as (channels, KH, KW, rows).
     const auto transposed = [](const Tensor& w) { return w.permute({1, 2, 3, 0}).contiguous(); };
     const Tensor wf = transposed(w_frozen), wn = transposed(w_new);
     std::optional<Tensor> wc;
     if (w_couple) wc = transposed(*w_couple);
+    const Tensor& d = dyo.get();
     dx = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::ChannelsLast));
     check_launch(expanse_fast::conv2d_backward_input_nhwc(s, conv_weights(wf, wn, wc),
-                                                          dy.data_ptr(), strides4(dy),
-                                                          need_dx_old, dx.data_ptr(), stream),
+                                                          d.data_ptr(), strides4(d), need_dx_old,
+                                                          dx.data_ptr(), stream),
                  op);
+    if (!x_cl) dx = dx.contiguous();
   } else if (need_dx_new || need_dx_old) {
     dx = at::empty(x.sizes(), x.options());
     const Tensor& d = pixel_major(dy, dy_nchw);

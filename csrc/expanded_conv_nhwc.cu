@@ -13,7 +13,9 @@
 // The phases are those of the NCHW kernels: a frozen output group reads channels [0, k_end)
 // through w_frozen and, coupled, [I_f, I) through w_couple; the new rows read every channel.
 // A chunk never straddles two taps: every channel count a phase reads is a multiple of 8
-// (conv2d_forward_nhwc_ok).  Other shapes and layouts take expanded_conv_kernels.cu.
+// (conv2d_forward_nhwc_ok).  Other shapes take expanded_conv_kernels.cu; NCHW activations
+// come here as channels_last copies (bindings.cpp), which cost a fraction of what the NCHW
+// kernels' pixel-by-pixel gathers do.
 #include "expanded_conv.h"
 #include "gemm_pipeline.cuh"
 

@@ -203,8 +203,8 @@ def test_nhwc_weight_gradients_match_dense(dev, name, dtype):
 
 
 def test_nhwc_dx_off_and_unaligned_rows_take_the_nchw_kernel(dev, monkeypatch):
-    """EXPANSE_FAST_CUDA_CONV_NHWC=0, an NCHW dy, and 5 new rows: the NCHW input gradient
-    (on an NCHW copy of dy), the same values, dx still in x's memory format."""
+    """EXPANSE_FAST_CUDA_CONV_NHWC=0, and 5 new rows: the NCHW input gradient (on an NCHW copy
+    of dy), the same values, dx still in x's memory format."""
     dtype = torch.bfloat16
     layout, geo = DX_CASES["3x3_coupled"]
     p = make_conv_params(layout, geo["k"], dtype, dev)
@@ -217,10 +217,6 @@ def test_nhwc_dx_off_and_unaligned_rows_take_the_nchw_kernel(dev, monkeypatch):
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     check_conv_backward(layout, p, dy_cl, x, geo, dtype, grads)
     monkeypatch.delenv("EXPANSE_FAST_CUDA_CONV_NHWC")
-    grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo))  # NCHW dy
-    assert not uses_nhwc_dx(names), sorted(names)
-    assert grads[0].is_contiguous(memory_format=torch.channels_last)
-    check_conv_backward(layout, p, dy, x, geo, dtype, grads)
     odd, geo = NHWC_CASES["3x3_coupled"]  # 5 new rows
     p = make_conv_params(odd, geo["k"], dtype, dev)
     x = channels_last_input(odd, geo, dtype, dev)
@@ -242,3 +238,24 @@ def test_nhwc_backward_fake_registration_keeps_the_memory_format(dev):
             list(layout.frozen_k_ends), [1, 1], [1, 1], [1, 1], True, True, True, True, True)
     torch.library.opcheck(torch.ops.expanse_fast_cuda.conv2d_backward.default, args,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("name", ["3x3_coupled", "resnet_like"])
+def test_nchw_operands_take_the_nhwc_kernels_through_copies(dev, name):
+    """NCHW x and dy (and an NCHW dy beside a channels_last x) whose counts qualify: the NHWC
+    kernels run on channels_last copies, and y and dx come back in x's memory format."""
+    dtype = torch.bfloat16
+    layout, geo = DX_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = torch.randn(geo["n"], layout.in_features, geo["h"], geo["w"]).to(dev, dtype)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    hopper = cuda.linear_math(dtype, dev).startswith("wgmma")
+    y, names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
+    assert y.is_contiguous() and uses_nhwc(names) == hopper, sorted(names)
+    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y (NCHW x)")
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, xx, geo))
+        assert uses_nhwc_dx(names) == hopper and uses_nhwc_dw(names) == hopper, sorted(names)
+        assert grads[0].is_contiguous(memory_format=(torch.channels_last if xx is not x
+                                                     else torch.contiguous_format))
+        check_conv_backward(layout, p, dy, xx, geo, dtype, grads)

@@ -213,16 +213,8 @@ conv_nhwc_fwd_kernel(const __grid_constant__ NhwcFwdParams p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   const NhwcFwdProblem<T, L> prob =
       nhwc_fwd_problem<T, M, L>(p, block_index(), gridDim.x, gridDim.y, threadIdx.x);
-  typename M::Acc acc;
-  float unused = 0.f;
-  gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
-  __syncthreads();  // the staged tile reuses the stages
-  float* staged = reinterpret_cast<float*>(smem);
-  M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
-    *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
-  });
-  __syncthreads();
-  nhwc_fwd_write_out<T, M>(p, prob.s, staged, prob.m0, prob.n0, threadIdx.x);
+  nhwc_fwd_write_out<T, M>(p, prob.s, gemm_staged_f32<T, M, L>(prob, smem), prob.m0, prob.n0,
+                          threadIdx.x);
 }
 
 // ================================ input gradient (NHWC dy and dx) ============================
@@ -392,16 +384,8 @@ conv_nhwc_dx_kernel(const __grid_constant__ NhwcDxParams p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   const NhwcDxProblem<T, L> prob =
       nhwc_dx_problem<T, M, L>(p, block_index(), gridDim.x, gridDim.y, threadIdx.x);
-  typename M::Acc acc;
-  float unused = 0.f;
-  gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
-  __syncthreads();  // the staged tile reuses the stages
-  float* staged = reinterpret_cast<float*>(smem);
-  M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
-    *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
-  });
-  __syncthreads();
-  nhwc_dx_write_out<T, M>(p, prob.m0, prob.c0, prob.c_end, staged, threadIdx.x);
+  nhwc_dx_write_out<T, M>(p, prob.m0, prob.c0, prob.c_end, gemm_staged_f32<T, M, L>(prob, smem),
+                         threadIdx.x);
 }
 
 // ================================ weight gradient (NHWC dy and x) ============================
@@ -444,6 +428,7 @@ struct NhwcDwParams {
   FastDiv hw_out, w_out;         // Ho * Wo and Wo
   int H, W, KW, sh, sw, ph, pw, dh, dw;
   int dy_c0, x_c0, n_ch, m, n, splits;  // n = KK * n_ch
+  int64_t ld_out;                        // = n (dw_epilogue's name for out's row stride)
 };
 static_assert(sizeof(NhwcDwParams) <= 4096, "within the classic kernel-argument limit");
 
@@ -504,25 +489,6 @@ struct NhwcDwProblem {
   }
 };
 
-// The staged write-out (thread tid): the block's tile of split `split`'s fp32 partials
-// (splits > 1: staged as float) or of dW itself (staged as T).
-template <typename T, class M>
-__host__ __device__ __forceinline__ void nhwc_dw_write_out(const NhwcDwParams& p,
-                                                           const void* staged, int m0, int n0,
-                                                           int split, int tid) {
-  const int rows = tile_extent(p.m - m0, M::BM), cols = tile_extent(p.n - n0, M::BN);
-  if (p.splits > 1) {
-    const int64_t mn = static_cast<int64_t>(p.m) * p.n;
-    write_tile_rows<float, M::BM, M::BN, M::THREADS>(
-        static_cast<const float*>(staged), M::OUT_LD_F32, p.ws + split * mn,
-        {static_cast<int64_t>(m0) * p.n + n0, p.n, rows, 0, cols}, tid);
-  } else {
-    write_tile_rows<T, M::BM, M::BN, M::THREADS>(
-        static_cast<const T*>(staged), M::OUT_LD, static_cast<T*>(p.out),
-        {static_cast<int64_t>(m0) * p.n + n0, p.n, rows, 0, cols}, tid);
-  }
-}
-
 template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 conv_nhwc_dw_kernel(const __grid_constant__ NhwcDwParams p) {
@@ -534,25 +500,7 @@ conv_nhwc_dw_kernel(const __grid_constant__ NhwcDwParams p) {
   float colsum = 0.f;
   typename M::Acc acc;
   gemm_mainloop<T, M, L>(prob, acc, smem, do_db, colsum);
-  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
-  if (do_db && threadIdx.x < M::BM && m0 + threadIdx.x < p.m) {
-    const int mm = m0 + threadIdx.x;
-    if (p.splits > 1) p.ws[p.splits * mn + static_cast<int64_t>(split) * p.m + mm] = colsum;
-    else static_cast<T*>(p.db)[mm] = from_f<T>(colsum);
-  }
-  if (p.out == nullptr) return;
-  __syncthreads();  // the staged tile reuses the stages
-  if (p.splits > 1) {
-    float* part = reinterpret_cast<float*>(smem);
-    M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
-      *reinterpret_cast<float2*>(part + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
-    });
-  } else {
-    T* dws = reinterpret_cast<T*>(smem);
-    M::store(acc, nullptr, [&](int m, int n, float v) { dws[m * M::OUT_LD + n] = from_f<T>(v); });
-  }
-  __syncthreads();
-  nhwc_dw_write_out<T, M>(p, smem, m0, n0, split, threadIdx.x);
+  dw_epilogue<T, M>(p, acc, colsum, do_db, m0, n0, split, smem);
 }
 
 // ---- host ---------------------------------------------------------------------------------
@@ -703,6 +651,7 @@ bool build_nhwc_dw(const ConvGeometry& g, const void* dy, const Strides4& sdy, i
   p.n_ch = static_cast<int>(n_ch), p.m = static_cast<int>(m);
   p.n = static_cast<int>(n_ch * g.kernel_h * g.kernel_w);
   p.splits = plan.splits;
+  p.ld_out = p.n;
   grid = dim3(static_cast<unsigned>(ceil_div(p.m, BM)), static_cast<unsigned>(ceil_div(p.n, BN)),
               static_cast<unsigned>(plan.splits));
   return p.m > 0 && (p.n > 0 || db != nullptr);

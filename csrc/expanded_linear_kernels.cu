@@ -190,6 +190,10 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   const FwdSeg& s = prob.s;
   const int64_t m0 = prob.m0;
   const int n0 = prob.n0;
+  if constexpr (M::STAGED_EPILOGUE) {
+    fwd_write_out<T, M>(p, s, gemm_staged_f32<T, M, L>(prob, smem), m0, n0, threadIdx.x);
+    return;
+  }
   typename M::Acc acc;
   float unused = 0.f;
   gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
@@ -197,15 +201,6 @@ linear_fwd_kernel(const __grid_constant__ FwdParams p) {
   T* y = static_cast<T*>(p.y);
   T* pre = static_cast<T*>(p.pre);
   const T* bias = static_cast<const T*>(s.bias);
-  if constexpr (M::STAGED_EPILOGUE) {
-    float* staged = reinterpret_cast<float*>(smem);
-    M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
-      *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
-    });
-    __syncthreads();
-    fwd_write_out<T, M>(p, s, staged, m0, n0, threadIdx.x);
-    return;
-  }
   M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
     const int64_t row = m0 + m;
     const int col = n0 + n;
@@ -437,24 +432,6 @@ struct DwProblem {
   }
 };
 
-// The staged weight-gradient epilogue's write-out (thread tid): the block's tile of split
-// `split`'s fp32 partials (splits > 1: staged as float) or of dW itself (staged as T).
-template <typename T, class M>
-__host__ __device__ __forceinline__ void dw_write_out(const DwParams& p, const void* staged,
-                                                      int m0, int n0, int split, int tid) {
-  const int rows = tile_extent(p.m - m0, M::BM), cols = tile_extent(p.n - n0, M::BN);
-  if (p.splits > 1) {
-    const int64_t mn = static_cast<int64_t>(p.m) * p.n;
-    write_tile_rows<float, M::BM, M::BN, M::THREADS>(
-        static_cast<const float*>(staged), M::OUT_LD_F32, p.ws + split * mn,
-        {static_cast<int64_t>(m0) * p.n + n0, p.n, rows, 0, cols}, tid);
-  } else {
-    write_tile_rows<T, M::BM, M::BN, M::THREADS>(
-        static_cast<const T*>(staged), M::OUT_LD, static_cast<T*>(p.out),
-        {static_cast<int64_t>(m0) * p.ld_out + n0, p.ld_out, rows, 0, cols}, tid);
-  }
-}
-
 template <typename T, class M>
 __global__ void __launch_bounds__(M::THREADS, M::MIN_BLOCKS)
 linear_dw_kernel(const __grid_constant__ DwParams p) {
@@ -468,36 +445,7 @@ linear_dw_kernel(const __grid_constant__ DwParams p) {
   float colsum = 0.f;
   typename M::Acc acc;
   gemm_mainloop<T, M, L>(prob, acc, smem, do_db, colsum);
-  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
-  if (do_db && threadIdx.x < M::BM && m0 + threadIdx.x < p.m) {
-    const int mm = m0 + threadIdx.x;
-    if (p.splits > 1) p.ws[p.splits * mn + static_cast<int64_t>(split) * p.m + mm] = colsum;
-    else static_cast<T*>(p.db)[mm] = from_f<T>(colsum);
-  }
-  if (p.out == nullptr) return;
-  __syncthreads();
-  if constexpr (M::STAGED_EPILOGUE) {
-    if (p.splits > 1) {
-      float* part = reinterpret_cast<float*>(smem);
-      M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
-        *reinterpret_cast<float2*>(part + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
-      });
-    } else {
-      T* dws = reinterpret_cast<T*>(smem);
-      M::store(acc, nullptr,
-               [&](int m, int n, float v) { dws[m * M::OUT_LD + n] = from_f<T>(v); });
-    }
-    __syncthreads();
-    dw_write_out<T, M>(p, smem, m0, n0, split, threadIdx.x);
-    return;
-  }
-  M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
-    const int mm = m0 + m, nn = n0 + n;
-    if (mm < p.m && nn < p.n) {
-      if (p.splits > 1) p.ws[split * mn + static_cast<int64_t>(mm) * p.n + nn] = v;
-      else static_cast<T*>(p.out)[mm * p.ld_out + nn] = from_f<T>(v);
-    }
-  });
+  dw_epilogue<T, M>(p, acc, colsum, do_db, m0, n0, split, smem);
 }
 
 // db alone (a frozen weight with a trainable bias): one thread per column, rows in order.

@@ -672,6 +672,83 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
   M::finish(acc);
 }
 
+// The main loop, then its fp32 accumulators staged [BM][OUT_LD_F32] in the stages' shared
+// memory (which they reuse) and published to the block: what the staged write-outs read.
+template <typename T, class M, class L, class P>
+__device__ __forceinline__ const float* gemm_staged_f32(const P& prob, unsigned char* smem) {
+  typename M::Acc acc;
+  float unused = 0.f;
+  gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
+  __syncthreads();  // every warpgroup is done with the stages
+  float* staged = reinterpret_cast<float*>(smem);
+  M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+    *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
+  });
+  __syncthreads();
+  return staged;
+}
+
+// ---- the weight gradients' split reduction and epilogue (linear and conv) ----------------------
+// P: m, n (the output's shape), splits, ws (splits > 1: fp32 partials [splits][m][n], then
+// [splits][m] for db), out (null: skip) with row stride ld_out, db (null: skip).
+
+// The staged write-out (thread tid): the block's tile of split `split`'s fp32 partials
+// (splits > 1: staged as float) or of dW itself (staged as T).
+template <typename T, class M, class P>
+__host__ __device__ __forceinline__ void dw_write_out(const P& p, const void* staged, int m0,
+                                                      int n0, int split, int tid) {
+  const int rows = tile_extent(p.m - m0, M::BM), cols = tile_extent(p.n - n0, M::BN);
+  if (p.splits > 1) {
+    const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+    write_tile_rows<float, M::BM, M::BN, M::THREADS>(
+        static_cast<const float*>(staged), M::OUT_LD_F32, p.ws + split * mn,
+        {static_cast<int64_t>(m0) * p.n + n0, p.n, rows, 0, cols}, tid);
+  } else {
+    write_tile_rows<T, M::BM, M::BN, M::THREADS>(
+        static_cast<const T*>(staged), M::OUT_LD, static_cast<T*>(p.out),
+        {static_cast<int64_t>(m0) * p.ld_out + n0, p.ld_out, rows, 0, cols}, tid);
+  }
+}
+
+// After the main loop of a weight-gradient block (rows m0.., columns n0.., split `split`):
+// thread t < BM's column sum (do_db) goes to db or its split's partials, and the tile to out or
+// its split's partials; staged through shared memory where the math stages its outputs.
+template <typename T, class M, class P>
+__device__ __forceinline__ void dw_epilogue(const P& p, typename M::Acc& acc, float colsum,
+                                            bool do_db, int m0, int n0, int split,
+                                            unsigned char* smem) {
+  const int64_t mn = static_cast<int64_t>(p.m) * p.n;
+  if (do_db && threadIdx.x < M::BM && m0 + threadIdx.x < p.m) {
+    const int mm = m0 + threadIdx.x;
+    if (p.splits > 1) p.ws[p.splits * mn + static_cast<int64_t>(split) * p.m + mm] = colsum;
+    else static_cast<T*>(p.db)[mm] = from_f<T>(colsum);
+  }
+  if (p.out == nullptr) return;
+  __syncthreads();  // the staged tile reuses the stages
+  if constexpr (M::STAGED_EPILOGUE) {
+    if (p.splits > 1) {
+      float* part = reinterpret_cast<float*>(smem);
+      M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+        *reinterpret_cast<float2*>(part + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
+      });
+    } else {
+      T* dws = reinterpret_cast<T*>(smem);
+      M::store(acc, nullptr,
+               [&](int m, int n, float v) { dws[m * M::OUT_LD + n] = from_f<T>(v); });
+    }
+    __syncthreads();
+    dw_write_out<T, M>(p, smem, m0, n0, split, threadIdx.x);
+    return;
+  }
+  M::store(acc, reinterpret_cast<float*>(smem), [&](int m, int n, float v) {
+    const int mm = m0 + m, nn = n0 + n;
+    if (mm < p.m && nn < p.n) {
+      if (p.splits > 1) p.ws[split * mn + static_cast<int64_t>(mm) * p.n + nn] = v;
+      else static_cast<T*>(p.out)[mm * p.ld_out + nn] = from_f<T>(v);
+    }
+  });
+}
+
 // Sums a split reduction's fp32 partials ([splits][m][n], then [splits][m] for db) in a fixed
 // order (deterministic) and converts: out (row stride ld_out) and db, either may be null.
 template <typename T>

@@ -513,7 +513,7 @@ void run_dw_case(const DwCase& c) {
               for (int n = 0; n < M::BN; ++n) acc[m * M::BN + n] += a * to_f(L::b_at(Bs, k, n));
             }
         }
-        // as the kernel: db from the first column of blocks, then the staged tile
+        // as the kernel (dw_epilogue): db from the first column of blocks, then the staged tile
         const int64_t mn = static_cast<int64_t>(p.m) * p.n;
         if (p.db != nullptr && by == 0)
           for (int m = 0; m < M::BM && m0 + m < p.m; ++m) {
@@ -527,9 +527,9 @@ void run_dw_case(const DwCase& c) {
             staged_t[m * M::OUT_LD + n] = from_f<T>(static_cast<float>(acc[m * M::BN + n]));
           }
         for (int tid = 0; tid < M::THREADS; ++tid)
-          nhwc_dw_write_out<T, M>(p, p.splits > 1 ? static_cast<const void*>(staged.data())
-                                                  : static_cast<const void*>(staged_t.data()),
-                                  m0, n0, split, tid);
+          dw_write_out<T, M>(p, p.splits > 1 ? static_cast<const void*>(staged.data())
+                                             : static_cast<const void*>(staged_t.data()),
+                             m0, n0, split, tid);
       }
   if (p.splits > 1) {  // as splitk_reduce_kernel: the splits in order
     const int64_t mn = static_cast<int64_t>(p.m) * p.n;

@@ -50,6 +50,122 @@ int64_t out_size(int64_t n, int k, int s, int p, int d) {
   return (n + 2 * p - d * (k - 1) - 1) / s + 1;
 }
 
+// Small random integers: every sum the kernels form is exact in fp32.
+struct SmallInts {
+  std::mt19937 rng;
+  explicit SmallInts(unsigned seed) : rng(seed) {}
+  double operator()() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); }
+};
+
+// An NHWC activation (batch, H, W, C) of small integers, stored with gaps after each pixel,
+// row and image (multiples of 8 elements) or as a plain (pixels, C) matrix, with NaN in every
+// gap and in 64 elements past the end; `d` holds the values densely, in float64.
+template <typename T>
+struct NhwcTensor {
+  int64_t H, W, C;
+  Strides4 st;
+  std::vector<T> v;
+  std::vector<double> d;
+  NhwcTensor(int64_t batch, int64_t h, int64_t w, int64_t c, bool gaps, SmallInts& rnd)
+      : H(h), W(w), C(c) {
+    const int64_t g = gaps ? 8 : 0;
+    st = {H * (W * (C + g) + g) + 2 * g, 1, W * (C + g) + g, C + g};
+    v.assign(batch * st.n + 64, from_f<T>(NAN));
+    d.resize(batch * H * W * C);
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t x = 0; x < W; ++x)
+          for (int64_t ch = 0; ch < C; ++ch)
+            v[n * st.n + y * st.h + x * st.w + ch] =
+                from_f<T>(d[((n * H + y) * W + x) * C + ch] = rnd());
+  }
+  double at(int64_t n, int64_t y, int64_t x, int64_t ch) const {
+    return d[((n * H + y) * W + x) * C + ch];
+  }
+};
+
+// One stage as the kernel copies it (every thread's Layout::load_a / load_b; cp.async is a
+// plain or zero-filling 16-byte copy on the host), from NaN, then every element of A and B
+// against its definition, want_a(m, k) and want_b(k, n).  Returns the mismatches (the first
+// few printed with `where`).
+template <class M, class L, typename T, class Probs, class WantA, class WantB>
+int copy_stage(T* As, T* Bs, const Probs& probs, int ph, int k0, WantA want_a, WantB want_b,
+               const std::string& where) {
+  ++k_tiles;
+  for (int i = 0; i < L::STAGE; ++i) As[i] = from_f<T>(NAN);
+  for (int tid = 0; tid < M::THREADS; ++tid) {
+    L::load_a(As, probs[tid].tile_a(ph, k0), tid);
+    L::load_b(Bs, probs[tid].tile_b(ph, k0), tid);
+  }
+  int bad = 0;
+  for (int k = 0; k < M::BK; ++k) {
+    for (int m = 0; m < M::BM; ++m) {
+      const double got = to_f(L::a_at(As, m, k)), want = want_a(m, k);
+      if (!(got == want) && bad++ < 3)
+        std::printf("  %s, k0 %d: A(%d, %d) = %g, want %g\n", where.c_str(), k0, m, k, got,
+                    want);
+    }
+    for (int n = 0; n < M::BN; ++n) {
+      const double got = to_f(L::b_at(Bs, k, n)), want = want_b(k, n);
+      if (!(got == want) && bad++ < 3)
+        std::printf("  %s, k0 %d: B(%d, %d) = %g, want %g\n", where.c_str(), k0, k, n, got,
+                    want);
+    }
+  }
+  return bad;
+}
+
+// acc += the stage's A * B, and colsum (if given: the fused db) += A's rows.
+template <class M, class L, typename T>
+void multiply_stage(const T* As, const T* Bs, std::vector<double>& acc,
+                    std::vector<double>* colsum) {
+  for (int m = 0; m < M::BM; ++m)
+    for (int k = 0; k < M::BK; ++k) {
+      const double a = to_f(L::a_at(As, m, k));
+      if (colsum != nullptr) (*colsum)[m] += a;
+      if (a == 0.0) continue;
+      for (int n = 0; n < M::BN; ++n) acc[m * M::BN + n] += a * to_f(L::b_at(Bs, k, n));
+    }
+}
+
+// The accumulators as gemm_staged_f32 leaves them: fp32, [BM][OUT_LD_F32].
+template <class M>
+std::vector<float> staged_f32(const std::vector<double>& acc) {
+  std::vector<float> staged(M::BM * M::OUT_LD_F32);
+  for (int m = 0; m < M::BM; ++m)
+    for (int n = 0; n < M::BN; ++n)
+      staged[m * M::OUT_LD_F32 + n] = static_cast<float>(acc[m * M::BN + n]);
+  return staged;
+}
+
+// Whether an output element differs from its float64 value rounded as the kernel rounds.
+template <typename T>
+bool differs(float got, double v) {
+  ++compared;
+  return !(got == to_f(from_f<T>(static_cast<float>(v))));
+}
+
+// The end of a case: nothing written past the output's end, and the mismatches counted.
+template <typename T>
+void finish_case(const char* name, const std::vector<T>& out, size_t end, int bad) {
+  for (size_t i = end; i < out.size(); ++i)
+    if (!std::isnan(to_f(out[i])) && bad++ < 5)
+      std::printf("  %s: written past the output's end (element %zu)\n", name, i);
+  if (bad) {
+    ++failures;
+    std::printf("%s: %d mismatches\n", name, bad);
+  }
+}
+
+template <typename T>
+ConvShape shape_of(int64_t batch, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int KH, int KW,
+                   int sh, int sw, int ph, int pw, int dh, int dw) {
+  ConvShape s{};
+  s.dtype = std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
+  s.geo = {batch, H, W, Ho, Wo, KH, KW, sh, sw, ph, pw, dh, dw};
+  return s;
+}
+
 template <typename T>
 void run_case(const Case& c) {
   using M = NhwcMath<T>;
@@ -61,22 +177,9 @@ void run_case(const Case& c) {
   const int64_t Ho = out_size(c.H, c.KH, c.sh, c.ph, c.dh);
   const int64_t Wo = out_size(c.W, c.KW, c.sw, c.pw, c.dw);
   const int64_t P = c.batch * Ho * Wo;
-  std::mt19937 rng(11);
-  auto rnd = [&]() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); };
+  SmallInts rnd(11);
   const T nan = from_f<T>(NAN);
-
-  // x: channels_last with gaps (multiples of 8 elements), NaN in every gap.
-  const Strides4 sx{c.H * (c.W * (I + 8) + 8) + 16, 1, c.W * (I + 8) + 8, I + 8};
-  std::vector<T> x(c.batch * sx.n + 64, nan);
-  std::vector<double> X(c.batch * c.H * c.W * I);
-  for (int64_t n = 0; n < c.batch; ++n)
-    for (int64_t h = 0; h < c.H; ++h)
-      for (int64_t w = 0; w < c.W; ++w)
-        for (int64_t ch = 0; ch < I; ++ch) {
-          const double v = rnd();
-          X[((n * c.H + h) * c.W + w) * I + ch] = v;
-          x[n * sx.n + h * sx.h + w * sx.w + ch] = from_f<T>(v);
-        }
+  const NhwcTensor<T> x(c.batch, c.H, c.W, I, true, rnd);
   // Weights (rows, KH, KW, cw); Wd: the dense (O, KK, I) weight with the staircase's zeros.
   std::vector<T> wf(O_f * KK * I_f + 8, nan), wn(c.new_out * KK * I + 8, nan),
       wc(O_f * KK * (I - I_f) + 8, nan);
@@ -84,25 +187,16 @@ void run_case(const Case& c) {
   for (int64_t g = 0, r0 = 0; g < static_cast<int64_t>(c.groups.size()); r0 += c.groups[g++])
     for (int64_t o = r0; o < r0 + c.groups[g]; ++o)
       for (int64_t t = 0; t < KK; ++t) {
-        for (int64_t ch = 0; ch < c.k_ends[g]; ++ch) {
-          const double v = rnd();
-          Wd[(o * KK + t) * I + ch] = v;
-          wf[(o * KK + t) * I_f + ch] = from_f<T>(v);
-        }
+        for (int64_t ch = 0; ch < c.k_ends[g]; ++ch)
+          wf[(o * KK + t) * I_f + ch] = from_f<T>(Wd[(o * KK + t) * I + ch] = rnd());
         if (c.coupled)
-          for (int64_t ch = I_f; ch < I; ++ch) {
-            const double v = rnd();
-            Wd[(o * KK + t) * I + ch] = v;
-            wc[(o * KK + t) * (I - I_f) + ch - I_f] = from_f<T>(v);
-          }
+          for (int64_t ch = I_f; ch < I; ++ch)
+            wc[(o * KK + t) * (I - I_f) + ch - I_f] = from_f<T>(Wd[(o * KK + t) * I + ch] = rnd());
       }
   for (int64_t o = 0; o < c.new_out; ++o)
     for (int64_t t = 0; t < KK; ++t)
-      for (int64_t ch = 0; ch < I; ++ch) {
-        const double v = rnd();
-        Wd[((O_f + o) * KK + t) * I + ch] = v;
-        wn[(o * KK + t) * I + ch] = from_f<T>(v);
-      }
+      for (int64_t ch = 0; ch < I; ++ch)
+        wn[(o * KK + t) * I + ch] = from_f<T>(Wd[((O_f + o) * KK + t) * I + ch] = rnd());
   std::vector<T> bf(O_f + 1), bn(c.new_out + 1);
   std::vector<float> scale(O_f + 1), shift(O_f + 1);
   std::vector<double> bias(O, 0.0);
@@ -111,14 +205,13 @@ void run_case(const Case& c) {
     (o < O_f ? bf[o] : bn[o - O_f]) = from_f<T>(bias[o]);
   }
   for (int64_t o = 0; o < O_f; ++o) {
-    scale[o] = static_cast<float>(std::ldexp(1.0, static_cast<int>(rng() % 3) - 1));
+    scale[o] = static_cast<float>(std::ldexp(1.0, static_cast<int>(rnd.rng() % 3) - 1));
     shift[o] = static_cast<float>(rnd());
   }
   std::vector<T> y(P * O + 64, nan);
 
-  ConvShape s{};
-  s.dtype = std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
-  s.geo = {c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh, c.dw};
+  ConvShape s = shape_of<T>(c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh,
+                            c.dw);
   s.in_channels = I, s.frozen_in = I_f, s.frozen_out = O_f, s.new_out = c.new_out;
   s.num_frozen_groups = static_cast<int>(c.groups.size());
   s.frozen_out_groups = c.groups.data();
@@ -126,10 +219,9 @@ void run_case(const Case& c) {
   const ConvWeights w{wf.data(), wn.data(), c.coupled ? wc.data() : nullptr};
   NhwcFwdParams p;
   dim3 grid;
-  const bool any = build_nhwc_fwd<M::BM, M::BN>(
-      s, w, x.data(), sx, c.bias ? bf.data() : nullptr, c.bias ? bn.data() : nullptr,
-      c.bn ? scale.data() : nullptr, c.bn ? shift.data() : nullptr, y.data(), p, grid);
-  if (!any) {
+  if (!build_nhwc_fwd<M::BM, M::BN>(
+          s, w, x.v.data(), x.st, c.bias ? bf.data() : nullptr, c.bias ? bn.data() : nullptr,
+          c.bn ? scale.data() : nullptr, c.bn ? shift.data() : nullptr, y.data(), p, grid)) {
     std::printf("%s: nothing to launch\n", c.name);
     ++failures;
     return;
@@ -138,73 +230,51 @@ void run_case(const Case& c) {
   std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
   T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
   T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
-  std::vector<float> staged(M::BM * M::OUT_LD_F32);
-  std::vector<double> acc(M::BM * M::BN);
-  int stage_faults = 0;
+  int bad = 0;
   for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
     ++blocks;
     std::vector<NhwcFwdProblem<T, L>> probs;
     for (int tid = 0; tid < M::THREADS; ++tid)
       probs.push_back(nhwc_fwd_problem<T, M, L>(p, b, grid.x, grid.y, tid));
-    std::fill(acc.begin(), acc.end(), 0.0);
-    // as the kernel (gemm_mainloop): the phases in order, empty ones skipped, BK-deep k-tiles
     const auto& p0 = probs[0];
+    std::vector<double> acc(M::BM * M::BN, 0.0);
+    // as the kernel (gemm_mainloop): the phases in order, empty ones skipped, BK-deep k-tiles
     for (int ph = 0; ph < p0.num_phases(); ++ph)
       for (int k0 = 0; k0 < p0.phase_len(ph); k0 += M::BK) {
-        ++k_tiles;
-        for (int i = 0; i < L::STAGE; ++i) As[i] = nan;
-        for (int tid = 0; tid < M::THREADS; ++tid) {
-          L::load_a(As, probs[tid].tile_a(ph, k0), tid);
-          L::load_b(Bs, probs[tid].tile_b(ph, k0), tid);
-        }
-        for (int i = 0; i < L::STAGE; ++i)
-          if (std::isnan(to_f(As[i])) && stage_faults++ < 5)
-            std::printf("  %s: block %lld, phase %d, k0 %d: stage element %d is NaN\n", c.name,
-                        (long long)b, ph, k0, i);
-        // Each stage element against its definition: reduction index j = (kh * KW + kw) * cp
-        // + channel of the phase, zero past the phase, the padding, the pixels, the rows.
+        // A(m, k): x at the pixel tap (kh, kw) of output pixel m0 + m reads, channel c_off + c,
+        // for reduction index k0 + k = (kh * KW + kw) * cp + c; zero past the phase, in the
+        // padding and past the last pixel.  B(k, n): the weight of row n0 + n there.
         const NhwcPhase& f = p0.s.ph[ph];
-        for (int k = 0; k < M::BK; ++k) {
-          const int64_t j = k0 + k, tap = j / f.cp, ch = f.c_off + j % f.cp;
-          const int kh = static_cast<int>(tap / c.KW), kw = static_cast<int>(tap % c.KW);
-          const bool k_in = j < p0.phase_len(ph);
-          for (int m = 0; m < M::BM; ++m) {
-            const int64_t pix = p0.m0 + m, n = pix / (Ho * Wo), r = pix % (Ho * Wo);
-            const int64_t hi = r / Wo * c.sh - c.ph + kh * c.dh;
-            const int64_t wi = r % Wo * c.sw - c.pw + kw * c.dw;
-            const bool in = k_in && pix < P && hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
-            const double want = in ? X[((n * c.H + hi) * c.W + wi) * I + ch] : 0.0;
-            if (!(to_f(L::a_at(As, m, k)) == want) && stage_faults++ < 5)
-              std::printf("  %s: block %lld, k0 %d: A(%d, %d) = %g, want %g\n", c.name,
-                          (long long)b, k0, m, k, to_f(L::a_at(As, m, k)), want);
-          }
-          for (int nn = 0; nn < M::BN; ++nn) {
-            const bool in = k_in && p0.n0 + nn < p0.s.rows;
-            const int64_t o = p0.s.col0 + p0.n0 + nn;
-            const double want = in ? Wd[(o * KK + tap) * I + ch] : 0.0;
-            if (!(to_f(L::b_at(Bs, k, nn)) == want) && stage_faults++ < 5)
-              std::printf("  %s: block %lld, k0 %d: B(%d, %d) = %g, want %g\n", c.name,
-                          (long long)b, k0, k, nn, to_f(L::b_at(Bs, k, nn)), want);
-          }
-        }
-        for (int m = 0; m < M::BM; ++m)
-          for (int k = 0; k < M::BK; ++k) {
-            const double a = to_f(L::a_at(As, m, k));
-            if (a == 0.0) continue;
-            for (int n = 0; n < M::BN; ++n) acc[m * M::BN + n] += a * to_f(L::b_at(Bs, k, n));
-          }
+        auto tap_of = [&](int k, int64_t& tap, int64_t& ch) {
+          tap = (k0 + k) / f.cp;
+          ch = f.c_off + (k0 + k) % f.cp;
+          return k0 + k < p0.phase_len(ph);
+        };
+        auto want_a = [&](int m, int k) {
+          int64_t tap, ch;
+          const bool k_in = tap_of(k, tap, ch);
+          const int64_t pix = p0.m0 + m, n = pix / (Ho * Wo), r = pix % (Ho * Wo);
+          const int64_t hi = r / Wo * c.sh - c.ph + tap / c.KW * c.dh;
+          const int64_t wi = r % Wo * c.sw - c.pw + tap % c.KW * c.dw;
+          const bool in = k_in && pix < P && hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
+          return in ? x.at(n, hi, wi, ch) : 0.0;
+        };
+        auto want_b = [&](int k, int n) {
+          int64_t tap, ch;
+          const bool in = tap_of(k, tap, ch) && p0.n0 + n < p0.s.rows;
+          return in ? Wd[((p0.s.col0 + p0.n0 + n) * KK + tap) * I + ch] : 0.0;
+        };
+        bad += copy_stage<M, L>(As, Bs, probs, ph, k0, want_a, want_b,
+                                std::string(c.name) + ", block " + std::to_string(b));
+        multiply_stage<M, L>(As, Bs, acc, nullptr);
       }
-    // as the kernel: the accumulators staged as fp32, then every thread's write-out
-    for (int m = 0; m < M::BM; ++m)
-      for (int n = 0; n < M::BN; ++n)
-        staged[m * M::OUT_LD_F32 + n] = static_cast<float>(acc[m * M::BN + n]);
+    // as the kernel: the staged accumulators, then every thread's write-out
+    const std::vector<float> staged = staged_f32<M>(acc);
     for (int tid = 0; tid < M::THREADS; ++tid)
       nhwc_fwd_write_out<T, M>(p, p0.s, staged.data(), p0.m0, p0.n0, tid);
   }
-  if (stage_faults) ++failures;
 
   // float64 reference: y[pixel, o] = bn(bias + sum over taps and channels), rounded to T.
-  int bad = 0;
   for (int64_t n = 0; n < c.batch; ++n)
     for (int64_t ho = 0; ho < Ho; ++ho)
       for (int64_t wo = 0; wo < Wo; ++wo)
@@ -215,25 +285,16 @@ void run_case(const Case& c) {
               const int64_t hi = ho * c.sh - c.ph + kh * c.dh, wi = wo * c.sw - c.pw + kw * c.dw;
               if (hi < 0 || hi >= c.H || wi < 0 || wi >= c.W) continue;
               for (int64_t ch = 0; ch < I; ++ch)
-                v += X[((n * c.H + hi) * c.W + wi) * I + ch] *
-                     Wd[(o * KK + kh * c.KW + kw) * I + ch];
+                v += x.at(n, hi, wi, ch) * Wd[(o * KK + kh * c.KW + kw) * I + ch];
             }
           if (c.bn && o < O_f) v = v * scale[o] + shift[o];
           const int64_t pix = (n * Ho + ho) * Wo + wo;
           const float got = to_f(y[pix * O + o]);
-          const float want = to_f(from_f<T>(static_cast<float>(v)));
-          ++compared;
-          if (!(got == want) && bad++ < 5)
+          if (differs<T>(got, v) && bad++ < 5)
             std::printf("  %s: y[pixel %lld, channel %lld] = %g, want %g\n", c.name,
-                        (long long)pix, (long long)o, got, want);
+                        (long long)pix, (long long)o, got, v);
         }
-  for (size_t i = P * O; i < y.size(); ++i)
-    if (!std::isnan(to_f(y[i])) && bad++ < 5)
-      std::printf("  %s: written past y's end (element %zu)\n", c.name, i);
-  if (bad) {
-    ++failures;
-    std::printf("%s: %d mismatches\n", c.name, bad);
-  }
+  finish_case(c.name, y, P * O, bad);
 }
 
 // ---- the input gradient -------------------------------------------------------------------
@@ -258,21 +319,9 @@ void run_dx_case(const DxCase& c) {
   const int64_t Ho = out_size(c.H, c.KH, c.sh, c.ph, c.dh);
   const int64_t Wo = out_size(c.W, c.KW, c.sw, c.pw, c.dw);
   const int64_t Q = c.batch * c.H * c.W;
-  std::mt19937 rng(5);
-  auto rnd = [&]() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); };
+  SmallInts rnd(5);
   const T nan = from_f<T>(NAN);
-
-  const Strides4 sdy{Ho * (Wo * (O + 8) + 8) + 16, 1, Wo * (O + 8) + 8, O + 8};
-  std::vector<T> dy(c.batch * sdy.n + 64, nan);
-  std::vector<double> DY(c.batch * Ho * Wo * O);
-  for (int64_t n = 0; n < c.batch; ++n)
-    for (int64_t h = 0; h < Ho; ++h)
-      for (int64_t w = 0; w < Wo; ++w)
-        for (int64_t o = 0; o < O; ++o) {
-          const double v = rnd();
-          DY[((n * Ho + h) * Wo + w) * O + o] = v;
-          dy[n * sdy.n + h * sdy.h + w * sdy.w + o] = from_f<T>(v);
-        }
+  const NhwcTensor<T> dy(c.batch, Ho, Wo, O, true, rnd);
   // Transposed weights (channels, KK, rows); Wd the dense (O, KK, I) with the staircase zeros.
   std::vector<T> wf(I_f * KK * O_f + 8, nan), wn(I * KK * o_T + 8, nan),
       wc((I - I_f) * KK * O_f + 8, nan);
@@ -292,9 +341,8 @@ void run_dx_case(const DxCase& c) {
         wn[(ch * KK + t) * o_T + o] = from_f<T>(Wd[((O_f + o) * KK + t) * I + ch] = rnd());
   std::vector<T> dx(Q * I + 64, nan);
 
-  ConvShape s{};
-  s.dtype = std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
-  s.geo = {c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh, c.dw};
+  ConvShape s = shape_of<T>(c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh,
+                            c.dw);
   s.in_channels = I, s.frozen_in = I_f, s.frozen_out = O_f, s.new_out = o_T;
   s.num_frozen_groups = static_cast<int>(c.groups.size());
   s.frozen_out_groups = c.groups.data();
@@ -302,7 +350,7 @@ void run_dx_case(const DxCase& c) {
   const ConvWeights wt{wf.data(), wn.data(), c.coupled ? wc.data() : nullptr};
   NhwcDxParams p;
   dim3 grid;
-  if (!build_nhwc_dx<M::BM, M::BN>(s, wt, dy.data(), sdy, c.need_old, dx.data(), p, grid)) {
+  if (!build_nhwc_dx<M::BM, M::BN>(s, wt, dy.v.data(), dy.st, c.need_old, dx.data(), p, grid)) {
     std::printf("%s: nothing to launch\n", c.name);
     ++failures;
     return;
@@ -310,69 +358,47 @@ void run_dx_case(const DxCase& c) {
   std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
   T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
   T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
-  std::vector<float> staged(M::BM * M::OUT_LD_F32);
-  std::vector<double> acc(M::BM * M::BN);
-  int stage_faults = 0;
+  int bad = 0;
   for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
     ++blocks;
     std::vector<NhwcDxProblem<T, L>> probs;
     for (int tid = 0; tid < M::THREADS; ++tid)
       probs.push_back(nhwc_dx_problem<T, M, L>(p, b, grid.x, grid.y, tid));
     const auto& p0 = probs[0];
-    std::fill(acc.begin(), acc.end(), 0.0);
+    std::vector<double> acc(M::BM * M::BN, 0.0);
     for (int ph = 0; ph < p0.num_phases(); ++ph)  // as the kernel (gemm_mainloop)
       for (int k0 = 0; k0 < p0.phase_len(ph); k0 += M::BK) {
-        ++k_tiles;
-        for (int i = 0; i < L::STAGE; ++i) As[i] = nan;
-        for (int tid = 0; tid < M::THREADS; ++tid) {
-          L::load_a(As, probs[tid].tile_a(ph, k0), tid);
-          L::load_b(Bs, probs[tid].tile_b(ph, k0), tid);
-        }
-        // Each element against its definition: j = (kh * KW + kw) * rows + o of the phase.
+        // Reduction index k0 + k = (kh * KW + kw) * rows + o over the phase's rows (output
+        // channels o0 + o).  A(m, k): dy at the output pixel that reads input pixel m0 + m
+        // through the tap, zero where none does; B(k, n): the weight there of channel c0 + n,
+        // zero past the phase's channel limit.
         const int rows = p0.phase_rows(ph);
         const int64_t o0 = ph == 0 ? O_f : (p0.old ? p.g_row0[ph - 1] : 0);
-        const int64_t lim = ph > 0 && p0.old ? std::min<int64_t>(p.g_kend[ph - 1], p0.c_end)
-                                             : p0.c_end;
-        for (int k = 0; k < M::BK; ++k) {
+        const int64_t lim =
+            ph > 0 && p0.old ? std::min<int64_t>(p.g_kend[ph - 1], p0.c_end) : p0.c_end;
+        auto want_a = [&](int m, int k) {
           const int64_t j = k0 + k, tap = j / rows, o = o0 + j % rows;
-          const int64_t kh = tap / c.KW, kw = tap % c.KW;
-          const bool k_in = j < p0.phase_len(ph);
-          for (int m = 0; m < M::BM; ++m) {
-            const int64_t q = p0.m0 + m, n = q / (c.H * c.W), hw = q % (c.H * c.W);
-            const int64_t th = hw / c.W + c.ph - kh * c.dh, tw = hw % c.W + c.pw - kw * c.dw;
-            const bool in = k_in && q < Q && th >= 0 && tw >= 0 && th % c.sh == 0 &&
-                            tw % c.sw == 0 && th / c.sh < Ho && tw / c.sw < Wo;
-            const double want = in ? DY[((n * Ho + th / c.sh) * Wo + tw / c.sw) * O + o] : 0.0;
-            const double got = to_f(L::a_at(As, m, k));
-            if (!(got == want) && stage_faults++ < 5)
-              std::printf("  %s: block %lld, phase %d, k0 %d: A(%d, %d) = %g, want %g\n",
-                          c.name, (long long)b, ph, k0, m, k, got, want);
-          }
-          for (int nn = 0; nn < M::BN; ++nn) {
-            const int64_t ch = p0.c0 + nn;
-            const double want = k_in && ch < lim ? Wd[(o * KK + tap) * I + ch] : 0.0;
-            const double got = to_f(L::b_at(Bs, k, nn));
-            if (!(got == want) && stage_faults++ < 5)
-              std::printf("  %s: block %lld, phase %d, k0 %d: B(%d, %d) = %g, want %g\n",
-                          c.name, (long long)b, ph, k0, k, nn, got, want);
-          }
-        }
-        for (int m = 0; m < M::BM; ++m)
-          for (int k = 0; k < M::BK; ++k) {
-            const double a = to_f(L::a_at(As, m, k));
-            if (a == 0.0) continue;
-            for (int n = 0; n < M::BN; ++n) acc[m * M::BN + n] += a * to_f(L::b_at(Bs, k, n));
-          }
+          const int64_t q = p0.m0 + m, n = q / (c.H * c.W), hw = q % (c.H * c.W);
+          const int64_t th = hw / c.W + c.ph - tap / c.KW * c.dh;
+          const int64_t tw = hw % c.W + c.pw - tap % c.KW * c.dw;
+          const bool in = j < p0.phase_len(ph) && q < Q && th >= 0 && tw >= 0 &&
+                          th % c.sh == 0 && tw % c.sw == 0 && th / c.sh < Ho && tw / c.sw < Wo;
+          return in ? dy.at(n, th / c.sh, tw / c.sw, o) : 0.0;
+        };
+        auto want_b = [&](int k, int nn) {
+          const int64_t j = k0 + k, tap = j / rows, o = o0 + j % rows, ch = p0.c0 + nn;
+          return j < p0.phase_len(ph) && ch < lim ? Wd[(o * KK + tap) * I + ch] : 0.0;
+        };
+        bad += copy_stage<M, L>(As, Bs, probs, ph, k0, want_a, want_b,
+                                std::string(c.name) + ", block " + std::to_string(b) +
+                                    ", phase " + std::to_string(ph));
+        multiply_stage<M, L>(As, Bs, acc, nullptr);
       }
-    for (int m = 0; m < M::BM; ++m)  // as the kernel: staged, then every thread's write-out
-      for (int n = 0; n < M::BN; ++n)
-        staged[m * M::OUT_LD_F32 + n] = static_cast<float>(acc[m * M::BN + n]);
+    const std::vector<float> staged = staged_f32<M>(acc);  // as the kernel
     for (int tid = 0; tid < M::THREADS; ++tid)
       nhwc_dx_write_out<T, M>(p, p0.m0, p0.c0, p0.c_end, staged.data(), tid);
   }
-  if (stage_faults) ++failures;
 
-  int bad = 0;
   for (int64_t n = 0; n < c.batch; ++n)
     for (int64_t h = 0; h < c.H; ++h)
       for (int64_t w = 0; w < c.W; ++w)
@@ -386,24 +412,15 @@ void run_dx_case(const DxCase& c) {
                     if (ho * c.sh - c.ph + kh * c.dh != h || wo * c.sw - c.pw + kw * c.dw != w)
                       continue;
                     for (int64_t o = 0; o < O; ++o)
-                      v += DY[((n * Ho + ho) * Wo + wo) * O + o] *
-                           Wd[(o * KK + kh * c.KW + kw) * I + ch];
+                      v += dy.at(n, ho, wo, o) * Wd[(o * KK + kh * c.KW + kw) * I + ch];
                   }
           const int64_t q = (n * c.H + h) * c.W + w;
           const float got = to_f(dx[q * I + ch]);
-          const float want = to_f(from_f<T>(static_cast<float>(v)));
-          ++compared;
-          if (!(got == want) && bad++ < 5)
+          if (differs<T>(got, v) && bad++ < 5)
             std::printf("  %s: dx[pixel %lld, channel %lld] = %g, want %g\n", c.name,
-                        (long long)q, (long long)ch, got, want);
+                        (long long)q, (long long)ch, got, v);
         }
-  for (size_t i = Q * I; i < dx.size(); ++i)
-    if (!std::isnan(to_f(dx[i])) && bad++ < 5)
-      std::printf("  %s: written past dx's end (element %zu)\n", c.name, i);
-  if (bad) {
-    ++failures;
-    std::printf("%s: %d mismatches\n", c.name, bad);
-  }
+  finish_case(c.name, dx, Q * I, bad);
 }
 
 // ---- the weight gradient ------------------------------------------------------------------
@@ -427,91 +444,69 @@ void run_dw_case(const DwCase& c) {
   const int64_t Ho = out_size(c.H, c.KH, c.sh, c.ph, c.dh);
   const int64_t Wo = out_size(c.W, c.KW, c.sw, c.pw, c.dw);
   const int64_t P = c.batch * Ho * Wo, N = KK * c.n_ch;
-  std::mt19937 rng(3);
-  auto rnd = [&]() { return static_cast<double>(static_cast<int>(rng() % 5) - 2); };
+  SmallInts rnd(3);
   const T nan = from_f<T>(NAN);
-  const Strides4 sx{c.H * (c.W * (I + 8) + 8) + 16, 1, c.W * (I + 8) + 8, I + 8};
-  std::vector<T> x(c.batch * sx.n + 64, nan);
-  std::vector<double> X(c.batch * c.H * c.W * I);
-  for (int64_t n = 0; n < c.batch; ++n)
-    for (int64_t h = 0; h < c.H; ++h)
-      for (int64_t w = 0; w < c.W; ++w)
-        for (int64_t ch = 0; ch < I; ++ch)
-          x[n * sx.n + h * sx.h + w * sx.w + ch] =
-              from_f<T>(X[((n * c.H + h) * c.W + w) * I + ch] = rnd());
-  const Strides4 sdy{Ho * Wo * O, 1, Wo * O, O};
-  std::vector<T> dy(P * O + 64, nan);
-  std::vector<double> DY(P * O);
-  for (int64_t i = 0; i < P * O; ++i) dy[i] = from_f<T>(DY[i] = rnd());
+  const NhwcTensor<T> x(c.batch, c.H, c.W, I, true, rnd);
+  const NhwcTensor<T> dy(c.batch, Ho, Wo, O, false, rnd);  // the plain (pixels, O) matrix
   std::vector<T> out(c.m * N + 64, nan), db(c.m + 64, nan);
 
-  const ConvGeometry g{c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh, c.dw};
+  const ConvShape s = shape_of<T>(c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw,
+                                  c.dh, c.dw);
   const ConvWeightGradPlan plan = plan_nhwc_dw<M::BM, M::BN, M::BK>(P, c.m, N, c.num_sms);
   std::vector<float> ws(plan.workspace_bytes / sizeof(float) + 1, NAN);
   NhwcDwParams p;
   dim3 grid;
-  if (!build_nhwc_dw<M::BM, M::BN>(g, dy.data(), sdy, c.dy_c0, c.m, x.data(), sx, c.x_c0,
-                                   c.n_ch, out.data(), c.db ? db.data() : nullptr, plan,
+  if (!build_nhwc_dw<M::BM, M::BN>(s.geo, dy.v.data(), dy.st, c.dy_c0, c.m, x.v.data(), x.st,
+                                   c.x_c0, c.n_ch, out.data(), c.db ? db.data() : nullptr, plan,
                                    ws.data(), p, grid)) {
     std::printf("%s: nothing to launch\n", c.name);
     ++failures;
     return;
   }
+  if ((plan.splits > 1) != (c.num_sms > 1)) {
+    std::printf("%s: %d splits (num_sms %d)\n", c.name, plan.splits, c.num_sms);
+    ++failures;
+  }
   std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
   T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
   T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
-  std::vector<float> staged(M::BM * M::OUT_LD_F32);
-  std::vector<T> staged_t(M::BM * M::OUT_LD);
-  std::vector<double> acc(M::BM * M::BN), colsum(M::BM);
-  int stage_faults = 0;
+  // Output pixel p's image and position, and what tap j of it reads (false: the padding).
+  auto pixel = [&](int64_t pix, int64_t& n, int64_t& ho, int64_t& wo) {
+    n = pix / (Ho * Wo), ho = pix % (Ho * Wo) / Wo, wo = pix % Wo;
+  };
+  auto reads = [&](int64_t ho, int64_t wo, int64_t tap, int64_t& hi, int64_t& wi) {
+    hi = ho * c.sh - c.ph + tap / c.KW * c.dh;
+    wi = wo * c.sw - c.pw + tap % c.KW * c.dw;
+    return hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
+  };
+  int bad = 0;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {  // as the kernel: its first lines
         ++blocks;
         const int m0 = bx * M::BM, n0 = by * M::BN, split = bz;
         std::vector<NhwcDwProblem<T, L>> probs;
-        for (int tid = 0; tid < M::THREADS; ++tid)
-          probs.emplace_back(p, m0, n0, split, tid);
+        for (int tid = 0; tid < M::THREADS; ++tid) probs.emplace_back(p, m0, n0, split, tid);
         const auto& p0 = probs[0];
-        std::fill(acc.begin(), acc.end(), 0.0);
-        std::fill(colsum.begin(), colsum.end(), 0.0);
+        std::vector<double> acc(M::BM * M::BN, 0.0), colsum(M::BM, 0.0);
         for (int k0 = 0; k0 < p0.phase_len(0); k0 += M::BK) {  // as gemm_mainloop
-          ++k_tiles;
-          for (int i = 0; i < L::STAGE; ++i) As[i] = nan;
-          for (int tid = 0; tid < M::THREADS; ++tid) {
-            L::load_a(As, probs[tid].tile_a(0, k0), tid);
-            L::load_b(Bs, probs[tid].tile_b(0, k0), tid);
-          }
-          for (int k = 0; k < M::BK; ++k) {
+          // A(m, k) = dy[pixel r0 + k0 + k, dy_c0 + m0 + m]; B(k, n) = x where that pixel's tap
+          // reads, channel x_c0 + c, for column n0 + n = tap * n_ch + c; zero past the split.
+          auto want_a = [&](int m, int k) {
             const int64_t pix = p0.r0 + k0 + k;
-            const bool k_in = k0 + k < p0.len;
-            const int64_t n = pix / (Ho * Wo), ho = pix % (Ho * Wo) / Wo, wo = pix % Wo;
-            for (int m = 0; m < M::BM; ++m) {
-              const double want = k_in && m0 + m < c.m ? DY[pix * O + c.dy_c0 + m0 + m] : 0.0;
-              const double got = to_f(L::a_at(As, m, k));
-              if (!(got == want) && stage_faults++ < 5)
-                std::printf("  %s: block (%d, %d, %d), k0 %d: A(%d, %d) = %g, want %g\n",
-                            c.name, bx, by, bz, k0, m, k, got, want);
-            }
-            for (int nn = 0; nn < M::BN; ++nn) {
-              const int64_t j = n0 + nn, tap = j / c.n_ch, ch = c.x_c0 + j % c.n_ch;
-              const int64_t hi = ho * c.sh - c.ph + tap / c.KW * c.dh;
-              const int64_t wi = wo * c.sw - c.pw + tap % c.KW * c.dw;
-              const bool in = k_in && j < N && hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
-              const double want = in ? X[((n * c.H + hi) * c.W + wi) * I + ch] : 0.0;
-              const double got = to_f(L::b_at(Bs, k, nn));
-              if (!(got == want) && stage_faults++ < 5)
-                std::printf("  %s: block (%d, %d, %d), k0 %d: B(%d, %d) = %g, want %g\n",
-                            c.name, bx, by, bz, k0, k, nn, got, want);
-            }
-          }
-          for (int m = 0; m < M::BM; ++m)
-            for (int k = 0; k < M::BK; ++k) {
-              const double a = to_f(L::a_at(As, m, k));
-              colsum[m] += a;
-              if (a == 0.0) continue;
-              for (int n = 0; n < M::BN; ++n) acc[m * M::BN + n] += a * to_f(L::b_at(Bs, k, n));
-            }
+            return k0 + k < p0.len && m0 + m < c.m ? dy.d[pix * O + c.dy_c0 + m0 + m] : 0.0;
+          };
+          auto want_b = [&](int k, int nn) {
+            const int64_t j = n0 + nn, tap = j / c.n_ch;
+            int64_t n, ho, wo, hi, wi;
+            pixel(p0.r0 + k0 + k, n, ho, wo);
+            const bool in = k0 + k < p0.len && j < N && reads(ho, wo, tap, hi, wi);
+            return in ? x.at(n, hi, wi, c.x_c0 + j % c.n_ch) : 0.0;
+          };
+          bad += copy_stage<M, L>(As, Bs, probs, 0, k0, want_a, want_b,
+                                  std::string(c.name) + ", block (" + std::to_string(bx) + ", " +
+                                      std::to_string(by) + ", " + std::to_string(bz) + ")");
+          multiply_stage<M, L>(As, Bs, acc, &colsum);
         }
         // as the kernel (dw_epilogue): db from the first column of blocks, then the staged tile
         const int64_t mn = static_cast<int64_t>(p.m) * p.n;
@@ -521,11 +516,11 @@ void run_dw_case(const DwCase& c) {
                 static_cast<float>(colsum[m]);
             else db[m0 + m] = from_f<T>(static_cast<float>(colsum[m]));
           }
+        const std::vector<float> staged = staged_f32<M>(acc);
+        std::vector<T> staged_t(M::BM * M::OUT_LD);
         for (int m = 0; m < M::BM; ++m)
-          for (int n = 0; n < M::BN; ++n) {
-            staged[m * M::OUT_LD_F32 + n] = static_cast<float>(acc[m * M::BN + n]);
-            staged_t[m * M::OUT_LD + n] = from_f<T>(static_cast<float>(acc[m * M::BN + n]));
-          }
+          for (int n = 0; n < M::BN; ++n)
+            staged_t[m * M::OUT_LD + n] = from_f<T>(staged[m * M::OUT_LD_F32 + n]);
         for (int tid = 0; tid < M::THREADS; ++tid)
           dw_write_out<T, M>(p, p.splits > 1 ? static_cast<const void*>(staged.data())
                                              : static_cast<const void*>(staged_t.data()),
@@ -545,47 +540,30 @@ void run_dw_case(const DwCase& c) {
         db[j] = from_f<T>(sum);
       }
   }
-  if (stage_faults) ++failures;
-  if ((plan.splits > 1) != (c.num_sms > 1)) {
-    std::printf("%s: %d splits (num_sms %d)\n", c.name, plan.splits, c.num_sms);
-    ++failures;
-  }
 
-  int bad = 0;
   for (int64_t o = 0; o < c.m; ++o) {
     for (int64_t tap = 0; tap < KK; ++tap)
       for (int64_t ch = 0; ch < c.n_ch; ++ch) {
         double v = 0.0;
         for (int64_t pix = 0; pix < P; ++pix) {
-          const int64_t n = pix / (Ho * Wo), ho = pix % (Ho * Wo) / Wo, wo = pix % Wo;
-          const int64_t hi = ho * c.sh - c.ph + tap / c.KW * c.dh;
-          const int64_t wi = wo * c.sw - c.pw + tap % c.KW * c.dw;
-          if (hi < 0 || hi >= c.H || wi < 0 || wi >= c.W) continue;
-          v += DY[pix * O + c.dy_c0 + o] * X[((n * c.H + hi) * c.W + wi) * I + c.x_c0 + ch];
+          int64_t n, ho, wo, hi, wi;
+          pixel(pix, n, ho, wo);
+          if (reads(ho, wo, tap, hi, wi))
+            v += dy.d[pix * O + c.dy_c0 + o] * x.at(n, hi, wi, c.x_c0 + ch);
         }
         const float got = to_f(out[(o * KK + tap) * c.n_ch + ch]);
-        const float want = to_f(from_f<T>(static_cast<float>(v)));
-        ++compared;
-        if (!(got == want) && bad++ < 5)
+        if (differs<T>(got, v) && bad++ < 5)
           std::printf("  %s: dW[%lld, tap %lld, %lld] = %g, want %g\n", c.name, (long long)o,
-                      (long long)tap, (long long)ch, got, want);
+                      (long long)tap, (long long)ch, got, v);
       }
     if (c.db) {
       double v = 0.0;
-      for (int64_t pix = 0; pix < P; ++pix) v += DY[pix * O + c.dy_c0 + o];
-      const float got = to_f(db[o]), want = to_f(from_f<T>(static_cast<float>(v)));
-      ++compared;
-      if (!(got == want) && bad++ < 5)
-        std::printf("  %s: db[%lld] = %g, want %g\n", c.name, (long long)o, got, want);
+      for (int64_t pix = 0; pix < P; ++pix) v += dy.d[pix * O + c.dy_c0 + o];
+      if (differs<T>(to_f(db[o]), v) && bad++ < 5)
+        std::printf("  %s: db[%lld] = %g, want %g\n", c.name, (long long)o, to_f(db[o]), v);
     }
   }
-  for (size_t i = c.m * N; i < out.size(); ++i)
-    if (!std::isnan(to_f(out[i])) && bad++ < 5)
-      std::printf("  %s: written past dW's end (element %zu)\n", c.name, i);
-  if (bad) {
-    ++failures;
-    std::printf("%s: %d mismatches\n", c.name, bad);
-  }
+  finish_case(c.name, out, c.m * N, bad);
 }
 
 }  // namespace

@@ -84,6 +84,14 @@ struct NhwcTensor {
   }
 };
 
+// One pipeline stage's shared memory, 16-byte aligned, on the host.
+template <class L, typename T>
+struct Stage {
+  std::vector<uint4> raw = std::vector<uint4>((L::STAGE * sizeof(T) + 15) / 16);
+  T* a() { return L::a(reinterpret_cast<unsigned char*>(raw.data()), 0); }
+  T* b() { return L::b(reinterpret_cast<unsigned char*>(raw.data()), 0); }
+};
+
 // One stage as the kernel copies it (every thread's Layout::load_a / load_b; cp.async is a
 // plain or zero-filling 16-byte copy on the host), from NaN, then every element of A and B
 // against its definition, want_a(m, k) and want_b(k, n).  Returns the mismatches (the first
@@ -227,9 +235,9 @@ void run_case(const Case& c) {
     return;
   }
 
-  std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
-  T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
-  T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  Stage<L, T> stage;
+  T* const As = stage.a();
+  T* const Bs = stage.b();
   int bad = 0;
   for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
     ++blocks;
@@ -355,9 +363,9 @@ void run_dx_case(const DxCase& c) {
     ++failures;
     return;
   }
-  std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
-  T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
-  T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  Stage<L, T> stage;
+  T* const As = stage.a();
+  T* const Bs = stage.b();
   int bad = 0;
   for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
     ++blocks;
@@ -467,9 +475,9 @@ void run_dw_case(const DwCase& c) {
     std::printf("%s: %d splits (num_sms %d)\n", c.name, plan.splits, c.num_sms);
     ++failures;
   }
-  std::vector<uint4> raw((L::STAGE * sizeof(T) + 15) / 16);
-  T* As = L::a(reinterpret_cast<unsigned char*>(raw.data()), 0);
-  T* Bs = L::b(reinterpret_cast<unsigned char*>(raw.data()), 0);
+  Stage<L, T> stage;
+  T* const As = stage.a();
+  T* const Bs = stage.b();
   // Output pixel p's image and position, and what tap j of it reads (false: the padding).
   auto pixel = [&](int64_t pix, int64_t& n, int64_t& ho, int64_t& wo) {
     n = pix / (Ho * Wo), ho = pix % (Ho * Wo) / Wo, wo = pix % Wo;

@@ -76,7 +76,7 @@ def _reference(ctx, exp_f, exp_fb, what):
 
 def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb, ref,
                          triton_variant=None, mixed=False, dx_split=False, swizzle=False,
-                         auto_variant=None):
+                         auto_variant=None, conv=False):
     """Every backend after the first (torch, measured before the peers), the compiled
     extension last, so that a faulty kernel's sticky CUDA error ends the section and not the
     other rows; then the extension on its WMMA path.  ``triton_variant`` (a _measure_triton_*
@@ -102,6 +102,9 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
     if variants:
         _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f,
                                     v_fb)
+        if conv:
+            _measure_cuda_conv_pixel_gathers(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref,
+                                             v_f, v_fb)
 
 
 def _expanse_host_profiles(ctx, backends, variant, exp_fb):
@@ -212,6 +215,16 @@ def _measure_cuda_deep_k(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f=
     _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
                           "-k128x2", "EXPANSE_FAST_CUDA_PIPELINE", "k128x2",
                           "two stages of 128-wide k-tiles")
+
+
+def _measure_cuda_conv_pixel_gathers(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref,
+                                     v_f="fwd", v_fb="fwd+bwd"):
+    """The conv's NCHW kernels (pixel-by-pixel gathers, channels_last operands copied to
+    NCHW) beside the default NHWC implicit GEMMs on the linear kernels' pipeline: what the
+    NHWC rewrite gained, in the same run."""
+    _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
+                          "-pixelgathers", "EXPANSE_FAST_CUDA_CONV_NHWC", "0",
+                          "the NCHW kernels' pixel-by-pixel gathers")
 
 
 def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,

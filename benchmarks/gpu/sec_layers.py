@@ -195,7 +195,8 @@ def sec_conv(ctx):
                                              if fmt_name == "nchw"
                                              else _measure_triton_conv_without_tma),
                              dx_split=True, auto_variant=(_measure_auto_y_transposed
-                                                          if fmt_name == "nchw" else None))
+                                                          if fmt_name == "nchw" else None),
+                             conv=True)
         # last, after every timed row: where the host's time for one call goes
         _expanse_host_profiles(ctx, backends, v_fb, exp_fb)
         _host_profiles(ctx, v_fb, [("peer/masked", masked_fb)])

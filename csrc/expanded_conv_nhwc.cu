@@ -32,11 +32,31 @@ namespace {
 template <typename T>
 using NhwcMath = WgmmaMath<T, false, 64, 4, 128>;
 
+// n / d for 0 <= n < 2^31 by a multiply and a shift (Hacker's Delight, 10-9), d >= 1.
+struct FastDiv {
+  uint32_t d, mul, shift;
+  __host__ __device__ static FastDiv of(uint32_t d) {
+    uint32_t shift = 0;
+    while ((uint64_t{1} << shift) < d) ++shift;
+    const uint64_t mul = ((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1;
+    return {d, static_cast<uint32_t>(mul), shift};
+  }
+  __host__ __device__ uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t t = __umulhi(n, mul);
+#else
+    const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * mul) >> 32);
+#endif
+    return (t + n) >> shift;
+  }
+};
+
 // One phase of a segment: weight rows (rows, KH, KW, cw) starting at the segment's first row;
 // the phase reads channels [0, cp) of each tap of them, against x's channels [c_off, c_off + cp).
 struct NhwcPhase {
   const void* w;
   int cw, cp, c_off;
+  FastDiv by_cp;  // (a reduction index's tap: j / cp)
 };
 
 // One output segment (an output group): channels [col0, col0 + rows) of y.
@@ -50,7 +70,7 @@ struct NhwcSeg {
 
 // Frozen groups a launch carries: few enough that the parameters stay within the classic
 // 4 KB of kernel arguments (more groups take the NCHW kernels).
-constexpr int kNhwcMaxFrozenGroups = 40;
+constexpr int kNhwcMaxFrozenGroups = 32;
 
 struct NhwcFwdParams {
   const void* x;
@@ -58,6 +78,7 @@ struct NhwcFwdParams {
   int64_t sxn, sxh, sxw;  // x's element strides (the channel stride is 1)
   int64_t pixels, hw_out, ld_y;
   int H, W, Wo, KW, KK, sh, sw, ph, pw, dh, dw;
+  FastDiv by_kw;
   int nseg;
   NhwcSeg seg[kNhwcMaxFrozenGroups + 1];
 };
@@ -108,10 +129,10 @@ struct NhwcFwdProblem {
 
   // The tap and channel of reduction index j of phase ph (j < phase_len).
   __host__ __device__ void tap_of(int ph, int j, int& kh, int& kw, int& c) const {
-    const int cp = s.ph[ph].cp;
-    const int tap = j / cp;
-    c = j - tap * cp;
-    kh = tap / p.KW;
+    const NhwcPhase& f = s.ph[ph];
+    const int tap = static_cast<int>(f.by_cp.div(static_cast<uint32_t>(j)));
+    c = j - tap * f.cp;
+    kh = static_cast<int>(p.by_kw.div(static_cast<uint32_t>(tap)));
     kw = tap - kh * p.KW;
   }
 
@@ -241,6 +262,8 @@ struct NhwcDxParams {
   int in_ch, frozen_in, frozen_out, new_out, old_tiles, need_old, ngroups;
   int g_row0[kNhwcMaxFrozenGroups], g_rows[kNhwcMaxFrozenGroups], g_kend[kNhwcMaxFrozenGroups];
   common::OldBands<kNhwcMaxFrozenGroups> bands;
+  // a reduction index's tap (j / rows) in each phase, and a tap's kh
+  FastDiv by_new_out, by_frozen_out, by_g_rows[kNhwcMaxFrozenGroups], by_kw;
 };
 static_assert(sizeof(NhwcDxParams) <= 4096, "within the classic kernel-argument limit");
 
@@ -283,6 +306,13 @@ struct NhwcDxProblem {
     return p.wt_couple != nullptr ? p.frozen_out : 0;
   }
   __host__ __device__ int phase_len(int ph) const { return p.KK * phase_rows(ph); }
+  // Reduction index j of phase ph as its tap and row: j = tap * rows + o.
+  __host__ __device__ int tap_of(int ph, int j, int& o) const {
+    const FastDiv& by = ph == 0 ? p.by_new_out : (old ? p.by_g_rows[ph - 1] : p.by_frozen_out);
+    const int tap = static_cast<int>(by.div(static_cast<uint32_t>(j)));
+    o = j - tap * static_cast<int>(by.d);
+    return tap;
+  }
 
   // A's k-tile: every chunk of this thread shares its column, hence its tap and channel.
   // (Rows by value, as in the forward.)
@@ -306,11 +336,14 @@ struct NhwcDxProblem {
   __host__ __device__ ASrc tile_a(int ph, int k0) const {
     int row, col;
     L::a_chunk(tid, 0, row, col);
-    const int j = k0 + col, n_rows = phase_rows(ph);
+    const int j = k0 + col;
     const T* dy = static_cast<const T*>(p.dy);
     ASrc a{dy, dy, rows, 0, 0, p.sh, p.sw, p.Ho, p.Wo, p.sdyh, p.sdyw, j < phase_len(ph)};
     if (!a.k_ok) return a;
-    const int tap = j / n_rows, o = j - tap * n_rows, kh = tap / p.KW, kw = tap - kh * p.KW;
+    int o;
+    const int tap = tap_of(ph, j, o);
+    const int kh = static_cast<int>(p.by_kw.div(static_cast<uint32_t>(tap)));
+    const int kw = tap - kh * p.KW;
     const int dy_c0 = ph == 0 ? p.frozen_out : (old ? p.g_row0[ph - 1] : 0);
     a.at += dy_c0 + o;
     a.oh = p.ph - kh * p.dh;
@@ -333,7 +366,7 @@ struct NhwcDxProblem {
   __host__ __device__ BSrc tile_b(int ph, int k0) const {
     int row, col;
     L::b_chunk(tid, 0, row, col);
-    const int j = k0 + col, rows = phase_rows(ph);
+    const int j = k0 + col;
     const T* wt;
     int total_rows, row0, col_off, lim;
     if (ph == 0) {
@@ -352,7 +385,8 @@ struct NhwcDxProblem {
     const int64_t ld = static_cast<int64_t>(p.KK) * total_rows;
     BSrc b{wt, wt, ld, lim - c0, j < phase_len(ph)};
     if (!b.k_ok) return b;
-    const int tap = j / rows, o = j - tap * rows;
+    int o;
+    const int tap = tap_of(ph, j, o);
     b.at = wt + (c0 - col_off) * ld + static_cast<int64_t>(tap) * total_rows + row0 + o;
     return b;
   }
@@ -397,25 +431,6 @@ conv_nhwc_dx_kernel(const __grid_constant__ NhwcDxParams p) {
 // output size with multiply-shift divisors).  dW comes out (rows, KH, KW, channels).  When few
 // output tiles would fill the GPU, the pixels split over blocks whose fp32 partials are
 // summed in a fixed order (splitk_reduce_kernel).
-
-// n / d for 0 <= n < 2^31 by a multiply and a shift (Hacker's Delight, 10-9), d >= 1.
-struct FastDiv {
-  uint32_t d, mul, shift;
-  __host__ __device__ static FastDiv of(uint32_t d) {
-    uint32_t shift = 0;
-    while ((uint64_t{1} << shift) < d) ++shift;
-    const uint64_t mul = ((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1;
-    return {d, static_cast<uint32_t>(mul), shift};
-  }
-  __host__ __device__ uint32_t div(uint32_t n) const {
-#if defined(__CUDA_ARCH__)
-    const uint32_t t = __umulhi(n, mul);
-#else
-    const uint32_t t = static_cast<uint32_t>((static_cast<uint64_t>(n) * mul) >> 32);
-#endif
-    return (t + n) >> shift;
-  }
-};
 
 struct NhwcDwParams {
   const void* dy;
@@ -526,7 +541,12 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   p.Wo = static_cast<int>(g.out_w), p.KW = g.kernel_w, p.KK = static_cast<int>(KK);
   p.sh = g.stride_h, p.sw = g.stride_w, p.ph = g.pad_h, p.pw = g.pad_w;
   p.dh = g.dil_h, p.dw = g.dil_w;
+  p.by_kw = FastDiv::of(static_cast<uint32_t>(g.kernel_w));
   const size_t es = s.dtype == DType::kFloat32 ? 4 : 2;
+  auto phase = [](const void* w, int64_t cw, int64_t cp, int64_t c_off) {
+    return NhwcPhase{w, static_cast<int>(cw), static_cast<int>(cp), static_cast<int>(c_off),
+                     FastDiv::of(static_cast<uint32_t>(std::max<int64_t>(cp, 1)))};
+  };
   int tiles = 0, n = 0;
   auto add = [&](NhwcSeg seg) {
     if (seg.rows == 0) return;
@@ -538,12 +558,10 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   for (int gi = 0; gi < s.num_frozen_groups; r0 += static_cast<int>(s.frozen_out_groups[gi++])) {
     NhwcSeg seg{};
     const auto* wf = static_cast<const unsigned char*>(w.w_frozen);
-    seg.ph[0] = {wf + r0 * KK * I_f * es, static_cast<int>(I_f),
-                 static_cast<int>(s.frozen_k_ends[gi]), 0};
+    seg.ph[0] = phase(wf + r0 * KK * I_f * es, I_f, s.frozen_k_ends[gi], 0);
     if (w.w_couple != nullptr && I > I_f) {
       const auto* wc = static_cast<const unsigned char*>(w.w_couple);
-      seg.ph[1] = {wc + r0 * KK * (I - I_f) * es, static_cast<int>(I - I_f),
-                   static_cast<int>(I - I_f), static_cast<int>(I_f)};
+      seg.ph[1] = phase(wc + r0 * KK * (I - I_f) * es, I - I_f, I - I_f, I_f);
     }
     seg.bias =
         b_frozen == nullptr ? nullptr : static_cast<const unsigned char*>(b_frozen) + r0 * es;
@@ -554,7 +572,7 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
     add(seg);
   }
   NhwcSeg seg{};
-  seg.ph[0] = {w.w_new, static_cast<int>(I), static_cast<int>(I), 0};
+  seg.ph[0] = phase(w.w_new, I, I, 0);
   seg.bias = b_new;
   seg.col0 = static_cast<int>(s.frozen_out);
   seg.rows = static_cast<int>(s.new_out);
@@ -592,11 +610,18 @@ bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
   p.new_out = static_cast<int>(s.new_out);
   p.need_old = need_dx_old ? 1 : 0;
   p.ngroups = s.num_frozen_groups;
+  const auto by = [](int64_t d) {
+    return FastDiv::of(static_cast<uint32_t>(std::max<int64_t>(d, 1)));
+  };
+  p.by_new_out = by(s.new_out);
+  p.by_frozen_out = by(s.frozen_out);
+  p.by_kw = by(g.kernel_w);
   int64_t r0 = 0;
   for (int gi = 0; gi < s.num_frozen_groups; ++gi) {
     p.g_row0[gi] = static_cast<int>(r0);
     p.g_rows[gi] = static_cast<int>(s.frozen_out_groups[gi]);
     p.g_kend[gi] = static_cast<int>(s.frozen_k_ends[gi]);
+    p.by_g_rows[gi] = by(s.frozen_out_groups[gi]);
     r0 += s.frozen_out_groups[gi];
   }
   const int64_t old_tiles =

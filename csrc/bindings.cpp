@@ -383,6 +383,15 @@ bool is_channels_last(const Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// t permuted into the order the NHWC kernels read a weight in, contiguous and starting on 16
+// bytes (their 16-byte chunks need it; a permutation that is already contiguous, as a 1 x 1
+// kernel's, would otherwise keep t's own start).
+Tensor nhwc_weight(const Tensor& t, at::IntArrayRef order) {
+  Tensor w = t.permute(order).contiguous();
+  if (reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 != 0) w = w.clone();
+  return w;
+}
+
 // A conv activation as the NHWC kernels read it: the tensor itself where it is channels_last,
 // else a channels_last copy, made on first use (the copies cost a fraction of what the NCHW
 // kernels' pixel-by-pixel gathers do).  Whether a kernel takes it is asked with the strides
@@ -400,7 +409,11 @@ class NhwcOperand {
   }
   const Tensor& get() {
     if (channels_last_) return t_;
-    if (!copy_) copy_ = t_.contiguous(at::MemoryFormat::ChannelsLast);
+    if (!copy_) {  // a fresh tensor, so that its strides and alignment are the ones checked
+      // (contiguous() would hand back a tensor that is NCHW and channels_last at once as it is)
+      copy_ = at::empty(t_.sizes(), t_.options().memory_format(at::MemoryFormat::ChannelsLast));
+      copy_->copy_(t_);
+    }
     return *copy_;
   }
 
@@ -442,7 +455,7 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
   NhwcOperand xo(x);
   if (expanse_fast::conv2d_forward_nhwc_ok(s, xo.data_for_checks(), xo.strides())) {
     // The implicit GEMM over NHWC reads the weights as (rows, KH, KW, channels).
-    const auto cl = [](const Tensor& w) { return w.permute({0, 2, 3, 1}).contiguous(); };
+    const auto cl = [](const Tensor& w) { return nhwc_weight(w, {0, 2, 3, 1}); };
     const Tensor wf = cl(w_frozen), wn = cl(w_new);
     std::optional<Tensor> wc;
     if (w_couple) wc = cl(*w_couple);
@@ -566,7 +579,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
   }
   if ((need_dx_new || need_dx_old) && dx_nhwc) {
     // The NHWC implicit GEMM reads each weight as (channels, KH, KW, rows).
-    const auto transposed = [](const Tensor& w) { return w.permute({1, 2, 3, 0}).contiguous(); };
+    const auto transposed = [](const Tensor& w) { return nhwc_weight(w, {1, 2, 3, 0}); };
     const Tensor wf = transposed(w_frozen), wn = transposed(w_new);
     std::optional<Tensor> wc;
     if (w_couple) wc = transposed(*w_couple);

@@ -259,3 +259,29 @@ def test_nchw_operands_take_the_nhwc_kernels_through_copies(dev, name):
         assert grads[0].is_contiguous(memory_format=(torch.channels_last if xx is not x
                                                      else torch.contiguous_format))
         check_conv_backward(layout, p, dy, xx, geo, dtype, grads)
+
+
+def offset_copy(t):
+    """t in storage that starts one element past an allocation: no longer 16-byte aligned."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("name", ["1x1_stride2", "3x3_coupled"])
+def test_nhwc_kernels_take_weights_that_start_anywhere(dev, name):
+    """Weights whose storage starts off 16 bytes (a 1 x 1 kernel's permuted weight is a view of
+    it): the NHWC kernels read an aligned copy, and every result matches."""
+    dtype = torch.bfloat16
+    layout, geo = DX_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    p = {k: None if v is None else (offset_copy(v) if k.startswith("w_") else v)
+         for k, v in p.items()}
+    assert all(v.data_ptr() % 16 for k, v in p.items() if k.startswith("w_") and v is not None)
+    x = channels_last_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    y = call_conv_forward(layout, p, x, geo)
+    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y (offset weights)")
+    check_conv_backward(layout, p, dy, x, geo, dtype, call_conv_backward(layout, p, dy, x, geo))

@@ -451,8 +451,8 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
   const float* scale = bn_scale ? bn_scale->data_ptr<float>() : nullptr;
   const float* shift = bn_shift ? bn_shift->data_ptr<float>() : nullptr;
   // y takes x's memory format (torch_ref.conv_memory_format: the fake implementation's rule).
-  const bool channels_last = is_channels_last(x);
   NhwcOperand xo(x);
+  const bool channels_last = xo.channels_last();
   if (expanse_fast::conv2d_forward_nhwc_ok(s, xo.data_for_checks(), xo.strides())) {
     // The implicit GEMM over NHWC reads the weights as (rows, KH, KW, channels).
     const auto cl = [](const Tensor& w) { return nhwc_weight(w, {0, 2, 3, 1}); };
@@ -538,12 +538,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
               ": dy must have shape ", at::IntArrayRef(dy_shape), ", got ", dy.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  // dx takes x's memory format (torch_ref.conv_memory_format, as the fake implementation).
-  const bool x_cl = is_channels_last(x);
   // The NHWC kernels where they qualify, on dy and x or channels_last copies of them; the NCHW
   // kernels gather along pixels, so a channels_last operand is copied to NCHW for them.  Each
   // copy is made once, and only when a kernel that reads it runs.
   NhwcOperand dyo(dy), xo(x);
+  // dx takes x's memory format (torch_ref.conv_memory_format, as the fake implementation).
+  const bool x_cl = xo.channels_last();
   std::optional<Tensor> dy_nchw, x_nchw;
   const auto pixel_major = [&](const Tensor& t, std::optional<Tensor>& copy) -> const Tensor& {
     if (!copy) copy = is_channels_last(t) ? t.contiguous() : t;

@@ -1,6 +1,7 @@
-// The expanded conv2d forward for channels_last activations (fp16/bf16 on an sm_90a build): an
-// implicit GEMM on the linear kernels' pipeline (gemm_pipeline.cuh: 16-byte cp.async copies,
-// wgmma on a 128 x 128 x 64 tile, four stages, the fp32 staged write-out).
+// The expanded conv2d's forward, input gradient and weight gradients for NHWC activations
+// (fp16/bf16 on an sm_90a build): implicit GEMMs on the linear kernels' pipeline
+// (gemm_pipeline.cuh: 16-byte cp.async copies, wgmma on a 128 x 128 x 64 tile, four stages,
+// the staged write-outs).  The forward first; the gradients below say their own GEMMs.
 //
 //   y[p, o] = sum_j X[p, j] w[o, j]      p = (n, ho, wo): output pixel, row of the GEMM
 //                                        j = (kh, kw, c): tap-major, channel innermost

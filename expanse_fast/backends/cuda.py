@@ -213,8 +213,11 @@ _fakes_registered = False
 
 def _fake_grads(x: Tensor, w_new: Tensor, w_couple: Maybe, need_dx: bool, need_dw: bool,
                 need_db: bool, need_dcouple: bool):
-    """The gradients a backward op returns, as empty tensors of their shapes (None if unasked)."""
-    return (x.new_empty(x.shape) if need_dx else None,
+    """The gradients a backward op returns, as empty tensors of their shapes (None if unasked);
+    dx in x's memory format, as the conv op returns it (a linear x's is always contiguous)."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                     memory_format=torch_ref.conv_memory_format(x)) if need_dx else None
+    return (dx,
             x.new_empty(w_new.shape) if need_dw else None,
             x.new_empty((w_new.shape[0],)) if need_db else None,
             x.new_empty(w_couple.shape) if (need_dcouple and w_couple is not None) else None)
@@ -233,12 +236,8 @@ def _register_fakes():
     @torch.library.register_fake("expanse_fast_cuda::linear_backward")
     def _bwd_fake(dy, x, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
                   need_dx_new, need_dx_old, need_dw, need_db, need_dcouple):
-        dx, dw, db, dcouple = _fake_grads(x, w_new, w_couple, False, need_dw, need_db,
-                                          need_dcouple)
-        if need_dx_new or need_dx_old:  # in x's memory format, as the op returns it
-            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                             memory_format=torch_ref.conv_memory_format(x))
-        return dx, dw, db, dcouple
+        return _fake_grads(x, w_new, w_couple, need_dx_new or need_dx_old, need_dw, need_db,
+                           need_dcouple)
 
     _register_conv_fakes()
     _fakes_registered = True

@@ -842,6 +842,24 @@ def test_conv_argument_pairs():
     assert torch_ref.conv_out_size(7, 3, 2, 1, 1) == 4
 
 
+def test_fake_gradients_keep_the_memory_format_of_x():
+    """The backward ops' fakes give dx x's memory format, as the ops do: channels_last for a
+    channels_last conv input, contiguous otherwise (linear inputs, NCHW).  (CPU: the fakes'
+    helper, without the extension.)"""
+    cl = torch.randn(2, 8, 5, 3).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 8, 3, 3)
+    dx, dw, db, dcouple = cuda._fake_grads(cl, w, None, True, True, True, True)
+    assert dx.shape == cl.shape and dx.is_contiguous(memory_format=torch.channels_last)
+    assert not dx.is_contiguous() and dw.shape == w.shape and db.shape == (4,)
+    assert dcouple is None
+    nchw = cl.contiguous()
+    assert cuda._fake_grads(nchw, w, None, True, False, False, False)[0].is_contiguous()
+    rows = torch.randn(7, 8)[:, ::2]  # a linear input, not contiguous
+    dx = cuda._fake_grads(rows, torch.randn(3, 4), None, True, False, False, False)[0]
+    assert dx.shape == rows.shape and dx.is_contiguous()
+    assert cuda._fake_grads(rows, torch.randn(3, 4), None, False, False, False, False)[0] is None
+
+
 def test_turned_off_by_the_environment(monkeypatch):
     """EXPANSE_FAST_CUDA=0 keeps the backend unusable, with that reason, and neither looks for
     a prebuilt extension nor starts a build."""

@@ -1,7 +1,8 @@
 // The expanded conv2d's forward, input gradient and weight gradients for NHWC activations
 // (fp16/bf16 on an sm_90a build): implicit GEMMs on the linear kernels' pipeline
-// (gemm_pipeline.cuh: 16-byte cp.async copies, wgmma on a 128 x 128 x 64 tile, four stages,
-// the staged write-outs).  The forward first; the gradients below say their own GEMMs.
+// (gemm_pipeline.cuh: 16-byte cp.async copies, wgmma on 128 x 128 x 64 tiles, or 128 x 64 and
+// 64 x 256 where those would idle less (NhwcNarrowMath, NhwcShortMath), four stages, the
+// staged write-outs).  The forward first; the gradients below say their own GEMMs.
 //
 //   y[p, o] = sum_j X[p, j] w[o, j]      p = (n, ho, wo): output pixel, row of the GEMM
 //                                        j = (kh, kw, c): tap-major, channel innermost
@@ -28,10 +29,30 @@
 namespace expanse_fast {
 namespace {
 
-// The tile math: two warpgroups of m64n128k16 (a block's 128 output channels; conv layers are
-// narrower than linear ones, so BN = 256 would leave more of each new group's tile idle).
+// The tile maths.  Wide: 128 x 128, two warpgroups of m64n128k16 (conv layers are narrower
+// than linear ones, so BN = 256 would leave more of each new group's tile idle).  Where an
+// extent would leave much of its last wide tile idle (a 64-channel new group: half of it),
+// narrow tiles: 128 x 64 for a forward segment's or dx's columns, 64 x 256 for the rows of
+// a weight gradient (its two warpgroups side by side, each m64n128k16 as the wide tile's).
 template <typename T>
 using NhwcMath = WgmmaMath<T, false, 64, 4, 128>;
+template <typename T>
+using NhwcNarrowMath = WgmmaMath<T, false, 64, 4, 64>;
+template <typename T>
+using NhwcShortMath = WgmmaMath<T, false, 64, 4, 256, 64>;
+
+// Whether tiles computing `narrow` cells pay against wide ones computing `wide` for the same
+// outputs: at least a quarter fewer (a narrow tile moves more operand bytes a multiply-add).
+inline bool narrow_pays(int64_t narrow, int64_t wide) { return narrow * 4 <= wide * 3; }
+// The tile width of an output segment of `rows` channels (the forward).
+inline int nhwc_seg_bn(int64_t rows) {
+  return narrow_pays(ceil_div(rows, 64) * 64, ceil_div(rows, 128) * 128) ? 64 : 128;
+}
+// Whether a weight gradient of m rows and n columns takes the 64 x 256 tiles.
+inline bool nhwc_dw_short(int64_t m, int64_t n) {
+  return narrow_pays(ceil_div(m, 64) * 64 * ceil_div(n, 256) * 256,
+                     ceil_div(m, 128) * 128 * ceil_div(n, 128) * 128);
+}
 
 // n / d for 0 <= n < 2^31 by a multiply and a shift (Hacker's Delight, 10-9), d >= 1.
 struct FastDiv {
@@ -522,8 +543,9 @@ conv_nhwc_dw_kernel(const __grid_constant__ NhwcDwParams p) {
 // ---- host ---------------------------------------------------------------------------------
 bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX / 4; }
 
-// The launch parameters and grid of a forward (host; the emulation walks them too).  False
-// where there is nothing to launch (no pixels or no output channels).
+// The launch parameters and grid of a forward on BM x BN tiles (host; the emulation walks them
+// too): the output segments whose tile width (nhwc_seg_bn) is BN; a launch of each width
+// computes y.  False where there is nothing to launch (no pixels or no such segment).
 template <int BM, int BN>
 bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, const Strides4& sx,
                     const void* b_frozen, const void* b_new, const float* bn_scale,
@@ -550,7 +572,7 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   };
   int tiles = 0, n = 0;
   auto add = [&](NhwcSeg seg) {
-    if (seg.rows == 0) return;
+    if (seg.rows == 0 || nhwc_seg_bn(seg.rows) != BN) return;
     seg.tile0 = tiles;
     tiles += static_cast<int>(ceil_div(seg.rows, BN));
     p.seg[n++] = seg;
@@ -633,6 +655,20 @@ bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
   return p.pixels > 0 && tiles > 0;
 }
 
+// The input gradient's column tiles of width bn that multiply (the new channels', and the old
+// bands' where dx_old is asked for; otherwise those only store zeros), and whether narrow ones
+// pay (the launch takes one width).
+int64_t nhwc_dx_mma_tiles(const ConvShape& s, bool need_dx_old, int bn) {
+  common::OldBands<kNhwcMaxFrozenGroups> bands;
+  const int64_t old = bands.build(s.num_frozen_groups, s.frozen_k_ends, s.frozen_in,
+                                  need_dx_old, bn);
+  return (need_dx_old ? old : 0) + ceil_div(s.in_channels - s.frozen_in, bn);
+}
+bool nhwc_dx_narrow(const ConvShape& s, bool need_dx_old) {
+  return narrow_pays(nhwc_dx_mma_tiles(s, need_dx_old, 64) * 64,
+                     nhwc_dx_mma_tiles(s, need_dx_old, 128) * 128);
+}
+
 // The weight gradient's split of the pixels: while the output tiles leave SMs idle (one block
 // an SM), more blocks along the reduction, each at least 8 k-tiles long.
 template <int BM, int BN, int BK>
@@ -704,7 +740,7 @@ bool conv2d_backward_input_nhwc_ok(const ConvShape& s, const void* dy, const Str
   for (int g = 0; g < s.num_frozen_groups; ++g)
     if (s.frozen_out_groups[g] % VEC) return false;
   const int64_t KK = static_cast<int64_t>(s.geo.kernel_h) * s.geo.kernel_w;
-  const int64_t col_tiles = ceil_div(s.in_channels, NhwcMath<__half>::BN) +
+  const int64_t col_tiles = ceil_div(s.in_channels, NhwcNarrowMath<__half>::BN) +
                             s.num_frozen_groups + 1;
   return fits_int(KK * (s.frozen_out + s.new_out)) && fits_int(s.in_channels) &&
          col_tiles <= kMaxGridY && s.geo.height * s.geo.width > 0;
@@ -714,9 +750,9 @@ cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt
                                        const void* dy, const Strides4& sdy, bool need_dx_old,
                                        void* dx, cudaStream_t stream) {
   if (!conv2d_backward_input_nhwc_ok(s, dy, sdy)) return cudaErrorInvalidValue;
-  auto launch = [&](auto tag) -> cudaError_t {
+  auto launch = [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
-    using M = NhwcMath<T>;
+    using M = decltype(math);
     NhwcDxParams p;
     dim3 grid;
     if (!build_nhwc_dx<M::BM, M::BN>(s, wt, dy, sdy, need_dx_old, dx, p, grid))
@@ -728,7 +764,12 @@ cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt
     conv_nhwc_dx_kernel<T, M><<<grid, M::THREADS, bytes, stream>>>(p);
     return cudaGetLastError();
   };
-  return s.dtype == DType::kFloat16 ? launch(__half{}) : launch(__nv_bfloat16{});
+  auto width = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    return nhwc_dx_narrow(s, need_dx_old) ? launch(tag, NhwcNarrowMath<T>{})
+                                          : launch(tag, NhwcMath<T>{});
+  };
+  return s.dtype == DType::kFloat16 ? width(__half{}) : width(__nv_bfloat16{});
 }
 
 bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Strides4& sdy,
@@ -749,9 +790,12 @@ bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Stride
 
 ConvWeightGradPlan plan_conv_weight_grad_nhwc(int64_t pixels, int64_t m, int64_t n_ch,
                                               int kernel_area, int num_sms) {
-  using M = NhwcMath<__half>;  // (the same tile in bf16)
-  return plan_nhwc_dw<M::BM, M::BN, M::BK>(pixels, m, n_ch * std::max(kernel_area, 1),
-                                           num_sms);
+  // (the same tiles in bf16; the launch picks the same one: nhwc_dw_short)
+  using Wide = NhwcMath<__half>;
+  using Short = NhwcShortMath<__half>;
+  const int64_t n = n_ch * std::max(kernel_area, 1);
+  return nhwc_dw_short(m, n) ? plan_nhwc_dw<Short::BM, Short::BN, Short::BK>(pixels, m, n, num_sms)
+                             : plan_nhwc_dw<Wide::BM, Wide::BN, Wide::BK>(pixels, m, n, num_sms);
 }
 
 cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const Strides4& sdy,
@@ -764,9 +808,9 @@ cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const St
       x_c0 % 8 != 0 || n_ch % 8 != 0 || plan.splits < 1 || plan.splits > 64 ||
       (plan.splits > 1 && workspace == nullptr))
     return cudaErrorInvalidValue;
-  auto launch = [&](auto tag) -> cudaError_t {
+  auto launch = [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
-    using M = NhwcMath<T>;
+    using M = decltype(math);
     NhwcDwParams p;
     dim3 grid;
     if (!build_nhwc_dw<M::BM, M::BN>(s.geo, dy, sdy, dy_c0, m, x, sx, x_c0, n_ch, out, db, plan,
@@ -787,7 +831,13 @@ cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const St
                                                         static_cast<T*>(db));
     return cudaGetLastError();
   };
-  return s.dtype == DType::kFloat16 ? launch(__half{}) : launch(__nv_bfloat16{});
+  auto tile = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    return nhwc_dw_short(m, n_ch * s.geo.kernel_h * s.geo.kernel_w)
+               ? launch(tag, NhwcShortMath<T>{})
+               : launch(tag, NhwcMath<T>{});
+  };
+  return s.dtype == DType::kFloat16 ? tile(__half{}) : tile(__nv_bfloat16{});
 }
 
 bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& sx) {
@@ -799,7 +849,7 @@ bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& s
   // Pixel offsets are int64; a weight row's length and the channel counts int32; the column
   // tiles (one or more a segment) fit gridDim.y.
   const int64_t KK = static_cast<int64_t>(s.geo.kernel_h) * s.geo.kernel_w;
-  const int64_t col_tiles = ceil_div(s.frozen_out + s.new_out, NhwcMath<__half>::BN) +
+  const int64_t col_tiles = ceil_div(s.frozen_out + s.new_out, NhwcNarrowMath<__half>::BN) +
                             s.num_frozen_groups + 1;
   return fits_int(KK * s.in_channels) && fits_int(s.frozen_out + s.new_out) &&
          col_tiles <= kMaxGridY && s.geo.out_h * s.geo.out_w > 0;
@@ -811,9 +861,10 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const 
                                 cudaStream_t stream) {
   if ((bn_scale == nullptr) != (bn_shift == nullptr)) return cudaErrorInvalidValue;
   if (!conv2d_forward_nhwc_ok(s, x, sx)) return cudaErrorInvalidValue;
-  auto launch = [&](auto tag) -> cudaError_t {
+  // one launch for the segments on wide tiles, one for those on narrow tiles
+  auto launch = [&](auto tag, auto math) -> cudaError_t {
     using T = decltype(tag);
-    using M = NhwcMath<T>;
+    using M = decltype(math);
     NhwcFwdParams p;
     dim3 grid;
     if (!build_nhwc_fwd<M::BM, M::BN>(s, w, x, sx, b_frozen, b_new, bn_scale, bn_shift, y, p,
@@ -826,7 +877,12 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const 
     conv_nhwc_fwd_kernel<T, M><<<grid, M::THREADS, bytes, stream>>>(p);
     return cudaGetLastError();
   };
-  return s.dtype == DType::kFloat16 ? launch(__half{}) : launch(__nv_bfloat16{});
+  auto both = [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    const cudaError_t err = launch(tag, NhwcMath<T>{});
+    return err != cudaSuccess ? err : launch(tag, NhwcNarrowMath<T>{});
+  };
+  return s.dtype == DType::kFloat16 ? both(__half{}) : both(__nv_bfloat16{});
 }
 
 }  // namespace expanse_fast

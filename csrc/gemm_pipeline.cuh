@@ -394,11 +394,18 @@ struct CoreSmem {
 // and barriers per K; with four stages two k-tiles' copies are still in flight at every fence,
 // and if the fence waits for them the pipeline has nothing ahead (the H200 ran the forward at
 // a quarter of Triton's cp.async kernels' rate, cause not yet profiled).
-// BN_ = 128 (the channels_last conv forward): 64 x 128 a warpgroup, for narrower outputs.
-template <typename T, bool SWIZZLE = false, int BK_ = 64, int STAGES_ = 4, int BN_ = 256>
+// BN_ = 128 or 64 (the channels_last conv kernels): 64 x BN_ a warpgroup, for narrower
+// outputs.  BM_ = 64: the two warpgroups side by side, each 64 x BN_ / 2 (a weight gradient
+// whose output has at most 64 rows would leave half of a 128-row tile idle).
+template <typename T, bool SWIZZLE = false, int BK_ = 64, int STAGES_ = 4, int BN_ = 256,
+          int BM_ = 128>
 struct WgmmaMath {
   static_assert(!SWIZZLE || BK_ == 64, "the swizzled tiles have 128-byte rows");
-  static constexpr int BM = 128, BN = BN_, BK = BK_, THREADS = 256, STAGES = STAGES_;
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, THREADS = 256, STAGES = STAGES_;
+  // the warpgroups' arrangement: WG_M along the rows, each 64 x WN
+  static constexpr int WG_M = BM / 64, WN = BN * WG_M / 2;
+  static_assert((BM == 128 || BM == 64) && (WN == 256 || WN == 128 || WN == 64),
+                "two warpgroups, each an m64nWNk16 instruction shape");
   static constexpr int MIN_BLOCKS = 1;
   static constexpr size_t SCRATCH_BYTES = 0;  // the epilogue reads the registers directly
   // The kernels stage their outputs in the stages' shared memory and write them out by rows
@@ -420,11 +427,14 @@ struct WgmmaMath {
   // fp32 elements an SM streams from memory while a block multiplies one k-tile (H200: 2M
   // multiply-adds in about 1000 cycles, at about 19 bytes a cycle: plan_for)
   static constexpr double WS_ELEMS_PER_KTILE = 5000.0 * BK / 64;
-  struct Acc { float d[BN / 2]; };
+  struct Acc { float d[WN / 2]; };
+  // this thread's warpgroup's first row and column in the tile
+  __host__ __device__ static int wg_m0(int tid) { return 64 * ((tid / 128) % WG_M); }
+  __host__ __device__ static int wg_n0(int tid) { return WN * ((tid / 128) / WG_M); }
 
   __device__ static void zero(Acc& acc) {
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i) acc.d[i] = 0.f;
+    for (int i = 0; i < WN / 2; ++i) acc.d[i] = 0.f;
   }
   // The copies this thread made land before the barrier that publishes them to wgmma, cp.async
   // ones too: they are generic-proxy writes and wgmma reads through the async proxy.  (Triton
@@ -444,30 +454,30 @@ struct WgmmaMath {
 
   template <class L>
   __device__ static void mma(Acc& acc, const T* As, const T* Bs) {
-    const int m0 = 64 * (threadIdx.x / 128);  // this warpgroup's rows
+    const int m0 = wg_m0(threadIdx.x), n0 = wg_n0(threadIdx.x);  // this warpgroup's
     wgmma::pin(acc.d);
     wgmma::fence();
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16)
-      wgmma::mma_m64k16<T, BN, L::AK ? 0 : 1, L::BKM ? 0 : 1>(
-          acc.d, L::desc_a(As, m0, kk), L::desc_b(Bs, 0, kk), 1);
+      wgmma::mma_m64k16<T, WN, L::AK ? 0 : 1, L::BKM ? 0 : 1>(
+          acc.d, L::desc_a(As, m0, kk), L::desc_b(Bs, n0, kk), 1);
     wgmma::commit();
   }
 
   template <class F>
   __device__ static void store(Acc& acc, float*, F&& f) {
-    const int t = threadIdx.x % 128, m0 = 64 * (threadIdx.x / 128);
+    const int t = threadIdx.x % 128, m0 = wg_m0(threadIdx.x), n0 = wg_n0(threadIdx.x);
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i)
-      f(m0 + wgmma::acc_row(t, i), wgmma::acc_col(t, i), acc.d[i]);
+    for (int i = 0; i < WN / 2; ++i)
+      f(m0 + wgmma::acc_row(t, i), n0 + wgmma::acc_col(t, i), acc.d[i]);
   }
   // The same by pairs of adjacent columns: f(m, n, value at n, value at n + 1), n even.
   template <class F>
   __device__ static void store_pairs(Acc& acc, F&& f) {
-    const int t = threadIdx.x % 128, m0 = 64 * (threadIdx.x / 128);
+    const int t = threadIdx.x % 128, m0 = wg_m0(threadIdx.x), n0 = wg_n0(threadIdx.x);
 #pragma unroll
-    for (int i = 0; i < BN / 2; i += 2)
-      f(m0 + wgmma::acc_row(t, i), wgmma::acc_col(t, i), acc.d[i], acc.d[i + 1]);
+    for (int i = 0; i < WN / 2; i += 2)
+      f(m0 + wgmma::acc_row(t, i), n0 + wgmma::acc_col(t, i), acc.d[i], acc.d[i + 1]);
   }
 };
 

@@ -9,6 +9,8 @@ Either way y and dx come back channels_last and match the expanded layer in floa
 weight channels a frozen group never reads are NaN (make_conv_params), so a read past k_end
 fails.
 """
+import re
+
 import pytest
 import torch
 
@@ -22,8 +24,9 @@ from test_cuda_backend import (_geo, assert_matches, call_conv_backward, call_co
 pytestmark = pytest.mark.gpu
 
 # Channel counts the NHWC kernel takes.  Its tile is 128 pixels x 128 output channels x 64 of
-# the reduction (taps x channels, channel innermost): 72 and 40 channels give k-tiles that
-# cross taps, 130 rows two column tiles, 29 x 31 x 2 pixels many row tiles.
+# the reduction (taps x channels, channel innermost), 64 output channels for a narrow group:
+# 72 and 40 channels give k-tiles that cross taps, 130 rows three narrow column tiles,
+# 29 x 31 x 2 pixels many row tiles.
 NHWC_CASES = {
     "3x3_coupled": (Layout((16, 8), (24, 5), "coupled"), _geo(2, 7, 5, 3, 1, 1)),
     "3x3_groups_many_pixels": (Layout((40, 16, 16), (2, 130, 5), "coupled"),
@@ -285,3 +288,48 @@ def test_nhwc_kernels_take_weights_that_start_anywhere(dev, name):
     y = call_conv_forward(layout, p, x, geo)
     assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y (offset weights)")
     check_conv_backward(layout, p, dy, x, geo, dtype, call_conv_backward(layout, p, dy, x, geo))
+
+
+def nhwc_tiles(names):
+    """{(kernel, BM, BN)} of the NHWC kernels launched, read off their WgmmaMath<T, swizzle,
+    BK, stages, BN, BM> template arguments."""
+    tiles = set()
+    for n in names:
+        m = re.search(r"(conv_nhwc_(?:fwd|dx|dw)_kernel)<.*?WgmmaMath<[^<>]*?(\d+),\s*(\d+)\s*>",
+                      n)
+        if m:
+            tiles.add((m.group(1), int(m.group(3)), int(m.group(2))))
+    return tiles
+
+
+# The tiles each product takes (BM x BN).  ResNet-like (256 frozen + 64 new channels, 3x3):
+# the frozen rows on 128 x 128 tiles, the 64 new rows on 128 x 64 (a wide tile would leave
+# half idle); dx of the new channels only on 128 x 64; dW_new (64 rows x 9 * 320 columns) on
+# 64 x 256.  1x1_stride2: dW_new (64 x 128) and dW_couple (128 x 64) stay on 128 x 128, where
+# the 64 x 256 tile would leave as much idle.
+TILE_CASES = {
+    "resnet_like": {("conv_nhwc_fwd_kernel", 128, 128), ("conv_nhwc_fwd_kernel", 128, 64),
+                    ("conv_nhwc_dx_kernel", 128, 64), ("conv_nhwc_dw_kernel", 64, 256)},
+    "1x1_stride2": {("conv_nhwc_fwd_kernel", 128, 128), ("conv_nhwc_fwd_kernel", 128, 64),
+                    ("conv_nhwc_dx_kernel", 128, 64), ("conv_nhwc_dw_kernel", 128, 128)},
+}
+
+
+@pytest.mark.parametrize("name", list(TILE_CASES))
+def test_nhwc_kernels_take_narrow_tiles_where_wide_ones_idle(dev, name):
+    """Which tiles the forward, dx (without dx_old) and the weight gradients launch on, and
+    that their results match."""
+    dtype = torch.bfloat16
+    if not cuda.linear_math(dtype, dev).startswith("wgmma"):
+        pytest.skip("the NHWC kernels need wgmma (an H100/H200)")
+    layout, geo = DX_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = channels_last_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    y, fwd_names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
+    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y")
+    grads, bwd_names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo,
+                                                             need_dx_old=False))
+    check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old=False)
+    assert nhwc_tiles(fwd_names | bwd_names) == TILE_CASES[name], sorted(fwd_names | bwd_names)

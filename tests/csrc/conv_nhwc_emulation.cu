@@ -44,6 +44,7 @@ struct Case {
   int KH, KW, sh, sw, ph, pw, dh, dw;
   std::vector<int64_t> groups, k_ends;
   bool coupled, bias, bn;
+  bool wide, narrow;  // which launches the segments' widths ask for
 };
 
 int64_t out_size(int64_t n, int k, int s, int p, int d) {
@@ -174,10 +175,74 @@ ConvShape shape_of(int64_t batch, int64_t H, int64_t W, int64_t Ho, int64_t Wo, 
   return s;
 }
 
+// The blocks of one forward launch on M's tiles (the segments of its width) into y; returns
+// the mismatches of the copied stages, and false in `launched` where there is nothing to launch.
+template <typename T, class M>
+int run_fwd_launch(const Case& c, const ConvShape& s, const ConvWeights& w,
+                   const NhwcTensor<T>& x, const std::vector<double>& Wd, int64_t Ho, int64_t Wo,
+                   const T* bf, const T* bn, const float* scale, const float* shift,
+                   std::vector<T>& y, bool& launched) {
+  using L = typename M::template Layout<true, true>;
+  const int64_t I = c.in, KK = c.KH * c.KW, P = c.batch * Ho * Wo;
+  NhwcFwdParams p;
+  dim3 grid;
+  launched = build_nhwc_fwd<M::BM, M::BN>(s, w, x.v.data(), x.st, bf, bn, scale, shift,
+                                           y.data(), p, grid);
+  if (!launched) return 0;
+  Stage<L, T> stage;
+  T* const As = stage.a();
+  T* const Bs = stage.b();
+  int bad = 0;
+  for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
+    ++blocks;
+    std::vector<NhwcFwdProblem<T, L>> probs;
+    for (int tid = 0; tid < M::THREADS; ++tid)
+      probs.push_back(nhwc_fwd_problem<T, M, L>(p, b, grid.x, grid.y, tid));
+    const auto& p0 = probs[0];
+    if (nhwc_seg_bn(p0.s.rows) != M::BN && bad++ < 3)
+      std::printf("  %s: a segment of %d rows on %d-wide tiles\n", c.name, p0.s.rows, M::BN);
+    std::vector<double> acc(M::BM * M::BN, 0.0);
+    // as the kernel (gemm_mainloop): the phases in order, empty ones skipped, BK-deep k-tiles
+    for (int ph = 0; ph < p0.num_phases(); ++ph)
+      for (int k0 = 0; k0 < p0.phase_len(ph); k0 += M::BK) {
+        // A(m, k): x at the pixel tap (kh, kw) of output pixel m0 + m reads, channel c_off + c,
+        // for reduction index k0 + k = (kh * KW + kw) * cp + c; zero past the phase, in the
+        // padding and past the last pixel.  B(k, n): the weight of row n0 + n there.
+        const NhwcPhase& f = p0.s.ph[ph];
+        auto tap_of = [&](int k, int64_t& tap, int64_t& ch) {
+          tap = (k0 + k) / f.cp;
+          ch = f.c_off + (k0 + k) % f.cp;
+          return k0 + k < p0.phase_len(ph);
+        };
+        auto want_a = [&](int m, int k) {
+          int64_t tap, ch;
+          const bool k_in = tap_of(k, tap, ch);
+          const int64_t pix = p0.m0 + m, n = pix / (Ho * Wo), r = pix % (Ho * Wo);
+          const int64_t hi = r / Wo * c.sh - c.ph + tap / c.KW * c.dh;
+          const int64_t wi = r % Wo * c.sw - c.pw + tap % c.KW * c.dw;
+          const bool in = k_in && pix < P && hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
+          return in ? x.at(n, hi, wi, ch) : 0.0;
+        };
+        auto want_b = [&](int k, int n) {
+          int64_t tap, ch;
+          const bool in = tap_of(k, tap, ch) && p0.n0 + n < p0.s.rows;
+          return in ? Wd[((p0.s.col0 + p0.n0 + n) * KK + tap) * I + ch] : 0.0;
+        };
+        bad += copy_stage<M, L>(As, Bs, probs, ph, k0, want_a, want_b,
+                                std::string(c.name) + ", " + std::to_string(M::BN) +
+                                    "-wide block " + std::to_string(b));
+        multiply_stage<M, L>(As, Bs, acc, nullptr);
+      }
+    // as the kernel: the staged accumulators, then every thread's write-out
+    const std::vector<float> staged = staged_f32<M>(acc);
+    for (int tid = 0; tid < M::THREADS; ++tid)
+      nhwc_fwd_write_out<T, M>(p, p0.s, staged.data(), p0.m0, p0.n0, tid);
+  }
+  return bad;
+}
+
 template <typename T>
 void run_case(const Case& c) {
-  using M = NhwcMath<T>;
-  using L = typename M::template Layout<true, true>;
   const int64_t I = c.in, I_f = c.frozen_in, KK = c.KH * c.KW;
   int64_t O_f = 0;
   for (int64_t g : c.groups) O_f += g;
@@ -225,61 +290,24 @@ void run_case(const Case& c) {
   s.frozen_out_groups = c.groups.data();
   s.frozen_k_ends = c.k_ends.data();
   const ConvWeights w{wf.data(), wn.data(), c.coupled ? wc.data() : nullptr};
-  NhwcFwdParams p;
-  dim3 grid;
-  if (!build_nhwc_fwd<M::BM, M::BN>(
-          s, w, x.v.data(), x.st, c.bias ? bf.data() : nullptr, c.bias ? bn.data() : nullptr,
-          c.bn ? scale.data() : nullptr, c.bn ? shift.data() : nullptr, y.data(), p, grid)) {
+  // as conv2d_forward_nhwc: the launch on wide tiles, then the one on narrow tiles
+  const T* bfp = c.bias ? bf.data() : nullptr;
+  const T* bnp = c.bias ? bn.data() : nullptr;
+  const float* scp = c.bn ? scale.data() : nullptr;
+  const float* shp = c.bn ? shift.data() : nullptr;
+  bool wide = false, narrow = false;
+  int bad = run_fwd_launch<T, NhwcMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y, wide);
+  bad += run_fwd_launch<T, NhwcNarrowMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y,
+                                               narrow);
+  if (!wide && !narrow) {
     std::printf("%s: nothing to launch\n", c.name);
     ++failures;
     return;
   }
-
-  Stage<L, T> stage;
-  T* const As = stage.a();
-  T* const Bs = stage.b();
-  int bad = 0;
-  for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
-    ++blocks;
-    std::vector<NhwcFwdProblem<T, L>> probs;
-    for (int tid = 0; tid < M::THREADS; ++tid)
-      probs.push_back(nhwc_fwd_problem<T, M, L>(p, b, grid.x, grid.y, tid));
-    const auto& p0 = probs[0];
-    std::vector<double> acc(M::BM * M::BN, 0.0);
-    // as the kernel (gemm_mainloop): the phases in order, empty ones skipped, BK-deep k-tiles
-    for (int ph = 0; ph < p0.num_phases(); ++ph)
-      for (int k0 = 0; k0 < p0.phase_len(ph); k0 += M::BK) {
-        // A(m, k): x at the pixel tap (kh, kw) of output pixel m0 + m reads, channel c_off + c,
-        // for reduction index k0 + k = (kh * KW + kw) * cp + c; zero past the phase, in the
-        // padding and past the last pixel.  B(k, n): the weight of row n0 + n there.
-        const NhwcPhase& f = p0.s.ph[ph];
-        auto tap_of = [&](int k, int64_t& tap, int64_t& ch) {
-          tap = (k0 + k) / f.cp;
-          ch = f.c_off + (k0 + k) % f.cp;
-          return k0 + k < p0.phase_len(ph);
-        };
-        auto want_a = [&](int m, int k) {
-          int64_t tap, ch;
-          const bool k_in = tap_of(k, tap, ch);
-          const int64_t pix = p0.m0 + m, n = pix / (Ho * Wo), r = pix % (Ho * Wo);
-          const int64_t hi = r / Wo * c.sh - c.ph + tap / c.KW * c.dh;
-          const int64_t wi = r % Wo * c.sw - c.pw + tap % c.KW * c.dw;
-          const bool in = k_in && pix < P && hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
-          return in ? x.at(n, hi, wi, ch) : 0.0;
-        };
-        auto want_b = [&](int k, int n) {
-          int64_t tap, ch;
-          const bool in = tap_of(k, tap, ch) && p0.n0 + n < p0.s.rows;
-          return in ? Wd[((p0.s.col0 + p0.n0 + n) * KK + tap) * I + ch] : 0.0;
-        };
-        bad += copy_stage<M, L>(As, Bs, probs, ph, k0, want_a, want_b,
-                                std::string(c.name) + ", block " + std::to_string(b));
-        multiply_stage<M, L>(As, Bs, acc, nullptr);
-      }
-    // as the kernel: the staged accumulators, then every thread's write-out
-    const std::vector<float> staged = staged_f32<M>(acc);
-    for (int tid = 0; tid < M::THREADS; ++tid)
-      nhwc_fwd_write_out<T, M>(p, p0.s, staged.data(), p0.m0, p0.n0, tid);
+  if (wide != c.wide || narrow != c.narrow) {
+    std::printf("%s: launches wide %d narrow %d, want %d %d\n", c.name, wide, narrow, c.wide,
+                c.narrow);
+    ++bad;
   }
 
   // float64 reference: y[pixel, o] = bn(bias + sum over taps and channels), rounded to T.
@@ -314,11 +342,12 @@ struct DxCase {
   int KH, KW, sh, sw, ph, pw, dh, dw;
   std::vector<int64_t> groups, k_ends;
   bool coupled, need_old;
+  bool narrow;  // the launch's tiles (nhwc_dx_narrow)
 };
 
-template <typename T>
+// Each case runs on both tile widths (the launch takes the one nhwc_dx_narrow says).
+template <typename T, class M>
 void run_dx_case(const DxCase& c) {
-  using M = NhwcMath<T>;
   using L = typename M::template Layout<true, true>;
   const int64_t I = c.in, I_f = c.frozen_in, KK = c.KH * c.KW;
   int64_t O_f = 0;
@@ -356,17 +385,20 @@ void run_dx_case(const DxCase& c) {
   s.frozen_out_groups = c.groups.data();
   s.frozen_k_ends = c.k_ends.data();
   const ConvWeights wt{wf.data(), wn.data(), c.coupled ? wc.data() : nullptr};
+  const std::string name = std::string(c.name) + ", " + std::to_string(M::BN) + "-wide tiles";
+  int bad = 0;
+  if (nhwc_dx_narrow(s, c.need_old) != c.narrow && bad++ == 0)
+    std::printf("  %s: narrow tiles %d, want %d\n", name.c_str(), !c.narrow, c.narrow);
   NhwcDxParams p;
   dim3 grid;
   if (!build_nhwc_dx<M::BM, M::BN>(s, wt, dy.v.data(), dy.st, c.need_old, dx.data(), p, grid)) {
-    std::printf("%s: nothing to launch\n", c.name);
+    std::printf("%s: nothing to launch\n", name.c_str());
     ++failures;
     return;
   }
   Stage<L, T> stage;
   T* const As = stage.a();
   T* const Bs = stage.b();
-  int bad = 0;
   for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
     ++blocks;
     std::vector<NhwcDxProblem<T, L>> probs;
@@ -398,7 +430,7 @@ void run_dx_case(const DxCase& c) {
           return j < p0.phase_len(ph) && ch < lim ? Wd[(o * KK + tap) * I + ch] : 0.0;
         };
         bad += copy_stage<M, L>(As, Bs, probs, ph, k0, want_a, want_b,
-                                std::string(c.name) + ", block " + std::to_string(b) +
+                                name + ", block " + std::to_string(b) +
                                     ", phase " + std::to_string(ph));
         multiply_stage<M, L>(As, Bs, acc, nullptr);
       }
@@ -425,10 +457,10 @@ void run_dx_case(const DxCase& c) {
           const int64_t q = (n * c.H + h) * c.W + w;
           const float got = to_f(dx[q * I + ch]);
           if (differs<T>(got, v) && bad++ < 5)
-            std::printf("  %s: dx[pixel %lld, channel %lld] = %g, want %g\n", c.name,
+            std::printf("  %s: dx[pixel %lld, channel %lld] = %g, want %g\n", name.c_str(),
                         (long long)q, (long long)ch, got, v);
         }
-  finish_case(c.name, dx, Q * I, bad);
+  finish_case(name.c_str(), dx, Q * I, bad);
 }
 
 // ---- the weight gradient ------------------------------------------------------------------
@@ -442,11 +474,13 @@ struct DwCase {
   int64_t dy_c0, m, x_c0, n_ch;
   bool db;
   int num_sms;
+  bool short_tiles;  // the launch's tiles (nhwc_dw_short): 64 x 256
 };
 
-template <typename T>
+// Each case runs on both tiles; the launch and plan_conv_weight_grad_nhwc take the one
+// nhwc_dw_short says.
+template <typename T, class M>
 void run_dw_case(const DwCase& c) {
-  using M = NhwcMath<T>;
   using L = typename M::template Layout<false, false>;
   const int64_t I = c.in, O = c.O, KK = c.KH * c.KW;
   const int64_t Ho = out_size(c.H, c.KH, c.sh, c.ph, c.dh);
@@ -462,17 +496,31 @@ void run_dw_case(const DwCase& c) {
                                   c.dh, c.dw);
   const ConvWeightGradPlan plan = plan_nhwc_dw<M::BM, M::BN, M::BK>(P, c.m, N, c.num_sms);
   std::vector<float> ws(plan.workspace_bytes / sizeof(float) + 1, NAN);
+  const std::string name = std::string(c.name) + ", " + std::to_string(M::BM) + " x " +
+                           std::to_string(M::BN) + " tiles";
+  int bad = 0;
+  if (nhwc_dw_short(c.m, N) != c.short_tiles && bad++ == 0)
+    std::printf("  %s: short tiles %d, want %d\n", name.c_str(), !c.short_tiles,
+                c.short_tiles);
+  const bool launched_tile = (M::BM == 64) == c.short_tiles;
+  const ConvWeightGradPlan public_plan =
+      plan_conv_weight_grad_nhwc(P, c.m, c.n_ch, c.KH * c.KW, c.num_sms);
+  if (launched_tile && (public_plan.splits != plan.splits ||
+                        public_plan.pixels_per_split != plan.pixels_per_split ||
+                        public_plan.workspace_bytes != plan.workspace_bytes) && bad++ == 0)
+    std::printf("  %s: plan_conv_weight_grad_nhwc plans %d splits, the tile %d\n",
+                name.c_str(), public_plan.splits, plan.splits);
   NhwcDwParams p;
   dim3 grid;
   if (!build_nhwc_dw<M::BM, M::BN>(s.geo, dy.v.data(), dy.st, c.dy_c0, c.m, x.v.data(), x.st,
                                    c.x_c0, c.n_ch, out.data(), c.db ? db.data() : nullptr, plan,
                                    ws.data(), p, grid)) {
-    std::printf("%s: nothing to launch\n", c.name);
+    std::printf("%s: nothing to launch\n", name.c_str());
     ++failures;
     return;
   }
   if ((plan.splits > 1) != (c.num_sms > 1)) {
-    std::printf("%s: %d splits (num_sms %d)\n", c.name, plan.splits, c.num_sms);
+    std::printf("%s: %d splits (num_sms %d)\n", name.c_str(), plan.splits, c.num_sms);
     ++failures;
   }
   Stage<L, T> stage;
@@ -487,7 +535,6 @@ void run_dw_case(const DwCase& c) {
     wi = wo * c.sw - c.pw + tap % c.KW * c.dw;
     return hi >= 0 && hi < c.H && wi >= 0 && wi < c.W;
   };
-  int bad = 0;
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {  // as the kernel: its first lines
@@ -512,7 +559,7 @@ void run_dw_case(const DwCase& c) {
             return in ? x.at(n, hi, wi, c.x_c0 + j % c.n_ch) : 0.0;
           };
           bad += copy_stage<M, L>(As, Bs, probs, 0, k0, want_a, want_b,
-                                  std::string(c.name) + ", block (" + std::to_string(bx) + ", " +
+                                  name + ", block (" + std::to_string(bx) + ", " +
                                       std::to_string(by) + ", " + std::to_string(bz) + ")");
           multiply_stage<M, L>(As, Bs, acc, &colsum);
         }
@@ -561,37 +608,66 @@ void run_dw_case(const DwCase& c) {
         }
         const float got = to_f(out[(o * KK + tap) * c.n_ch + ch]);
         if (differs<T>(got, v) && bad++ < 5)
-          std::printf("  %s: dW[%lld, tap %lld, %lld] = %g, want %g\n", c.name, (long long)o,
+          std::printf("  %s: dW[%lld, tap %lld, %lld] = %g, want %g\n", name.c_str(), (long long)o,
                       (long long)tap, (long long)ch, got, v);
       }
     if (c.db) {
       double v = 0.0;
       for (int64_t pix = 0; pix < P; ++pix) v += dy.d[pix * O + c.dy_c0 + o];
       if (differs<T>(to_f(db[o]), v) && bad++ < 5)
-        std::printf("  %s: db[%lld] = %g, want %g\n", c.name, (long long)o, to_f(db[o]), v);
+        std::printf("  %s: db[%lld] = %g, want %g\n", name.c_str(), (long long)o, to_f(db[o]), v);
     }
   }
-  finish_case(c.name, out, c.m * N, bad);
+  finish_case(name.c_str(), out, c.m * N, bad);
+}
+
+// Every element of a BM x BN tile is one accumulator of one thread: the warpgroups' places
+// (wg_m0, wg_n0) and the m64nWN fragment map, as WgmmaMath::store reads them.
+template <class M>
+void check_accumulator_cover(const char* name) {
+  std::vector<int> hits(M::BM * M::BN, 0);
+  for (int tid = 0; tid < M::THREADS; ++tid)
+    for (int i = 0; i < M::WN / 2; ++i) {
+      const int m = M::wg_m0(tid) + wgmma::acc_row(tid % 128, i);
+      const int n = M::wg_n0(tid) + wgmma::acc_col(tid % 128, i);
+      if (m < M::BM && n < M::BN) ++hits[m * M::BN + n];
+      else hits[0] += 2;  // outside: fails below
+    }
+  for (int e = 0; e < M::BM * M::BN; ++e)
+    if (hits[e] != 1) {
+      std::printf("%s: tile element (%d, %d) held %d times\n", name, e / M::BN, e % M::BN,
+                  hits[e]);
+      ++failures;
+      return;
+    }
 }
 
 }  // namespace
 
 int main() {
+  check_accumulator_cover<NhwcMath<__half>>("128 x 128 tile");
+  check_accumulator_cover<NhwcNarrowMath<__half>>("128 x 64 tile");
+  check_accumulator_cover<NhwcShortMath<__half>>("64 x 256 tile");
+  check_accumulator_cover<WgmmaMath<__half>>("128 x 256 tile");
   const std::vector<Case> cases = {
       // name, batch, H, W, in, frozen_in, new_out, KH, KW, sh, sw, ph, pw, dh, dw,
-      // groups, k_ends, coupled, bias, bn
+      // groups, k_ends, coupled, bias, bn, wide launch, narrow launch
       {"3x3 coupled, bias, bn", 2, 7, 5, 16, 8, 3, 3, 3, 1, 1, 1, 1, 1, 1, {5}, {8}, true,
-       true, true},
+       true, true, false, true},
       // 297 pixels: three row tiles; 72 channels: k-tiles that cross taps; a group of 130
-      // rows: two column tiles; one group reading a channel prefix
+      // rows: three narrow column tiles; one group reading a channel prefix
       {"3x3 many pixels, groups", 3, 9, 11, 72, 40, 5, 3, 3, 1, 1, 1, 1, 1, 1, {2, 130},
-       {40, 16}, true, true, false},
+       {40, 16}, true, true, false, false, true},
       {"strided dilated 3x2, isolated", 2, 11, 9, 24, 16, 7, 3, 2, 2, 2, 2, 1, 2, 2, {3, 4},
-       {8, 16}, false, false, true},
+       {8, 16}, false, false, true, false, true},
       {"1x1 single pixel, no old input", 1, 1, 1, 8, 0, 9, 1, 1, 1, 1, 0, 0, 1, 1, {4}, {0},
-       false, true, false},
+       false, true, false, false, true},
       {"empty prefix group, padding 2", 2, 4, 6, 16, 8, 1, 5, 3, 1, 2, 2, 1, 1, 1, {3, 2},
-       {0, 8}, true, true, true},
+       {0, 8}, true, true, true, false, true},
+      // both launches: a group of 200 rows on two wide tiles; a group of 40 and the 64 new
+      // rows (the ResNet stage's new group) on narrow ones
+      {"wide and narrow segments", 1, 5, 7, 24, 16, 64, 3, 3, 1, 1, 1, 1, 1, 1, {200, 40},
+       {16, 8}, true, true, true, true, true},
   };
   for (const Case& c : cases) {
     run_case<__half>(c);
@@ -599,25 +675,40 @@ int main() {
   }
   const std::vector<DxCase> dx_cases = {
       // name, batch, H, W, in, frozen_in, new_out, KH, KW, sh, sw, ph, pw, dh, dw,
-      // groups, k_ends, coupled, need_old
-      {"dx 3x3 coupled", 2, 7, 5, 16, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, {8}, {8}, true, true},
+      // groups, k_ends, coupled, need_old, narrow tiles
+      {"dx 3x3 coupled", 2, 7, 5, 16, 8, 8, 3, 3, 1, 1, 1, 1, 1, 1, {8}, {8}, true, true, true},
       // two bands of old channels (k_end 8 inside I_f = 16); the stride skips input pixels
       {"dx strided dilated 3x2", 2, 11, 9, 24, 16, 8, 3, 2, 2, 2, 2, 1, 2, 2, {8, 16},
-       {8, 16}, false, true},
+       {8, 16}, false, true, true},
       {"dx strided, no dx_old", 2, 11, 9, 24, 16, 8, 3, 2, 2, 2, 2, 1, 2, 2, {8, 16},
-       {8, 16}, false, false},
+       {8, 16}, false, false, true},
       // 286 input pixels: three row tiles; 136 + 16 frozen rows: k-tiles across taps;
       // 72 channels
       {"dx many pixels", 2, 13, 11, 72, 56, 24, 3, 3, 1, 1, 1, 1, 1, 1, {16, 136}, {56, 56},
-       true, true},
+       true, true, true},
       {"dx 1x1 stride 2, no old input", 1, 5, 6, 8, 0, 8, 1, 1, 2, 2, 0, 0, 1, 1, {8}, {0},
-       false, true},
+       false, true, true},
       {"dx 5x3, group reading nothing", 2, 4, 6, 16, 8, 8, 5, 3, 1, 2, 2, 1, 1, 1, {8, 8},
-       {0, 8}, false, true},
+       {0, 8}, false, true, true},
+      // 136 new channels past 64 old: two wide tiles (the second nearly idle) or three narrow
+      // ones, beside the old channels' tile
+      {"dx 136 new channels", 1, 4, 5, 200, 64, 8, 1, 1, 1, 1, 0, 0, 1, 1, {8}, {64}, false,
+       false, true},
+      // 128 old and 128 new channels: whole wide tiles
+      {"dx whole wide tiles", 1, 4, 5, 256, 128, 8, 1, 1, 1, 1, 0, 0, 1, 1, {8}, {128}, false,
+       true, false},
+      // the ResNet stage's channels, 256 old and 64 new: narrow tiles where only the new
+      // channels multiply (the old tiles store zeros), wide ones where dx_old is asked for too
+      {"dx 64 new of 320, no dx_old", 1, 4, 5, 320, 256, 8, 1, 1, 1, 1, 0, 0, 1, 1, {8}, {256},
+       false, false, true},
+      {"dx 64 new of 320 with dx_old", 1, 4, 5, 320, 256, 8, 1, 1, 1, 1, 0, 0, 1, 1, {8}, {256},
+       false, true, false},
   };
   for (const DxCase& c : dx_cases) {
-    run_dx_case<__half>(c);
-    run_dx_case<__nv_bfloat16>(c);
+    run_dx_case<__half, NhwcMath<__half>>(c);
+    run_dx_case<__half, NhwcNarrowMath<__half>>(c);
+    run_dx_case<__nv_bfloat16, NhwcMath<__nv_bfloat16>>(c);
+    run_dx_case<__nv_bfloat16, NhwcNarrowMath<__nv_bfloat16>>(c);
   }
   // FastDiv (the weight gradient's pixel decomposition) against division: every divisor up to
   // 4096 and some large ones, dividends at the edges of its range [0, 2^31) and random.
@@ -639,23 +730,31 @@ int main() {
   }
   const std::vector<DwCase> dw_cases = {
       // name, batch, H, W, in, O, KH, KW, sh, sw, ph, pw, dh, dw, dy_c0, m, x_c0, n_ch, db,
-      // num_sms
-      // 4096 pixels: 64 k-tiles, split in 4 (a partial last split's tiles included)
+      // num_sms, short tiles
+      // 4096 pixels: 64 k-tiles, split (a partial last split's tiles included)
       {"dW_new 3x3 with db, split", 4, 32, 32, 16, 13, 3, 3, 1, 1, 1, 1, 1, 1, 5, 8, 0, 16,
-       true, 8},
+       true, 8, true},
       {"dW_new 3x3 with db, whole", 2, 7, 5, 16, 13, 3, 3, 1, 1, 1, 1, 1, 1, 5, 8, 0, 16, true,
-       1},
-      // 130 rows: two row tiles; 9 x 24 columns: two column tiles, k-tiles across taps; the
-      // coupling block's channels start at 8
+       1, true},
+      // 130 rows: two or three row tiles; 9 x 24 columns: one or two column tiles, k-tiles
+      // across taps; the coupling block's channels start at 8
       {"dW_couple strided dilated", 8, 33, 33, 32, 137, 3, 3, 2, 2, 2, 1, 2, 2, 0, 130, 8, 24,
-       false, 8},
+       false, 8, true},
+      // 5 rows but 8 or 120 columns: a 64 x 256 tile would leave as many cells idle as the
+      // wide one, so the wide tiles
       {"dW 1x1 stride 2, odd dy_c0", 3, 40, 39, 8, 11, 1, 1, 2, 2, 0, 0, 1, 1, 3, 5, 0, 8, true,
-       4},
-      {"dW 5x3 many pixels", 6, 21, 19, 8, 16, 5, 3, 1, 2, 2, 1, 1, 1, 8, 8, 0, 8, true, 16},
+       4, false},
+      {"dW 5x3 many pixels", 6, 21, 19, 8, 16, 5, 3, 1, 2, 2, 1, 1, 1, 8, 8, 0, 8, true, 16,
+       false},
+      // 200 rows of 8 columns: the wide tiles
+      {"dW 200 rows, db", 2, 6, 5, 8, 205, 1, 1, 1, 1, 0, 0, 1, 1, 5, 200, 0, 8, true, 1,
+       false},
   };
   for (const DwCase& c : dw_cases) {
-    run_dw_case<__half>(c);
-    run_dw_case<__nv_bfloat16>(c);
+    run_dw_case<__half, NhwcMath<__half>>(c);
+    run_dw_case<__half, NhwcShortMath<__half>>(c);
+    run_dw_case<__nv_bfloat16, NhwcMath<__nv_bfloat16>>(c);
+    run_dw_case<__nv_bfloat16, NhwcShortMath<__nv_bfloat16>>(c);
   }
   std::printf("%lld blocks, %lld k-tiles, %lld outputs compared\n", (long long)blocks,
               (long long)k_tiles, (long long)compared);

@@ -142,7 +142,7 @@ WGMMA_KERNELS = {
                                  "conv_dx_kernel": ("64", 2, "1, 0", 0),
                                  "conv_dw_kernel": ("64", 2, "0, 0", 0)},
     # the channels_last forward, input and weight gradient on the linear kernels' pipeline:
-    # gathered tiles, K-major (dW's, as the linear dW's, M/N-major)
+    # gathered tiles, K-major (dW's, as the linear dW's, M/N-major); N: NHWC_TILES
     "expanded_conv_nhwc.cu": {"conv_nhwc_fwd_kernel": ("128", 4, "0, 0", 1),
                               "conv_nhwc_dx_kernel": ("128", 4, "0, 0", 1),
                               "conv_nhwc_dw_kernel": ("128", 4, "1, 1", 1)},
@@ -156,6 +156,14 @@ PIPELINE_FILES = {"expanded_linear_kernels.cu": "2", "expanded_conv_nhwc.cu": "2
 # stages one (nothing newer in flight when tile t has landed).
 LINEAR_VARIANTS = {"Lb0ELi64ELi4E": (False, 4, "2"), "Lb1ELi64ELi4E": (True, 4, "2"),
                    "Lb0ELi128ELi2E": (False, 8, "0")}
+# The channels_last conv's tiles, by the mangled BN, BM of their WgmmaMath: the wgmma N each
+# warpgroup issues, and the kernels built on each (128 x 128 all three; 128 x 64 for narrow
+# forward segments and input gradients; 64 x 256, two warpgroups side by side, for weight
+# gradients of few rows).
+NHWC_TILES = {"Li128ELi128EE": ("128", {"conv_nhwc_fwd_kernel", "conv_nhwc_dx_kernel",
+                                        "conv_nhwc_dw_kernel"}),
+              "Li64ELi128EE": ("64", {"conv_nhwc_fwd_kernel", "conv_nhwc_dx_kernel"}),
+              "Li256ELi64EE": ("128", {"conv_nhwc_dw_kernel"})}
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)")
@@ -180,15 +188,23 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     # swizzled operand tiles, whose K-major operands' descriptors say so (layout type 1 in
     # bits 62-63), and with two stages of 128-wide k-tiles
     linear = src_name in SWIZZLED_K_MAJOR
-    variants = len(LINEAR_VARIANTS) if linear else 1
-    assert len(wg) == 2 * variants * len(expect), \
-        f"expected {len(expect)} kernels x 2 dtypes x {variants}, got {sorted(wg)}"
+    nhwc = src_name == "expanded_conv_nhwc.cu"
+    if linear:
+        want = 2 * len(LINEAR_VARIANTS) * len(expect)
+    elif nhwc:
+        want = 2 * sum(len(kernels) for _, kernels in NHWC_TILES.values())
+    else:
+        want = 2 * len(expect)
+    assert len(wg) == want, f"expected {want} kernels (x 2 dtypes), got {sorted(wg)}"
     for name, body in wg.items():
         kernel = next(k for k in expect if k in name)
         n, per_tile, trans, in_flight = expect[kernel]
         sw, cp_wait = False, PIPELINE_FILES.get(src_name)
         if linear:
             (sw, per_tile, cp_wait), = [v for k, v in LINEAR_VARIANTS.items() if k in name]
+        if nhwc:
+            (n, kernels), = [v for k, v in NHWC_TILES.items() if k in name]
+            assert kernel in kernels, f"{name}: {kernel} on an unexpected tile"
         masks = [int(c) for c in re.findall(r"or\.b64\s+%rd\d+, %rd\d+, (\d+);", body)]
         swizzled = {c for c in masks if c >> 62 == 1}
         if sw and SWIZZLED_K_MAJOR[src_name][kernel]:

@@ -43,7 +43,14 @@ using NhwcShortMath = WgmmaMath<T, false, 64, 4, 256, 64>;
 
 // Whether tiles computing `narrow` cells pay against wide ones computing `wide` for the same
 // outputs: at least a quarter fewer (a narrow tile moves more operand bytes a multiply-add).
-inline bool narrow_pays(int64_t narrow, int64_t wide) { return narrow * 4 <= wide * 3; }
+// EXPANSE_FAST_CUDA_CONV_NARROW=0 keeps every product on the wide tiles (the GPU run times
+// both).  (A weight gradient's plan and launch each ask; any plan suits either tile: its
+// splits are whole 64-pixel k-tiles and its workspace [splits][m][n].)
+inline bool narrow_pays(int64_t narrow, int64_t wide) {
+  const char* env = std::getenv("EXPANSE_FAST_CUDA_CONV_NARROW");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return narrow * 4 <= wide * 3;
+}
 // The tile width of an output segment of `rows` channels (the forward).
 inline int nhwc_seg_bn(int64_t rows) {
   return narrow_pays(ceil_div(rows, 64) * 64, ceil_div(rows, 128) * 128) ? 64 : 128;

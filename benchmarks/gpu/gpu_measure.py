@@ -99,6 +99,9 @@ def _measure_after_torch(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb
     if swizzle:  # (the linear kernels' experiments: timed by default)
         _measure_cuda_swizzled(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb)
         _measure_cuda_deep_k(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb)
+    if conv:  # (the conv kernels' narrow tiles, untimed before: by default too)
+        _measure_cuda_conv_wide_tiles(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f,
+                                      v_fb)
     if variants:
         _measure_cuda_without_wgmma(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f,
                                     v_fb)
@@ -225,6 +228,16 @@ def _measure_cuda_conv_pixel_gathers(ctx, backends, exp_f, exp_fb, k, f_fwd, f_f
     _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
                           "-pixelgathers", "EXPANSE_FAST_CUDA_CONV_NHWC", "0",
                           "the NCHW kernels' pixel-by-pixel gathers")
+
+
+def _measure_cuda_conv_wide_tiles(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref,
+                                  v_f="fwd", v_fb="fwd+bwd"):
+    """The NHWC conv kernels on 128 x 128 tiles only, beside their default narrow tiles where
+    a wide one would idle (the ResNet stage's 64 new channels: a 128 x 64 forward segment
+    and dx, a 64 x 256 dW): what the narrow tiles gain, in the same run."""
+    _measure_cuda_variant(ctx, backends, exp_f, exp_fb, k, f_fwd, f_fb, ref, v_f, v_fb,
+                          "-wide", "EXPANSE_FAST_CUDA_CONV_NARROW", "0",
+                          "128 x 128 tiles only")
 
 
 def _measure_triton_conv_without_tma(ctx, backends, exp_f, exp_fb, k, v_f, v_fb, f_fwd, f_fb,

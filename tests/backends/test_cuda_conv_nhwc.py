@@ -60,7 +60,8 @@ def dev(monkeypatch):
     device = torch.device("cuda")
     ok, why = cuda.availability(device)
     assert ok, f"cuda backend unavailable on this GPU machine: {why}"
-    for name in ("EXPANSE_FAST_CUDA_WGMMA", "EXPANSE_FAST_CUDA_CONV_NHWC"):
+    for name in ("EXPANSE_FAST_CUDA_WGMMA", "EXPANSE_FAST_CUDA_CONV_NHWC",
+                 "EXPANSE_FAST_CUDA_CONV_NARROW"):
         monkeypatch.delenv(name, raising=False)
     return device
 
@@ -315,11 +316,14 @@ TILE_CASES = {
 }
 
 
+@pytest.mark.parametrize("narrow", [True, False], ids=["default", "narrow_off"])
 @pytest.mark.parametrize("name", list(TILE_CASES))
-def test_nhwc_kernels_take_narrow_tiles_where_wide_ones_idle(dev, name):
+def test_nhwc_kernels_take_narrow_tiles_where_wide_ones_idle(dev, monkeypatch, name, narrow):
     """Which tiles the forward, dx (without dx_old) and the weight gradients launch on, and
-    that their results match."""
+    that their results match; EXPANSE_FAST_CUDA_CONV_NARROW=0: 128 x 128 tiles only."""
     dtype = torch.bfloat16
+    if not narrow:
+        monkeypatch.setenv("EXPANSE_FAST_CUDA_CONV_NARROW", "0")
     if not cuda.linear_math(dtype, dev).startswith("wgmma"):
         pytest.skip("the NHWC kernels need wgmma (an H100/H200)")
     layout, geo = DX_CASES[name]
@@ -332,4 +336,5 @@ def test_nhwc_kernels_take_narrow_tiles_where_wide_ones_idle(dev, name):
     grads, bwd_names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo,
                                                              need_dx_old=False))
     check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old=False)
-    assert nhwc_tiles(fwd_names | bwd_names) == TILE_CASES[name], sorted(fwd_names | bwd_names)
+    want = TILE_CASES[name] if narrow else {(k, 128, 128) for k, _, _ in TILE_CASES[name]}
+    assert nhwc_tiles(fwd_names | bwd_names) == want, sorted(fwd_names | bwd_names)

@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
@@ -649,6 +650,23 @@ int main() {
   check_accumulator_cover<NhwcNarrowMath<__half>>("128 x 64 tile");
   check_accumulator_cover<NhwcShortMath<__half>>("64 x 256 tile");
   check_accumulator_cover<WgmmaMath<__half>>("128 x 256 tile");
+  {  // EXPANSE_FAST_CUDA_CONV_NARROW=0: the wide tiles for all three products
+    ConvShape s{};
+    const int64_t groups[] = {256}, k_ends[] = {256};
+    s.in_channels = 320, s.frozen_in = 256, s.frozen_out = 256, s.new_out = 64;
+    s.num_frozen_groups = 1, s.frozen_out_groups = groups, s.frozen_k_ends = k_ends;
+    const bool on[] = {nhwc_seg_bn(64) == 64, nhwc_dx_narrow(s, false), nhwc_dw_short(64, 2880)};
+    setenv("EXPANSE_FAST_CUDA_CONV_NARROW", "0", 1);
+    const bool off[] = {nhwc_seg_bn(64) == 64, nhwc_dx_narrow(s, false),
+                        nhwc_dw_short(64, 2880)};
+    unsetenv("EXPANSE_FAST_CUDA_CONV_NARROW");
+    for (int i = 0; i < 3; ++i)
+      if (!on[i] || off[i]) {
+        std::printf("EXPANSE_FAST_CUDA_CONV_NARROW: product %d narrow %d by default, %d off\n",
+                    i, on[i], off[i]);
+        ++failures;
+      }
+  }
   const std::vector<Case> cases = {
       // name, batch, H, W, in, frozen_in, new_out, KH, KW, sh, sw, ph, pw, dh, dw,
       // groups, k_ends, coupled, bias, bn, wide launch, narrow launch

@@ -1,8 +1,10 @@
 // The expanded conv2d's forward, input gradient and weight gradients for NHWC activations
-// (fp16/bf16 on an sm_90a build): implicit GEMMs on the linear kernels' pipeline
-// (gemm_pipeline.cuh: 16-byte cp.async copies, wgmma on 128 x 128 x 64 tiles, or 128 x 64 and
-// 64 x 256 where those would idle less (NhwcNarrowMath, NhwcShortMath), four stages, the
-// staged write-outs).  The forward first; the gradients below say their own GEMMs.
+// (fp16/bf16): implicit GEMMs on the linear kernels' pipeline (gemm_pipeline.cuh: 16-byte
+// cp.async copies, the staged write-outs).  On an sm_90a build, wgmma on 128 x 128 x 64 tiles,
+// or 128 x 64 and 64 x 256 where those would idle less (NhwcNarrowMath, NhwcShortMath), four
+// stages; elsewhere (or EXPANSE_FAST_CUDA_WGMMA=0) the linear kernels' portable WMMA math,
+// 128 x 128 x 32 tiles, two stages.  The forward first; the gradients below say their own
+// GEMMs.
 //
 //   y[p, o] = sum_j X[p, j] w[o, j]      p = (n, ho, wo): output pixel, row of the GEMM
 //                                        j = (kh, kw, c): tap-major, channel innermost
@@ -40,6 +42,9 @@ template <typename T>
 using NhwcNarrowMath = WgmmaMath<T, false, 64, 4, 64>;
 template <typename T>
 using NhwcShortMath = WgmmaMath<T, false, 64, 4, 256, 64>;
+// The portable math (any sm_80+ GPU): one tile for every product.
+template <typename T>
+using NhwcWmmaMath = WmmaMath<T>;
 
 // Whether tiles computing `narrow` cells pay against wide ones computing `wide` for the same
 // outputs: at least a quarter fewer (a narrow tile moves more operand bytes a multiply-add).
@@ -551,12 +556,14 @@ conv_nhwc_dw_kernel(const __grid_constant__ NhwcDwParams p) {
 bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX / 4; }
 
 // The launch parameters and grid of a forward on BM x BN tiles (host; the emulation walks them
-// too): the output segments whose tile width (nhwc_seg_bn) is BN; a launch of each width
-// computes y.  False where there is nothing to launch (no pixels or no such segment).
+// too): the output segments whose tile width (nhwc_seg_bn) is BN, a launch of each width
+// computing y, or with `every_segment` (one tile for all: the WMMA math) all of them.  False
+// where there is nothing to launch (no pixels or no such segment).
 template <int BM, int BN>
 bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, const Strides4& sx,
                     const void* b_frozen, const void* b_new, const float* bn_scale,
-                    const float* bn_shift, void* y, NhwcFwdParams& p, dim3& grid) {
+                    const float* bn_shift, void* y, NhwcFwdParams& p, dim3& grid,
+                    bool every_segment = false) {
   const ConvGeometry& g = s.geo;
   const int64_t I = s.in_channels, I_f = s.frozen_in, KK = g.kernel_h * g.kernel_w;
   p = NhwcFwdParams{};
@@ -579,7 +586,7 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   };
   int tiles = 0, n = 0;
   auto add = [&](NhwcSeg seg) {
-    if (seg.rows == 0 || nhwc_seg_bn(seg.rows) != BN) return;
+    if (seg.rows == 0 || (!every_segment && nhwc_seg_bn(seg.rows) != BN)) return;
     seg.tile0 = tiles;
     tiles += static_cast<int>(ceil_div(seg.rows, BN));
     p.seg[n++] = seg;
@@ -726,13 +733,13 @@ bool build_nhwc_dw(const ConvGeometry& g, const void* dy, const Strides4& sdy, i
   return p.m > 0 && (p.n > 0 || db != nullptr);
 }
 
-// What both NHWC products ask of a call: fp16/bf16 with wgmma, not turned off, few enough
+// What the NHWC products ask of a call: fp16/bf16 (wgmma or WMMA), not turned off, few enough
 // groups, and an activation t (x or dy) whose channels are contiguous and whose pixels start
 // on 16 bytes.
 bool nhwc_call_ok(const ConvShape& s, const void* t, const Strides4& st) {
   const char* env = std::getenv("EXPANSE_FAST_CUDA_CONV_NHWC");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  if (s.dtype == DType::kFloat32 || !wgmma_enabled(s.dtype) || !conv_shape_ok(s)) return false;
+  if (s.dtype == DType::kFloat32 || !conv_shape_ok(s)) return false;
   if (s.num_frozen_groups > kNhwcMaxFrozenGroups) return false;
   return st.c == 1 && st.n % 8 == 0 && st.h % 8 == 0 && st.w % 8 == 0 &&
          reinterpret_cast<uintptr_t>(t) % 16 == 0;
@@ -764,7 +771,7 @@ cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt
     dim3 grid;
     if (!build_nhwc_dx<M::BM, M::BN>(s, wt, dy, sdy, need_dx_old, dx, p, grid))
       return cudaSuccess;  // nothing to compute
-    constexpr size_t bytes = smem_bytes<M, true, true>();
+    constexpr size_t bytes = staged_smem_bytes<M, true, true>();
     static std::atomic<bool> raised[kSmemDevices];
     const cudaError_t err = raise_smem_limit(conv_nhwc_dx_kernel<T, M>, bytes, raised);
     if (err != cudaSuccess) return err;
@@ -773,6 +780,7 @@ cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt
   };
   auto width = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
+    if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcWmmaMath<T>{});
     return nhwc_dx_narrow(s, need_dx_old) ? launch(tag, NhwcNarrowMath<T>{})
                                           : launch(tag, NhwcMath<T>{});
   };
@@ -797,7 +805,8 @@ bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Stride
 
 ConvWeightGradPlan plan_conv_weight_grad_nhwc(int64_t pixels, int64_t m, int64_t n_ch,
                                               int kernel_area, int num_sms) {
-  // (the same tiles in bf16; the launch picks the same one: nhwc_dw_short)
+  // (the same tiles in bf16; a wgmma launch picks the same one, nhwc_dw_short; a WMMA
+  // launch takes the plan as it is: any plan suits any tile, see narrow_pays)
   using Wide = NhwcMath<__half>;
   using Short = NhwcShortMath<__half>;
   const int64_t n = n_ch * std::max(kernel_area, 1);
@@ -840,6 +849,7 @@ cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const St
   };
   auto tile = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
+    if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcWmmaMath<T>{});
     return nhwc_dw_short(m, n_ch * s.geo.kernel_h * s.geo.kernel_w)
                ? launch(tag, NhwcShortMath<T>{})
                : launch(tag, NhwcMath<T>{});
@@ -874,10 +884,11 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const 
     using M = decltype(math);
     NhwcFwdParams p;
     dim3 grid;
+    constexpr bool one_tile = !M::STAGED_EPILOGUE;  // (the WMMA math: every segment)
     if (!build_nhwc_fwd<M::BM, M::BN>(s, w, x, sx, b_frozen, b_new, bn_scale, bn_shift, y, p,
-                                      grid))
+                                      grid, one_tile))
       return cudaSuccess;  // nothing to compute
-    constexpr size_t bytes = smem_bytes<M, true, true>();
+    constexpr size_t bytes = staged_smem_bytes<M, true, true>();
     static std::atomic<bool> raised[kSmemDevices];
     const cudaError_t err = raise_smem_limit(conv_nhwc_fwd_kernel<T, M>, bytes, raised);
     if (err != cudaSuccess) return err;
@@ -886,6 +897,7 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const 
   };
   auto both = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
+    if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcWmmaMath<T>{});
     const cudaError_t err = launch(tag, NhwcMath<T>{});
     return err != cudaSuccess ? err : launch(tag, NhwcNarrowMath<T>{});
   };

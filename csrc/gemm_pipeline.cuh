@@ -236,6 +236,52 @@ struct Smem {
   __host__ __device__ static T b_at(const T* s, int k, int n) {
     return BKM ? s[n * LDB + k] : s[k * LDB + n];
   }
+
+  // Gathered operand tiles, as CoreSmem's (the channels_last conv kernels on the WMMA math):
+  // thread tid's chunk i of an OUTER x INNER tile (row stride LD) is the one load_tile
+  // copies, row tid / PER_ROW + i * ROW_STEP, column (tid % PER_ROW) * VEC, so a thread's
+  // chunks share their column.
+  static constexpr int VEC = 16 / sizeof(T);
+  template <int OUTER, int INNER>
+  __host__ __device__ static void chunk_of(int tid, int i, int& row, int& col, int& at) {
+    constexpr int PER_ROW = INNER / VEC, ROW_STEP = THREADS / PER_ROW;
+    static_assert(THREADS % PER_ROW == 0 && (OUTER * PER_ROW) % THREADS == 0, "tile chunks");
+    row = tid / PER_ROW + i * ROW_STEP;
+    col = (tid % PER_ROW) * VEC;
+    at = row * (INNER + PAD) + col;
+  }
+  template <int OUTER, int INNER>
+  static constexpr int chunks_per_thread() { return OUTER * INNER / VEC / THREADS; }
+  static constexpr int A_INNER = AK ? BK_ : BM_, A_OUTER = AK ? BM_ : BK_;
+  static constexpr int B_INNER = BKM ? BK_ : BN_, B_OUTER = BKM ? BN_ : BK_;
+  static constexpr int A_CHUNKS = chunks_per_thread<A_OUTER, A_INNER>();
+  static constexpr int B_CHUNKS = chunks_per_thread<B_OUTER, B_INNER>();
+  __host__ __device__ static void a_chunk(int tid, int i, int& row, int& col) {
+    int at;
+    chunk_of<A_OUTER, A_INNER>(tid, i, row, col, at);
+  }
+  __host__ __device__ static void b_chunk(int tid, int i, int& row, int& col) {
+    int at;
+    chunk_of<B_OUTER, B_INNER>(tid, i, row, col, at);
+  }
+  template <int OUTER, int INNER, class G>
+  __host__ __device__ static void gather(T* s, const G& g, int tid) {
+#pragma unroll
+    for (int i = 0; i < chunks_per_thread<OUTER, INNER>(); ++i) {
+      int row, col, at;
+      chunk_of<OUTER, INNER>(tid, i, row, col, at);
+      const T* gp = g.chunk(i, row, col);
+      cp_async16_zfill(s + at, gp != nullptr ? gp : g.base(), gp != nullptr);
+    }
+  }
+  template <class G>  // a gather source (a TileSrc takes the overloads above)
+  __host__ __device__ static void load_a(T* s, const G& g, int tid) {
+    gather<A_OUTER, A_INNER>(s, g, tid);
+  }
+  template <class G>
+  __host__ __device__ static void load_b(T* s, const G& g, int tid) {
+    gather<B_OUTER, B_INNER>(s, g, tid);
+  }
 };
 
 // Shared-memory layout for wgmma: each operand tile in 8 x 16-byte core matrices, row block
@@ -501,6 +547,9 @@ struct WmmaMath {
   }
   static constexpr bool ASYNC_MMA = false;
   static constexpr bool STAGED_EPILOGUE = false;  // (each element stored where it lies)
+  // (the channels_last conv kernels stage their fp32 tile all the same: gemm_staged_f32, in
+  // staged_smem_bytes past the stages)
+  static constexpr int OUT_LD_F32 = BN + 8;
   __device__ static void before_barrier(Acc&) {}
   __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
@@ -574,6 +623,9 @@ struct SimtMath {
   }
   static constexpr bool ASYNC_MMA = false;
   static constexpr bool STAGED_EPILOGUE = false;  // (each element stored where it lies)
+  // (the channels_last conv kernels stage their fp32 tile all the same: gemm_staged_f32, in
+  // staged_smem_bytes past the stages)
+  static constexpr int OUT_LD_F32 = BN + 8;
   __device__ static void before_barrier(Acc&) {}
   __device__ static void after_mma(Acc&) {}
   __device__ static void finish(Acc&) {}
@@ -682,18 +734,36 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
   M::finish(acc);
 }
 
+// Shared memory a gemm_staged_f32 kernel needs: its stages, which the staged tile reuses, and
+// for the WMMA math (whose fragments pass through a per-warp scratch) the tile and the
+// scratch past it.
+template <class M, bool AK, bool BKM>
+constexpr size_t staged_smem_bytes() {
+  constexpr size_t tiles = M::template Layout<AK, BKM>::BYTES;
+  constexpr size_t staged = M::BM * M::OUT_LD_F32 * sizeof(float) +
+                            (M::STAGED_EPILOGUE ? 0 : M::SCRATCH_BYTES);
+  return tiles > staged ? tiles : staged;
+}
+
 // The main loop, then its fp32 accumulators staged [BM][OUT_LD_F32] in the stages' shared
 // memory (which they reuse) and published to the block: what the staged write-outs read.
 template <typename T, class M, class L, class P>
 __device__ __forceinline__ const float* gemm_staged_f32(const P& prob, unsigned char* smem) {
+  static_assert(M::STAGED_EPILOGUE || (M::BM * M::OUT_LD_F32 * sizeof(float)) % 32 == 0,
+                "the WMMA fragments' scratch, past the staged tile, starts on 32 bytes");
   typename M::Acc acc;
   float unused = 0.f;
   gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);
   __syncthreads();  // every warpgroup is done with the stages
   float* staged = reinterpret_cast<float*>(smem);
-  M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
-    *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
-  });
+  if constexpr (M::STAGED_EPILOGUE) {
+    M::store_pairs(acc, [&](int m, int n, float v0, float v1) {
+      *reinterpret_cast<float2*>(staged + m * M::OUT_LD_F32 + n) = make_float2(v0, v1);
+    });
+  } else {
+    M::store(acc, staged + M::BM * M::OUT_LD_F32,
+             [&](int m, int n, float v) { staged[m * M::OUT_LD_F32 + n] = v; });
+  }
   __syncthreads();
   return staged;
 }

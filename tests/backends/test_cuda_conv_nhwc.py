@@ -1,8 +1,9 @@
 """The cuda backend's channels_last conv kernels (csrc/expanded_conv_nhwc.cu) on a GPU.
 
 A channels_last x in fp16/bf16 whose channel counts (I, I_f, every k_end) are multiples of 8
-goes to the NHWC implicit GEMM forward on the linear kernels' cp.async + wgmma pipeline where
-the build has wgmma (an H100/H200); with a channels_last dy, to the NHWC weight gradients
+goes to the NHWC implicit GEMM forward on the linear kernels' cp.async pipeline, with wgmma
+where the build has it (an H100/H200), else (or with EXPANSE_FAST_CUDA_WGMMA=0) with the
+portable WMMA math; with a channels_last dy, to the NHWC weight gradients
 (db fused) as well, and to the NHWC input gradient where the row counts (o_T, every frozen
 group's) are multiples of 8 too.  Everything else goes to the NCHW kernels, on NCHW copies.
 Either way y and dx come back channels_last and match the expanded layer in float64.  The
@@ -94,7 +95,7 @@ def test_nhwc_forward_matches_dense(dev, name, dtype):
     assert tuple(y.shape) == conv_out_shape(layout, geo)
     assert y.is_contiguous(memory_format=torch.channels_last)
     assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y")
-    assert uses_nhwc(names) == cuda.linear_math(dtype, dev).startswith("wgmma"), sorted(names)
+    assert uses_nhwc(names), sorted(names)
 
 
 @pytest.mark.parametrize("name", ["3x3_groups_many_pixels", "strided_dilated_3x2"])
@@ -176,9 +177,7 @@ def test_nhwc_backward_matches_dense(dev, name, dtype, need_dx_old):
                                                          need_dx_old=need_dx_old))
     assert grads[0].is_contiguous(memory_format=torch.channels_last)
     check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old)
-    hopper = cuda.linear_math(dtype, dev).startswith("wgmma")
-    assert uses_nhwc_dx(names) == hopper, sorted(names)
-    assert uses_nhwc_dw(names) == hopper, sorted(names)
+    assert uses_nhwc_dx(names) and uses_nhwc_dw(names), sorted(names)
 
 
 def uses_nhwc_dw(names):
@@ -203,7 +202,7 @@ def test_nhwc_weight_gradients_match_dense(dev, name, dtype):
     for g in grads[1:]:
         assert g is None or g.is_contiguous()
     check_conv_backward(layout, p, dy, x, geo, dtype, grads, need=need)
-    assert uses_nhwc_dw(names) == cuda.linear_math(dtype, dev).startswith("wgmma"), sorted(names)
+    assert uses_nhwc_dw(names), sorted(names)
 
 
 def test_nhwc_dx_off_and_unaligned_rows_take_the_nchw_kernel(dev, monkeypatch):
@@ -253,13 +252,12 @@ def test_nchw_operands_take_the_nhwc_kernels_through_copies(dev, name):
     p = make_conv_params(layout, geo["k"], dtype, dev)
     x = torch.randn(geo["n"], layout.in_features, geo["h"], geo["w"]).to(dev, dtype)
     dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
-    hopper = cuda.linear_math(dtype, dev).startswith("wgmma")
     y, names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
-    assert y.is_contiguous() and uses_nhwc(names) == hopper, sorted(names)
+    assert y.is_contiguous() and uses_nhwc(names), sorted(names)
     assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y (NCHW x)")
     for xx in (x, x.contiguous(memory_format=torch.channels_last)):
         grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, xx, geo))
-        assert uses_nhwc_dx(names) == hopper and uses_nhwc_dw(names) == hopper, sorted(names)
+        assert uses_nhwc_dx(names) and uses_nhwc_dw(names), sorted(names)
         assert grads[0].is_contiguous(memory_format=(torch.channels_last if xx is not x
                                                      else torch.contiguous_format))
         check_conv_backward(layout, p, dy, xx, geo, dtype, grads)
@@ -338,3 +336,28 @@ def test_nhwc_kernels_take_narrow_tiles_where_wide_ones_idle(dev, monkeypatch, n
     check_conv_backward(layout, p, dy, x, geo, dtype, grads, need_dx_old=False)
     want = TILE_CASES[name] if narrow else {(k, 128, 128) for k, _, _ in TILE_CASES[name]}
     assert nhwc_tiles(fwd_names | bwd_names) == want, sorted(fwd_names | bwd_names)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", ["3x3_groups_many_pixels", "strided_dilated_3x2", "resnet_like",
+                                  "1x1_stride2"])
+def test_nhwc_portable_math_matches_dense(dev, monkeypatch, name, dtype):
+    """EXPANSE_FAST_CUDA_WGMMA=0 (what a GPU without wgmma runs): the three NHWC products on
+    the WMMA math, one 128 x 128 tile for every segment, against float64."""
+    monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
+    layout, geo = NHWC_CASES[name]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = channels_last_input(layout, geo, dtype, dev)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    dy = dy.contiguous(memory_format=torch.channels_last)
+    poison_allocator(dev)
+    y, fwd_names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
+    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y (WMMA)")
+    rows_ok = name in DX_CASES  # (the NHWC dx takes row counts that are multiples of 8)
+    grads, bwd_names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo))
+    check_conv_backward(layout, p, dy, x, geo, dtype, grads)
+    names = fwd_names | bwd_names
+    nhwc = [n for n in names if "conv_nhwc_" in n]
+    assert nhwc and all("WmmaMath" in n for n in nhwc), sorted(names)
+    assert uses_nhwc(names) and uses_nhwc_dw(names) and uses_nhwc_dx(names) == rows_ok, \
+        sorted(names)

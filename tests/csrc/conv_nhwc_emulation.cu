@@ -1,6 +1,6 @@
 // Host emulation of the channels_last conv forward, input gradient and weight gradient
-// (csrc/expanded_conv_nhwc.cu), checked against a float64 direct convolution of the expanded
-// layer and its gradients.  Built with nvcc and run on the CPU by
+// (csrc/expanded_conv_nhwc.cu) on each tile they launch (wgmma's three, the WMMA math's one),
+// checked against a float64 direct convolution of the expanded layer and its gradients.  Built with nvcc and run on the CPU by
 // test_tile_emulation.py; no GPU involved.
 //
 // The real code: the launch parameters and grid (build_nhwc_fwd), each block's problem for each
@@ -187,8 +187,9 @@ int run_fwd_launch(const Case& c, const ConvShape& s, const ConvWeights& w,
   const int64_t I = c.in, KK = c.KH * c.KW, P = c.batch * Ho * Wo;
   NhwcFwdParams p;
   dim3 grid;
+  constexpr bool one_tile = !M::STAGED_EPILOGUE;  // as conv2d_forward_nhwc: the WMMA math
   launched = build_nhwc_fwd<M::BM, M::BN>(s, w, x.v.data(), x.st, bf, bn, scale, shift,
-                                           y.data(), p, grid);
+                                           y.data(), p, grid, one_tile);
   if (!launched) return 0;
   Stage<L, T> stage;
   T* const As = stage.a();
@@ -200,7 +201,7 @@ int run_fwd_launch(const Case& c, const ConvShape& s, const ConvWeights& w,
     for (int tid = 0; tid < M::THREADS; ++tid)
       probs.push_back(nhwc_fwd_problem<T, M, L>(p, b, grid.x, grid.y, tid));
     const auto& p0 = probs[0];
-    if (nhwc_seg_bn(p0.s.rows) != M::BN && bad++ < 3)
+    if (!one_tile && nhwc_seg_bn(p0.s.rows) != M::BN && bad++ < 3)
       std::printf("  %s: a segment of %d rows on %d-wide tiles\n", c.name, p0.s.rows, M::BN);
     std::vector<double> acc(M::BM * M::BN, 0.0);
     // as the kernel (gemm_mainloop): the phases in order, empty ones skipped, BK-deep k-tiles
@@ -240,6 +241,36 @@ int run_fwd_launch(const Case& c, const ConvShape& s, const ConvWeights& w,
       nhwc_fwd_write_out<T, M>(p, p0.s, staged.data(), p0.m0, p0.n0, tid);
   }
   return bad;
+}
+
+// The forward's float64 reference: y[pixel, o] = bn(bias + sum over taps and channels),
+// rounded to T, against y; then the case's end (finish_case).
+template <typename T>
+void check_forward(const Case& c, const NhwcTensor<T>& x, const std::vector<double>& Wd,
+                   const std::vector<double>& bias, const std::vector<float>& scale,
+                   const std::vector<float>& shift, const std::vector<T>& y, int64_t Ho,
+                   int64_t Wo, int64_t O_f, int bad, const char* name) {
+  const int64_t I = c.in, KK = c.KH * c.KW, O = O_f + c.new_out, P = c.batch * Ho * Wo;
+  for (int64_t n = 0; n < c.batch; ++n)
+    for (int64_t ho = 0; ho < Ho; ++ho)
+      for (int64_t wo = 0; wo < Wo; ++wo)
+        for (int64_t o = 0; o < O; ++o) {
+          double v = bias[o];
+          for (int kh = 0; kh < c.KH; ++kh)
+            for (int kw = 0; kw < c.KW; ++kw) {
+              const int64_t hi = ho * c.sh - c.ph + kh * c.dh, wi = wo * c.sw - c.pw + kw * c.dw;
+              if (hi < 0 || hi >= c.H || wi < 0 || wi >= c.W) continue;
+              for (int64_t ch = 0; ch < I; ++ch)
+                v += x.at(n, hi, wi, ch) * Wd[(o * KK + kh * c.KW + kw) * I + ch];
+            }
+          if (c.bn && o < O_f) v = v * scale[o] + shift[o];
+          const int64_t pix = (n * Ho + ho) * Wo + wo;
+          const float got = to_f(y[pix * O + o]);
+          if (differs<T>(got, v) && bad++ < 5)
+            std::printf("  %s: y[pixel %lld, channel %lld] = %g, want %g\n", name,
+                        (long long)pix, (long long)o, got, v);
+        }
+  finish_case(name, y, P * O, bad);
 }
 
 template <typename T>
@@ -282,8 +313,6 @@ void run_case(const Case& c) {
     scale[o] = static_cast<float>(std::ldexp(1.0, static_cast<int>(rnd.rng() % 3) - 1));
     shift[o] = static_cast<float>(rnd());
   }
-  std::vector<T> y(P * O + 64, nan);
-
   ConvShape s = shape_of<T>(c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw, c.dh,
                             c.dw);
   s.in_channels = I, s.frozen_in = I_f, s.frozen_out = O_f, s.new_out = c.new_out;
@@ -296,6 +325,7 @@ void run_case(const Case& c) {
   const T* bnp = c.bias ? bn.data() : nullptr;
   const float* scp = c.bn ? scale.data() : nullptr;
   const float* shp = c.bn ? shift.data() : nullptr;
+  std::vector<T> y(P * O + 64, nan);
   bool wide = false, narrow = false;
   int bad = run_fwd_launch<T, NhwcMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y, wide);
   bad += run_fwd_launch<T, NhwcNarrowMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y,
@@ -310,29 +340,17 @@ void run_case(const Case& c) {
                 c.narrow);
     ++bad;
   }
-
-  // float64 reference: y[pixel, o] = bn(bias + sum over taps and channels), rounded to T.
-  for (int64_t n = 0; n < c.batch; ++n)
-    for (int64_t ho = 0; ho < Ho; ++ho)
-      for (int64_t wo = 0; wo < Wo; ++wo)
-        for (int64_t o = 0; o < O; ++o) {
-          double v = bias[o];
-          for (int kh = 0; kh < c.KH; ++kh)
-            for (int kw = 0; kw < c.KW; ++kw) {
-              const int64_t hi = ho * c.sh - c.ph + kh * c.dh, wi = wo * c.sw - c.pw + kw * c.dw;
-              if (hi < 0 || hi >= c.H || wi < 0 || wi >= c.W) continue;
-              for (int64_t ch = 0; ch < I; ++ch)
-                v += x.at(n, hi, wi, ch) * Wd[(o * KK + kh * c.KW + kw) * I + ch];
-            }
-          if (c.bn && o < O_f) v = v * scale[o] + shift[o];
-          const int64_t pix = (n * Ho + ho) * Wo + wo;
-          const float got = to_f(y[pix * O + o]);
-          if (differs<T>(got, v) && bad++ < 5)
-            std::printf("  %s: y[pixel %lld, channel %lld] = %g, want %g\n", c.name,
-                        (long long)pix, (long long)o, got, v);
-        }
-  finish_case(c.name, y, P * O, bad);
+  check_forward<T>(c, x, Wd, bias, scale, shift, y, Ho, Wo, O_f, bad, c.name);
+  // the WMMA math (no wgmma): one launch, every segment on its 128 x 128 x 32 tiles
+  std::vector<T> y_wmma(P * O + 64, nan);
+  bool one = false;
+  const std::string wmma_name = std::string(c.name) + ", WMMA";
+  bad = run_fwd_launch<T, NhwcWmmaMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y_wmma,
+                                            one);
+  if (!one && bad++ == 0) std::printf("%s: nothing to launch\n", wmma_name.c_str());
+  check_forward<T>(c, x, Wd, bias, scale, shift, y_wmma, Ho, Wo, O_f, bad, wmma_name.c_str());
 }
+
 
 // ---- the input gradient -------------------------------------------------------------------
 // dx[q, c] = sum over the taps and output channels that reach q of dy * w, with dy and dx in
@@ -386,7 +404,8 @@ void run_dx_case(const DxCase& c) {
   s.frozen_out_groups = c.groups.data();
   s.frozen_k_ends = c.k_ends.data();
   const ConvWeights wt{wf.data(), wn.data(), c.coupled ? wc.data() : nullptr};
-  const std::string name = std::string(c.name) + ", " + std::to_string(M::BN) + "-wide tiles";
+  const std::string name = std::string(c.name) + ", " + std::to_string(M::BN) + "-wide tiles" +
+                           (M::STAGED_EPILOGUE ? "" : ", WMMA");
   int bad = 0;
   if (nhwc_dx_narrow(s, c.need_old) != c.narrow && bad++ == 0)
     std::printf("  %s: narrow tiles %d, want %d\n", name.c_str(), !c.narrow, c.narrow);
@@ -498,12 +517,14 @@ void run_dw_case(const DwCase& c) {
   const ConvWeightGradPlan plan = plan_nhwc_dw<M::BM, M::BN, M::BK>(P, c.m, N, c.num_sms);
   std::vector<float> ws(plan.workspace_bytes / sizeof(float) + 1, NAN);
   const std::string name = std::string(c.name) + ", " + std::to_string(M::BM) + " x " +
-                           std::to_string(M::BN) + " tiles";
+                           std::to_string(M::BN) + " tiles" +
+                           (M::STAGED_EPILOGUE ? "" : ", WMMA");
   int bad = 0;
   if (nhwc_dw_short(c.m, N) != c.short_tiles && bad++ == 0)
     std::printf("  %s: short tiles %d, want %d\n", name.c_str(), !c.short_tiles,
                 c.short_tiles);
-  const bool launched_tile = (M::BM == 64) == c.short_tiles;
+  // (a wgmma launch's tile; the WMMA launch takes the plan as it is)
+  const bool launched_tile = M::STAGED_EPILOGUE && (M::BM == 64) == c.short_tiles;
   const ConvWeightGradPlan public_plan =
       plan_conv_weight_grad_nhwc(P, c.m, c.n_ch, c.KH * c.KW, c.num_sms);
   if (launched_tile && (public_plan.splits != plan.splits ||
@@ -573,14 +594,25 @@ void run_dw_case(const DwCase& c) {
             else db[m0 + m] = from_f<T>(static_cast<float>(colsum[m]));
           }
         const std::vector<float> staged = staged_f32<M>(acc);
-        std::vector<T> staged_t(M::BM * M::OUT_LD);
-        for (int m = 0; m < M::BM; ++m)
-          for (int n = 0; n < M::BN; ++n)
-            staged_t[m * M::OUT_LD + n] = from_f<T>(staged[m * M::OUT_LD_F32 + n]);
-        for (int tid = 0; tid < M::THREADS; ++tid)
-          dw_write_out<T, M>(p, p.splits > 1 ? static_cast<const void*>(staged.data())
-                                             : static_cast<const void*>(staged_t.data()),
-                             m0, n0, split, tid);
+        if constexpr (M::STAGED_EPILOGUE) {
+          std::vector<T> staged_t(M::BM * M::OUT_LD);
+          for (int m = 0; m < M::BM; ++m)
+            for (int n = 0; n < M::BN; ++n)
+              staged_t[m * M::OUT_LD + n] = from_f<T>(staged[m * M::OUT_LD_F32 + n]);
+          for (int tid = 0; tid < M::THREADS; ++tid)
+            dw_write_out<T, M>(p, p.splits > 1 ? static_cast<const void*>(staged.data())
+                                               : static_cast<const void*>(staged_t.data()),
+                               m0, n0, split, tid);
+        } else {  // the WMMA math: each element stored where it lies
+          for (int m = 0; m < M::BM; ++m)
+            for (int n = 0; n < M::BN; ++n) {
+              const int mm = m0 + m, nn = n0 + n;
+              if (mm >= p.m || nn >= p.n) continue;
+              const float v = staged[m * M::OUT_LD_F32 + n];
+              if (p.splits > 1) p.ws[split * mn + static_cast<int64_t>(mm) * p.n + nn] = v;
+              else out[mm * p.ld_out + nn] = from_f<T>(v);
+            }
+        }
       }
   if (p.splits > 1) {  // as splitk_reduce_kernel: the splits in order
     const int64_t mn = static_cast<int64_t>(p.m) * p.n;
@@ -725,8 +757,10 @@ int main() {
   for (const DxCase& c : dx_cases) {
     run_dx_case<__half, NhwcMath<__half>>(c);
     run_dx_case<__half, NhwcNarrowMath<__half>>(c);
+    run_dx_case<__half, NhwcWmmaMath<__half>>(c);
     run_dx_case<__nv_bfloat16, NhwcMath<__nv_bfloat16>>(c);
     run_dx_case<__nv_bfloat16, NhwcNarrowMath<__nv_bfloat16>>(c);
+    run_dx_case<__nv_bfloat16, NhwcWmmaMath<__nv_bfloat16>>(c);
   }
   // FastDiv (the weight gradient's pixel decomposition) against division: every divisor up to
   // 4096 and some large ones, dividends at the edges of its range [0, 2^31) and random.
@@ -771,8 +805,10 @@ int main() {
   for (const DwCase& c : dw_cases) {
     run_dw_case<__half, NhwcMath<__half>>(c);
     run_dw_case<__half, NhwcShortMath<__half>>(c);
+    run_dw_case<__half, NhwcWmmaMath<__half>>(c);
     run_dw_case<__nv_bfloat16, NhwcMath<__nv_bfloat16>>(c);
     run_dw_case<__nv_bfloat16, NhwcShortMath<__nv_bfloat16>>(c);
+    run_dw_case<__nv_bfloat16, NhwcWmmaMath<__nv_bfloat16>>(c);
   }
   std::printf("%lld blocks, %lld k-tiles, %lld outputs compared\n", (long long)blocks,
               (long long)k_tiles, (long long)compared);

@@ -157,6 +157,15 @@ def test_nhwc_fake_registration_keeps_the_memory_format(dev):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+def channels_last_case(cases, name, dtype, device):
+    """(layout, geo, params, x, dy) of a case: channels_last x and dy of random values."""
+    layout, geo = cases[name]
+    p = make_conv_params(layout, geo["k"], dtype, device)
+    x = channels_last_input(layout, geo, dtype, device)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(device, dtype)
+    return layout, geo, p, x, dy.contiguous(memory_format=torch.channels_last)
+
+
 def uses_nhwc_dx(names):
     return any("conv_nhwc_dx_kernel" in n for n in names)
 
@@ -165,13 +174,9 @@ def uses_nhwc_dx(names):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("name", list(DX_CASES))
 def test_nhwc_backward_matches_dense(dev, name, dtype, need_dx_old):
-    """Every gradient of a channels_last layer: dx from the NHWC kernel (dx_old zeros when not
-    asked for), dW, db and dW_couple from the NCHW kernels on copies; dx channels_last."""
-    layout, geo = DX_CASES[name]
-    p = make_conv_params(layout, geo["k"], dtype, dev)
-    x = channels_last_input(layout, geo, dtype, dev)
-    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
-    dy = dy.contiguous(memory_format=torch.channels_last)
+    """Every gradient of a channels_last layer from the NHWC kernels: dx (dx_old zeros when
+    not asked for), dW with db fused, dW_couple; dx channels_last."""
+    layout, geo, p, x, dy = channels_last_case(DX_CASES, name, dtype, dev)
     poison_allocator(dev)
     grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo,
                                                          need_dx_old=need_dx_old))
@@ -190,11 +195,7 @@ def test_nhwc_weight_gradients_match_dense(dev, name, dtype):
     """dW_new with db fused, and dW_couple, from channels_last dy and x (any row counts; the
     pixels split over blocks where the output tiles are few), returned (rows, channels, KH,
     KW) contiguous; no dx asked for."""
-    layout, geo = NHWC_CASES[name]
-    p = make_conv_params(layout, geo["k"], dtype, dev)
-    x = channels_last_input(layout, geo, dtype, dev)
-    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
-    dy = dy.contiguous(memory_format=torch.channels_last)
+    layout, geo, p, x, dy = channels_last_case(NHWC_CASES, name, dtype, dev)
     poison_allocator(dev)
     need = dict(dx=False, dw=True, db=True, dcouple=True)
     grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo,
@@ -323,12 +324,8 @@ def test_nhwc_kernels_take_narrow_tiles_where_wide_ones_idle(dev, monkeypatch, n
     if not narrow:
         monkeypatch.setenv("EXPANSE_FAST_CUDA_CONV_NARROW", "0")
     if not cuda.linear_math(dtype, dev).startswith("wgmma"):
-        pytest.skip("the NHWC kernels need wgmma (an H100/H200)")
-    layout, geo = DX_CASES[name]
-    p = make_conv_params(layout, geo["k"], dtype, dev)
-    x = channels_last_input(layout, geo, dtype, dev)
-    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
-    dy = dy.contiguous(memory_format=torch.channels_last)
+        pytest.skip("the narrow tiles are the wgmma math's (an H100/H200)")
+    layout, geo, p, x, dy = channels_last_case(DX_CASES, name, dtype, dev)
     y, fwd_names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
     assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y")
     grads, bwd_names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo,
@@ -345,11 +342,7 @@ def test_nhwc_portable_math_matches_dense(dev, monkeypatch, name, dtype):
     """EXPANSE_FAST_CUDA_WGMMA=0 (what a GPU without wgmma runs): the three NHWC products on
     the WMMA math, one 128 x 128 tile for every segment, against float64."""
     monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
-    layout, geo = NHWC_CASES[name]
-    p = make_conv_params(layout, geo["k"], dtype, dev)
-    x = channels_last_input(layout, geo, dtype, dev)
-    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
-    dy = dy.contiguous(memory_format=torch.channels_last)
+    layout, geo, p, x, dy = channels_last_case(NHWC_CASES, name, dtype, dev)
     poison_allocator(dev)
     y, fwd_names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
     assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y (WMMA)")

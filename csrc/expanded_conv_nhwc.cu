@@ -273,17 +273,26 @@ conv_nhwc_fwd_kernel(const __grid_constant__ NhwcFwdParams p) {
 }
 
 // ================================ input gradient (NHWC dy and dx) ============================
-//   dx[q, c] = sum_j D[q, j] wt[c, j]     q = (n, h, w): input pixel, row of the GEMM
-//                                         j = (kh, kw, o): tap-major, output channel innermost
-// D[q, (kh, kw, o)] = dy[n, ho, wo, o] for the output pixel (ho, wo) that reads q through the
-// tap, zero where none does (the stride skips q, or the tap falls outside); 8 output channels
-// of one pixel are one cp.async.  wt is each weight transposed to (channels, KH, KW, rows).
+//   dx[q, c] = sum_j D[q, j] wt[c, j]     q: input pixel, row of the GEMM
+//                                         j = (tap, o): tap-major, output channel innermost
+// D[q, (tap, o)] = dy[n, ho, wo, o] for the output pixel (ho, wo) that reads q through the
+// tap, zero where it falls outside dy; 8 output channels of one pixel are one cp.async.  wt is
+// each weight transposed to (channels, KH, KW, rows).
+// Stride phases: with stride (sh, sw), input row h is read by tap kh only where
+// (h + ph - kh * dh) % sh == 0, so the pixels of one residue (h % sh, w % sw) share their
+// taps.  The rows of the GEMM go phase by phase (the pixels of residue (rh, rw): image n,
+// phase row hh, column ww at h = hh * sh + rh, w = ww * sw + rw), and a phase's reduction
+// runs over its own taps only: at stride 2 a 3 x 3 kernel's 4, 2, 2 or 1 of 9, where
+// otherwise three quarters of the products would be zeros.  Then ho = hh + (rh + ph -
+// kh * dh) / sh exactly (no division per chunk).  At stride 1: one phase, every tap.
 // Column tiles and phases as the NCHW kernel's (expanded_conv_kernels.cu): tiles 0..old_tiles
 // cover dx_old = channels [0, I_f) in the bands of common::OldBands (cut at every k_end); an
 // old tile multiplies the new rows, then each frozen group that reaches it, masked at its
 // k_end (none without need_old: the tile stores zeros); a new tile the new rows, then
 // (coupled) every frozen row through w_couple.  Every row count a phase reads (o_T, each
 // frozen group's, O_f) is a multiple of 8, so a chunk never straddles two taps.
+constexpr int kNhwcMaxStride = 8, kNhwcMaxKernel = 16;  // (larger: the NCHW kernels)
+
 struct NhwcDxParams {
   const void* dy;
   void* dx;
@@ -291,28 +300,56 @@ struct NhwcDxParams {
   const void* wt_new;     // (I, KH, KW, o_T)
   const void* wt_couple;  // (I - I_f, KH, KW, O_f), or null
   int64_t sdyn, sdyh, sdyw;  // dy's element strides (the channel stride is 1)
-  int64_t pixels, hw_in;     // input pixels: N * H * W, H * W
-  int W, Ho, Wo, KW, KK, sh, sw, ph, pw, dh, dw;
+  int64_t batch;
+  int H, W, Ho, Wo, KW, KK, sh, sw;
   int in_ch, frozen_in, frozen_out, new_out, old_tiles, need_old, ngroups;
   int g_row0[kNhwcMaxFrozenGroups], g_rows[kNhwcMaxFrozenGroups], g_kend[kNhwcMaxFrozenGroups];
   common::OldBands<kNhwcMaxFrozenGroups> bands;
-  // a reduction index's tap (j / rows) in each phase, and a tap's kh
-  FastDiv by_new_out, by_frozen_out, by_g_rows[kNhwcMaxFrozenGroups], by_kw;
+  // a reduction index's tap (j / rows) in each phase
+  FastDiv by_new_out, by_frozen_out, by_g_rows[kNhwcMaxFrozenGroups];
+  // The stride phases, rh * sw + rw: the phase rows of residue rh (rows_h) and columns of rw
+  // (cols_w), its first row tile (row_tile0, one past the last at nphases), and the taps that
+  // reach it: kh_of[rh][0 .. nkh[rh]) x kw_of[rw][0 .. nkw[rw]), each with its offset
+  // (rh + ph - kh * dh) / sh from the phase row (oh_of, ow_of).
+  int nphases;
+  int rows_h[kNhwcMaxStride], cols_w[kNhwcMaxStride];
+  int64_t row_tile0[kNhwcMaxStride * kNhwcMaxStride + 1];
+  int8_t nkh[kNhwcMaxStride], nkw[kNhwcMaxStride];
+  int8_t kh_of[kNhwcMaxStride][kNhwcMaxKernel], kw_of[kNhwcMaxStride][kNhwcMaxKernel];
+  int8_t oh_of[kNhwcMaxStride][kNhwcMaxKernel], ow_of[kNhwcMaxStride][kNhwcMaxKernel];
+  FastDiv by_nkw[kNhwcMaxStride];  // a phase tap's (kh, kw) indices
 };
 static_assert(sizeof(NhwcDxParams) <= 4096, "within the classic kernel-argument limit");
+
+// A phase-local row i of phase (rh, rw): its image, phase row and column.
+__host__ __device__ __forceinline__ void nhwc_dx_row(const NhwcDxParams& p, int rh, int rw,
+                                                     int64_t i, int64_t& img, int& hh,
+                                                     int& ww) {
+  const int64_t hw = static_cast<int64_t>(p.rows_h[rh]) * p.cols_w[rw];
+  img = i / hw;
+  const int64_t rem = i - img * hw;
+  hh = static_cast<int>(rem / p.cols_w[rw]);
+  ww = static_cast<int>(rem - static_cast<int64_t>(hh) * p.cols_w[rw]);
+}
 
 template <typename T, class L>
 struct NhwcDxProblem {
   const NhwcDxParams& p;
-  int64_t m0;
-  int c0, c_end, tid;
+  int64_t m0, rows_in_phase;  // the tile's first phase-local row; the phase's row count
+  int rh, rw, c0, c_end, tid;
   bool old;
-  PixelRows<L::A_CHUNKS> rows;  // off: dy offset of the row's image; h, w: its input pixel
-                                // (rows past the end: h < 0)
+  PixelRows<L::A_CHUNKS> rows;  // off: dy offset of the row's image; h, w: its phase row and
+                                // column (rows past the phase's end: h < 0)
 
-  __host__ __device__ NhwcDxProblem(const NhwcDxParams& params, int64_t m0_, int by, int bn,
-                                    int tid_)
-      : p(params), m0(m0_), tid(tid_) {
+  __host__ __device__ NhwcDxProblem(const NhwcDxParams& params, int64_t tile_m, int by, int bn,
+                                    int bm, int tid_)
+      : p(params), tid(tid_) {
+    int ph = 0;
+    while (ph + 1 < p.nphases && p.row_tile0[ph + 1] <= tile_m) ++ph;
+    rh = ph / p.sw;
+    rw = ph - rh * p.sw;
+    m0 = (tile_m - p.row_tile0[ph]) * bm;
+    rows_in_phase = p.batch * p.rows_h[rh] * p.cols_w[rw];
     old = by < p.old_tiles;
     c0 = p.frozen_in + (by - p.old_tiles) * bn;
     c_end = p.in_ch;
@@ -321,10 +358,11 @@ struct NhwcDxProblem {
     for (int i = 0; i < L::A_CHUNKS; ++i) {
       int row, col;
       L::a_chunk(tid, i, row, col);
-      const int64_t q = m0 + row;
-      const int64_t img = q / p.hw_in, rem = q - img * p.hw_in;
-      rows.h[i] = q < p.pixels ? static_cast<int>(rem / p.W) : -(1 << 30);
-      rows.w[i] = static_cast<int>(rem - static_cast<int64_t>(rem / p.W) * p.W);
+      int64_t img = 0;
+      int hh = 0, ww = 0;
+      if (m0 + row < rows_in_phase) nhwc_dx_row(p, rh, rw, m0 + row, img, hh, ww);
+      rows.h[i] = m0 + row < rows_in_phase ? hh : -(1 << 30);
+      rows.w[i] = ww;
       rows.off[i] = img * p.sdyn;
     }
   }
@@ -333,19 +371,23 @@ struct NhwcDxProblem {
     if (old) return p.need_old ? 1 + p.ngroups : 0;
     return 2;
   }
-  // Rows (output channels) phase ph reads; its reduction is KK times as long.
+  // Rows (output channels) phase ph reads; its reduction is as many times as long as the
+  // stride phase has taps.
   __host__ __device__ int phase_rows(int ph) const {
     if (ph == 0) return p.new_out;
     if (old) return p.g_kend[ph - 1] > c0 ? p.g_rows[ph - 1] : 0;
     return p.wt_couple != nullptr ? p.frozen_out : 0;
   }
-  __host__ __device__ int phase_len(int ph) const { return p.KK * phase_rows(ph); }
-  // Reduction index j of phase ph as its tap and row: j = tap * rows + o.
-  __host__ __device__ int tap_of(int ph, int j, int& o) const {
+  __host__ __device__ int taps() const { return p.nkh[rh] * p.nkw[rw]; }
+  __host__ __device__ int phase_len(int ph) const { return taps() * phase_rows(ph); }
+  // Reduction index j of phase ph as its tap and row: j = t * rows + o, t the stride phase's
+  // tap (ih, iw): kh = kh_of[rh][ih], kw = kw_of[rw][iw].
+  __host__ __device__ void tap_of(int ph, int j, int& ih, int& iw, int& o) const {
     const FastDiv& by = ph == 0 ? p.by_new_out : (old ? p.by_g_rows[ph - 1] : p.by_frozen_out);
-    const int tap = static_cast<int>(by.div(static_cast<uint32_t>(j)));
-    o = j - tap * static_cast<int>(by.d);
-    return tap;
+    const int t = static_cast<int>(by.div(static_cast<uint32_t>(j)));
+    o = j - t * static_cast<int>(by.d);
+    ih = static_cast<int>(p.by_nkw[rw].div(static_cast<uint32_t>(t)));
+    iw = t - ih * p.nkw[rw];
   }
 
   // A's k-tile: every chunk of this thread shares its column, hence its tap and channel.
@@ -354,16 +396,14 @@ struct NhwcDxProblem {
     const T* dy;
     const T* at;  // dy at the column's output channel
     PixelRows<L::A_CHUNKS> rows;
-    int oh, ow;   // the tap's offset: h + oh = ho * sh for the output pixel that reads (h, w)
-    int sh, sw, Ho, Wo;
+    int oh, ow;   // the tap's offset: ho = hh + oh, wo = ww + ow
+    int Ho, Wo;
     int64_t sdyh, sdyw;
     bool k_ok;
     __host__ __device__ const T* base() const { return dy; }
     __host__ __device__ const T* chunk(int i, int, int) const {
-      const int th = rows.h[i] + oh, tw = rows.w[i] + ow;
-      if (!k_ok || th < 0 || tw < 0) return nullptr;
-      const int ho = sh == 1 ? th : th / sh, wo = sw == 1 ? tw : tw / sw;
-      if (ho * sh != th || wo * sw != tw || ho >= Ho || wo >= Wo) return nullptr;
+      const int ho = rows.h[i] + oh, wo = rows.w[i] + ow;
+      if (!k_ok || !inside(ho, Ho) || !inside(wo, Wo)) return nullptr;
       return at + rows.off[i] + ho * sdyh + wo * sdyw;
     }
   };
@@ -372,16 +412,14 @@ struct NhwcDxProblem {
     L::a_chunk(tid, 0, row, col);
     const int j = k0 + col;
     const T* dy = static_cast<const T*>(p.dy);
-    ASrc a{dy, dy, rows, 0, 0, p.sh, p.sw, p.Ho, p.Wo, p.sdyh, p.sdyw, j < phase_len(ph)};
+    ASrc a{dy, dy, rows, 0, 0, p.Ho, p.Wo, p.sdyh, p.sdyw, j < phase_len(ph)};
     if (!a.k_ok) return a;
-    int o;
-    const int tap = tap_of(ph, j, o);
-    const int kh = static_cast<int>(p.by_kw.div(static_cast<uint32_t>(tap)));
-    const int kw = tap - kh * p.KW;
+    int ih, iw, o;
+    tap_of(ph, j, ih, iw, o);
     const int dy_c0 = ph == 0 ? p.frozen_out : (old ? p.g_row0[ph - 1] : 0);
     a.at += dy_c0 + o;
-    a.oh = p.ph - kh * p.dh;
-    a.ow = p.pw - kw * p.dw;
+    a.oh = p.oh_of[rh][ih];
+    a.ow = p.ow_of[rw][iw];
     return a;
   }
 
@@ -419,10 +457,20 @@ struct NhwcDxProblem {
     const int64_t ld = static_cast<int64_t>(p.KK) * total_rows;
     BSrc b{wt, wt, ld, lim - c0, j < phase_len(ph)};
     if (!b.k_ok) return b;
-    int o;
-    const int tap = tap_of(ph, j, o);
+    int ih, iw, o;
+    tap_of(ph, j, ih, iw, o);
+    const int tap = p.kh_of[rh][ih] * p.KW + p.kw_of[rw][iw];
     b.at = wt + (c0 - col_off) * ld + static_cast<int64_t>(tap) * total_rows + row0 + o;
     return b;
+  }
+  // The offset in dx of the tile's row m (its pixel's first channel).
+  __host__ __device__ int64_t dx_row_at(int m) const {
+    int64_t img;
+    int hh, ww;
+    nhwc_dx_row(p, rh, rw, m0 + m, img, hh, ww);
+    const int64_t h = static_cast<int64_t>(hh) * p.sh + rh;
+    const int64_t w = static_cast<int64_t>(ww) * p.sw + rw;
+    return ((img * p.H + h) * p.W + w) * p.in_ch;
   }
 };
 
@@ -431,18 +479,21 @@ __host__ __device__ __forceinline__ NhwcDxProblem<T, L> nhwc_dx_problem(const Nh
                                                                        int64_t b, int64_t grid_x,
                                                                        int64_t grid_y, int tid) {
   const GridTile t = grouped_tile(b, grid_x, grid_y, kGroupM);
-  return NhwcDxProblem<T, L>(p, t.m * M::BM, t.n, M::BN, tid);
+  return NhwcDxProblem<T, L>(p, t.m, t.n, M::BN, M::BM, tid);
 }
 
-// dx's tile (thread tid), staged as fp32: channels [c0, c_end) of the tile's input pixels.
-template <typename T, class M>
-__host__ __device__ __forceinline__ void nhwc_dx_write_out(const NhwcDxParams& p, int64_t m0,
-                                                           int c0, int c_end,
+// dx's tile (thread tid), staged as fp32: channels [c0, c_end) of the tile's input pixels,
+// each row at its pixel (a phase's pixels are sh x sw apart).
+template <typename T, class M, class L>
+__host__ __device__ __forceinline__ void nhwc_dx_write_out(const NhwcDxProblem<T, L>& prob,
                                                            const float* staged, int tid) {
-  const int rows = tile_extent(p.pixels - m0, M::BM), cols = tile_extent(c_end - c0, M::BN);
-  write_f32_tile_rows<T, M::BM, M::BN, M::THREADS>(
-      staged, M::OUT_LD_F32, static_cast<T*>(p.dx), {m0 * p.in_ch + c0, p.in_ch, rows, 0, cols},
-      tid, [](int, int, auto&) {});
+  const NhwcDxParams& p = prob.p;
+  const int rows = tile_extent(prob.rows_in_phase - prob.m0, M::BM);
+  const int cols = tile_extent(prob.c_end - prob.c0, M::BN);
+  T* dx = static_cast<T*>(p.dx) + prob.c0;
+  write_f32_tile_rows_at<T, M::BM, M::BN, M::THREADS>(
+      staged, M::OUT_LD_F32, dx, {0, 0, rows, 0, cols},
+      [&](int m) { return prob.dx_row_at(m); }, tid, [](int, int, auto&) {});
 }
 
 template <typename T, class M>
@@ -452,8 +503,7 @@ conv_nhwc_dx_kernel(const __grid_constant__ NhwcDxParams p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   const NhwcDxProblem<T, L> prob =
       nhwc_dx_problem<T, M, L>(p, block_index(), gridDim.x, gridDim.y, threadIdx.x);
-  nhwc_dx_write_out<T, M>(p, prob.m0, prob.c0, prob.c_end, gemm_staged_f32<T, M, L>(prob, smem),
-                         threadIdx.x);
+  nhwc_dx_write_out<T, M>(prob, gemm_staged_f32<T, M, L>(prob, smem), threadIdx.x);
 }
 
 // ================================ weight gradient (NHWC dy and x) ============================
@@ -619,6 +669,15 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   return p.pixels > 0 && tiles > 0;
 }
 
+// Strides and kernels the input gradient's phase tables hold (an offset fits int8 too).
+bool nhwc_dx_geometry_ok(const ConvGeometry& g) {
+  return g.stride_h >= 1 && g.stride_w >= 1 && g.stride_h <= kNhwcMaxStride &&
+         g.stride_w <= kNhwcMaxStride && g.kernel_h <= kNhwcMaxKernel &&
+         g.kernel_w <= kNhwcMaxKernel && g.pad_h <= 64 && g.pad_w <= 64 &&
+         (g.kernel_h - 1) * static_cast<int64_t>(g.dil_h) <= 64 &&
+         (g.kernel_w - 1) * static_cast<int64_t>(g.dil_w) <= 64;
+}
+
 // The input gradient's launch (host; the emulation walks it too).  False where there is
 // nothing to launch.
 template <int BM, int BN>
@@ -627,7 +686,8 @@ bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
                    dim3& grid) {
   const ConvGeometry& g = s.geo;
   p = NhwcDxParams{};
-  if (s.num_frozen_groups > kNhwcMaxFrozenGroups) return false;  // (refused by _ok first)
+  // (refused by _ok first)
+  if (s.num_frozen_groups > kNhwcMaxFrozenGroups || !nhwc_dx_geometry_ok(g)) return false;
   p.dy = dy;
   p.dx = dx;
   p.wt_frozen = wt.w_frozen;
@@ -635,12 +695,11 @@ bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
   const bool coupled = wt.w_couple != nullptr && s.frozen_out > 0 && s.in_channels > s.frozen_in;
   p.wt_couple = coupled ? wt.w_couple : nullptr;
   p.sdyn = sdy.n, p.sdyh = sdy.h, p.sdyw = sdy.w;
-  p.hw_in = g.height * g.width;
-  p.pixels = g.batch * p.hw_in;
-  p.W = static_cast<int>(g.width), p.Ho = static_cast<int>(g.out_h);
-  p.Wo = static_cast<int>(g.out_w), p.KW = g.kernel_w, p.KK = g.kernel_h * g.kernel_w;
-  p.sh = g.stride_h, p.sw = g.stride_w, p.ph = g.pad_h, p.pw = g.pad_w;
-  p.dh = g.dil_h, p.dw = g.dil_w;
+  p.batch = g.batch;
+  p.H = static_cast<int>(g.height), p.W = static_cast<int>(g.width);
+  p.Ho = static_cast<int>(g.out_h), p.Wo = static_cast<int>(g.out_w);
+  p.KW = g.kernel_w, p.KK = g.kernel_h * g.kernel_w;
+  p.sh = g.stride_h, p.sw = g.stride_w;
   p.in_ch = static_cast<int>(s.in_channels);
   p.frozen_in = static_cast<int>(s.frozen_in);
   p.frozen_out = static_cast<int>(s.frozen_out);
@@ -652,7 +711,6 @@ bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
   };
   p.by_new_out = by(s.new_out);
   p.by_frozen_out = by(s.frozen_out);
-  p.by_kw = by(g.kernel_w);
   int64_t r0 = 0;
   for (int gi = 0; gi < s.num_frozen_groups; ++gi) {
     p.g_row0[gi] = static_cast<int>(r0);
@@ -661,12 +719,40 @@ bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
     p.by_g_rows[gi] = by(s.frozen_out_groups[gi]);
     r0 += s.frozen_out_groups[gi];
   }
+  // The stride phases: per residue of h (of w), its phase rows and the taps that reach them
+  // with their offsets (exact divisions: the residue makes them whole).
+  auto residues = [](int stride, int64_t size, int kernel, int pad, int dil, int* count,
+                     int8_t (*tap)[kNhwcMaxKernel], int8_t (*off)[kNhwcMaxKernel], int8_t* ntaps) {
+    for (int r = 0; r < stride; ++r) {
+      count[r] = r < size ? static_cast<int>(ceil_div(size - r, stride)) : 0;
+      ntaps[r] = 0;
+      for (int k = 0; k < kernel; ++k) {
+        const int t = r + pad - k * dil;
+        if (((t % stride) + stride) % stride != 0) continue;
+        tap[r][ntaps[r]] = static_cast<int8_t>(k);
+        off[r][ntaps[r]++] = static_cast<int8_t>(t / stride);
+      }
+    }
+  };
+  residues(g.stride_h, g.height, g.kernel_h, g.pad_h, g.dil_h, p.rows_h, p.kh_of, p.oh_of,
+           p.nkh);
+  residues(g.stride_w, g.width, g.kernel_w, g.pad_w, g.dil_w, p.cols_w, p.kw_of, p.ow_of,
+           p.nkw);
+  p.nphases = g.stride_h * g.stride_w;
+  p.row_tile0[0] = 0;
+  for (int ph = 0; ph < p.nphases; ++ph) {
+    const int rh = ph / g.stride_w, rw = ph % g.stride_w;
+    p.row_tile0[ph + 1] =
+        p.row_tile0[ph] + ceil_div(g.batch * p.rows_h[rh] * p.cols_w[rw], BM);
+  }
+  for (int rw = 0; rw < g.stride_w; ++rw) p.by_nkw[rw] = by(p.nkw[rw]);
   const int64_t old_tiles =
       p.bands.build(s.num_frozen_groups, s.frozen_k_ends, s.frozen_in, need_dx_old, BN);
   p.old_tiles = static_cast<int>(old_tiles);
   const int64_t tiles = old_tiles + ceil_div(s.in_channels - s.frozen_in, BN);
-  grid = dim3(static_cast<unsigned>(ceil_div(p.pixels, BM)), static_cast<unsigned>(tiles));
-  return p.pixels > 0 && tiles > 0;
+  const int64_t row_tiles = p.row_tile0[p.nphases];
+  grid = dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(tiles));
+  return row_tiles > 0 && tiles > 0;
 }
 
 // The input gradient's column tiles of width bn that multiply (the new channels', and the old
@@ -757,7 +843,8 @@ bool conv2d_backward_input_nhwc_ok(const ConvShape& s, const void* dy, const Str
   const int64_t col_tiles = ceil_div(s.in_channels, NhwcNarrowMath<__half>::BN) +
                             s.num_frozen_groups + 1;
   return fits_int(KK * (s.frozen_out + s.new_out)) && fits_int(s.in_channels) &&
-         col_tiles <= kMaxGridY && s.geo.height * s.geo.width > 0;
+         col_tiles <= kMaxGridY && s.geo.height * s.geo.width > 0 &&
+         nhwc_dx_geometry_ok(s.geo);
 }
 
 cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt,

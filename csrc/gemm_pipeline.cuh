@@ -176,11 +176,13 @@ __host__ __device__ __forceinline__ void write_tile_rows(const T* s, int lds, T*
 
 // The same for a tile staged as fp32 and written as T: each output chunk's VEC values are
 // read (lds and the chunks' columns keep them 16-byte aligned), passed through op(m, c, v)
-// (row m, first column c of the chunk in the tile) and converted once.
-template <typename T, int ROWS, int COLS, int THREADS, class Op>
-__host__ __device__ __forceinline__ void write_f32_tile_rows(const float* s, int lds, T* base,
-                                                             const OutRegion& r, int tid,
-                                                             Op&& op) {
+// (row m, first column c of the chunk in the tile) and converted once.  Row m of the tile
+// starts at base[row_at(m)] (r.offset and r.ld unread): rows need not be evenly spaced.
+template <typename T, int ROWS, int COLS, int THREADS, class RowAt, class Op>
+__host__ __device__ __forceinline__ void write_f32_tile_rows_at(const float* s, int lds,
+                                                                T* base, const OutRegion& r,
+                                                                RowAt&& row_at, int tid,
+                                                                Op&& op) {
   constexpr int VEC = 16 / sizeof(T), PER_ROW = COLS / VEC;
   static_assert(COLS % VEC == 0 && VEC % 4 == 0, "whole chunks a row, read as float4");
   for (int j = tid; j < ROWS * PER_ROW; j += THREADS) {
@@ -197,8 +199,16 @@ __host__ __device__ __forceinline__ void write_f32_tile_rows(const float* s, int
     alignas(16) T out[VEC];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) out[e] = from_f<T>(v[e]);
-    put_chunk(out, base, r.offset + m * r.ld, c, r);
+    put_chunk(out, base, row_at(m), c, r);
   }
+}
+// Rows evenly spaced: row m at r.offset + m * r.ld.
+template <typename T, int ROWS, int COLS, int THREADS, class Op>
+__host__ __device__ __forceinline__ void write_f32_tile_rows(const float* s, int lds, T* base,
+                                                             const OutRegion& r, int tid,
+                                                             Op&& op) {
+  write_f32_tile_rows_at<T, ROWS, COLS, THREADS>(
+      s, lds, base, r, [&](int m) { return r.offset + m * r.ld; }, tid, op);
 }
 
 // Shared-memory layout of the pipeline stages, rows padded (the WMMA and SIMT math).

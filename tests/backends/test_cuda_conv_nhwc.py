@@ -41,8 +41,9 @@ NHWC_CASES = {
 
 
 # Row counts the NHWC input gradient takes (multiples of 8): two bands of old channels (k_end 8
-# inside I_f = 16) under a stride that skips input pixels, 136 + 16 frozen rows (k-tiles
-# across taps), a ResNet-like stage.
+# inside I_f = 16) under a stride that skips input pixels (its dx runs by stride phases, each
+# over the taps that reach it), 136 + 16 frozen rows (k-tiles across taps), a ResNet-like
+# stage.
 DX_CASES = {
     "3x3_coupled": (Layout((16, 8), (24, 8), "coupled"), _geo(2, 7, 5, 3, 1, 1)),
     "strided_dilated_bands": (Layout((8, 8, 8), (8, 16, 8)),
@@ -51,6 +52,8 @@ DX_CASES = {
                            _geo(2, 29, 31, 3, 1, 1)),
     "1x1_stride2": NHWC_CASES["1x1_stride2"],
     "resnet_like": NHWC_CASES["resnet_like"],
+    # a ResNet downsample's 3 x 3 at stride 2 on odd sizes: stride phases of 4, 2, 2, 1 taps
+    "3x3_stride2": (Layout((16, 8), (24, 8), "coupled"), _geo(2, 13, 11, 3, 2, 1)),
 }
 
 

@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace expanse_fast {
@@ -419,35 +420,53 @@ void run_dx_case(const DxCase& c) {
   Stage<L, T> stage;
   T* const As = stage.a();
   T* const Bs = stage.b();
+  std::vector<int64_t> phase_blocks(c.sh * c.sw, 0);
   for (int64_t b = 0; b < static_cast<int64_t>(grid.x) * grid.y; ++b) {
     ++blocks;
     std::vector<NhwcDxProblem<T, L>> probs;
     for (int tid = 0; tid < M::THREADS; ++tid)
       probs.push_back(nhwc_dx_problem<T, M, L>(p, b, grid.x, grid.y, tid));
     const auto& p0 = probs[0];
+    // The block's stride phase (rh, rw): its pixels h = hh * sh + rh, w = ww * sw + rw, and
+    // the taps (kh, kw) that reach them, kh-major, found here from the definition.
+    const int64_t Hr = (c.H - p0.rh + c.sh - 1) / c.sh, Wr = (c.W - p0.rw + c.sw - 1) / c.sw;
+    std::vector<std::pair<int, int>> taps;
+    for (int kh = 0; kh < c.KH; ++kh)
+      for (int kw = 0; kw < c.KW; ++kw)
+        if ((p0.rh + c.ph - kh * c.dh) % c.sh == 0 && (p0.rw + c.pw - kw * c.dw) % c.sw == 0)
+          taps.emplace_back(kh, kw);
+    if (p0.taps() != static_cast<int>(taps.size()) && bad++ < 3)
+      std::printf("  %s, block %lld: %d taps, want %zu\n", name.c_str(), (long long)b,
+                  p0.taps(), taps.size());
+    ++phase_blocks[p0.rh * c.sw + p0.rw];
     std::vector<double> acc(M::BM * M::BN, 0.0);
     for (int ph = 0; ph < p0.num_phases(); ++ph)  // as the kernel (gemm_mainloop)
       for (int k0 = 0; k0 < p0.phase_len(ph); k0 += M::BK) {
-        // Reduction index k0 + k = (kh * KW + kw) * rows + o over the phase's rows (output
-        // channels o0 + o).  A(m, k): dy at the output pixel that reads input pixel m0 + m
-        // through the tap, zero where none does; B(k, n): the weight there of channel c0 + n,
-        // zero past the phase's channel limit.
+        // Reduction index k0 + k = t * rows + o over the stride phase's taps t and this
+        // phase's rows (output channels o0 + o).  A(m, k): dy at the output pixel that reads
+        // the tile's input pixel m through the tap, zero where it lies outside; B(k, n): the
+        // weight there of channel c0 + n, zero past the phase's channel limit.
         const int rows = p0.phase_rows(ph);
         const int64_t o0 = ph == 0 ? O_f : (p0.old ? p.g_row0[ph - 1] : 0);
         const int64_t lim =
             ph > 0 && p0.old ? std::min<int64_t>(p.g_kend[ph - 1], p0.c_end) : p0.c_end;
         auto want_a = [&](int m, int k) {
-          const int64_t j = k0 + k, tap = j / rows, o = o0 + j % rows;
-          const int64_t q = p0.m0 + m, n = q / (c.H * c.W), hw = q % (c.H * c.W);
-          const int64_t th = hw / c.W + c.ph - tap / c.KW * c.dh;
-          const int64_t tw = hw % c.W + c.pw - tap % c.KW * c.dw;
-          const bool in = j < p0.phase_len(ph) && q < Q && th >= 0 && tw >= 0 &&
-                          th % c.sh == 0 && tw % c.sw == 0 && th / c.sh < Ho && tw / c.sw < Wo;
+          const int64_t j = k0 + k, t = j / rows, o = o0 + j % rows, i = p0.m0 + m;
+          if (j >= p0.phase_len(ph) || i >= c.batch * Hr * Wr) return 0.0;
+          if (t >= static_cast<int64_t>(taps.size())) return double(NAN);  // (a tap too many)
+          const int64_t n = i / (Hr * Wr), h = i % (Hr * Wr) / Wr * c.sh + p0.rh;
+          const int64_t w = i % Wr * c.sw + p0.rw;
+          const int64_t th = h + c.ph - taps[t].first * c.dh;
+          const int64_t tw = w + c.pw - taps[t].second * c.dw;
+          const bool in = th >= 0 && tw >= 0 && th % c.sh == 0 && tw % c.sw == 0 &&
+                          th / c.sh < Ho && tw / c.sw < Wo;
           return in ? dy.at(n, th / c.sh, tw / c.sw, o) : 0.0;
         };
         auto want_b = [&](int k, int nn) {
-          const int64_t j = k0 + k, tap = j / rows, o = o0 + j % rows, ch = p0.c0 + nn;
-          return j < p0.phase_len(ph) && ch < lim ? Wd[(o * KK + tap) * I + ch] : 0.0;
+          const int64_t j = k0 + k, t = j / rows, o = o0 + j % rows, ch = p0.c0 + nn;
+          if (j >= p0.phase_len(ph) || ch >= lim) return 0.0;
+          if (t >= static_cast<int64_t>(taps.size())) return double(NAN);
+          return Wd[(o * KK + taps[t].first * c.KW + taps[t].second) * I + ch];
         };
         bad += copy_stage<M, L>(As, Bs, probs, ph, k0, want_a, want_b,
                                 name + ", block " + std::to_string(b) +
@@ -456,8 +475,17 @@ void run_dx_case(const DxCase& c) {
       }
     const std::vector<float> staged = staged_f32<M>(acc);  // as the kernel
     for (int tid = 0; tid < M::THREADS; ++tid)
-      nhwc_dx_write_out<T, M>(p, p0.m0, p0.c0, p0.c_end, staged.data(), tid);
+      nhwc_dx_write_out<T, M>(p0, staged.data(), tid);
   }
+  // every stride phase with pixels has its row tiles: ceil(its pixels / BM) blocks a column
+  for (int rh = 0; rh < c.sh; ++rh)
+    for (int rw = 0; rw < c.sw; ++rw) {
+      const int64_t px = c.batch * ((c.H - rh + c.sh - 1) / c.sh) * ((c.W - rw + c.sw - 1) / c.sw);
+      const int64_t want = (px + M::BM - 1) / M::BM * grid.y;
+      if (phase_blocks[rh * c.sw + rw] != want && bad++ < 3)
+        std::printf("  %s: phase (%d, %d) had %lld blocks, want %lld\n", name.c_str(), rh, rw,
+                    (long long)phase_blocks[rh * c.sw + rw], (long long)want);
+    }
 
   for (int64_t n = 0; n < c.batch; ++n)
     for (int64_t h = 0; h < c.H; ++h)
@@ -740,6 +768,12 @@ int main() {
        false, true, true},
       {"dx 5x3, group reading nothing", 2, 4, 6, 16, 8, 8, 5, 3, 1, 2, 2, 1, 1, 1, {8, 8},
        {0, 8}, false, true, true},
+      // the ResNet downsample's 3 x 3, stride 2, pad 1, odd sizes: stride phases of 4, 2, 2
+      // and 1 taps
+      {"dx 3x3 stride 2", 2, 9, 7, 16, 8, 8, 3, 3, 2, 2, 1, 1, 1, 1, {8}, {8}, true, true, true},
+      // 5 x 5 at stride 3: nine phases of 4, 2 and 1 taps (h % 3 == 2 ... )
+      {"dx 5x5 stride 3", 1, 11, 10, 16, 8, 8, 5, 5, 3, 3, 2, 2, 1, 1, {8}, {8}, false, false,
+       true},
       // 136 new channels past 64 old: two wide tiles (the second nearly idle) or three narrow
       // ones, beside the old channels' tile
       {"dx 136 new channels", 1, 4, 5, 200, 64, 8, 1, 1, 1, 1, 0, 0, 1, 1, {8}, {64}, false,

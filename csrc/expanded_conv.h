@@ -80,7 +80,7 @@ cudaError_t conv2d_forward(const ConvShape& s, const ConvWeights& w, const void*
                            cudaStream_t stream);
 
 // The same forward for channels_last x (expanded_conv_nhwc.cu): fp16/bf16 (wgmma on an sm_90a
-// build, else WMMA), x's channels contiguous (sx.c == 1) with 16-byte aligned pixels, every channel count a
+// build, else WMMA) or fp32 (SIMT FMA), x's channels contiguous (sx.c == 1) with 16-byte aligned pixels, every channel count a
 // phase reads (I, I_f, each k_end) a multiple of 8; conv2d_forward_nhwc_ok says whether a
 // call qualifies (EXPANSE_FAST_CUDA_CONV_NHWC=0 says no to all).  Here the weights are
 // (rows, KH, KW, channels), contiguous (channels_last weights), and y is written

@@ -1,10 +1,11 @@
 // The expanded conv2d's forward, input gradient and weight gradients for NHWC activations
-// (fp16/bf16): implicit GEMMs on the linear kernels' pipeline (gemm_pipeline.cuh: 16-byte
-// cp.async copies, the staged write-outs).  On an sm_90a build, wgmma on 128 x 128 x 64 tiles,
-// or 128 x 64 and 64 x 256 where those would idle less (NhwcNarrowMath, NhwcShortMath), four
-// stages; elsewhere (or EXPANSE_FAST_CUDA_WGMMA=0) the linear kernels' portable WMMA math,
-// 128 x 128 x 32 tiles, two stages.  The forward first; the gradients below say their own
-// GEMMs.
+// (fp16/bf16, fp32): implicit GEMMs on the linear kernels' pipeline (gemm_pipeline.cuh:
+// 16-byte cp.async copies, the staged write-outs).  fp16/bf16 on an sm_90a build: wgmma on
+// 128 x 128 x 64 tiles, or 128 x 64 and 64 x 256 where those would idle less (NhwcNarrowMath,
+// NhwcShortMath), four stages; elsewhere (or EXPANSE_FAST_CUDA_WGMMA=0) the linear kernels'
+// portable WMMA math, 128 x 128 x 32 tiles, two stages.  fp32: their SIMT math, 64 x 64 x 16
+// tiles.  A 16-byte chunk is 8 channels of fp16/bf16, 4 of fp32.  The forward first; the
+// gradients below say their own GEMMs.
 //
 //   y[p, o] = sum_j X[p, j] w[o, j]      p = (n, ho, wo): output pixel, row of the GEMM
 //                                        j = (kh, kw, c): tap-major, channel innermost
@@ -42,9 +43,13 @@ template <typename T>
 using NhwcNarrowMath = WgmmaMath<T, false, 64, 4, 64>;
 template <typename T>
 using NhwcShortMath = WgmmaMath<T, false, 64, 4, 256, 64>;
-// The portable math (any sm_80+ GPU): one tile for every product.
+// The portable maths (any sm_80+ GPU): one tile for every product, WMMA for fp16/bf16, SIMT
+// FMA for fp32.
 template <typename T>
 using NhwcWmmaMath = WmmaMath<T>;
+template <typename T>
+using NhwcPortableMath =
+    std::conditional_t<std::is_same<T, float>::value, SimtMath, NhwcWmmaMath<T>>;
 
 // Whether tiles computing `narrow` cells pay against wide ones computing `wide` for the same
 // outputs: at least a quarter fewer (a narrow tile moves more operand bytes a multiply-add).
@@ -669,6 +674,17 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   return p.pixels > 0 && tiles > 0;
 }
 
+// Calls f(element) with the element type of `dt`.
+template <class F>
+cudaError_t with_element(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+    case DType::kFloat32: return f(float{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 // Strides and kernels the input gradient's phase tables hold (an offset fits int8 too).
 bool nhwc_dx_geometry_ok(const ConvGeometry& g) {
   return g.stride_h >= 1 && g.stride_w >= 1 && g.stride_h <= kNhwcMaxStride &&
@@ -819,13 +835,12 @@ bool build_nhwc_dw(const ConvGeometry& g, const void* dy, const Strides4& sdy, i
   return p.m > 0 && (p.n > 0 || db != nullptr);
 }
 
-// What the NHWC products ask of a call: fp16/bf16 (wgmma or WMMA), not turned off, few enough
-// groups, and an activation t (x or dy) whose channels are contiguous and whose pixels start
-// on 16 bytes.
+// What the NHWC products ask of a call: not turned off, few enough groups, and an activation
+// t (x or dy) whose channels are contiguous and whose pixels start on 16 bytes.
 bool nhwc_call_ok(const ConvShape& s, const void* t, const Strides4& st) {
   const char* env = std::getenv("EXPANSE_FAST_CUDA_CONV_NHWC");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
-  if (s.dtype == DType::kFloat32 || !conv_shape_ok(s)) return false;
+  if (!conv_shape_ok(s)) return false;
   if (s.num_frozen_groups > kNhwcMaxFrozenGroups) return false;
   return st.c == 1 && st.n % 8 == 0 && st.h % 8 == 0 && st.w % 8 == 0 &&
          reinterpret_cast<uintptr_t>(t) % 16 == 0;
@@ -867,11 +882,15 @@ cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt
   };
   auto width = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcWmmaMath<T>{});
-    return nhwc_dx_narrow(s, need_dx_old) ? launch(tag, NhwcNarrowMath<T>{})
-                                          : launch(tag, NhwcMath<T>{});
+    if constexpr (std::is_same<T, float>::value) {
+      return launch(tag, NhwcPortableMath<T>{});
+    } else {
+      if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcPortableMath<T>{});
+      return nhwc_dx_narrow(s, need_dx_old) ? launch(tag, NhwcNarrowMath<T>{})
+                                            : launch(tag, NhwcMath<T>{});
+    }
   };
-  return s.dtype == DType::kFloat16 ? width(__half{}) : width(__nv_bfloat16{});
+  return with_element(s.dtype, width);
 }
 
 bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Strides4& sdy,
@@ -936,12 +955,16 @@ cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const St
   };
   auto tile = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcWmmaMath<T>{});
-    return nhwc_dw_short(m, n_ch * s.geo.kernel_h * s.geo.kernel_w)
-               ? launch(tag, NhwcShortMath<T>{})
-               : launch(tag, NhwcMath<T>{});
+    if constexpr (std::is_same<T, float>::value) {
+      return launch(tag, NhwcPortableMath<T>{});
+    } else {
+      if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcPortableMath<T>{});
+      return nhwc_dw_short(m, n_ch * s.geo.kernel_h * s.geo.kernel_w)
+                 ? launch(tag, NhwcShortMath<T>{})
+                 : launch(tag, NhwcMath<T>{});
+    }
   };
-  return s.dtype == DType::kFloat16 ? tile(__half{}) : tile(__nv_bfloat16{});
+  return with_element(s.dtype, tile);
 }
 
 bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& sx) {
@@ -984,11 +1007,15 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const 
   };
   auto both = [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcWmmaMath<T>{});
-    const cudaError_t err = launch(tag, NhwcMath<T>{});
-    return err != cudaSuccess ? err : launch(tag, NhwcNarrowMath<T>{});
+    if constexpr (std::is_same<T, float>::value) {
+      return launch(tag, NhwcPortableMath<T>{});
+    } else {
+      if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcPortableMath<T>{});
+      const cudaError_t err = launch(tag, NhwcMath<T>{});
+      return err != cudaSuccess ? err : launch(tag, NhwcNarrowMath<T>{});
+    }
   };
-  return s.dtype == DType::kFloat16 ? both(__half{}) : both(__nv_bfloat16{});
+  return with_element(s.dtype, both);
 }
 
 }  // namespace expanse_fast

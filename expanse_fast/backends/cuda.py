@@ -308,10 +308,10 @@ def linear_backward(dy: Tensor, x: Tensor, w_frozen: Tensor, w_new: Tensor, w_co
 # both go to the structured PyTorch path (cuDNN), which already skips every frozen block and
 # frozen gradient.
 # The ops take x and dy as they are and return y and dx in x's memory format
-# (torch_ref.conv_memory_format, the fakes' rule too): the fp16/bf16 forward and gradients
-# run as NHWC implicit GEMMs (csrc/expanded_conv_nhwc.cu; wgmma on an H100/H200, WMMA
-# elsewhere) where the channel (and, for dx, row) counts are multiples of 8, NCHW operands
-# through channels_last copies;
+# (torch_ref.conv_memory_format, the fakes' rule too): the forward and gradients run as NHWC
+# implicit GEMMs (csrc/expanded_conv_nhwc.cu; fp16/bf16 with wgmma on an H100/H200, WMMA
+# elsewhere, fp32 with FMA) where the channel (and, for dx, row) counts are multiples of 8,
+# NCHW operands through channels_last copies;
 # the NCHW kernels, for the rest, get NCHW copies of channels_last operands.
 # A folded BatchNorm of the frozen channels (``frozen_bn``) runs in the forward kernel's
 # epilogue (an fp32 per-channel scale and shift); in the backward its dy scale moves onto the

@@ -338,22 +338,24 @@ def test_nhwc_kernels_take_narrow_tiles_where_wide_ones_idle(dev, monkeypatch, n
     assert nhwc_tiles(fwd_names | bwd_names) == want, sorted(fwd_names | bwd_names)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("name", ["3x3_groups_many_pixels", "strided_dilated_3x2", "resnet_like",
-                                  "1x1_stride2"])
+                                  "1x1_stride2", "3x3_stride2"])
 def test_nhwc_portable_math_matches_dense(dev, monkeypatch, name, dtype):
     """EXPANSE_FAST_CUDA_WGMMA=0 (what a GPU without wgmma runs): the three NHWC products on
-    the WMMA math, one 128 x 128 tile for every segment, against float64."""
+    the WMMA math (fp16/bf16, one 128 x 128 tile for every segment) or the SIMT math (fp32,
+    on every GPU), against float64."""
     monkeypatch.setenv("EXPANSE_FAST_CUDA_WGMMA", "0")
-    layout, geo, p, x, dy = channels_last_case(NHWC_CASES, name, dtype, dev)
+    layout, geo, p, x, dy = channels_last_case(NHWC_CASES | DX_CASES, name, dtype, dev)
     poison_allocator(dev)
     y, fwd_names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
-    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y (WMMA)")
+    math = "SimtMath" if dtype == torch.float32 else "WmmaMath"
+    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, f"y ({math})")
     rows_ok = name in DX_CASES  # (the NHWC dx takes row counts that are multiples of 8)
     grads, bwd_names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo))
     check_conv_backward(layout, p, dy, x, geo, dtype, grads)
     names = fwd_names | bwd_names
     nhwc = [n for n in names if "conv_nhwc_" in n]
-    assert nhwc and all("WmmaMath" in n for n in nhwc), sorted(names)
+    assert nhwc and all(math in n for n in nhwc), sorted(names)
     assert uses_nhwc(names) and uses_nhwc_dw(names) and uses_nhwc_dx(names) == rows_ok, \
         sorted(names)

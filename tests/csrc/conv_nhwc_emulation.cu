@@ -1,5 +1,6 @@
 // Host emulation of the channels_last conv forward, input gradient and weight gradient
-// (csrc/expanded_conv_nhwc.cu) on each tile they launch (wgmma's three, the WMMA math's one),
+// (csrc/expanded_conv_nhwc.cu) on each tile they launch (wgmma's three, the WMMA math's one,
+// fp32's SIMT one),
 // checked against a float64 direct convolution of the expanded layer and its gradients.  Built with nvcc and run on the CPU by
 // test_tile_emulation.py; no GPU involved.
 //
@@ -172,7 +173,9 @@ template <typename T>
 ConvShape shape_of(int64_t batch, int64_t H, int64_t W, int64_t Ho, int64_t Wo, int KH, int KW,
                    int sh, int sw, int ph, int pw, int dh, int dw) {
   ConvShape s{};
-  s.dtype = std::is_same<T, __half>::value ? DType::kFloat16 : DType::kBFloat16;
+  s.dtype = std::is_same<T, float>::value    ? DType::kFloat32
+            : std::is_same<T, __half>::value ? DType::kFloat16
+                                             : DType::kBFloat16;
   s.geo = {batch, H, W, Ho, Wo, KH, KW, sh, sw, ph, pw, dh, dw};
   return s;
 }
@@ -326,30 +329,33 @@ void run_case(const Case& c) {
   const T* bnp = c.bias ? bn.data() : nullptr;
   const float* scp = c.bn ? scale.data() : nullptr;
   const float* shp = c.bn ? shift.data() : nullptr;
-  std::vector<T> y(P * O + 64, nan);
-  bool wide = false, narrow = false;
-  int bad = run_fwd_launch<T, NhwcMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y, wide);
-  bad += run_fwd_launch<T, NhwcNarrowMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y,
-                                               narrow);
-  if (!wide && !narrow) {
-    std::printf("%s: nothing to launch\n", c.name);
-    ++failures;
-    return;
+  if constexpr (!std::is_same<T, float>::value) {  // the wgmma maths: fp16/bf16
+    std::vector<T> y(P * O + 64, nan);
+    bool wide = false, narrow = false;
+    int bad =
+        run_fwd_launch<T, NhwcMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y, wide);
+    bad += run_fwd_launch<T, NhwcNarrowMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y,
+                                                 narrow);
+    if (!wide && !narrow) {
+      std::printf("%s: nothing to launch\n", c.name);
+      ++failures;
+      return;
+    }
+    if (wide != c.wide || narrow != c.narrow) {
+      std::printf("%s: launches wide %d narrow %d, want %d %d\n", c.name, wide, narrow,
+                  c.wide, c.narrow);
+      ++bad;
+    }
+    check_forward<T>(c, x, Wd, bias, scale, shift, y, Ho, Wo, O_f, bad, c.name);
   }
-  if (wide != c.wide || narrow != c.narrow) {
-    std::printf("%s: launches wide %d narrow %d, want %d %d\n", c.name, wide, narrow, c.wide,
-                c.narrow);
-    ++bad;
-  }
-  check_forward<T>(c, x, Wd, bias, scale, shift, y, Ho, Wo, O_f, bad, c.name);
-  // the WMMA math (no wgmma): one launch, every segment on its 128 x 128 x 32 tiles
-  std::vector<T> y_wmma(P * O + 64, nan);
+  // the portable math (WMMA, or SIMT for fp32): one launch, every segment on its one tile
+  std::vector<T> y_port(P * O + 64, nan);
   bool one = false;
-  const std::string wmma_name = std::string(c.name) + ", WMMA";
-  bad = run_fwd_launch<T, NhwcWmmaMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp, y_wmma,
-                                            one);
-  if (!one && bad++ == 0) std::printf("%s: nothing to launch\n", wmma_name.c_str());
-  check_forward<T>(c, x, Wd, bias, scale, shift, y_wmma, Ho, Wo, O_f, bad, wmma_name.c_str());
+  const std::string port_name = std::string(c.name) + ", portable " + std::to_string(sizeof(T));
+  int bad = run_fwd_launch<T, NhwcPortableMath<T>>(c, s, w, x, Wd, Ho, Wo, bfp, bnp, scp, shp,
+                                                    y_port, one);
+  if (!one && bad++ == 0) std::printf("%s: nothing to launch\n", port_name.c_str());
+  check_forward<T>(c, x, Wd, bias, scale, shift, y_port, Ho, Wo, O_f, bad, port_name.c_str());
 }
 
 
@@ -406,7 +412,7 @@ void run_dx_case(const DxCase& c) {
   s.frozen_k_ends = c.k_ends.data();
   const ConvWeights wt{wf.data(), wn.data(), c.coupled ? wc.data() : nullptr};
   const std::string name = std::string(c.name) + ", " + std::to_string(M::BN) + "-wide tiles" +
-                           (M::STAGED_EPILOGUE ? "" : ", WMMA");
+                           (M::STAGED_EPILOGUE ? "" : (sizeof(T) == 4 ? ", SIMT" : ", WMMA"));
   int bad = 0;
   if (nhwc_dx_narrow(s, c.need_old) != c.narrow && bad++ == 0)
     std::printf("  %s: narrow tiles %d, want %d\n", name.c_str(), !c.narrow, c.narrow);
@@ -542,24 +548,27 @@ void run_dw_case(const DwCase& c) {
 
   const ConvShape s = shape_of<T>(c.batch, c.H, c.W, Ho, Wo, c.KH, c.KW, c.sh, c.sw, c.ph, c.pw,
                                   c.dh, c.dw);
-  const ConvWeightGradPlan plan = plan_nhwc_dw<M::BM, M::BN, M::BK>(P, c.m, N, c.num_sms);
+  // The launch's plan, as the op makes it (plan_conv_weight_grad_nhwc: the wgmma tile that
+  // nhwc_dw_short picks): every tile runs on it, the ones a launch never pairs with it too
+  // (any plan suits any tile).
+  const ConvWeightGradPlan plan =
+      plan_conv_weight_grad_nhwc(P, c.m, c.n_ch, c.KH * c.KW, c.num_sms);
   std::vector<float> ws(plan.workspace_bytes / sizeof(float) + 1, NAN);
+  const char* math = M::STAGED_EPILOGUE ? "" : (sizeof(T) == 4 ? ", SIMT" : ", WMMA");
   const std::string name = std::string(c.name) + ", " + std::to_string(M::BM) + " x " +
-                           std::to_string(M::BN) + " tiles" +
-                           (M::STAGED_EPILOGUE ? "" : ", WMMA");
+                           std::to_string(M::BN) + " tiles" + math;
   int bad = 0;
   if (nhwc_dw_short(c.m, N) != c.short_tiles && bad++ == 0)
     std::printf("  %s: short tiles %d, want %d\n", name.c_str(), !c.short_tiles,
                 c.short_tiles);
-  // (a wgmma launch's tile; the WMMA launch takes the plan as it is)
+  // the plan is the tile's own where a wgmma launch takes this tile
+  const ConvWeightGradPlan own = plan_nhwc_dw<M::BM, M::BN, M::BK>(P, c.m, N, c.num_sms);
   const bool launched_tile = M::STAGED_EPILOGUE && (M::BM == 64) == c.short_tiles;
-  const ConvWeightGradPlan public_plan =
-      plan_conv_weight_grad_nhwc(P, c.m, c.n_ch, c.KH * c.KW, c.num_sms);
-  if (launched_tile && (public_plan.splits != plan.splits ||
-                        public_plan.pixels_per_split != plan.pixels_per_split ||
-                        public_plan.workspace_bytes != plan.workspace_bytes) && bad++ == 0)
+  if (launched_tile && (own.splits != plan.splits ||
+                        own.pixels_per_split != plan.pixels_per_split ||
+                        own.workspace_bytes != plan.workspace_bytes) && bad++ == 0)
     std::printf("  %s: plan_conv_weight_grad_nhwc plans %d splits, the tile %d\n",
-                name.c_str(), public_plan.splits, plan.splits);
+                name.c_str(), plan.splits, own.splits);
   NhwcDwParams p;
   dim3 grid;
   if (!build_nhwc_dw<M::BM, M::BN>(s.geo, dy.v.data(), dy.st, c.dy_c0, c.m, x.v.data(), x.st,
@@ -750,6 +759,7 @@ int main() {
   for (const Case& c : cases) {
     run_case<__half>(c);
     run_case<__nv_bfloat16>(c);
+    run_case<float>(c);
   }
   const std::vector<DxCase> dx_cases = {
       // name, batch, H, W, in, frozen_in, new_out, KH, KW, sh, sw, ph, pw, dh, dw,
@@ -795,6 +805,7 @@ int main() {
     run_dx_case<__nv_bfloat16, NhwcMath<__nv_bfloat16>>(c);
     run_dx_case<__nv_bfloat16, NhwcNarrowMath<__nv_bfloat16>>(c);
     run_dx_case<__nv_bfloat16, NhwcWmmaMath<__nv_bfloat16>>(c);
+    run_dx_case<float, NhwcPortableMath<float>>(c);
   }
   // FastDiv (the weight gradient's pixel decomposition) against division: every divisor up to
   // 4096 and some large ones, dividends at the edges of its range [0, 2^31) and random.
@@ -843,6 +854,7 @@ int main() {
     run_dw_case<__nv_bfloat16, NhwcMath<__nv_bfloat16>>(c);
     run_dw_case<__nv_bfloat16, NhwcShortMath<__nv_bfloat16>>(c);
     run_dw_case<__nv_bfloat16, NhwcWmmaMath<__nv_bfloat16>>(c);
+    run_dw_case<float, NhwcPortableMath<float>>(c);
   }
   std::printf("%lld blocks, %lld k-tiles, %lld outputs compared\n", (long long)blocks,
               (long long)k_tiles, (long long)compared);

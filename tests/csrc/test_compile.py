@@ -232,9 +232,11 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
     for name, body in entries.items():
         if "WmmaMath" in name or "SimtMath" in name:
             assert "wgmma" not in body, f"{name} issues wgmma"
-    if nhwc:  # the portable math's three products, fp16 and bf16
+    if nhwc:  # the portable maths' three products: WMMA in fp16 and bf16, SIMT in fp32
         wmma = sorted(n for n in entries if "WmmaMath" in n)
         assert len(wmma) == 6 and all(any(k in n for n in wmma) for k in expect), wmma
+        simt = sorted(n for n in entries if "SimtMath" in n)
+        assert len(simt) == 3 and all(any(k in n for n in simt) for k in expect), simt
     if src_name == "expanded_linear_kernels.cu":
         _check_linear_tma_forward(entries)
     ptxas = shutil.which("ptxas") or next(
@@ -258,7 +260,8 @@ def test_gemm_kernels_issue_wgmma_on_sm90a_only(src_name, tmp_path):
         assert len(wg_spills) == len(wg), wg_spills
         assert all(f == "0" and st == "0" for _, f, st in wg_spills), wg_spills
         # (the NHWC weight gradient's WMMA kernel runs at about 254 registers)
-        wmma_spills = [(n, f, st) for n, f, st in spills if nhwc and "WmmaMath" in n]
+        wmma_spills = [(n, f, st) for n, f, st in spills
+                       if nhwc and ("WmmaMath" in n or "SimtMath" in n)]
         assert all(f == "0" and st == "0" for _, f, st in wmma_spills), wmma_spills
     portable = _ptx_of(src_name, "compute_90", tmp_path).read_text()
     assert "wgmma.mma_async" not in portable

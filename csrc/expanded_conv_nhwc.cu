@@ -674,17 +674,6 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   return p.pixels > 0 && tiles > 0;
 }
 
-// Calls f(element) with the element type of `dt`.
-template <class F>
-cudaError_t with_element(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat16: return f(__half{});
-    case DType::kBFloat16: return f(__nv_bfloat16{});
-    case DType::kFloat32: return f(float{});
-  }
-  return cudaErrorInvalidValue;
-}
-
 // Strides and kernels the input gradient's phase tables hold (an offset fits int8 too).
 bool nhwc_dx_geometry_ok(const ConvGeometry& g) {
   return g.stride_h >= 1 && g.stride_w >= 1 && g.stride_h <= kNhwcMaxStride &&
@@ -890,7 +879,7 @@ cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt
                                             : launch(tag, NhwcMath<T>{});
     }
   };
-  return with_element(s.dtype, width);
+  return dispatch(s.dtype, width);
 }
 
 bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Strides4& sdy,
@@ -964,7 +953,7 @@ cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const St
                  : launch(tag, NhwcMath<T>{});
     }
   };
-  return with_element(s.dtype, tile);
+  return dispatch(s.dtype, tile);
 }
 
 bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& sx) {
@@ -1015,7 +1004,7 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const 
       return err != cudaSuccess ? err : launch(tag, NhwcNarrowMath<T>{});
     }
   };
-  return with_element(s.dtype, both);
+  return dispatch(s.dtype, both);
 }
 
 }  // namespace expanse_fast

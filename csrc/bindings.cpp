@@ -394,12 +394,15 @@ Tensor nhwc_weight(const Tensor& t, at::IntArrayRef order) {
 
 // A conv activation as the NHWC kernels read it: the tensor itself where it is channels_last,
 // else a channels_last copy, made on first use (the copies cost a fraction of what the NCHW
-// kernels' pixel-by-pixel gathers do).  Whether a kernel takes it is asked with the strides
-// and the alignment it will have: a fresh copy's, or its own.
+// kernels' pixel-by-pixel gathers do in fp16/bf16).  Whether a kernel takes it is asked with
+// the strides and the alignment it will have: a fresh copy's, or its own.  An NCHW fp32
+// operand is not copied (routed() says no): both kernel families multiply fp32 with FMA,
+// compute-bound, and the NCHW kernels' loads along pixels are 4 bytes wide.
 class NhwcOperand {
  public:
   explicit NhwcOperand(const Tensor& t) : t_(t), channels_last_(is_channels_last(t)) {}
   bool channels_last() const { return channels_last_; }
+  bool routed() const { return channels_last_ || t_.scalar_type() != at::kFloat; }
   // (null: a copy, which the caching allocator starts on 512 bytes)
   const void* data_for_checks() const { return channels_last_ ? t_.data_ptr() : nullptr; }
   expanse_fast::Strides4 strides() const {
@@ -453,7 +456,8 @@ Tensor conv2d_forward(const Tensor& x, const Tensor& w_frozen_in,
   // y takes x's memory format (torch_ref.conv_memory_format: the fake implementation's rule).
   NhwcOperand xo(x);
   const bool channels_last = xo.channels_last();
-  if (expanse_fast::conv2d_forward_nhwc_ok(s, xo.data_for_checks(), xo.strides())) {
+  if (xo.routed() && expanse_fast::conv2d_forward_nhwc_ok(s, xo.data_for_checks(),
+                                                          xo.strides())) {
     // The implicit GEMM over NHWC reads the weights as (rows, KH, KW, channels).
     const auto cl = [](const Tensor& w) { return nhwc_weight(w, {0, 2, 3, 1}); };
     const Tensor wf = cl(w_frozen), wn = cl(w_new);
@@ -549,10 +553,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv2d_backward(
     if (!copy) copy = is_channels_last(t) ? t.contiguous() : t;
     return *copy;
   };
-  const bool dw_nhwc = expanse_fast::conv2d_weight_grad_nhwc_ok(
-      s, dyo.data_for_checks(), dyo.strides(), xo.data_for_checks(), xo.strides());
-  const bool dx_nhwc =
-      expanse_fast::conv2d_backward_input_nhwc_ok(s, dyo.data_for_checks(), dyo.strides());
+  const bool dw_nhwc = dyo.routed() && xo.routed() &&
+                       expanse_fast::conv2d_weight_grad_nhwc_ok(
+                           s, dyo.data_for_checks(), dyo.strides(), xo.data_for_checks(),
+                           xo.strides());
+  const bool dx_nhwc = dyo.routed() && expanse_fast::conv2d_backward_input_nhwc_ok(
+                                           s, dyo.data_for_checks(), dyo.strides());
   Tensor dx, dw, db, dcouple;  // undefined = None in Python
   if (need_dw && dw_nhwc) {
     dw = conv_weight_grad_nhwc(s, dyo.get(), s.frozen_out, s.new_out, xo.get(), 0,

@@ -359,3 +359,23 @@ def test_nhwc_portable_math_matches_dense(dev, monkeypatch, name, dtype):
     assert nhwc and all(math in n for n in nhwc), sorted(names)
     assert uses_nhwc(names) and uses_nhwc_dw(names) and uses_nhwc_dx(names) == rows_ok, \
         sorted(names)
+
+
+def test_nchw_fp32_stays_on_the_nchw_kernels(dev):
+    """An NCHW fp32 layer is not copied to channels_last (both kernel families multiply fp32
+    with FMA): the NCHW kernels, the same values; channels_last fp32 takes the NHWC ones."""
+    dtype = torch.float32
+    layout, geo = DX_CASES["3x3_coupled"]
+    p = make_conv_params(layout, geo["k"], dtype, dev)
+    x = torch.randn(geo["n"], layout.in_features, geo["h"], geo["w"]).to(dev, dtype)
+    dy = torch.randn(conv_out_shape(layout, geo)).to(dev, dtype)
+    y, names = kernels_of(lambda: call_conv_forward(layout, p, x, geo))
+    assert y.is_contiguous() and not uses_nhwc(names), sorted(names)
+    assert_matches(y, conv_reference(layout, p, x, geo)[0], dtype, "y (NCHW fp32)")
+    grads, names = kernels_of(lambda: call_conv_backward(layout, p, dy, x, geo))
+    assert not uses_nhwc_dx(names) and not uses_nhwc_dw(names), sorted(names)
+    check_conv_backward(layout, p, dy, x, geo, dtype, grads)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    y, names = kernels_of(lambda: call_conv_forward(layout, p, x_cl, geo))
+    assert uses_nhwc(names), sorted(names)
+    assert_matches(y, conv_reference(layout, p, x_cl, geo)[0], dtype, "y (channels_last fp32)")

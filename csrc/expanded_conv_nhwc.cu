@@ -313,10 +313,10 @@ struct NhwcDxParams {
   // a reduction index's tap (j / rows) in each phase
   FastDiv by_new_out, by_frozen_out, by_g_rows[kNhwcMaxFrozenGroups];
   // The stride phases, rh * sw + rw: the phase rows of residue rh (rows_h) and columns of rw
-  // (cols_w), its first row tile (row_tile0, one past the last at nphases), and the taps that
-  // reach it: kh_of[rh][0 .. nkh[rh]) x kw_of[rw][0 .. nkw[rw]), each with its offset
-  // (rh + ph - kh * dh) / sh from the phase row (oh_of, ow_of).
-  int nphases;
+  // (cols_w), a phase's first row tile (row_tile0; one past the last at stride_phases), and
+  // the taps that reach it: kh_of[rh][0 .. nkh[rh]) x kw_of[rw][0 .. nkw[rw]), each with its
+  // offset (rh + ph - kh * dh) / sh from the phase row (oh_of, ow_of).
+  int stride_phases;
   int rows_h[kNhwcMaxStride], cols_w[kNhwcMaxStride];
   int64_t row_tile0[kNhwcMaxStride * kNhwcMaxStride + 1];
   int8_t nkh[kNhwcMaxStride], nkw[kNhwcMaxStride];
@@ -349,11 +349,11 @@ struct NhwcDxProblem {
   __host__ __device__ NhwcDxProblem(const NhwcDxParams& params, int64_t tile_m, int by, int bn,
                                     int bm, int tid_)
       : p(params), tid(tid_) {
-    int ph = 0;
-    while (ph + 1 < p.nphases && p.row_tile0[ph + 1] <= tile_m) ++ph;
-    rh = ph / p.sw;
-    rw = ph - rh * p.sw;
-    m0 = (tile_m - p.row_tile0[ph]) * bm;
+    int sp = 0;  // the stride phase (the main loop's phases are the reduction's segments)
+    while (sp + 1 < p.stride_phases && p.row_tile0[sp + 1] <= tile_m) ++sp;
+    rh = sp / p.sw;
+    rw = sp - rh * p.sw;
+    m0 = (tile_m - p.row_tile0[sp]) * bm;
     rows_in_phase = p.batch * p.rows_h[rh] * p.cols_w[rw];
     old = by < p.old_tiles;
     c0 = p.frozen_in + (by - p.old_tiles) * bn;
@@ -612,7 +612,7 @@ bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX / 4; }
 
 // The launch parameters and grid of a forward on BM x BN tiles (host; the emulation walks them
 // too): the output segments whose tile width (nhwc_seg_bn) is BN, a launch of each width
-// computing y, or with `every_segment` (one tile for all: the WMMA math) all of them.  False
+// computing y, or with `every_segment` (one tile for all: a portable math) all of them.  False
 // where there is nothing to launch (no pixels or no such segment).
 template <int BM, int BN>
 bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, const Strides4& sx,
@@ -743,19 +743,19 @@ bool build_nhwc_dx(const ConvShape& s, const ConvWeights& wt, const void* dy,
            p.nkh);
   residues(g.stride_w, g.width, g.kernel_w, g.pad_w, g.dil_w, p.cols_w, p.kw_of, p.ow_of,
            p.nkw);
-  p.nphases = g.stride_h * g.stride_w;
+  p.stride_phases = g.stride_h * g.stride_w;
   p.row_tile0[0] = 0;
-  for (int ph = 0; ph < p.nphases; ++ph) {
-    const int rh = ph / g.stride_w, rw = ph % g.stride_w;
-    p.row_tile0[ph + 1] =
-        p.row_tile0[ph] + ceil_div(g.batch * p.rows_h[rh] * p.cols_w[rw], BM);
+  for (int sp = 0; sp < p.stride_phases; ++sp) {
+    const int rh = sp / g.stride_w, rw = sp % g.stride_w;
+    p.row_tile0[sp + 1] =
+        p.row_tile0[sp] + ceil_div(g.batch * p.rows_h[rh] * p.cols_w[rw], BM);
   }
   for (int rw = 0; rw < g.stride_w; ++rw) p.by_nkw[rw] = by(p.nkw[rw]);
   const int64_t old_tiles =
       p.bands.build(s.num_frozen_groups, s.frozen_k_ends, s.frozen_in, need_dx_old, BN);
   p.old_tiles = static_cast<int>(old_tiles);
   const int64_t tiles = old_tiles + ceil_div(s.in_channels - s.frozen_in, BN);
-  const int64_t row_tiles = p.row_tile0[p.nphases];
+  const int64_t row_tiles = p.row_tile0[p.stride_phases];
   grid = dim3(static_cast<unsigned>(row_tiles), static_cast<unsigned>(tiles));
   return row_tiles > 0 && tiles > 0;
 }
@@ -895,18 +895,19 @@ bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Stride
   const int64_t KK = static_cast<int64_t>(s.geo.kernel_h) * s.geo.kernel_w;
   const int64_t pixels = s.geo.batch * s.geo.out_h * s.geo.out_w;
   return pixels > 0 && pixels < (int64_t{1} << 31) && fits_int(KK * s.in_channels) &&
-         fits_int(O) && ceil_div(KK * s.in_channels, NhwcMath<__half>::BN) <= kMaxGridY;
+         fits_int(O) && ceil_div(KK * s.in_channels, SimtMath::BN) <= kMaxGridY;  // (narrowest)
 }
 
 ConvWeightGradPlan plan_conv_weight_grad_nhwc(int64_t pixels, int64_t m, int64_t n_ch,
                                               int kernel_area, int num_sms) {
-  // (the same tiles in bf16; a wgmma launch picks the same one, nhwc_dw_short; a WMMA
-  // launch takes the plan as it is: any plan suits any tile, see narrow_pays)
+  // (the same tiles in bf16; a wgmma launch picks the same one, nhwc_dw_short; a portable
+  // math's launch takes the plan as it is: any plan suits any tile, see narrow_pays)
   using Wide = NhwcMath<__half>;
   using Short = NhwcShortMath<__half>;
   const int64_t n = n_ch * std::max(kernel_area, 1);
-  return nhwc_dw_short(m, n) ? plan_nhwc_dw<Short::BM, Short::BN, Short::BK>(pixels, m, n, num_sms)
-                             : plan_nhwc_dw<Wide::BM, Wide::BN, Wide::BK>(pixels, m, n, num_sms);
+  return nhwc_dw_short(m, n)
+             ? plan_nhwc_dw<Short::BM, Short::BN, Short::BK>(pixels, m, n, num_sms)
+             : plan_nhwc_dw<Wide::BM, Wide::BN, Wide::BK>(pixels, m, n, num_sms);
 }
 
 cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const Strides4& sdy,
@@ -983,7 +984,7 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const 
     using M = decltype(math);
     NhwcFwdParams p;
     dim3 grid;
-    constexpr bool one_tile = !M::STAGED_EPILOGUE;  // (the WMMA math: every segment)
+    constexpr bool one_tile = !M::STAGED_EPILOGUE;  // (a portable math: every segment)
     if (!build_nhwc_fwd<M::BM, M::BN>(s, w, x, sx, b_frozen, b_new, bn_scale, bn_shift, y, p,
                                       grid, one_tile))
       return cudaSuccess;  // nothing to compute

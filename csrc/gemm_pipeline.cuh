@@ -247,7 +247,8 @@ struct Smem {
     return BKM ? s[n * LDB + k] : s[k * LDB + n];
   }
 
-  // Gathered operand tiles, as CoreSmem's (the channels_last conv kernels on the WMMA math):
+  // Gathered operand tiles, as CoreSmem's (the channels_last conv kernels on the WMMA and
+  // SIMT maths):
   // thread tid's chunk i of an OUTER x INNER tile (row stride LD) is the one load_tile
   // copies, row tid / PER_ROW + i * ROW_STEP, column (tid % PER_ROW) * VEC, so a thread's
   // chunks share their column.
@@ -745,8 +746,8 @@ __device__ void gemm_mainloop(const P& prob, typename M::Acc& acc, unsigned char
 }
 
 // Shared memory a gemm_staged_f32 kernel needs: its stages, which the staged tile reuses, and
-// for the WMMA math (whose fragments pass through a per-warp scratch) the tile and the
-// scratch past it.
+// for the portable maths the tile and their scratch past it (WMMA's fragments pass through a
+// per-warp scratch; SIMT needs none).
 template <class M, bool AK, bool BKM>
 constexpr size_t staged_smem_bytes() {
   constexpr size_t tiles = M::template Layout<AK, BKM>::BYTES;
@@ -760,7 +761,7 @@ constexpr size_t staged_smem_bytes() {
 template <typename T, class M, class L, class P>
 __device__ __forceinline__ const float* gemm_staged_f32(const P& prob, unsigned char* smem) {
   static_assert(M::STAGED_EPILOGUE || (M::BM * M::OUT_LD_F32 * sizeof(float)) % 32 == 0,
-                "the WMMA fragments' scratch, past the staged tile, starts on 32 bytes");
+                "the portable maths' scratch, past the staged tile, starts on 32 bytes (WMMA)");
   typename M::Acc acc;
   float unused = 0.f;
   gemm_mainloop<T, M, L>(prob, acc, smem, false, unused);

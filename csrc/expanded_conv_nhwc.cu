@@ -674,6 +674,21 @@ bool build_nhwc_fwd(const ConvShape& s, const ConvWeights& w, const void* x, con
   return p.pixels > 0 && tiles > 0;
 }
 
+// A launcher's dispatch: launch(element, math) on the portable math where the call runs one
+// (fp32; fp16/bf16 without wgmma), else on_wgmma(element), which picks the wgmma tiles.
+template <class Launch, class OnWgmma>
+cudaError_t launch_nhwc(DType dt, Launch&& launch, OnWgmma&& on_wgmma) {
+  return dispatch(dt, [&](auto tag) -> cudaError_t {
+    using T = decltype(tag);
+    if constexpr (std::is_same<T, float>::value) {
+      return launch(tag, NhwcPortableMath<T>{});
+    } else {
+      if (!wgmma_enabled(dt)) return launch(tag, NhwcPortableMath<T>{});
+      return on_wgmma(tag);
+    }
+  });
+}
+
 // Strides and kernels the input gradient's phase tables hold (an offset fits int8 too).
 bool nhwc_dx_geometry_ok(const ConvGeometry& g) {
   return g.stride_h >= 1 && g.stride_w >= 1 && g.stride_h <= kNhwcMaxStride &&
@@ -869,17 +884,11 @@ cudaError_t conv2d_backward_input_nhwc(const ConvShape& s, const ConvWeights& wt
     conv_nhwc_dx_kernel<T, M><<<grid, M::THREADS, bytes, stream>>>(p);
     return cudaGetLastError();
   };
-  auto width = [&](auto tag) -> cudaError_t {
+  return launch_nhwc(s.dtype, launch, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if constexpr (std::is_same<T, float>::value) {
-      return launch(tag, NhwcPortableMath<T>{});
-    } else {
-      if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcPortableMath<T>{});
-      return nhwc_dx_narrow(s, need_dx_old) ? launch(tag, NhwcNarrowMath<T>{})
-                                            : launch(tag, NhwcMath<T>{});
-    }
-  };
-  return dispatch(s.dtype, width);
+    return nhwc_dx_narrow(s, need_dx_old) ? launch(tag, NhwcNarrowMath<T>{})
+                                          : launch(tag, NhwcMath<T>{});
+  });
 }
 
 bool conv2d_weight_grad_nhwc_ok(const ConvShape& s, const void* dy, const Strides4& sdy,
@@ -943,18 +952,12 @@ cudaError_t conv2d_weight_grad_nhwc(const ConvShape& s, const void* dy, const St
                                                         static_cast<T*>(db));
     return cudaGetLastError();
   };
-  auto tile = [&](auto tag) -> cudaError_t {
+  return launch_nhwc(s.dtype, launch, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if constexpr (std::is_same<T, float>::value) {
-      return launch(tag, NhwcPortableMath<T>{});
-    } else {
-      if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcPortableMath<T>{});
-      return nhwc_dw_short(m, n_ch * s.geo.kernel_h * s.geo.kernel_w)
-                 ? launch(tag, NhwcShortMath<T>{})
-                 : launch(tag, NhwcMath<T>{});
-    }
-  };
-  return dispatch(s.dtype, tile);
+    return nhwc_dw_short(m, n_ch * s.geo.kernel_h * s.geo.kernel_w)
+               ? launch(tag, NhwcShortMath<T>{})
+               : launch(tag, NhwcMath<T>{});
+  });
 }
 
 bool conv2d_forward_nhwc_ok(const ConvShape& s, const void* x, const Strides4& sx) {
@@ -995,17 +998,11 @@ cudaError_t conv2d_forward_nhwc(const ConvShape& s, const ConvWeights& w, const 
     conv_nhwc_fwd_kernel<T, M><<<grid, M::THREADS, bytes, stream>>>(p);
     return cudaGetLastError();
   };
-  auto both = [&](auto tag) -> cudaError_t {
+  return launch_nhwc(s.dtype, launch, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
-    if constexpr (std::is_same<T, float>::value) {
-      return launch(tag, NhwcPortableMath<T>{});
-    } else {
-      if (!wgmma_enabled(s.dtype)) return launch(tag, NhwcPortableMath<T>{});
-      const cudaError_t err = launch(tag, NhwcMath<T>{});
-      return err != cudaSuccess ? err : launch(tag, NhwcNarrowMath<T>{});
-    }
-  };
-  return dispatch(s.dtype, both);
+    const cudaError_t err = launch(tag, NhwcMath<T>{});
+    return err != cudaSuccess ? err : launch(tag, NhwcNarrowMath<T>{});
+  });
 }
 
 }  // namespace expanse_fast

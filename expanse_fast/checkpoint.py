@@ -25,6 +25,7 @@ from .fold import fold_batchnorms
 from .fuse import fuse_activations
 from .graph import ExpansionError, swap_module as _swap
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
+from .nn.conv import _explicit_padding
 from .nn.norm import _ExpandedBatchNorm
 
 FORMAT = "expanse_fast.expansion"
@@ -52,26 +53,108 @@ def _state_digest(state: Dict[str, object]) -> str:
 def task0_fingerprint(big: nn.Module) -> str:
     """``fingerprint(source_model(big, task=0))``, one layer's plain copy at a time: no copy
     of the whole model (on a GPU near its memory, saving an expansion must not double it)."""
+    return _task0_view(big)[0]
+
+
+def _task0_view(big: nn.Module) -> Tuple[str, list]:
+    """(fingerprint, module table) of ``source_model(big, task=0)``, one layer's plain copy
+    at a time.  Every path a module is reachable under counts, as in a state dict (a module
+    kept under two names is hashed under both, as ``fingerprint`` of the base hashes it)."""
     state: Dict[str, Tensor] = {}
-    replaced = []
-    for path, m in big.named_modules():
+    plain_modules, replaced, restored = [], [], set()
+    for path, m in _unwrapped(big).named_modules(remove_duplicate=False):
         prefix = path + "." if path else ""
         if any(prefix.startswith(r) for r in replaced):
             continue  # inside a replaced module: its plain copy holds it
         plain = plain_layer(m, 0)
+        plain_modules.append((path, m if plain is None else plain))
+        if isinstance(m, _ExpandedBatchNorm):
+            restored.add(path)
         if plain is None:
             m._save_to_state_dict(state, prefix, False)  # its own tensors, not its children's
             continue
         state.update(plain.state_dict(prefix=prefix))
         replaced.append(prefix)
-    return _state_digest(state)
+    return _state_digest(state), _module_table(plain_modules, restored)
+
+
+# ---- what the base computes beside its tensors -------------------------------------------
+_WIDENED_KINDS = ((nn.Linear, "Linear"), (nn.Conv2d, "Conv2d"),
+                  (nn.BatchNorm1d, "BatchNorm1d"), (nn.BatchNorm2d, "BatchNorm2d"))
+
+
+def _padding(conv: nn.Conv2d) -> str:
+    """A conv's padding as numbers ('same' and 'valid' resolved, as a widened conv and its
+    plain copy hold them)."""
+    try:
+        return str(_explicit_padding(conv))
+    except ValueError:  # ('same' that pads asymmetrically: no widened conv takes it)
+        return repr(conv.padding)
+
+
+def _describe(m: nn.Module, restored: bool) -> Tuple[str, bool]:
+    """(a module's class and the settings that change what it computes, whether it is of a
+    kind expand() widens).  Those kinds are named by their torch class (a subclass widens as
+    its base class does).  A BatchNorm's momentum trains, it does not compute; the eps of a
+    widened one (``restored``) is in the file's layer table and comes back from there."""
+    for cls, name in _WIDENED_KINDS:
+        if isinstance(m, cls):
+            if isinstance(m, nn.Conv2d):
+                name += (f"(stride={tuple(m.stride)}, padding={_padding(m)}, "
+                         f"dilation={tuple(m.dilation)}, groups={m.groups}, "
+                         f"padding_mode={m.padding_mode})")
+            elif cls is not nn.Linear and not restored:
+                name += f"(eps={m.eps!r})"
+            return name, True
+    if isinstance(m, nn.GELU):
+        return f"{type(m).__name__}(approximate={m.approximate})", False
+    return type(m).__name__, False
+
+
+def _module_table(pairs, restored) -> list:
+    """[path, description] of every module of a plain (task-0) model, by path; what sits
+    inside a widened kind (its plain copy has nothing inside) is left out.  ``restored``:
+    the paths of the BatchNorms whose eps the file restores."""
+    table, inside = [], []
+    for path, m in pairs:
+        prefix = path + "." if path else ""
+        if any(prefix.startswith(r) for r in inside):
+            continue
+        text, widened = _describe(m, path in restored)
+        table.append([path, text])
+        if widened:
+            inside.append(prefix)
+    return table
+
+
+def _module_table_differences(base_table: list, saved_table: list) -> list:
+    """Lines naming each module where the base differs from the model the expansion was
+    trained on."""
+    base, saved = dict(map(tuple, base_table)), dict(map(tuple, saved_table))
+    lines = []
+    for path in list(saved) + [p for p in base if p not in saved]:
+        name = repr(path) if path else "(the model itself)"
+        if path not in base:
+            lines.append(f"{name}: the base has none, the expansion's base had {saved[path]}")
+        elif path not in saved:
+            lines.append(f"{name}: the base has {base[path]}, the expansion's base had none")
+        elif base[path] != saved[path]:
+            lines.append(f"{name}: the base has {base[path]}, the expansion's base had "
+                         f"{saved[path]}")
+    return lines
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
-    """The module a ``torch.compile`` wrapper holds (its state dict's names carry a prefix
-    that the plain model's lack), else ``model``."""
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
+    """The module a ``torch.compile``, DataParallel or DistributedDataParallel wrapper holds
+    (their state dicts' names carry a prefix that the plain model's lack), else ``model``."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module) and isinstance(model, wrappers):
+            inner = model.module
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def _payload_digest(layers_json: str, tensors: Dict[str, Tensor]) -> str:
@@ -127,12 +210,42 @@ def _layer_tensors(m: nn.Module) -> Dict[str, Tensor]:
     return out
 
 
+def _module_arg(what: str, name: str, model) -> nn.Module:
+    """``model`` unwrapped, refused by name where it is no module or holds no data."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: {name} must be a torch.nn.Module, got {type(model).__name__}")
+    model = _unwrapped(model)
+    meta = next((n for n, t in model.state_dict().items()
+                 if isinstance(t, Tensor) and t.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"{what}: {name}'s tensor {meta!r} is on the meta device: it holds no "
+                         "values to hash or save; load or initialise the weights first")
+    return model
+
+
+def _file_arg(what: str, path) -> str:
+    """``path`` as a string, refused where it cannot name a file."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"{what}: path must be a str or os.PathLike, got "
+                        f"{type(path).__name__}") from None
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not path:
+        raise ValueError(f"{what}: path is empty")
+    if os.path.isdir(path) or path.endswith((os.sep, "/")):
+        raise IsADirectoryError(f"{what}: {path!r} is a folder; give the file's name")
+    return path
+
+
 def save_expansion(big: nn.Module, path: str) -> None:
     """Write the expansion of ``big`` (trainable and later-task tensors, layouts, base
-    fingerprint) to ``path`` atomically (write, then rename)."""
+    fingerprint and module table) to ``path`` atomically (write, then rename)."""
     from safetensors.torch import save_file
 
-    big = _unwrapped(big)
+    big = _module_arg("save_expansion", "big", big)
+    path = _file_arg("save_expansion", path)
     layers = expanded_layers(big)
     if not layers:
         raise ValueError("save_expansion: the model holds no expanded layer")
@@ -140,18 +253,23 @@ def save_expansion(big: nn.Module, path: str) -> None:
     tensors = {f"{p}.{n}": t.detach().cpu().contiguous()
                for p, m in layers.items() for n, t in _layer_tensors(m).items()}
     layers_json = json.dumps(records, sort_keys=True)
+    base_fingerprint, base_modules = _task0_view(big)
     header = {
         "format": FORMAT, "version": str(VERSION), "layers": layers_json,
-        "base_fingerprint": task0_fingerprint(big),
+        "base_fingerprint": base_fingerprint,
+        "base_modules": json.dumps(base_modules),
         "payload_digest": _payload_digest(layers_json, tensors),
     }
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"save_expansion: no folder {folder!r} to write {path!r} in")
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         save_file(tensors, tmp, metadata=header)
         os.replace(tmp, path)
+    except Exception as exc:  # (safetensors reports I/O failures as its own error type)
+        raise OSError(f"save_expansion: could not write {path!r}: {type(exc).__name__}: "
+                      f"{exc}") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -316,6 +434,31 @@ def _fill(layer: nn.Module, path: str, tensors: Dict[str, Tensor]):
             dst.copy_(src)  # dst may be a view into a frozen tensor: writes land in place
 
 
+def _check_base_modules(base_model: nn.Module, header: dict, records: dict) -> None:
+    """Refuse a base whose modules compute otherwise than the one the expansion was trained
+    on while holding the same tensors (another activation, stride, padding or BatchNorm eps).
+    Files written before the module table was kept lack it: not checked."""
+    if "base_modules" not in header:
+        return
+    try:
+        saved = json.loads(header["base_modules"])
+        ok = isinstance(saved, list) and all(
+            isinstance(e, list) and len(e) == 2 and all(isinstance(v, str) for v in e)
+            for e in saved)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ExpansionFileError("the file's module table (base_modules) is malformed")
+    restored = {p for p, rec in records.items() if rec["type"].startswith("bn")}
+    table = _module_table(base_model.named_modules(remove_duplicate=False), restored)
+    lines = _module_table_differences(table, saved)
+    if lines:
+        more = f"; and {len(lines) - 3} more" if len(lines) > 3 else ""
+        raise ExpansionFileError(
+            "the base holds the expansion's pretrained weights but its modules compute "
+            f"otherwise: {'; '.join(lines[:3])}{more}")
+
+
 def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Module:
     """Rebuild the expanded model saved at ``path`` on top of ``base_model``.
 
@@ -325,8 +468,13 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
     channels into the convs before them, as ``expand()`` does (skipped for a model torch.fx
     cannot trace).
     """
+    base_model = _module_arg("load_expansion", "base_model", base_model)
+    widened = next(iter(expanded_layers(base_model)), None)
+    if widened is not None:
+        raise ValueError(f"load_expansion: base_model is already expanded (layer {widened!r}); "
+                         "pass the pretrained model the expansion was made from (or "
+                         "xf.source_model(big))")
     header, tensors = _read(path)
-    base_model = _unwrapped(base_model)
     got, want = fingerprint(base_model), str(header.get("base_fingerprint", ""))
     if got != want:
         raise ExpansionFileError(
@@ -340,6 +488,7 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
             from exc
     _check_records(records)
     _check_sizes(records, tensors)
+    _check_base_modules(base_model, header, records)
     big = copy.deepcopy(base_model)
     modules = dict(big.named_modules())
     used = set()

@@ -565,16 +565,19 @@ def _pre_columns(activation: str, x: Tensor, w_frozen: Tensor, w_new: Tensor,
     gradient feeds dx_old or the coupling block."""
     if activation not in SMOOTH_ACTIVATIONS:
         return 0
-    if not torch.is_grad_enabled() and not torch.jit.is_tracing():
-        # (torch.jit.trace checks its trace under no_grad: the recorded width must not
-        # depend on the grad mode, so a trace keeps the columns autograd would read)
+    # A traced or exported graph keeps the width it records for every later call, also on
+    # an input that needs a gradient: it keeps the columns such a call reads.  (torch.jit
+    # .trace checks its trace under no_grad: the width must not depend on the grad mode.)
+    traced = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    if not torch.is_grad_enabled() and not traced:
         return 0
-    if not any(t is not None and t.requires_grad for t in (x, w_new, b_new, w_couple)):
+    x_grad = x.requires_grad or traced
+    if not x_grad and not any(t is not None and t.requires_grad for t in (w_new, b_new,
+                                                                          w_couple)):
         return 0
     o_f, o_new = w_frozen.shape[0], w_new.shape[0]
     couple_grad = w_couple is not None and w_couple.requires_grad
-    if o_f and reads_frozen_dy(w_couple, x.requires_grad, x.requires_grad and need_dx_old,
-                               couple_grad):
+    if o_f and reads_frozen_dy(w_couple, x_grad, x_grad and need_dx_old, couple_grad):
         return o_f + o_new
     return o_new
 

@@ -51,6 +51,46 @@ def test_torch_export_records_the_widened_model(name):
                                    atol=1e-6)
 
 
+@pytest.mark.parametrize("capture", ["trace", "export"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_recorded_model_forms_the_input_gradient_it_was_not_recorded_with(name, capture):
+    """A recorded graph keeps the choices made while recording; recorded on an input that
+    needs no gradient, it still forms the full input gradient (saliency, a trainable module
+    in front) when a later input needs one."""
+    _, big, x = _widened(name)
+    if capture == "trace":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recorded = torch.jit.trace(big, x)
+    else:
+        recorded = torch.export.export(big, (x,)).module()
+    plain = xf.merge(big).eval()
+    x1 = torch.randn_like(x).requires_grad_()
+    x2 = x1.detach().clone().requires_grad_()
+    recorded(x1).square().sum().backward()
+    plain(x2).square().sum().backward()
+    assert x2.grad.abs().max() > 0
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("capture", ["trace", "export"])
+def test_a_recorded_fused_gelu_layer_keeps_the_columns_a_gradient_reads(capture):
+    torch.manual_seed(0)
+    layer = xf.ExpandedLinear((5, 2), (4, 3), activation="gelu")
+    x = torch.randn(3, 7)
+    if capture == "trace":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            recorded = torch.jit.trace(layer, (x,))
+    else:
+        recorded = torch.export.export(layer, (x,)).module()
+    x1 = torch.randn(3, 7, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    recorded(x1).sum().backward()
+    layer(x2).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
 def test_trace_of_a_plain_copy_needs_nothing_of_the_package():
     """source_model gives plain modules back: its trace holds no expanse_fast op."""
     base, big, x = _widened("resnet")

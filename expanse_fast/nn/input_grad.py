@@ -15,7 +15,10 @@ saved tensors of other shapes; a reentrant one backpropagates through the recomp
 even if the model was called again since: so every watched module and layer called
 inside a watched call remembers the note under its input's storage, and a call in
 backward (the recomputation of a checkpointed module, or of a layer) takes the note
-remembered for its input.
+remembered for its input.  A call without grad mode (a reentrant checkpoint's first pass)
+notes nothing a recomputation could keep: that recomputation decides from its input again.
+A graph recorded by ``torch.jit.trace`` or ``torch.export`` keeps its choices for every
+later input, so while recording no layer skips.
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ class InputGradWatch:
 
     def __init__(self):
         self.needed = False
+        self.with_grad = True  # the outermost call's grad mode
         self.depth = 0
         self.notes = {}
 
@@ -68,12 +72,15 @@ class InputGradWatch:
         if key is not None:
             if len(self.notes) >= _MAX_NOTES:
                 self.notes.clear()
-            self.notes[key] = self.needed
+            # a call without grad mode (a reentrant checkpoint's first pass) decided nothing
+            # its recomputation could keep: None, decided again from the inputs then
+            self.notes[key] = self.needed if self.with_grad else None
 
-    def recall(self, t) -> bool:
-        """The note a recomputed call on ``t`` ran under (the latest note if unknown)."""
+    def recall(self, t, default):
+        """The note a recomputed call on ``t`` ran under: True, False, or None where it ran
+        without grad mode; ``default`` where none is remembered."""
         key = _storage_key(t) if isinstance(t, torch.Tensor) else None
-        return self.notes.get(key, self.needed)
+        return self.notes.get(key, default)
 
     def __call__(self, module: nn.Module, args, kwargs):
         # (a model called on tensors alone, the common case, needs no pytree walk: about
@@ -83,10 +90,15 @@ class InputGradWatch:
         first = next((t for t in leaves if isinstance(t, torch.Tensor)), None)
         if self.depth:
             self.remember(first)
-        elif _in_backward():  # a checkpointed module recomputed: its own call's note
-            self.needed = self.recall(first)
-        else:  # the outermost watched call: the model, or a part called apart
-            self.needed = torch.is_grad_enabled() and (
+        else:
+            # the outermost watched call: the model, or a part called apart; in backward, a
+            # checkpointed module recomputed, which takes its own call's note (the model
+            # itself, whose input no call remembers, decides from its input again: the same
+            # input as the call it recomputes, which a reentrant checkpoint ran without
+            # grad mode)
+            note = self.recall(first, None) if _in_backward() else None
+            self.with_grad = torch.is_grad_enabled()
+            self.needed = note if note is not None else self.with_grad and (
                 any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
                 or self._pre_hooks_after(module))
         self.depth += 1
@@ -123,14 +135,17 @@ def skips_old_input_grad(layer: nn.Module, x: torch.Tensor) -> bool:
     needs no gradient (called on its own: ``x`` itself needs none)."""
     if not layer.skip_old_input_grad:
         return False
+    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+        return False  # the graph keeps this choice for inputs that need a gradient too
     watch = getattr(layer, "input_grad_watch", None)
     if watch is None:
         return True
     if watch.depth:
         watch.remember(x)  # for a checkpoint that recomputes this layer on its own
         return not watch.needed
-    if _in_backward():  # this layer recomputed on its own: its own call's note
-        return not watch.recall(x)
+    note = watch.recall(x, watch.needed) if _in_backward() else None
+    if note is not None:  # this layer recomputed on its own: its own call's note
+        return not note
     return not (torch.is_grad_enabled() and x.requires_grad)
 
 

@@ -149,6 +149,29 @@ def test_checkpointed_blocks_recompute_with_the_same_decision(reentrant, input_g
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("name", ["mlp", "resnet"])
+def test_the_whole_model_checkpointed_forms_the_input_gradient(name, reentrant):
+    """A reentrant checkpoint runs its first pass without grad mode, where nothing needs a
+    gradient: its recomputation must decide from its input again, not keep that pass's
+    choice (which lost the old features' part of the input gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    _, big, shape = _widened(name)
+    plain = xf.merge(big).eval()
+    torch.manual_seed(1)
+    front = nn.Identity() if len(shape) == 4 else nn.Linear(shape[1], shape[1]).double()
+    front_plain = copy.deepcopy(front)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
+    checkpoint(big, front(x), use_reentrant=reentrant).square().sum().backward()
+    plain(front_plain(x_plain)).square().sum().backward()
+    assert x_plain.grad.abs().max() > 0
+    torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-10, atol=1e-12)
+    for p, q in zip(front.parameters(), front_plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("input_grad", [False, True])
 @pytest.mark.parametrize("segment", ["block", "layer"])
 def test_recomputation_decides_as_its_forward_after_other_calls(reentrant, input_grad,

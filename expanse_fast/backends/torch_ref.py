@@ -398,9 +398,10 @@ def _joint_rows(x: Tensor, w_old: Tensor, b_old: Maybe, w_new: Tensor, b_new: Ma
     if (not _checkable(x) or (b_old is None) != (b_new is None) or x.shape[1] == 0
             or w_old.shape[0] == 0 or w_new.shape[0] == 0 or torch.jit.is_tracing()):
         return None  # (under torch.jit.trace: no check to record, convolve apart)
-    key = (x.dtype, tuple(x.shape), tuple(x.stride()), tuple(w_old.shape), tuple(w_new.shape),
-           str(stride), str(padding), str(dilation), groups, b_old is not None,
-           torch.get_num_threads())
+    # (the weights' strides too: a channels_last frozen weight takes another path alone)
+    key = (x.dtype, tuple(x.shape), tuple(x.stride()), tuple(w_old.shape), w_old.stride(),
+           tuple(w_new.shape), w_new.stride(), str(stride), str(padding), str(dilation),
+           groups, b_old is not None, torch.get_num_threads())
     ok = _JOINT_EXACT.get(key)
     if ok is False:
         return None

@@ -187,3 +187,20 @@ def test_a_channels_last_model_widened_again_stays_exact(mode):
             want = model(x)
             assert torch.equal(big2(x)[:, :3], want)
             assert torch.equal(src(x), want)
+
+
+def test_a_verdict_is_kept_per_weight_layout(monkeypatch):
+    """Two layers of one shape whose frozen weights lie in other memory formats may round
+    otherwise alone: each is checked for itself, and each keeps the pretrained bits."""
+    monkeypatch.setattr(torch_ref, "_JOINT_EXACT", {})
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9)
+    outs = []
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.contiguous_format):
+        conv = nn.Conv2d(8, 16, 3, padding=1).to(memory_format=fmt)
+        layer = xf.ExpandedConv2d.from_conv(conv, 0, 3)
+        layer.backend = "torch"
+        with torch.no_grad():
+            assert torch.equal(layer(x)[:, :16], conv(x)), fmt
+        outs.append(len(torch_ref._JOINT_EXACT))
+    assert outs == [1, 2, 2]

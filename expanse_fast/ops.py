@@ -479,8 +479,20 @@ def _check_blocks(what: str, w_frozen: Tensor, w_new: Tensor, w_couple: Optional
         raise ValueError(f"{what}: w_frozen and w_new must have one kernel size, got "
                          f"{tuple(w_frozen.shape[2:])} and {tuple(w_new.shape[2:])}")
     if depthwise:
+        for name, w in (("w_frozen", w_frozen), ("w_new", w_new)):
+            if w.shape[1] != 1:
+                raise ValueError(f"{what}: a depthwise {name} reads one channel a filter "
+                                 f"(rows, 1, kh, kw), got shape {tuple(w.shape)}")
+        c_f = frozen_k_ends[-1] if frozen_k_ends else 0
+        if c_f < 0 or (w_frozen.shape[0] % c_f if c_f else w_frozen.shape[0]):
+            raise ValueError(f"{what}: a depthwise conv's {w_frozen.shape[0]} frozen filters "
+                             f"must be a whole multiple of its frozen channels "
+                             f"(frozen_k_ends[-1] = {c_f})")
         return
     i_f = w_frozen.shape[1]
+    if i_f > w_new.shape[1]:
+        raise ValueError(f"{what}: w_frozen reads {i_f} inputs but w_new only {w_new.shape[1]}; "
+                         f"the newest rows read every input, the frozen ones a first part")
     if frozen_k_ends and (min(frozen_k_ends) < 0 or max(frozen_k_ends) > i_f):
         raise ValueError(f"{what}: frozen_k_ends {tuple(frozen_k_ends)} must lie in 0..{i_f} "
                          f"(w_frozen's columns)")
@@ -530,14 +542,14 @@ def expanded_linear(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     if activation not in ACTIVATIONS:
         raise ValueError(f"{what}: activation must be None or one of "
                          f"{[a for a in ACTIVATIONS if a]}, got {activation!r}")
-    in_features = w_new.shape[1]
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"{what}: expected input with {in_features} features in its last "
-                         f"dimension, got shape {tuple(x.shape)}")
     use_composite = composite.needed()
     _check_tensors(what, x, (w_frozen, b_frozen, w_new, b_new, w_couple), use_composite)
     _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
                   b_frozen, b_new)
+    in_features = w_new.shape[1]
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"{what}: expected input with {in_features} features in its last "
+                         f"dimension, got shape {tuple(x.shape)}")
     if use_composite:  # torch.func, dual tensors: plain differentiable ops, any backend
         return composite.linear(x, w_frozen, b_frozen, w_new, b_new, w_couple,
                                 frozen_out_groups, frozen_k_ends, activation)
@@ -591,7 +603,10 @@ def _backend_arg(backend: Optional[str]) -> str:
 
 
 def _pair(v) -> List[int]:
-    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+    """An int or a sequence of one or two ints as a pair (as F.conv2d takes them)."""
+    if isinstance(v, int):
+        return [v, v]
+    return [int(v[0]), int(v[0])] if len(v) == 1 else [int(a) for a in v]
 
 
 def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_new: Tensor,
@@ -613,6 +628,10 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
         x, w_frozen, b_frozen, w_new, b_new, w_couple = _autocast(
             x, w_frozen, b_frozen, w_new, b_new, w_couple)
     _check_geometry(what, stride, padding, dilation)
+    use_composite = composite.needed()
+    _check_tensors(what, x, (w_frozen, b_frozen, w_new, b_new, w_couple), use_composite)
+    _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
+                  b_frozen, b_new, bool(depthwise))
     if depthwise:
         c_f = frozen_k_ends[-1] if frozen_k_ends else 0
         if c_f:
@@ -625,10 +644,6 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"{what}: expected a 4-D (N, C, H, W) input with C = {in_channels}, "
                          f"got shape {tuple(x.shape)}")
-    use_composite = composite.needed()
-    _check_tensors(what, x, (w_frozen, b_frozen, w_new, b_new, w_couple), use_composite)
-    _check_blocks(what, w_frozen, w_new, w_couple, frozen_out_groups, frozen_k_ends,
-                  b_frozen, b_new, bool(depthwise))
     _check_frozen_bn(what, x, w_frozen.shape[0], bn_mean, bn_var, bn_weight, bn_bias, bn_eps,
                      use_composite)
     if use_composite:  # torch.func, dual tensors: plain differentiable ops, any backend
@@ -640,6 +655,9 @@ def expanded_conv2d(x: Tensor, w_frozen: Tensor, b_frozen: Optional[Tensor], w_n
                  list(frozen_out_groups), list(frozen_k_ends), _pair(stride), _pair(padding),
                  _pair(dilation), bool(depthwise), bool(need_dx_old), bn_mean, bn_var,
                  bn_weight, bn_bias, float(bn_eps), _backend_arg(backend))
+
+
+_HALVES = (torch.float16, torch.bfloat16)
 
 
 def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, eps,
@@ -668,9 +686,10 @@ def _check_frozen_bn(what: str, x: Tensor, o_f: int, mean, var, weight, bias, ep
         if t.dim() != 1 or t.shape[0] != o_f:
             raise ValueError(f"{what}: {name} must hold one value per frozen output channel "
                              f"({o_f}), got shape {tuple(t.shape)}")
-        if t.dtype not in (x.dtype, torch.float32):
+        if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _HALVES):
             raise TypeError(f"{what}: {name} is {t.dtype}; a folded BatchNorm's tensors take "
-                            f"the input's dtype ({x.dtype}) or float32")
+                            f"the input's dtype ({x.dtype}), or float32 for a float16 or "
+                            f"bfloat16 input (as F.batch_norm)")
         if _elsewhere(t, on_cpu, device):
             raise ValueError(f"{what}: input is on {x.device} but {name} is on {t.device}; "
                              f"move both to one device")

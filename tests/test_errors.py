@@ -178,6 +178,8 @@ LIN = dict(frozen_out_groups=(4,), frozen_k_ends=(3,))
     ("k_end", r"frozen_k_ends \(7,\) must lie in 0..3"),
     ("w_couple", r"w_couple must have shape \(4, 2\) .* got \(4, 1\)"),
     ("w_rank", r"w_new must be 2-D, got shape \(5, 5, 1\)"),
+    ("w_new_1d", r"w_new must be 2-D, got shape \(5,\)"),
+    ("w_frozen_wider", r"w_frozen reads 6 inputs but w_new only 5"),
 ])
 def test_functional_linear_checks_blocks_against_each_other(case, match):
     """What would otherwise reach aten as an error about its own tensors, named here."""
@@ -191,11 +193,61 @@ def test_functional_linear_checks_blocks_against_each_other(case, match):
         args["frozen_k_ends"] = (7,)
     elif case == "w_couple":
         args["w_couple"] = torch.randn(4, 1)
+    elif case == "w_new_1d":
+        w_n = w_n[0]
+    elif case == "w_frozen_wider":
+        w_f, args["frozen_k_ends"] = torch.randn(4, 6), (6,)
     else:
         w_n = w_n[..., None]
     with pytest.raises(ValueError, match=match):
         xf.ops.expanded_linear(x, w_f, args.pop("b_frozen"), w_n, args.pop("b_new"),
                                args.pop("w_couple"), **args)
+
+
+@pytest.mark.parametrize("blocks,match", [
+    (dict(w_n=(2,)), r"w_new must be 4-D, got shape \(2,\)"),
+    (dict(w_f=(4, 6, 3, 3)), r"w_frozen reads 6 inputs but w_new only 5"),
+    (dict(depthwise=True, w_f=(4, 1, 3, 3), w_n=(2, 1, 3, 3), k_end=5),
+     r"depthwise conv's 4 frozen filters must be a whole multiple of its frozen channels "
+     r"\(frozen_k_ends\[-1\] = 5\)"),
+    (dict(depthwise=True, w_f=(4, 2, 3, 3), w_n=(2, 1, 3, 3), k_end=4),
+     r"depthwise w_frozen reads one channel a filter \(rows, 1, kh, kw\), got shape "
+     r"\(4, 2, 3, 3\)"),
+])
+def test_functional_conv_checks_blocks_before_reading_them(blocks, match):
+    """Blocks of the wrong rank or width are named, not met as an IndexError, a division
+    by zero or aten's error about its own tensors."""
+    w_f = torch.randn(*blocks.get("w_f", (4, 3, 3, 3)))
+    w_n = torch.randn(*blocks.get("w_n", (2, 5, 3, 3)))
+    with pytest.raises(ValueError, match=match):
+        xf.ops.expanded_conv2d(torch.randn(1, 5, 6, 6), w_f, None, w_n, None,
+                               frozen_out_groups=(4,),
+                               frozen_k_ends=(blocks.get("k_end", 3),),
+                               depthwise=blocks.get("depthwise", False))
+
+
+@pytest.mark.parametrize("name", ["stride", "padding", "dilation"])
+def test_functional_conv_takes_one_element_geometry_as_f_conv2d(name):
+    torch.manual_seed(0)
+    x, w_f, w_n = torch.randn(2, 5, 9, 9), torch.randn(4, 3, 3, 3), torch.randn(2, 5, 3, 3)
+    one = xf.ops.expanded_conv2d(x, w_f, None, w_n, None, **LIN, **{name: (2,)})
+    both = xf.ops.expanded_conv2d(x, w_f, None, w_n, None, **LIN, **{name: 2})
+    assert one.shape == both.shape and torch.equal(one, both)
+
+
+def test_a_folded_batchnorm_in_float32_needs_a_half_input():
+    """As F.batch_norm: float32 statistics with a float16/bfloat16 input, not float64."""
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64)
+    w_f, w_n = torch.randn(2, 3, 3, 3).double(), torch.randn(1, 3, 3, 3).double()
+    stats = dict(bn_mean=torch.zeros(2), bn_var=torch.ones(2))
+    with pytest.raises(TypeError, match=r"bn_mean is torch.float32; .* the input's dtype "
+                                        r"\(torch.float64\), or float32 for a float16 or "
+                                        r"bfloat16 input"):
+        xf.ops.expanded_conv2d(x, w_f, None, w_n, None, frozen_out_groups=(2,),
+                               frozen_k_ends=(3,), **stats)
+    y = xf.ops.expanded_conv2d(x.bfloat16(), w_f.bfloat16(), None, w_n.bfloat16(), None,
+                               frozen_out_groups=(2,), frozen_k_ends=(3,), **stats)
+    assert y.dtype == torch.bfloat16 and y.shape == (1, 3, 3, 3)
 
 
 @pytest.mark.parametrize("geometry,match", [

@@ -22,35 +22,67 @@ class ExpansionError(ValueError):
     """The model cannot be widened exactly; the message names the node or module."""
 
 
+# A user's subclass of these (a custom init, say) is called as one module too, as torch's
+# own are: fx would trace into it and meet its weight as a bare parameter.  Whether it can
+# be widened (it must compute as the plain layer) the plan asks it then, by its path.
+_LAYER_KINDS = (ExpandedLinear, ExpandedConv2d, _ExpandedBatchNorm, nn.Linear, nn.Conv2d,
+                nn.modules.batchnorm._BatchNorm)
+
+
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (ExpandedLinear, ExpandedConv2d, _ExpandedBatchNorm)):
+        if isinstance(m, _LAYER_KINDS):
             return True
         return super().is_leaf_module(m, qualname)
 
 
 def trace(model: nn.Module) -> fx.Graph:
-    """The model's graph, with every expanded layer as one call_module node."""
+    """The model's graph, with every expanded layer as one call_module node.  What the
+    forward stores on its modules while traced (a feature map kept for later, a call
+    counter) is put back as it was: it would hold fx proxies, which cannot be pickled."""
+    with _attributes_kept(model):
+        try:
+            return _Tracer().trace(model)
+        except Exception as exc:
+            raise ExpansionError(
+                f"expand() and fuse_activations() need a torch.fx-traceable model; tracing "
+                f"{type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _attributes_kept(model: nn.Module):
+    """Every module's plain attributes as they were before, when this ends."""
+    saved = [(m, dict(m.__dict__)) for m in model.modules()]
     try:
-        return _Tracer().trace(model)
-    except Exception as exc:
-        raise ExpansionError(
-            f"expand() and fuse_activations() need a torch.fx-traceable model; tracing "
-            f"{type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
+        yield
+    finally:
+        for m, before in saved:
+            now = m.__dict__
+            for key in [k for k in now if k not in before]:
+                del now[key]
+            for key, value in before.items():
+                if now.get(key, _MISSING) is not value:
+                    now[key] = value
+
+
+_MISSING = object()
 
 
 def swap_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where the submodule at dotted ``path`` was, in that module's training
-    mode (a layer built in training mode inside a model in eval mode would, as a
-    BatchNorm, normalise by the batch).  Returns the root: ``new`` itself for the path ""
-    (the root module is the one replaced)."""
+    """Put ``new`` where the submodule at dotted ``path`` was, and under every other name
+    that module is kept under (an alias: ``self.fc`` beside ``self.net[2]``), in that
+    module's training mode (a layer built in training mode inside a model in eval mode
+    would, as a BatchNorm, normalise by the batch).  Returns the root: ``new`` itself for
+    the path "" (the root module is the one replaced)."""
     old = root.get_submodule(path)
     new.train(old.training)
     if not path:
         return new
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, new)
+    aliases = [p for p, m in root.named_modules(remove_duplicate=False) if m is old]
+    for alias in aliases or [path]:
+        parent_path, _, name = alias.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        setattr(parent, name, new)
     return root
 
 

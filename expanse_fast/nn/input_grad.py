@@ -64,6 +64,7 @@ class InputGradWatch:
         self.with_grad = True  # the outermost call's grad mode
         self.depth = 0
         self.notes = {}
+        self.plain_parts = {}  # watched module -> its modules with parameters, not widened
 
     def remember(self, t) -> None:
         if torch.compiler.is_compiling():
@@ -100,8 +101,18 @@ class InputGradWatch:
             self.with_grad = torch.is_grad_enabled()
             self.needed = note if note is not None else self.with_grad and (
                 any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)
-                or self._pre_hooks_after(module))
+                or self._pre_hooks_after(module) or self._unfrozen(module))
         self.depth += 1
+
+    def _unfrozen(self, module: nn.Module) -> bool:
+        """Whether a parameter of ``module`` outside its widened layers requires grad: a
+        module its user unfroze (an embedding in front, say) gets its gradient through the
+        old features (no cost while all of them stay frozen, as expand() leaves them)."""
+        for part in self.plain_parts.get(module, ()):
+            for p in part._parameters.values():
+                if p is not None and p.requires_grad:
+                    return True
+        return False
 
     def _pre_hooks_after(self, module: nn.Module) -> bool:
         """Whether a forward pre-hook runs after this one on ``module``: one a user put there
@@ -178,6 +189,8 @@ def watch(model: nn.Module, layers: Mapping[str, nn.Module]) -> InputGradWatch:
         holders.update(".".join(parts[:i]) for i in range(1, len(parts)))
     for path in sorted(holders):
         module = model.get_submodule(path)
+        w.plain_parts[module] = [m for m in module.modules()
+                                 if m._parameters and not hasattr(m, "skip_old_input_grad")]
         module.register_forward_pre_hook(w, with_kwargs=True)
         module.register_forward_hook(_CallEnd(w), always_call=True)
     for layer in layers.values():

@@ -1,0 +1,153 @@
+"""expand() on models as users write them: a layer kept under two names, a forward that
+stores what it computes on its modules, subclasses of the plain layers that compute as they
+do, a module in front unfrozen after expand().  Each is widened as the plain model would be,
+and the original is left as it was."""
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import expanse_fast as xf
+
+
+class _AliasedHead(nn.Module):
+    """The head kept as an attribute and inside the Sequential that calls it."""
+
+    def __init__(self, alias_first: bool):
+        super().__init__()
+        head = nn.Linear(16, 3)
+        if alias_first:
+            self.fc = head
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), head)
+        if not alias_first:
+            self.classifier = head
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("alias_first", [True, False])
+def test_a_layer_under_two_names_is_widened_under_both(alias_first, tmp_path):
+    torch.manual_seed(0)
+    base = _AliasedHead(alias_first).eval()
+    big = xf.expand(base, width=0.5, new_classes=2).eval()
+    alias = big.fc if alias_first else big.classifier
+    assert alias is big.net[2] and isinstance(alias, xf.ExpandedLinear)
+    x = torch.randn(4, 8)
+    y = big(x)
+    assert y.shape == (4, 5) and torch.equal(y[:, :3], base(x))
+    y.sum().backward()
+    assert alias.weight_new.grad is not None and alias.weight_new.grad.abs().max() > 0
+    trainable, total = xf.print_trainable_parameters(big)
+    assert total == sum(p.numel() for p in big.parameters())  # (each tensor once)
+    source = xf.source_model(big)
+    assert (source.fc if alias_first else source.classifier) is source.net[2]
+    assert isinstance(source.net[2], nn.Linear) and torch.equal(source(x), base(x))
+    assert set(source.state_dict()) == set(base.state_dict())
+    path = str(tmp_path / "a.safetensors")
+    xf.save_expansion(big, path)
+    loaded = xf.load_expansion(base, path).eval()
+    assert (loaded.fc if alias_first else loaded.classifier) is loaded.net[2]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), big(x))
+
+
+class _KeepsFeatures(nn.Module):
+    """A forward that stores its penultimate features and counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+        self.features = None
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        h = F.relu(self.a(x))
+        self.features = h.detach()
+        return self.head(h)
+
+
+def test_what_a_traced_forward_stores_is_put_back():
+    """expand() traces the forward with proxies: what it stores must not stay behind, on
+    the original or on the copy (proxies cannot be pickled)."""
+    torch.manual_seed(0)
+    base = _KeepsFeatures()
+    x = torch.randn(4, 8)
+    base(x)
+    kept = base.features
+    big = xf.expand(base, width=0.25, new_classes=2)
+    assert base.calls == 1 and base.features is kept
+    assert big.calls == 1 and torch.equal(big.features, kept)
+    torch.save(base, io.BytesIO())
+    torch.save(big, io.BytesIO())
+    big(x)
+    assert big.calls == 2 and big.features.shape == (4, 20)
+
+
+class _InitLinear(nn.Linear):
+    """A subclass with its own initialisation only: it computes as nn.Linear."""
+
+    def reset_parameters(self):
+        nn.init.xavier_uniform_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+class _PlainConv(nn.Conv2d):
+    pass
+
+
+class _PlainBatchNorm(nn.BatchNorm2d):
+    pass
+
+
+def test_subclasses_that_compute_as_the_plain_layer_are_widened():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(_InitLinear(8, 16), nn.ReLU(), nn.Linear(16, 3)).eval()
+    cnn = nn.Sequential(_PlainConv(3, 8, 3), _PlainBatchNorm(8), nn.ReLU(),
+                        nn.Conv2d(8, 4, 3)).eval()
+    cnn.train()
+    cnn(torch.randn(4, 3, 8, 8))  # running statistics that are not the defaults
+    cnn.eval()
+    for base, x, old in ((mlp, torch.randn(3, 8), 3), (cnn, torch.randn(2, 3, 8, 8), 4)):
+        big = xf.expand(base, width=0.25, new_classes=2).eval()
+        assert all(isinstance(m, (xf.ExpandedLinear, xf.ExpandedConv2d,
+                                  xf.ExpandedBatchNorm2d)) or not list(m.parameters())
+                   for m in big.children())
+        with torch.no_grad():
+            assert torch.equal(big(x)[:, :old], base(x))
+            assert torch.equal(xf.source_model(big).eval()(x), base(x))
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.a = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        return self.head(F.relu(self.a(self.embed(tokens))))
+
+
+def test_a_module_unfrozen_in_front_gets_its_full_gradient():
+    """Token inputs never require grad: an embedding unfrozen after expand() needs the old
+    features' gradient all the same, as the plain model of the same weights gives it."""
+    torch.manual_seed(0)
+    big = xf.expand(_Tokens(), width=0.5, new_classes=2)
+    plain = xf.merge(big)
+    big.embed.weight.requires_grad_(True)
+    plain.embed.weight.requires_grad_(True)
+    tokens = torch.randint(0, 10, (6,))
+    for model in (big, plain):
+        model(tokens).square().sum().backward()
+    assert plain.embed.weight.grad.abs().max() > 0
+    torch.testing.assert_close(big.embed.weight.grad, plain.embed.weight.grad)
+    # frozen again: the old features' gradient is skipped again
+    big.embed.weight.requires_grad_(False)
+    watch = big._forward_pre_hooks[next(iter(big._forward_pre_hooks))]
+    big(tokens)
+    assert watch.needed is False

@@ -14,14 +14,16 @@ import copy
 import math
 import numbers
 import operator
+import warnings
 from dataclasses import dataclass, replace
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.utils._pytree import tree_leaves
 
 from .fuse import fuse_activations
 from .fold import fold_batchnorms
@@ -178,7 +180,8 @@ def _new_width(width: Width, name: str, current: int) -> int:
                     f"{type(width).__name__}")
 
 
-def _find_head(graph: fx.Graph, modules: Dict[str, nn.Module], head: Optional[str]) -> str:
+def _find_head(graph: fx.Graph, modules: Dict[str, nn.Module], head: Optional[str],
+               new_classes: int = 0) -> str:
     if head is not None:
         if head not in modules or not isinstance(
                 modules[head], (nn.Linear, nn.Conv2d, ExpandedLinear, ExpandedConv2d)):
@@ -188,8 +191,33 @@ def _find_head(graph: fx.Graph, modules: Dict[str, nn.Module], head: Optional[st
     for kinds in ((nn.Linear, ExpandedLinear), (nn.Conv2d, ExpandedConv2d)):
         found = [t for t in called if isinstance(modules[t], kinds)]
         if found:
+            returned = _returned_layers(graph, modules, kinds)
+            if new_classes and len(returned) > 1:
+                # (which one is the classifier only the user knows: the last one called may
+                # be a projection returned beside the logits, or the main head after an
+                # auxiliary one, as in GoogLeNet; so a warning, not a refusal)
+                names = ", ".join(repr(t) for t in returned)
+                warnings.warn(
+                    f"expand(): the model returns the outputs of several layers ({names}); "
+                    f"{found[-1]!r}, the last one called, takes the {new_classes} new classes "
+                    f"and the others grow by width as hidden layers do; name the head with "
+                    f"head= to choose it (and silence this warning)", stacklevel=4)
             return found[-1]
     raise ExpansionError("the model has no Linear or Conv2d layer to widen")
+
+
+def _returned_layers(graph: fx.Graph, modules: Dict[str, nn.Module], kinds) -> List[str]:
+    """The layers of ``kinds`` whose outputs the forward returns as they are (in a tuple,
+    list or dict or alone), in the order returned."""
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    if out is None:
+        return []
+    found: List[str] = []
+    for leaf in tree_leaves(out.args):
+        if (isinstance(leaf, fx.Node) and leaf.op == "call_module"
+                and isinstance(modules[leaf.target], kinds) and leaf.target not in found):
+            found.append(leaf.target)
+    return found
 
 
 def _example_tuple(example_inputs) -> Optional[tuple]:
@@ -216,7 +244,7 @@ class _Plan:
         self.shapes = (None if example_inputs is None
                        else node_shapes(model, self.graph, example_inputs))
         self.width, self.new_classes, self.mode = width, int(new_classes), mode
-        self.head = _find_head(self.graph, self.modules, head)
+        self.head = _find_head(self.graph, self.modules, head, int(new_classes))
         self.grow: Dict[str, Tuple[int, ...]] = {}  # path -> (new_in, new_out) or (new,)
         self.ride_through: set = set()  # Linear layers over another dimension, kept as they are
         self.feat: Dict[fx.Node, Optional[_Feat]] = {}

@@ -151,3 +151,35 @@ def test_a_module_unfrozen_in_front_gets_its_full_gradient():
     watch = big._forward_pre_hooks[next(iter(big._forward_pre_hooks))]
     big(tokens)
     assert watch.needed is False
+
+
+class _LogitsAndProjection(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.cls = nn.Linear(16, 10)
+        self.proj = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = F.relu(self.body(x))
+        return self.cls(h), self.proj(h)
+
+
+def test_several_returned_layers_warn_which_takes_the_new_classes():
+    """Which returned layer is the classifier only the user knows: the last one called
+    takes the new classes, with a warning that names the choice and the way to make it."""
+    torch.manual_seed(0)
+    base = _LogitsAndProjection().eval()
+    with pytest.warns(UserWarning, match=r"several layers \('cls', 'proj'\); 'proj', the last "
+                                         r"one called, takes the 5 new classes.*head="):
+        big = xf.expand(base, width=0.25, new_classes=5)
+    assert big.proj.out_groups == (4, 5)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        big = xf.expand(base, width=0.25, new_classes=5, head="cls")
+    assert big.cls.out_groups == (10, 5) and big.proj.out_groups == (4, 1)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        (logits, emb), (want, want_emb) = big(x), base(x)
+    assert torch.equal(logits[:, :10], want) and torch.equal(emb[:, :4], want_emb)

@@ -914,6 +914,9 @@ def main(args) -> int:
         raise ValueError(f"--filter {args.filter!r} matches no group of --size {args.size} "
                          f"(it is a substring of a group's name: {'; '.join(groups)})")
     if args.save:  # proved writable now, not after the whole run
+        if os.path.isdir(args.save):
+            raise IsADirectoryError(f"--save {args.save!r} is a folder: give the JSON file's "
+                                    f"name (e.g. {os.path.join(args.save, 'bench.json')!r})")
         folder = os.path.dirname(os.path.abspath(args.save))
         try:
             ensure_writable_dir(folder)

@@ -70,12 +70,12 @@ def stratified_split(y: np.ndarray, test_fraction: float = 0.2, seed: int = SPLI
 def _make(X: np.ndarray, y: np.ndarray, scale: float, image_shape, name: str,
           test_fraction: float) -> Dataset:
     tr, te = stratified_split(y, test_fraction)
-    for part, name in ((te, "test"), (tr, "training")):
+    for part, split in ((te, "test"), (tr, "training")):
         missing = sorted(set(np.unique(y).tolist()) - set(np.unique(y[part]).tolist()))
         if missing:  # (a data set scored or trained on nothing of a class, without a word)
             c = missing[0]
             raise ValueError(f"test_fraction={test_fraction} leaves class {c} of "
-                             f"{int((y == c).sum())} examples with no {name} example")
+                             f"{int((y == c).sum())} examples with no {split} example")
     X = torch.as_tensor(np.asarray(X, dtype=np.float64) / scale, dtype=torch.float32)
     y = torch.as_tensor(np.asarray(y), dtype=torch.int64)
     tr, te = torch.as_tensor(tr), torch.as_tensor(te)

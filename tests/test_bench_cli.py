@@ -77,6 +77,13 @@ def test_bad_settings_are_one_line_errors(argv, match, capsys):
     assert len(err.splitlines()) == 1 and match in err
 
 
+def test_save_to_a_folder_is_refused_before_timing(tmp_path, capsys):
+    assert main(["bench", "--size", "tiny", "--save", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "is a folder: give the JSON file's name" in captured.err
+    assert "[bench]" not in captured.err and captured.out == ""  # nothing was timed
+
+
 def test_table_warns_when_a_peer_computes_something_else():
     row = dict(role="peer", median_s=2.0, speedup=2.0, limit=2.5, pct_of_limit=80.0,
                grad_params=10, peak_bytes=None, detail="", max_abs_diff=0.5)

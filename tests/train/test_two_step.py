@@ -254,6 +254,12 @@ def test_errors():
     ({"head": 1}, TypeError, r"head must be a slice of the model's outputs .* got int 1"),
     ({"callbacks": print}, TypeError, r"callbacks must be a list of callables.*\[fn\]"),
     ({"callbacks": [1]}, TypeError, r"callbacks\[0\] is not callable"),
+    ({"weight_decay": -1.0}, ValueError, r"weight_decay must be a finite number >= 0"),
+    ({"weight_decay": float("nan")}, ValueError, r"weight_decay must be a finite number"),
+    ({"seed": 1.5}, ValueError, r"seed must be a whole number in \[0, 2\*\*63\), got 1.5"),
+    ({"seed": "a"}, ValueError, r"seed must be a whole number .* got 'a'"),
+    ({"seed": 2 ** 64}, ValueError, r"seed must be a whole number"),
+    ({"eval_fn": 3}, TypeError, r"eval_fn must be a callable model -> dict, got int"),
     ({"full": torch.zeros(4, 7)}, TypeError, r"full must be an \(X, y\) pair, got a tensor"),
     ({"full": (torch.randn(4, 7), torch.zeros(4, 1, dtype=torch.long))}, ValueError,
      r"full: y must be a 1-d tensor of class indices, got shape \(4, 1\)"),
@@ -347,3 +353,24 @@ def test_the_up_front_check_takes_two_examples():
     model = nn.Sequential(nn.Linear(7, 3), squeeze)
     history = two_step(model, None, _data(9), epochs=(0, 1), batch_size=4, progress=False)
     assert len(history) == 1
+
+
+def test_an_augment_that_works_in_place_leaves_the_callers_data():
+    """The up-front check runs augment on the first examples: on a copy, as training does
+    on its batches (an in-place augment changed the caller's first two examples)."""
+    X, y = _data(10)
+    Xn = X.numpy().copy()
+    before = X.clone()
+    two_step(_mlp(), None, (X, y), epochs=(0, 1), augment=lambda xb: xb.add_(1.0),
+             progress=False)
+    assert torch.equal(X, before)
+    two_step(_mlp(), None, (Xn, y.numpy()), epochs=(0, 1), augment=lambda xb: xb.add_(1.0),
+             progress=False)
+    assert (Xn == before.numpy()).all()
+
+
+def test_an_eval_fn_that_returns_no_dict_is_named():
+    with pytest.raises(TypeError, match=r"eval_fn must return a dict of metrics .* got float "
+                                        r"0.5: e.g. \{'val_acc': 0.5\}"):
+        two_step(_mlp(), None, _data(9), epochs=(0, 1), eval_fn=lambda m: 0.5,
+                 progress=False)

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import json
 import math
+import numbers
 import os
 from typing import Dict, Tuple
 
@@ -23,7 +24,7 @@ from .expand import (_freeze_all_but_newest, expanded_layers, plain_layer,
                      set_old_input_grads, watch_input_grad)
 from .fold import fold_batchnorms
 from .fuse import fuse_activations
-from .graph import ExpansionError, swap_module as _swap
+from .graph import ExpansionError, swap_modules as _swap_all
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
 from .nn.conv import _explicit_padding
 from .nn.norm import _ExpandedBatchNorm
@@ -100,15 +101,42 @@ def _describe(m: nn.Module, restored: bool) -> Tuple[str, bool]:
     for cls, name in _WIDENED_KINDS:
         if isinstance(m, cls):
             if isinstance(m, nn.Conv2d):
-                name += (f"(stride={tuple(m.stride)}, padding={_padding(m)}, "
-                         f"dilation={tuple(m.dilation)}, groups={m.groups}, "
+                name += (f"(stride={_two(m.stride)}, padding={_padding(m)}, "
+                         f"dilation={_two(m.dilation)}, groups={m.groups}, "
                          f"padding_mode={m.padding_mode})")
             elif cls is not nn.Linear and not restored:
                 name += f"(eps={m.eps!r})"
             return name, True
-    if isinstance(m, nn.GELU):
-        return f"{type(m).__name__}(approximate={m.approximate})", False
-    return type(m).__name__, False
+    settings = [f"{a}={_setting(getattr(m, a))}" for a in _FUNCTION_SETTINGS
+                if a in m.__dict__ and not isinstance(m.__dict__[a], (Tensor, nn.Module))]
+    return type(m).__name__ + (f"({', '.join(settings)})" if settings else ""), False
+
+
+# Attributes that set what a module other than a widened layer computes, by the names torch's
+# activations, pooling, resizing, flattening and normalisation modules give them (attributes,
+# not repr(): its wording may change between torch versions, a file must load in the next).
+_FUNCTION_SETTINGS = ("approximate", "negative_slope", "alpha", "beta", "lambd", "threshold",
+                      "min_val", "max_val", "dim", "start_dim", "end_dim", "kernel_size",
+                      "stride", "padding", "dilation", "ceil_mode", "count_include_pad",
+                      "divisor_override", "output_size", "norm_type", "scale_factor", "size",
+                      "mode", "align_corners", "eps", "normalized_shape", "upscale_factor",
+                      "downscale_factor")
+
+
+def _setting(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(_setting(a) for a in v) + ("," if len(v) == 1 else "") + ")"
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return repr(v)
+    if isinstance(v, numbers.Number):
+        return repr(float(v)) if isinstance(v, float) else repr(int(v))
+    return type(v).__name__
+
+
+def _two(v) -> Tuple[int, int]:
+    """A conv's stride or dilation as a pair (a 1-tuple stands for both, as in F.conv2d)."""
+    v = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+    return (int(v[0]), int(v[-1]))
 
 
 def _module_table(pairs, restored) -> list:
@@ -449,8 +477,11 @@ def _check_base_modules(base_model: nn.Module, header: dict, records: dict) -> N
         ok = False
     if not ok:
         raise ExpansionFileError("the file's module table (base_modules) is malformed")
-    restored = {p for p, rec in records.items() if rec["type"].startswith("bn")}
-    table = _module_table(base_model.named_modules(remove_duplicate=False), restored)
+    named = list(base_model.named_modules(remove_duplicate=False))
+    widened_bns = {id(m) for p, m in named
+                   if records.get(p, {}).get("type", "").startswith("bn")}
+    restored = {p for p, m in named if id(m) in widened_bns}  # (every name of each)
+    table = _module_table(named, restored)
     lines = _module_table_differences(table, saved)
     if lines:
         more = f"; and {len(lines) - 3} more" if len(lines) > 3 else ""
@@ -491,7 +522,7 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
     _check_base_modules(base_model, header, records)
     big = copy.deepcopy(base_model)
     modules = dict(big.named_modules())
-    used = set()
+    used, swaps = set(), []
     for path_, rec in records.items():
         if path_ not in modules:
             raise ExpansionFileError(f"the base model has no module {path_!r}")
@@ -504,10 +535,11 @@ def load_expansion(base_model: nn.Module, path: str, fuse: bool = True) -> nn.Mo
                                      f"base layer: {exc}") from exc
         _fill(layer, path_, tensors)
         used.update(f"{path_}.{n}" for n in _layer_tensors(layer))
-        big = _swap(big, path_, layer)
+        swaps.append((path_, layer))
     extra = set(tensors) - used
     if extra:
         raise ExpansionFileError(f"the file holds tensors no layer takes: {sorted(extra)[:5]}")
+    big = _swap_all(big, swaps)
     if any(getattr(m, "mode", "") == "coupled" for m in expanded_layers(big).values()):
         set_old_input_grads(big)  # (a file written before that rule may say skip)
     _freeze_all_but_newest(big)

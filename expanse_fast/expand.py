@@ -14,6 +14,8 @@ import copy
 import math
 import numbers
 import operator
+import os
+import sys
 import warnings
 from dataclasses import dataclass, replace
 from typing import Dict, List, Mapping, Optional, Tuple, Union
@@ -27,7 +29,8 @@ from torch.utils._pytree import tree_leaves
 
 from .fuse import fuse_activations
 from .fold import fold_batchnorms
-from .graph import ExpansionError, hooked, in_other_mode, node_shapes, swap_module as _swap
+from .graph import ExpansionError, hooked, in_other_mode, node_shapes
+from .graph import swap_modules as _swap_all
 from .graph import target_name as _target_name, trace as _trace
 from .layout import width as _units
 from .nn import ExpandedBatchNorm1d, ExpandedBatchNorm2d, ExpandedConv2d, ExpandedLinear
@@ -201,9 +204,21 @@ def _find_head(graph: fx.Graph, modules: Dict[str, nn.Module], head: Optional[st
                     f"expand(): the model returns the outputs of several layers ({names}); "
                     f"{found[-1]!r}, the last one called, takes the {new_classes} new classes "
                     f"and the others grow by width as hidden layers do; name the head with "
-                    f"head= to choose it (and silence this warning)", stacklevel=4)
+                    f"head= to choose it (and silence this warning)",
+                    stacklevel=_callers_level())
             return found[-1]
     raise ExpansionError("the model has no Linear or Conv2d layer to widen")
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that points a warning raised by the caller of this at the first
+    frame outside the package (the user's expand() call, however deep the package's own
+    calls went)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _returned_layers(graph: fx.Graph, modules: Dict[str, nn.Module], kinds) -> List[str]:
@@ -1018,11 +1033,13 @@ def expand(model: nn.Module, width: Width = 0.25, new_classes: int = 0,
     plan.check_width_names()
     big = copy.deepcopy(model)
     layers = dict(big.named_modules())
+    swaps = []
     for path, grow in plan.grow.items():
         layer = _widened_layer(layers[path], grow, mode)
         if isinstance(layer, (ExpandedLinear, ExpandedConv2d)):
             layer.backend = None if backend == "auto" else backend
-        big = _swap(big, path, layer)
+        swaps.append((path, layer))
+    big = _swap_all(big, swaps)  # (one walk over the model for all of them)
     set_old_input_grads(big)
     _freeze_all_but_newest(big)
     watch_input_grad(big)
@@ -1097,10 +1114,10 @@ def plain_layer(m: nn.Module, task: Optional[int]) -> Optional[nn.Module]:
 def _plain_copy(big: nn.Module, task: Optional[int]) -> nn.Module:
     model = copy.deepcopy(big)
     unwatch(model)
-    for path, m in list(model.named_modules()):
-        plain = plain_layer(m, task)
-        if plain is not None:
-            model = _swap(model, path, plain)
+    swaps = [(path, plain) for path, plain in ((p, plain_layer(m, task))
+                                               for p, m in model.named_modules())
+             if plain is not None]
+    model = _swap_all(model, swaps)
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -15,7 +15,7 @@ from typing import List
 import torch.fx as fx
 from torch import nn
 
-from .graph import hooked, module_pairs, swap_module
+from .graph import hooked, module_pairs, swap_modules
 from .nn import ExpandedLinear
 from .nn.fused import fused_stand_in
 
@@ -54,10 +54,11 @@ def fuse_activations(model: nn.Module) -> List[str]:
     more than once, or when either module carries hooks. Returns the paths of the fused
     activation modules.
     """
-    fused = []
+    fused, swaps = [], []
     for layer_path, act_path in module_pairs(model, _fusable_pair):
         activation, stand_in = fused_stand_in(model.get_submodule(act_path))
         model.get_submodule(layer_path).activation = activation
-        swap_module(model, act_path, stand_in)
+        swaps.append((act_path, stand_in))
         fused.append(act_path)
+    swap_modules(model, swaps)
     return fused

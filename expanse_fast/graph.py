@@ -39,50 +39,93 @@ class _Tracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.Graph:
     """The model's graph, with every expanded layer as one call_module node.  What the
     forward stores on its modules while traced (a feature map kept for later, a call
-    counter) is put back as it was: it would hold fx proxies, which cannot be pickled."""
-    with _attributes_kept(model):
+    counter, an entry appended to a list or dict it holds) is put back as it was: it would
+    hold fx proxies, which cannot be pickled.  The tensor constants the forward creates,
+    which fx puts on the root module, go with the graph instead (``graph_constants``)."""
+    with _attributes_kept(model) as added_to_root:
         try:
-            return _Tracer().trace(model)
+            graph = _Tracer().trace(model)
         except Exception as exc:
             raise ExpansionError(
                 f"expand() and fuse_activations() need a torch.fx-traceable model; tracing "
                 f"{type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
+    read = {n.target for n in graph.nodes if n.op == "get_attr"}
+    graph._expanse_constants = {k: v for k, v in added_to_root.items() if k in read}
+    return graph
+
+
+def graph_constants(graph: fx.Graph) -> Dict[str, object]:
+    """The tensor constants a traced forward created (fx's ``_tensor_constant0``, ...)."""
+    return getattr(graph, "_expanse_constants", {})
+
+
+_CONTAINERS = (list, dict, set)
 
 
 @contextlib.contextmanager
 def _attributes_kept(model: nn.Module):
-    """Every module's plain attributes as they were before, when this ends."""
+    """Every module's plain attributes, and the contents of the lists, dicts and sets they
+    hold, as they were before, when this ends; yields what was added to the root."""
     saved = [(m, dict(m.__dict__)) for m in model.modules()]
+    contents = [(v, copy.copy(v)) for _, d in saved for v in d.values()
+                if type(v) in _CONTAINERS]
+    added_to_root: Dict[str, object] = {}
     try:
-        yield
+        yield added_to_root
     finally:
         for m, before in saved:
             now = m.__dict__
             for key in [k for k in now if k not in before]:
+                if m is model:
+                    added_to_root[key] = now[key]
                 del now[key]
             for key, value in before.items():
                 if now.get(key, _MISSING) is not value:
                     now[key] = value
+        for container, before in contents:
+            if isinstance(container, list):
+                container[:] = before
+            else:
+                container.clear()
+                container.update(before)
 
 
 _MISSING = object()
 
 
-def swap_module(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` where the submodule at dotted ``path`` was, and under every other name
-    that module is kept under (an alias: ``self.fc`` beside ``self.net[2]``), in that
+def swap_modules(root: nn.Module, replacements: Sequence[Tuple[str, nn.Module]]) -> nn.Module:
+    """Put each ``new`` where the submodule at its dotted path was, and under every other
+    name that module is kept under (an alias: ``self.fc`` beside ``self.net[2]``), in that
     module's training mode (a layer built in training mode inside a model in eval mode
-    would, as a BatchNorm, normalise by the batch).  Returns the root: ``new`` itself for
-    the path "" (the root module is the one replaced)."""
-    old = root.get_submodule(path)
-    new.train(old.training)
-    if not path:
-        return new
-    aliases = [p for p, m in root.named_modules(remove_duplicate=False) if m is old]
-    for alias in aliases or [path]:
-        parent_path, _, name = alias.rpartition(".")
-        parent = root.get_submodule(parent_path) if parent_path else root
-        setattr(parent, name, new)
+    would, as a BatchNorm, normalise by the batch).  The paths name modules as they were
+    before any of these swaps; a name inside a module replaced here is gone with it.
+    Returns the root: the new one where the path "" is among them."""
+    named = list(root.named_modules(remove_duplicate=False))
+    at = dict(named)
+    paths_of: Dict[int, List[str]] = {}
+    for p, m in named:
+        paths_of.setdefault(id(m), []).append(p)
+    for path, new in replacements:
+        old = at[path] if path in at else root.get_submodule(path)
+        new.train(old.training)
+        if not path:
+            root = new
+            continue
+        placed = False
+        for alias in paths_of.get(id(old), [path]):
+            parent_path, _, name = alias.rpartition(".")
+            parent = at.get(parent_path)
+            try:
+                still = parent is not None and (root.get_submodule(parent_path)
+                                                if parent_path else root) is parent
+            except AttributeError:
+                still = False
+            if still:  # (not inside a module that a swap before this one replaced)
+                setattr(parent, name, new)
+                placed = True
+        if not placed:
+            raise ExpansionError(f"cannot put the widened {path!r} back into the model: every "
+                                 "name it has lies inside a module replaced before it")
     return root
 
 
@@ -158,6 +201,8 @@ def node_shapes(model: nn.Module, graph: fx.Graph, example_inputs: Sequence
     mode = FakeTensorMode()
     with FakeCopyMode(mode):
         fake_model = copy.deepcopy(model)
+        for name, value in copy.deepcopy(graph_constants(graph)).items():
+            setattr(fake_model, name, value)  # (fx's constants go with the graph)
     shapes: Dict[fx.Node, Tuple[int, ...]] = {}
 
     class _Recorder(fx.Interpreter):

@@ -79,7 +79,7 @@ def test_a_wrapped_model_saves_as_the_model_it_wraps(tmp_path, wrap):
 
 
 @pytest.mark.parametrize("other, where, what", [
-    (dict(act=nn.GELU), "'2'", "GELU(approximate=none), the expansion's base had ReLU"),
+    (dict(act=nn.GELU), "'2'", "GELU(approximate='none'), the expansion's base had ReLU"),
     (dict(act=nn.SiLU), "'5'", "SiLU, the expansion's base had ReLU"),
     (dict(padding=0), "'0'", "padding=(0, 0)"),
     (dict(stride=2), "'0'", "stride=(2, 2)"),
@@ -201,3 +201,42 @@ def test_a_failed_write_names_the_file_and_leaves_nothing(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="could not write .*x.safetensors.*No space left"):
         xf.save_expansion(big, target)
     assert os.listdir(tmp_path) == []
+
+
+class _AliasedBatchNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, stride=(2,), dilation=(1,))
+        self.bn = nn.BatchNorm2d(8)
+        self.alias_bn = self.bn
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_an_aliased_batchnorm_and_one_element_strides_load(tmp_path):
+    base = _AliasedBatchNorm().eval()
+    big, path = _saved(tmp_path, base)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(xf.load_expansion(base, path).eval()(x), big(x))
+
+
+@pytest.mark.parametrize("change, what", [
+    (lambda m: setattr(m[2], "negative_slope", 0.3), "LeakyReLU(negative_slope=0.3)"),
+    (lambda m: setattr(m[3], "kernel_size", 3), "MaxPool2d(kernel_size=3"),
+])
+def test_other_settings_of_unwidened_modules_are_refused(tmp_path, change, what):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6),
+                             nn.LeakyReLU(0.1), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(6, 4)).eval()
+    _, path = _saved(tmp_path, make())
+    other = make()
+    change(other)
+    with pytest.raises(ExpansionFileError, match="compute otherwise") as info:
+        xf.load_expansion(other, path)
+    assert what in str(info.value)

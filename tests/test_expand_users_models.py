@@ -165,14 +165,32 @@ class _LogitsAndProjection(nn.Module):
         return self.cls(h), self.proj(h)
 
 
+class _AuxInTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.aux = nn.Linear(16, 10)
+        self.cls = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = F.relu(self.body(x))
+        return (self.aux(h), self.cls(h)) if self.training else self.cls(h)
+
+
 def test_several_returned_layers_warn_which_takes_the_new_classes():
     """Which returned layer is the classifier only the user knows: the last one called
     takes the new classes, with a warning that names the choice and the way to make it."""
     torch.manual_seed(0)
     base = _LogitsAndProjection().eval()
     with pytest.warns(UserWarning, match=r"several layers \('cls', 'proj'\); 'proj', the last "
-                                         r"one called, takes the 5 new classes.*head="):
+                                         r"one called, takes the 5 new classes.*head=") as seen:
         big = xf.expand(base, width=0.25, new_classes=5)
+    assert {w.filename for w in seen} == {__file__}  # the user's call, not the package
+    # an auxiliary head returned in training only: the other mode's plan, deeper inside
+    # the package, warns, and points at the user's call too
+    with pytest.warns(UserWarning, match=r"several layers \('aux', 'cls'\)") as seen:
+        xf.expand(_AuxInTraining().eval(), width=0.25, new_classes=5)
+    assert {w.filename for w in seen} == {__file__}
     assert big.proj.out_groups == (4, 5)
     import warnings
     with warnings.catch_warnings():
@@ -183,3 +201,102 @@ def test_several_returned_layers_warn_which_takes_the_new_classes():
     with torch.no_grad():
         (logits, emb), (want, want_emb) = big(x), base(x)
     assert torch.equal(logits[:, :10], want) and torch.equal(emb[:, :4], want_emb)
+
+
+def test_a_module_put_in_front_after_expand_gets_its_full_gradient():
+    torch.manual_seed(0)
+    big = xf.expand(_Tokens(), width=0.5, new_classes=2)
+    big.embed = nn.Embedding(10, 8)  # a fresh, trainable embedding
+    plain = xf.merge(big)
+    plain.embed.weight.requires_grad_(True)
+    tokens = torch.randint(0, 10, (6,))
+    for model in (big, plain):
+        model(tokens).square().sum().backward()
+    assert plain.embed.weight.grad.abs().max() > 0
+    torch.testing.assert_close(big.embed.weight.grad, plain.embed.weight.grad)
+
+
+def test_a_layer_alone_under_a_reentrant_checkpoint_forms_the_old_gradient():
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    big = xf.expand(nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                  nn.Linear(8, 3)), width=0.5, new_classes=2)
+    big(torch.randn(2, 5))  # a model call first: its note must not decide the layer's
+    layer = big[2]
+    h0 = torch.randn(4, 12)
+
+    def input_grad(f):
+        h = h0.clone().requires_grad_()
+        f(h).square().sum().backward()
+        return h.grad
+    eager = input_grad(layer)
+    assert eager[:, :8].abs().max() > 0
+    torch.testing.assert_close(input_grad(lambda t: checkpoint(layer, t, use_reentrant=True)),
+                               eager)
+
+
+class _AppendsFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.feats, self.by_name = [], {}
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        self.feats.append(h)
+        self.by_name["h"] = h
+        return self.fc2(h)
+
+
+def test_lists_and_dicts_a_traced_forward_fills_are_put_back():
+    base = _AppendsFeatures()
+    big = xf.expand(base, width=0.5, new_classes=2)
+    assert base.feats == [] and base.by_name == {} and big.feats == [] and big.by_name == {}
+    import pickle
+    pickle.dumps(base)
+    pickle.dumps(big)
+
+
+class _WithConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x + torch.ones(4))))
+
+
+@pytest.mark.parametrize("examples", [None, (torch.randn(2, 4),)])
+def test_a_tensor_constant_of_the_forward_is_named_and_not_left_on_the_model(examples):
+    """fx keeps a constant the forward creates as an attribute of the traced root: it goes
+    with the graph (the shapes pass runs it), not onto the user's model; expand() names it."""
+    base = _WithConstant()
+    with pytest.raises(xf.ExpansionError, match=r"node '_tensor_constant0' \(get_attr "
+                                                r"_tensor_constant0\)"):
+        xf.expand(base, width=0.5, new_classes=2, example_inputs=examples)
+    assert not hasattr(base, "_tensor_constant0")
+
+
+class _ConvWithChild(nn.Conv2d):
+    """A plain-computing conv subclass that also holds the BatchNorm after it."""
+
+
+class _HoldsItsNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        conv = _ConvWithChild(3, 8, 3, padding=1)
+        conv.norm = nn.BatchNorm2d(8)
+        self.c, self.bn, self.fc = conv, conv.norm, nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.c(x))).mean((2, 3)))
+
+
+def test_a_layer_named_inside_a_widened_layer_is_widened_under_its_other_name():
+    torch.manual_seed(0)
+    base = _HoldsItsNorm().eval()
+    big = xf.expand(base, width=0.5, new_classes=2).eval()
+    assert isinstance(big.c, xf.ExpandedConv2d) and isinstance(big.bn, xf.ExpandedBatchNorm2d)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(big(x)[:, :4], base(x))

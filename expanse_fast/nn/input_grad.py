@@ -64,7 +64,6 @@ class InputGradWatch:
         self.with_grad = True  # the outermost call's grad mode
         self.depth = 0
         self.notes = {}
-        self.plain_parts = {}  # watched module -> its modules with parameters, not widened
 
     def remember(self, t) -> None:
         if torch.compiler.is_compiling():
@@ -104,14 +103,24 @@ class InputGradWatch:
                 or self._pre_hooks_after(module) or self._unfrozen(module))
         self.depth += 1
 
-    def _unfrozen(self, module: nn.Module) -> bool:
+    @staticmethod
+    def _unfrozen(module: nn.Module) -> bool:
         """Whether a parameter of ``module`` outside its widened layers requires grad: a
-        module its user unfroze (an embedding in front, say) gets its gradient through the
-        old features (no cost while all of them stay frozen, as expand() leaves them)."""
-        for part in self.plain_parts.get(module, ()):
-            for p in part._parameters.values():
-                if p is not None and p.requires_grad:
-                    return True
+        module its user unfroze or put in after expand() (an embedding in front, say) gets
+        its gradient through the old features.  Looked up at each call with grad mode, as
+        modules may come and go (a walk over the modules, about 0.3 us each: named_modules
+        would take 2 us)."""
+        stack = [module]
+        while stack:
+            part = stack.pop()
+            if part is None:
+                continue
+            params = part._parameters
+            if params and not hasattr(type(part), "input_grad_watch"):  # (not widened)
+                for p in params.values():
+                    if p is not None and p.requires_grad:
+                        return True
+            stack.extend(part._modules.values())
         return False
 
     def _pre_hooks_after(self, module: nn.Module) -> bool:
@@ -154,7 +163,7 @@ def skips_old_input_grad(layer: nn.Module, x: torch.Tensor) -> bool:
     if watch.depth:
         watch.remember(x)  # for a checkpoint that recomputes this layer on its own
         return not watch.needed
-    note = watch.recall(x, watch.needed) if _in_backward() else None
+    note = watch.recall(x, None) if _in_backward() else None
     if note is not None:  # this layer recomputed on its own: its own call's note
         return not note
     return not (torch.is_grad_enabled() and x.requires_grad)
@@ -189,8 +198,6 @@ def watch(model: nn.Module, layers: Mapping[str, nn.Module]) -> InputGradWatch:
         holders.update(".".join(parts[:i]) for i in range(1, len(parts)))
     for path in sorted(holders):
         module = model.get_submodule(path)
-        w.plain_parts[module] = [m for m in module.modules()
-                                 if m._parameters and not hasattr(m, "skip_old_input_grad")]
         module.register_forward_pre_hook(w, with_kwargs=True)
         module.register_forward_hook(_CallEnd(w), always_call=True)
     for layer in layers.values():

@@ -80,67 +80,78 @@ def _task0_view(big: nn.Module) -> Tuple[str, list]:
 
 
 # ---- what the base computes beside its tensors -------------------------------------------
+# The module table holds [path, class, settings] for every module of the task-0 model.  On
+# load, the classes must agree, and each setting both sides hold (a later version may record
+# more: those the file lacks are not compared, so a file loads in the next version).
 _WIDENED_KINDS = ((nn.Linear, "Linear"), (nn.Conv2d, "Conv2d"),
                   (nn.BatchNorm1d, "BatchNorm1d"), (nn.BatchNorm2d, "BatchNorm2d"))
 
-
-def _padding(conv: nn.Conv2d) -> str:
-    """A conv's padding as numbers ('same' and 'valid' resolved, as a widened conv and its
-    plain copy hold them)."""
-    try:
-        return str(_explicit_padding(conv))
-    except ValueError:  # ('same' that pads asymmetrically: no widened conv takes it)
-        return repr(conv.padding)
-
-
-def _describe(m: nn.Module, restored: bool) -> Tuple[str, bool]:
-    """(a module's class and the settings that change what it computes, whether it is of a
-    kind expand() widens).  Those kinds are named by their torch class (a subclass widens as
-    its base class does).  A BatchNorm's momentum trains, it does not compute; the eps of a
-    widened one (``restored``) is in the file's layer table and comes back from there."""
-    for cls, name in _WIDENED_KINDS:
-        if isinstance(m, cls):
-            if isinstance(m, nn.Conv2d):
-                name += (f"(stride={_two(m.stride)}, padding={_padding(m)}, "
-                         f"dilation={_two(m.dilation)}, groups={m.groups}, "
-                         f"padding_mode={m.padding_mode})")
-            elif cls is not nn.Linear and not restored:
-                name += f"(eps={m.eps!r})"
-            return name, True
-    settings = [f"{a}={_setting(getattr(m, a))}" for a in _FUNCTION_SETTINGS
-                if a in m.__dict__ and not isinstance(m.__dict__[a], (Tensor, nn.Module))]
-    return type(m).__name__ + (f"({', '.join(settings)})" if settings else ""), False
-
-
-# Attributes that set what a module other than a widened layer computes, by the names torch's
-# activations, pooling, resizing, flattening and normalisation modules give them (attributes,
-# not repr(): its wording may change between torch versions, a file must load in the next).
+# Attributes that set what torch's own activation, pooling, resizing, flattening and
+# normalisation modules compute, by the names torch gives them (attributes, not repr(),
+# whose wording may change between versions).  A user's module is compared by its class
+# alone: it may keep run-time state under such names (a remembered input size, say).
 _FUNCTION_SETTINGS = ("approximate", "negative_slope", "alpha", "beta", "lambd", "threshold",
                       "min_val", "max_val", "dim", "start_dim", "end_dim", "kernel_size",
                       "stride", "padding", "dilation", "ceil_mode", "count_include_pad",
                       "divisor_override", "output_size", "norm_type", "scale_factor", "size",
                       "mode", "align_corners", "eps", "normalized_shape", "upscale_factor",
                       "downscale_factor")
+_UNCOMPARED = object()
 
 
-def _setting(v) -> str:
+def _setting(v):
+    """A setting in one spelling: numbers as floats (1 and 1.0 compute alike), a tuple whose
+    entries are all one value as that value (MaxPool2d(2) is MaxPool2d((2, 2)));
+    ``_UNCOMPARED`` for what is no plain value."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, numbers.Real):
+        return float(v)
     if isinstance(v, (list, tuple)):
-        return "(" + ", ".join(_setting(a) for a in v) + ("," if len(v) == 1 else "") + ")"
-    if isinstance(v, bool) or v is None or isinstance(v, str):
-        return repr(v)
-    if isinstance(v, numbers.Number):
-        return repr(float(v)) if isinstance(v, float) else repr(int(v))
-    return type(v).__name__
+        items = [_setting(a) for a in v]
+        if any(a is _UNCOMPARED for a in items):
+            return _UNCOMPARED
+        if items and all(json.dumps(a) == json.dumps(items[0]) for a in items):
+            return items[0]
+        return items
+    return _UNCOMPARED
 
 
-def _two(v) -> Tuple[int, int]:
-    """A conv's stride or dilation as a pair (a 1-tuple stands for both, as in F.conv2d)."""
-    v = tuple(v) if isinstance(v, (list, tuple)) else (v,)
-    return (int(v[0]), int(v[-1]))
+def _padding(conv: nn.Conv2d):
+    """A conv's padding as numbers ('same' and 'valid' resolved, as a widened conv and its
+    plain copy hold them)."""
+    try:
+        return _setting(_explicit_padding(conv))
+    except ValueError:  # ('same' that pads asymmetrically: no widened conv takes it)
+        return _setting(conv.padding)
+
+
+def _describe(m: nn.Module, restored: bool) -> Tuple[str, Dict[str, object], bool]:
+    """(a module's class, the settings that change what it computes, whether it is of a kind
+    expand() widens).  Those kinds are named by their torch class (a subclass widens as its
+    base class does).  A BatchNorm's momentum trains, it does not compute; the eps of a
+    widened one (``restored``) is in the file's layer table and comes back from there."""
+    for cls, name in _WIDENED_KINDS:
+        if isinstance(m, cls):
+            settings: Dict[str, object] = {}
+            if isinstance(m, nn.Conv2d):
+                settings = {"stride": _setting(m.stride), "padding": _padding(m),
+                            "dilation": _setting(m.dilation), "groups": float(m.groups),
+                            "padding_mode": m.padding_mode}
+            elif cls is not nn.Linear and not restored:
+                settings = {"eps": float(m.eps)}
+            return name, settings, True
+    settings = {}
+    if type(m).__module__.startswith("torch.nn."):
+        for a in _FUNCTION_SETTINGS:
+            v = _setting(m.__dict__[a]) if a in m.__dict__ else _UNCOMPARED
+            if v is not _UNCOMPARED:
+                settings[a] = v
+    return type(m).__name__, settings, False
 
 
 def _module_table(pairs, restored) -> list:
-    """[path, description] of every module of a plain (task-0) model, by path; what sits
+    """[path, class, settings] of every module of a plain (task-0) model, by path; what sits
     inside a widened kind (its plain copy has nothing inside) is left out.  ``restored``:
     the paths of the BatchNorms whose eps the file restores."""
     table, inside = [], []
@@ -148,27 +159,38 @@ def _module_table(pairs, restored) -> list:
         prefix = path + "." if path else ""
         if any(prefix.startswith(r) for r in inside):
             continue
-        text, widened = _describe(m, path in restored)
-        table.append([path, text])
+        kind, settings, widened = _describe(m, path in restored)
+        table.append([path, kind, settings])
         if widened:
             inside.append(prefix)
     return table
 
 
+def _spelled(kind: str, settings: dict) -> str:
+    inner = ", ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+    return f"{kind}({inner})" if inner else kind
+
+
 def _module_table_differences(base_table: list, saved_table: list) -> list:
     """Lines naming each module where the base differs from the model the expansion was
-    trained on."""
-    base, saved = dict(map(tuple, base_table)), dict(map(tuple, saved_table))
+    trained on: another class, or another value of a setting both record."""
+    base = {p: (k, s) for p, k, s in base_table}
+    saved = {p: (k, s) for p, k, s in saved_table}
     lines = []
     for path in list(saved) + [p for p in base if p not in saved]:
         name = repr(path) if path else "(the model itself)"
         if path not in base:
-            lines.append(f"{name}: the base has none, the expansion's base had {saved[path]}")
+            lines.append(f"{name}: the base has none, the expansion's base had "
+                         f"{_spelled(*saved[path])}")
         elif path not in saved:
-            lines.append(f"{name}: the base has {base[path]}, the expansion's base had none")
-        elif base[path] != saved[path]:
-            lines.append(f"{name}: the base has {base[path]}, the expansion's base had "
-                         f"{saved[path]}")
+            lines.append(f"{name}: the base has {_spelled(*base[path])}, the expansion's base "
+                         "had none")
+        else:
+            (kind, mine), (was, theirs) = base[path], saved[path]
+            shared = [k for k in theirs if k in mine]
+            if kind != was or any(json.dumps(mine[k]) != json.dumps(theirs[k]) for k in shared):
+                lines.append(f"{name}: the base has {_spelled(kind, mine)}, the expansion's "
+                             f"base had {_spelled(was, theirs)}")
     return lines
 
 
@@ -471,8 +493,8 @@ def _check_base_modules(base_model: nn.Module, header: dict, records: dict) -> N
     try:
         saved = json.loads(header["base_modules"])
         ok = isinstance(saved, list) and all(
-            isinstance(e, list) and len(e) == 2 and all(isinstance(v, str) for v in e)
-            for e in saved)
+            isinstance(e, list) and len(e) == 3 and isinstance(e[0], str)
+            and isinstance(e[1], str) and isinstance(e[2], dict) for e in saved)
     except ValueError:
         ok = False
     if not ok:

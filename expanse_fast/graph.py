@@ -3,6 +3,7 @@ example inputs, finding module pairs in it and swapping its modules: the graph t
 expand(), fuse_activations() and fold_batchnorms() share."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import logging
@@ -59,16 +60,45 @@ def graph_constants(graph: fx.Graph) -> Dict[str, object]:
     return getattr(graph, "_expanse_constants", {})
 
 
-_CONTAINERS = (list, dict, set)
+_CONTAINERS = (list, dict, set, collections.deque)
+
+
+def _snapshots(value, seen: set, out: list) -> None:
+    """(container, shallow copy) of ``value`` and of every container inside it (a dict of
+    lists, say), each once; a container of many entries is taken whole, its entries
+    unvisited (what a trace appends is a few proxies, not thousands)."""
+    if not isinstance(value, _CONTAINERS) or id(value) in seen:
+        return
+    seen.add(id(value))
+    out.append((value, copy.copy(value)))
+    if len(value) <= 1024:
+        for item in (value.values() if isinstance(value, dict) else value):
+            _snapshots(item, seen, out)
+
+
+def _put_back(container, before) -> None:
+    if isinstance(container, list):
+        container[:] = before
+    elif isinstance(container, collections.deque):
+        container.clear()
+        container.extend(before)
+    else:  # dict (OrderedDict, defaultdict: their own class kept) or set
+        container.clear()
+        container.update(before)
 
 
 @contextlib.contextmanager
 def _attributes_kept(model: nn.Module):
-    """Every module's plain attributes, and the contents of the lists, dicts and sets they
-    hold, as they were before, when this ends; yields what was added to the root."""
+    """Every module's plain attributes, and the contents of the lists, dicts, sets and deques
+    they hold (nested too), as they were before, when this ends; yields what was added to
+    the root."""
     saved = [(m, dict(m.__dict__)) for m in model.modules()]
-    contents = [(v, copy.copy(v)) for _, d in saved for v in d.values()
-                if type(v) in _CONTAINERS]
+    contents: list = []
+    seen: set = set()
+    for m, attributes in saved:
+        for key, value in attributes.items():
+            if key not in ("_parameters", "_buffers", "_modules"):
+                _snapshots(value, seen, contents)
     added_to_root: Dict[str, object] = {}
     try:
         yield added_to_root
@@ -83,11 +113,7 @@ def _attributes_kept(model: nn.Module):
                 if now.get(key, _MISSING) is not value:
                     now[key] = value
         for container, before in contents:
-            if isinstance(container, list):
-                container[:] = before
-            else:
-                container.clear()
-                container.update(before)
+            _put_back(container, before)
 
 
 _MISSING = object()

@@ -79,11 +79,11 @@ def test_a_wrapped_model_saves_as_the_model_it_wraps(tmp_path, wrap):
 
 
 @pytest.mark.parametrize("other, where, what", [
-    (dict(act=nn.GELU), "'2'", "GELU(approximate='none'), the expansion's base had ReLU"),
+    (dict(act=nn.GELU), "'2'", "GELU(approximate=\"none\"), the expansion's base had ReLU"),
     (dict(act=nn.SiLU), "'5'", "SiLU, the expansion's base had ReLU"),
-    (dict(padding=0), "'0'", "padding=(0, 0)"),
-    (dict(stride=2), "'0'", "stride=(2, 2)"),
-    (dict(second_padding_mode="reflect"), "'3'", "padding_mode=reflect"),
+    (dict(padding=0), "'0'", "padding=0.0"),
+    (dict(stride=2), "'0'", "stride=2.0"),
+    (dict(second_padding_mode="reflect"), "'3'", "padding_mode=\"reflect\""),
 ])
 def test_a_base_with_the_weights_but_other_settings_is_refused(tmp_path, other, where, what):
     big, path = _saved(tmp_path, _cnn())
@@ -131,7 +131,7 @@ def test_files_without_a_module_table_still_load(tmp_path):
     with safe_open(path, framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    assert json.loads(meta.pop("base_modules"))[0] == ["", "Sequential"]
+    assert json.loads(meta.pop("base_modules"))[0] == ["", "Sequential", {}]
     old = str(tmp_path / "old.safetensors")
     save_file(tensors, old, metadata=meta)
     gelu = _cnn(act=nn.GELU)
@@ -150,7 +150,8 @@ def test_a_malformed_module_table_is_refused(tmp_path):
     with safe_open(path, framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    for table in ("not json", json.dumps({"0": "Conv2d"}), json.dumps([["0", 3]])):
+    for table in ("not json", json.dumps({"0": "Conv2d"}), json.dumps([["0", 3]]),
+                  json.dumps([["0", "Conv2d"]])):
         meta["base_modules"] = table
         bad = str(tmp_path / "bad.safetensors")
         save_file(tensors, bad, metadata=meta)
@@ -226,7 +227,7 @@ def test_an_aliased_batchnorm_and_one_element_strides_load(tmp_path):
 
 @pytest.mark.parametrize("change, what", [
     (lambda m: setattr(m[2], "negative_slope", 0.3), "LeakyReLU(negative_slope=0.3)"),
-    (lambda m: setattr(m[3], "kernel_size", 3), "MaxPool2d(kernel_size=3"),
+    (lambda m: setattr(m[3], "kernel_size", 3), "MaxPool2d(kernel_size=3.0"),
 ])
 def test_other_settings_of_unwidened_modules_are_refused(tmp_path, change, what):
     def make():
@@ -240,3 +241,45 @@ def test_other_settings_of_unwidened_modules_are_refused(tmp_path, change, what)
     with pytest.raises(ExpansionFileError, match="compute otherwise") as info:
         xf.load_expansion(other, path)
     assert what in str(info.value)
+
+
+@pytest.mark.parametrize("saved, loaded", [
+    (nn.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d((1, 1))),
+    (nn.MaxPool2d(2), nn.MaxPool2d((2, 2), stride=(2, 2))),
+    (nn.ELU(alpha=1), nn.ELU()),
+    (nn.LeakyReLU(0), nn.LeakyReLU(0.0)),
+])
+def test_settings_spelled_otherwise_but_computing_alike_load(tmp_path, saved, loaded):
+    def make(pool):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), pool,
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    big, path = _saved(tmp_path, make(saved))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(xf.load_expansion(make(loaded), path).eval()(x), big(x))
+
+
+class _RemembersSize(nn.Module):
+    """A user's module with run-time state under a name torch's modules use for a setting."""
+
+    def __init__(self):
+        super().__init__()
+        self.size = None
+
+    def forward(self, x):
+        self.size = x.shape[-2:]
+        return x
+
+
+def test_a_users_module_is_compared_by_its_class_alone(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(_RemembersSize(), nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    big = xf.expand(base, width=0.5, new_classes=2).eval()
+    x = torch.randn(2, 3, 6, 6)
+    big(x)  # its size is (6, 6) now; the base's is None
+    path = str(tmp_path / "u.safetensors")
+    xf.save_expansion(big, path)
+    with torch.no_grad():
+        assert torch.equal(xf.load_expansion(base, path).eval()(x), big(x))

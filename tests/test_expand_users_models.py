@@ -2,7 +2,10 @@
 stores what it computes on its modules, subclasses of the plain layers that compute as they
 do, a module in front unfrozen after expand().  Each is widened as the plain model would be,
 and the original is left as it was."""
+import collections
+import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -236,25 +239,35 @@ def test_a_layer_alone_under_a_reentrant_checkpoint_forms_the_old_gradient():
 
 
 class _AppendsFeatures(nn.Module):
-    def __init__(self):
+    def __init__(self, kind):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(6, 3)
-        self.feats, self.by_name = [], {}
+        self.kind = kind
+        self.store = {"list": [], "dict": {}, "ordered": collections.OrderedDict(),
+                      "default": collections.defaultdict(list), "deque": collections.deque(),
+                      "nested": {"feats": []}}[kind]
 
     def forward(self, x):
         h = torch.relu(self.fc1(x))
-        self.feats.append(h)
-        self.by_name["h"] = h
+        if self.kind in ("list", "deque"):
+            self.store.append(h)
+        elif self.kind == "default":
+            self.store["h"].append(h)
+        elif self.kind == "nested":
+            self.store["feats"].append(h)
+        else:
+            self.store["h"] = h
         return self.fc2(h)
 
 
-def test_lists_and_dicts_a_traced_forward_fills_are_put_back():
-    base = _AppendsFeatures()
+@pytest.mark.parametrize("kind", ["list", "dict", "ordered", "default", "deque", "nested"])
+def test_containers_a_traced_forward_fills_are_put_back(kind):
+    base = _AppendsFeatures(kind)
+    empty = copy.deepcopy(base.store)
     big = xf.expand(base, width=0.5, new_classes=2)
-    assert base.feats == [] and base.by_name == {} and big.feats == [] and big.by_name == {}
-    import pickle
-    pickle.dumps(base)
-    pickle.dumps(big)
+    for model in (base, big):
+        assert type(model.store) is type(empty) and model.store == empty
+        pickle.dumps(model)
 
 
 class _WithConstant(nn.Module):

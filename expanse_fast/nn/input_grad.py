@@ -22,6 +22,7 @@ later input, so while recording no layer skips.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Mapping
 
 import torch
@@ -73,14 +74,27 @@ class InputGradWatch:
             if len(self.notes) >= _MAX_NOTES:
                 self.notes.clear()
             # a call without grad mode (a reentrant checkpoint's first pass) decided nothing
-            # its recomputation could keep: None, decided again from the inputs then
-            self.notes[key] = self.needed if self.with_grad else None
+            # its recomputation could keep: None, decided again from the inputs then.  The
+            # tensor is held weakly: a note outlives it only as long as the tensor does (a
+            # later tensor at the freed address is another input, the note not its own).
+            self.notes[key] = (weakref.ref(t), self.needed if self.with_grad else None)
 
     def recall(self, t, default):
         """The note a recomputed call on ``t`` ran under: True, False, or None where it ran
-        without grad mode; ``default`` where none is remembered."""
+        without grad mode; ``default`` where none is remembered (a checkpoint holds the
+        inputs it recomputes from: a note whose tensor is gone is no note)."""
         key = _storage_key(t) if isinstance(t, torch.Tensor) else None
-        return self.notes.get(key, default)
+        note = self.notes.get(key)
+        if note is None or note[0]() is None:
+            return default
+        return note[1]
+
+    def __getstate__(self):
+        # notes are of the tensors of calls in flight: none is worth keeping in a copy
+        # (and weak references do not pickle)
+        state = dict(self.__dict__)
+        state["notes"] = {}
+        return state
 
     def __call__(self, module: nn.Module, args, kwargs):
         # (a model called on tensors alone, the common case, needs no pytree walk: about
@@ -115,11 +129,11 @@ class InputGradWatch:
             part = stack.pop()
             if part is None:
                 continue
-            params = part._parameters
-            if params and not hasattr(type(part), "input_grad_watch"):  # (not widened)
-                for p in params.values():
-                    if p is not None and p.requires_grad:
-                        return True
+            if hasattr(type(part), "input_grad_watch"):
+                continue  # a widened layer (its parametrizations, if any, are its own)
+            for p in part._parameters.values():
+                if p is not None and p.requires_grad:
+                    return True
             stack.extend(part._modules.values())
         return False
 

@@ -2,6 +2,7 @@
 an input that requires grad (saliency, adversarial examples, a trainable module in front),
 the input's gradient is the full one, as from the plain model of the same weights."""
 import copy
+import pickle
 import io
 
 import pytest
@@ -360,3 +361,35 @@ def test_fake_tensors_have_no_storage_key():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert _storage_key(a) is None and _storage_key(b) is None
+
+
+def test_a_note_is_kept_only_while_its_tensor_lives():
+    """Notes are keyed by storage address: a later input at a freed input's address is
+    another tensor, and must not take that input's note (seen as a lone layer's reentrant
+    checkpoint that dropped its old-input gradient)."""
+    w = InputGradWatch()
+    w.depth, w.needed, w.with_grad = 1, False, True
+    storage = torch.randn(3, 4)
+    t = storage.view(3, 4)  # another tensor object on the same memory
+    w.remember(t)
+    assert w.recall(storage, None) is False
+    del t
+    assert w.recall(storage, None) is None  # its tensor is gone: no note
+    w.remember(storage)
+    assert pickle.loads(pickle.dumps(w)).notes == {} and copy.deepcopy(w).notes == {}
+
+
+def test_a_parametrization_of_a_widened_layer_keeps_the_skip():
+    """Trainable tensors inside a widened layer (a parametrization of its new weight) are
+    its own business: they do not make the old features' gradient needed."""
+    from torch.nn.utils import parametrize
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    _, big, shape = _widened("mlp")
+    layers = _layers(big)
+    parametrize.register_parametrization(layers[-1], "weight_new", Scale())
+    x = torch.randn(*shape, dtype=torch.float64)
+    assert _decisions(big, layers, x) == [True] * len(layers)

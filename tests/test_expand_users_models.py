@@ -136,19 +136,30 @@ class _Tokens(nn.Module):
         return self.head(F.relu(self.a(self.embed(tokens))))
 
 
-def test_a_module_unfrozen_in_front_gets_its_full_gradient():
-    """Token inputs never require grad: an embedding unfrozen after expand() needs the old
-    features' gradient all the same, as the plain model of the same weights gives it."""
-    torch.manual_seed(0)
-    big = xf.expand(_Tokens(), width=0.5, new_classes=2)
+def _embedding_grads(big):
+    """The embedding's gradient in ``big`` and in the plain model of the same weights."""
     plain = xf.merge(big)
-    big.embed.weight.requires_grad_(True)
     plain.embed.weight.requires_grad_(True)
     tokens = torch.randint(0, 10, (6,))
     for model in (big, plain):
         model(tokens).square().sum().backward()
     assert plain.embed.weight.grad.abs().max() > 0
-    torch.testing.assert_close(big.embed.weight.grad, plain.embed.weight.grad)
+    return big.embed.weight.grad, plain.embed.weight.grad
+
+
+@pytest.mark.parametrize("how", ["unfrozen", "put in after expand()"])
+def test_a_module_in_front_made_trainable_gets_its_full_gradient(how):
+    """Token inputs never require grad: an embedding unfrozen after expand(), or a fresh one
+    put in its place, needs the old features' gradient all the same, as the plain model of
+    the same weights gives it."""
+    torch.manual_seed(0)
+    big = xf.expand(_Tokens(), width=0.5, new_classes=2)
+    if how == "unfrozen":
+        big.embed.weight.requires_grad_(True)
+    else:
+        big.embed = nn.Embedding(10, 8)
+    torch.testing.assert_close(*_embedding_grads(big))
+    tokens = torch.randint(0, 10, (6,))
     # frozen again: the old features' gradient is skipped again
     big.embed.weight.requires_grad_(False)
     watch = big._forward_pre_hooks[next(iter(big._forward_pre_hooks))]
@@ -156,35 +167,29 @@ def test_a_module_unfrozen_in_front_gets_its_full_gradient():
     assert watch.needed is False
 
 
-class _LogitsAndProjection(nn.Module):
-    def __init__(self):
+class _TwoOutputs(nn.Module):
+    """Two layers' outputs returned: always (logits and a projection), or the first in
+    training only (an auxiliary head, GoogLeNet's way)."""
+
+    def __init__(self, first: str, second: str, first_in_training_only: bool = False):
         super().__init__()
         self.body = nn.Linear(8, 16)
-        self.cls = nn.Linear(16, 10)
-        self.proj = nn.Linear(16, 4)
+        self.first, self.second, self.training_only = first, second, first_in_training_only
+        setattr(self, first, nn.Linear(16, 10))
+        setattr(self, second, nn.Linear(16, 4))
 
     def forward(self, x):
         h = F.relu(self.body(x))
-        return self.cls(h), self.proj(h)
-
-
-class _AuxInTraining(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Linear(8, 16)
-        self.aux = nn.Linear(16, 10)
-        self.cls = nn.Linear(16, 10)
-
-    def forward(self, x):
-        h = F.relu(self.body(x))
-        return (self.aux(h), self.cls(h)) if self.training else self.cls(h)
+        if self.training_only and not self.training:
+            return getattr(self, self.second)(h)
+        return getattr(self, self.first)(h), getattr(self, self.second)(h)
 
 
 def test_several_returned_layers_warn_which_takes_the_new_classes():
     """Which returned layer is the classifier only the user knows: the last one called
     takes the new classes, with a warning that names the choice and the way to make it."""
     torch.manual_seed(0)
-    base = _LogitsAndProjection().eval()
+    base = _TwoOutputs("cls", "proj").eval()
     with pytest.warns(UserWarning, match=r"several layers \('cls', 'proj'\); 'proj', the last "
                                          r"one called, takes the 5 new classes.*head=") as seen:
         big = xf.expand(base, width=0.25, new_classes=5)
@@ -192,7 +197,7 @@ def test_several_returned_layers_warn_which_takes_the_new_classes():
     # an auxiliary head returned in training only: the other mode's plan, deeper inside
     # the package, warns, and points at the user's call too
     with pytest.warns(UserWarning, match=r"several layers \('aux', 'cls'\)") as seen:
-        xf.expand(_AuxInTraining().eval(), width=0.25, new_classes=5)
+        xf.expand(_TwoOutputs("aux", "cls", True).eval(), width=0.25, new_classes=5)
     assert {w.filename for w in seen} == {__file__}
     assert big.proj.out_groups == (4, 5)
     import warnings
@@ -204,19 +209,6 @@ def test_several_returned_layers_warn_which_takes_the_new_classes():
     with torch.no_grad():
         (logits, emb), (want, want_emb) = big(x), base(x)
     assert torch.equal(logits[:, :10], want) and torch.equal(emb[:, :4], want_emb)
-
-
-def test_a_module_put_in_front_after_expand_gets_its_full_gradient():
-    torch.manual_seed(0)
-    big = xf.expand(_Tokens(), width=0.5, new_classes=2)
-    big.embed = nn.Embedding(10, 8)  # a fresh, trainable embedding
-    plain = xf.merge(big)
-    plain.embed.weight.requires_grad_(True)
-    tokens = torch.randint(0, 10, (6,))
-    for model in (big, plain):
-        model(tokens).square().sum().backward()
-    assert plain.embed.weight.grad.abs().max() > 0
-    torch.testing.assert_close(big.embed.weight.grad, plain.embed.weight.grad)
 
 
 def test_a_layer_alone_under_a_reentrant_checkpoint_forms_the_old_gradient():

@@ -362,6 +362,7 @@ _Conv2dFunction = _eager_function("_Conv2dFunction", _conv2d_impl, _conv2d_setup
 
 
 _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # (torch 2.6 and later)
 
 
 def _call(op, function, *args) -> Tensor:
@@ -580,7 +581,7 @@ def _pre_columns(activation: str, x: Tensor, w_frozen: Tensor, w_new: Tensor,
     # A traced or exported graph keeps the width it records for every later call, also on
     # an input that needs a gradient: it keeps the columns such a call reads.  (torch.jit
     # .trace checks its trace under no_grad: the width must not depend on the grad mode.)
-    traced = torch.jit.is_tracing() or torch.compiler.is_exporting()
+    traced = torch.jit.is_tracing() or _exporting()
     if not torch.is_grad_enabled() and not traced:
         return 0
     x_grad = x.requires_grad or traced

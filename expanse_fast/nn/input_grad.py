@@ -156,6 +156,8 @@ class _CallEnd:
 
 
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+# (torch 2.6 and later; before, torch.export recorded as torch.jit.trace is not seen)
+_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _in_backward() -> bool:
@@ -169,7 +171,7 @@ def skips_old_input_grad(layer: nn.Module, x: torch.Tensor) -> bool:
     needs no gradient (called on its own: ``x`` itself needs none)."""
     if not layer.skip_old_input_grad:
         return False
-    if torch.jit.is_tracing() or torch.compiler.is_exporting():
+    if torch.jit.is_tracing() or _exporting():
         return False  # the graph keeps this choice for inputs that need a gradient too
     watch = getattr(layer, "input_grad_watch", None)
     if watch is None:

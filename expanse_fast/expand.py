@@ -1114,9 +1114,11 @@ def plain_layer(m: nn.Module, task: Optional[int]) -> Optional[nn.Module]:
 def _plain_copy(big: nn.Module, task: Optional[int]) -> nn.Module:
     model = copy.deepcopy(big)
     unwatch(model)
-    swaps = [(path, plain) for path, plain in ((p, plain_layer(m, task))
-                                               for p, m in model.named_modules())
-             if plain is not None]
+    swaps = []
+    for path, m in model.named_modules():
+        plain = plain_layer(m, task)
+        if plain is not None:
+            swaps.append((path, plain))
     model = _swap_all(model, swaps)
     for p in model.parameters():
         p.requires_grad_(True)

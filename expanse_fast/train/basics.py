@@ -19,6 +19,14 @@ def _batched(fn: Callable[[Tensor], Tensor], X: Tensor, batch_size: int) -> Tens
     return torch.cat(parts)
 
 
+def _first_non_finite(Z: Tensor) -> Optional[int]:
+    """The first example (row of ``Z``) that holds a NaN or an infinity, or None."""
+    if not Z.is_floating_point():
+        return None
+    bad = (~torch.isfinite(Z.reshape(len(Z), -1))).any(1).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
 def _medoid(Z: Tensor, chunk: int = 1024) -> Tensor:
     # The member with the smallest summed distance to the others; chunked so a large class
     # never builds its whole n x n distance matrix.
@@ -62,10 +70,9 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
         if not callable(model):
             raise TypeError(f'method="confidence" needs model to be callable (a module), got '
                             f"{type(model).__name__}")
-        bad = (~torch.isfinite(X.reshape(len(X), -1))).any(1).nonzero() \
-            if X.is_floating_point() else []
-        if len(bad):
-            raise ValueError(f"select_basics: example {int(bad[0])} holds a NaN or an infinity: "
+        bad = _first_non_finite(X)
+        if bad is not None:
+            raise ValueError(f"select_basics: example {bad} holds a NaN or an infinity: "
                              "its confidence would rank it at random")
         modes = {}
         if isinstance(model, nn.Module):
@@ -92,9 +99,9 @@ def select_basics(X: Tensor, y: Tensor, per_class: int = 20, method: str = "prot
     else:
         Z = _batched(features, X, batch_size) if features is not None else X
         Z = Z.reshape(len(Z), -1).double()  # float64: distance ties must not depend on order
-        bad = (~torch.isfinite(Z)).any(1).nonzero()
-        if len(bad):
-            raise ValueError(f"select_basics: example {int(bad[0])} holds a NaN or an infinity"
+        bad = _first_non_finite(Z)
+        if bad is not None:
+            raise ValueError(f"select_basics: example {bad} holds a NaN or an infinity"
                              f"{' (in features(X))' if features is not None else ''}: it would "
                              "make its whole class's distances NaN")
         score = torch.empty(len(Z), dtype=torch.float64, device=Z.device)

@@ -64,6 +64,12 @@ def _slice_text(head: Optional[slice]) -> str:
     return text + (f":{head.step}" if head.step is not None else "")
 
 
+def _nonnegative(v) -> bool:
+    """A finite real number >= 0 (not a bool)."""
+    return (not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+            and v >= 0)
+
+
 def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay,
                     weight_decay=0.0, seed=0, eval_fn=None):
     """Refuse arguments of the wrong kind before anything runs."""
@@ -73,16 +79,12 @@ def _check_settings(epochs, lr, batch_size, noise, head, callbacks, replay,
         raise ValueError(f"lr must be a pair (step one, step two), got {lr!r}")
     for k in range(2):
         whole(epochs[k], f"epochs[{k}]")
-        rate = lr[k]
-        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) \
-                or not math.isfinite(rate) or rate < 0:
-            raise ValueError(f"lr[{k}] must be a finite number >= 0, got {rate!r}")
+        if not _nonnegative(lr[k]):
+            raise ValueError(f"lr[{k}] must be a finite number >= 0, got {lr[k]!r}")
     whole(batch_size, "batch_size", least=1)
-    if isinstance(noise, bool) or not isinstance(noise, numbers.Real) \
-            or not math.isfinite(noise) or noise < 0:
+    if not _nonnegative(noise):
         raise ValueError(f"noise must be a finite standard deviation >= 0, got {noise!r}")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) \
-            or not math.isfinite(weight_decay) or weight_decay < 0:
+    if not _nonnegative(weight_decay):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
             or not 0 <= seed < 2 ** 63:

@@ -29,6 +29,25 @@ else:
     torch.set_num_threads(1)
 
 
+def _interpret_without_overflow_checks():
+    """The interpreter checks every int32 add, sub and mul for overflow (widen to int64,
+    compare, assert): half the time of the kernel tests, and it cannot fire on their tensors
+    of a few thousand elements.  Compiled kernels skip the check too (it needs debug=True).
+    Private interpreter state: where a Triton lacks it, the tests only run slower."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import dataclasses
+        from triton.runtime import interpreter
+        builder = interpreter.interpreter_builder
+        builder.options = dataclasses.replace(builder.options, sanitize_overflow=False)
+    except Exception:  # no Triton, or its interpreter changed
+        pass
+
+
+_interpret_without_overflow_checks()
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

@@ -24,6 +24,12 @@ from typing import Any, Dict, Optional, Tuple
 
 from triton.runtime.autotuner import Autotuner
 
+# Compile options every kernel of the package asks for.  Fused multiply-adds: Triton 3.9 warns
+# at each process's first compile that its default (fusion on) becomes off in 3.10, which
+# would change the epilogues' rounding (and slow them) under the same code.
+# TRITON_FORCE_DISABLE_FP_FUSION still turns it off.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
 # (autotuner, key-argument values, argument dtypes) -> (autotuner key or None, config,
 # config.all_kwargs())
 _CHOSEN: Dict[tuple, Tuple[Optional[tuple], Any, Dict[str, Any]]] = {}
@@ -54,7 +60,9 @@ def _still_chosen(kernel: Autotuner, auto_key: Optional[tuple], config) -> bool:
 
 
 def launch(kernel, grid, *args, **meta):
-    """``kernel[grid](*args, **meta)``, through the autotuner only until it has chosen."""
+    """``kernel[grid](*args, **meta)``, through the autotuner only until it has chosen, with
+    :data:`COMPILE_OPTIONS`."""
+    meta = {**COMPILE_OPTIONS, **meta}
     if not isinstance(kernel, Autotuner):
         return kernel[grid](*args, **meta)
     slots = _KEY_SLOTS.get(kernel)

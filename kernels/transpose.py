@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 MODES = ("triton", "torch")
 # (read at each call, so the GPU run can time both in one process)
 _ENV = "EXPANSE_FAST_CONV_TRANSPOSE"
@@ -96,9 +98,8 @@ def to_channels_last(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous(memory_format=torch.channels_last)
     _, c, h, w = t.shape
     y = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=torch.channels_last)
-    _nchw_to_nhwc_kernel[_grid(t)](t, y, c, h * w, w, t.stride(0), t.stride(1), t.stride(2),
-                                   FLAT=t.stride(2) == w, BLOCK_C=BLOCK, BLOCK_P=BLOCK,
-                                   num_warps=4)
+    launch(_nchw_to_nhwc_kernel, _grid(t), t, y, c, h * w, w, t.stride(0), t.stride(1),
+           t.stride(2), FLAT=t.stride(2) == w, BLOCK_C=BLOCK, BLOCK_P=BLOCK, num_warps=4)
     return y
 
 
@@ -115,8 +116,8 @@ def copy_to_nchw_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
             and dst.dtype == src.dtype and dst.device == src.device and usable(dst)):
         return dst.copy_(src)
     _, c, h, w = src.shape
-    _nhwc_to_nchw_kernel[_grid(src)](src, dst, c, h * w, dst.stride(0), dst.stride(1),
-                                     BLOCK_C=BLOCK, BLOCK_P=BLOCK, num_warps=4)
+    launch(_nhwc_to_nchw_kernel, _grid(src), src, dst, c, h * w, dst.stride(0),
+           dst.stride(1), BLOCK_C=BLOCK, BLOCK_P=BLOCK, num_warps=4)
     return dst
 
 

@@ -125,6 +125,7 @@ def compile_launches(run, first_config: bool = False) -> list:
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         else:
             row.update(_resources(compiled.asm["cubin"]), smem=compiled.metadata.shared,
+                       fp_fusion=getattr(compiled.metadata, "enable_fp_fusion", None),
                        **_ptx_counts(compiled.asm["ptx"]))
         rows.append(row)
 
